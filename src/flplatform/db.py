@@ -1,0 +1,84 @@
+"""Async engine, one session per request, and after-commit hooks.
+
+Services never commit. The request dependency (``get_session``) commits once when the
+endpoint returns and rolls back on error; work registered with ``after_commit`` runs only
+once the commit succeeded, so a rolled-back request never notifies or aggregates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from flplatform.settings import Settings
+from flplatform.tasks import spawn
+
+log = logging.getLogger(__name__)
+
+AfterCommit = Callable[[], Awaitable[Any]]
+
+
+def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    # WAL lets readers proceed while one writer writes; busy_timeout waits instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def create_engine(settings: Settings | str) -> AsyncEngine:
+    url = settings if isinstance(settings, str) else settings.database_url
+    kwargs: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        pool_size = 10 if isinstance(settings, str) else settings.db_pool_size
+        overflow = 20 if isinstance(settings, str) else settings.db_max_overflow
+        kwargs.update(pool_size=pool_size, max_overflow=overflow, pool_pre_ping=True)
+    engine = create_async_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
+    return engine
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=True)
+
+
+def after_commit(session: AsyncSession, job: AfterCommit) -> None:
+    """Run ``job`` in the background once the session's transaction has committed."""
+    session.info.setdefault("after_commit", []).append(job)
+
+
+def _take_after_commit(session: AsyncSession) -> list[AfterCommit]:
+    return session.info.pop("after_commit", [])
+
+
+async def commit_and_dispatch(session: AsyncSession) -> None:
+    """Commit, then start the after-commit jobs (jobs are dropped if the commit fails)."""
+    try:
+        await session.commit()
+    except BaseException:
+        _take_after_commit(session)
+        raise
+    for job in _take_after_commit(session):
+        spawn(job(), name=getattr(job, "__name__", "after-commit"))
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    maker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with maker() as session:
+        try:
+            yield session
+            await commit_and_dispatch(session)
+        except BaseException:
+            _take_after_commit(session)
+            await session.rollback()
+            raise
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]

@@ -1,0 +1,25 @@
+"""SQLAlchemy 2.0 typed models, one module per domain. Importing this package registers every
+table on ``Base.metadata`` (Alembic's autogenerate target)."""
+
+from flplatform.orm.base import Base
+from flplatform.orm.metric import Metric
+from flplatform.orm.model import GlobalModel, LocalModel, MeanModel, Model, ModelKind, SWAGModel
+from flplatform.orm.training import AggregationMethod, Training, TrainingState, UncertaintyMethod
+from flplatform.orm.user import ApiToken, User
+
+__all__ = [
+    "AggregationMethod",
+    "ApiToken",
+    "Base",
+    "GlobalModel",
+    "LocalModel",
+    "MeanModel",
+    "Metric",
+    "Model",
+    "ModelKind",
+    "SWAGModel",
+    "Training",
+    "TrainingState",
+    "UncertaintyMethod",
+    "User",
+]

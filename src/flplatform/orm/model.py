@@ -1,0 +1,113 @@
+"""Model hierarchy with joined-table inheritance (replaces the seed's Django polymorphism).
+
+``Model`` → ``GlobalModel`` → (``MeanModel``, ``SWAGModel``); ``Model`` → ``LocalModel``.
+Querying ``Model`` returns instances of the right subclass: every subclass loads inline
+(``polymorphic_load="inline"``), so one SELECT with outer joins builds them, which async
+sessions need (no lazy load on attribute access). Blob columns are deferred with
+``raiseload``: list queries never read them, and reading one by accident raises instead of
+issuing a hidden query.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+
+from sqlalchemy import JSON, BigInteger, Column, ForeignKey, Integer, LargeBinary, String, Table, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from flplatform.orm.base import Base, IDMixin, TimestampMixin
+from flplatform.orm.user import User
+
+
+class ModelKind(enum.StrEnum):
+    GLOBAL = "global"
+    LOCAL = "local"
+    MEAN = "mean"
+    SWAG = "swag"
+
+
+def _blob() -> Mapped[bytes | None]:
+    return mapped_column(LargeBinary, deferred=True, deferred_raiseload=True)
+
+
+class Model(IDMixin, TimestampMixin, Base):
+    __tablename__ = "models"
+
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    weights: Mapped[bytes | None] = _blob()
+    # "torchscript" | "safetensors": how ``weights`` is encoded (uploads are never unpickled).
+    weights_format: Mapped[str | None] = mapped_column(String(20))
+    weights_size: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    owner: Mapped[User] = relationship(lazy="raise")
+
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "model"}
+
+
+mean_model_members = Table(
+    "mean_model_members",
+    Base.metadata,
+    Column("mean_model_id", ForeignKey("mean_models.id", ondelete="CASCADE"), primary_key=True),
+    Column("member_id", ForeignKey("global_models.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class GlobalModel(Model):
+    __tablename__ = "global_models"
+
+    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    # e.g. [null, 1, 28, 28]: ints are fixed dimensions, nulls are free ones (batch).
+    input_shape: Mapped[list[int | None] | None] = mapped_column(JSON)
+    preprocessing: Mapped[bytes | None] = _blob()
+    has_preprocessing: Mapped[bool] = mapped_column(default=False)
+
+    __mapper_args__ = {"polymorphic_identity": ModelKind.GLOBAL.value, "polymorphic_load": "inline"}
+
+
+class MeanModel(GlobalModel):
+    """An ensemble: its forward pass averages the member global models."""
+
+    __tablename__ = "mean_models"
+
+    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("global_models.id", ondelete="CASCADE"), primary_key=True)
+    members: Mapped[list[GlobalModel]] = relationship(
+        secondary=mean_model_members,
+        primaryjoin=lambda: MeanModel.id == mean_model_members.c.mean_model_id,
+        secondaryjoin=lambda: GlobalModel.id == mean_model_members.c.member_id,
+        lazy="raise",
+    )
+
+    __mapper_args__ = {"polymorphic_identity": ModelKind.MEAN.value, "polymorphic_load": "inline"}
+
+
+class SWAGModel(GlobalModel):
+    """SWAG-diagonal posterior: first and second moments of the flat parameter vector."""
+
+    __tablename__ = "swag_models"
+
+    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("global_models.id", ondelete="CASCADE"), primary_key=True)
+    swag_first_moment: Mapped[bytes | None] = _blob()
+    swag_second_moment: Mapped[bytes | None] = _blob()
+
+    __mapper_args__ = {"polymorphic_identity": ModelKind.SWAG.value, "polymorphic_load": "inline"}
+
+
+class LocalModel(Model):
+    """One participant's update for one round of a global model."""
+
+    __tablename__ = "local_models"
+
+    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    base_model_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("global_models.id", ondelete="CASCADE"), index=True
+    )
+    sample_size: Mapped[int] = mapped_column(Integer)
+
+    base_model: Mapped[GlobalModel] = relationship(foreign_keys=[base_model_id], lazy="raise")
+
+    __mapper_args__ = {"polymorphic_identity": ModelKind.LOCAL.value, "polymorphic_load": "inline"}

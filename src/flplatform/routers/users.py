@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from flplatform.auth import CurrentUser, OptionalUser
+from flplatform.db import SessionDep
+from flplatform.errors import Forbidden, Unauthorized, responses
+from flplatform.orm import User
+from flplatform.schemas.base import Detail
+from flplatform.schemas.user import TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead, UserUpdate
+from flplatform.services import users as user_service
+
+router = APIRouter(prefix="/api/users", tags=["users"])
+
+
+def _read(user: User, token: str | None = None) -> UserRead:
+    out = UserRead.model_validate(user)
+    out.token = token
+    return out
+
+
+@router.get(
+    "/",
+    response_model=list[UserRead],
+    summary="List users",
+    description="Users ordered by creation; `X-Total-Count` carries the total.",
+    responses=responses(401),
+)
+async def list_users(
+    session: SessionDep,
+    response: Response,
+    _user: CurrentUser,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[UserRead]:
+    rows, total = await user_service.list_users(session, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [_read(u) for u in rows]
+
+
+@router.post(
+    "/",
+    response_model=UserRead,
+    status_code=status.HTTP_201_CREATED,
+    summary="Create a user",
+    description="Superusers create any user. Anonymous callers may register themselves (never as staff or "
+    "superuser) when `FLP_ALLOW_SELF_REGISTRATION` is on. The response carries the new user's `token`.",
+    responses=responses(401, 403, 409, 422),
+)
+async def create_user(request: Request, session: SessionDep, data: UserCreate, caller: OptionalUser) -> UserRead:
+    if caller is None and not request.app.state.settings.allow_self_registration:
+        raise Unauthorized("Self-registration is disabled; ask an administrator.")
+    if caller is not None and not caller.is_superuser:
+        raise Forbidden("Only superusers may create users.")
+    user, token = await user_service.create_user(session, data, created_by=caller)
+    return _read(user, token)
+
+
+@router.get("/myself/", response_model=UserRead, summary="The calling user", responses=responses(401))
+async def myself(session: SessionDep, user: CurrentUser) -> UserRead:
+    return _read(user, await user_service.primary_token(session, user))
+
+
+@router.post(
+    "/myself/token/rotate/",
+    response_model=UserRead,
+    summary="Replace my primary token",
+    description="Revokes the primary token (the one DLR clients use) and issues a new one.",
+    responses=responses(401),
+)
+async def rotate_token(session: SessionDep, user: CurrentUser) -> UserRead:
+    return _read(user, await user_service.rotate_primary_token(session, user))
+
+
+@router.get("/myself/tokens/", response_model=list[TokenRead], summary="List my API tokens", responses=responses(401))
+async def list_tokens(session: SessionDep, user: CurrentUser) -> list[TokenRead]:
+    return [TokenRead.model_validate(t) for t in await user_service.list_tokens(session, user)]
+
+
+@router.post(
+    "/myself/tokens/",
+    response_model=TokenCreated,
+    status_code=status.HTTP_201_CREATED,
+    summary="Create an API token",
+    description="The token is shown once in the response; only a keyed digest is stored.",
+    responses=responses(401, 422),
+)
+async def create_token(session: SessionDep, user: CurrentUser, data: TokenCreate) -> TokenCreated:
+    row, token = await user_service.create_api_token(session, user, data)
+    return TokenCreated(**TokenRead.model_validate(row).model_dump(), token=token)
+
+
+@router.delete(
+    "/myself/tokens/{token_id}/",
+    response_model=TokenRead,
+    summary="Revoke an API token",
+    responses=responses(401, 404, 422),
+)
+async def revoke_token(session: SessionDep, user: CurrentUser, token_id: uuid.UUID) -> TokenRead:
+    return TokenRead.model_validate(await user_service.revoke_token(session, user, token_id))
+
+
+@router.get(
+    "/{user_id}/",
+    response_model=UserRead,
+    summary="Get a user",
+    description="`token` is included only when the caller asks for themselves.",
+    responses=responses(401, 404, 422),
+)
+async def get_user(session: SessionDep, caller: CurrentUser, user_id: uuid.UUID) -> UserRead:
+    user = await user_service.get_user(session, user_id)
+    token = await user_service.primary_token(session, user) if user.id == caller.id else None
+    return _read(user, token)
+
+
+async def _update(session: SessionDep, caller: User, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
+    user = await user_service.get_user(session, user_id)
+    if caller.id != user.id and not caller.is_superuser:
+        raise Forbidden("You may only change your own user.")
+    await user_service.update_user(session, user, data, by=caller)
+    return _read(user)
+
+
+@router.patch(
+    "/{user_id}/", response_model=UserRead, summary="Update a user", responses=responses(401, 403, 404, 409, 422)
+)
+async def patch_user(session: SessionDep, caller: CurrentUser, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
+    return await _update(session, caller, user_id, data)
+
+
+@router.put(
+    "/{user_id}/",
+    response_model=UserRead,
+    summary="Update a user (same as PATCH)",
+    responses=responses(401, 403, 404, 409, 422),
+)
+async def put_user(session: SessionDep, caller: CurrentUser, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
+    return await _update(session, caller, user_id, data)
+
+
+@router.delete(
+    "/{user_id}/",
+    response_model=Detail,
+    summary="Delete a user",
+    description="Superusers delete anyone but themselves; users may delete their own account.",
+    responses=responses(401, 403, 404, 422),
+)
+async def delete_user(session: SessionDep, caller: CurrentUser, user_id: uuid.UUID) -> Detail:
+    user = await user_service.get_user(session, user_id)
+    if caller.id != user.id and not caller.is_superuser:
+        raise Forbidden("You may only delete your own user.")
+    await user_service.delete_user(session, user, by=caller)
+    return Detail(detail="User removed!")

@@ -1,0 +1,1 @@
+"""Business logic. Services flush but never commit: the request or job commits once."""

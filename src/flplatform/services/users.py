@@ -1,0 +1,187 @@
+"""Users and their API tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flplatform.errors import Conflict, Forbidden, NotFound
+from flplatform.orm import ApiToken, User
+from flplatform.orm.base import utcnow
+from flplatform.schemas.user import TokenCreate, UserCreate, UserUpdate
+from flplatform.security import decrypt, encrypt, hash_password, new_api_token, new_user_token, token_digest
+
+PRIMARY_TOKEN_NAME = "primary"
+_PRIVILEGED_FIELDS = ("is_staff", "is_superuser", "is_active")
+
+
+async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User:
+    user = await session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"User {user_id} not found.")
+    return user
+
+
+async def list_users(session: AsyncSession, *, limit: int, offset: int) -> tuple[Sequence[User], int]:
+    total = (await session.execute(select(func.count()).select_from(User))).scalar_one()
+    rows = (
+        await session.execute(select(User).order_by(User.created_at, User.id).limit(limit).offset(offset))
+    ).scalars().all()
+    return rows, total
+
+
+async def _ensure_unique(session: AsyncSession, username: str | None, email: str | None, *, exclude: uuid.UUID | None = None) -> None:
+    clauses = []
+    if username is not None:
+        clauses.append(User.username == username)
+    if email is not None:
+        clauses.append(User.email == email)
+    if not clauses:
+        return
+    stmt = select(User.username, User.email).where(or_(*clauses))
+    if exclude is not None:
+        stmt = stmt.where(User.id != exclude)
+    for existing_username, existing_email in (await session.execute(stmt)).all():
+        if username is not None and existing_username == username:
+            raise Conflict(f"A user named {username!r} already exists.", code="username_taken")
+        raise Conflict(f"A user with email {email!r} already exists.", code="email_taken")
+
+
+async def create_user(session: AsyncSession, data: UserCreate, *, created_by: User | None) -> tuple[User, str]:
+    """Create a user and their primary token; returns the user and the token in clear."""
+    if (data.is_staff or data.is_superuser) and not (created_by and created_by.is_superuser):
+        raise Forbidden("Only superusers may create staff or superusers.")
+    email = str(data.email).lower() if data.email else None
+    await _ensure_unique(session, data.username, email)
+    fields = data.model_dump(exclude={"password", "email", "message_endpoint"})
+    user = User(
+        **fields,
+        email=email,
+        message_endpoint=str(data.message_endpoint) if data.message_endpoint else None,
+        password_hash=await hash_password(data.password),
+    )
+    session.add(user)
+    await session.flush()
+    token = await issue_primary_token(session, user)
+    return user, token
+
+
+async def update_user(session: AsyncSession, user: User, data: UserUpdate, *, by: User) -> User:
+    changes = data.model_dump(exclude_unset=True)
+    if not by.is_superuser and any(field in changes for field in _PRIVILEGED_FIELDS):
+        raise Forbidden("Only superusers may change is_active, is_staff or is_superuser.")
+    if by.id == user.id and changes.get("is_superuser") is False:
+        raise Forbidden("Superusers cannot remove their own superuser flag.")
+    if "email" in changes and changes["email"] is not None:
+        changes["email"] = str(changes["email"]).lower()
+    await _ensure_unique(session, changes.get("username"), changes.get("email"), exclude=user.id)
+    if "password" in changes:
+        password = changes.pop("password")
+        if password is not None:
+            user.password_hash = await hash_password(password)
+    if "message_endpoint" in changes and changes["message_endpoint"] is not None:
+        changes["message_endpoint"] = str(changes["message_endpoint"])
+    for field in ("username",):
+        if field in changes and changes[field] is None:
+            changes.pop(field)
+    for field, value in changes.items():
+        setattr(user, field, value)
+    await session.flush()
+    return user
+
+
+async def delete_user(session: AsyncSession, user: User, *, by: User) -> None:
+    if by.id == user.id and user.is_superuser:
+        raise Forbidden("Superusers cannot delete themselves.")
+    await session.delete(user)
+    await session.flush()
+
+
+def _token_row(user: User, token: str, *, name: str, is_primary: bool, expires_at: dt.datetime | None) -> ApiToken:
+    return ApiToken(
+        user_id=user.id,
+        name=name,
+        digest=token_digest(token),
+        prefix=token[:8],
+        is_primary=is_primary,
+        encrypted=encrypt(token) if is_primary else None,
+        created_at=utcnow(),
+        expires_at=expires_at,
+    )
+
+
+async def issue_primary_token(session: AsyncSession, user: User) -> str:
+    """The DLR-style token: 40 hex chars, shown again to its owner, so kept encrypted at rest."""
+    token = new_user_token()
+    session.add(_token_row(user, token, name=PRIMARY_TOKEN_NAME, is_primary=True, expires_at=None))
+    await session.flush()
+    return token
+
+
+async def rotate_primary_token(session: AsyncSession, user: User) -> str:
+    now = utcnow()
+    for row in await _active_tokens(session, user, primary=True):
+        row.revoked_at = now
+    return await issue_primary_token(session, user)
+
+
+async def _active_tokens(session: AsyncSession, user: User, *, primary: bool | None = None) -> Sequence[ApiToken]:
+    stmt = select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+    if primary is not None:
+        stmt = stmt.where(ApiToken.is_primary.is_(primary))
+    return (await session.execute(stmt.order_by(ApiToken.created_at))).scalars().all()
+
+
+async def primary_token(session: AsyncSession, user: User) -> str | None:
+    rows = await _active_tokens(session, user, primary=True)
+    if not rows or rows[-1].encrypted is None:
+        return None
+    return decrypt(rows[-1].encrypted)
+
+
+async def create_api_token(session: AsyncSession, user: User, data: TokenCreate) -> tuple[ApiToken, str]:
+    token = new_api_token()
+    expires = utcnow() + dt.timedelta(days=data.expires_in_days) if data.expires_in_days else None
+    row = _token_row(user, token, name=data.name, is_primary=False, expires_at=expires)
+    session.add(row)
+    await session.flush()
+    return row, token
+
+
+async def create_access_token(session: AsyncSession, user: User, ttl_seconds: int) -> str:
+    token = new_api_token()
+    expires = utcnow() + dt.timedelta(seconds=ttl_seconds)
+    session.add(_token_row(user, token, name="oauth2", is_primary=False, expires_at=expires))
+    user.last_login_at = utcnow()
+    await session.flush()
+    return token
+
+
+async def list_tokens(session: AsyncSession, user: User) -> Sequence[ApiToken]:
+    stmt = select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.created_at.desc())
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def revoke_token(session: AsyncSession, user: User, token_id: uuid.UUID) -> ApiToken:
+    row = await session.get(ApiToken, token_id)
+    if row is None or row.user_id != user.id:
+        raise NotFound(f"Token {token_id} not found.")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    await session.flush()
+    return row
+
+
+async def ensure_admin(session: AsyncSession, *, username: str, email: str | None, password: str) -> User | None:
+    """First-start bootstrap from FLP_ADMIN_*: create the superuser if no user has that name."""
+    existing = (await session.execute(select(User).where(User.username == username))).scalar_one_or_none()
+    if existing is not None:
+        return None
+    data = UserCreate(username=username, email=email, password=password, is_staff=True, is_superuser=True)
+    bootstrap = User(username="<bootstrap>", is_superuser=True)
+    user, _ = await create_user(session, data, created_by=bootstrap)
+    return user

@@ -1,0 +1,89 @@
+"""Runtime configuration: one pydantic-settings class, every variable prefixed ``FLP_``."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SQLITE_FILE = "flplatform.db"
+_DEV_SECRET_FILE = ".flplatform-secret"
+
+
+def _default_secret() -> str:
+    """A per-checkout secret for the embedded default, kept in a file so restarts keep tokens valid."""
+    path = Path(_DEV_SECRET_FILE)
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(48)
+    path.write_text(value)
+    path.chmod(0o600)
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLP_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite+aiosqlite:///{DEFAULT_SQLITE_FILE}",
+        description="SQLAlchemy async URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user:pw@host/db",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Server secret (token hashing, token encryption, notification signatures). "
+        "Required outside the embedded SQLite default.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; ['*'] for any")
+
+    # Upload limits (bytes).
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024)
+    max_json_body_bytes: int = Field(default=16 * 1024**2, ge=1024)
+
+    # Identity.
+    allow_self_registration: bool = Field(
+        default=False, description="Let anonymous callers create (non-staff) users with POST /api/users/"
+    )
+    access_token_ttl_seconds: int = Field(default=24 * 3600, ge=60, description="Lifetime of OAuth2 tokens")
+    argon2_time_cost: int = Field(default=3, ge=1)
+    argon2_memory_cost_kib: int = Field(default=65536, ge=64)
+    admin_username: str | None = None
+    admin_email: str | None = None
+    admin_password: SecretStr | None = None
+
+    # Database pool (PostgreSQL).
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, url: str) -> str:
+        # Accept the common sync spellings and pick the async driver the service needs.
+        if url.startswith("postgres://"):
+            url = "postgresql://" + url.removeprefix("postgres://")
+        if url.startswith("postgresql://"):
+            url = "postgresql+asyncpg://" + url.removeprefix("postgresql://")
+        if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
+            url = "sqlite+aiosqlite://" + url.removeprefix("sqlite://")
+        return url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def secret(self) -> str:
+        """The server secret; the embedded SQLite default gets a generated one kept on disk."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value()
+        if not self.is_sqlite:
+            raise RuntimeError("FLP_SECRET_KEY must be set when running on PostgreSQL")
+        return _default_secret()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
