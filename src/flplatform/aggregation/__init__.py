@@ -1,0 +1,261 @@
+"""Aggregation engine: pure tensor code (no web, no database, never unpickles).
+
+Quick use
+---------
+::
+
+    from flplatform import aggregation
+
+    # Plain FedAvg over (state_dict, weight) pairs; a generator is consumed one pair at a time.
+    new_state = aggregation.fedavg((decode(blob), n_samples) for blob, n_samples in uploads())
+
+    # Any aggregator by its option name, with server state carried between rounds.
+    agg = aggregation.get("fedadam", server_lr=0.05, dp_clip_norm=1.0, dp_noise_multiplier=0.5, seed=7)
+    agg.begin(global_state, state=previous_state)   # previous_state: None in the first round
+    for update, weight in arriving_updates:         # as uploads arrive
+        agg.add(update, weight)
+    new_global, new_state = agg.finish()            # new_state: dict[str, Tensor], store it as is
+
+Public API
+----------
+``fedavg(updates, *, accumulate_dtype="float32") -> dict[str, Tensor]``
+    Weighted mean of an iterable of ``(state_dict, weight)`` pairs (weights: sample counts or any
+    non-negative numbers). A list/tuple is folded in batches (all at hand); any other iterable
+    (generator) is consumed one pair at a time and the pair is released before the next is drawn,
+    so peak extra memory stays ≤ 2 × model. Raises :class:`ZeroTotalWeightError` for no update or
+    weights summing to 0, :class:`UpdateValidationError` for mismatching names/shapes/dtypes.
+
+``aggregate(name, global_state, updates, state=None, **options) -> (new_global, new_state)``
+    One whole round with ``get(name, **options)``: ``begin``, ``add`` of every pair, ``finish``.
+
+``get(name, **options) -> Aggregator``
+    A fresh aggregator; unknown name or option, or a value out of range →
+    :class:`AggregatorOptionsError`. Its interface:
+
+    * ``agg.begin(global_state, state=None)``: start a round. ``global_state`` (the current global
+      model) may be None only for ``fedavg``/``fedprox``/``median``/``trimmed_mean``/``krum``/
+      ``multi_krum`` without DP (the first update then fixes names, shapes and dtypes). ``state`` is
+      the previous round's ``new_state`` (None/{} the first time); a state that does not fit the
+      model → :class:`AggregatorStateError`.
+    * ``agg.add(state_dict, weight)``: one update, checked against the model (same names, shapes,
+      dtypes → else :class:`UpdateValidationError`). Mean-based aggregators fold it into the running
+      sum right away (they may hold it until the next ``add`` to fold two per pass, within the 2-model
+      budget). Robust aggregators keep a reference (zero-copy views cost nothing beyond the bytes).
+    * ``agg.add_many(pairs)``: the same for updates already all in memory (batch folding).
+    * ``new_global, new_state = agg.finish()``: the new global model as a state dict in the global
+      model's key order (views into one flat buffer per dtype; treat as read-only or clone) and the
+      state to pass to the next ``begin`` (always has ``"round"``, an int64 scalar; the FedOpt
+      family adds its moments, see below). Non-finite results → :class:`UpdateValidationError`.
+    * ``agg.client_config``: options the clients need (``{"proximal_mu": mu}`` for FedProx, else {}).
+    * ``agg.held_bytes()``: bytes of tensors the aggregator holds now (its accumulators, pending
+      updates, optimizer state, copies).
+    * ``agg.n_updates``, ``agg.total_weight``; ``agg.selected()`` for ``krum``/``multi_krum``.
+
+    An aggregator is used by one thread at a time; run it in a worker thread (``asyncio.to_thread``).
+
+``AGGREGATOR_NAMES``
+    ``("fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum", "fedavgm", "fedadam",
+    "fedyogi", "fedadagrad")``: the OpenAPI enum.
+
+``AGGREGATOR_OPTIONS``: ``{name: {option: OptionSpec}}``; ``describe_aggregators()`` gives the same as
+    JSON-ready ``{name: {"description": str, "options": {option: {"type", "default", "description",
+    "minimum"?, "maximum"?, "exclusive_minimum"?, "exclusive_maximum"?, "choices"?, "nullable"}}}}``
+    for building Pydantic options schemas and docs.
+
+Aggregators and their options (every aggregator also takes the common options)
+------------------------------------------------------------------------------
+common: ``accumulate_dtype`` ("float32" | "float64", default "float32": precision of running sums and
+optimizer state for float32/16 models), ``dp_clip_norm`` (float > 0 or None), ``dp_noise_multiplier``
+(float ≥ 0, default 0; > 0 needs ``dp_clip_norm``), ``seed`` (int or None).
+
+* ``fedavg``: weighted mean (McMahan et al. 2017).
+* ``fedprox``: ``proximal_mu`` = 0.01. Server side identical to FedAvg (Li et al. 2020); the
+  proximal term is the clients' job, ``client_config`` hands them ``mu``.
+* ``median``: coordinate-wise median (numpy convention: mean of the two middle values for even n).
+* ``trimmed_mean``: ``beta`` = 0.1 in [0, 0.5): drops ``floor(beta·n)`` values at each end of every
+  coordinate (as ``scipy.stats.trim_mean``).
+* ``krum``: ``f`` = 0 — the update with the smallest sum of squared distances to its n−f−2 nearest
+  others; needs n > 2f + 2 (else :class:`InsufficientUpdatesError`).
+* ``multi_krum``: ``f`` = 0, ``m`` = None (→ n − f) — weighted mean of the m best-scored updates.
+* ``fedavgm``: ``server_lr`` = 1.0, ``momentum`` = 0.9 — ``v = momentum·v + Δ; x += server_lr·v``.
+* ``fedadam``: ``server_lr`` = 0.1, ``beta1`` = 0.9, ``beta2`` = 0.99, ``tau`` = 1e-9.
+* ``fedyogi``: ``server_lr`` = 0.01, ``beta1`` = 0.9, ``beta2`` = 0.99, ``tau`` = 1e-3.
+* ``fedadagrad``: ``server_lr`` = 0.1, ``beta1`` = 0.0, ``tau`` = 1e-9 (Adagrad has no beta2).
+
+FedOpt (Reddi et al. 2021, "Adaptive Federated Optimization"): ``Δ = weighted_mean − x``;
+``m = β1·m + (1−β1)·Δ``; Adam ``v = β2·v + (1−β2)·Δ²``, Yogi ``v = v − (1−β2)·Δ²·sign(v − Δ²)``,
+Adagrad ``v = v + Δ²``; ``x += server_lr·m/(√v + τ)``. m and v start at 0, no bias correction (as
+the paper's algorithm and Flower). Their state holds ``"m.<tensor>"``/``"v.<tensor>"`` (FedAvgM:
+``"momentum.<tensor>"``) for every floating tensor, plus ``"round"``.
+
+Robust aggregators are unweighted (except Multi-Krum's final mean and integer buffers). They must
+see all n updates, so they hold references to them; the statistics run over blocks of coordinates
+(≈ 32 MiB of clients × coordinates at a time), never stacking whole models.
+
+Integer and boolean buffers (e.g. BatchNorm's ``num_batches_tracked``) are never clipped, noised or
+optimized: they get the weighted mean rounded half-to-even (booleans: weighted majority), computed
+in float64 for 32/64-bit integers. DP, robust statistics and optimizers apply to floating tensors.
+
+Central DP (McMahan et al. 2018; as Flower's server-side fixed clipping): each update's delta
+``u − x`` over all floating tensors is scaled by ``min(1, clip_norm/‖u − x‖₂)``; after combining,
+Gaussian noise of std ``noise_multiplier·clip_norm/n`` (n = updates in the round) is added to every
+floating coordinate, before the server optimizer. Noise is seeded from ``(seed, round)`` when
+``seed`` is set. Note: with unequal weights the weighted mean's sensitivity is
+``clip_norm·max(w)/Σw``, not ``clip_norm/n``; use equal weights for the textbook guarantee. The
+noise comes from torch's generator (not a cryptographic RNG).
+
+Memory and speed
+----------------
+Streaming mean: one flat accumulator per dtype group (float32 sums for float32 models: 1 × model;
+float64 sums: 2 ×). Pending updates are held only while accumulator + pending ≤ 2 × model, so the
+aggregator never holds more than 2 models' worth of tensors at any N (``held_bytes()``). Updates
+decoded by :func:`decode_safetensors` are zero-copy views whose dtype groups are contiguous, so each
+group is folded with one kernel per cache-sized chunk; several updates are folded per pass over
+the accumulator. Updates in other layouts (separate tensors) go through ``torch._foreach_add_``.
+
+Codec (:mod:`flplatform.aggregation.codec`)
+-------------------------------------------
+``decode_safetensors(data, copy=False)`` (zero-copy ``torch.frombuffer`` views; malformed → DecodeError),
+``encode_safetensors(state, metadata=None) -> bytes`` (same layout as the safetensors library),
+``read_safetensors_header(data)``, ``safetensors_order(state)``, ``FlatLayout`` (flat buffers per
+dtype: ``flat_view``, ``flatten``, ``views``, ``check``).
+
+Errors (:mod:`flplatform.aggregation.errors`): every one is an :class:`AggregationError`, a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .aggregators import (
+    AGGREGATORS,
+    COMMON_OPTIONS,
+    Aggregator,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Krum,
+    Median,
+    MultiKrum,
+    OptionSpec,
+    TrimmedMean,
+)
+from .codec import FlatLayout, StateDict, decode_safetensors, encode_safetensors, read_safetensors_header
+from .errors import (
+    AggregationError,
+    AggregatorOptionsError,
+    AggregatorStateError,
+    DecodeError,
+    InsufficientUpdatesError,
+    UnsafeFormatError,
+    UpdateValidationError,
+    ZeroTotalWeightError,
+)
+
+AGGREGATOR_NAMES: tuple[str, ...] = tuple(AGGREGATORS)
+
+#: name → option → OptionSpec (common options included).
+AGGREGATOR_OPTIONS: dict[str, dict[str, OptionSpec]] = {
+    name: {**cls.options, **COMMON_OPTIONS} for name, cls in AGGREGATORS.items()
+}
+
+
+def describe_aggregators() -> dict[str, dict[str, Any]]:
+    """JSON-ready description of every aggregator and its options (types, defaults, bounds)."""
+    return {
+        name: {
+            "description": cls.description,
+            "options": {key: spec.as_dict() for key, spec in AGGREGATOR_OPTIONS[name].items()},
+        }
+        for name, cls in AGGREGATORS.items()
+    }
+
+
+def get(name: str, **options: Any) -> Aggregator:
+    """A new aggregator by its option name (see ``AGGREGATOR_NAMES``)."""
+    cls = AGGREGATORS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise AggregatorOptionsError(f"unknown aggregator {name!r}; choose one of {list(AGGREGATOR_NAMES)}")
+    return cls(**options)
+
+
+def _feed(agg: Aggregator, updates: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
+    if isinstance(updates, Sequence):
+        agg.add_many(updates)
+        return
+    iterator = iter(updates)
+    while True:
+        try:
+            pair = next(iterator)
+        except StopIteration:
+            return
+        state_dict, weight = pair
+        del pair  # drop our references before drawing the next pair: ≤ 2 models in flight
+        agg.add(state_dict, weight)
+        del state_dict
+
+
+def fedavg(
+    updates: Iterable[tuple[Mapping[str, torch.Tensor], float]], *, accumulate_dtype: str = "float32"
+) -> StateDict:
+    """Weighted mean of ``(state_dict, weight)`` pairs, consumed one at a time (see module docs)."""
+    agg = FedAvg(accumulate_dtype=accumulate_dtype)
+    agg.begin(None)
+    _feed(agg, updates)
+    return agg.finish()[0]
+
+
+def aggregate(
+    name: str,
+    global_state: Mapping[str, torch.Tensor] | None,
+    updates: Iterable[tuple[Mapping[str, torch.Tensor], float]],
+    state: Mapping[str, torch.Tensor] | None = None,
+    **options: Any,
+) -> tuple[StateDict, StateDict]:
+    """One whole round: ``get(name, **options)``, ``begin``, ``add`` every pair, ``finish``."""
+    agg = get(name, **options)
+    agg.begin(global_state, state)
+    _feed(agg, updates)
+    return agg.finish()
+
+
+__all__ = [
+    "AGGREGATORS",
+    "AGGREGATOR_NAMES",
+    "AGGREGATOR_OPTIONS",
+    "AggregationError",
+    "Aggregator",
+    "AggregatorOptionsError",
+    "AggregatorStateError",
+    "DecodeError",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedYogi",
+    "FlatLayout",
+    "InsufficientUpdatesError",
+    "Krum",
+    "Median",
+    "MultiKrum",
+    "OptionSpec",
+    "StateDict",
+    "TrimmedMean",
+    "UnsafeFormatError",
+    "UpdateValidationError",
+    "ZeroTotalWeightError",
+    "aggregate",
+    "decode_safetensors",
+    "describe_aggregators",
+    "encode_safetensors",
+    "fedavg",
+    "get",
+    "read_safetensors_header",
+]

@@ -1,0 +1,883 @@
+"""The aggregators: streaming weighted mean, robust statistics, server optimizers, central DP.
+
+Every aggregator has the same life cycle (see the package docstring for the contract)::
+
+    agg.begin(global_state, state=None)      # once per round
+    agg.add(update_state_dict, weight)       # once per update, as it arrives
+    new_global, new_state = agg.finish()
+
+Internally a round is three stages: *combine* the updates into one model (weighted mean, median,
+trimmed mean, (Multi-)Krum), optionally add the *DP noise*, then apply the *server step* (identity, or
+a FedOpt optimizer that treats ``combined - global`` as a pseudo-gradient). All tensor work is on one
+flat buffer per dtype group (:class:`~flplatform.aggregation.codec.FlatLayout`), in cache-sized
+coordinate chunks, so models made of hundreds of small tensors cost what one big tensor costs and
+memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .codec import FlatLayout, StateDict, chunk_ranges
+from .errors import (
+    AggregatorOptionsError,
+    AggregatorStateError,
+    InsufficientUpdatesError,
+    UpdateValidationError,
+    ZeroTotalWeightError,
+)
+
+#: Coordinates per chunk: 2**18 float32 = 1 MiB, half of it per core's 1 MiB L2 with two threads.
+DEFAULT_CHUNK = 1 << 18
+#: Updates folded per pass over the accumulator (when they are all at hand).
+DEFAULT_MAX_FOLD = 8
+#: Bytes of the (clients × coordinates) block robust aggregators sort at a time.
+ROBUST_BLOCK_BYTES = 32 << 20
+
+Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
+
+
+def _accumulate_dtype(model_dtype: torch.dtype, requested: torch.dtype) -> torch.dtype:
+    """Accumulator dtype of a group: floats at least ``requested``; integers in a float that holds
+    them exactly enough (weighted means are rounded back); booleans as float32 (majority vote)."""
+    if model_dtype.is_floating_point:
+        if torch.finfo(model_dtype).bits >= torch.finfo(requested).bits:
+            return model_dtype
+        return requested
+    if model_dtype == torch.bool:
+        return torch.float32
+    if torch.empty((), dtype=model_dtype).element_size() <= 2:
+        return torch.float32
+    return torch.float64
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A view of ``tensor``'s storage (from its first byte) reinterpreted as ``dtype``, same length."""
+    return torch.empty(0, dtype=dtype).set_(tensor.untyped_storage(), 0, (tensor.numel(),))
+
+
+def _finalize_inplace(acc: torch.Tensor, divisor: float, out_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """``acc / divisor`` converted to ``out_dtype`` IN the accumulator's own memory (no second model).
+
+    Integers are rounded half to even and clamped to their range; booleans become ``mean >= 0.5``.
+    Chunks go front to back: chunk ``[s, e)`` is read completely before its converted values are
+    written to bytes ``[s*o, e*o)`` with ``o <= acc item size``, which only holds elements ``< e``.
+    """
+    if out_dtype == acc.dtype:
+        return acc.div_(divisor)
+    out = _as_dtype(acc, out_dtype)
+    for start, stop in chunk_ranges(acc.numel(), chunk):
+        part = acc[start:stop] / divisor
+        if out_dtype == torch.bool:
+            part = part >= 0.5
+        elif not out_dtype.is_floating_point:
+            info = torch.iinfo(out_dtype)
+            part = part.round_().clamp_(info.min, info.max)
+        out[start:stop].copy_(part)
+    return out
+
+
+@dataclass
+class _Update:
+    """One added update: its tensors per dtype group (one flat view, or per-tensor 1-D views)."""
+
+    sources: Sources
+    weight: float
+    clip: float  # DP clipping factor applied to floating groups (1.0 without DP)
+    nbytes: int
+
+
+class _WeightedSum:
+    """Running ``Σ coef_i · update_i`` over some dtype groups, in flat buffers.
+
+    ``fold`` adds several updates per pass over the accumulator: for each chunk of coordinates (a
+    cache-sized slice of the accumulator) every pending update is added, so the accumulator is read
+    and written once per *batch* instead of once per update: memory traffic per update falls from
+    3 passes (read update, read + write accumulator) towards 1.
+    """
+
+    def __init__(self, layout: FlatLayout, dtypes: Iterable[torch.dtype], accumulate: torch.dtype, chunk: int):
+        self.layout = layout
+        self.chunk = chunk
+        self.acc: dict[torch.dtype, torch.Tensor] = {
+            d: torch.zeros(layout.numel[d], dtype=_accumulate_dtype(d, accumulate)) for d in dtypes
+        }
+        self._acc_views: dict[torch.dtype, list[torch.Tensor]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.acc.values())
+
+    def fold(self, items: list[tuple[_Update, dict[torch.dtype, float]]]) -> None:
+        """Add ``Σ coefs[dtype] · update.sources[dtype]`` for every group."""
+        for dtype, acc in self.acc.items():
+            flat: list[tuple[torch.Tensor, float]] = []
+            for update, coefs in items:
+                coef = coefs[dtype]
+                if coef == 0.0:
+                    continue
+                source = update.sources[dtype]
+                if isinstance(source, torch.Tensor):
+                    flat.append((source, coef))
+                else:
+                    self._fold_tensors(dtype, acc, source, coef)
+            if not flat:
+                continue
+            if len(flat) == 1 and flat[0][0].dtype == acc.dtype:
+                acc.add_(flat[0][0], alpha=flat[0][1])
+                continue
+            for start, stop in chunk_ranges(acc.numel(), self.chunk):
+                target = acc[start:stop]
+                for source, coef in flat:
+                    target.add_(source[start:stop], alpha=coef)
+
+    def _fold_tensors(self, dtype: torch.dtype, acc: torch.Tensor, tensors: list[torch.Tensor], coef: float) -> None:
+        views = self._acc_views.get(dtype)
+        if views is None:
+            views = self._acc_views[dtype] = self.layout.slot_views(acc, dtype)
+        small_targets, small_sources = [], []
+        for target, source in zip(views, tensors):
+            if source.numel() <= self.chunk:
+                small_targets.append(target)
+                small_sources.append(source)
+            else:  # big tensor: chunked, so a dtype promotion never needs a tensor-sized temporary
+                for start, stop in chunk_ranges(source.numel(), self.chunk):
+                    target[start:stop].add_(source[start:stop], alpha=coef)
+        if small_targets:
+            torch._foreach_add_(small_targets, small_sources, alpha=coef)
+
+    def take(self) -> dict[torch.dtype, torch.Tensor]:
+        acc, self.acc, self._acc_views = self.acc, {}, {}
+        return acc
+
+
+# ----------------------------------------------------------------------------------------------------
+# options
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of an aggregator: its type, default, bounds and meaning."""
+
+    type: type
+    default: Any
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": {float: "number", int: "integer", str: "string"}[self.type],
+            "default": self.default,
+            "description": self.description,
+            "nullable": self.nullable,
+        }
+        for key in ("minimum", "maximum", "choices"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if key == "choices" else value
+        if self.exclusive_minimum:
+            out["exclusive_minimum"] = True
+        if self.exclusive_maximum:
+            out["exclusive_maximum"] = True
+        return out
+
+    def parse(self, name: str, value: Any) -> Any:
+        if value is None:
+            if self.nullable:
+                return None
+            raise AggregatorOptionsError(f"option {name!r} may not be null")
+        if self.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AggregatorOptionsError(f"option {name!r} must be a number, got {value!r}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise AggregatorOptionsError(f"option {name!r} must be finite, got {value!r}")
+        elif self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise AggregatorOptionsError(f"option {name!r} must be an integer, got {value!r}")
+        elif not isinstance(value, self.type):
+            raise AggregatorOptionsError(f"option {name!r} must be a {self.type.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise AggregatorOptionsError(f"option {name!r} must be one of {list(self.choices)}, got {value!r}")
+        if self.minimum is not None and (
+            value < self.minimum or (self.exclusive_minimum and value == self.minimum)
+        ):
+            relation = ">" if self.exclusive_minimum else ">="
+            raise AggregatorOptionsError(f"option {name!r} must be {relation} {self.minimum}, got {value!r}")
+        if self.maximum is not None and (
+            value > self.maximum or (self.exclusive_maximum and value == self.maximum)
+        ):
+            relation = "<" if self.exclusive_maximum else "<="
+            raise AggregatorOptionsError(f"option {name!r} must be {relation} {self.maximum}, got {value!r}")
+        return value
+
+
+COMMON_OPTIONS: dict[str, OptionSpec] = {
+    "accumulate_dtype": OptionSpec(
+        str, "float32",
+        "Precision of the running sums and optimizer state for float32/16 models "
+        "(float64 models always use float64).",
+        choices=("float32", "float64"),
+    ),
+    "dp_clip_norm": OptionSpec(
+        float, None,
+        "Central DP: clip each update's delta (update - global) to this L2 norm over all floating "
+        "tensors. Null disables clipping and DP.",
+        minimum=0.0, exclusive_minimum=True, nullable=True,
+    ),
+    "dp_noise_multiplier": OptionSpec(
+        float, 0.0,
+        "Central DP: Gaussian noise of std noise_multiplier * clip_norm / n is added to every floating "
+        "coordinate of the aggregate (n = updates in the round). Needs dp_clip_norm.",
+        minimum=0.0,
+    ),
+    "seed": OptionSpec(
+        int, None, "Seed of the DP noise (combined with the round number); null draws a random seed.",
+        nullable=True,
+    ),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# base class
+
+
+class Aggregator:
+    """Common machinery; subclasses choose how updates are combined and the server step."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    options: ClassVar[dict[str, OptionSpec]] = {}
+    #: Whether the combine stage needs every update at once (robust statistics).
+    collects: ClassVar[bool] = False
+    #: Whether ``begin`` needs the current global model.
+    needs_global: ClassVar[bool] = False
+
+    def __init__(self, **options: Any):
+        specs = {**COMMON_OPTIONS, **self.options}
+        unknown = sorted(set(options) - set(specs))
+        if unknown:
+            raise AggregatorOptionsError(
+                f"unknown option(s) {unknown} for aggregator {self.name!r}; allowed: {sorted(specs)}"
+            )
+        values = {key: spec.parse(key, options.get(key, spec.default)) for key, spec in specs.items()}
+        if values["dp_noise_multiplier"] > 0 and values["dp_clip_norm"] is None:
+            raise AggregatorOptionsError("dp_noise_multiplier > 0 needs dp_clip_norm")
+        self.config: dict[str, Any] = values
+        self.accumulate = torch.float64 if values["accumulate_dtype"] == "float64" else torch.float32
+        self.clip_norm: float | None = values["dp_clip_norm"]
+        self.noise_multiplier: float = values["dp_noise_multiplier"]
+        self.seed: int | None = values["seed"]
+        self.chunk = DEFAULT_CHUNK
+        self.max_fold = DEFAULT_MAX_FOLD
+        self._validate_options()
+        self._phase = "idle"
+        self._unbounded = False
+
+    def _validate_options(self) -> None:
+        """Cross-option checks of subclasses."""
+
+    @property
+    def client_config(self) -> dict[str, Any]:
+        """Options the *clients* need for their local training (FedProx's ``proximal_mu``)."""
+        return {}
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def begin(self, global_state: Mapping[str, torch.Tensor] | None, state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Start a round from the current global model and the aggregator state of the last round."""
+        if global_state is None and (self.needs_global or self.clip_norm is not None):
+            raise AggregatorStateError(
+                f"aggregator {self.name!r}" + (" with DP clipping" if self.clip_norm is not None else "")
+                + " needs the current global model in begin()"
+            )
+        self.layout: FlatLayout | None = None
+        self.global_state = global_state
+        self._global_flats: dict[torch.dtype, torch.Tensor] = {}
+        self._global_copied_bytes = 0
+        self.n_updates = 0
+        self.total_weight = 0.0
+        self._pending: list[_Update] = []
+        self._pending_bytes = 0
+        self._collected: list[_Update] = []
+        self._sum: _WeightedSum | None = None
+        self._global_coef = 0.0  # Σ w_i (1 - clip_i): the share of the global model in the DP mean
+        self._round = self._read_round(state)
+        self._phase = "open"
+        if global_state is not None:
+            self._setup(FlatLayout(global_state))
+            self.layout.check(global_state, "the global model")
+            self._import_state(state or {})
+        elif state:
+            raise AggregatorStateError(f"aggregator {self.name!r} got a state but no global model")
+
+    def _setup(self, layout: FlatLayout) -> None:
+        self.layout = layout
+        sum_dtypes = list(layout.groups) if not self.collects else [
+            d for d in layout.groups if not d.is_floating_point
+        ]
+        self._sum = _WeightedSum(layout, sum_dtypes, self.accumulate, self.chunk)
+        # Pending updates are held only while the accumulator plus them stay within 2 models.
+        self._pending_budget = max(0, 2 * layout.nbytes - self._sum.nbytes)
+
+    def _read_round(self, state: Mapping[str, torch.Tensor] | None) -> int:
+        if not state or "round" not in state:
+            return 0
+        value = state["round"]
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.is_floating_point():
+            raise AggregatorStateError("state['round'] must be an integer scalar tensor")
+        return int(value.item())
+
+    def _import_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        extra = sorted(set(state) - {"round"})
+        if extra:
+            raise AggregatorStateError(f"aggregator {self.name!r} keeps no state {extra[:5]}")
+
+    def _export_state(self) -> StateDict:
+        return {"round": torch.tensor(self._round + 1, dtype=torch.int64)}
+
+    def add(self, state_dict: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Fold (or, for robust aggregators, keep) one update with its weight (e.g. sample count)."""
+        if self._phase != "open":
+            raise AggregatorStateError("add() needs begin() first (and not after finish())")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise UpdateValidationError(f"the weight must be a finite number >= 0, got {weight!r}")
+        if self.layout is None:
+            self._setup(FlatLayout(state_dict))
+        layout = self.layout
+        layout.check(state_dict)
+        sources: Sources = {}
+        nbytes = 0
+        for dtype in layout.groups:
+            view = layout.flat_view(state_dict, dtype)
+            sources[dtype] = view if view is not None else layout.tensors(state_dict, dtype)
+            nbytes += layout.numel[dtype] * (view.element_size() if view is not None else sources[dtype][0].element_size())
+        clip = self._clip_factor(sources) if self.clip_norm is not None else 1.0
+        update = _Update(sources, float(weight), clip, nbytes)
+        self.n_updates += 1
+        self.total_weight += float(weight)
+        if self.collects:
+            self._collected.append(update)
+            if self._sum.acc:
+                self._sum.fold([(update, self._coefs(update))])
+            return
+        if weight == 0:
+            return
+        self._pending.append(update)
+        self._pending_bytes += nbytes
+        if len(self._pending) >= self.max_fold or (
+            not self._unbounded and self._pending_bytes > self._pending_budget
+        ):
+            self._flush()
+
+    def add_many(self, pairs: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
+        """Add updates that are all in memory already (a list): fold ``max_fold`` per pass.
+
+        The caller holds them anyway, so pending ones cost no extra memory and the 2-model budget
+        that bounds :meth:`add` does not apply.
+        """
+        self._unbounded = True
+        try:
+            for state_dict, weight in pairs:
+                self.add(state_dict, weight)
+                del state_dict
+        finally:
+            self._unbounded = False
+        if self._phase == "open":
+            self._flush()
+
+    def held_bytes(self) -> int:
+        """Bytes of tensors the aggregator itself holds now (accumulators, pending updates, copies)."""
+        total = self._pending_bytes + self._global_copied_bytes
+        if self._sum is not None:
+            total += self._sum.nbytes
+        if self.collects:
+            total += sum(u.nbytes for u in self._collected)
+        return total + self._state_bytes()
+
+    def _state_bytes(self) -> int:
+        return 0
+
+    def _coefs(self, update: _Update) -> dict[torch.dtype, float]:
+        return {
+            d: update.weight * (update.clip if d.is_floating_point else 1.0) for d in self.layout.groups
+        }
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        items = [(u, self._coefs(u)) for u in self._pending]
+        for update in self._pending:
+            self._global_coef += update.weight * (1.0 - update.clip)
+        self._sum.fold(items)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def finish(self) -> tuple[StateDict, StateDict]:
+        """The new global model (state dict in the global model's key order) and the new state."""
+        if self._phase != "open":
+            raise AggregatorStateError("finish() needs begin() first and may be called once per round")
+        self._phase = "finished"
+        if self.n_updates == 0:
+            raise ZeroTotalWeightError("no update was added")
+        self._flush()
+        flats = self._combine()
+        if self.noise_multiplier > 0:
+            self._add_noise(flats)
+        flats = self._server_step(flats)
+        for dtype, flat in flats.items():
+            if dtype.is_floating_point and not bool(torch.isfinite(flat).all()):
+                raise UpdateValidationError(
+                    "the aggregate contains NaN or infinite values (an update or the state is not finite)"
+                )
+        result = self.layout.views(flats)
+        state = self._export_state()
+        self._pending, self._collected, self._sum = [], [], None
+        return result, state
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def _global_flat(self, dtype: torch.dtype) -> torch.Tensor:
+        flat = self._global_flats.get(dtype)
+        if flat is None:
+            flat = self.layout.flat_view(self.global_state, dtype)
+            if flat is None:
+                flat = self.layout.flatten(self.global_state, dtype)
+                self._global_copied_bytes += flat.numel() * flat.element_size()
+            self._global_flats[dtype] = flat
+        return flat
+
+    def _clip_factor(self, sources: Sources) -> float:
+        squares = 0.0
+        for dtype in self.layout.floating_dtypes:
+            source = sources[dtype]
+            reference = self._global_flat(dtype)
+            if isinstance(source, torch.Tensor):
+                for start, stop in chunk_ranges(source.numel(), self.chunk):
+                    squares += float(
+                        torch.linalg.vector_norm(source[start:stop].double() - reference[start:stop]) ** 2
+                    )
+            else:
+                for slot, tensor in zip(self.layout.groups[dtype], source):
+                    ref = reference[slot.offset : slot.offset + slot.numel]
+                    for start, stop in chunk_ranges(tensor.numel(), self.chunk):
+                        squares += float(
+                            torch.linalg.vector_norm(tensor[start:stop].double() - ref[start:stop]) ** 2
+                        )
+        norm = math.sqrt(squares)
+        return 1.0 if norm <= self.clip_norm else self.clip_norm / norm
+
+    def _mean_flats(self) -> dict[torch.dtype, torch.Tensor]:
+        """Finalise the weighted sum into means in the model dtypes (in the accumulator's memory)."""
+        if self.total_weight <= 0:
+            raise ZeroTotalWeightError(
+                f"the weights of the {self.n_updates} update(s) sum to zero; nothing to average"
+            )
+        acc = self._sum.take()
+        out: dict[torch.dtype, torch.Tensor] = {}
+        for dtype, buffer in acc.items():
+            if dtype.is_floating_point and self._global_coef > 0:
+                buffer.add_(self._global_flat(dtype), alpha=self._global_coef)
+            out[dtype] = _finalize_inplace(buffer, self.total_weight, dtype, self.chunk)
+        return out
+
+    def _combine(self) -> dict[torch.dtype, torch.Tensor]:
+        return self._mean_flats()
+
+    def _add_noise(self, flats: dict[torch.dtype, torch.Tensor]) -> None:
+        std = self.noise_multiplier * self.clip_norm / self.n_updates
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(hash((self.seed, self._round)) & ((1 << 63) - 1))
+        for dtype in self.layout.floating_dtypes:
+            flat = flats[dtype]
+            for start, stop in chunk_ranges(flat.numel(), self.chunk):
+                noise = torch.randn(stop - start, generator=generator, dtype=torch.float32)
+                flat[start:stop].add_(noise, alpha=std)
+
+    def _server_step(self, flats: dict[torch.dtype, torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
+        return flats
+
+
+# ----------------------------------------------------------------------------------------------------
+# weighted mean
+
+
+class FedAvg(Aggregator):
+    name = "fedavg"
+    description = "Weighted mean of the client models (McMahan et al. 2017), streamed as updates arrive."
+
+
+class FedProx(Aggregator):
+    name = "fedprox"
+    description = (
+        "FedAvg aggregation for clients trained with a proximal term mu/2·||w - w_global||² "
+        "(Li et al. 2020); proximal_mu is sent to the clients."
+    )
+    options = {
+        "proximal_mu": OptionSpec(float, 0.01, "Weight of the clients' proximal term.", minimum=0.0),
+    }
+
+    @property
+    def client_config(self) -> dict[str, Any]:
+        return {"proximal_mu": self.config["proximal_mu"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# robust aggregators
+
+
+class _Robust(Aggregator):
+    """Holds every update (zero-copy views where possible) and works on coordinate blocks."""
+
+    collects = True
+
+    def _block_rows(self, dtype: torch.dtype, start: int, stop: int, updates: list[_Update], out: torch.Tensor) -> torch.Tensor:
+        """``out[i] = update_i[start:stop]`` (DP-clipped towards the global model when enabled)."""
+        slots = self.layout.groups[dtype]
+        for row, update in zip(out, updates):
+            source = update.sources[dtype]
+            if isinstance(source, torch.Tensor):
+                row.copy_(source[start:stop])
+            else:
+                for slot, tensor in zip(slots, source):
+                    lo, hi = max(start, slot.offset), min(stop, slot.offset + slot.numel)
+                    if lo < hi:
+                        row[lo - start : hi - start].copy_(tensor[lo - slot.offset : hi - slot.offset])
+            if update.clip != 1.0:
+                reference = self._global_flat(dtype)[start:stop]
+                row.sub_(reference).mul_(update.clip).add_(reference)
+        return out
+
+    def _blocks(self, dtype: torch.dtype, n: int) -> Iterable[tuple[int, int]]:
+        per_row = max(1024, ROBUST_BLOCK_BYTES // (max(n, 1) * 8))
+        return chunk_ranges(self.layout.numel[dtype], per_row)
+
+    def _work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return _accumulate_dtype(dtype, self.accumulate)
+
+    def _non_float_means(self) -> dict[torch.dtype, torch.Tensor]:
+        if not self._sum.acc:
+            return {}
+        if self.total_weight <= 0:
+            raise ZeroTotalWeightError("the weights of the updates sum to zero; integer buffers have no mean")
+        acc = self._sum.take()
+        return {d: _finalize_inplace(b, self.total_weight, d, self.chunk) for d, b in acc.items()}
+
+
+class _CoordinateWise(_Robust):
+    def _statistic(self, block: torch.Tensor) -> torch.Tensor:  # (clients × coordinates) → coordinates
+        raise NotImplementedError
+
+    def _min_updates(self) -> int:
+        return 1
+
+    def _combine(self) -> dict[torch.dtype, torch.Tensor]:
+        n = len(self._collected)
+        if n < self._min_updates():
+            raise InsufficientUpdatesError(f"{self.name} needs at least {self._min_updates()} updates, got {n}")
+        out = self._non_float_means()
+        for dtype in self.layout.floating_dtypes:
+            result = torch.empty(self.layout.numel[dtype], dtype=dtype)
+            buffer = None
+            for start, stop in self._blocks(dtype, n):
+                if buffer is None or buffer.shape[1] != stop - start:
+                    buffer = torch.empty((n, stop - start), dtype=self._work_dtype(dtype))
+                block = self._block_rows(dtype, start, stop, self._collected, buffer)
+                result[start:stop].copy_(self._statistic(block))
+            out[dtype] = result
+        return out
+
+
+class Median(_CoordinateWise):
+    name = "median"
+    description = (
+        "Coordinate-wise median of the client models (Yin et al. 2018; the mean of the two middle values "
+        "for an even count, as numpy). Weights are ignored except for integer buffers."
+    )
+
+    def _statistic(self, block: torch.Tensor) -> torch.Tensor:
+        n = block.shape[0]
+        ordered = block.sort(dim=0).values
+        if n % 2:
+            return ordered[n // 2]
+        return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+class TrimmedMean(_CoordinateWise):
+    name = "trimmed_mean"
+    description = (
+        "Coordinate-wise trimmed mean: drop the floor(beta·n) largest and smallest values of every "
+        "coordinate and average the rest (Yin et al. 2018; as scipy.stats.trim_mean). Weights are ignored "
+        "except for integer buffers."
+    )
+    options = {
+        "beta": OptionSpec(
+            float, 0.1, "Fraction trimmed at EACH end of every coordinate.",
+            minimum=0.0, maximum=0.5, exclusive_maximum=True,
+        ),
+    }  # fmt: skip
+
+    def _trim(self, n: int) -> int:
+        return int(self.config["beta"] * n)
+
+    def _statistic(self, block: torch.Tensor) -> torch.Tensor:
+        n = block.shape[0]
+        k = self._trim(n)
+        kept = block.sort(dim=0).values[k : n - k] if k else block
+        return kept.sum(dim=0, dtype=torch.float64) / (n - 2 * k)
+
+
+class MultiKrum(_Robust):
+    name = "multi_krum"
+    description = (
+        "Multi-Krum (Blanchard et al. 2017): score every update by the sum of squared distances to its "
+        "n - f - 2 nearest others, average the m best-scored (weighted by their weights). Needs n > 2f + 2."
+    )
+    options = {
+        "f": OptionSpec(int, 0, "Number of Byzantine (arbitrarily bad) clients to tolerate.", minimum=0),
+        "m": OptionSpec(
+            int, None, "How many best-scored updates to average; null means n - f.", minimum=1, nullable=True
+        ),
+    }
+
+    def _select_count(self, n: int) -> int:
+        m = self.config["m"]
+        return n - self.config["f"] if m is None else m
+
+    def selected(self) -> list[int]:
+        """Indices (in add order) of the updates chosen in the last ``finish``."""
+        return list(self._selected)
+
+    def _combine(self) -> dict[torch.dtype, torch.Tensor]:
+        n, f = len(self._collected), self.config["f"]
+        if n <= 2 * f + 2:
+            raise InsufficientUpdatesError(f"{self.name} with f={f} needs more than {2 * f + 2} updates, got {n}")
+        m = self._select_count(n)
+        if m > n:
+            raise InsufficientUpdatesError(f"{self.name} should average m={m} updates but got only {n}")
+        distances = torch.zeros((n, n), dtype=torch.float64)
+        for dtype in self.layout.floating_dtypes:
+            buffer = None
+            for start, stop in self._blocks(dtype, n):
+                if buffer is None or buffer.shape[1] != stop - start:
+                    buffer = torch.empty((n, stop - start), dtype=torch.float64)
+                block = self._block_rows(dtype, start, stop, self._collected, buffer)
+                gram = block @ block.T
+                squares = gram.diagonal()
+                distances += squares[:, None] + squares[None, :] - 2 * gram
+        distances.clamp_(min=0).fill_diagonal_(float("inf"))
+        nearest = n - f - 2
+        scores = distances.sort(dim=1).values[:, :nearest].sum(dim=1)
+        order = sorted(range(n), key=lambda i: (float(scores[i]), i))
+        self._selected = order[:m]
+        chosen = [self._collected[i] for i in self._selected]
+        weight = sum(u.weight for u in chosen)
+        if weight <= 0:
+            raise ZeroTotalWeightError("the weights of the selected updates sum to zero")
+        out = self._non_float_means()
+        mean = _WeightedSum(self.layout, self.layout.floating_dtypes, self.accumulate, self.chunk)
+        global_coef = 0.0
+        for batch_start in range(0, len(chosen), self.max_fold):
+            batch = chosen[batch_start : batch_start + self.max_fold]
+            mean.fold([(u, {d: u.weight * u.clip for d in self.layout.floating_dtypes}) for u in batch])
+            global_coef += sum(u.weight * (1.0 - u.clip) for u in batch)
+        for dtype, buffer in mean.take().items():
+            if global_coef > 0:
+                buffer.add_(self._global_flat(dtype), alpha=global_coef)
+            out[dtype] = _finalize_inplace(buffer, weight, dtype, self.chunk)
+        return out
+
+
+class Krum(MultiKrum):
+    name = "krum"
+    description = (
+        "Krum (Blanchard et al. 2017): the single update with the smallest sum of squared distances to "
+        "its n - f - 2 nearest others. Needs n > 2f + 2."
+    )
+    options = {"f": MultiKrum.options["f"]}
+
+    def _select_count(self, n: int) -> int:
+        return 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# server optimizers (Reddi et al. 2021, "Adaptive Federated Optimization"; Hsu et al. 2019 for FedAvgM)
+
+
+class _ServerOptimizer(Aggregator):
+    """Weighted mean, then an optimizer step with the pseudo-gradient ``delta = mean - global``.
+
+    State (``finish``'s second value, ``begin``'s ``state``): one tensor per floating model tensor and
+    slot, named ``"<slot>.<tensor name>"`` (e.g. ``"m.fc.weight"``), plus ``"round"``. Integer buffers
+    take the weighted mean (rounded), with no optimizer. Moments start at zero, without bias
+    correction (as the paper and Flower).
+    """
+
+    needs_global = True
+    slots: ClassVar[tuple[str, ...]] = ()
+
+    def _state_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return _accumulate_dtype(dtype, self.accumulate)
+
+    def _import_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        layout = self.layout
+        self._moments: dict[str, dict[torch.dtype, torch.Tensor]] = {}
+        expected = {f"{slot}.{s.name}" for slot in self.slots for d in layout.floating_dtypes for s in layout.groups[d]}
+        given = set(state) - {"round"}
+        if given and given != expected:
+            missing = sorted(expected - given)[:5]
+            extra = sorted(given - expected)[:5]
+            raise AggregatorStateError(
+                f"the {self.name} state does not fit the global model: missing {missing}, unexpected {extra}"
+            )
+        for slot in self.slots:
+            self._moments[slot] = {}
+            for dtype in layout.floating_dtypes:
+                flat = torch.zeros(layout.numel[dtype], dtype=self._state_dtype(dtype))
+                if given:
+                    for s, view in zip(layout.groups[dtype], layout.slot_views(flat, dtype)):
+                        tensor = state[f"{slot}.{s.name}"]
+                        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != s.shape:
+                            raise AggregatorStateError(
+                                f"state tensor {slot}.{s.name} must have shape {list(s.shape)}"
+                            )
+                        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                            raise AggregatorStateError(f"state tensor {slot}.{s.name} must be finite floats")
+                        view.copy_(tensor.reshape(-1))
+                self._moments[slot][dtype] = flat
+
+    def _state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in getattr(self, "_moments", {}).values() for t in m.values())
+
+    def _export_state(self) -> StateDict:
+        state = super()._export_state()
+        for slot, flats in self._moments.items():
+            views = {}
+            for dtype, flat in flats.items():
+                for s, view in zip(self.layout.groups[dtype], self.layout.slot_views(flat, dtype)):
+                    views[f"{slot}.{s.name}"] = view.view(s.shape)
+            state.update(views)
+        return state
+
+    def _server_step(self, flats: dict[torch.dtype, torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
+        for dtype in self.layout.floating_dtypes:
+            mean = flats[dtype]  # overwritten chunk by chunk with the new global model
+            reference = self._global_flat(dtype)
+            moments = {slot: self._moments[slot][dtype] for slot in self.slots}
+            work = self._state_dtype(dtype)
+            for start, stop in chunk_ranges(mean.numel(), self.chunk):
+                g = reference[start:stop].to(work)  # may be the global model itself: never written
+                delta = mean[start:stop].to(work) - g
+                step = self._step(delta, {k: v[start:stop] for k, v in moments.items()})
+                mean[start:stop].copy_(torch.add(g, step, alpha=self.config["server_lr"]))
+        return flats
+
+    def _step(self, delta: torch.Tensor, moments: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_SERVER_LR = "Server learning rate (eta)."
+_BETA1 = "First-moment decay (beta_1)."
+_BETA2 = "Second-moment decay (beta_2)."
+_TAU = "Adaptivity / numerical-stability constant (tau)."
+
+
+class FedAvgM(_ServerOptimizer):
+    name = "fedavgm"
+    description = (
+        "FedAvg with server momentum (Hsu et al. 2019): v = momentum·v + delta; "
+        "global += server_lr·v, where delta = weighted mean - global."
+    )
+    slots = ("momentum",)
+    options = {
+        "server_lr": OptionSpec(float, 1.0, _SERVER_LR, minimum=0.0, exclusive_minimum=True),
+        "momentum": OptionSpec(float, 0.9, "Server momentum (beta).", minimum=0.0, maximum=1.0, exclusive_maximum=True),
+    }
+
+    def _step(self, delta: torch.Tensor, moments: dict[str, torch.Tensor]) -> torch.Tensor:
+        velocity = moments["momentum"]
+        velocity.mul_(self.config["momentum"]).add_(delta)
+        return velocity
+
+
+class _Adaptive(_ServerOptimizer):
+    slots = ("m", "v")
+
+    def _second_moment(self, v: torch.Tensor, square: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _step(self, delta: torch.Tensor, moments: dict[str, torch.Tensor]) -> torch.Tensor:
+        m, v = moments["m"], moments["v"]
+        beta1 = self.config["beta1"]
+        m.mul_(beta1).add_(delta, alpha=1.0 - beta1)
+        self._second_moment(v, delta.square())
+        return m / (v.sqrt() + self.config["tau"])
+
+
+class FedAdam(_Adaptive):
+    name = "fedadam"
+    description = (
+        "FedAdam (Reddi et al. 2021): m = b1·m + (1-b1)·delta; v = b2·v + (1-b2)·delta²; "
+        "global += server_lr·m / (sqrt(v) + tau)."
+    )
+    options = {
+        "server_lr": OptionSpec(float, 0.1, _SERVER_LR, minimum=0.0, exclusive_minimum=True),
+        "beta1": OptionSpec(float, 0.9, _BETA1, minimum=0.0, maximum=1.0, exclusive_maximum=True),
+        "beta2": OptionSpec(float, 0.99, _BETA2, minimum=0.0, maximum=1.0, exclusive_maximum=True),
+        "tau": OptionSpec(float, 1e-9, _TAU, minimum=0.0, exclusive_minimum=True),
+    }
+
+    def _second_moment(self, v: torch.Tensor, square: torch.Tensor) -> None:
+        beta2 = self.config["beta2"]
+        v.mul_(beta2).add_(square, alpha=1.0 - beta2)
+
+
+class FedYogi(_Adaptive):
+    name = "fedyogi"
+    description = (
+        "FedYogi (Reddi et al. 2021): as FedAdam but v = v - (1-b2)·delta²·sign(v - delta²)."
+    )
+    options = {
+        "server_lr": OptionSpec(float, 0.01, _SERVER_LR, minimum=0.0, exclusive_minimum=True),
+        "beta1": OptionSpec(float, 0.9, _BETA1, minimum=0.0, maximum=1.0, exclusive_maximum=True),
+        "beta2": OptionSpec(float, 0.99, _BETA2, minimum=0.0, maximum=1.0, exclusive_maximum=True),
+        "tau": OptionSpec(float, 1e-3, _TAU, minimum=0.0, exclusive_minimum=True),
+    }
+
+    def _second_moment(self, v: torch.Tensor, square: torch.Tensor) -> None:
+        v.sub_(square * torch.sign(v - square), alpha=1.0 - self.config["beta2"])
+
+
+class FedAdagrad(_Adaptive):
+    name = "fedadagrad"
+    description = (
+        "FedAdagrad (Reddi et al. 2021): m = b1·m + (1-b1)·delta; v = v + delta²; "
+        "global += server_lr·m / (sqrt(v) + tau). (No beta2: Adagrad sums squares.)"
+    )
+    options = {
+        "server_lr": OptionSpec(float, 0.1, _SERVER_LR, minimum=0.0, exclusive_minimum=True),
+        "beta1": OptionSpec(float, 0.0, _BETA1, minimum=0.0, maximum=1.0, exclusive_maximum=True),
+        "tau": OptionSpec(float, 1e-9, _TAU, minimum=0.0, exclusive_minimum=True),
+    }
+
+    def _second_moment(self, v: torch.Tensor, square: torch.Tensor) -> None:
+        v.add_(square)
+
+
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    cls.name: cls
+    for cls in (FedAvg, FedProx, Median, TrimmedMean, Krum, MultiKrum, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+}
