@@ -19,6 +19,7 @@ from flplatform import __version__, tasks
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.errors import error_response, install_error_handlers
 from flplatform.routers import auth as auth_router
+from flplatform.routers import broker as broker_router
 from flplatform.routers import health as health_router
 from flplatform.routers import users as users_router
 from flplatform.settings import Settings, get_settings
@@ -43,6 +44,8 @@ TAGS = [
     {"name": "health", "description": "Liveness and readiness probes."},
     {"name": "auth", "description": "Log in and obtain tokens."},
     {"name": "users", "description": "Users, their profile and their API tokens."},
+    {"name": "broker", "description": "DASF message broker: topics, grants, stored messages, availability "
+     "(websockets under /ws/)."},
 ]
 
 
@@ -98,7 +101,9 @@ def _operation_id(route: APIRoute) -> str:
 
 def lifespan_components() -> list[LifespanComponent]:
     """Background components of each domain; domains append theirs here."""
-    return []
+    from flplatform.broker import broker_component
+
+    return [broker_component]
 
 
 @contextlib.asynccontextmanager
@@ -162,5 +167,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.include_router(health_router.router)
     app.include_router(auth_router.router)
+    broker_router.include(app)  # JSON API, /ws/ views and websockets
     app.include_router(users_router.router)
     return app

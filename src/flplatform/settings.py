@@ -55,6 +55,19 @@ class Settings(BaseSettings):
     admin_email: str | None = None
     admin_password: SecretStr | None = None
 
+    # Training lifecycle and notifications (services/trainings.py, services/notifications.py).
+    notification_timeout_seconds: float = Field(default=5.0, gt=0, description="Per-attempt HTTP timeout")
+    notification_max_attempts: int = Field(default=5, ge=1, description="Transport attempts before giving up")
+    notification_backoff_seconds: float = Field(
+        default=2.0, ge=0, description="Retry k waits k times this (linear back-off)"
+    )
+    training_sweep_interval_seconds: float = Field(
+        default=1.0, gt=0, description="How often deadlines, expired locks and due notifications are checked"
+    )
+    aggregation_lease_seconds: int = Field(
+        default=900, ge=1, description="A round claimed for aggregation is free again after this (crash recovery)"
+    )
+
     # Database pool (PostgreSQL).
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)

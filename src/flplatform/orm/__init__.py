@@ -2,6 +2,14 @@
 table on ``Base.metadata`` (Alembic's autogenerate target)."""
 
 from flplatform.orm.base import Base
+from flplatform.orm.broker import (  # noqa: F401  (registers the broker tables)
+    BrokerDelivery,
+    BrokerMessage,
+    BrokerSubscription,
+    BrokerTopic,
+    BrokerTopicGrant,
+    ResponseTopic,
+)
 from flplatform.orm.metric import Metric
 from flplatform.orm.model import GlobalModel, LocalModel, MeanModel, Model, ModelKind, SWAGModel
 from flplatform.orm.training import AggregationMethod, Training, TrainingState, UncertaintyMethod

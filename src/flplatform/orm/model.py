@@ -13,7 +13,18 @@ from __future__ import annotations
 import enum
 import uuid
 
-from sqlalchemy import JSON, BigInteger, Column, ForeignKey, Integer, LargeBinary, String, Table, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from flplatform.orm.base import Base, IDMixin, TimestampMixin
@@ -111,3 +122,19 @@ class LocalModel(Model):
     base_model: Mapped[GlobalModel] = relationship(foreign_keys=[base_model_id], lazy="raise")
 
     __mapper_args__ = {"polymorphic_identity": ModelKind.LOCAL.value, "polymorphic_load": "inline"}
+
+
+class GlobalModelRound(IDMixin, TimestampMixin, Base):
+    """Model history: the encoded global model (TorchScript bytes) after each aggregation.
+
+    Round ``start`` holds the uploaded model, every aggregation adds the next round, so any
+    round's global weights can be downloaded (the reference overwrote them)."""
+
+    __tablename__ = "global_model_rounds"
+    __table_args__ = (UniqueConstraint("model_id", "round"),)
+
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("global_models.id", ondelete="CASCADE"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    weights: Mapped[bytes | None] = _blob()
+    weights_format: Mapped[str | None] = mapped_column(String(20))
+    weights_size: Mapped[int] = mapped_column(BigInteger, default=0)

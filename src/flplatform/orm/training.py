@@ -7,7 +7,21 @@ import enum
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Column, ForeignKey, Integer, String, Table, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    event,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from flplatform.orm.base import Base, IDMixin, TimestampMixin, UTCDateTime, str_enum, utcnow
@@ -64,6 +78,16 @@ class Training(IDMixin, TimestampMixin, Base):
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     locked: Mapped[bool] = mapped_column(Boolean, default=False)
     error_reason: Mapped[str | None] = mapped_column(String(2000))
+    # Metric names the actor expects in test rounds (the reference parsed and dropped them).
+    metric_names: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # What the current round waits for: client updates, test metrics on the new global
+    # model, or (state S) SWAG statistics. See services/trainings.py for the state machine.
+    phase: Mapped[str] = mapped_column(String(16), default="update")
+    # The global model's round when the training started: target_num_updates counts from here.
+    start_round: Mapped[int] = mapped_column(Integer, default=0)
+    phase_started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # Lease of ``locked``: a crashed aggregation never leaves the training stuck.
+    locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
     model: Mapped[Model] = relationship(lazy="raise")
     actor: Mapped[User] = relationship(foreign_keys=[actor_id], lazy="raise")
@@ -82,3 +106,57 @@ def _daisy_chain_target(_mapper: Any, _connection: Any, training: Training) -> N
     period = daisy_chain_period(training.options)
     if period > 0:
         training.target_num_updates = training.target_num_updates * period
+
+
+class SwagStatistic(IDMixin, TimestampMixin, Base):
+    """One participant's SWAG moments for one round (kept apart from test metrics)."""
+
+    __tablename__ = "swag_statistics"
+    __table_args__ = (UniqueConstraint("training_id", "round", "reporter_id"),)
+
+    training_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("trainings.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    reporter_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    sample_size: Mapped[int] = mapped_column(Integer)
+    # Flat float tensors in parameter order, stored as safetensors (key "moment").
+    first_moment: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True, deferred_raiseload=True)
+    second_moment: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True, deferred_raiseload=True)
+    num_parameters: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class NotificationStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    DROPPED = "dropped"
+
+
+class Notification(Base):
+    """Outbox: notifications are written in the transaction of the state change that causes
+    them and delivered by the dispatcher after commit (at least once, per recipient in order)."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_status_next_attempt_at", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    training_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("trainings.id", ondelete="CASCADE"), index=True)
+    recipient_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    endpoint: Mapped[str | None] = mapped_column(String(2048))
+    notification_type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[str] = mapped_column(Text)
+    # Round-driving notifications: a rejection removes the client, a transport failure after
+    # the retries puts the training into Error. Informational ones only log failures.
+    critical: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[NotificationStatus] = mapped_column(
+        str_enum(NotificationStatus, "notification_status"), default=NotificationStatus.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(String(2000))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())

@@ -1,0 +1,242 @@
+"""Topic administration shared by the JSON API and the ``flplatform topic`` CLI.
+
+Services flush, never commit. Callers tell the broker to drop its caches after the commit
+(``Broker.invalidate``), so sockets see grant changes at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flplatform.errors import Conflict, Forbidden, NotFound
+from flplatform.orm import User
+from flplatform.orm.broker import (
+    BrokerDelivery,
+    BrokerMessage,
+    BrokerTopic,
+    BrokerTopicGrant,
+    DispatchMode,
+    ResponseTopic,
+    StorePolicy,
+)
+
+MESSAGES = BrokerMessage.__table__
+DELIVERIES = BrokerDelivery.__table__
+
+
+async def get_topic(session: AsyncSession, slug: str) -> BrokerTopic:
+    topic = (await session.execute(select(BrokerTopic).where(BrokerTopic.slug == slug))).scalar_one_or_none()
+    if topic is None:
+        raise NotFound(f"Topic {slug} not found.")
+    return topic
+
+
+def can_manage(user: User | None, topic: BrokerTopic) -> bool:
+    return user is not None and (user.is_superuser or (topic.owner_id is not None and topic.owner_id == user.id))
+
+
+def require_manager(user: User | None, topic: BrokerTopic) -> None:
+    if not can_manage(user, topic):
+        raise Forbidden("Only the topic's owner or a superuser may do this.")
+
+
+async def create_topic(
+    session: AsyncSession,
+    slug: str,
+    owner: User | None,
+    *,
+    is_public: bool = False,
+    anonymous_can_consume: bool = False,
+    supports_dasf: bool = True,
+    store_messages: StorePolicy | None = None,
+    dispatch: DispatchMode = DispatchMode.BROADCAST,
+) -> BrokerTopic:
+    from flplatform.broker.envelope import STATUS_PING
+
+    if slug == STATUS_PING:
+        raise Conflict("The slug status-ping is reserved.")
+    if (await session.execute(select(BrokerTopic.id).where(BrokerTopic.slug == slug))).first() is not None:
+        raise Conflict(f"Topic {slug} already exists.")
+    topic = BrokerTopic(
+        slug=slug,
+        owner_id=owner.id if owner else None,
+        is_public=is_public,
+        anonymous_can_consume=anonymous_can_consume,
+        supports_dasf=supports_dasf,
+        store_messages=store_messages,
+        dispatch=dispatch,
+        api_info={},
+    )
+    session.add(topic)
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise Conflict(f"Topic {slug} already exists.") from None
+    if owner is not None:
+        await set_grant(session, topic, owner, can_produce=True, can_consume=True, can_view_status=True)
+    return topic
+
+
+def update_topic(topic: BrokerTopic, changes: dict[str, Any]) -> BrokerTopic:
+    for name in ("is_public", "anonymous_can_consume", "supports_dasf", "store_messages", "dispatch"):
+        if name in changes:
+            if name != "store_messages" and changes[name] is None:
+                continue
+            setattr(topic, name, changes[name])
+    return topic
+
+
+async def delete_topic(session: AsyncSession, topic: BrokerTopic) -> list[str]:
+    """Delete a topic with its response topics (cascading to messages and grants); returns the slugs."""
+    responses = (
+        await session.execute(
+            select(ResponseTopic.id, ResponseTopic.slug).where(ResponseTopic.is_response_for_id == topic.id)
+        )
+    ).all()
+    ids = [r.id for r in responses] + [topic.id]
+    await session.execute(delete(BrokerTopic.__table__).where(BrokerTopic.__table__.c.id.in_(ids)))
+    session.expunge(topic)
+    return [r.slug for r in responses] + [topic.slug]
+
+
+async def find_user(session: AsyncSession, ref: str) -> User:
+    """A user by id or username."""
+    try:
+        user_id = uuid.UUID(ref)
+    except ValueError:
+        user_id = None
+    condition = or_(User.username == ref, User.id == user_id) if user_id else User.username == ref
+    user = (await session.execute(select(User).where(condition))).scalar_one_or_none()
+    if user is None:
+        raise NotFound(f"User {ref} not found.")
+    return user
+
+
+async def set_grant(
+    session: AsyncSession,
+    topic: BrokerTopic,
+    user: User,
+    *,
+    can_produce: bool | None = None,
+    can_consume: bool | None = None,
+    can_view_status: bool | None = None,
+) -> BrokerTopicGrant:
+    """Create or update a user's grant; None leaves a flag as it is."""
+    grant = await session.get(BrokerTopicGrant, (topic.id, user.id))
+    if grant is None:
+        grant = BrokerTopicGrant(
+            topic_id=topic.id, user_id=user.id, can_produce=False, can_consume=False, can_view_status=False
+        )
+        session.add(grant)
+    if can_produce is not None:
+        grant.can_produce = can_produce
+    if can_consume is not None:
+        grant.can_consume = can_consume
+    if can_view_status is not None:
+        grant.can_view_status = can_view_status
+    await session.flush()
+    return grant
+
+
+async def revoke_grant(session: AsyncSession, topic: BrokerTopic, user: User) -> None:
+    grant = await session.get(BrokerTopicGrant, (topic.id, user.id))
+    if grant is None:
+        raise NotFound(f"{user.username} holds no grant on {topic.slug}.")
+    await session.delete(grant)
+    await session.flush()
+
+
+async def list_grants(session: AsyncSession, topic: BrokerTopic) -> list[tuple[BrokerTopicGrant, str]]:
+    rows = (
+        await session.execute(
+            select(BrokerTopicGrant, User.username)
+            .join(User, User.id == BrokerTopicGrant.user_id)
+            .where(BrokerTopicGrant.topic_id == topic.id)
+            .order_by(User.username)
+        )
+    ).all()
+    return [(g, name) for g, name in rows]
+
+
+async def visible_topics(
+    session: AsyncSession, user: User, *, responses: bool, limit: int, offset: int
+) -> tuple[list[BrokerTopic], int]:
+    query = select(BrokerTopic)
+    if not responses:
+        query = query.where(BrokerTopic.kind == "topic")
+    if not user.is_superuser:
+        granted = select(BrokerTopicGrant.topic_id).where(BrokerTopicGrant.user_id == user.id)
+        query = query.where(
+            or_(BrokerTopic.is_public.is_(True), BrokerTopic.owner_id == user.id, BrokerTopic.id.in_(granted))
+        )
+    total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
+    rows = (await session.execute(query.order_by(BrokerTopic.slug).limit(limit).offset(offset))).scalars().all()
+    return list(rows), total
+
+
+async def message_counts(session: AsyncSession, topic_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, int]]:
+    """(pending, stored) per topic: pending = stored messages that nobody acknowledged."""
+    if not topic_ids:
+        return {}
+    stored = dict(
+        (
+            await session.execute(
+                select(MESSAGES.c.topic_id, func.count())
+                .where(MESSAGES.c.topic_id.in_(topic_ids), MESSAGES.c.transient.is_(False))
+                .group_by(MESSAGES.c.topic_id)
+            )
+        ).all()
+    )
+    acked = select(DELIVERIES.c.message_pk).where(DELIVERIES.c.message_pk == MESSAGES.c.id)
+    pending = dict(
+        (
+            await session.execute(
+                select(MESSAGES.c.topic_id, func.count())
+                .where(MESSAGES.c.topic_id.in_(topic_ids), MESSAGES.c.transient.is_(False), ~acked.exists())
+                .group_by(MESSAGES.c.topic_id)
+            )
+        ).all()
+    )
+    return {t: (pending.get(t, 0), stored.get(t, 0)) for t in topic_ids}
+
+
+async def list_messages(
+    session: AsyncSession, topic: BrokerTopic, *, limit: int, offset: int
+) -> tuple[list[tuple[Any, list[str]]], int]:
+    condition = (MESSAGES.c.topic_id == topic.id) & MESSAGES.c.transient.is_(False)
+    total = (await session.execute(select(func.count()).select_from(MESSAGES).where(condition))).scalar_one()
+    rows = (
+        await session.execute(select(MESSAGES).where(condition).order_by(MESSAGES.c.id).limit(limit).offset(offset))
+    ).all()
+    delivered: dict[int, list[str]] = {r.id: [] for r in rows}
+    if rows:
+        for pk, key in (
+            await session.execute(
+                select(DELIVERIES.c.message_pk, DELIVERIES.c.consumer_key)
+                .where(DELIVERIES.c.message_pk.in_(list(delivered)))
+                .order_by(DELIVERIES.c.delivered_at)
+            )
+        ).all():
+            delivered[pk].append(key)
+    return [(r, delivered[r.id]) for r in rows], total
+
+
+async def get_message(session: AsyncSession, topic: BrokerTopic, ref: str) -> Any:
+    """A stored message by its table id or its messageId."""
+    condition = MESSAGES.c.topic_id == topic.id
+    if ref.isdigit():
+        condition = condition & (MESSAGES.c.id == int(ref))
+    else:
+        try:
+            condition = condition & (MESSAGES.c.message_id == uuid.UUID(ref))
+        except ValueError:
+            raise NotFound(f"Message {ref} not found.") from None
+    row = (await session.execute(select(MESSAGES).where(condition))).first()
+    if row is None:
+        raise NotFound(f"Message {ref} not found.")
+    return row

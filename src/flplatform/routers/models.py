@@ -1,0 +1,356 @@
+"""Models: upload, download (any round), client updates, metrics, preprocessing, SWAG moments.
+
+Wire-compatible with the DLR platform's clients (multipart field names, messages, 201 codes).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
+from fastapi.responses import Response
+from pydantic import Field, ValidationError
+from starlette.datastructures import UploadFile as StarletteUploadFile
+
+from flplatform.auth import CurrentUser
+from flplatform.db import SessionDep, after_commit
+from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
+from flplatform.orm import SWAGModel
+from flplatform.schemas.base import Detail, RequestSchema
+from flplatform.schemas.model import MetricRead, MetricsAccepted, ModelRead, ModelUploaded, SwagAccepted, UpdateAccepted
+from flplatform.services import models as model_service
+from flplatform.services.trainings import runtime_of
+
+router = APIRouter(prefix="/api/models", tags=["models"])
+
+OCTET = "application/octet-stream"
+
+
+class MeanModelCreate(RequestSchema):
+    """JSON body for ``type=MEAN`` (no file: the members are existing global models)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    description: str = ""
+    type: str = "MEAN"
+    models: list[uuid.UUID] = Field(min_length=1)
+    input_shape: list[int | None] | None = None
+    round: int = 0
+
+
+def parse_input_shape(values: list[str]) -> list[int | None] | None:
+    """Repeated ``input_shape`` fields: ints, or ``None``/``null`` for free dimensions (a JSON
+    list in one field works too). A single ``None`` or nothing means no shape."""
+    if len(values) == 1 and values[0].strip().startswith("["):
+        try:
+            values = [("null" if v is None else str(v)) for v in json.loads(values[0])]
+        except (json.JSONDecodeError, TypeError):
+            raise BadRequest("input_shape: not a JSON list.", code="invalid_input_shape") from None
+    shape: list[int | None] = []
+    for value in values:
+        text = str(value).strip()
+        if text.lower() in ("none", "null", ""):
+            shape.append(None)
+            continue
+        try:
+            dim = int(text)
+        except ValueError:
+            raise BadRequest(f"input_shape: {text!r} is neither an integer nor None.", code="invalid_input_shape") from None
+        if dim < 0:
+            raise BadRequest("input_shape: dimensions cannot be negative.", code="invalid_input_shape")
+        shape.append(dim)
+    if not shape or shape == [None]:
+        return None
+    return shape
+
+
+async def _file_bytes(value: Any) -> bytes | None:
+    if isinstance(value, StarletteUploadFile):
+        return await value.read()
+    return None
+
+
+_UPLOAD_FORM = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "description", "model_file"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "type": {"type": "string", "enum": ["GLOBAL", "SWAG", "MEAN"], "default": "GLOBAL"},
+                        "round": {"type": "integer", "default": 0},
+                        "input_shape": {"type": "array", "items": {"type": "string"},
+                                        "description": "Repeated; ints or None/null for free dimensions."},
+                        "model_file": {"type": "string", "format": "binary",
+                                       "description": "TorchScript archive (torch.jit.save)."},
+                        "model_preprocessing_file": {"type": "string", "format": "binary"},
+                        "models": {"type": "array", "items": {"type": "string", "format": "uuid"},
+                                   "description": "MEAN only: member global model ids."},
+                    },
+                }
+            },
+            "application/json": {"schema": MeanModelCreate.model_json_schema()},
+        },
+        "required": True,
+    }
+}
+
+
+@router.get("/", response_model=list[ModelRead], summary="List my models",
+            description="Models the caller owns, or whose training the caller acts in or participates in "
+            "(never the weights).", responses=responses(401))
+async def list_models(session: SessionDep, user: CurrentUser) -> list[ModelRead]:
+    return [await model_service.describe(session, m) for m in await model_service.list_models(session, user)]
+
+
+@router.post(
+    "/",
+    response_model=ModelUploaded,
+    status_code=status.HTTP_201_CREATED,
+    summary="Upload a global model",
+    description="Multipart: `name`, `description`, `model_file` (a **TorchScript** archive; pickled modules are "
+    "refused), optional `type` (GLOBAL, SWAG, MEAN; unknown → GLOBAL as the reference), `round`, repeated "
+    "`input_shape`, `model_preprocessing_file` (TorchScript). `type=MEAN` takes `models` (ids of global models the "
+    "caller may read) instead of a file, also as a JSON body. Divergence: malformed uploads get one error shape.",
+    responses=responses(400, 401, 403, 404, 413, 415, 422),
+    openapi_extra=_UPLOAD_FORM,
+)
+async def upload_model(request: Request, session: SessionDep, user: CurrentUser) -> ModelUploaded:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        try:
+            body = MeanModelCreate.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise Unprocessable("Invalid MEAN model body: " + "; ".join(e["msg"] for e in exc.errors()[:5])) from None
+        if body.type.upper() != "MEAN":
+            raise BadRequest("JSON bodies are only for type=MEAN; upload other models as multipart with model_file.")
+        upload = model_service.GlobalUpload(
+            name=body.name, description=body.description, type="MEAN", round=body.round,
+            input_shape=body.input_shape, model_file=None, preprocessing_file=None, members=body.models,
+        )
+    elif content_type.startswith("multipart/form-data") or content_type.startswith("application/x-www-form-urlencoded"):
+        form = await request.form()
+        name = str(form.get("name") or "").strip()
+        if not name:
+            raise BadRequest("`name` is required.", code="missing_field")
+        if "description" not in form:
+            raise BadRequest("`description` is required.", code="missing_field")
+        kind = str(form.get("type") or "GLOBAL").upper()
+        if kind not in ("GLOBAL", "SWAG", "MEAN"):
+            kind = "GLOBAL"
+        try:
+            round_ = int(str(form.get("round") or 0))
+        except ValueError:
+            raise BadRequest("`round` must be an integer.", code="invalid_round") from None
+        members_raw = [str(v) for v in form.getlist("models")]
+        if len(members_raw) == 1 and members_raw[0].strip().startswith("["):
+            members_raw = [str(v) for v in json.loads(members_raw[0])]
+        try:
+            members = [uuid.UUID(v.strip()) for v in members_raw if v.strip()]
+        except ValueError:
+            raise BadRequest("`models` must be model ids.", code="invalid_models") from None
+        upload = model_service.GlobalUpload(
+            name=name[:200], description=str(form.get("description") or ""), type=kind, round=round_,
+            input_shape=parse_input_shape([str(v) for v in form.getlist("input_shape")]),
+            model_file=await _file_bytes(form.get("model_file")),
+            preprocessing_file=await _file_bytes(form.get("model_preprocessing_file")),
+            members=members,
+        )
+    else:
+        raise UnsupportedMediaType("Only Content-Type 'multipart/form-data' (or 'application/json' for MEAN) is supported.")
+    model = await model_service.create_global_model(session, user, upload)
+    return ModelUploaded(model_id=model.id)
+
+
+@router.get(
+    "/{model_id}/",
+    summary="Download a model",
+    description="The model as a TorchScript archive (`application/octet-stream`, "
+    "`Content-Disposition: filename=\"model-{id}.pt\"`). `?round=N` returns the global weights of round N "
+    "(every round is kept; the reference overwrote them). Local updates (stored as safetensors) are returned as "
+    "TorchScript with the global architecture, so FedDC clients can continue from them. SWAG models download "
+    "fine (the reference answered 500).",
+    response_class=Response,
+    responses={200: {"content": {OCTET: {}}, "description": "TorchScript archive"}, **responses(401, 403, 404)},
+)
+async def download_model(
+    session: SessionDep, user: CurrentUser, model_id: uuid.UUID,
+    round: Annotated[int | None, Query(ge=0, description="A past round of a global model.")] = None,  # noqa: A002
+) -> Response:
+    model = await model_service.readable_model(session, user, model_id)
+    data = await model_service.download(session, model, round)
+    suffix = "" if round is None else f"-round-{round}"
+    return Response(data, media_type=OCTET,
+                    headers={"Content-Disposition": f'filename="model-{model.id}{suffix}.pt"'})
+
+
+@router.get("/{model_id}/info/", response_model=ModelRead, summary="Describe a model",
+            description="JSON description (type, owner, round, rounds with stored history, input shape…).",
+            responses=responses(401, 403, 404))
+async def describe_model(session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> ModelRead:
+    return await model_service.describe(session, await model_service.readable_model(session, user, model_id))
+
+
+@router.post(
+    "/{model_id}/",
+    response_model=UpdateAccepted,
+    status_code=status.HTTP_201_CREATED,
+    summary="Upload a client update",
+    description="Participants upload their update for the current round: `model_file` (TorchScript, safetensors "
+    "or `torch.save` of a state dict; pickled modules refused), `round`, `sample_size`, optional repeated "
+    "`metric_names`/`metric_values` (kept on the local model). The update must match the global model (names, "
+    "shapes, dtypes, finite). A re-upload for the same round replaces the earlier one. When every current "
+    "participant has uploaded, the round aggregates. FedDC clients may post to the local model id they were "
+    "sent; it resolves to the training's global model.",
+    responses=responses(400, 401, 403, 404, 409, 413, 422),
+)
+async def upload_update(
+    session: SessionDep, user: CurrentUser, request: Request, model_id: uuid.UUID,
+    model_file: Annotated[UploadFile, File(description="The update.")],
+    round: Annotated[int, Form(ge=0)],  # noqa: A002
+    sample_size: Annotated[int, Form(ge=0)],
+    metric_names: Annotated[list[str], Form()] = [],  # noqa: B006
+    metric_values: Annotated[list[str], Form()] = [],  # noqa: B006
+) -> UpdateAccepted:
+    model = await model_service.get_model(session, model_id)
+    data = await model_file.read()
+    local = await model_service.add_update(
+        session, user, model, data=data, round_=round, sample_size=sample_size,
+        metric_names=metric_names, metric_values=metric_values,
+    )
+    runtime = runtime_of(request.app)
+    training_id = (await model_service.training_service.training_for_model(session, local.base_model_id)).id  # type: ignore[union-attr]
+    after_commit(session, lambda: runtime.advance(training_id))
+    return UpdateAccepted(model_id=local.id, round=local.round)
+
+
+@router.delete("/{model_id}/", response_model=Detail, summary="Delete a model",
+               description="The owner, or the actor of the model's training. Deleting a global model deletes its "
+               "training (as the reference); a model backing a running training must be stopped first (409).",
+               responses=responses(401, 403, 404, 409))
+async def delete_model(session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> Detail:
+    model = await model_service.get_model(session, model_id)
+    await model_service.delete_model(session, user, model)
+    return Detail(detail="Model removed!")
+
+
+@router.get("/{model_id}/metrics/", response_model=list[MetricRead], summary="List a model's metrics",
+            description="Every metric row of the model (binary values base64).", responses=responses(401, 403, 404))
+async def get_metrics(session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> list[MetricRead]:
+    model = await model_service.readable_model(session, user, model_id)
+    return await model_service.list_metrics(session, model)
+
+
+@router.post(
+    "/{model_id}/metrics/",
+    response_model=MetricsAccepted,
+    status_code=status.HTTP_201_CREATED,
+    summary="Report metrics",
+    description="Repeated multipart `metric_names` and `metric_values` (same length), stored at step = the model's "
+    "round. On a training's global model during a test round these are the participant's test results; the test "
+    "round ends once every participant reported (distinct reporters). Only participants (and the actor) report "
+    "on a training's models (the reference let anyone).",
+    responses=responses(400, 401, 403, 404, 422),
+)
+async def post_metrics(
+    session: SessionDep, user: CurrentUser, request: Request, model_id: uuid.UUID,
+    metric_names: Annotated[list[str], Form()] = [],  # noqa: B006
+    metric_values: Annotated[list[str], Form()] = [],  # noqa: B006
+) -> MetricsAccepted:
+    model = await model_service.get_model(session, model_id)
+    training = await model_service.add_metrics(session, user, model, metric_names, metric_values)
+    if training is not None:
+        runtime = runtime_of(request.app)
+        training_id = training.id
+        after_commit(session, lambda: runtime.advance(training_id))
+    return MetricsAccepted(model_id=model.id)
+
+
+@router.get(
+    "/{model_id}/preprocessing/",
+    summary="Download the preprocessing module",
+    response_class=Response,
+    description="TorchScript preprocessing module of the global model (of the base model for a local model).",
+    responses={200: {"content": {OCTET: {}}, "description": "TorchScript archive"}, **responses(401, 403, 404)},
+)
+async def get_preprocessing(session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> Response:
+    model = await model_service.readable_model(session, user, model_id)
+    data = await model_service.get_preprocessing(session, model)
+    return Response(data, media_type=OCTET,
+                    headers={"Content-Disposition": f'filename="model-{model.id}-preprocessing.pt"'})
+
+
+@router.post(
+    "/{model_id}/preprocessing/",
+    response_model=Detail,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Upload a preprocessing module",
+    description="Owner only. Multipart `model_preprocessing_file` (TorchScript). 202 as the reference (typo fixed: "
+    "\"Preprocessing Model Upload Accepted\").",
+    responses=responses(400, 401, 403, 404, 422),
+)
+async def post_preprocessing(
+    session: SessionDep, user: CurrentUser, model_id: uuid.UUID,
+    model_preprocessing_file: Annotated[UploadFile, File()],
+) -> Detail:
+    model = await model_service.get_model(session, model_id)
+    await model_service.set_preprocessing(session, user, model, await model_preprocessing_file.read())
+    return Detail(detail="Preprocessing Model Upload Accepted")
+
+
+@router.post(
+    "/{model_id}/swag/",
+    response_model=SwagAccepted,
+    status_code=status.HTTP_201_CREATED,
+    summary="Upload SWAG statistics",
+    description="Participants, training in state S. Multipart `round`, `sample_size`, `first_moment_file`, "
+    "`second_moment_file`: flat 1-D float tensors in `net.parameters()` order, as safetensors (one tensor), a "
+    "TorchScript module holding one tensor, or `torch.save(tensor)` (read with weights_only); never pickles. "
+    "Stored apart from test metrics; when every participant sent them the server averages them weighted by "
+    "sample size into the SWAG model, then continues (test round, next round or finish).",
+    responses=responses(400, 401, 403, 404, 409, 413, 422),
+)
+async def post_swag(
+    session: SessionDep, user: CurrentUser, request: Request, model_id: uuid.UUID,
+    round: Annotated[int, Form(ge=0)],  # noqa: A002
+    sample_size: Annotated[int, Form(ge=0)],
+    first_moment_file: Annotated[UploadFile, File()],
+    second_moment_file: Annotated[UploadFile, File()],
+) -> SwagAccepted:
+    model = await model_service.get_model(session, model_id)
+    training = await model_service.add_swag_statistics(
+        session, user, model, round_=round, sample_size=sample_size,
+        first=await first_moment_file.read(), second=await second_moment_file.read(),
+    )
+    runtime = runtime_of(request.app)
+    training_id = training.id
+    after_commit(session, lambda: runtime.advance(training_id))
+    return SwagAccepted(round=round)
+
+
+@router.get(
+    "/{model_id}/swag/",
+    summary="Download aggregated SWAG moments",
+    response_class=Response,
+    description="`?moment=first|second`: the SWAG model's aggregated moment as safetensors (key `moment`).",
+    responses={200: {"content": {OCTET: {}}, "description": "safetensors"}, **responses(401, 403, 404)},
+)
+async def get_swag(
+    session: SessionDep, user: CurrentUser, model_id: uuid.UUID,
+    moment: Annotated[str, Query(pattern="^(first|second)$")] = "first",
+) -> Response:
+    model = await model_service.readable_model(session, user, model_id)
+    if not isinstance(model, SWAGModel):
+        raise BadRequest(f"Model {model_id} is not a SWAG model.")
+    first, second = await model_service.swag_moments(session, model)
+    data = first if moment == "first" else second
+    if data is None:
+        from flplatform.errors import NotFound
+
+        raise NotFound(f"SWAG model {model_id} has no aggregated moments yet.")
+    return Response(data, media_type=OCTET,
+                    headers={"Content-Disposition": f'filename="model-{model.id}-swag-{moment}.safetensors"'})

@@ -1,0 +1,157 @@
+"""Glue between the database and the tensor code: streams a round's updates one at a time from
+the DB into an accumulator (peak memory about two models) and encodes the new global model
+once per round (the TorchScript template with the new weights).
+
+Decoding, accumulation and encoding run in worker threads (``asyncio.to_thread``), never on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from flplatform.orm import LocalModel, Model, SwagStatistic
+from flplatform.services import model_files
+from flplatform.services.model_files import ModelFileError, StateDict, TensorSpec
+
+# (model id, round) -> tensor specs of the global model, for validating uploads cheaply.
+_spec_cache: dict[uuid.UUID, tuple[int, dict[str, TensorSpec]]] = {}
+_param_count_cache: dict[uuid.UUID, tuple[int, int]] = {}
+_cache_lock = threading.Lock()
+
+
+def forget_cached(model_id: uuid.UUID) -> None:
+    with _cache_lock:
+        _spec_cache.pop(model_id, None)
+        _param_count_cache.pop(model_id, None)
+
+
+async def _global_weights(session: AsyncSession, model_id: uuid.UUID) -> bytes:
+    data = (await session.execute(select(Model.weights).where(Model.id == model_id))).scalar_one_or_none()
+    if not data:
+        raise ModelFileError("The global model has no weights.")
+    return data
+
+
+async def global_spec(session: AsyncSession, model_id: uuid.UUID, round_: int) -> dict[str, TensorSpec]:
+    with _cache_lock:
+        cached = _spec_cache.get(model_id)
+    if cached is not None and cached[0] == round_:
+        return cached[1]
+    data = await _global_weights(session, model_id)
+    state, _ = await asyncio.to_thread(model_files.decode_state_dict, data)
+    spec = model_files.spec_of(state)
+    with _cache_lock:
+        _spec_cache[model_id] = (round_, spec)
+    return spec
+
+
+async def parameter_count(session: AsyncSession, model_id: uuid.UUID, round_: int) -> int:
+    with _cache_lock:
+        cached = _param_count_cache.get(model_id)
+    if cached is not None and cached[0] == round_:
+        return cached[1]
+    data = await _global_weights(session, model_id)
+    count = await asyncio.to_thread(model_files.parameter_count, data)
+    with _cache_lock:
+        _param_count_cache[model_id] = (round_, count)
+    return count
+
+
+class WeightedMean:
+    """Sample-size-weighted mean over every state-dict entry, fed one update at a time.
+
+    Float tensors accumulate in float64; integer buffers (``num_batches_tracked``) get the
+    rounded weighted mean; zero total weight is an error. Minimal stand-in used when
+    ``flplatform.aggregation`` offers no streaming aggregator for the selected name.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.acc: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+
+    def add(self, state: StateDict, weight: float) -> None:
+        if weight < 0:
+            raise ValueError("negative sample size")
+        for name, tensor in state.items():
+            if name not in self.acc:
+                self.acc[name] = torch.zeros(tensor.shape, dtype=torch.float64)
+                self.dtypes[name] = tensor.dtype
+            self.acc[name].add_(tensor.to(torch.float64), alpha=float(weight))
+        self.total += float(weight)
+
+    def result(self) -> StateDict:
+        if self.total <= 0:
+            raise ValueError("the sample sizes of the round sum to zero; nothing to average")
+        out: StateDict = {}
+        for name, acc in self.acc.items():
+            mean = acc / self.total
+            dtype = self.dtypes[name]
+            out[name] = mean.to(dtype) if dtype.is_floating_point else torch.round(mean).to(dtype)
+        return out
+
+
+def _library_aggregator(options: dict[str, Any]) -> Any | None:
+    """The aggregation package's streaming aggregator for ``options`` (None → WeightedMean)."""
+    try:
+        from flplatform import aggregation
+    except ImportError:  # pragma: no cover
+        return None
+    factory = getattr(aggregation, "make_aggregator", None)
+    if factory is None:
+        name = options.get("aggregator") or "fedavg"
+        if name != "fedavg":
+            raise ValueError(f"aggregator {name!r} is not available")
+        return None
+    return factory(options.get("aggregator") or "fedavg", **(options.get("aggregator_options") or {}))
+
+
+async def aggregate_updates(sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.UUID,
+                            items: Sequence[tuple[uuid.UUID, int]], options: dict[str, Any]) -> bytes:
+    """New global model (TorchScript bytes) from the round's local models, streamed one by one."""
+    library = _library_aggregator(options)
+    accumulator = library if library is not None else WeightedMean()
+    async with sessionmaker() as session:
+        template = await _global_weights(session, model_id)
+    for local_id, sample_size in items:
+        async with sessionmaker() as session:
+            data = (await session.execute(select(LocalModel.weights).where(LocalModel.id == local_id))).scalar_one_or_none()
+        if data is None:
+            raise ValueError(f"local model {local_id} disappeared during aggregation")
+        state = await asyncio.to_thread(model_files.decode_safetensors, data)
+        del data
+        await asyncio.to_thread(accumulator.add, state, float(sample_size))
+        del state
+    result = await asyncio.to_thread(accumulator.result)
+    return await asyncio.to_thread(model_files.rebuild_torchscript, template, result)
+
+
+async def aggregate_swag(sessionmaker: async_sessionmaker[AsyncSession],
+                         items: Sequence[tuple[uuid.UUID, int]]) -> tuple[bytes, bytes]:
+    """Sample-size-weighted mean of the clients' SWAG moments, as safetensors (key ``moment``)."""
+    accumulator = WeightedMean()
+    for stat_id, sample_size in items:
+        async with sessionmaker() as session:
+            row = (
+                await session.execute(
+                    select(SwagStatistic.first_moment, SwagStatistic.second_moment).where(SwagStatistic.id == stat_id)
+                )
+            ).one()
+        first = await asyncio.to_thread(model_files.decode_safetensors, row[0])
+        second = await asyncio.to_thread(model_files.decode_safetensors, row[1])
+        await asyncio.to_thread(
+            accumulator.add, {"first": first["moment"], "second": second["moment"]}, float(sample_size)
+        )
+    result = await asyncio.to_thread(accumulator.result)
+    first_bytes = await asyncio.to_thread(model_files.encode_safetensors, {"moment": result["first"]})
+    second_bytes = await asyncio.to_thread(model_files.encode_safetensors, {"moment": result["second"]})
+    return first_bytes, second_bytes
