@@ -19,6 +19,7 @@ from flplatform import __version__, tasks
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.errors import error_response, install_error_handlers
 from flplatform.routers import auth as auth_router
+from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
 from flplatform.routers import health as health_router
 from flplatform.routers import users as users_router
@@ -43,6 +44,9 @@ Every error has the same JSON shape: `{"detail": "...", "code": "...", "errors":
 TAGS = [
     {"name": "health", "description": "Liveness and readiness probes."},
     {"name": "auth", "description": "Log in and obtain tokens."},
+    {"name": "billing", "description": "Balances (USD, TOKEN, COUPON), top-ups, coupons, usage charges, "
+     "statements, bills, price list and ledger reconciliation."},
+    {"name": "audit", "description": "Append-only audit log of billing, permission and credential events."},
     {"name": "users", "description": "Users, their profile and their API tokens."},
     {"name": "broker", "description": "DASF message broker: topics, grants, stored messages, availability "
      "(websockets under /ws/)."},
@@ -166,6 +170,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.include_router(health_router.router)
+    app.include_router(billing_router.router)
+    app.include_router(billing_router.audit_router)
     app.include_router(auth_router.router)
     broker_router.include(app)  # JSON API, /ws/ views and websockets
     app.include_router(users_router.router)

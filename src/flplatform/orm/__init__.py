@@ -10,6 +10,7 @@ from flplatform.orm.broker import (  # noqa: F401  (registers the broker tables)
     BrokerTopicGrant,
     ResponseTopic,
 )
+from flplatform.orm.billing import AuditLog, Hold, JournalEntry, LedgerAccount, Operation, Posting, Server, Work  # noqa: F401
 from flplatform.orm.metric import Metric
 from flplatform.orm.model import GlobalModel, LocalModel, MeanModel, Model, ModelKind, SWAGModel
 from flplatform.orm.training import AggregationMethod, Training, TrainingState, UncertaintyMethod

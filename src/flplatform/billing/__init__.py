@@ -1,0 +1,79 @@
+"""Billing: a double-entry, multi-currency ledger (USD, TOKEN, COUPON), metering, audit log.
+
+Money is integer 10⁻⁸ units everywhere (``billing.money.to_minor`` / ``to_decimal``). Every
+movement is one balanced journal entry (``ledger.post_entry``), at most once per key, refused
+with HTTP 402 and nothing written when a user balance would go negative. Services flush, never
+commit: the caller's transaction (the request) commits or rolls back everything together.
+
+Functions other domains call (all ``async``, first argument the request's ``AsyncSession``):
+
+Training lifecycle (the training's ``actor`` pays; keys ``training:{id}:round:{n}``)
+    ``reserve_round(session, training, round_number, participants) -> Hold | None``
+        Call when a round starts, BEFORE notifying participants. Raises ``PaymentRequired`` (402)
+        when the actor cannot afford the round: let it propagate so the round does not start.
+        Priced at ``training_update`` + ``training_sample_epoch`` × ``options["billing_samples_per_update"]``
+        × ``options["epochs"]`` per participant. None when the price list makes it free.
+    ``settle_round(session, training, round_number, updates) -> Operation | None``
+        Call after the round's aggregation succeeded, with ``updates = [(participant, sample_size)]``.
+        Charges at most the reserved amount (coupons first) and releases the rest. Idempotent.
+    ``release_round(session, training, round_number, reason="") -> bool``
+        Call on error, cancellation or timeout of a round. Idempotent; False if nothing was held.
+
+Inference
+    ``charge_inference(session, caller, model, samples, *, key=None) -> Operation | None``
+        Call BEFORE running the model; a 402 must stop the inference. On another owner's public
+        model (``billing_model_pricing``) the caller pays price × samples and the owner gets it
+        minus ``market_fee_bps`` in the same entry; otherwise the price list's inference prices.
+
+Generic
+    ``charge(session, payer_id=…, amount=…, kind=…, key=…)``, ``top_up(...)``, ``reserve(...)`` /
+    ``settle(...)`` / ``release(...)``, ``refund(...)``, ``convert_to_tokens(...)``,
+    ``redeem_coupon(...)``, ``pay_bill(...)``, ``ledger.reconcile(session)``.
+
+Audit
+    ``audit.record(session, action, message, actor=…, request=…, organisation_id=…)`` appends to
+    the audit log in the caller's transaction; ``audit.record_detached(sessionmaker, …)`` commits on
+    its own (for failures whose request rolls back, e.g. failed logins).
+
+Workers
+    ``works.register_server``, ``works.create_work``, ``works.start_work``, ``works.finish_work``.
+"""
+
+from flplatform.billing import audit
+from flplatform.billing.ledger import InsufficientFunds, reconcile
+from flplatform.billing.service import (
+    charge,
+    charge_inference,
+    charge_model_copy,
+    convert_to_tokens,
+    pay_bill,
+    redeem_coupon,
+    refund,
+    release,
+    release_round,
+    reserve,
+    reserve_round,
+    settle,
+    settle_round,
+    top_up,
+)
+
+__all__ = [
+    "InsufficientFunds",
+    "audit",
+    "charge",
+    "charge_inference",
+    "charge_model_copy",
+    "convert_to_tokens",
+    "pay_bill",
+    "reconcile",
+    "redeem_coupon",
+    "refund",
+    "release",
+    "release_round",
+    "reserve",
+    "reserve_round",
+    "settle",
+    "settle_round",
+    "top_up",
+]

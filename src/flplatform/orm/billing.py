@@ -1,0 +1,361 @@
+"""Billing: a double-entry, multi-currency ledger, metering records, the audit log, and the
+worker bookkeeping (``Server``, ``Work``) of seed 004.
+
+Money is **integer minor units** (``BigInteger``), one declared scale for every currency:
+``MINOR_PER_UNIT = 10**8`` (the seed's ``Decimal(20, 8)``). Never float.
+
+* ``LedgerAccount``: one per (owner, kind, currency) for users (``available``, ``held``), one per
+  (kind, currency) for the platform's system accounts (``revenue``, ``promotions``,
+  ``external_payments``, ``market_payouts``, ``exchange``). User accounts carry a cached
+  ``balance`` (CHECK ≥ 0) kept equal to the sum of their postings in the same transaction;
+  system accounts have ``balance`` NULL: their balance is derived from postings, so no hot row
+  serialises every charge.
+* ``JournalEntry`` + ``Posting``: append-only; an entry's postings sum to zero per currency.
+  ``JournalEntry.key`` is unique (the idempotency key of internal charges).
+* ``Operation``: the business fact (seed kinds: training, inference, …) with its counts and the
+  amounts, pointing at the entry that moved the money.
+* ``Hold``: a two-phase reservation (open → settled | released, at most once).
+
+History rows (operations, entries, postings, audit) reference users and models by plain UUID
+columns, not foreign keys: deleting a model or user must never rewrite or cascade into history
+(seed defect: ``SET_NULL``/``CASCADE`` on ledger rows). Accounts do reference their owner with
+``ON DELETE RESTRICT``: a user holding money cannot silently disappear.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from flplatform.orm.base import Base, IDMixin, str_enum, utcnow
+
+MINOR_PER_UNIT = 10**8
+"""Every amount is an integer number of 10⁻⁸ units of its currency."""
+
+
+class Currency(enum.StrEnum):
+    USD = "USD"
+    TOKEN = "TOKEN"  # the platform token (seed: IXIOO / EAML) for premium features
+    COUPON = "COUPON"  # promotional credit, spent before USD where an operation allows it
+
+
+class AccountKind(enum.StrEnum):
+    AVAILABLE = "available"  # a user's spendable money
+    HELD = "held"  # a user's money reserved by open holds (not spendable)
+    REVENUE = "revenue"
+    PROMOTIONS = "promotions"  # issues coupons; funds the USD side of coupon spending
+    EXTERNAL_PAYMENTS = "external_payments"  # money entering from a payment provider / admin
+    MARKET_PAYOUTS = "market_payouts"  # money leaving to model owners (withdrawals)
+    EXCHANGE = "exchange"  # the other side of USD <-> TOKEN conversions
+
+
+USER_ACCOUNT_KINDS = frozenset({AccountKind.AVAILABLE, AccountKind.HELD})
+SYSTEM_ACCOUNT_KINDS = frozenset(set(AccountKind) - USER_ACCOUNT_KINDS)
+
+
+class OperationKind(enum.StrEnum):
+    """Seed 004's nine ``is_*_operation`` booleans as one enum, plus the ledger's own kinds."""
+
+    TRAINING = "training"
+    INFERENCE = "inference"  # seed: solving
+    INFERENCE_API = "inference_api"  # seed: solving with API
+    INFERENCE_MARKET = "inference_market"  # seed: solving a public model of another owner
+    DATA_SOURCE_PURCHASE = "data_source_purchase"
+    MODEL_COPY = "model_copy"
+    MODEL_COPY_UPDATE = "model_copy_update"
+    TOP_UP = "top_up"  # seed: credit from user
+    PAY_BILL = "pay_bill"
+    COUPON_REDEMPTION = "coupon_redemption"
+    CONVERSION = "conversion"
+    REFUND = "refund"
+    PAYOUT = "payout"
+
+
+class HoldStatus(enum.StrEnum):
+    OPEN = "open"
+    SETTLED = "settled"
+    RELEASED = "released"
+
+
+class BillStatus(enum.StrEnum):
+    OPEN = "open"
+    PAID = "paid"
+
+
+_SYSTEM_KINDS_SQL = ", ".join(f"'{k.value}'" for k in sorted(SYSTEM_ACCOUNT_KINDS))
+
+
+class LedgerAccount(IDMixin, Base):
+    __tablename__ = "ledger_accounts"
+    __table_args__ = (
+        # User accounts have an owner and a cached non-negative balance; system accounts neither.
+        CheckConstraint(
+            f"(kind IN ({_SYSTEM_KINDS_SQL}) AND owner_id IS NULL AND balance IS NULL) OR "
+            f"(kind NOT IN ({_SYSTEM_KINDS_SQL}) AND owner_id IS NOT NULL AND balance IS NOT NULL AND balance >= 0)",
+            name="owner_and_balance",
+        ),
+        UniqueConstraint("owner_id", "kind", "currency"),
+    )
+
+    # "user:<uuid>:available:USD" or "system:revenue:USD": one arbitrated unique key for
+    # INSERT … ON CONFLICT DO NOTHING (NULL owners would not collide in a composite key).
+    key: Mapped[str] = mapped_column(String(120), unique=True)
+    kind: Mapped[AccountKind] = mapped_column(str_enum(AccountKind, "account_kind"))
+    currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"))
+    owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    balance: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class JournalEntry(IDMixin, Base):
+    """One balanced movement of money. Never updated or deleted; corrections are new entries."""
+
+    __tablename__ = "ledger_entries"
+
+    key: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(40), index=True)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
+    # What the entry was asked to do, to tell a replay from a different request with a reused key.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Posting(IDMixin, Base):
+    __tablename__ = "ledger_postings"
+    __table_args__ = (CheckConstraint("amount <> 0", name="nonzero"),)
+
+    entry_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_entries.id", ondelete="RESTRICT"), index=True)
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_accounts.id", ondelete="RESTRICT"), index=True)
+    currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"))
+    amount: Mapped[int] = mapped_column(BigInteger)  # signed: + increases the account's balance
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Operation(IDMixin, Base):
+    """A billed business fact (seed ``Operation``) and what it cost, linked to its entry."""
+
+    __tablename__ = "billing_operations"
+    __table_args__ = (
+        Index("ix_billing_operations_payer_id_created_at", "payer_id", "created_at"),
+        Index("ix_billing_operations_model_id_kind", "model_id", "kind"),
+    )
+
+    key: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[OperationKind] = mapped_column(str_enum(OperationKind, "operation_kind"))
+    entry_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_entries.id", ondelete="RESTRICT"), index=True)
+    actor_id: Mapped[uuid.UUID | None]  # who asked for it (seed: operation_user)
+    payer_id: Mapped[uuid.UUID | None]  # whose money moved (the credited user for top-ups)
+    model_id: Mapped[uuid.UUID | None]  # seed: machine
+    model_owner_id: Mapped[uuid.UUID | None]  # seed: machine_owner
+    training_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
+    round: Mapped[int | None] = mapped_column(Integer)
+    count_of_lines: Mapped[int | None] = mapped_column(Integer)  # samples trained on / inferred
+    count_of_training_epoch: Mapped[int | None] = mapped_column(Integer)
+    currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"))
+    # Total value moved for the payer (coupons included), and the model owner's share (market).
+    amount: Mapped[int] = mapped_column(BigInteger)
+    owner_income: Mapped[int] = mapped_column(BigInteger, default=0)
+    # NO ACTION rather than RESTRICT: SQLite checks RESTRICT row by row, even within one statement.
+    refunds_operation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("billing_operations.id"), unique=True)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Hold(IDMixin, Base):
+    """Funds reserved for a long job (a training round): resolves once, to settled or released."""
+
+    __tablename__ = "ledger_holds"
+
+    key: Mapped[str] = mapped_column(String(255), unique=True)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"))
+    amount: Mapped[int] = mapped_column(BigInteger)  # reserved from ``currency``
+    coupon_amount: Mapped[int] = mapped_column(BigInteger, default=0)  # reserved from coupons
+    status: Mapped[HoldStatus] = mapped_column(str_enum(HoldStatus, "hold_status"), default=HoldStatus.OPEN)
+    entry_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_entries.id", ondelete="RESTRICT"))
+    resolution_entry_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("ledger_entries.id", ondelete="RESTRICT"))
+    training_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
+    round: Mapped[int | None] = mapped_column(Integer)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[dt.datetime | None]
+
+
+class IdempotencyKey(IDMixin, Base):
+    """Stripe-style ``Idempotency-Key``: the first response is stored and replayed."""
+
+    __tablename__ = "billing_idempotency_keys"
+    __table_args__ = (UniqueConstraint("user_id", "key"),)
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of method, path and body
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[Any | None] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Price(Base):
+    """Admin-editable price list; items missing here fall back to the code defaults."""
+
+    __tablename__ = "billing_prices"
+
+    item: Mapped[str] = mapped_column(String(64), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    # NULL for dimensionless parameters (a fee in basis points, a conversion rate).
+    currency: Mapped[Currency | None] = mapped_column(str_enum(Currency, "currency"))
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    updated_by_id: Mapped[uuid.UUID | None]
+
+
+class ModelPricing(Base):
+    """Seed ``machine_api_solving_is_public`` / ``…_price_usd``: other users may run inference on a
+    public model and pay its owner this price per sample (minus the platform fee)."""
+
+    __tablename__ = "billing_model_pricing"
+
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    inference_public: Mapped[bool] = mapped_column(Boolean, default=False)
+    inference_price_per_sample: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (CheckConstraint("inference_price_per_sample >= 0", name="price_nonnegative"),)
+
+
+class Coupon(IDMixin, Base):
+    __tablename__ = "billing_coupons"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("redemptions >= 0 AND redemptions <= max_redemptions", name="redemptions_bounded"),
+    )
+
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    amount: Mapped[int] = mapped_column(BigInteger)  # COUPON minor units per redemption
+    max_redemptions: Mapped[int] = mapped_column(Integer, default=1)
+    redemptions: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[dt.datetime | None]
+    created_by_id: Mapped[uuid.UUID | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class CouponRedemption(IDMixin, Base):
+    __tablename__ = "billing_coupon_redemptions"
+    __table_args__ = (UniqueConstraint("coupon_id", "user_id"),)
+
+    coupon_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("billing_coupons.id", ondelete="RESTRICT"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    operation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("billing_operations.id", ondelete="RESTRICT"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Bill(IDMixin, Base):
+    """An amount an administrator asks a user to pay ("pay a bill" in seed 004)."""
+
+    __tablename__ = "billing_bills"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("(status = 'paid') = (operation_id IS NOT NULL)", name="paid_has_operation"),
+    )
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"), default=Currency.USD)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    period: Mapped[str | None] = mapped_column(String(7))  # "YYYY-MM" when it bills a statement
+    status: Mapped[BillStatus] = mapped_column(str_enum(BillStatus, "bill_status"), default=BillStatus.OPEN)
+    operation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("billing_operations.id", ondelete="RESTRICT"))
+    created_by_id: Mapped[uuid.UUID | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    paid_at: Mapped[dt.datetime | None]
+
+
+class AuditLevel(enum.StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class AuditLog(IDMixin, Base):
+    """Seed 004's ``EasyAutoMLLogger`` as an append-only audit trail."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_organisation_id_timestamp", "organisation_id", "timestamp"),)
+
+    timestamp: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    level: Mapped[AuditLevel] = mapped_column(str_enum(AuditLevel, "audit_level"), default=AuditLevel.INFO)
+    action: Mapped[str] = mapped_column(String(64), index=True)  # e.g. "billing.top_up", "auth.login_failed"
+    module: Mapped[str] = mapped_column(String(200))
+    function: Mapped[str] = mapped_column(String(200))
+    message: Mapped[str] = mapped_column(Text, default="")
+    host: Mapped[str] = mapped_column(String(255))
+    ip: Mapped[str | None] = mapped_column(String(64))
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
+    subject_user_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
+    organisation_id: Mapped[uuid.UUID | None]
+
+
+class Server(IDMixin, Base):
+    """A worker process that runs aggregations and inference (seed ``Server``)."""
+
+    __tablename__ = "servers"
+
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    gpu_memory: Mapped[list[int]] = mapped_column(JSON, default=list)  # bytes per GPU
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class WorkKind(enum.StrEnum):
+    AGGREGATION = "aggregation"  # seed: is_work_training
+    INFERENCE = "inference"  # seed: is_work_solving
+
+
+class WorkStatus(enum.StrEnum):
+    WAITING = "waiting"
+    PROCESSING = "processing"
+    FINISHED = "finished"
+    ERROR = "error"
+
+
+class Work(IDMixin, Base):
+    """One aggregation or inference job. One ``status`` column with a CHECK constraint replaces the
+    seed's four booleans, and finished/error jobs must carry their finish time."""
+
+    __tablename__ = "works"
+    __table_args__ = (
+        CheckConstraint(
+            "(status IN ('finished', 'error')) = (finished_at IS NOT NULL)", name="finished_iff_final"
+        ),
+        CheckConstraint("status <> 'processing' OR started_at IS NOT NULL", name="processing_started"),
+        Index("ix_works_status_created_at", "status", "created_at"),
+    )
+
+    kind: Mapped[WorkKind] = mapped_column(str_enum(WorkKind, "work_kind"))
+    status: Mapped[WorkStatus] = mapped_column(str_enum(WorkStatus, "work_status"), default=WorkStatus.WAITING)
+    model_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    server_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("servers.id", ondelete="SET NULL"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    duration_estimate_seconds: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
