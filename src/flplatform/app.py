@@ -22,6 +22,7 @@ from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
 from flplatform.routers import health as health_router
+from flplatform.routers import inference as inference_router
 from flplatform.routers import users as users_router
 from flplatform.settings import Settings, get_settings
 
@@ -50,6 +51,8 @@ TAGS = [
     {"name": "users", "description": "Users, their profile and their API tokens."},
     {"name": "broker", "description": "DASF message broker: topics, grants, stored messages, availability "
      "(websockets under /ws/)."},
+    {"name": "inference", "description": "Predictions with uncertainty (ensembles, MC dropout, SWAG) from "
+     "global, mean and SWAG models."},
 ]
 
 
@@ -175,4 +178,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth_router.router)
     broker_router.include(app)  # JSON API, /ws/ views and websockets
     app.include_router(users_router.router)
+    app.include_router(inference_router.router)  # before models: /api/models/{id}/metadata/
     return app

@@ -1,0 +1,237 @@
+"""``POST /api/inference/`` and ``GET /api/models/{id}/metadata/``.
+
+The inference route accepts JSON and multipart bodies, so it parses the body itself (a
+FastAPI body parameter would fix one content type) and validates it with the same Pydantic
+schema either way; the OpenAPI request body is declared by hand for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from flplatform.auth import CurrentUser
+from flplatform.db import SessionDep
+from flplatform.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, responses
+from flplatform.schemas.inference import InferenceFields, InferenceRequest, InferenceResponse, ModelMetadata
+from flplatform.services import inference as inference_service
+from flplatform.services.inference import InferenceQuery, runtime_for
+
+router = APIRouter()
+
+INFERENCE_DESCRIPTION = r"""
+Run a model you may read — a **global**, **mean** (ensemble) or **SWAG** model, with or without a
+training — on a batch of inputs and get its prediction with uncertainty.
+
+**Body**: `application/json` or `multipart/form-data` (also urlencoded forms; anything else: 415) with
+`model_id`, `model_input`, optional `return_format` (`json` | `binary`; default `json` for JSON
+bodies, `binary` for multipart), `uncertainty_method` (`NONE` | `ENSEMBLE` | `MC_DROPOUT` | `SWAG`;
+default: the method of the model's training, else `NONE`) and `options` (in multipart: a JSON
+string): `N` (samples, default 10, the training's `options.uncertainty` supplies defaults),
+`softmax`, `seed`, and for SWAG `min_var` and `scale`.
+
+**model_input**: a nested JSON list of numbers (float32); or the bytes of a **safetensors** file
+(tensor `model_input` or the only tensor), a NumPy **.npy** file (numeric dtypes, never pickled
+objects) or a **PNG/JPEG** image (only for models with a preprocessing module; decoded to float32
+`(1, C, H, W)` in [0, 1]) — as a multipart file, or base64 in a string. Pickles, `torch.save`
+archives and file paths are never accepted. The model's preprocessing module (TorchScript) runs
+first; the result must then match the model's `input_shape` in rank and in every fixed dimension,
+and have at most `FLP_INFERENCE_MAX_BATCH` rows (413 beyond).
+
+**Methods** (each prediction `y_s` has shape `(B, C, …)`, class dimension 1; softmax, when
+asked, is applied to each `y_s`):
+* `NONE`: one forward pass (a mean model averages its members); `uncertainty` is `{}`.
+* `ENSEMBLE` (mean models): `y_s` = member s's output, S = number of members.
+* `MC_DROPOUT`: S = N passes with the dropout layers sampling and every other layer in eval mode.
+* `SWAG` (SWAG models): S = N independent draws θ_s = μ + sqrt(scale·σ²) ⊙ z_s, z_s ~ N(0, I), with
+  μ = E[θ] and σ² = clamp(E[θ²] − E[θ]², min_var) from the stored moments.
+
+**Output**: `inference` = (1/S) Σ_s y_s (scores, never indices), `prediction` = argmax of
+`inference` over dimension 1. `uncertainty`:
+* `variance` = (1/(S − k)) Σ_s (y_s − ȳ)², element-wise, with k = 0 for ENSEMBLE (the exact variance
+  of the members) and k = 1 for the sampling methods (unbiased estimate); `std` = √variance.
+* When every y_s is a probability vector over dimension 1 (entries in [0, 1] summing to 1), per
+  input row, in nats, with H(p) = −Σ_c p_c ln p_c: `predictive_entropy` = H(ȳ), `expected_entropy` =
+  (1/S) Σ_s H(y_s), `mutual_info` = predictive_entropy − expected_entropy (BALD, ≥ 0).
+
+`return_format=binary` returns a **safetensors** file (never a pickle) with tensors `inference`,
+`prediction` and `uncertainty.<name>`, and `uncertainty_method`, `samples`, `model_id`, `round` in
+its metadata. Non-finite numbers are `null` in JSON.
+"""
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A self-contained JSON schema (OpenAPI ``requestBody`` entries cannot use ``$defs``)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["model_id", "model_input"],
+    "properties": {
+        "model_id": {"type": "string", "format": "uuid"},
+        "model_input": {
+            "type": "string",
+            "format": "binary",
+            "description": "safetensors, .npy, PNG or JPEG bytes (or a text field with base64 / a JSON list)",
+        },
+        "return_format": {"type": "string", "enum": ["json", "binary"], "default": "binary"},
+        "uncertainty_method": {"type": "string", "enum": ["NONE", "ENSEMBLE", "MC_DROPOUT", "SWAG"]},
+        "options": {"type": "string", "description": 'JSON, e.g. {"N": 20, "softmax": true, "seed": 1}'},
+    },
+}
+
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema())},
+        "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+    },
+}
+
+
+def _invalid(exc: ValidationError, prefix: str = "body") -> RequestValidationError:
+    errors = [{**err, "loc": (prefix, *err.get("loc", ()))} for err in exc.errors(include_url=False)]
+    return RequestValidationError(errors)
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"JSON body larger than {limit} bytes; send large inputs as multipart files.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("Malformed JSON body.", code="malformed_json") from None
+
+
+async def _query_from_json(request: Request) -> InferenceQuery:
+    body = await _read_capped(request, request.app.state.settings.max_json_body_bytes)
+    data = await asyncio.to_thread(_parse_json, body)
+    if not isinstance(data, dict):
+        raise BadRequest("The JSON body must be an object.", code="malformed_json")
+    try:
+        parsed = InferenceRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    return InferenceQuery(
+        model_id=parsed.model_id,
+        model_input=parsed.model_input,
+        return_format=parsed.return_format or "json",
+        uncertainty_method=parsed.uncertainty_method,
+        options=parsed.options,
+    )
+
+
+async def _query_from_form(request: Request) -> InferenceQuery:
+    max_bytes = inference_service.runtime_for(request.app.state).settings.max_input_bytes
+    async with request.form(max_files=1, max_fields=8, max_part_size=max_bytes * 2 + 1024) as form:
+        fields: dict[str, Any] = {}
+        model_input: bytes | str | None = None
+        for key, value in form.multi_items():
+            if key == "model_input":
+                if isinstance(value, UploadFile):
+                    if value.size is not None and value.size > max_bytes:
+                        raise PayloadTooLarge(f"model_input is larger than {max_bytes} bytes.", code="input_too_large")
+                    model_input = await value.read()
+                else:
+                    model_input = value
+            elif isinstance(value, UploadFile):
+                raise BadRequest(f"Only model_input may be a file, not {key!r}.", code="invalid_form")
+            elif key == "options" and value.strip():
+                try:
+                    fields[key] = json.loads(value)
+                except ValueError:
+                    raise BadRequest("options must be a JSON object.", code="invalid_form") from None
+            elif value.strip() or key == "model_id":
+                fields[key] = value
+    if model_input is None or model_input == "" or model_input == b"":
+        raise BadRequest("No uploaded file or field 'model_input' found.", code="missing_model_input")
+    try:
+        parsed = InferenceFields.model_validate(fields)
+    except ValidationError as exc:
+        raise _invalid(exc, "form") from None
+    return InferenceQuery(
+        model_id=parsed.model_id,
+        model_input=model_input,
+        return_format=parsed.return_format or "binary",
+        uncertainty_method=parsed.uncertainty_method,
+        options=parsed.options,
+    )
+
+
+@router.post(
+    "/api/inference/",
+    tags=["inference"],
+    summary="Predict with uncertainty",
+    description=INFERENCE_DESCRIPTION,
+    response_model=InferenceResponse,
+    responses={
+        200: {
+            "description": "JSON prediction, or a safetensors file for `return_format=binary`.",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **responses(400, 401, 402, 404, 409, 413, 415, 422),
+    },
+    openapi_extra={"requestBody": _REQUEST_BODY},
+)
+async def infer(request: Request, session: SessionDep, user: CurrentUser) -> Response:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        query = await _query_from_json(request)
+    elif media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        query = await _query_from_form(request)
+    else:
+        raise UnsupportedMediaType(
+            "Only Content-Type 'application/json' and 'multipart/form-data' (or an urlencoded form) are supported."
+        )
+    result = await inference_service.run_inference(session, runtime_for(request.app.state), user, query)
+    if query.return_format == "binary":
+        body = await asyncio.to_thread(inference_service.result_safetensors, result)
+        return Response(
+            body,
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": 'attachment; filename="inference.safetensors"'},
+        )
+    return Response(await asyncio.to_thread(inference_service.result_json, result), media_type="application/json")
+
+
+@router.get(
+    "/api/models/{model_id}/metadata/",
+    tags=["models"],
+    summary="Model metadata",
+    description="Parameter counts, input shape, per-layer summary (submodules of a TorchScript model, tensors "
+    "of a weight-only model, members of a mean model), the output shape on zeros of `input_shape`, "
+    "`has_preprocessing`, SWAG moment presence, and a torchinfo `stats` object in the DLR server's shape.",
+    response_model=ModelMetadata,
+    responses=responses(401, 404, 409, 422),
+)
+async def metadata(request: Request, session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> ModelMetadata:
+    info = await inference_service.model_metadata(session, runtime_for(request.app.state), user, model_id)
+    return ModelMetadata.model_validate(info)

@@ -1,0 +1,140 @@
+"""Request and response bodies of ``POST /api/inference/`` and ``GET /api/models/{id}/metadata/``."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import Field
+
+from flplatform.orm.training import UncertaintyMethod
+from flplatform.schemas.base import RequestSchema, Schema
+
+ReturnFormat = Literal["json", "binary"]
+
+
+class UncertaintyOptions(RequestSchema):
+    """Sampling options; defaults come from the training's ``options.uncertainty``, then these."""
+
+    N: int = Field(default=10, ge=2, description="Stochastic predictions for MC_DROPOUT and SWAG.", examples=[10])
+    softmax: bool = Field(
+        default=False, description="Apply softmax over the class dimension (dim 1) to every prediction."
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="Seed for reproducible dropout masks / SWAG draws."
+    )
+    min_var: float = Field(default=1e-30, gt=0, description="SWAG: lower clamp of the per-parameter variance.")
+    scale: float = Field(default=1.0, ge=0, le=100, description="SWAG: variance scale (Maddox et al. use 0.5).")
+
+
+class InferenceFields(RequestSchema):
+    """Every field but ``model_input`` (multipart sends that one as a file or a text field)."""
+
+    model_id: uuid.UUID = Field(description="A global, mean (ensemble) or SWAG model you may read.")
+    return_format: ReturnFormat | None = Field(
+        default=None,
+        description="`json` (default for JSON bodies) or `binary` (safetensors; default for multipart).",
+    )
+    uncertainty_method: UncertaintyMethod | None = Field(
+        default=None, description="Overrides the method of the model's training; NONE without a training."
+    )
+    options: UncertaintyOptions | None = None
+
+
+class InferenceRequest(InferenceFields):
+    model_input: list[Any] | str = Field(
+        description="Nested list of numbers, or base64 of safetensors / .npy / PNG / JPEG bytes.",
+        examples=[[[0.1, 0.2, 0.3, 0.4]]],
+    )
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+                    "model_input": [[0.1, 0.2, 0.3, 0.4]],
+                    "uncertainty_method": "MC_DROPOUT",
+                    "options": {"N": 20, "softmax": True, "seed": 1},
+                }
+            ]
+        }
+    }
+
+
+class InferenceResponse(Schema):
+    inference: list[Any] = Field(description="Mean prediction over the samples (scores), shape (B, …).")
+    prediction: list[Any] | None = Field(
+        default=None, description="argmax of `inference` over the class dimension; null without one."
+    )
+    uncertainty: dict[str, list[Any]] = Field(
+        description="`variance`, `std` (shape of `inference`); with probabilities also `predictive_entropy`, "
+        "`expected_entropy`, `mutual_info` (one value per input row). Empty for NONE."
+    )
+    uncertainty_method: UncertaintyMethod
+    samples: int = Field(description="How many predictions were combined (1 for NONE).")
+    model_id: uuid.UUID
+    round: int
+    dropout_layers: int | None = Field(default=None, description="MC_DROPOUT: dropout layers that sampled.")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "inference": [[0.7, 0.2, 0.1]],
+                    "prediction": [0],
+                    "uncertainty": {
+                        "variance": [[0.01, 0.004, 0.002]],
+                        "std": [[0.1, 0.063, 0.045]],
+                        "predictive_entropy": [0.80],
+                        "expected_entropy": [0.74],
+                        "mutual_info": [0.06],
+                    },
+                    "uncertainty_method": "MC_DROPOUT",
+                    "samples": 20,
+                    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+                    "round": 3,
+                    "dropout_layers": 1,
+                }
+            ]
+        }
+    }
+
+
+class LayerSummary(Schema):
+    name: str = Field(description="Qualified submodule name ('' is the root), or a tensor name.")
+    class_name: str
+    depth: int
+    num_params: int = Field(description="Parameters of this layer itself (not its children).")
+    trainable_params: int
+    param_bytes: int
+    is_leaf: bool
+
+
+class ModelMetadata(Schema):
+    id: uuid.UUID
+    type: Literal["GLOBAL", "MEAN", "SWAG", "LOCAL"]
+    owner: uuid.UUID
+    round: int
+    name: str | None = None
+    description: str | None = None
+    input_shape: list[int | None] | None = None
+    output_shape: list[int] | None = Field(
+        default=None, description="Output of a forward pass on zeros of `input_shape` (free dims as 1)."
+    )
+    has_preprocessing: bool = False
+    weights_format: str | None = None
+    weights_size: int = 0
+    total_params: int
+    trainable_params: int
+    param_bytes: int
+    layers: list[LayerSummary]
+    members: list[uuid.UUID] | None = Field(default=None, description="MEAN: the ensemble's global models.")
+    has_swag_moments: bool | None = Field(default=None, description="SWAG: whether moments are stored yet.")
+    uncertainty_method: UncertaintyMethod | None = Field(
+        default=None, description="The method of the model's training, if it has one."
+    )
+    stats: dict[str, Any] | None = Field(
+        default=None,
+        description="torchinfo summary in the DLR server's shape (`total_params`, `summary_list`, …); "
+        "null when it cannot be computed.",
+    )

@@ -1,0 +1,772 @@
+"""Inference with uncertainty, and model metadata.
+
+The service finds the model, checks the caller may read it, picks the uncertainty method
+(explicit, else the model's training's, else NONE), decodes the untrusted input, loads the
+TorchScript modules (through a small LRU cache), and runs the preprocessing module and the
+uncertainty method off the event loop under ``torch.inference_mode()``. Tensor work lives in
+``flplatform.uncertainty``; this module only wires it to the database and the limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import logging
+import math
+import struct
+import threading
+import uuid
+import warnings
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+from torch import Tensor, nn
+
+from flplatform.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
+from flplatform.orm import GlobalModel, LocalModel, MeanModel, Model, SWAGModel, Training, User
+from flplatform.orm.training import UncertaintyMethod, training_participants
+from flplatform.schemas.inference import ReturnFormat, UncertaintyOptions
+from flplatform.uncertainty import (
+    DecodedInput,
+    Ensemble,
+    IncompatibleMoments,
+    InputError,
+    InputLimits,
+    InputTooLarge,
+    Method,
+    Prediction,
+    PredictionError,
+    Runnable,
+    SamplingOptions,
+    predict,
+)
+from flplatform.uncertainty.inputs import decode_bytes, decode_json_value
+
+log = logging.getLogger(__name__)
+
+MAX_ENSEMBLE_DEPTH = 4
+
+
+class InferenceSettings(BaseSettings):
+    """Limits of the inference endpoint (environment variables ``FLP_INFERENCE_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLP_INFERENCE_", env_file=".env", extra="ignore")
+
+    max_batch: int = Field(default=1024, ge=1, description="Most input rows per request.")
+    max_samples: int = Field(default=100, ge=2, description="Largest N for MC_DROPOUT and SWAG.")
+    max_input_bytes: int = Field(default=64 * 1024**2, ge=1024, description="Largest decoded model_input.")
+    max_input_elements: int = Field(default=16 * 1024**2, ge=1, description="Most numbers in model_input.")
+    max_image_pixels: int = Field(default=16 * 1024**2, ge=1)
+    max_ensemble_members: int = Field(default=32, ge=1)
+    max_concurrent: int = Field(default=2, ge=1, description="Inferences computed at once per process.")
+    cache_entries: int = Field(default=16, ge=0, description="Loaded modules kept in memory (LRU).")
+    cache_bytes: int = Field(default=1024**3, ge=0, description="Serialized bytes of the cached modules.")
+
+    def limits(self) -> InputLimits:
+        return InputLimits(
+            max_bytes=self.max_input_bytes,
+            max_elements=self.max_input_elements,
+            max_image_pixels=self.max_image_pixels,
+        )
+
+
+class ModuleCache:
+    """LRU of loaded (eval-mode) TorchScript modules, bounded in entries and serialized bytes.
+
+    Keys change whenever the stored bytes can have changed (model id + round + updated_at +
+    size for weights, a digest for preprocessing), so stale entries are never served; they
+    simply age out. Cached modules are shared by concurrent requests and never mutated: methods
+    that change modes or parameters work on a copy."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[nn.Module, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> nn.Module | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key: Hashable, module: nn.Module, size: int) -> None:
+        if self.max_entries == 0 or size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._entries[key] = (module, size)
+            self._bytes += size
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._bytes -= evicted
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class InferenceRuntime:
+    """Per-application state: limits, the module cache and the concurrency gate."""
+
+    settings: InferenceSettings
+    cache: ModuleCache
+    gate: asyncio.Semaphore
+
+    @classmethod
+    def create(cls, settings: InferenceSettings | None = None) -> InferenceRuntime:
+        settings = settings or InferenceSettings()
+        return cls(
+            settings=settings,
+            cache=ModuleCache(settings.cache_entries, settings.cache_bytes),
+            gate=asyncio.Semaphore(settings.max_concurrent),
+        )
+
+
+def runtime_for(state: Any) -> InferenceRuntime:
+    """The runtime kept on ``app.state`` (created on first use; tests may preset
+    ``app.state.inference_settings`` or the runtime itself)."""
+    runtime = getattr(state, "inference_runtime", None)
+    if runtime is None:
+        runtime = InferenceRuntime.create(getattr(state, "inference_settings", None))
+        state.inference_runtime = runtime
+    return runtime
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass
+class InferenceQuery:
+    """A parsed request: ``model_input`` is a JSON value (list or string) or raw uploaded bytes."""
+
+    model_id: uuid.UUID
+    model_input: list[Any] | str | bytes
+    return_format: ReturnFormat
+    uncertainty_method: UncertaintyMethod | None = None
+    options: UncertaintyOptions | None = None
+
+
+@dataclass
+class InferenceResult:
+    model: GlobalModel
+    method: Method
+    prediction: Prediction
+    input_kind: str
+    rows: int
+
+
+@dataclass
+class _Target:
+    """The model to run and everything needed to run it."""
+
+    model: GlobalModel
+    runnable: Runnable
+    preprocessing: nn.Module | None
+    moments: tuple[Tensor, Tensor] | None = None
+    members: list[uuid.UUID] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- access
+
+
+async def training_of(session: AsyncSession, model_id: uuid.UUID) -> Training | None:
+    return (
+        await session.execute(select(Training).where(Training.model_id == model_id))
+    ).scalar_one_or_none()
+
+
+async def _is_participant(session: AsyncSession, training_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+    row = await session.execute(
+        select(training_participants.c.user_id).where(
+            training_participants.c.training_id == training_id, training_participants.c.user_id == user_id
+        )
+    )
+    return row.first() is not None
+
+
+async def readable_model(session: AsyncSession, user: User, model_id: uuid.UUID) -> tuple[Model, Training | None]:
+    """The model and its training, if ``user`` may read it; 404 otherwise (existence is not
+    revealed). Interim rule until the permission layer: superusers, the owner, and the actor
+    and participants of the model's training (for a local model: of its base model's training,
+    actor only)."""
+    model = await session.get(Model, model_id)
+    if model is None:
+        raise NotFound(f"Model {model_id} not found.")
+    training_model_id = model.base_model_id if isinstance(model, LocalModel) else model.id
+    training = await training_of(session, training_model_id)
+    if user.is_superuser or model.owner_id == user.id:
+        return model, (None if isinstance(model, LocalModel) else training)
+    if training is not None and not isinstance(model, LocalModel):
+        if training.actor_id == user.id or await _is_participant(session, training.id, user.id):
+            return model, training
+    if training is not None and isinstance(model, LocalModel) and training.actor_id == user.id:
+        return model, None
+    raise NotFound(f"Model {model_id} not found.")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ModelNotRunnable(Conflict):
+    code = "model_not_runnable"
+
+
+def _load_torchscript(data: bytes, what: str) -> nn.Module:
+    """``torch.jit.load`` only restores TorchScript types (no arbitrary pickled classes)."""
+    try:
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    except Exception as exc:  # corrupt archive, not TorchScript, unknown ops, …
+        raise ModelNotRunnable(
+            f"The stored {what} is not a loadable TorchScript archive ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})."
+        ) from None
+    module.eval()
+    return module
+
+
+async def _module_for(session: AsyncSession, runtime: InferenceRuntime, model: Model) -> nn.Module:
+    if model.weights_format not in (None, "torchscript"):
+        raise ModelNotRunnable(
+            f"Model {model.id} stores only weights ({model.weights_format}), no TorchScript architecture to run."
+        )
+    key = ("weights", model.id, model.round, model.updated_at, model.weights_size)
+    module = runtime.cache.get(key)
+    if module is not None:
+        return module
+    data = (await session.execute(select(Model.weights).where(Model.id == model.id))).scalar_one()
+    if not data:
+        raise ModelNotRunnable(f"Model {model.id} has no weights.")
+    module = await asyncio.to_thread(_load_torchscript, data, f"model {model.id}")
+    runtime.cache.put(key, module, len(data))
+    return module
+
+
+async def _preprocessing_for(
+    session: AsyncSession, runtime: InferenceRuntime, model: GlobalModel
+) -> nn.Module | None:
+    if not model.has_preprocessing:
+        return None
+    data = (
+        await session.execute(select(GlobalModel.preprocessing).where(GlobalModel.id == model.id))
+    ).scalar_one()
+    if not data:
+        return None
+    # Preprocessing can be replaced without touching the models row: key on the bytes.
+    key = ("preprocessing", hashlib.blake2b(data, digest_size=16).digest())
+    module = runtime.cache.get(key)
+    if module is None:
+        module = await asyncio.to_thread(_load_torchscript, data, f"preprocessing module of model {model.id}")
+        runtime.cache.put(key, module, len(data))
+    return module
+
+
+async def _runnable_for(
+    session: AsyncSession, runtime: InferenceRuntime, model: Model, depth: int, seen: set[uuid.UUID]
+) -> Runnable:
+    if not isinstance(model, MeanModel):
+        return await _module_for(session, runtime, model)
+    if depth >= MAX_ENSEMBLE_DEPTH or model.id in seen:
+        raise ModelNotRunnable(f"Mean model {model.id} nests too deeply or contains itself.")
+    members = await _members(session, model.id)
+    if not members:
+        raise ModelNotRunnable(f"Mean model {model.id} has no member models.")
+    if len(members) > runtime.settings.max_ensemble_members:
+        raise ModelNotRunnable(
+            f"Mean model {model.id} has {len(members)} members; at most "
+            f"{runtime.settings.max_ensemble_members} are run."
+        )
+    inner = seen | {model.id}
+    return Ensemble([await _runnable_for(session, runtime, m, depth + 1, inner) for m in members])
+
+
+async def _members(session: AsyncSession, mean_id: uuid.UUID) -> list[GlobalModel]:
+    mean = (
+        await session.execute(
+            select(MeanModel).options(selectinload(MeanModel.members)).where(MeanModel.id == mean_id)
+        )
+    ).scalar_one()
+    return sorted(mean.members, key=lambda m: (m.created_at, str(m.id)))
+
+
+def decode_moment(data: bytes | None, which: str) -> Tensor | None:
+    """A stored moment: safetensors with the flat tensor under ``moment`` (or the only tensor)."""
+    if not data:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise IncompatibleMoments(f"The stored SWAG {which} moment is not safetensors ({exc}).") from None
+    if "moment" in tensors:
+        tensor = tensors["moment"]
+    elif len(tensors) == 1:
+        tensor = next(iter(tensors.values()))
+    else:
+        raise IncompatibleMoments(f"The stored SWAG {which} moment holds {len(tensors)} tensors.")
+    return tensor.reshape(-1)
+
+
+async def _moments_for(session: AsyncSession, model: SWAGModel) -> tuple[Tensor, Tensor]:
+    # Not cached: the moments change in SWAG rounds without the models row (and so the cache
+    # key of the weights) changing, and decoding safetensors is cheap next to N forward passes.
+    first_bytes, second_bytes = (
+        await session.execute(
+            select(SWAGModel.swag_first_moment, SWAGModel.swag_second_moment).where(SWAGModel.id == model.id)
+        )
+    ).one()
+    first, second = await asyncio.to_thread(
+        lambda: (decode_moment(first_bytes, "first"), decode_moment(second_bytes, "second"))
+    )
+    if first is None or second is None:
+        raise Conflict(
+            f"SWAG model {model.id} has no moments yet (no SWAG round has finished).", code="swag_moments_missing"
+        )
+    return first, second
+
+
+# --------------------------------------------------------------------------- method and options
+
+
+def choose_method(model: Model, training: Training | None, explicit: UncertaintyMethod | None) -> Method:
+    method = Method((explicit or (training.uncertainty_method if training else None) or UncertaintyMethod.NONE).value)
+    if method is Method.ENSEMBLE and not isinstance(model, MeanModel):
+        raise BadRequest(
+            f"ENSEMBLE needs a MEAN model (an ensemble of global models); model {model.id} is not one. "
+            "Ask for another uncertainty_method, e.g. NONE.",
+            code="method_not_applicable",
+        )
+    if method is Method.SWAG and not isinstance(model, SWAGModel):
+        raise BadRequest(
+            f"SWAG needs a SWAG model (uploaded with type=SWAG); model {model.id} is not one. "
+            "Ask for another uncertainty_method, e.g. NONE.",
+            code="method_not_applicable",
+        )
+    return method
+
+
+def sampling_options(
+    training: Training | None, explicit: UncertaintyOptions | None, settings: InferenceSettings
+) -> SamplingOptions:
+    """The training's ``options.uncertainty`` as defaults, overridden field by field."""
+    merged: dict[str, Any] = {}
+    stored = (training.options or {}).get("uncertainty") if training else None
+    if isinstance(stored, dict):
+        known = {k: v for k, v in stored.items() if k in UncertaintyOptions.model_fields}
+        try:
+            merged.update(UncertaintyOptions.model_validate(known).model_dump(exclude_unset=True))
+        except ValidationError:
+            log.warning("ignoring invalid options.uncertainty of training %s", training.id if training else None)
+    if explicit is not None:
+        merged.update(explicit.model_dump(exclude_unset=True))
+    options = UncertaintyOptions.model_validate(merged)
+    if options.N > settings.max_samples:
+        raise Unprocessable(
+            f"options.N is {options.N}; at most {settings.max_samples} samples are allowed.", code="too_many_samples"
+        )
+    return SamplingOptions(
+        samples=options.N, softmax=options.softmax, seed=options.seed, min_var=options.min_var, scale=options.scale
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def check_input_shape(tensor: Tensor, input_shape: list[int | None] | None) -> None:
+    """Rank and every fixed dimension must match; ``null`` dimensions are free."""
+    if not input_shape:
+        return
+    expected = "[" + ", ".join("*" if d is None else str(d) for d in input_shape) + "]"
+    if tensor.dim() != len(input_shape):
+        raise BadRequest(
+            f"model_input has rank {tensor.dim()} (shape {list(tensor.shape)}); the model expects rank "
+            f"{len(input_shape)} with shape {expected}.",
+            code="input_shape_mismatch",
+        )
+    for index, (got, want) in enumerate(zip(tensor.shape, input_shape, strict=True)):
+        if want is not None and got != want:
+            raise BadRequest(
+                f"model_input dimension {index} is {got}; the model expects shape {expected}.",
+                code="input_shape_mismatch",
+            )
+
+
+def _check_batch(tensor: Tensor, settings: InferenceSettings) -> None:
+    if tensor.dim() >= 1 and tensor.shape[0] > settings.max_batch:
+        raise PayloadTooLarge(
+            f"model_input has {tensor.shape[0]} rows; at most {settings.max_batch} per request "
+            "(FLP_INFERENCE_MAX_BATCH).",
+            code="batch_too_large",
+        )
+
+
+def _first_floating_dtype(runnable: Runnable) -> torch.dtype | None:
+    if isinstance(runnable, Ensemble):
+        return _first_floating_dtype(runnable.members[0]) if runnable.members else None
+    for parameter in runnable.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return None
+
+
+def _compute(
+    target: _Target, decoded: DecodedInput, method: Method, options: SamplingOptions, settings: InferenceSettings
+) -> Prediction:
+    """The CPU-bound part: preprocessing, checks, the uncertainty method (in a worker thread)."""
+    inputs = decoded.tensor
+    with torch.inference_mode():
+        if target.preprocessing is not None:
+            try:
+                inputs = target.preprocessing(inputs)
+            except Exception as exc:  # TorchScript raises torch.jit.Error (a RuntimeError) and friends
+                message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise BadRequest(
+                    f"The model's preprocessing module failed on this input: {message}", code="preprocessing_failed"
+                ) from None
+            if not isinstance(inputs, Tensor):
+                raise ModelNotRunnable(
+                    f"The preprocessing module returned {type(inputs).__name__}, not a tensor."
+                )
+    if inputs.dim() == 0:
+        raise BadRequest("model_input must have a batch dimension.", code="input_shape_mismatch")
+    check_input_shape(inputs, target.model.input_shape)
+    _check_batch(inputs, settings)
+    dtype = _first_floating_dtype(target.runnable)
+    if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype:
+        inputs = inputs.to(dtype)
+    return predict(method, target.runnable, inputs, options, moments=target.moments)
+
+
+async def meter_inference(session: AsyncSession, user: User, model: Model, *, rows: int, passes: int) -> None:
+    """The one metering point of an inference, called before any model runs: billing charges
+    here (a 402 raised here stops the inference; the charge rolls back with the request if
+    the inference then fails). ``rows`` is the batch size, ``passes`` the forward passes per row."""
+    log.debug("inference by %s on model %s: %d rows x %d passes", user.id, model.id, rows, passes)
+
+
+async def run_inference(
+    session: AsyncSession, runtime: InferenceRuntime, user: User, query: InferenceQuery
+) -> InferenceResult:
+    settings = runtime.settings
+    model, training = await readable_model(session, user, query.model_id)
+    if isinstance(model, LocalModel) or not isinstance(model, GlobalModel):
+        raise BadRequest(
+            "Only global, mean and SWAG models can be queried; query the training's global model.",
+            code="not_a_global_model",
+        )
+    method = choose_method(model, training, query.uncertainty_method)
+    options = sampling_options(training, query.options, settings)
+
+    decoded = await asyncio.to_thread(_decode, query.model_input, settings)
+    if decoded.kind == "image" and not model.has_preprocessing:
+        raise BadRequest(
+            "Image inputs need a model with a preprocessing module (upload one for this model), "
+            "or send the pixels as a tensor.",
+            code="preprocessing_required",
+        )
+    _check_batch(decoded.tensor, settings)
+    rows = int(decoded.tensor.shape[0])
+    passes = options.samples if method in (Method.MC_DROPOUT, Method.SWAG) else 1
+    if isinstance(model, MeanModel):
+        passes *= max(1, len(await _members(session, model.id)))
+
+    await meter_inference(session, user, model, rows=rows, passes=passes)
+
+    target = _Target(
+        model=model,
+        runnable=await _runnable_for(session, runtime, model, 0, set()),
+        preprocessing=await _preprocessing_for(session, runtime, model),
+    )
+    if method is Method.SWAG:
+        assert isinstance(model, SWAGModel)
+        target.moments = await _moments_for(session, model)
+    async with runtime.gate:
+        try:
+            prediction = await asyncio.to_thread(_compute, target, decoded, method, options, settings)
+        except IncompatibleMoments as exc:
+            raise Conflict(str(exc), code="swag_moments_invalid") from None
+        except PredictionError as exc:
+            raise BadRequest(str(exc), code="inference_failed") from None
+        except InputError as exc:  # pragma: no cover - decoding happened before
+            raise BadRequest(str(exc), code="invalid_model_input") from None
+    return InferenceResult(model=model, method=method, prediction=prediction, input_kind=decoded.kind, rows=rows)
+
+
+def _decode(value: list[Any] | str | bytes, settings: InferenceSettings) -> DecodedInput:
+    limits = settings.limits()
+    try:
+        if isinstance(value, bytes):
+            return decode_bytes(value, limits)
+        return decode_json_value(value, limits)
+    except InputTooLarge as exc:
+        raise PayloadTooLarge(str(exc), code="input_too_large") from None
+    except InputError as exc:
+        raise BadRequest(str(exc), code="invalid_model_input") from None
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _to_json(tensor: Tensor) -> list[Any]:
+    values = tensor.detach().cpu()
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        return _finite_or_none(values.tolist())
+    return values.tolist()
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value if math.isfinite(value) else None
+
+
+def result_json(result: InferenceResult) -> bytes:
+    """The JSON body (built in a worker thread: large outputs take a while to serialise).
+    Non-finite numbers become null."""
+    prediction = result.prediction
+    argmax = prediction.prediction
+    body = {
+        "inference": _to_json(prediction.mean),
+        "prediction": _to_json(argmax) if argmax is not None else None,
+        "uncertainty": {name: _to_json(value) for name, value in prediction.uncertainty.items()},
+        "uncertainty_method": result.method.value,
+        "samples": int(prediction.samples.shape[0]),
+        "model_id": str(result.model.id),
+        "round": result.model.round,
+        "dropout_layers": prediction.dropout_layers,
+    }
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+
+
+def result_safetensors(result: InferenceResult) -> bytes:
+    """The binary body: safetensors with ``inference``, ``prediction`` (when there is a class
+    dimension) and ``uncertainty.<name>`` tensors; method, model and round in the metadata."""
+    from safetensors.torch import save
+
+    prediction = result.prediction
+    tensors = {"inference": prediction.mean}
+    if prediction.prediction is not None:
+        tensors["prediction"] = prediction.prediction
+    for name, value in prediction.uncertainty.items():
+        tensors[f"uncertainty.{name}"] = value
+    tensors = {name: value.detach().cpu().clone().contiguous() for name, value in tensors.items()}
+    metadata = {
+        "uncertainty_method": result.method.value,
+        "samples": str(int(prediction.samples.shape[0])),
+        "model_id": str(result.model.id),
+        "round": str(result.model.round),
+    }
+    return save(tensors, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _class_name(module: nn.Module) -> str:
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", None) or type(module).__name__
+    return type(module).__name__
+
+
+def _layers(module: nn.Module) -> list[dict[str, Any]]:
+    layers = []
+    for name, sub in module.named_modules():
+        own = [p for _, p in sub.named_parameters(recurse=False)]
+        layers.append(
+            {
+                "name": name,
+                "class_name": _class_name(sub),
+                "depth": 0 if name == "" else name.count(".") + 1,
+                "num_params": sum(p.numel() for p in own),
+                "trainable_params": sum(p.numel() for p in own if p.requires_grad),
+                "param_bytes": sum(p.numel() * p.element_size() for p in own),
+                "is_leaf": not any(True for _ in sub.children()),
+            }
+        )
+    return layers
+
+
+def _torchinfo_stats(module: nn.Module, input_size: tuple[int, ...] | None) -> dict[str, Any] | None:
+    """torchinfo's summary in the DLR server's ``stats`` shape; None when it fails."""
+    import copy
+
+    import torchinfo
+
+    try:
+        with warnings.catch_warnings():  # torchinfo reads .grad of non-leaf tensors
+            warnings.simplefilter("ignore")
+            summary = torchinfo.summary(
+                copy.deepcopy(module), input_size=input_size, verbose=0, device="cpu", mode="eval"
+            )
+    except Exception:  # any failure of a user model's forward pass: no stats, as the reference
+        log.debug("torchinfo failed", exc_info=True)
+        return None
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+    keys = (
+        "layer_id", "class_name", "depth", "depth_index", "executed", "var_name", "is_leaf_layer",
+        "contains_lazy_param", "is_recursive", "input_size", "output_size", "kernel_size",
+        "trainable_params", "num_params", "param_bytes", "output_bytes", "macs",
+    )  # fmt: skip
+    def number(value: Any) -> int:
+        return int(value or 0)
+
+    return {
+        "input_size": plain(summary.input_size),
+        "total_input": number(summary.total_input),
+        "total_mult_adds": number(summary.total_mult_adds),
+        "total_output_bytes": number(summary.total_output_bytes),
+        "total_param_bytes": number(summary.total_param_bytes),
+        "total_params": number(summary.total_params),
+        "trainable_params": number(summary.trainable_params),
+        "summary_list": [{key: plain(getattr(layer, key, None)) for key in keys} for layer in summary.summary_list],
+    }
+
+
+def _forward_shape(runnable: Runnable, input_size: tuple[int, ...]) -> list[int] | None:
+    try:
+        dtype = _first_floating_dtype(runnable) or torch.float32
+        prediction = predict(Method.NONE, runnable, torch.zeros(input_size, dtype=dtype), SamplingOptions())
+    except Exception:  # a model that cannot run on zeros still has metadata
+        return None
+    return list(prediction.mean.shape)
+
+
+def _module_metadata(runnable: Runnable, input_shape: list[int | None] | None) -> dict[str, Any]:
+    input_size = tuple(d if d is not None else 1 for d in input_shape) if input_shape else None
+    if isinstance(runnable, Ensemble):
+        members = [_module_metadata(m, input_shape) for m in runnable.members]
+        layers = [
+            {
+                "name": f"members.{index}",
+                "class_name": "Ensemble" if isinstance(m, Ensemble) else _class_name(m),
+                "depth": 1,
+                "num_params": meta["total_params"],
+                "trainable_params": meta["trainable_params"],
+                "param_bytes": meta["param_bytes"],
+                "is_leaf": True,
+            }
+            for index, (m, meta) in enumerate(zip(runnable.members, members, strict=True))
+        ]
+        return {
+            "total_params": sum(m["total_params"] for m in members),
+            "trainable_params": sum(m["trainable_params"] for m in members),
+            "param_bytes": sum(m["param_bytes"] for m in members),
+            "layers": layers,
+            "output_shape": _forward_shape(runnable, input_size) if input_size else None,
+            "stats": None,
+        }
+    parameters = list(runnable.parameters())
+    return {
+        "total_params": sum(p.numel() for p in parameters),
+        "trainable_params": sum(p.numel() for p in parameters if p.requires_grad),
+        "param_bytes": sum(p.numel() * p.element_size() for p in parameters),
+        "layers": _layers(runnable),
+        "output_shape": _forward_shape(runnable, input_size) if input_size else None,
+        "stats": _torchinfo_stats(runnable, input_size),
+    }
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, Any]:
+    """Weight-only models (a safetensors state dict): one entry per tensor, read from the
+    header alone (no tensor is materialised, no forward pass)."""
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        layers = []
+        for name, entry in entries.items():
+            count = math.prod(int(d) for d in entry["shape"])
+            layers.append(
+                {"name": name, "class_name": f"Tensor[{entry['dtype']}]", "depth": name.count(".") + 1,
+                 "num_params": count, "trainable_params": count,
+                 "param_bytes": count * _DTYPE_BYTES.get(entry["dtype"], 4), "is_leaf": True}
+            )  # fmt: skip
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelNotRunnable(f"The stored safetensors weights are unreadable ({exc}).") from None
+    return {
+        "total_params": sum(layer["num_params"] for layer in layers),
+        "trainable_params": sum(layer["trainable_params"] for layer in layers),
+        "param_bytes": sum(layer["param_bytes"] for layer in layers),
+        "layers": layers,
+        "output_shape": None,
+        "stats": None,
+    }
+
+
+_TYPES = {MeanModel: "MEAN", SWAGModel: "SWAG", GlobalModel: "GLOBAL", LocalModel: "LOCAL"}
+
+
+async def model_metadata(
+    session: AsyncSession, runtime: InferenceRuntime, user: User, model_id: uuid.UUID
+) -> dict[str, Any]:
+    """Parameter counts, per-layer summary, output shape and torchinfo stats of a model the
+    caller may read (fields of ``schemas.inference.ModelMetadata``)."""
+    from sqlalchemy import func
+
+    model, training = await readable_model(session, user, model_id)
+    kind = next(name for cls, name in _TYPES.items() if isinstance(model, cls))
+    input_shape = model.input_shape if isinstance(model, GlobalModel) else None
+    if isinstance(model, LocalModel):
+        base = await session.get(GlobalModel, model.base_model_id)
+        input_shape = base.input_shape if base is not None else None
+    info: dict[str, Any] = {
+        "id": model.id,
+        "type": kind,
+        "owner": model.owner_id,
+        "round": model.round,
+        "name": getattr(model, "name", None),
+        "description": getattr(model, "description", None),
+        "input_shape": input_shape,
+        "has_preprocessing": bool(getattr(model, "has_preprocessing", False)),
+        "weights_format": model.weights_format,
+        "weights_size": model.weights_size,
+        "uncertainty_method": training.uncertainty_method if training else None,
+    }
+    if isinstance(model, MeanModel):
+        info["members"] = [m.id for m in await _members(session, model.id)]
+    if isinstance(model, SWAGModel):
+        first, second = (
+            await session.execute(
+                select(func.length(SWAGModel.swag_first_moment), func.length(SWAGModel.swag_second_moment)).where(
+                    SWAGModel.id == model.id
+                )
+            )
+        ).one()
+        info["has_swag_moments"] = bool(first) and bool(second)
+    if model.weights_format == "safetensors":
+        data = (await session.execute(select(Model.weights).where(Model.id == model.id))).scalar_one()
+        info.update(await asyncio.to_thread(_safetensors_metadata, data or b""))
+        return info
+    runnable = await _runnable_for(session, runtime, model, 0, set())
+    async with runtime.gate:
+        info.update(await asyncio.to_thread(_module_metadata, runnable, input_shape))
+    return info
