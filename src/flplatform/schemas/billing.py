@@ -210,7 +210,9 @@ class StatementRead(Schema):
 
 class PriceRead(Schema):
     item: str
-    amount: Decimal = Field(description="Money in `currency`, or a plain number when `currency` is null.")
+    amount: Annotated[Decimal, _as_string] = Field(
+        description="Money in `currency`, or a plain number when `currency` is null."
+    )
     currency: Currency | None
     description: str
 
