@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import logging
 import math
-import struct
 import threading
 import uuid
 import warnings
@@ -32,10 +30,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 from torch import Tensor, nn
 
+from flplatform.aggregation.codec import decode_safetensors
+from flplatform.aggregation.errors import DecodeError
 from flplatform.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from flplatform.orm import GlobalModel, LocalModel, MeanModel, Model, SWAGModel, Training, User
 from flplatform.orm.training import UncertaintyMethod, training_participants
 from flplatform.schemas.inference import ReturnFormat, UncertaintyOptions
+from flplatform.services import model_files
 from flplatform.uncertainty import (
     DecodedInput,
     Ensemble,
@@ -232,13 +233,12 @@ class ModelNotRunnable(Conflict):
 
 
 def _load_torchscript(data: bytes, what: str) -> nn.Module:
-    """``torch.jit.load`` only restores TorchScript types (no arbitrary pickled classes)."""
+    """Through ``model_files.load_torchscript``: the archive's format is checked first, and
+    ``torch.jit.load`` only restores TorchScript types (no arbitrary pickled classes)."""
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    except Exception as exc:  # corrupt archive, not TorchScript, unknown ops, …
-        raise ModelNotRunnable(
-            f"The stored {what} is not a loadable TorchScript archive ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})."
-        ) from None
+        module = model_files.load_torchscript(data)
+    except model_files.ModelFileError as exc:
+        raise ModelNotRunnable(f"The stored {what} cannot be run: {exc}") from None
     module.eval()
     return module
 
@@ -308,16 +308,14 @@ async def _members(session: AsyncSession, mean_id: uuid.UUID) -> list[GlobalMode
 
 
 def decode_moment(data: bytes | None, which: str) -> Tensor | None:
-    """A stored moment: safetensors with the flat tensor under ``moment`` (or the only tensor)."""
+    """A stored moment: safetensors with the flat tensor under ``moment`` (or the only tensor),
+    decoded as a zero-copy view (the moments are only read)."""
     if not data:
         return None
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise IncompatibleMoments(f"The stored SWAG {which} moment is not safetensors ({exc}).") from None
+        tensors = decode_safetensors(data)
+    except DecodeError as exc:
+        raise IncompatibleMoments(f"The stored SWAG {which} moment is unreadable ({exc}).") from None
     if "moment" in tensors:
         tensor = tensors["moment"]
     elif len(tensors) == 1:
@@ -691,27 +689,19 @@ def _module_metadata(runnable: Runnable, input_shape: list[int | None] | None) -
     }
 
 
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-
-
 def _safetensors_metadata(data: bytes) -> dict[str, Any]:
-    """Weight-only models (a safetensors state dict): one entry per tensor, read from the
-    header alone (no tensor is materialised, no forward pass)."""
+    """Weight-only models (a safetensors state dict): one entry per tensor, decoded as zero-copy
+    views (no tensor data is copied, no forward pass)."""
     try:
-        (length,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + length])
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        layers = []
-        for name, entry in entries.items():
-            count = math.prod(int(d) for d in entry["shape"])
-            layers.append(
-                {"name": name, "class_name": f"Tensor[{entry['dtype']}]", "depth": name.count(".") + 1,
-                 "num_params": count, "trainable_params": count,
-                 "param_bytes": count * _DTYPE_BYTES.get(entry["dtype"], 4), "is_leaf": True}
-            )  # fmt: skip
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        tensors = decode_safetensors(data)
+    except DecodeError as exc:
         raise ModelNotRunnable(f"The stored safetensors weights are unreadable ({exc}).") from None
+    layers = [
+        {"name": name, "class_name": f"Tensor[{str(tensor.dtype).removeprefix('torch.')}]",
+         "depth": name.count(".") + 1, "num_params": tensor.numel(), "trainable_params": tensor.numel(),
+         "param_bytes": tensor.numel() * tensor.element_size(), "is_leaf": True}
+        for name, tensor in tensors.items()
+    ]  # fmt: skip
     return {
         "total_params": sum(layer["num_params"] for layer in layers),
         "trainable_params": sum(layer["trainable_params"] for layer in layers),

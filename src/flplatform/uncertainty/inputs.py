@@ -171,12 +171,12 @@ def _looks_like_safetensors(data: bytes) -> bool:
 
 
 def _safetensors_to_tensor(data: bytes, limits: InputLimits) -> Tensor:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from flplatform.aggregation.codec import decode_safetensors
+    from flplatform.aggregation.errors import DecodeError
 
     try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        tensors = decode_safetensors(data, copy=True)  # every header field checked
+    except DecodeError as exc:
         raise InputError(f"model_input is not a valid safetensors file ({str(exc)[:200]}).") from None
     if "model_input" in tensors:
         tensor = tensors["model_input"]
