@@ -81,4 +81,5 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             raise
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client that got 201 can read its write.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
