@@ -58,7 +58,7 @@ class LiveBroker:
         store: StorePolicy | None = None,
         dispatch: str = "broadcast",
         supports_dasf: bool = True,
-        grants: dict[Any, dict[str, bool]] | None = None,
+        grants: list[tuple[Any, dict[str, bool]]] | None = None,
     ) -> str:
         """A topic straight in the database (``anonymous`` = the reference's ``--anonymous``)."""
         slug = slug or f"t_{uuid.uuid4().hex[:10]}"
@@ -74,7 +74,7 @@ class LiveBroker:
             )
             session.add(topic)
             await session.flush()
-            for account, flags in (grants or {}).items():
+            for account, flags in grants or []:
                 session.add(BrokerTopicGrant(topic_id=topic.id, user_id=account.user.id, **flags))
             await session.commit()
         await self.broker.invalidate(slug)
