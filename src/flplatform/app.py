@@ -108,9 +108,10 @@ def _operation_id(route: APIRoute) -> str:
 
 def lifespan_components() -> list[LifespanComponent]:
     """Background components of each domain; domains append theirs here."""
+    from flplatform.billing.hooks import billing_component
     from flplatform.broker import broker_component
 
-    return [broker_component]
+    return [broker_component, billing_component]
 
 
 @contextlib.asynccontextmanager

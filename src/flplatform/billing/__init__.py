@@ -11,13 +11,17 @@ Training lifecycle (the training's ``actor`` pays; keys ``training:{id}:round:{n
     ``reserve_round(session, training, round_number, participants) -> Hold | None``
         Call when a round starts, BEFORE notifying participants. Raises ``PaymentRequired`` (402)
         when the actor cannot afford the round: let it propagate so the round does not start.
-        Priced at ``training_update`` + ``training_sample_epoch`` × ``options["billing_samples_per_update"]``
-        × ``options["epochs"]`` per participant. None when the price list makes it free.
+        Priced at ``training_update`` + ``training_sample_epoch`` × ``training_reserve_samples``
+        per participant. None when the price list makes it free.
     ``settle_round(session, training, round_number, updates) -> Operation | None``
         Call after the round's aggregation succeeded, with ``updates = [(participant, sample_size)]``.
         Charges at most the reserved amount (coupons first) and releases the rest. Idempotent.
     ``release_round(session, training, round_number, reason="") -> bool``
         Call on error, cancellation or timeout of a round. Idempotent; False if nothing was held.
+
+    Wired: ``billing.hooks.billing_component`` (a lifespan component) registers
+    ``hooks.round_started`` / ``hooks.round_aggregated`` in ``services.trainings``'
+    ``ROUND_STARTED_HOOKS`` / ``ROUND_AGGREGATED_HOOKS`` and releases holds of ended trainings.
 
 Inference
     ``charge_inference(session, caller, model, samples, *, key=None) -> Operation | None``

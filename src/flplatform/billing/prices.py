@@ -32,6 +32,11 @@ DEFAULTS: dict[str, PriceItem] = {
             "training_sample_epoch", 0, Currency.USD,
             "per sample × epoch of a participant update (seed: count_of_lines × count_of_training_epoch)",
         ),
+        PriceItem(
+            "training_reserve_samples", 10_000, None,
+            "samples per participant update reserved when a round starts; the sample-priced part of a "
+            "round is billed up to this reservation",
+        ),
         PriceItem("inference_request", 0, Currency.USD, "per inference request on a model the caller may use"),
         PriceItem("inference_sample", 0, Currency.USD, "per inferred sample on a model the caller may use"),
         PriceItem("model_copy", 0, Currency.TOKEN, "per model copy (a premium feature paid in tokens)"),

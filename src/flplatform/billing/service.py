@@ -409,9 +409,9 @@ def _epochs(training: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
-def _samples_hint(training: Any) -> int:
-    value = (getattr(training, "options", None) or {}).get("billing_samples_per_update", 0)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+def _samples_hint(training: Any, default: int) -> int:
+    value = (getattr(training, "options", None) or {}).get("billing_samples_per_update", default)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
 async def reserve_round(
@@ -419,11 +419,12 @@ async def reserve_round(
 ) -> Hold | None:
     """Reserve the training actor's funds for one round: one update per participant at the
     price list's ``training_update`` + ``training_sample_epoch`` × samples × epochs, where samples
-    is ``options["billing_samples_per_update"]`` (default 0) and epochs ``options["epochs"]``
-    (default 1). Priced now; keyed ``training:{id}:round:{n}``. Returns None when free; raises
-    402 (nothing reserved) when the actor cannot afford it. Call it before the round starts."""
+    is ``training_reserve_samples`` (or ``options["billing_samples_per_update"]``) and epochs
+    ``options["epochs"]`` (default 1). Priced now; keyed ``training:{id}:round:{n}``. Returns
+    None when free; raises 402 (nothing reserved) when the actor cannot afford it. Call it
+    before the round starts."""
     prices = await get_prices(session)
-    epochs, samples = _epochs(training), _samples_hint(training)
+    epochs, samples = _epochs(training), _samples_hint(training, prices.amount("training_reserve_samples"))
     per_update = prices.training_update_cost(samples, epochs)
     amount = per_update * len(participants)
     key = round_key(training.id, round_number)
@@ -469,6 +470,12 @@ async def release_round(session: AsyncSession, training: Any, round_number: int,
 
 async def model_pricing(session: AsyncSession, model_id: uuid.UUID) -> ModelPricing | None:
     return await session.get(ModelPricing, model_id)
+
+
+async def is_public_for_inference(session: AsyncSession, model_id: uuid.UUID) -> bool:
+    """Whether other users may run (and pay for) inference on the model."""
+    row = await session.get(ModelPricing, model_id)
+    return row is not None and row.inference_public
 
 
 async def set_model_pricing(session: AsyncSession, model_id: uuid.UUID, *, public: bool, price_per_sample: int) -> ModelPricing:

@@ -460,13 +460,24 @@ async def meter_inference(session: AsyncSession, user: User, model: Model, *, ro
     here (a 402 raised here stops the inference; the charge rolls back with the request if
     the inference then fails). ``rows`` is the batch size, ``passes`` the forward passes per row."""
     log.debug("inference by %s on model %s: %d rows x %d passes", user.id, model.id, rows, passes)
+    from flplatform.billing import charge_inference  # billing imports no inference code
+
+    await charge_inference(session, user, model, rows)
 
 
 async def run_inference(
     session: AsyncSession, runtime: InferenceRuntime, user: User, query: InferenceQuery
 ) -> InferenceResult:
     settings = runtime.settings
-    model, training = await readable_model(session, user, query.model_id)
+    try:
+        model, training = await readable_model(session, user, query.model_id)
+    except NotFound:
+        # Billing's inference market: anyone may query a public model, and pays its price.
+        from flplatform.billing.service import is_public_for_inference
+
+        if not await is_public_for_inference(session, query.model_id):
+            raise
+        model, training = await session.get(Model, query.model_id), None
     if isinstance(model, LocalModel) or not isinstance(model, GlobalModel):
         raise BadRequest(
             "Only global, mean and SWAG models can be queried; query the training's global model.",

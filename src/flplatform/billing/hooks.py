@@ -1,0 +1,124 @@
+"""Billing wired into the training lifecycle, and the lifespan component that keeps holds tidy.
+
+``services.trainings`` calls hooks inside the transaction of each state change:
+
+* ``ROUND_STARTED_HOOKS`` → :func:`round_started`: first settles any earlier round of the
+  training still held (FedDC daisy-chain rounds are never aggregated), then reserves this
+  round's funds. A ``PaymentRequired`` (402) propagates and refuses the state change: starting a
+  training over HTTP answers 402 and the training stays INITIAL; a later round does not start
+  (the training waits in its phase until the runtime re-checks it).
+* ``ROUND_AGGREGATED_HOOKS`` → :func:`round_aggregated`: settles the round with the updates that
+  were aggregated (participant, sample size), releasing what was reserved but not used.
+
+Trainings that end (error, stop, completion) may leave a hold open; the component's sweep
+(:func:`release_ended_trainings`, every ``SWEEP_SECONDS``) releases holds of trainings that are
+no longer running, and of trainings that were deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flplatform.billing import service as billing
+from flplatform.orm import LocalModel, Training, TrainingState
+from flplatform.orm.billing import Hold, HoldStatus
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 30.0
+RUNNING_STATES = (TrainingState.INITIAL, TrainingState.ONGOING, TrainingState.SWAG_ROUND)
+
+
+async def round_updates(session: AsyncSession, training: Any, round_number: int) -> list[tuple[Any, int]]:
+    """(participant, sample size) of the local updates uploaded for the round."""
+    rows = await session.execute(
+        select(LocalModel.owner_id, LocalModel.sample_size).where(
+            LocalModel.base_model_id == training.model_id, LocalModel.round == round_number
+        )
+    )
+    return [(owner, int(samples or 0)) for owner, samples in rows]
+
+
+async def _settle_earlier_rounds(session: AsyncSession, training: Any, before: int) -> None:
+    holds = (
+        await session.execute(
+            select(Hold).where(Hold.training_id == training.id, Hold.status == HoldStatus.OPEN, Hold.round < before)
+        )
+    ).scalars().all()
+    for hold in holds:
+        updates = await round_updates(session, training, hold.round)
+        if updates:
+            await billing.settle_round(session, training, hold.round, updates)
+        else:
+            await billing.release(session, hold, reason=f"round {hold.round} ended without updates")
+
+
+async def round_started(session: AsyncSession, training: Training, round_number: int) -> None:
+    await _settle_earlier_rounds(session, training, round_number)
+    await billing.reserve_round(session, training, round_number, list(training.participants))
+
+
+async def round_aggregated(session: AsyncSession, training: Training, round_number: int) -> None:
+    await billing.settle_round(session, training, round_number, await round_updates(session, training, round_number))
+
+
+def install() -> None:
+    """Register the hooks with the training lifecycle (idempotent)."""
+    from flplatform.services import trainings
+
+    for hooks, hook in ((trainings.ROUND_STARTED_HOOKS, round_started), (trainings.ROUND_AGGREGATED_HOOKS, round_aggregated)):
+        if hook not in hooks:
+            hooks.append(hook)
+
+
+async def release_ended_trainings(session: AsyncSession) -> int:
+    """Release the open holds of trainings that ended or no longer exist; returns how many."""
+    running = select(Training.id).where(Training.state.in_(RUNNING_STATES))
+    holds = (
+        await session.execute(
+            select(Hold).where(
+                Hold.status == HoldStatus.OPEN, Hold.training_id.is_not(None), Hold.training_id.not_in(running)
+            )
+        )
+    ).scalars().all()
+    released = 0
+    for hold in holds:
+        training = await session.get(Training, hold.training_id)
+        reason = f"training ended ({training.state.value})" if training is not None else "training deleted"
+        released += await billing.release(session, hold, reason=reason)
+    return released
+
+
+@contextlib.asynccontextmanager
+async def billing_component(app: FastAPI) -> AsyncIterator[None]:
+    """Lifespan component: installs the training hooks and runs the hold sweep."""
+    install()
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                async with app.state.sessionmaker() as session:
+                    if await release_ended_trainings(session):
+                        await session.commit()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("billing hold sweep failed")
+
+    task = asyncio.create_task(sweep_forever(), name="billing-hold-sweep")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
