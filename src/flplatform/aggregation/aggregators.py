@@ -17,7 +17,9 @@ memory stays bounded.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -92,13 +94,70 @@ class _Update:
     nbytes: int
 
 
+#: Coordinates per fold kernel call: ATen's GRAIN_SIZE. Element-wise ops this small run inline in the
+#: calling thread instead of waking an OpenMP team, which on a busy 2-core machine costs more than the
+#: work (a descheduled team member stalls every barrier). We parallelise over our own threads instead.
+FOLD_CHUNK = 32768
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _fold_workers() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(2, _fold_workers()), thread_name_prefix="flp-fold")
+        return _POOL
+
+
+def fold_flat(acc: torch.Tensor, sources: list[torch.Tensor], coefs: list[float], chunk: int = FOLD_CHUNK) -> None:
+    """``acc += Σ coefs[k] · sources[k]`` (1-D, same length), cache-blocked and multi-threaded.
+
+    For each ``chunk`` of coordinates every source is added while that slice of the accumulator is in
+    cache, so the accumulator is read and written once per call instead of once per source. One
+    ``torch._foreach_addcmul_`` call per worker thread does all its chunks × sources in C++ with the
+    GIL released (``addcmul`` with a broadcast one carries a per-source weight); workers own disjoint
+    coordinate ranges. Any source dtype works (promoted chunk by chunk, never a model-sized temporary).
+    """
+    if not sources:
+        return
+    n = acc.numel()
+    acc_chunks = acc.split(chunk)
+    source_chunks = [source.split(chunk) for source in sources]
+    one = torch.ones(1, dtype=acc.dtype)
+    per_chunk = len(sources)
+
+    def run(lo: int, hi: int) -> None:
+        targets: list[torch.Tensor] = []
+        tensors: list[torch.Tensor] = []
+        for index in range(lo, hi):
+            targets.extend([acc_chunks[index]] * per_chunk)
+            tensors.extend(chunks[index] for chunks in source_chunks)
+        torch._foreach_addcmul_(targets, tensors, [one] * len(targets), coefs * (hi - lo))
+
+    count = len(acc_chunks)
+    workers = min(_fold_workers(), count, max(1, n * per_chunk // (4 * chunk)))
+    if workers <= 1:
+        run(0, count)
+        return
+    bounds = [count * i // workers for i in range(workers + 1)]
+    futures = [_pool().submit(run, bounds[i], bounds[i + 1]) for i in range(1, workers)]
+    run(bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
 class _WeightedSum:
     """Running ``Σ coef_i · update_i`` over some dtype groups, in flat buffers.
 
-    ``fold`` adds several updates per pass over the accumulator: for each chunk of coordinates (a
-    cache-sized slice of the accumulator) every pending update is added, so the accumulator is read
-    and written once per *batch* instead of once per update: memory traffic per update falls from
-    3 passes (read update, read + write accumulator) towards 1.
+    ``fold`` adds several updates per pass over the accumulator (see :func:`fold_flat`): memory
+    traffic per update falls from 3 passes (read update, read + write accumulator) towards 1.
+    Updates whose group is not one contiguous range go through ``torch._foreach_add_`` per tensor.
     """
 
     def __init__(self, layout: FlatLayout, dtypes: Iterable[torch.dtype], accumulate: torch.dtype, chunk: int):
@@ -116,25 +175,19 @@ class _WeightedSum:
     def fold(self, items: list[tuple[_Update, dict[torch.dtype, float]]]) -> None:
         """Add ``Σ coefs[dtype] · update.sources[dtype]`` for every group."""
         for dtype, acc in self.acc.items():
-            flat: list[tuple[torch.Tensor, float]] = []
+            flat_sources: list[torch.Tensor] = []
+            flat_coefs: list[float] = []
             for update, coefs in items:
                 coef = coefs[dtype]
                 if coef == 0.0:
                     continue
                 source = update.sources[dtype]
                 if isinstance(source, torch.Tensor):
-                    flat.append((source, coef))
+                    flat_sources.append(source)
+                    flat_coefs.append(coef)
                 else:
                     self._fold_tensors(dtype, acc, source, coef)
-            if not flat:
-                continue
-            if len(flat) == 1 and flat[0][0].dtype == acc.dtype:
-                acc.add_(flat[0][0], alpha=flat[0][1])
-                continue
-            for start, stop in chunk_ranges(acc.numel(), self.chunk):
-                target = acc[start:stop]
-                for source, coef in flat:
-                    target.add_(source[start:stop], alpha=coef)
+            fold_flat(acc, flat_sources, flat_coefs)
 
     def _fold_tensors(self, dtype: torch.dtype, acc: torch.Tensor, tensors: list[torch.Tensor], coef: float) -> None:
         views = self._acc_views.get(dtype)
@@ -142,12 +195,11 @@ class _WeightedSum:
             views = self._acc_views[dtype] = self.layout.slot_views(acc, dtype)
         small_targets, small_sources = [], []
         for target, source in zip(views, tensors):
-            if source.numel() <= self.chunk:
+            if source.numel() <= FOLD_CHUNK:
                 small_targets.append(target)
                 small_sources.append(source)
-            else:  # big tensor: chunked, so a dtype promotion never needs a tensor-sized temporary
-                for start, stop in chunk_ranges(source.numel(), self.chunk):
-                    target[start:stop].add_(source[start:stop], alpha=coef)
+            else:
+                fold_flat(target, [source], [coef])
         if small_targets:
             torch._foreach_add_(small_targets, small_sources, alpha=coef)
 
@@ -307,6 +359,10 @@ class Aggregator:
         self._global_copied_bytes = 0
         self.n_updates = 0
         self.total_weight = 0.0
+        # Weights are divided by the round's first positive weight: the mean is scale-invariant, and
+        # tiny or huge raw weights (1e-50, 1e40) would otherwise under/overflow float32 coefficients.
+        self._weight_scale: float | None = None
+        self._scaled_total = 0.0
         self._pending: list[_Update] = []
         self._pending_bytes = 0
         self._collected: list[_Update] = []
@@ -363,9 +419,15 @@ class Aggregator:
             sources[dtype] = view if view is not None else layout.tensors(state_dict, dtype)
             nbytes += layout.numel[dtype] * (view.element_size() if view is not None else sources[dtype][0].element_size())
         clip = self._clip_factor(sources) if self.clip_norm is not None else 1.0
-        update = _Update(sources, float(weight), clip, nbytes)
+        if weight > 0 and self._weight_scale is None:
+            self._weight_scale = float(weight)
+        elif weight > 0 and weight / self._weight_scale > 2.0**64:
+            self._rescale(float(weight))
+        scaled = float(weight) / self._weight_scale if weight > 0 else 0.0
+        update = _Update(sources, scaled, clip, nbytes)
         self.n_updates += 1
         self.total_weight += float(weight)
+        self._scaled_total += scaled
         if self.collects:
             self._collected.append(update)
             if self._sum.acc:
@@ -379,6 +441,18 @@ class Aggregator:
             not self._unbounded and self._pending_bytes > self._pending_budget
         ):
             self._flush()
+
+    def _rescale(self, scale: float) -> None:
+        """Express everything relative to a new (much larger) weight scale."""
+        self._flush()
+        factor = self._weight_scale / scale
+        for buffer in self._sum.acc.values():
+            buffer.mul_(factor)
+        for update in self._collected:
+            update.weight *= factor
+        self._global_coef *= factor
+        self._scaled_total *= factor
+        self._weight_scale = scale
 
     def add_many(self, pairs: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
         """Add updates that are all in memory already (a list): fold ``max_fold`` per pass.
@@ -479,7 +553,7 @@ class Aggregator:
 
     def _mean_flats(self) -> dict[torch.dtype, torch.Tensor]:
         """Finalise the weighted sum into means in the model dtypes (in the accumulator's memory)."""
-        if self.total_weight <= 0:
+        if self._scaled_total <= 0:
             raise ZeroTotalWeightError(
                 f"the weights of the {self.n_updates} update(s) sum to zero; nothing to average"
             )
@@ -488,7 +562,7 @@ class Aggregator:
         for dtype, buffer in acc.items():
             if dtype.is_floating_point and self._global_coef > 0:
                 buffer.add_(self._global_flat(dtype), alpha=self._global_coef)
-            out[dtype] = _finalize_inplace(buffer, self.total_weight, dtype, self.chunk)
+            out[dtype] = _finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
         return out
 
     def _combine(self) -> dict[torch.dtype, torch.Tensor]:
@@ -571,10 +645,10 @@ class _Robust(Aggregator):
     def _non_float_means(self) -> dict[torch.dtype, torch.Tensor]:
         if not self._sum.acc:
             return {}
-        if self.total_weight <= 0:
+        if self._scaled_total <= 0:
             raise ZeroTotalWeightError("the weights of the updates sum to zero; integer buffers have no mean")
         acc = self._sum.take()
-        return {d: _finalize_inplace(b, self.total_weight, d, self.chunk) for d, b in acc.items()}
+        return {d: _finalize_inplace(b, self._scaled_total, d, self.chunk) for d, b in acc.items()}
 
 
 class _CoordinateWise(_Robust):

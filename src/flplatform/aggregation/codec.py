@@ -340,16 +340,18 @@ class FlatLayout:
         safetensors library or :func:`encode_safetensors`, and for results of the aggregators. Returns
         None otherwise (callers then work tensor by tensor).
         """
-        slots = self.groups[dtype]
+        slots = [slot for slot in self.groups[dtype] if slot.numel]  # empty tensors live anywhere
+        if not slots:
+            return torch.empty(0, dtype=dtype)
         first = state[slots[0].name]
         if not first.is_contiguous() or first.device.type != "cpu":
             return None
-        if len(slots) == 1:
+        if len(slots) == 1 and slots[0].numel == self.numel[dtype]:
             return first.reshape(-1)
         itemsize = first.element_size()
         storage = first.untyped_storage()
         storage_ptr = storage.data_ptr()
-        base = first.data_ptr()
+        base = first.data_ptr() - slots[0].offset * itemsize  # address of the group's element 0
         for slot in slots[1:]:
             tensor = state[slot.name]
             if (
@@ -358,11 +360,10 @@ class FlatLayout:
                 or tensor.untyped_storage().data_ptr() != storage_ptr
             ):
                 return None
-        total = self.numel[dtype]
-        start = first.storage_offset()
-        if (start + total) * itemsize > storage.nbytes():
+        start = first.storage_offset() - slots[0].offset
+        if start < 0 or (start + self.numel[dtype]) * itemsize > storage.nbytes():
             return None
-        return first.new_empty(0).set_(storage, start, (total,))
+        return first.new_empty(0).set_(storage, start, (self.numel[dtype],))
 
     def tensors(self, state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
         """The group's tensors of ``state`` flattened to 1-D, in layout order."""
