@@ -32,6 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level.lower(),
         proxy_headers=True,
+        # Broker frames above FLP_BROKER_MAX_MESSAGE_BYTES get an error ack instead of a close.
+        ws_max_size=64 * 1024**2,
     )
     return 0
 
@@ -124,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Domains add their sub-commands here: each entry receives the sub-parsers object.
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []  # type: ignore[type-arg]
+
+
+def _register_topic(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from flplatform.broker.cli import register  # the DASF broker's `flplatform topic`
+
+    register(sub)
+
+
+EXTRA_COMMANDS.append(_register_topic)
+
+
+def _register_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from flplatform.demo import register  # light module: torch loads only when the demo runs
+
+    register(sub)
+
+
+EXTRA_COMMANDS.append(_register_demo)
 
 
 def main(argv: list[str] | None = None) -> int:

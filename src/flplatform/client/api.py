@@ -185,6 +185,11 @@ class FLPlatformAPI:
         }
         return await self.request_json("POST", "/api/users/", json=body)
 
+    async def notification_key(self) -> str:
+        """This user's key for checking the server's notification signatures."""
+        body = await self.request_json("GET", "/api/users/myself/notification-key/")
+        return str(body["key"])
+
     async def update_myself(self, **fields: Any) -> JSONDict:
         me = await self.myself()
         return await self.request_json("PATCH", f"/api/users/{me['id']}/", json=fields)

@@ -123,7 +123,7 @@ class LocalTrainer:
 
     train_data: Shard
     test_data: Shard
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 16
     lr: float = 0.05
     momentum: float = 0.9

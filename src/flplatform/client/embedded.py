@@ -35,8 +35,14 @@ class EmbeddedServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve(sockets=[self._sock])
+        except SystemExit as exc:  # uvicorn exits on a failed start-up; keep the host process alive
+            raise RuntimeError(f"server on {self.url} failed to start (see the log above)") from exc
+
     async def start(self, timeout: float = 30.0) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[self._sock]))
+        self._task = asyncio.get_running_loop().create_task(self._serve())
         deadline = asyncio.get_running_loop().time() + timeout
         while not self._server.started:
             if self._task.done():

@@ -81,6 +81,8 @@ class RoundRecord:
     sample_size: int | None
     metrics: dict[str, Any]
     seconds: float
+    # For "train": the id the server gave the uploaded local model (when it says).
+    uploaded_model_id: str | None = None
 
 
 @dataclasses.dataclass
@@ -165,6 +167,10 @@ class Participant:
         self._progress = progress
         self._progress_task = progress.add_task(self.name, total=None, status="waiting") if progress else None
 
+    async def fetch_signing_key(self) -> None:
+        """Check notification signatures from now on, with this user's key from the server."""
+        self.signing_key = (await self.api.notification_key()).encode()
+
     # ------------------------------------------------------------------ notifications
 
     def run_for(self, training_id: str | uuid.UUID) -> TrainingRun:
@@ -202,6 +208,9 @@ class Participant:
                 return 400, "round must be an integer"
             if _mu_from(body) is not None:
                 run.mu = _mu_from(body)
+            if body.get("training_model_uuid"):
+                # flplatform names the upload target explicitly (it differs from the download in FedDC).
+                run.global_model_id = str(body["training_model_uuid"])
             # Saying "cannot" (non-2xx, the server then removes this client) beats a silent stall.
             if kind == "SWAG_ROUND_START" and self.moments_fn is None:
                 return 501, "this participant computes no SWAG statistics"
@@ -214,7 +223,10 @@ class Participant:
                 self._spawn(self._work(run, work, round_, model_id), f"{self.name}-{work}-{round_}")
             return STATUS_FOR[kind], f"{work} round {round_} accepted"
         if kind == "TRAINING_FINISHED":
-            self._spawn(self._finish(run, "finished"), f"{self.name}-finish")
+            if body.get("state") == "E":
+                run.errors.append(f"training ended in error: {body.get('error_reason')}")
+            outcome: Literal["finished", "error"] = "error" if body.get("state") == "E" else "finished"
+            self._spawn(self._finish(run, outcome), f"{self.name}-finish")
             return STATUS_FOR[kind], "training finished noted"
         if kind == "CLIENT_REMOVED":
             self._spawn(self._finish(run, "removed"), f"{self.name}-removed")
@@ -309,11 +321,12 @@ class Participant:
             payload, filename = await asyncio.to_thread(dump_module, module), "update.pt"
         self._status(run, f"round {round_}: upload")
         # Always to the global model: in FedDC rounds ``model_id`` is another client's local model.
-        await self.api.upload_update(
+        answer = await self.api.upload_update(
             ctx.global_model_id, payload, round=round_, sample_size=int(sample_size), metrics=metrics, filename=filename
         )
         self._status(run, f"round {round_}: uploaded", advance=1)
-        return RoundRecord("train", round_, model_id, int(sample_size), dict(metrics or {}), 0.0)
+        uploaded = str(answer["model_id"]) if isinstance(answer, dict) and answer.get("model_id") else None
+        return RoundRecord("train", round_, model_id, int(sample_size), dict(metrics or {}), 0.0, uploaded)
 
     async def _test(self, run: TrainingRun, round_: int, model_id: str) -> RoundRecord:
         assert self.test_fn is not None
