@@ -103,7 +103,16 @@ async def optional_user(
     _basic: Annotated[object, Depends(basic_scheme)],
     _token: Annotated[str | None, Depends(token_scheme)],
 ) -> User | None:
-    user = await authenticate(session, request.headers.get("authorization"))
+    try:
+        user = await authenticate(session, request.headers.get("authorization"))
+    except Unauthorized as exc:
+        if exc.code == "invalid_credentials":  # wrong password or malformed credentials (not stale tokens)
+            from flplatform.billing import audit
+
+            await audit.record_detached(
+                request.app.state.sessionmaker, "auth.login_failed", exc.detail, level="WARNING", request=request
+            )
+        raise
     request.state.user = user
     return user
 

@@ -285,6 +285,16 @@ async def balances_of(session: AsyncSession, owner_id: uuid.UUID) -> dict[tuple[
     return {(r.currency, r.kind): r.balance for r in rows}
 
 
+async def has_billing_history(session: AsyncSession, user_id: uuid.UUID) -> bool:
+    """Whether the user owns ledger accounts or bills (history that is never deleted)."""
+    from flplatform.orm.billing import Bill
+
+    for model, column in ((LedgerAccount, LedgerAccount.owner_id), (Bill, Bill.user_id)):
+        if (await session.execute(select(model.id).where(column == user_id).limit(1))).first() is not None:
+            return True
+    return False
+
+
 async def account_balance(session: AsyncSession, account: AccountRef) -> int:
     """Cached balance for user accounts, the sum of postings for system accounts."""
     if account.is_user:

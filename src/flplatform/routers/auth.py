@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
 from flplatform.auth import user_for_password
+from flplatform.billing import audit
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, responses
 from flplatform.schemas.user import AccessToken
@@ -27,6 +28,11 @@ async def login(
 ) -> AccessToken:
     user = await user_for_password(session, form.username, form.password)
     if user is None:
+        # In a session of its own: this request rolls back.
+        await audit.record_detached(
+            request.app.state.sessionmaker, "auth.login_failed", f"failed login for {form.username[:150]!r}",
+            level="WARNING", request=request,
+        )
         raise Unauthorized("Invalid username/password.", code="invalid_credentials")
     if not user.is_active:
         raise Unauthorized("User inactive or deleted.", code="user_inactive")

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from flplatform.billing import audit
 from flplatform.errors import Conflict, Forbidden, NotFound
 from flplatform.orm import ApiToken, User
 from flplatform.orm.base import utcnow
@@ -97,6 +98,14 @@ async def update_user(session: AsyncSession, user: User, data: UserUpdate, *, by
 async def delete_user(session: AsyncSession, user: User, *, by: User) -> None:
     if by.id == user.id and user.is_superuser:
         raise Forbidden("Superusers cannot delete themselves.")
+    from flplatform.billing.ledger import has_billing_history
+
+    if await has_billing_history(session, user.id):
+        raise Conflict(
+            "This user has billing history (balances, holds or bills), which is never deleted; "
+            "deactivate the user instead (is_active=false).",
+            code="user_has_billing_history",
+        )
     await session.delete(user)
     await session.flush()
 
@@ -126,6 +135,8 @@ async def rotate_primary_token(session: AsyncSession, user: User) -> str:
     now = utcnow()
     for row in await _active_tokens(session, user, primary=True):
         row.revoked_at = now
+    await audit.record(session, "auth.token_rotated", f"primary token of {user.username} replaced", actor=user,
+                       subject_user_id=user.id)
     return await issue_primary_token(session, user)
 
 
@@ -149,6 +160,8 @@ async def create_api_token(session: AsyncSession, user: User, data: TokenCreate)
     row = _token_row(user, token, name=data.name, is_primary=False, expires_at=expires)
     session.add(row)
     await session.flush()
+    await audit.record(session, "auth.token_created", f"API token {data.name!r} ({row.prefix}…) of {user.username}",
+                       actor=user, subject_user_id=user.id)
     return row, token
 
 
@@ -172,6 +185,8 @@ async def revoke_token(session: AsyncSession, user: User, token_id: uuid.UUID) -
         raise NotFound(f"Token {token_id} not found.")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+        await audit.record(session, "auth.token_revoked", f"API token {row.name!r} ({row.prefix}…) of {user.username}",
+                           actor=user, subject_user_id=user.id)
     await session.flush()
     return row
 
