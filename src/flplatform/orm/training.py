@@ -88,6 +88,8 @@ class Training(IDMixin, TimestampMixin, Base):
     phase_started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     # Lease of ``locked``: a crashed aggregation never leaves the training stuck.
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # The aggregator's state between rounds (FedOpt moments, round counter) as safetensors.
+    aggregator_state: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True, deferred_raiseload=True)
 
     model: Mapped[Model] = relationship(lazy="raise")
     actor: Mapped[User] = relationship(foreign_keys=[actor_id], lazy="raise")

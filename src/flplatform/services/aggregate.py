@@ -18,6 +18,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from flplatform import aggregation
 from flplatform.orm import LocalModel, Model, SwagStatistic
 from flplatform.services import model_files
 from flplatform.services.model_files import ModelFileError, StateDict, TensorSpec
@@ -67,72 +68,71 @@ async def parameter_count(session: AsyncSession, model_id: uuid.UUID, round_: in
 
 
 class WeightedMean:
-    """Sample-size-weighted mean over every state-dict entry, fed one update at a time.
-
-    Float tensors accumulate in float64; integer buffers (``num_batches_tracked``) get the
-    rounded weighted mean; zero total weight is an error. Minimal stand-in used when
-    ``flplatform.aggregation`` offers no streaming aggregator for the selected name.
-    """
+    """Sample-size-weighted mean of small flat vectors (SWAG moments), in float64."""
 
     def __init__(self) -> None:
         self.total = 0.0
         self.acc: dict[str, torch.Tensor] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
 
     def add(self, state: StateDict, weight: float) -> None:
-        if weight < 0:
-            raise ValueError("negative sample size")
         for name, tensor in state.items():
             if name not in self.acc:
                 self.acc[name] = torch.zeros(tensor.shape, dtype=torch.float64)
-                self.dtypes[name] = tensor.dtype
             self.acc[name].add_(tensor.to(torch.float64), alpha=float(weight))
         self.total += float(weight)
 
     def result(self) -> StateDict:
         if self.total <= 0:
             raise ValueError("the sample sizes of the round sum to zero; nothing to average")
-        out: StateDict = {}
-        for name, acc in self.acc.items():
-            mean = acc / self.total
-            dtype = self.dtypes[name]
-            out[name] = mean.to(dtype) if dtype.is_floating_point else torch.round(mean).to(dtype)
-        return out
+        return {name: (acc / self.total).to(torch.float32) for name, acc in self.acc.items()}
 
 
-def _library_aggregator(options: dict[str, Any]) -> Any | None:
-    """The aggregation package's streaming aggregator for ``options`` (None → WeightedMean)."""
-    try:
-        from flplatform import aggregation
-    except ImportError:  # pragma: no cover
-        return None
-    factory = getattr(aggregation, "make_aggregator", None)
-    if factory is None:
-        name = options.get("aggregator") or "fedavg"
-        if name != "fedavg":
-            raise ValueError(f"aggregator {name!r} is not available")
-        return None
-    return factory(options.get("aggregator") or "fedavg", **(options.get("aggregator_options") or {}))
+def aggregator_options(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Name and keyword options of the training's aggregator (``options.aggregator`` + DP)."""
+    name = options.get("aggregator") or "fedavg"
+    kwargs = dict(options.get("aggregator_options") or {})
+    dp = options.get("dp")
+    if dp:
+        kwargs.setdefault("dp_clip_norm", dp.get("clip_norm"))
+        kwargs.setdefault("dp_noise_multiplier", dp.get("noise_multiplier", 0.0))
+        if dp.get("seed") is not None:
+            kwargs.setdefault("seed", dp["seed"])
+    if name == "fedprox" and options.get("mu") is not None:
+        kwargs.setdefault("proximal_mu", options["mu"])
+    return name, kwargs
+
+
+def check_aggregator_options(options: dict[str, Any]) -> None:
+    """Raises ``AggregationError`` (a ValueError) for an unknown option or a value out of range."""
+    name, kwargs = aggregator_options(options)
+    aggregation.get(name, **kwargs)
 
 
 async def aggregate_updates(sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.UUID,
-                            items: Sequence[tuple[uuid.UUID, int]], options: dict[str, Any]) -> bytes:
-    """New global model (TorchScript bytes) from the round's local models, streamed one by one."""
-    library = _library_aggregator(options)
-    accumulator = library if library is not None else WeightedMean()
+                            items: Sequence[tuple[uuid.UUID, int]], options: dict[str, Any],
+                            previous_state: bytes | None) -> tuple[bytes, bytes]:
+    """New global model (TorchScript bytes) and the aggregator's state (safetensors) from the
+    round's local models, streamed from the DB one at a time into ``flplatform.aggregation``."""
+    name, kwargs = aggregator_options(options)
+    agg = aggregation.get(name, **kwargs)
     async with sessionmaker() as session:
         template = await _global_weights(session, model_id)
+    global_state, _ = await asyncio.to_thread(model_files.decode_state_dict, template)
+    prior = aggregation.decode_safetensors(previous_state, copy=True) if previous_state else None
+    await asyncio.to_thread(agg.begin, global_state, prior)
     for local_id, sample_size in items:
         async with sessionmaker() as session:
             data = (await session.execute(select(LocalModel.weights).where(LocalModel.id == local_id))).scalar_one_or_none()
         if data is None:
             raise ValueError(f"local model {local_id} disappeared during aggregation")
-        state = await asyncio.to_thread(model_files.decode_safetensors, data)
-        del data
-        await asyncio.to_thread(accumulator.add, state, float(sample_size))
+        state = await asyncio.to_thread(aggregation.decode_safetensors, data)
+        del data  # the zero-copy views keep the buffer alive while the aggregator needs them
+        await asyncio.to_thread(agg.add, state, float(sample_size))
         del state
-    result = await asyncio.to_thread(accumulator.result)
-    return await asyncio.to_thread(model_files.rebuild_torchscript, template, result)
+    new_global, new_state = await asyncio.to_thread(agg.finish)
+    encoded = await asyncio.to_thread(model_files.rebuild_torchscript, template, new_global)
+    state_bytes = await asyncio.to_thread(aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()})
+    return encoded, state_bytes
 
 
 async def aggregate_swag(sessionmaker: async_sessionmaker[AsyncSession],

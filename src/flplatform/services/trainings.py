@@ -41,7 +41,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
-from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
+from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from flplatform.orm import (
     GlobalModel,
     GlobalModelRound,
@@ -211,6 +211,10 @@ async def create_training(session: AsyncSession, actor: User, data: TrainingCrea
         model = await model_service.clone_global_model(session, model)
     clients = await _users(session, data.clients)
     options = data.options.model_dump(mode="json")
+    try:
+        aggregate.check_aggregator_options(options)
+    except ValueError as exc:
+        raise Unprocessable(f"options: {exc}", code="invalid_aggregator_options") from None
     training = Training(
         model_id=model.id,
         actor_id=actor.id,
@@ -433,8 +437,8 @@ async def _daisy_chain_step(session: AsyncSession, training: Training, model: Gl
     else:
         assigned = locals_
     downloads = dict(zip(owners, assigned, strict=True))
-    await session.execute(update(Model).where(Model.id == model.id).values(round=model.round + 1))
     model.round += 1
+    await session.flush()
     await _begin_update_round(session, training, model, training.participants, downloads)
 
 
@@ -578,9 +582,13 @@ class TrainingRuntime:
         async with self.sessionmaker() as session:
             training = await get_training(session, training_id)
             options = dict(training.options or {})
+            previous = (await session.execute(
+                select(Training.aggregator_state).where(Training.id == training_id)
+            )).scalar_one_or_none()
         if job.kind == "update":
-            encoded = await aggregate.aggregate_updates(self.sessionmaker, job.model_id, job.items, options)
-            await self._finish_update(training_id, job, encoded)
+            encoded, state = await aggregate.aggregate_updates(self.sessionmaker, job.model_id, job.items, options,
+                                                               previous)
+            await self._finish_update(training_id, job, encoded, state)
         else:
             first, second = await aggregate.aggregate_swag(self.sessionmaker, job.items)
             await self._finish_swag(training_id, job, first, second)
@@ -595,7 +603,7 @@ class TrainingRuntime:
             return None
         return training, model
 
-    async def _finish_update(self, training_id: uuid.UUID, job: _Job, encoded: bytes) -> None:
+    async def _finish_update(self, training_id: uuid.UUID, job: _Job, encoded: bytes, state: bytes) -> None:
         async with self.sessionmaker() as session:
             owned = await self._owned(session, training_id, job)
             if owned is None:
@@ -611,6 +619,7 @@ class TrainingRuntime:
             model.round = new_round
             session.add(GlobalModelRound(model_id=model.id, round=new_round, weights=encoded,
                                          weights_format="torchscript", weights_size=len(encoded)))
+            await session.execute(update(Training).where(Training.id == training.id).values(aggregator_state=state))
             training.locked = False
             training.locked_until = None
             await on_round_aggregated(session, training, job.round)
