@@ -157,7 +157,9 @@ def _npy_to_tensor(data: bytes, limits: InputLimits) -> Tensor:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"model_input is not a valid .npy file ({str(exc)[:200]}).") from None
-    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+    # Native byte order and C order (torch has neither big-endian nor strided-negative views);
+    # not ascontiguousarray, which would turn a 0-d array into 1-d.
+    array = array.astype(array.dtype.newbyteorder("="), order="C", copy=False)
     if array.dtype.kind == "u" and array.dtype.itemsize > 1:
         array = array.astype(np.int64)
     return _checked(torch.from_numpy(array), limits)
