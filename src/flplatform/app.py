@@ -22,6 +22,7 @@ from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
 from flplatform.routers import health as health_router
+from flplatform.routers import organizations as organizations_router
 from flplatform.routers import inference as inference_router
 from flplatform.routers import users as users_router
 from flplatform.settings import Settings, get_settings
@@ -49,6 +50,9 @@ TAGS = [
      "statements, bills, price list and ledger reconciliation."},
     {"name": "audit", "description": "Append-only audit log of billing, permission and credential events."},
     {"name": "users", "description": "Users, their profile and their API tokens."},
+    {"name": "organizations", "description": "Organisations, projects, groups, members, roles, invitation links and "
+     "organisation settings (the permission hierarchy)."},
+    {"name": "groups", "description": "DLR-compatible group routes (`/api/groups/`, `/api/users/groups/`)."},
     {"name": "broker", "description": "DASF message broker: topics, grants, stored messages, availability "
      "(websockets under /ws/)."},
     {"name": "inference", "description": "Predictions with uncertainty (ensembles, MC dropout, SWAG) from "
@@ -178,6 +182,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(billing_router.audit_router)
     app.include_router(auth_router.router)
     broker_router.include(app)  # JSON API, /ws/ views and websockets
+    app.include_router(organizations_router.users_groups_router)  # before users: /api/users/groups/
     app.include_router(users_router.router)
+    for router in organizations_router.ALL_ROUTERS:
+        app.include_router(router)
     app.include_router(inference_router.router)  # before models: /api/models/{id}/metadata/
     return app

@@ -2,6 +2,19 @@
 table on ``Base.metadata`` (Alembic's autogenerate target)."""
 
 from flplatform.orm.base import Base
+from flplatform.orm.collections import (
+    AdHocGroup,
+    Collection,
+    CollectionKind,
+    Group,
+    Invitation,
+    Membership,
+    Organization,
+    OrganizationSettings,
+    Project,
+    Role,
+    RoleKind,
+)
 from flplatform.orm.broker import (  # noqa: F401  (registers the broker tables)
     BrokerDelivery,
     BrokerMessage,
@@ -17,6 +30,17 @@ from flplatform.orm.training import AggregationMethod, Training, TrainingState, 
 from flplatform.orm.user import ApiToken, User
 
 __all__ = [
+    "AdHocGroup",
+    "Collection",
+    "CollectionKind",
+    "Group",
+    "Invitation",
+    "Membership",
+    "Organization",
+    "OrganizationSettings",
+    "Project",
+    "Role",
+    "RoleKind",
     "AggregationMethod",
     "ApiToken",
     "Base",

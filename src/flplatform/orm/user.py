@@ -71,6 +71,11 @@ class User(IDMixin, TimestampMixin, Base):
 
     last_login_at: Mapped[dt.datetime | None]
 
+    # The user's organisation (None: a platform superuser, or a user of the organisation-less
+    # DLR-compatible space). No ON DELETE action: an organisation that still has users cannot be
+    # deleted (the service answers 409 first).
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("collections.id"), index=True)
+
     tokens: Mapped[list[ApiToken]] = relationship(
         back_populates="user", lazy="raise", cascade="all, delete-orphan", passive_deletes=True
     )

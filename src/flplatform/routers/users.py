@@ -7,10 +7,21 @@ from fastapi import APIRouter, Query, Request, Response, status
 
 from flplatform.auth import CurrentUser, OptionalUser
 from flplatform.db import SessionDep
-from flplatform.errors import Forbidden, Unauthorized, responses
-from flplatform.orm import User
+from flplatform.errors import Forbidden, Unauthorized, Unprocessable, responses
+from flplatform.orm import CollectionKind, User
+from flplatform.permissions import (
+    AuthenticatedRequester,
+    Requester,
+    RequesterDep,
+    can_create,
+    ensure_allowed,
+    ensure_readable,
+    readable,
+    refused_self_edits,
+)
 from flplatform.schemas.base import Detail
 from flplatform.schemas.user import TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead, UserUpdate
+from flplatform.services import collections as collection_service
 from flplatform.services import users as user_service
 
 router = APIRouter(prefix="/api/users", tags=["users"])
@@ -26,17 +37,20 @@ def _read(user: User, token: str | None = None) -> UserRead:
     "/",
     response_model=list[UserRead],
     summary="List users",
-    description="Users ordered by creation; `X-Total-Count` carries the total.",
+    description="The users the caller may see (see README, Permissions), ordered by creation; "
+    "`X-Total-Count` carries the total.",
     responses=responses(401),
 )
 async def list_users(
     session: SessionDep,
     response: Response,
-    _user: CurrentUser,
+    requester: AuthenticatedRequester,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[UserRead]:
-    rows, total = await user_service.list_users(session, limit=limit, offset=offset)
+    rows, total = await user_service.list_users(
+        session, limit=limit, offset=offset, where=readable(requester, User)
+    )
     response.headers["X-Total-Count"] = str(total)
     return [_read(u) for u in rows]
 
@@ -46,15 +60,28 @@ async def list_users(
     response_model=UserRead,
     status_code=status.HTTP_201_CREATED,
     summary="Create a user",
-    description="Superusers create any user. Anonymous callers may register themselves (never as staff or "
-    "superuser) when `FLP_ALLOW_SELF_REGISTRATION` is on. The response carries the new user's `token`.",
-    responses=responses(401, 403, 409, 422),
+    description="Superusers create any user (in any organisation); organisation admins create users in their "
+    "organisation (the default `organization_id`). Anonymous callers may register themselves (never as staff "
+    "or superuser, outside organisations) when `FLP_ALLOW_SELF_REGISTRATION` is on; joining an organisation "
+    "goes through an invitation link. The response carries the new user's `token`.",
+    responses=responses(401, 403, 404, 409, 422),
 )
-async def create_user(request: Request, session: SessionDep, data: UserCreate, caller: OptionalUser) -> UserRead:
+async def create_user(
+    request: Request, session: SessionDep, data: UserCreate, caller: OptionalUser, requester: RequesterDep
+) -> UserRead:
     if caller is None and not request.app.state.settings.allow_self_registration:
         raise Unauthorized("Self-registration is disabled; ask an administrator.")
+    if caller is None and data.organization_id is not None:
+        raise Forbidden("Join an organisation through an invitation link.", code="invitation_required")
     if caller is not None and not caller.is_superuser:
-        raise Forbidden("Only superusers may create users.")
+        if data.organization_id is None:
+            data = data.model_copy(update={"organization_id": caller.organization_id})
+        if not await can_create(requester, User(organization_id=data.organization_id)):
+            raise Forbidden("Only superusers and organisation admins may create users.")
+    if data.organization_id is not None:
+        if data.is_superuser:
+            raise Unprocessable("Superusers belong to no organisation.", code="superuser_has_no_organization")
+        await collection_service.get_collection(session, data.organization_id, CollectionKind.ORGANIZATION)
     user, token = await user_service.create_user(session, data, created_by=caller)
     return _read(user, token)
 
@@ -110,25 +137,38 @@ async def revoke_token(session: SessionDep, user: CurrentUser, token_id: uuid.UU
     description="`token` is included only when the caller asks for themselves.",
     responses=responses(401, 404, 422),
 )
-async def get_user(session: SessionDep, caller: CurrentUser, user_id: uuid.UUID) -> UserRead:
+async def get_user(session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID) -> UserRead:
     user = await user_service.get_user(session, user_id)
-    token = await user_service.primary_token(session, user) if user.id == caller.id else None
+    await ensure_readable(requester, user, f"User {user_id}")
+    token = await user_service.primary_token(session, user) if user.id == requester.id else None
     return _read(user, token)
 
 
-async def _update(session: SessionDep, caller: User, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
+async def _update(session: SessionDep, requester: Requester, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
     user = await user_service.get_user(session, user_id)
-    if caller.id != user.id and not caller.is_superuser:
-        raise Forbidden("You may only change your own user.")
-    await user_service.update_user(session, user, data, by=caller)
+    await ensure_allowed(requester, "update", user, f"user {user_id}")
+    refused = await refused_self_edits(requester, user, data.model_fields_set)
+    if refused:
+        raise Forbidden(
+            f"Your organisation does not let members change their own {', '.join(refused)}.", code="setting_forbids"
+        )
+    assert requester.user is not None
+    await user_service.update_user(session, user, data, by=requester.user)
     return _read(user)
 
 
 @router.patch(
-    "/{user_id}/", response_model=UserRead, summary="Update a user", responses=responses(401, 403, 404, 409, 422)
+    "/{user_id}/",
+    response_model=UserRead,
+    summary="Update a user",
+    description="Users change themselves (within their organisation's `members_can_edit_*` settings); "
+    "organisation admins change their organisation's users; superusers anyone.",
+    responses=responses(401, 403, 404, 409, 422),
 )
-async def patch_user(session: SessionDep, caller: CurrentUser, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
-    return await _update(session, caller, user_id, data)
+async def patch_user(
+    session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID, data: UserUpdate
+) -> UserRead:
+    return await _update(session, requester, user_id, data)
 
 
 @router.put(
@@ -137,20 +177,23 @@ async def patch_user(session: SessionDep, caller: CurrentUser, user_id: uuid.UUI
     summary="Update a user (same as PATCH)",
     responses=responses(401, 403, 404, 409, 422),
 )
-async def put_user(session: SessionDep, caller: CurrentUser, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
-    return await _update(session, caller, user_id, data)
+async def put_user(
+    session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID, data: UserUpdate
+) -> UserRead:
+    return await _update(session, requester, user_id, data)
 
 
 @router.delete(
     "/{user_id}/",
     response_model=Detail,
     summary="Delete a user",
-    description="Superusers delete anyone but themselves; users may delete their own account.",
+    description="Superusers delete anyone but themselves; organisation admins their organisation's users; "
+    "users their own account (in an organisation: if `members_can_delete_account`).",
     responses=responses(401, 403, 404, 422),
 )
-async def delete_user(session: SessionDep, caller: CurrentUser, user_id: uuid.UUID) -> Detail:
+async def delete_user(session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID) -> Detail:
     user = await user_service.get_user(session, user_id)
-    if caller.id != user.id and not caller.is_superuser:
-        raise Forbidden("You may only delete your own user.")
-    await user_service.delete_user(session, user, by=caller)
+    await ensure_allowed(requester, "delete", user, f"user {user_id}")
+    assert requester.user is not None
+    await user_service.delete_user(session, user, by=requester.user)
     return Detail(detail="User removed!")

@@ -40,6 +40,9 @@ class UserCreate(RequestSchema):
     client: bool = False
     is_staff: bool = Field(default=False, description="Only a superuser may set this.")
     is_superuser: bool = Field(default=False, description="Only a superuser may set this.")
+    organization_id: uuid.UUID | None = Field(
+        default=None, description="Superusers: any organisation; organisation admins: their own (the default)."
+    )
     time_format: TimeFormat = TimeFormat.H24
     date_format: DateFormat = DateFormat.DMY
     date_separator: DateSeparator = DateSeparator.SLASH
@@ -102,6 +105,7 @@ class UserRead(Schema):
     is_active: bool
     is_staff: bool
     is_superuser: bool
+    organization_id: uuid.UUID | None = None
     time_format: TimeFormat
     date_format: DateFormat
     date_separator: DateSeparator

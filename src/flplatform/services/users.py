@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.billing import audit
@@ -27,10 +28,16 @@ async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User:
     return user
 
 
-async def list_users(session: AsyncSession, *, limit: int, offset: int) -> tuple[Sequence[User], int]:
-    total = (await session.execute(select(func.count()).select_from(User))).scalar_one()
+async def list_users(
+    session: AsyncSession, *, limit: int, offset: int, where: Any = None
+) -> tuple[Sequence[User], int]:
+    """``where``: the caller's ``permissions.readable(requester, User)`` clause."""
+    where = true() if where is None else where
+    total = (await session.execute(select(func.count()).select_from(User).where(where))).scalar_one()
     rows = (
-        await session.execute(select(User).order_by(User.created_at, User.id).limit(limit).offset(offset))
+        await session.execute(
+            select(User).where(where).order_by(User.created_at, User.id).limit(limit).offset(offset)
+        )
     ).scalars().all()
     return rows, total
 

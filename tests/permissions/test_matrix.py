@@ -1,0 +1,190 @@
+"""The permission matrix over HTTP: actor × operation × resource kind → status code, and for
+reads whether the list endpoint includes the object (the boolean check and the SQL clause agree).
+
+One test per resource kind; it walks every operation and actor (a failure lists every
+mismatching cell at once). After an operation that consumed the state (a delete, an added membership or
+role) the next actor gets a fresh tree, so every actor meets the same state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from flplatform.services.collections import create_invitation
+from tests.permissions.conftest import ACTORS, Actor, OrgTree, build_org_tree
+
+# Expected outcome per actor, in ACTORS order:
+#   superuser org_admin project_coach group_coach member_one member_all orphan other_admin anonymous
+# "200+" = status 200 and the object is in the list endpoint's answer; "200" alone on a read
+# means the list answered 200 without the object (the detail route, if any, must then be 404).
+MATRIX: dict[tuple[str, str], str] = {
+    ("organization", "read"): "200+ 200+ 200+ 200+ 200+ 200+ 200+ 404 401",
+    ("organization", "create"): "201 403 403 403 403 403 403 403 401",
+    ("organization", "update"): "200 200 403 403 403 403 403 404 401",
+    ("organization", "delete"): "409 403 403 403 403 403 403 404 401",
+    ("settings", "read"): "200 200 200 200 200 200 200 404 401",
+    ("settings", "update"): "200 200 403 403 403 403 403 404 401",
+    ("project", "read"): "200+ 200+ 200+ 404 200+ 200+ 404 404 401",
+    ("project", "create"): "201 201 403 403 403 403 403 404 401",
+    ("project", "update"): "200 200 403 404 403 403 404 404 401",
+    ("project", "delete"): "204 204 403 404 403 403 404 404 401",
+    ("group", "read"): "200+ 200+ 200+ 200+ 200+ 200+ 404 404 401",
+    ("group", "create"): "201 201 201 404 403 403 404 404 401",
+    ("group", "update"): "200 200 200 403 403 403 404 404 401",
+    ("group", "delete"): "204 204 204 403 403 403 404 404 401",
+    ("user", "read"): "200+ 200+ 200+ 200+ 200+ 404 404 404 401",
+    ("user", "create"): "201 201 403 403 403 403 403 403 401",
+    ("user", "update"): "200 200 403 403 200 404 404 404 401",
+    ("user", "delete"): "200 200 403 403 403 404 404 404 401",
+    ("membership", "read"): "200+ 200+ 200+ 200+ 200+ 200 404 404 401",
+    ("membership", "create"): "201 201 201 403 403 403 404 404 401",
+    ("membership", "delete"): "200 200 200 200 403 403 404 404 401",
+    ("role", "read"): "200+ 200+ 200 200+ 200 200 404 404 401",
+    ("role", "create"): "201 201 403 403 403 403 404 404 401",
+    ("role", "delete"): "200 200 403 403 403 403 404 404 401",
+    ("invitation", "read"): "200+ 200+ 403 403 403 403 403 404 401",
+    ("invitation", "create"): "201 201 403 403 403 403 403 404 401",
+    ("invitation", "delete"): "200 200 403 403 403 403 403 404 401",
+}
+
+
+@dataclass
+class Outcome:
+    status: int
+    listed: bool | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status}{'+' if self.listed else ''}"
+
+
+Op = Callable[[httpx.AsyncClient, OrgTree, Actor], Awaitable[Outcome]]
+
+
+def _ids(response: httpx.Response) -> set[str]:
+    return {item["id"] for item in response.json()} if response.status_code == 200 else set()
+
+
+async def _read(client: httpx.AsyncClient, actor: Actor, detail: str | None, listing: str, target: str) -> Outcome:
+    """Status of the detail route (or of the list when there is none) and list inclusion."""
+    listed = await client.get(listing, headers=actor.headers)
+    included = target in _ids(listed)
+    if detail is None:
+        return Outcome(listed.status_code, included)
+    got = await client.get(detail, headers=actor.headers)
+    if got.status_code == 200:
+        assert got.json()["id"] == target
+    return Outcome(got.status_code, included)
+
+
+async def _status(response: httpx.Response) -> Outcome:
+    return Outcome(response.status_code)
+
+
+def g00(tree: OrgTree) -> str:
+    return str(tree.groups[0][0].id)
+
+
+OPS: dict[tuple[str, str], Op] = {
+    ("organization", "read"): lambda c, t, a: _read(c, a, f"/api/organizations/{t.org.id}/", "/api/organizations/", str(t.org.id)),
+    ("organization", "create"): lambda c, t, a: _status_of(c.post("/api/organizations/", json={"name": "new"}, headers=a.headers)),
+    ("organization", "update"): lambda c, t, a: _status_of(c.patch(f"/api/organizations/{t.org.id}/", json={"name": "x"}, headers=a.headers)),
+    ("organization", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/organizations/{t.org.id}/", headers=a.headers)),
+    ("settings", "read"): lambda c, t, a: _status_of(c.get(f"/api/organizations/{t.org.id}/settings/", headers=a.headers)),
+    ("settings", "update"): lambda c, t, a: _status_of(c.patch(f"/api/organizations/{t.org.id}/settings/", json={"location": "Bonn"}, headers=a.headers)),
+    ("project", "read"): lambda c, t, a: _read(c, a, f"/api/projects/{t.projects[0].id}/", f"/api/organizations/{t.org.id}/projects/", str(t.projects[0].id)),
+    ("project", "create"): lambda c, t, a: _status_of(c.post(f"/api/organizations/{t.org.id}/projects/", json={"name": "p"}, headers=a.headers)),
+    ("project", "update"): lambda c, t, a: _status_of(c.patch(f"/api/projects/{t.projects[0].id}/", json={"name": "p"}, headers=a.headers)),
+    ("project", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/projects/{t.projects[0].id}/", headers=a.headers)),
+    ("group", "read"): lambda c, t, a: _read(c, a, f"/api/groups/{g00(t)}/", "/api/groups/", g00(t)),
+    ("group", "create"): lambda c, t, a: _status_of(c.post(f"/api/projects/{t.projects[0].id}/groups/", json={"name": "g"}, headers=a.headers)),
+    ("group", "update"): lambda c, t, a: _status_of(c.patch(f"/api/groups/{g00(t)}/", json={"name": "g"}, headers=a.headers)),
+    ("group", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/groups/{g00(t)}/", headers=a.headers)),
+    ("user", "read"): lambda c, t, a: _read(c, a, f"/api/users/{t.member_one.id}/", "/api/users/?limit=1000", t.member_one.id),
+    ("user", "create"): lambda c, t, a: _status_of(c.post("/api/users/", json={"username": f"newbie-{a.name}", "password": "long-password", "organization_id": str(t.org.id)}, headers=a.headers)),
+    ("user", "update"): lambda c, t, a: _status_of(c.patch(f"/api/users/{t.member_one.id}/", json={"first_name": "X"}, headers=a.headers)),
+    ("user", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/users/{t.member_one.id}/", headers=a.headers)),
+    ("membership", "read"): lambda c, t, a: _read(c, a, None, f"/api/collections/{g00(t)}/members/", t.member_one.id),
+    ("membership", "create"): lambda c, t, a: _status_of(c.post(f"/api/collections/{g00(t)}/members/", json={"user_id": t.orphan.id}, headers=a.headers)),
+    ("membership", "delete"): lambda c, t, a: _removed(c.delete(f"/api/collections/{g00(t)}/members/{t.member_one.id}/", headers=a.headers)),
+    ("role", "read"): lambda c, t, a: _read_role(c, t, a),
+    ("role", "create"): lambda c, t, a: _status_of(c.post(f"/api/collections/{g00(t)}/roles/", json={"user_id": t.member_all.id, "kind": "coach"}, headers=a.headers)),
+    ("role", "delete"): lambda c, t, a: _removed(c.delete(f"/api/collections/{g00(t)}/roles/{t.group_coach.id}/coach/", headers=a.headers)),
+    ("invitation", "read"): lambda c, t, a: _read(c, a, None, f"/api/organizations/{t.org.id}/invitations/", t.invitation_id),  # type: ignore[attr-defined]
+    ("invitation", "create"): lambda c, t, a: _status_of(c.post(f"/api/organizations/{t.org.id}/invitations/", json={}, headers=a.headers)),
+    ("invitation", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/organizations/{t.org.id}/invitations/{t.invitation_id}/", headers=a.headers)),  # type: ignore[attr-defined]
+}
+
+
+async def _status_of(request: Awaitable[httpx.Response]) -> Outcome:
+    response = await request
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert set(response.json()) >= {"detail", "code"}
+    return Outcome(response.status_code)
+
+
+async def _removed(request: Awaitable[httpx.Response]) -> Outcome:
+    response = await request
+    if response.status_code == 200:
+        assert response.json() == {"removed": True}
+    return Outcome(response.status_code)
+
+
+async def _read_role(client: httpx.AsyncClient, tree: OrgTree, actor: Actor) -> Outcome:
+    response = await client.get(f"/api/collections/{g00(tree)}/roles/", headers=actor.headers)
+    held = response.status_code == 200 and any(
+        r["user_id"] == tree.group_coach.id and r["kind"] == "coach" for r in response.json()
+    )
+    return Outcome(response.status_code, held)
+
+
+async def _fresh_tree(app: Any, prefix: str, other_admin: Actor | None = None) -> OrgTree:
+    tree = await build_org_tree(app, prefix, second=other_admin is None)
+    if other_admin is not None:
+        tree.actors["other_admin"] = other_admin
+    async with app.state.sessionmaker() as session:
+        row, _ = await create_invitation(
+            session, tree.org.id, by=None, expires_in=dt.timedelta(days=1), max_uses=None, note=""
+        )
+        await session.commit()
+    tree.__dict__["invitation_id"] = str(row.id)
+    return tree
+
+
+# Operations whose success changes what the next actor would meet (the others rename, create
+# something new or are idempotent, so one tree serves every actor).
+CONSUMING = {("membership", "create"), ("role", "create")} | {(k, "delete") for k, _ in MATRIX} - {
+    ("organization", "delete"),  # refused with 409 while users remain: nothing is deleted
+    ("invitation", "delete"),  # revoking twice is fine
+}
+
+
+KINDS = list(dict.fromkeys(kind for kind, _ in MATRIX))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_permission_matrix(app, client, kind: str) -> None:
+    """Every operation on one resource kind, for every actor (one test per kind keeps the
+    per-test database set-up from dominating the run time)."""
+    mismatches = []
+    for operation in ("read", "update", "create", "delete"):
+        if (kind, operation) not in MATRIX:
+            continue
+        expected = dict(zip(ACTORS, MATRIX[(kind, operation)].split(), strict=True))
+        tree = await _fresh_tree(app, f"{operation}0")
+        for number, actor_name in enumerate(ACTORS):
+            outcome = await OPS[(kind, operation)](client, tree, tree.actors[actor_name])
+            if str(outcome) != expected[actor_name]:
+                mismatches.append(f"{operation} by {actor_name}: expected {expected[actor_name]}, got {outcome}")
+            if operation == "read" and outcome.status in (401, 403, 404):
+                assert not outcome.listed, f"{actor_name} may not read the {kind} but the list shows it"
+            if (kind, operation) in CONSUMING and outcome.status < 300:
+                # A tree of its own for the next actor, next to the old one (same other organisation).
+                tree = await _fresh_tree(app, f"{operation}{number + 1}", other_admin=tree.actors["other_admin"])
+    assert not mismatches, f"{kind}:\n  " + "\n  ".join(mismatches)
