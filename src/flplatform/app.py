@@ -22,8 +22,10 @@ from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
 from flplatform.routers import health as health_router
-from flplatform.routers import organizations as organizations_router
 from flplatform.routers import inference as inference_router
+from flplatform.routers import organizations as organizations_router
+from flplatform.routers import models as models_router
+from flplatform.routers import trainings as trainings_router
 from flplatform.routers import users as users_router
 from flplatform.settings import Settings, get_settings
 
@@ -55,6 +57,10 @@ TAGS = [
     {"name": "groups", "description": "DLR-compatible group routes (`/api/groups/`, `/api/users/groups/`)."},
     {"name": "broker", "description": "DASF message broker: topics, grants, stored messages, availability "
      "(websockets under /ws/)."},
+    {"name": "models", "description": "Global models (TorchScript), their round history, client updates, metrics, "
+     "preprocessing and SWAG statistics."},
+    {"name": "trainings", "description": "Federated trainings: participants, lifecycle (I/O/S/C/E), rounds, "
+     "signed notifications to clients."},
     {"name": "inference", "description": "Predictions with uncertainty (ensembles, MC dropout, SWAG) from "
      "global, mean and SWAG models."},
 ]
@@ -112,10 +118,13 @@ def _operation_id(route: APIRoute) -> str:
 
 def lifespan_components() -> list[LifespanComponent]:
     """Background components of each domain; domains append theirs here."""
+    from flplatform.services.trainings import training_component
+
     from flplatform.billing.hooks import billing_component
     from flplatform.broker import broker_component
+    from flplatform.workqueue import workqueue_component
 
-    return [broker_component, billing_component]
+    return [training_component, broker_component, billing_component, workqueue_component]
 
 
 @contextlib.asynccontextmanager
@@ -182,9 +191,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(billing_router.audit_router)
     app.include_router(auth_router.router)
     broker_router.include(app)  # JSON API, /ws/ views and websockets
+    app.include_router(trainings_router.users_router)  # before users: /api/users/trainings/
     app.include_router(organizations_router.users_groups_router)  # before users: /api/users/groups/
     app.include_router(users_router.router)
     for router in organizations_router.ALL_ROUTERS:
         app.include_router(router)
     app.include_router(inference_router.router)  # before models: /api/models/{id}/metadata/
+    app.include_router(models_router.router)
+    app.include_router(trainings_router.router)
     return app

@@ -146,6 +146,15 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 EXTRA_COMMANDS.append(_register_demo)
 
 
+def _register_worker(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from flplatform.workqueue.cli import register  # light: the domains load only when the worker runs
+
+    register(sub)
+
+
+EXTRA_COMMANDS.append(_register_worker)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)

@@ -68,6 +68,19 @@ class Settings(BaseSettings):
         default=900, ge=1, description="A round claimed for aggregation is free again after this (crash recovery)"
     )
 
+    # Work queue (workqueue/): aggregation and other background jobs claimed by any worker process.
+    inprocess_worker: bool = Field(
+        default=True, description="`flplatform serve` also runs a queue worker in each server process"
+    )
+    worker_concurrency: int = Field(default=2, ge=1, description="Jobs one worker process runs at the same time")
+    worker_poll_interval_seconds: float = Field(
+        default=1.0, gt=0, description="How often an idle worker looks for jobs (PostgreSQL also wakes it by NOTIFY)"
+    )
+    work_lease_seconds: float = Field(
+        default=60.0, gt=0, description="A claimed job is renewed while running; a dead worker's job is free after this"
+    )
+    work_max_attempts: int = Field(default=5, ge=1, description="Claims of one job before it is marked as an error")
+
     # Database pool (PostgreSQL).
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)

@@ -25,9 +25,18 @@ from flplatform.orm.broker import (  # noqa: F401  (registers the broker tables)
 )
 from flplatform.orm.billing import AuditLog, Hold, JournalEntry, LedgerAccount, Operation, Posting, Server, Work  # noqa: F401
 from flplatform.orm.metric import Metric
-from flplatform.orm.model import GlobalModel, LocalModel, MeanModel, Model, ModelKind, SWAGModel
-from flplatform.orm.training import AggregationMethod, Training, TrainingState, UncertaintyMethod
+from flplatform.orm.model import GlobalModel, GlobalModelRound, LocalModel, MeanModel, Model, ModelKind, SWAGModel
+from flplatform.orm.training import (
+    AggregationMethod,
+    Notification,
+    NotificationStatus,
+    SwagStatistic,
+    Training,
+    TrainingState,
+    UncertaintyMethod,
+)
 from flplatform.orm.user import ApiToken, User
+from flplatform.orm.workqueue import QueuedWork  # noqa: F401  (registers the work-queue table)
 
 __all__ = [
     "AdHocGroup",
@@ -45,12 +54,16 @@ __all__ = [
     "ApiToken",
     "Base",
     "GlobalModel",
+    "GlobalModelRound",
     "LocalModel",
     "MeanModel",
     "Metric",
     "Model",
+    "Notification",
+    "NotificationStatus",
     "ModelKind",
     "SWAGModel",
+    "SwagStatistic",
     "Training",
     "TrainingState",
     "UncertaintyMethod",

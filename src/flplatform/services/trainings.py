@@ -484,8 +484,21 @@ class TrainingRuntime:
                 for _ in range(100):
                     if not await self._step(training_id):
                         break
+            except Exception as exc:  # a broken transition must not stall the training silently
+                log.exception("training %s: advancing failed", training_id)
+                await self._fail_after_exception(training_id, f"Internal error while advancing the training: {exc}")
             finally:
                 self.kick()
+
+    async def _fail_after_exception(self, training_id: uuid.UUID, reason: str) -> None:
+        try:
+            async with self.sessionmaker() as session:
+                training = await get_training(session, training_id, lock=True)
+                if training.state in ACTIVE_STATES:
+                    await _fail(session, training, reason)
+                    await session.commit()
+        except Exception:
+            log.exception("training %s: could not record the failure", training_id)
 
     async def _step(self, training_id: uuid.UUID) -> bool:
         job: _Job | None = None
@@ -543,6 +556,8 @@ class TrainingRuntime:
             await session.commit()
         try:
             await self._run(training_id, job)
+        except NotFound:
+            return False  # the training was deleted meanwhile
         except Exception as exc:  # aggregation failure: Error with the reason, never a silent stall
             log.exception("training %s: aggregation of round %s failed", training_id, job.round)
             await self._abort(training_id, job, f"Aggregation of round {job.round} failed: {exc}")
@@ -643,7 +658,10 @@ class TrainingRuntime:
 
     async def _abort(self, training_id: uuid.UUID, job: _Job, reason: str) -> None:
         async with self.sessionmaker() as session:
-            training = await get_training(session, training_id, lock=True)
+            try:
+                training = await get_training(session, training_id, lock=True)
+            except NotFound:  # deleted while aggregating
+                return
             if training.locked_until == job.token and training.state in ACTIVE_STATES:
                 await _fail(session, training, reason)
                 await session.commit()

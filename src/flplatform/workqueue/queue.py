@@ -1,0 +1,262 @@
+"""Queue operations on ``QueuedWork`` rows: enqueue, claim, renew, finish, fail.
+
+Claiming on PostgreSQL is ``SELECT … FOR UPDATE OF works SKIP LOCKED``: any number of worker
+processes on any number of hosts take distinct jobs without waiting on each other. On SQLite
+(one writer, one process) the same code runs without the row lock and the status update is a
+compare-and-set (``UPDATE … WHERE status = <what was read>``), which is enough there.
+
+Every claim increments ``attempts``; that number is the claim's fencing token. Renewing the
+lease and recording the outcome only succeed while the job is still processing under the same
+token, so a worker that stalled past its lease (and whose job another worker took over) can no
+longer overwrite anything. Locks are always taken ``works`` row first, so claimers and
+finishers cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event, exists, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from flplatform.orm.base import utcnow
+from flplatform.orm.billing import Work, WorkKind, WorkStatus
+from flplatform.orm.workqueue import QueuedWork
+from flplatform.workqueue.registry import category_of
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "flp_work"
+MAX_ERROR_CHARS = 4000
+
+LOCAL_WORKERS: weakref.WeakSet[Any] = weakref.WeakSet()  # this process's workers (they have kick())
+
+
+def wake_local_workers_after_commit(session: AsyncSession) -> None:
+    """Wake this process's idle workers once ``session`` commits (a rollback wakes nobody; a
+    listener left over from a rolled-back transaction only causes one harmless extra look)."""
+    sync_session = session.sync_session
+    if sync_session.info.get("workqueue_wake"):
+        return
+    sync_session.info["workqueue_wake"] = True
+
+    def _after_commit(_: Any) -> None:
+        sync_session.info.pop("workqueue_wake", None)
+        for worker in list(LOCAL_WORKERS):
+            worker.kick()
+
+    event.listen(sync_session, "after_commit", _after_commit, once=True)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run a job, detached from any session."""
+
+    id: uuid.UUID
+    kind: str
+    payload: dict[str, Any]
+    attempt: int
+    lease_until: dt.datetime
+
+
+def _is_postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+async def enqueue(
+    session: AsyncSession,
+    kind: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    dedupe_key: str | None = None,
+    model_id: uuid.UUID | None = None,
+    estimate_seconds: float | None = None,
+    max_attempts: int = 5,
+) -> QueuedWork:
+    """Add a job in the caller's transaction (it becomes visible when the caller commits).
+
+    With ``dedupe_key`` an existing job with that key is returned instead of a new one, whatever
+    its status: enqueueing is idempotent, so retried requests and racing workers are harmless.
+    """
+    category: WorkKind = category_of(kind)  # raises for an unregistered kind
+    if dedupe_key is not None:
+        existing = await _by_key(session, dedupe_key)
+        if existing is not None:
+            return existing
+    job = QueuedWork(
+        kind=category, handler=kind, payload=payload or {}, dedupe_key=dedupe_key, model_id=model_id,
+        duration_estimate_seconds=estimate_seconds, status=WorkStatus.WAITING, attempts=0, max_attempts=max_attempts,
+    )
+    if dedupe_key is not None and _is_postgres(session):
+        # Two transactions enqueueing the same key: the second INSERT waits for the first to
+        # commit, then hits the unique index; the savepoint keeps the caller's transaction usable.
+        try:
+            async with session.begin_nested():
+                session.add(job)
+                await session.flush()
+        except IntegrityError:
+            existing = await _by_key(session, dedupe_key)
+            if existing is None:
+                raise
+            return existing
+    else:
+        session.add(job)
+        await session.flush()
+    wake_local_workers_after_commit(session)
+    if _is_postgres(session):
+        # Wakes idle workers everywhere when the transaction commits (nothing is sent on rollback).
+        await session.execute(text("SELECT pg_notify(:channel, :kind)"), {"channel": NOTIFY_CHANNEL, "kind": kind})
+    return job
+
+
+async def _by_key(session: AsyncSession, dedupe_key: str) -> QueuedWork | None:
+    stmt = select(QueuedWork).where(QueuedWork.dedupe_key == dedupe_key).execution_options(populate_existing=True)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def get_job(session: AsyncSession, job_id: uuid.UUID) -> QueuedWork | None:
+    stmt = select(QueuedWork).where(QueuedWork.id == job_id).execution_options(populate_existing=True)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def claim(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    *,
+    lease_seconds: float,
+    server_id: uuid.UUID | None = None,
+    kinds: list[str] | None = None,
+) -> ClaimedJob | None:
+    """Take the oldest waiting job, or a processing one whose lease expired; commit the claim."""
+    for _ in range(5):  # on SQLite a lost compare-and-set just means: look again
+        async with sessionmaker() as session:
+            now = utcnow()
+            due = or_(
+                Work.status == WorkStatus.WAITING,
+                (Work.status == WorkStatus.PROCESSING) & (QueuedWork.lease_until < now),
+            )
+            stmt = select(QueuedWork).where(due).order_by(Work.created_at).limit(1)
+            if kinds is not None:
+                stmt = stmt.where(QueuedWork.handler.in_(kinds))
+            if _is_postgres(session):
+                stmt = stmt.with_for_update(skip_locked=True, of=Work.__table__)
+            job = (await session.execute(stmt)).scalar_one_or_none()
+            if job is None:
+                return None
+            seen_status, seen_attempts = job.status, job.attempts
+            if seen_status == WorkStatus.PROCESSING and seen_attempts >= job.max_attempts:
+                log.error("job %s (%s): lease expired %d times; giving up", job.id, job.handler, seen_attempts)
+                await _final(session, job.id, seen_attempts, WorkStatus.ERROR,
+                             error={"message": f"worker lost the job {seen_attempts} times (lease expired)",
+                                    "type": "LeaseExpired"})
+                await session.commit()
+                continue
+            if seen_status == WorkStatus.PROCESSING:
+                log.warning("job %s (%s): lease of claim %d expired; reclaiming", job.id, job.handler, seen_attempts)
+            lease_until = now + dt.timedelta(seconds=lease_seconds)
+            moved = await session.execute(
+                update(Work)
+                .where(Work.id == job.id, Work.status == seen_status)
+                .values(status=WorkStatus.PROCESSING, started_at=now, server_id=server_id)
+                .returning(Work.id)
+                .execution_options(synchronize_session=False)
+            )
+            if moved.first() is None:
+                await session.rollback()
+                continue
+            await session.execute(
+                update(QueuedWork.__table__)
+                .where(QueuedWork.__table__.c.id == job.id, QueuedWork.__table__.c.attempts == seen_attempts)
+                .values(attempts=seen_attempts + 1, lease_until=lease_until)
+            )
+            claimed = ClaimedJob(id=job.id, kind=job.handler, payload=dict(job.payload or {}),
+                                 attempt=seen_attempts + 1, lease_until=lease_until)
+            await session.commit()
+            return claimed
+    return None
+
+
+def _owned_by(job_id: uuid.UUID, attempt: int) -> Any:
+    queued = QueuedWork.__table__
+    return exists().where(queued.c.id == job_id, queued.c.attempts == attempt)
+
+
+async def renew(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob, lease_seconds: float) -> bool:
+    """Extend the lease of a running job; False when the claim was lost (the lease had expired
+    and another worker took the job over)."""
+    queued = QueuedWork.__table__
+    async with sessionmaker() as session:
+        until = utcnow() + dt.timedelta(seconds=lease_seconds)
+        still_processing = exists().where(Work.__table__.c.id == job.id,
+                                          Work.__table__.c.status == WorkStatus.PROCESSING.value)
+        result = await session.execute(
+            update(queued)
+            .where(queued.c.id == job.id, queued.c.attempts == job.attempt, still_processing)
+            .values(lease_until=until)
+            .returning(queued.c.id)
+        )
+        ok = result.first() is not None
+        await session.commit()
+    return ok
+
+
+async def finish(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob,
+                 result: dict[str, Any] | None = None) -> bool:
+    """Record success; False (and nothing written) when the claim was lost meanwhile."""
+    async with sessionmaker() as session:
+        ok = await _final(session, job.id, job.attempt, WorkStatus.FINISHED, result=result)
+        await session.commit()
+    return ok
+
+
+async def fail(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob, error: BaseException | str) -> bool:
+    """Record failure with the error text (final: handlers decide themselves what is retryable)."""
+    if isinstance(error, BaseException):
+        detail = {"message": str(error)[:MAX_ERROR_CHARS] or type(error).__name__, "type": type(error).__name__}
+    else:
+        detail = {"message": str(error)[:MAX_ERROR_CHARS], "type": "Error"}
+    async with sessionmaker() as session:
+        ok = await _final(session, job.id, job.attempt, WorkStatus.ERROR, error=detail)
+        await session.commit()
+    return ok
+
+
+async def release(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob) -> bool:
+    """Give a claimed job back (graceful shutdown): waiting again at once, no lease to wait for."""
+    async with sessionmaker() as session:
+        moved = await session.execute(
+            update(Work)
+            .where(Work.id == job.id, Work.status == WorkStatus.PROCESSING, _owned_by(job.id, job.attempt))
+            .values(status=WorkStatus.WAITING, server_id=None)
+            .returning(Work.id)
+            .execution_options(synchronize_session=False)
+        )
+        ok = moved.first() is not None
+        if ok:
+            await session.execute(
+                update(QueuedWork.__table__).where(QueuedWork.__table__.c.id == job.id).values(lease_until=None)
+            )
+        await session.commit()
+    return ok
+
+
+async def _final(session: AsyncSession, job_id: uuid.UUID, attempt: int, status: WorkStatus, *,
+                 result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
+    moved = await session.execute(
+        update(Work)
+        .where(Work.id == job_id, Work.status == WorkStatus.PROCESSING, _owned_by(job_id, attempt))
+        .values(status=status, finished_at=utcnow(), error=error)
+        .returning(Work.id)
+        .execution_options(synchronize_session=False)
+    )
+    if moved.first() is None:
+        return False
+    await session.execute(
+        update(QueuedWork.__table__).where(QueuedWork.__table__.c.id == job_id).values(lease_until=None, result=result)
+    )
+    return True
