@@ -393,3 +393,26 @@ def test_openapi_documents_both_bodies_and_the_formulas():
     assert "mutual_info" in operation["description"] and "clamp(E[θ²] − E[θ]², min_var)" in operation["description"]
     assert "application/octet-stream" in operation["responses"]["200"]["content"]
     assert "/api/models/{model_id}/metadata/" in spec["paths"]
+
+
+async def test_round_runs_the_weights_of_the_models_history(client, app, alice, add_model):
+    from flplatform.orm import GlobalModel, GlobalModelRound
+    from tests.inference.conftest import torchscript_bytes
+
+    old, new = nn.Linear(4, 3), nn.Linear(4, 3)
+    model_id = await add_model(alice, new, input_shape=[None, 4])
+    async with app.state.sessionmaker() as session:
+        model = await session.get(GlobalModel, model_id)
+        model.round = 2
+        for round_, module in ((0, old), (2, new)):
+            data = torchscript_bytes(module)
+            session.add(GlobalModelRound(model_id=model_id, round=round_, weights=data, weights_format="torchscript",
+                                         weights_size=len(data)))  # fmt: skip
+        await session.commit()
+    for round_, module in ((0, old), (1, old), (2, new), (None, new)):
+        body = (await infer(client, alice, model_id=str(model_id), model_input=X, round=round_)).json()
+        assert torch.allclose(torch.tensor(body["inference"]), reference_output(module, X), atol=1e-6), round_
+        assert body["round"] == (2 if round_ is None else round_)
+    assert (await infer(client, alice, model_id=str(model_id), model_input=X, round=3)).status_code == 404
+    mean_id = await add_model(alice, kind="mean", members=[model_id])
+    assert (await infer(client, alice, model_id=str(mean_id), model_input=X, round=1)).status_code == 400

@@ -35,7 +35,8 @@ training — on a batch of inputs and get its prediction with uncertainty.
 bodies, `binary` for multipart), `uncertainty_method` (`NONE` | `ENSEMBLE` | `MC_DROPOUT` | `SWAG`;
 default: the method of the model's training, else `NONE`) and `options` (in multipart: a JSON
 string): `N` (samples, default 10, the training's `options.uncertainty` supplies defaults),
-`softmax`, `seed`, and for SWAG `min_var` and `scale`.
+`softmax`, `seed`, and for SWAG `min_var` and `scale`; `round` runs an earlier round's global
+weights from the model's history.
 
 **model_input**: a nested JSON list of numbers (float32); or the bytes of a **safetensors** file
 (tensor `model_input` or the only tensor), a NumPy **.npy** file (numeric dtypes, never pickled
@@ -97,6 +98,7 @@ _MULTIPART_SCHEMA = {
         "return_format": {"type": "string", "enum": ["json", "binary"], "default": "binary"},
         "uncertainty_method": {"type": "string", "enum": ["NONE", "ENSEMBLE", "MC_DROPOUT", "SWAG"]},
         "options": {"type": "string", "description": 'JSON, e.g. {"N": 20, "softmax": true, "seed": 1}'},
+        "round": {"type": "integer", "minimum": 0, "description": "a round of the model's history"},
     },
 }
 
@@ -146,6 +148,7 @@ async def _query_from_json(request: Request) -> InferenceQuery:
         return_format=parsed.return_format or "json",
         uncertainty_method=parsed.uncertainty_method,
         options=parsed.options,
+        round=parsed.round,
     )
 
 
@@ -183,6 +186,7 @@ async def _query_from_form(request: Request) -> InferenceQuery:
         return_format=parsed.return_format or "binary",
         uncertainty_method=parsed.uncertainty_method,
         options=parsed.options,
+        round=parsed.round,
     )
 
 

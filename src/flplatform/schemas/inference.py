@@ -39,6 +39,12 @@ class InferenceFields(RequestSchema):
         default=None, description="Overrides the method of the model's training; NONE without a training."
     )
     options: UncertaintyOptions | None = None
+    round: int | None = Field(
+        default=None,
+        ge=0,
+        description="Run the global weights of this round of the model's history (default: the current "
+        "round). Not for mean models, nor for SWAG sampling (the moments belong to the current round).",
+    )
 
 
 class InferenceRequest(InferenceFields):
@@ -73,7 +79,7 @@ class InferenceResponse(Schema):
     uncertainty_method: UncertaintyMethod
     samples: int = Field(description="How many predictions were combined (1 for NONE).")
     model_id: uuid.UUID
-    round: int
+    round: int = Field(description="The round of the global weights that ran.")
     dropout_layers: int | None = Field(default=None, description="MC_DROPOUT: dropout layers that sampled.")
 
     model_config = {

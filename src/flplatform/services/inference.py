@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from flplatform.aggregation.codec import decode_safetensors
 from flplatform.aggregation.errors import DecodeError
 from flplatform.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
-from flplatform.orm import GlobalModel, LocalModel, MeanModel, Model, SWAGModel, Training, User
+from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel, MeanModel, Model, SWAGModel, Training, User
 from flplatform.orm.training import UncertaintyMethod, training_participants
 from flplatform.schemas.inference import ReturnFormat, UncertaintyOptions
 from flplatform.services import model_files
@@ -165,6 +165,7 @@ class InferenceQuery:
     return_format: ReturnFormat
     uncertainty_method: UncertaintyMethod | None = None
     options: UncertaintyOptions | None = None
+    round: int | None = None
 
 
 @dataclass
@@ -174,6 +175,7 @@ class InferenceResult:
     prediction: Prediction
     input_kind: str
     rows: int
+    round: int
 
 
 @dataclass
@@ -258,6 +260,38 @@ async def _module_for(session: AsyncSession, runtime: InferenceRuntime, model: M
     module = await asyncio.to_thread(_load_torchscript, data, f"model {model.id}")
     runtime.cache.put(key, module, len(data))
     return module
+
+
+async def _history_module_for(
+    session: AsyncSession, runtime: InferenceRuntime, model: GlobalModel, round_: int
+) -> tuple[nn.Module, int]:
+    """The module of round ``round_`` of the model's history (the latest entry at or before it,
+    as the download route does) and the round it was stored for."""
+    if round_ > model.round:
+        raise NotFound(f"Model {model.id} has no weights for round {round_} (current round: {model.round}).")
+    row = (
+        await session.execute(
+            select(GlobalModelRound.id, GlobalModelRound.round, GlobalModelRound.weights_format)
+            .where(GlobalModelRound.model_id == model.id, GlobalModelRound.round <= round_)
+            .order_by(GlobalModelRound.round.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"Model {model.id} has no weights for round {round_}.")
+    if row.weights_format not in (None, "torchscript"):
+        raise ModelNotRunnable(f"Round {row.round} of model {model.id} stores no TorchScript archive.")
+    key = ("history", model.id, row.round)  # history entries never change
+    module = runtime.cache.get(key)
+    if module is None:
+        data = (
+            await session.execute(select(GlobalModelRound.weights).where(GlobalModelRound.id == row.id))
+        ).scalar_one()
+        if not data:
+            raise ModelNotRunnable(f"Round {row.round} of model {model.id} has no weights.")
+        module = await asyncio.to_thread(_load_torchscript, data, f"round {row.round} of model {model.id}")
+        runtime.cache.put(key, module, len(data))
+    return module, round_
 
 
 async def _preprocessing_for(
@@ -485,6 +519,15 @@ async def run_inference(
         )
     method = choose_method(model, training, query.uncertainty_method)
     options = sampling_options(training, query.options, settings)
+    if query.round is not None and query.round != model.round:
+        if isinstance(model, MeanModel):
+            raise BadRequest("round selects a global model's history; mean models have none.", code="no_history")
+        if method is Method.SWAG:
+            raise BadRequest(
+                f"SWAG moments belong to the current round ({model.round}); ask for another uncertainty_method "
+                "to run an earlier round.",
+                code="method_not_applicable",
+            )
 
     decoded = await asyncio.to_thread(_decode, query.model_input, settings)
     if decoded.kind == "image" and not model.has_preprocessing:
@@ -501,11 +544,11 @@ async def run_inference(
 
     await meter_inference(session, user, model, rows=rows, passes=passes)
 
-    target = _Target(
-        model=model,
-        runnable=await _runnable_for(session, runtime, model, 0, set()),
-        preprocessing=await _preprocessing_for(session, runtime, model),
-    )
+    if query.round is not None and query.round != model.round:
+        runnable, used_round = await _history_module_for(session, runtime, model, query.round)
+    else:
+        runnable, used_round = await _runnable_for(session, runtime, model, 0, set()), model.round
+    target = _Target(model=model, runnable=runnable, preprocessing=await _preprocessing_for(session, runtime, model))
     if method is Method.SWAG:
         assert isinstance(model, SWAGModel)
         target.moments = await _moments_for(session, model)
@@ -518,7 +561,9 @@ async def run_inference(
             raise BadRequest(str(exc), code="inference_failed") from None
         except InputError as exc:  # pragma: no cover - decoding happened before
             raise BadRequest(str(exc), code="invalid_model_input") from None
-    return InferenceResult(model=model, method=method, prediction=prediction, input_kind=decoded.kind, rows=rows)
+    return InferenceResult(
+        model=model, method=method, prediction=prediction, input_kind=decoded.kind, rows=rows, round=used_round
+    )
 
 
 def _decode(value: list[Any] | str | bytes, settings: InferenceSettings) -> DecodedInput:
@@ -561,7 +606,7 @@ def result_json(result: InferenceResult) -> bytes:
         "uncertainty_method": result.method.value,
         "samples": int(prediction.samples.shape[0]),
         "model_id": str(result.model.id),
-        "round": result.model.round,
+        "round": result.round,
         "dropout_layers": prediction.dropout_layers,
     }
     return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
@@ -583,7 +628,7 @@ def result_safetensors(result: InferenceResult) -> bytes:
         "uncertainty_method": result.method.value,
         "samples": str(int(prediction.samples.shape[0])),
         "model_id": str(result.model.id),
-        "round": str(result.model.round),
+        "round": str(result.round),
     }
     return save(tensors, metadata=metadata)
 
