@@ -44,6 +44,9 @@ async def platform(db_url: str) -> AsyncIterator[Platform]:
         training_sweep_interval_seconds=0.2,
         notification_backoff_seconds=0.1,
     )
+    # Participants train concurrently in threads: one intra-op thread each avoids oversubscribing the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     server = EmbeddedServer(create_app(settings))
     await server.start()
     endpoint = NotificationEndpoint()
@@ -60,6 +63,7 @@ async def platform(db_url: str) -> AsyncIterator[Platform]:
         await admin.aclose()
         await endpoint.stop()
         await server.stop()
+        torch.set_num_threads(threads)
 
 
 @dataclasses.dataclass
@@ -86,6 +90,7 @@ async def build_federation(
     polling: Sequence[int] = (),
     verify_signatures: bool = True,
     seed: int = 0,
+    epochs: int = 2,
 ) -> Federation:
     """Actor + ``clients`` participants on non-IID digits shards; the training is created, not started.
     Participants whose index is in ``polling`` get no message endpoint (they poll)."""
@@ -101,7 +106,7 @@ async def build_federation(
     for index, shard in enumerate(shards):
         name = f"client-{index}"
         local_train, local_test = digits.train_test_split(shard, 0.2, index)
-        trainer = digits.LocalTrainer(local_train, local_test, epochs=2, seed=index)
+        trainer = digits.LocalTrainer(local_train, local_test, epochs=epochs, seed=index)
 
         def train(module: torch.nn.Module, round_: int, ctx: Any, trainer=trainer, name=name) -> Any:
             sample_size, metrics = trainer.train(module, round_, ctx)

@@ -62,7 +62,8 @@ async def test_fedavg_end_to_end_matches_an_independent_fedavg(platform: Platfor
 async def test_fedprox_safetensors_uploads_and_a_polling_client(platform: Platform):
     """mu reaches the training function; weight-only safetensors updates; one client without an endpoint."""
     fed = await build_federation(
-        platform, clients=3, rounds=2, method="FedProx", options={"mu": 0.5}, upload_format="safetensors", polling=[2]
+        platform, clients=3, rounds=2, method="FedProx", options={"mu": 0.5}, upload_format="safetensors", polling=[2],
+        epochs=1,
     )
     poller = fed.participants[2]
     polling = asyncio.create_task(poller.poll(fed.training_id, interval=0.1, timeout=90))
@@ -82,7 +83,8 @@ async def test_feddc_clients_continue_from_redistributed_models_and_upload_to_th
     """d=1, b=2, 2 rounds: round 1 starts from another client's local model (a derangement),
     the upload still goes to the global model, and the aggregate is the FedAvg of round 1."""
     fed = await build_federation(
-        platform, clients=3, rounds=2, method="FedDC", options={"daisy_chain_period": 1, "aggregation_period": 2}
+        platform, clients=3, rounds=2, method="FedDC", options={"daisy_chain_period": 1, "aggregation_period": 2},
+        epochs=1,
     )
     final = await _run(fed)
     assert final["state"] == "C", final.get("error_reason")
