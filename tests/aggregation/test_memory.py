@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import weakref
 
+import pytest
 import torch
 
 from flplatform import aggregation
@@ -79,3 +84,69 @@ def test_float64_accumulation_holds_no_pending_update():
     result, _ = agg.finish()
     assert result["fc.weight"].dtype == torch.float32
     assert torch.all(result["fc.weight"] == 1.5)
+
+
+# The tests above count the tensors the aggregator holds; this one measures the process itself, so
+# temporaries inside a kernel (e.g. a whole-model ``torch.isfinite`` mask in ``finish``) count too.
+RSS_PROBE = r"""
+import json, sys
+import torch
+from flplatform import aggregation
+from flplatform.aggregation import decode_safetensors, encode_safetensors
+
+def rss():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+def peak():
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+n, params = int(sys.argv[1]), int(sys.argv[2])
+blobs = [encode_safetensors({"conv.weight": torch.full((params // 2,), float(i)),
+                             "fc.weight": torch.full((params - params // 2 - 10,), float(i)),
+                             "fc.bias": torch.full((10,), float(i)),
+                             "bn.num_batches_tracked": torch.tensor(i)}) for i in range(4)]
+model_bytes = 4 * params + 8
+aggregation.fedavg(((decode_safetensors(blobs[i % 4]), 1.0) for i in range(4)))  # warm-up
+out = {}
+for mode in ("generator", "stream", "stream-float64"):
+    before = rss()
+    reset_peak()
+    if mode == "generator":
+        result = aggregation.fedavg((decode_safetensors(blobs[i % 4]), i + 1) for i in range(n))
+    else:
+        agg = aggregation.get("fedavg", accumulate_dtype="float64" if mode.endswith("64") else "float32")
+        agg.begin(None)
+        for i in range(n):
+            agg.add(decode_safetensors(blobs[i % 4]), i + 1)
+        result, _ = agg.finish()
+        del agg
+    out[mode] = (peak() - before) / model_bytes
+    del result
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_process_peak_memory_of_a_round_is_at_most_two_models():
+    # N=20 updates of 5M float32 parameters arriving as safetensors bytes (already in memory, as
+    # uploads are): decoding is zero-copy, so the round's extra memory is the accumulator (float32:
+    # 1 model; float64: 2 models) plus kernel temporaries, which must stay small.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(N), str(PARAMS)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    # Chunk-sized temporaries (≤ 2 MiB each), thread-local buffers, interpreter objects: a fixed few
+    # MiB, not a fraction of the model (a whole-model float32 temporary is 20 MB = 1 model).
+    slack = (8 << 20) / MODEL_BYTES
+    assert peaks["generator"] <= 1 + slack, peaks
+    assert peaks["stream"] <= 1 + slack, peaks
+    assert peaks["stream-float64"] <= 2 + slack, peaks
