@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from flplatform.db import create_engine
@@ -36,9 +37,16 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# PostgreSQL advisory lock key (b"flp-migr"): hosts that start at the same time migrate one after
+# the other; the later ones wait, then find the schema at heads and do nothing.
+MIGRATION_LOCK_KEY = 7380397229764863858
+
+
 def _run_sync(connection: Connection) -> None:
     _configure(connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
 
 

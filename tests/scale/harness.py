@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,9 @@ class Fleet:
     urls: list[str] = field(default_factory=list)
     _starts: int = 0
 
-    def start(self, count: int, timeout: float = 60.0) -> list[str]:
-        """Start ``count`` workers on fresh ports and wait until each answers ``/health``."""
+    def start(self, count: int, timeout: float = 60.0, **env: str) -> list[str]:
+        """Start ``count`` workers on fresh ports (``env`` overrides this start's environment) and
+        wait until each answers ``/health``."""
         started: list[tuple[subprocess.Popen[bytes], str]] = []
         for _ in range(count):
             port = free_port()
@@ -71,7 +73,7 @@ class Fleet:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "flplatform.app:create_app", "--factory", "--host", "127.0.0.1",
                  "--port", str(port), "--log-level", "warning", "--no-access-log"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
             log.close()
             self.procs.append(proc)
@@ -172,6 +174,44 @@ async def create_account(http: httpx.AsyncClient, url: str, admin: dict[str, str
     r = await http.post(f"{url}/api/users/", headers=admin, json=body)
     assert r.status_code == 201, r.text
     return Account(username=username, id=r.json()["id"], token=r.json()["token"])
+
+
+# --------------------------------------------------------------------------- billing via HTTP
+
+
+async def set_training_prices(http: httpx.AsyncClient, url: str, admin: dict[str, str], *, update: str,
+                              sample_epoch: str, reserve_samples: int) -> None:
+    for item, amount in (("training_update", update), ("training_sample_epoch", sample_epoch),
+                         ("training_reserve_samples", reserve_samples)):
+        r = await http.put(f"{url}/api/billing/prices/{item}/", headers=admin, json={"amount": amount})
+        assert r.status_code == 200, r.text
+
+
+async def top_up(http: httpx.AsyncClient, url: str, admin: dict[str, str], user_id: str, amount: str) -> None:
+    r = await http.post(f"{url}/api/billing/top-ups/", headers=admin, json={"user_id": user_id, "amount": amount})
+    assert r.status_code == 201, r.text
+
+
+async def usd_balance(http: httpx.AsyncClient, url: str, admin: dict[str, str], user_id: str) -> tuple[Decimal, Decimal]:
+    """(available, held) USD of a user."""
+    r = await http.get(f"{url}/api/billing/balance/", headers=admin, params={"user_id": user_id})
+    assert r.status_code == 200, r.text
+    line = next(b for b in r.json()["balances"] if b["currency"] == "USD")
+    return Decimal(line["available"]), Decimal(line["held"])
+
+
+async def training_charges(http: httpx.AsyncClient, url: str, admin: dict[str, str], user_id: str
+                           ) -> list[dict[str, Any]]:
+    r = await http.get(f"{url}/api/billing/operations/", headers=admin,
+                       params={"user_id": user_id, "kind": "training", "limit": 1000})
+    assert r.status_code == 200, r.text
+    return list(r.json())
+
+
+async def reconciles(http: httpx.AsyncClient, url: str, admin: dict[str, str]) -> dict[str, Any]:
+    r = await http.get(f"{url}/api/billing/reconciliation/", headers=admin)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
 
 
 class SmallNet(torch.nn.Module):

@@ -1,21 +1,27 @@
 """Two real uvicorn worker processes on one PostgreSQL: exactly-once rounds under concurrent
-uploads, and crash-safe resume after ``kill -9`` of every process."""
+uploads (aggregation runs as a work-queue job claimed by either process), correct FedAvg, billed
+once per round with a conserved ledger; and crash-safe resume after ``kill -9`` of every process,
+including a worker that died in the middle of the aggregation job."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
 import torch
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
+from flplatform import workqueue
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import GlobalModelRound, LocalModel, Training
-from tests.scale.conftest import LEASE_SECONDS
+from flplatform.orm.billing import WorkStatus
+from flplatform.orm.workqueue import QueuedWork
+from flplatform.services.trainings import AGGREGATE_JOB
+from tests.scale.conftest import WORK_LEASE_SECONDS
 from tests.scale.harness import (
     Account,
     Fleet,
@@ -27,10 +33,15 @@ from tests.scale.harness import (
     create_admin,
     fedavg,
     post_update,
+    reconciles,
     scripted,
+    set_training_prices,
     state_of,
+    top_up,
+    training_charges,
     training_state,
     upload_model,
+    usd_balance,
     wait_for,
 )
 
@@ -40,14 +51,27 @@ CLIENTS = 20
 ROUNDS = 3
 
 
+# The price list of these tests: $1 per update + $0.01 per sample (one epoch); a round reserves
+# $1 + $0.01 × 100 samples per participant (every sample size below is under 100).
+PRICE_UPDATE, PRICE_SAMPLE, RESERVE_SAMPLES = Decimal("1"), Decimal("0.01"), 100
+TOP_UP = Decimal("1000")
+
+
 def sample_size(client: int) -> int:
     return 5 + 3 * client  # distinct weights, so a lost or doubled update changes the average
+
+
+def round_cost(clients: int) -> Decimal:
+    return PRICE_UPDATE * clients + PRICE_SAMPLE * sum(sample_size(i) for i in range(clients))
 
 
 async def _setup(http: httpx.AsyncClient, urls: list[str], clients: int, rounds: int
                  ) -> tuple[Account, list[Account], str, str, dict[str, torch.Tensor]]:
     admin = await admin_headers(http, urls[0])
+    await set_training_prices(http, urls[0], admin, update=str(PRICE_UPDATE), sample_epoch=str(PRICE_SAMPLE),
+                              reserve_samples=RESERVE_SAMPLES)
     actor = await create_account(http, urls[0], admin, "actor", actor=True)
+    await top_up(http, urls[1 % len(urls)], admin, actor.id, str(TOP_UP))
     accounts = list(await asyncio.gather(*(
         create_account(http, urls[i % len(urls)], admin, f"client-{i:02d}", client=True) for i in range(clients)
     )))
@@ -88,6 +112,9 @@ async def _db_counts(db_url: str, model_id: str, training_id: str) -> dict[str, 
             training = (await session.execute(
                 select(Training.locked, Training.locked_until).where(Training.id == uuid.UUID(training_id))
             )).one()
+            jobs = (await session.execute(
+                select(QueuedWork).where(QueuedWork.handler == AGGREGATE_JOB).order_by(QueuedWork.created_at)
+            )).scalars().all()
             ledger_ok: bool | None = None
             try:
                 from flplatform.billing.ledger import reconcile
@@ -99,7 +126,20 @@ async def _db_counts(db_url: str, model_id: str, training_id: str) -> dict[str, 
         await engine.dispose()
     return {"history_rows": {r: c for r, c in history},
             "updates": {r: (rows, owners) for r, rows, owners in updates},
-            "locked": training.locked, "locked_until": training.locked_until, "ledger_ok": ledger_ok}
+            "locked": training.locked, "locked_until": training.locked_until, "ledger_ok": ledger_ok,
+            "jobs": [(j.payload["round"], j.status, j.attempts, j.result) for j in jobs]}
+
+
+async def _assert_billed_once(http: httpx.AsyncClient, url: str, actor: Account, clients: int, rounds: int) -> None:
+    """One training charge per round at the price list's figure, nothing held, ledger conserved."""
+    admin = await admin_headers(http, url)
+    charges = await training_charges(http, url, admin, actor.id)
+    assert sorted(c["round"] for c in charges) == list(range(rounds)), charges
+    assert all(Decimal(c["amount"]) == round_cost(clients) for c in charges), charges
+    assert await usd_balance(http, url, admin, actor.id) == (TOP_UP - rounds * round_cost(clients), 0)
+    report = await reconciles(http, url, admin)
+    assert report["ok"], report
+    assert all(total == 0 for total in report["totals_by_currency"].values()), report
 
 
 def test_twenty_clients_two_workers_exactly_once(db_url: str, workers: Fleet) -> None:
@@ -148,6 +188,7 @@ async def _twenty_clients(db_url: str, urls: list[str]) -> None:
                                what="training completed")
         assert final["round"] == ROUNDS
         assert final["locked"] is False
+        await _assert_billed_once(http, urls[1], actor, CLIENTS, ROUNDS)
 
         # Each round's global model is the FedAvg of exactly that round's 20 updates.
         sizes = [sample_size(i) for i in range(CLIENTS)]
@@ -168,23 +209,28 @@ async def _twenty_clients(db_url: str, urls: list[str]) -> None:
         rows, owners = counts["updates"][round_]
         assert owners == CLIENTS, counts["updates"]
     assert counts["locked"] is False
-    if counts["ledger_ok"] is not None:
-        assert counts["ledger_ok"], "billing ledger does not reconcile"
+    assert counts["ledger_ok"] is True, "billing ledger does not reconcile"
+    # Aggregation went through the work queue: one job per round, all finished.
+    assert sorted(r for r, *_ in counts["jobs"]) == list(range(ROUNDS)), counts["jobs"]
+    assert all(status == WorkStatus.FINISHED for _, status, *_ in counts["jobs"]), counts["jobs"]
 
 
 def test_kill9_mid_round_resumes_exactly_once(db_url: str, workers: Fleet) -> None:
-    """Half a round uploaded, every process SIGKILLed — and, while they are down, the round left
-    claimed by a worker that died during aggregation. After a restart the pre-crash updates are
-    still there, the stale claim expires (lease), and the round aggregates exactly once."""
+    """Half a round uploaded, then every process SIGKILLed. Restarted (HTTP only), the pre-crash
+    updates are still there and the rest arrive: the round is claimed and its aggregation job
+    queued. A worker takes the job and dies with it (its claim is taken, never renewed), and
+    every process is SIGKILLed again. Restarted with their in-process workers, the job is
+    reclaimed once its lease expired, the round aggregates exactly once to the FedAvg of all six
+    updates, and the round is charged once."""
     create_admin(db_url)
     clients = 6
     setup = asyncio.run(_crash_first_half(workers.ensure(2), clients))
     workers.kill9()
-    actor, accounts, model_id, training_id, initial, uploaded = setup
-    # What a worker that claimed the round and then died leaves behind: locked + a lease.
-    asyncio.run(_leave_stale_claim(db_url, training_id, LEASE_SECONDS))
+    urls = workers.start(1, FLP_INPROCESS_WORKER="false")  # serves HTTP, runs no jobs
+    asyncio.run(_crash_second_half(db_url, urls, *setup))
+    workers.kill9()
     urls = workers.start(2)
-    asyncio.run(_crash_second_half(db_url, urls, actor, accounts, model_id, training_id, uploaded, LEASE_SECONDS))
+    asyncio.run(_crash_resume(db_url, urls, *setup))
 
 
 async def _crash_first_half(urls: list[str], clients: int) -> Any:
@@ -199,54 +245,54 @@ async def _crash_first_half(urls: list[str], clients: int) -> Any:
             assert r.status_code == 201, r.text
         state = await training_state(http, urls[1], actor.headers, training_id)
         assert state["local_models_arrived"] == clients // 2
-        return actor, accounts, model_id, training_id, initial, uploaded
-
-
-async def _leave_stale_claim(db_url: str, training_id: str, lease: int) -> None:
-    engine = create_engine(db_url)
-    try:
-        async with create_sessionmaker(engine)() as session:
-            until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lease)
-            await session.execute(update(Training).where(Training.id == uuid.UUID(training_id))
-                                  .values(locked=True, locked_until=until))
-            await session.commit()
-    finally:
-        await engine.dispose()
+        return actor, accounts, model_id, training_id, uploaded
 
 
 async def _crash_second_half(db_url: str, urls: list[str], actor: Account, accounts: list[Account], model_id: str,
-                             training_id: str, uploaded: dict[int, dict[str, torch.Tensor]], lease: int) -> None:
+                             training_id: str, uploaded: dict[int, dict[str, torch.Tensor]]) -> None:
     clients = len(accounts)
     async with httpx.AsyncClient(timeout=60.0) as http:
         state = await training_state(http, urls[0], actor.headers, training_id)
         assert state["state"] == "O" and state["round"] == 0
         assert state["local_models_arrived"] == clients // 2, "updates accepted before the crash were lost"
         initial = await _download(http, urls[0], actor.headers, model_id, 0)
-        # While the dead worker's claim holds, uploads are refused as "being aggregated" (409);
-        # the clients retry until the lease expired and the sweeper released the round.
-        pending = list(range(clients // 2, clients))
-        deadline = asyncio.get_running_loop().time() + lease + 30
-        while pending:
-            index = pending[0]
+        for index in range(clients // 2, clients):
             uploaded[index] = client_update(initial, index, 0)
-            r = await post_update(http, urls[index % 2], accounts[index].headers, model_id,
-                                  as_safetensors(uploaded[index]), 0, sample_size(index))
-            if r.status_code == 409:
-                assert asyncio.get_running_loop().time() < deadline, "the stale claim never expired"
-                await asyncio.sleep(0.2)
-                continue
+            r = await post_update(http, urls[0], accounts[index].headers, model_id, as_safetensors(uploaded[index]),
+                                  0, sample_size(index))
             assert r.status_code == 201, r.text
-            pending.pop(0)
+        await wait_for(http, urls[0], actor.headers, training_id, lambda s: s["locked"], what="round claimed")
+    engine = create_engine(db_url)
+    try:
+        sessionmaker = create_sessionmaker(engine)
+        # The claim and its job were committed together; no process runs jobs, so it waits.
+        async with sessionmaker() as session:
+            jobs = (await session.execute(select(QueuedWork).where(QueuedWork.handler == AGGREGATE_JOB))).scalars().all()
+        assert [(j.status, j.payload["round"]) for j in jobs] == [(WorkStatus.WAITING, 0)]
+        # A worker claims it exactly as `flplatform worker` does — and dies: no renewal, no outcome.
+        job = await workqueue.claim(sessionmaker, lease_seconds=WORK_LEASE_SECONDS, kinds=[AGGREGATE_JOB])
+        assert job is not None and job.attempt == 1
+    finally:
+        await engine.dispose()
+
+
+async def _crash_resume(db_url: str, urls: list[str], actor: Account, accounts: list[Account], model_id: str,
+                        training_id: str, uploaded: dict[int, dict[str, torch.Tensor]]) -> None:
+    clients = len(accounts)
+    async with httpx.AsyncClient(timeout=60.0) as http:
         final = await wait_for(http, urls[1], actor.headers, training_id, lambda s: s["state"] == "C",
-                               what="training completed after the crash")
+                               timeout=30 + WORK_LEASE_SECONDS, what="training completed after the crash")
         assert final["round"] == 1 and final["locked"] is False
         got = await _download(http, urls[0], actor.headers, model_id, 1)
         expected = fedavg([uploaded[i] for i in range(clients)], [sample_size(i) for i in range(clients)])
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+        await _assert_billed_once(http, urls[0], actor, clients, 1)
     counts = await _db_counts(db_url, model_id, training_id)
     assert counts["history_rows"] == {0: 1, 1: 1}, counts
     assert counts["updates"][0][1] == clients
     assert counts["locked"] is False and counts["locked_until"] is None
-    if counts["ledger_ok"] is not None:
-        assert counts["ledger_ok"], "billing ledger does not reconcile"
+    # The dead worker's job was reclaimed (second claim) and finished; no second job was made.
+    [(round_, status, attempts, result)] = counts["jobs"]
+    assert (round_, status) == (0, WorkStatus.FINISHED) and attempts >= 2, counts["jobs"]
+    assert counts["ledger_ok"] is True, "billing ledger does not reconcile"

@@ -17,14 +17,19 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from flplatform import workqueue
 from flplatform.auth import CurrentUser
 from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, responses
+from flplatform.orm.base import utcnow
+from flplatform.orm.billing import WorkKind
 from flplatform.schemas.inference import InferenceFields, InferenceRequest, InferenceResponse, ModelMetadata
 from flplatform.services import inference as inference_service
 from flplatform.services.inference import InferenceQuery, runtime_for
 
 router = APIRouter()
+
+INFERENCE_WORK = "inference.request"  # QueuedWork.handler of the inference Work rows (see workqueue)
 
 INFERENCE_DESCRIPTION = r"""
 Run a model you may read — a **global**, **mean** (ensemble) or **SWAG** model, with or without a
@@ -215,7 +220,14 @@ async def infer(request: Request, session: SessionDep, user: CurrentUser) -> Res
         raise UnsupportedMediaType(
             "Only Content-Type 'application/json' and 'multipart/form-data' (or an urlencoded form) are supported."
         )
+    started = utcnow()
     result = await inference_service.run_inference(session, runtime_for(request.app.state), user, query)
+    # The inference is a Work row (category inference) claimed and run by this process: recorded
+    # in the request's transaction, so it adds no commit and no hop to the response time.
+    worker = getattr(request.app.state, "work_worker", None)
+    workqueue.record_inline(session, INFERENCE_WORK, category=WorkKind.INFERENCE, started_at=started,
+                            server_id=getattr(worker, "server_id", None), model_id=result.model.id,
+                            result={"method": result.method.value, "rows": result.rows, "round": result.round})
     if query.return_format == "binary":
         body = await asyncio.to_thread(inference_service.result_safetensors, result)
         return Response(

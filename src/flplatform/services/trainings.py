@@ -15,9 +15,14 @@ States (``Training.state``) and phases (``Training.phase``)::
 Requests never move the machine themselves: they store what arrived and schedule
 :meth:`TrainingRuntime.advance`, which re-checks the conditions under the training's row lock
 (``SELECT … FOR UPDATE`` on PostgreSQL; one in-process lock per training on SQLite, which has a
-single writer). Aggregating a round is claimed with ``locked`` + a lease (``locked_until``) and
-committed before the (long) aggregation runs, so it happens exactly once and a crash never
-leaves the training stuck: the periodic sweep re-claims an expired lease.
+single writer). Aggregating a round is claimed with ``locked`` + a lease (``locked_until``), and in
+the same transaction a ``training.aggregate`` job is put on the work queue (:mod:`flplatform.workqueue`,
+de-duplicated per training, round, kind and claim). Any worker process on any host runs it; the
+result is committed only while the claim still holds (``locked_until`` is the fencing token), so
+a job that runs twice (its worker died after committing, or its lease expired while it stalled)
+finishes the round exactly once. A dead worker's job is reclaimed after ``FLP_WORK_LEASE_SECONDS``;
+a claim whose job never finishes at all is re-claimed by the periodic sweep after
+``FLP_AGGREGATION_LEASE_SECONDS``.
 
 Hook points for billing (called inside the transaction of the state change, may raise an
 AppError such as PaymentRequired to refuse it): :data:`ROUND_STARTED_HOOKS` (each
@@ -41,6 +46,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
+from flplatform import workqueue
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from flplatform.orm import (
     GlobalModel,
@@ -56,6 +62,7 @@ from flplatform.orm import (
     User,
 )
 from flplatform.orm.base import utcnow
+from flplatform.orm.billing import WorkKind
 from flplatform.orm.training import training_participants
 from flplatform.schemas.training import TrainingCreate
 from flplatform.services import aggregate
@@ -452,13 +459,37 @@ def _aggregates_now(training: Training, model: GlobalModel) -> bool:
 # --------------------------------------------------------------------------- the engine
 
 
+AGGREGATE_JOB = "training.aggregate"  # work-queue kind of a round's aggregation
+
+
 @dataclass
 class _Job:
+    """One claimed aggregation: what the work-queue payload carries."""
+
     kind: str  # "update" | "swag"
     model_id: uuid.UUID
     round: int
     items: list[tuple[uuid.UUID, int]]  # (row id, sample size)
-    token: dt.datetime
+    token: dt.datetime  # the claim's ``locked_until``: the result is committed only while it still holds
+
+    def payload(self, training_id: uuid.UUID) -> dict[str, Any]:
+        return {
+            "training_id": str(training_id), "kind": self.kind, "model_id": str(self.model_id), "round": self.round,
+            "items": [[str(row), size] for row, size in self.items], "token": self.token.isoformat(),
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> tuple[uuid.UUID, _Job]:
+        job = cls(
+            kind=payload["kind"], model_id=uuid.UUID(payload["model_id"]), round=int(payload["round"]),
+            items=[(uuid.UUID(row), int(size)) for row, size in payload["items"]],
+            token=dt.datetime.fromisoformat(payload["token"]),
+        )
+        return uuid.UUID(payload["training_id"]), job
+
+    def dedupe_key(self, training_id: uuid.UUID) -> str:
+        # One job per claim: a round re-claimed after an expired lease gets a new token, so a new job.
+        return f"training:{training_id}:round:{self.round}:{self.kind}:{self.token.isoformat()}"
 
 
 @dataclass
@@ -553,15 +584,31 @@ class TrainingRuntime:
                 return True
             else:
                 return False
+            # The job becomes visible with the claim (same transaction): there is never a claim
+            # without its job, nor a job without its claim.
+            await workqueue.enqueue(session, AGGREGATE_JOB, job.payload(training_id),
+                                    dedupe_key=job.dedupe_key(training_id), model_id=job.model_id,
+                                    max_attempts=self.settings.work_max_attempts)
             await session.commit()
+        return False  # the aggregation job advances the training further when it has finished
+
+    async def aggregate(self, training_id: uuid.UUID, job: _Job) -> bool:
+        """Run a claimed aggregation (the work-queue handler calls this) and, when it committed
+        the round, advance the training further. False when the claim was no longer ours (the
+        round was finished by an earlier run of the same job, re-claimed, or the training ended).
+        An aggregation error ends the training in Error and is re-raised (the job records it)."""
         try:
-            await self._run(training_id, job)
+            committed = await self._run(training_id, job)
         except NotFound:
             return False  # the training was deleted meanwhile
         except Exception as exc:  # aggregation failure: Error with the reason, never a silent stall
             log.exception("training %s: aggregation of round %s failed", training_id, job.round)
             await self._abort(training_id, job, f"Aggregation of round {job.round} failed: {exc}")
-        return True
+            self.kick()
+            raise
+        if committed:
+            await self.advance(training_id)  # e.g. skip_model_tests: the next round starts now
+        return committed
 
     async def _complete_or_deadline(self, session: AsyncSession, training: Training, members: set[uuid.UUID],
                                     arrived: dict[uuid.UUID, tuple[uuid.UUID, int]], expired: bool,
@@ -593,7 +640,22 @@ class TrainingRuntime:
         items = [chosen[k] for k in sorted(chosen)]
         return _Job(kind=kind, model_id=model.id, round=model.round, items=items, token=token)
 
-    async def _run(self, training_id: uuid.UUID, job: _Job) -> None:
+    async def _still_claimed(self, training_id: uuid.UUID, job: _Job) -> bool:
+        async with self.sessionmaker() as session:
+            row = (await session.execute(
+                select(Training.locked, Training.locked_until, Training.state).where(Training.id == training_id)
+            )).one_or_none()
+        if row is None:
+            raise NotFound(f"Training {training_id} not found.")
+        locked, locked_until, state = row
+        return bool(locked) and locked_until == job.token and state in ACTIVE_STATES
+
+    async def _run(self, training_id: uuid.UUID, job: _Job) -> bool:
+        if not await self._still_claimed(training_id, job):
+            # A re-run of a job whose round was already committed (its worker died before
+            # recording the outcome), or a claim that was superseded: nothing to do.
+            log.info("training %s: aggregation claim of round %s no longer held; skipping", training_id, job.round)
+            return False
         async with self.sessionmaker() as session:
             training = await get_training(session, training_id)
             options = dict(training.options or {})
@@ -603,10 +665,9 @@ class TrainingRuntime:
         if job.kind == "update":
             encoded, state = await aggregate.aggregate_updates(self.sessionmaker, job.model_id, job.items, options,
                                                                previous)
-            await self._finish_update(training_id, job, encoded, state)
-        else:
-            first, second = await aggregate.aggregate_swag(self.sessionmaker, job.items)
-            await self._finish_swag(training_id, job, first, second)
+            return await self._finish_update(training_id, job, encoded, state)
+        first, second = await aggregate.aggregate_swag(self.sessionmaker, job.items)
+        return await self._finish_swag(training_id, job, first, second)
 
     async def _owned(self, session: AsyncSession, training_id: uuid.UUID, job: _Job) -> tuple[Training, GlobalModel] | None:
         training = await get_training(session, training_id, lock=True)
@@ -618,11 +679,11 @@ class TrainingRuntime:
             return None
         return training, model
 
-    async def _finish_update(self, training_id: uuid.UUID, job: _Job, encoded: bytes, state: bytes) -> None:
+    async def _finish_update(self, training_id: uuid.UUID, job: _Job, encoded: bytes, state: bytes) -> bool:
         async with self.sessionmaker() as session:
             owned = await self._owned(session, training_id, job)
             if owned is None:
-                return
+                return False
             training, model = owned
             new_round = job.round + 1
             await session.execute(
@@ -641,12 +702,14 @@ class TrainingRuntime:
             await _after_aggregation(session, training, model)
             await session.commit()
         aggregate.forget_cached(job.model_id)
+        self.kick()
+        return True
 
-    async def _finish_swag(self, training_id: uuid.UUID, job: _Job, first: bytes, second: bytes) -> None:
+    async def _finish_swag(self, training_id: uuid.UUID, job: _Job, first: bytes, second: bytes) -> bool:
         async with self.sessionmaker() as session:
             owned = await self._owned(session, training_id, job)
             if owned is None:
-                return
+                return False
             training, model = owned
             await session.execute(
                 update(SWAGModel).where(SWAGModel.id == model.id).values(swag_first_moment=first, swag_second_moment=second)
@@ -655,6 +718,8 @@ class TrainingRuntime:
             training.locked_until = None
             await _test_or_next(session, training, model)
             await session.commit()
+        self.kick()
+        return True
 
     async def _abort(self, training_id: uuid.UUID, job: _Job, reason: str) -> None:
         async with self.sessionmaker() as session:
@@ -724,6 +789,22 @@ class TrainingRuntime:
 
 def runtime_of(app: FastAPI) -> TrainingRuntime:
     return app.state.training_runtime
+
+
+@workqueue.handler(AGGREGATE_JOB, category=WorkKind.AGGREGATION)
+async def run_aggregation_job(ctx: workqueue.JobContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Work-queue handler of ``training.aggregate``: in a server process it uses that process's
+    runtime (its notification dispatcher is kicked at once); in ``flplatform worker`` a runtime of
+    its own (the servers' dispatchers deliver the outbox on their next sweep)."""
+    runtime = getattr(ctx.app.state, "training_runtime", None) if ctx.app is not None else None
+    if runtime is None:
+        runtime = ctx.shared.get("training_runtime")
+        if runtime is None:
+            runtime = ctx.shared["training_runtime"] = TrainingRuntime(sessionmaker=ctx.sessionmaker,
+                                                                       settings=ctx.settings)
+    training_id, job = _Job.from_payload(payload)
+    committed = await runtime.aggregate(training_id, job)
+    return {"training_id": str(training_id), "round": job.round, "kind": job.kind, "committed": committed}
 
 
 @contextlib.asynccontextmanager

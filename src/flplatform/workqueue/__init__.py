@@ -17,6 +17,11 @@ Public API::
 
     await workqueue.run_worker(sessionmaker, settings, stop=event)   # what `flplatform worker` runs
 
+Inference runs inside its HTTP request (the caller waits on that connection, and the loaded
+module sits in that process's cache); it is recorded as a ``QueuedWork`` row of category
+inference claimed and finished by the serving process (:func:`record_inline`, in the request's
+own transaction), never queued for another process.
+
 ``flplatform serve`` runs one worker in each server process (``FLP_INPROCESS_WORKER=true``, the
 default; lifespan component :func:`workqueue_component`). Execution is at-least-once: a job
 whose worker died (lease ``FLP_WORK_LEASE_SECONDS`` not renewed) runs again elsewhere, so
@@ -30,6 +35,7 @@ from flplatform.workqueue.queue import (
     fail,
     finish,
     get_job,
+    record_inline,
     release,
     renew,
     wake_local_workers_after_commit,
@@ -54,6 +60,7 @@ __all__ = [
     "gpu_memory",
     "handler",
     "lookup",
+    "record_inline",
     "register",
     "registered_kinds",
     "release",

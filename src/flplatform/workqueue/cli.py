@@ -24,8 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def load_handlers() -> None:
-    """Import every domain (the app imports them all), so their job kinds are registered."""
+    """Import every domain (the app imports them all), so their job kinds are registered, and
+    install the hooks the server's lifespan would install: an aggregation run by this worker
+    settles the round's billing hold and reserves the next round exactly as a server would."""
     import flplatform.app  # noqa: F401
+    from flplatform.billing.hooks import install as install_billing_hooks
+
+    install_billing_hooks()
 
 
 def _worker(args: argparse.Namespace) -> int:
