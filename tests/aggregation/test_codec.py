@@ -158,3 +158,23 @@ def test_flat_layout_detects_contiguous_groups():
     assert all(torch.equal(views[k], v) for k, v in state.items())
     assert layout.flat_view(views, torch.float32) is not None
     assert safetensors_order(state)[0] == "bn.num_batches_tracked"
+
+
+def test_updates_sharing_one_header_decode_their_own_values_and_sizes_are_rechecked():
+    # Headers are parsed once and remembered: the values must still come from each file, a file
+    # whose data region does not fit the (cached) header must still be refused, and shapes,
+    # strides and 0-d scalars must come out as the library's.
+    shapes = {"w": (3, 4), "b": (4,), "s": (), "e": (0, 2), "cube": (2, 1, 3)}
+    blobs = [save({k: torch.full(shape, float(i)) for k, shape in shapes.items()}) for i in range(3)]
+    assert len({read_safetensors_header(b)[1] for b in blobs}) == 1
+    for i, blob in enumerate(blobs):
+        decoded = decode_safetensors(blob)
+        for name, shape in shapes.items():
+            tensor = decoded[name]
+            reference = load(blob)[name]
+            assert tensor.shape == shape and tensor.stride() == reference.stride(), name
+            assert tensor.is_contiguous() and torch.equal(tensor, reference), name
+            assert torch.all(tensor == i)
+    with pytest.raises(DecodeError, match="outside"):
+        decode_safetensors(blobs[0][:-4])
+    assert torch.equal(decode_safetensors(blobs[1])["w"], torch.ones(3, 4))  # the cache is intact

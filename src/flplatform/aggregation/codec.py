@@ -8,7 +8,10 @@ This is the hot path of a round: every update is decoded once, so decoding must 
   Every header field is checked (dtype, shape, offsets inside the data region, byte count = shape ×
   item size, no overlaps, no duplicate names, header size limit); anything malformed raises
   :class:`~flplatform.aggregation.errors.DecodeError`. A tensor whose data is not aligned to its item
-  size (possible in hand-made files) is copied into aligned memory instead of being viewed.
+  size (possible in hand-made files) is copied into aligned memory instead of being viewed. Parsed and
+  checked headers (≤ 1 MiB) are remembered (LRU, keyed by the header bytes and the data length): the
+  updates of a round share one header, so a model of hundreds of small tensors is parsed once per
+  round, and each tensor then costs one ``as_strided`` call.
 * :func:`encode_safetensors` writes the standard format (readable by ``safetensors.torch.load``) with
   one copy of the tensor bytes, in the same order the ``safetensors`` library uses (dtype, then name),
   so every tensor of one dtype is one contiguous range of the file.
@@ -23,6 +26,7 @@ beyond names, shapes and dtypes (:meth:`FlatLayout.check`).
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import sys
@@ -63,6 +67,10 @@ for _code, _attr in (
     if hasattr(torch, _attr):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+#: Bytes per element of every dtype above (``torch.empty((), dtype=d)`` per tensor costs microseconds).
+ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty((), dtype=d).element_size() for d in SAFETENSORS_DTYPES.values()}
+#: Headers up to this size are parsed once and remembered (every update of a round has the same one).
+CACHED_HEADER_BYTES = 1 << 20
 
 
 def _dtype_sort_key(dtype: torch.dtype) -> int:
@@ -100,14 +108,17 @@ def read_safetensors_header(data: bytes | bytearray | memoryview) -> tuple[dict[
         raise DecodeError(
             f"safetensors: truncated (header says {header_len} header bytes, only {size - 8} follow)"
         )
-    raw = bytes(data[8 : 8 + header_len])
+    return _parse_header(bytes(data[8 : 8 + header_len])), 8 + header_len
+
+
+def _parse_header(raw: bytes) -> dict[str, object]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DecodeError(f"safetensors: the header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise DecodeError("safetensors: the header is not a JSON object")
-    return header, 8 + header_len
+    return header
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,15 @@ class _Entry:
     shape: tuple[int, ...]
     begin: int
     end: int
+    stride: tuple[int, ...]  # contiguous strides of ``shape``
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def _parse_entries(header: Mapping[str, object], data_len: int) -> list[_Entry]:
@@ -153,18 +173,45 @@ def _parse_entries(header: Mapping[str, object], data_len: int) -> list[_Entry]:
         numel = 1
         for d in shape:
             numel *= d
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = ITEMSIZE[dtype]
         if numel * itemsize != end - begin:
             raise DecodeError(
                 f"safetensors: tensor {name!r} of shape {shape} and dtype {code} needs "
                 f"{numel * itemsize} bytes, its offsets span {end - begin}"
             )
-        entries.append(_Entry(name, dtype, tuple(shape), begin, end))
+        entries.append(_Entry(name, dtype, tuple(shape), begin, end, _contiguous_strides(tuple(shape))))
     ordered = sorted(entries, key=lambda e: (e.begin, e.end))
     for before, after in zip(ordered, ordered[1:]):
         if after.begin < before.end:
             raise DecodeError(f"safetensors: tensors {before.name!r} and {after.name!r} overlap")
     return ordered
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_entries(raw_header: bytes, data_len: int) -> tuple[_Entry, ...]:
+    # Every update of a round carries the same header (same names, dtypes, shapes and offsets), so
+    # parsing and checking it once per round instead of once per update saves microseconds per
+    # tensor: for a model of hundreds of small tensors that is most of the decoding time. A header
+    # that fails raises DecodeError, which lru_cache does not remember.
+    return tuple(_parse_entries(_parse_header(raw_header), data_len))
+
+
+def _entries(data: bytes | bytearray | memoryview) -> tuple[tuple[_Entry, ...], int]:
+    size = len(data)
+    if size < 8:
+        raise DecodeError("safetensors: the file is shorter than its 8-byte header length")
+    (header_len,) = struct.unpack_from("<Q", data, 0)
+    if header_len == 0 or header_len > MAX_HEADER_BYTES:
+        raise DecodeError(f"safetensors: header length {header_len} is out of range")
+    if header_len > size - 8:
+        raise DecodeError(
+            f"safetensors: truncated (header says {header_len} header bytes, only {size - 8} follow)"
+        )
+    start = 8 + header_len
+    raw = bytes(data[8:start])
+    if header_len <= CACHED_HEADER_BYTES:
+        return _cached_entries(raw, size - start), start
+    return tuple(_parse_entries(_parse_header(raw), size - start)), start
 
 
 def decode_safetensors(data: bytes | bytearray | memoryview, *, copy: bool = False) -> StateDict:
@@ -174,8 +221,7 @@ def decode_safetensors(data: bytes | bytearray | memoryview, *, copy: bool = Fal
     hold a reference to ``data``; ``data`` must not be mutated while they are used. Raises
     :class:`DecodeError` for any malformed or truncated file.
     """
-    header, start = read_safetensors_header(data)
-    entries = _parse_entries(header, len(data) - start)
+    entries, start = _entries(data)
     if not entries:
         return {}
     with warnings.catch_warnings():
@@ -185,19 +231,26 @@ def decode_safetensors(data: bytes | bytearray | memoryview, *, copy: bool = Fal
         raw = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
     base = raw.data_ptr()
     little = sys.byteorder == "little"
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the whole buffer as each dtype, for as_strided views
     out: StateDict = {}
     for e in entries:
         begin = start + e.begin
         nbytes = e.end - e.begin
-        piece = raw[begin : begin + nbytes]
-        itemsize = torch.empty((), dtype=e.dtype).element_size()
+        itemsize = ITEMSIZE[e.dtype]
         if nbytes == 0:
             tensor = torch.empty(e.shape, dtype=e.dtype)
-        elif (base + begin) % itemsize == 0 and little:
-            tensor = piece.view(e.dtype).view(e.shape)
+        elif little and base % itemsize == 0 and begin % itemsize == 0:
+            whole = typed.get(e.dtype)
+            if whole is None:
+                whole = typed[e.dtype] = torch.empty(0, dtype=e.dtype).set_(
+                    raw.untyped_storage(), 0, (len(data) // itemsize,)
+                )
+            # one C++ call per tensor (slicing bytes, then two views, cost three)
+            tensor = whole.as_strided(e.shape, e.stride, begin // itemsize)
             if copy:
                 tensor = tensor.clone()
         else:
+            piece = raw[begin : begin + nbytes]
             # Misaligned (hand-made file) or big-endian host: copy into aligned memory.
             aligned = piece.clone()
             if not little:
@@ -350,15 +403,13 @@ class FlatLayout:
             return first.reshape(-1)
         itemsize = first.element_size()
         storage = first.untyped_storage()
-        storage_ptr = storage.data_ptr()
         base = first.data_ptr() - slots[0].offset * itemsize  # address of the group's element 0
         for slot in slots[1:]:
             tensor = state[slot.name]
-            if (
-                tensor.data_ptr() != base + slot.offset * itemsize
-                or not tensor.is_contiguous()
-                or tensor.untyped_storage().data_ptr() != storage_ptr
-            ):
+            # No per-tensor storage check (it costs a Python object per tensor): the range is checked
+            # to lie inside ``first``'s storage below, and a tensor found at the expected address
+            # inside it reads the very same bytes, whichever storage object it belongs to.
+            if tensor.data_ptr() != base + slot.offset * itemsize or not tensor.is_contiguous():
                 return None
         start = first.storage_offset() - slots[0].offset
         if start < 0 or (start + self.numel[dtype]) * itemsize > storage.nbytes():
