@@ -12,13 +12,14 @@ Everything else, in particular ``torch.save(module)`` pickles, is refused with
 synchronous and CPU-bound: call them through ``asyncio.to_thread``.
 
 Tensor arithmetic (FedAvg, robust aggregators, SWAG moment averaging) lives in
-``flplatform.aggregation``; this module only (de)serialises and validates.
+``flplatform.aggregation``; this module only (de)serialises and validates. The safetensors
+format itself (header checks, decoding, encoding) is ``flplatform.aggregation.codec``'s: one
+implementation for uploads, stored models and the aggregation hot path.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import struct
 import zipfile
@@ -26,8 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+
+from flplatform.aggregation import codec
+from flplatform.aggregation.errors import DecodeError
 
 ACCEPTED_UPDATE_FORMATS = (
     "Accepted formats: a TorchScript archive (torch.jit.save), safetensors, or torch.save of a plain "
@@ -106,10 +108,7 @@ def decode_state_dict(data: bytes) -> tuple[StateDict, str]:
         module = load_torchscript(data)
         return {k: v.detach() for k, v in module.state_dict().items()}, fmt
     if fmt == SAFETENSORS:
-        try:
-            return dict(safetensors_load(data)), fmt
-        except Exception as exc:
-            raise ModelFileError(f"Corrupt safetensors file: {_short(exc)}") from None
+        return decode_safetensors(data), fmt
     obj = _torch_load_weights_only(data)
     if isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         return dict(obj), fmt
@@ -150,11 +149,17 @@ def validate_state_dict(state: Mapping[str, torch.Tensor], reference: Mapping[st
 
 
 def encode_safetensors(state: Mapping[str, torch.Tensor]) -> bytes:
-    return safetensors_save({k: v.detach().contiguous() for k, v in state.items()})
+    """Standard safetensors bytes (the same bytes ``safetensors.torch.save`` writes)."""
+    return codec.encode_safetensors(state)
 
 
 def decode_safetensors(data: bytes) -> StateDict:
-    return dict(safetensors_load(data))
+    """Independent, writable tensors of safetensors bytes (ordered as in the file); any malformed
+    or truncated file → :class:`ModelFileError`."""
+    try:
+        return codec.decode_safetensors(data, copy=True)
+    except DecodeError as exc:
+        raise ModelFileError(f"Corrupt safetensors file: {_short(exc)}") from None
 
 
 def rebuild_torchscript(template: bytes, state: Mapping[str, torch.Tensor]) -> bytes:
@@ -211,5 +216,8 @@ def decode_flat_tensor(data: bytes, *, length: int, what: str) -> torch.Tensor:
 
 
 def safetensors_header(data: bytes) -> dict[str, object]:
-    (header_len,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + header_len])
+    """The parsed safetensors JSON header; malformed → :class:`ModelFileError`."""
+    try:
+        return codec.read_safetensors_header(data)[0]
+    except DecodeError as exc:
+        raise ModelFileError(f"Corrupt safetensors file: {_short(exc)}") from None
