@@ -76,6 +76,19 @@ async def test_malformed_input_gets_error_acks_and_the_socket_stays_open(live):
             assert "error" in (await recv_json(consumer))["result"]
         await consumer.send(json.dumps({"messageId": str(uuid.uuid4())}))  # unknown id: ignored quietly
         assert await no_message(consumer, 0.2)
+    # A response topic already answering another source topic is a collision too (the reference
+    # crashed the socket on the unique slug); the first source keeps it.
+    second = await live.create_topic(anonymous=True, supports_dasf=False)
+    shared = f"{slug}_answers"
+    async with live.connect(slug) as first_producer, live.connect(second) as second_producer:
+        await first_producer.send(request_frame(1, shared))
+        assert (await recv_json(first_producer))["result"] == "ok"
+        await second_producer.send(request_frame(2, shared))
+        ack = await recv_json(second_producer)
+        assert "error" in ack["result"] and "collides" in ack["errorMsg"] and ack["context"] == 2
+        await second_producer.send(request_frame(3))
+        assert (await recv_json(second_producer))["result"] == "ok"
+    assert await _count(live, second) == 1
 
 
 async def test_repeated_message_id_is_refused_without_storing_twice(live):
@@ -216,3 +229,18 @@ async def test_shared_dispatch_splits_messages_between_backends(live):
                     break
     assert sorted(got_one + got_two) == list(range(20))
     assert got_one and got_two and not set(got_one) & set(got_two)
+
+
+async def test_bodies_that_grow_when_escaped_are_published(live):
+    """On PostgreSQL small envelopes ride inside the NOTIFY payload (8,000-byte limit), where
+    their quotes and backslashes are escaped again: a 6 kB body of quotes doubles. It must go
+    through the table instead of failing the writer's batch."""
+    quotes = '"\\' * 1500
+    for policy in (StorePolicy.CACHE, StorePolicy.DISABLED):
+        slug = await live.create_topic(anonymous=True, store=policy, supports_dasf=False)
+        async with live.connect(f"{slug}/sub") as consumer, live.connect(slug) as producer:
+            for context in range(3):
+                await producer.send(json.dumps({"payload": quotes, "context": context}))
+            assert [(await recv_json(producer))["result"] for _ in range(3)] == ["ok"] * 3
+            got = [await recv_json(consumer) for _ in range(3)]
+        assert [m["context"] for m in got] == [0, 1, 2] and got[0]["payload"] == quotes

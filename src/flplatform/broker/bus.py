@@ -8,8 +8,18 @@ Events are small JSON objects ``{"o": origin, "k": kind, ...}``:
 * ``g``: ping the consumers of slug ``s``;
 * ``i``: topic or grant data changed (slug ``s`` or every slug): drop caches.
 
-Message events are sent inside the writer's transaction (``pg_notify``), so they are delivered
-exactly when the row is committed. Each process skips its own events (it dispatched locally).
+Message events are sent inside the writer's transaction (``pg_notify``), in publish order, so
+they are delivered exactly when the row is committed and in commit order; each process handles
+them one at a time and skips its own events (it dispatched locally).
+
+**Inline envelopes, not only ids** (issue 10 sketched "payload = message id, message read from
+the table"). An envelope whose text, once JSON-escaped into the event, fits in
+``FLP_BROKER_NOTIFY_INLINE_BYTES`` (7,900; PostgreSQL refuses payloads of 8,000 bytes or more)
+travels inline: every listening process saves one query per message, and ``disabled`` topics
+write nothing for such messages. Larger envelopes carry the key of a ``broker_messages`` row:
+the stored row for ``cacheall``/``store``, a transient copy for ``cache`` (its first ack deletes
+the stored row, possibly before another process read it) and for ``disabled``; the sweeper
+removes transient rows after a minute.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ Each consumer socket owns a bounded queue. The dispatcher *waits* for room (back
 writer, and through it the producers' in-flight windows, slow down), so no live message is ever
 dropped. A consumer whose queue stays full for ``consumer_stall_seconds`` is disconnected with
 close code 1013 (its stored messages are redelivered when it reconnects).
+
+While a socket is being set up (its stored messages are redelivered first, after the writer's
+pending acknowledgements are applied) nothing drains its queue yet, so live messages for it are
+kept in a list instead: waiting for room there would stall the writer behind the very flush the
+set-up waits for, and every other topic of the process with it.
 """
 
 from __future__ import annotations
@@ -61,12 +66,22 @@ class ConsumerConnection:
     perms_loaded: float = 0.0
     perms_version: int = -1
     closed: bool = False
+    # Until the sender starts: live items that arrived during the set-up, in order.
+    early: list[Any] | None = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.queue_size)
 
+    def start(self) -> list[Any]:
+        """The sender starts: hand over the items kept during the set-up; later ones queue."""
+        early, self.early = self.early or [], None
+        return early
+
     async def enqueue(self, item: Any, stall_seconds: float) -> None:
         if self.closed:
+            return
+        if self.early is not None:
+            self.early.append(item)
             return
         try:
             self.queue.put_nowait(item)

@@ -387,14 +387,21 @@ class Broker:
     async def _announce_unstored(self, topic: TopicInfo, produced: env.Produced, user: Identity) -> None:
         """PostgreSQL: tell the other processes about a ``disabled`` message (small bodies inline,
         large ones through a transient row)."""
-        if len(produced.text) + 200 <= self.config.notify_inline_bytes:
+        if self._fits_notify(produced.text, topic.slug):
             await self._submit(NotifyOp(self._message_event(topic, produced.text, None)))
         else:
             await self._submit(InsertOp(topic, produced, user.id, None, transient=True))
 
+    def _fits_notify(self, text: str, slug: str) -> bool:
+        """Whether an envelope travels inline in a NOTIFY payload. The envelope text is ASCII
+        (``json.dumps``), but it is embedded in the event as a JSON string, where every quote
+        and backslash doubles: measure the escaped form, plus the event's other keys."""
+        budget = self.config.notify_inline_bytes - 100 - len(slug)
+        return len(text) <= budget and len(json.dumps(text)) <= budget
+
     def _message_event(self, topic: TopicInfo, text: str | None, pk: int | None) -> dict[str, Any]:
         event: dict[str, Any] = {"k": "m", "s": topic.slug, "t": str(topic.id)}
-        if text is not None and len(text) + 200 <= self.config.notify_inline_bytes:
+        if text is not None and self._fits_notify(text, topic.slug):
             event["c"] = text
         else:
             event["p"] = pk
@@ -501,8 +508,13 @@ class Broker:
         perms = await self._consumer_perms(conn, topic)
         if not perms.consume:
             return
+        if topic.policy is not StorePolicy.DISABLED:
+            # Acknowledgements still in this process's writer queue (a backend that acked and
+            # reconnected at once) are applied before the redelivery reads, or acked messages
+            # come again. (The writer never waits on this socket meanwhile: see ``enqueue``.)
+            await self.flush()
         sent = 0
-        async for pk, text in self._outstanding(topic, conn.user, history):
+        async for pk, text in self._outstanding(topic, conn.user, history, conn.connected_at):
             message_id = json.loads(text).get("messageId", "")
             conn.replayed.add(message_id)
             await conn.websocket.send_text(text)
@@ -513,14 +525,16 @@ class Broker:
         elif topic.supports_dasf and not topic.is_response:
             await conn.websocket.send_text(env.broker_request("api_info", self.clock.now()))
 
-    async def _outstanding(self, topic: TopicInfo, user: Identity, history: bool) -> Any:
+    async def _outstanding(
+        self, topic: TopicInfo, user: Identity, history: bool, connected_at: dt.datetime
+    ) -> Any:
         """Stored messages the identity still has to get, in table order, in chunks."""
         if topic.policy is StorePolicy.DISABLED:
             return
         key = user.key
         after = 0
         if topic.policy is StorePolicy.STORE:
-            after = await self._subscription_start(topic, key, history)
+            after = await self._subscription_start(topic, key, history, connected_at)
         while True:
             async with self.sessionmaker() as session:
                 query = (
@@ -541,16 +555,22 @@ class Broker:
                 return
             after = rows[-1][0]
 
-    async def _subscription_start(self, topic: TopicInfo, key: str, history: bool) -> int:
-        """``store``: a consumer identity seen for the first time starts at the newest message
-        (the reference replayed the whole history); ``?history=all`` asks for everything."""
+    async def _subscription_start(self, topic: TopicInfo, key: str, history: bool, connected_at: dt.datetime) -> int:
+        """``store``: a consumer identity seen for the first time starts after the newest message
+        published *before its socket connected* (the reference replayed the whole history);
+        ``?history=all`` asks for everything. Messages published while the socket was being set
+        up were delivered to it live, so they stay outstanding until acknowledged."""
         async with self.sessionmaker() as session:
             row = await session.get(BrokerSubscription, (topic.id, key))
             if row is None:
                 newest = 0
                 if not history:
                     newest = (
-                        await session.execute(select(func.max(MESSAGES.c.id)).where(MESSAGES.c.topic_id == topic.id))
+                        await session.execute(
+                            select(func.max(MESSAGES.c.id)).where(
+                                MESSAGES.c.topic_id == topic.id, MESSAGES.c.created_at < connected_at
+                            )
+                        )
                     ).scalar() or 0
                 row = BrokerSubscription(topic_id=topic.id, consumer_key=key, after_message_pk=newest)
                 session.add(row)
@@ -566,30 +586,35 @@ class Broker:
             return 0 if history else row.after_message_pk
 
     async def _consumer_sender(self, conn: ConsumerConnection) -> None:
-        """Drain the socket's queue: permission from the socket's cache, then send."""
-        websocket = conn.websocket
+        """Drain what arrived during the redelivery, then the socket's queue."""
+        for item in conn.start():
+            await self._send_one(conn, item)
         while True:
-            item = await conn.queue.get()
-            if isinstance(item, PingRequest):
-                topic = await self.get_topic(conn.slug)
-                if topic is None or not (await self._consumer_perms(conn, topic)).consume:
-                    continue
-                self.touch_ping(topic.id)
-                await websocket.send_text(env.broker_request(item.message_type, self.clock.now()))
-                continue
-            if conn.replayed and item.message_id in conn.replayed:
-                conn.replayed.discard(item.message_id)
-                continue
+            await self._send_one(conn, await conn.queue.get())
+
+    async def _send_one(self, conn: ConsumerConnection, item: Delivery | PingRequest) -> None:
+        """Permission from the socket's cache, then send."""
+        websocket = conn.websocket
+        if isinstance(item, PingRequest):
             topic = await self.get_topic(conn.slug)
-            if topic is None or topic.id != item.topic_id:
-                topic = await self.get_topic_by_id(item.topic_id)
-                if topic is None:
-                    continue
-            if not (await self._consumer_perms(conn, topic)).consume:
-                continue
-            await websocket.send_text(item.text)
-            self.stats["delivered"] += 1
+            if topic is None or not (await self._consumer_perms(conn, topic)).consume:
+                return
             self.touch_ping(topic.id)
+            await websocket.send_text(env.broker_request(item.message_type, self.clock.now()))
+            return
+        if conn.replayed and item.message_id in conn.replayed:
+            conn.replayed.discard(item.message_id)
+            return
+        topic = await self.get_topic(conn.slug)
+        if topic is None or topic.id != item.topic_id:
+            topic = await self.get_topic_by_id(item.topic_id)
+            if topic is None:
+                return
+        if not (await self._consumer_perms(conn, topic)).consume:
+            return
+        await websocket.send_text(item.text)
+        self.stats["delivered"] += 1
+        self.touch_ping(topic.id)
 
     async def _consumer_frame(self, conn: ConsumerConnection, raw: str | bytes) -> dict[str, Any] | None:
         """A consumer's upstream frame: an ack ``{"messageId"}``; any frame counts as a pong."""
@@ -856,32 +881,36 @@ class Broker:
                         future.set_exception(RuntimeError("write failed"))
 
     async def _write(self, ops: list[Any]) -> None:
-        inserts = [op for op in ops if isinstance(op, InsertOp)]
+        # Inserts and announcements keep their queue order: on PostgreSQL their NOTIFYs are sent
+        # in that order, so other processes fan out in publish order (a large ``disabled`` body
+        # announced through a transient row must not overtake a small one sent inline).
+        stream = [op for op in ops if isinstance(op, (InsertOp, NotifyOp))]
+        inserts = [op for op in stream if isinstance(op, InsertOp)]
         acks = [op for op in ops if isinstance(op, AckOp)]
-        notifies = [op.event for op in ops if isinstance(op, NotifyOp)]
         flushes = [op for op in ops if isinstance(op, FlushOp)]
         pings, self._pings = self._pings, {}
         pongs, self._pongs = self._pongs, {}
-        if not (inserts or acks or notifies or pings or pongs):
+        if not (stream or acks or pings or pongs):
             self._resolve(flushes)
             return
         try:
-            pks = await self._write_transaction(inserts, acks, notifies, pings, pongs)
+            pks = await self._write_transaction(stream, acks, pings, pongs)
         except IntegrityError:
             # One bad row (a repeated messageId, a topic deleted meanwhile) must not fail the
-            # others: write them one by one and refuse only the culprit.
+            # others: write them one by one, in order, and refuse only the culprit.
             pks = []
-            for op in inserts:
+            for op in stream:
                 try:
-                    pks.extend(await self._write_transaction([op], [], [], {}, {}))
+                    pks.extend(await self._write_transaction([op], [], {}, {}))
                 except IntegrityError:
-                    pks.append(None)
+                    if isinstance(op, InsertOp):
+                        pks.append(None)
             for ack in acks:
                 try:
-                    await self._write_transaction([], [ack], [], {}, {})
+                    await self._write_transaction([], [ack], {}, {})
                 except IntegrityError:
                     log.info("acknowledgement for %s dropped (message gone)", ack.message_uuid)
-            await self._write_transaction([], [], notifies, pings, pongs)
+            await self._write_transaction([], [], pings, pongs)
         delivered: list[tuple[InsertOp, int]] = []
         for op, pk in zip(inserts, pks, strict=True):
             if op.future is not None and not op.future.done():
@@ -903,13 +932,16 @@ class Broker:
 
     async def _write_transaction(
         self,
-        inserts: list[InsertOp],
+        stream: list[InsertOp | NotifyOp],
         acks: list[AckOp],
-        notifies: list[dict[str, Any]],
         pings: dict[uuid.UUID, dt.datetime],
         pongs: dict[uuid.UUID, dt.datetime],
     ) -> list[int | None]:
+        """One transaction: insert the stream's rows, apply acks and touches, queue the stream's
+        NOTIFYs in stream order (PostgreSQL); returns the inserted primary keys in order."""
+        inserts = [op for op in stream if isinstance(op, InsertOp)]
         pks: list[int | None] = []
+        notifies: list[dict[str, Any]] = []
         async with self.sessionmaker() as session:
             if inserts:
                 now = self.clock.now()
@@ -929,10 +961,14 @@ class Broker:
                     insert(MESSAGES).returning(MESSAGES.c.id, sort_by_parameter_order=True), rows
                 )
                 pks = list(result.scalars().all())
-                if self.bus.cross_process:
-                    notifies = [
-                        self._message_event(op.topic, op.produced.text, pk) for op, pk in zip(inserts, pks, strict=True)
-                    ] + notifies
+            if self.bus.cross_process:
+                pk_of = {id(op): pk for op, pk in zip(inserts, pks, strict=True)}
+                pk_of.update(await self._relay_copies(session, inserts))
+                for op in stream:
+                    if isinstance(op, InsertOp):
+                        notifies.append(self._message_event(op.topic, op.produced.text, pk_of[id(op)]))
+                    else:
+                        notifies.append(op.event)
             if acks:
                 await self._apply_acks(session, acks)
             for column, values in (("last_ping", pings), ("last_pong", pongs)):
@@ -943,6 +979,33 @@ class Broker:
             await session.commit()
         self.stats["write_batches"] += 1
         return pks
+
+    async def _relay_copies(self, session: AsyncSession, inserts: list[InsertOp]) -> dict[int, int]:
+        """PostgreSQL, ``cache`` bodies too large to inline in a NOTIFY: the first ack deletes the
+        stored row, possibly before another process has read it, so those processes read a
+        transient copy instead (swept after a minute). Returns ``id(op)`` → the copy's key."""
+        copies = [
+            op for op in inserts
+            if not op.transient and op.topic.policy is StorePolicy.CACHE
+            and not self._fits_notify(op.produced.text, op.topic.slug)
+        ]
+        if not copies:
+            return {}
+        now = self.clock.now()
+        rows = [
+            {
+                "topic_id": op.topic.id,
+                "message_id": uuid.uuid4(),  # the envelope keeps the real messageId
+                "context": op.produced.request_context,
+                "user_id": op.user_id,
+                "content": op.produced.text,
+                "transient": True,
+                "created_at": now,
+            }
+            for op in copies
+        ]
+        result = await session.execute(insert(MESSAGES).returning(MESSAGES.c.id, sort_by_parameter_order=True), rows)
+        return {id(op): pk for op, pk in zip(copies, result.scalars().all(), strict=True)}
 
     async def _apply_acks(self, session: AsyncSession, acks: list[AckOp]) -> None:
         by_topic: dict[uuid.UUID, list[AckOp]] = defaultdict(list)
