@@ -1,7 +1,8 @@
 """Aggregation and inference are ``Work`` rows (seed Work: category, status, timings, server), on
 both databases, with the single-process in-process worker: a round's aggregation is a queued job
 that the worker claims; a re-run of a finished job (at-least-once execution) changes nothing;
-an inference is recorded as claimed and finished by the process that served it."""
+an inference is recorded as claimed and finished by the process that served it (in batches,
+off the response path)."""
 
 from __future__ import annotations
 
@@ -102,7 +103,9 @@ async def test_inference_is_work_claimed_and_finished_by_the_serving_process(app
                                 json={"model_id": model_id, "model_input": [[0.5] * (width + 1)] * 3})
     assert 400 <= refused.status_code < 500, refused.text
 
-    [work] = await _jobs(app, WorkKind.INFERENCE)  # the refused request rolled back with its record
+    assert await _jobs(app, WorkKind.INFERENCE) == []  # written in batches, off the response path
+    assert await app.state.work_log.flush() == 1
+    [work] = await _jobs(app, WorkKind.INFERENCE)  # the refused request recorded nothing
     assert (work.handler, work.status, work.attempts, work.server_id) == (
         "inference.request", WorkStatus.FINISHED, 1, server_id)
     assert work.model_id == uuid.UUID(model_id) and work.result == {"method": "NONE", "rows": 3, "round": 0}

@@ -19,8 +19,8 @@ Public API::
 
 Inference runs inside its HTTP request (the caller waits on that connection, and the loaded
 module sits in that process's cache); it is recorded as a ``QueuedWork`` row of category
-inference claimed and finished by the serving process (:func:`record_inline`, in the request's
-own transaction), never queued for another process.
+inference, claimed and finished by the serving process and written in batches off the response
+path (:class:`CompletedWorkLog`, ``app.state.work_log``), never queued for another process.
 
 ``flplatform serve`` runs one worker in each server process (``FLP_INPROCESS_WORKER=true``, the
 default; lifespan component :func:`workqueue_component`). Execution is at-least-once: a job
@@ -35,11 +35,11 @@ from flplatform.workqueue.queue import (
     fail,
     finish,
     get_job,
-    record_inline,
     release,
     renew,
     wake_local_workers_after_commit,
 )
+from flplatform.workqueue.records import CompletedWorkLog
 from flplatform.workqueue.registry import JobContext, handler, lookup, register, registered_kinds
 from flplatform.workqueue.worker import (
     Worker,
@@ -50,6 +50,7 @@ from flplatform.workqueue.worker import (
 
 __all__ = [
     "ClaimedJob",
+    "CompletedWorkLog",
     "JobContext",
     "Worker",
     "claim",
@@ -60,7 +61,6 @@ __all__ = [
     "gpu_memory",
     "handler",
     "lookup",
-    "record_inline",
     "register",
     "registered_kinds",
     "release",

@@ -115,29 +115,6 @@ async def enqueue(
     return job
 
 
-def record_inline(
-    session: AsyncSession,
-    kind: str,
-    *,
-    category: WorkKind,
-    started_at: dt.datetime,
-    server_id: uuid.UUID | None = None,
-    model_id: uuid.UUID | None = None,
-    result: dict[str, Any] | None = None,
-) -> QueuedWork:
-    """Record a job that this process claimed and ran itself inside a request (inference): added
-    to the caller's transaction as already claimed (attempt 1) by ``server_id`` and finished, so
-    it costs no commit, no NOTIFY and no hop to another process. Rolled back with the request
-    when the request fails. No handler is needed: no worker ever claims such a row."""
-    job = QueuedWork(
-        kind=category, handler=kind, payload={}, status=WorkStatus.FINISHED, attempts=1, max_attempts=1,
-        created_at=started_at, started_at=started_at, finished_at=utcnow(), server_id=server_id, model_id=model_id,
-        result=result,
-    )
-    session.add(job)
-    return job
-
-
 async def _by_key(session: AsyncSession, dedupe_key: str) -> QueuedWork | None:
     stmt = select(QueuedWork).where(QueuedWork.dedupe_key == dedupe_key).execution_options(populate_existing=True)
     return (await session.execute(stmt)).scalar_one_or_none()

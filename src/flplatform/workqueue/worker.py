@@ -25,6 +25,7 @@ from flplatform.orm.base import utcnow
 from flplatform.orm.billing import Server
 from flplatform.settings import Settings
 from flplatform.workqueue import queue
+from flplatform.workqueue.records import CompletedWorkLog
 from flplatform.workqueue.registry import JobContext, lookup
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,21 @@ async def run_worker(
 
 @contextlib.asynccontextmanager
 async def workqueue_component(app: FastAPI) -> AsyncIterator[Worker | None]:
-    """Lifespan component: one in-process worker per server process (``FLP_INPROCESS_WORKER``)."""
+    """Lifespan component: one in-process worker per server process (``FLP_INPROCESS_WORKER``),
+    and the batched log of jobs run inside requests (``app.state.work_log``)."""
+    work_log = CompletedWorkLog(app.state.sessionmaker)
+    app.state.work_log = work_log
+    writer = asyncio.get_running_loop().create_task(work_log.run(), name="completed-work-log")
+    try:
+        async with _inprocess_worker(app) as worker:
+            yield worker
+    finally:
+        writer.cancel()  # run() writes what is left before it ends
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def _inprocess_worker(app: FastAPI) -> AsyncIterator[Worker | None]:
     settings: Settings = app.state.settings
     if not settings.inprocess_worker:
         app.state.work_worker = None
