@@ -26,17 +26,27 @@ from flplatform.services.trainings import runtime_of
 router = APIRouter(prefix="/api/models", tags=["models"])
 
 OCTET = "application/octet-stream"
+# Rounds, sample sizes and shape dimensions are 32-bit INTEGER columns on PostgreSQL: larger
+# values are refused here (4xx) instead of failing in the database (500).
+MAX_INT = 2**31 - 1
+
+
+def clean_text(value: str, field: str) -> str:
+    """PostgreSQL text cannot hold NUL characters; refuse them instead of failing on insert."""
+    if "\x00" in value:
+        raise BadRequest(f"`{field}` must not contain NUL characters.", code="invalid_text")
+    return value
 
 
 class MeanModelCreate(RequestSchema):
     """JSON body for ``type=MEAN`` (no file: the members are existing global models)."""
 
-    name: Annotated[str, Field(min_length=1, max_length=200)]
-    description: str = ""
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern="^[^\x00]*$")]
+    description: Annotated[str, Field(pattern="^[^\x00]*$")] = ""
     type: str = "MEAN"
     models: list[uuid.UUID] = Field(min_length=1)
-    input_shape: list[int | None] | None = None
-    round: int = 0
+    input_shape: list[Annotated[int, Field(ge=0, le=MAX_INT)] | None] | None = None
+    round: Annotated[int, Field(ge=0, le=MAX_INT)] = 0
 
 
 def parse_input_shape(values: list[str]) -> list[int | None] | None:
@@ -45,7 +55,7 @@ def parse_input_shape(values: list[str]) -> list[int | None] | None:
     if len(values) == 1 and values[0].strip().startswith("["):
         try:
             values = [("null" if v is None else str(v)) for v in json.loads(values[0])]
-        except (json.JSONDecodeError, TypeError):
+        except (json.JSONDecodeError, TypeError, RecursionError):
             raise BadRequest("input_shape: not a JSON list.", code="invalid_input_shape") from None
     shape: list[int | None] = []
     for value in values:
@@ -57,8 +67,8 @@ def parse_input_shape(values: list[str]) -> list[int | None] | None:
             dim = int(text)
         except ValueError:
             raise BadRequest(f"input_shape: {text!r} is neither an integer nor None.", code="invalid_input_shape") from None
-        if dim < 0:
-            raise BadRequest("input_shape: dimensions cannot be negative.", code="invalid_input_shape")
+        if not 0 <= dim <= MAX_INT:
+            raise BadRequest(f"input_shape: dimensions must be between 0 and {MAX_INT}.", code="invalid_input_shape")
         shape.append(dim)
     if not shape or shape == [None]:
         return None
@@ -134,11 +144,12 @@ async def upload_model(request: Request, session: SessionDep, user: CurrentUser)
         )
     elif content_type.startswith("multipart/form-data") or content_type.startswith("application/x-www-form-urlencoded"):
         form = await request.form()
-        name = str(form.get("name") or "").strip()
+        name = clean_text(str(form.get("name") or "").strip(), "name")
         if not name:
             raise BadRequest("`name` is required.", code="missing_field")
         if "description" not in form:
             raise BadRequest("`description` is required.", code="missing_field")
+        description = clean_text(str(form.get("description") or ""), "description")
         kind = str(form.get("type") or "GLOBAL").upper()
         if kind not in ("GLOBAL", "SWAG", "MEAN"):
             kind = "GLOBAL"
@@ -146,15 +157,20 @@ async def upload_model(request: Request, session: SessionDep, user: CurrentUser)
             round_ = int(str(form.get("round") or 0))
         except ValueError:
             raise BadRequest("`round` must be an integer.", code="invalid_round") from None
+        if not 0 <= round_ <= MAX_INT:
+            raise BadRequest(f"`round` must be between 0 and {MAX_INT}.", code="invalid_round")
         members_raw = [str(v) for v in form.getlist("models")]
         if len(members_raw) == 1 and members_raw[0].strip().startswith("["):
-            members_raw = [str(v) for v in json.loads(members_raw[0])]
+            try:
+                members_raw = [str(v) for v in json.loads(members_raw[0])]
+            except (json.JSONDecodeError, TypeError, RecursionError):
+                raise BadRequest("`models` must be model ids (repeated, or one JSON list).", code="invalid_models") from None
         try:
             members = [uuid.UUID(v.strip()) for v in members_raw if v.strip()]
         except ValueError:
             raise BadRequest("`models` must be model ids.", code="invalid_models") from None
         upload = model_service.GlobalUpload(
-            name=name[:200], description=str(form.get("description") or ""), type=kind, round=round_,
+            name=name[:200], description=description, type=kind, round=round_,
             input_shape=parse_input_shape([str(v) for v in form.getlist("input_shape")]),
             model_file=await _file_bytes(form.get("model_file")),
             preprocessing_file=await _file_bytes(form.get("model_preprocessing_file")),
@@ -211,8 +227,8 @@ async def describe_model(session: SessionDep, user: CurrentUser, model_id: uuid.
 async def upload_update(
     session: SessionDep, user: CurrentUser, request: Request, model_id: uuid.UUID,
     model_file: Annotated[UploadFile, File(description="The update.")],
-    round: Annotated[int, Form(ge=0)],  # noqa: A002
-    sample_size: Annotated[int, Form(ge=0)],
+    round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
+    sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
     metric_names: Annotated[list[str], Form()] = [],  # noqa: B006
     metric_values: Annotated[list[str], Form()] = [],  # noqa: B006
 ) -> UpdateAccepted:
@@ -316,8 +332,8 @@ async def post_preprocessing(
 )
 async def post_swag(
     session: SessionDep, user: CurrentUser, request: Request, model_id: uuid.UUID,
-    round: Annotated[int, Form(ge=0)],  # noqa: A002
-    sample_size: Annotated[int, Form(ge=0)],
+    round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
+    sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
     first_moment_file: Annotated[UploadFile, File()],
     second_moment_file: Annotated[UploadFile, File()],
 ) -> SwagAccepted:

@@ -174,4 +174,4 @@ class NotificationKey(Schema):
 
 
 class StopRequest(RequestSchema):
-    reason: Annotated[str, Field(max_length=500)] = "Stopped by the actor."
+    reason: Annotated[str, Field(max_length=500, pattern="^[^\x00]*$")] = "Stopped by the actor."

@@ -710,10 +710,14 @@ def _forward_shape(runnable: Runnable, input_size: tuple[int, ...]) -> list[int]
     return list(prediction.mean.shape)
 
 
-def _module_metadata(runnable: Runnable, input_shape: list[int | None] | None) -> dict[str, Any]:
+def _module_metadata(runnable: Runnable, input_shape: list[int | None] | None, max_elements: int) -> dict[str, Any]:
     input_size = tuple(d if d is not None else 1 for d in input_shape) if input_shape else None
+    if input_size is not None and math.prod(input_size) > max_elements:
+        # A declared shape larger than any accepted input would make the probe forward pass
+        # allocate without bound; report the static parts only.
+        input_size = None
     if isinstance(runnable, Ensemble):
-        members = [_module_metadata(m, input_shape) for m in runnable.members]
+        members = [_module_metadata(m, input_shape, max_elements) for m in runnable.members]
         layers = [
             {
                 "name": f"members.{index}",
@@ -814,5 +818,7 @@ async def model_metadata(
         return info
     runnable = await _runnable_for(session, runtime, model, 0, set())
     async with runtime.gate:
-        info.update(await asyncio.to_thread(_module_metadata, runnable, input_shape))
+        info.update(
+            await asyncio.to_thread(_module_metadata, runnable, input_shape, runtime.settings.max_input_elements)
+        )
     return info

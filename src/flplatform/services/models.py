@@ -352,6 +352,8 @@ def _parse_metrics(names: list[str], values: list[str], *, required: bool) -> li
         name = name.strip()
         if not name or len(name) > MAX_METRIC_KEY:
             raise BadRequest(f"Metric names must have 1 to {MAX_METRIC_KEY} characters.", code="metric_name")
+        if "\x00" in name:  # PostgreSQL text cannot hold NUL
+            raise BadRequest("Metric names must not contain NUL characters.", code="metric_name")
         try:
             out.append((name, float(value), None))
         except (TypeError, ValueError):
