@@ -16,6 +16,7 @@ memory stays bounded.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Iterable, Mapping
@@ -112,6 +113,8 @@ class _Update:
 #: calling thread instead of waking an OpenMP team, which on a busy 2-core machine costs more than the
 #: work (a descheduled team member stalls every barrier). We parallelise over our own threads instead.
 FOLD_CHUNK = 32768
+#: Pieces of coordinates per fold worker, taken dynamically (see :func:`fold_flat`).
+PIECES_PER_WORKER = 4
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -140,9 +143,11 @@ def fold_flat(
 
     For each ``chunk`` of coordinates every source is added while that slice of the accumulator is in
     cache, so the accumulator is read and written once per call instead of once per source. One
-    ``torch._foreach_addcmul_`` call per worker thread does all its chunks × sources in C++ with the
-    GIL released (``addcmul`` with a broadcast one carries a per-source weight); workers own disjoint
-    coordinate ranges. Any source dtype works (promoted chunk by chunk, never a model-sized temporary).
+    ``torch._foreach_addcmul_`` call per piece does its chunks × sources in C++ with the GIL released
+    (``addcmul`` with a broadcast one carries a per-source weight). The coordinates are cut into a few
+    pieces per worker that the workers take in turn, so a worker the OS descheduled (the machine is
+    shared) does not stall the others at a fixed split; a worker that never started is cancelled.
+    Any source dtype works (promoted chunk by chunk, never a model-sized temporary).
     ``acc_chunks`` may pass ``acc.split(chunk)`` made once per round (hundreds of views per call).
     """
     if not sources:
@@ -167,11 +172,19 @@ def fold_flat(
     if workers <= 1:
         run(0, count)
         return
-    bounds = [count * i // workers for i in range(workers + 1)]
-    futures = [_pool().submit(run, bounds[i], bounds[i + 1]) for i in range(1, workers)]
-    run(bounds[0], bounds[1])
+    pieces = min(count, workers * PIECES_PER_WORKER)
+    bounds = [count * i // pieces for i in range(pieces + 1)]
+    taken = itertools.count()  # next() on it is atomic under the GIL
+
+    def drain() -> None:
+        while (piece := next(taken)) < pieces:
+            run(bounds[piece], bounds[piece + 1])
+
+    futures = [_pool().submit(drain) for _ in range(workers - 1)]
+    drain()
     for future in futures:
-        future.result()
+        if not future.cancel():
+            future.result()
 
 
 class _WeightedSum:
