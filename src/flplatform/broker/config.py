@@ -3,6 +3,8 @@ broker's knobs stay in its own domain. Tests replace ``app.state.broker_config``
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,4 +33,7 @@ class BrokerConfig(BaseSettings):
     gc_delay_seconds: float = Field(default=600.0, ge=0, description="Response topic kept after last consumer left")
     touch_flush_seconds: float = Field(default=0.25, gt=0, description="last_ping/last_pong write-behind period")
     notify_inline_bytes: int = Field(default=7900, ge=100, le=7990, description="Larger bodies go through the table")
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
+        default="NORMAL", description="SQLite PRAGMA synchronous of the broker's writer (the app keeps FULL)"
+    )
     background_tasks: bool = Field(default=True, description="Run the ping timer and the GC sweeper")
