@@ -83,3 +83,30 @@ async def test_holds_of_stopped_trainings_are_released(client, alice, make_user,
     assert await books.run(release_ended_trainings) == 1
     assert await books.balance(alice.user.id) == usd(5) and await books.balance(alice.user.id, held=True) == 0
     assert (await books.reconcile()).ok
+
+
+async def test_epochs_and_reserved_samples_from_the_training_options(client, alice, make_user, books):
+    await books.price("training_update", usd(1))
+    await books.price("training_sample_epoch", usd("0.01"))
+    await books.top_up(alice.user.id, usd(10))
+    c1, c2 = await make_user("c1", client=True), await make_user("c2", client=True)
+    initial = scripted_bytes(tiny_net())
+    model_id = await upload_global(client, alice.headers, initial)
+    training_id = await create_training(client, alice.headers, model_id, [c1.id, c2.id], target_num_updates=1,
+                                        options={"skip_model_tests": True, "epochs": 2, "billing_samples_per_update": 50})
+    assert (await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)).status_code == 202
+    # reserved per participant: 1 + 0.01 × 50 samples × 2 epochs = 2
+    assert await books.balance(alice.user.id, held=True) == usd(4)
+    state = state_of(initial)
+    for c, samples in ((c1, 30), (c2, 10)):
+        r = await post_update(client, c.headers, model_id, as_safetensors(shifted(state, 0.1)), 0, samples)
+        assert r.status_code == 201, r.text
+    await _wait(client, alice.headers, training_id, lambda b: b["state"] == "C")
+    cost = 2 * usd(1) + usd("0.01") * 40 * 2
+    assert await books.balance(alice.user.id) == usd(10) - cost
+    assert await books.balance(alice.user.id, held=True) == 0
+    ops, total = await books.run(lambda s: billing.list_operations(s, user_id=alice.user.id, kind=OperationKind.TRAINING))
+    assert total == 1 and ops[0].amount == cost and ops[0].count_of_training_epoch == 2
+    r = await client.post("/api/trainings/", headers=alice.headers, json={
+        "model_id": model_id, "target_num_updates": 1, "aggregation_method": "FedAvg", "options": {"epochs": 0}})
+    assert r.status_code == 422

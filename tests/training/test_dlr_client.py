@@ -8,13 +8,17 @@ uploaded whole (``torch.jit.save`` of the trained module) as multipart ``model_f
 ``round`` + ``sample_size`` (+ the ``owner`` field it sends and the server ignores) with
 repeated ``metric_names``/``metric_values``, and test metrics posted on the new global model.
 Local training is real (SGD steps on the client's data); the test checks every round's global
-weights against an independent FedAvg of what the clients uploaded, and that the loss falls.
+weights against an independent FedAvg of what the clients uploaded, that the loss falls, and
+that the actor is billed exactly as the price list says, once per round (issue 9).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
+import uuid
+from decimal import Decimal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,9 @@ import httpx
 import pytest
 import torch
 
+from flplatform.billing import service as billing
+from flplatform.billing.prices import set_price
+from flplatform.db import create_engine, create_sessionmaker
 from flplatform.settings import Settings
 from tests.training.conftest import fedavg, scripted_bytes, state_of, tiny_net
 from tests.training.live import live_server, notification_servers, wait_until
@@ -35,6 +42,29 @@ def _data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
     return x, (x[:, 0] + x[:, 1] > 0).long()
+
+
+def _prices_and_top_up(db_url: str, actor_id: str, top_up: int) -> None:
+    """The admin's part, straight in the database: a price list and the actor's deposit."""
+
+    async def run() -> None:
+        engine = create_engine(db_url)
+        async with create_sessionmaker(engine)() as session:
+            await set_price(session, "training_update", UPDATE_PRICE, by=None)
+            await set_price(session, "training_sample_epoch", SAMPLE_EPOCH_PRICE, by=None)
+            await set_price(session, "training_reserve_samples", 200, by=None)
+            await billing.top_up(session, user_id=uuid.UUID(actor_id), amount=top_up, key=f"dlr:{actor_id}")
+            await session.commit()
+        await engine.dispose()
+
+    asyncio.run(run())
+
+
+def _usd(text: str) -> int:
+    return int(Decimal(text) * 10**8)
+
+
+UPDATE_PRICE, SAMPLE_EPOCH_PRICE = _usd("0.5"), _usd("0.001")  # minor units (10⁻⁸ USD)
 
 
 def _loss_and_accuracy(module: torch.jit.ScriptModule, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -134,6 +164,7 @@ def test_dlr_style_clients_complete_a_multi_round_fedavg_training(db_url):
                                                  "actor": True, "client": False})
         assert r.status_code == 201, r.text
         actor = httpx.Client(base_url=base, headers={"Authorization": f"Token {r.json()['token']}"}, timeout=30)
+        _prices_and_top_up(db_url, r.json()["id"], _usd("100"))
         assert anonymous.get("/api/users/myself/").status_code == 401
 
         initial = scripted_bytes(tiny_net(7))
@@ -170,6 +201,13 @@ def test_dlr_style_clients_complete_a_multi_round_fedavg_training(db_url):
         metrics = actor.get(f"/api/models/{model_id}/metrics/").json()
         reported = sorted((m["step"], m["reporter"]) for m in metrics if m["key"] == "accuracy")
         assert reported == sorted((s, c.user_id) for s in range(1, ROUNDS + 1) for c in clients)
+        # Billing: per round 3 updates × 0.5 + 0.001 × 240 samples (× 1 epoch), charged once per round.
+        per_round = 3 * UPDATE_PRICE + SAMPLE_EPOCH_PRICE * sum(sizes)
+        operations = actor.get("/api/billing/operations/", params={"kind": "training"}).json()
+        assert sorted(op["round"] for op in operations) == list(range(ROUNDS)), operations
+        assert all(_usd(op["amount"]) == per_round and op["count_of_lines"] == sum(sizes) for op in operations)
+        balance = {b["currency"]: b for b in actor.get("/api/billing/balance/").json()["balances"]}["USD"]
+        assert _usd(balance["available"]) == _usd("100") - ROUNDS * per_round and _usd(balance["held"]) == 0, balance
         # The clients see the training and their local models (DLR routes).
         for c in clients:
             with c.http() as http:

@@ -82,6 +82,17 @@ class TrainingOptions(RequestSchema):
         default_factory=dict, description="Keyword options of the aggregator (e.g. trim ratio)."
     )
     dp: DPOptions | None = Field(default=None, description="Differential privacy of the aggregate.")
+    epochs: Annotated[
+        int | None,
+        Field(ge=1, le=10_000, description="Local epochs per round the clients run (seed: count_of_training_epoch); "
+              "billing charges `training_sample_epoch` × samples × epochs (default 1)."),
+    ] = None
+    billing_samples_per_update: Annotated[
+        int | None,
+        Field(ge=0, le=2**31 - 1, description="Samples per participant update to reserve when a round starts "
+              "(default: the price list's `training_reserve_samples`); the sample-priced part of a round is "
+              "billed up to this reservation."),
+    ] = None
 
 
 class TrainingCreate(RequestSchema):
