@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,22 +164,32 @@ async def tree(org_tree_factory: Any) -> OrgTree:
     return await org_tree_factory()
 
 
+_COUNTING: contextvars.ContextVar[object | None] = contextvars.ContextVar("flp_statement_counter", default=None)
+
+
 class StatementCounter:
-    """Counts SQL statements on an engine (``before_cursor_execute``)."""
+    """Counts SQL statements on an engine (``before_cursor_execute``) issued from the context that
+    entered the counter (and tasks started from it: the request), not from background tasks that
+    happen to run meanwhile (notification dispatcher, sweepers)."""
 
     def __init__(self, engine: Any):
         self.engine = engine.sync_engine
         self.statements: list[str] = []
+        self._token: contextvars.Token[object | None] | None = None
 
     def _on(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        self.statements.append(statement)
+        if _COUNTING.get() is self:
+            self.statements.append(statement)
 
     def __enter__(self) -> StatementCounter:
+        self._token = _COUNTING.set(self)
         event.listen(self.engine, "before_cursor_execute", self._on)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         event.remove(self.engine, "before_cursor_execute", self._on)
+        assert self._token is not None
+        _COUNTING.reset(self._token)
 
     @property
     def count(self) -> int:

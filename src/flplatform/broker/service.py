@@ -13,8 +13,9 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.errors import Conflict, Forbidden, NotFound
+from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from flplatform.orm import User
+from flplatform.permissions import Requester, can_read, can_update, readable
 from flplatform.orm.broker import (
     BrokerDelivery,
     BrokerMessage,
@@ -36,13 +37,30 @@ async def get_topic(session: AsyncSession, slug: str) -> BrokerTopic:
     return topic
 
 
-def can_manage(user: User | None, topic: BrokerTopic) -> bool:
-    return user is not None and (user.is_superuser or (topic.owner_id is not None and topic.owner_id == user.id))
+async def can_manage(requester: Requester, topic: BrokerTopic) -> bool:
+    """Owner, the topic organisation's admins, superusers (``TOPIC_POLICY``)."""
+    return await can_update(requester, topic)
 
 
-def require_manager(user: User | None, topic: BrokerTopic) -> None:
-    if not can_manage(user, topic):
-        raise Forbidden("Only the topic's owner or a superuser may do this.")
+async def require_manager(requester: Requester, topic: BrokerTopic) -> None:
+    """404 for an organisation's topic the caller may not see (another organisation's, or one of
+    theirs without a reason to see it), 403 for a visible one the caller does not manage."""
+    if await can_manage(requester, topic):
+        return
+    if requester.is_anonymous:
+        raise Unauthorized()
+    if out_of_scope(requester, topic) or (topic.organization_id is not None and not await can_read(requester, topic)):
+        raise NotFound(f"Topic {topic.slug} not found.")
+    raise Forbidden("Only the topic's owner, an organisation admin or a superuser may do this.")
+
+
+def out_of_scope(requester: Requester, topic: BrokerTopic) -> bool:
+    """A topic of an organisation the caller is not in (superusers are in every scope)."""
+    return (
+        topic.organization_id is not None
+        and not requester.is_superuser
+        and topic.organization_id != requester.organization_id
+    )
 
 
 async def create_topic(
@@ -126,7 +144,13 @@ async def set_grant(
     can_consume: bool | None = None,
     can_view_status: bool | None = None,
 ) -> BrokerTopicGrant:
-    """Create or update a user's grant; None leaves a flag as it is."""
+    """Create or update a user's grant; None leaves a flag as it is. An organisation's topic is
+    granted only to users of that organisation (nobody reads across organisations)."""
+    if topic.organization_id is not None and user.organization_id != topic.organization_id:
+        raise BadRequest(
+            f"{user.username} is not in the topic's organisation; grants stay inside it.",
+            code="grant_outside_organization",
+        )
     grant = await session.get(BrokerTopicGrant, (topic.id, user.id))
     if grant is None:
         grant = BrokerTopicGrant(
@@ -164,16 +188,13 @@ async def list_grants(session: AsyncSession, topic: BrokerTopic) -> list[tuple[B
 
 
 async def visible_topics(
-    session: AsyncSession, user: User, *, responses: bool, limit: int, offset: int
+    requester: Requester, *, responses: bool, limit: int, offset: int
 ) -> tuple[list[BrokerTopic], int]:
-    query = select(BrokerTopic)
+    """The topics the caller may see, by ``TOPIC_POLICY``'s clause (two statements: count, page)."""
+    session = requester.session
+    query = select(BrokerTopic).where(readable(requester, BrokerTopic))
     if not responses:
         query = query.where(BrokerTopic.kind == "topic")
-    if not user.is_superuser:
-        granted = select(BrokerTopicGrant.topic_id).where(BrokerTopicGrant.user_id == user.id)
-        query = query.where(
-            or_(BrokerTopic.is_public.is_(True), BrokerTopic.owner_id == user.id, BrokerTopic.id.in_(granted))
-        )
     total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
     rows = (await session.execute(query.order_by(BrokerTopic.slug).limit(limit).offset(offset))).scalars().all()
     return list(rows), total

@@ -32,6 +32,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
+    select,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -74,6 +76,12 @@ class BrokerTopic(IDMixin, TimestampMixin, Base):
         str_enum(DispatchMode, "broker_dispatch_mode"), default=DispatchMode.BROADCAST
     )
     owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    # The tenant: the owner's organisation (a response topic: its source topic's); None for the
+    # organisation-less space. Filled on insert by ``_fill_tenant`` below; kept when the owner
+    # is deleted, so an orphaned topic never leaves its organisation.
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("collections.id"), index=True
+    )
     last_ping: Mapped[dt.datetime | None]
     last_pong: Mapped[dt.datetime | None]
     garbage_collect_on: Mapped[dt.datetime | None] = mapped_column(index=True)
@@ -178,3 +186,17 @@ class BrokerSubscription(Base):
     # Messages with a primary key above this are outstanding for the identity.
     after_message_pk: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+@event.listens_for(BrokerTopic, "before_insert", propagate=True)
+def _fill_tenant(_mapper: Any, connection: Any, topic: BrokerTopic) -> None:
+    """A response topic belongs to its source topic's organisation, a topic to its owner's."""
+    if topic.organization_id is not None:
+        return
+    if isinstance(topic, ResponseTopic):
+        source = select(BrokerTopic.organization_id).where(BrokerTopic.id == topic.is_response_for_id)
+    elif topic.owner_id is not None:
+        source = select(User.organization_id).where(User.id == topic.owner_id)
+    else:
+        return
+    topic.organization_id = connection.execute(source).scalar()

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import enum
 import uuid
+from typing import Any
 
 from sqlalchemy import (
     JSON,
+    event,
+    select,
     BigInteger,
     Column,
     ForeignKey,
@@ -47,6 +50,12 @@ class Model(IDMixin, TimestampMixin, Base):
 
     kind: Mapped[str] = mapped_column(String(16), index=True)
     owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # The tenant (Kolibri's ``dataset_id``): the owner's organisation for uploads, the base
+    # model's for local updates; None in the organisation-less DLR space. Set on insert by
+    # ``flplatform.orm.tenancy`` so the permission clauses filter on one indexed column.
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("collections.id"), index=True
+    )
     round: Mapped[int] = mapped_column(Integer, default=0)
     weights: Mapped[bytes | None] = _blob()
     # "torchscript" | "safetensors": how ``weights`` is encoded (uploads are never unpickled).
@@ -138,3 +147,16 @@ class GlobalModelRound(IDMixin, TimestampMixin, Base):
     weights: Mapped[bytes | None] = _blob()
     weights_format: Mapped[str | None] = mapped_column(String(20))
     weights_size: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+@event.listens_for(Model, "before_insert", propagate=True)
+def _fill_tenant(_mapper: object, connection: Any, model: Model) -> None:
+    """Copy the tenant from where it is decided: a local update belongs to its base model's
+    organisation, anything else to its owner's (one primary-key look-up per insert)."""
+    if model.organization_id is not None:
+        return
+    if isinstance(model, LocalModel):
+        source = select(Model.organization_id).where(Model.id == model.base_model_id)
+    else:
+        source = select(User.organization_id).where(User.id == model.owner_id)
+    model.organization_id = connection.execute(source).scalar()

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    select,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -64,6 +65,11 @@ class Training(IDMixin, TimestampMixin, Base):
 
     model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), unique=True)
     actor_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # The tenant: the global model's organisation (None in the DLR space); filled on insert
+    # by ``_fill_tenant`` below.
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("collections.id"), index=True
+    )
     state: Mapped[TrainingState] = mapped_column(
         str_enum(TrainingState, "training_state"), default=TrainingState.INITIAL, index=True
     )
@@ -99,6 +105,15 @@ class Training(IDMixin, TimestampMixin, Base):
 def daisy_chain_period(options: dict[str, Any] | None) -> int:
     value = (options or {}).get("daisy_chain_period", 0)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+@event.listens_for(Training, "before_insert")
+def _fill_tenant(_mapper: Any, connection: Any, training: Training) -> None:
+    """A training belongs to its global model's organisation."""
+    if training.organization_id is None:
+        training.organization_id = connection.execute(
+            select(Model.organization_id).where(Model.id == training.model_id)
+        ).scalar()
 
 
 @event.listens_for(Training, "before_insert")

@@ -19,7 +19,12 @@ Public API — what routers and other domains call:
 * ``register(Model, policy)`` to add a resource kind; ``Policy``, ``AnyOf``, ``AllOf``,
   ``Superuser``, ``AllowAll``, ``DenyAll`` to build one.
 
-For other domains (broker topics, billing accounts): give the table an ``organization_id``
+Models, trainings, metrics and broker topics are registered from
+``flplatform.permissions.resources`` (tenant column ``organization_id`` on each row);
+``await ensure_visible(requester, obj, label, dlr_message)`` is their 404 (403 between users of
+the organisation-less DLR space, as the reference answered).
+
+For other domains (billing accounts): give the table an ``organization_id``
 (FK ``collections.id``) and an owner column, write a ``Policy`` subclass whose ``readable``
 returns e.g. ``and_(Topic.organization_id == r.organization_id, or_(Topic.owner_id == r.id,
 has_org_role_clause(r)))`` and whose booleans test the same on the object, register it with
@@ -37,6 +42,10 @@ from typing import Any, Literal
 
 from flplatform.errors import Forbidden, NotFound
 from flplatform.orm.collections import Collection, Invitation, Membership, OrganizationSettings, Role, RoleKind
+from flplatform.orm.broker import BrokerTopic
+from flplatform.orm.metric import Metric
+from flplatform.orm.model import Model
+from flplatform.orm.training import Training
 from flplatform.orm.user import User
 from flplatform.permissions.base import AllOf, AllowAll, AnyOf, Clause, DenyAll, Policy, Superuser
 from flplatform.permissions.collections import (
@@ -52,6 +61,7 @@ from flplatform.permissions.collections import (
     refused_self_edits,
     users_without_role,
 )
+from flplatform.permissions.resources import METRIC_POLICY, MODEL_POLICY, TOPIC_POLICY, TRAINING_POLICY, refusal
 from flplatform.permissions.requester import (
     ANY_ROLE,
     AuthenticatedRequester,
@@ -122,6 +132,24 @@ register(Role, ROLE_POLICY)
 register(RoleDraft, ROLE_POLICY)
 register(Invitation, INVITATION_POLICY)
 register(User, USER_POLICY)
+register(Model, MODEL_POLICY)
+register(Training, TRAINING_POLICY)
+register(Metric, METRIC_POLICY)
+register(BrokerTopic, TOPIC_POLICY)
+
+
+async def ensure_visible(requester: Requester, obj: Any, label: str, dlr_message: str | None) -> None:
+    """Like ``ensure_readable`` for tenant-owned resources (models, trainings, topics): 404, except
+    between users of the organisation-less DLR space, who get the reference's 403 with
+    ``dlr_message`` — or, with ``dlr_message=None`` (writes), pass on to the write's own rule,
+    which answers the reference's 403."""
+    if obj is None:
+        raise NotFound(f"{label} not found.")
+    if await can_read(requester, obj):
+        return
+    if dlr_message is None and requester.is_unorganised and obj.organization_id is None:
+        return
+    raise refusal(requester, obj.organization_id, label, dlr_message or f"You may not read {label}.")
 
 __all__ = [
     "ANY_ROLE",
@@ -144,6 +172,7 @@ __all__ = [
     "can_update",
     "ensure_allowed",
     "ensure_readable",
+    "ensure_visible",
     "get_requester",
     "has_role_for_user",
     "policy_for",

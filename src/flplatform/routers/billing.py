@@ -351,13 +351,21 @@ def _pricing_read(model_id: uuid.UUID, row: object | None) -> ModelPricingRead:
     "/models/{model_id}/pricing/",
     response_model=ModelPricingRead,
     summary="Market pricing of a model",
-    description="Whether other users may run inference on the model and what they pay per sample.",
+    description="Whether other users may run inference on the model and what they pay per sample. For those "
+    "who may read the model, and for everyone once it is public on the market; 404 otherwise.",
     responses=responses(401, 404),
 )
 async def get_model_pricing(session: SessionDep, caller: CurrentUser, model_id: uuid.UUID) -> ModelPricingRead:
-    if await session.get(Model, model_id) is None:
+    from flplatform.permissions import Requester, can_read
+
+    model = await session.get(Model, model_id)
+    pricing = await billing.model_pricing(session, model_id)
+    # Visible to whoever may read the model, and to everyone once the owner published it on the
+    # inference market (the one deliberate exposure across organisations); 404 otherwise.
+    published = pricing is not None and pricing.inference_public
+    if model is None or not (published or await can_read(await Requester.load(session, caller), model)):
         raise NotFound(f"Model {model_id} not found.")
-    return _pricing_read(model_id, await billing.model_pricing(session, model_id))
+    return _pricing_read(model_id, pricing)
 
 
 @router.put(

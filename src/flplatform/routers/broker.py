@@ -31,6 +31,7 @@ from flplatform.broker.permissions import Identity, Perms
 from flplatform.db import SessionDep, after_commit
 from flplatform.errors import AppError, Forbidden, NotFound, Unauthorized, responses
 from flplatform.orm.broker import BrokerTopic, ResponseTopic
+from flplatform.permissions import Requester, can_read
 from flplatform.schemas.base import Detail
 from flplatform.schemas.broker import (
     GrantRead,
@@ -153,11 +154,31 @@ async def _perms(request: Request, user: Any, topic: BrokerTopic) -> Perms:
     return await broker.perms_for(identity_of(user), topic_info(topic, broker.config))
 
 
-async def _visible(request: Request, user: Any, topic: BrokerTopic) -> Perms:
-    perms = await _perms(request, user, topic)
-    if not (perms.produce or perms.consume or perms.view_status or service.can_manage(user, topic)):
-        if user is None:
+async def _pingable(request: Request, requester: Requester, topic: BrokerTopic) -> None:
+    """Producers and managers ping; another organisation's topic is 404."""
+    if service.out_of_scope(requester, topic):
+        raise Unauthorized() if requester.is_anonymous else NotFound(f"Topic {topic.slug} not found.")
+    perms = await _perms(request, requester.user, topic)
+    if not (perms.produce or await service.can_manage(requester, topic)):
+        if requester.is_anonymous:
             raise Unauthorized()
+        if topic.organization_id is not None and not (perms.consume or perms.view_status or await can_read(requester, topic)):
+            raise NotFound(f"Topic {topic.slug} not found.")
+        raise Forbidden("You may not ping this topic.")
+
+
+async def _visible(request: Request, requester: Requester, topic: BrokerTopic) -> Perms:
+    """A topic of another organisation is 404 (401 for anonymous callers); inside the caller's
+    scope the reference's rules (any permission on the topic) or ``TOPIC_POLICY`` let them see it."""
+    if service.out_of_scope(requester, topic):
+        raise Unauthorized() if requester.is_anonymous else NotFound(f"Topic {topic.slug} not found.")
+    perms = await _perms(request, requester.user, topic)
+    if not (perms.produce or perms.consume or perms.view_status or await can_read(requester, topic)
+            or await service.can_manage(requester, topic)):
+        if requester.is_anonymous:
+            raise Unauthorized()
+        if topic.organization_id is not None:  # objects one may not see are 404 in organisations
+            raise NotFound(f"Topic {topic.slug} not found.")
         raise Forbidden("You may not view this topic.")
     return perms
 
@@ -238,7 +259,7 @@ async def _fresh_topic(request: Request, session: SessionDep, slug: str) -> Brok
 )
 async def status_text(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> PlainTextResponse:
     topic = await _fresh_topic(request, session, slug)
-    await _visible(request, user, topic)
+    await _visible(request, await Requester.load(session, user), topic)
     if not topic.supports_dasf:
         return PlainTextResponse("Topic is excluded from ping", status_code=400)
     value = availability(topic.supports_dasf, topic.last_ping, topic.last_pong, _broker(request.app).clock.now())
@@ -259,9 +280,7 @@ _PING_DOC = dict(
 
 async def _ping_and_redirect(request: Request, session: SessionDep, user: Any, slug: str) -> RedirectResponse:
     topic = await service.get_topic(session, slug)
-    perms = await _perms(request, user, topic)
-    if not (perms.produce or service.can_manage(user, topic)):
-        raise Unauthorized() if user is None else Forbidden("You may not ping this topic.")
+    await _pingable(request, await Requester.load(session, user), topic)
     broker = _broker(request.app)
     await broker.ping_topic(topic_info(topic, broker.config))
     return RedirectResponse(f"{request.url.path.rsplit('/ping/', 1)[0]}/status/", status_code=302)
@@ -286,7 +305,8 @@ api = APIRouter(prefix="/api/broker/topics", tags=["broker"])
     "/",
     response_model=list[TopicRead],
     summary="List topics",
-    description="Topics the caller may see (public, granted, owned; superusers see all). Response topics "
+    description="Topics the caller may see (public, granted, owned; organisation admins and coaches: every "
+    "topic of their organisation; superusers see all; never another organisation's). Response topics "
     "only with `responses=true`. `X-Total-Count` carries the total.",
     responses=responses(401),
 )
@@ -300,7 +320,8 @@ async def list_topics(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[Any]:
     await _broker(request.app).flush()
-    rows, total = await service.visible_topics(session, user, responses=responses_, limit=limit, offset=offset)
+    requester = await Requester.load(session, user)
+    rows, total = await service.visible_topics(requester, responses=responses_, limit=limit, offset=offset)
     response.headers["X-Total-Count"] = str(total)
     return await _read(request, session, rows)
 
@@ -330,7 +351,7 @@ async def create_topic(request: Request, session: SessionDep, user: CurrentUser,
 )
 async def get_topic(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> Any:
     topic = await _fresh_topic(request, session, slug)
-    await _visible(request, user, topic)
+    await _visible(request, await Requester.load(session, user), topic)
     return (await _read(request, session, [topic], detail=True))[0]
 
 
@@ -338,12 +359,12 @@ async def get_topic(request: Request, session: SessionDep, user: OptionalUser, s
     "/{slug}/",
     response_model=TopicDetail,
     summary="Update a topic",
-    description="Owner or superuser. `store_messages: null` returns to the server default.",
+    description="Owner, organisation admin or superuser; another organisation's topic is 404. `store_messages: null` returns to the server default.",
     responses=responses(401, 403, 404, 422),
 )
 async def update_topic(request: Request, session: SessionDep, user: CurrentUser, slug: str, data: TopicUpdate) -> Any:
     topic = await service.get_topic(session, slug)
-    service.require_manager(user, topic)
+    await service.require_manager(await Requester.load(session, user), topic)
     service.update_topic(topic, data.model_dump(exclude_unset=True))
     await session.flush()
     _invalidate_after_commit(request, session, [slug])
@@ -354,12 +375,12 @@ async def update_topic(request: Request, session: SessionDep, user: CurrentUser,
     "/{slug}/",
     response_model=Detail,
     summary="Delete a topic",
-    description="Owner or superuser. Deletes its response topics, stored messages and grants too.",
+    description="Owner, organisation admin or superuser; another organisation's topic is 404. Deletes its response topics, stored messages and grants too.",
     responses=responses(401, 403, 404),
 )
 async def delete_topic(request: Request, session: SessionDep, user: CurrentUser, slug: str) -> Detail:
     topic = await service.get_topic(session, slug)
-    service.require_manager(user, topic)
+    await service.require_manager(await Requester.load(session, user), topic)
     slugs = await service.delete_topic(session, topic)
     _invalidate_after_commit(request, session, slugs)
     return Detail(detail=f"Topic {slug} deleted.")
@@ -374,7 +395,7 @@ async def delete_topic(request: Request, session: SessionDep, user: CurrentUser,
 )
 async def topic_status(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> StatusRead:
     topic = await _fresh_topic(request, session, slug)
-    await _visible(request, user, topic)
+    await _visible(request, await Requester.load(session, user), topic)
     value = availability(topic.supports_dasf, topic.last_ping, topic.last_pong, _broker(request.app).clock.now())
     text = STATUS_TEXT[value][1] if topic.supports_dasf else "Topic is excluded from ping"
     return StatusRead(slug=slug, availability=value, status=text, last_ping=topic.last_ping, last_pong=topic.last_pong)
@@ -389,9 +410,7 @@ async def topic_status(request: Request, session: SessionDep, user: OptionalUser
 )
 async def ping_topic(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> StatusRead:
     topic = await service.get_topic(session, slug)
-    perms = await _perms(request, user, topic)
-    if not (perms.produce or service.can_manage(user, topic)):
-        raise Unauthorized() if user is None else Forbidden("You may not ping this topic.")
+    await _pingable(request, await Requester.load(session, user), topic)
     broker = _broker(request.app)
     await broker.ping_topic(topic_info(topic, broker.config))
     return await topic_status(request, session, user, slug)
@@ -401,12 +420,12 @@ async def ping_topic(request: Request, session: SessionDep, user: OptionalUser, 
     "/{slug}/grants/",
     response_model=list[GrantRead],
     summary="List a topic's grants",
-    description="Per-user `can_produce`, `can_consume`, `can_view_status`. Owner or superuser.",
+    description="Per-user `can_produce`, `can_consume`, `can_view_status`. Owner, organisation admin or superuser; another organisation's topic is 404.",
     responses=responses(401, 403, 404),
 )
 async def list_grants(session: SessionDep, user: CurrentUser, slug: str) -> list[GrantRead]:
     topic = await service.get_topic(session, slug)
-    service.require_manager(user, topic)
+    await service.require_manager(await Requester.load(session, user), topic)
     return [
         GrantRead(
             user_id=g.user_id, username=name, can_produce=g.can_produce, can_consume=g.can_consume,
@@ -421,14 +440,15 @@ async def list_grants(session: SessionDep, user: CurrentUser, slug: str) -> list
     response_model=GrantRead,
     summary="Grant permissions to a user",
     description="Sets the user's three flags (user by id or username). Connected sockets see the change "
-    "at once. Owner or superuser.",
-    responses=responses(401, 403, 404, 422),
+    "at once. Owner, organisation admin or superuser; another organisation's topic is 404. An organisation's "
+    "topic is granted only to its users (400 `grant_outside_organization`).",
+    responses=responses(400, 401, 403, 404, 422),
 )
 async def put_grant(
     request: Request, session: SessionDep, user: CurrentUser, slug: str, user_ref: str, data: GrantWrite
 ) -> GrantRead:
     topic = await service.get_topic(session, slug)
-    service.require_manager(user, topic)
+    await service.require_manager(await Requester.load(session, user), topic)
     target = await service.find_user(session, user_ref)
     grant = await service.set_grant(session, topic, target, **data.model_dump())
     _invalidate_after_commit(request, session, None)
@@ -442,12 +462,12 @@ async def put_grant(
     "/{slug}/grants/{user_ref}/",
     response_model=Detail,
     summary="Revoke a user's permissions",
-    description="Removes the user's grant on the topic. Owner or superuser.",
+    description="Removes the user's grant on the topic. Owner, organisation admin or superuser; another organisation's topic is 404.",
     responses=responses(401, 403, 404),
 )
 async def delete_grant(request: Request, session: SessionDep, user: CurrentUser, slug: str, user_ref: str) -> Detail:
     topic = await service.get_topic(session, slug)
-    service.require_manager(user, topic)
+    await service.require_manager(await Requester.load(session, user), topic)
     target = await service.find_user(session, user_ref)
     await service.revoke_grant(session, topic, target)
     _invalidate_after_commit(request, session, None)
@@ -459,7 +479,7 @@ async def delete_grant(request: Request, session: SessionDep, user: CurrentUser,
     response_model=list[MessageRead],
     summary="List stored messages",
     description="Stored messages in delivery order with who acknowledged them; `X-Total-Count` carries "
-    "the total. Owner or superuser.",
+    "the total. Owner, organisation admin or superuser; another organisation's topic is 404.",
     responses=responses(401, 403, 404),
 )
 async def list_messages(
@@ -473,7 +493,7 @@ async def list_messages(
 ) -> list[MessageRead]:
     await _broker(request.app).flush()
     topic = await service.get_topic(session, slug)
-    service.require_manager(user, topic)
+    await service.require_manager(await Requester.load(session, user), topic)
     rows, total = await service.list_messages(session, topic, limit=limit, offset=offset)
     response.headers["X-Total-Count"] = str(total)
     import json
@@ -492,14 +512,14 @@ async def list_messages(
     response_model=Detail,
     summary="Re-send a stored message",
     description="Publishes the stored envelope again to every consumer socket (by table id or messageId). "
-    "Owner or superuser.",
+    "Owner, organisation admin or superuser; another organisation's topic is 404.",
     responses=responses(401, 403, 404),
 )
 async def resend_message(
     request: Request, session: SessionDep, user: CurrentUser, slug: str, message_ref: str
 ) -> Detail:
     topic = await service.get_topic(session, slug)
-    service.require_manager(user, topic)
+    await service.require_manager(await Requester.load(session, user), topic)
     row = await service.get_message(session, topic, message_ref)
     broker = _broker(request.app)
     await broker.resend(topic_info(topic, broker.config), row.id, row.content)

@@ -14,10 +14,10 @@ from fastapi.responses import Response
 from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from flplatform.auth import CurrentUser
 from flplatform.db import SessionDep, after_commit
 from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
 from flplatform.orm import SWAGModel
+from flplatform.permissions import AuthenticatedRequester, Requester, ensure_visible
 from flplatform.schemas.base import Detail, RequestSchema
 from flplatform.schemas.model import MetricRead, MetricsAccepted, ModelRead, ModelUploaded, SwagAccepted, UpdateAccepted
 from flplatform.services import models as model_service
@@ -75,6 +75,20 @@ def parse_input_shape(values: list[str]) -> list[int | None] | None:
     return shape
 
 
+def _user(requester: Requester) -> Any:
+    assert requester.user is not None
+    return requester.user
+
+
+async def _reachable(requester: Requester, model_id: uuid.UUID) -> Any:
+    """The model a write addresses: 404 when the caller cannot see it (another organisation, or
+    in theirs without a reason to see it); inside the organisation-less DLR space the write's own
+    rule answers 403, as the reference did."""
+    model = await model_service.get_model(requester.session, model_id)
+    await ensure_visible(requester, model, f"Model {model_id}", None)
+    return model
+
+
 async def _file_bytes(value: Any) -> bytes | None:
     if isinstance(value, StarletteUploadFile):
         return await value.read()
@@ -110,11 +124,13 @@ _UPLOAD_FORM = {
 }
 
 
-@router.get("/", response_model=list[ModelRead], summary="List my models",
-            description="Models the caller owns, or whose training the caller acts in or participates in "
-            "(never the weights).", responses=responses(401))
-async def list_models(session: SessionDep, user: CurrentUser) -> list[ModelRead]:
-    return [await model_service.describe(session, m) for m in await model_service.list_models(session, user)]
+@router.get("/", response_model=list[ModelRead], summary="List the models I may read",
+            description="Every model the caller may read (never the weights): their own, those of the trainings "
+            "they act in or take part in (with the local updates of those trainings), and for organisation "
+            "admins and organisation coaches every model of the organisation; superusers see all. Never "
+            "another organisation's (README, Permissions).", responses=responses(401))
+async def list_models(requester: AuthenticatedRequester) -> list[ModelRead]:
+    return await model_service.describe_many(requester.session, await model_service.list_models(requester))
 
 
 @router.post(
@@ -129,7 +145,7 @@ async def list_models(session: SessionDep, user: CurrentUser) -> list[ModelRead]
     responses=responses(400, 401, 403, 404, 413, 415, 422),
     openapi_extra=_UPLOAD_FORM,
 )
-async def upload_model(request: Request, session: SessionDep, user: CurrentUser) -> ModelUploaded:
+async def upload_model(request: Request, requester: AuthenticatedRequester) -> ModelUploaded:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
@@ -178,7 +194,7 @@ async def upload_model(request: Request, session: SessionDep, user: CurrentUser)
         )
     else:
         raise UnsupportedMediaType("Only Content-Type 'multipart/form-data' (or 'application/json' for MEAN) is supported.")
-    model = await model_service.create_global_model(session, user, upload)
+    model = await model_service.create_global_model(requester, upload)
     return ModelUploaded(model_id=model.id)
 
 
@@ -189,16 +205,17 @@ async def upload_model(request: Request, session: SessionDep, user: CurrentUser)
     "`Content-Disposition: filename=\"model-{id}.pt\"`). `?round=N` returns the global weights of round N "
     "(every round is kept; the reference overwrote them). Local updates (stored as safetensors) are returned as "
     "TorchScript with the global architecture, so FedDC clients can continue from them. SWAG models download "
-    "fine (the reference answered 500).",
+    "fine (the reference answered 500). Readable by the owner, the training's actor and participants and the "
+    "organisation's admins/coaches; 404 for anyone else (403 between organisation-less users, as the reference).",
     response_class=Response,
     responses={200: {"content": {OCTET: {}}, "description": "TorchScript archive"}, **responses(401, 403, 404)},
 )
 async def download_model(
-    session: SessionDep, user: CurrentUser, model_id: uuid.UUID,
+    requester: AuthenticatedRequester, model_id: uuid.UUID,
     round: Annotated[int | None, Query(ge=0, description="A past round of a global model.")] = None,  # noqa: A002
 ) -> Response:
-    model = await model_service.readable_model(session, user, model_id)
-    data = await model_service.download(session, model, round)
+    model = await model_service.readable_model(requester, model_id)
+    data = await model_service.download(requester.session, model, round)
     suffix = "" if round is None else f"-round-{round}"
     return Response(data, media_type=OCTET,
                     headers={"Content-Disposition": f'filename="model-{model.id}{suffix}.pt"'})
@@ -207,8 +224,8 @@ async def download_model(
 @router.get("/{model_id}/info/", response_model=ModelRead, summary="Describe a model",
             description="JSON description (type, owner, round, rounds with stored history, input shape…).",
             responses=responses(401, 403, 404))
-async def describe_model(session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> ModelRead:
-    return await model_service.describe(session, await model_service.readable_model(session, user, model_id))
+async def describe_model(requester: AuthenticatedRequester, model_id: uuid.UUID) -> ModelRead:
+    return await model_service.describe(requester.session, await model_service.readable_model(requester, model_id))
 
 
 @router.post(
@@ -225,17 +242,17 @@ async def describe_model(session: SessionDep, user: CurrentUser, model_id: uuid.
     responses=responses(400, 401, 403, 404, 409, 413, 422),
 )
 async def upload_update(
-    session: SessionDep, user: CurrentUser, request: Request, model_id: uuid.UUID,
+    session: SessionDep, requester: AuthenticatedRequester, request: Request, model_id: uuid.UUID,
     model_file: Annotated[UploadFile, File(description="The update.")],
     round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
     sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
     metric_names: Annotated[list[str], Form()] = [],  # noqa: B006
     metric_values: Annotated[list[str], Form()] = [],  # noqa: B006
 ) -> UpdateAccepted:
-    model = await model_service.get_model(session, model_id)
+    model = await _reachable(requester, model_id)
     data = await model_file.read()
     local = await model_service.add_update(
-        session, user, model, data=data, round_=round, sample_size=sample_size,
+        session, _user(requester), model, data=data, round_=round, sample_size=sample_size,
         metric_names=metric_names, metric_values=metric_values,
     )
     runtime = runtime_of(request.app)
@@ -248,17 +265,17 @@ async def upload_update(
                description="The owner, or the actor of the model's training. Deleting a global model deletes its "
                "training (as the reference); a model backing a running training must be stopped first (409).",
                responses=responses(401, 403, 404, 409))
-async def delete_model(session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> Detail:
-    model = await model_service.get_model(session, model_id)
-    await model_service.delete_model(session, user, model)
+async def delete_model(requester: AuthenticatedRequester, model_id: uuid.UUID) -> Detail:
+    model = await _reachable(requester, model_id)
+    await model_service.delete_model(requester, model)
     return Detail(detail="Model removed!")
 
 
 @router.get("/{model_id}/metrics/", response_model=list[MetricRead], summary="List a model's metrics",
             description="Every metric row of the model (binary values base64).", responses=responses(401, 403, 404))
-async def get_metrics(session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> list[MetricRead]:
-    model = await model_service.readable_model(session, user, model_id)
-    return await model_service.list_metrics(session, model)
+async def get_metrics(requester: AuthenticatedRequester, model_id: uuid.UUID) -> list[MetricRead]:
+    model = await model_service.readable_model(requester, model_id)
+    return await model_service.list_metrics(requester, model)
 
 
 @router.post(
@@ -273,12 +290,12 @@ async def get_metrics(session: SessionDep, user: CurrentUser, model_id: uuid.UUI
     responses=responses(400, 401, 403, 404, 422),
 )
 async def post_metrics(
-    session: SessionDep, user: CurrentUser, request: Request, model_id: uuid.UUID,
+    session: SessionDep, requester: AuthenticatedRequester, request: Request, model_id: uuid.UUID,
     metric_names: Annotated[list[str], Form()] = [],  # noqa: B006
     metric_values: Annotated[list[str], Form()] = [],  # noqa: B006
 ) -> MetricsAccepted:
-    model = await model_service.get_model(session, model_id)
-    training = await model_service.add_metrics(session, user, model, metric_names, metric_values)
+    model = await _reachable(requester, model_id)
+    training = await model_service.add_metrics(session, _user(requester), model, metric_names, metric_values)
     if training is not None:
         runtime = runtime_of(request.app)
         training_id = training.id
@@ -293,9 +310,9 @@ async def post_metrics(
     description="TorchScript preprocessing module of the global model (of the base model for a local model).",
     responses={200: {"content": {OCTET: {}}, "description": "TorchScript archive"}, **responses(401, 403, 404)},
 )
-async def get_preprocessing(session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> Response:
-    model = await model_service.readable_model(session, user, model_id)
-    data = await model_service.get_preprocessing(session, model)
+async def get_preprocessing(requester: AuthenticatedRequester, model_id: uuid.UUID) -> Response:
+    model = await model_service.readable_model(requester, model_id)
+    data = await model_service.get_preprocessing(requester.session, model)
     return Response(data, media_type=OCTET,
                     headers={"Content-Disposition": f'filename="model-{model.id}-preprocessing.pt"'})
 
@@ -310,11 +327,11 @@ async def get_preprocessing(session: SessionDep, user: CurrentUser, model_id: uu
     responses=responses(400, 401, 403, 404, 422),
 )
 async def post_preprocessing(
-    session: SessionDep, user: CurrentUser, model_id: uuid.UUID,
+    requester: AuthenticatedRequester, model_id: uuid.UUID,
     model_preprocessing_file: Annotated[UploadFile, File()],
 ) -> Detail:
-    model = await model_service.get_model(session, model_id)
-    await model_service.set_preprocessing(session, user, model, await model_preprocessing_file.read())
+    model = await _reachable(requester, model_id)
+    await model_service.set_preprocessing(requester, model, await model_preprocessing_file.read())
     return Detail(detail="Preprocessing Model Upload Accepted")
 
 
@@ -331,15 +348,15 @@ async def post_preprocessing(
     responses=responses(400, 401, 403, 404, 409, 413, 422),
 )
 async def post_swag(
-    session: SessionDep, user: CurrentUser, request: Request, model_id: uuid.UUID,
+    session: SessionDep, requester: AuthenticatedRequester, request: Request, model_id: uuid.UUID,
     round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
     sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
     first_moment_file: Annotated[UploadFile, File()],
     second_moment_file: Annotated[UploadFile, File()],
 ) -> SwagAccepted:
-    model = await model_service.get_model(session, model_id)
+    model = await _reachable(requester, model_id)
     training = await model_service.add_swag_statistics(
-        session, user, model, round_=round, sample_size=sample_size,
+        session, _user(requester), model, round_=round, sample_size=sample_size,
         first=await first_moment_file.read(), second=await second_moment_file.read(),
     )
     runtime = runtime_of(request.app)
@@ -356,13 +373,13 @@ async def post_swag(
     responses={200: {"content": {OCTET: {}}, "description": "safetensors"}, **responses(401, 403, 404)},
 )
 async def get_swag(
-    session: SessionDep, user: CurrentUser, model_id: uuid.UUID,
+    requester: AuthenticatedRequester, model_id: uuid.UUID,
     moment: Annotated[str, Query(pattern="^(first|second)$")] = "first",
 ) -> Response:
-    model = await model_service.readable_model(session, user, model_id)
+    model = await model_service.readable_model(requester, model_id)
     if not isinstance(model, SWAGModel):
         raise BadRequest(f"Model {model_id} is not a SWAG model.")
-    first, second = await model_service.swag_moments(session, model)
+    first, second = await model_service.swag_moments(requester.session, model)
     data = first if moment == "first" else second
     if data is None:
         from flplatform.errors import NotFound

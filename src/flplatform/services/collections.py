@@ -137,6 +137,11 @@ async def delete_collection(session: AsyncSession, collection: Collection) -> No
                 f"Organization {collection.id} still has {users} user(s); delete or move them first.",
                 code="organization_not_empty",
             )
+        # Topics outlive their owners (owner_id SET NULL) but not their organisation.
+        from flplatform.orm.broker import BrokerTopic
+
+        topics = BrokerTopic.__table__
+        await session.execute(delete(topics).where(topics.c.organization_id == collection.id))
     await session.delete(collection)
     await session.flush()
 

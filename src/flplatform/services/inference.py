@@ -34,7 +34,7 @@ from flplatform.aggregation.codec import decode_safetensors
 from flplatform.aggregation.errors import DecodeError
 from flplatform.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel, MeanModel, Model, SWAGModel, Training, User
-from flplatform.orm.training import UncertaintyMethod, training_participants
+from flplatform.orm.training import UncertaintyMethod
 from flplatform.schemas.inference import ReturnFormat, UncertaintyOptions
 from flplatform.services import model_files
 from flplatform.uncertainty import (
@@ -198,33 +198,18 @@ async def training_of(session: AsyncSession, model_id: uuid.UUID) -> Training | 
     ).scalar_one_or_none()
 
 
-async def _is_participant(session: AsyncSession, training_id: uuid.UUID, user_id: uuid.UUID) -> bool:
-    row = await session.execute(
-        select(training_participants.c.user_id).where(
-            training_participants.c.training_id == training_id, training_participants.c.user_id == user_id
-        )
-    )
-    return row.first() is not None
-
-
 async def readable_model(session: AsyncSession, user: User, model_id: uuid.UUID) -> tuple[Model, Training | None]:
-    """The model and its training, if ``user`` may read it; 404 otherwise (existence is not
-    revealed). Interim rule until the permission layer: superusers, the owner, and the actor
-    and participants of the model's training (for a local model: of its base model's training,
-    actor only)."""
+    """The model and its training (None for a local update), if ``user`` may read it under the
+    model policy (``flplatform.permissions``); 404 otherwise, in every space: inference never
+    reveals whether a model exists."""
+    from flplatform.permissions import Requester, can_read
+
     model = await session.get(Model, model_id)
-    if model is None:
+    if model is None or not await can_read(await Requester.load(session, user), model):
         raise NotFound(f"Model {model_id} not found.")
-    training_model_id = model.base_model_id if isinstance(model, LocalModel) else model.id
-    training = await training_of(session, training_model_id)
-    if user.is_superuser or model.owner_id == user.id:
-        return model, (None if isinstance(model, LocalModel) else training)
-    if training is not None and not isinstance(model, LocalModel):
-        if training.actor_id == user.id or await _is_participant(session, training.id, user.id):
-            return model, training
-    if training is not None and isinstance(model, LocalModel) and training.actor_id == user.id:
+    if isinstance(model, LocalModel):
         return model, None
-    raise NotFound(f"Model {model_id} not found.")
+    return model, await training_of(session, model.id)
 
 
 # --------------------------------------------------------------------------- loading

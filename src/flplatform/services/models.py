@@ -1,9 +1,9 @@
 """Models: upload, download (any round), client updates, metrics, preprocessing, SWAG moments.
 
-Interim permission rules (until the permissions layer routes these): a model is readable by
-its owner, the actor and the participants of the training it backs (for a local model: of its
-base model's training) and superusers; updates, SWAG statistics and test metrics come from
-participants only; the owner (or the training's actor) deletes.
+Permissions come from ``flplatform.permissions`` (``MODEL_POLICY``/``METRIC_POLICY``, see
+``permissions/resources.py``): reads and lists filter with the policy; updates, SWAG statistics
+and test metrics additionally come from the training's participants only (the state machine's
+rule, not a permission).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload, undefer
+from sqlalchemy.orm import undefer
 
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
 from flplatform.orm import (
@@ -36,7 +36,9 @@ from flplatform.orm import (
     User,
 )
 from flplatform.orm.base import utcnow
-from flplatform.orm.training import training_participants
+from flplatform.orm.model import mean_model_members
+from flplatform.permissions import Requester, can_delete, can_read, can_update, ensure_visible, readable
+from flplatform.permissions.resources import refusal
 from flplatform.schemas.model import MetricRead, ModelRead
 from flplatform.services import aggregate, model_files
 from flplatform.services import trainings as training_service
@@ -70,58 +72,74 @@ def _global_id(model: Model) -> uuid.UUID:
     return model.base_model_id if isinstance(model, LocalModel) else model.id
 
 
-async def can_read(session: AsyncSession, user: User, model: Model) -> bool:
-    if user.is_superuser or model.owner_id == user.id:
-        return True
-    training = await training_service.training_for_model(session, _global_id(model))
-    return training is not None and training_service.can_read_training(training, user)
+NOT_YOURS = "You are neither the owner of the model nor a member of its training."
 
 
-async def readable_model(session: AsyncSession, user: User, model_id: uuid.UUID) -> Model:
-    model = await get_model(session, model_id)
-    if not await can_read(session, user, model):
-        raise Forbidden("You are neither the owner of the model nor a member of its training.")
+async def readable_model(requester: Requester, model_id: uuid.UUID) -> Model:
+    """The model if the caller may read it; 404 otherwise (403 inside the DLR space)."""
+    model = (await requester.session.execute(select(Model).where(Model.id == model_id))).scalar_one_or_none()
+    await ensure_visible(requester, model, f"Model {model_id}", NOT_YOURS)
+    assert model is not None
     return model
 
 
-async def list_models(session: AsyncSession, user: User) -> Sequence[Model]:
-    member = select(training_participants.c.training_id).where(training_participants.c.user_id == user.id)
-    related = select(Training.model_id).where((Training.actor_id == user.id) | Training.id.in_(member))
-    stmt = select(Model).where(
-        (Model.owner_id == user.id) | Model.id.in_(related)
-    ).order_by(Model.created_at)
-    if user.is_superuser:
-        stmt = select(Model).order_by(Model.created_at)
-    return (await session.execute(stmt)).scalars().all()
+async def list_models(requester: Requester) -> Sequence[Model]:
+    """Every model the caller may read (the policy's SQL clause; one statement)."""
+    stmt = select(Model).where(readable(requester, Model)).order_by(Model.created_at, Model.id)
+    return (await requester.session.execute(stmt)).scalars().all()
 
 
 async def describe(session: AsyncSession, model: Model) -> ModelRead:
-    out = ModelRead(
-        id=model.id, type=model_type(model), owner=model.owner_id, round=model.round, created_at=model.created_at,
-        weights_format=model.weights_format, weights_size=model.weights_size,
-    )
-    if isinstance(model, GlobalModel):
-        out.name, out.description = model.name, model.description
-        out.input_shape, out.has_preprocessing = model.input_shape, model.has_preprocessing
-        training_id = (await session.execute(select(Training.id).where(Training.model_id == model.id))).scalar_one_or_none()
-        out.training = training_id
-        out.rounds = list(
-            (await session.execute(
-                select(GlobalModelRound.round).where(GlobalModelRound.model_id == model.id).order_by(GlobalModelRound.round)
-            )).scalars()
+    return (await describe_many(session, [model]))[0]
+
+
+async def describe_many(session: AsyncSession, models: Sequence[Model]) -> list[ModelRead]:
+    """Descriptions of many models in a fixed number of statements (at most four, whatever the
+    number of models): list endpoints must not issue one query per row."""
+    global_ids = [m.id for m in models if isinstance(m, GlobalModel)]
+    trainings: dict[uuid.UUID, uuid.UUID] = {}
+    rounds: dict[uuid.UUID, list[int]] = {}
+    if global_ids:
+        trainings = dict((await session.execute(
+            select(Training.model_id, Training.id).where(Training.model_id.in_(global_ids))
+        )).all())
+        for model_id, round_ in await session.execute(
+            select(GlobalModelRound.model_id, GlobalModelRound.round)
+            .where(GlobalModelRound.model_id.in_(global_ids)).order_by(GlobalModelRound.round)
+        ):
+            rounds.setdefault(model_id, []).append(round_)
+    swag_ids = [m.id for m in models if isinstance(m, SWAGModel)]
+    has_moments: dict[uuid.UUID, bool] = {}
+    if swag_ids:
+        has_moments = {i: bool(h) for i, h in await session.execute(
+            select(SWAGModel.id, SWAGModel.swag_first_moment.isnot(None)).where(SWAGModel.id.in_(swag_ids))
+        )}
+    mean_ids = [m.id for m in models if isinstance(m, MeanModel)]
+    members: dict[uuid.UUID, list[uuid.UUID]] = {}
+    if mean_ids:
+        for mean_id, member_id in await session.execute(
+            select(mean_model_members.c.mean_model_id, mean_model_members.c.member_id)
+            .where(mean_model_members.c.mean_model_id.in_(mean_ids))
+        ):
+            members.setdefault(mean_id, []).append(member_id)
+    out = []
+    for model in models:
+        item = ModelRead(
+            id=model.id, type=model_type(model), owner=model.owner_id, round=model.round,
+            created_at=model.created_at, weights_format=model.weights_format, weights_size=model.weights_size,
         )
-    if isinstance(model, SWAGModel):
-        has = (await session.execute(
-            select(SWAGModel.swag_first_moment.isnot(None)).where(SWAGModel.id == model.id)
-        )).scalar_one()
-        out.has_swag_moments = bool(has)
-    if isinstance(model, MeanModel):
-        loaded = (await session.execute(
-            select(MeanModel).options(selectinload(MeanModel.members)).where(MeanModel.id == model.id)
-        )).scalar_one()
-        out.models = [m.id for m in loaded.members]
-    if isinstance(model, LocalModel):
-        out.base_model, out.sample_size = model.base_model_id, model.sample_size
+        if isinstance(model, GlobalModel):
+            item.name, item.description = model.name, model.description
+            item.input_shape, item.has_preprocessing = model.input_shape, model.has_preprocessing
+            item.training = trainings.get(model.id)
+            item.rounds = rounds.get(model.id, [])
+        if isinstance(model, SWAGModel):
+            item.has_swag_moments = has_moments.get(model.id, False)
+        if isinstance(model, MeanModel):
+            item.models = members.get(model.id, [])
+        if isinstance(model, LocalModel):
+            item.base_model, item.sample_size = model.base_model_id, model.sample_size
+        out.append(item)
     return out
 
 
@@ -176,7 +194,10 @@ def _build_mean_module(members: list[bytes]) -> bytes:
     return buffer.getvalue()
 
 
-async def create_global_model(session: AsyncSession, owner: User, upload: GlobalUpload) -> GlobalModel:
+async def create_global_model(requester: Requester, upload: GlobalUpload) -> GlobalModel:
+    """The caller's new global model (in their organisation, see ``orm.model._fill_tenant``)."""
+    session, owner = requester.session, requester.user
+    assert owner is not None
     try:
         if upload.preprocessing_file is not None:
             await asyncio.to_thread(_check_preprocessing, upload.preprocessing_file)
@@ -189,8 +210,9 @@ async def create_global_model(session: AsyncSession, owner: User, upload: Global
                 member = await get_model(session, member_id)
                 if not isinstance(member, GlobalModel) or isinstance(member, MeanModel):
                     raise BadRequest(f"Model {member_id} is not a global model.")
-                if not await can_read(session, owner, member):
-                    raise Forbidden(f"You may not read model {member_id}.")
+                if not await can_read(requester, member):
+                    raise refusal(requester, member.organization_id, f"Model {member_id}",
+                                  f"You may not read model {member_id}.")
                 members.append(member)
             blobs = [await _current_weights(session, m.id) for m in members]
             weights = await asyncio.to_thread(_build_mean_module, blobs)
@@ -266,13 +288,12 @@ async def download(session: AsyncSession, model: Model, round_: int | None) -> b
     return await asyncio.to_thread(model_files.rebuild_torchscript, template, state)
 
 
-async def delete_model(session: AsyncSession, user: User, model: Model) -> None:
-    training = await training_service.training_for_model(session, _global_id(model))
-    allowed = user.is_superuser or model.owner_id == user.id or (
-        training is not None and training.actor_id == user.id
-    )
-    if not allowed:
+async def delete_model(requester: Requester, model: Model) -> None:
+    """Owner, the organisation's admins or the training's actor (the policy's ``can_delete``)."""
+    session = requester.session
+    if not await can_delete(requester, model):
         raise Forbidden("You are neither the owner of the model nor the actor of the corresponding training.")
+    training = await training_service.training_for_model(session, _global_id(model))
     if training is not None and training.state in training_service.ACTIVE_STATES and isinstance(model, GlobalModel):
         raise Conflict("The model backs a running training; stop the training first.")
     await session.delete(model)
@@ -372,8 +393,9 @@ def _add_metrics(session: AsyncSession, model_id: uuid.UUID, reporter_id: uuid.U
 
 async def add_metrics(session: AsyncSession, user: User, model: Model, names: list[str],
                       values: list[str]) -> Training | None:
-    """Metrics on a model at step = its round. On a training's global model only participants
-    report (these are the test round's results); returns the training to re-check."""
+    """Metrics on a model at step = its round (the caller has been checked to read ``model``).
+    On a training's model only its participants and actor report (the test round's results);
+    returns the training to re-check."""
     metrics = _parse_metrics(names, values, required=True)
     training = await training_service.training_for_model(session, _global_id(model))
     if training is not None:
@@ -388,9 +410,11 @@ async def add_metrics(session: AsyncSession, user: User, model: Model, names: li
     return None
 
 
-async def list_metrics(session: AsyncSession, model: Model) -> list[MetricRead]:
-    rows = (await session.execute(
-        select(Metric).options(undefer(Metric.value_binary)).where(Metric.model_id == model.id).order_by(Metric.created_at)
+async def list_metrics(requester: Requester, model: Model) -> list[MetricRead]:
+    """The model's metrics, filtered by the metric policy's clause (one statement)."""
+    rows = (await requester.session.execute(
+        select(Metric).options(undefer(Metric.value_binary))
+        .where(Metric.model_id == model.id, readable(requester, Metric)).order_by(Metric.created_at)
     )).scalars()
     return [
         MetricRead(
@@ -415,10 +439,11 @@ async def get_preprocessing(session: AsyncSession, model: Model) -> bytes:
     return data
 
 
-async def set_preprocessing(session: AsyncSession, user: User, model: Model, data: bytes) -> None:
+async def set_preprocessing(requester: Requester, model: Model, data: bytes) -> None:
+    session = requester.session
     if not isinstance(model, GlobalModel):
         raise BadRequest("Preprocessing modules belong to global models.")
-    if model.owner_id != user.id and not user.is_superuser:
+    if not await can_update(requester, model):
         raise Forbidden(f"You are not the owner of model {model.id}!")
     try:
         await asyncio.to_thread(_check_preprocessing, data)
