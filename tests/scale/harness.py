@@ -94,9 +94,22 @@ class Fleet:
         self.urls = [url for _, url in started]
         return self.urls
 
+    def start_job_worker(self, **env: str) -> subprocess.Popen[bytes]:
+        """Start ``flplatform worker`` (queue jobs only, no HTTP server) on the same database."""
+        self._starts += 1
+        log = open(self.logdir / f"job-worker-{self._starts}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flplatform.cli", "worker", "--no-migrate"],
+            env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
     def ensure(self, count: int) -> list[str]:
         """The running workers' URLs, (re)starting them if a previous test killed them."""
-        if len(self.urls) != count or any(p.poll() is not None for p in self.procs[-count:]):
+        if len(self.urls) != count or any(p.poll() is not None for p in self.procs[-count:]) or len(
+                [p for p in self.procs if p.poll() is None]) != count:
             self.kill9()
             self.start(count)
         return self.urls

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from flplatform import workqueue
 from flplatform.db import create_engine, create_sessionmaker
-from flplatform.orm import GlobalModelRound, LocalModel, Training
+from flplatform.orm import GlobalModelRound, LocalModel, Server, Training
 from flplatform.orm.billing import WorkStatus
 from flplatform.orm.workqueue import QueuedWork
 from flplatform.services.trainings import AGGREGATE_JOB
@@ -115,6 +115,7 @@ async def _db_counts(db_url: str, model_id: str, training_id: str) -> dict[str, 
             jobs = (await session.execute(
                 select(QueuedWork).where(QueuedWork.handler == AGGREGATE_JOB).order_by(QueuedWork.created_at)
             )).scalars().all()
+            servers = dict((await session.execute(select(Server.id, Server.name))).all())
             ledger_ok: bool | None = None
             try:
                 from flplatform.billing.ledger import reconcile
@@ -127,7 +128,8 @@ async def _db_counts(db_url: str, model_id: str, training_id: str) -> dict[str, 
     return {"history_rows": {r: c for r, c in history},
             "updates": {r: (rows, owners) for r, rows, owners in updates},
             "locked": training.locked, "locked_until": training.locked_until, "ledger_ok": ledger_ok,
-            "jobs": [(j.payload["round"], j.status, j.attempts, j.result) for j in jobs]}
+            "jobs": [(j.payload["round"], j.status, j.attempts, j.result) for j in jobs],
+            "job_servers": [servers.get(j.server_id, "") for j in jobs]}
 
 
 async def _assert_billed_once(http: httpx.AsyncClient, url: str, actor: Account, clients: int, rounds: int) -> None:
@@ -219,9 +221,10 @@ def test_kill9_mid_round_resumes_exactly_once(db_url: str, workers: Fleet) -> No
     """Half a round uploaded, then every process SIGKILLed. Restarted (HTTP only), the pre-crash
     updates are still there and the rest arrive: the round is claimed and its aggregation job
     queued. A worker takes the job and dies with it (its claim is taken, never renewed), and
-    every process is SIGKILLed again. Restarted with their in-process workers, the job is
-    reclaimed once its lease expired, the round aggregates exactly once to the FedAvg of all six
-    updates, and the round is charged once."""
+    every process is SIGKILLed again. Restarted as an HTTP-only server plus a separate
+    `flplatform worker`, that worker reclaims the job once its lease expired: the round
+    aggregates exactly once to the FedAvg of all six updates and is charged once (the billing
+    hooks run in the job-only process too)."""
     create_admin(db_url)
     clients = 6
     setup = asyncio.run(_crash_first_half(workers.ensure(2), clients))
@@ -229,8 +232,9 @@ def test_kill9_mid_round_resumes_exactly_once(db_url: str, workers: Fleet) -> No
     urls = workers.start(1, FLP_INPROCESS_WORKER="false")  # serves HTTP, runs no jobs
     asyncio.run(_crash_second_half(db_url, urls, *setup))
     workers.kill9()
-    urls = workers.start(2)
-    asyncio.run(_crash_resume(db_url, urls, *setup))
+    job_worker = workers.start_job_worker()  # imports while the server below starts
+    urls = workers.start(1, FLP_INPROCESS_WORKER="false")
+    asyncio.run(_crash_resume(db_url, urls * 2, *setup, job_worker_pid=job_worker.pid))
 
 
 async def _crash_first_half(urls: list[str], clients: int) -> Any:
@@ -277,7 +281,7 @@ async def _crash_second_half(db_url: str, urls: list[str], actor: Account, accou
 
 
 async def _crash_resume(db_url: str, urls: list[str], actor: Account, accounts: list[Account], model_id: str,
-                        training_id: str, uploaded: dict[int, dict[str, torch.Tensor]]) -> None:
+                        training_id: str, uploaded: dict[int, dict[str, torch.Tensor]], *, job_worker_pid: int) -> None:
     clients = len(accounts)
     async with httpx.AsyncClient(timeout=60.0) as http:
         final = await wait_for(http, urls[1], actor.headers, training_id, lambda s: s["state"] == "C",
@@ -295,4 +299,6 @@ async def _crash_resume(db_url: str, urls: list[str], actor: Account, accounts: 
     # The dead worker's job was reclaimed (second claim) and finished; no second job was made.
     [(round_, status, attempts, result)] = counts["jobs"]
     assert (round_, status) == (0, WorkStatus.FINISHED) and attempts >= 2, counts["jobs"]
+    # ... by the `flplatform worker` process (its Server row is named host:pid:…).
+    assert [f":{job_worker_pid}:" in name for name in counts["job_servers"]] == [True], counts["job_servers"]
     assert counts["ledger_ok"] is True, "billing ledger does not reconcile"
