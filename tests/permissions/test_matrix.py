@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from flplatform.orm import GlobalModel, Metric, Training, User
+from flplatform.orm.broker import BrokerTopic, BrokerTopicGrant
 from flplatform.services.collections import create_invitation
 from tests.permissions.conftest import ACTORS, Actor, OrgTree, build_org_tree
 
@@ -51,6 +53,24 @@ MATRIX: dict[tuple[str, str], str] = {
     ("invitation", "read"): "200+ 200+ 403 403 403 403 403 404 401",
     ("invitation", "create"): "201 201 403 403 403 403 403 404 401",
     ("invitation", "delete"): "200 200 403 403 403 403 403 404 401",
+    # Resources owned by the organisation: a model of project_coach, its training (actor
+    # project_coach, participant member_one) with a metric, a topic of project_coach granted to
+    # member_one. /api/trainings/ lists the trainings one runs or oversees (a participant finds
+    # theirs in /api/users/trainings/), so "200" without "+" for superuser and member_one.
+    ("model", "read"): "200+ 200+ 200+ 404 200+ 404 404 404 401",
+    ("model", "create"): "201 201 201 201 201 201 201 201 401",
+    ("model", "update"): "202 202 202 404 403 404 404 404 401",
+    ("model", "delete"): "200 200 200 404 403 404 404 404 401",
+    ("metric", "read"): "200+ 200+ 200+ 404 200+ 404 404 404 401",
+    ("metric", "create"): "201 403 201 404 201 404 404 404 401",
+    ("training", "read"): "200 200+ 200+ 404 200 404 404 404 401",
+    ("training", "create"): "201 403 201 404 403 404 404 404 401",
+    ("training", "update"): "202 202 202 404 403 404 404 404 401",
+    ("training", "delete"): "200 200 200 404 403 404 404 404 401",
+    ("topic", "read"): "200+ 200+ 200+ 404 200+ 404 404 404 401",
+    ("topic", "create"): "201 201 201 201 201 201 201 201 401",
+    ("topic", "update"): "200 200 200 404 403 404 404 404 401",
+    ("topic", "delete"): "200 200 200 404 403 404 404 404 401",
 }
 
 
@@ -118,7 +138,55 @@ OPS: dict[tuple[str, str], Op] = {
     ("invitation", "read"): lambda c, t, a: _read(c, a, None, f"/api/organizations/{t.org.id}/invitations/", t.invitation_id),  # type: ignore[attr-defined]
     ("invitation", "create"): lambda c, t, a: _status_of(c.post(f"/api/organizations/{t.org.id}/invitations/", json={}, headers=a.headers)),
     ("invitation", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/organizations/{t.org.id}/invitations/{t.invitation_id}/", headers=a.headers)),  # type: ignore[attr-defined]
+    ("model", "read"): lambda c, t, a: _read(c, a, f"/api/models/{t.model_id}/info/", "/api/models/", t.model_id),  # type: ignore[attr-defined]
+    ("model", "create"): lambda c, t, a: _status_of(c.post("/api/models/", data={"name": "n", "description": ""}, files={"model_file": ("m.pt", _scripted())}, headers=a.headers)),
+    ("model", "update"): lambda c, t, a: _status_of(c.post(f"/api/models/{t.model_id}/preprocessing/", files={"model_preprocessing_file": ("p.pt", _scripted())}, headers=a.headers)),  # type: ignore[attr-defined]
+    ("model", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/models/{t.model_id}/", headers=a.headers)),  # type: ignore[attr-defined]
+    ("metric", "read"): lambda c, t, a: _read(c, a, None, f"/api/models/{t.model_id}/metrics/", t.metric_id),  # type: ignore[attr-defined]
+    ("metric", "create"): lambda c, t, a: _status_of(c.post(f"/api/models/{t.model_id}/metrics/", data={"metric_names": ["m"], "metric_values": ["1"]}, headers=a.headers)),  # type: ignore[attr-defined]
+    ("training", "read"): lambda c, t, a: _read(c, a, f"/api/trainings/{t.training_id}/", "/api/trainings/", t.training_id),  # type: ignore[attr-defined]
+    ("training", "create"): lambda c, t, a: _status_of(c.post("/api/trainings/", json={"model_id": t.model_id, "target_num_updates": 1, "aggregation_method": "FedAvg", "metric_names": ["m"], "clients": [t.member_one.id]}, headers=a.headers)),  # type: ignore[attr-defined]
+    ("training", "update"): lambda c, t, a: _status_of(c.put(f"/api/trainings/{t.training_id}/clients/", json={"clients": [t.member_all.id]}, headers=a.headers)),  # type: ignore[attr-defined]
+    ("training", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/trainings/{t.training_id}/", headers=a.headers)),  # type: ignore[attr-defined]
+    ("topic", "read"): lambda c, t, a: _read(c, a, f"/api/broker/topics/{t.topic}/", "/api/broker/topics/", t.topic_id),  # type: ignore[attr-defined]
+    ("topic", "create"): lambda c, t, a: _status_of(c.post("/api/broker/topics/", json={"slug": f"new-{t.org.name}-{a.name}"}, headers=a.headers)),
+    ("topic", "update"): lambda c, t, a: _status_of(c.patch(f"/api/broker/topics/{t.topic}/", json={"store_messages": "cache"}, headers=a.headers)),  # type: ignore[attr-defined]
+    ("topic", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/broker/topics/{t.topic}/", headers=a.headers)),  # type: ignore[attr-defined]
 }
+
+
+_SCRIPTED: list[bytes] = []
+
+
+def _scripted() -> bytes:
+    """A TorchScript archive (model and preprocessing uploads), built once."""
+    if not _SCRIPTED:
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 1)), buffer)
+        _SCRIPTED.append(buffer.getvalue())
+    return _SCRIPTED[0]
+
+
+async def _resources(app: Any, tree: OrgTree) -> None:
+    """The organisation's model, training, metric and topic the resource rows of MATRIX act on."""
+    coach, member = tree.project_coach.user, tree.member_one.user
+    async with app.state.sessionmaker() as session:
+        model = GlobalModel(owner_id=coach.id, name="matrix", weights=_scripted(), weights_format="torchscript",
+                            weights_size=len(_scripted()))
+        topic = BrokerTopic(slug=f"topic-{tree.org.name}", owner_id=coach.id, api_info={})
+        session.add_all([model, topic])
+        await session.flush()
+        training = Training(model_id=model.id, actor_id=coach.id, target_num_updates=1, options={}, metric_names=[],
+                            participants=[await session.get(User, member.id)])
+        metric = Metric(model_id=model.id, key="acc", value_float=0.5, reporter_id=member.id)
+        session.add_all([training, metric, BrokerTopicGrant(topic_id=topic.id, user_id=member.id, can_consume=True)])
+        await session.commit()
+        tree.__dict__.update(model_id=str(model.id), training_id=str(training.id), metric_id=str(metric.id),
+                             topic=topic.slug, topic_id=str(topic.id))
 
 
 async def _status_of(request: Awaitable[httpx.Response]) -> Outcome:
@@ -154,12 +222,14 @@ async def _fresh_tree(app: Any, prefix: str, other_admin: Actor | None = None) -
         )
         await session.commit()
     tree.__dict__["invitation_id"] = str(row.id)
+    await _resources(app, tree)
     return tree
 
 
 # Operations whose success changes what the next actor would meet (the others rename, create
 # something new or are idempotent, so one tree serves every actor).
-CONSUMING = {("membership", "create"), ("role", "create")} | {(k, "delete") for k, _ in MATRIX} - {
+CONSUMING = {("membership", "create"), ("role", "create"), ("training", "update")} | {
+    (k, "delete") for k, _ in MATRIX} - {
     ("organization", "delete"),  # refused with 409 while users remain: nothing is deleted
     ("invitation", "delete"),  # revoking twice is fine
 }
