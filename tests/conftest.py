@@ -210,11 +210,30 @@ def settings(db_url: str) -> Settings:
     return Settings(database_url=db_url)
 
 
+# One application object per distinct Settings for the whole session: FastAPI builds each
+# route's request/response machinery lazily per application (tens of ms per route), which
+# dominated short tests when every test built a new one. Each test still gets its own
+# lifespan (engine, background components), and app.state is put back afterwards.
+_APPS: dict[str, Any] = {}
+
+
+def _settings_key(settings: Settings) -> str:
+    return repr(sorted((name, repr(getattr(value, "get_secret_value", lambda v=value: v)())) for name, value in settings))
+
+
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[Any]:
-    application = create_app(settings)
-    async with application.router.lifespan_context(application):
-        yield application
+    key = _settings_key(settings)
+    application = _APPS.get(key)
+    if application is None:
+        application = _APPS[key] = create_app(settings)
+    initial_state = dict(application.state._state)
+    try:
+        async with application.router.lifespan_context(application):
+            yield application
+    finally:
+        application.state._state.clear()
+        application.state._state.update(initial_state)
 
 
 @pytest.fixture

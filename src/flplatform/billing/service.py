@@ -641,6 +641,12 @@ async def refund(
         if kind == AccountKind.HELD:
             kind = AccountKind.AVAILABLE
         legs.append(Leg(await (user_account(session, owner, currency) if owner else system_account(session, kind, currency)), -amount))
+    net: dict[uuid.UUID, int] = defaultdict(int)
+    for leg in legs:
+        net[leg.account.id] += leg.amount
+    if not any(net.values()):  # e.g. a settlement of cost 0: it only released a hold
+        raise BadRequest(f"Operation {original.id} moved no money between accounts; there is nothing to refund.",
+                         code="nothing_to_refund")
     op, _ = await _record(
         session, key=key, kind=OperationKind.REFUND, legs=legs, currency=original.currency, amount=original.amount,
         intent={"operation": original.id}, actor_id=actor_id, payer_id=original.payer_id,
