@@ -36,7 +36,7 @@ buffers leave the process and resident memory means something):
   each client's ``Parameters`` (what legacy ``FedAvg.aggregate_fit`` does).
 
 GB/s counts update bytes (N × model bytes) per second of the whole call, decoding included (best of
-3 runs; 2 for Flower on ResNet-50). "Peak extra RSS" is the process's peak resident set during a call
+5 runs; of 3, and 2 for Flower, on ResNet-50). "Peak extra RSS" is the process's peak resident set during a call
 (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) minus the resident set before it,
 where the wire bytes already live; the largest over the runs after the first (the first also pays
 one-time costs: thread stacks, lazily initialised library state). To
@@ -195,7 +195,8 @@ def timed(run, reps: int) -> dict[str, Any]:
 
 def worker(contender: str, case: str, quick: bool) -> dict[str, Any]:
     spec = (QUICK_CASES if quick else CASES)[case] if case else {}
-    reps = 1 if quick else (2 if case == "resnet50" and contender.startswith("flwr") else 3)
+    # More runs where a run is short (the best of few short runs is at the mercy of other load).
+    reps = 1 if quick else ((2 if contender.startswith("flwr") else 3) if case == "resnet50" else 5)
     if contender == "ceiling":
         import torch
 

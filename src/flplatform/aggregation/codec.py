@@ -68,7 +68,9 @@ for _code, _attr in (
         SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 #: Bytes per element of every dtype above (``torch.empty((), dtype=d)`` per tensor costs microseconds).
-ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty((), dtype=d).element_size() for d in SAFETENSORS_DTYPES.values()}
+ITEMSIZE: dict[torch.dtype, int] = {
+    d: torch.empty((), dtype=d).element_size() for d in SAFETENSORS_DTYPES.values()
+}
 #: Headers up to this size are parsed once and remembered (every update of a round has the same one).
 CACHED_HEADER_BYTES = 1 << 20
 
