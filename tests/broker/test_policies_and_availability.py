@@ -24,13 +24,21 @@ async def _publish(live, slug: str, contexts, headers=None) -> None:
             assert (await recv_json(producer))["result"] == "ok"
 
 
-async def _drain(ws, timeout: float = 0.4) -> list[dict]:
-    got = []
+async def _take(ws, count: int) -> list[dict]:
+    """Exactly ``count`` frames, then nothing more for a moment (robust on a loaded machine)."""
+    got = [await recv_json(ws, 10) for _ in range(count)]
+    assert await no_message(ws, 0.3)
+    return got
+
+
+async def _eventually(probe, expected, timeout: float = 10.0):
+    """Poll ``probe()`` until it returns ``expected`` (frames are handled asynchronously)."""
+    deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        try:
-            got.append(await recv_json(ws, timeout))
-        except TimeoutError:
-            return got
+        value = await probe()
+        if value == expected or asyncio.get_running_loop().time() > deadline:
+            return value
+        await asyncio.sleep(0.05)
 
 
 async def _counts(live, slug: str) -> tuple[int, int]:
@@ -46,14 +54,14 @@ async def test_cache_redelivers_unacknowledged_messages_on_reconnect(live):
     slug = await live.create_topic(anonymous=True, store=StorePolicy.CACHE)
     await _publish(live, slug, [0, 1, 2])
     async with live.connect(f"{slug}/backend") as consumer:
-        got = await _drain(consumer)
+        got = await _take(consumer, 3)
         # Outstanding messages first, in order, and no api_info request after them (reference).
         assert [m.get("context") for m in got] == [0, 1, 2]
         for message in got[:2]:
             await consumer.send(json.dumps({"messageId": message["messageId"]}))
+        assert await _eventually(lambda: _counts(live, slug), (1, 1)) == (1, 1)  # the first ack deletes
     async with live.connect(f"{slug}/backend") as consumer:
-        assert [m["context"] for m in await _drain(consumer)] == [2]
-    assert await _counts(live, slug) == (1, 1)
+        assert [m["context"] for m in await _take(consumer, 1)] == [2]
 
 
 async def test_cacheall_keeps_a_message_until_every_consumer_acknowledged(live, alice, bob):
@@ -63,17 +71,18 @@ async def test_cacheall_keeps_a_message_until_every_consumer_acknowledged(live, 
     )
     await _publish(live, slug, [0, 1])
     async with live.connect(f"{slug}/a", headers=alice.headers) as consumer:
-        for message in await _drain(consumer):
+        for message in await _take(consumer, 2):
             await consumer.send(json.dumps({"messageId": message["messageId"]}))
-    assert await _counts(live, slug) == (0, 2)  # acknowledged by alice, still stored for bob
+        # Acknowledged by alice, still stored for bob.
+        assert await _eventually(lambda: _counts(live, slug), (0, 2)) == (0, 2)
     async with live.connect(f"{slug}/a", headers=alice.headers) as consumer:
         assert await no_message(consumer)  # alice has nothing outstanding
     async with live.connect(f"{slug}/b", headers=bob.headers) as consumer:
-        got = await _drain(consumer)
+        got = await _take(consumer, 2)
         assert [m["context"] for m in got] == [0, 1]
         for message in got:
             await consumer.send(json.dumps({"messageId": message["messageId"]}))
-    assert await _counts(live, slug) == (0, 0)
+        assert await _eventually(lambda: _counts(live, slug), (0, 0)) == (0, 0)
 
 
 async def test_store_keeps_messages_and_redelivers_only_what_a_user_missed(live, alice):
@@ -82,11 +91,11 @@ async def test_store_keeps_messages_and_redelivers_only_what_a_user_missed(live,
     )
     async with live.connect(f"{slug}/a", headers=alice.headers) as consumer:  # subscribes now
         await _publish(live, slug, [0, 1, 2])
-        got = await _drain(consumer)
+        got = await _take(consumer, 3)
         await consumer.send(json.dumps({"messageId": got[0]["messageId"]}))
+        assert await _eventually(lambda: _counts(live, slug), (2, 3)) == (2, 3)  # stored forever
     async with live.connect(f"{slug}/a", headers=alice.headers) as consumer:
-        assert [m["context"] for m in await _drain(consumer)] == [1, 2]
-    assert await _counts(live, slug) == (2, 3)  # stored forever
+        assert [m["context"] for m in await _take(consumer, 2)] == [1, 2]
 
 
 async def test_disabled_stores_nothing_and_redelivers_nothing(live):
@@ -139,8 +148,8 @@ async def test_availability_transitions_and_status_views(live, alice, bob):
             assert (await recv_json(backend))["properties"]["messageType"] == "ping"
             assert await status() == (503, "Consumer could not be reached", False)  # no pong yet
             await backend.send(json.dumps({"messageId": "00000000-0000-4000-8000-000000000000"}))
-            await asyncio.sleep(0.05)
-            assert await status() == (200, "Consumer connected", True)  # any consumer frame is a pong
+            expected = (200, "Consumer connected", True)
+            assert await _eventually(status, expected) == expected  # any consumer frame is a pong
             # A pong up to 10 s before the last ping still counts (the reference's filters disagreed).
             clock.advance(9)
             await http.get(f"/ws/{slug}/ping/")
@@ -154,8 +163,7 @@ async def test_availability_transitions_and_status_views(live, alice, bob):
             await _publish(live, slug, [1], headers=alice.headers)
             message = await recv_json(backend)
             await backend.send(json.dumps({"messageId": message["messageId"]}))
-            await asyncio.sleep(0.05)
-            assert (await status())[2] is True
+            assert await _eventually(status, expected) == expected
         clock.advance(121)  # last ping older than 2 minutes
         assert await status() == (503, "Status unknown", None)
 
@@ -220,15 +228,17 @@ async def test_response_topics_are_collected_after_their_last_consumer_left(live
                 assert (await recv_json(answer))["result"] == "ok"
         await inbox.send(json.dumps({"messageId": (await recv_json(inbox))["messageId"]}))
         await recv_json(unread)
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.1)
+
+    async def gc_set(name: str) -> bool:
+        return await gc_time(name) is not None
+
+    assert await _eventually(lambda: gc_set(response_topic), True)  # set once the consumer left
     due = await gc_time(response_topic)
-    assert due is not None and (due - clock.now()).total_seconds() == 600
+    assert (due - clock.now()).total_seconds() == 600
     assert await gc_time(kept) is None  # an unacknowledged answer keeps it
     async with live.connect(f"{response_topic}/me"):  # a consumer back clears the date
-        await asyncio.sleep(0.1)
-        assert await gc_time(response_topic) is None
-    await asyncio.sleep(0.1)
+        assert await _eventually(lambda: gc_set(response_topic), False) is False
+    assert await _eventually(lambda: gc_set(response_topic), True)
     clock.advance(599)
     assert await live.broker.sweep() == []
     clock.advance(2)
@@ -267,5 +277,6 @@ async def test_topic_cli_creates_grants_and_shows(live, bob, monkeypatch, capsys
     await live.broker.invalidate("cli-hello")
     # The running broker serves the topic the CLI made (anonymous backends may consume).
     async with live.connect("cli-hello/backend") as consumer:
+        assert (await recv_json(consumer, 10))["properties"]["messageType"] == "api_info"
         await _publish(live, "cli-hello", [5], headers=bob.headers)
-        assert [m.get("context") for m in await _drain(consumer)][-1] == 5
+        assert (await recv_json(consumer, 10))["context"] == 5
