@@ -46,7 +46,7 @@ class LiveBroker:
             additional_headers=headers or {},
             compression=None,
             max_size=None,
-            open_timeout=10,
+            open_timeout=30,  # a loaded 2-core machine can take seconds per handshake
         )
 
     async def create_topic(
