@@ -135,7 +135,7 @@ class DLRClient:
                 r = http.post(
                     f"/api/models/{model_id}/",
                     data={"round": str(round_), "sample_size": str(self.samples), "owner": self.user_id,
-                          "metric_names": ["loss"], "metric_values": [str(float(loss))]},
+                          "metric_names": ["loss"], "metric_values": [str(loss.item())]},
                     files={"model_file": ("model.pt", buffer.getvalue(), "application/octet-stream")},
                 )
                 assert r.status_code == 201 and r.json()["detail"] == "Model Update Accepted", r.text
