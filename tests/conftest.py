@@ -122,6 +122,24 @@ def start_postgres(base: Path) -> PostgresCluster:
     return PostgresCluster(datadir=datadir, port=port, runas=runas)
 
 
+def _reap_orphan_clusters() -> None:
+    """Stop the throwaway clusters of test sessions that were killed (SIGKILL, a CI timeout) before
+    their teardown ran; otherwise each one keeps a postgres server running on the machine."""
+    for owner_file in Path(tempfile.gettempdir()).glob("flp-pg-*/owner.pid"):
+        try:
+            os.kill(int(owner_file.read_text()), 0)
+            continue  # its session is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError, OSError):
+            continue
+        base = owner_file.parent
+        runas = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*runas, "pg_ctl", "-D", str(base / "data"), "-m", "immediate", "stop"],
+                       capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster | None]:
     reason = _postgres_unavailable_reason()
@@ -131,8 +149,10 @@ def postgres_cluster() -> Iterator[PostgresCluster | None]:
         print(f"\nPostgreSQL tests skipped: {reason}")
         yield None
         return
+    _reap_orphan_clusters()
     base = Path(tempfile.mkdtemp(prefix="flp-pg-"))
     base.chmod(0o755)
+    (base / "owner.pid").write_text(str(os.getpid()))
     cluster = start_postgres(base)
     try:
         yield cluster
