@@ -100,6 +100,12 @@ def safetensors_order(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 def read_safetensors_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, object], int]:
     """The parsed JSON header and the offset of the data region; raises DecodeError if malformed."""
+    start = _data_start(data)
+    return _parse_header(bytes(data[8:start])), start
+
+
+def _data_start(data: bytes | bytearray | memoryview) -> int:
+    """Offset of the data region (8 + the header length); DecodeError if the length is impossible."""
     size = len(data)
     if size < 8:
         raise DecodeError("safetensors: the file is shorter than its 8-byte header length")
@@ -110,7 +116,7 @@ def read_safetensors_header(data: bytes | bytearray | memoryview) -> tuple[dict[
         raise DecodeError(
             f"safetensors: truncated (header says {header_len} header bytes, only {size - 8} follow)"
         )
-    return _parse_header(bytes(data[8 : 8 + header_len])), 8 + header_len
+    return 8 + header_len
 
 
 def _parse_header(raw: bytes) -> dict[str, object]:
@@ -200,18 +206,9 @@ def _cached_entries(raw_header: bytes, data_len: int) -> tuple[_Entry, ...]:
 
 def _entries(data: bytes | bytearray | memoryview) -> tuple[tuple[_Entry, ...], int]:
     size = len(data)
-    if size < 8:
-        raise DecodeError("safetensors: the file is shorter than its 8-byte header length")
-    (header_len,) = struct.unpack_from("<Q", data, 0)
-    if header_len == 0 or header_len > MAX_HEADER_BYTES:
-        raise DecodeError(f"safetensors: header length {header_len} is out of range")
-    if header_len > size - 8:
-        raise DecodeError(
-            f"safetensors: truncated (header says {header_len} header bytes, only {size - 8} follow)"
-        )
-    start = 8 + header_len
+    start = _data_start(data)
     raw = bytes(data[8:start])
-    if header_len <= CACHED_HEADER_BYTES:
+    if start - 8 <= CACHED_HEADER_BYTES:
         return _cached_entries(raw, size - start), start
     return tuple(_parse_entries(_parse_header(raw), size - start)), start
 

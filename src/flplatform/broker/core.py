@@ -62,6 +62,15 @@ DELIVERIES = BrokerDelivery.__table__
 TOPICS = BrokerTopic.__table__
 
 
+async def receive_frame(websocket: WebSocket) -> str | bytes | None:
+    """The next text or binary frame of ``websocket``; None once the client disconnected."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        return None
+    raw = message.get("text")
+    return raw if raw is not None else (message.get("bytes") or b"")
+
+
 # --------------------------------------------------------------------------- writer operations
 
 
@@ -266,12 +275,9 @@ class Broker:
         sender = asyncio.get_running_loop().create_task(self._send_acks(websocket, acks))
         try:
             while True:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
+                raw = await receive_frame(websocket)
+                if raw is None:  # disconnected
                     break
-                raw = message.get("text")
-                if raw is None:
-                    raw = message.get("bytes") or b""
                 try:
                     item = await self._produce(state, slug, raw)
                 except Exception:  # never kill the socket on one frame
@@ -485,12 +491,9 @@ class Broker:
                 await self._on_consumer_connect(conn, topic, history)
             sender = asyncio.get_running_loop().create_task(self._consumer_sender(conn))
             while not conn.closed:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
+                raw = await receive_frame(websocket)
+                if raw is None:  # disconnected
                     break
-                raw = message.get("text")
-                if raw is None:
-                    raw = message.get("bytes") or b""
                 try:
                     reply = await self._consumer_frame(conn, raw)
                 except Exception:
@@ -693,12 +696,9 @@ class Broker:
 
     async def status_ping_session(self, websocket: WebSocket, user: Identity) -> None:
         while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
+            raw = await receive_frame(websocket)
+            if raw is None:  # disconnected
                 return
-            raw = message.get("text")
-            if raw is None:
-                raw = message.get("bytes") or b""
             try:
                 ack = await self._status_ping_frame(user, raw)
             except Exception:
