@@ -143,3 +143,34 @@ async def test_api_retries_connection_errors_then_raises(caplog):
         await api.get_training("x")
     assert sum("retry" in r.getMessage() for r in caplog.records) == 2
     await api.aclose()
+
+
+async def test_a_polling_client_retries_work_the_server_refused_for_now():
+    """A poller can read a phase that moves on before its upload lands; a "not now" refusal
+    (wrong_state / wrong_round / round_locked) is retried at the next poll, not recorded as failed."""
+    from flplatform.client.api import APIError
+    from flplatform.client.participant import RoundRecord
+
+    class ScriptedAPI:
+        def __init__(self) -> None:
+            self.trained = False
+
+        async def get_training(self, training_id):
+            state = "C" if self.trained else "O"
+            return {"state": state, "phase": "update", "round": 0, "model": "7c9e6679-7425-40de-944b-e07fc1f90ae7"}
+
+    class FlakyParticipant(Participant):
+        attempts = 0
+
+        async def _train(self, run, round_, model_id):
+            self.attempts += 1
+            if self.attempts == 1:
+                raise APIError("POST", "/api/models/x/", 400, "not accepting updates", code="wrong_state")
+            self.api.trained = True
+            return RoundRecord(kind="train", round=round_, model_id=model_id, sample_size=1, metrics={}, seconds=0.0)
+
+    api = ScriptedAPI()
+    poller = FlakyParticipant(api, _noop_train, name="poller")  # type: ignore[arg-type]
+    run = await poller.poll("0f8fad5b-d9cb-469f-a165-70867728950e", interval=0.01, timeout=5)
+    assert poller.attempts == 2
+    assert run.outcome == "finished" and run.errors == [] and run.rounds("train") == [0]

@@ -31,6 +31,9 @@ from flplatform.client.serialization import dump_module, dump_state_dict, dump_t
 
 log = logging.getLogger("flplatform.client")
 
+# Server error codes meaning "not in this phase/round (yet)": a poller retries instead of failing.
+NOT_NOW_CODES = frozenset({"wrong_state", "wrong_round", "round_locked"})
+
 Metrics = Mapping[str, float | int | str]
 TrainFn = Callable[[torch.nn.Module, int, "RoundContext"], "tuple[int, Metrics] | Awaitable[tuple[int, Metrics]]"]
 TestFn = Callable[[torch.nn.Module, int, "RoundContext"], "Metrics | Awaitable[Metrics]"]
@@ -272,24 +275,37 @@ class Participant:
         if self._progress is not None and run.target_num_updates:
             self._progress.update(self._progress_task, total=run.target_num_updates)
 
-    async def _work(self, run: TrainingRun, work: str, round_: int, model_id: str) -> None:
+    async def _work(self, run: TrainingRun, work: str, round_: int, model_id: str, *,
+                    retry_refusals: bool = False) -> bool:
+        """Do one piece of work; False if it should be tried again (``retry_refusals``: the server
+        said "not now" — a polling client can read a phase that moves on before its upload lands)."""
         async with run.lock:
             if run.outcome != "running":
-                return
+                return True
             started = time.perf_counter()
             try:
                 await self._load_info(run, model_id)
                 record = await {"train": self._train, "test": self._test, "swag": self._swag}[work](run, round_, model_id)
+            except APIError as exc:
+                if retry_refusals and exc.code in NOT_NOW_CODES:
+                    log.info("%s: %s round %s refused for now (%s); will retry", self.name, work, round_, exc.detail)
+                    return False
+                self._record_failure(run, work, round_, exc)
+                return True
             except Exception as exc:  # recorded; the server decides what a missing upload means
-                message = f"{work} round {round_}: {type(exc).__name__}: {exc}"
-                log.error("%s: %s", self.name, message, exc_info=not isinstance(exc, APIError))
-                run.errors.append(message)
-                self._status(run, f"error in {work} {round_}")
-                return
+                self._record_failure(run, work, round_, exc)
+                return True
             record.seconds = time.perf_counter() - started
             run.records.append(record)
             if self.on_record is not None:
                 self.on_record(run, record)
+            return True
+
+    def _record_failure(self, run: TrainingRun, work: str, round_: int, exc: Exception) -> None:
+        message = f"{work} round {round_}: {type(exc).__name__}: {exc}"
+        log.error("%s: %s", self.name, message, exc_info=not isinstance(exc, APIError))
+        run.errors.append(message)
+        self._status(run, f"error in {work} {round_}")
 
     async def _download(self, run: TrainingRun, round_: int, model_id: str) -> tuple[torch.nn.Module, RoundContext]:
         data = await self.api.download_model(model_id)
@@ -389,7 +405,9 @@ class Participant:
                 key = (work, int(round_), run.global_model_id)
                 if work and key not in run.seen:
                     run.seen.add(key)
-                    await self._work(run, work, int(round_), run.global_model_id)
+                    if not await self._work(run, work, int(round_), run.global_model_id, retry_refusals=True):
+                        run.seen.discard(key)
+                        await asyncio.sleep(interval)
                     continue
             if deadline is not None and loop.time() > deadline:
                 raise TimeoutError(f"training {run.training_id} did not finish within {timeout}s")
