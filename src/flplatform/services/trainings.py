@@ -63,7 +63,6 @@ from flplatform.orm import (
 )
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import WorkKind
-from flplatform.orm.training import training_participants
 from flplatform.schemas.training import TrainingCreate
 from flplatform.services import aggregate
 from flplatform.services import notifications as notify
@@ -138,20 +137,6 @@ def participant_ids(training: Training) -> set[uuid.UUID]:
 
 def is_actor(training: Training, user: User) -> bool:
     return training.actor_id == user.id or user.is_superuser
-
-
-def can_read_training(training: Training, user: User) -> bool:
-    return is_actor(training, user) or user.id in participant_ids(training)
-
-
-async def list_trainings(session: AsyncSession, user: User, *, as_participant: bool) -> Sequence[Training]:
-    stmt = select(Training).options(selectinload(Training.participants)).order_by(Training.created_at)
-    if as_participant:
-        member = select(training_participants.c.training_id).where(training_participants.c.user_id == user.id)
-        stmt = stmt.where((Training.actor_id == user.id) | Training.id.in_(member))
-    else:
-        stmt = stmt.where(Training.actor_id == user.id)
-    return (await session.execute(stmt)).scalars().all()
 
 
 async def arrivals(session: AsyncSession, model_id: uuid.UUID, round_: int,
