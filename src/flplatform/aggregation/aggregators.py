@@ -175,16 +175,24 @@ def fold_flat(
     pieces = min(count, workers * PIECES_PER_WORKER)
     bounds = [count * i // pieces for i in range(pieces + 1)]
     taken = itertools.count()  # next() on it is atomic under the GIL
+    # The pool reaches the sources only through this holder, cleared after the join: a pool thread
+    # keeps its finished work item a moment after the result is set, and a cancelled work item
+    # waits in the queue, so a closure over ``run`` would keep the updates alive past the call.
+    holder = {"run": run}
 
     def drain() -> None:
-        while (piece := next(taken)) < pieces:
-            run(bounds[piece], bounds[piece + 1])
+        work = holder.get("run")
+        while work is not None and (piece := next(taken)) < pieces:
+            work(bounds[piece], bounds[piece + 1])
 
     futures = [_pool().submit(drain) for _ in range(workers - 1)]
-    drain()
-    for future in futures:
-        if not future.cancel():
-            future.result()
+    try:
+        drain()
+        for future in futures:
+            if not future.cancel():
+                future.result()
+    finally:
+        holder.clear()
 
 
 class _WeightedSum:
