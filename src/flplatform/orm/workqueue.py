@@ -3,7 +3,8 @@
 ``works`` (owned by billing) keeps what the seed's Work has — category (aggregation/inference),
 status (waiting → processing → finished | error), timings, duration estimate, the server that
 runs it, the error. ``queued_works`` adds what a queue needs: the handler name, the JSON payload,
-a unique de-duplication key, the lease and the claim counter used as a fencing token.
+a unique de-duplication key, the lease and the claim counter used as a fencing token, the
+JSON result, and the user who submitted it (jobs users start and poll, e.g. inference jobs).
 """
 
 from __future__ import annotations
@@ -33,3 +34,6 @@ class QueuedWork(Work):
     # While processing: the job belongs to its claimer until then; afterwards any worker reclaims it.
     lease_until: Mapped[dt.datetime | None] = mapped_column(index=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Who may see the job (a user's own jobs, e.g. ``inference.run``); None for system jobs such
+    # as aggregations. A deleted user's jobs stay (their Work rows are accounted) but lose the owner.
+    submitter_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
