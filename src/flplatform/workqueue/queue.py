@@ -25,6 +25,7 @@ from sqlalchemy import event, exists, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from flplatform.errors import AppError
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import Work, WorkKind, WorkStatus
 from flplatform.orm.workqueue import QueuedWork
@@ -78,11 +79,13 @@ async def enqueue(
     model_id: uuid.UUID | None = None,
     estimate_seconds: float | None = None,
     max_attempts: int = 5,
+    submitter_id: uuid.UUID | None = None,
 ) -> QueuedWork:
     """Add a job in the caller's transaction (it becomes visible when the caller commits).
 
     With ``dedupe_key`` an existing job with that key is returned instead of a new one, whatever
     its status: enqueueing is idempotent, so retried requests and racing workers are harmless.
+    ``submitter_id``: the user the job belongs to (who may poll it), for jobs users submit.
     """
     category: WorkKind = category_of(kind)  # raises for an unregistered kind
     if dedupe_key is not None:
@@ -92,6 +95,7 @@ async def enqueue(
     job = QueuedWork(
         kind=category, handler=kind, payload=payload or {}, dedupe_key=dedupe_key, model_id=model_id,
         duration_estimate_seconds=estimate_seconds, status=WorkStatus.WAITING, attempts=0, max_attempts=max_attempts,
+        submitter_id=submitter_id,
     )
     if dedupe_key is not None and _is_postgres(session):
         # Two transactions enqueueing the same key: the second INSERT waits for the first to
@@ -215,9 +219,13 @@ async def finish(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob
 
 
 async def fail(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob, error: BaseException | str) -> bool:
-    """Record failure with the error text (final: handlers decide themselves what is retryable)."""
+    """Record failure with the error text (final: handlers decide themselves what is retryable).
+    An :class:`~flplatform.errors.AppError` (a refusal a request would have answered with a 4xx)
+    also keeps its machine ``code`` and HTTP ``status``, so a job can report it in the API's shape."""
     if isinstance(error, BaseException):
         detail = {"message": str(error)[:MAX_ERROR_CHARS] or type(error).__name__, "type": type(error).__name__}
+        if isinstance(error, AppError):
+            detail.update(code=error.code, status=error.status_code)
     else:
         detail = {"message": str(error)[:MAX_ERROR_CHARS], "type": "Error"}
     async with sessionmaker() as session:
