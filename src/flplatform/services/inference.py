@@ -474,19 +474,46 @@ def _compute(
     return predict(method, target.runnable, inputs, options, moments=target.moments)
 
 
-async def meter_inference(session: AsyncSession, user: User, model: Model, *, rows: int, passes: int) -> None:
+async def meter_inference(
+    session: AsyncSession, user: User, model: Model, *, rows: int, passes: int, billing_key: str | None = None
+) -> None:
     """The one metering point of an inference, called before any model runs: billing charges
     here (a 402 raised here stops the inference; the charge rolls back with the request if
-    the inference then fails). ``rows`` is the batch size, ``passes`` the forward passes per row."""
+    the inference then fails). ``rows`` is the batch size, ``passes`` the forward passes per row.
+    ``billing_key`` makes the charge once-only (an inference job run again after its worker was
+    lost): an operation already posted under the key means this inference is paid."""
     log.debug("inference by %s on model %s: %d rows x %d passes", user.id, model.id, rows, passes)
     from flplatform.billing import charge_inference  # billing imports no inference code
 
-    await charge_inference(session, user, model, rows)
+    if billing_key is not None:
+        from flplatform.billing.service import operation_by_key
+
+        # Checked here rather than left to the ledger's key: the ledger would refuse the key as
+        # reused if the price list changed between the two runs.
+        if await operation_by_key(session, billing_key) is not None:
+            return
+    await charge_inference(session, user, model, rows, key=billing_key)
 
 
-async def run_inference(
-    session: AsyncSession, runtime: InferenceRuntime, user: User, query: InferenceQuery
-) -> InferenceResult:
+@dataclass
+class InferencePlan:
+    """A request that passed every check that needs no model code, and was metered."""
+
+    model: GlobalModel
+    training: Training | None
+    method: Method
+    options: SamplingOptions
+    decoded: DecodedInput
+    rows: int
+
+
+async def check_inference(
+    session: AsyncSession, runtime: InferenceRuntime, user: User, query: InferenceQuery, *,
+    billing_key: str | None = None,
+) -> InferencePlan:
+    """Access, method, options, the decoded input and its batch size, then billing (402): what
+    :func:`run_inference` checks before it loads any module. Inference jobs run it at submission
+    (in a savepoint rolled back afterwards: the job's run charges) to refuse bad requests at once."""
     settings = runtime.settings
     try:
         model, training = await readable_model(session, user, query.model_id)
@@ -527,7 +554,19 @@ async def run_inference(
     if isinstance(model, MeanModel):
         passes *= max(1, len(await _members(session, model.id)))
 
-    await meter_inference(session, user, model, rows=rows, passes=passes)
+    await meter_inference(session, user, model, rows=rows, passes=passes, billing_key=billing_key)
+    return InferencePlan(model=model, training=training, method=method, options=options, decoded=decoded, rows=rows)
+
+
+async def run_inference(
+    session: AsyncSession, runtime: InferenceRuntime, user: User, query: InferenceQuery, *,
+    billing_key: str | None = None,
+) -> InferenceResult:
+    """Check and meter the request (:func:`check_inference`), load the modules, run the method
+    off the event loop. ``billing_key``: see :func:`meter_inference`."""
+    settings = runtime.settings
+    plan = await check_inference(session, runtime, user, query, billing_key=billing_key)
+    model, method, options, decoded, rows = plan.model, plan.method, plan.options, plan.decoded, plan.rows
 
     if query.round is not None and query.round != model.round:
         runnable, used_round = await _history_module_for(session, runtime, model, query.round)
@@ -582,6 +621,11 @@ def _finite_or_none(value: Any) -> Any:
 def result_json(result: InferenceResult) -> bytes:
     """The JSON body (built in a worker thread: large outputs take a while to serialise).
     Non-finite numbers become null."""
+    return json.dumps(result_body(result), allow_nan=False, separators=(",", ":")).encode()
+
+
+def result_body(result: InferenceResult) -> dict[str, Any]:
+    """The JSON response as plain Python values (``schemas.inference.InferenceResponse``)."""
     prediction = result.prediction
     argmax = prediction.prediction
     body = {
@@ -594,7 +638,7 @@ def result_json(result: InferenceResult) -> bytes:
         "round": result.round,
         "dropout_layers": prediction.dropout_layers,
     }
-    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    return body
 
 
 def result_safetensors(result: InferenceResult) -> bytes:
