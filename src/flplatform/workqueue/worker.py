@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform.orm.base import utcnow
@@ -39,6 +40,38 @@ def gpu_memory() -> list[int]:
     if not torch.cuda.is_available():
         return []
     return [int(torch.cuda.get_device_properties(i).total_memory) for i in range(torch.cuda.device_count())]
+
+
+def heartbeat_interval(lease_seconds: float) -> float:
+    """How often a worker refreshes ``Server.last_seen_at``."""
+    return max(min(10.0, lease_seconds / 3), 0.05)
+
+
+async def live_workers(sessionmaker: async_sessionmaker[AsyncSession], settings: Settings) -> int:
+    """Workers (in-process or ``flplatform worker``) whose heartbeat is recent: ready and seen
+    within three heartbeat intervals plus a few seconds."""
+    since = utcnow() - dt.timedelta(seconds=3 * heartbeat_interval(settings.work_lease_seconds) + 5)
+    async with sessionmaker() as session:
+        stmt = select(func.count()).select_from(Server).where(Server.ready.is_(True), Server.last_seen_at >= since)
+        return int((await session.execute(stmt)).scalar_one())
+
+
+async def _warn_without_worker(sessionmaker: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+    """``FLP_INPROCESS_WORKER=false``: queued jobs need a worker elsewhere; say so at start-up,
+    loudly when no worker's heartbeat is recent."""
+    what = ("this server process runs no work-queue worker (FLP_INPROCESS_WORKER=false): queued jobs "
+            "(round aggregation, inference jobs) run only in a `flplatform worker` (or a server with the "
+            "in-process worker) on this database")
+    try:
+        seen = await live_workers(sessionmaker, settings)
+    except Exception:
+        log.warning("%s; whether one runs could not be checked", what, exc_info=True)
+        return
+    if seen:
+        log.info("%s; %d worker(s) with a recent heartbeat", what, seen)
+    else:
+        log.warning("%s, and none has a recent heartbeat: start `flplatform worker`, or trainings stop at their "
+                    "first aggregation and inference jobs stay waiting", what)
 
 
 def default_name() -> str:
@@ -202,7 +235,7 @@ class Worker:
             self.server_id = server.id
 
     async def _heartbeat(self) -> None:
-        interval = max(min(10.0, self.lease_seconds / 3), 0.05)
+        interval = heartbeat_interval(self.lease_seconds)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -284,6 +317,7 @@ async def _inprocess_worker(app: FastAPI) -> AsyncIterator[Worker | None]:
     settings: Settings = app.state.settings
     if not settings.inprocess_worker:
         app.state.work_worker = None
+        await _warn_without_worker(app.state.sessionmaker, settings)
         yield None
         return
     worker = Worker(app.state.sessionmaker, settings, app=app)
