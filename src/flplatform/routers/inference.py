@@ -11,9 +11,9 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -23,8 +23,17 @@ from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, responses
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import WorkKind
-from flplatform.schemas.inference import InferenceFields, InferenceRequest, InferenceResponse, ModelMetadata
+from flplatform.schemas.inference import (
+    InferenceFields,
+    InferenceJob,
+    InferenceJobStatus,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ReturnFormat,
+)
 from flplatform.services import inference as inference_service
+from flplatform.services import inference_jobs
 from flplatform.services.inference import InferenceQuery, runtime_for
 
 router = APIRouter()
@@ -157,7 +166,7 @@ async def _query_from_json(request: Request) -> InferenceQuery:
     )
 
 
-async def _query_from_form(request: Request) -> InferenceQuery:
+async def _query_from_form(request: Request, default_format: ReturnFormat = "binary") -> InferenceQuery:
     max_bytes = inference_service.runtime_for(request.app.state).settings.max_input_bytes
     async with request.form(max_files=1, max_fields=8, max_part_size=max_bytes * 2 + 1024) as form:
         fields: dict[str, Any] = {}
@@ -188,7 +197,7 @@ async def _query_from_form(request: Request) -> InferenceQuery:
     return InferenceQuery(
         model_id=parsed.model_id,
         model_input=model_input,
-        return_format=parsed.return_format or "binary",
+        return_format=parsed.return_format or default_format,
         uncertainty_method=parsed.uncertainty_method,
         options=parsed.options,
         round=parsed.round,
@@ -211,15 +220,7 @@ async def _query_from_form(request: Request) -> InferenceQuery:
     openapi_extra={"requestBody": _REQUEST_BODY},
 )
 async def infer(request: Request, session: SessionDep, user: CurrentUser) -> Response:
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type == "application/json" or media_type.endswith("+json"):
-        query = await _query_from_json(request)
-    elif media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        query = await _query_from_form(request)
-    else:
-        raise UnsupportedMediaType(
-            "Only Content-Type 'application/json' and 'multipart/form-data' (or an urlencoded form) are supported."
-        )
+    query = await _query_from_request(request)
     started = utcnow()
     result = await inference_service.run_inference(session, runtime_for(request.app.state), user, query)
     _record_work(request, started, result)
@@ -233,6 +234,18 @@ async def infer(request: Request, session: SessionDep, user: CurrentUser) -> Res
     return Response(await asyncio.to_thread(inference_service.result_json, result), media_type="application/json")
 
 
+async def _query_from_request(request: Request, form_format: ReturnFormat = "binary") -> InferenceQuery:
+    """The query of a JSON or form body (``form_format``: the default ``return_format`` of forms)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return await _query_from_json(request)
+    if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _query_from_form(request, form_format)
+    raise UnsupportedMediaType(
+        "Only Content-Type 'application/json' and 'multipart/form-data' (or an urlencoded form) are supported."
+    )
+
+
 def _record_work(request: Request, started: dt.datetime, result: inference_service.InferenceResult) -> None:
     """The inference is a Work row (category inference) claimed and run by this process, written
     in batches off the response path (inside the request it added a commit: ~3 ms on a small
@@ -244,6 +257,120 @@ def _record_work(request: Request, started: dt.datetime, result: inference_servi
     work_log.add(INFERENCE_WORK, category=WorkKind.INFERENCE, started_at=started, finished_at=utcnow(),
                  server_id=getattr(worker, "server_id", None), model_id=result.model.id,
                  result={"method": result.method.value, "rows": result.rows, "round": result.round})
+
+
+# --------------------------------------------------------------------------- asynchronous jobs
+
+INFERENCE_JOB_DESCRIPTION = r"""
+Queue an inference as a **job** and poll it: for long-running methods (many samples, large
+ensembles, big batches) or clients that should not hold a connection open. The job is a
+work-queue row that **any worker** runs — the in-process worker of any `flplatform serve`
+process, or a `flplatform worker` on another host — so inference scales out with the workers.
+
+**Body**: exactly as `POST /api/inference/` (JSON, multipart or urlencoded; the same fields, limits
+and input formats). The result is always JSON: `return_format` may be omitted or `json`.
+
+**Checked now**, with the synchronous route's answers: the model must be one you may read (404),
+the input must decode and fit the limits (400/413/422; without a preprocessing module also the
+model's `input_shape`), and billing must accept the charge (402). The charge itself is posted when
+the job runs — **once per job**, even if a lost worker makes it run again — and not at all if the
+run fails.
+
+**Answer**: 202 with the job (`status` `waiting`) and its `url` (also in `Location`). Poll
+`GET /api/inference/jobs/{job_id}/` until `status` is `done` (`result` is the body
+`POST /api/inference/` would have answered) or `error` (`error` has `detail`, `code` and the HTTP
+`status` the synchronous route would have answered).
+"""
+
+_JOB_REQUEST_BODY = {
+    **_REQUEST_BODY,
+    "content": {
+        **_REQUEST_BODY["content"],
+        "multipart/form-data": {"schema": {
+            **_MULTIPART_SCHEMA,
+            "properties": {**_MULTIPART_SCHEMA["properties"], "return_format": {"type": "string", "enum": ["json"]}},
+        }},
+    },
+}
+
+
+def _job_url(request: Request, job_id: uuid.UUID) -> str:
+    return request.url_for("get_inference_job", job_id=str(job_id)).path
+
+
+def _job_view(request: Request, job: Any) -> dict[str, Any]:
+    """The job without its result (callers add it): JSON-ready values."""
+    return InferenceJob.model_validate({
+        "id": job.id, "status": inference_jobs.API_STATUS[job.status], "url": _job_url(request, job.id),
+        "model_id": job.model_id, "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at, "attempts": job.attempts, "result": None,
+        "error": inference_jobs.job_error(job),
+    }).model_dump(mode="json")
+
+
+@router.post(
+    "/api/inference/jobs/",
+    tags=["inference"],
+    summary="Queue an inference job",
+    description=INFERENCE_JOB_DESCRIPTION,
+    status_code=202,
+    response_model=InferenceJob,
+    responses={
+        202: {"description": "Queued; poll `url` (the `Location` header).", "headers": {
+            "Location": {"description": "The job's URL.", "schema": {"type": "string"}}}},
+        **responses(400, 401, 402, 404, 409, 413, 415, 422),
+    },
+    openapi_extra={"requestBody": _JOB_REQUEST_BODY},
+)
+async def submit_inference_job(request: Request, session: SessionDep, user: CurrentUser) -> Response:
+    query = await _query_from_request(request, form_format="json")
+    job = await inference_jobs.submit(session, runtime_for(request.app.state), user, query,
+                                      max_attempts=request.app.state.settings.work_max_attempts)
+    view = _job_view(request, job)
+    return Response(json.dumps(view), status_code=202, media_type="application/json",
+                    headers={"Location": view["url"]})
+
+
+@router.get(
+    "/api/inference/jobs/{job_id}/",
+    tags=["inference"],
+    summary="Poll an inference job",
+    description="Status (`waiting`, `processing`, `done`, `error`), timestamps, attempts, the `result` when "
+    "done (the body `POST /api/inference/` answers) and the `error` when failed. Only the job's submitter "
+    "(and superusers) see a job; 404 for anyone else.",
+    response_model=InferenceJob,
+    responses=responses(401, 404, 422),
+)
+async def get_inference_job(request: Request, session: SessionDep, user: CurrentUser, job_id: uuid.UUID) -> Response:
+    job = await inference_jobs.get_job(session, user, job_id)
+    view = _job_view(request, job)
+    if view["status"] == "done":
+        view["result"] = job.result
+    body = await asyncio.to_thread(lambda: json.dumps(view, allow_nan=False, separators=(",", ":")))
+    return Response(body, media_type="application/json")
+
+
+@router.get(
+    "/api/inference/jobs/",
+    tags=["inference"],
+    summary="List your inference jobs",
+    description="Your inference jobs, newest first, without their results (poll a job's `url` for it); "
+    "filter by `status`. `X-Total-Count` carries the total.",
+    response_model=list[InferenceJob],
+    responses=responses(401, 422),
+)
+async def list_inference_jobs(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    user: CurrentUser,
+    status: InferenceJobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict[str, Any]]:
+    jobs, total = await inference_jobs.list_jobs(session, user, status=status, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [_job_view(request, job) for job in jobs]
 
 
 @router.get(

@@ -1,7 +1,9 @@
-"""Request and response bodies of ``POST /api/inference/`` and ``GET /api/models/{id}/metadata/``."""
+"""Request and response bodies of ``POST /api/inference/``, the inference jobs and
+``GET /api/models/{id}/metadata/``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from typing import Any, Literal
 
@@ -144,3 +146,66 @@ class ModelMetadata(Schema):
         description="torchinfo summary in the DLR server's shape (`total_params`, `summary_list`, …); "
         "null when it cannot be computed.",
     )
+
+
+InferenceJobStatus = Literal["waiting", "processing", "done", "error"]
+
+
+class InferenceJobError(Schema):
+    """Why a job failed, in the API's error shape, plus the status a synchronous request gets."""
+
+    detail: str
+    code: str = Field(description="Machine code, as the synchronous route's error body (`lease_expired` when the "
+                      "job's worker was lost `FLP_WORK_MAX_ATTEMPTS` times).")
+    status: int = Field(description="The HTTP status the synchronous route would have answered.")
+
+
+class InferenceJob(Schema):
+    """An asynchronous inference job (``POST /api/inference/jobs/``)."""
+
+    id: uuid.UUID
+    status: InferenceJobStatus = Field(description="`waiting` → `processing` → `done` | `error`.")
+    url: str = Field(description="Where to poll the job (also the `Location` header of the 202).")
+    model_id: uuid.UUID | None = None
+    created_at: dt.datetime
+    started_at: dt.datetime | None = Field(default=None, description="Start of the latest run.")
+    finished_at: dt.datetime | None = None
+    attempts: int = Field(description="Runs so far (a job whose worker was lost runs again on another).")
+    result: InferenceResponse | None = Field(
+        default=None, description="When `done`: the body `POST /api/inference/` answers (JSON)."
+    )
+    error: InferenceJobError | None = Field(default=None, description="When `error`.")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "id": "0b8e1c52-6a1f-4f0a-9a51-2b1f0f6f7c3d",
+                    "status": "waiting",
+                    "url": "/api/inference/jobs/0b8e1c52-6a1f-4f0a-9a51-2b1f0f6f7c3d/",
+                    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+                    "created_at": "2026-11-23T14:00:00Z",
+                    "started_at": None,
+                    "finished_at": None,
+                    "attempts": 0,
+                    "result": None,
+                    "error": None,
+                },
+                {
+                    "id": "0b8e1c52-6a1f-4f0a-9a51-2b1f0f6f7c3d",
+                    "status": "done",
+                    "url": "/api/inference/jobs/0b8e1c52-6a1f-4f0a-9a51-2b1f0f6f7c3d/",
+                    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+                    "created_at": "2026-11-23T14:00:00Z",
+                    "started_at": "2026-11-23T14:00:00.020Z",
+                    "finished_at": "2026-11-23T14:00:00.150Z",
+                    "attempts": 1,
+                    "result": {"inference": [[0.7, 0.2, 0.1]], "prediction": [0], "uncertainty": {},
+                               "uncertainty_method": "NONE", "samples": 1,
+                               "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10", "round": 3,
+                               "dropout_layers": None},
+                    "error": None,
+                },
+            ]
+        }
+    }

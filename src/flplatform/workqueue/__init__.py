@@ -17,10 +17,12 @@ Public API::
 
     await workqueue.run_worker(sessionmaker, settings, stop=event)   # what `flplatform worker` runs
 
-Inference runs inside its HTTP request (the caller waits on that connection, and the loaded
-module sits in that process's cache); it is recorded as a ``QueuedWork`` row of category
-inference, claimed and finished by the serving process and written in batches off the response
-path (:class:`CompletedWorkLog`, ``app.state.work_log``), never queued for another process.
+Synchronous inference (``POST /api/inference/``) runs inside its HTTP request (the caller waits
+on that connection, and the loaded module sits in that process's cache); it is recorded as a
+``QueuedWork`` row of category inference, claimed and finished by the serving process and
+written in batches off the response path (:class:`CompletedWorkLog`, ``app.state.work_log``).
+Asynchronous inference (``POST /api/inference/jobs/``) is a queued ``inference.run`` job that any
+worker claims (``services.inference_jobs``); its submitter polls it.
 
 ``flplatform serve`` runs one worker in each server process (``FLP_INPROCESS_WORKER=true``, the
 default; lifespan component :func:`workqueue_component`). Execution is at-least-once: a job
