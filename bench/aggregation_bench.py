@@ -27,7 +27,9 @@ buffers leave the process and resident memory means something):
   itself adds ≈ 2). Re-run a case measured under high load with ``--cases``.
 * ``flplatform stream``: ``get("fedavg")``, then for every client in order ``add(decode_safetensors(
   blob), n_samples)`` (zero-copy views of the wire bytes), ``finish()``: uploads folded as they arrive.
-* ``flplatform batch``: ``fedavg([(decode_safetensors(blob), n) ...])`` — all blobs at hand, 8 folded
+  The wire bytes stay in memory (as received uploads do), so holding their views costs nothing and up to
+  32 arriving updates fold per pass over the accumulator (2 when the caller lets go of the bytes).
+* ``flplatform batch``: ``fedavg([(decode_safetensors(blob), n) ...])`` — all blobs at hand, 32 folded
   per pass over the accumulator.
 * ``flwr arrayrecords``: Flower 1.41's message-API FedAvg core,
   ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`` on ``RecordDict``s whose

@@ -150,3 +150,95 @@ def test_process_peak_memory_of_a_round_is_at_most_two_models():
     assert peaks["generator"] <= 1 + slack, peaks
     assert peaks["stream"] <= 1 + slack, peaks
     assert peaks["stream-float64"] <= 2 + slack, peaks
+
+
+def _count_folds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Updates per pass over the accumulator, as the aggregator folds them."""
+    from flplatform.aggregation import aggregators
+
+    passes: list[int] = []
+    original = aggregators._WeightedSum.fold
+
+    def fold(self, items):
+        passes.append(len(items))
+        return original(self, items)
+
+    monkeypatch.setattr(aggregators._WeightedSum, "fold", fold)
+    return passes
+
+
+def small_update(i: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((1000,), float(i)), "b": torch.full((10,), float(i))}
+
+
+def test_views_of_bytes_kept_elsewhere_wait_to_fold_many_per_pass(monkeypatch):
+    passes = _count_folds(monkeypatch)
+    uploads = [encode_safetensors(small_update(i)) for i in range(40)]  # resident, as received uploads are
+    agg = aggregation.get("fedavg")
+    agg.begin(None)
+    model_bytes = 1010 * 4
+    for i, blob in enumerate(uploads):
+        agg.add(decode_safetensors(blob), 1.0)
+        # the waiting views cost nothing: accumulator + the update being added
+        assert agg.held_bytes() <= 2 * model_bytes
+    result, _ = agg.finish()
+    assert passes == [32, 8]
+    assert torch.allclose(result["w"], torch.full((1000,), 19.5))
+    assert sum(passes) == 40
+
+
+def test_views_whose_bytes_are_let_go_keep_the_two_model_bound(monkeypatch):
+    passes = _count_folds(monkeypatch)
+    agg = aggregation.get("fedavg")
+    agg.begin(None)
+    alive: list[weakref.ref] = []
+    for i in range(10):
+        state = decode_safetensors(encode_safetensors(small_update(i)))  # nobody else keeps these bytes
+        alive.append(weakref.ref(state["w"]))
+        agg.add(state, 1.0)
+        del state
+        assert sum(ref() is not None for ref in alive) <= 1
+    agg.finish()
+    assert passes == [2] * 5
+
+
+@pytest.mark.parametrize("make_buffer", [bytearray, lambda blob: memoryview(bytearray(blob))])
+def test_views_of_mutable_buffers_never_wait(monkeypatch, make_buffer):
+    # the owner of a bytearray may reuse it for the next upload: such views are folded within the budget
+    passes = _count_folds(monkeypatch)
+    buffers = [make_buffer(encode_safetensors(small_update(i))) for i in range(6)]
+    agg = aggregation.get("fedavg")
+    agg.begin(None)
+    for buffer in buffers:
+        agg.add(decode_safetensors(buffer), 1.0)
+    agg.finish()
+    assert passes == [2, 2, 2]
+
+
+def test_views_of_bytes_released_while_waiting_are_folded_at_the_next_add(monkeypatch):
+    passes = _count_folds(monkeypatch)
+    uploads = [encode_safetensors(small_update(i)) for i in range(5)]
+    agg = aggregation.get("fedavg")
+    agg.begin(None)
+    for blob in uploads:
+        agg.add(decode_safetensors(blob), 1.0)
+    del blob
+    uploads.clear()  # the owner lets go of the waiting updates' bytes: now they cost memory
+    agg.add(decode_safetensors(encode_safetensors(small_update(5))), 1.0)
+    assert passes == [6]
+    result, _ = agg.finish()
+    assert torch.allclose(result["w"], torch.full((1000,), 2.5))
+
+
+def test_a_caller_replacing_a_decoded_tensor_is_not_mistaken_for_views(monkeypatch):
+    passes = _count_folds(monkeypatch)
+    uploads = [encode_safetensors(small_update(i)) for i in range(4)]
+    agg = aggregation.get("fedavg")
+    agg.begin(None)
+    for blob in uploads:
+        state = decode_safetensors(blob)
+        state["w"] = state["w"].clone()  # owned by the caller now, whatever the bytes do
+        agg.add(state, 1.0)
+        del state
+    agg.finish()
+    assert passes == [2, 2]

@@ -39,8 +39,11 @@ Public API
       model → :class:`AggregatorStateError`.
     * ``agg.add(state_dict, weight)``: one update, checked against the model (same names, shapes,
       dtypes → else :class:`UpdateValidationError`). Mean-based aggregators fold it into the running
-      sum right away (they may hold it until the next ``add`` to fold two per pass, within the 2-model
-      budget). Robust aggregators keep a reference (zero-copy views cost nothing beyond the bytes).
+      sum, several per pass over the accumulator: updates they alone keep alive wait only while
+      accumulator + pending ≤ 2 × model (two per pass); zero-copy views of ``bytes`` that someone else
+      keeps in memory anyway (the server's upload buffers) cost nothing and wait for up to
+      ``max_fold`` (32) to fold in one pass. Robust aggregators keep a reference (zero-copy views cost
+      nothing beyond the bytes).
     * ``agg.add_many(pairs)``: the same for updates already all in memory (batch folding).
     * ``new_global, new_state = agg.finish()``: the new global model as a state dict in the global
       model's key order (views into one flat buffer per dtype; treat as read-only or clone) and the
@@ -107,11 +110,17 @@ noise comes from torch's generator (not a cryptographic RNG).
 Memory and speed
 ----------------
 Streaming mean: one flat accumulator per dtype group (float32 sums for float32 models: 1 × model;
-float64 sums: 2 ×). Pending updates are held only while accumulator + pending ≤ 2 × model, so the
-aggregator never holds more than 2 models' worth of tensors at any N (``held_bytes()``). Updates
-decoded by :func:`decode_safetensors` are zero-copy views whose dtype groups are contiguous, so each
-group is folded with one kernel per cache-sized chunk; several updates are folded per pass over
-the accumulator. Updates in other layouts (separate tensors) go through ``torch._foreach_add_``.
+float64 sums: 2 ×). Pending updates that only the aggregator keeps alive are held only while
+accumulator + pending ≤ 2 × model, so the aggregator never adds more than 2 models' worth of tensors
+at any N (``held_bytes()``). Updates decoded by :func:`decode_safetensors` are zero-copy views whose
+dtype groups are contiguous, so each group is folded with one kernel per cache-sized chunk, several
+updates per pass over the accumulator (memory traffic per update: its own bytes plus 2/k of the
+accumulator's for k per pass). When the decoded ``bytes`` stay referenced elsewhere (a list of
+uploads, the server's buffers; judged from CPython reference counts, conservatively), holding their
+views costs no memory, so up to ``max_fold`` = 32 arriving updates fold in one pass; an update whose
+bytes nobody else holds counts against the budget from the next ``add`` on. The first pass writes the
+(uninitialised) accumulator instead of adding to zeros. Updates in other layouts (separate tensors)
+go through ``torch._foreach_add_``.
 
 Codec (:mod:`flplatform.aggregation.codec`)
 -------------------------------------------

@@ -40,6 +40,45 @@ from .errors import DecodeError, UpdateValidationError
 
 StateDict = dict[str, torch.Tensor]
 
+
+class WireState(dict):  # dict[str, torch.Tensor]
+    """The state dict :func:`decode_safetensors` returns: zero-copy views, plus ``wire``, the immutable
+    ``bytes`` they view (None when the source was mutable or the tensors were copied).
+
+    An aggregator may then hold the update without it costing memory, as long as someone else keeps
+    ``wire`` alive anyway (see :func:`held_elsewhere`). ``address`` is the first byte of the views'
+    storage: a tensor whose storage starts elsewhere was put in by the caller, not decoded."""
+
+    __slots__ = ("wire", "address")
+
+    def __init__(self, wire: bytes | None = None, address: int | None = None):
+        super().__init__()
+        self.wire = wire
+        self.address = address
+
+
+def wire_bytes_of(data: bytes | bytearray | memoryview) -> bytes | None:
+    """The immutable ``bytes`` object behind ``data`` (itself, or a read-only memoryview's), else None:
+    a ``bytearray`` or a writable buffer could be reused by its owner, so views of it must not wait."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, memoryview) and data.readonly and type(data.obj) is bytes:
+        return data.obj
+    return None
+
+
+#: References to the wire bytes that one decoded update holds by itself: ``WireState.wire`` and
+#: the frombuffer storage of the views (directly, or through the memoryview that was decoded).
+OWN_WIRE_REFERENCES = 2
+
+
+def held_elsewhere(wire: bytes, holders: int) -> bool:
+    """Whether anything besides ``holders`` decoded updates (CPython reference counts) keeps ``wire``
+    alive: then holding those updates longer costs no memory. A conservative answer when unsure (a
+    memoryview the caller keeps counts as ours), so memory bounds never rest on a wrong True."""
+    # Not ours either: this function's parameter and sys.getrefcount's own argument.
+    return sys.getrefcount(wire) - 2 > holders * OWN_WIRE_REFERENCES
+
 #: The safetensors header may not exceed this (the reference implementation uses the same limit).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -221,17 +260,19 @@ def decode_safetensors(data: bytes | bytearray | memoryview, *, copy: bool = Fal
     :class:`DecodeError` for any malformed or truncated file.
     """
     entries, start = _entries(data)
+    out = WireState(None if copy else wire_bytes_of(data))
     if not entries:
-        return {}
+        out.wire = None
+        return out
     with warnings.catch_warnings():
         # bytes are read-only buffers; torch warns because writing into the view would be undefined
         # behaviour. We never write into update views (documented contract), so silence it.
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
     base = raw.data_ptr()
+    out.address = base
     little = sys.byteorder == "little"
     typed: dict[torch.dtype, torch.Tensor] = {}  # the whole buffer as each dtype, for as_strided views
-    out: StateDict = {}
     for e in entries:
         begin = start + e.begin
         nbytes = e.end - e.begin
