@@ -4,7 +4,7 @@ of rows they return (no N+1), counted with a SQLAlchemy ``before_cursor_execute`
 * Every GET route whose answer is a JSON array (found in the OpenAPI document, so a new list
   route is covered automatically) is called for several actors, then the data grows (more models
   of every kind, trainings, local updates, metrics, topics, grants, messages, groups, members,
-  invitations, tokens) and the statement count must not grow.
+  invitations, tokens, inference jobs) and the statement count must not grow.
 * The issue's scale case: an organisation with 100 projects × 10 groups and 1,000 models; an
   organisation coach lists all 1,000 groups and all 1,000 models in as many statements as in
   an organisation with one of each.
@@ -18,11 +18,14 @@ from typing import Any
 
 from flplatform.orm import ApiToken, GlobalModel, GlobalModelRound, LocalModel, MeanModel, Metric, SWAGModel, Training, User
 from flplatform.orm.base import utcnow
+from flplatform.orm.billing import WorkKind, WorkStatus
+from flplatform.orm.workqueue import QueuedWork
 from flplatform.orm.broker import BrokerMessage, BrokerTopic, BrokerTopicGrant
 from flplatform.orm.training import training_participants
 from flplatform.orm.collections import CollectionKind, Membership, Role, RoleKind
 from flplatform.security import token_digest
 from flplatform.services.collections import create_invitation, new_child
+from flplatform.services.inference_jobs import INFERENCE_JOB
 from tests.permissions.conftest import OrgTree, StatementCounter, build_org_tree
 
 # List routes whose rows this test cannot grow (billing data has its own tests); they are still
@@ -110,6 +113,9 @@ async def grow(app: Any, tree: OrgTree, n: int, anchors: dict[str, Any]) -> None
                 user = tree.actors[actor].user
                 session.add(ApiToken(user_id=user.id, name=tag, digest=token_digest(tag + actor), prefix=tag,
                                      created_at=utcnow()))
+                session.add(QueuedWork(kind=WorkKind.INFERENCE, status=WorkStatus.FINISHED, handler=INFERENCE_JOB,
+                                       payload={}, model_id=glob.id, submitter_id=user.id, attempts=1, max_attempts=1,
+                                       started_at=utcnow(), finished_at=utcnow(), result={}))  # an inference job
         await session.commit()
 
 

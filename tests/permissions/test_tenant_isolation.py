@@ -23,7 +23,10 @@ from fastapi.routing import APIRoute
 from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel, Metric, SWAGModel, Training
 from flplatform.orm.broker import BrokerMessage, BrokerTopic, BrokerTopicGrant
 from flplatform.orm.base import utcnow
+from flplatform.orm.billing import WorkKind, WorkStatus
+from flplatform.orm.workqueue import QueuedWork
 from flplatform.services.collections import create_invitation
+from flplatform.services.inference_jobs import INFERENCE_JOB
 from tests.permissions.conftest import OrgTree, build_org_tree
 
 # What anonymous callers may read.
@@ -85,11 +88,15 @@ async def _victim_data(app: Any, tree: OrgTree) -> dict[str, Any]:
         session.add(BrokerMessage(topic_id=topic.id, message_id=uuid.uuid4(), content='{"victim": 1}'))
         invitation, _ = await create_invitation(session, tree.org.id, by=None, expires_in=dt.timedelta(days=1),
                                                 max_uses=None, note="victim-invitation")
+        job = QueuedWork(kind=WorkKind.INFERENCE, status=WorkStatus.FINISHED, handler=INFERENCE_JOB, payload={},
+                         model_id=glob.id, submitter_id=member.id, attempts=1, max_attempts=1, started_at=utcnow(),
+                         finished_at=utcnow(), result={"model_id": str(glob.id)})  # an inference job's result
+        session.add(job)
         await session.commit()
         assert glob.organization_id == swag.organization_id == local.organization_id == tree.org.id
         assert training.organization_id == topic.organization_id == tree.org.id
     return {"global": glob.id, "swag": swag.id, "local": local.id, "training": training.id,
-            "topic": topic.id, "invitation": invitation.id}
+            "topic": topic.id, "invitation": invitation.id, "job": job.id}
 
 
 def _markers(tree: OrgTree, data: dict[str, Any]) -> set[str]:
@@ -115,6 +122,7 @@ def _values(tree: OrgTree, data: dict[str, Any]) -> dict[str, list[str]]:
         "collection_id": [str(tree.org.id), str(tree.projects[0].id), str(tree.groups[0][0].id)],
         "user_id": [tree.member_one.id, tree.project_coach.id],
         "invitation_id": [str(data["invitation"])],
+        "job_id": [str(data["job"])],
         "operation_id": [str(uuid.uuid4())],  # operations are the caller's own (billing router)
         "period": [utcnow().strftime("%Y-%m")],
     }
