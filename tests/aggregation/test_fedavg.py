@@ -225,3 +225,46 @@ def test_aggregate_helper_and_fedprox_client_config():
     assert state["round"].item() == 1
     assert aggregation.get("fedprox", proximal_mu=0.5).client_config == {"proximal_mu": 0.5}
     assert aggregation.get("fedavg").client_config == {}
+
+
+def mixed_model(generator: torch.Generator, shift: float) -> dict[str, torch.Tensor]:
+    return {
+        "big": torch.randn(300_001, generator=generator) + shift,  # several chunks and fold threads
+        "half": torch.randn(33, generator=generator).half(),
+        "double": torch.randn(5, generator=generator, dtype=torch.float64),
+        "steps": torch.tensor(int(shift * 10), dtype=torch.int64),
+    }
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    n=st.integers(1, 75),
+    seed=st.integers(0, 2**16),
+    accumulate=st.sampled_from(["float32", "float64"]),
+    feed=st.sampled_from(["resident views", "generator", "list"]),
+)
+def test_decoded_updates_in_any_pass_structure_match_the_reference(n, seed, accumulate, feed):
+    # Flat (decoded) updates take the multi-source kernel: first pass written into an uninitialised
+    # accumulator, passes of up to 32 (resident views, lists) or 2 (generator), and the last pass
+    # dividing by the total weight in place — each of these must give the plain weighted mean.
+    generator = torch.Generator().manual_seed(seed)
+    blobs = [encode_safetensors(mixed_model(generator, i / 7)) for i in range(n)]
+    weights = [float(1 + (i * 37 + seed) % 11) for i in range(n)]
+    if feed == "resident views":
+        agg = aggregation.get("fedavg", accumulate_dtype=accumulate)
+        agg.begin(None)
+        for blob, weight in zip(blobs, weights):
+            agg.add(decode_safetensors(blob), weight)
+        result, _ = agg.finish()
+    elif feed == "generator":
+        result = fedavg(((decode_safetensors(bytes(blob)), w) for blob, w in zip(blobs, weights)),
+                        accumulate_dtype=accumulate)
+    else:
+        result = fedavg([(decode_safetensors(blob), w) for blob, w in zip(blobs, weights)], accumulate_dtype=accumulate)
+    expected = reference_mean([(decode_safetensors(blob), w) for blob, w in zip(blobs, weights)])
+    assert torch.allclose(result["big"].double(), expected["big"], atol=1e-5)
+    assert torch.allclose(result["double"], expected["double"], atol=1e-12)
+    assert torch.allclose(result["half"].double(), expected["half"], atol=2e-3)
+    assert result["steps"].item() == round(float(expected["steps"]))
+    assert [result[k].dtype for k in ("big", "half", "double", "steps")] == [
+        torch.float32, torch.float16, torch.float64, torch.int64]

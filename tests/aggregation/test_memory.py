@@ -159,9 +159,9 @@ def _count_folds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     passes: list[int] = []
     original = aggregators._WeightedSum.fold
 
-    def fold(self, items):
+    def fold(self, items, **options):
         passes.append(len(items))
-        return original(self, items)
+        return original(self, items, **options)
 
     monkeypatch.setattr(aggregators._WeightedSum, "fold", fold)
     return passes
