@@ -241,7 +241,7 @@ def mixed_model(generator: torch.Generator, shift: float) -> dict[str, torch.Ten
     n=st.integers(1, 75),
     seed=st.integers(0, 2**16),
     accumulate=st.sampled_from(["float32", "float64"]),
-    feed=st.sampled_from(["resident views", "generator", "list"]),
+    feed=st.sampled_from(["resident views", "generator", "list", "resident bytes", "bytes generator"]),
 )
 def test_decoded_updates_in_any_pass_structure_match_the_reference(n, seed, accumulate, feed):
     # Flat (decoded) updates take the multi-source kernel: first pass written into an uninitialised
@@ -259,6 +259,14 @@ def test_decoded_updates_in_any_pass_structure_match_the_reference(n, seed, accu
     elif feed == "generator":
         result = fedavg(((decode_safetensors(bytes(blob)), w) for blob, w in zip(blobs, weights)),
                         accumulate_dtype=accumulate)
+    elif feed == "resident bytes":  # safetensors bytes straight into add(): one view per dtype group
+        agg = aggregation.get("fedavg", accumulate_dtype=accumulate)
+        agg.begin(None)
+        for blob, weight in zip(blobs, weights):
+            agg.add(blob, weight)
+        result, _ = agg.finish()
+    elif feed == "bytes generator":
+        result = fedavg(((bytes(blob), w) for blob, w in zip(blobs, weights)), accumulate_dtype=accumulate)
     else:
         result = fedavg([(decode_safetensors(blob), w) for blob, w in zip(blobs, weights)], accumulate_dtype=accumulate)
     expected = reference_mean([(decode_safetensors(blob), w) for blob, w in zip(blobs, weights)])
@@ -268,3 +276,39 @@ def test_decoded_updates_in_any_pass_structure_match_the_reference(n, seed, accu
     assert result["steps"].item() == round(float(expected["steps"]))
     assert [result[k].dtype for k in ("big", "half", "double", "steps")] == [
         torch.float32, torch.float16, torch.float64, torch.int64]
+
+
+def test_safetensors_bytes_are_checked_like_state_dicts():
+    agg = aggregation.get("fedavg")
+    agg.begin(constant_model(0.0))
+    good = encode_safetensors(constant_model(1.0, 3))
+    agg.add(good, 1.0)
+    with pytest.raises(aggregation.DecodeError):
+        agg.add(good[:-3], 1.0)  # truncated
+    wrong_shape = {**constant_model(1.0), "conv.bias": torch.zeros(5)}
+    with pytest.raises(UpdateValidationError, match="conv.bias"):
+        agg.add(encode_safetensors(wrong_shape), 1.0)
+    with pytest.raises(UpdateValidationError, match="missing"):
+        agg.add(encode_safetensors({"conv.weight": torch.zeros(4, 3, 2, 2)}), 1.0)
+    agg.add(bytearray(encode_safetensors(constant_model(3.0, 5))), 1.0)  # mutable buffers work too
+    result, _ = agg.finish()
+    assert torch.all(result["conv.weight"] == 2.0) and result["bn.num_batches_tracked"].item() == 4
+
+
+def test_safetensors_bytes_in_an_unusual_order_are_decoded_tensor_by_tensor():
+    # A hand-written file whose float32 tensors are not back to back in our order still aggregates.
+    import json
+    import struct
+
+    tensors = {"b": torch.arange(3, dtype=torch.float32), "a": torch.arange(4, dtype=torch.float32) + 10}
+    header, offset, chunks = {}, 0, []
+    for name in ("b", "a"):  # reverse of the (dtype, name) order the layout expects
+        raw = tensors[name].numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        chunks.append(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    blob = struct.pack("<Q", len(text)) + text + b"".join(chunks)
+    result = fedavg([(blob, 1.0), (encode_safetensors({k: v * 3 for k, v in tensors.items()}), 1.0)])
+    assert torch.equal(result["a"], tensors["a"] * 2) and torch.equal(result["b"], tensors["b"] * 2)

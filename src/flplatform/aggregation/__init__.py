@@ -6,8 +6,9 @@ Quick use
 
     from flplatform import aggregation
 
-    # Plain FedAvg over (state_dict, weight) pairs; a generator is consumed one pair at a time.
-    new_state = aggregation.fedavg((decode(blob), n_samples) for blob, n_samples in uploads())
+    # Plain FedAvg over (state_dict or safetensors bytes, weight) pairs; a generator is consumed one
+    # pair at a time.
+    new_state = aggregation.fedavg((blob, n_samples) for blob, n_samples in uploads())
 
     # Any aggregator by its option name, with server state carried between rounds.
     agg = aggregation.get("fedadam", server_lr=0.05, dp_clip_norm=1.0, dp_noise_multiplier=0.5, seed=7)
@@ -38,7 +39,9 @@ Public API
       the previous round's ``new_state`` (None/{} the first time); a state that does not fit the
       model → :class:`AggregatorStateError`.
     * ``agg.add(state_dict, weight)``: one update, checked against the model (same names, shapes,
-      dtypes → else :class:`UpdateValidationError`). Mean-based aggregators fold it into the running
+      dtypes → else :class:`UpdateValidationError`). ``state_dict`` may also be the safetensors
+      bytes themselves: viewed zero-copy as one flat range per dtype, no tensor per entry, the header
+      checked once per round (malformed → :class:`DecodeError`) — the fastest way in for uploads. Mean-based aggregators fold it into the running
       sum, several per pass over the accumulator: updates they alone keep alive wait only while
       accumulator + pending ≤ 2 × model (two per pass); zero-copy views of ``bytes`` that someone else
       keeps in memory anyway (the server's upload buffers) cost nothing and wait for up to

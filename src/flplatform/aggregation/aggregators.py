@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .codec import FlatLayout, StateDict, WireState, chunk_ranges, held_elsewhere
+from .codec import FlatLayout, StateDict, WireState, chunk_ranges, decode_safetensors, held_elsewhere, wire_bytes_of
 from .errors import (
     AggregatorOptionsError,
     AggregatorStateError,
@@ -530,29 +530,48 @@ class Aggregator:
     def _export_state(self) -> StateDict:
         return {"round": torch.tensor(self._round + 1, dtype=torch.int64)}
 
-    def add(self, state_dict: Mapping[str, torch.Tensor], weight: float) -> None:
-        """Fold (or, for robust aggregators, keep) one update with its weight (e.g. sample count)."""
+    def add(self, state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview, weight: float) -> None:
+        """Fold (or, for robust aggregators, keep) one update with its weight (e.g. sample count).
+
+        The update is a state dict, or safetensors bytes: those are viewed zero-copy one flat range
+        per dtype (no tensor per entry; the header is checked once per round).
+        """
         if self._phase != "open":
             raise AggregatorStateError("add() needs begin() first (and not after finish())")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise UpdateValidationError(f"the weight must be a finite number >= 0, got {weight!r}")
-        if self.layout is None:
-            self._setup(FlatLayout(state_dict))
-        layout = self.layout
-        layout.check(state_dict)
-        sources: Sources = {}
-        nbytes = 0
-        for dtype in layout.groups:
-            view = layout.flat_view(state_dict, dtype)
-            sources[dtype] = view if view is not None else layout.tensors(state_dict, dtype)
-            nbytes += layout.numel[dtype] * (view.element_size() if view is not None else sources[dtype][0].element_size())
+        sources: Sources | None = None
+        wire: bytes | None = None
+        if isinstance(state_dict, (bytes, bytearray, memoryview)):
+            data = state_dict
+            if self.layout is None:
+                self._setup(FlatLayout(decode_safetensors(data)))
+            views = self.layout.wire_views(data)
+            if views is None:  # a file laid out unlike our encoder and the safetensors library
+                state_dict = decode_safetensors(data)
+            else:
+                sources, wire = dict(views), wire_bytes_of(data)
+            del data
+        if sources is None:
+            if self.layout is None:
+                self._setup(FlatLayout(state_dict))
+            self.layout.check(state_dict)
+            sources = {}
+            for dtype in self.layout.groups:
+                view = self.layout.flat_view(state_dict, dtype)
+                sources[dtype] = view if view is not None else self.layout.tensors(state_dict, dtype)
+            wire = _wire_of(state_dict, sources)
+        nbytes = sum(
+            self.layout.numel[d] * (s.element_size() if isinstance(s, torch.Tensor) else s[0].element_size())
+            for d, s in sources.items()
+        )
         clip = self._clip_factor(sources) if self.clip_norm is not None else 1.0
         if weight > 0 and self._weight_scale is None:
             self._weight_scale = float(weight)
         elif weight > 0 and weight / self._weight_scale > 2.0**64:
             self._rescale(float(weight))
         scaled = float(weight) / self._weight_scale if weight > 0 else 0.0
-        update = _Update(sources, scaled, clip, nbytes, _wire_of(state_dict, sources))
+        update = _Update(sources, scaled, clip, nbytes, wire)
         self.n_updates += 1
         self.total_weight += float(weight)
         self._scaled_total += scaled

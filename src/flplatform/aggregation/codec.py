@@ -393,6 +393,8 @@ class FlatLayout:
             self.slots[name] = slot
             self.numel[dtype] = offset + slot.numel
         self._name_set = frozenset(self.names)
+        # header entries (the decoder's cached tuple) -> byte range per dtype group, or None
+        self._wire_plans: dict[int, tuple[tuple[_Entry, ...], dict[torch.dtype, tuple[int, int]] | None]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -455,6 +457,55 @@ class FlatLayout:
         if start < 0 or (start + self.numel[dtype]) * itemsize > storage.nbytes():
             return None
         return first.new_empty(0).set_(storage, start, (self.numel[dtype],))
+
+    def wire_views(self, data: bytes | bytearray | memoryview) -> dict[torch.dtype, torch.Tensor] | None:
+        """One flat zero-copy view per dtype group of safetensors ``data``, without a tensor per entry.
+
+        The header is parsed and checked against the layout once per distinct header (every update
+        of a round has the same one); after that an update costs one ``frombuffer`` and one view per
+        dtype. Raises :class:`DecodeError` for malformed bytes and :class:`UpdateValidationError`
+        when names, shapes or dtypes differ from the model. Returns None when a group is not one
+        contiguous, aligned range of the file in layout order (then decode it tensor by tensor).
+        """
+        entries, start = _entries(data)
+        cached = self._wire_plans.get(id(entries))
+        if cached is None or cached[0] is not entries:
+            if len(self._wire_plans) >= 8:
+                self._wire_plans.clear()
+            cached = self._wire_plans[id(entries)] = (entries, self._wire_plan(entries))
+        plan = cached[1]
+        if plan is None:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only bytes: we never write into views
+            raw = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+        base = raw.data_ptr()
+        views: dict[torch.dtype, torch.Tensor] = {}
+        for dtype, (begin, end) in plan.items():
+            itemsize = ITEMSIZE[dtype]
+            if end == begin:
+                views[dtype] = torch.empty(0, dtype=dtype)
+                continue
+            offset = start + begin
+            if (base + offset) % itemsize or sys.byteorder != "little":
+                return None
+            views[dtype] = torch.empty(0, dtype=dtype).set_(raw.untyped_storage(), offset // itemsize, ((end - begin) // itemsize,))
+        return views
+
+    def _wire_plan(self, entries: tuple[_Entry, ...]) -> dict[torch.dtype, tuple[int, int]] | None:
+        # The same checks (and messages) as for a state dict, on shape-only stand-ins.
+        self.check({e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries})
+        by_name = {e.name: e for e in entries}
+        plan: dict[torch.dtype, tuple[int, int]] = {}
+        for dtype, slots in self.groups.items():
+            placed = [by_name[slot.name] for slot in slots if slot.numel]
+            if not placed:
+                plan[dtype] = (0, 0)
+                continue
+            if any(after.begin != before.end for before, after in zip(placed, placed[1:])):
+                return None
+            plan[dtype] = (placed[0].begin, placed[-1].end)
+        return plan
 
     def tensors(self, state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
         """The group's tensors of ``state`` flattened to 1-D, in layout order."""

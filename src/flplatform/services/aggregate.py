@@ -125,10 +125,10 @@ async def aggregate_updates(sessionmaker: async_sessionmaker[AsyncSession], mode
             data = (await session.execute(select(LocalModel.weights).where(LocalModel.id == local_id))).scalar_one_or_none()
         if data is None:
             raise ValueError(f"local model {local_id} disappeared during aggregation")
-        state = await asyncio.to_thread(aggregation.decode_safetensors, data)
-        del data  # the zero-copy views keep the buffer alive while the aggregator needs them
-        await asyncio.to_thread(agg.add, state, float(sample_size))
-        del state
+        # Safetensors bytes go straight in: viewed zero-copy, one range per dtype, no tensor per entry.
+        # Nothing else keeps them, so the aggregator counts them against its 2-model budget.
+        await asyncio.to_thread(agg.add, data, float(sample_size))
+        del data
     new_global, new_state = await asyncio.to_thread(agg.finish)
     encoded = await asyncio.to_thread(model_files.rebuild_torchscript, template, new_global)
     state_bytes = await asyncio.to_thread(aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()})
