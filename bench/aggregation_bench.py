@@ -393,8 +393,8 @@ def main() -> None:
     ceiling = spawn(ours_python, "ceiling", "", args.quick)
     ceiling_gbs = ceiling["bytes"] / ceiling["seconds"] / 1e9
     print(f"# memory read ceiling (torch.sum over {ceiling['bytes'] / 2**30:.2f} GiB): {ceiling_gbs:.1f} GB/s")
-    print("# '% ceiling' divides by the read ceiling measured inside the same worker right before and after")
-    print("# its runs (the higher of the two; column 'ceiling'), 'load' is the 1-minute load average then.")
+    print("# '% ceiling' divides by the read ceiling (1 GiB torch.sum) measured inside the same worker before")
+    print("# each of its runs and after the last (the highest; column 'ceiling'); 'load': 1-minute load average.")
     print()
     header = ("case", "contender", "N", "model MB", "time s", "GB/s", "ceiling GB/s", "% ceiling", "× flwr AR",
               "× flwr legacy", "peak extra RSS MB", "× model", "load")
