@@ -16,6 +16,8 @@ memory stays bounded.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import math
 import threading
@@ -23,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -115,7 +118,10 @@ class _Update:
 #: Bytes of accumulator per fold kernel call: half a core's 1 MiB L2, so the slice stays in cache while
 #: every source of the pass is added to it. Larger chunks mean fewer kernel launches (each costs ~1.5 µs
 #: of fixed work): 512 KiB folded ≈ 25 % faster than ATen's 128 KiB GRAIN_SIZE, measured interleaved.
+#: That needs fold threads that run kernels inline (see :func:`_inline_kernels`); without them, chunks
+#: stay at GRAIN_SIZE, below which ATen never starts an OpenMP team.
 FOLD_CHUNK_BYTES = 512 << 10
+GRAIN_CHUNK_BYTES = 128 << 10
 #: Coordinates per fold kernel call for a float32 accumulator (float64: half as many).
 FOLD_CHUNK = FOLD_CHUNK_BYTES // 4
 #: Pieces of coordinates per fold worker, taken dynamically (see :func:`fold_flat`).
@@ -129,21 +135,51 @@ def _fold_workers() -> int:
     return max(1, torch.get_num_threads())
 
 
+@functools.cache
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch's kernels use (torch's wheels bundle it in ``torch/lib``), or None."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*", "libomp*.dylib"):
+        for path in sorted(lib_dir.glob(pattern)):
+            try:
+                runtime = ctypes.CDLL(str(path))  # already loaded by torch: the same handle
+                runtime.omp_set_num_threads.argtypes = [ctypes.c_int]
+            except (OSError, AttributeError):
+                continue
+            return runtime
+    return None
+
+
+def _inline_kernels() -> bool:
+    """Make ATen run kernels inline in the *calling* thread (no OpenMP team); True if it took.
+
+    OpenMP keeps the team size per thread, but ``torch.set_num_threads`` also changes the default of
+    every thread that starts using torch later (inference in the server's worker threads would run
+    single-threaded), so the fold threads set their own size in the OpenMP runtime directly. ATen
+    initialises a thread's setting on its first call, so that call comes first.
+    """
+    torch.get_num_threads()
+    runtime = _openmp_runtime()
+    if runtime is None:
+        return False
+    runtime.omp_set_num_threads(1)
+    return torch.get_num_threads() == 1
+
+
 def fold_chunk(dtype: torch.dtype) -> int:
     """Coordinates per fold kernel call for an accumulator of ``dtype``."""
-    return FOLD_CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
+    budget = FOLD_CHUNK_BYTES if _openmp_runtime() is not None else GRAIN_CHUNK_BYTES
+    return budget // torch.empty((), dtype=dtype).element_size()
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            # One intra-op thread in the fold threads (thread-local in ATen): a kernel call there runs
-            # inline instead of waking an OpenMP team. Teams inside our own threads would oversubscribe
-            # the cores, and on a busy machine a descheduled team member stalls every barrier.
+            # Kernels in the fold threads run inline: OpenMP teams inside our own threads would
+            # oversubscribe the cores, and on a busy machine a descheduled member stalls every barrier.
             _POOL = ThreadPoolExecutor(
-                max_workers=max(2, _fold_workers()), thread_name_prefix="flp-fold",
-                initializer=torch.set_num_threads, initargs=(1,),
+                max_workers=max(2, _fold_workers()), thread_name_prefix="flp-fold", initializer=_inline_kernels,
             )
         return _POOL
 
