@@ -55,15 +55,16 @@ MATRIX: dict[tuple[str, str], str] = {
     ("invitation", "delete"): "200 200 403 403 403 403 403 404 401",
     # Resources owned by the organisation: a model of project_coach, its training (actor
     # project_coach, participant member_one) with a metric, a topic of project_coach granted to
-    # member_one. /api/trainings/ lists the trainings one runs or oversees (a participant finds
-    # theirs in /api/users/trainings/), so "200" without "+" for superuser and member_one.
+    # member_one. /api/trainings/ lists the trainings one runs or oversees, and every one for
+    # superusers (a participant finds theirs in /api/users/trainings/), so "200" without "+" for
+    # member_one.
     ("model", "read"): "200+ 200+ 200+ 404 200+ 404 404 404 401",
     ("model", "create"): "201 201 201 201 201 201 201 201 401",
     ("model", "update"): "202 202 202 404 403 404 404 404 401",
     ("model", "delete"): "200 200 200 404 403 404 404 404 401",
     ("metric", "read"): "200+ 200+ 200+ 404 200+ 404 404 404 401",
     ("metric", "create"): "201 403 201 404 201 404 404 404 401",
-    ("training", "read"): "200 200+ 200+ 404 200 404 404 404 401",
+    ("training", "read"): "200+ 200+ 200+ 404 200 404 404 404 401",
     ("training", "create"): "201 403 201 404 403 404 404 404 401",
     ("training", "update"): "202 202 202 404 403 404 404 404 401",
     ("training", "delete"): "200 200 200 404 403 404 404 404 401",

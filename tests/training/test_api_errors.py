@@ -213,6 +213,8 @@ async def test_training_routes_and_errors(client, alice, bob, make_user):
     listed = (await client.get("/api/trainings/", headers=alice.headers)).json()
     assert {t["id"] for t in listed} == {training_id, other}
     assert (await client.get("/api/trainings/", headers=bob.headers)).json() == []
+    root = await make_user("root", superuser=True)  # superusers read every training, so they list every one
+    assert {t["id"] for t in (await client.get("/api/trainings/", headers=root.headers)).json()} == {training_id, other}
     mine = (await client.get("/api/users/trainings/", headers=bob.headers)).json()
     assert [t["id"] for t in mine] == [training_id]
     latest = (await client.get(f"/api/trainings/{training_id}/models/latest/", headers=alice.headers)).json()

@@ -13,7 +13,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Request, status
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, true
 from sqlalchemy.orm import selectinload
 
 from flplatform.auth import CurrentUser
@@ -122,10 +122,15 @@ def _schedule(request: Request, session: SessionDep, training_id: uuid.UUID) -> 
 
 @router.get("/", response_model=list[TrainingRead], summary="List the trainings I run or oversee",
             description="Trainings the caller created (actor); for organisation admins and organisation coaches "
-            "every training of their organisation. `GET /api/users/trainings/` lists those the caller acts in or "
-            "participates in. Never another organisation's.", responses=responses(401))
+            "every training of their organisation; for superusers every training. `GET /api/users/trainings/` "
+            "lists those the caller acts in or participates in. Never another organisation's (superusers aside).",
+            responses=responses(401))
 async def list_trainings(requester: AuthenticatedRequester) -> list[TrainingRead]:
-    rows = await _list(requester, or_(Training.actor_id == requester.id, oversees_clause(requester)))
+    # Superusers read every training (the policy layer says so), so their list shows every one too.
+    mine_or_overseen = true() if requester.is_superuser else or_(
+        Training.actor_id == requester.id, oversees_clause(requester)
+    )
+    rows = await _list(requester, mine_or_overseen)
     return await _read_many(requester.session, rows)
 
 
@@ -136,7 +141,8 @@ async def list_trainings(requester: AuthenticatedRequester) -> list[TrainingRead
     summary="Create a training",
     description="The model's owner becomes the actor. `options` is validated (unknown keys → 422): "
     "`daisy_chain_period`, `aggregation_period`, `mu`, `round_deadline_seconds`, `min_quorum`, `straggler_policy`, "
-    "`skip_model_tests`, `uncertainty {N, softmax, seed, min_var}`, `aggregator` (+ `aggregator_options`), `dp`. "
+    "`skip_model_tests`, `uncertainty {N, softmax, seed, min_var}`, `aggregator` (+ `aggregator_options`), `dp`, "
+    "`epochs` (local epochs per round, billed per sample-epoch), `billing_samples_per_update`. "
     "With `daisy_chain_period` d > 0, `target_num_updates` is multiplied by d (the reference's rule). A model that "
     "already backs a training is cloned. `uncertainty_method=SWAG` needs a `type=SWAG` model. In an "
     "organisation the actor needs a role (admin or coach) there and, for every participant, a role on the "
