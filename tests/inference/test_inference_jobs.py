@@ -58,7 +58,8 @@ async def operations(books: Any, user_id: uuid.UUID) -> int:  # noqa: F811
 # --------------------------------------------------------------------------- with the in-process worker
 
 
-async def test_job_result_is_the_sync_result_charged_once_and_private(client, alice, bob, admin, add_model, books):  # noqa: F811
+async def test_job_result_is_the_sync_result_charged_once_and_private(app, client, alice, bob, admin, add_model,
+                                                                     books):  # noqa: F811
     model_id = await add_model(alice, DropoutMLP(), input_shape=[None, 4])
     await books.price("inference_sample", usd("0.1"))
     await books.top_up(alice.user.id, usd(1))
@@ -78,6 +79,9 @@ async def test_job_result_is_the_sync_result_charged_once_and_private(client, al
     assert done["result"] == sync.json()  # the same body as the synchronous route, exactly
     assert done["attempts"] == 1 and done["error"] is None
     assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+    async with app.state.sessionmaker() as session:
+        row = await workqueue.get_job(session, uuid.UUID(job["id"]))
+    assert row is not None and row.payload == {}  # the input is dropped once the job has ended
     assert await books.balance(alice.user.id) == usd("0.6")  # 2 rows x 0.1, for each of the two inferences
     assert await operations(books, alice.user.id) == 2
 
@@ -201,6 +205,7 @@ class TestWithoutWorker:
         async with maker() as session:
             row = await workqueue.get_job(session, uuid.UUID(job["id"]))
         assert row is not None and row.error["type"] == "LeaseExpired"
+        assert row.payload == {}  # an ended job keeps no input
 
     async def test_a_refusal_at_run_time_is_the_jobs_error_and_charges_nothing(self, app, client, alice, add_model,
                                                                               books):  # noqa: F811

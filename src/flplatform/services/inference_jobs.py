@@ -126,7 +126,7 @@ async def submit(
 # --------------------------------------------------------------------------- the handler
 
 
-@workqueue.handler(INFERENCE_JOB, category=WorkKind.INFERENCE)
+@workqueue.handler(INFERENCE_JOB, category=WorkKind.INFERENCE, keep_payload=False)
 async def run_inference_job(ctx: workqueue.JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     """Work-queue handler of ``inference.run``: in a server process with that process's inference
     runtime (module cache, concurrency gate), in ``flplatform worker`` with one of its own."""

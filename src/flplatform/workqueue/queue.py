@@ -29,7 +29,7 @@ from flplatform.errors import AppError
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import Work, WorkKind, WorkStatus
 from flplatform.orm.workqueue import QueuedWork
-from flplatform.workqueue.registry import category_of
+from flplatform.workqueue.registry import category_of, lookup
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ async def claim(
             seen_status, seen_attempts = job.status, job.attempts
             if seen_status == WorkStatus.PROCESSING and seen_attempts >= job.max_attempts:
                 log.error("job %s (%s): lease expired %d times; giving up", job.id, job.handler, seen_attempts)
-                await _final(session, job.id, seen_attempts, WorkStatus.ERROR,
+                await _final(session, job.id, job.handler, seen_attempts, WorkStatus.ERROR,
                              error={"message": f"worker lost the job {seen_attempts} times (lease expired)",
                                     "type": "LeaseExpired"})
                 await session.commit()
@@ -213,7 +213,7 @@ async def finish(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob
                  result: dict[str, Any] | None = None) -> bool:
     """Record success; False (and nothing written) when the claim was lost meanwhile."""
     async with sessionmaker() as session:
-        ok = await _final(session, job.id, job.attempt, WorkStatus.FINISHED, result=result)
+        ok = await _final(session, job.id, job.kind, job.attempt, WorkStatus.FINISHED, result=result)
         await session.commit()
     return ok
 
@@ -229,7 +229,7 @@ async def fail(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob, 
     else:
         detail = {"message": str(error)[:MAX_ERROR_CHARS], "type": "Error"}
     async with sessionmaker() as session:
-        ok = await _final(session, job.id, job.attempt, WorkStatus.ERROR, error=detail)
+        ok = await _final(session, job.id, job.kind, job.attempt, WorkStatus.ERROR, error=detail)
         await session.commit()
     return ok
 
@@ -253,7 +253,7 @@ async def release(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJo
     return ok
 
 
-async def _final(session: AsyncSession, job_id: uuid.UUID, attempt: int, status: WorkStatus, *,
+async def _final(session: AsyncSession, job_id: uuid.UUID, kind: str, attempt: int, status: WorkStatus, *,
                  result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
     moved = await session.execute(
         update(Work)
@@ -264,7 +264,9 @@ async def _final(session: AsyncSession, job_id: uuid.UUID, attempt: int, status:
     )
     if moved.first() is None:
         return False
-    await session.execute(
-        update(QueuedWork.__table__).where(QueuedWork.__table__.c.id == job_id).values(lease_until=None, result=result)
-    )
+    values: dict[str, Any] = {"lease_until": None, "result": result}
+    registration = lookup(kind)
+    if registration is not None and not registration.keep_payload:
+        values["payload"] = {}
+    await session.execute(update(QueuedWork.__table__).where(QueuedWork.__table__.c.id == job_id).values(**values))
     return True

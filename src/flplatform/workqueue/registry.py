@@ -40,23 +40,28 @@ Handler = Callable[[JobContext, dict[str, Any]], Awaitable[dict[str, Any] | None
 class Registration:
     handler: Handler
     category: WorkKind
+    #: False: the payload is emptied when the job ends (done or error) — inputs only a run needs,
+    #: which would otherwise stay in the table for good (an inference job's uploaded batch).
+    keep_payload: bool = True
 
 
 _REGISTRY: dict[str, Registration] = {}
 
 
-def register(kind: str, handler: Handler, *, category: WorkKind = WorkKind.AGGREGATION) -> None:
+def register(kind: str, handler: Handler, *, category: WorkKind = WorkKind.AGGREGATION, keep_payload: bool = True) -> None:
     """Register (or replace) the handler of a job kind."""
     if not kind or len(kind) > 100:
         raise ValueError("a job kind needs 1 to 100 characters")
-    _REGISTRY[kind] = Registration(handler=handler, category=category)
+    _REGISTRY[kind] = Registration(handler=handler, category=category, keep_payload=keep_payload)
 
 
-def handler(kind: str, *, category: WorkKind = WorkKind.AGGREGATION) -> Callable[[Handler], Handler]:
+def handler(
+    kind: str, *, category: WorkKind = WorkKind.AGGREGATION, keep_payload: bool = True
+) -> Callable[[Handler], Handler]:
     """Decorator form of :func:`register`."""
 
     def _decorate(func: Handler) -> Handler:
-        register(kind, func, category=category)
+        register(kind, func, category=category, keep_payload=keep_payload)
         return func
 
     return _decorate
