@@ -261,7 +261,7 @@ def fold_flat(
         while work is not None and (piece := next(taken)) < pieces:
             work(bounds[piece], bounds[piece + 1])
 
-    # Every piece runs in the fold threads (one intra-op thread each); the caller's own thread would
+    # Every piece runs in the fold threads (kernels inline, no OpenMP team); the caller's own thread would
     # start an OpenMP team per kernel call of this size.
     futures = [_pool().submit(drain) for _ in range(workers)]
     try:
