@@ -7,6 +7,7 @@ once the commit succeeded, so a rolled-back request never notifies or aggregates
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
@@ -32,6 +33,36 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: Seconds SQLAlchemy may spend closing a terminated aiosqlite connection gracefully (see below).
+AIOSQLITE_CLOSE_SECONDS = 2.0
+
+
+def _bound_aiosqlite_graceful_close() -> None:
+    """Give up a graceful aiosqlite close after a while (SQLAlchemy then force-closes it).
+
+    SQLAlchemy terminates a connection whose task is cancelled mid-operation with a shielded graceful
+    ``close()`` and, when the cancellation reaches it, a forced ``stop()`` of aiosqlite's thread.
+    aiosqlite 0.22's ``close()`` then waits for that exited thread for good (omnilib/aiosqlite#369),
+    and asyncio's shutdown waits for that task: a test session hung in teardown, and ``serve`` would
+    hang on SIGTERM. The forced stop has already closed the sqlite connection, so nothing is lost
+    by no longer waiting. (Pinning aiosqlite 0.21 instead leaves such connections open, holding
+    SQLite's write lock: "database is locked" in other tests.)
+    """
+    try:
+        from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_connection as adapter
+    except ImportError:  # aiosqlite not installed
+        return
+    graceful = getattr(adapter, "_terminate_graceful_close", None)
+    if graceful is None or getattr(graceful, "bounded", False):
+        return
+
+    async def bounded_graceful_close(self: Any) -> None:
+        await asyncio.wait_for(graceful(self), timeout=AIOSQLITE_CLOSE_SECONDS)
+
+    bounded_graceful_close.bounded = True  # type: ignore[attr-defined]
+    adapter._terminate_graceful_close = bounded_graceful_close
+
+
 def create_engine(settings: Settings | str) -> AsyncEngine:
     url = settings if isinstance(settings, str) else settings.database_url
     kwargs: dict[str, Any] = {}
@@ -42,6 +73,7 @@ def create_engine(settings: Settings | str) -> AsyncEngine:
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
+        _bound_aiosqlite_graceful_close()
     return engine
 
 
