@@ -53,16 +53,22 @@ def image_bytes(fmt: str, mode: str = "L") -> bytes:
 # --------------------------------------------------------------------------- methods
 
 
-async def test_none_returns_scores_prediction_and_empty_uncertainty(client, alice, add_model):
+async def test_none_returns_class_indices_or_on_request_scores_and_empty_uncertainty(client, alice, add_model):
     torch.manual_seed(0)
     module = DropoutMLP()
     model_id = await add_model(alice, module, input_shape=[None, 4])
+    expected = reference_output(module, X)
+    # The reference's form: class indices in `inference` (the argmax, also in `prediction`).
     response = await infer(client, alice, model_id=str(model_id), model_input=X)
     assert response.status_code == 200, response.text
     body = response.json()
-    expected = reference_output(module, X)
+    assert body["inference"] == body["prediction"] == expected.argmax(1).tolist()
+    assert body["return_scores"] is False
+    assert body["uncertainty"] == {} and body["uncertainty_method"] == "NONE" and body["samples"] == 1
+    # return_scores: the scores in `inference`, the argmax in `prediction`.
+    body = (await infer(client, alice, model_id=str(model_id), model_input=X, return_scores=True)).json()
     assert torch.allclose(torch.tensor(body["inference"]), expected, atol=1e-6)
-    assert body["prediction"] == expected.argmax(1).tolist()
+    assert body["prediction"] == expected.argmax(1).tolist() and body["return_scores"] is True
     assert body["uncertainty"] == {} and body["uncertainty_method"] == "NONE" and body["samples"] == 1
     # Repeated inference reuses the loaded module.
     cache = client._transport.app.state.inference_runtime.cache
@@ -112,8 +118,10 @@ async def test_ensemble_of_identical_and_of_different_members(client, alice, add
     assert torch.allclose(torch.tensor(body["uncertainty"]["variance"]), exact, atol=1e-6)
 
     # NONE on a mean model: its forward pass averages the members.
-    body = (await infer(client, alice, model_id=str(different), model_input=X)).json()
+    body = (await infer(client, alice, model_id=str(different), model_input=X, return_scores=True)).json()
     assert body["uncertainty"] == {} and torch.allclose(torch.tensor(body["inference"]), (ya + yb) / 2, atol=1e-6)
+    reference = (await infer(client, alice, model_id=str(different), model_input=X)).json()
+    assert reference["inference"] == ((ya + yb) / 2).argmax(1).tolist()
     assert (await infer(client, alice, model_id=str(same), model_input=X, uncertainty_method="ENSEMBLE")).json()[
         "samples"
     ] == 1
@@ -169,7 +177,7 @@ async def test_every_input_format_gives_the_same_answer(client, alice, add_model
         base64.urlsafe_b64encode(safetensors_bytes).decode(),
     ]
     for value in json_inputs:
-        response = await infer(client, alice, model_id=str(model_id), model_input=value)
+        response = await infer(client, alice, model_id=str(model_id), model_input=value, return_scores=True)
         assert response.status_code == 200, response.text
         assert torch.allclose(torch.tensor(response.json()["inference"]), expected, atol=1e-5)
 
@@ -181,7 +189,7 @@ async def test_every_input_format_gives_the_same_answer(client, alice, add_model
         {"data": {"model_input": b64(npy_bytes(array))}},
     ]
     for extra in multipart_inputs:
-        data = {"model_id": str(model_id), "return_format": "json", **extra.pop("data", {})}
+        data = {"model_id": str(model_id), "return_format": "json", "return_scores": "true", **extra.pop("data", {})}
         response = await client.post("/api/inference/", data=data, headers=alice.headers, **extra)
         assert response.status_code == 200, response.text
         assert torch.allclose(torch.tensor(response.json()["inference"]), expected, atol=1e-2)
@@ -195,7 +203,7 @@ async def test_images_run_through_the_preprocessing_module(client, alice, add_mo
         data = image_bytes(fmt, mode)
         response = await client.post(
             "/api/inference/",
-            data={"model_id": str(model_id), "return_format": "json"},
+            data={"model_id": str(model_id), "return_format": "json", "return_scores": "true"},
             files={"model_input": (f"x.{fmt.lower()}", data)},
             headers=alice.headers,
         )
@@ -225,7 +233,8 @@ async def test_binary_responses_are_safetensors(client, alice, add_model):
         "uncertainty.predictive_entropy", "uncertainty.expected_entropy", "uncertainty.mutual_info",
     }  # fmt: skip
     assert tensors["inference"].shape == (2, 3) and tensors["prediction"].dtype == torch.int64
-    json_body = await infer(client, alice, model_id=str(model_id), model_input=X, return_format="binary")
+    json_body = await infer(client, alice, model_id=str(model_id), model_input=X, return_format="binary",
+                            return_scores=True)
     assert load_safetensors(json_body.content)["inference"].shape == (2, 3)
 
 
@@ -235,7 +244,7 @@ async def test_non_finite_outputs_are_null_in_json(client, alice, add_model):
             return torch.log(x)
 
     model_id = await add_model(alice, Log())
-    body = (await infer(client, alice, model_id=str(model_id), model_input=[[-1.0, 1.0]])).json()
+    body = (await infer(client, alice, model_id=str(model_id), model_input=[[-1.0, 1.0]], return_scores=True)).json()
     assert body["inference"] == [[None, 0.0]]
 
 
@@ -410,7 +419,8 @@ async def test_round_runs_the_weights_of_the_models_history(client, app, alice, 
                                          weights_size=len(data)))  # fmt: skip
         await session.commit()
     for round_, module in ((0, old), (1, old), (2, new), (None, new)):
-        body = (await infer(client, alice, model_id=str(model_id), model_input=X, round=round_)).json()
+        body = (await infer(client, alice, model_id=str(model_id), model_input=X, round=round_,
+                            return_scores=True)).json()
         assert torch.allclose(torch.tensor(body["inference"]), reference_output(module, X), atol=1e-6), round_
         assert body["round"] == (2 if round_ is None else round_)
     assert (await infer(client, alice, model_id=str(model_id), model_input=X, round=3)).status_code == 404

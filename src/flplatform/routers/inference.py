@@ -24,6 +24,8 @@ from flplatform.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType,
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import WorkKind
 from flplatform.schemas.inference import (
+    INFERENCE_REQUEST_EXAMPLES,
+    INFERENCE_RESPONSE_EXAMPLES,
     InferenceFields,
     InferenceJob,
     InferenceJobStatus,
@@ -46,11 +48,13 @@ training — on a batch of inputs and get its prediction with uncertainty.
 
 **Body**: `application/json` or `multipart/form-data` (also urlencoded forms; anything else: 415) with
 `model_id`, `model_input`, optional `return_format` (`json` | `binary`; default `json` for JSON
-bodies, `binary` for multipart), `uncertainty_method` (`NONE` | `ENSEMBLE` | `MC_DROPOUT` | `SWAG`;
-default: the method of the model's training, else `NONE`) and `options` (in multipart: a JSON
-string): `N` (samples, default 10, the training's `options.uncertainty` supplies defaults),
-`softmax`, `seed`, and for SWAG `min_var` and `scale`; `round` runs an earlier round's global
-weights from the model's history.
+bodies, `binary` for multipart), `return_scores` (default `false`, see **Output**),
+`uncertainty_method` (`NONE` | `ENSEMBLE` | `MC_DROPOUT` | `SWAG`; default: the method of the
+model's training, else `NONE`) and `options` (in multipart: a JSON string): `N` (samples,
+default 10, the training's `options.uncertainty` supplies defaults), `softmax`, `seed`, and for
+SWAG `min_var` and `scale`; `round` runs an earlier round's global weights from the model's
+history. A DLR client's request (`model_id`, `model_input`, `return_format`) gets the DLR
+reference server's answer.
 
 **model_input**: a nested JSON list of numbers (float32); or the bytes of a **safetensors** file
 (tensor `model_input` or the only tensor), a NumPy **.npy** file (numeric dtypes, never pickled
@@ -68,17 +72,26 @@ asked, is applied to each `y_s`):
 * `SWAG` (SWAG models): S = N independent draws θ_s = μ + sqrt(scale·σ²) ⊙ z_s, z_s ~ N(0, I), with
   μ = E[θ] and σ² = clamp(E[θ²] − E[θ]², min_var) from the stored moments.
 
-**Output**: `inference` = (1/S) Σ_s y_s (scores, never indices), `prediction` = argmax of
-`inference` over dimension 1. `uncertainty`:
+**Output**: with ȳ = (1/S) Σ_s y_s (the mean output, scores):
+* `return_scores=false` (default, the DLR reference's shape): `inference` = argmax of ȳ over
+  dimension 1 (**class indices**) for `NONE` (ȳ itself when the output has no dimension 1), ȳ for
+  the other methods.
+* `return_scores=true`: `inference` = ȳ (**scores**) for every method.
+* Either way `prediction` = argmax of ȳ over dimension 1 (null without one) and `return_scores`
+  echoes the request.
+
+`uncertainty` (`{}` for `NONE`):
 * `variance` = (1/(S − k)) Σ_s (y_s − ȳ)², element-wise, with k = 0 for ENSEMBLE (the exact variance
   of the members) and k = 1 for the sampling methods (unbiased estimate); `std` = √variance.
 * When every y_s is a probability vector over dimension 1 (entries in [0, 1] summing to 1), per
   input row, in nats, with H(p) = −Σ_c p_c ln p_c: `predictive_entropy` = H(ȳ), `expected_entropy` =
   (1/S) Σ_s H(y_s), `mutual_info` = predictive_entropy − expected_entropy (BALD, ≥ 0).
 
-`return_format=binary` returns a **safetensors** file (never a pickle) with tensors `inference`,
-`prediction` and `uncertainty.<name>`, and `uncertainty_method`, `samples`, `model_id`, `round` in
-its metadata. Non-finite numbers are `null` in JSON.
+`return_format=binary` returns a **safetensors** file (never a pickle, unlike the reference) with
+tensors `inference` (as in JSON: int64 class indices for `NONE` unless `return_scores`),
+`prediction` and `uncertainty.<name>`, and `uncertainty_method`, `samples`, `model_id`, `round`,
+`return_scores` in its metadata. Non-finite numbers are `null` in JSON. DLR clients:
+`docs/dlr-clients.md`.
 """
 
 
@@ -113,13 +126,18 @@ _MULTIPART_SCHEMA = {
         "uncertainty_method": {"type": "string", "enum": ["NONE", "ENSEMBLE", "MC_DROPOUT", "SWAG"]},
         "options": {"type": "string", "description": 'JSON, e.g. {"N": 20, "softmax": true, "seed": 1}'},
         "round": {"type": "integer", "minimum": 0, "description": "a round of the model's history"},
+        "return_scores": {"type": "boolean", "default": False,
+                          "description": "true: `inference` holds scores for NONE too (see the JSON body)"},
     },
 }
 
 _REQUEST_BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema())},
+        "application/json": {
+            "schema": _inline_refs(InferenceRequest.model_json_schema()),
+            "examples": INFERENCE_REQUEST_EXAMPLES,
+        },
         "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
     },
 }
@@ -163,6 +181,7 @@ async def _query_from_json(request: Request) -> InferenceQuery:
         uncertainty_method=parsed.uncertainty_method,
         options=parsed.options,
         round=parsed.round,
+        return_scores=parsed.return_scores,
     )
 
 
@@ -201,6 +220,7 @@ async def _query_from_form(request: Request, default_format: ReturnFormat = "bin
         uncertainty_method=parsed.uncertainty_method,
         options=parsed.options,
         round=parsed.round,
+        return_scores=parsed.return_scores,
     )
 
 
@@ -213,7 +233,10 @@ async def _query_from_form(request: Request, default_format: ReturnFormat = "bin
     responses={
         200: {
             "description": "JSON prediction, or a safetensors file for `return_format=binary`.",
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {
+                "application/json": {"examples": INFERENCE_RESPONSE_EXAMPLES},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
         },
         **responses(400, 401, 402, 404, 409, 413, 415, 422),
     },
@@ -225,13 +248,16 @@ async def infer(request: Request, session: SessionDep, user: CurrentUser) -> Res
     result = await inference_service.run_inference(session, runtime_for(request.app.state), user, query)
     _record_work(request, started, result)
     if query.return_format == "binary":
-        body = await asyncio.to_thread(inference_service.result_safetensors, result)
+        body = await asyncio.to_thread(
+            inference_service.result_safetensors, result, return_scores=query.return_scores
+        )
         return Response(
             body,
             media_type="application/octet-stream",
             headers={"Content-Disposition": 'attachment; filename="inference.safetensors"'},
         )
-    return Response(await asyncio.to_thread(inference_service.result_json, result), media_type="application/json")
+    body = await asyncio.to_thread(inference_service.result_json, result, return_scores=query.return_scores)
+    return Response(body, media_type="application/json")
 
 
 async def _query_from_request(request: Request, form_format: ReturnFormat = "binary") -> InferenceQuery:
@@ -268,7 +294,9 @@ work-queue row that **any worker** runs — the in-process worker of any `flplat
 process, or a `flplatform worker` on another host — so inference scales out with the workers.
 
 **Body**: exactly as `POST /api/inference/` (JSON, multipart or urlencoded; the same fields, limits
-and input formats). The result is always JSON: `return_format` may be omitted or `json`.
+and input formats). The result is always JSON: `return_format` may be omitted or `json`;
+`return_scores` selects the shape of `inference` as there (default: the reference's shape, class
+indices for `NONE`).
 
 **Checked now**, with the synchronous route's answers: the model must be one you may read (404),
 the input must decode and fit the limits (400/413/422; without a preprocessing module also the

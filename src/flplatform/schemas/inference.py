@@ -47,6 +47,51 @@ class InferenceFields(RequestSchema):
         description="Run the global weights of this round of the model's history (default: the current "
         "round). Not for mean models, nor for SWAG sampling (the moments belong to the current round).",
     )
+    return_scores: bool = Field(
+        default=False,
+        description="`false` (default, the DLR reference server's shape): `inference` holds the class indices "
+        "(argmax over dimension 1) for `NONE` and the mean outputs for the other methods. `true`: `inference` "
+        "holds the mean outputs (scores) for every method, `NONE` included. `prediction` (the argmax) is "
+        "present either way.",
+    )
+
+
+REFERENCE_REQUEST_EXAMPLE = {
+    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+    "model_input": [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0]],
+}
+SCORES_REQUEST_EXAMPLE = {
+    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+    "model_input": [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0]],
+    "return_scores": True,
+}
+MC_DROPOUT_REQUEST_EXAMPLE = {
+    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+    "model_input": [[0.1, 0.2, 0.3, 0.4]],
+    "uncertainty_method": "MC_DROPOUT",
+    "options": {"N": 20, "softmax": True, "seed": 1},
+}
+
+# OpenAPI ``examples`` of the request body (Swagger UI offers them in a drop-down).
+INFERENCE_REQUEST_EXAMPLES = {
+    "reference": {
+        "summary": "DLR reference form (NONE: class indices)",
+        "description": "What a DLR client sends. For a model whose method is `NONE`, `inference` holds one class "
+        "index per input row.",
+        "value": REFERENCE_REQUEST_EXAMPLE,
+    },
+    "scores": {
+        "summary": "Scores for NONE too (return_scores)",
+        "description": "`inference` holds the model's outputs (scores) for every method; `prediction` the argmax.",
+        "value": SCORES_REQUEST_EXAMPLE,
+    },
+    "mc_dropout": {
+        "summary": "MC dropout with softmax",
+        "description": "`inference` is the mean of N softmax outputs in either shape; with probabilities "
+        "`uncertainty` adds the entropies and the mutual information.",
+        "value": MC_DROPOUT_REQUEST_EXAMPLE,
+    },
+}
 
 
 class InferenceRequest(InferenceFields):
@@ -57,26 +102,67 @@ class InferenceRequest(InferenceFields):
 
     model_config = {
         "json_schema_extra": {
-            "examples": [
-                {
-                    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
-                    "model_input": [[0.1, 0.2, 0.3, 0.4]],
-                    "uncertainty_method": "MC_DROPOUT",
-                    "options": {"N": 20, "softmax": True, "seed": 1},
-                }
-            ]
+            "examples": [REFERENCE_REQUEST_EXAMPLE, SCORES_REQUEST_EXAMPLE, MC_DROPOUT_REQUEST_EXAMPLE]
         }
     }
 
 
+REFERENCE_RESPONSE_EXAMPLE = {
+    "inference": [2, 0],
+    "prediction": [2, 0],
+    "return_scores": False,
+    "uncertainty": {},
+    "uncertainty_method": "NONE",
+    "samples": 1,
+    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+    "round": 3,
+    "dropout_layers": None,
+}
+SCORES_RESPONSE_EXAMPLE = {
+    **REFERENCE_RESPONSE_EXAMPLE,
+    "inference": [[0.12, -0.40, 0.95], [1.30, 0.20, -0.70]],
+    "return_scores": True,
+}
+MC_DROPOUT_RESPONSE_EXAMPLE = {
+    "inference": [[0.7, 0.2, 0.1]],
+    "prediction": [0],
+    "return_scores": False,
+    "uncertainty": {
+        "variance": [[0.01, 0.004, 0.002]],
+        "std": [[0.1, 0.063, 0.045]],
+        "predictive_entropy": [0.80],
+        "expected_entropy": [0.74],
+        "mutual_info": [0.06],
+    },
+    "uncertainty_method": "MC_DROPOUT",
+    "samples": 20,
+    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+    "round": 3,
+    "dropout_layers": 1,
+}
+# OpenAPI ``examples`` of the 200 JSON answer.
+INFERENCE_RESPONSE_EXAMPLES = {
+    "reference": {"summary": "NONE, reference shape: class indices", "value": REFERENCE_RESPONSE_EXAMPLE},
+    "scores": {"summary": "NONE with return_scores: scores", "value": SCORES_RESPONSE_EXAMPLE},
+    "mc_dropout": {"summary": "MC_DROPOUT (either shape): mean scores", "value": MC_DROPOUT_RESPONSE_EXAMPLE},
+}
+
+
 class InferenceResponse(Schema):
-    inference: list[Any] = Field(description="Mean prediction over the samples (scores), shape (B, …).")
-    prediction: list[Any] | None = Field(
-        default=None, description="argmax of `inference` over the class dimension; null without one."
+    inference: list[Any] = Field(
+        description="With `return_scores=false` (default, the reference's shape): for `NONE` the class index "
+        "(argmax over dimension 1) of each input row, shape (B, …) (the raw output when it has no class "
+        "dimension); for the other methods the mean output over the samples, shape (B, C, …). With "
+        "`return_scores=true`: the mean output (scores) for every method."
     )
+    prediction: list[Any] | None = Field(
+        default=None, description="argmax of the mean output over the class dimension; null without one."
+    )
+    return_scores: bool = Field(description="The request's `return_scores`: what `inference` holds.")
     uncertainty: dict[str, list[Any]] = Field(
-        description="`variance`, `std` (shape of `inference`); with probabilities also `predictive_entropy`, "
-        "`expected_entropy`, `mutual_info` (one value per input row). Empty for NONE."
+        description="`variance`, `std` (shape of the mean output); with probabilities also "
+        "`predictive_entropy`, `expected_entropy`, `mutual_info` (one value per input row). Empty for NONE "
+        "(in both shapes, as the reference)."
     )
     uncertainty_method: UncertaintyMethod
     samples: int = Field(description="How many predictions were combined (1 for NONE).")
@@ -86,24 +172,7 @@ class InferenceResponse(Schema):
 
     model_config = {
         "json_schema_extra": {
-            "examples": [
-                {
-                    "inference": [[0.7, 0.2, 0.1]],
-                    "prediction": [0],
-                    "uncertainty": {
-                        "variance": [[0.01, 0.004, 0.002]],
-                        "std": [[0.1, 0.063, 0.045]],
-                        "predictive_entropy": [0.80],
-                        "expected_entropy": [0.74],
-                        "mutual_info": [0.06],
-                    },
-                    "uncertainty_method": "MC_DROPOUT",
-                    "samples": 20,
-                    "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
-                    "round": 3,
-                    "dropout_layers": 1,
-                }
-            ]
+            "examples": [REFERENCE_RESPONSE_EXAMPLE, SCORES_RESPONSE_EXAMPLE, MC_DROPOUT_RESPONSE_EXAMPLE]
         }
     }
 
@@ -200,7 +269,7 @@ class InferenceJob(Schema):
                     "started_at": "2026-11-23T14:00:00.020Z",
                     "finished_at": "2026-11-23T14:00:00.150Z",
                     "attempts": 1,
-                    "result": {"inference": [[0.7, 0.2, 0.1]], "prediction": [0], "uncertainty": {},
+                    "result": {"inference": [0], "prediction": [0], "return_scores": False, "uncertainty": {},
                                "uncertainty_method": "NONE", "samples": 1,
                                "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10", "round": 3,
                                "dropout_layers": None},

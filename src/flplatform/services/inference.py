@@ -166,6 +166,7 @@ class InferenceQuery:
     uncertainty_method: UncertaintyMethod | None = None
     options: UncertaintyOptions | None = None
     round: int | None = None
+    return_scores: bool = False  # False: the DLR reference's ``inference`` (class indices for NONE)
 
 
 @dataclass
@@ -618,19 +619,33 @@ def _finite_or_none(value: Any) -> Any:
     return value if math.isfinite(value) else None
 
 
-def result_json(result: InferenceResult) -> bytes:
+def result_json(result: InferenceResult, *, return_scores: bool = False) -> bytes:
     """The JSON body (built in a worker thread: large outputs take a while to serialise).
     Non-finite numbers become null."""
-    return json.dumps(result_body(result), allow_nan=False, separators=(",", ":")).encode()
+    return json.dumps(result_body(result, return_scores=return_scores), allow_nan=False,
+                      separators=(",", ":")).encode()
 
 
-def result_body(result: InferenceResult) -> dict[str, Any]:
-    """The JSON response as plain Python values (``schemas.inference.InferenceResponse``)."""
+def inference_values(prediction: Prediction, *, return_scores: bool) -> Tensor:
+    """What ``inference`` holds. The DLR reference answers ``argmax(dim=1)`` of the output for
+    NONE and the mean output for every other method; ``return_scores`` asks for the mean output
+    (the scores) for NONE too. An output without a class dimension has no index to take: it is
+    returned as it is (the reference fails on it)."""
+    if return_scores or prediction.method is not Method.NONE:
+        return prediction.mean
+    argmax = prediction.prediction
+    return argmax if argmax is not None else prediction.mean
+
+
+def result_body(result: InferenceResult, *, return_scores: bool = False) -> dict[str, Any]:
+    """The JSON response as plain Python values (``schemas.inference.InferenceResponse``);
+    ``return_scores`` selects what ``inference`` holds (:func:`inference_values`)."""
     prediction = result.prediction
     argmax = prediction.prediction
     body = {
-        "inference": _to_json(prediction.mean),
+        "inference": _to_json(inference_values(prediction, return_scores=return_scores)),
         "prediction": _to_json(argmax) if argmax is not None else None,
+        "return_scores": return_scores,
         "uncertainty": {name: _to_json(value) for name, value in prediction.uncertainty.items()},
         "uncertainty_method": result.method.value,
         "samples": int(prediction.samples.shape[0]),
@@ -641,13 +656,14 @@ def result_body(result: InferenceResult) -> dict[str, Any]:
     return body
 
 
-def result_safetensors(result: InferenceResult) -> bytes:
-    """The binary body: safetensors with ``inference``, ``prediction`` (when there is a class
-    dimension) and ``uncertainty.<name>`` tensors; method, model and round in the metadata."""
+def result_safetensors(result: InferenceResult, *, return_scores: bool = False) -> bytes:
+    """The binary body: safetensors (never a pickle) with ``inference`` (as in the JSON body:
+    :func:`inference_values`), ``prediction`` (when there is a class dimension) and
+    ``uncertainty.<name>`` tensors; method, model, round and ``return_scores`` in the metadata."""
     from safetensors.torch import save
 
     prediction = result.prediction
-    tensors = {"inference": prediction.mean}
+    tensors = {"inference": inference_values(prediction, return_scores=return_scores)}
     if prediction.prediction is not None:
         tensors["prediction"] = prediction.prediction
     for name, value in prediction.uncertainty.items():
@@ -658,6 +674,7 @@ def result_safetensors(result: InferenceResult) -> bytes:
         "samples": str(int(prediction.samples.shape[0])),
         "model_id": str(result.model.id),
         "round": str(result.round),
+        "return_scores": "true" if return_scores else "false",
     }
     return save(tensors, metadata=metadata)
 

@@ -15,7 +15,8 @@ operation and charges nothing more, so each job is charged once (and never when 
 the charge rolls back with the failed run). The JSON response is the job's ``result``; a
 refusal (the model was deleted, 402 because the balance was spent meanwhile, an input that
 failed the model's preprocessing) is the job's error with the code and status a request
-would have received.
+would have received. ``return_scores`` is kept with the query: the result has the shape the
+synchronous route would have answered.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def query_payload(query: InferenceQuery) -> dict[str, Any]:
         "uncertainty_method": query.uncertainty_method.value if query.uncertainty_method else None,
         "options": query.options.model_dump(exclude_unset=True) if query.options is not None else None,
         "round": query.round,
+        "return_scores": query.return_scores,
     }
 
 
@@ -92,6 +94,8 @@ def query_from_payload(data: dict[str, Any]) -> InferenceQuery:
         # exclude_unset was dumped, so the training's defaults still fill what the caller left out
         options=UncertaintyOptions.model_validate(options) if options is not None else None,
         round=data.get("round"),
+        # A job queued before ``return_scores`` existed was asked for the scores (the only shape then).
+        return_scores=bool(data.get("return_scores", True)),
     )
 
 
@@ -142,7 +146,7 @@ async def run_inference_job(ctx: workqueue.JobContext, payload: dict[str, Any]) 
         if user is None or not user.is_active:
             raise NotFound("The user who submitted this inference job no longer exists or is inactive.")
         result = await run_inference(session, runtime, user, query, billing_key=billing_key(ctx.job_id))
-        body = await asyncio.to_thread(result_body, result)
+        body = await asyncio.to_thread(lambda: result_body(result, return_scores=query.return_scores))
         await session.commit()
     return body
 
