@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flplatform.orm.broker import StorePolicy  # noqa: E402
+from flplatform.serving import uvicorn_ws_cli_args
 from tests.conftest import free_port, start_postgres, wait_for_port  # noqa: E402
 
 
@@ -153,7 +154,7 @@ def _start_servers(url: str, workers: int) -> tuple[list[subprocess.Popen[bytes]
     for _ in range(workers):
         port = free_port()
         cmd = [sys.executable, "-m", "uvicorn", "flplatform.app:create_app", "--factory", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning", "--no-access-log", "--ws-max-size", str(64 * 2**20),
+               "--port", str(port), "--log-level", "warning", "--no-access-log", *uvicorn_ws_cli_args(),
                "--ws-per-message-deflate", "false"]
         procs.append(subprocess.Popen(cmd, env=env, cwd=str(ROOT)))
         urls.append(f"ws://127.0.0.1:{port}/ws")

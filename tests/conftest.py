@@ -34,6 +34,7 @@ from sqlalchemy import text  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncSession  # noqa: E402
 
 from flplatform.app import create_app  # noqa: E402
+from flplatform.broker.config import BrokerConfig  # noqa: E402
 from flplatform.db import create_engine  # noqa: E402
 from flplatform.migrate import upgrade  # noqa: E402
 from flplatform.orm import Base, User  # noqa: E402
@@ -242,12 +243,15 @@ def _settings_key(settings: Settings) -> str:
 
 
 @pytest.fixture
-async def app(settings: Settings) -> AsyncIterator[Any]:
+async def app(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     key = _settings_key(settings)
     application = _APPS.get(key)
     if application is None:
         application = _APPS[key] = create_app(settings)
     initial_state = dict(application.state._state)
+    broker_config = request.node.get_closest_marker("broker_config")
+    if broker_config is not None:  # read by the broker at start-up; put back with the state below
+        application.state.broker_config = BrokerConfig(**broker_config.kwargs)
     try:
         async with application.router.lifespan_context(application):
             yield application

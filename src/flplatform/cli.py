@@ -19,6 +19,8 @@ Command = Callable[[argparse.Namespace], int]
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from flplatform.serving import uvicorn_ws_options
+
     settings = get_settings()
     if not args.no_migrate:
         from flplatform.migrate import upgrade
@@ -32,8 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level.lower(),
         proxy_headers=True,
-        # Broker frames above FLP_BROKER_MAX_MESSAGE_BYTES get an error ack instead of a close.
-        ws_max_size=64 * 1024**2,
+        **uvicorn_ws_options(),  # websockets-sansio, 64 MiB frames, keepalive (see flplatform.serving)
     )
     return 0
 

@@ -17,6 +17,7 @@ import websockets
 
 from flplatform.broker import Broker
 from flplatform.orm.broker import BrokerTopic, BrokerTopicGrant, StorePolicy
+from flplatform.serving import uvicorn_ws_options
 from tests.conftest import free_port
 
 
@@ -84,7 +85,7 @@ class LiveBroker:
 @pytest.fixture
 async def live(app: Any) -> AsyncIterator[LiveBroker]:
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", ws_max_size=64 * 1024**2)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", **uvicorn_ws_options())
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.get_running_loop().create_task(server.serve())

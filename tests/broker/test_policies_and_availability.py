@@ -7,9 +7,11 @@ Reference bugs covered here: 7 (a consumer leaving a topic that never came), 8 (
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 
+import pytest
 from sqlalchemy import select
 
 from flplatform.broker import FakeClock
@@ -39,6 +41,14 @@ async def _eventually(probe, expected, timeout: float = 10.0):
         if value == expected or asyncio.get_running_loop().time() > deadline:
             return value
         await asyncio.sleep(0.05)
+
+
+def _utc(text: str | None) -> dt.datetime | None:
+    """An API timestamp (naive means UTC)."""
+    if text is None:
+        return None
+    parsed = dt.datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 async def _counts(live, slug: str) -> tuple[int, int]:
@@ -126,6 +136,7 @@ async def test_redelivery_and_live_messages_arrive_once_each_in_order(live):
     assert got == list(range(600))
 
 
+@pytest.mark.broker_config(background_tasks=False)  # only this test pings: no minutely ping_all mid-test
 async def test_availability_transitions_and_status_views(live, alice, bob):
     """One definition (reference bug 9): None → False → True, the 10 s grace, the 2 min window;
     the reference's texts and codes (bug 8); Token auth on the HTTP views (bug 10)."""
@@ -164,6 +175,16 @@ async def test_availability_transitions_and_status_views(live, alice, bob):
             message = await recv_json(backend)
             await backend.send(json.dumps({"messageId": message["messageId"]}))
             assert await _eventually(status, expected) == expected
+            clock.advance(1)
+        # The backend's leave pings the topic (§3: whoever is left) at the broker's clock when the
+        # server gets to it, which may be after this block has returned: wait for that ping (now 1 s
+        # after the last one) before moving the clock, or it is stamped 121 s later and reads False.
+        async def last_ping() -> dt.datetime | None:
+            return _utc((await http.get(f"/api/broker/topics/{slug}/status/")).json()["last_ping"])
+
+        leave_ping = clock.now()
+        assert await _eventually(last_ping, leave_ping) == leave_ping
+        assert await status() == expected  # the last pong is 1 s before that ping
         clock.advance(121)  # last ping older than 2 minutes
         assert await status() == (503, "Status unknown", None)
 
@@ -204,6 +225,7 @@ async def test_consumer_leaving_a_response_topic_that_never_came(live, caplog):
         assert (await session.execute(select(BrokerTopic.id).where(BrokerTopic.slug == f"{slug}_never"))).first() is None
 
 
+@pytest.mark.broker_config(background_tasks=False)  # only this test sweeps: no 30 s GC sweeper mid-test
 async def test_response_topics_are_collected_after_their_last_consumer_left(live):
     clock = FakeClock()
     live.broker.clock = clock

@@ -30,6 +30,7 @@ from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import User
 from flplatform.schemas.user import UserCreate
 from flplatform.services.users import create_user
+from flplatform.serving import uvicorn_ws_cli_args
 from tests.conftest import free_port
 
 ADMIN_PASSWORD = "admin-password-123"
@@ -72,7 +73,7 @@ class Fleet:
             log = open(self.logdir / f"worker-{self._starts}-{port}.log", "wb")  # noqa: SIM115 - closed with the process
             proc = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "flplatform.app:create_app", "--factory", "--host", "127.0.0.1",
-                 "--port", str(port), "--log-level", "warning", "--no-access-log"],
+                 "--port", str(port), "--log-level", "warning", "--no-access-log", *uvicorn_ws_cli_args()],
                 env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
             log.close()

@@ -26,6 +26,7 @@ from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import User
 from flplatform.schemas.user import UserCreate
 from flplatform.services.users import create_user
+from flplatform.serving import uvicorn_ws_options
 from flplatform.settings import Settings
 from tests.conftest import free_port, wait_for_port
 from tests.training.conftest import as_safetensors, shifted, state_of
@@ -35,7 +36,9 @@ from tests.training.conftest import as_safetensors, shifted, state_of
 def live_server(settings: Settings) -> Iterator[str]:
     port = free_port()
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **uvicorn_ws_options())
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for_port(port)

@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from flplatform.serving import uvicorn_ws_options
+
 
 class _Server(uvicorn.Server):
     """Leaves signal handling to the host program (several servers share one process here)."""
@@ -27,7 +29,10 @@ class EmbeddedServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.port: int = self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="auto", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, log_level=log_level, access_log=False, lifespan="auto", timeout_graceful_shutdown=5,
+            **uvicorn_ws_options(),
+        )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
