@@ -4,6 +4,7 @@ reach ``app.state.broker`` directly), websocket helpers, and demessaging module 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -82,16 +83,22 @@ class LiveBroker:
         return slug
 
 
-@pytest.fixture
-async def live(app: Any) -> AsyncIterator[LiveBroker]:
+@contextlib.asynccontextmanager
+async def serve_live(app: Any, **ws_overrides: Any) -> AsyncIterator[LiveBroker]:
+    """``app`` on uvicorn in this event loop, with the production websocket settings
+    (``flplatform.serving``) except ``ws_overrides``."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", **uvicorn_ws_options())
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", **uvicorn_ws_options(**ws_overrides)
+    )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.get_running_loop().create_task(server.serve())
     for _ in range(200):
         if server.started:
             break
+        if task.done():
+            task.result()  # the start-up failure itself (e.g. a deprecation warning made an error)
         await asyncio.sleep(0.02)
     assert server.started, "uvicorn did not start"
     try:
@@ -99,6 +106,12 @@ async def live(app: Any) -> AsyncIterator[LiveBroker]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def live(app: Any) -> AsyncIterator[LiveBroker]:
+    async with serve_live(app) as server:
+        yield server
 
 
 async def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
