@@ -249,6 +249,9 @@ async def app(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterat
     if application is None:
         application = _APPS[key] = create_app(settings)
     initial_state = dict(application.state._state)
+    # This test's own Settings object (equal values): a test that changes a field on
+    # app.state.settings must not change it for the later tests that share this app.
+    application.state.settings = settings
     broker_config = request.node.get_closest_marker("broker_config")
     if broker_config is not None:  # read by the broker at start-up; put back with the state below
         application.state.broker_config = BrokerConfig(**broker_config.kwargs)
