@@ -49,6 +49,7 @@ class Page:
         self._ids = itertools.count(1)
         self.requests: list[str] = []
         self.failed: list[tuple[str, str]] = []  # (url, error text)
+        self.blocked_by_page: list[str] = []
         self.console_errors: list[str] = []
         self._request_urls: dict[str, str] = {}
 
@@ -73,7 +74,10 @@ class Page:
             self._request_urls[params["requestId"]] = url
         elif method == "Network.loadingFailed":
             url = self._request_urls.get(params["requestId"], "?")
-            self.failed.append((url, params.get("errorText", "")))
+            if params.get("blockedReason") == "csp":
+                self.blocked_by_page.append(url)  # refused by the page's Content-Security-Policy: never sent
+            else:
+                self.failed.append((url, params.get("errorText", "")))
         elif method == "Runtime.exceptionThrown":
             self.console_errors.append(json.dumps(params.get("exceptionDetails", {}))[:500])
         elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
@@ -148,8 +152,10 @@ class Page:
             out.write(base64.b64decode(data))
 
     def outside(self, base_url: str) -> list[str]:
-        """Requests to anything but ``base_url`` (inline data: and blob: URLs are local)."""
-        return [u for u in self.requests if not u.startswith((base_url, "data:", "blob:", "about:"))]
+        """Requests that went to anything but ``base_url`` (inline data: and blob: URLs are local;
+        requests the page's CSP refused never left the browser)."""
+        return [u for u in self.requests
+                if not u.startswith((base_url, "data:", "blob:", "about:")) and u not in self.blocked_by_page]
 
 
 @contextmanager

@@ -31,6 +31,11 @@ SWAGGER_UI_PARAMETERS: dict[str, Any] = {
 }
 
 
+# ReDoc 2 always shows a "by Redocly" logo from cdn.redoc.ly: images from anywhere but this server
+# (and inline data) are refused by the page itself, so an offline browser never even tries.
+_DOCS_CSP = "img-src 'self' data:"
+
+
 def _static(request: Request, path: str) -> str:
     return f"{request.scope.get('root_path', '')}{STATIC_URL}/{path}"
 
@@ -55,7 +60,7 @@ def install_docs(app: FastAPI) -> None:
         # Our small stylesheet after Swagger UI's: it hides the OAuth2 client fields this server ignores.
         extra = f'<link type="text/css" rel="stylesheet" href="{_static(request, "flplatform-docs.css")}">'
         html = bytes(page.body).decode().replace("</head>", f"{extra}\n</head>", 1)
-        return HTMLResponse(html)
+        return HTMLResponse(html, headers={"Content-Security-Policy": _DOCS_CSP})
 
     @app.get(OAUTH2_REDIRECT_URL, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
@@ -63,10 +68,12 @@ def install_docs(app: FastAPI) -> None:
 
     @app.get(REDOC_URL, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        return get_redoc_html(
+        page = get_redoc_html(
             openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
             title=f"{app.title} – ReDoc",
             redoc_js_url=_static(request, "redoc/redoc.standalone.js"),
             redoc_favicon_url=_static(request, "swagger-ui/favicon-32x32.png"),
             with_google_fonts=False,
         )
+        page.headers["Content-Security-Policy"] = _DOCS_CSP
+        return page
