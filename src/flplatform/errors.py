@@ -41,12 +41,16 @@ class AppError(Exception):
     status_code: int = status.HTTP_400_BAD_REQUEST
     code: str = "bad_request"
 
-    def __init__(self, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
         super().__init__(detail)
         self.detail = detail
         if code is not None:
             self.code = code
         self.headers = headers
+        self.extra = extra  # further fields of the body, e.g. OAuth2's error/error_description
 
 
 class BadRequest(AppError):
@@ -110,11 +114,13 @@ _HTTP_CODES = {
 
 def error_response(
     status_code: int, detail: str, code: str, *, errors: list[dict[str, Any]] | None = None,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"detail": detail, "code": code}
     if errors is not None:
         body["errors"] = errors
+    if extra:
+        body.update({k: v for k, v in extra.items() if k not in body})
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
@@ -143,7 +149,7 @@ def _summary(items: list[dict[str, Any]]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        return error_response(exc.status_code, exc.detail, exc.code, headers=exc.headers)
+        return error_response(exc.status_code, exc.detail, exc.code, headers=exc.headers, extra=exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
