@@ -20,6 +20,7 @@ from flplatform.db import create_engine, create_sessionmaker
 from flplatform.docs_ui import install_docs
 from flplatform.errors import error_response, install_error_handlers
 from flplatform.onboarding import FIRST_USER_HINT
+from flplatform.openapi import install_openapi
 from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
@@ -201,6 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     install_docs(app)
+    install_openapi(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

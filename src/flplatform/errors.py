@@ -8,6 +8,7 @@ clients and the DLR clients look for the message.
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request, status
@@ -31,10 +32,7 @@ class ErrorBody(BaseModel):
     detail: str
     code: str
     errors: list[ErrorItem] | None = None
-
-    model_config = {
-        "json_schema_extra": {"examples": [{"detail": "Model 5f0c… not found.", "code": "not_found"}]}
-    }
+    # No example here: each response carries one of its own status (flplatform.openapi).
 
 
 class AppError(Exception):
@@ -173,4 +171,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries in the error shape, for route decorators."""
-    return {code: {"model": ErrorBody, "description": _HTTP_CODES.get(code, "Error")} for code in codes}
+    return {code: {"model": ErrorBody, "description": f"{HTTPStatus(code).phrase} (`{_HTTP_CODES.get(code, 'error')}`)"}
+            for code in codes}

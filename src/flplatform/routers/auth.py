@@ -22,7 +22,12 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
     summary="Log in (OAuth2 password flow)",
     description="Exchange username (or email) and password for a bearer token; this is what Swagger UI's "
     "**Authorize** dialog calls. The token expires after `FLP_ACCESS_TOKEN_TTL_SECONDS`.",
-    responses=responses(401, 422),
+    responses={
+        **responses(401, 422),
+        401: {**responses(401)[401], "content": {"application/json": {"example": {
+            "detail": "Invalid username/password.", "code": "invalid_credentials",
+            "error": "invalid_grant", "error_description": "Invalid username/password."}}}},
+    },
 )
 async def login(
     request: Request, session: SessionDep, form: Annotated[OAuth2PasswordRequestForm, Depends()]
