@@ -35,6 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     # Uvicorn's look, before uvicorn configures its own loggers.
     logging.basicConfig(level=settings.log_level, format="%(levelname)s:     %(message)s")
+    if settings.log_level != "DEBUG":  # one summary line below instead of Alembic's step-by-step chatter
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     database = masked_url(settings.database_url)
     if args.no_migrate:
         log.info("database %s (migrations not applied: --no-migrate)", database)
