@@ -416,7 +416,7 @@ def derangement(items: Sequence[uuid.UUID], rng: random.Random) -> list[uuid.UUI
             return perm
 
 
-def _by_username(training: Training) -> Callable[[uuid.UUID], tuple[str, uuid.UUID]]:
+def participant_order(training: Training) -> Callable[[uuid.UUID], tuple[str, uuid.UUID]]:
     """Sort key of participant ids that is the same in every run (ids are random, names are chosen)."""
     names = {user.id: user.username for user in training.participants}
     return lambda owner: (names.get(owner, ""), owner)
@@ -427,7 +427,7 @@ async def _daisy_chain_step(session: AsyncSession, training: Training, model: Gl
     """FedDC round without aggregation: every d rounds the local models move to other clients
     (derangement), otherwise each client continues from its own local model."""
     done = model.round + 1 - training.start_round
-    owners = sorted(chosen, key=_by_username(training))
+    owners = sorted(chosen, key=participant_order(training))
     locals_ = [chosen[o][0] for o in owners]
     if done % daisy_chain_period(training) == 0 and len(owners) >= 2:
         seed = (training.options or {}).get("seed")
@@ -632,7 +632,7 @@ class TrainingRuntime:
         # Folded in the order of the senders' usernames: float sums depend on the order, and this one
         # neither depends on arrival times nor on the (random) user ids, so the same updates give the
         # same global model bit for bit (a seeded `flplatform demo` is reproducible).
-        items = [chosen[k] for k in sorted(chosen, key=_by_username(training))]
+        items = [chosen[k] for k in sorted(chosen, key=participant_order(training))]
         return _Job(kind=kind, model_id=model.id, round=model.round, items=items, token=token)
 
     async def _still_claimed(self, training_id: uuid.UUID, job: _Job) -> bool:
