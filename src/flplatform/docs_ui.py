@@ -45,7 +45,7 @@ def install_docs(app: FastAPI) -> None:
     ``docs_url=None, redoc_url=None``)."""
     app.mount(STATIC_URL, StaticFiles(packages=[("flplatform", "static")]), name="docs-static")
 
-    @app.get(DOCS_URL, include_in_schema=False)
+    # Plain Starlette routes, as FastAPI registers its own documentation pages (outside the API).
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         page = get_swagger_ui_html(
@@ -62,11 +62,9 @@ def install_docs(app: FastAPI) -> None:
         html = bytes(page.body).decode().replace("</head>", f"{extra}\n</head>", 1)
         return HTMLResponse(html, headers={"Content-Security-Policy": _DOCS_CSP})
 
-    @app.get(OAUTH2_REDIRECT_URL, include_in_schema=False)
-    async def swagger_ui_redirect() -> HTMLResponse:
+    async def swagger_ui_redirect(_: Request) -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get(REDOC_URL, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         page = get_redoc_html(
             openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
@@ -77,3 +75,7 @@ def install_docs(app: FastAPI) -> None:
         )
         page.headers["Content-Security-Policy"] = _DOCS_CSP
         return page
+
+    app.add_route(DOCS_URL, swagger_ui, include_in_schema=False)
+    app.add_route(OAUTH2_REDIRECT_URL, swagger_ui_redirect, include_in_schema=False)
+    app.add_route(REDOC_URL, redoc, include_in_schema=False)
