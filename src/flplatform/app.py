@@ -17,7 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flplatform import __version__, tasks
 from flplatform.db import create_engine, create_sessionmaker
+from flplatform.docs_ui import install_docs
 from flplatform.errors import error_response, install_error_handlers
+from flplatform.onboarding import FIRST_USER_HINT
+from flplatform.openapi import install_openapi
 from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
@@ -34,35 +37,42 @@ log = logging.getLogger(__name__)
 # Each component is entered at start-up with the app and exited at shutdown (reverse order).
 LifespanComponent = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
 
-DESCRIPTION = """
+DESCRIPTION = f"""
 flplatform runs **federated learning** for organisations: clients train a PyTorch model on
 their own data, upload updates, and the server aggregates them round after round.
+
+**First start?** {FIRST_USER_HINT}
 
 **Authenticate** with the *Authorize* button (OAuth2 password flow: username or email and
 password), or send `Authorization: Token <key>`, `Bearer <key>`, or HTTP Basic.
 
-Every error has the same JSON shape: `{"detail": "...", "code": "...", "errors": [...]}`
-(`errors` only for validation failures).
+**The workflow**, in the order of the sections below: log in (*auth*), upload a TorchScript model
+(*models*), create and start a training with its participants (*trainings*), watch the rounds'
+metrics, then ask the trained model for predictions with uncertainty (*inference*).
+
+Every error has the same JSON shape: `{{"detail": "...", "code": "...", "errors": [...]}}`
+(`errors` only for validation failures); each operation lists its error statuses with an example.
 """
 
+# Workflow order: Swagger UI and ReDoc show the sections in this order.
 TAGS = [
-    {"name": "health", "description": "Liveness and readiness probes."},
     {"name": "auth", "description": "Log in and obtain tokens."},
-    {"name": "billing", "description": "Balances (USD, TOKEN, COUPON), top-ups, coupons, usage charges, "
-     "statements, bills, price list and ledger reconciliation."},
-    {"name": "audit", "description": "Append-only audit log of billing, permission and credential events."},
     {"name": "users", "description": "Users, their profile and their API tokens."},
-    {"name": "organizations", "description": "Organisations, projects, groups, members, roles, invitation links and "
-     "organisation settings (the permission hierarchy)."},
-    {"name": "groups", "description": "DLR-compatible group routes (`/api/groups/`, `/api/users/groups/`)."},
-    {"name": "broker", "description": "DASF message broker: topics, grants, stored messages, availability "
-     "(websockets under /ws/)."},
     {"name": "models", "description": "Global models (TorchScript), their round history, client updates, metrics, "
      "preprocessing and SWAG statistics."},
     {"name": "trainings", "description": "Federated trainings: participants, lifecycle (I/O/S/C/E), rounds, "
      "signed notifications to clients."},
     {"name": "inference", "description": "Predictions with uncertainty (ensembles, MC dropout, SWAG) from "
      "global, mean and SWAG models."},
+    {"name": "broker", "description": "DASF message broker: topics, grants, stored messages, availability "
+     "(websockets under /ws/)."},
+    {"name": "organizations", "description": "Organisations, projects, groups, members, roles, invitation links and "
+     "organisation settings (the permission hierarchy)."},
+    {"name": "groups", "description": "DLR-compatible group routes (`/api/groups/`, `/api/users/groups/`)."},
+    {"name": "billing", "description": "Balances (USD, TOKEN, COUPON), top-ups, coupons, usage charges, "
+     "statements, bills, price list and ledger reconciliation."},
+    {"name": "audit", "description": "Append-only audit log of billing, permission and credential events."},
+    {"name": "health", "description": "Liveness and readiness probes."},
 ]
 
 
@@ -148,6 +158,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _bootstrap_admin(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     if not (settings.admin_username and settings.admin_password):
+        await _hint_first_user(app)
         return
     from flplatform.services.users import ensure_admin
 
@@ -163,6 +174,18 @@ async def _bootstrap_admin(app: FastAPI) -> None:
         log.info("created superuser %s from FLP_ADMIN_USERNAME", user.username)
 
 
+async def _hint_first_user(app: FastAPI) -> None:
+    from sqlalchemy.engine import make_url
+
+    from flplatform.onboarding import first_user_banner, has_active_superuser
+
+    async with app.state.sessionmaker() as session:
+        if await has_active_superuser(session):
+            return
+    database = make_url(app.state.settings.database_url).render_as_string(hide_password=True)
+    log.warning("\n%s", first_user_banner(database))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
@@ -173,10 +196,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=TAGS,
         lifespan=_lifespan,
         generate_unique_id_function=_operation_id,
-        swagger_ui_parameters={"persistAuthorization": True},
+        docs_url=None,  # served by install_docs from the package's own copies of the assets
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_docs(app)
+    install_openapi(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -8,12 +8,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import logging
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from flplatform.settings import get_settings
 
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
+
 Command = Callable[[argparse.Namespace], int]
+log = logging.getLogger("flplatform.cli")
+
+
+def masked_url(url: str) -> str:
+    """A database URL fit for logs: SQLAlchemy's rendering with the password as ***."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -22,10 +35,21 @@ def _serve(args: argparse.Namespace) -> int:
     from flplatform.serving import uvicorn_ws_options
 
     settings = get_settings()
-    if not args.no_migrate:
-        from flplatform.migrate import upgrade
+    # Uvicorn's look, before uvicorn configures its own loggers.
+    logging.basicConfig(level=settings.log_level, format="%(levelname)s:     %(message)s")
+    if settings.log_level != "DEBUG":  # one summary line below instead of Alembic's step-by-step chatter
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    database = masked_url(settings.database_url)
+    if args.no_migrate:
+        log.info("database %s (migrations not applied: --no-migrate)", database)
+    else:
+        from flplatform.migrate import head_revisions, upgrade
 
         upgrade(settings.database_url)
+        log.info("database %s migrated to head %s", database, ", ".join(head_revisions()))
+    shown_host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
+    shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
+    log.info("API docs at http://%s:%d/docs (ReDoc at /redoc, OpenAPI at /openapi.json)", shown_host, args.port)
     uvicorn.run(
         "flplatform.app:create_app",
         factory=True,
@@ -44,7 +68,7 @@ def _migrate(_: argparse.Namespace) -> int:
 
     settings = get_settings()
     upgrade(settings.database_url)
-    print(f"database at {settings.database_url.split('@')[-1]} is at the latest schema")
+    print(f"database {masked_url(settings.database_url)} is at the latest schema")
     return 0
 
 
@@ -96,28 +120,91 @@ def _createuser(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flplatform", description="Federated-learning platform server")
-    sub = parser.add_subparsers(dest="command", required=True)
+def env_var(field: str) -> str:
+    """The environment variable behind a settings field (``database_url`` → ``FLP_DATABASE_URL``)."""
+    from flplatform.settings import Settings
 
-    serve = sub.add_parser("serve", help="apply migrations and serve the API")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (PostgreSQL only)")
-    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
+    assert field in Settings.model_fields, field
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _settings_classes() -> list[tuple[str, type[BaseSettings]]]:
+    from flplatform.broker.config import BrokerConfig
+    from flplatform.services.inference import InferenceSettings
+    from flplatform.settings import Settings
+
+    return [("server", Settings), ("DASF broker", BrokerConfig), ("inference", InferenceSettings)]
+
+
+def settings_help() -> str:
+    """Every FLP_* variable with its default and meaning, from the settings classes themselves."""
+    lines = ["configuration (environment variables, or a .env file in the working directory):"]
+    for title, cls in _settings_classes():
+        prefix = str(cls.model_config.get("env_prefix", "")).upper()
+        lines.append(f" {title}:")
+        for name, field in cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            shown = "unset" if default is None else ("[]" if default == [] else str(default))
+            about = f" — {field.description}" if field.description else ""
+            lines.append(f"  {prefix}{name.upper()} (default: {shown}){about}")
+    return "\n".join(lines)
+
+
+_SETTINGS_EPILOG = "<every FLP_* variable>"
+
+
+class _SettingsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Expands the settings list only when help is shown (it imports the domains' settings)."""
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(settings_help() if text == _SETTINGS_EPILOG else text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flplatform import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="flplatform", description="Federated-learning platform server",
+        epilog="Settings come from FLP_* environment variables; `flplatform serve --help` lists them all. "
+        "Once serving, the API documentation is at http://HOST:PORT/docs.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    database = f"The database is {env_var('database_url')} (default: a SQLite file flplatform.db in the working directory)."
+    serve = sub.add_parser(
+        "serve", help="apply migrations and serve the API (docs at /docs)",
+        description=f"Apply the database migrations, then serve the HTTP API, its websockets and the "
+        f"documentation at /docs and /redoc. {database}",
+        epilog=_SETTINGS_EPILOG, formatter_class=_SettingsHelpFormatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to listen on; 0.0.0.0 for every interface (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="uvicorn worker processes; more than one needs PostgreSQL (default: %(default)s)")
+    serve.add_argument("--no-migrate", action="store_true",
+                       help="do not apply migrations first (default: apply them)")
     serve.set_defaults(func=_serve)
 
-    migrate = sub.add_parser("migrate", help="apply database migrations and exit")
+    migrate = sub.add_parser("migrate", help="apply database migrations and exit",
+                             description=f"Bring the database to the latest schema. {database}")
     migrate.set_defaults(func=_migrate)
 
-    create = sub.add_parser("createuser", help="create a user")
-    create.add_argument("--username", required=True)
-    create.add_argument("--email")
-    create.add_argument("--password", help="prompted for when omitted")
-    create.add_argument("--superuser", action="store_true")
+    create = sub.add_parser(
+        "createuser", help="create a user (the first administrator: --superuser)",
+        description=f"Create a user and print its API token. {database} The first administrator of a new "
+        f"server: `flplatform createuser --superuser --username admin --email admin@example.org`; "
+        f"unattended alternative: {env_var('admin_username')}, {env_var('admin_password')} and "
+        f"{env_var('admin_email')}, read by `serve` at start-up.",
+    )
+    create.add_argument("--username", required=True, help="login name (required)")
+    create.add_argument("--email", help="e-mail address, also accepted as login (default: none)")
+    create.add_argument("--password", help="password (default: prompted for, not echoed)")
+    create.add_argument("--superuser", action="store_true", help="administrator: may do everything")
     create.add_argument("--actor", action="store_true", help="may coordinate trainings")
     create.add_argument("--client", action="store_true", help="takes part in trainings")
-    create.add_argument("--message-endpoint", help="URL that receives training notifications")
+    create.add_argument("--message-endpoint", help="URL that receives training notifications (default: none)")
     create.set_defaults(func=_createuser)
 
     for register in EXTRA_COMMANDS:

@@ -4,7 +4,13 @@ It starts the server in-process on a throwaway SQLite database (a free port), cr
 admin (``FLP_ADMIN_*``), an actor and N clients whose notification endpoints are served by one
 local HTTP server, uploads a small TorchScript CNN, splits scikit-learn's bundled 8×8 digits
 label-skewed (Dirichlet) among the clients, runs the training and prints the global model's
-accuracy and loss on a held-out test set after every round.
+accuracy and loss on a held-out test set after every round, with the seconds each round took.
+
+Reproducible: with the same ``--seed`` (and the same arguments, torch version and machine
+architecture) two runs print the same accuracies and losses bit for bit. The data splits, the
+initial model, each client's batch order and the server's aggregation order are all fixed by
+the seed, whatever order the clients finish in. ``--plot PATH`` draws the curves (matplotlib,
+``pip install 'flplatform[plot]'``).
 """
 
 from __future__ import annotations
@@ -35,19 +41,29 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "train it federated on scikit-learn's bundled 8x8 digits (non-IID split among the clients); "
         "prints the global model's held-out accuracy and loss per round.",
     )
-    demo.add_argument("--method", choices=METHODS, default="FedAvg", help="aggregation method (default FedAvg)")
-    demo.add_argument("--rounds", type=int, default=5, help="aggregation rounds (default 5)")
-    demo.add_argument("--clients", type=int, default=5, help="participants (default 5)")
-    demo.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight (default 0.01)")
-    demo.add_argument("--daisy-chain-period", type=int, default=1, help="FedDC: redistribute every d rounds")
-    demo.add_argument("--aggregation-period", type=int, default=2, help="FedDC: aggregate every b rounds")
-    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
-    demo.add_argument("--epochs", type=int, default=3, help="local epochs per round (default 3)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--method", choices=METHODS, default="FedAvg", help="aggregation method (default: %(default)s)")
+    demo.add_argument("--rounds", type=int, default=5, help="aggregation rounds (default: %(default)s)")
+    demo.add_argument("--clients", type=int, default=5, help="participants (default: %(default)s)")
+    demo.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight (default: %(default)s)")
+    demo.add_argument("--daisy-chain-period", type=int, default=1,
+                      help="FedDC: redistribute every d rounds (default: %(default)s)")
+    demo.add_argument("--aggregation-period", type=int, default=2,
+                      help="FedDC: aggregate every b rounds (default: %(default)s)")
+    demo.add_argument("--alpha", type=float, default=0.5,
+                      help="Dirichlet concentration of the label skew; smaller is more skewed (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=3, help="local epochs per round (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the data split, the model and the training; the same seed gives the same "
+                      "results bit for bit (default: %(default)s)")
     demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    demo.add_argument("--upload-format", choices=("torchscript", "safetensors"), default="torchscript")
-    demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    demo.add_argument("--upload-format", choices=("torchscript", "safetensors"), default="torchscript",
+                      help="how clients upload their updates (default: %(default)s)")
+    demo.add_argument("--timeout", type=float, default=600.0,
+                      help="give up after this many seconds (default: %(default)s)")
     demo.add_argument("--json", type=Path, help="also write the per-round results to this file")
+    demo.add_argument("--plot", type=Path, metavar="PNG",
+                      help="also draw accuracy and loss per round into this PNG (needs matplotlib: "
+                      "pip install 'flplatform[plot]')")
     demo.add_argument("--keep-db", action="store_true", help="keep the temporary database and print its path")
     demo.add_argument("-v", "--verbose", action="store_true", help="log client and server activity")
     demo.set_defaults(func=main)
@@ -57,6 +73,12 @@ def main(args: argparse.Namespace) -> int:
     if args.rounds < 1 or args.clients < 1:
         print("error: --rounds and --clients must be at least 1", file=sys.stderr)
         return 2
+    if args.plot is not None:
+        from flplatform.demo_plot import missing_matplotlib
+
+        if (problem := missing_matplotlib()) is not None:
+            print(f"error: --plot {problem}", file=sys.stderr)
+            return 2
     workdir = Path(tempfile.mkdtemp(prefix="flplatform-demo-"))
     try:
         return asyncio.run(run_demo(args, workdir))
@@ -74,13 +96,20 @@ class RoundRow:
     round: int
     accuracy: float | None = None
     loss: float | None = None
-    client_accuracy: list[tuple[int, float]] = field(default_factory=list)  # (test size, accuracy)
-    train_loss: list[tuple[int, float]] = field(default_factory=list)  # (sample size, loss)
+    seconds: float | None = None  # wall time from the previous global model to this one
+    client_accuracy: list[tuple[str, int, float]] = field(default_factory=list)  # (client, test size, accuracy)
+    train_loss: list[tuple[str, int, float]] = field(default_factory=list)  # (client, sample size, loss)
+
+    @property
+    def train_loss_mean(self) -> float | None:
+        return _weighted(self.train_loss)
 
 
-def _weighted(values: list[tuple[int, float]]) -> float | None:
-    total = sum(n for n, _ in values)
-    return sum(n * v for n, v in values) / total if total else None
+def _weighted(values: list[tuple[str, int, float]]) -> float | None:
+    """Weighted mean, summed in client order (not arrival order) so reruns print the same digits."""
+    ordered = sorted(values)
+    total = sum(n for _, n, _ in ordered)
+    return sum(n * v for _, n, v in ordered) / total if total else None
 
 
 def _configure_server_env(workdir: Path, port: int, verbose: bool) -> tuple[str, str, str]:
@@ -155,6 +184,8 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
 
         rows: dict[int, RoundRow] = {}
         rows_lock = threading.Lock()
+        # When each global model was first seen (round 0: the start of the training).
+        round_marks: dict[int, float] = {}
 
         def row(r: int) -> RoundRow:
             with rows_lock:
@@ -166,11 +197,23 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
             with rows_lock:
                 if current.accuracy is not None:
                     return
+                seconds = mark_round(round_)
                 metrics = digits.evaluate(module, held_out)
                 current.accuracy, current.loss = metrics["accuracy"], metrics["loss"]
             progress.console.print(
                 f"  round {round_}: held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.3f}"
+                + ("" if seconds is None else f" ({seconds:.1f} s)")
             )
+
+        def mark_round(round_: int) -> float | None:
+            """Seconds since the previous round's global model (call with rows_lock held)."""
+            now = time.perf_counter()
+            round_marks.setdefault(round_, now)
+            before = max((r for r in round_marks if r < round_), default=None)
+            if before is None:
+                return None
+            rows.setdefault(round_, RoundRow(round_)).seconds = round_marks[round_] - round_marks[before]
+            return rows[round_].seconds
 
         progress = Progress(
             SpinnerColumn(),
@@ -193,12 +236,12 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
                 central_eval(round_, module)
                 return dict(trainer.test(module, round_, ctx))
 
-            def on_record(run: Any, record: Any, test_size: int = len(local_test)) -> None:
+            def on_record(run: Any, record: Any, test_size: int = len(local_test), name: str = name) -> None:
                 if record.kind == "test":
-                    row(record.round).client_accuracy.append((test_size, record.metrics["accuracy"]))
+                    row(record.round).client_accuracy.append((name, test_size, record.metrics["accuracy"]))
                 elif record.kind == "train":
                     # The update of round r goes into the global model of round r + 1.
-                    row(record.round + 1).train_loss.append((record.sample_size, record.metrics["train_loss"]))
+                    row(record.round + 1).train_loss.append((name, record.sample_size, record.metrics["train_loss"]))
 
             user = await admin.create_user(
                 name, secrets.token_urlsafe(12), client=True, email=f"{name}@example.org",
@@ -231,12 +274,15 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
         if args.method == "FedDC":
             options["daisy_chain_period"] = args.daisy_chain_period
             options["aggregation_period"] = args.aggregation_period
+            options["seed"] = args.seed  # which client continues from which local model
         training_id = await actor.create_training(
             model_id, target_num_updates=args.rounds, clients=[u["id"] for u in client_users],
             aggregation_method=args.method, metric_names=["accuracy", "loss"], options=options,
         )
 
         with progress:
+            with rows_lock:
+                mark_round(0)
             await actor.start_training(training_id)
             final = await actor.wait_for_training(training_id, timeout=args.timeout)
             await asyncio.gather(*(p.wait_finished(training_id, timeout=30) for p in participants), return_exceptions=True)
@@ -248,12 +294,15 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
 
             module = load_module(await actor.download_model(model_id), digits.DigitsCNN())
             metrics = digits.evaluate(module, held_out)
+            with rows_lock:
+                mark_round(final_round)
             row(final_round).accuracy, row(final_round).loss = metrics["accuracy"], metrics["loss"]
 
         table = Table(title=f"Global model on the held-out test set ({len(held_out)} digits) — {args.method}")
         table.add_column("round", justify="right")
         table.add_column("accuracy", justify="right")
         table.add_column("loss", justify="right")
+        table.add_column("seconds", justify="right")
         table.add_column("clients' test accuracy", justify="right")
         table.add_column("clients' train loss", justify="right")
         for r in sorted(rows):
@@ -264,6 +313,7 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
             train_loss = _weighted(current.train_loss)
             table.add_row(
                 str(r), f"{current.accuracy:.4f}", f"{current.loss:.4f}",
+                "–" if current.seconds is None else f"{current.seconds:.1f}",
                 "–" if client_acc is None else f"{client_acc:.4f}",
                 "–" if train_loss is None else f"{train_loss:.4f}",
             )
@@ -278,11 +328,17 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
             args.json.write_text(json.dumps({
                 "method": args.method, "clients": args.clients, "rounds": args.rounds, "seed": args.seed,
                 "state": final.get("state"), "error_reason": final.get("error_reason"), "seconds": elapsed,
-                "rows": [{"round": x.round, "accuracy": x.accuracy, "loss": x.loss,
+                "rows": [{"round": x.round, "accuracy": x.accuracy, "loss": x.loss, "seconds": x.seconds,
                           "clients_test_accuracy": _weighted(x.client_accuracy),
                           "clients_train_loss": _weighted(x.train_loss)} for x in scored],
                 "client_errors": errors,
             }, indent=2))
+        if args.plot is not None and len(scored) > 1:
+            from flplatform.demo_plot import plot_rounds
+
+            plot_rounds(scored, args.plot, title=f"flplatform demo: {args.method}, {args.clients} clients, "
+                        f"seed {args.seed}", held_out=len(held_out))
+            console.print(f"plot written to {args.plot}")
         if final.get("state") != "C":
             console.print(f"[red]training ended in state {final.get('state')}: {final.get('error_reason')}[/]")
             return 1

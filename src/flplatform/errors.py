@@ -8,6 +8,7 @@ clients and the DLR clients look for the message.
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request, status
@@ -31,22 +32,23 @@ class ErrorBody(BaseModel):
     detail: str
     code: str
     errors: list[ErrorItem] | None = None
-
-    model_config = {
-        "json_schema_extra": {"examples": [{"detail": "Model 5f0c… not found.", "code": "not_found"}]}
-    }
+    # No example here: each response carries one of its own status (flplatform.openapi).
 
 
 class AppError(Exception):
     status_code: int = status.HTTP_400_BAD_REQUEST
     code: str = "bad_request"
 
-    def __init__(self, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
         super().__init__(detail)
         self.detail = detail
         if code is not None:
             self.code = code
         self.headers = headers
+        self.extra = extra  # further fields of the body, e.g. OAuth2's error/error_description
 
 
 class BadRequest(AppError):
@@ -110,11 +112,13 @@ _HTTP_CODES = {
 
 def error_response(
     status_code: int, detail: str, code: str, *, errors: list[dict[str, Any]] | None = None,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"detail": detail, "code": code}
     if errors is not None:
         body["errors"] = errors
+    if extra:
+        body.update({k: v for k, v in extra.items() if k not in body})
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
@@ -143,7 +147,7 @@ def _summary(items: list[dict[str, Any]]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        return error_response(exc.status_code, exc.detail, exc.code, headers=exc.headers)
+        return error_response(exc.status_code, exc.detail, exc.code, headers=exc.headers, extra=exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -167,4 +171,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries in the error shape, for route decorators."""
-    return {code: {"model": ErrorBody, "description": _HTTP_CODES.get(code, "Error")} for code in codes}
+    return {code: {"model": ErrorBody, "description": f"{HTTPStatus(code).phrase} (`{_HTTP_CODES.get(code, 'error')}`)"}
+            for code in codes}

@@ -35,6 +35,13 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+def head_revisions() -> list[str]:
+    """The revisions ``upgrade(url)`` brings a database to (one per branch head)."""
+    from alembic.script import ScriptDirectory
+
+    return sorted(ScriptDirectory.from_config(alembic_config("")).get_heads())
+
+
 def upgrade(url: str, target: str = "heads") -> None:
     """Migrate ``url`` to ``target``. Safe to call from inside a running event loop (uses a thread)."""
     try:

@@ -37,23 +37,25 @@ class Settings(BaseSettings):
         description="Server secret (token hashing, token encryption, notification signatures). "
         "Required outside the embedded SQLite default.",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; ['*'] for any")
 
     # Upload limits (bytes).
-    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024)
-    max_json_body_bytes: int = Field(default=16 * 1024**2, ge=1024)
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Largest request body (413 above)")
+    max_json_body_bytes: int = Field(default=16 * 1024**2, ge=1024, description="Largest JSON request body")
 
     # Identity.
     allow_self_registration: bool = Field(
         default=False, description="Let anonymous callers create (non-staff) users with POST /api/users/"
     )
     access_token_ttl_seconds: int = Field(default=24 * 3600, ge=60, description="Lifetime of OAuth2 tokens")
-    argon2_time_cost: int = Field(default=3, ge=1)
-    argon2_memory_cost_kib: int = Field(default=65536, ge=64)
-    admin_username: str | None = None
-    admin_email: str | None = None
-    admin_password: SecretStr | None = None
+    argon2_time_cost: int = Field(default=3, ge=1, description="Argon2 password hashing: iterations")
+    argon2_memory_cost_kib: int = Field(default=65536, ge=64, description="Argon2 password hashing: memory (KiB)")
+    admin_username: str | None = Field(
+        default=None, description="With FLP_ADMIN_PASSWORD: a superuser created at start-up if no user has this name"
+    )
+    admin_email: str | None = Field(default=None, description="E-mail of that superuser")
+    admin_password: SecretStr | None = Field(default=None, description="Password of that superuser")
 
     # Training lifecycle and notifications (services/trainings.py, services/notifications.py).
     notification_timeout_seconds: float = Field(default=5.0, gt=0, description="Per-attempt HTTP timeout")
@@ -82,8 +84,8 @@ class Settings(BaseSettings):
     work_max_attempts: int = Field(default=5, ge=1, description="Claims of one job before it is marked as an error")
 
     # Database pool (PostgreSQL).
-    db_pool_size: int = Field(default=10, ge=1)
-    db_max_overflow: int = Field(default=20, ge=0)
+    db_pool_size: int = Field(default=10, ge=1, description="PostgreSQL connections kept per process")
+    db_max_overflow: int = Field(default=20, ge=0, description="Extra PostgreSQL connections under load")
 
     @field_validator("database_url")
     @classmethod

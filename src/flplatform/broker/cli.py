@@ -36,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("slug", help="topic slug ([-_\\w]+)")
     parser.add_argument("-n", "--new", action="store_true", help="create the topic (error if it exists)")
     parser.add_argument("--public", dest="public", action="store_true", default=None, help="anyone may publish")
-    parser.add_argument("--no-public", dest="public", action="store_false")
+    parser.add_argument("--no-public", dest="public", action="store_false", help="only granted producers may publish")
     parser.add_argument("--dasf", dest="dasf", action="store_true", default=None, help="topic speaks DASF (pinged)")
-    parser.add_argument("--no-dasf", dest="dasf", action="store_false")
+    parser.add_argument("--no-dasf", dest="dasf", action="store_false", help="plain topic (not pinged)")
     parser.add_argument(
         "--anonymous", action="store_true", help="public, and anyone (anonymous included) may consume"
     )

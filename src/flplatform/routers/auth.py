@@ -9,6 +9,7 @@ from flplatform.auth import user_for_password
 from flplatform.billing import audit
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, responses
+from flplatform.onboarding import FIRST_USER_HINT, has_users
 from flplatform.schemas.user import AccessToken
 from flplatform.services import users as user_service
 
@@ -21,7 +22,12 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
     summary="Log in (OAuth2 password flow)",
     description="Exchange username (or email) and password for a bearer token; this is what Swagger UI's "
     "**Authorize** dialog calls. The token expires after `FLP_ACCESS_TOKEN_TTL_SECONDS`.",
-    responses=responses(401, 422),
+    responses={
+        **responses(401, 422),
+        401: {**responses(401)[401], "content": {"application/json": {"example": {
+            "detail": "Invalid username/password.", "code": "invalid_credentials",
+            "error": "invalid_grant", "error_description": "Invalid username/password."}}}},
+    },
 )
 async def login(
     request: Request, session: SessionDep, form: Annotated[OAuth2PasswordRequestForm, Depends()]
@@ -33,9 +39,18 @@ async def login(
             request.app.state.sessionmaker, "auth.login_failed", f"failed login for {form.username[:150]!r}",
             level="WARNING", request=request,
         )
-        raise Unauthorized("Invalid username/password.", code="invalid_credentials")
+        detail = "Invalid username/password."
+        if not await has_users(session):  # a fresh server: say how to make the first user
+            detail = f"{detail} {FIRST_USER_HINT}"
+        raise _login_refused(detail, "invalid_credentials")
     if not user.is_active:
-        raise Unauthorized("User inactive or deleted.", code="user_inactive")
+        raise _login_refused("User inactive or deleted.", "user_inactive")
     ttl = request.app.state.settings.access_token_ttl_seconds
     token = await user_service.create_access_token(session, user, ttl)
     return AccessToken(access_token=token, expires_in=ttl)
+
+
+def _login_refused(detail: str, code: str) -> Unauthorized:
+    """401 in the project's error shape plus RFC 6749 §5.2's ``error``/``error_description``, which
+    OAuth2 clients (Swagger UI's "Auth Error" among them) show to the person logging in."""
+    return Unauthorized(detail, code=code, extra={"error": "invalid_grant", "error_description": detail})

@@ -102,18 +102,24 @@ _UPLOAD_FORM = {
                 "schema": {
                     "type": "object",
                     "required": ["name", "description", "model_file"],
+                    # Examples are what Swagger UI's "Try it out" sends: each must be accepted as it is.
                     "properties": {
-                        "name": {"type": "string"},
-                        "description": {"type": "string"},
+                        "name": {"type": "string", "example": "digits-cnn"},
+                        "description": {"type": "string", "example": "8x8 digits CNN"},
                         "type": {"type": "string", "enum": ["GLOBAL", "SWAG", "MEAN"], "default": "GLOBAL"},
                         "round": {"type": "integer", "default": 0},
-                        "input_shape": {"type": "array", "items": {"type": "string"},
-                                        "description": "Repeated; ints or None/null for free dimensions."},
+                        # One JSON list here (Swagger UI would join a list into one comma-separated field);
+                        # clients may also repeat the field, one dimension each.
+                        "input_shape": {"type": "string", "example": "[null, 4]",
+                                        "description": "The model's input shape as a JSON list, null for free "
+                                        "dimensions (e.g. the batch); or the field repeated, one int or None each."},
                         "model_file": {"type": "string", "format": "binary",
                                        "description": "TorchScript archive (torch.jit.save)."},
-                        "model_preprocessing_file": {"type": "string", "format": "binary"},
-                        "models": {"type": "array", "items": {"type": "string", "format": "uuid"},
-                                   "description": "MEAN only: member global model ids."},
+                        "model_preprocessing_file": {"type": "string", "format": "binary",
+                                                     "description": "Optional TorchScript preprocessing module."},
+                        # No example: an invented id would point nowhere.
+                        "models": {"type": "string", "description": "type=MEAN only, instead of model_file: ids of "
+                                   "the member global models as a JSON list, or the field repeated, one id each."},
                     },
                 }
             },

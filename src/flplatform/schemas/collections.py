@@ -154,4 +154,4 @@ class InvitationAccept(RequestSchema):
     token: Annotated[str, Field(min_length=8, max_length=200)]
     user: UserCreate | None = None
 
-    model_config = {"json_schema_extra": {"examples": [{"token": "inv_…", "user": {"username": "client-7", "password": "a long secret"}}]}}
+    model_config = {"json_schema_extra": {"examples": [{"token": "inv_Xq3v9Tb2Lw8Ke5Rz", "user": {"username": "client-7", "password": "a long secret"}}]}}

@@ -73,6 +73,9 @@ class TrainingOptions(RequestSchema):
         description="After a deadline aggregation: `ignore` keeps late clients, `remove` removes them (CLIENT_REMOVED).",
     )
     skip_model_tests: bool = Field(default=False, description="Skip the MODEL_TEST_ROUND after each aggregation.")
+    seed: int | None = Field(
+        default=None, description="FedDC: seed of the redistribution of the local models (default: from the training id)."
+    )
     uncertainty: UncertaintyOptions = Field(default_factory=UncertaintyOptions)
     aggregator: AggregatorName = Field(  # type: ignore[valid-type]
         default=AggregatorName("fedavg"),  # type: ignore[call-arg]

@@ -416,15 +416,22 @@ def derangement(items: Sequence[uuid.UUID], rng: random.Random) -> list[uuid.UUI
             return perm
 
 
+def participant_order(training: Training) -> Callable[[uuid.UUID], tuple[str, uuid.UUID]]:
+    """Sort key of participant ids that is the same in every run (ids are random, names are chosen)."""
+    names = {user.id: user.username for user in training.participants}
+    return lambda owner: (names.get(owner, ""), owner)
+
+
 async def _daisy_chain_step(session: AsyncSession, training: Training, model: GlobalModel,
                             chosen: dict[uuid.UUID, tuple[uuid.UUID, int]]) -> None:
     """FedDC round without aggregation: every d rounds the local models move to other clients
     (derangement), otherwise each client continues from its own local model."""
     done = model.round + 1 - training.start_round
-    owners = sorted(chosen)
+    owners = sorted(chosen, key=participant_order(training))
     locals_ = [chosen[o][0] for o in owners]
     if done % daisy_chain_period(training) == 0 and len(owners) >= 2:
-        rng = random.Random(f"{training.id}:{model.round}")
+        seed = (training.options or {}).get("seed")
+        rng = random.Random(f"{training.id if seed is None else seed}:{model.round}")
         assigned = derangement(locals_, rng)
     else:
         assigned = locals_
@@ -622,7 +629,10 @@ class TrainingRuntime:
         token = now + dt.timedelta(seconds=self.settings.aggregation_lease_seconds)
         training.locked = True
         training.locked_until = token
-        items = [chosen[k] for k in sorted(chosen)]
+        # Folded in the order of the senders' usernames: float sums depend on the order, and this one
+        # neither depends on arrival times nor on the (random) user ids, so the same updates give the
+        # same global model bit for bit (a seeded `flplatform demo` is reproducible).
+        items = [chosen[k] for k in sorted(chosen, key=participant_order(training))]
         return _Job(kind=kind, model_id=model.id, round=model.round, items=items, token=token)
 
     async def _still_claimed(self, training_id: uuid.UUID, job: _Job) -> bool:

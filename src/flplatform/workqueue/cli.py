@@ -9,17 +9,39 @@ import logging
 import signal
 import sys
 
-from flplatform.settings import get_settings
+from flplatform.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 
+class _KindsHelpFormatter(argparse.HelpFormatter):
+    """Fills ``%(kinds)s`` in a help text with the registered job kinds, only when help is shown
+    (finding them imports every domain, torch included)."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if action.help and "%(kinds)s" in action.help:
+            from flplatform.workqueue.registry import registered_kinds
+
+            load_handlers()
+            action.help = action.help.replace("%(kinds)s", ", ".join(sorted(registered_kinds())))
+        return super()._expand_help(action)
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    worker = sub.add_parser("worker", help="run a work-queue worker (no HTTP server) until SIGINT/SIGTERM")
-    worker.add_argument("--name", help="Server name (default: host:pid:random)")
-    worker.add_argument("--concurrency", type=int, help="jobs at a time (default FLP_WORKER_CONCURRENCY)")
-    worker.add_argument("--kinds", help="comma-separated job kinds to take (default: every registered kind)")
-    worker.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
+    from flplatform.cli import env_var
+
+    worker = sub.add_parser(
+        "worker", help="run a work-queue worker (no HTTP server) until SIGINT/SIGTERM",
+        description=__doc__.replace("``", "`"), formatter_class=_KindsHelpFormatter,
+    )
+    worker.add_argument("--name", help="worker name shown in the jobs table (default: host:pid:random)")
+    worker.add_argument(
+        "--concurrency", type=int,
+        help=f"jobs at a time (default: {env_var('worker_concurrency')}, which defaults to "
+        f"{Settings.model_fields['worker_concurrency'].default})",
+    )
+    worker.add_argument("--kinds", help="comma-separated job kinds to take, of: %(kinds)s (default: all of them)")
+    worker.add_argument("--no-migrate", action="store_true", help="do not apply migrations first (default: apply them)")
     worker.set_defaults(func=_worker)
 
 
@@ -44,6 +66,13 @@ def _worker(args: argparse.Namespace) -> int:
         print("note: SQLite has one writer; for several workers use PostgreSQL (FLP_DATABASE_URL)", file=sys.stderr)
     load_handlers()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+    from flplatform.workqueue.registry import registered_kinds
+
+    unknown = sorted(set(kinds or ()) - set(registered_kinds()))
+    if unknown:
+        print(f"error: unknown job kind(s) {', '.join(unknown)}; known: {', '.join(sorted(registered_kinds()))}",
+              file=sys.stderr)
+        return 2
     asyncio.run(_run(args.name, args.concurrency, kinds))
     return 0
 
