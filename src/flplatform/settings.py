@@ -11,12 +11,11 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_FILE = "flplatform.db"
-_DEV_SECRET_FILE = ".flplatform-secret"
+DEFAULT_SECRET_FILE = ".flplatform-secret"
 
 
-def _default_secret() -> str:
+def _default_secret(path: Path) -> str:
     """A per-checkout secret for the embedded default, kept in a file so restarts keep tokens valid."""
-    path = Path(_DEV_SECRET_FILE)
     if path.exists():
         return path.read_text().strip()
     value = secrets.token_urlsafe(48)
@@ -36,6 +35,11 @@ class Settings(BaseSettings):
         default=None,
         description="Server secret (token hashing, token encryption, notification signatures). "
         "Required outside the embedded SQLite default.",
+    )
+    secret_file: Path = Field(
+        default=Path(DEFAULT_SECRET_FILE),
+        description="Where the embedded SQLite default keeps its generated secret when FLP_SECRET_KEY is unset "
+        "(relative paths: from the working directory; the container image uses its /data volume).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; ['*'] for any")
@@ -107,7 +111,7 @@ class Settings(BaseSettings):
             return self.secret_key.get_secret_value()
         if not self.is_sqlite:
             raise RuntimeError("FLP_SECRET_KEY must be set when running on PostgreSQL")
-        return _default_secret()
+        return _default_secret(self.secret_file)
 
 
 @lru_cache
