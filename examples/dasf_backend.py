@@ -11,7 +11,7 @@ Both sides add ``--header '{"authorization": "Token <key>"}'`` on a private topi
 
 from demessaging import main
 
-__all__ = ["hello_world", "add"]
+__all__ = ["add", "hello_world"]
 
 
 def hello_world() -> str:

@@ -33,13 +33,13 @@ VENV = Path(sys.prefix)  # the environment running the tests plays the README's 
 def section(title: str, text: str | None = None) -> str:
     """The body of README's ``## title`` section, up to the next ``## ``."""
     text = README.read_text() if text is None else text
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.DOTALL | re.MULTILINE)
     assert match, f"README.md has no '## {title}' section"
     return match.group(1)
 
 
 def bash_blocks(body: str) -> list[str]:
-    return re.findall(r"^```bash\n(.*?)^```", body, re.S | re.M)
+    return re.findall(r"^```bash\n(.*?)^```", body, re.DOTALL | re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- the quick-starts, run
@@ -165,13 +165,13 @@ def test_quickstarts_reach_a_finished_training_an_uncertain_prediction_and_a_das
         server_log.close()
 
     # The training finished its three rounds, both participants took part in each.
-    assert re.search(r"^training [0-9a-f-]+ completed 3 rounds", output, re.M), output[-3000:]
+    assert re.search(r"^training [0-9a-f-]+ completed 3 rounds", output, re.MULTILINE), output[-3000:]
     for round_ in (1, 2, 3):
-        assert re.search(rf"^round {round_}: accuracy 0\.\d+, loss \d+\.\d+ \(mean over 2 ", output, re.M), output
+        assert re.search(rf"^round {round_}: accuracy 0\.\d+, loss \d+\.\d+ \(mean over 2 ", output, re.MULTILINE), output
     for name in ("alice", "bob"):
         assert f"{name}: training finished" in output
         assert f"{name}: round 2: trained on" in output
-    final = float(re.search(r"^round 3: accuracy (0\.\d+)", output, re.M).group(1))
+    final = float(re.search(r"^round 3: accuracy (0\.\d+)", output, re.MULTILINE).group(1))
     assert final > 0.5, output
 
     # The prediction came with its uncertainty, from 20 MC-dropout passes over the 5 digits.
@@ -183,8 +183,8 @@ def test_quickstarts_reach_a_finished_training_an_uncertain_prediction_and_a_das
     assert str(answer["prediction"]) in output and str(entropy) in output
 
     # The broker: the public topic's backend added, the private topic's backend said hello.
-    assert re.search(r"^42$", output, re.M), output[-3000:]
-    assert re.search(r'^"Hello World!"$', output, re.M), output[-3000:]
+    assert re.search(r"^42$", output, re.MULTILINE), output[-3000:]
+    assert re.search(r'^"Hello World!"$', output, re.MULTILINE), output[-3000:]
 
 
 # --------------------------------------------------------------------------- promises without a server
@@ -193,7 +193,7 @@ def test_quickstarts_reach_a_finished_training_an_uncertain_prediction_and_a_das
 def test_readme_is_an_onboarding_page() -> None:
     text = README.read_text()
     assert len(text.encode()) <= 15 * 1024, f"README.md has {len(text.encode())} bytes (at most 15 KiB)"
-    headings = re.findall(r"^## (.+)$", text, re.M)
+    headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
     assert headings[:3] == ["Two commands on a fresh machine", "Quick start: a federated training in five minutes",
                             "Broker quick-start"], headings
     assert "```mermaid" in text and "](docs/img/demo-accuracy.png)" in text

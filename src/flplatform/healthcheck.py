@@ -26,7 +26,7 @@ DEFAULT_URL = "http://127.0.0.1:8000/health"
 def check_serve(url: str, timeout: float = 5.0) -> str | None:
     """None when ``url`` answers 200; otherwise why not."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - the operator's URL
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return None if response.status == 200 else f"{url} answered {response.status}"
     except (urllib.error.URLError, OSError) as exc:
         return f"{url}: {exc}"
@@ -35,6 +35,7 @@ def check_serve(url: str, timeout: float = 5.0) -> str | None:
 async def check_worker(host: str | None = None) -> str | None:
     """None when a worker named after ``host`` (default: this host) has a recent heartbeat."""
     from sqlalchemy import func, select
+    from sqlalchemy.exc import SQLAlchemyError
 
     from flplatform.db import create_engine
     from flplatform.orm.base import utcnow
@@ -57,21 +58,25 @@ async def check_worker(host: str | None = None) -> str | None:
                            Server.last_seen_at >= since)
                 )
             ).scalar_one()
-    except Exception as exc:  # an unreachable database is an unhealthy worker, not a crash
+    except (SQLAlchemyError, OSError) as exc:  # an unreachable database: unhealthy, not a crash
         return f"database: {type(exc).__name__}: {exc}"
     finally:
         await engine.dispose()
     return None if alive else f"no worker of host {host!r} has a heartbeat since {since:%H:%M:%S} UTC"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flplatform.healthcheck", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     serve = sub.add_parser("serve", help="the server's /health answers 200")
     serve.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
     worker = sub.add_parser("worker", help="a worker of this host has a recent heartbeat")
     worker.add_argument("--host", help="host name the worker's name starts with (default: this host)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     problem = check_serve(args.url) if args.what == "serve" else asyncio.run(check_worker(args.host))
     if problem is not None:
         print(f"unhealthy: {problem}", file=sys.stderr)
