@@ -111,6 +111,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # two trainings' worth of work on a busy 2-core machine stays well below
 def test_quickstarts_reach_a_finished_training_an_uncertain_prediction_and_a_dasf_call(
     tmp_path: Path, newcomer_env: dict[str, str]
 ) -> None:
