@@ -201,7 +201,7 @@ def test_readme_is_an_onboarding_page() -> None:
     assert "flplatform.client" in text and "uncertainty_method=MC_DROPOUT" in text
     # The reference moved to docs/: the README links every page of it.
     for page in sorted(DOCS.glob("*.md")):
-        assert f"(docs/{page.name}" in text, f"README does not link docs/{page.name}"
+        assert f"(docs/{page.name}" in text, f"README does not link docs/{page.name}: add it to the feature map"
 
 
 def test_command_2_is_what_ci_runs_and_both_commands_use_the_constraints() -> None:
