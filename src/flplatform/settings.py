@@ -31,15 +31,15 @@ class Settings(BaseSettings):
         default=f"sqlite+aiosqlite:///{DEFAULT_SQLITE_FILE}",
         description="SQLAlchemy async URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user:pw@host/db",
     )
-    secret_key: SecretStr | None = Field(
-        default=None,
-        description="Server secret (token hashing, token encryption, notification signatures). "
-        "Required outside the embedded SQLite default.",
-    )
     secret_file: Path = Field(
         default=Path(DEFAULT_SECRET_FILE),
         description="Where the embedded SQLite default keeps its generated secret when FLP_SECRET_KEY is unset "
         "(relative paths: from the working directory; the container image uses its /data volume).",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Server secret (token hashing, token encryption, notification signatures). "
+        "Required outside the embedded SQLite default.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; ['*'] for any")
