@@ -133,6 +133,22 @@ def test_image_command_serves_as_an_unprivileged_user_from_a_read_only_directory
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_generated_secret_goes_to_flp_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flplatform.settings import Settings
+
+    monkeypatch.delenv("FLP_SECRET_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    monkeypatch.setenv("FLP_SECRET_FILE", str(volume / "secret"))
+    settings = Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{volume / 'db.sqlite'}")
+    secret = settings.secret()
+    assert (volume / "secret").read_text().strip() == secret and len(secret) >= 32
+    assert (volume / "secret").stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / ".flplatform-secret").exists()  # nothing in the working directory
+    assert Settings(_env_file=None, database_url=settings.database_url).secret() == secret  # kept across restarts
+
+
 # --------------------------------------------------------------------------- compose.yaml
 
 
