@@ -194,6 +194,25 @@ def test_compose_commands_and_healthchecks_parse_with_the_real_parsers(compose: 
     assert f":{serve.port}/health" in services["serve"]["healthcheck"]["test"][-1]
 
 
+def test_readme_deployment_line_writes_the_secrets_compose_requires(compose: dict, tmp_path: Path) -> None:
+    """README's one-line deployment, up to `docker compose up` (no daemon here): the .env it writes
+    holds exactly the variables compose.yaml refuses to start without, each a fresh random value."""
+    from tests.test_readme import bash_blocks, section
+
+    [line] = bash_blocks(section("Deployment in one line"))
+    write_env, _, rest = line.strip().rpartition(" && ")
+    assert rest == "docker compose up -d"
+    envs = []
+    for _ in range(2):
+        subprocess.run(["bash", "-c", write_env], cwd=tmp_path, check=True)
+        envs.append(dict(item.split("=", 1) for item in (tmp_path / ".env").read_text().split()))
+    required = set(re.findall(r"\$\{(\w+):\?", (REPO / "compose.yaml").read_text()))
+    assert set(envs[0]) == required == {"FLP_SECRET_KEY", "POSTGRES_PASSWORD"}
+    assert all(len(value) >= 32 for value in envs[0].values())
+    assert envs[0]["FLP_SECRET_KEY"] != envs[1]["FLP_SECRET_KEY"]
+    assert ".env" in (REPO / ".gitignore").read_text().splitlines()
+
+
 def test_compose_flp_variables_are_settings_and_valid(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from flplatform.broker.config import BrokerConfig
     from flplatform.services.inference import InferenceSettings
