@@ -52,6 +52,9 @@ def test_dockerfile_pins_installs_and_keeps_state_in_the_data_volume(dockerfile:
     assert user not in ("root", "0") and any("useradd" in run and user in run for run in runs)
     [healthcheck] = instructions(dockerfile, "HEALTHCHECK")
     assert "/health" in healthcheck and "flplatform.healthcheck" in healthcheck
+    # Secrets and local state never travel into the build context.
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    assert {".env", ".flplatform-secret", "*.db", ".venv"} <= set(ignored)
 
 
 def _as_unprivileged(command: list[str]) -> list[str]:
