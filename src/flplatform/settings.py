@@ -11,12 +11,11 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_FILE = "flplatform.db"
-_DEV_SECRET_FILE = ".flplatform-secret"
+DEFAULT_SECRET_FILE = ".flplatform-secret"
 
 
-def _default_secret() -> str:
+def _default_secret(path: Path) -> str:
     """A per-checkout secret for the embedded default, kept in a file so restarts keep tokens valid."""
-    path = Path(_DEV_SECRET_FILE)
     if path.exists():
         return path.read_text().strip()
     value = secrets.token_urlsafe(48)
@@ -31,6 +30,11 @@ class Settings(BaseSettings):
     database_url: str = Field(
         default=f"sqlite+aiosqlite:///{DEFAULT_SQLITE_FILE}",
         description="SQLAlchemy async URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user:pw@host/db",
+    )
+    secret_file: Path = Field(
+        default=Path(DEFAULT_SECRET_FILE),
+        description="Where the embedded SQLite default keeps its generated secret when FLP_SECRET_KEY is unset "
+        "(relative paths: from the working directory; the container image uses its /data volume).",
     )
     secret_key: SecretStr | None = Field(
         default=None,
@@ -109,7 +113,7 @@ class Settings(BaseSettings):
             return self.secret_key.get_secret_value()
         if not self.is_sqlite:
             raise RuntimeError("FLP_SECRET_KEY must be set when running on PostgreSQL")
-        return _default_secret()
+        return _default_secret(self.secret_file)
 
 
 @lru_cache

@@ -1,5 +1,5 @@
 """Property test: on random organisation trees, memberships, roles, models, trainings and topics,
-the policy's SQL clauses, its ``can_read`` booleans and a plain in-memory oracle (the README's
+the policy's SQL clauses, its ``can_read`` booleans and a plain in-memory oracle (docs/permissions.md's
 permission table written as Python) give the same answers — for every requester, on SQLite and
 PostgreSQL. ``users_without_role`` (training creation's ``has_role_for_user``) is checked too.
 
@@ -120,7 +120,7 @@ def graphs(draw: Any) -> Graph:
 
 
 class Oracle:
-    """The README's permission table, in plain Python over the graph."""
+    """The permission table of docs/permissions.md, in plain Python over the graph."""
 
     def __init__(self, graph: Graph):
         self.g = graph

@@ -1,5 +1,5 @@
 """Models, trainings, metrics and broker topics inside organisations, over HTTP: who creates,
-reads, manages and deletes (the README's permission table), 403 for visible objects the caller
+reads, manages and deletes (the permission table in docs/permissions.md), 403 for visible objects the caller
 may not change, 404 for objects they may not see, and the participant rules of training creation
 (a role for every participant, nobody from another organisation)."""
 

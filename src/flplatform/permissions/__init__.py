@@ -33,7 +33,7 @@ has_org_role_clause(r)))`` and whose booleans test the same on the object, regis
 Building blocks for clauses are in ``flplatform.permissions.collections``
 (``role_collections``, ``has_role_clause``, ``has_org_role_clause``, ``managed_collections``).
 
-The permission table is in README.md, section "Permissions".
+The permission table is in docs/permissions.md.
 """
 
 from __future__ import annotations

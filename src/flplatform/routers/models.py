@@ -134,7 +134,7 @@ _UPLOAD_FORM = {
             description="Every model the caller may read (never the weights): their own, those of the trainings "
             "they act in or take part in (with the local updates of those trainings), and for organisation "
             "admins and organisation coaches every model of the organisation; superusers see all. Never "
-            "another organisation's (README, Permissions).", responses=responses(401))
+            "another organisation's (docs/permissions.md).", responses=responses(401))
 async def list_models(requester: AuthenticatedRequester) -> list[ModelRead]:
     return await model_service.describe_many(requester.session, await model_service.list_models(requester))
 

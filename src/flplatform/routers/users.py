@@ -37,7 +37,7 @@ def _read(user: User, token: str | None = None) -> UserRead:
     "/",
     response_model=list[UserRead],
     summary="List users",
-    description="The users the caller may see (see README, Permissions), ordered by creation; "
+    description="The users the caller may see (see docs/permissions.md), ordered by creation; "
     "`X-Total-Count` carries the total.",
     responses=responses(401),
 )
