@@ -34,7 +34,9 @@ class UserCreate(RequestSchema):
     last_name: Name = ""
     profile: Annotated[str, Field(max_length=10_000)] = ""
     message_endpoint: AnyHttpUrl | None = Field(
-        default=None, description="URL that receives training notifications (JSON POSTs)."
+        default=None, description="URL that receives training notifications (JSON POSTs). No user info; hosts on "
+        "loopback, link-local, multicast or other non-public addresses are refused (422) unless the operator "
+        "allowlists them (FLP_NOTIFICATION_ALLOWED_NETWORKS).",
     )
     actor: bool = False
     client: bool = False

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from flplatform.errors import Unprocessable
 from flplatform.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -148,6 +149,16 @@ class EndpointPolicy:
         for address in addresses:
             self.check_address(address)
         return addresses
+
+
+def validate_message_endpoint(url: object, settings: Settings) -> None:
+    """Registration/update check of a ``message_endpoint`` (None passes): 422 when refused."""
+    if url is None:
+        return
+    try:
+        EndpointPolicy.from_settings(settings).check_url(str(url))
+    except EndpointRefused as exc:
+        raise Unprocessable(str(exc), code="message_endpoint_refused") from None
 
 
 def parse_ip_literal(host: str) -> IPAddress | None:
