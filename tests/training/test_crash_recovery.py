@@ -30,7 +30,14 @@ from flplatform.services.trainings import AGGREGATE_JOB, runtime_of
 from flplatform.services.users import create_user
 from flplatform.settings import Settings
 from tests.scale.harness import fleet, server_env
-from tests.training.conftest import as_safetensors, create_training, post_update, shifted, state_of, upload_global
+from tests.training.conftest import (
+    as_safetensors,
+    create_training,
+    post_update,
+    shifted,
+    state_of,
+    upload_global,
+)
 from tests.training.live import make_users
 from tests.training.test_lifecycle_api import wait_training
 
