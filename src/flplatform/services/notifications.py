@@ -92,6 +92,14 @@ def payload(notification_type: str, training_id: uuid.UUID, body: dict[str, Any]
     )
 
 
+def client_removed_body(model_id: uuid.UUID, round_: int, reason: str) -> dict[str, Any]:
+    """CLIENT_REMOVED's body: the keys of the other notifications (``global_model_uuid``,
+    ``round``) plus ``notification_type`` and ``data``, which the reference client's handler
+    reads for a type it does not know (``body["data"]``; without them it fails with 500)."""
+    details = {"global_model_uuid": str(model_id), "round": round_, "reason": reason}
+    return {**details, "notification_type": CLIENT_REMOVED, "data": details}
+
+
 def enqueue(
     session: AsyncSession,
     training_id: uuid.UUID,

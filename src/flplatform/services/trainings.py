@@ -214,17 +214,19 @@ async def remove_participants(session: AsyncSession, training: Training, ids: Se
     gone = [u for u in users if u.id in present]
     if not gone:
         return []
-    await _remove(session, training, gone)
+    await _remove(session, training, gone, "Removed from the training by its actor or an administrator.")
     return gone
 
 
-async def _remove(session: AsyncSession, training: Training, users: Sequence[User]) -> None:
+async def _remove(session: AsyncSession, training: Training, users: Sequence[User], reason: str) -> None:
     ids = [u.id for u in users]
     training.participants = [u for u in training.participants if u.id not in ids]
     for user_id in ids:
         await notify.drop_pending_for(session, training.id, user_id)
     if training.state in ACTIVE_STATES:
-        notify.enqueue(session, training.id, users, notify.CLIENT_REMOVED, {})
+        model = await global_model(session, training.model_id)
+        notify.enqueue(session, training.id, [u for u in users if u.notify_client_removed], notify.CLIENT_REMOVED,
+                       notify.client_removed_body(model.id, model.round, reason))
     training.last_update = utcnow()
     await session.flush()
 
@@ -567,7 +569,7 @@ class TrainingRuntime:
             log.info("training %s: deadline passed, aggregating %d of %d %s", training.id, len(arrived), len(members), what)
             if opts.get("straggler_policy") == "remove" and stragglers:
                 users = [u for u in training.participants if u.id in stragglers]
-                await _remove(session, training, users)
+                await _remove(session, training, users, "Removed after missing the round deadline.")
             return arrived
         await _fail(
             session, training,
@@ -686,7 +688,7 @@ class TrainingRuntime:
         user = next((u for u in training.participants if u.id == user_id), None)
         if user is not None:
             log.warning("training %s: removing client %s (%s)", training_id, user_id, reason)
-            await _remove(session, training, [user])
+            await _remove(session, training, [user], "Removed after rejecting a round notification.")
 
     async def client_unreachable(self, session: AsyncSession, training_id: uuid.UUID, reason: str) -> None:
         try:
