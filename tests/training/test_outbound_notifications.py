@@ -237,3 +237,58 @@ async def test_error_reason_is_the_same_for_a_closed_port_and_a_stalled_peer(cli
     reason = reasons["closed"].lower()
     for detail in ("refused", "timed out", "timeout", "connect", "errno", "127.0.0.1", "169.254"):
         assert detail not in reason, reason
+
+
+@pytest.mark.postgres_only
+@_on_premise()
+async def test_two_processes_keep_each_recipients_order(db_url, settings):
+    """Two dispatchers (as two server processes: separate engines) share one outbox: every
+    notification is delivered once, each recipient's in id order, a slow recipient's lane
+    alongside a fast one's."""
+
+    async def slowly(endpoint: Any, reader: Any, writer: Any) -> None:
+        await asyncio.sleep(0.05)
+        await answer(200)(endpoint, reader, writer)
+
+    engine = create_engine(db_url)
+    maker = create_sessionmaker(engine)
+    async with serving(slowly) as slow, serving(answer(200)) as fast:
+        from flplatform.orm import User
+
+        async with maker() as session:
+            users = [User(username=f"order-{i}", client=True) for i in range(2)]
+            session.add_all(users)
+            await session.flush()
+            for seq in range(12):
+                for user, endpoint in zip(users, (slow, fast), strict=True):
+                    session.add(Notification(recipient_id=user.id, endpoint=endpoint.url(), payload=f'{{"seq":{seq}}}',
+                                             notification_type="TRAINING_START", critical=False, attempts=0,
+                                             status=NotificationStatus.PENDING, next_attempt_at=notify.utcnow()))
+            await session.commit()
+
+        async def ignore(*_args: Any) -> None:
+            return None
+
+        engines = [create_engine(db_url) for _ in range(2)]
+        dispatchers = [notify.Dispatcher(create_sessionmaker(e), settings, on_rejected=ignore, on_failed=ignore,
+                                         after_change=lambda _t: None) for e in engines]
+        runners = [asyncio.create_task(d.run()) for d in dispatchers]
+        try:
+            for _ in range(400):
+                if len(slow.requests) >= 12 and len(fast.requests) >= 12:
+                    break
+                for d in dispatchers:
+                    d.kick()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # a duplicate would show up now
+        finally:
+            for runner in runners:
+                runner.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+            for e in engines:
+                await e.dispose()
+    await engine.dispose()
+    assert [body["seq"] for _, body in slow.requests] == list(range(12))
+    assert [body["seq"] for _, body in fast.requests] == list(range(12))
+    # The fast recipient did not wait for the slow one.
+    assert fast.requests[-1][0] < slow.requests[-1][0]
