@@ -141,8 +141,8 @@ async def _drain(db_url: str, settings: Settings, ids: list[int]) -> dict[int, t
             await asyncio.sleep(0.05)
         raise AssertionError(f"outbox not drained: {rows}")
     finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
+        dispatcher.stop()
+        await asyncio.wait_for(runner, timeout=10)
         await engine.dispose()
 
 
@@ -282,9 +282,9 @@ async def test_two_processes_keep_each_recipients_order(db_url, settings):
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)  # a duplicate would show up now
         finally:
-            for runner in runners:
-                runner.cancel()
-            await asyncio.gather(*runners, return_exceptions=True)
+            for d in dispatchers:
+                d.stop()
+            await asyncio.wait_for(asyncio.gather(*runners), timeout=10)
             for e in engines:
                 await e.dispose()
     await engine.dispose()

@@ -168,22 +168,35 @@ class Dispatcher:
         self._policy = outbound.EndpointPolicy.from_settings(settings)
         self._is_postgres = not settings.is_sqlite
         self._lanes: dict[Any, asyncio.Task[None]] = {}
+        self._exchanges: set[asyncio.Future[outbound.Outcome]] = set()
+        self._stopping = False
         # A claim outlives any attempt (deadline + bookkeeping); then another process may retry.
         self._claim_seconds = max(_CLAIM_SECONDS, 4 * settings.notification_timeout_seconds)
 
     def kick(self) -> None:
         self._wake.set()
 
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish: HTTP exchanges in flight are abandoned (their rows stay
+        claimed and are retried once the claim expires), database work is completed, so no
+        database call is ever cut off mid-way (aiosqlite does not survive that well)."""
+        self._stopping = True
+        for exchange in list(self._exchanges):
+            exchange.cancel()
+        self.kick()
+
     async def run(self) -> None:
         async with outbound.guarded_client(self.settings) as http:
             self._http = http
             try:
-                while True:
+                while not self._stopping:
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout=self.settings.training_sweep_interval_seconds)
                     except TimeoutError:
                         pass
                     self._wake.clear()
+                    if self._stopping:
+                        break
                     try:
                         await self.fill()
                     except asyncio.CancelledError:
@@ -191,15 +204,13 @@ class Dispatcher:
                     except Exception:
                         log.exception("notification dispatch failed; retrying on the next sweep")
             finally:
-                lanes = list(self._lanes.values())
-                for lane in lanes:
-                    lane.cancel()
-                await asyncio.gather(*lanes, return_exceptions=True)
+                self.stop()
+                await asyncio.gather(*list(self._lanes.values()), return_exceptions=True)
 
     async def fill(self) -> int:
         """Start a lane for each recipient whose next notification is due; returns how many."""
         free = self.settings.notification_max_in_flight - len(self._lanes)
-        if free <= 0:
+        if free <= 0 or self._stopping:
             return 0
         rows = await self._claim(limit=free, busy=[k for k in self._lanes if isinstance(k, uuid.UUID)])
         for row in rows:
@@ -220,7 +231,9 @@ class Dispatcher:
             while row is not None:
                 if not await self._deliver(row):
                     return  # retry scheduled: the recipient's later notifications wait behind it
-                row = await self._claim_next(row.recipient_id) if row.recipient_id is not None else None
+                if self._stopping or row.recipient_id is None:
+                    return
+                row = await self._claim_next(row.recipient_id)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -294,16 +307,26 @@ class Dispatcher:
             SIGNATURE_HEADER: signature(row.recipient_id, timestamp, body),
         }
         assert self._http is not None
+        exchange: asyncio.Future[outbound.Outcome] | None = None
         try:
             self._policy.check_url(row.endpoint)  # rows written before the guard, or settings changed since
-            outcome = await outbound.post_bounded(
+            exchange = asyncio.ensure_future(outbound.post_bounded(
                 self._http, row.endpoint, content=body, headers=headers,
                 deadline_seconds=self.settings.notification_timeout_seconds,
                 max_response_bytes=self.settings.notification_max_response_bytes,
-            )
+            ))
+            self._exchanges.add(exchange)
+            outcome = await exchange
+        except asyncio.CancelledError:
+            if self._stopping and exchange is not None and exchange.cancelled():
+                return False  # shutting down: the row stays claimed and is retried after the claim expires
+            raise
         except (TimeoutError, httpx.HTTPError, ValueError, OSError) as exc:
             detail = "deadline exceeded" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             return await self._transport_failure(row, detail[:500])
+        finally:
+            if exchange is not None:
+                self._exchanges.discard(exchange)
         if 200 <= outcome.status_code < 300:
             await self._finish(row.id, NotificationStatus.SENT, status_code=outcome.status_code)
             return True

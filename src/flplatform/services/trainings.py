@@ -809,6 +809,10 @@ async def training_component(app: FastAPI) -> AsyncIterator[TrainingRuntime]:
     try:
         yield runtime
     finally:
+        # The dispatcher stops between database calls (a cancelled aiosqlite call can hang the
+        # connection's close); it is cancelled only if that takes longer than a few seconds.
+        runtime.dispatcher.stop()
+        await asyncio.wait([loops[0]], timeout=5)
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
