@@ -52,9 +52,9 @@ def _settings(db_url: str, **fields: Any) -> Settings:
 async def _running(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     """One server lifetime: start-up (recovery runs here), requests, shutdown."""
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as http:
-            yield app, http
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        yield app, http
 
 
 async def _accounts(app: Any) -> tuple[dict[str, str], list[tuple[str, dict[str, str]]]]:
