@@ -172,13 +172,23 @@ async def test_allowlisted_loopback_is_delivered(db_url, settings):
         assert [s for s, _ in (await _drain(db_url, everything, ids)).values()] == [NotificationStatus.FAILED]
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 async def test_huge_answer_is_not_read(db_url, settings):
     allowing = settings.model_copy(update={"notification_allowed_networks": [ipaddress.ip_network("127.0.0.0/8")],
                                            "notification_timeout_seconds": 10.0})
     async with serving(huge_body()) as endpoint:
         engine, ids = await _outbox(db_url, [endpoint.url(), endpoint.url()])
         await engine.dispose()
+        rss_before = _rss_mib()
         outcome = await _drain(db_url, allowing, ids)
+        print(f"RSS {rss_before:.0f} -> {_rss_mib():.0f} MiB while answering two 1 GiB responses")
         for _ in range(100):  # the server notices the hang-up on its next write
             if len(endpoint.closed_after) == 2:
                 break
