@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import ssl
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -96,9 +95,9 @@ class EndpointPolicy:
     def check_address(self, address: IPAddress) -> None:
         if not self.address_allowed(address):
             raise EndpointRefused(
-                "message_endpoint must not point to a loopback, link-local, private-use, multicast or otherwise "
-                "non-public address (the server's operator can allow networks with "
-                "FLP_NOTIFICATION_ALLOWED_NETWORKS)."
+                "message_endpoint must not point to an internal address (loopback, link-local, cloud metadata, "
+                "unspecified, multicast or other non-public ranges this server refuses); the server's operator "
+                "can allow networks with FLP_NOTIFICATION_ALLOWED_NETWORKS."
             )
 
     def check_url(self, url: str) -> tuple[str, int]:
@@ -214,7 +213,7 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
         # trust_env=False: no proxy from the environment (a proxy would resolve and connect
         # itself, bypassing the address check) and no .netrc credentials.
         super().__init__(trust_env=False, limits=limits)
-        ssl_context = ssl.create_default_context()
+        ssl_context = httpx.create_ssl_context()  # httpx's own defaults (certifi CA bundle, SSL_CERT_FILE)
         # httpx's transport keeps its connection pool in ``_pool``; ours differs only by the
         # guarded network backend (httpcore's public parameter for exactly this).
         self._pool = httpcore.AsyncConnectionPool(
