@@ -26,6 +26,9 @@ from typing import Any
 os.environ.setdefault("FLP_ARGON2_TIME_COST", "1")
 os.environ.setdefault("FLP_ARGON2_MEMORY_COST_KIB", "64")
 os.environ.setdefault("FLP_SECRET_KEY", "test-secret-key-not-for-production")
+# Test clients' notification endpoints listen on loopback, which the SSRF guard refuses unless
+# allowlisted (as a one-host install would); tests of the guard itself pass an empty list.
+os.environ.setdefault("FLP_NOTIFICATION_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")
 os.environ.pop("FLP_DATABASE_URL", None)
 
 import httpx  # noqa: E402

@@ -98,9 +98,11 @@ def _createuser(args: argparse.Namespace) -> int:
         from flplatform.db import create_engine, create_sessionmaker
         from flplatform.migrate import upgrade
         from flplatform.orm import User
+        from flplatform.services.outbound import validate_message_endpoint
         from flplatform.services.users import create_user
 
         settings = get_settings()
+        validate_message_endpoint(data.message_endpoint, settings)
         upgrade(settings.database_url)
         engine = create_engine(settings)
         try:

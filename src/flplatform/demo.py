@@ -127,6 +127,8 @@ def _configure_server_env(workdir: Path, port: int, verbose: bool) -> tuple[str,
             # Throwaway accounts: cheap password hashing keeps start-up quick.
             "FLP_ARGON2_TIME_COST": "1",
             "FLP_ARGON2_MEMORY_COST_KIB": "8192",
+            # The demo's participants listen on this machine's loopback interface.
+            "FLP_NOTIFICATION_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
         }
     )
     from flplatform.settings import get_settings

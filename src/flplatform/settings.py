@@ -5,10 +5,10 @@ from __future__ import annotations
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SQLITE_FILE = "flplatform.db"
 DEFAULT_SECRET_FILE = ".flplatform-secret"
@@ -62,13 +62,38 @@ class Settings(BaseSettings):
     admin_password: SecretStr | None = Field(default=None, description="Password of that superuser")
 
     # Training lifecycle and notifications (services/trainings.py, services/notifications.py).
-    notification_timeout_seconds: float = Field(default=5.0, gt=0, description="Per-attempt HTTP timeout")
+    notification_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="Total deadline of one delivery attempt: DNS, connect, send, answer and its "
+        "(capped) body together; a trickling endpoint cannot stretch it"
+    )
+    notification_max_response_bytes: int = Field(
+        default=4096, ge=0, description="Bytes of an endpoint's answer read at most (raw, undecoded); the rest is "
+        "never read and the connection is closed"
+    )
+    notification_max_in_flight: int = Field(
+        default=64, ge=1, description="Deliveries one process runs at the same time, each to a different recipient "
+        "(a slow endpoint holds only its own slot)"
+    )
+    notification_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="Networks notifications may go to although the SSRF guard refuses them otherwise (loopback, "
+        "link-local, …), comma-separated CIDRs, e.g. 127.0.0.0/8,::1/128 for a one-host install. Cloud "
+        "metadata addresses stay refused",
+    )
+    notification_allow_private_networks: bool = Field(
+        default=True, description="Allow notification endpoints in 10/8, 172.16/12, 192.168/16 and fc00::/7 "
+        "(on-premise clients live there); set false where the server shares a network with internal services"
+    )
     notification_max_attempts: int = Field(default=5, ge=1, description="Transport attempts before giving up")
     notification_backoff_seconds: float = Field(
         default=2.0, ge=0, description="Retry k waits k times this (linear back-off)"
     )
     training_sweep_interval_seconds: float = Field(
         default=1.0, gt=0, description="How often deadlines, expired locks and due notifications are checked"
+    )
+    training_recovery_interval_seconds: float = Field(
+        default=10.0, gt=0, description="How often (and at start-up) every active training is re-checked for a round "
+        "whose condition is met but that nothing advanced (a process killed between an upload and its aggregation)"
     )
     aggregation_lease_seconds: int = Field(
         default=900, ge=1, description="A round claimed for aggregation is free again after this (crash recovery)"
@@ -90,6 +115,13 @@ class Settings(BaseSettings):
     # Database pool (PostgreSQL).
     db_pool_size: int = Field(default=10, ge=1, description="PostgreSQL connections kept per process")
     db_max_overflow: int = Field(default=20, ge=0, description="Extra PostgreSQL connections under load")
+
+    @field_validator("notification_allowed_networks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -115,7 +115,8 @@ async def build_federation(
             return sample_size, metrics
 
         endpoint_url = None if index in polling else f"{platform.endpoint.public_url}/{name}/"
-        user = await platform.admin.create_user(name, secrets.token_urlsafe(12), client=True, message_endpoint=endpoint_url)
+        user = await platform.admin.create_user(name, secrets.token_urlsafe(12), client=True, message_endpoint=endpoint_url,
+                                                notify_client_removed=True)
         participant = Participant(
             platform.api(user["token"]), train, trainer.test, name=name, upload_format=upload_format,  # type: ignore[arg-type]
             template=digits.DigitsCNN() if upload_format == "safetensors" else None,

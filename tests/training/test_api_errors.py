@@ -318,7 +318,7 @@ async def test_rejecting_client_is_removed_and_unreachable_client_errors(client,
     ok, rejecting = _Endpoint(202), _Endpoint(500)
     try:
         good = await make_user("good", client=True, message_endpoint=ok.url)
-        bad = await make_user("bad", client=True, message_endpoint=rejecting.url)
+        bad = await make_user("bad", client=True, message_endpoint=rejecting.url, notify_client_removed=True)
         model_id = await upload_global(client, alice.headers)
         training_id = await create_training(client, alice.headers, model_id, [good.id, bad.id])
         assert (await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)).status_code == 202

@@ -4,7 +4,8 @@ download the global model, train with your own function, upload the update, repo
 ```python
 async with FLPlatformAPI(url, token=token) as api, NotificationEndpoint(port=8101) as endpoint:
     me = Participant(api, train=my_train, test=my_test, name="client-1")
-    await api.update_myself(message_endpoint=endpoint.add(me))
+    # The SDK handles CLIENT_REMOVED, so it asks for it (reference clients do not).
+    await api.update_myself(message_endpoint=endpoint.add(me), notify_client_removed=True)
     ...  # the server now drives the rounds; await me.wait_finished(training_id)
 ```
 """

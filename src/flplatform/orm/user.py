@@ -6,7 +6,7 @@ import datetime as dt
 import enum
 import uuid
 
-from sqlalchemy import Boolean, ForeignKey, Index, String, Text
+from sqlalchemy import Boolean, ForeignKey, Index, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from flplatform.orm.base import Base, IDMixin, TimestampMixin, str_enum
@@ -56,6 +56,9 @@ class User(IDMixin, TimestampMixin, Base):
     actor: Mapped[bool] = mapped_column(Boolean, default=False)
     client: Mapped[bool] = mapped_column(Boolean, default=False)
     message_endpoint: Mapped[str | None] = mapped_column(String(2048))
+    # Opt-in: clients written for the reference platform answer CLIENT_REMOVED (a type the
+    # reference never sends) with 400, so only clients that handle it get it.
+    notify_client_removed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     time_format: Mapped[TimeFormat] = mapped_column(str_enum(TimeFormat, "time_format"), default=TimeFormat.H24)
     date_format: Mapped[DateFormat] = mapped_column(str_enum(DateFormat, "date_format"), default=DateFormat.DMY)

@@ -201,7 +201,8 @@ async def add_clients(session: SessionDep, requester: AuthenticatedRequester, re
 
 
 @router.delete("/{training_id}/clients/", response_model=Detail, summary="Remove participants",
-               description="Actor or organisation admin. Removed clients get CLIENT_REMOVED; the round condition "
+               description="Actor or organisation admin. Removed clients that opted in (`notify_client_removed`) get "
+               "CLIENT_REMOVED; the round condition "
                "is re-checked (a removal can complete the round).", responses=responses(400, 401, 403, 404, 422))
 async def remove_clients(session: SessionDep, requester: AuthenticatedRequester, request: Request,
                          training_id: uuid.UUID, data: ClientList) -> Detail:

@@ -23,6 +23,7 @@ from flplatform.schemas.base import Detail
 from flplatform.schemas.user import TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead, UserUpdate
 from flplatform.services import collections as collection_service
 from flplatform.services import users as user_service
+from flplatform.services.outbound import validate_message_endpoint
 
 router = APIRouter(prefix="/api/users", tags=["users"])
 
@@ -82,6 +83,7 @@ async def create_user(
         if data.is_superuser:
             raise Unprocessable("Superusers belong to no organisation.", code="superuser_has_no_organization")
         await collection_service.get_collection(session, data.organization_id, CollectionKind.ORGANIZATION)
+    validate_message_endpoint(data.message_endpoint, request.app.state.settings)
     user, token = await user_service.create_user(session, data, created_by=caller)
     return _read(user, token)
 
@@ -144,7 +146,9 @@ async def get_user(session: SessionDep, requester: AuthenticatedRequester, user_
     return _read(user, token)
 
 
-async def _update(session: SessionDep, requester: Requester, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
+async def _update(request: Request, session: SessionDep, requester: Requester, user_id: uuid.UUID,
+                  data: UserUpdate) -> UserRead:
+    validate_message_endpoint(data.message_endpoint, request.app.state.settings)
     user = await user_service.get_user(session, user_id)
     await ensure_allowed(requester, "update", user, f"user {user_id}")
     refused = await refused_self_edits(requester, user, data.model_fields_set)
@@ -166,9 +170,9 @@ async def _update(session: SessionDep, requester: Requester, user_id: uuid.UUID,
     responses=responses(401, 403, 404, 409, 422),
 )
 async def patch_user(
-    session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID, data: UserUpdate
+    request: Request, session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID, data: UserUpdate
 ) -> UserRead:
-    return await _update(session, requester, user_id, data)
+    return await _update(request, session, requester, user_id, data)
 
 
 @router.put(
@@ -178,9 +182,9 @@ async def patch_user(
     responses=responses(401, 403, 404, 409, 422),
 )
 async def put_user(
-    session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID, data: UserUpdate
+    request: Request, session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID, data: UserUpdate
 ) -> UserRead:
-    return await _update(session, requester, user_id, data)
+    return await _update(request, session, requester, user_id, data)
 
 
 @router.delete(

@@ -34,7 +34,13 @@ class UserCreate(RequestSchema):
     last_name: Name = ""
     profile: Annotated[str, Field(max_length=10_000)] = ""
     message_endpoint: AnyHttpUrl | None = Field(
-        default=None, description="URL that receives training notifications (JSON POSTs)."
+        default=None, description="URL that receives training notifications (JSON POSTs). No user info; hosts on "
+        "loopback, link-local, multicast or other non-public addresses are refused (422) unless the operator "
+        "allowlists them (FLP_NOTIFICATION_ALLOWED_NETWORKS).",
+    )
+    notify_client_removed: bool = Field(
+        default=False, description="Also send CLIENT_REMOVED to message_endpoint when removed from a training. Off by "
+        "default: the reference platform never sends it and its client answers unknown types with 400.",
     )
     actor: bool = False
     client: bool = False
@@ -76,6 +82,7 @@ class UserUpdate(RequestSchema):
     last_name: Name | None = None
     profile: Annotated[str, Field(max_length=10_000)] | None = None
     message_endpoint: AnyHttpUrl | None = None
+    notify_client_removed: bool | None = None
     actor: bool | None = None
     client: bool | None = None
     is_active: bool | None = Field(default=None, description="Superusers only.")
@@ -102,6 +109,7 @@ class UserRead(Schema):
     actor: bool
     client: bool
     message_endpoint: str | None
+    notify_client_removed: bool = False
     is_active: bool
     is_staff: bool
     is_superuser: bool

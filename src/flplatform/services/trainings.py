@@ -51,10 +51,7 @@ from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound, Unproce
 from flplatform.orm import (
     GlobalModel,
     GlobalModelRound,
-    LocalModel,
-    Metric,
     Model,
-    SwagStatistic,
     SWAGModel,
     Training,
     TrainingState,
@@ -66,16 +63,24 @@ from flplatform.orm.billing import WorkKind
 from flplatform.schemas.training import TrainingCreate
 from flplatform.services import aggregate
 from flplatform.services import notifications as notify
+from flplatform.services.rounds import (  # noqa: F401 - re-exported: callers use training_service.X
+    ACTIVE_STATES,
+    PHASE_DONE,
+    PHASE_SWAG,
+    PHASE_TEST,
+    PHASE_UPDATE,
+    arrivals,
+    participant_ids,
+    phase_deadline,
+    round_condition,
+    swag_arrivals,
+    test_reporters,
+)
 from flplatform.settings import Settings
 from flplatform.tasks import spawn
 
 log = logging.getLogger(__name__)
 
-PHASE_UPDATE = "update"
-PHASE_TEST = "test"
-PHASE_SWAG = "swag"
-PHASE_DONE = "done"
-ACTIVE_STATES = (TrainingState.ONGOING, TrainingState.SWAG_ROUND)
 
 # Billing (and anything else) hooks: async callables (session, training, round).
 RoundHook = Callable[[AsyncSession, Training, int], Awaitable[None]]
@@ -131,50 +136,8 @@ async def global_model(session: AsyncSession, model_id: uuid.UUID) -> GlobalMode
     return model
 
 
-def participant_ids(training: Training) -> set[uuid.UUID]:
-    return {u.id for u in training.participants}
-
-
 def is_actor(training: Training, user: User) -> bool:
     return training.actor_id == user.id or user.is_superuser
-
-
-async def arrivals(session: AsyncSession, model_id: uuid.UUID, round_: int,
-                   among: set[uuid.UUID] | None = None) -> dict[uuid.UUID, tuple[uuid.UUID, int]]:
-    """Participant → (local model id, sample size) of the updates for this round (one per client)."""
-    rows = await session.execute(
-        select(LocalModel.owner_id, LocalModel.id, LocalModel.sample_size)
-        .where(LocalModel.base_model_id == model_id, LocalModel.round == round_)
-        .order_by(LocalModel.created_at)
-    )
-    out: dict[uuid.UUID, tuple[uuid.UUID, int]] = {}
-    for owner, local_id, size in rows:
-        if among is None or owner in among:
-            out[owner] = (local_id, size)  # the newest wins (re-uploads update in place anyway)
-    return out
-
-
-async def test_reporters(session: AsyncSession, model_id: uuid.UUID, round_: int) -> set[uuid.UUID]:
-    rows = await session.execute(
-        select(Metric.reporter_id).where(Metric.model_id == model_id, Metric.step == round_).distinct()
-    )
-    return {r for (r,) in rows if r is not None}
-
-
-async def swag_arrivals(session: AsyncSession, training_id: uuid.UUID, round_: int) -> dict[uuid.UUID, tuple[uuid.UUID, int]]:
-    rows = await session.execute(
-        select(SwagStatistic.reporter_id, SwagStatistic.id, SwagStatistic.sample_size).where(
-            SwagStatistic.training_id == training_id, SwagStatistic.round == round_
-        )
-    )
-    return {r: (i, s) for r, i, s in rows}
-
-
-def phase_deadline(training: Training) -> dt.datetime | None:
-    seconds = (training.options or {}).get("round_deadline_seconds")
-    if not seconds or training.phase_started_at is None or training.state not in ACTIVE_STATES:
-        return None
-    return training.phase_started_at + dt.timedelta(seconds=float(seconds))
 
 
 # --------------------------------------------------------------------------- CRUD
@@ -251,17 +214,19 @@ async def remove_participants(session: AsyncSession, training: Training, ids: Se
     gone = [u for u in users if u.id in present]
     if not gone:
         return []
-    await _remove(session, training, gone)
+    await _remove(session, training, gone, "Removed from the training by its actor or an administrator.")
     return gone
 
 
-async def _remove(session: AsyncSession, training: Training, users: Sequence[User]) -> None:
+async def _remove(session: AsyncSession, training: Training, users: Sequence[User], reason: str) -> None:
     ids = [u.id for u in users]
     training.participants = [u for u in training.participants if u.id not in ids]
     for user_id in ids:
         await notify.drop_pending_for(session, training.id, user_id)
     if training.state in ACTIVE_STATES:
-        notify.enqueue(session, training.id, users, notify.CLIENT_REMOVED, {})
+        model = await global_model(session, training.model_id)
+        notify.enqueue(session, training.id, [u for u in users if u.notify_client_removed], notify.CLIENT_REMOVED,
+                       notify.client_removed_body(model.id, model.round, reason))
     training.last_update = utcnow()
     await session.flush()
 
@@ -540,25 +505,25 @@ class TrainingRuntime:
                 training.locked = False
                 training.locked_until = None
             model = await global_model(session, training.model_id)
-            members = participant_ids(training)
-            deadline = phase_deadline(training)
-            expired = deadline is not None and now >= deadline
+            condition = await round_condition(session, training, model, now)
+            if not condition.met:
+                await session.commit()  # keeps an expired lease released
+                return False
+            members, expired = condition.members, condition.expired
             if not members:
                 await _fail(session, training, "No participants left in the training.")
                 await session.commit()
                 return False
-            opts = training.options or {}
-            if training.state == TrainingState.SWAG_ROUND:
-                arrived = await swag_arrivals(session, training.id, model.round)
-                arrived = {k: v for k, v in arrived.items() if k in members}
-                chosen = await self._complete_or_deadline(session, training, members, arrived, expired, "SWAG statistics")
+            if condition.kind == "swag":
+                chosen = await self._complete_or_deadline(session, training, members, condition.arrived, expired,
+                                                          "SWAG statistics")
                 if chosen is None:
                     await session.commit()
                     return False
                 job = self._claim(training, "swag", model, chosen, now)
-            elif training.phase == PHASE_UPDATE:
-                arrived = await arrivals(session, model.id, model.round, members)
-                chosen = await self._complete_or_deadline(session, training, members, arrived, expired, "updates")
+            elif condition.kind == "update":
+                chosen = await self._complete_or_deadline(session, training, members, condition.arrived, expired,
+                                                          "updates")
                 if chosen is None:
                     await session.commit()
                     return False
@@ -567,15 +532,10 @@ class TrainingRuntime:
                     await session.commit()
                     return True
                 job = self._claim(training, "update", model, chosen, now)
-            elif training.phase == PHASE_TEST:
-                reporters = await test_reporters(session, model.id, model.round)
-                if not (members <= reporters or expired or opts.get("skip_model_tests")):
-                    return False
+            else:  # test round done (or its deadline passed, or tests are skipped)
                 await _next_or_finish(session, training, model)
                 await session.commit()
                 return True
-            else:
-                return False
             # The job becomes visible with the claim (same transaction): there is never a claim
             # without its job, nor a job without its claim.
             await workqueue.enqueue(session, AGGREGATE_JOB, job.payload(training_id),
@@ -616,7 +576,7 @@ class TrainingRuntime:
             log.info("training %s: deadline passed, aggregating %d of %d %s", training.id, len(arrived), len(members), what)
             if opts.get("straggler_policy") == "remove" and stragglers:
                 users = [u for u in training.participants if u.id in stragglers]
-                await _remove(session, training, users)
+                await _remove(session, training, users, "Removed after missing the round deadline.")
             return arrived
         await _fail(
             session, training,
@@ -738,7 +698,7 @@ class TrainingRuntime:
         user = next((u for u in training.participants if u.id == user_id), None)
         if user is not None:
             log.warning("training %s: removing client %s (%s)", training_id, user_id, reason)
-            await _remove(session, training, [user])
+            await _remove(session, training, [user], "Removed after rejecting a round notification.")
 
     async def client_unreachable(self, session: AsyncSession, training_id: uuid.UUID, reason: str) -> None:
         try:
@@ -771,15 +731,52 @@ class TrainingRuntime:
             if due and not (lock and lock.locked()):
                 self.schedule(training_id)
 
+    async def recover(self) -> list[uuid.UUID]:
+        """Crash recovery: schedule every active, unclaimed training whose round condition
+        already holds (:func:`~flplatform.services.rounds.round_condition`, the rule the upload
+        path uses). A process killed after acknowledging a round's last update, before
+        claiming the round, leaves exactly this state behind; nothing else would look at it
+        again. Claiming stays exactly-once across processes: ``advance`` re-checks under the
+        training's row lock and claims with the ``training.aggregate`` job."""
+        now = utcnow()
+        due: list[uuid.UUID] = []
+        async with self.sessionmaker() as session:
+            ids = (await session.execute(
+                select(Training.id).where(Training.state.in_(ACTIVE_STATES), Training.locked.is_(False))
+            )).scalars().all()
+            for training_id in ids:
+                try:
+                    training = await get_training(session, training_id)
+                    model = await global_model(session, training.model_id)
+                except NotFound:
+                    continue
+                if training.locked or training.state not in ACTIVE_STATES:
+                    continue
+                if (await round_condition(session, training, model, now)).met:
+                    due.append(training_id)
+        for training_id in due:
+            lock = self._locks.get(training_id)
+            if not (lock and lock.locked()):
+                log.info("training %s: round condition met but not advanced; advancing now", training_id)
+                self.schedule(training_id)
+        return due
+
     async def run_sweeper(self) -> None:
+        """Deadlines and leases every FLP_TRAINING_SWEEP_INTERVAL_SECONDS; crash recovery at
+        start-up and every FLP_TRAINING_RECOVERY_INTERVAL_SECONDS."""
+        loop = asyncio.get_running_loop()
+        next_recovery = loop.time()  # at start-up
         while True:
-            await asyncio.sleep(self.settings.training_sweep_interval_seconds)
             try:
+                if loop.time() >= next_recovery:
+                    next_recovery = loop.time() + self.settings.training_recovery_interval_seconds
+                    await self.recover()
                 await self.sweep()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("training sweep failed")
+            await asyncio.sleep(self.settings.training_sweep_interval_seconds)
 
 
 def runtime_of(app: FastAPI) -> TrainingRuntime:
@@ -822,6 +819,10 @@ async def training_component(app: FastAPI) -> AsyncIterator[TrainingRuntime]:
     try:
         yield runtime
     finally:
+        # The dispatcher stops between database calls (a cancelled aiosqlite call can hang the
+        # connection's close); it is cancelled only if that takes longer than a few seconds.
+        runtime.dispatcher.stop()
+        await asyncio.wait([loops[0]], timeout=5)
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)

@@ -93,7 +93,7 @@ async def update_user(session: AsyncSession, user: User, data: UserUpdate, *, by
             user.password_hash = await hash_password(password)
     if "message_endpoint" in changes and changes["message_endpoint"] is not None:
         changes["message_endpoint"] = str(changes["message_endpoint"])
-    for field in ("username",):
+    for field in ("username", "notify_client_removed"):
         if field in changes and changes[field] is None:
             changes.pop(field)
     for field, value in changes.items():

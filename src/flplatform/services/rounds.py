@@ -1,0 +1,109 @@
+"""What a training's current phase waits for, defined once.
+
+:func:`round_condition` is the rule every path uses to decide that a phase may move on: the
+upload path (through ``TrainingRuntime.advance``), the deadline sweep, and crash recovery at
+start-up and in the periodic sweep (``TrainingRuntime.recover``), so a round whose condition
+was met just before the process died is finished by whichever process looks next.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flplatform.orm import GlobalModel, LocalModel, Metric, SwagStatistic, Training, TrainingState
+
+PHASE_UPDATE = "update"
+PHASE_TEST = "test"
+PHASE_SWAG = "swag"
+PHASE_DONE = "done"
+ACTIVE_STATES = (TrainingState.ONGOING, TrainingState.SWAG_ROUND)
+
+
+def participant_ids(training: Training) -> set[uuid.UUID]:
+    return {u.id for u in training.participants}
+
+
+
+async def arrivals(session: AsyncSession, model_id: uuid.UUID, round_: int,
+                   among: set[uuid.UUID] | None = None) -> dict[uuid.UUID, tuple[uuid.UUID, int]]:
+    """Participant → (local model id, sample size) of the updates for this round (one per client)."""
+    rows = await session.execute(
+        select(LocalModel.owner_id, LocalModel.id, LocalModel.sample_size)
+        .where(LocalModel.base_model_id == model_id, LocalModel.round == round_)
+        .order_by(LocalModel.created_at)
+    )
+    out: dict[uuid.UUID, tuple[uuid.UUID, int]] = {}
+    for owner, local_id, size in rows:
+        if among is None or owner in among:
+            out[owner] = (local_id, size)  # the newest wins (re-uploads update in place anyway)
+    return out
+
+
+async def test_reporters(session: AsyncSession, model_id: uuid.UUID, round_: int) -> set[uuid.UUID]:
+    rows = await session.execute(
+        select(Metric.reporter_id).where(Metric.model_id == model_id, Metric.step == round_).distinct()
+    )
+    return {r for (r,) in rows if r is not None}
+
+
+async def swag_arrivals(session: AsyncSession, training_id: uuid.UUID, round_: int) -> dict[uuid.UUID, tuple[uuid.UUID, int]]:
+    rows = await session.execute(
+        select(SwagStatistic.reporter_id, SwagStatistic.id, SwagStatistic.sample_size).where(
+            SwagStatistic.training_id == training_id, SwagStatistic.round == round_
+        )
+    )
+    return {r: (i, s) for r, i, s in rows}
+
+
+def phase_deadline(training: Training) -> dt.datetime | None:
+    seconds = (training.options or {}).get("round_deadline_seconds")
+    if not seconds or training.phase_started_at is None or training.state not in ACTIVE_STATES:
+        return None
+    return training.phase_started_at + dt.timedelta(seconds=float(seconds))
+
+
+@dataclass
+class RoundCondition:
+    """What the current phase of an active training has received and whether it may move on."""
+
+    kind: str | None  # "update", "swag", "test"; None when the phase waits for nothing
+    members: set[uuid.UUID]
+    expired: bool
+    arrived: dict[uuid.UUID, tuple[uuid.UUID, int]] = field(default_factory=dict)  # update / swag
+    reporters: set[uuid.UUID] = field(default_factory=set)  # test
+    skip_tests: bool = False
+
+    @property
+    def met(self) -> bool:
+        """True when the phase must move on now: everything is in, or the deadline passed
+        (aggregate with quorum or fail), or there is nobody left (fail)."""
+        if self.kind is None:
+            return False
+        if not self.members or self.expired:
+            return True
+        if self.kind == "test":
+            return self.skip_tests or self.members <= self.reporters
+        return self.members <= self.arrived.keys()
+
+
+async def round_condition(session: AsyncSession, training: Training, model: GlobalModel,
+                          now: dt.datetime) -> RoundCondition:
+    members = participant_ids(training)
+    deadline = phase_deadline(training)
+    expired = deadline is not None and now >= deadline
+    if training.state == TrainingState.SWAG_ROUND:
+        arrived = await swag_arrivals(session, training.id, model.round)
+        return RoundCondition("swag", members, expired, arrived={k: v for k, v in arrived.items() if k in members})
+    if training.state != TrainingState.ONGOING:
+        return RoundCondition(None, members, expired)
+    if training.phase == PHASE_UPDATE:
+        return RoundCondition("update", members, expired, arrived=await arrivals(session, model.id, model.round, members))
+    if training.phase == PHASE_TEST:
+        return RoundCondition("test", members, expired, reporters=await test_reporters(session, model.id, model.round),
+                              skip_tests=bool((training.options or {}).get("skip_model_tests")))
+    return RoundCondition(None, members, expired)
