@@ -37,6 +37,7 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 
 from flplatform.errors import TooManyRequests
+from flplatform.security import configure_hashing
 from flplatform.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,9 @@ def guard_of(app: Any) -> LoginGuard | None:
 @contextlib.asynccontextmanager
 async def login_guard_component(app: FastAPI) -> AsyncIterator[None]:
     """Lifespan component: a fresh guard per application run, its audit flushed as windows end."""
-    guard = LoginGuard(app.state.settings, app.state.sessionmaker)
+    settings: Settings = app.state.settings
+    configure_hashing(settings.password_hash_concurrency, settings.password_hash_max_waiting)
+    guard = LoginGuard(settings, app.state.sessionmaker)
     app.state.login_guard = guard
 
     async def flush_loop() -> None:

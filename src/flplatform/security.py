@@ -73,14 +73,23 @@ _POOL_LOCK = threading.Lock()
 _POOL: _HashingPool | None = None
 
 
-def hashing_pool() -> _HashingPool:
+def configure_hashing(threads: int, max_waiting: int) -> None:
+    """Size the pool (the application does at start-up from its settings); hashes already
+    running finish in the old pool."""
     global _POOL
-    s = get_settings()
     with _POOL_LOCK:
-        if _POOL is None or (_POOL.threads, _POOL.max_waiting) != (s.password_hash_concurrency,
-                                                                    s.password_hash_max_waiting):
-            _POOL = _HashingPool(s.password_hash_concurrency, s.password_hash_max_waiting)
-        return _POOL
+        if _POOL is None or (_POOL.threads, _POOL.max_waiting) != (threads, max_waiting):
+            old, _POOL = _POOL, _HashingPool(threads, max_waiting)
+            if old is not None:
+                old.executor.shutdown(wait=False)
+
+
+def hashing_pool() -> _HashingPool:
+    if _POOL is None:
+        s = get_settings()
+        configure_hashing(s.password_hash_concurrency, s.password_hash_max_waiting)
+    assert _POOL is not None
+    return _POOL
 
 
 async def hash_password(password: str) -> str:
