@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from flplatform.app import create_app
 from flplatform.errors import TooManyRequests
+from flplatform.login_throttle_storage import DatabaseStorage
 from flplatform.orm.billing import AuditLog
 from flplatform.security import _HashingPool
 from flplatform.settings import Settings
@@ -25,12 +26,16 @@ PER_ADDRESS = 5
 WINDOW = 3
 
 
-@pytest.fixture
-async def throttled(db_url: str) -> AsyncIterator[Any]:
-    application = create_app(Settings(
+def throttled_app(db_url: str, storage: str) -> Any:
+    return create_app(Settings(
         database_url=db_url, login_max_failures_per_account=PER_ACCOUNT,
-        login_max_failures_per_address=PER_ADDRESS, login_window_seconds=WINDOW,
+        login_max_failures_per_address=PER_ADDRESS, login_window_seconds=WINDOW, login_throttle_storage_uri=storage,
     ))
+
+
+@pytest.fixture(params=["memory", "database"])
+async def throttled(db_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    application = throttled_app(db_url, request.param)
     async with application.router.lifespan_context(application):
         yield application
 
@@ -142,3 +147,24 @@ async def test_hashing_pool_bounds_threads_and_waiting_callers():
     assert most == 1
     assert pool.in_flight == 0
     pool.executor.shutdown()
+
+
+async def test_database_counters_are_shared_by_workers(db_url, alice):
+    """Two application processes on one database (two workers) share the counters."""
+    first, second = throttled_app(db_url, "database"), throttled_app(db_url, "database")
+    async with first.router.lifespan_context(first), second.router.lifespan_context(second):
+        assert isinstance(first.state.login_guard.storage, DatabaseStorage)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=first), base_url="http://a") as a, \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://b") as b:
+            for i in range(PER_ACCOUNT):
+                assert (await token_login(a if i % 2 else b, "alice", "wrong")).status_code == 401
+            assert_throttled(await token_login(a, "alice", alice.password))
+            retry_after = assert_throttled(await token_login(b, "alice", alice.password))
+            await asyncio.sleep(retry_after + 0.2)
+            assert await first.state.login_guard.storage.purge() == 2  # the name's and the address's rows
+            assert (await token_login(b, "alice", alice.password)).status_code == 200
+
+
+async def test_postgresql_default_is_the_database(db_url, app):
+    storage = app.state.login_guard.storage
+    assert isinstance(storage, DatabaseStorage) == db_url.startswith("postgresql")

@@ -8,9 +8,11 @@ library (fixed windows of ``FLP_LOGIN_WINDOW_SECONDS``) under two keys: the logi
 address. Once either count reaches its limit, password checks for that name, or from that
 address, answer 429 with ``Retry-After`` — the right password too — until the window ends.
 
-The counters live in ``FLP_LOGIN_THROTTLE_STORAGE_URI``: in memory by default, so each worker
-process counts on its own (N workers allow up to N times the limits); a shared ``limits``
-storage (``async+redis://…``, ``async+memcached://…``) makes them exact across workers.
+The counters live where ``FLP_LOGIN_THROTTLE_STORAGE_URI`` says: by default in the database on
+PostgreSQL (a ``limits`` storage of our own, flplatform.login_throttle_storage: every worker
+shares them) and in memory on SQLite (one process); ``memory`` with several workers lets each count
+on its own (up to N times the limits); any async ``limits`` storage URI (``async+redis://…``)
+works too.
 
 The audit log gets one ``auth.login_failed`` row per (login name, address) and window with the
 number of failed and refused attempts (``count``), written when the window ends (or when
@@ -33,10 +35,13 @@ from typing import Any
 
 from fastapi import FastAPI
 from limits import RateLimitItemPerSecond
+from limits.aio.storage import Storage
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flplatform.errors import TooManyRequests
+from flplatform.login_throttle_storage import DatabaseStorage
 from flplatform.security import configure_hashing
 from flplatform.settings import Settings
 
@@ -131,10 +136,11 @@ class FailedLoginAudit:
 class LoginGuard:
     """Per-name and per-address limits on failed password logins (one per application)."""
 
-    def __init__(self, settings: Settings, sessionmaker: Any):
+    def __init__(self, settings: Settings, sessionmaker: Any, engine: AsyncEngine | None = None):
         window = max(1, math.ceil(settings.login_window_seconds))
         self.window = window
-        self.limiter = FixedWindowRateLimiter(storage_from_string(settings.login_throttle_storage_uri))
+        self.storage = throttle_storage(settings, engine)
+        self.limiter = FixedWindowRateLimiter(self.storage)
         self.per_account = RateLimitItemPerSecond(settings.login_max_failures_per_account, window)
         self.per_address = RateLimitItemPerSecond(settings.login_max_failures_per_address, window)
         self.audit = FailedLoginAudit(sessionmaker, window)
@@ -162,6 +168,22 @@ class LoginGuard:
         self.audit.add(login, address, user_id, refused=False)
 
 
+def throttle_storage(settings: Settings, engine: AsyncEngine | None) -> Storage:
+    uri = settings.login_throttle_storage_uri.strip()
+    if uri == "auto":
+        uri = "memory" if settings.is_sqlite or engine is None else "database"
+    if uri == "database":
+        if engine is None:
+            raise RuntimeError("FLP_LOGIN_THROTTLE_STORAGE_URI=database needs the application's database engine")
+        return DatabaseStorage(engine)
+    if uri == "memory":
+        uri = "async+memory://"
+    storage = storage_from_string(uri)
+    if not isinstance(storage, Storage):
+        raise TypeError(f"FLP_LOGIN_THROTTLE_STORAGE_URI must name an async storage (async+…), not {uri!r}")
+    return storage
+
+
 def guard_of(app: Any) -> LoginGuard | None:
     return getattr(app.state, "login_guard", None)
 
@@ -171,18 +193,22 @@ async def login_guard_component(app: FastAPI) -> AsyncIterator[None]:
     """Lifespan component: a fresh guard per application run, its audit flushed as windows end."""
     settings: Settings = app.state.settings
     configure_hashing(settings.password_hash_concurrency, settings.password_hash_max_waiting)
-    guard = LoginGuard(settings, app.state.sessionmaker)
+    guard = LoginGuard(settings, app.state.sessionmaker, app.state.engine)
     app.state.login_guard = guard
 
     async def flush_loop() -> None:
         period = min(10.0, guard.window / 2)
+        next_purge = 0.0
         while True:
             await asyncio.sleep(period)
-            if guard.audit.due():
-                try:
+            try:
+                if guard.audit.due():
                     await guard.audit.flush()
-                except Exception:  # put back: the next round retries
-                    log.exception("writing failed-login audit rows failed")
+                if isinstance(guard.storage, DatabaseStorage) and time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + guard.window
+                    await guard.storage.purge()
+            except Exception:  # kept or put back: the next round retries
+                log.exception("writing failed-login audit rows or purging throttle counters failed")
 
     task = asyncio.create_task(flush_loop(), name="login-audit-flush")
     try:

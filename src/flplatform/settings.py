@@ -77,9 +77,9 @@ class Settings(BaseSettings):
         default=50, ge=1, description="Failed logins from one client address per window (any user names) before 429"
     )
     login_throttle_storage_uri: str = Field(
-        default="async+memory://",
-        description="`limits` storage for the counters: per process by default; e.g. async+redis://host:6379 to "
-        "share them between workers",
+        default="auto",
+        description="Where the counters live: `database` (shared by every worker: the default on PostgreSQL), "
+        "`memory` (per process: the default on SQLite), or a `limits` storage URI such as async+redis://host:6379",
     )
     password_hash_concurrency: int = Field(
         default=2, ge=1, description="Password hashes/verifications computed at once per process (own threads)"
