@@ -72,7 +72,8 @@ def http_for(application: Any) -> httpx.AsyncClient:
 JSON = {"Content-Type": "application/json"}
 
 
-async def test_anonymous_200_mib_json_is_refused_before_its_body(client):
+async def test_anonymous_200_mib_json_is_refused_before_its_body(client, app):
+    assert not app.state.settings.allow_self_registration
     body = CountingBody(200 * MiB, prefix=b'{"username": "x", "password": "', fill=b"a")
     started = time.monotonic()
     resp = await client.post("/api/users/", content=body, headers=JSON)  # chunked: no Content-Length
