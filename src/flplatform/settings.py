@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -82,7 +83,9 @@ class Settings(BaseSettings):
         "`memory` (per process: the default on SQLite), or a `limits` storage URI such as async+redis://host:6379",
     )
     password_hash_concurrency: int = Field(
-        default=2, ge=1, description="Password hashes/verifications computed at once per process (own threads)"
+        default_factory=lambda: max(1, (os.cpu_count() or 1) // 4), ge=1,
+        description="Password hashes/verifications computed at once per process, in threads of their own "
+        "(default: a quarter of the CPUs, at least 1)",
     )
     password_hash_max_waiting: int = Field(
         default=32, ge=0, description="Logins waiting for a hashing thread beyond which new ones get 429"
