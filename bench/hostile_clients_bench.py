@@ -121,6 +121,11 @@ def main() -> None:
         proc, port = start_server(Path(tmp))
         try:
             json_headers = {"Content-Type": "application/json"}
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:  # warm-up (lazy routes)
+                for _ in range(3):
+                    http.get("/health")
+                    http.post("/api/users/", json={"username": "warm-up"})
+                    http.post(f"/api/models/{uuid.uuid4()}/", files={"model_file": ("m", b"x")})
             body_case(port, proc.pid, "anonymous 200 MiB JSON (Content-Length)", "/api/users/", json_headers,
                       200 * MiB, False)
             body_case(port, proc.pid, "anonymous 200 MiB JSON (chunked)", "/api/users/", json_headers, 200 * MiB, True)
