@@ -57,10 +57,10 @@ async def test_wrong_method_is_405_in_shape(client):
 
 
 async def test_body_too_large_is_413(client, app, admin):
-    app.state.settings.max_upload_bytes = 10_000  # the middleware reads it at build time; rebuild below
     from flplatform.app import create_app
 
-    small = create_app(app.state.settings)
+    # Its own settings: the shared test application's must stay as they are.
+    small = create_app(app.state.settings.model_copy(update={"max_upload_bytes": 10_000}))
     import httpx
 
     async with small.router.lifespan_context(small):

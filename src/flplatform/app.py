@@ -12,8 +12,6 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flplatform import __version__, tasks
 from flplatform.db import create_engine, create_sessionmaker
@@ -21,6 +19,7 @@ from flplatform.docs_ui import install_docs
 from flplatform.errors import error_response, install_error_handlers
 from flplatform.onboarding import FIRST_USER_HINT
 from flplatform.openapi import install_openapi
+from flplatform.request_guard import RequestGuard
 from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
@@ -76,51 +75,6 @@ TAGS = [
 ]
 
 
-class BodySizeLimit:
-    """Refuse request bodies above a limit with 413, whether or not Content-Length is sent."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._too_large(scope, receive, send)
-                return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge(self.max_bytes)
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._too_large(scope, receive, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413, f"Request body larger than {self.max_bytes} bytes.", "payload_too_large"
-        )
-        await response(scope, receive, send)
-
-
-class _BodyTooLarge(StarletteHTTPException):
-    """Raised while the body streams in; an HTTPException so FastAPI's body parsing passes it on."""
-
-    def __init__(self, max_bytes: int):
-        super().__init__(413, f"Request body larger than {max_bytes} bytes.")
-
-
 def _operation_id(route: APIRoute) -> str:
     tag = route.tags[0] if route.tags else "default"
     return f"{tag}-{route.name}"
@@ -132,9 +86,10 @@ def lifespan_components() -> list[LifespanComponent]:
 
     from flplatform.billing.hooks import billing_component
     from flplatform.broker import broker_component
+    from flplatform.login_guard import login_guard_component
     from flplatform.workqueue import workqueue_component
 
-    return [training_component, broker_component, billing_component, workqueue_component]
+    return [login_guard_component, training_component, broker_component, billing_component, workqueue_component]
 
 
 @contextlib.asynccontextmanager
@@ -211,7 +166,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    # Body limits and authentication from headers, before any body is read (request_guard.py).
+    app.add_middleware(RequestGuard)
     app.include_router(health_router.router)
     app.include_router(billing_router.router)
     app.include_router(billing_router.audit_router)

@@ -3,7 +3,13 @@ HTTP Basic with username-or-email and password, and HTTP Basic with a token as t
 name and an empty password (the DLR clients' ``http://<token>@host`` form).
 
 The security schemes are declared for OpenAPI so Swagger UI's "Authorize" dialog offers
-all three; the header itself is parsed once here.
+all three; the header itself is parsed once here. Password checks are throttled
+(flplatform.login_guard); requests with a body were already authenticated from their headers by
+flplatform.request_guard before the body was read, and that result is reused here.
+
+How a request authenticated decides whether it may see the user's never-expiring primary token:
+only a password or the primary token itself may (:func:`may_see_primary_token`); an API token
+or an OAuth2 bearer must not turn into a credential that outlives its own revocation.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPBasic, OAuth2PasswordBearer
@@ -21,9 +28,16 @@ from sqlalchemy.orm import joinedload
 
 from flplatform.db import SessionDep
 from flplatform.errors import Forbidden, Unauthorized
+from flplatform.login_guard import LoginGuard, guard_of
 from flplatform.orm import ApiToken, User
 from flplatform.orm.base import utcnow
+from flplatform.request_guard import PREAUTH_SCOPE_KEY, SELF_REGISTRATION_OFF, PreAuthenticated
 from flplatform.security import token_digest, verify_password
+
+# How a request authenticated (request.state.auth_method).
+PASSWORD = "password"
+PRIMARY_TOKEN = "primary_token"
+TOKEN = "token"  # an API token or an OAuth2 bearer
 
 oauth2_scheme = OAuth2PasswordBearer(
     tokenUrl="/api/auth/token/", auto_error=False, description="Log in with username (or email) and password."
@@ -37,7 +51,13 @@ token_scheme = APIKeyHeader(
 _LAST_USED_RESOLUTION = dt.timedelta(minutes=5)
 
 
-async def user_for_token(session: AsyncSession, token: str) -> User | None:
+@dataclass(frozen=True)
+class Identified:
+    user: User
+    method: str  # PASSWORD, PRIMARY_TOKEN or TOKEN
+
+
+async def _token_row(session: AsyncSession, token: str) -> ApiToken | None:
     row = (
         await session.execute(
             select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.digest == token_digest(token))
@@ -48,11 +68,17 @@ async def user_for_token(session: AsyncSession, token: str) -> User | None:
         return None
     if row.last_used_at is None or now - row.last_used_at > _LAST_USED_RESOLUTION:
         row.last_used_at = now
-    return row.user
+    return row
+
+
+async def user_for_token(session: AsyncSession, token: str) -> User | None:
+    row = await _token_row(session, token)
+    return row.user if row is not None else None
 
 
 async def user_for_password(session: AsyncSession, login: str, password: str) -> User | None:
-    """Username or email login; inactive users are returned too (the caller refuses them)."""
+    """Username or email login; inactive users are returned too (the caller refuses them).
+    Not throttled: request paths use :func:`login_with_password`."""
     user = (
         await session.execute(select(User).where(or_(User.username == login, User.email == login)))
     ).scalar_one_or_none()
@@ -60,21 +86,44 @@ async def user_for_password(session: AsyncSession, login: str, password: str) ->
     return user if ok else None
 
 
-async def authenticate(session: AsyncSession, authorization: str | None) -> User | None:
-    """The user an ``Authorization`` header names, or None when there is no header.
+async def login_with_password(
+    session: AsyncSession, login: str, password: str, *, guard: LoginGuard | None, address: str | None
+) -> User | None:
+    """:func:`user_for_password` behind the login throttle: 429 once the name or the address has
+    used up its failures (before any hashing), failures counted and audited in aggregate."""
+    user = (
+        await session.execute(select(User).where(or_(User.username == login, User.email == login)))
+    ).scalar_one_or_none()
+    if guard is not None:
+        await guard.check(login, address, user.id if user else None)
+    ok = await verify_password(password, user.password_hash if user else None)
+    if ok:
+        return user
+    if guard is not None:
+        await guard.failed(login, address, user.id if user else None)
+    return None
 
-    Raises ``Unauthorized`` for a header that is present but wrong, expired or revoked.
+
+async def identify(
+    session: AsyncSession, authorization: str | None, *, guard: LoginGuard | None = None, address: str | None = None
+) -> Identified | None:
+    """The user an ``Authorization`` header names and how, or None when there is no header.
+
+    Raises ``Unauthorized`` for a header that is present but wrong, expired or revoked, and
+    ``TooManyRequests`` for a throttled password check.
     """
     if not authorization:
         return None
     scheme, _, credentials = authorization.strip().partition(" ")
     scheme = scheme.lower()
     credentials = credentials.strip()
-    user: User | None
+    user: User | None = None
+    method = TOKEN
     if scheme in ("token", "bearer"):
-        user = await user_for_token(session, credentials)
-        if user is None:
+        row = await _token_row(session, credentials)
+        if row is None:
             raise Unauthorized("Invalid token.", code="invalid_token")
+        user, method = row.user, PRIMARY_TOKEN if row.is_primary else TOKEN
     elif scheme == "basic":
         try:
             decoded = base64.b64decode(credentials, validate=True).decode()
@@ -84,16 +133,32 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> User
         if not sep:
             raise Unauthorized("Invalid basic header.", code="invalid_credentials")
         if password == "":
-            user = await user_for_token(session, login)
+            row = await _token_row(session, login)
+            if row is not None:
+                user, method = row.user, PRIMARY_TOKEN if row.is_primary else TOKEN
         else:
-            user = await user_for_password(session, login, password)
+            user = await login_with_password(session, login, password, guard=guard, address=address)
+            method = PASSWORD
         if user is None:
             raise Unauthorized("Invalid username/password.", code="invalid_credentials")
     else:
         raise Unauthorized("Unsupported authorization scheme.", code="invalid_credentials")
     if not user.is_active:
         raise Unauthorized("User inactive or deleted.", code="user_inactive")
-    return user
+    return Identified(user, method)
+
+
+async def authenticate(
+    session: AsyncSession, authorization: str | None, *, guard: LoginGuard | None = None, address: str | None = None
+) -> User | None:
+    """:func:`identify` without the method."""
+    found = await identify(session, authorization, guard=guard, address=address)
+    return found.user if found is not None else None
+
+
+def client_address(connection: Any) -> str | None:
+    client = getattr(connection, "client", None)
+    return client.host if client is not None else None
 
 
 async def optional_user(
@@ -103,17 +168,20 @@ async def optional_user(
     _basic: Annotated[object, Depends(basic_scheme)],
     _token: Annotated[str | None, Depends(token_scheme)],
 ) -> User | None:
-    try:
-        user = await authenticate(session, request.headers.get("authorization"))
-    except Unauthorized as exc:
-        if exc.code == "invalid_credentials":  # wrong password or malformed credentials (not stale tokens)
-            from flplatform.billing import audit
-
-            await audit.record_detached(
-                request.app.state.sessionmaker, "auth.login_failed", exc.detail, level="WARNING", request=request
-            )
-        raise
+    preauth: PreAuthenticated | None = request.scope.get(PREAUTH_SCOPE_KEY)
+    user: User | None
+    if preauth is not None:  # checked from the headers before the body was read
+        user = await session.get(User, preauth.user_id)
+        if user is None or not user.is_active:
+            raise Unauthorized("User inactive or deleted.", code="user_inactive")
+        method: str | None = preauth.method
+    else:
+        found = await identify(
+            session, request.headers.get("authorization"), guard=guard_of(request.app), address=client_address(request)
+        )
+        user, method = (found.user, found.method) if found is not None else (None, None)
     request.state.user = user
+    request.state.auth_method = method
     return user
 
 
@@ -129,6 +197,19 @@ async def current_superuser(user: Annotated[User, Depends(current_user)]) -> Use
     return user
 
 
+async def caller_or_self_registration(request: Request, user: Annotated[User | None, Depends(optional_user)]) -> User | None:
+    """The caller, or None for an anonymous caller when self-registration is on (else 401)."""
+    if user is None and not request.app.state.settings.allow_self_registration:
+        raise Unauthorized(SELF_REGISTRATION_OFF)
+    return user
+
+
+def may_see_primary_token(request: Request) -> bool:
+    """Only a password or the primary token itself may read the primary token."""
+    return getattr(request.state, "auth_method", None) in (PASSWORD, PRIMARY_TOKEN)
+
+
 OptionalUser = Annotated[User | None, Depends(optional_user)]
+CallerOrSelfRegistration = Annotated[User | None, Depends(caller_or_self_registration)]
 CurrentUser = Annotated[User, Depends(current_user)]
 SuperUser = Annotated[User, Depends(current_superuser)]

@@ -91,6 +91,15 @@ class Unprocessable(AppError):
     status_code, code = 422, "validation_error"
 
 
+class TooManyRequests(AppError):
+    """429; ``retry_after`` seconds go into the ``Retry-After`` header."""
+
+    status_code, code = 429, "too_many_requests"
+
+    def __init__(self, detail: str, *, retry_after: int, code: str | None = None):
+        super().__init__(detail, code=code, headers={"Retry-After": str(max(1, int(retry_after)))})
+
+
 class ServiceUnavailable(AppError):
     status_code, code = 503, "service_unavailable"
 
@@ -159,9 +168,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return error_response(
-            exc.status_code, detail, _HTTP_CODES.get(exc.status_code, "error"), headers=exc.headers
-        )
+        code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, detail, code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

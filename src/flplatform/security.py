@@ -1,6 +1,12 @@
 """Passwords (argon2, off the event loop), API tokens (random, hashed, revocable) and
 encryption at rest of the one token a user may see again (the DLR clients read it from
-``GET /api/users/{own id}/``)."""
+``GET /api/users/{own id}/``).
+
+Password hashing runs in a pool of its own (``FLP_PASSWORD_HASH_CONCURRENCY`` threads, at most
+``FLP_PASSWORD_HASH_MAX_WAITING`` callers queued, then 429): each hash costs
+``FLP_ARGON2_MEMORY_COST_KIB`` and a core for its time cost, so a burst of logins must not take
+every core and the default thread pool from the rest of the server.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,26 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
+import os
 import secrets
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from pathlib import Path
+from typing import TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from cryptography.fernet import Fernet, InvalidToken
 
+from flplatform.errors import TooManyRequests
 from flplatform.settings import get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @lru_cache
@@ -28,8 +46,55 @@ def _current_hasher() -> PasswordHasher:
     return _hasher(s.argon2_time_cost, s.argon2_memory_cost_kib)
 
 
+class _HashingPool:
+    """A bounded thread pool for argon2; callers beyond threads + waiting places get 429."""
+
+    def __init__(self, threads: int, max_waiting: int):
+        self.threads = threads
+        self.max_waiting = max_waiting
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flp-argon2")
+        self.in_flight = 0  # touched only on event loop threads, guarded for several loops
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        with _POOL_LOCK:
+            if self.in_flight >= self.threads + self.max_waiting:
+                raise TooManyRequests(
+                    "Too many logins are being checked right now; retry shortly.", retry_after=1, code="login_busy"
+                )
+            self.in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        finally:
+            with _POOL_LOCK:
+                self.in_flight -= 1
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: _HashingPool | None = None
+
+
+def configure_hashing(threads: int, max_waiting: int) -> None:
+    """Size the pool (the application does at start-up from its settings); hashes already
+    running finish in the old pool."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or (_POOL.threads, _POOL.max_waiting) != (threads, max_waiting):
+            old, _POOL = _POOL, _HashingPool(threads, max_waiting)
+            if old is not None:
+                old.executor.shutdown(wait=False)
+
+
+def hashing_pool() -> _HashingPool:
+    if _POOL is None:
+        s = get_settings()
+        configure_hashing(s.password_hash_concurrency, s.password_hash_max_waiting)
+    assert _POOL is not None
+    return _POOL
+
+
 async def hash_password(password: str) -> str:
-    return await asyncio.to_thread(_current_hasher().hash, password)
+    hasher = _current_hasher()
+    return await hashing_pool().run(lambda: hasher.hash(password))
 
 
 # A fixed hash to verify against when the user does not exist, so timing does not reveal it.
@@ -41,7 +106,7 @@ async def verify_password(password: str, password_hash: str | None) -> bool:
     hasher = _current_hasher()
     if password_hash is None:
         if _DUMMY_HASH is None:
-            _DUMMY_HASH = await asyncio.to_thread(hasher.hash, secrets.token_hex(8))
+            _DUMMY_HASH = await hash_password(secrets.token_hex(8))
         password_hash = _DUMMY_HASH
         real = False
     else:
@@ -53,7 +118,7 @@ async def verify_password(password: str, password_hash: str | None) -> bool:
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
 
-    ok = await asyncio.to_thread(_verify)
+    ok = await hashing_pool().run(_verify)
     return ok and real
 
 
@@ -92,3 +157,52 @@ def sign(body: bytes) -> str:
     """HMAC-SHA256 signature of an outgoing payload (notifications), hex encoded."""
     key = get_settings().secret().encode()
     return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+# --------------------------------------------------------------------------- the secret file
+
+_FILE_SECRETS: dict[str, str] = {}
+_FILE_SECRETS_LOCK = threading.Lock()
+
+
+def file_secret(path: Path) -> str:
+    """The secret kept in ``path``, created there if absent; read from disk once per process.
+
+    Created 0600 from the first byte (``O_CREAT | O_EXCL``, written under a temporary name and
+    hard-linked into place, so nobody ever sees it world-readable or half-written); when two
+    processes race, the loser's link fails and it reads the winner's secret.
+    """
+    key = str(path.absolute())
+    with _FILE_SECRETS_LOCK:
+        cached = _FILE_SECRETS.get(key)
+        if cached is None:
+            cached = _FILE_SECRETS[key] = _read_secret(path) if path.exists() else _create_secret(path)
+        return cached
+
+
+def _read_secret(path: Path) -> str:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("%s is readable by other users (mode %o); chmod 600 it", path, mode)
+    value = path.read_text().strip()
+    if not value:
+        raise RuntimeError(f"{path} is empty; remove it to generate a new secret or set FLP_SECRET_KEY")
+    return value
+
+
+def _create_secret(path: Path) -> str:
+    value = secrets.token_urlsafe(48)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:  # another process won the race: use its secret
+            return _read_secret(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return value

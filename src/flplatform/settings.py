@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,13 +15,11 @@ DEFAULT_SECRET_FILE = ".flplatform-secret"
 
 
 def _default_secret(path: Path) -> str:
-    """A per-checkout secret for the embedded default, kept in a file so restarts keep tokens valid."""
-    if path.exists():
-        return path.read_text().strip()
-    value = secrets.token_urlsafe(48)
-    path.write_text(value)
-    path.chmod(0o600)
-    return value
+    """A per-checkout secret for the embedded default, kept in a file so restarts keep tokens valid
+    (created 0600 atomically and read once per process: flplatform.security.file_secret)."""
+    from flplatform.security import file_secret
+
+    return file_secret(path)
 
 
 class Settings(BaseSettings):
@@ -44,9 +42,27 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; ['*'] for any")
 
-    # Upload limits (bytes).
-    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Largest request body (413 above)")
-    max_json_body_bytes: int = Field(default=16 * 1024**2, ge=1024, description="Largest JSON request body")
+    # Request bodies (bytes; flplatform/request_guard.py). Multipart bodies are capped by
+    # max_upload_bytes, every other body by max_json_body_bytes unless a route says otherwise.
+    max_upload_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="Largest multipart body (model uploads); also the cap on any body"
+    )
+    max_json_body_bytes: int = Field(
+        default=1024**2, ge=1024, description="Largest JSON (or other non-multipart) body, unless a route overrides"
+    )
+    inference_max_json_body_bytes: int = Field(
+        default=16 * 1024**2, ge=1024,
+        description="Largest JSON body of POST /api/inference/ and /api/inference/jobs/ (inputs as JSON lists); "
+        "larger inputs go as multipart files",
+    )
+    # Zip archives (torch.save / TorchScript) are refused before loading beyond these.
+    max_archive_uncompressed_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="Largest sum of a zip archive's declared uncompressed sizes"
+    )
+    max_archive_compression_ratio: float = Field(
+        default=20.0, ge=1.0, description="Largest uncompressed/compressed ratio of a zip archive above 1 MiB"
+    )
+    max_archive_entries: int = Field(default=100_000, ge=1, description="Most files in a zip archive")
 
     # Identity.
     allow_self_registration: bool = Field(
@@ -55,6 +71,30 @@ class Settings(BaseSettings):
     access_token_ttl_seconds: int = Field(default=24 * 3600, ge=60, description="Lifetime of OAuth2 tokens")
     argon2_time_cost: int = Field(default=3, ge=1, description="Argon2 password hashing: iterations")
     argon2_memory_cost_kib: int = Field(default=65536, ge=64, description="Argon2 password hashing: memory (KiB)")
+
+    # Login throttling (flplatform/login_guard.py): failed password logins in a fixed window.
+    login_window_seconds: float = Field(
+        default=300.0, gt=0, description="Length of the window failed logins are counted in"
+    )
+    login_max_failures_per_account: int = Field(
+        default=10, ge=1, description="Failed logins for one user name/email per window before 429"
+    )
+    login_max_failures_per_address: int = Field(
+        default=50, ge=1, description="Failed logins from one client address per window (any user names) before 429"
+    )
+    login_throttle_storage_uri: str = Field(
+        default="auto",
+        description="Where the counters live: `database` (shared by every worker: the default on PostgreSQL), "
+        "`memory` (per process: the default on SQLite), or a `limits` storage URI such as async+redis://host:6379",
+    )
+    password_hash_concurrency: int = Field(
+        default_factory=lambda: max(1, (os.cpu_count() or 1) // 4), ge=1,
+        description="Password hashes/verifications computed at once per process, in threads of their own "
+        "(default: a quarter of the CPUs, at least 1)",
+    )
+    password_hash_max_waiting: int = Field(
+        default=32, ge=0, description="Logins waiting for a hashing thread beyond which new ones get 429"
+    )
     admin_username: str | None = Field(
         default=None, description="With FLP_ADMIN_PASSWORD: a superuser created at start-up if no user has this name"
     )

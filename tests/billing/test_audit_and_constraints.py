@@ -19,13 +19,16 @@ async def _actions(client, admin, prefix):
     return [r["action"] for r in rows], rows
 
 
-async def test_failed_logins_and_token_lifecycle_are_audited(client, admin, alice):
+async def test_failed_logins_and_token_lifecycle_are_audited(client, app, admin, alice):
     r = await client.post("/api/auth/token/", data={"username": "alice", "password": "wrong-password"})
     assert r.status_code == 401
     basic = base64.b64encode(b"alice:also-wrong").decode()
     assert (await client.get("/api/users/myself/", headers={"Authorization": f"Basic {basic}"})).status_code == 401
+    # Failed logins are aggregated: one row per name, address and window, written when it ends.
+    assert await app.state.login_guard.audit.flush(everything=True) == 1
     actions, rows = await _actions(client, admin, "auth.login_failed")
-    assert actions == ["auth.login_failed", "auth.login_failed"]
+    assert actions == ["auth.login_failed"]
+    assert rows[0]["count"] == 2 and rows[0]["subject_user_id"] == alice.id
     assert all(r["level"] == "WARNING" and r["ip"] for r in rows)
     created = await client.post("/api/users/myself/tokens/", json={"name": "ci"}, headers=alice.headers)
     assert created.status_code == 201, created.text

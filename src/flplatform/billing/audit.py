@@ -42,6 +42,7 @@ async def record(
     ip: str | None = None,
     module: str | None = None,
     function: str | None = None,
+    count: int = 1,
 ) -> AuditLog:
     """Append one audit row. ``actor`` is a user (or its id); ``module``/``function`` default to
     the caller's."""
@@ -61,6 +62,7 @@ async def record(
         actor_id=actor_id,
         subject_user_id=subject_user_id,
         organisation_id=organisation_id,
+        count=count,
     )
     session.add(row)
     await session.flush()

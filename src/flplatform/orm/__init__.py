@@ -35,6 +35,7 @@ from flplatform.orm.training import (
     TrainingState,
     UncertaintyMethod,
 )
+from flplatform.orm.throttle import RateLimitCounter  # noqa: F401  (registers the throttle table)
 from flplatform.orm.user import ApiToken, User
 from flplatform.orm.workqueue import QueuedWork  # noqa: F401  (registers the work-queue table)
 

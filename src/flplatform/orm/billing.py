@@ -311,6 +311,8 @@ class AuditLog(IDMixin, Base):
     actor_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
     subject_user_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
     organisation_id: Mapped[uuid.UUID | None]
+    # How many occurrences the row stands for (failed logins are one row per name, address and window).
+    count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class Server(IDMixin, Base):

@@ -5,11 +5,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
-from flplatform.auth import user_for_password
-from flplatform.billing import audit
+from flplatform.auth import PASSWORD, client_address, login_with_password
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, responses
 from flplatform.onboarding import FIRST_USER_HINT, has_users
+from flplatform.login_guard import guard_of
 from flplatform.schemas.user import AccessToken
 from flplatform.services import users as user_service
 
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
     description="Exchange username (or email) and password for a bearer token; this is what Swagger UI's "
     "**Authorize** dialog calls. The token expires after `FLP_ACCESS_TOKEN_TTL_SECONDS`.",
     responses={
-        **responses(401, 422),
+        **responses(401, 422, 429),
         401: {**responses(401)[401], "content": {"application/json": {"example": {
             "detail": "Invalid username/password.", "code": "invalid_credentials",
             "error": "invalid_grant", "error_description": "Invalid username/password."}}}},
@@ -32,19 +32,17 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
 async def login(
     request: Request, session: SessionDep, form: Annotated[OAuth2PasswordRequestForm, Depends()]
 ) -> AccessToken:
-    user = await user_for_password(session, form.username, form.password)
-    if user is None:
-        # In a session of its own: this request rolls back.
-        await audit.record_detached(
-            request.app.state.sessionmaker, "auth.login_failed", f"failed login for {form.username[:150]!r}",
-            level="WARNING", request=request,
-        )
+    user = await login_with_password(
+        session, form.username, form.password, guard=guard_of(request.app), address=client_address(request)
+    )
+    if user is None:  # counted and audited (aggregated) by the login guard
         detail = "Invalid username/password."
         if not await has_users(session):  # a fresh server: say how to make the first user
             detail = f"{detail} {FIRST_USER_HINT}"
         raise _login_refused(detail, "invalid_credentials")
     if not user.is_active:
         raise _login_refused("User inactive or deleted.", "user_inactive")
+    request.state.auth_method = PASSWORD
     ttl = request.app.state.settings.access_token_ttl_seconds
     token = await user_service.create_access_token(session, user, ttl)
     return AccessToken(access_token=token, expires_in=ttl)

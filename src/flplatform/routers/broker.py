@@ -23,13 +23,14 @@ from fastapi import APIRouter, Query, Request, Response, WebSocket, status
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.convertors import Convertor, register_url_convertor
 
-from flplatform.auth import CurrentUser, OptionalUser, authenticate
+from flplatform.auth import CurrentUser, OptionalUser, authenticate, client_address
 from flplatform.broker import service
 from flplatform.broker.availability import STATUS_TEXT, availability
 from flplatform.broker.core import Broker, identity_of, policy_for, topic_info
 from flplatform.broker.permissions import Identity, Perms
 from flplatform.db import SessionDep, after_commit
 from flplatform.errors import AppError, Forbidden, NotFound, Unauthorized, responses
+from flplatform.login_guard import guard_of
 from flplatform.orm.broker import BrokerTopic, ResponseTopic
 from flplatform.permissions import Requester, can_read
 from flplatform.schemas.base import Detail
@@ -76,7 +77,9 @@ async def _handshake_identity(websocket: WebSocket) -> Identity:
         return Identity()
     async with websocket.app.state.sessionmaker() as session:
         try:
-            user = await authenticate(session, header)
+            user = await authenticate(
+                session, header, guard=guard_of(websocket.app), address=client_address(websocket)
+            )
         except AppError:
             return Identity()
         identity = identity_of(user)

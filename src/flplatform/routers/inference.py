@@ -22,6 +22,7 @@ from flplatform.auth import CurrentUser
 from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, responses
 from flplatform.orm.base import utcnow
+from flplatform.request_guard import body_limits
 from flplatform.orm.billing import WorkKind
 from flplatform.schemas.inference import (
     INFERENCE_REQUEST_EXAMPLES,
@@ -158,6 +159,15 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _json_limit(state: Any) -> int:
+    return int(state.settings.inference_max_json_body_bytes)
+
+
+def _multipart_limit(state: Any) -> int:
+    """model_input (a file, or base64 in a field) plus the small fields and the form's framing."""
+    return runtime_for(state).settings.max_input_bytes * 2 + 1024**2
+
+
 def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -166,7 +176,7 @@ def _parse_json(body: bytes) -> Any:
 
 
 async def _query_from_json(request: Request) -> InferenceQuery:
-    body = await _read_capped(request, request.app.state.settings.max_json_body_bytes)
+    body = await _read_capped(request, _json_limit(request.app.state))
     data = await asyncio.to_thread(_parse_json, body)
     if not isinstance(data, dict):
         raise BadRequest("The JSON body must be an object.", code="malformed_json")
@@ -242,6 +252,7 @@ async def _query_from_form(request: Request, default_format: ReturnFormat = "bin
     },
     openapi_extra={"requestBody": _REQUEST_BODY},
 )
+@body_limits(json=_json_limit, multipart=_multipart_limit)
 async def infer(request: Request, session: SessionDep, user: CurrentUser) -> Response:
     query = await _query_from_request(request)
     started = utcnow()
@@ -350,6 +361,7 @@ def _job_view(request: Request, job: Any) -> dict[str, Any]:
     },
     openapi_extra={"requestBody": _JOB_REQUEST_BODY},
 )
+@body_limits(json=_json_limit, multipart=_multipart_limit)
 async def submit_inference_job(request: Request, session: SessionDep, user: CurrentUser) -> Response:
     query = await _query_from_request(request, form_format="json")
     job = await inference_jobs.submit(session, runtime_for(request.app.state), user, query,

@@ -5,9 +5,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 
-from flplatform.auth import CurrentUser, OptionalUser
+from flplatform.auth import CallerOrSelfRegistration, CurrentUser, may_see_primary_token
 from flplatform.db import SessionDep
-from flplatform.errors import Forbidden, Unauthorized, Unprocessable, responses
+from flplatform.errors import Forbidden, Unprocessable, responses
 from flplatform.orm import CollectionKind, User
 from flplatform.permissions import (
     AuthenticatedRequester,
@@ -68,10 +68,8 @@ async def list_users(
     responses=responses(401, 403, 404, 409, 422),
 )
 async def create_user(
-    request: Request, session: SessionDep, data: UserCreate, caller: OptionalUser, requester: RequesterDep
+    session: SessionDep, data: UserCreate, caller: CallerOrSelfRegistration, requester: RequesterDep
 ) -> UserRead:
-    if caller is None and not request.app.state.settings.allow_self_registration:
-        raise Unauthorized("Self-registration is disabled; ask an administrator.")
     if caller is None and data.organization_id is not None:
         raise Forbidden("Join an organisation through an invitation link.", code="invitation_required")
     if caller is not None and not caller.is_superuser:
@@ -88,19 +86,32 @@ async def create_user(
     return _read(user, token)
 
 
-@router.get("/myself/", response_model=UserRead, summary="The calling user", responses=responses(401))
-async def myself(session: SessionDep, user: CurrentUser) -> UserRead:
-    return _read(user, await user_service.primary_token(session, user))
+@router.get(
+    "/myself/",
+    response_model=UserRead,
+    summary="The calling user",
+    description="`token` (the never-expiring primary token) only for requests authenticated by password or by "
+    "the primary token itself; API tokens and OAuth2 bearers get `null`.",
+    responses=responses(401),
+)
+async def myself(request: Request, session: SessionDep, user: CurrentUser) -> UserRead:
+    token = await user_service.primary_token(session, user) if may_see_primary_token(request) else None
+    return _read(user, token)
 
 
 @router.post(
     "/myself/token/rotate/",
     response_model=UserRead,
     summary="Replace my primary token",
-    description="Revokes the primary token (the one DLR clients use) and issues a new one.",
-    responses=responses(401),
+    description="Revokes the primary token (the one DLR clients use) and issues a new one. Only for requests "
+    "authenticated by password or by the primary token (403 for API tokens and OAuth2 bearers).",
+    responses=responses(401, 403),
 )
-async def rotate_token(session: SessionDep, user: CurrentUser) -> UserRead:
+async def rotate_token(request: Request, session: SessionDep, user: CurrentUser) -> UserRead:
+    if not may_see_primary_token(request):
+        raise Forbidden(
+            "Rotating the primary token needs a password or the primary token itself.", code="primary_token_required"
+        )
     return _read(user, await user_service.rotate_primary_token(session, user))
 
 
@@ -136,13 +147,17 @@ async def revoke_token(session: SessionDep, user: CurrentUser, token_id: uuid.UU
     "/{user_id}/",
     response_model=UserRead,
     summary="Get a user",
-    description="`token` is included only when the caller asks for themselves.",
+    description="`token` is included only when the caller asks for themselves, authenticated by password or by "
+    "the primary token (not by an API token or an OAuth2 bearer).",
     responses=responses(401, 404, 422),
 )
-async def get_user(session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID) -> UserRead:
+async def get_user(
+    request: Request, session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID
+) -> UserRead:
     user = await user_service.get_user(session, user_id)
     await ensure_readable(requester, user, f"User {user_id}")
-    token = await user_service.primary_token(session, user) if user.id == requester.id else None
+    mine = user.id == requester.id and may_see_primary_token(request)
+    token = await user_service.primary_token(session, user) if mine else None
     return _read(user, token)
 
 

@@ -258,3 +258,5 @@ class AuditRead(Schema):
     actor_id: uuid.UUID | None
     subject_user_id: uuid.UUID | None
     organisation_id: uuid.UUID | None
+    count: int = Field(default=1, description="Occurrences the row stands for (failed logins: one row per "
+                       "login name, client address and throttling window)")

@@ -30,6 +30,7 @@ import torch
 
 from flplatform.aggregation import codec
 from flplatform.aggregation.errors import DecodeError
+from flplatform.services.archive_limits import ArchiveTooLarge, check_archive_limits
 
 ACCEPTED_UPDATE_FORMATS = (
     "Accepted formats: a TorchScript archive (torch.jit.save), safetensors, or torch.save of a plain "
@@ -58,7 +59,10 @@ def detect_format(data: bytes) -> str:
     if data[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                check_archive_limits(archive, len(data))
                 names = archive.namelist()
+        except ArchiveTooLarge as exc:
+            raise ModelFileError(str(exc)) from None
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise ModelFileError(f"The file is a corrupt or truncated archive ({exc}). " + ACCEPTED_UPDATE_FORMATS)
         if any("/code/" in n or n.startswith("code/") for n in names):
