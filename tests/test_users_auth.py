@@ -28,8 +28,8 @@ class TestCreateUser:
         assert resp.status_code == 401
         assert resp.json()["code"] == "not_authenticated"
 
-    async def test_self_registration_cannot_make_superuser(self, client, app):
-        app.state.settings.allow_self_registration = True
+    async def test_self_registration_cannot_make_superuser(self, client, app, monkeypatch):
+        monkeypatch.setattr(app.state.settings, "allow_self_registration", True)  # the app outlives the test
         body = {"username": "mallory", "password": "long-password", "is_superuser": True}
         resp = await client.post("/api/users/", json=body)
         assert resp.status_code == 403

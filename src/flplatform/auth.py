@@ -15,7 +15,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPBasic, OAuth2PasswordBearer
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
@@ -24,6 +24,7 @@ from flplatform.errors import Forbidden, Unauthorized
 from flplatform.orm import ApiToken, User
 from flplatform.orm.base import utcnow
 from flplatform.security import token_digest, verify_password
+from flplatform.services.login_names import user_for_login
 
 oauth2_scheme = OAuth2PasswordBearer(
     tokenUrl="/api/auth/token/", auto_error=False, description="Log in with username (or email) and password."
@@ -53,9 +54,7 @@ async def user_for_token(session: AsyncSession, token: str) -> User | None:
 
 async def user_for_password(session: AsyncSession, login: str, password: str) -> User | None:
     """Username or email login; inactive users are returned too (the caller refuses them)."""
-    user = (
-        await session.execute(select(User).where(or_(User.username == login, User.email == login)))
-    ).scalar_one_or_none()
+    user = await user_for_login(session, login)
     ok = await verify_password(password, user.password_hash if user else None)
     return user if ok else None
 

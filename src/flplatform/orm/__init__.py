@@ -35,7 +35,7 @@ from flplatform.orm.training import (
     TrainingState,
     UncertaintyMethod,
 )
-from flplatform.orm.user import ApiToken, User
+from flplatform.orm.user import ApiToken, LoginName, User
 from flplatform.orm.workqueue import QueuedWork  # noqa: F401  (registers the work-queue table)
 
 __all__ = [
@@ -67,5 +67,6 @@ __all__ = [
     "Training",
     "TrainingState",
     "UncertaintyMethod",
+    "LoginName",
     "User",
 ]

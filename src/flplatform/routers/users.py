@@ -27,9 +27,14 @@ from flplatform.services import users as user_service
 router = APIRouter(prefix="/api/users", tags=["users"])
 
 
-def _read(user: User, token: str | None = None) -> UserRead:
+def _read(user: User, token: str | None = None, *, viewer: Requester | None = None) -> UserRead:
     out = UserRead.model_validate(user)
     out.token = token
+    if viewer is not None and viewer.is_unorganised and viewer.id != user.id:
+        # The organisation-less space lists its users to each other (the DLR clients pick
+        # participants by name); contact details stay with their owner.
+        out.email = None
+        out.message_endpoint = None
     return out
 
 
@@ -52,7 +57,7 @@ async def list_users(
         session, limit=limit, offset=offset, where=readable(requester, User)
     )
     response.headers["X-Total-Count"] = str(total)
-    return [_read(u) for u in rows]
+    return [_read(u, viewer=requester) for u in rows]
 
 
 @router.post(
@@ -141,7 +146,7 @@ async def get_user(session: SessionDep, requester: AuthenticatedRequester, user_
     user = await user_service.get_user(session, user_id)
     await ensure_readable(requester, user, f"User {user_id}")
     token = await user_service.primary_token(session, user) if user.id == requester.id else None
-    return _read(user, token)
+    return _read(user, token, viewer=requester)
 
 
 async def _update(session: SessionDep, requester: Requester, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
