@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from flplatform import __version__, tasks
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.errors import error_response, install_error_handlers
+from flplatform.input_guard import InputGuard
 from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
@@ -186,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(InputGuard)  # outermost: NUL in path/query/headers never reaches a route
     app.include_router(health_router.router)
     app.include_router(billing_router.router)
     app.include_router(billing_router.audit_router)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import joinedload
 
 from flplatform.db import SessionDep
 from flplatform.errors import Forbidden, Unauthorized
+from flplatform.input_guard import require_text
 from flplatform.orm import ApiToken, User
 from flplatform.orm.base import utcnow
 from flplatform.security import token_digest, verify_password
@@ -82,6 +83,8 @@ async def authenticate(session: AsyncSession, authorization: str | None) -> User
         login, sep, password = decoded.partition(":")
         if not sep:
             raise Unauthorized("Invalid basic header.", code="invalid_credentials")
+        require_text(login, "The Basic user name")
+        require_text(password, "The Basic password")
         if password == "":
             user = await user_for_token(session, login)
         else:

@@ -9,6 +9,7 @@ from flplatform.auth import user_for_password
 from flplatform.billing import audit
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, responses
+from flplatform.input_guard import require_text
 from flplatform.schemas.user import AccessToken
 from flplatform.services import users as user_service
 
@@ -26,6 +27,8 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
 async def login(
     request: Request, session: SessionDep, form: Annotated[OAuth2PasswordRequestForm, Depends()]
 ) -> AccessToken:
+    require_text(form.username, "username")
+    require_text(form.password, "password")
     user = await user_for_password(session, form.username, form.password)
     if user is None:
         # In a session of its own: this request rolls back.

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 
 from flplatform.auth import CurrentUser, OptionalUser
 from flplatform.db import SessionDep
@@ -19,7 +18,7 @@ from flplatform.permissions import (
     readable,
     refused_self_edits,
 )
-from flplatform.schemas.base import Detail
+from flplatform.schemas.base import Detail, Limit, Offset
 from flplatform.schemas.user import TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead, UserUpdate
 from flplatform.services import collections as collection_service
 from flplatform.services import users as user_service
@@ -50,8 +49,8 @@ async def list_users(
     session: SessionDep,
     response: Response,
     requester: AuthenticatedRequester,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[UserRead]:
     rows, total = await user_service.list_users(
         session, limit=limit, offset=offset, where=readable(requester, User)
