@@ -29,6 +29,7 @@ from flplatform.permissions import (
     ensure_readable,
     readable,
 )
+from flplatform.routers.users import read_user
 from flplatform.schemas.base import Limit, Offset
 from flplatform.schemas.collections import (
     CollectionRead,
@@ -447,7 +448,7 @@ async def list_members(
             select(User.id).where(User.id.in_([u.id for u in users]), readable(requester, User))
         )).scalars()
     )
-    return [UserRead.model_validate(u) for u in users if u.id in visible_ids]
+    return [read_user(u, viewer=requester) for u in users if u.id in visible_ids]
 
 
 @collections_router.post(

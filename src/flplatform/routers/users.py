@@ -26,7 +26,8 @@ from flplatform.services import users as user_service
 router = APIRouter(prefix="/api/users", tags=["users"])
 
 
-def _read(user: User, token: str | None = None, *, viewer: Requester | None = None) -> UserRead:
+def read_user(user: User, token: str | None = None, *, viewer: Requester | None = None) -> UserRead:
+    """A user as ``viewer`` may see them (every route showing users goes through this)."""
     out = UserRead.model_validate(user)
     out.token = token
     if viewer is not None and viewer.is_unorganised and viewer.id != user.id:
@@ -56,7 +57,7 @@ async def list_users(
         session, limit=limit, offset=offset, where=readable(requester, User)
     )
     response.headers["X-Total-Count"] = str(total)
-    return [_read(u, viewer=requester) for u in rows]
+    return [read_user(u, viewer=requester) for u in rows]
 
 
 @router.post(
@@ -87,12 +88,12 @@ async def create_user(
             raise Unprocessable("Superusers belong to no organisation.", code="superuser_has_no_organization")
         await collection_service.get_collection(session, data.organization_id, CollectionKind.ORGANIZATION)
     user, token = await user_service.create_user(session, data, created_by=caller)
-    return _read(user, token)
+    return read_user(user, token)
 
 
 @router.get("/myself/", response_model=UserRead, summary="The calling user", responses=responses(401))
 async def myself(session: SessionDep, user: CurrentUser) -> UserRead:
-    return _read(user, await user_service.primary_token(session, user))
+    return read_user(user, await user_service.primary_token(session, user))
 
 
 @router.post(
@@ -103,7 +104,7 @@ async def myself(session: SessionDep, user: CurrentUser) -> UserRead:
     responses=responses(401),
 )
 async def rotate_token(session: SessionDep, user: CurrentUser) -> UserRead:
-    return _read(user, await user_service.rotate_primary_token(session, user))
+    return read_user(user, await user_service.rotate_primary_token(session, user))
 
 
 @router.get("/myself/tokens/", response_model=list[TokenRead], summary="List my API tokens", responses=responses(401))
@@ -145,7 +146,7 @@ async def get_user(session: SessionDep, requester: AuthenticatedRequester, user_
     user = await user_service.get_user(session, user_id)
     await ensure_readable(requester, user, f"User {user_id}")
     token = await user_service.primary_token(session, user) if user.id == requester.id else None
-    return _read(user, token, viewer=requester)
+    return read_user(user, token, viewer=requester)
 
 
 async def _update(session: SessionDep, requester: Requester, user_id: uuid.UUID, data: UserUpdate) -> UserRead:
@@ -158,7 +159,7 @@ async def _update(session: SessionDep, requester: Requester, user_id: uuid.UUID,
         )
     assert requester.user is not None
     await user_service.update_user(session, user, data, by=requester.user)
-    return _read(user)
+    return read_user(user)
 
 
 @router.patch(
