@@ -13,10 +13,15 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 from sqlalchemy import update
 
 from flplatform.billing.ledger import MAX_BALANCE
 from flplatform.orm.billing import LedgerAccount
+from flplatform.schemas.base import text_problem
+from flplatform.schemas.user import TokenCreate
 
 NUL, SURROGATE = "a\x00b", "a\ud800b"
 HUGE = "99999999999999999999"
@@ -88,7 +93,28 @@ class TestText:
         assert 400 <= response.status_code < 500
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_the_text_rule_is_exactly_no_nul_and_no_lone_surrogate(value):
+    acceptable = "\x00" not in value and not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    assert (text_problem(value) is None) == acceptable
+    try:
+        TokenCreate.model_validate({"name": value.strip() or "x", value: 1} if not acceptable else {"name": "x"})
+    except ValidationError as exc:
+        assert not acceptable and exc.errors()[0]["type"] == "invalid_input"
+    else:
+        assert acceptable
+
+
 class TestBounds:
+    async def test_non_finite_numbers_in_bodies(self, raw, admin):
+        for literal in ("NaN", "Infinity", "-Infinity"):
+            # aggregator_options is free-form JSON stored in a JSON column
+            body = f'{{"model_id": "{uuid.uuid4()}", "target_num_updates": 1, "aggregator_options": {{"x": {literal}}}}}'
+            response = await raw.post("/api/trainings/", content=body,
+                                      headers={**admin.headers, "Content-Type": "application/json"})
+            assert _is_422(response) and "finite" in response.json()["detail"], (literal, response.text)
+
     async def test_huge_offsets_on_every_list(self, raw, admin):
         for url in ("/api/users/", "/api/billing/operations/", "/api/audit-log/", "/api/organizations/",
                     "/api/broker/topics/", "/api/inference/jobs/"):

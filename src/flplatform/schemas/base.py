@@ -7,7 +7,8 @@ raw input, nested lists and objects and their keys included, before the fields a
 path, query and header values (``flplatform.input_guard``), to form fields (``SafeStr``) and to the
 credentials of the ``Authorization`` header.
 
-**Integers** in bodies fit a signed 64-bit column (``MAX_INT``); list windows (``Limit``,
+**Integers** in bodies fit a signed 64-bit column (``MAX_INT``), numbers are finite (no NaN or
+Infinity, which Python's JSON parser accepts); list windows (``Limit``,
 ``Offset``) are bounded by ``MAX_OFFSET``. **Money** has at most 18 digits, 8 of them decimals, so
 it fits the ledger's 64-bit minor units. **Datetimes** lie in [``EARLIEST``, ``LATEST``) and a
 naive one means UTC (``SafeDateTime``); statement months likewise (``PERIOD_PATTERN``).
@@ -16,6 +17,7 @@ naive one means UTC (``SafeDateTime``); statement months likewise (``PERIOD_PATT
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from typing import Annotated, Any, ClassVar
 
@@ -85,6 +87,9 @@ def _walk(value: Any, path: tuple[Any, ...]) -> tuple[tuple[Any, ...], str] | No
         return None
     if isinstance(value, int):
         return None if MIN_INT <= value <= MAX_INT else (path, "Integer out of the 64-bit range.")
+    if isinstance(value, float):
+        # Python's JSON parser takes NaN and Infinity, which JSON (and PostgreSQL's json) does not.
+        return None if math.isfinite(value) else (path, "Number must be finite.")
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(key, str) and (problem := text_problem(key)):
