@@ -214,3 +214,18 @@ async def test_migration_backfills_and_repairs_collisions(fresh_url):
 def test_login_key_is_the_one_normalisation():
     assert login_names.login_key("ＡＬＩＣＥ") == login_names.login_key("alice") == "alice"
     assert login_names.login_key("Straße") == login_names.login_key("STRASSE")
+
+
+async def test_admin_bootstrap_respects_login_names(app, make_user):
+    """FLP_ADMIN_*: a user already holding the name (in another case) or a clashing email leaves
+    things as they are instead of failing the start-up."""
+    from flplatform.services.users import ensure_admin
+
+    await make_user("Root", email="root-owner@example.org")
+    async with app.state.sessionmaker() as session:
+        assert await ensure_admin(session, username="root", email=None, password="long-password") is None
+        await make_user("root@example.org", email="x@example.org")
+        assert await ensure_admin(session, username="ops", email="root@example.org", password="long-password") is None
+        created = await ensure_admin(session, username="ops", email="ops@example.org", password="long-password")
+        assert created is not None and created.is_superuser
+        await session.commit()

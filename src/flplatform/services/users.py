@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,8 @@ from flplatform.orm.base import utcnow
 from flplatform.schemas.user import TokenCreate, UserCreate, UserUpdate
 from flplatform.security import decrypt, encrypt, hash_password, new_api_token, new_user_token, token_digest
 from flplatform.services import login_names
+
+log = logging.getLogger(__name__)
 
 PRIMARY_TOKEN_NAME = "primary"
 _PRIVILEGED_FIELDS = ("is_staff", "is_superuser", "is_active")
@@ -184,11 +187,17 @@ async def revoke_token(session: AsyncSession, user: User, token_id: uuid.UUID) -
 
 
 async def ensure_admin(session: AsyncSession, *, username: str, email: str | None, password: str) -> User | None:
-    """First-start bootstrap from FLP_ADMIN_*: create the superuser if no user has that name."""
-    existing = (await session.execute(select(User).where(User.username == username))).scalar_one_or_none()
-    if existing is not None:
+    """First-start bootstrap from FLP_ADMIN_*: create the superuser if no user has that login name
+    (in any case). A clash with another user's email, or another worker creating it at the same
+    time, leaves things as they are (logged) instead of failing the start-up."""
+    if await login_names.user_for_login(session, username) is not None:
         return None
     data = UserCreate(username=username, email=email, password=password, is_staff=True, is_superuser=True)
     bootstrap = User(username="<bootstrap>", is_superuser=True)
-    user, _ = await create_user(session, data, created_by=bootstrap)
+    try:
+        user, _ = await create_user(session, data, created_by=bootstrap)
+    except Conflict as exc:
+        log.warning("FLP_ADMIN_USERNAME %r not created: %s", username, exc.detail)
+        await session.rollback()
+        return None
     return user
