@@ -54,7 +54,8 @@ async def check_available(
     for key, (field, value) in claims.items():
         if key in taken:
             if field == "username":
-                raise Conflict(f"The name {value!r} is already taken by another user.", code="username_taken")
+                raise Conflict(f"A user with the login name {value!r} (a username or an email) already exists.",
+                               code="username_taken")
             raise Conflict(f"A user with email {value!r} already exists.", code="email_taken")
 
 
