@@ -16,7 +16,8 @@ from fastapi.routing import APIRoute
 from flplatform import __version__, tasks
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.docs_ui import install_docs
-from flplatform.errors import error_response, install_error_handlers
+from flplatform.errors import install_error_handlers
+from flplatform.input_guard import InputGuard
 from flplatform.onboarding import FIRST_USER_HINT
 from flplatform.openapi import install_openapi
 from flplatform.request_guard import RequestGuard
@@ -168,6 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     # Body limits and authentication from headers, before any body is read (request_guard.py).
     app.add_middleware(RequestGuard)
+    app.add_middleware(InputGuard)  # outermost: NUL in path/query/headers never reaches a route
     app.include_router(health_router.router)
     app.include_router(billing_router.router)
     app.include_router(billing_router.audit_router)

@@ -22,17 +22,19 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPBasic, OAuth2PasswordBearer
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
 from flplatform.db import SessionDep
 from flplatform.errors import Forbidden, Unauthorized
+from flplatform.input_guard import require_text
 from flplatform.login_guard import LoginGuard, guard_of
 from flplatform.orm import ApiToken, User
 from flplatform.orm.base import utcnow
 from flplatform.request_guard import PREAUTH_SCOPE_KEY, SELF_REGISTRATION_OFF, PreAuthenticated
 from flplatform.security import token_digest, verify_password
+from flplatform.services.login_names import user_for_login
 
 # How a request authenticated (request.state.auth_method).
 PASSWORD = "password"
@@ -79,9 +81,7 @@ async def user_for_token(session: AsyncSession, token: str) -> User | None:
 async def user_for_password(session: AsyncSession, login: str, password: str) -> User | None:
     """Username or email login; inactive users are returned too (the caller refuses them).
     Not throttled: request paths use :func:`login_with_password`."""
-    user = (
-        await session.execute(select(User).where(or_(User.username == login, User.email == login)))
-    ).scalar_one_or_none()
+    user = await user_for_login(session, login)
     ok = await verify_password(password, user.password_hash if user else None)
     return user if ok else None
 
@@ -91,9 +91,7 @@ async def login_with_password(
 ) -> User | None:
     """:func:`user_for_password` behind the login throttle: 429 once the name or the address has
     used up its failures (before any hashing), failures counted and audited in aggregate."""
-    user = (
-        await session.execute(select(User).where(or_(User.username == login, User.email == login)))
-    ).scalar_one_or_none()
+    user = await user_for_login(session, login)
     if guard is not None:
         await guard.check(login, address, user.id if user else None)
     ok = await verify_password(password, user.password_hash if user else None)
@@ -132,6 +130,8 @@ async def identify(
         login, sep, password = decoded.partition(":")
         if not sep:
             raise Unauthorized("Invalid basic header.", code="invalid_credentials")
+        require_text(login, "The Basic user name")
+        require_text(password, "The Basic password")
         if password == "":
             row = await _token_row(session, login)
             if row is not None:

@@ -123,12 +123,21 @@ def error_response(
     status_code: int, detail: str, code: str, *, errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"detail": detail, "code": code}
+    body: dict[str, Any] = {"detail": _encodable(detail), "code": code}
     if errors is not None:
-        body["errors"] = errors
+        body["errors"] = [
+            {**e, "loc": [_encodable(p) if isinstance(p, str) else p for p in e.get("loc", ())],
+             "msg": _encodable(str(e.get("msg", "")))}
+            for e in errors
+        ]
     if extra:
         body.update({k: v for k, v in extra.items() if k not in body})
     return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _encodable(text: str) -> str:
+    """Messages may quote input; a lone surrogate in it would make the error itself a 500."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _validation_items(exc: RequestValidationError) -> list[dict[str, Any]]:

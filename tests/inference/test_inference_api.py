@@ -8,7 +8,6 @@ import json
 import pickle
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors

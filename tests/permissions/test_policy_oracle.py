@@ -157,7 +157,7 @@ class Oracle:
         if r.superuser or r is t:
             return True
         if r.org is None:
-            return t.org is None
+            return t.org is None and not t.superuser  # superusers are not listed to the DLR space
         return t.org == r.org and (self.org_role(r) or self.coaches_member(r, t))
 
     def collection(self, r: Person | None, index: int) -> bool:

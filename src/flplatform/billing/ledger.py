@@ -34,7 +34,7 @@ from sqlalchemy import and_, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.errors import Conflict, PaymentRequired
+from flplatform.errors import Conflict, PaymentRequired, Unprocessable
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import (
     SYSTEM_ACCOUNT_KINDS,
@@ -162,10 +162,21 @@ def check_balanced(legs: Sequence[Leg]) -> None:
         raise ValueError(f"entry does not balance per currency: {unbalanced}")
 
 
+#: Largest balance a user account may hold: its 64-bit column (credits beyond it are refused, 422).
+MAX_BALANCE = 2**63 - 1
+
+
+class BalanceTooLarge(Unprocessable):
+    code = "balance_too_large"
+
+
 async def _move_user_balance(session: AsyncSession, account_id: uuid.UUID, delta: int) -> bool:
+    # Credits compare against MAX_BALANCE - delta, never compute balance + delta past int64
+    # (PostgreSQL: "bigint out of range"; SQLite: silently a float).
+    room = LedgerAccount.balance <= MAX_BALANCE - delta if delta > 0 else LedgerAccount.balance + delta >= 0
     stmt = (
         update(LedgerAccount)
-        .where(and_(LedgerAccount.id == account_id, LedgerAccount.balance + delta >= 0))
+        .where(and_(LedgerAccount.id == account_id, room))
         .values(balance=LedgerAccount.balance + delta)
         .returning(LedgerAccount.balance)
         .execution_options(synchronize_session=False)
@@ -222,6 +233,11 @@ async def post_entry(
     for leg in sorted((leg for leg in final if leg.account.is_user), key=lambda l: (l.amount > 0, l.account.id)):
         if not await _move_user_balance(session, leg.account.id, leg.amount):
             await _undo(session, moved)
+            if leg.amount > 0:
+                raise BalanceTooLarge(
+                    f"This would take the {leg.account.currency.value} balance past its maximum "
+                    f"({_fmt(MAX_BALANCE)})."
+                )
             raise InsufficientFunds(
                 f"Insufficient {leg.account.currency.value} balance: this needs "
                 f"{_fmt(-leg.amount)} more than is available.",

@@ -22,6 +22,15 @@ class BrokerConfig(BaseSettings):
     )
     max_message_bytes: int = Field(default=10 * 1024**2, ge=1024, description="Larger frames get an error ack")
     consumer_queue_size: int = Field(default=1000, ge=1, description="Live messages buffered per consumer socket")
+    consumer_queue_bytes: int = Field(
+        default=16 * 1024**2, ge=1024,
+        description="Envelope bytes buffered per consumer socket (an empty queue still takes one message)",
+    )
+    consumer_queue_total_bytes: int = Field(
+        default=512 * 1024**2, ge=1024,
+        description="Bytes buffered by all consumer sockets of a process together; beyond it the socket with "
+        "the largest backlog is disconnected (1013)",
+    )
     consumer_stall_seconds: float = Field(
         default=60.0, gt=0, description="A consumer whose queue stays full this long is disconnected"
     )

@@ -1,14 +1,17 @@
 """Consumer sockets and their bounded queues.
 
-Each consumer socket owns a bounded queue. The dispatcher *waits* for room (back-pressure: the
+Each consumer socket owns a queue bounded in messages (``consumer_queue_size``) and in bytes
+(``consumer_queue_bytes``; see ``queues``). The dispatcher *waits* for room (back-pressure: the
 writer, and through it the producers' in-flight windows, slow down), so no live message is ever
 dropped. A consumer whose queue stays full for ``consumer_stall_seconds`` is disconnected with
 close code 1013 (its stored messages are redelivered when it reconnects).
 
 While a socket is being set up (its stored messages are redelivered first, after the writer's
-pending acknowledgements are applied) nothing drains its queue yet, so live messages for it are
-kept in a list instead: waiting for room there would stall the writer behind the very flush the
-set-up waits for, and every other topic of the process with it.
+pending acknowledgements are applied) nothing drains its queue yet, and waiting for room there
+would stall the writer behind the very flush the set-up waits for (and every other topic of the
+process with it): live messages are then queued past the socket's bounds, for at most
+``consumer_stall_seconds`` (then 1013), and within the process-wide byte budget, which
+disconnects the largest backlog when exceeded.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 from starlette.websockets import WebSocket
 
 from flplatform.broker.permissions import Identity, Perms
+from flplatform.broker.queues import DeliveryQueue, QueueBudget
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,10 @@ class ConsumerConnection:
     user: Identity
     connected_at: dt.datetime
     queue_size: int
+    queue_bytes: int = 16 * 1024**2
+    budget: QueueBudget | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    queue: asyncio.Queue[Any] = field(init=False)
+    queue: DeliveryQueue = field(init=False)
     # messageIds already sent by the redelivery on connect (skipped when they come live too).
     replayed: set[str] = field(default_factory=set)
     # Permission cache for this socket: (perms, topic id, loaded at, grants version).
@@ -66,26 +72,37 @@ class ConsumerConnection:
     perms_loaded: float = 0.0
     perms_version: int = -1
     closed: bool = False
-    # Until the sender starts: live items that arrived during the set-up, in order.
-    early: list[Any] | None = field(default_factory=list)
+    # False while the socket is being set up: nothing drains the queue yet.
+    started: bool = False
+    # When the queue first overflowed during the set-up (monotonic seconds).
+    overflow_since: float | None = None
 
     def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(maxsize=self.queue_size)
+        self.queue = DeliveryQueue(self.queue_size, self.queue_bytes, self.budget)
 
-    def start(self) -> list[Any]:
-        """The sender starts: hand over the items kept during the set-up; later ones queue."""
-        early, self.early = self.early or [], None
-        return early
+    def start(self) -> None:
+        """The sender starts draining the queue."""
+        self.started = True
+
+    def release(self) -> None:
+        """The socket is gone: give the queued bytes back to the process budget."""
+        self.closed = True
+        self.queue.clear()
 
     async def enqueue(self, item: Any, stall_seconds: float) -> None:
         if self.closed:
             return
-        if self.early is not None:
-            self.early.append(item)
-            return
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
+            if not self.started:
+                now = time.monotonic()
+                if self.overflow_since is None:
+                    self.overflow_since = now
+                elif now - self.overflow_since > stall_seconds:
+                    raise ConsumerStalled(self.id) from None
+                self.queue.force_put(item)
+                return
             try:
                 await asyncio.wait_for(self.queue.put(item), stall_seconds)
             except TimeoutError:

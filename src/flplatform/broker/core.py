@@ -11,8 +11,10 @@ Hot path (one produced frame):
    ``last_pong``, PostgreSQL NOTIFYs), then resolves the producers' acks and fans the
    messages out in order; for ``disabled`` the message is fanned out at once (and on
    PostgreSQL announced through the writer for the other processes);
-4. fan-out puts the serialised envelope in each consumer socket's bounded queue, waiting for
-   room rather than dropping.
+4. fan-out puts the serialised envelope in each consumer socket's queue, bounded in messages
+   and bytes, waiting for room rather than dropping; all queues of the process together hold
+   at most ``consumer_queue_total_bytes`` (the socket with the largest backlog is disconnected
+   to make room, see ``_make_room``).
 
 No database session is held while a socket idles: every read or write opens a short session
 from the app's sessionmaker.
@@ -42,6 +44,7 @@ from flplatform.broker.bus import InProcessBus, PostgresBus
 from flplatform.broker.config import BrokerConfig
 from flplatform.broker.connections import ConsumerConnection, ConsumerStalled, Delivery, PingRequest, Registry
 from flplatform.broker.permissions import Identity, Perms, TopicInfo, resolve
+from flplatform.broker.queues import QueueBudget
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm.broker import (
     ANONYMOUS_KEY,
@@ -54,6 +57,7 @@ from flplatform.orm.broker import (
     ResponseTopic,
     StorePolicy,
 )
+from flplatform.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +168,7 @@ class Broker:
             self.write_sessionmaker = create_sessionmaker(self._write_engine)
         self.bus: InProcessBus | PostgresBus = PostgresBus(database_url) if self.is_postgres else InProcessBus()
         self.registry = Registry()
+        self.queue_budget = QueueBudget(config.consumer_queue_total_bytes)
         self._topics: dict[str, tuple[TopicInfo | None, float]] = {}
         self.grants_version = 0
         self._writes: asyncio.Queue[Any] = asyncio.Queue(maxsize=20 * config.write_batch_size)
@@ -432,16 +437,41 @@ class Broker:
         if topic.dispatch is DispatchMode.SHARED:
             target = self.registry.next_shared(topic.slug)
             conns = [target] if target is not None else []
+        if conns:
+            await self._make_room(item)
         for conn in conns:
             try:
                 await conn.enqueue(item, self.config.consumer_stall_seconds)
             except ConsumerStalled:
                 await self._drop_stalled(conn)
 
+    async def _make_room(self, item: Delivery) -> None:
+        """Keep every consumer queue of the process within ``consumer_queue_total_bytes``: while
+        the new message would not fit, the socket holding the most bytes (the one pinning the
+        memory) is disconnected as a stalled consumer would be."""
+        budget = self.queue_budget
+        budget.limit = self.config.consumer_queue_total_bytes
+        while budget.would_exceed(item):
+            holders = [c for slug in self.registry.slugs() for c in self.registry.consumers(slug) if not c.closed]
+            largest = max(holders, key=lambda c: c.queue.bytes, default=None)
+            if largest is None or largest.queue.bytes == 0:
+                return  # nothing queued to give back: the message itself is the only holder
+            self.stats["evicted_for_memory"] += 1
+            log.warning("consumer queues of this process hold %d bytes; disconnecting %s on %s (%d bytes queued)",
+                        budget.total, largest.id, largest.slug, largest.queue.bytes)
+            await self._drop_stalled(largest)
+
     async def _drop_stalled(self, conn: ConsumerConnection) -> None:
         log.warning("consumer %s on %s stalled; disconnecting it", conn.id, conn.slug)
-        conn.closed = True
+        conn.release()
         self.registry.remove(conn)
+        self.stats["stalled"] += 1
+        # In the background: a peer that reads nothing can hold the close handshake for seconds,
+        # and this runs on the dispatch path.
+        spawn(self._close_stalled(conn), name="broker-close-stalled")
+
+    @staticmethod
+    async def _close_stalled(conn: ConsumerConnection) -> None:
         try:
             await conn.websocket.close(code=1013, reason="consumer too slow")
         except Exception:
@@ -482,6 +512,8 @@ class Broker:
             user=user,
             connected_at=self.clock.now(),
             queue_size=self.config.consumer_queue_size,
+            queue_bytes=self.config.consumer_queue_bytes,
+            budget=self.queue_budget,
         )
         self.registry.add(conn)
         sender: asyncio.Task[None] | None = None
@@ -504,7 +536,7 @@ class Broker:
         except WebSocketDisconnect:
             pass
         finally:
-            conn.closed = True
+            conn.release()
             left = self.registry.remove(conn)
             if sender is not None:
                 sender.cancel()
@@ -599,9 +631,8 @@ class Broker:
             return 0 if history else row.after_message_pk
 
     async def _consumer_sender(self, conn: ConsumerConnection) -> None:
-        """Drain what arrived during the redelivery, then the socket's queue."""
-        for item in conn.start():
-            await self._send_one(conn, item)
+        """Drain the socket's queue (what arrived during the redelivery first)."""
+        conn.start()
         while True:
             await self._send_one(conn, await conn.queue.get())
 

@@ -36,7 +36,7 @@ from flplatform.orm.training import (
     UncertaintyMethod,
 )
 from flplatform.orm.throttle import RateLimitCounter  # noqa: F401  (registers the throttle table)
-from flplatform.orm.user import ApiToken, User
+from flplatform.orm.user import ApiToken, LoginName, User
 from flplatform.orm.workqueue import QueuedWork  # noqa: F401  (registers the work-queue table)
 
 __all__ = [
@@ -68,5 +68,6 @@ __all__ = [
     "Training",
     "TrainingState",
     "UncertaintyMethod",
+    "LoginName",
     "User",
 ]

@@ -88,6 +88,18 @@ class User(IDMixin, TimestampMixin, Base):
         return f"{self.first_name} {self.last_name}".strip()
 
 
+class LoginName(Base):
+    """Every name a user logs in with (username and email), normalised as logins compare them
+    (``services.login_names.login_key``): one unique column, so a username can never equal
+    another user's email, nor two names differ in case only, whatever the order or concurrency
+    of the writes. Maintained by ``services.login_names`` in the transaction that changes the user."""
+
+    __tablename__ = "login_names"
+
+    name: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+
+
 class ApiToken(IDMixin, Base):
     """A bearer credential. Only a keyed digest is stored; the user's *primary* token (the
     DLR-style token shown on the user resource) is also kept encrypted so it can be shown again."""

@@ -319,7 +319,9 @@ class UserRules(Policy):
     * read: themselves; in an organisation, its admins and organisation coaches read every user
       of it, other coaches the members of the collections they coach (explicit membership rows
       make this one look-up). Outside organisations (the DLR-compatible space) users read each
-      other, as in the reference server, and nobody else.
+      other, as in the reference server, except superusers (platform operators are not members
+      of that space: their accounts and addresses are nobody's business there); the user routes
+      also leave out other users' email and notification endpoint there.
     * create: admins create users in their organisation (anonymous sign-up goes through an
       invitation link or ``FLP_ALLOW_SELF_REGISTRATION``, decided by the route).
     * update: themselves (within the organisation's ``members_can_edit_*`` switches, checked by
@@ -337,7 +339,7 @@ class UserRules(Policy):
         if obj.id == requester.id:
             return True
         if requester.is_unorganised:
-            return obj.organization_id is None
+            return obj.organization_id is None and not obj.is_superuser
         if not requester.in_organization or obj.organization_id != requester.organization_id:
             return False
         if requester.has_org_role():
@@ -348,7 +350,7 @@ class UserRules(Policy):
         if requester.is_anonymous:
             return false()
         if requester.is_unorganised:
-            return User.organization_id.is_(None)
+            return and_(User.organization_id.is_(None), User.is_superuser.is_(False))
         if not requester.in_organization:
             return User.id == requester.id
         coached_members = select(Membership.user_id).where(

@@ -10,6 +10,7 @@ from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, responses
 from flplatform.onboarding import FIRST_USER_HINT, has_users
 from flplatform.login_guard import guard_of
+from flplatform.input_guard import require_text
 from flplatform.schemas.user import AccessToken
 from flplatform.services import users as user_service
 
@@ -32,6 +33,8 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
 async def login(
     request: Request, session: SessionDep, form: Annotated[OAuth2PasswordRequestForm, Depends()]
 ) -> AccessToken:
+    require_text(form.username, "username")
+    require_text(form.password, "password")
     user = await login_with_password(
         session, form.username, form.password, guard=guard_of(request.app), address=client_address(request)
     )

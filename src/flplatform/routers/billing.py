@@ -7,12 +7,11 @@ A user sees their own money; superusers see and manage everyone's. Charging POST
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Path, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -27,6 +26,7 @@ from flplatform.db import SessionDep
 from flplatform.errors import Forbidden, NotFound, Unauthorized, Unprocessable, responses
 from flplatform.orm import Model, User
 from flplatform.orm.billing import AuditLevel, AuditLog, Bill, Coupon, OperationKind
+from flplatform.schemas.base import PERIOD_PATTERN, Limit, Offset, SafeDateTime
 from flplatform.schemas.billing import (
     AuditRead,
     BalanceRead,
@@ -263,10 +263,10 @@ async def list_operations(
     all: bool = False,
     kind: OperationKind | None = None,
     model_id: uuid.UUID | None = None,
-    since: dt.datetime | None = None,
-    until: dt.datetime | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    since: SafeDateTime | None = None,
+    until: SafeDateTime | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[OperationRead]:
     if all and not caller.is_superuser:
         raise Forbidden("Only superusers may list everyone's operations.")
@@ -391,11 +391,13 @@ async def put_model_pricing(
     response_model=StatementRead,
     summary="Monthly statement",
     description="For `period` = `YYYY-MM` (UTC): opening and closing balance per currency, money in and "
-    "out, operations by kind, and the month's bills. Superusers may pass `user_id`.",
-    responses=responses(400, 401, 403),
+    "out, operations by kind, and the month's bills. Superusers may pass `user_id`. Months from 1970-01 "
+    "to 2999-12.",
+    responses=responses(400, 401, 403, 422),
 )
 async def get_statement(
-    session: SessionDep, caller: CurrentUser, period: str, user_id: uuid.UUID | None = None
+    session: SessionDep, caller: CurrentUser, period: Annotated[str, Path(pattern=PERIOD_PATTERN, examples=["2026-11"])],
+    user_id: uuid.UUID | None = None,
 ) -> StatementRead:
     target = _target_user(caller, user_id)
     return StatementRead.model_validate(await billing.statement(session, target, period))
@@ -528,9 +530,9 @@ async def list_audit(
     level: AuditLevel | None = None,
     actor_id: uuid.UUID | None = None,
     organisation_id: uuid.UUID | None = None,
-    since: dt.datetime | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    since: SafeDateTime | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[AuditRead]:
     conditions = []
     if action is not None:

@@ -33,7 +33,7 @@ from flplatform.errors import AppError, Forbidden, NotFound, Unauthorized, respo
 from flplatform.login_guard import guard_of
 from flplatform.orm.broker import BrokerTopic, ResponseTopic
 from flplatform.permissions import Requester, can_read
-from flplatform.schemas.base import Detail
+from flplatform.schemas.base import Detail, Limit, Offset
 from flplatform.schemas.broker import (
     GrantRead,
     GrantWrite,
@@ -258,7 +258,19 @@ async def _fresh_topic(request: Request, session: SessionDep, slug: str) -> Brok
     "400 `Topic is excluded from ping` when the topic does not support DASF; 404 unknown topic. Allowed "
     "for public topics and for users with any grant on the topic.",
     response_class=PlainTextResponse,
-    responses={**responses(401, 403, 404), 503: {"description": "Unknown or unreachable"}},
+    responses={
+        **responses(401, 403, 404, 422),
+        200: {"description": "A consumer (backend) answered the latest ping.",
+              "content": {"text/plain": {"example": "Consumer connected"}}},
+        400: {"description": "The topic does not support DASF, so it is never pinged.",
+              "content": {"text/plain": {"example": "Topic is excluded from ping"}}},
+        503: {"description": "The DASF availability answer (dasf-protocol.md, HTTP status view), not a server "
+              "failure: `Status unknown` when no ping was sent within the last 2 minutes, `Consumer could not be "
+              "reached` when the latest ping got no pong. Clients ping (`ping/`) and poll again.",
+              "content": {"text/plain": {"examples": {
+                  "unknown": {"value": "Status unknown"},
+                  "unreachable": {"value": "Consumer could not be reached"}}}}},
+    },
 )
 async def status_text(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> PlainTextResponse:
     topic = await _fresh_topic(request, session, slug)
@@ -319,8 +331,8 @@ async def list_topics(
     response: Response,
     user: CurrentUser,
     responses_: Annotated[bool, Query(alias="responses")] = False,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[Any]:
     await _broker(request.app).flush()
     requester = await Requester.load(session, user)
@@ -491,8 +503,8 @@ async def list_messages(
     response: Response,
     user: CurrentUser,
     slug: str,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[MessageRead]:
     await _broker(request.app).flush()
     topic = await service.get_topic(session, slug)

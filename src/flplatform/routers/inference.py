@@ -11,9 +11,9 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -24,6 +24,7 @@ from flplatform.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType,
 from flplatform.orm.base import utcnow
 from flplatform.request_guard import body_limits
 from flplatform.orm.billing import WorkKind
+from flplatform.schemas.base import Limit, Offset
 from flplatform.schemas.inference import (
     INFERENCE_REQUEST_EXAMPLES,
     INFERENCE_RESPONSE_EXAMPLES,
@@ -405,8 +406,8 @@ async def list_inference_jobs(
     session: SessionDep,
     user: CurrentUser,
     status: InferenceJobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> list[dict[str, Any]]:
     jobs, total = await inference_jobs.list_jobs(session, user, status=status, limit=limit, offset=offset)
     response.headers["X-Total-Count"] = str(total)

@@ -18,8 +18,15 @@ from flplatform.db import SessionDep, after_commit
 from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
 from flplatform.orm import SWAGModel
 from flplatform.permissions import AuthenticatedRequester, Requester, ensure_visible
-from flplatform.schemas.base import Detail, RequestSchema
-from flplatform.schemas.model import MetricRead, MetricsAccepted, ModelRead, ModelUploaded, SwagAccepted, UpdateAccepted
+from flplatform.schemas.base import Detail, RequestSchema, SafeStr, text_problem
+from flplatform.schemas.model import (
+    MetricRead,
+    MetricsAccepted,
+    ModelRead,
+    ModelUploaded,
+    SwagAccepted,
+    UpdateAccepted,
+)
 from flplatform.services import models as model_service
 from flplatform.services.trainings import runtime_of
 
@@ -32,9 +39,11 @@ MAX_INT = 2**31 - 1
 
 
 def clean_text(value: str, field: str) -> str:
-    """PostgreSQL text cannot hold NUL characters; refuse them instead of failing on insert."""
-    if "\x00" in value:
-        raise BadRequest(f"`{field}` must not contain NUL characters.", code="invalid_text")
+    """The text rule (``schemas.base``) for the hand-parsed upload form; a 400 there, as the DLR
+    reference answers every upload form error."""
+    problem = text_problem(value)
+    if problem:
+        raise BadRequest(f"`{field}` {problem}.", code="invalid_text")
     return value
 
 
@@ -218,7 +227,7 @@ async def upload_model(request: Request, requester: AuthenticatedRequester) -> M
 )
 async def download_model(
     requester: AuthenticatedRequester, model_id: uuid.UUID,
-    round: Annotated[int | None, Query(ge=0, description="A past round of a global model.")] = None,  # noqa: A002
+    round: Annotated[int | None, Query(ge=0, le=MAX_INT, description="A past round of a global model.")] = None,  # noqa: A002
 ) -> Response:
     model = await model_service.readable_model(requester, model_id)
     data = await model_service.download(requester.session, model, round)
@@ -252,8 +261,8 @@ async def upload_update(
     model_file: Annotated[UploadFile, File(description="The update.")],
     round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
     sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
-    metric_names: Annotated[list[str], Form()] = [],  # noqa: B006
-    metric_values: Annotated[list[str], Form()] = [],  # noqa: B006
+    metric_names: Annotated[list[SafeStr], Form()] = [],  # noqa: B006
+    metric_values: Annotated[list[str], Form()] = [],  # non-numeric values are stored as bytes  # noqa: B006
 ) -> UpdateAccepted:
     model = await _reachable(requester, model_id)
     data = await model_file.read()
@@ -297,8 +306,8 @@ async def get_metrics(requester: AuthenticatedRequester, model_id: uuid.UUID) ->
 )
 async def post_metrics(
     session: SessionDep, requester: AuthenticatedRequester, request: Request, model_id: uuid.UUID,
-    metric_names: Annotated[list[str], Form()] = [],  # noqa: B006
-    metric_values: Annotated[list[str], Form()] = [],  # noqa: B006
+    metric_names: Annotated[list[SafeStr], Form()] = [],  # noqa: B006
+    metric_values: Annotated[list[str], Form()] = [],  # non-numeric values are stored as bytes  # noqa: B006
 ) -> MetricsAccepted:
     model = await _reachable(requester, model_id)
     training = await model_service.add_metrics(session, _user(requester), model, metric_names, metric_values)

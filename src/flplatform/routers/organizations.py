@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Response, status
 from sqlalchemy import select
 
 from flplatform.errors import Forbidden, NotFound, Unauthorized, responses
@@ -30,6 +29,8 @@ from flplatform.permissions import (
     ensure_readable,
     readable,
 )
+from flplatform.routers.users import read_user
+from flplatform.schemas.base import Limit, Offset
 from flplatform.schemas.collections import (
     CollectionRead,
     CollectionUpdate,
@@ -64,8 +65,6 @@ groups_router = APIRouter(prefix="/api/groups", tags=["groups"])
 # Mounted before the users router so "groups" is not taken for a user id.
 users_groups_router = APIRouter(prefix="/api/users", tags=["groups"])
 
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
 
 
 async def _visible(requester: Requester, collection_id: uuid.UUID, *kinds: CollectionKind) -> Collection:
@@ -449,7 +448,7 @@ async def list_members(
             select(User.id).where(User.id.in_([u.id for u in users]), readable(requester, User))
         )).scalars()
     )
-    return [UserRead.model_validate(u) for u in users if u.id in visible_ids]
+    return [read_user(u, viewer=requester) for u in users if u.id in visible_ids]
 
 
 @collections_router.post(

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 
 from flplatform.auth import CallerOrSelfRegistration, CurrentUser, may_see_primary_token
 from flplatform.db import SessionDep
@@ -19,7 +18,7 @@ from flplatform.permissions import (
     readable,
     refused_self_edits,
 )
-from flplatform.schemas.base import Detail
+from flplatform.schemas.base import Detail, Limit, Offset
 from flplatform.schemas.user import TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead, UserUpdate
 from flplatform.services import collections as collection_service
 from flplatform.services import users as user_service
@@ -28,9 +27,15 @@ from flplatform.services.outbound import validate_message_endpoint
 router = APIRouter(prefix="/api/users", tags=["users"])
 
 
-def _read(user: User, token: str | None = None) -> UserRead:
+def read_user(user: User, token: str | None = None, *, viewer: Requester | None = None) -> UserRead:
+    """A user as ``viewer`` may see them (every route showing users goes through this)."""
     out = UserRead.model_validate(user)
     out.token = token
+    if viewer is not None and viewer.is_unorganised and viewer.id != user.id:
+        # The organisation-less space lists its users to each other (the DLR clients pick
+        # participants by name); contact details stay with their owner.
+        out.email = None
+        out.message_endpoint = None
     return out
 
 
@@ -46,14 +51,14 @@ async def list_users(
     session: SessionDep,
     response: Response,
     requester: AuthenticatedRequester,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[UserRead]:
     rows, total = await user_service.list_users(
         session, limit=limit, offset=offset, where=readable(requester, User)
     )
     response.headers["X-Total-Count"] = str(total)
-    return [_read(u) for u in rows]
+    return [read_user(u, viewer=requester) for u in rows]
 
 
 @router.post(
@@ -68,7 +73,7 @@ async def list_users(
     responses=responses(401, 403, 404, 409, 422),
 )
 async def create_user(
-    session: SessionDep, data: UserCreate, caller: CallerOrSelfRegistration, requester: RequesterDep
+    request: Request, session: SessionDep, data: UserCreate, caller: CallerOrSelfRegistration, requester: RequesterDep
 ) -> UserRead:
     if caller is None and data.organization_id is not None:
         raise Forbidden("Join an organisation through an invitation link.", code="invitation_required")
@@ -83,7 +88,7 @@ async def create_user(
         await collection_service.get_collection(session, data.organization_id, CollectionKind.ORGANIZATION)
     validate_message_endpoint(data.message_endpoint, request.app.state.settings)
     user, token = await user_service.create_user(session, data, created_by=caller)
-    return _read(user, token)
+    return read_user(user, token)
 
 
 @router.get(
@@ -96,7 +101,7 @@ async def create_user(
 )
 async def myself(request: Request, session: SessionDep, user: CurrentUser) -> UserRead:
     token = await user_service.primary_token(session, user) if may_see_primary_token(request) else None
-    return _read(user, token)
+    return read_user(user, token)
 
 
 @router.post(
@@ -112,7 +117,7 @@ async def rotate_token(request: Request, session: SessionDep, user: CurrentUser)
         raise Forbidden(
             "Rotating the primary token needs a password or the primary token itself.", code="primary_token_required"
         )
-    return _read(user, await user_service.rotate_primary_token(session, user))
+    return read_user(user, await user_service.rotate_primary_token(session, user))
 
 
 @router.get("/myself/tokens/", response_model=list[TokenRead], summary="List my API tokens", responses=responses(401))
@@ -158,7 +163,7 @@ async def get_user(
     await ensure_readable(requester, user, f"User {user_id}")
     mine = user.id == requester.id and may_see_primary_token(request)
     token = await user_service.primary_token(session, user) if mine else None
-    return _read(user, token)
+    return read_user(user, token, viewer=requester)
 
 
 async def _update(request: Request, session: SessionDep, requester: Requester, user_id: uuid.UUID,
@@ -173,7 +178,7 @@ async def _update(request: Request, session: SessionDep, requester: Requester, u
         )
     assert requester.user is not None
     await user_service.update_user(session, user, data, by=requester.user)
-    return _read(user)
+    return read_user(user)
 
 
 @router.patch(

@@ -12,7 +12,7 @@ from pydantic import BeforeValidator, Field, PlainSerializer
 
 from flplatform.billing.money import to_decimal
 from flplatform.orm.billing import AuditLevel, BillStatus, Currency, HoldStatus, OperationKind
-from flplatform.schemas.base import RequestSchema, Schema
+from flplatform.schemas.base import PERIOD_PATTERN, RequestSchema, SafeDateTime, Schema
 
 
 def _minor_to_decimal(value: Any) -> Any:
@@ -26,12 +26,13 @@ Money = Annotated[Decimal, BeforeValidator(_minor_to_decimal), _as_string]
 
 MoneyIn = Annotated[
     Decimal,
-    Field(gt=0, max_digits=20, decimal_places=8, examples=["25.00"]),
+    Field(gt=0, max_digits=18, decimal_places=8, examples=["25.00"]),
     _as_string,
 ]
-"""A positive request amount with at most 8 decimal places (a JSON string or number)."""
+"""A positive request amount with at most 8 decimal places and 18 digits (a JSON string or
+number): below 10¹⁰ units, so its 10⁻⁸ minor units fit the ledger's 64-bit columns."""
 
-PriceIn = Annotated[Decimal, Field(ge=0, max_digits=20, decimal_places=8, examples=["0.05"])]
+PriceIn = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=8, examples=["0.05"])]
 
 
 class BalanceLine(Schema):
@@ -121,7 +122,7 @@ class CouponCreate(RequestSchema):
     code: str = Field(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", examples=["WELCOME10"])
     amount: MoneyIn
     max_redemptions: int = Field(default=1, ge=1, le=1_000_000)
-    expires_at: dt.datetime | None = None
+    expires_at: SafeDateTime | None = None
 
 
 class CouponRead(Schema):
@@ -195,7 +196,7 @@ class BillCreate(RequestSchema):
     user_id: uuid.UUID
     amount: MoneyIn
     description: str = Field(default="", max_length=500)
-    period: str | None = Field(default=None, pattern=r"^\d{4}-(0[1-9]|1[0-2])$", examples=["2026-11"])
+    period: str | None = Field(default=None, pattern=PERIOD_PATTERN, examples=["2026-11"])
 
 
 class StatementRead(Schema):

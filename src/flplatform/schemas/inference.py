@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -95,6 +95,9 @@ INFERENCE_REQUEST_EXAMPLES = {
 
 
 class InferenceRequest(InferenceFields):
+    # Numbers for a tensor (possibly millions): checked by the input decoder, not walked twice.
+    unchecked_fields: ClassVar[frozenset[str]] = frozenset({"model_input"})
+
     model_input: list[Any] | str = Field(
         description="Nested list of numbers, or base64 of safetensors / .npy / PNG / JPEG bytes.",
         examples=[[[0.1, 0.2, 0.3, 0.4]]],

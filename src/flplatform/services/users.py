@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, or_, select, true
+from sqlalchemy import func, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.billing import audit
@@ -16,6 +17,9 @@ from flplatform.orm import ApiToken, User
 from flplatform.orm.base import utcnow
 from flplatform.schemas.user import TokenCreate, UserCreate, UserUpdate
 from flplatform.security import decrypt, encrypt, hash_password, new_api_token, new_user_token, token_digest
+from flplatform.services import login_names
+
+log = logging.getLogger(__name__)
 
 PRIMARY_TOKEN_NAME = "primary"
 _PRIVILEGED_FIELDS = ("is_staff", "is_superuser", "is_active")
@@ -42,29 +46,12 @@ async def list_users(
     return rows, total
 
 
-async def _ensure_unique(session: AsyncSession, username: str | None, email: str | None, *, exclude: uuid.UUID | None = None) -> None:
-    clauses = []
-    if username is not None:
-        clauses.append(User.username == username)
-    if email is not None:
-        clauses.append(User.email == email)
-    if not clauses:
-        return
-    stmt = select(User.username, User.email).where(or_(*clauses))
-    if exclude is not None:
-        stmt = stmt.where(User.id != exclude)
-    for existing_username, existing_email in (await session.execute(stmt)).all():
-        if username is not None and existing_username == username:
-            raise Conflict(f"A user named {username!r} already exists.", code="username_taken")
-        raise Conflict(f"A user with email {email!r} already exists.", code="email_taken")
-
-
 async def create_user(session: AsyncSession, data: UserCreate, *, created_by: User | None) -> tuple[User, str]:
     """Create a user and their primary token; returns the user and the token in clear."""
     if (data.is_staff or data.is_superuser) and not (created_by and created_by.is_superuser):
         raise Forbidden("Only superusers may create staff or superusers.")
     email = str(data.email).lower() if data.email else None
-    await _ensure_unique(session, data.username, email)
+    await login_names.check_available(session, username=data.username, email=email)
     fields = data.model_dump(exclude={"password", "email", "message_endpoint"})
     user = User(
         **fields,
@@ -73,7 +60,7 @@ async def create_user(session: AsyncSession, data: UserCreate, *, created_by: Us
         password_hash=await hash_password(data.password),
     )
     session.add(user)
-    await session.flush()
+    await login_names.save_user(session, user)
     token = await issue_primary_token(session, user)
     return user, token
 
@@ -86,7 +73,8 @@ async def update_user(session: AsyncSession, user: User, data: UserUpdate, *, by
         raise Forbidden("Superusers cannot remove their own superuser flag.")
     if "email" in changes and changes["email"] is not None:
         changes["email"] = str(changes["email"]).lower()
-    await _ensure_unique(session, changes.get("username"), changes.get("email"), exclude=user.id)
+    await login_names.check_available(session, username=changes.get("username"), email=changes.get("email"),
+                                      exclude=user.id)
     if "password" in changes:
         password = changes.pop("password")
         if password is not None:
@@ -98,7 +86,7 @@ async def update_user(session: AsyncSession, user: User, data: UserUpdate, *, by
             changes.pop(field)
     for field, value in changes.items():
         setattr(user, field, value)
-    await session.flush()
+    await login_names.save_user(session, user)
     return user
 
 
@@ -199,11 +187,17 @@ async def revoke_token(session: AsyncSession, user: User, token_id: uuid.UUID) -
 
 
 async def ensure_admin(session: AsyncSession, *, username: str, email: str | None, password: str) -> User | None:
-    """First-start bootstrap from FLP_ADMIN_*: create the superuser if no user has that name."""
-    existing = (await session.execute(select(User).where(User.username == username))).scalar_one_or_none()
-    if existing is not None:
+    """First-start bootstrap from FLP_ADMIN_*: create the superuser if no user has that login name
+    (in any case). A clash with another user's email, or another worker creating it at the same
+    time, leaves things as they are (logged) instead of failing the start-up."""
+    if await login_names.user_for_login(session, username) is not None:
         return None
     data = UserCreate(username=username, email=email, password=password, is_staff=True, is_superuser=True)
     bootstrap = User(username="<bootstrap>", is_superuser=True)
-    user, _ = await create_user(session, data, created_by=bootstrap)
+    try:
+        user, _ = await create_user(session, data, created_by=bootstrap)
+    except Conflict as exc:
+        log.warning("FLP_ADMIN_USERNAME %r not created: %s", username, exc.detail)
+        await session.rollback()
+        return None
     return user
