@@ -122,9 +122,10 @@ def lifespan_components() -> list[LifespanComponent]:
 
     from flplatform.billing.hooks import billing_component
     from flplatform.broker import broker_component
+    from flplatform.sandbox import sandbox_component
     from flplatform.workqueue import workqueue_component
 
-    return [training_component, broker_component, billing_component, workqueue_component]
+    return [sandbox_component, training_component, broker_component, billing_component, workqueue_component]
 
 
 @contextlib.asynccontextmanager
