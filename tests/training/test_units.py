@@ -92,7 +92,7 @@ async def test_rebuild_torchscript_replaces_weights_and_keeps_the_architecture()
     assert rebuilt(torch.randn(2, 4)).shape == (2, 2)
 
 
-def test_flat_tensor_decoding():
+async def test_flat_tensor_decoding():
     vec = torch.arange(5, dtype=torch.float32)
     assert torch.equal(model_files.decode_flat_tensor(as_safetensors({"m": vec}), length=5, what="m"), vec)
     buf = io.BytesIO()
@@ -107,7 +107,10 @@ def test_flat_tensor_decoding():
         def forward(self) -> torch.Tensor:
             return self.moment
 
-    assert torch.equal(model_files.decode_flat_tensor(scripted_bytes(Holder()), length=5, what="m"), vec)
+    holder = scripted_bytes(Holder())
+    assert torch.equal(await model_files.decode_flat_tensor_async(holder, length=5, what="m"), vec)  # sandbox
+    with pytest.raises(ModelFileError, match="sandbox"):
+        model_files.decode_flat_tensor(holder, length=5, what="m")  # never loaded in-process
     with pytest.raises(ModelFileError, match="expected 6"):
         model_files.decode_flat_tensor(as_safetensors({"m": vec}), length=6, what="m")
     with pytest.raises(ModelFileError, match="exactly one"):
