@@ -34,6 +34,8 @@ async def sandbox_component(app: Any) -> AsyncIterator[None]:
                     _chained(sig, frame)
 
                 signal.signal(signum, abort_then_chain)
+    # Warm workers in the background: the first upload or inference should not wait for one.
+    threading.Thread(target=get_pool().fill, name="sandbox-fill", daemon=True).start()
     try:
         yield
     finally:

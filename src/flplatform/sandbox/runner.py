@@ -93,6 +93,7 @@ class Worker:
             close_fds=True, cwd=self.workdir, env=_clean_env(self.workdir), start_new_session=True,
         )  # fmt: skip
         self.calls = 0
+        self.aborted = False
         threading.Thread(target=self._log_stderr, name=f"sandbox-log-{self.proc.pid}", daemon=True).start()
         config = {
             "limits": {"memory_bytes": settings.memory_bytes, "cpu_seconds": settings.cpu_seconds,
@@ -144,6 +145,8 @@ class Worker:
             self.kill()
             if expired.is_set():
                 raise SandboxTimeout(f"{what} took longer than {timeout:g} s") from None
+            if self.aborted:
+                raise SandboxClosed("the server is shutting down") from None
             raise SandboxCrashed(f"the sandbox worker died during {what} ({exc}; exit {self.proc.poll()})") from None
         finally:
             timer.cancel()
@@ -188,6 +191,7 @@ class SandboxPool:
         self._lock = threading.Lock()
         self._closed = False
         self._logged = False
+        self._starting = 0
         self.started = 0
 
     def _checkout(self) -> Worker:
@@ -220,6 +224,33 @@ class SandboxPool:
                 self._idle.append(worker)
                 return
         worker.kill()
+        # Replace it now, so the next caller does not pay a worker's start-up.
+        threading.Thread(target=self.fill, name="sandbox-refill", daemon=True).start()
+
+    def fill(self) -> None:
+        """Start workers until ``settings.workers`` are running (idle or busy)."""
+        while True:
+            with self._lock:
+                if self._closed or len(self._idle) + len(self._busy) + self._starting >= self.settings.workers:
+                    return
+                self._starting += 1
+            try:
+                worker = Worker(self.settings)
+            except (SandboxCrashed, SandboxTimeout, OSError):
+                log.exception("could not start a sandbox worker")
+                with self._lock:
+                    self._starting -= 1
+                return
+            with self._lock:
+                self._starting -= 1
+                self.started += 1
+                if self._closed:
+                    worker.kill()
+                    return
+                self._idle.append(worker)
+            if not self._logged:
+                self._logged = True
+                log.info("model sandbox worker confinement: %s", worker.confinement)
 
     def call_sync(
         self, message: dict[str, Any], blobs: list[bytes], timeout: float
@@ -257,6 +288,7 @@ class SandboxPool:
         with self._lock:
             busy = list(self._busy)
         for worker in busy:
+            worker.aborted = True
             worker.kill()
 
     def close(self) -> None:

@@ -99,7 +99,9 @@ class Worker:
                 results[f"write {path}"] = f"denied: {exc.strerror}"
         for host, port in message.get("connect", []):
             try:
-                with socket.create_connection((host, port), timeout=2):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(2)
+                    sock.connect((host, port))
                     results[f"connect {host}:{port}"] = "allowed"
             except OSError as exc:
                 results[f"connect {host}:{port}"] = f"denied: {exc.strerror or exc}"
