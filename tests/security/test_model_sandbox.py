@@ -25,7 +25,13 @@ from flplatform.sandbox.opcheck import RefusedModule, check_ops
 from flplatform.sandbox.runner import SandboxPool, SandboxSettings, set_pool
 from tests.conftest import free_port, wait_for_port
 from tests.inference.conftest import DropoutMLP, torchscript_bytes
-from tests.security.hostile import LoopsInSetstate, ReadsFileInForward, SavesInSetstate, SpinsInForward, archive
+from tests.security.hostile import (
+    LoopsInSetstate,
+    ReadsFileInForward,
+    SavesInSetstate,
+    SpinsInForward,
+    archive,
+)
 
 DEADLINE = 4.0
 

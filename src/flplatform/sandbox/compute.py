@@ -63,7 +63,7 @@ def predict_request(
         if preprocessing is not None:
             try:
                 inputs = preprocessing(inputs)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (untrusted code raises anything)
                 text = str(exc).strip().splitlines()
                 raise WorkerError("preprocessing", "The model's preprocessing module failed on this input: "
                                   + (text[0][:300] if text else type(exc).__name__)) from None
@@ -163,7 +163,7 @@ def _forward_shape(runnable: Runnable, input_size: tuple[int, ...]) -> list[int]
     try:
         dtype = _first_floating_dtype(runnable) or torch.float32
         prediction = predict(Method.NONE, runnable, torch.zeros(input_size, dtype=dtype), SamplingOptions())
-    except Exception:  # a model that cannot run on zeros still has metadata
+    except Exception:  # a model that cannot run on zeros still has metadata  # noqa: BLE001  (untrusted code raises anything)
         return None
     return list(prediction.mean.shape)
 

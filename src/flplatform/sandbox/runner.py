@@ -46,7 +46,8 @@ class SandboxSettings(BaseSettings):
     open_files: int = Field(default=64, ge=16, description="RLIMIT_NOFILE of a worker.")
     processes: int = Field(default=4096, ge=16, description="RLIMIT_NPROC of a worker (counts threads).")
     user: str = Field(default="nobody", description="Unprivileged account workers switch to when started as root.")
-    threads: int = Field(default=0, ge=0, description="torch threads per worker (0: torch's default).")
+    threads: int = Field(default=1, ge=0, description="torch threads per worker (0: torch's default); "
+                         "parallelism comes from the workers.")
     cache_entries: int = Field(default=16, ge=0, description="Loaded modules kept per worker (LRU).")
     cache_bytes: int = Field(default=1024**3, ge=0, description="Archive bytes of the modules kept per worker.")
     max_message_bytes: int = Field(default=4 * 1024**3, ge=1024**2, description="Largest frame either way.")

@@ -49,7 +49,7 @@ class Worker:
             raise WorkerError("refused", str(exc)) from None
         try:
             module = self.torch.jit.load(io.BytesIO(data), map_location="cpu")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (untrusted code raises anything)
             raise WorkerError("invalid", f"Could not load the TorchScript archive: {_first_line(exc)}") from None
         try:
             check_ops(module)
@@ -159,7 +159,7 @@ class Worker:
         modules = [self.load(blob) for blob in blobs]
         try:
             scripted = build_mean_module(modules)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (untrusted code raises anything)
             raise WorkerError(
                 "invalid", f"Could not combine the member models into one TorchScript module: {_first_line(exc)}"
             ) from None
@@ -217,7 +217,7 @@ class Worker:
                 reply, out = {"error": {"kind": exc.kind, "message": exc.message}}, []
             except MemoryError:
                 reply, out = {"error": {"kind": "memory", "message": "The sandbox ran out of memory."}}, []
-            except Exception as exc:  # a bug or an unexpected torch failure: report, keep serving
+            except Exception as exc:  # a bug or an unexpected torch failure: report, keep serving  # noqa: BLE001  (untrusted code raises anything)
                 traceback.print_exc(file=sys.stderr)
                 reply, out = {"error": {"kind": "internal", "message": _first_line(exc)}}, []
             protocol.write_frame(stdout, reply, out)
