@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -74,6 +75,46 @@ def _clean_env(workdir: str) -> dict[str, str]:
     return env
 
 
+class _Watchdog:
+    """One thread that SIGKILLs workers past their call's deadline (cheaper per call than a
+    timer thread each)."""
+
+    def __init__(self) -> None:
+        self._deadlines: dict[Worker, float] = {}
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, worker: Worker, deadline: float) -> None:
+        with self._wake:
+            self._deadlines[worker] = deadline
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="sandbox-watchdog", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def disarm(self, worker: Worker) -> None:
+        with self._wake:
+            self._deadlines.pop(worker, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                now = time.monotonic()
+                due = [w for w, d in self._deadlines.items() if d <= now]
+                for worker in due:
+                    del self._deadlines[worker]
+                if not due:
+                    upcoming = min(self._deadlines.values(), default=now + 60)
+                    self._wake.wait(timeout=max(0.0, upcoming - now))
+                    continue
+            for worker in due:
+                worker.expired = True
+                worker.kill()
+
+
+_watchdog = _Watchdog()
+
+
 class Worker:
     """One sandbox process; used by one thread at a time."""
 
@@ -95,6 +136,7 @@ class Worker:
         )  # fmt: skip
         self.calls = 0
         self.aborted = False
+        self.expired = False
         threading.Thread(target=self._log_stderr, name=f"sandbox-log-{self.proc.pid}", daemon=True).start()
         config = {
             "limits": {"memory_bytes": settings.memory_bytes, "cpu_seconds": settings.cpu_seconds,
@@ -129,28 +171,21 @@ class Worker:
     def _exchange(
         self, message: dict[str, Any], blobs: list[bytes], timeout: float, what: str
     ) -> tuple[dict[str, Any], list[bytes]]:
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            self.kill()
-
-        timer = threading.Timer(timeout, expire)
-        timer.daemon = True
-        timer.start()
+        self.expired = False
+        _watchdog.arm(self, time.monotonic() + timeout)
         try:
             assert self.proc.stdin is not None and self.proc.stdout is not None
             protocol.write_frame(self.proc.stdin, message, blobs)
             return protocol.read_frame(self.proc.stdout, max_blob_bytes=self.settings.max_message_bytes)
         except (ProtocolError, OSError, ValueError) as exc:
             self.kill()
-            if expired.is_set():
+            if self.expired:
                 raise SandboxTimeout(f"{what} took longer than {timeout:g} s") from None
             if self.aborted:
                 raise SandboxClosed("the server is shutting down") from None
             raise SandboxCrashed(f"the sandbox worker died during {what} ({exc}; exit {self.proc.poll()})") from None
         finally:
-            timer.cancel()
+            _watchdog.disarm(self)
 
     def call(self, message: dict[str, Any], blobs: list[bytes], timeout: float) -> tuple[dict[str, Any], list[bytes]]:
         self.calls += 1
