@@ -215,3 +215,17 @@ def test_serve_exits_quickly_on_sigterm_while_a_module_spins(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+async def test_an_upload_check_past_its_deadline_is_a_400_naming_the_timeout(client, alice):
+    pool = SandboxPool(SandboxSettings(workers=1, check_timeout_seconds=0.001))
+    await asyncio.to_thread(pool.fill)  # started within its own start-up deadline
+    previous = set_pool(pool)
+    try:
+        response = await upload(client, alice, torchscript_bytes(DropoutMLP()))
+    finally:
+        set_pool(previous)
+        pool.close()
+    assert response.status_code == 400, response.text
+    assert response.json()["code"] == "invalid_model_file"
+    assert "timed out" in response.json()["detail"] and "0.001 s" in response.json()["detail"]

@@ -172,11 +172,16 @@ class Worker:
         self, message: dict[str, Any], blobs: list[bytes], timeout: float, what: str
     ) -> tuple[dict[str, Any], list[bytes]]:
         self.expired = False
-        _watchdog.arm(self, time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        _watchdog.arm(self, deadline)
         try:
             assert self.proc.stdin is not None and self.proc.stdout is not None
             protocol.write_frame(self.proc.stdin, message, blobs)
-            return protocol.read_frame(self.proc.stdout, max_blob_bytes=self.settings.max_message_bytes)
+            answer = protocol.read_frame(self.proc.stdout, max_blob_bytes=self.settings.max_message_bytes)
+            if time.monotonic() > deadline:  # the watchdog was late (a loaded machine): same outcome
+                self.expired = True
+                raise ProtocolError("deadline passed")
+            return answer
         except (ProtocolError, OSError, ValueError) as exc:
             self.kill()
             if self.expired:
