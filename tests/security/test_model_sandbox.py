@@ -229,3 +229,17 @@ async def test_an_upload_check_past_its_deadline_is_a_400_naming_the_timeout(cli
     assert response.status_code == 400, response.text
     assert response.json()["code"] == "invalid_model_file"
     assert "timed out" in response.json()["detail"] and "0.001 s" in response.json()["detail"]
+
+
+async def test_hostile_torchscript_client_updates_are_refused(client, alice, make_user, tmp_path):
+    from tests.training.conftest import post_update
+    from tests.training.test_api_errors import _started
+
+    clients, model_id, _, _ = await _started(client, alice, make_user)
+    target = tmp_path / "pwned-by-update"
+    for module, named in ((SavesInSetstate(str(target)), "__setstate__"),
+                          (ReadsFileInForward(str(tmp_path / "x"), 1), "aten::from_file")):  # fmt: skip
+        response = await post_update(client, clients[0].headers, model_id, archive(module), 0)
+        assert response.status_code == 400, response.text
+        assert named in response.json()["detail"] and response.json()["code"] == "invalid_model_file"
+    assert not target.exists()
