@@ -54,6 +54,9 @@ class SandboxSettings(BaseSettings):
     max_message_bytes: int = Field(default=4 * 1024**3, ge=1024**2, description="Largest frame either way.")
 
 
+BYTES_PER_EXTRA_SECOND = 32 * 1024**2
+
+
 class SandboxTimeout(Exception):
     """The call passed its deadline; the worker was killed."""
 
@@ -314,8 +317,11 @@ class SandboxPool:
         if self._closed:
             raise SandboxClosed("the server is shutting down")
         loop = asyncio.get_running_loop()
+        blobs = list(blobs or [])
         deadline = timeout if timeout is not None else self.settings.call_timeout_seconds
-        return await loop.run_in_executor(self._executor, self.call_sync, message, list(blobs or []), deadline)
+        # Large archives take longer to move, load and save: one more second per 32 MiB sent.
+        deadline += sum(len(b) for b in blobs) / BYTES_PER_EXTRA_SECOND
+        return await loop.run_in_executor(self._executor, self.call_sync, message, blobs, deadline)
 
     def confinement(self) -> dict[str, Any]:
         """The confinement report of a worker (starts one if none is running)."""
