@@ -130,7 +130,15 @@ def test_checks_refuse_setstate_and_file_ops_without_loading():
         check_ops(torch.jit.script(SavesInSetstate("/nonexistent")))
     with pytest.raises(RefusedModule, match="aten::from_file"):
         check_ops(torch.jit.script(ReadsFileInForward("/nonexistent", 1)))
-    check_ops(torch.jit.script(DropoutMLP()))  # an ordinary model passes
+    # The product's own modules pass: the SDK's digits CNN, MC-dropout models, preprocessing
+    # modules and the MEAN module the server scripts.
+    from flplatform.client.digits import make_model
+    from flplatform.sandbox.mean_module import build_mean_module
+    from tests.inference.conftest import ImagePreprocessing
+
+    for module in (make_model(), torch.jit.script(DropoutMLP()), torch.jit.script(ImagePreprocessing()),
+                   build_mean_module([torch.jit.script(DropoutMLP()), torch.jit.script(DropoutMLP())])):  # fmt: skip
+        assert check_ops(module) > 0
 
 
 def test_confinement_from_inside_a_worker(short_deadline_pool, tmp_path):

@@ -9,7 +9,7 @@ Layers, each applied when the kernel/process supports it and reported in :class:
 * when started as root: supplementary groups dropped, then gid/uid of an unprivileged account
   (``nobody`` by default);
 * ``PR_SET_NO_NEW_PRIVS`` and ``PR_SET_DUMPABLE=0``;
-* Landlock (raw syscalls through ctypes; the PyPI bindings target older ABIs): read-only access to
+* Landlock (its three syscalls through ctypes, the ABI probed first): read-only access to
   the Python installation, the import path and shared libraries, nothing else; no write, create,
   remove or truncate anywhere; TCP bind/connect denied (ABI ≥ 4); abstract unix sockets and signals
   outside the sandbox denied (ABI ≥ 6);

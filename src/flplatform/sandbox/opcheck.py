@@ -13,13 +13,15 @@ from collections.abc import Iterator
 ALLOWED_NAMESPACES = frozenset({"aten", "prim"})
 # Ops of the allowed namespaces that reach files, storages, threads or the interpreter.
 DENIED_OPS = frozenset({
-    "aten::from_file", "aten::save", "aten::load", "aten::_load", "aten::set_", "aten::_set_storage",
-    "aten::source_Storage", "aten::untyped_storage", "aten::storage", "aten::_new_shared",
-    "aten::share_memory_", "aten::_share_memory_", "aten::fork", "aten::wait", "aten::_fork",
-    "prim::fork", "prim::awaitable", "prim::rpc_async", "prim::rpc_sync", "prim::rpc_remote",
-    "aten::_jit_pass_inline", "prim::PythonOp", "prim::CallPython",
+    "aten::from_file", "aten::save", "aten::set_", "aten::share_memory_", "aten::wait",
+    "prim::fork", "prim::awaitable", "prim::awaitable_wait", "prim::rpc_async", "prim::rpc_sync",
+    "prim::rpc_remote", "prim::PythonOp",
 })  # fmt: skip
-_DENIED_WORDS = ("file", "storage", "shared", "mmap", "pickle", "rpc")
+_DENIED_WORDS = ("file", "storage", "shared", "mmap", "pickle", "rpc", "save", "load")
+# Harmless ops whose names contain a denied word (checked against torch's schema list).
+_ALLOWED_DESPITE_WORDS = frozenset({
+    "aten::storage_offset", "aten::sym_storage_offset", "prim::profile", "prim::profile_ivalue",
+})  # fmt: skip
 _SETSTATE = re.compile(rb"\bdef\s+__setstate__\b|\b__setstate__\s*\(")
 MAX_CODE_BYTES = 64 * 1024**2
 
@@ -91,7 +93,7 @@ def check_ops(module) -> int:
             if (
                 namespace not in ALLOWED_NAMESPACES
                 or kind in DENIED_OPS
-                or (any(word in lowered for word in _DENIED_WORDS) and kind != "aten::storage_offset")
+                or (any(word in lowered for word in _DENIED_WORDS) and kind not in _ALLOWED_DESPITE_WORDS)
             ):
                 raise RefusedModule(f"The module uses the op {kind} (in {where}), which is refused.")
     return seen
