@@ -23,9 +23,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from flplatform.sandbox import client  # noqa: E402
-from flplatform.sandbox.runner import SandboxPool, SandboxSettings, set_pool  # noqa: E402
-from flplatform.uncertainty import Method, SamplingOptions, predict  # noqa: E402
+from flplatform.sandbox import client
+from flplatform.sandbox.runner import SandboxPool, SandboxSettings, set_pool
+from flplatform.uncertainty import Method, SamplingOptions, predict
 
 
 class SmallCNN(nn.Module):
@@ -89,17 +89,17 @@ async def main(repeat: int, threads: int) -> None:
         data = archive(module)
         loaded = torch.jit.load(io.BytesIO(data)).eval()  # the former in-process path (baseline only)
 
-        async def load() -> bytes:
+        async def load(data: bytes = data) -> bytes:
             return data
 
         refs = {name: client.ModuleRef(name, load)}
         for batch in (1, 64):
             x = torch.randn(batch, *shape)
 
-            async def in_process() -> None:
+            async def in_process(loaded: nn.Module = loaded, x: torch.Tensor = x) -> None:
                 await asyncio.to_thread(predict, Method.NONE, loaded, x, SamplingOptions())
 
-            async def sandboxed() -> None:
+            async def sandboxed(name: str = name, refs: dict = refs, x: torch.Tensor = x) -> None:
                 await client.predict(
                     tree={"key": name}, refs=refs, preprocessing=None, inputs=x, method="NONE",
                     options={"samples": 10, "softmax": False, "seed": None, "min_var": 1e-30, "scale": 1.0},
