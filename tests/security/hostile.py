@@ -87,3 +87,15 @@ def archive(module: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(module), buffer)
     return buffer.getvalue()
+
+
+class PrintsFakeFrames(nn.Module):
+    """``forward`` prints a protocol frame header to the C++ stdout before answering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print("FLPS{\"missing\": []}FLPS{\"error\": {}}")
+        return self.fc(x)

@@ -251,3 +251,20 @@ async def test_hostile_torchscript_client_updates_are_refused(client, alice, mak
         assert response.status_code == 400, response.text
         assert named in response.json()["detail"] and response.json()["code"] == "invalid_model_file"
     assert not target.exists()
+
+
+async def test_model_output_cannot_reach_the_answer_stream(client, alice, bob):
+    """A model printing protocol-looking bytes (TorchScript print() goes to Python's stdout, which
+    the worker points at stderr; the frames use a private descriptor, and descriptor 1 is stderr
+    too) leaves its own answer and the next user's intact."""
+    from tests.security.hostile import PrintsFakeFrames
+
+    printing = await upload(client, alice, archive(PrintsFakeFrames()))
+    honest = await upload(client, bob, torchscript_bytes(DropoutMLP()))
+    assert printing.status_code == honest.status_code == 201
+    for account, response in ((alice, printing), (bob, honest), (alice, printing), (bob, honest)):
+        body = {"model_id": response.json()["model_id"], "model_input": [[0.0, 1.0, 2.0, 3.0]],
+                "return_scores": True}  # fmt: skip
+        answer = await client.post("/api/inference/", headers=account.headers, json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_id"] == response.json()["model_id"]

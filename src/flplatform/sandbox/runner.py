@@ -55,6 +55,7 @@ class SandboxSettings(BaseSettings):
 
 
 BYTES_PER_EXTRA_SECOND = 32 * 1024**2
+_MAX_LOGGED_BYTES = 64 * 1024
 
 
 class SandboxTimeout(Exception):
@@ -155,9 +156,17 @@ class Worker:
         self.confinement: dict[str, Any] = ready.get("confinement") or {}
 
     def _log_stderr(self) -> None:
+        """Log the worker's output (its tracebacks, and whatever model code prints), at most
+        ``_MAX_LOGGED_BYTES`` per worker so that a printing module cannot flood the server log."""
         assert self.proc.stderr is not None
+        logged = 0
         for line in self.proc.stderr:
-            log.warning("sandbox worker %d: %s", self.proc.pid, line[:2000].decode(errors="replace").rstrip())
+            if logged < _MAX_LOGGED_BYTES:
+                text = line[:2000].decode(errors="replace").rstrip()
+                log.warning("sandbox worker %d: %s", self.proc.pid, text)
+                logged += len(text)
+                if logged >= _MAX_LOGGED_BYTES:
+                    log.warning("sandbox worker %d: further output is discarded", self.proc.pid)
 
     @property
     def alive(self) -> bool:

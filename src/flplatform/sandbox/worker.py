@@ -241,8 +241,14 @@ def _warm_up(torch: Any) -> None:
 
 
 def main() -> None:
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    # Nothing but frames may reach stdout: print() of anything goes to stderr (the server logs it).
+    import os
+
+    # Frames go out on a private copy of descriptor 1; descriptor 1 itself then points at stderr,
+    # so output of model code (TorchScript's print() writes to the C++ stdout) can never inject
+    # bytes into the answer stream, and Python's print() goes to stderr too (the server logs it).
+    stdin = sys.stdin.buffer
+    stdout = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
     sys.stdout = sys.stderr
     config, _ = protocol.read_frame(stdin, max_blob_bytes=0)
     import torch
