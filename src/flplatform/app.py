@@ -88,9 +88,13 @@ def lifespan_components() -> list[LifespanComponent]:
     from flplatform.billing.hooks import billing_component
     from flplatform.broker import broker_component
     from flplatform.login_guard import login_guard_component
+    from flplatform.sandbox import sandbox_component
     from flplatform.workqueue import workqueue_component
 
-    return [login_guard_component, training_component, broker_component, billing_component, workqueue_component]
+    return [
+        sandbox_component, login_guard_component, training_component, broker_component, billing_component,
+        workqueue_component,
+    ]
 
 
 @contextlib.asynccontextmanager

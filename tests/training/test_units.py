@@ -84,15 +84,15 @@ def test_validate_state_dict_against_global_spec():
         model_files.validate_state_dict({**state, "extra": torch.zeros(1)}, spec)
 
 
-def test_rebuild_torchscript_replaces_weights_and_keeps_the_architecture():
+async def test_rebuild_torchscript_replaces_weights_and_keeps_the_architecture():
     template = scripted_bytes(tiny_net())
     new = {k: (torch.full_like(v, 0.5) if v.is_floating_point() else v) for k, v in tiny_net().state_dict().items()}
-    rebuilt = torch.jit.load(io.BytesIO(model_files.rebuild_torchscript(template, new)))
+    rebuilt = torch.jit.load(io.BytesIO(await model_files.rebuild_torchscript(template, new)))  # in the sandbox
     assert torch.equal(rebuilt.state_dict()["fc1.weight"], torch.full((3, 4), 0.5))
     assert rebuilt(torch.randn(2, 4)).shape == (2, 2)
 
 
-def test_flat_tensor_decoding():
+async def test_flat_tensor_decoding():
     vec = torch.arange(5, dtype=torch.float32)
     assert torch.equal(model_files.decode_flat_tensor(as_safetensors({"m": vec}), length=5, what="m"), vec)
     buf = io.BytesIO()
@@ -107,7 +107,10 @@ def test_flat_tensor_decoding():
         def forward(self) -> torch.Tensor:
             return self.moment
 
-    assert torch.equal(model_files.decode_flat_tensor(scripted_bytes(Holder()), length=5, what="m"), vec)
+    holder = scripted_bytes(Holder())
+    assert torch.equal(await model_files.decode_flat_tensor_async(holder, length=5, what="m"), vec)  # sandbox
+    with pytest.raises(ModelFileError, match="sandbox"):
+        model_files.decode_flat_tensor(holder, length=5, what="m")  # never loaded in-process
     with pytest.raises(ModelFileError, match="expected 6"):
         model_files.decode_flat_tensor(as_safetensors({"m": vec}), length=6, what="m")
     with pytest.raises(ModelFileError, match="exactly one"):

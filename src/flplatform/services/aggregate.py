@@ -3,7 +3,7 @@ the DB into an accumulator (peak memory about two models) and encodes the new gl
 once per round (the TorchScript template with the new weights).
 
 Decoding, accumulation and encoding run in worker threads (``asyncio.to_thread``), never on
-the event loop.
+the event loop; reading and rebuilding the TorchScript template happens in the model sandbox.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ async def global_spec(session: AsyncSession, model_id: uuid.UUID, round_: int) -
     if cached is not None and cached[0] == round_:
         return cached[1]
     data = await _global_weights(session, model_id)
-    state, _ = await asyncio.to_thread(model_files.decode_state_dict, data)
+    state, _ = await model_files.decode_state_dict_async(data)
     spec = model_files.spec_of(state)
     with _cache_lock:
         _spec_cache[model_id] = (round_, spec)
@@ -61,7 +61,7 @@ async def parameter_count(session: AsyncSession, model_id: uuid.UUID, round_: in
     if cached is not None and cached[0] == round_:
         return cached[1]
     data = await _global_weights(session, model_id)
-    count = await asyncio.to_thread(model_files.parameter_count, data)
+    count = await model_files.parameter_count(data)
     with _cache_lock:
         _param_count_cache[model_id] = (round_, count)
     return count
@@ -117,7 +117,7 @@ async def aggregate_updates(sessionmaker: async_sessionmaker[AsyncSession], mode
     agg = aggregation.get(name, **kwargs)
     async with sessionmaker() as session:
         template = await _global_weights(session, model_id)
-    global_state, _ = await asyncio.to_thread(model_files.decode_state_dict, template)
+    global_state, _ = await model_files.decode_state_dict_async(template)
     prior = aggregation.decode_safetensors(previous_state, copy=True) if previous_state else None
     await asyncio.to_thread(agg.begin, global_state, prior)
     for local_id, sample_size in items:
@@ -130,7 +130,7 @@ async def aggregate_updates(sessionmaker: async_sessionmaker[AsyncSession], mode
         await asyncio.to_thread(agg.add, data, float(sample_size))
         del data
     new_global, new_state = await asyncio.to_thread(agg.finish)
-    encoded = await asyncio.to_thread(model_files.rebuild_torchscript, template, new_global)
+    encoded = await model_files.rebuild_torchscript(template, new_global)
     state_bytes = await asyncio.to_thread(aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()})
     return encoded, state_bytes
 

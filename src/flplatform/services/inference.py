@@ -1,25 +1,23 @@
 """Inference with uncertainty, and model metadata.
 
 The service finds the model, checks the caller may read it, picks the uncertainty method
-(explicit, else the model's training's, else NONE), decodes the untrusted input, loads the
-TorchScript modules (through a small LRU cache), and runs the preprocessing module and the
-uncertainty method off the event loop under ``torch.inference_mode()``. Tensor work lives in
-``flplatform.uncertainty``; this module only wires it to the database and the limits.
+(explicit, else the model's training's, else NONE), decodes the untrusted input, and sends
+it with references to the TorchScript modules to the model sandbox (:mod:`flplatform.sandbox`),
+which holds the loaded modules (keyed by model row version or digest) and runs the preprocessing
+module and the uncertainty method. Only plain tensors come back: the statistics of the sampled
+predictions (``flplatform.uncertainty.interpret``) are computed here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import math
-import threading
 import uuid
-import warnings
-from collections import OrderedDict
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,28 +26,43 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
-from torch import Tensor, nn
+from torch import Tensor
 
 from flplatform.aggregation.codec import decode_safetensors
 from flplatform.aggregation.errors import DecodeError
-from flplatform.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable
-from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel, MeanModel, Model, SWAGModel, Training, User
+from flplatform.errors import (
+    AppError,
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unprocessable,
+)
+from flplatform.orm import (
+    GlobalModel,
+    GlobalModelRound,
+    LocalModel,
+    MeanModel,
+    Model,
+    SWAGModel,
+    Training,
+    User,
+)
 from flplatform.orm.training import UncertaintyMethod
+from flplatform.sandbox import SandboxFailure
+from flplatform.sandbox import client as sandbox
 from flplatform.schemas.inference import ReturnFormat, UncertaintyOptions
-from flplatform.services import model_files
 from flplatform.uncertainty import (
     DecodedInput,
-    Ensemble,
     IncompatibleMoments,
     InputError,
     InputLimits,
     InputTooLarge,
     Method,
     Prediction,
-    PredictionError,
-    Runnable,
     SamplingOptions,
-    predict,
+    interpret,
 )
 from flplatform.uncertainty.inputs import decode_bytes, decode_json_value
 
@@ -70,8 +83,6 @@ class InferenceSettings(BaseSettings):
     max_image_pixels: int = Field(default=16 * 1024**2, ge=1)
     max_ensemble_members: int = Field(default=32, ge=1)
     max_concurrent: int = Field(default=2, ge=1, description="Inferences computed at once per process.")
-    cache_entries: int = Field(default=16, ge=0, description="Loaded modules kept in memory (LRU).")
-    cache_bytes: int = Field(default=1024**3, ge=0, description="Serialized bytes of the cached modules.")
 
     def limits(self) -> InputLimits:
         return InputLimits(
@@ -81,48 +92,14 @@ class InferenceSettings(BaseSettings):
         )
 
 
-class ModuleCache:
-    """LRU of loaded (eval-mode) TorchScript modules, bounded in entries and serialized bytes.
+@dataclass
+class ModuleStats:
+    """How often the sandbox already held every module an inference needed (``hits``) and how
+    many modules had to be sent to it (``misses``); the modules live in the sandbox workers
+    (``FLP_SANDBOX_CACHE_*``), never in this process."""
 
-    Keys change whenever the stored bytes can have changed (model id + round + updated_at +
-    size for weights, a digest for preprocessing), so stale entries are never served; they
-    simply age out. Cached modules are shared by concurrent requests and never mutated: methods
-    that change modes or parameters work on a copy."""
-
-    def __init__(self, max_entries: int, max_bytes: int):
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, tuple[nn.Module, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: Hashable) -> nn.Module | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[0]
-
-    def put(self, key: Hashable, module: nn.Module, size: int) -> None:
-        if self.max_entries == 0 or size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
-            self._entries[key] = (module, size)
-            self._bytes += size
-            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-                _, (_, evicted) = self._entries.popitem(last=False)
-                self._bytes -= evicted
-
-    def __len__(self) -> int:
-        return len(self._entries)
+    hits: int = 0
+    misses: int = 0
 
 
 @dataclass
@@ -130,17 +107,13 @@ class InferenceRuntime:
     """Per-application state: limits, the module cache and the concurrency gate."""
 
     settings: InferenceSettings
-    cache: ModuleCache
+    cache: ModuleStats
     gate: asyncio.Semaphore
 
     @classmethod
     def create(cls, settings: InferenceSettings | None = None) -> InferenceRuntime:
         settings = settings or InferenceSettings()
-        return cls(
-            settings=settings,
-            cache=ModuleCache(settings.cache_entries, settings.cache_bytes),
-            gate=asyncio.Semaphore(settings.max_concurrent),
-        )
+        return cls(settings=settings, cache=ModuleStats(), gate=asyncio.Semaphore(settings.max_concurrent))
 
 
 def runtime_for(state: Any) -> InferenceRuntime:
@@ -181,13 +154,14 @@ class InferenceResult:
 
 @dataclass
 class _Target:
-    """The model to run and everything needed to run it."""
+    """The model to run and everything needed to run it: ``tree`` names the modules by key
+    (``{"key": k}`` or ``{"members": [...]}``), ``refs`` says how to fetch each one's bytes."""
 
     model: GlobalModel
-    runnable: Runnable
-    preprocessing: nn.Module | None
+    tree: sandbox.Tree
+    refs: dict[str, sandbox.ModuleRef]
+    preprocessing: str | None = None
     moments: tuple[Tensor, Tensor] | None = None
-    members: list[uuid.UUID] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- access
@@ -220,37 +194,38 @@ class ModelNotRunnable(Conflict):
     code = "model_not_runnable"
 
 
-def _load_torchscript(data: bytes, what: str) -> nn.Module:
-    """Through ``model_files.load_torchscript``: the archive's format is checked first, and
-    ``torch.jit.load`` only restores TorchScript types (no arbitrary pickled classes)."""
-    try:
-        module = model_files.load_torchscript(data)
-    except model_files.ModelFileError as exc:
-        raise ModelNotRunnable(f"The stored {what} cannot be run: {exc}") from None
-    module.eval()
-    return module
+class InferenceTimeout(AppError):
+    status_code, code = 504, "inference_timeout"
 
 
-async def _module_for(session: AsyncSession, runtime: InferenceRuntime, model: Model) -> nn.Module:
+class SandboxFailed(AppError):
+    status_code, code = 502, "model_sandbox_failed"
+
+
+def _weights_loader(session: AsyncSession, column: Any, row_id: uuid.UUID, what: str) -> Any:
+    async def load() -> bytes:
+        data = (await session.execute(select(column).where(column.table.c.id == row_id))).scalar_one_or_none()
+        if not data:
+            raise ModelNotRunnable(f"{what} has no weights.")
+        return data
+
+    return load
+
+
+def _module_ref(session: AsyncSession, model: Model, refs: dict[str, sandbox.ModuleRef]) -> sandbox.Tree:
     if model.weights_format not in (None, "torchscript"):
         raise ModelNotRunnable(
             f"Model {model.id} stores only weights ({model.weights_format}), no TorchScript architecture to run."
         )
-    key = ("weights", model.id, model.round, model.updated_at, model.weights_size)
-    module = runtime.cache.get(key)
-    if module is not None:
-        return module
-    data = (await session.execute(select(Model.weights).where(Model.id == model.id))).scalar_one()
-    if not data:
-        raise ModelNotRunnable(f"Model {model.id} has no weights.")
-    module = await asyncio.to_thread(_load_torchscript, data, f"model {model.id}")
-    runtime.cache.put(key, module, len(data))
-    return module
+    # Changes whenever the stored bytes can have changed, so a worker never runs stale weights.
+    key = f"weights:{model.id}:{model.round}:{model.updated_at.isoformat() if model.updated_at else ''}:{model.weights_size}"
+    refs[key] = sandbox.ModuleRef(key, _weights_loader(session, Model.weights, model.id, f"Model {model.id}"))
+    return {"key": key}
 
 
-async def _history_module_for(
-    session: AsyncSession, runtime: InferenceRuntime, model: GlobalModel, round_: int
-) -> tuple[nn.Module, int]:
+async def _history_ref(
+    session: AsyncSession, model: GlobalModel, round_: int, refs: dict[str, sandbox.ModuleRef]
+) -> tuple[sandbox.Tree, int]:
     """The module of round ``round_`` of the model's history (the latest entry at or before it,
     as the download route does) and the round it was stored for."""
     if round_ > model.round:
@@ -267,22 +242,16 @@ async def _history_module_for(
         raise NotFound(f"Model {model.id} has no weights for round {round_}.")
     if row.weights_format not in (None, "torchscript"):
         raise ModelNotRunnable(f"Round {row.round} of model {model.id} stores no TorchScript archive.")
-    key = ("history", model.id, row.round)  # history entries never change
-    module = runtime.cache.get(key)
-    if module is None:
-        data = (
-            await session.execute(select(GlobalModelRound.weights).where(GlobalModelRound.id == row.id))
-        ).scalar_one()
-        if not data:
-            raise ModelNotRunnable(f"Round {row.round} of model {model.id} has no weights.")
-        module = await asyncio.to_thread(_load_torchscript, data, f"round {row.round} of model {model.id}")
-        runtime.cache.put(key, module, len(data))
-    return module, round_
+    key = f"history:{model.id}:{row.round}"  # history entries never change
+    refs[key] = sandbox.ModuleRef(
+        key, _weights_loader(session, GlobalModelRound.weights, row.id, f"Round {row.round} of model {model.id}")
+    )
+    return {"key": key}, round_
 
 
-async def _preprocessing_for(
-    session: AsyncSession, runtime: InferenceRuntime, model: GlobalModel
-) -> nn.Module | None:
+async def _preprocessing_ref(
+    session: AsyncSession, model: GlobalModel, refs: dict[str, sandbox.ModuleRef]
+) -> str | None:
     if not model.has_preprocessing:
         return None
     data = (
@@ -291,19 +260,21 @@ async def _preprocessing_for(
     if not data:
         return None
     # Preprocessing can be replaced without touching the models row: key on the bytes.
-    key = ("preprocessing", hashlib.blake2b(data, digest_size=16).digest())
-    module = runtime.cache.get(key)
-    if module is None:
-        module = await asyncio.to_thread(_load_torchscript, data, f"preprocessing module of model {model.id}")
-        runtime.cache.put(key, module, len(data))
-    return module
+    key = "preprocessing:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+
+    async def load() -> bytes:
+        return data
+
+    refs[key] = sandbox.ModuleRef(key, load)
+    return key
 
 
-async def _runnable_for(
-    session: AsyncSession, runtime: InferenceRuntime, model: Model, depth: int, seen: set[uuid.UUID]
-) -> Runnable:
+async def _tree_for(
+    session: AsyncSession, runtime: InferenceRuntime, model: Model, depth: int, seen: set[uuid.UUID],
+    refs: dict[str, sandbox.ModuleRef],
+) -> sandbox.Tree:
     if not isinstance(model, MeanModel):
-        return await _module_for(session, runtime, model)
+        return _module_ref(session, model, refs)
     if depth >= MAX_ENSEMBLE_DEPTH or model.id in seen:
         raise ModelNotRunnable(f"Mean model {model.id} nests too deeply or contains itself.")
     members = await _members(session, model.id)
@@ -315,7 +286,26 @@ async def _runnable_for(
             f"{runtime.settings.max_ensemble_members} are run."
         )
     inner = seen | {model.id}
-    return Ensemble([await _runnable_for(session, runtime, m, depth + 1, inner) for m in members])
+    return {"members": [await _tree_for(session, runtime, m, depth + 1, inner, refs) for m in members]}
+
+
+def sandbox_error(exc: SandboxFailure) -> AppError:
+    """The HTTP error for a failed inference or metadata call in the sandbox."""
+    kinds: dict[str, AppError] = {
+        "moments": Conflict(exc.message, code="swag_moments_invalid"),
+        "prediction": BadRequest(exc.message, code="inference_failed"),
+        "preprocessing": BadRequest(exc.message, code="preprocessing_failed"),
+        "preprocessing_output": ModelNotRunnable(exc.message),
+        "input_shape": BadRequest(exc.message, code="input_shape_mismatch"),
+        "batch": PayloadTooLarge(exc.message, code="batch_too_large"),
+        "refused": ModelNotRunnable(f"The stored model cannot be run: {exc.message}"),
+        "invalid": ModelNotRunnable(f"The stored model cannot be run: {exc.message}"),
+        "timeout": InferenceTimeout(
+            f"{exc.message} The model was stopped (FLP_SANDBOX_CALL_TIMEOUT_SECONDS)."
+        ),
+        "closed": ServiceUnavailable(exc.message, code="shutting_down"),
+    }
+    return kinds.get(exc.kind) or SandboxFailed(exc.message)
 
 
 async def _members(session: AsyncSession, mean_id: uuid.UUID) -> list[GlobalModel]:
@@ -438,41 +428,33 @@ def _check_batch(tensor: Tensor, settings: InferenceSettings) -> None:
         )
 
 
-def _first_floating_dtype(runnable: Runnable) -> torch.dtype | None:
-    if isinstance(runnable, Ensemble):
-        return _first_floating_dtype(runnable.members[0]) if runnable.members else None
-    for parameter in runnable.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return None
-
-
-def _compute(
-    target: _Target, decoded: DecodedInput, method: Method, options: SamplingOptions, settings: InferenceSettings
+async def _compute(
+    target: _Target, decoded: DecodedInput, method: Method, options: SamplingOptions, runtime: InferenceRuntime
 ) -> Prediction:
-    """The CPU-bound part: preprocessing, checks, the uncertainty method (in a worker thread)."""
-    inputs = decoded.tensor
-    with torch.inference_mode():
-        if target.preprocessing is not None:
-            try:
-                inputs = target.preprocessing(inputs)
-            except Exception as exc:  # TorchScript raises torch.jit.Error (a RuntimeError) and friends
-                message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                raise BadRequest(
-                    f"The model's preprocessing module failed on this input: {message}", code="preprocessing_failed"
-                ) from None
-            if not isinstance(inputs, Tensor):
-                raise ModelNotRunnable(
-                    f"The preprocessing module returned {type(inputs).__name__}, not a tensor."
-                )
-    if inputs.dim() == 0:
-        raise BadRequest("model_input must have a batch dimension.", code="input_shape_mismatch")
-    check_input_shape(inputs, target.model.input_shape)
-    _check_batch(inputs, settings)
-    dtype = _first_floating_dtype(target.runnable)
-    if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype:
-        inputs = inputs.to(dtype)
-    return predict(method, target.runnable, inputs, options, moments=target.moments)
+    """Preprocessing, shape checks and the uncertainty method in the sandbox; the statistics of
+    the returned samples here."""
+    settings = runtime.settings
+    if method is Method.ENSEMBLE:
+        expected = len(target.tree.get("members", [])) or 1
+    elif method in (Method.MC_DROPOUT, Method.SWAG):
+        expected = options.samples
+    else:
+        expected = 1
+    try:
+        samples, layers = await sandbox.predict(
+            tree=target.tree, refs=target.refs, preprocessing=target.preprocessing, inputs=decoded.tensor,
+            method=method.value, options=dataclasses.asdict(options),
+            input_shape=target.model.input_shape, max_batch=settings.max_batch, expected_samples=expected,
+            moments=target.moments, stats=runtime.cache,
+        )  # fmt: skip
+    except SandboxFailure as exc:
+        raise sandbox_error(exc) from None
+    mean = samples.mean(0)
+    if method is Method.NONE:
+        return Prediction(method, samples, mean)
+    correction = 0 if method is Method.ENSEMBLE else 1
+    statistics = await asyncio.to_thread(interpret, samples, correction=correction)
+    return Prediction(method, samples, mean, statistics, dropout_layers=layers if method is Method.MC_DROPOUT else None)
 
 
 async def meter_inference(
@@ -565,27 +547,20 @@ async def run_inference(
 ) -> InferenceResult:
     """Check and meter the request (:func:`check_inference`), load the modules, run the method
     off the event loop. ``billing_key``: see :func:`meter_inference`."""
-    settings = runtime.settings
     plan = await check_inference(session, runtime, user, query, billing_key=billing_key)
     model, method, options, decoded, rows = plan.model, plan.method, plan.options, plan.decoded, plan.rows
 
+    refs: dict[str, sandbox.ModuleRef] = {}
     if query.round is not None and query.round != model.round:
-        runnable, used_round = await _history_module_for(session, runtime, model, query.round)
+        tree, used_round = await _history_ref(session, model, query.round, refs)
     else:
-        runnable, used_round = await _runnable_for(session, runtime, model, 0, set()), model.round
-    target = _Target(model=model, runnable=runnable, preprocessing=await _preprocessing_for(session, runtime, model))
+        tree, used_round = await _tree_for(session, runtime, model, 0, set(), refs), model.round
+    target = _Target(model=model, tree=tree, refs=refs, preprocessing=await _preprocessing_ref(session, model, refs))
     if method is Method.SWAG:
         assert isinstance(model, SWAGModel)
         target.moments = await _moments_for(session, model)
     async with runtime.gate:
-        try:
-            prediction = await asyncio.to_thread(_compute, target, decoded, method, options, settings)
-        except IncompatibleMoments as exc:
-            raise Conflict(str(exc), code="swag_moments_invalid") from None
-        except PredictionError as exc:
-            raise BadRequest(str(exc), code="inference_failed") from None
-        except InputError as exc:  # pragma: no cover - decoding happened before
-            raise BadRequest(str(exc), code="invalid_model_input") from None
+        prediction = await _compute(target, decoded, method, options, runtime)
     return InferenceResult(
         model=model, method=method, prediction=prediction, input_kind=decoded.kind, rows=rows, round=used_round
     )
@@ -682,119 +657,6 @@ def result_safetensors(result: InferenceResult, *, return_scores: bool = False) 
 # --------------------------------------------------------------------------- metadata
 
 
-def _class_name(module: nn.Module) -> str:
-    if isinstance(module, torch.jit.ScriptModule):
-        return getattr(module, "original_name", None) or type(module).__name__
-    return type(module).__name__
-
-
-def _layers(module: nn.Module) -> list[dict[str, Any]]:
-    layers = []
-    for name, sub in module.named_modules():
-        own = [p for _, p in sub.named_parameters(recurse=False)]
-        layers.append(
-            {
-                "name": name,
-                "class_name": _class_name(sub),
-                "depth": 0 if name == "" else name.count(".") + 1,
-                "num_params": sum(p.numel() for p in own),
-                "trainable_params": sum(p.numel() for p in own if p.requires_grad),
-                "param_bytes": sum(p.numel() * p.element_size() for p in own),
-                "is_leaf": not any(True for _ in sub.children()),
-            }
-        )
-    return layers
-
-
-def _torchinfo_stats(module: nn.Module, input_size: tuple[int, ...] | None) -> dict[str, Any] | None:
-    """torchinfo's summary in the DLR server's ``stats`` shape; None when it fails."""
-    import copy
-
-    import torchinfo
-
-    try:
-        with warnings.catch_warnings():  # torchinfo reads .grad of non-leaf tensors
-            warnings.simplefilter("ignore")
-            summary = torchinfo.summary(
-                copy.deepcopy(module), input_size=input_size, verbose=0, device="cpu", mode="eval"
-            )
-    except Exception:  # any failure of a user model's forward pass: no stats, as the reference
-        log.debug("torchinfo failed", exc_info=True)
-        return None
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-
-    keys = (
-        "layer_id", "class_name", "depth", "depth_index", "executed", "var_name", "is_leaf_layer",
-        "contains_lazy_param", "is_recursive", "input_size", "output_size", "kernel_size",
-        "trainable_params", "num_params", "param_bytes", "output_bytes", "macs",
-    )  # fmt: skip
-    def number(value: Any) -> int:
-        return int(value or 0)
-
-    return {
-        "input_size": plain(summary.input_size),
-        "total_input": number(summary.total_input),
-        "total_mult_adds": number(summary.total_mult_adds),
-        "total_output_bytes": number(summary.total_output_bytes),
-        "total_param_bytes": number(summary.total_param_bytes),
-        "total_params": number(summary.total_params),
-        "trainable_params": number(summary.trainable_params),
-        "summary_list": [{key: plain(getattr(layer, key, None)) for key in keys} for layer in summary.summary_list],
-    }
-
-
-def _forward_shape(runnable: Runnable, input_size: tuple[int, ...]) -> list[int] | None:
-    try:
-        dtype = _first_floating_dtype(runnable) or torch.float32
-        prediction = predict(Method.NONE, runnable, torch.zeros(input_size, dtype=dtype), SamplingOptions())
-    except Exception:  # a model that cannot run on zeros still has metadata
-        return None
-    return list(prediction.mean.shape)
-
-
-def _module_metadata(runnable: Runnable, input_shape: list[int | None] | None, max_elements: int) -> dict[str, Any]:
-    input_size = tuple(d if d is not None else 1 for d in input_shape) if input_shape else None
-    if input_size is not None and math.prod(input_size) > max_elements:
-        # A declared shape larger than any accepted input would make the probe forward pass
-        # allocate without bound; report the static parts only.
-        input_size = None
-    if isinstance(runnable, Ensemble):
-        members = [_module_metadata(m, input_shape, max_elements) for m in runnable.members]
-        layers = [
-            {
-                "name": f"members.{index}",
-                "class_name": "Ensemble" if isinstance(m, Ensemble) else _class_name(m),
-                "depth": 1,
-                "num_params": meta["total_params"],
-                "trainable_params": meta["trainable_params"],
-                "param_bytes": meta["param_bytes"],
-                "is_leaf": True,
-            }
-            for index, (m, meta) in enumerate(zip(runnable.members, members, strict=True))
-        ]
-        return {
-            "total_params": sum(m["total_params"] for m in members),
-            "trainable_params": sum(m["trainable_params"] for m in members),
-            "param_bytes": sum(m["param_bytes"] for m in members),
-            "layers": layers,
-            "output_shape": _forward_shape(runnable, input_size) if input_size else None,
-            "stats": None,
-        }
-    parameters = list(runnable.parameters())
-    return {
-        "total_params": sum(p.numel() for p in parameters),
-        "trainable_params": sum(p.numel() for p in parameters if p.requires_grad),
-        "param_bytes": sum(p.numel() * p.element_size() for p in parameters),
-        "layers": _layers(runnable),
-        "output_shape": _forward_shape(runnable, input_size) if input_size else None,
-        "stats": _torchinfo_stats(runnable, input_size),
-    }
-
-
 def _safetensors_metadata(data: bytes) -> dict[str, Any]:
     """Weight-only models (a safetensors state dict): one entry per tensor, decoded as zero-copy
     views (no tensor data is copied, no forward pass)."""
@@ -862,9 +724,13 @@ async def model_metadata(
         data = (await session.execute(select(Model.weights).where(Model.id == model.id))).scalar_one()
         info.update(await asyncio.to_thread(_safetensors_metadata, data or b""))
         return info
-    runnable = await _runnable_for(session, runtime, model, 0, set())
+    refs: dict[str, sandbox.ModuleRef] = {}
+    tree = await _tree_for(session, runtime, model, 0, set(), refs)
     async with runtime.gate:
-        info.update(
-            await asyncio.to_thread(_module_metadata, runnable, input_shape, runtime.settings.max_input_elements)
-        )
+        try:
+            info.update(await sandbox.metadata(
+                tree=tree, refs=refs, input_shape=input_shape, max_elements=runtime.settings.max_input_elements
+            ))
+        except SandboxFailure as exc:
+            raise sandbox_error(exc) from None
     return info

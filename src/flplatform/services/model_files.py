@@ -8,8 +8,10 @@ Accepted encodings:
 * ``torch.save`` of a plain state dict / tensor, read with ``torch.load(weights_only=True)``.
 
 Everything else, in particular ``torch.save(module)`` pickles, is refused with
-:class:`ModelFileError`, whose message names the accepted formats. All functions here are
-synchronous and CPU-bound: call them through ``asyncio.to_thread``.
+:class:`ModelFileError`, whose message names the accepted formats. The synchronous functions
+are CPU-bound: call them through ``asyncio.to_thread``. TorchScript archives are code and are
+never loaded here: the ``async`` functions send them to the model sandbox
+(:mod:`flplatform.sandbox`) and get plain tensors back.
 
 Tensor arithmetic (FedAvg, robust aggregators, SWAG moment averaging) lives in
 ``flplatform.aggregation``; this module only (de)serialises and validates. The safetensors
@@ -23,13 +25,15 @@ import io
 import pickle
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from flplatform.aggregation import codec
 from flplatform.aggregation.errors import DecodeError
+from flplatform.errors import ServiceUnavailable
 from flplatform.services.archive_limits import ArchiveTooLarge, check_archive_limits
 
 ACCEPTED_UPDATE_FORMATS = (
@@ -78,14 +82,43 @@ def detect_format(data: bytes) -> str:
     raise ModelFileError("Unrecognised file format. " + ACCEPTED_UPDATE_FORMATS)
 
 
-def load_torchscript(data: bytes) -> torch.jit.ScriptModule:
+T = TypeVar("T")
+
+
+async def sandboxed(call: Awaitable[T]) -> T:
+    """Await a sandbox call; its failures (refused op, timeout, crash, invalid archive) become
+    :class:`ModelFileError` (a 400 at upload), a shutting-down server a 503."""
+    from flplatform.sandbox import SandboxFailure
+
+    try:
+        return await call
+    except SandboxFailure as exc:
+        if exc.kind == "closed":
+            raise ServiceUnavailable(exc.message, code="shutting_down") from None
+        raise ModelFileError(exc.message) from None
+
+
+def require_torchscript(data: bytes) -> None:
     fmt = detect_format(data)
     if fmt != TORCHSCRIPT:
         raise ModelFileError(f"Expected a TorchScript archive, got {fmt}. " + ACCEPTED_MODEL_FORMATS)
-    try:
-        return torch.jit.load(io.BytesIO(data), map_location="cpu")
-    except Exception as exc:  # torch raises RuntimeError/ValueError/… for broken archives
-        raise ModelFileError(f"Could not load the TorchScript archive: {_short(exc)}") from None
+
+
+async def check_torchscript(data: bytes, *, kind: str = "model") -> int:
+    """Check an uploaded archive in the sandbox; returns its parameter count."""
+    from flplatform.sandbox import client
+
+    require_torchscript(data)
+    return await sandboxed(client.check_module(data, kind=kind))
+
+
+async def torchscript_state(data: bytes, *, attributes: bool = False) -> tuple[StateDict, int]:
+    """State dict and parameter count of a TorchScript archive, extracted in the sandbox."""
+    from flplatform.sandbox import client
+
+    require_torchscript(data)
+    extracted = await sandboxed(client.extract(data, attributes=attributes))
+    return extracted.state, extracted.parameter_count
 
 
 def _short(exc: BaseException) -> str:
@@ -105,12 +138,22 @@ def _torch_load_weights_only(data: bytes) -> object:
         raise ModelFileError(f"Could not read the file: {_short(exc)}. " + ACCEPTED_UPDATE_FORMATS) from None
 
 
+async def decode_state_dict_async(data: bytes) -> tuple[StateDict, str]:
+    """Weights of an update in any accepted format (TorchScript through the sandbox)."""
+    import asyncio
+
+    fmt = await asyncio.to_thread(detect_format, data)
+    if fmt == TORCHSCRIPT:
+        return (await torchscript_state(data))[0], fmt
+    return await asyncio.to_thread(decode_state_dict, data)
+
+
 def decode_state_dict(data: bytes) -> tuple[StateDict, str]:
-    """Weights of an update in any accepted format, and the format's name."""
+    """Weights of a safetensors or weights-only ``torch.save`` file, and the format's name;
+    TorchScript needs :func:`decode_state_dict_async` (the sandbox)."""
     fmt = detect_format(data)
     if fmt == TORCHSCRIPT:
-        module = load_torchscript(data)
-        return {k: v.detach() for k, v in module.state_dict().items()}, fmt
+        raise ModelFileError("TorchScript archives are only read by the model sandbox (decode_state_dict_async).")
     if fmt == SAFETENSORS:
         return decode_safetensors(data), fmt
     obj = _torch_load_weights_only(data)
@@ -166,37 +209,36 @@ def decode_safetensors(data: bytes) -> StateDict:
         raise ModelFileError(f"Corrupt safetensors file: {_short(exc)}") from None
 
 
-def rebuild_torchscript(template: bytes, state: Mapping[str, torch.Tensor]) -> bytes:
-    """The template TorchScript archive with its weights replaced by ``state``."""
-    module = load_torchscript(template)
-    current = module.state_dict()
-    with torch.no_grad():
-        for name, tensor in state.items():
-            current[name].copy_(tensor.to(current[name].dtype))
-    buffer = io.BytesIO()
-    torch.jit.save(module, buffer)
-    return buffer.getvalue()
+async def rebuild_torchscript(template: bytes, state: Mapping[str, torch.Tensor]) -> bytes:
+    """The template TorchScript archive with its weights replaced by ``state`` (in the sandbox)."""
+    from flplatform.sandbox import client
+
+    return await sandboxed(client.rebuild(template, state))
 
 
-def parameter_count(torchscript: bytes) -> int:
+async def parameter_count(torchscript: bytes) -> int:
     """Length of the flat parameter vector (``net.parameters()`` order), what SWAG moments have."""
-    module = load_torchscript(torchscript)
-    return sum(p.numel() for p in module.parameters())
+    return (await torchscript_state(torchscript))[1]
+
+
+async def decode_flat_tensor_async(data: bytes, *, length: int, what: str) -> torch.Tensor:
+    """:func:`decode_flat_tensor` for any accepted format (TorchScript tensors from the sandbox)."""
+    import asyncio
+
+    if await asyncio.to_thread(detect_format, data) == TORCHSCRIPT:
+        state, _ = await torchscript_state(data, attributes=True)
+        return await asyncio.to_thread(flat_tensor, list(state.values()), length=length, what=what)
+    return await asyncio.to_thread(decode_flat_tensor, data, length=length, what=what)
 
 
 def decode_flat_tensor(data: bytes, *, length: int, what: str) -> torch.Tensor:
-    """A 1-D float tensor of ``length`` entries from safetensors, TorchScript or weights_only bytes."""
+    """A 1-D float tensor of ``length`` entries from safetensors or weights_only bytes."""
     fmt = detect_format(data)
     tensors: list[torch.Tensor]
     if fmt == SAFETENSORS:
         tensors = list(decode_state_dict(data)[0].values())
     elif fmt == TORCHSCRIPT:
-        module = load_torchscript(data)
-        tensors = [*module.state_dict().values()]
-        if not tensors:
-            tensors = [v for _, v in module.named_attributes() if isinstance(v, torch.Tensor)] if hasattr(
-                module, "named_attributes"
-            ) else []
+        raise ModelFileError(f"{what}: TorchScript is only read by the model sandbox (decode_flat_tensor_async).")
     else:
         obj = _torch_load_weights_only(data)
         if isinstance(obj, torch.Tensor):
@@ -205,6 +247,11 @@ def decode_flat_tensor(data: bytes, *, length: int, what: str) -> torch.Tensor:
             tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
         else:
             tensors = []
+    return flat_tensor(tensors, length=length, what=what)
+
+
+def flat_tensor(tensors: list[torch.Tensor], *, length: int, what: str) -> torch.Tensor:
+    """The only tensor of ``tensors``, checked to be a finite flat float vector of ``length``."""
     if len(tensors) != 1:
         raise ModelFileError(f"{what}: expected exactly one tensor, found {len(tensors)}.")
     tensor = tensors[0].detach().reshape(-1) if tensors[0].dim() <= 1 else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import math
 import uuid
 from collections.abc import Sequence
@@ -29,8 +28,8 @@ from flplatform.orm import (
     MeanModel,
     Metric,
     Model,
-    SwagStatistic,
     SWAGModel,
+    SwagStatistic,
     Training,
     TrainingState,
     User,
@@ -158,40 +157,19 @@ class GlobalUpload:
     members: list[uuid.UUID]
 
 
-def _check_torchscript(data: bytes) -> None:
-    module = model_files.load_torchscript(data)
-    for name, tensor in module.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelFileError(f"Tensor {name!r} contains NaN or infinite values.")
-
-
-def _check_preprocessing(data: bytes) -> None:
+async def _check_preprocessing(data: bytes) -> None:
     try:
-        model_files.load_torchscript(data)
+        await model_files.check_torchscript(data, kind="preprocessing")
     except ModelFileError as exc:
         raise ModelFileError(f"Invalid preprocessing file: {exc}") from None
 
 
-def _build_mean_module(members: list[bytes]) -> bytes:
-    """A TorchScript module averaging the members' outputs (what MEAN models download as)."""
-    modules = [model_files.load_torchscript(m) for m in members]
+async def _build_mean_module(members: list[bytes]) -> bytes:
+    """A TorchScript module averaging the members' outputs (what MEAN models download as),
+    scripted in the model sandbox from the members' archives."""
+    from flplatform.sandbox import client
 
-    class MeanModule(torch.nn.Module):
-        def __init__(self, models: list[torch.nn.Module]):
-            super().__init__()
-            self.models = torch.nn.ModuleList(models)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            outputs = [m(x) for m in self.models]
-            return torch.stack(outputs).mean(dim=0)
-
-    try:
-        scripted = torch.jit.script(MeanModule(modules))
-    except Exception as exc:
-        raise ModelFileError(f"Could not combine the member models into one TorchScript module: {exc}") from None
-    buffer = io.BytesIO()
-    torch.jit.save(scripted, buffer)
-    return buffer.getvalue()
+    return await model_files.sandboxed(client.mean_module(members))
 
 
 async def create_global_model(requester: Requester, upload: GlobalUpload) -> GlobalModel:
@@ -200,7 +178,7 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
     assert owner is not None
     try:
         if upload.preprocessing_file is not None:
-            await asyncio.to_thread(_check_preprocessing, upload.preprocessing_file)
+            await _check_preprocessing(upload.preprocessing_file)
         weights: bytes | None = upload.model_file
         if upload.type == "MEAN":
             if not upload.members:
@@ -215,11 +193,11 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
                                   f"You may not read model {member_id}.")
                 members.append(member)
             blobs = [await _current_weights(session, m.id) for m in members]
-            weights = await asyncio.to_thread(_build_mean_module, blobs)
+            weights = await _build_mean_module(blobs)
         else:
             if weights is None:
                 raise BadRequest("No uploaded file 'model_file' found.", code="missing_file")
-            await asyncio.to_thread(_check_torchscript, weights)
+            await model_files.check_torchscript(weights)
     except ModelFileError as exc:
         raise file_error(exc) from None
     cls = {"GLOBAL": GlobalModel, "SWAG": SWAGModel, "MEAN": MeanModel}[upload.type]
@@ -285,7 +263,10 @@ async def download(session: AsyncSession, model: Model, round_: int | None) -> b
     # Local updates are stored as safetensors; FedDC clients download them as TorchScript.
     template = await _current_weights(session, model.base_model_id)
     state = await asyncio.to_thread(model_files.decode_safetensors, data)
-    return await asyncio.to_thread(model_files.rebuild_torchscript, template, state)
+    try:
+        return await model_files.rebuild_torchscript(template, state)
+    except ModelFileError as exc:
+        raise file_error(exc) from None
 
 
 async def delete_model(requester: Requester, model: Model) -> None:
@@ -330,13 +311,13 @@ async def add_update(session: AsyncSession, user: User, model: Model, *, data: b
     metrics = _parse_metrics(metric_names, metric_values, required=False)
     spec = await aggregate.global_spec(session, glob.id, glob.round)
 
-    def _decode() -> bytes:
-        state, _ = model_files.decode_state_dict(data)
+    def _validate(state: model_files.StateDict) -> bytes:
         model_files.validate_state_dict(state, spec)
         return model_files.encode_safetensors(state)
 
     try:
-        encoded = await asyncio.to_thread(_decode)
+        state, _ = await model_files.decode_state_dict_async(data)
+        encoded = await asyncio.to_thread(_validate, state)
     except ModelFileError as exc:
         raise file_error(exc) from None
     existing = (await session.execute(
@@ -446,7 +427,7 @@ async def set_preprocessing(requester: Requester, model: Model, data: bytes) -> 
     if not await can_update(requester, model):
         raise Forbidden(f"You are not the owner of model {model.id}!")
     try:
-        await asyncio.to_thread(_check_preprocessing, data)
+        await _check_preprocessing(data)
     except ModelFileError as exc:
         raise file_error(exc) from None
     await session.execute(
@@ -471,15 +452,15 @@ async def add_swag_statistics(session: AsyncSession, user: User, model: Model, *
         raise Conflict(f"The SWAG round of training {training.id} is being aggregated.", code="round_locked")
     length = await aggregate.parameter_count(session, glob.id, glob.round)
 
-    def _decode() -> tuple[bytes, bytes]:
-        fm = model_files.decode_flat_tensor(first, length=length, what="first_moment_file")
-        sm = model_files.decode_flat_tensor(second, length=length, what="second_moment_file")
+    def _encode(fm: torch.Tensor, sm: torch.Tensor) -> tuple[bytes, bytes]:
         if bool((sm < 0).any()):
             raise ModelFileError("second_moment_file: a second moment (mean of squares) cannot be negative.")
         return model_files.encode_safetensors({"moment": fm}), model_files.encode_safetensors({"moment": sm})
 
     try:
-        fm_bytes, sm_bytes = await asyncio.to_thread(_decode)
+        fm = await model_files.decode_flat_tensor_async(first, length=length, what="first_moment_file")
+        sm = await model_files.decode_flat_tensor_async(second, length=length, what="second_moment_file")
+        fm_bytes, sm_bytes = await asyncio.to_thread(_encode, fm, sm)
     except ModelFileError as exc:
         raise file_error(exc) from None
     existing = (await session.execute(

@@ -1,0 +1,1 @@
+from tests.inference.conftest import add_model  # noqa: F401  (models stored straight into the database)
