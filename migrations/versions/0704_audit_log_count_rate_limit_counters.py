@@ -3,7 +3,7 @@ recorded as one row per login name, client address and throttling window); and
 ``rate_limit_counters``, the login throttle's fixed-window counters shared by every worker.
 
 Revision ID: 0704
-Revises: 0602
+Revises: 0703
 Create Date: 2026-12-03 18:50:00.000000
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0704'
-down_revision: str | Sequence[str] | None = '0602'
+down_revision: str | Sequence[str] | None = '0703'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -10,7 +10,7 @@ cleared. Every repair is written to ``audit_log`` (action ``identity.login_name_
 the old value, so nothing is lost and an administrator can tell the users.
 
 Revision ID: 0705
-Revises: 0602
+Revises: 0704
 Create Date: 2026-12-03 18:50:00
 """
 
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0705'
-down_revision: str | Sequence[str] | None = '0602'
+down_revision: str | Sequence[str] | None = '0704'
 branch_labels: str | Sequence[str] | None = None
 # audit_log (the repairs are recorded there) comes from the billing branch.
 depends_on: str | Sequence[str] | None = '0401'
