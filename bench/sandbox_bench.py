@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,23 +28,8 @@ from flplatform.sandbox import client
 from flplatform.sandbox.runner import SandboxPool, SandboxSettings, set_pool
 from flplatform.uncertainty import Method, SamplingOptions, predict
 
-
-class SmallCNN(nn.Module):
-    """An MNIST-sized CNN with dropout (≈ 0.2 M parameters), as in bench/inference.py."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.drop = nn.Dropout(0.25)
-        self.fc1 = nn.Linear(32 * 7 * 7, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
-        x = self.drop(torch.flatten(x, 1))
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference import SmallCNN  # noqa: E402  (the MNIST-sized CNN of bench/inference.py)
 
 
 class MLP(nn.Module):
