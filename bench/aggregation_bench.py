@@ -88,7 +88,7 @@ def resnet50_shapes() -> list[tuple[str, tuple[int, ...]]]:
     shapes.append(("conv1.weight", (64, 3, 7, 7)))
     bn("bn1", 64)
     inplanes = 64
-    for layer, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+    for layer, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=False), start=1):
         for block in range(blocks):
             p = f"layer{layer}.{block}"
             shapes.append((f"{p}.conv1.weight", (planes, inplanes, 1, 1)))
@@ -228,18 +228,21 @@ def worker(contender: str, case: str, quick: bool) -> dict[str, Any]:
 
         from flplatform.aggregation import encode_safetensors, fedavg, get
 
-        blobs = [encode_safetensors({k: torch.from_numpy(v) for k, v in m.items()}) for m in client_models(spec, distinct)]
+        blobs = [
+            encode_safetensors({k: torch.from_numpy(v) for k, v in m.items()})
+            for m in client_models(spec, distinct)
+        ]
         wire = [blobs[i % distinct] for i in range(n)]
 
         def stream():
             agg = get("fedavg")
             agg.begin(None)
-            for blob, weight in zip(wire, weights):
+            for blob, weight in zip(wire, weights, strict=False):
                 agg.add(blob, weight)  # safetensors bytes, viewed zero-copy inside
             return agg.finish()
 
         def batch():
-            return fedavg([(blob, weight) for blob, weight in zip(wire, weights)])
+            return fedavg([(blob, weight) for blob, weight in zip(wire, weights, strict=False)])
 
         out.update(timed(stream if contender == "ours_stream" else batch, reps))
         out["threads"] = torch.get_num_threads()
@@ -257,19 +260,32 @@ def worker(contender: str, case: str, quick: bool) -> dict[str, Any]:
     out["flwr"] = flwr.__version__
     if contender == "flwr_arrayrecords":
         distinct_records = [
-            RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in m.items()}),
-                        "metrics": MetricRecord({"num-examples": 0})})
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in m.items()}),
+                    "metrics": MetricRecord({"num-examples": 0}),
+                }
+            )
             for m in client_models(spec, distinct)
         ]
         records = []
         for i, weight in enumerate(weights):  # share the Array bytes, own the MetricRecord
             source = distinct_records[i % distinct]
-            records.append(RecordDict({"arrays": source["arrays"], "metrics": MetricRecord({"num-examples": weight})}))
+            records.append(
+                RecordDict({"arrays": source["arrays"], "metrics": MetricRecord({"num-examples": weight})})
+            )
         out.update(timed(lambda: aggregate_arrayrecords(records, "num-examples"), reps))
     else:
         params = [ndarrays_to_parameters(list(m.values())) for m in client_models(spec, distinct)]
         wire = [params[i % distinct] for i in range(n)]
-        out.update(timed(lambda: aggregate([(parameters_to_ndarrays(p), w) for p, w in zip(wire, weights)]), reps))
+        out.update(
+            timed(
+                lambda: aggregate(
+                    [(parameters_to_ndarrays(p), w) for p, w in zip(wire, weights, strict=False)]
+                ),
+                reps,
+            )
+        )
     return out
 
 
@@ -369,7 +385,9 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--cases", default="", help=f"comma-separated subset of {','.join(CASES)} (re-run a case measured under load)"
+        "--cases",
+        default="",
+        help=f"comma-separated subset of {','.join(CASES)} (re-run a case measured under load)",
     )
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     args = parser.parse_args()
@@ -384,7 +402,7 @@ def main() -> None:
     import torch
 
     started = time.time()
-    print(f"# aggregation bench, {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"# aggregation bench, {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"# machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"# load average at start: {load_average()}")
     ours_python = sys.executable
@@ -392,12 +410,31 @@ def main() -> None:
     print(f"# flwr: {'via ' + theirs_python if theirs_python else 'not installed (Flower rows skipped)'}")
     ceiling = spawn(ours_python, "ceiling", "", args.quick)
     ceiling_gbs = ceiling["bytes"] / ceiling["seconds"] / 1e9
-    print(f"# memory read ceiling (torch.sum over {ceiling['bytes'] / 2**30:.2f} GiB): {ceiling_gbs:.1f} GB/s")
-    print("# '% ceiling' divides by the read ceiling (1 GiB torch.sum) measured inside the same worker before")
-    print("# each of its runs and after the last (the highest; column 'ceiling'); 'load': 1-minute load average.")
+    print(
+        f"# memory read ceiling (torch.sum over {ceiling['bytes'] / 2**30:.2f} GiB): {ceiling_gbs:.1f} GB/s"
+    )
+    print(
+        "# '% ceiling' divides by the read ceiling (1 GiB torch.sum) measured inside the same worker before"
+    )
+    print(
+        "# each of its runs and after the last (the highest; column 'ceiling'); 'load': 1-minute load average."
+    )
     print()
-    header = ("case", "contender", "N", "model MB", "time s", "GB/s", "ceiling GB/s", "% ceiling", "× flwr AR",
-              "× flwr legacy", "peak extra RSS MB", "× model", "load")
+    header = (
+        "case",
+        "contender",
+        "N",
+        "model MB",
+        "time s",
+        "GB/s",
+        "ceiling GB/s",
+        "% ceiling",
+        "× flwr AR",
+        "× flwr legacy",
+        "peak extra RSS MB",
+        "× model",
+        "load",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     cases = [c for c in (QUICK_CASES if args.quick else CASES) if not chosen or c in chosen]
@@ -413,8 +450,12 @@ def main() -> None:
             return r["update_bytes"] / r["seconds"] / 1e9 if "seconds" in r else None
 
         for contender, r in results.items():
-            label = {"ours_stream": "flplatform stream", "ours_batch": "flplatform batch",
-                     "flwr_arrayrecords": "flwr aggregate_arrayrecords", "flwr_legacy": "flwr legacy aggregate"}[contender]
+            label = {
+                "ours_stream": "flplatform stream",
+                "ours_batch": "flplatform batch",
+                "flwr_arrayrecords": "flwr aggregate_arrayrecords",
+                "flwr_legacy": "flwr legacy aggregate",
+            }[contender]
             if "error" in r:
                 print(f"| {case} | {label} | | | | {r['error']} |" + " |" * (len(header) - 6))
                 continue

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flplatform.orm.broker import StorePolicy  # noqa: E402
-from flplatform.serving import uvicorn_ws_cli_args
+from flplatform.serving import uvicorn_ws_cli_args  # noqa: E402
 from tests.conftest import free_port, start_postgres, wait_for_port  # noqa: E402
 
 
@@ -52,16 +51,21 @@ async def _create_topics(url: str, topics: dict[str, StorePolicy]) -> None:
         for slug, policy in topics.items():
             session.add(
                 BrokerTopic(
-                    slug=slug, is_public=True, anonymous_can_consume=True, store_messages=policy,
-                    supports_dasf=slug.startswith("dasf"), api_info={},
+                    slug=slug,
+                    is_public=True,
+                    anonymous_can_consume=True,
+                    store_messages=policy,
+                    supports_dasf=slug.startswith("dasf"),
+                    api_info={},
                 )
             )
         await session.commit()
     await engine.dispose()
 
 
-async def _scenario(ws_url: str, slug: str, total: int, consumers: int, pipelined: bool,
-                    consumer_url: str | None = None) -> dict[str, Any]:
+async def _scenario(
+    ws_url: str, slug: str, total: int, consumers: int, pipelined: bool, consumer_url: str | None = None
+) -> dict[str, Any]:
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
     counts = [0] * consumers
@@ -79,7 +83,9 @@ async def _scenario(ws_url: str, slug: str, total: int, consumers: int, pipeline
         if all(c >= total for c in counts):
             done.set()
 
-    sockets = [await _connect(f"{consumer_url or ws_url}/{slug}/bench-{i}").__aenter__() for i in range(consumers)]
+    sockets = [
+        await _connect(f"{consumer_url or ws_url}/{slug}/bench-{i}").__aenter__() for i in range(consumers)
+    ]
     readers = [asyncio.create_task(consume(i, ws)) for i, ws in enumerate(sockets)]
     await asyncio.sleep(0.3)  # every consumer socket is registered before the first publish
     producer = await _connect(f"{ws_url}/{slug}").__aenter__()
@@ -87,6 +93,7 @@ async def _scenario(ws_url: str, slug: str, total: int, consumers: int, pipeline
     started = time.perf_counter()
     acks = 0
     if pipelined:
+
         async def read_acks() -> None:
             nonlocal acks
             while acks < total:
@@ -96,14 +103,28 @@ async def _scenario(ws_url: str, slug: str, total: int, consumers: int, pipeline
         ack_reader = asyncio.create_task(read_acks())
         for i in range(total):
             sent_at[i] = time.perf_counter()
-            await producer.send(json.dumps({"properties": {"requestContext": i, "messageType": "request"},
-                                            "payload": payload, "context": i}))
+            await producer.send(
+                json.dumps(
+                    {
+                        "properties": {"requestContext": i, "messageType": "request"},
+                        "payload": payload,
+                        "context": i,
+                    }
+                )
+            )
         await ack_reader
     else:
         for i in range(total):
             sent_at[i] = time.perf_counter()
-            await producer.send(json.dumps({"properties": {"requestContext": i, "messageType": "request"},
-                                            "payload": payload, "context": i}))
+            await producer.send(
+                json.dumps(
+                    {
+                        "properties": {"requestContext": i, "messageType": "request"},
+                        "payload": payload,
+                        "context": i,
+                    }
+                )
+            )
             await producer.recv()
             acks += 1
     acked = time.perf_counter()
@@ -148,14 +169,33 @@ def _demessaging_round_trip(ws_url: str, topic: str, calls: int) -> tuple[float,
 
 
 def _start_servers(url: str, workers: int) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    env = dict(os.environ, FLP_DATABASE_URL=url, FLP_SECRET_KEY="bench-secret", FLP_LOG_LEVEL="WARNING",
-               FLP_BROKER_BACKGROUND_TASKS="true")
+    env = dict(
+        os.environ,
+        FLP_DATABASE_URL=url,
+        FLP_SECRET_KEY="bench-secret",
+        FLP_LOG_LEVEL="WARNING",
+        FLP_BROKER_BACKGROUND_TASKS="true",
+    )
     procs, urls = [], []
     for _ in range(workers):
         port = free_port()
-        cmd = [sys.executable, "-m", "uvicorn", "flplatform.app:create_app", "--factory", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning", "--no-access-log", *uvicorn_ws_cli_args(),
-               "--ws-per-message-deflate", "false"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "flplatform.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            *uvicorn_ws_cli_args(),
+            "--ws-per-message-deflate",
+            "false",
+        ]
         procs.append(subprocess.Popen(cmd, env=env, cwd=str(ROOT)))
         urls.append(f"ws://127.0.0.1:{port}/ws")
     for ws_url in urls:
@@ -180,7 +220,11 @@ async def _wait_for_api_info(ws_url: str, topic: str, timeout: float = 60) -> No
 
 async def _run(args: argparse.Namespace, url: str) -> None:
     load_before = os.getloadavg()
-    topics = {f"{policy.value}_{i}": policy for policy in (StorePolicy.CACHE, StorePolicy.DISABLED) for i in range(8)}
+    topics = {
+        f"{policy.value}_{i}": policy
+        for policy in (StorePolicy.CACHE, StorePolicy.DISABLED)
+        for i in range(8)
+    }
     topics["dasf_rt"] = StorePolicy.CACHE
     await _create_topics(url, topics)
     servers, urls = _start_servers(url, args.workers)
@@ -196,23 +240,40 @@ async def _run(args: argparse.Namespace, url: str) -> None:
                     used[policy] += 1
                     total = args.messages if consumers == 1 else args.messages // 2
                     result = await _scenario(producer_url, slug, total, consumers, pipelined, consumer_url)
-                    rows.append((policy.value, consumers, "pipelined" if pipelined else "sequential", total, result))
-                    print(f"{policy.value:8} consumers={consumers:2} {rows[-1][2]:10} n={total:5} "
-                          f"acks/s={result['acks_per_s']:8.0f} delivered/s={result['delivered_per_s']:8.0f} "
-                          f"p50={result['p50_ms']:7.1f}ms p99={result['p99_ms']:7.1f}ms lost={result['lost']}",
-                          flush=True)
+                    rows.append(
+                        (policy.value, consumers, "pipelined" if pipelined else "sequential", total, result)
+                    )
+                    print(
+                        f"{policy.value:8} consumers={consumers:2} {rows[-1][2]:10} n={total:5} "
+                        f"acks/s={result['acks_per_s']:8.0f} delivered/s={result['delivered_per_s']:8.0f} "
+                        f"p50={result['p50_ms']:7.1f}ms p99={result['p99_ms']:7.1f}ms lost={result['lost']}",
+                        flush=True,
+                    )
         backend = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/broker/dasf_module.py"), "-t", "dasf_rt", "--websocket-url",
-             consumer_url, "listen"],
-            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                str(ROOT / "tests/broker/dasf_module.py"),
+                "-t",
+                "dasf_rt",
+                "--websocket-url",
+                consumer_url,
+                "listen",
+            ],
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             await _wait_for_api_info(consumer_url, "dasf_rt")
-            p50, p90 = await asyncio.to_thread(_demessaging_round_trip, producer_url, "dasf_rt", args.rpc_calls)
+            p50, p90 = await asyncio.to_thread(
+                _demessaging_round_trip, producer_url, "dasf_rt", args.rpc_calls
+            )
         finally:
             backend.terminate()
             backend.wait(10)
-        print(f"demessaging add() round trip: p50={p50:.1f} ms p90={p90:.1f} ms ({args.rpc_calls} sequential calls)")
+        print(
+            f"demessaging add() round trip: p50={p50:.1f} ms p90={p90:.1f} ms ({args.rpc_calls} sequential calls)"
+        )
     finally:
         for server in servers:
             server.terminate()
@@ -220,23 +281,39 @@ async def _run(args: argparse.Namespace, url: str) -> None:
             server.wait(20)
     load_after = os.getloadavg()
     db = f"PostgreSQL, {args.workers} uvicorn processes" if args.postgres else "SQLite, 1 uvicorn process"
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load average "
-          f"{load_before[0]:.1f} before / {load_after[0]:.1f} after")
-    print(f"\n| {db}: policy | consumers | mode | messages | producer acks/s | deliveries/s | p50 ms | p99 ms | lost |")
+    print(
+        f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load average "
+        f"{load_before[0]:.1f} before / {load_after[0]:.1f} after"
+    )
+    print(
+        f"\n| {db}: policy | consumers | mode | messages | producer acks/s | deliveries/s | p50 ms | p99 ms | lost |"
+    )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for policy, consumers, mode, total, r in rows:
-        print(f"| {policy} | {consumers} | {mode} | {total} | {r['acks_per_s']:,.0f} | {r['delivered_per_s']:,.0f} | "
-              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['lost']} |")
-    print(f"| demessaging `add` round trip | 1 backend | sequential | {args.rpc_calls} | | | {p50:.1f} | p90 {p90:.1f} | 0 |")
+        print(
+            f"| {policy} | {consumers} | {mode} | {total} | {r['acks_per_s']:,.0f} | {r['delivered_per_s']:,.0f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['lost']} |"
+        )
+    print(
+        f"| demessaging `add` round trip | 1 backend | sequential | {args.rpc_calls} | | | {p50:.1f} | p90 {p90:.1f} | 0 |"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=2000, help="messages per 1-consumer scenario")
     parser.add_argument("--rpc-calls", type=int, default=40)
-    parser.add_argument("--postgres", action="store_true", help="throwaway PostgreSQL cluster instead of SQLite")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="uvicorn processes (default 1 on SQLite, 2 on PostgreSQL; SQLite needs 1)")
+    parser.add_argument(
+        "--postgres", action="store_true", help="throwaway PostgreSQL cluster instead of SQLite"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="uvicorn processes (default 1 on SQLite, 2 on PostgreSQL; SQLite needs 1)",
+    )
     args = parser.parse_args()
     if args.workers is None:
         args.workers = 2 if args.postgres else 1

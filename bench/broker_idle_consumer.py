@@ -42,18 +42,31 @@ async def main(args: argparse.Namespace) -> None:
     app.state.broker_config = BrokerConfig(consumer_stall_seconds=args.stall, background_tasks=False)
     async with app.router.lifespan_context(app):
         async with app.state.sessionmaker() as session:
-            session.add(BrokerTopic(slug="idle", is_public=True, anonymous_can_consume=True, supports_dasf=False,
-                                    api_info={}))
+            session.add(
+                BrokerTopic(
+                    slug="idle", is_public=True, anonymous_can_consume=True, supports_dasf=False, api_info={}
+                )
+            )
             await session.commit()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, lifespan="off",
-                                               log_level="warning", ws_max_size=64 * 1024**2))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=args.port,
+                lifespan="off",
+                log_level="warning",
+                ws_max_size=64 * 1024**2,
+            )
+        )
         task = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.05)
         base = f"ws://127.0.0.1:{args.port}/ws"
         before = peak = rss_mib()
-        consumers = [await websockets.connect(f"{base}/idle/c{i}", max_size=None, max_queue=1, compression=None)
-                     for i in range(args.consumers)]
+        consumers = [
+            await websockets.connect(f"{base}/idle/c{i}", max_size=None, max_queue=1, compression=None)
+            for i in range(args.consumers)
+        ]
         budget = getattr(app.state.broker, "queue_budget", None)
         held = 0
         async with websockets.connect(f"{base}/idle", max_size=None, compression=None) as producer:
@@ -62,9 +75,11 @@ async def main(args: argparse.Namespace) -> None:
                 await producer.send(body)
                 await producer.recv()
                 peak, held = max(peak, rss_mib()), max(held, budget.total if budget else 0)
-        print(f"{args.messages} × {args.size} B to {args.consumers} idle consumer(s): RSS {before:.0f} → peak "
-              f"{peak:.0f} MiB (+{peak - before:.0f}); consumer queues held at most {held / 1024**2:.1f} MiB; "
-              f"stalled consumers disconnected: {app.state.broker.stats['stalled']}")
+        print(
+            f"{args.messages} × {args.size} B to {args.consumers} idle consumer(s): RSS {before:.0f} → peak "
+            f"{peak:.0f} MiB (+{peak - before:.0f}); consumer queues held at most {held / 1024**2:.1f} MiB; "
+            f"stalled consumers disconnected: {app.state.broker.stats['stalled']}"
+        )
         for ws in consumers:
             await ws.close()
         server.should_exit = True

@@ -44,13 +44,30 @@ def free_port() -> int:
 
 def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    env = {**os.environ, "FLP_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db",
-           "FLP_SECRET_KEY": "bench-secret", "FLP_ADMIN_USERNAME": "admin", "FLP_ADMIN_PASSWORD": "admin-password-1",
-           "FLP_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "FLP_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db",
+        "FLP_SECRET_KEY": "bench-secret",
+        "FLP_ADMIN_USERNAME": "admin",
+        "FLP_ADMIN_PASSWORD": "admin-password-1",
+        "FLP_LOG_LEVEL": "WARNING",
+    }
     for name in ("FLP_ARGON2_TIME_COST", "FLP_ARGON2_MEMORY_COST_KIB"):
         env.pop(name, None)  # production costs: 64 MiB, t=3
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("flplatform")), "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("flplatform")),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -76,7 +93,9 @@ class HealthProbe(threading.Thread):
                 time.sleep(0.05)
 
 
-def raw_upload(port: int, path: str, headers: dict[str, str], total: int, chunked: bool) -> tuple[str, int, float]:
+def raw_upload(
+    port: int, path: str, headers: dict[str, str], total: int, chunked: bool
+) -> tuple[str, int, float]:
     """Send headers, then body chunks until the response arrives; the status line, bytes sent, seconds."""
     sock = socket.create_connection(("127.0.0.1", port))
     head = f"POST {path} HTTP/1.1\r\nHost: bench\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -102,7 +121,9 @@ def raw_upload(port: int, path: str, headers: dict[str, str], total: int, chunke
     return response.split(b"\r\n", 1)[0].decode(errors="replace"), sent, time.monotonic() - started
 
 
-def body_case(port: int, pid: int, label: str, path: str, headers: dict[str, str], total: int, chunked: bool) -> None:
+def body_case(
+    port: int, pid: int, label: str, path: str, headers: dict[str, str], total: int, chunked: bool
+) -> None:
     server = psutil.Process(pid)
     rss_before = server.memory_info().rss
     probe = HealthProbe(port)
@@ -112,8 +133,10 @@ def body_case(port: int, pid: int, label: str, path: str, headers: dict[str, str
     probe.stop.set()
     probe.join()
     growth = (server.memory_info().rss - rss_before) / MiB
-    print(f"{label:<44} {status:<34} sent {sent / MiB:7.2f} MiB of {total / MiB:5.0f} in {seconds:5.2f} s; "
-          f"RSS {growth:+6.1f} MiB; /health max {max(probe.latencies, default=0) * 1000:6.1f} ms")
+    print(
+        f"{label:<44} {status:<34} sent {sent / MiB:7.2f} MiB of {total / MiB:5.0f} in {seconds:5.2f} s; "
+        f"RSS {growth:+6.1f} MiB; /health max {max(probe.latencies, default=0) * 1000:6.1f} ms"
+    )
 
 
 def main() -> None:
@@ -121,30 +144,67 @@ def main() -> None:
         proc, port = start_server(Path(tmp))
         try:
             json_headers = {"Content-Type": "application/json"}
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:  # warm-up (lazy routes)
+            with httpx.Client(
+                base_url=f"http://127.0.0.1:{port}", timeout=60
+            ) as http:  # warm-up (lazy routes)
                 for _ in range(3):
                     http.get("/health")
                     http.post("/api/users/", json={"username": "warm-up"})
                     http.post(f"/api/models/{uuid.uuid4()}/", files={"model_file": ("m", b"x")})
-            body_case(port, proc.pid, "anonymous 200 MiB JSON (Content-Length)", "/api/users/", json_headers,
-                      200 * MiB, False)
-            body_case(port, proc.pid, "anonymous 200 MiB JSON (chunked)", "/api/users/", json_headers, 200 * MiB, True)
+            body_case(
+                port,
+                proc.pid,
+                "anonymous 200 MiB JSON (Content-Length)",
+                "/api/users/",
+                json_headers,
+                200 * MiB,
+                False,
+            )
+            body_case(
+                port,
+                proc.pid,
+                "anonymous 200 MiB JSON (chunked)",
+                "/api/users/",
+                json_headers,
+                200 * MiB,
+                True,
+            )
             multipart = {"Content-Type": "multipart/form-data; boundary=x"}
-            body_case(port, proc.pid, "anonymous 1 GiB multipart update", f"/api/models/{uuid.uuid4()}/", multipart,
-                      1024 * MiB, False)
+            body_case(
+                port,
+                proc.pid,
+                "anonymous 1 GiB multipart update",
+                f"/api/models/{uuid.uuid4()}/",
+                multipart,
+                1024 * MiB,
+                False,
+            )
             admin = {"Authorization": "Basic " + base64.b64encode(b"admin:admin-password-1").decode()}
-            body_case(port, proc.pid, "admin 200 MiB JSON (chunked)", "/api/users/", {**json_headers, **admin},
-                      200 * MiB, True)
+            body_case(
+                port,
+                proc.pid,
+                "admin 200 MiB JSON (chunked)",
+                "/api/users/",
+                {**json_headers, **admin},
+                200 * MiB,
+                True,
+            )
 
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
                 started = time.monotonic()
                 statuses = collections.Counter(
-                    http.post("/api/auth/token/", data={"username": "admin", "password": f"wrong-{i}"}).status_code
+                    http.post(
+                        "/api/auth/token/", data={"username": "admin", "password": f"wrong-{i}"}
+                    ).status_code
                     for i in range(300)
                 )
-                right = http.post("/api/auth/token/", data={"username": "admin", "password": "admin-password-1"})
-                print(f"300 wrong passwords: {dict(statuses)} in {time.monotonic() - started:.1f} s; then the right "
-                      f"one: {right.status_code} (Retry-After {right.headers.get('Retry-After')})")
+                right = http.post(
+                    "/api/auth/token/", data={"username": "admin", "password": "admin-password-1"}
+                )
+                print(
+                    f"300 wrong passwords: {dict(statuses)} in {time.monotonic() - started:.1f} s; then the right "
+                    f"one: {right.status_code} (Retry-After {right.headers.get('Retry-After')})"
+                )
 
             probe = HealthProbe(port)
             probe.start()
@@ -154,7 +214,9 @@ def main() -> None:
             def spray(worker: int) -> None:
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
                     for i in range(4):
-                        http.post("/api/auth/token/", data={"username": f"user-{worker}-{i}", "password": "x"})
+                        http.post(
+                            "/api/auth/token/", data={"username": f"user-{worker}-{i}", "password": "x"}
+                        )
 
             threads = [threading.Thread(target=spray, args=(w,)) for w in range(12)]
             probe.latencies.clear()
@@ -164,8 +226,10 @@ def main() -> None:
                 t.join()
             probe.stop.set()
             probe.join()
-            print(f"/health during 12 concurrent bad-login clients: max {max(probe.latencies) * 1000:.1f} ms, "
-                  f"median {sorted(probe.latencies)[len(probe.latencies) // 2] * 1000:.1f} ms (idle {idle * 1000:.1f} ms)")
+            print(
+                f"/health during 12 concurrent bad-login clients: max {max(probe.latencies) * 1000:.1f} ms, "
+                f"median {sorted(probe.latencies)[len(probe.latencies) // 2] * 1000:.1f} ms (idle {idle * 1000:.1f} ms)"
+            )
         finally:
             proc.terminate()
             proc.wait(10)

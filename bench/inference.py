@@ -112,7 +112,9 @@ async def bench_http(batch: int, repeat: int) -> None:
     async with app.router.lifespan_context(app):
         async with app.state.sessionmaker() as session:
             user, token = await create_user(
-                session, UserCreate(username="bench", password="password-123"), created_by=User(is_superuser=True)
+                session,
+                UserCreate(username="bench", password="password-123"),
+                created_by=User(is_superuser=True),
             )
             model = GlobalModel(owner_id=user.id, name="cnn", weights=data, weights_format="torchscript",
                                 weights_size=len(data), input_shape=[None, 1, 28, 28])  # fmt: skip
@@ -146,7 +148,9 @@ async def bench_http(batch: int, repeat: int) -> None:
                         samples.append(time.perf_counter() - start)
                 return statistics.median(samples) * 1000
 
-            print(f"\nHTTP (ASGI in-process, SQLite), batch {batch} of 1×28×28, {len(npy) / 1e6:.2f} MB as .npy")
+            print(
+                f"\nHTTP (ASGI in-process, SQLite), batch {batch} of 1×28×28, {len(npy) / 1e6:.2f} MB as .npy"
+            )
             print(f"{'input':<20}{'method':<14}{'median ms':>12}")
             for kind in ("json list", "json base64 npy", "multipart npy"):
                 for method in ("NONE", "MC_DROPOUT"):

@@ -40,34 +40,59 @@ async def populate(session: Any) -> dict[str, Any]:
     org = new_organization("bench")
     session.add(org)
     projects = [new_child(org, CollectionKind.PROJECT, f"p{i}") for i in range(PROJECTS)]
-    groups = [new_child(p, CollectionKind.GROUP, f"g{i}-{j}") for i, p in enumerate(projects) for j in range(GROUPS)]
+    groups = [
+        new_child(p, CollectionKind.GROUP, f"g{i}-{j}") for i, p in enumerate(projects) for j in range(GROUPS)
+    ]
     session.add_all(projects + groups)
     await session.flush()
     users = [User(id=uuid.uuid4(), username=f"m{i}", organization_id=org.id) for i in range(MEMBERS)]
-    coaches = {name: User(id=uuid.uuid4(), username=name, organization_id=org.id)
-               for name in ("group_coach", "project_coach", "admin")}
+    coaches = {
+        name: User(id=uuid.uuid4(), username=name, organization_id=org.id)
+        for name in ("group_coach", "project_coach", "admin")
+    }
     session.add_all(users + list(coaches.values()))
     await session.flush()
     rows = []
     for i, user in enumerate(users):
         group = groups[i % len(groups)]
-        rows += [Membership(user_id=user.id, collection_id=group.id),
-                 Membership(user_id=user.id, collection_id=group.parent_id)]
+        rows += [
+            Membership(user_id=user.id, collection_id=group.id),
+            Membership(user_id=user.id, collection_id=group.parent_id),
+        ]
     session.add_all(rows)
-    session.add_all([
-        Role(user_id=coaches["group_coach"].id, collection_id=groups[0].id, kind=RoleKind.COACH),
-        Role(user_id=coaches["project_coach"].id, collection_id=projects[0].id, kind=RoleKind.COACH),
-        Role(user_id=coaches["admin"].id, collection_id=org.id, kind=RoleKind.ADMIN),
-    ])
-    models = [GlobalModel(id=uuid.uuid4(), owner_id=users[i % MEMBERS].id, name=f"n{i}", weights_size=0,
-                          organization_id=org.id) for i in range(MODELS)]
+    session.add_all(
+        [
+            Role(user_id=coaches["group_coach"].id, collection_id=groups[0].id, kind=RoleKind.COACH),
+            Role(user_id=coaches["project_coach"].id, collection_id=projects[0].id, kind=RoleKind.COACH),
+            Role(user_id=coaches["admin"].id, collection_id=org.id, kind=RoleKind.ADMIN),
+        ]
+    )
+    models = [
+        GlobalModel(
+            id=uuid.uuid4(),
+            owner_id=users[i % MEMBERS].id,
+            name=f"n{i}",
+            weights_size=0,
+            organization_id=org.id,
+        )
+        for i in range(MODELS)
+    ]
     session.add_all(models)
     await session.flush()
-    session.add_all([
-        Training(model_id=models[i].id, actor_id=coaches["project_coach"].id, target_num_updates=1, options={},
-                 metric_names=[], organization_id=org.id, participants=users[i * 5: i * 5 + 5])
-        for i in range(TRAININGS)
-    ])
+    session.add_all(
+        [
+            Training(
+                model_id=models[i].id,
+                actor_id=coaches["project_coach"].id,
+                target_num_updates=1,
+                options={},
+                metric_names=[],
+                organization_id=org.id,
+                participants=users[i * 5 : i * 5 + 5],
+            )
+            for i in range(TRAININGS)
+        ]
+    )
     await session.commit()
     return {"coaches": coaches, "models": [m.id for m in models]}
 
@@ -75,7 +100,9 @@ async def populate(session: Any) -> dict[str, Any]:
 def cte_readable_users(coach_id: uuid.UUID) -> Any:
     """The recursive alternative: descendants of every collection the coach holds a role on,
     then members with a row at any of them (as if rows existed only at the group level)."""
-    roots = select(Role.collection_id.label("id")).where(Role.user_id == coach_id).cte("below", recursive=True)
+    roots = (
+        select(Role.collection_id.label("id")).where(Role.user_id == coach_id).cte("below", recursive=True)
+    )
     below = roots.union_all(select(Collection.id).where(Collection.parent_id == roots.c.id))
     members = select(Membership.user_id).where(Membership.collection_id.in_(select(below.c.id)))
     return select(User.id).where(User.id.in_(union_all(members, select(literal(coach_id)))))
@@ -102,10 +129,14 @@ async def main(url: str | None, repeat: int) -> None:
     sessions = create_sessionmaker(engine)
     async with sessions() as session:
         data = await populate(session)
-    print(f"{url.split(':')[0]}: {PROJECTS}×{GROUPS} groups, {MEMBERS} members, {MODELS} models, "
-          f"{TRAININGS} trainings; median of {repeat} runs, ms")
-    print("| requester | users: explicit rows | users: recursive CTE | models list | trainings list | "
-          "200 × can_read(model) |")
+    print(
+        f"{url.split(':')[0]}: {PROJECTS}×{GROUPS} groups, {MEMBERS} members, {MODELS} models, "
+        f"{TRAININGS} trainings; median of {repeat} runs, ms"
+    )
+    print(
+        "| requester | users: explicit rows | users: recursive CTE | models list | trainings list | "
+        "200 × can_read(model) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     async with sessions() as session:
         for name, coach in data["coaches"].items():
@@ -114,14 +145,20 @@ async def main(url: str | None, repeat: int) -> None:
             explicit, n1 = await timed(session, select(User.id).where(readable(requester, User)), repeat)
             cte, n2 = await timed(session, cte_readable_users(coach.id), repeat)
             models, n3 = await timed(session, select(Model.id).where(readable(requester, Model)), repeat)
-            trainings, n4 = await timed(session, select(Training.id).where(readable(requester, Training)), repeat)
-            objects = list((await session.execute(select(Model).where(Model.id.in_(data["models"][:200])))).scalars())
+            trainings, n4 = await timed(
+                session, select(Training.id).where(readable(requester, Training)), repeat
+            )
+            objects = list(
+                (await session.execute(select(Model).where(Model.id.in_(data["models"][:200])))).scalars()
+            )
             start = time.perf_counter()
             allowed = sum([await can_read(requester, m) for m in objects])
             checks = (time.perf_counter() - start) * 1000
             same = "" if name == "admin" or n1 == n2 else " (differs!)"
-            print(f"| {name} | {explicit:.1f} ({n1} rows) | {cte:.1f} ({n2} rows){same} | {models:.1f} ({n3}) | "
-                  f"{trainings:.1f} ({n4}) | {checks:.1f} ({allowed} allowed) |")
+            print(
+                f"| {name} | {explicit:.1f} ({n1} rows) | {cte:.1f} ({n2} rows){same} | {models:.1f} ({n3}) | "
+                f"{trainings:.1f} ({n4}) | {checks:.1f} ({allowed} allowed) |"
+            )
         count = (await session.execute(select(func.count()).select_from(Membership))).scalar_one()
         print(f"membership rows: {count}")
     await engine.dispose()

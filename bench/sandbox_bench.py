@@ -35,7 +35,9 @@ from inference import SmallCNN  # noqa: E402  (the MNIST-sized CNN of bench/infe
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        self.net = nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -100,6 +102,8 @@ async def main(repeat: int, threads: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=SandboxSettings().threads, help="torch threads per worker")
+    parser.add_argument(
+        "--threads", type=int, default=SandboxSettings().threads, help="torch threads per worker"
+    )
     args = parser.parse_args()
     asyncio.run(main(args.repeat, args.threads))

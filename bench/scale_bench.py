@@ -84,7 +84,7 @@ def _proc_stat(pid: str) -> list[str] | None:
     except OSError:
         return None
     # "pid (comm) state ppid pgrp ..." — comm may contain spaces; split after the last ")".
-    return [pid, *raw[raw.rindex(")") + 2:].split()]
+    return [pid, *raw[raw.rindex(")") + 2 :].split()]
 
 
 def cpu_seconds(pgid: int | None = None, parent: int | None = None) -> float:
@@ -135,9 +135,26 @@ class Result:
 def start_uvicorn(env: dict[str, str], port: int, workers: int, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "flplatform.app:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", str(workers), "--log-level", "warning", "--no-access-log"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "flplatform.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -146,12 +163,18 @@ async def ready_servers(db_url: str) -> int:
     engine = create_engine(db_url)
     try:
         async with create_sessionmaker(engine)() as session:
-            return int((await session.execute(select(func.count()).select_from(Server).where(Server.ready))).scalar_one())
+            return int(
+                (
+                    await session.execute(select(func.count()).select_from(Server).where(Server.ready))
+                ).scalar_one()
+            )
     finally:
         await engine.dispose()
 
 
-def wait_ready(proc: subprocess.Popen[bytes], url: str, db_url: str, workers: int, log: Path, timeout: float = 120) -> None:
+def wait_ready(
+    proc: subprocess.Popen[bytes], url: str, db_url: str, workers: int, log: Path, timeout: float = 120
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -177,16 +200,25 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
-async def drive(url: str, clients: int, rounds: int, width: int, on_start: Any) -> tuple[float, list[float], list[float]]:
+async def drive(
+    url: str, clients: int, rounds: int, width: int, on_start: Any
+) -> tuple[float, list[float], list[float]]:
     limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
     async with httpx.AsyncClient(timeout=120.0, limits=limits) as http:
         admin = await admin_headers(http, url)
         actor = await create_account(http, url, admin, "actor", actor=True)
-        accounts = [await create_account(http, url, admin, f"client-{i:03d}", client=True) for i in range(clients)]
+        accounts = [
+            await create_account(http, url, admin, f"client-{i:03d}", client=True) for i in range(clients)
+        ]
         torch.manual_seed(0)
         model_id = await upload_model(http, url, actor.headers, scripted(BenchNet(width)))
-        body = {"model_id": model_id, "target_num_updates": rounds, "aggregation_method": "FedAvg",
-                "clients": [a.id for a in accounts], "options": {"skip_model_tests": True}}
+        body = {
+            "model_id": model_id,
+            "target_num_updates": rounds,
+            "aggregation_method": "FedAvg",
+            "clients": [a.id for a in accounts],
+            "options": {"skip_model_tests": True},
+        }
         r = await http.post(f"{url}/api/trainings/", headers=actor.headers, json=body)
         assert r.status_code == 201, r.text
         training_id = r.json()["training_id"]
@@ -208,6 +240,7 @@ async def drive(url: str, clients: int, rounds: int, width: int, on_start: Any) 
         on_start()
         began = time.perf_counter()
         for round_ in range(rounds):
+
             async def download(account: object) -> bytes:
                 r = await http.get(f"{url}/api/models/{model_id}/", headers=account.headers)  # type: ignore[attr-defined]
                 assert r.status_code == 200, r.text
@@ -219,11 +252,15 @@ async def drive(url: str, clients: int, rounds: int, width: int, on_start: Any) 
                 state = state_of(data)
                 updates.append(as_safetensors({k: v + 0.001 * (i + 1) for k, v in state.items()}))
             burst = time.perf_counter()
-            answers = await asyncio.gather(*(
-                post_update(http, url, a.headers, model_id, u, round_, 10 + i)
-                for i, (a, u) in enumerate(zip(accounts, updates, strict=True))
-            ))
-            assert all(r.status_code == 201 for r in answers), [r.text for r in answers if r.status_code != 201][:3]
+            answers = await asyncio.gather(
+                *(
+                    post_update(http, url, a.headers, model_id, u, round_, 10 + i)
+                    for i, (a, u) in enumerate(zip(accounts, updates, strict=True))
+                )
+            )
+            assert all(r.status_code == 201 for r in answers), [
+                r.text for r in answers if r.status_code != 201
+            ][:3]
             answered = time.perf_counter()
             bursts.append(answered - burst)
             await wait_round(round_ + 1)
@@ -238,28 +275,50 @@ def run_one(cluster: object, workers: int, args: argparse.Namespace, logdir: Pat
     upgrade(db_url)
     create_admin(db_url)
     env = dict(os.environ)
-    env.update(FLP_DATABASE_URL=db_url, FLP_LOG_LEVEL="WARNING", FLP_TRAINING_SWEEP_INTERVAL_SECONDS="0.5",
-               FLP_DB_POOL_SIZE="5", FLP_DB_MAX_OVERFLOW="10", OMP_NUM_THREADS="1")
+    env.update(
+        FLP_DATABASE_URL=db_url,
+        FLP_LOG_LEVEL="WARNING",
+        FLP_TRAINING_SWEEP_INTERVAL_SECONDS="0.5",
+        FLP_DB_POOL_SIZE="5",
+        FLP_DB_MAX_OVERFLOW="10",
+        OMP_NUM_THREADS="1",
+    )
     port = free_port()
     log = logdir / f"uvicorn-{workers}.log"
     proc = start_uvicorn(env, port, workers, log)
     postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])  # type: ignore[attr-defined]
 
     def sample() -> tuple[float, float, float, float]:
-        return (cpu_seconds(pgid=proc.pid), cpu_seconds(parent=postmaster), time.process_time(), machine_busy()[0])
+        return (
+            cpu_seconds(pgid=proc.pid),
+            cpu_seconds(parent=postmaster),
+            time.process_time(),
+            machine_busy()[0],
+        )
 
     before: list[tuple[float, float, float, float]] = []
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(proc, url, db_url, workers, log)
         seconds, bursts, aggregations = asyncio.run(
-            drive(url, args.clients, args.rounds, args.width, lambda: before.append(sample())))
+            drive(url, args.clients, args.rounds, args.width, lambda: before.append(sample()))
+        )
         after = sample()
     finally:
         stop(proc)
     server, postgres, client, machine = (a - b for a, b in zip(after, before[0], strict=True))
-    return Result(workers, args.rounds, args.clients * args.rounds, seconds, bursts, aggregations,
-                  server_cpu=server, postgres_cpu=postgres, client_cpu=client, machine_cpu=machine)
+    return Result(
+        workers,
+        args.rounds,
+        args.clients * args.rounds,
+        seconds,
+        bursts,
+        aggregations,
+        server_cpu=server,
+        postgres_cpu=postgres,
+        client_cpu=client,
+        machine_cpu=machine,
+    )
 
 
 def main() -> None:
@@ -267,7 +326,9 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4", help="comma-separated uvicorn worker counts")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--width", type=int, default=256, help="hidden width of the MLP (256: 84k parameters)")
+    parser.add_argument(
+        "--width", type=int, default=256, help="hidden width of the MLP (256: 84k parameters)"
+    )
     args = parser.parse_args()
     params = sum(p.numel() for p in BenchNet(args.width).parameters())
     base = Path(tempfile.mkdtemp(prefix="flp-bench-pg-"))
@@ -283,19 +344,27 @@ def main() -> None:
         cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
     load_after = os.getloadavg()
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, torch {torch.__version__}")
-    print(f"{args.clients} clients, {args.rounds} rounds, MLP of {params:,} parameters "
-          f"({params * 4 / 1e6:.2f} MB float32 update); load average before {load_before[0]:.1f}, "
-          f"after {load_after[0]:.1f}\n")
-    print("| uvicorn workers | rounds/min | uploads/s (burst) | median upload burst ms | median aggregation ms "
-          "| CPU s: servers / PostgreSQL / clients / whole machine | machine cores busy |")
+    print(
+        f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+    print(
+        f"{args.clients} clients, {args.rounds} rounds, MLP of {params:,} parameters "
+        f"({params * 4 / 1e6:.2f} MB float32 update); load average before {load_before[0]:.1f}, "
+        f"after {load_after[0]:.1f}\n"
+    )
+    print(
+        "| uvicorn workers | rounds/min | uploads/s (burst) | median upload burst ms | median aggregation ms "
+        "| CPU s: servers / PostgreSQL / clients / whole machine | machine cores busy |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r.workers} | {r.rounds_per_minute:.1f} | {r.uploads_per_second:.1f} | "
-              f"{1000 * statistics.median(r.burst_seconds):.0f} | {1000 * statistics.median(r.aggregation_seconds):.0f} "
-              f"| {r.server_cpu:.1f} / {r.postgres_cpu:.1f} / {r.client_cpu:.1f} / {r.machine_cpu:.1f} "
-              f"| {r.machine_cpu / r.seconds:.2f} of {os.cpu_count()} |")
+        print(
+            f"| {r.workers} | {r.rounds_per_minute:.1f} | {r.uploads_per_second:.1f} | "
+            f"{1000 * statistics.median(r.burst_seconds):.0f} | {1000 * statistics.median(r.aggregation_seconds):.0f} "
+            f"| {r.server_cpu:.1f} / {r.postgres_cpu:.1f} / {r.client_cpu:.1f} / {r.machine_cpu:.1f} "
+            f"| {r.machine_cpu / r.seconds:.2f} of {os.cpu_count()} |"
+        )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ def main() -> None:
     # The participants hold out the same 20 % (seed 0, see examples/participant.py): ask about five of those.
     _, held_out = digits.train_test_split(digits.load_digits_tensors(), 0.2, seed=0)
     np.save(args.out / "digits.npy", held_out.x[:5].numpy())
-    print(f"wrote {args.out / 'digits-cnn.pt'} and {args.out / 'digits.npy'} (labels {held_out.y[:5].tolist()})")
+    print(
+        f"wrote {args.out / 'digits-cnn.pt'} and {args.out / 'digits.npy'} (labels {held_out.y[:5].tolist()})"
+    )
 
 
 if __name__ == "__main__":

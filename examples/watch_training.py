@@ -19,7 +19,9 @@ from flplatform.client import FLPlatformAPI
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", default="http://127.0.0.1:8000", help="flplatform URL (default %(default)s)")
+    parser.add_argument(
+        "--server", default="http://127.0.0.1:8000", help="flplatform URL (default %(default)s)"
+    )
     parser.add_argument("--token", required=True, help="a token of the training's actor or an administrator")
     parser.add_argument("--training", required=True, help="training id")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
@@ -34,8 +36,11 @@ async def main() -> int:
             training = await api.get_training(args.training)
             if (training["state"], training["phase"]) != (state, phase):
                 state, phase = training["state"], training["phase"]
-                print(f"[{time.monotonic() - started:5.1f}s] state {state}, round {training['round']}, "
-                      f"waiting for: {phase}", flush=True)
+                print(
+                    f"[{time.monotonic() - started:5.1f}s] state {state}, round {training['round']}, "
+                    f"waiting for: {phase}",
+                    flush=True,
+                )
             # Metrics are reported per round ("step") by every participant on that round's global model.
             per_round: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
             for metric in await api.get_metrics(training["model"]):
@@ -45,12 +50,19 @@ async def main() -> int:
             for round_ in sorted(per_round):
                 values = per_round[round_]
                 reporters = len(values.get("accuracy", []))
-                if round_ in printed or not reporters or (reporters < len(training["participants"]) and not complete):
+                if (
+                    round_ in printed
+                    or not reporters
+                    or (reporters < len(training["participants"]) and not complete)
+                ):
                     continue
                 printed.add(round_)
                 mean = {key: sum(v) / len(v) for key, v in values.items()}
-                print(f"round {round_}: accuracy {mean['accuracy']:.3f}, loss {mean.get('loss', float('nan')):.3f} "
-                      f"(mean over {reporters} participants' test digits)", flush=True)
+                print(
+                    f"round {round_}: accuracy {mean['accuracy']:.3f}, loss {mean.get('loss', float('nan')):.3f} "
+                    f"(mean over {reporters} participants' test digits)",
+                    flush=True,
+                )
             if complete:
                 break
             if time.monotonic() - started > args.timeout:
@@ -60,8 +72,11 @@ async def main() -> int:
     if training["state"] == "E":
         print(f"training ended in error: {training['error_reason']}", file=sys.stderr)
         return 1
-    print(f"training {args.training} completed {training['target_num_updates']} rounds "
-          f"in {time.monotonic() - started:.0f}s", flush=True)
+    print(
+        f"training {args.training} completed {training['target_num_updates']} rounds "
+        f"in {time.monotonic() - started:.0f}s",
+        flush=True,
+    )
     return 0
 
 

@@ -55,8 +55,11 @@ class Page:
 
     def send(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30) -> dict[str, Any]:
         message_id = next(self._ids)
-        self._ws.send(json.dumps({"id": message_id, "method": method, "params": params or {},
-                                  "sessionId": self._session}))
+        self._ws.send(
+            json.dumps(
+                {"id": message_id, "method": method, "params": params or {}, "sessionId": self._session}
+            )
+        )
         deadline = time.monotonic() + timeout
         while True:
             message = json.loads(self._ws.recv(timeout=max(0.01, deadline - time.monotonic())))
@@ -81,7 +84,9 @@ class Page:
         elif method == "Runtime.exceptionThrown":
             self.console_errors.append(json.dumps(params.get("exceptionDetails", {}))[:500])
         elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
-            self.console_errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params["args"]))
+            self.console_errors.append(
+                " ".join(str(a.get("value", a.get("description", ""))) for a in params["args"])
+            )
 
     def pump(self, seconds: float) -> None:
         """Let events arrive for a while (records requests made in the meantime)."""
@@ -96,8 +101,9 @@ class Page:
         self.send("Page.navigate", {"url": url})
 
     def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True})
+        result = self.send(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"JavaScript error in {expression!r}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -154,8 +160,11 @@ class Page:
     def outside(self, base_url: str) -> list[str]:
         """Requests that went to anything but ``base_url`` (inline data: and blob: URLs are local;
         requests the page's CSP refused never left the browser)."""
-        return [u for u in self.requests
-                if not u.startswith((base_url, "data:", "blob:", "about:")) and u not in self.blocked_by_page]
+        return [
+            u
+            for u in self.requests
+            if not u.startswith((base_url, "data:", "blob:", "about:")) and u not in self.blocked_by_page
+        ]
 
 
 @contextmanager
@@ -163,10 +172,20 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator[Page]:
     binary = chromium_path()
     profile = tempfile.mkdtemp(prefix="flp-chromium-")
     args = [
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-default-apps", "--disable-extensions", "--no-default-browser-check",
-        "--metrics-recording-only", "--disable-dev-shm-usage",
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--no-default-browser-check",
+        "--metrics-recording-only",
+        "--disable-dev-shm-usage",
         # Nothing resolves: the page can reach only 127.0.0.1, which needs no resolution.
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         "--no-proxy-server",
@@ -192,7 +211,9 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator[Page]:
                         return message["result"]
 
             target = browser_call("Target.createTarget", {"url": "about:blank"})["targetId"]
-            session = browser_call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            session = browser_call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+                "sessionId"
+            ]
             page = Page(ws, session)
             for domain in ("Page", "Runtime", "Network"):
                 page.send(f"{domain}.enable")

@@ -119,7 +119,20 @@ def start_postgres(base: Path) -> PostgresCluster:
         "-c full_page_writes=off -c max_connections=300 -c shared_buffers=128MB"
     )
     subprocess.run(
-        [*runas, "pg_ctl", "-D", str(datadir), "-o", options, "-l", str(base / "log"), "-w", "-t", "60", "start"],
+        [
+            *runas,
+            "pg_ctl",
+            "-D",
+            str(datadir),
+            "-o",
+            options,
+            "-l",
+            str(base / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ],
         check=True,
         capture_output=True,
     )
@@ -139,8 +152,11 @@ def _reap_orphan_clusters() -> None:
             continue
         base = owner_file.parent
         runas = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run([*runas, "pg_ctl", "-D", str(base / "data"), "-m", "immediate", "stop"],
-                       capture_output=True, check=False)
+        subprocess.run(
+            [*runas, "pg_ctl", "-D", str(base / "data"), "-m", "immediate", "stop"],
+            capture_output=True,
+            check=False,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -166,7 +182,9 @@ def postgres_cluster() -> Iterator[PostgresCluster | None]:
 
 
 @pytest.fixture(scope="session")
-def migrated_urls(postgres_cluster: PostgresCluster | None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def migrated_urls(
+    postgres_cluster: PostgresCluster | None, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     """One migrated database per backend for the whole session."""
     urls: dict[str, str] = {}
     sqlite_file = tmp_path_factory.mktemp("sqlite") / "test.db"
@@ -219,7 +237,11 @@ async def _empty_tables(url: str) -> None:
     tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
     async with engine.begin() as conn:
         if url.startswith("postgresql"):
-            existing = set((await conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname='public'"))).scalars())
+            existing = set(
+                (
+                    await conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname='public'"))
+                ).scalars()
+            )
             names = ", ".join(f'"{t}"' for t in tables if t in existing)
             if names:
                 await conn.execute(text(f"TRUNCATE {names} CASCADE"))
@@ -242,7 +264,11 @@ _APPS: dict[str, Any] = {}
 
 
 def _settings_key(settings: Settings) -> str:
-    return repr(sorted((name, repr(getattr(value, "get_secret_value", lambda v=value: v)())) for name, value in settings))
+    return repr(
+        sorted(
+            (name, repr(getattr(value, "get_secret_value", lambda v=value: v)())) for name, value in settings
+        )
+    )
 
 
 @pytest.fixture
@@ -301,7 +327,9 @@ class Account:
 def make_user(app: Any):  # type: ignore[no-untyped-def]
     """Factory: ``await make_user("alice", superuser=True, **fields)`` → Account (committed)."""
 
-    async def _make(username: str, *, superuser: bool = False, password: str = "password-123", **fields: Any) -> Account:
+    async def _make(
+        username: str, *, superuser: bool = False, password: str = "password-123", **fields: Any
+    ) -> Account:
         data = UserCreate(
             username=username,
             password=password,

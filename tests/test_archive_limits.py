@@ -48,12 +48,17 @@ def test_real_archives_pass():
     assert fmt == model_files.TORCH_STATE_DICT and state["weight"].shape == (512, 512)
     scripted = io.BytesIO()
     torch.jit.save(torch.jit.script(torch.nn.Linear(256, 256)), scripted)
-    assert model_files.detect_format(scripted.getvalue()) == model_files.TORCHSCRIPT  # checked, not loaded (the sandbox loads it)
+    assert (
+        model_files.detect_format(scripted.getvalue()) == model_files.TORCHSCRIPT
+    )  # checked, not loaded (the sandbox loads it)
 
 
 def test_uncompressed_size_and_entry_count_limits(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(archive_limits, "get_settings", lambda: Settings(
-        max_archive_uncompressed_bytes=2 * MiB, max_archive_entries=10, secret_key="x"))
+    monkeypatch.setattr(
+        archive_limits,
+        "get_settings",
+        lambda: Settings(max_archive_uncompressed_bytes=2 * MiB, max_archive_entries=10, secret_key="x"),
+    )
     buf = io.BytesIO()
     torch.save({"weight": torch.zeros(1024, 1024)}, buf)  # 4 MiB, ratio 1
     with pytest.raises(model_files.ModelFileError, match="FLP_MAX_ARCHIVE_UNCOMPRESSED_BYTES"):
@@ -64,10 +69,17 @@ def test_uncompressed_size_and_entry_count_limits(monkeypatch: pytest.MonkeyPatc
 
 
 async def test_bomb_upload_is_a_400_naming_the_limit(client, alice):
-    entries = {"archive/code/__torch__.py": b"", "archive/data.pkl": b"\x80\x02}q\x00.",
-               "archive/data/0": bytes(64 * MiB)}
+    entries = {
+        "archive/code/__torch__.py": b"",
+        "archive/data.pkl": b"\x80\x02}q\x00.",
+        "archive/data/0": bytes(64 * MiB),
+    }
     bomb = deflated_zip(entries)
-    resp = await client.post("/api/models/", headers=alice.headers, data={"name": "bomb", "description": "d"},
-                             files={"model_file": ("m.pt", bomb)})
+    resp = await client.post(
+        "/api/models/",
+        headers=alice.headers,
+        data={"name": "bomb", "description": "d"},
+        files={"model_file": ("m.pt", bomb)},
+    )
     assert resp.status_code == 400, resp.text
     assert "FLP_MAX_ARCHIVE_COMPRESSION_RATIO" in resp.json()["detail"]

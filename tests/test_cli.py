@@ -18,11 +18,18 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 
 
 def test_migrate_createuser_and_serve(tmp_path):
-    env = {**os.environ, "FLP_DATABASE_URL": f"sqlite:///{tmp_path}/cli.db", "FLP_ADMIN_USERNAME": "root",
-           "FLP_ADMIN_PASSWORD": "root-password", "FLP_ADMIN_EMAIL": "root@example.org"}
+    env = {
+        **os.environ,
+        "FLP_DATABASE_URL": f"sqlite:///{tmp_path}/cli.db",
+        "FLP_ADMIN_USERNAME": "root",
+        "FLP_ADMIN_PASSWORD": "root-password",
+        "FLP_ADMIN_EMAIL": "root@example.org",
+    }
     migrated = run_cli("migrate", env=env)
     assert migrated.returncode == 0, migrated.stderr
-    made = run_cli("createuser", "--username", "u1", "--email", "u1@example.org", "--password", "secret-pass", env=env)
+    made = run_cli(
+        "createuser", "--username", "u1", "--email", "u1@example.org", "--password", "secret-pass", env=env
+    )
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip().rsplit(" ", 1)[-1]
     again = run_cli("createuser", "--username", "u1", "--password", "secret-pass", env=env)
@@ -32,8 +39,10 @@ def test_migrate_createuser_and_serve(tmp_path):
 
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "flplatform.cli", "serve", "--port", str(port)], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "flplatform.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port)
@@ -78,7 +87,9 @@ def test_every_option_has_help_and_serve_shows_defaults_and_variables(capsys):
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, command in commands.choices.items():
         for action in command._actions:
-            assert action.help, f"flplatform {name} {'/'.join(action.option_strings) or action.dest} has no help"
+            assert action.help, (
+                f"flplatform {name} {'/'.join(action.option_strings) or action.dest} has no help"
+            )
 
     serve = _help(capsys, "serve")
     assert "--host HOST" in serve and "(default: 127.0.0.1)" in serve
@@ -103,7 +114,11 @@ def test_worker_help_lists_the_job_kinds_and_refuses_unknown_ones(capsys, tmp_pa
     assert "FLP_WORKER_CONCURRENCY" in text
     env = {**os.environ, "FLP_DATABASE_URL": f"sqlite:///{tmp_path}/w.db"}
     refused = run_cli("worker", "--kinds", "training.aggregate,no-such-kind", env=env)
-    assert refused.returncode == 2 and "no-such-kind" in refused.stderr and "training.aggregate" in refused.stderr
+    assert (
+        refused.returncode == 2
+        and "no-such-kind" in refused.stderr
+        and "training.aggregate" in refused.stderr
+    )
 
 
 def test_serve_logs_docs_url_masked_database_head_and_first_user_command(db_url, tmp_path):
@@ -120,8 +135,12 @@ def test_serve_logs_docs_url_masked_database_head_and_first_user_command(db_url,
     port = free_port()
     log_file = tmp_path / "serve.log"
     with log_file.open("w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "flplatform.cli", "serve", "--port", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "flplatform.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_for_port(port)
             assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
@@ -130,6 +149,9 @@ def test_serve_logs_docs_url_masked_database_head_and_first_user_command(db_url,
             server.wait(timeout=30)
     out = log_file.read_text()
     assert f"API docs at http://127.0.0.1:{port}/docs" in out
-    assert f"database {url.render_as_string(hide_password=True)} migrated to head {', '.join(head_revisions())}" in out
+    assert (
+        f"database {url.render_as_string(hide_password=True)} migrated to head {', '.join(head_revisions())}"
+        in out
+    )
     assert "s3cret-pw" not in out
     assert CREATE_SUPERUSER_COMMAND in out

@@ -27,5 +27,7 @@ async def test_a_stuck_graceful_aiosqlite_close_gives_up(monkeypatch: pytest.Mon
 
     started = time.monotonic()
     with pytest.raises(TimeoutError):  # SQLAlchemy's terminate() then force-closes
-        await AsyncAdapt_aiosqlite_connection._terminate_graceful_close(SimpleNamespace(_connection=NeverCloses()))
+        await AsyncAdapt_aiosqlite_connection._terminate_graceful_close(
+            SimpleNamespace(_connection=NeverCloses())
+        )
     assert time.monotonic() - started < 2

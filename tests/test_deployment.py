@@ -70,7 +70,9 @@ def _healthcheck_command(dockerfile: DockerfileParser) -> list[str]:
 
 
 @pytest.mark.slow
-def test_image_command_serves_as_an_unprivileged_user_from_a_read_only_directory(dockerfile: DockerfileParser) -> None:
+def test_image_command_serves_as_an_unprivileged_user_from_a_read_only_directory(
+    dockerfile: DockerfileParser,
+) -> None:
     # Directories nobody can reach (pytest's tmp_path is private to root): /app read-only, /data its own.
     root = Path(tempfile.mkdtemp(prefix="flp-image-"))
     root.chmod(0o755)
@@ -90,13 +92,24 @@ def test_image_command_serves_as_an_unprivileged_user_from_a_read_only_directory
         env = {k: v.replace("/data/", f"{data}/") for k, v in dockerfile.envs.items()}
         env.update(PATH=f"{VENV_BIN}:/usr/bin:/bin", HOME="/nonexistent", LANG="C.UTF-8")
         # What the image's comment promises is enough for a first administrator (no FLP_SECRET_KEY).
-        env.update(FLP_ADMIN_USERNAME="admin", FLP_ADMIN_EMAIL="admin@example.org", FLP_ADMIN_PASSWORD="admin-secret-1",
-                   FLP_ARGON2_TIME_COST="1", FLP_ARGON2_MEMORY_COST_KIB="64")
+        env.update(
+            FLP_ADMIN_USERNAME="admin",
+            FLP_ADMIN_EMAIL="admin@example.org",
+            FLP_ADMIN_PASSWORD="admin-secret-1",
+            FLP_ARGON2_TIME_COST="1",
+            FLP_ARGON2_MEMORY_COST_KIB="64",
+        )
         reachable = subprocess.run(
-            _as_unprivileged([sys.executable, "-c", "import flplatform.cli"]), cwd=app, env=env, capture_output=True, check=False
+            _as_unprivileged([sys.executable, "-c", "import flplatform.cli"]),
+            cwd=app,
+            env=env,
+            capture_output=True,
+            check=False,
         )
         if reachable.returncode != 0:
-            pytest.skip(f"this checkout is not readable by an unprivileged user: {reachable.stderr.decode()[-300:]}")
+            pytest.skip(
+                f"this checkout is not readable by an unprivileged user: {reachable.stderr.decode()[-300:]}"
+            )
 
         command = json.loads(dockerfile.cmd)
         assert command[:2] == ["flplatform", "serve"] and command[command.index("--port") + 1] == "8000"
@@ -105,22 +118,39 @@ def test_image_command_serves_as_an_unprivileged_user_from_a_read_only_directory
         health = [part.replace(":8000/", f":{port}/") for part in _healthcheck_command(dockerfile)]
         health[0] = sys.executable if health[0] == "python" else health[0]
         server = subprocess.Popen(
-            _as_unprivileged(command), cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            _as_unprivileged(command),
+            cwd=app,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 120
-            while subprocess.run(_as_unprivileged(health), cwd=app, env=env, capture_output=True, check=False).returncode != 0:
+            while (
+                subprocess.run(
+                    _as_unprivileged(health), cwd=app, env=env, capture_output=True, check=False
+                ).returncode
+                != 0
+            ):
                 if server.poll() is not None:
-                    pytest.fail(f"the image's command exited {server.returncode}:\n"
-                                f"{server.stdout.read().decode()[-3000:]}")  # type: ignore[union-attr]
+                    pytest.fail(
+                        f"the image's command exited {server.returncode}:\n"
+                        f"{server.stdout.read().decode()[-3000:]}"
+                    )  # type: ignore[union-attr]
                 assert time.monotonic() < deadline, "HEALTHCHECK never passed"
                 time.sleep(0.5)
-            login = httpx.post(f"http://127.0.0.1:{port}/api/auth/token/",
-                               data={"username": "admin", "password": "admin-secret-1"}, timeout=30)
+            login = httpx.post(
+                f"http://127.0.0.1:{port}/api/auth/token/",
+                data={"username": "admin", "password": "admin-secret-1"},
+                timeout=30,
+            )
             assert login.status_code == 200, login.text
-            me = httpx.get(f"http://127.0.0.1:{port}/api/users/myself/",
-                           headers={"Authorization": f"Bearer {login.json()['access_token']}"}, timeout=30)
+            me = httpx.get(
+                f"http://127.0.0.1:{port}/api/users/myself/",
+                headers={"Authorization": f"Bearer {login.json()['access_token']}"},
+                timeout=30,
+            )
             assert me.json()["username"] == "admin"
         finally:
             os.killpg(server.pid, signal.SIGTERM)
@@ -149,7 +179,9 @@ def test_generated_secret_goes_to_flp_secret_file(tmp_path: Path, monkeypatch: p
     assert (volume / "secret").read_text().strip() == secret and len(secret) >= 32
     assert (volume / "secret").stat().st_mode & 0o777 == 0o600
     assert not (tmp_path / ".flplatform-secret").exists()  # nothing in the working directory
-    assert Settings(_env_file=None, database_url=settings.database_url).secret() == secret  # kept across restarts
+    assert (
+        Settings(_env_file=None, database_url=settings.database_url).secret() == secret
+    )  # kept across restarts
 
 
 # --------------------------------------------------------------------------- compose.yaml
@@ -175,7 +207,10 @@ def test_compose_runs_postgres_serve_and_worker_with_healthchecks_and_a_named_vo
     mounted = {mount.split(":", 1)[0] for mount in services["db"]["volumes"]}
     assert mounted & volume_names, "the database does not keep its data in a named volume"
     for name in ("serve", "worker"):
-        assert services[name]["build"] == "." and services[name]["depends_on"]["db"]["condition"] == "service_healthy"
+        assert (
+            services[name]["build"] == "."
+            and services[name]["depends_on"]["db"]["condition"] == "service_healthy"
+        )
 
 
 def test_compose_commands_and_healthchecks_parse_with_the_real_parsers(compose: dict) -> None:
@@ -254,8 +289,11 @@ def test_worker_healthcheck_follows_a_real_workers_heartbeat(db_url: str) -> Non
     assert before.returncode == 1 and f"no worker of host {socket.gethostname()!r}" in before.stderr
 
     worker = subprocess.Popen(
-        [str(VENV_BIN / "flplatform"), "worker", "--no-migrate"], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [str(VENV_BIN / "flplatform"), "worker", "--no-migrate"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 90
@@ -264,8 +302,9 @@ def test_worker_healthcheck_follows_a_real_workers_heartbeat(db_url: str) -> Non
             assert time.monotonic() < deadline, result.stderr
             time.sleep(0.5)
         # Another host's worker does not make this one healthy.
-        other = subprocess.run([*check_worker, "--host", "some-other-host"], env=env, capture_output=True, text=True,
-                               check=False)
+        other = subprocess.run(
+            [*check_worker, "--host", "some-other-host"], env=env, capture_output=True, text=True, check=False
+        )
         assert other.returncode == 1
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
@@ -277,6 +316,9 @@ def test_worker_healthcheck_follows_a_real_workers_heartbeat(db_url: str) -> Non
 def test_serve_healthcheck_reports_an_unreachable_server() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "flplatform.healthcheck", "serve", f"http://127.0.0.1:{free_port()}/health"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 1 and "unhealthy" in result.stderr

@@ -11,8 +11,19 @@ from tests.training.live import live_server, make_users
 
 pytestmark = pytest.mark.slow
 
-TAG_ORDER = ["auth", "users", "models", "trainings", "inference", "broker", "organizations", "groups",
-             "billing", "audit", "health"]
+TAG_ORDER = [
+    "auth",
+    "users",
+    "models",
+    "trainings",
+    "inference",
+    "broker",
+    "organizations",
+    "groups",
+    "billing",
+    "audit",
+    "health",
+]
 
 
 def assert_stayed_local(page: Page, base_url: str) -> None:
@@ -26,11 +37,14 @@ def test_swagger_ui_and_redoc_render_offline(settings):
         page.navigate(f"{base}/docs")
         operations = page.wait_for(
             "document.querySelectorAll('.opblock').length >= 100 && document.querySelectorAll('.opblock').length",
-            timeout=60, what="Swagger UI's operation list",
+            timeout=60,
+            what="Swagger UI's operation list",
         )
         assert operations >= 100
         assert page.evaluate("document.querySelector('button.authorize')?.textContent.trim()") == "Authorize"
-        tags = page.evaluate("[...document.querySelectorAll('.opblock-tag-section h3')].map(e => e.dataset.tag)")
+        tags = page.evaluate(
+            "[...document.querySelectorAll('.opblock-tag-section h3')].map(e => e.dataset.tag)"
+        )
         assert tags == TAG_ORDER
         page.pump(0.5)
         assert any(u.endswith("/static/docs/swagger-ui/swagger-ui-bundle.js") for u in page.requests)
@@ -42,8 +56,11 @@ def test_swagger_ui_and_redoc_render_offline(settings):
         page.type_into("#oauth_username", "admin")
         page.type_into("#oauth_password", "a-guess")
         page.click(".auth-container button.authorize")
-        error = page.wait_for("document.querySelector('.auth-container .errors')?.textContent", timeout=20,
-                              what="Swagger UI's Auth Error")
+        error = page.wait_for(
+            "document.querySelector('.auth-container .errors')?.textContent",
+            timeout=20,
+            what="Swagger UI's Auth Error",
+        )
         assert "createuser --superuser" in error
         page.console_errors.clear()  # Swagger UI logs the refused login itself
         page.failed = [f for f in page.failed if not f[0].endswith("/api/auth/token/")]
@@ -52,7 +69,8 @@ def test_swagger_ui_and_redoc_render_offline(settings):
         redoc_operations = page.wait_for(
             "document.querySelectorAll('[data-section-id*=\"/operation/\"]').length >= 100 "
             "&& document.querySelectorAll('[data-section-id*=\"/operation/\"]').length",
-            timeout=90, what="ReDoc's operations",
+            timeout=90,
+            what="ReDoc's operations",
         )
         assert redoc_operations >= 100
         assert "flplatform" in page.evaluate("document.querySelector('h1')?.textContent || ''")
@@ -77,7 +95,8 @@ def test_authorize_with_password_then_try_it_out(settings):
         page.click(".auth-container button.authorize")
         page.wait_for(
             "[...document.querySelectorAll('.auth-container')].some(c => c.textContent.includes('Logout'))",
-            timeout=20, what="Authorized",
+            timeout=20,
+            what="Authorized",
         )
         assert page.evaluate("document.querySelector('.auth-container .errors')") is None
         page.click(".btn-done")
@@ -88,10 +107,12 @@ def test_authorize_with_password_then_try_it_out(settings):
         page.click(".opblock.is-open .execute")
         status = page.wait_for(
             "document.querySelector('.opblock.is-open .live-responses-table tr.response .response-col_status')?.textContent",
-            timeout=20, what="the response",
+            timeout=20,
+            what="the response",
         )
         assert status.strip() == "200"
-        body = page.evaluate("document.querySelector('.opblock.is-open .live-responses-table .microlight')"
-                             "?.textContent || ''")
+        body = page.evaluate(
+            "document.querySelector('.opblock.is-open .live-responses-table .microlight')?.textContent || ''"
+        )
         assert '"username": "swagger-user"' in body
         assert_stayed_local(page, base)

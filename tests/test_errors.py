@@ -38,7 +38,9 @@ async def test_validation_errors_are_422_with_locations(client, admin, body, whe
 
 async def test_malformed_json_is_400(client, admin):
     resp = await client.post(
-        "/api/users/", content=b'{"username": "x",', headers={**admin.headers, "Content-Type": "application/json"}
+        "/api/users/",
+        content=b'{"username": "x",',
+        headers={**admin.headers, "Content-Type": "application/json"},
     )
     assert assert_shape(resp, 400)["code"] == "malformed_json"
 

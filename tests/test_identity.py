@@ -32,7 +32,9 @@ def basic(login: str, password: str) -> dict[str, str]:
 
 async def _names(app, user_id) -> set[str]:
     async with app.state.sessionmaker() as session:
-        return set((await session.execute(select(LoginName.name).where(LoginName.user_id == user_id))).scalars())
+        return set(
+            (await session.execute(select(LoginName.name).where(LoginName.user_id == user_id))).scalars()
+        )
 
 
 class TestClashes:
@@ -51,11 +53,13 @@ class TestClashes:
 
     async def test_names_differing_in_case_or_unicode_form_clash(self, client, admin, alice):
         for name in ("Alice", "ＡＬＩＣＥ"):  # fullwidth letters normalise (NFKC) to ALICE
-            resp = await client.post("/api/users/", json={"username": name, "password": "long-password"},
-                                     headers=admin.headers)
+            resp = await client.post(
+                "/api/users/", json={"username": name, "password": "long-password"}, headers=admin.headers
+            )
             assert resp.status_code in (409, 422), resp.text
-        resp = await client.post("/api/users/", json={"username": "Alice", "password": "long-password"},
-                                 headers=admin.headers)
+        resp = await client.post(
+            "/api/users/", json={"username": "Alice", "password": "long-password"}, headers=admin.headers
+        )
         assert resp.status_code == 409 and resp.json()["code"] == "username_taken"
 
     async def test_own_username_may_equal_own_email(self, client, admin, app):
@@ -67,26 +71,42 @@ class TestClashes:
     @pytest.mark.parametrize("method", ["PATCH", "PUT"])
     async def test_update_to_another_users_name_or_email_is_409(self, client, admin, alice, bob, method):
         for caller in (bob, admin):
-            for body, code in (({"username": "alice"}, "username_taken"), ({"username": "ALICE"}, "username_taken"),
-                               ({"username": "alice@example.org"}, "username_taken"),
-                               ({"email": "alice@example.org"}, "email_taken")):
-                resp = await client.request(method, f"/api/users/{bob.id}/", json=body, headers=caller.headers)
+            for body, code in (
+                ({"username": "alice"}, "username_taken"),
+                ({"username": "ALICE"}, "username_taken"),
+                ({"username": "alice@example.org"}, "username_taken"),
+                ({"email": "alice@example.org"}, "email_taken"),
+            ):
+                resp = await client.request(
+                    method, f"/api/users/{bob.id}/", json=body, headers=caller.headers
+                )
                 assert resp.status_code == 409, (method, body, resp.text)
                 assert resp.json()["code"] == code
         me = await client.get("/api/users/myself/", headers=bob.headers)
         assert me.json()["username"] == "bob" and me.json()["email"] == "bob@example.org"
 
     async def test_renaming_and_deleting_free_the_old_names(self, client, admin, alice, app):
-        resp = await client.patch(f"/api/users/{alice.id}/", json={"username": "alicia", "email": "a2@example.org"},
-                                  headers=alice.headers)
+        resp = await client.patch(
+            f"/api/users/{alice.id}/",
+            json={"username": "alicia", "email": "a2@example.org"},
+            headers=alice.headers,
+        )
         assert resp.status_code == 200
         assert await _names(app, alice.user.id) == {"alicia", "a2@example.org"}
-        again = await client.post("/api/users/", json={"username": "alice", "password": "long-password",
-                                                       "email": "alice@example.org"}, headers=admin.headers)
+        again = await client.post(
+            "/api/users/",
+            json={"username": "alice", "password": "long-password", "email": "alice@example.org"},
+            headers=admin.headers,
+        )
         assert again.status_code == 201, again.text
-        assert (await client.delete(f"/api/users/{again.json()['id']}/", headers=admin.headers)).status_code == 200
-        third = await client.post("/api/users/", json={"username": "Alice@Example.org", "password": "long-password"},
-                                  headers=admin.headers)
+        assert (
+            await client.delete(f"/api/users/{again.json()['id']}/", headers=admin.headers)
+        ).status_code == 200
+        third = await client.post(
+            "/api/users/",
+            json={"username": "Alice@Example.org", "password": "long-password"},
+            headers=admin.headers,
+        )
         assert third.status_code == 201, third.text
 
 
@@ -99,7 +119,9 @@ class TestLogin:
         for login in ("alice", "ALICE", "alice@example.org", "Alice@Example.ORG"):
             resp = await client.get("/api/users/myself/", headers=basic(login, alice.password))
             assert resp.status_code == 200 and resp.json()["username"] == "alice", login
-        token = await client.post("/api/auth/token/", data={"username": "ALICE@example.org", "password": alice.password})
+        token = await client.post(
+            "/api/auth/token/", data={"username": "ALICE@example.org", "password": alice.password}
+        )
         assert token.status_code == 200
 
 
@@ -143,15 +165,21 @@ async def test_simultaneous_name_and_email_claims_one_wins(app):
         assert refused.value.code == "email_taken"
         await second.rollback()
     async with maker() as session:
-        owners = (await session.execute(select(LoginName.user_id).where(LoginName.name == "x@example.org"))).all()
+        owners = (
+            await session.execute(select(LoginName.user_id).where(LoginName.name == "x@example.org"))
+        ).all()
         assert len(owners) == 1
         assert (await session.execute(select(User).where(User.username == "xavier"))).first() is None
 
 
 async def test_many_simultaneous_registrations_of_one_name(client, app, monkeypatch):
     monkeypatch.setattr(app.state.settings, "allow_self_registration", True)
-    bodies = [{"username": "zed@example.org", "password": "long-password"} if i % 2 else
-              {"username": f"zed{i}", "email": "ZED@example.org", "password": "long-password"} for i in range(6)]
+    bodies = [
+        {"username": "zed@example.org", "password": "long-password"}
+        if i % 2
+        else {"username": f"zed{i}", "email": "ZED@example.org", "password": "long-password"}
+        for i in range(6)
+    ]
     answers = await asyncio.gather(*(client.post("/api/users/", json=b) for b in bodies))
     codes = sorted(a.status_code for a in answers)
     assert codes == [201] + [409] * 5, [a.text for a in answers]
@@ -194,13 +222,19 @@ async def test_migration_backfills_and_repairs_collisions(fresh_url):
     ]
     async with maker() as session:
         for i, (username, email) in enumerate(people):
-            session.add(User(username=username, email=email, password_hash=None, created_at=start + dt.timedelta(i)))
+            session.add(
+                User(username=username, email=email, password_hash=None, created_at=start + dt.timedelta(i))
+            )
         await session.commit()
     upgrade(fresh_url)
     async with maker() as session:
         users = {u.email or u.username: u for u in (await session.execute(select(User))).scalars()}
         names = {n.name: n.user_id for n in (await session.execute(select(LoginName))).scalars()}
-        repairs = (await session.execute(select(AuditLog).where(AuditLog.action == "identity.login_name_repaired"))).scalars().all()
+        repairs = (
+            (await session.execute(select(AuditLog).where(AuditLog.action == "identity.login_name_repaired")))
+            .scalars()
+            .all()
+        )
     await engine.dispose()
     victim = users["victim@example.org"]
     assert victim.username == "victim" and names["victim"] == names["victim@example.org"] == victim.id
@@ -225,7 +259,12 @@ async def test_admin_bootstrap_respects_login_names(app, make_user):
     async with app.state.sessionmaker() as session:
         assert await ensure_admin(session, username="root", email=None, password="long-password") is None
         await make_user("root@example.org", email="x@example.org")
-        assert await ensure_admin(session, username="ops", email="root@example.org", password="long-password") is None
-        created = await ensure_admin(session, username="ops", email="ops@example.org", password="long-password")
+        assert (
+            await ensure_admin(session, username="ops", email="root@example.org", password="long-password")
+            is None
+        )
+        created = await ensure_admin(
+            session, username="ops", email="ops@example.org", password="long-password"
+        )
         assert created is not None and created.is_superuser
         await session.commit()

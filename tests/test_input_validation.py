@@ -35,7 +35,10 @@ async def raw(app):
 
 
 def _basic(login: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{login}:{password}".encode("utf-8", "surrogatepass")).decode()}
+    return {
+        "Authorization": "Basic "
+        + base64.b64encode(f"{login}:{password}".encode("utf-8", "surrogatepass")).decode()
+    }
 
 
 def _is_422(response: httpx.Response) -> bool:
@@ -57,8 +60,12 @@ class TestText:
             ("POST", "/api/billing/coupons/", {"code": "WELCOME", "amount": "1", bad: 1}),  # a key
         ]
         for method, url, body in cases:
-            response = await raw.request(method, url, content=json.dumps(body),  # ASCII: \ud800 escaped
-                                         headers={**admin.headers, "Content-Type": "application/json"})
+            response = await raw.request(
+                method,
+                url,
+                content=json.dumps(body),  # ASCII: \ud800 escaped
+                headers={**admin.headers, "Content-Type": "application/json"},
+            )
             assert _is_422(response), (method, url, body, response.status_code, response.text)
 
     async def test_anonymous_self_registration(self, raw, app, monkeypatch):
@@ -78,18 +85,28 @@ class TestText:
             assert _is_422(response), response.text
         not_utf8 = await raw.get("/api/users/myself/", headers=_basic(SURROGATE, "pw"))
         assert not_utf8.status_code == 401  # not UTF-8 once decoded: a malformed header
-        assert (await raw.get("/api/users/myself/", headers=_basic("alice", alice.password))).status_code == 200
+        assert (
+            await raw.get("/api/users/myself/", headers=_basic("alice", alice.password))
+        ).status_code == 200
 
     async def test_path_query_and_websocket_paths(self, raw, admin):
-        for url in ("/ws/a%00b/status/", "/api/broker/topics/a%00b/", "/api/billing/statements/2026-1%00/",
-                    "/api/users/?user_id=%00", "/api/billing/operations/?kind=a%00"):
+        for url in (
+            "/ws/a%00b/status/",
+            "/api/broker/topics/a%00b/",
+            "/api/billing/statements/2026-1%00/",
+            "/api/users/?user_id=%00",
+            "/api/billing/operations/?kind=a%00",
+        ):
             response = await raw.get(url, headers=admin.headers)
             assert _is_422(response), (url, response.status_code, response.text)
             assert response.json()["code"] == "validation_error"
 
     async def test_form_fields_of_uploads_keep_their_rule(self, raw, admin):
-        response = await raw.post(f"/api/models/{uuid.uuid4()}/metrics/", headers=admin.headers,
-                                  data={"metric_names": [SURROGATE.replace("\ud800", "\x00")], "metric_values": ["1"]})
+        response = await raw.post(
+            f"/api/models/{uuid.uuid4()}/metrics/",
+            headers=admin.headers,
+            data={"metric_names": [SURROGATE.replace("\ud800", "\x00")], "metric_values": ["1"]},
+        )
         assert 400 <= response.status_code < 500
 
 
@@ -99,7 +116,9 @@ def test_the_text_rule_is_exactly_no_nul_and_no_lone_surrogate(value):
     acceptable = "\x00" not in value and not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
     assert (text_problem(value) is None) == acceptable
     try:
-        TokenCreate.model_validate({"name": value.strip() or "x", value: 1} if not acceptable else {"name": "x"})
+        TokenCreate.model_validate(
+            {"name": value.strip() or "x", value: 1} if not acceptable else {"name": "x"}
+        )
     except ValidationError as exc:
         assert not acceptable and exc.errors()[0]["type"] == "invalid_input"
     else:
@@ -111,13 +130,20 @@ class TestBounds:
         for literal in ("NaN", "Infinity", "-Infinity"):
             # aggregator_options is free-form JSON stored in a JSON column
             body = f'{{"model_id": "{uuid.uuid4()}", "target_num_updates": 1, "aggregator_options": {{"x": {literal}}}}}'
-            response = await raw.post("/api/trainings/", content=body,
-                                      headers={**admin.headers, "Content-Type": "application/json"})
+            response = await raw.post(
+                "/api/trainings/", content=body, headers={**admin.headers, "Content-Type": "application/json"}
+            )
             assert _is_422(response) and "finite" in response.json()["detail"], (literal, response.text)
 
     async def test_huge_offsets_on_every_list(self, raw, admin):
-        for url in ("/api/users/", "/api/billing/operations/", "/api/audit-log/", "/api/organizations/",
-                    "/api/broker/topics/", "/api/inference/jobs/"):
+        for url in (
+            "/api/users/",
+            "/api/billing/operations/",
+            "/api/audit-log/",
+            "/api/organizations/",
+            "/api/broker/topics/",
+            "/api/inference/jobs/",
+        ):
             response = await raw.get(url, params={"offset": HUGE}, headers=admin.headers)
             assert _is_422(response), (url, response.text)
             ok = await raw.get(url, params={"offset": "1000000000"}, headers=admin.headers)
@@ -130,8 +156,9 @@ class TestBounds:
                 assert _is_422(response), (url, value, response.text)
             response = await raw.get(url, params={"since": "2026-01-01T00:00:00"}, headers=admin.headers)
             assert response.status_code == 200, response.text  # naive: UTC
-        response = await raw.get("/api/billing/operations/", params={"until": "9999-12-31T23:59:59-01:00"},
-                                 headers=admin.headers)
+        response = await raw.get(
+            "/api/billing/operations/", params={"until": "9999-12-31T23:59:59-01:00"}, headers=admin.headers
+        )
         assert _is_422(response)
 
     async def test_statement_months(self, raw, admin):
@@ -142,22 +169,36 @@ class TestBounds:
 
     async def test_money_fits_the_ledger(self, raw, app, admin, alice):
         for amount in ("92233720368.54775808", "92233720368.54775807", "10000000000", 1e30):
-            response = await raw.post("/api/billing/top-ups/", json={"user_id": alice.id, "amount": amount},
-                                      headers=admin.headers)
+            response = await raw.post(
+                "/api/billing/top-ups/", json={"user_id": alice.id, "amount": amount}, headers=admin.headers
+            )
             assert _is_422(response), (amount, response.text)
-        top = await raw.post("/api/billing/top-ups/", json={"user_id": alice.id, "amount": "9999999999.99999999"},
-                             headers=admin.headers)
+        top = await raw.post(
+            "/api/billing/top-ups/",
+            json={"user_id": alice.id, "amount": "9999999999.99999999"},
+            headers=admin.headers,
+        )
         assert top.status_code == 201, top.text
         async with app.state.sessionmaker() as session:  # a balance at the column's end
-            await session.execute(update(LedgerAccount).where(LedgerAccount.owner_id == alice.user.id,
-                                                              LedgerAccount.balance.is_not(None),
-                                                              LedgerAccount.balance > 0)
-                                  .values(balance=MAX_BALANCE - 5))
+            await session.execute(
+                update(LedgerAccount)
+                .where(
+                    LedgerAccount.owner_id == alice.user.id,
+                    LedgerAccount.balance.is_not(None),
+                    LedgerAccount.balance > 0,
+                )
+                .values(balance=MAX_BALANCE - 5)
+            )
             await session.commit()
-        over = await raw.post("/api/billing/top-ups/", json={"user_id": alice.id, "amount": "1"}, headers=admin.headers)
+        over = await raw.post(
+            "/api/billing/top-ups/", json={"user_id": alice.id, "amount": "1"}, headers=admin.headers
+        )
         assert _is_422(over) and over.json()["code"] == "balance_too_large", over.text
-        price = await raw.put("/api/billing/prices/inference_per_sample/", json={"amount": "92233720368.54775808"},
-                              headers=admin.headers)
+        price = await raw.put(
+            "/api/billing/prices/inference_per_sample/",
+            json={"amount": "92233720368.54775808"},
+            headers=admin.headers,
+        )
         assert 400 <= price.status_code < 500, price.text
 
 
@@ -166,8 +207,9 @@ async def test_dasf_status_503_is_documented_and_answered(raw, app, admin):
     for code in ("200", "400", "503"):
         assert "text/plain" in operation["responses"][code]["content"], code
     assert "DASF" in operation["responses"]["503"]["description"]
-    created = await raw.post("/api/broker/topics/", json={"slug": "status-probe", "supports_dasf": True},
-                             headers=admin.headers)
+    created = await raw.post(
+        "/api/broker/topics/", json={"slug": "status-probe", "supports_dasf": True}, headers=admin.headers
+    )
     assert created.status_code == 201, created.text
     response = await raw.get("/ws/status-probe/status/", headers=admin.headers)
     assert response.status_code == 503 and response.text == "Status unknown"
@@ -181,7 +223,9 @@ def _bad_values(schema: dict[str, Any]) -> list[Any]:
 
 
 def _path_value(name: str) -> str:
-    return {"slug": "some-topic", "period": "2026-11", "name": "inference_per_sample"}.get(name, str(uuid.uuid4()))
+    return {"slug": "some-topic", "period": "2026-11", "name": "inference_per_sample"}.get(
+        name, str(uuid.uuid4())
+    )
 
 
 def _resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
@@ -205,15 +249,26 @@ async def test_no_route_answers_500_to_hostile_values(raw, app, admin):
             body = operation.get("requestBody", {}).get("content", {}).get("application/json")
             properties = _resolve(spec, body["schema"]).get("properties", {}) if body else {}
 
-            async def call(path_values: dict[str, str], query: dict[str, str], headers: dict[str, str],
-                           body_value: Any, case: str, *, _path=path, _method=method, _documented=documented) -> None:
+            async def call(
+                path_values: dict[str, str],
+                query: dict[str, str],
+                headers: dict[str, str],
+                body_value: Any,
+                case: str,
+                *,
+                _path=path,
+                _method=method,
+                _documented=documented,
+            ) -> None:
                 nonlocal sent
                 url = _path
                 for name, value in path_values.items():
                     url = url.replace("{" + name + "}", value)
                 try:
                     response = await raw.request(
-                        _method.upper(), url, params=query,
+                        _method.upper(),
+                        url,
+                        params=query,
                         headers={**admin.headers, **headers, "Content-Type": "application/json"},
                         content=None if body_value is None else json.dumps(body_value),
                     )
@@ -221,19 +276,30 @@ async def test_no_route_answers_500_to_hostile_values(raw, app, admin):
                     return  # the client cannot even send it
                 sent += 1
                 if response.status_code >= 500 and response.status_code not in _documented:
-                    failures.append(f"{_method.upper()} {url} {case}: {response.status_code} {response.text[:150]}")
+                    failures.append(
+                        f"{_method.upper()} {url} {case}: {response.status_code} {response.text[:150]}"
+                    )
 
             base_path = {p["name"]: _path_value(p["name"]) for p in params if p["in"] == "path"}
             for param in params:
                 for value in _bad_values(param.get("schema", {})):
                     text = value if isinstance(value, str) else str(value)
                     if param["in"] == "path":
-                        await call({**base_path, param["name"]: text.replace("\x00", "%00")}, {}, {}, None,
-                                   f"path {param['name']}={value!r}")
+                        await call(
+                            {**base_path, param["name"]: text.replace("\x00", "%00")},
+                            {},
+                            {},
+                            None,
+                            f"path {param['name']}={value!r}",
+                        )
                     elif param["in"] == "query":
-                        await call(base_path, {param["name"]: text}, {}, None, f"query {param['name']}={value!r}")
+                        await call(
+                            base_path, {param["name"]: text}, {}, None, f"query {param['name']}={value!r}"
+                        )
                     elif param["in"] == "header" and param["name"].lower() != "authorization":
-                        await call(base_path, {}, {param["name"]: text}, None, f"header {param['name']}={value!r}")
+                        await call(
+                            base_path, {}, {param["name"]: text}, None, f"header {param['name']}={value!r}"
+                        )
             for field in properties:
                 for value in _bad_values(properties[field]):
                     await call(base_path, {}, {}, {field: value}, f"body {field}={value!r}")

@@ -28,10 +28,15 @@ WINDOW = 4  # long enough for a loaded machine to make its attempts within one w
 
 
 def throttled_app(db_url: str, storage: str, window: int = WINDOW) -> Any:
-    return create_app(Settings(
-        database_url=db_url, login_max_failures_per_account=PER_ACCOUNT,
-        login_max_failures_per_address=PER_ADDRESS, login_window_seconds=window, login_throttle_storage_uri=storage,
-    ))
+    return create_app(
+        Settings(
+            database_url=db_url,
+            login_max_failures_per_account=PER_ACCOUNT,
+            login_max_failures_per_address=PER_ADDRESS,
+            login_window_seconds=window,
+            login_throttle_storage_uri=storage,
+        )
+    )
 
 
 @pytest.fixture(params=["memory", "database"])
@@ -98,12 +103,20 @@ async def test_failed_logins_are_one_audit_row_per_name_address_and_window(http,
     for name in ("ghost-1", "ghost-2"):
         await token_login(http, name, "guess")
     async with throttled.state.sessionmaker() as session:
-        assert (await session.execute(select(AuditLog).where(AuditLog.action == "auth.login_failed"))).first() is None
+        assert (
+            await session.execute(select(AuditLog).where(AuditLog.action == "auth.login_failed"))
+        ).first() is None
     assert await throttled.state.login_guard.audit.flush(everything=True) == 2
     async with throttled.state.sessionmaker() as session:
-        rows = (await session.execute(
-            select(AuditLog).where(AuditLog.action == "auth.login_failed").order_by(AuditLog.count)
-        )).scalars().all()
+        rows = (
+            (
+                await session.execute(
+                    select(AuditLog).where(AuditLog.action == "auth.login_failed").order_by(AuditLog.count)
+                )
+            )
+            .scalars()
+            .all()
+        )
     assert len(rows) == 2
     unknown, known = rows
     assert known.subject_user_id == alice.user.id and known.count == PER_ACCOUNT + 2
@@ -155,8 +168,10 @@ async def test_database_counters_are_shared_by_workers(db_url, alice):
     first, second = throttled_app(db_url, "database", 60), throttled_app(db_url, "database", 60)
     async with first.router.lifespan_context(first), second.router.lifespan_context(second):
         assert isinstance(first.state.login_guard.storage, DatabaseStorage)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=first), base_url="http://a") as a, \
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://b") as b:
+        async with (
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=first), base_url="http://a") as a,
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://b") as b,
+        ):
             for i in range(PER_ACCOUNT):
                 assert (await token_login(a if i % 2 else b, "alice", "wrong")).status_code == 401
             for http in (a, b):

@@ -66,18 +66,27 @@ def json_body_examples(spec: dict[str, Any]) -> list[tuple[str, str, str, Any]]:
 
 
 def test_every_json_request_example_validates_against_its_schema(spec, application):
-    registry = Registry().with_resource(SPEC_URI, Resource.from_contents(spec, default_specification=DRAFT202012))
+    registry = Registry().with_resource(
+        SPEC_URI, Resource.from_contents(spec, default_specification=DRAFT202012)
+    )
     examples = json_body_examples(spec)
     assert len(examples) >= 15, "too few examples found: is the walk broken?"
     models = _request_models()
     problems, checked_by_model = [], 0
     for path, method, where, example in examples:
         pointer = _pointer("paths", path, method, "requestBody", "content", "application/json", "schema")
-        validator = Draft202012Validator({"$ref": f"{SPEC_URI}#/{pointer}"}, registry=registry,
-                                         format_checker=FormatChecker())
-        problems += [f"{method.upper()} {path} ({where}): {e.message}" for e in validator.iter_errors(example)]
+        validator = Draft202012Validator(
+            {"$ref": f"{SPEC_URI}#/{pointer}"}, registry=registry, format_checker=FormatChecker()
+        )
+        problems += [
+            f"{method.upper()} {path} ({where}): {e.message}" for e in validator.iter_errors(example)
+        ]
         # The same example through the Pydantic model the body schema was generated from: what the server runs.
-        ref = spec["paths"][path][method]["requestBody"]["content"]["application/json"].get("schema", {}).get("$ref")
+        ref = (
+            spec["paths"][path][method]["requestBody"]["content"]["application/json"]
+            .get("schema", {})
+            .get("$ref")
+        )
         model = models.get(ref.rsplit("/", 1)[-1]) if ref else None
         if model is not None:
             checked_by_model += 1
@@ -109,7 +118,9 @@ def test_error_responses_show_their_own_status(spec):
                 if int(code) < 400:
                     continue
                 media = response["content"]["application/json"]
-                assert media["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, f"{method} {path} {code}"
+                assert media["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, (
+                    f"{method} {path} {code}"
+                )
                 example = media["example"]
                 if int(code) in ERROR_EXAMPLES and not (path == "/api/auth/token/" and code == "401"):
                     assert example == ERROR_EXAMPLES[int(code)], f"{method} {path} {code}"
@@ -143,8 +154,12 @@ async def test_model_upload_form_examples_are_accepted_as_they_are(client, alice
     assert fields["input_shape"] == "[null, 4]"
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(torch.nn.Linear(4, 2)), buffer)
-    uploaded = await client.post("/api/models/", headers=alice.headers, data=fields,
-                                 files={"model_file": ("model.pt", buffer.getvalue())})
+    uploaded = await client.post(
+        "/api/models/",
+        headers=alice.headers,
+        data=fields,
+        files={"model_file": ("model.pt", buffer.getvalue())},
+    )
     assert uploaded.status_code == 201, uploaded.text
     metadata = await client.get(f"/api/models/{uploaded.json()['model_id']}/metadata/", headers=alice.headers)
     assert metadata.status_code == 200 and metadata.json()["input_shape"] == [None, 4]

@@ -43,7 +43,11 @@ async def test_list_queries_do_not_load_blobs(app, alice):
             _ = row.weights
         from sqlalchemy.orm import undefer
 
-        loaded = (await session.execute(select(GlobalModel).options(undefer(GlobalModel.weights)).where(GlobalModel.id == g.id))).scalar_one()
+        loaded = (
+            await session.execute(
+                select(GlobalModel).options(undefer(GlobalModel.weights)).where(GlobalModel.id == g.id)
+            )
+        ).scalar_one()
         assert loaded.weights == b"w" * 10
 
 
@@ -53,11 +57,16 @@ async def test_mean_model_members_load_explicitly(app, alice):
     async with app.state.sessionmaker() as session:
         g, s, m, _ = await _models(session, alice.user.id)
     async with app.state.sessionmaker() as session:
-        mean = (await session.execute(select(MeanModel).options(selectinload(MeanModel.members)))).scalar_one()
+        mean = (
+            await session.execute(select(MeanModel).options(selectinload(MeanModel.members)))
+        ).scalar_one()
         assert {x.id for x in mean.members} == {g.id, s.id}
 
 
-@pytest.mark.parametrize("options,given,expected", [({}, 5, 5), ({"daisy_chain_period": 3}, 5, 15), ({"daisy_chain_period": 0}, 4, 4)])
+@pytest.mark.parametrize(
+    "options,given,expected",
+    [({}, 5, 5), ({"daisy_chain_period": 3}, 5, 15), ({"daisy_chain_period": 0}, 4, 4)],
+)
 async def test_daisy_chain_rule_on_creation(app, alice, options, given, expected):
     async with app.state.sessionmaker() as session:
         g = GlobalModel(owner_id=alice.user.id, name="g")

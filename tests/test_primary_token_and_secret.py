@@ -24,8 +24,9 @@ def basic(login: str, password: str) -> dict[str, str]:
 
 
 async def _api_token(client, alice) -> str:
-    resp = await client.post("/api/users/myself/tokens/", json={"name": "ci", "expires_in_days": 1},
-                             headers=alice.headers)
+    resp = await client.post(
+        "/api/users/myself/tokens/", json={"name": "ci", "expires_in_days": 1}, headers=alice.headers
+    )
     assert resp.status_code == 201, resp.text
     return resp.json()["token"]
 
@@ -37,8 +38,13 @@ async def _bearer(client, alice) -> str:
 
 
 async def test_password_and_primary_token_see_the_primary_token(client, alice):
-    for headers in (alice.headers, basic("alice", alice.password), basic("alice@example.org", alice.password),
-                    basic(alice.token, ""), {"Authorization": f"Bearer {alice.token}"}):
+    for headers in (
+        alice.headers,
+        basic("alice", alice.password),
+        basic("alice@example.org", alice.password),
+        basic(alice.token, ""),
+        {"Authorization": f"Bearer {alice.token}"},
+    ):
         me = await client.get("/api/users/myself/", headers=headers)
         assert me.status_code == 200 and me.json()["token"] == alice.token, (headers, me.text)
         own = await client.get(f"/api/users/{alice.id}/", headers=headers)
@@ -48,8 +54,12 @@ async def test_password_and_primary_token_see_the_primary_token(client, alice):
 async def test_api_tokens_and_bearers_do_not_see_the_primary_token(client, alice):
     api_token = await _api_token(client, alice)
     bearer = await _bearer(client, alice)
-    for headers in ({"Authorization": f"Token {api_token}"}, {"Authorization": f"Bearer {api_token}"},
-                    basic(api_token, ""), {"Authorization": f"Bearer {bearer}"}):
+    for headers in (
+        {"Authorization": f"Token {api_token}"},
+        {"Authorization": f"Bearer {api_token}"},
+        basic(api_token, ""),
+        {"Authorization": f"Bearer {bearer}"},
+    ):
         me = await client.get("/api/users/myself/", headers=headers)
         assert me.status_code == 200, me.text
         assert me.json()["token"] is None and me.json()["id"] == alice.id

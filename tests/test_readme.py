@@ -128,8 +128,12 @@ def test_quickstarts_reach_a_finished_training_an_uncertain_prediction_and_a_das
 
     server_log = (tmp_path / "server.log").open("wb")
     server = subprocess.Popen(  # command 1's last step, on a free port
-        [".venv/bin/flplatform", "serve", "--port", str(port)], cwd=checkout, env=newcomer_env,
-        stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
+        [".venv/bin/flplatform", "serve", "--port", str(port)],
+        cwd=checkout,
+        env=newcomer_env,
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     shell = None
     try:
@@ -147,8 +151,12 @@ def test_quickstarts_reach_a_finished_training_an_uncertain_prediction_and_a_das
         (tmp_path / "quickstart.sh").write_text(quickstart_script(port))
         started = time.monotonic()
         shell = subprocess.Popen(
-            ["bash", str(tmp_path / "quickstart.sh")], cwd=checkout, env=newcomer_env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            ["bash", str(tmp_path / "quickstart.sh")],
+            cwd=checkout,
+            env=newcomer_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             output = shell.communicate(timeout=420)[0].decode(errors="replace")
@@ -168,7 +176,9 @@ def test_quickstarts_reach_a_finished_training_an_uncertain_prediction_and_a_das
     # The training finished its three rounds, both participants took part in each.
     assert re.search(r"^training [0-9a-f-]+ completed 3 rounds", output, re.MULTILINE), output[-3000:]
     for round_ in (1, 2, 3):
-        assert re.search(rf"^round {round_}: accuracy 0\.\d+, loss \d+\.\d+ \(mean over 2 ", output, re.MULTILINE), output
+        assert re.search(
+            rf"^round {round_}: accuracy 0\.\d+, loss \d+\.\d+ \(mean over 2 ", output, re.MULTILINE
+        ), output
     for name in ("alice", "bob"):
         assert f"{name}: training finished" in output
         assert f"{name}: round 2: trained on" in output
@@ -195,27 +205,38 @@ def test_readme_is_an_onboarding_page() -> None:
     text = README.read_text()
     assert len(text.encode()) <= 15 * 1024, f"README.md has {len(text.encode())} bytes (at most 15 KiB)"
     headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
-    assert headings[:3] == ["Two commands on a fresh machine", "Quick start: a federated training in five minutes",
-                            "Broker quick-start"], headings
+    assert headings[:3] == [
+        "Two commands on a fresh machine",
+        "Quick start: a federated training in five minutes",
+        "Broker quick-start",
+    ], headings
     assert "```mermaid" in text and "](docs/img/demo-accuracy.png)" in text
     assert "flplatform.client" in text and "uncertainty_method=MC_DROPOUT" in text
     # The reference moved to docs/: the README links every page of it.
     for page in sorted(DOCS.glob("*.md")):
-        assert f"(docs/{page.name}" in text, f"README does not link docs/{page.name}: add it to the feature map"
+        assert f"(docs/{page.name}" in text, (
+            f"README does not link docs/{page.name}: add it to the feature map"
+        )
 
 
 def test_command_2_is_what_ci_runs_and_both_commands_use_the_constraints() -> None:
     command_1, command_2 = bash_blocks(section("Two commands on a fresh machine"))
-    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("python3 -m venv")]
+    ci_lines = [
+        line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("python3 -m venv")
+    ]
     assert ci_lines == [command_2.strip()], ".ci/run must run exactly README's command 2"
     for command in (command_1, command_2):
         steps = [step.strip() for step in command.strip().split("&&")]
         assert steps[0] == "python3 -m venv .venv"
         # torch's CPU wheel first, then everything else pinned by constraints.txt.
         assert re.fullmatch(r"\.venv/bin/pip install (-q )?torch==2\.13\.0", steps[1]), steps[1]
-        assert re.fullmatch(r"\.venv/bin/pip install (-q )?-c constraints\.txt -e (\.|'\.\[test\]')", steps[2]), steps[2]
+        assert re.fullmatch(
+            r"\.venv/bin/pip install (-q )?-c constraints\.txt -e (\.|'\.\[test\]')", steps[2]
+        ), steps[2]
     assert command_1.strip().endswith("&& .venv/bin/flplatform serve")
-    assert command_2.strip().endswith("&& bash scripts/test")  # the suite, then a shuffled pass (scripts/test)
+    assert command_2.strip().endswith(
+        "&& bash scripts/test"
+    )  # the suite, then a shuffled pass (scripts/test)
 
 
 def normalise(name: str) -> str:
@@ -263,7 +284,9 @@ def test_installed_environment_matches_the_constraints() -> None:
             continue  # a package of a platform or extra this environment does not use
         if installed.split("+")[0] != version:
             mismatched[name] = (version, installed)
-    assert mismatched == {}, f"installed versions differ from constraints.txt (pinned, installed): {mismatched}"
+    assert mismatched == {}, (
+        f"installed versions differ from constraints.txt (pinned, installed): {mismatched}"
+    )
 
 
 def test_every_local_link_in_readme_and_docs_resolves() -> None:
@@ -286,7 +309,11 @@ def test_configuration_reference_names_every_setting() -> None:
     reference = (DOCS / "configuration.md").read_text()
     missing = [
         f"{prefix}{name.upper()}"
-        for cls, prefix in ((Settings, "FLP_"), (InferenceSettings, "FLP_INFERENCE_"), (BrokerConfig, "FLP_BROKER_"))
+        for cls, prefix in (
+            (Settings, "FLP_"),
+            (InferenceSettings, "FLP_INFERENCE_"),
+            (BrokerConfig, "FLP_BROKER_"),
+        )
         for name in cls.model_fields
         if f"`{prefix}{name.upper()}`" not in reference
     ]

@@ -98,8 +98,10 @@ async def test_self_registration_json_is_capped_while_streaming(open_app):
         assert body.pulled <= limit + 2 * CHUNK, body.pulled
 
         # A body within the limit still registers.
-        resp = await http.post("/api/users/", json={"username": "newcomer", "password": "long-password-1",
-                                                     "email": "newcomer@example.org"})
+        resp = await http.post(
+            "/api/users/",
+            json={"username": "newcomer", "password": "long-password-1", "email": "newcomer@example.org"},
+        )
         assert resp.status_code == 201, resp.text
 
 
@@ -118,8 +120,10 @@ async def test_authenticated_json_over_the_limit_is_413_both_ways(client, app, a
 
 async def test_anonymous_1_gib_multipart_update_is_401_after_reading_nothing(client):
     boundary = "flpboundary"
-    prefix = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model_file\"; filename=\"m.pt\"\r\n"
-              "Content-Type: application/octet-stream\r\n\r\n").encode()
+    prefix = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model_file"; filename="m.pt"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     body = CountingBody(1024 * MiB, prefix=prefix, fill=b"\0")
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(1024 * MiB)}
     resp = await client.post(f"/api/models/{uuid.uuid4()}/", content=body, headers=headers)
@@ -130,7 +134,9 @@ async def test_anonymous_1_gib_multipart_update_is_401_after_reading_nothing(cli
     for path, auth in ((f"/api/models/{uuid.uuid4()}/", "Token " + "0" * 40), ("/api/models/", None)):
         body = CountingBody(1024 * MiB, prefix=prefix, fill=b"\0")
         extra = {"Authorization": auth} if auth else {}
-        resp = await client.post(path, content=body, headers={"Content-Type": headers["Content-Type"], **extra})
+        resp = await client.post(
+            path, content=body, headers={"Content-Type": headers["Content-Type"], **extra}
+        )
         assert resp.status_code == 401, resp.text
         assert body.pulled == 0, body.pulled
 
@@ -141,11 +147,15 @@ async def test_multipart_is_capped_by_the_upload_limit_while_streaming(db_url, m
         owner = await make_user("uploader")  # make_user writes through the shared test app's database
         async with http_for(application) as http:
             boundary = "b"
-            prefix = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model_file\"; "
-                      "filename=\"m.pt\"\r\n\r\n").encode()
+            prefix = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="model_file"; filename="m.pt"\r\n\r\n'
+            ).encode()
             body = CountingBody(64 * MiB, prefix=prefix, fill=b"\0")
-            resp = await http.post("/api/models/", content=body, headers={
-                **owner.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+            resp = await http.post(
+                "/api/models/",
+                content=body,
+                headers={**owner.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+            )
             assert assert_error(resp, 413)["code"] == "payload_too_large"
             assert body.pulled <= 4 * MiB + 2 * CHUNK, body.pulled
 
@@ -164,8 +174,11 @@ async def test_password_is_checked_once_for_a_body_route(client, admin, monkeypa
 
     monkeypatch.setattr(auth_module, "verify_password", counting)
     basic = "Basic " + base64.b64encode(f"admin:{admin.password}".encode()).decode()
-    resp = await client.post("/api/users/", json={"username": "carol", "password": "long-password",
-                                                  "email": "carol@example.org"}, headers={"Authorization": basic})
+    resp = await client.post(
+        "/api/users/",
+        json={"username": "carol", "password": "long-password", "email": "carol@example.org"},
+        headers={"Authorization": basic},
+    )
     assert resp.status_code == 201, resp.text
     assert calls == 1
 
@@ -211,6 +224,9 @@ async def test_inference_json_has_its_own_larger_limit(client, app, alice):
 async def test_anonymous_routes_still_take_small_bodies(client, alice):
     resp = await client.post("/api/auth/token/", data={"username": "alice", "password": alice.password})
     assert resp.status_code == 200, resp.text
-    resp = await client.post("/api/auth/token/", content=CountingBody(5 * MiB, fill=b"a"),
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    resp = await client.post(
+        "/api/auth/token/",
+        content=CountingBody(5 * MiB, fill=b"a"),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert assert_error(resp, 413)["code"] == "payload_too_large"

@@ -13,8 +13,13 @@ def basic(login: str, password: str) -> dict[str, str]:
 
 class TestCreateUser:
     async def test_superuser_creates_user_and_sees_token(self, client, admin):
-        body = {"username": "carol", "password": "long-password", "email": "Carol@Example.org", "client": True,
-                "message_endpoint": "http://127.0.0.1:9999/notify"}
+        body = {
+            "username": "carol",
+            "password": "long-password",
+            "email": "Carol@Example.org",
+            "client": True,
+            "message_endpoint": "http://127.0.0.1:9999/notify",
+        }
         resp = await client.post("/api/users/", json=body, headers=admin.headers)
         assert resp.status_code == 201, resp.text
         data = resp.json()
@@ -37,14 +42,19 @@ class TestCreateUser:
         assert ok.status_code == 201 and ok.json()["is_superuser"] is False
 
     async def test_non_superuser_cannot_create_users(self, client, alice):
-        resp = await client.post("/api/users/", json={"username": "x", "password": "long-password"}, headers=alice.headers)
+        resp = await client.post(
+            "/api/users/", json={"username": "x", "password": "long-password"}, headers=alice.headers
+        )
         assert resp.status_code == 403
 
     async def test_duplicate_username_and_email_conflict(self, client, admin, alice):
-        dup = await client.post("/api/users/", json={"username": "alice", "password": "long-password"}, headers=admin.headers)
+        dup = await client.post(
+            "/api/users/", json={"username": "alice", "password": "long-password"}, headers=admin.headers
+        )
         assert dup.status_code == 409 and dup.json()["code"] == "username_taken"
         dup = await client.post(
-            "/api/users/", json={"username": "alice2", "password": "long-password", "email": "alice@example.org"},
+            "/api/users/",
+            json={"username": "alice2", "password": "long-password", "email": "alice@example.org"},
             headers=admin.headers,
         )
         assert dup.status_code == 409 and dup.json()["code"] == "email_taken"
@@ -53,7 +63,9 @@ class TestCreateUser:
 class TestAuthenticate:
     async def test_token_and_bearer_headers(self, client, alice):
         for scheme in ("Token", "Bearer", "token"):
-            resp = await client.get("/api/users/myself/", headers={"Authorization": f"{scheme} {alice.token}"})
+            resp = await client.get(
+                "/api/users/myself/", headers={"Authorization": f"{scheme} {alice.token}"}
+            )
             assert resp.status_code == 200 and resp.json()["username"] == "alice"
 
     async def test_basic_with_username_or_email(self, client, alice):
@@ -70,12 +82,20 @@ class TestAuthenticate:
         assert resp.status_code == 200, resp.text
         token = resp.json()
         assert token["token_type"] == "bearer" and token["expires_in"] > 0
-        me = await client.get("/api/users/myself/", headers={"Authorization": f"Bearer {token['access_token']}"})
+        me = await client.get(
+            "/api/users/myself/", headers={"Authorization": f"Bearer {token['access_token']}"}
+        )
         assert me.status_code == 200
 
     @pytest.mark.parametrize(
         "header",
-        ["Token nope", "Bearer ", "Basic !!!", "Basic " + base64.b64encode(b"alice:wrong").decode(), "Digest abc"],
+        [
+            "Token nope",
+            "Bearer ",
+            "Basic !!!",
+            "Basic " + base64.b64encode(b"alice:wrong").decode(),
+            "Digest abc",
+        ],
     )
     async def test_bad_credentials_are_401(self, client, alice, header):
         resp = await client.get("/api/users/myself/", headers={"Authorization": header})
@@ -89,7 +109,10 @@ class TestAuthenticate:
     async def test_no_credentials_is_401(self, client):
         resp = await client.get("/api/users/myself/")
         assert resp.status_code == 401
-        assert resp.json() == {"detail": "Authentication credentials were not provided.", "code": "not_authenticated"}
+        assert resp.json() == {
+            "detail": "Authentication credentials were not provided.",
+            "code": "not_authenticated",
+        }
         assert "WWW-Authenticate" in resp.headers
 
     async def test_inactive_user_cannot_log_in(self, client, admin, alice):
@@ -111,16 +134,30 @@ class TestUserResource:
         assert listing.headers["X-Total-Count"] == "2"
 
     async def test_update_self_but_not_others_or_privileges(self, client, alice, bob):
-        ok = await client.patch(f"/api/users/{alice.id}/", json={"first_name": "Ada", "date_format": "MDY"}, headers=alice.headers)
-        assert ok.status_code == 200 and ok.json()["first_name"] == "Ada" and ok.json()["date_format"] == "MDY"
-        assert (await client.patch(f"/api/users/{bob.id}/", json={"first_name": "X"}, headers=alice.headers)).status_code == 403
-        assert (await client.patch(f"/api/users/{alice.id}/", json={"is_superuser": True}, headers=alice.headers)).status_code == 403
+        ok = await client.patch(
+            f"/api/users/{alice.id}/", json={"first_name": "Ada", "date_format": "MDY"}, headers=alice.headers
+        )
+        assert (
+            ok.status_code == 200 and ok.json()["first_name"] == "Ada" and ok.json()["date_format"] == "MDY"
+        )
+        assert (
+            await client.patch(f"/api/users/{bob.id}/", json={"first_name": "X"}, headers=alice.headers)
+        ).status_code == 403
+        assert (
+            await client.patch(f"/api/users/{alice.id}/", json={"is_superuser": True}, headers=alice.headers)
+        ).status_code == 403
 
     async def test_password_change_takes_effect(self, client, alice):
-        resp = await client.put(f"/api/users/{alice.id}/", json={"password": "brand-new-password"}, headers=alice.headers)
+        resp = await client.put(
+            f"/api/users/{alice.id}/", json={"password": "brand-new-password"}, headers=alice.headers
+        )
         assert resp.status_code == 200
-        assert (await client.get("/api/users/myself/", headers=basic("alice", "brand-new-password"))).status_code == 200
-        assert (await client.get("/api/users/myself/", headers=basic("alice", alice.password))).status_code == 401
+        assert (
+            await client.get("/api/users/myself/", headers=basic("alice", "brand-new-password"))
+        ).status_code == 200
+        assert (
+            await client.get("/api/users/myself/", headers=basic("alice", alice.password))
+        ).status_code == 401
 
     async def test_missing_user_is_404(self, client, alice):
         resp = await client.get("/api/users/00000000-0000-4000-8000-000000000000/", headers=alice.headers)
@@ -135,16 +172,22 @@ class TestUserResource:
 
 class TestTokens:
     async def test_create_list_revoke(self, client, alice):
-        made = await client.post("/api/users/myself/tokens/", json={"name": "ci", "expires_in_days": 1}, headers=alice.headers)
+        made = await client.post(
+            "/api/users/myself/tokens/", json={"name": "ci", "expires_in_days": 1}, headers=alice.headers
+        )
         assert made.status_code == 201
         token = made.json()["token"]
         assert token.startswith("flp_")
-        assert (await client.get("/api/users/myself/", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+        assert (
+            await client.get("/api/users/myself/", headers={"Authorization": f"Bearer {token}"})
+        ).status_code == 200
         listing = (await client.get("/api/users/myself/tokens/", headers=alice.headers)).json()
         assert {t["name"] for t in listing} == {"ci", "primary"} and all("token" not in t for t in listing)
         revoked = await client.delete(f"/api/users/myself/tokens/{made.json()['id']}/", headers=alice.headers)
         assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
-        assert (await client.get("/api/users/myself/", headers={"Authorization": f"Bearer {token}"})).status_code == 401
+        assert (
+            await client.get("/api/users/myself/", headers={"Authorization": f"Bearer {token}"})
+        ).status_code == 401
 
     async def test_cannot_revoke_someone_elses_token(self, client, alice, bob):
         made = (await client.post("/api/users/myself/tokens/", json={}, headers=alice.headers)).json()

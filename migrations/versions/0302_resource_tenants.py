@@ -16,13 +16,13 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0302'
-down_revision: str | Sequence[str] | None = '0301'
+revision: str = "0302"
+down_revision: str | Sequence[str] | None = "0301"
 branch_labels: str | Sequence[str] | None = None
 # trainings.py columns come from 0101/0102, broker_topics from 0201.
-depends_on: str | Sequence[str] | None = ('0102', '0201')
+depends_on: str | Sequence[str] | None = ("0102", "0201")
 
-TABLES = ('models', 'trainings', 'broker_topics')
+TABLES = ("models", "trainings", "broker_topics")
 
 BACKFILL = (
     "UPDATE models SET organization_id = (SELECT users.organization_id FROM users WHERE users.id = models.owner_id)",
@@ -55,9 +55,9 @@ def upgrade() -> None:
                 "REFERENCES collections (id)"
             )
         else:
-            op.add_column(table, sa.Column('organization_id', sa.Uuid(), nullable=True))
-            op.create_foreign_key(constraint, table, 'collections', ['organization_id'], ['id'])
-        op.create_index(f'ix_{table}_organization_id', table, ['organization_id'], unique=False)
+            op.add_column(table, sa.Column("organization_id", sa.Uuid(), nullable=True))
+            op.create_foreign_key(constraint, table, "collections", ["organization_id"], ["id"])
+        op.create_index(f"ix_{table}_organization_id", table, ["organization_id"], unique=False)
     for statement in BACKFILL:
         op.execute(statement)
 
@@ -66,6 +66,6 @@ def downgrade() -> None:
     # On SQLite this recreates the tables; run downgrades there with foreign keys off.
     for table in reversed(TABLES):
         with op.batch_alter_table(table, schema=None) as batch_op:
-            batch_op.drop_index(f'ix_{table}_organization_id')
-            batch_op.drop_constraint(f'fk_{table}_organization_id_collections', type_='foreignkey')
-            batch_op.drop_column('organization_id')
+            batch_op.drop_index(f"ix_{table}_organization_id")
+            batch_op.drop_constraint(f"fk_{table}_organization_id_collections", type_="foreignkey")
+            batch_op.drop_column("organization_id")

@@ -14,18 +14,19 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0703'
-down_revision: str | Sequence[str] | None = '0602'
+revision: str = "0703"
+down_revision: str | Sequence[str] | None = "0602"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('users', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('notify_client_removed', sa.Boolean(), nullable=False,
-                                      server_default=sa.false()))
+    with op.batch_alter_table("users", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("notify_client_removed", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('users', schema=None) as batch_op:
-        batch_op.drop_column('notify_client_removed')
+    with op.batch_alter_table("users", schema=None) as batch_op:
+        batch_op.drop_column("notify_client_removed")

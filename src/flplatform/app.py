@@ -26,8 +26,8 @@ from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
 from flplatform.routers import health as health_router
 from flplatform.routers import inference as inference_router
-from flplatform.routers import organizations as organizations_router
 from flplatform.routers import models as models_router
+from flplatform.routers import organizations as organizations_router
 from flplatform.routers import trainings as trainings_router
 from flplatform.routers import users as users_router
 from flplatform.settings import Settings, get_settings
@@ -58,19 +58,37 @@ Every error has the same JSON shape: `{{"detail": "...", "code": "...", "errors"
 TAGS = [
     {"name": "auth", "description": "Log in and obtain tokens."},
     {"name": "users", "description": "Users, their profile and their API tokens."},
-    {"name": "models", "description": "Global models (TorchScript), their round history, client updates, metrics, "
-     "preprocessing and SWAG statistics."},
-    {"name": "trainings", "description": "Federated trainings: participants, lifecycle (I/O/S/C/E), rounds, "
-     "signed notifications to clients."},
-    {"name": "inference", "description": "Predictions with uncertainty (ensembles, MC dropout, SWAG) from "
-     "global, mean and SWAG models."},
-    {"name": "broker", "description": "DASF message broker: topics, grants, stored messages, availability "
-     "(websockets under /ws/)."},
-    {"name": "organizations", "description": "Organisations, projects, groups, members, roles, invitation links and "
-     "organisation settings (the permission hierarchy)."},
+    {
+        "name": "models",
+        "description": "Global models (TorchScript), their round history, client updates, metrics, "
+        "preprocessing and SWAG statistics.",
+    },
+    {
+        "name": "trainings",
+        "description": "Federated trainings: participants, lifecycle (I/O/S/C/E), rounds, "
+        "signed notifications to clients.",
+    },
+    {
+        "name": "inference",
+        "description": "Predictions with uncertainty (ensembles, MC dropout, SWAG) from "
+        "global, mean and SWAG models.",
+    },
+    {
+        "name": "broker",
+        "description": "DASF message broker: topics, grants, stored messages, availability "
+        "(websockets under /ws/).",
+    },
+    {
+        "name": "organizations",
+        "description": "Organisations, projects, groups, members, roles, invitation links and "
+        "organisation settings (the permission hierarchy).",
+    },
     {"name": "groups", "description": "DLR-compatible group routes (`/api/groups/`, `/api/users/groups/`)."},
-    {"name": "billing", "description": "Balances (USD, TOKEN, COUPON), top-ups, coupons, usage charges, "
-     "statements, bills, price list and ledger reconciliation."},
+    {
+        "name": "billing",
+        "description": "Balances (USD, TOKEN, COUPON), top-ups, coupons, usage charges, "
+        "statements, bills, price list and ledger reconciliation.",
+    },
     {"name": "audit", "description": "Append-only audit log of billing, permission and credential events."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
@@ -83,16 +101,19 @@ def _operation_id(route: APIRoute) -> str:
 
 def lifespan_components() -> list[LifespanComponent]:
     """Background components of each domain; domains append theirs here."""
-    from flplatform.services.trainings import training_component
-
     from flplatform.billing.hooks import billing_component
     from flplatform.broker import broker_component
     from flplatform.login_guard import login_guard_component
     from flplatform.sandbox import sandbox_component
+    from flplatform.services.trainings import training_component
     from flplatform.workqueue import workqueue_component
 
     return [
-        sandbox_component, login_guard_component, training_component, broker_component, billing_component,
+        sandbox_component,
+        login_guard_component,
+        training_component,
+        broker_component,
+        billing_component,
         workqueue_component,
     ]
 

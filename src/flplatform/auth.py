@@ -44,9 +44,14 @@ TOKEN = "token"  # an API token or an OAuth2 bearer
 oauth2_scheme = OAuth2PasswordBearer(
     tokenUrl="/api/auth/token/", auto_error=False, description="Log in with username (or email) and password."
 )
-basic_scheme = HTTPBasic(auto_error=False, description="Username or email + password, or a token + empty password.")
+basic_scheme = HTTPBasic(
+    auto_error=False, description="Username or email + password, or a token + empty password."
+)
 token_scheme = APIKeyHeader(
-    name="Authorization", auto_error=False, scheme_name="TokenAuth", description="`Token <key>` or `Bearer <key>`."
+    name="Authorization",
+    auto_error=False,
+    scheme_name="TokenAuth",
+    description="`Token <key>` or `Bearer <key>`.",
 )
 
 # Writing last_used_at on every request would turn reads into writes; a coarse value is enough.
@@ -103,7 +108,11 @@ async def login_with_password(
 
 
 async def identify(
-    session: AsyncSession, authorization: str | None, *, guard: LoginGuard | None = None, address: str | None = None
+    session: AsyncSession,
+    authorization: str | None,
+    *,
+    guard: LoginGuard | None = None,
+    address: str | None = None,
 ) -> Identified | None:
     """The user an ``Authorization`` header names and how, or None when there is no header.
 
@@ -149,7 +158,11 @@ async def identify(
 
 
 async def authenticate(
-    session: AsyncSession, authorization: str | None, *, guard: LoginGuard | None = None, address: str | None = None
+    session: AsyncSession,
+    authorization: str | None,
+    *,
+    guard: LoginGuard | None = None,
+    address: str | None = None,
 ) -> User | None:
     """:func:`identify` without the method."""
     found = await identify(session, authorization, guard=guard, address=address)
@@ -177,7 +190,10 @@ async def optional_user(
         method: str | None = preauth.method
     else:
         found = await identify(
-            session, request.headers.get("authorization"), guard=guard_of(request.app), address=client_address(request)
+            session,
+            request.headers.get("authorization"),
+            guard=guard_of(request.app),
+            address=client_address(request),
         )
         user, method = (found.user, found.method) if found is not None else (None, None)
     request.state.user = user
@@ -197,7 +213,9 @@ async def current_superuser(user: Annotated[User, Depends(current_user)]) -> Use
     return user
 
 
-async def caller_or_self_registration(request: Request, user: Annotated[User | None, Depends(optional_user)]) -> User | None:
+async def caller_or_self_registration(
+    request: Request, user: Annotated[User | None, Depends(optional_user)]
+) -> User | None:
     """The caller, or None for an anonymous caller when self-registration is on (else 401)."""
     if user is None and not request.app.state.settings.allow_self_registration:
         raise Unauthorized(SELF_REGISTRATION_OFF)

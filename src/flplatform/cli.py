@@ -49,7 +49,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("database %s migrated to head %s", database, ", ".join(head_revisions()))
     shown_host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
-    log.info("API docs at http://%s:%d/docs (ReDoc at /redoc, OpenAPI at /openapi.json)", shown_host, args.port)
+    log.info(
+        "API docs at http://%s:%d/docs (ReDoc at /redoc, OpenAPI at /openapi.json)", shown_host, args.port
+    )
     uvicorn.run(
         "flplatform.app:create_app",
         factory=True,
@@ -107,7 +109,9 @@ def _createuser(args: argparse.Namespace) -> int:
         engine = create_engine(settings)
         try:
             async with create_sessionmaker(engine)() as session:
-                user, token = await create_user(session, data, created_by=User(username="<cli>", is_superuser=True))
+                user, token = await create_user(
+                    session, data, created_by=User(username="<cli>", is_superuser=True)
+                )
                 await session.commit()
                 return str(user.id), token
         finally:
@@ -166,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     from flplatform import __version__
 
     parser = argparse.ArgumentParser(
-        prog="flplatform", description="Federated-learning platform server",
+        prog="flplatform",
+        description="Federated-learning platform server",
         epilog="Settings come from FLP_* environment variables; `flplatform serve --help` lists them all. "
         "Once serving, the API documentation is at http://HOST:PORT/docs.",
     )
@@ -175,26 +180,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     database = f"The database is {env_var('database_url')} (default: a SQLite file flplatform.db in the working directory)."
     serve = sub.add_parser(
-        "serve", help="apply migrations and serve the API (docs at /docs)",
+        "serve",
+        help="apply migrations and serve the API (docs at /docs)",
         description=f"Apply the database migrations, then serve the HTTP API, its websockets and the "
         f"documentation at /docs and /redoc. {database}",
-        epilog=_SETTINGS_EPILOG, formatter_class=_SettingsHelpFormatter,
+        epilog=_SETTINGS_EPILOG,
+        formatter_class=_SettingsHelpFormatter,
     )
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="interface to listen on; 0.0.0.0 for every interface (default: %(default)s)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on; 0.0.0.0 for every interface (default: %(default)s)",
+    )
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="uvicorn worker processes; more than one needs PostgreSQL (default: %(default)s)")
-    serve.add_argument("--no-migrate", action="store_true",
-                       help="do not apply migrations first (default: apply them)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes; more than one needs PostgreSQL (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--no-migrate", action="store_true", help="do not apply migrations first (default: apply them)"
+    )
     serve.set_defaults(func=_serve)
 
-    migrate = sub.add_parser("migrate", help="apply database migrations and exit",
-                             description=f"Bring the database to the latest schema. {database}")
+    migrate = sub.add_parser(
+        "migrate",
+        help="apply database migrations and exit",
+        description=f"Bring the database to the latest schema. {database}",
+    )
     migrate.set_defaults(func=_migrate)
 
     create = sub.add_parser(
-        "createuser", help="create a user (the first administrator: --superuser)",
+        "createuser",
+        help="create a user (the first administrator: --superuser)",
         description=f"Create a user and print its API token. {database} The first administrator of a new "
         f"server: `flplatform createuser --superuser --username admin --email admin@example.org`; "
         f"unattended alternative: {env_var('admin_username')}, {env_var('admin_password')} and "

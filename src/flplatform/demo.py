@@ -41,29 +41,56 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "train it federated on scikit-learn's bundled 8x8 digits (non-IID split among the clients); "
         "prints the global model's held-out accuracy and loss per round.",
     )
-    demo.add_argument("--method", choices=METHODS, default="FedAvg", help="aggregation method (default: %(default)s)")
+    demo.add_argument(
+        "--method", choices=METHODS, default="FedAvg", help="aggregation method (default: %(default)s)"
+    )
     demo.add_argument("--rounds", type=int, default=5, help="aggregation rounds (default: %(default)s)")
     demo.add_argument("--clients", type=int, default=5, help="participants (default: %(default)s)")
     demo.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight (default: %(default)s)")
-    demo.add_argument("--daisy-chain-period", type=int, default=1,
-                      help="FedDC: redistribute every d rounds (default: %(default)s)")
-    demo.add_argument("--aggregation-period", type=int, default=2,
-                      help="FedDC: aggregate every b rounds (default: %(default)s)")
-    demo.add_argument("--alpha", type=float, default=0.5,
-                      help="Dirichlet concentration of the label skew; smaller is more skewed (default: %(default)s)")
+    demo.add_argument(
+        "--daisy-chain-period",
+        type=int,
+        default=1,
+        help="FedDC: redistribute every d rounds (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--aggregation-period",
+        type=int,
+        default=2,
+        help="FedDC: aggregate every b rounds (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="Dirichlet concentration of the label skew; smaller is more skewed (default: %(default)s)",
+    )
     demo.add_argument("--epochs", type=int, default=3, help="local epochs per round (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0,
-                      help="seed of the data split, the model and the training; the same seed gives the same "
-                      "results bit for bit (default: %(default)s)")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data split, the model and the training; the same seed gives the same "
+        "results bit for bit (default: %(default)s)",
+    )
     demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    demo.add_argument("--upload-format", choices=("torchscript", "safetensors"), default="torchscript",
-                      help="how clients upload their updates (default: %(default)s)")
-    demo.add_argument("--timeout", type=float, default=600.0,
-                      help="give up after this many seconds (default: %(default)s)")
+    demo.add_argument(
+        "--upload-format",
+        choices=("torchscript", "safetensors"),
+        default="torchscript",
+        help="how clients upload their updates (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--timeout", type=float, default=600.0, help="give up after this many seconds (default: %(default)s)"
+    )
     demo.add_argument("--json", type=Path, help="also write the per-round results to this file")
-    demo.add_argument("--plot", type=Path, metavar="PNG",
-                      help="also draw accuracy and loss per round into this PNG (needs matplotlib: "
-                      "pip install 'flplatform[plot]')")
+    demo.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="also draw accuracy and loss per round into this PNG (needs matplotlib: "
+        "pip install 'flplatform[plot]')",
+    )
     demo.add_argument("--keep-db", action="store_true", help="keep the temporary database and print its path")
     demo.add_argument("-v", "--verbose", action="store_true", help="log client and server activity")
     demo.set_defaults(func=main)
@@ -97,7 +124,9 @@ class RoundRow:
     accuracy: float | None = None
     loss: float | None = None
     seconds: float | None = None  # wall time from the previous global model to this one
-    client_accuracy: list[tuple[str, int, float]] = field(default_factory=list)  # (client, test size, accuracy)
+    client_accuracy: list[tuple[str, int, float]] = field(
+        default_factory=list
+    )  # (client, test size, accuracy)
     train_loss: list[tuple[str, int, float]] = field(default_factory=list)  # (client, sample size, loss)
 
     @property
@@ -139,18 +168,27 @@ def _configure_server_env(workdir: Path, port: int, verbose: bool) -> tuple[str,
 
 async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
     started = time.perf_counter()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("uvicorn.error", "httpx", "flplatform"):
         logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.WARNING)
 
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.table import Table
 
     from flplatform.app import create_app
-    from flplatform.client import FLPlatformAPI, NotificationEndpoint, Participant, dump_module
-    from flplatform.client import digits
+    from flplatform.client import FLPlatformAPI, NotificationEndpoint, Participant, digits, dump_module
     from flplatform.client.embedded import EmbeddedServer
     from flplatform.migrate import upgrade
     from flplatform.settings import get_settings
@@ -161,15 +199,19 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
 
     url, admin_name, admin_password = _configure_server_env(workdir, args.port, args.verbose)
     await asyncio.to_thread(upgrade, url)
-    server = EmbeddedServer(create_app(get_settings()), "127.0.0.1", args.port, log_level="info" if args.verbose else "warning")
+    server = EmbeddedServer(
+        create_app(get_settings()), "127.0.0.1", args.port, log_level="info" if args.verbose else "warning"
+    )
     await server.start()
     endpoint = NotificationEndpoint("127.0.0.1", 0)
     await endpoint.start()
     apis: list[FLPlatformAPI] = []
     participants: list[Participant] = []
     try:
-        console.print(f"[bold]flplatform demo[/]: server {server.url} (SQLite in {workdir}), {args.clients} clients, "
-                      f"{args.rounds} rounds of {args.method}, seed {args.seed}")
+        console.print(
+            f"[bold]flplatform demo[/]: server {server.url} (SQLite in {workdir}), {args.clients} clients, "
+            f"{args.rounds} rounds of {args.method}, seed {args.seed}"
+        )
 
         # ---- data: held-out test set for the global model, non-IID shards for the clients
         data = digits.load_digits_tensors()
@@ -180,7 +222,9 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
         admin = FLPlatformAPI(server.url, username=admin_name, password=admin_password)
         apis.append(admin)
         await admin.login()
-        actor_user = await admin.create_user("demo-actor", secrets.token_urlsafe(12), actor=True, email="actor@example.org")
+        actor_user = await admin.create_user(
+            "demo-actor", secrets.token_urlsafe(12), actor=True, email="actor@example.org"
+        )
         actor = FLPlatformAPI(server.url, token=actor_user["token"])
         apis.append(actor)
 
@@ -232,9 +276,13 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
         for index, shard in enumerate(shards):
             name = f"client-{index + 1}"
             local_train, local_test = digits.train_test_split(shard, 0.2, args.seed + index)
-            trainer = digits.LocalTrainer(local_train, local_test, epochs=args.epochs, seed=args.seed * 1000 + index)
+            trainer = digits.LocalTrainer(
+                local_train, local_test, epochs=args.epochs, seed=args.seed * 1000 + index
+            )
 
-            def test(module: torch.nn.Module, round_: int, ctx: Any, trainer: digits.LocalTrainer = trainer) -> dict[str, float]:
+            def test(
+                module: torch.nn.Module, round_: int, ctx: Any, trainer: digits.LocalTrainer = trainer
+            ) -> dict[str, float]:
                 central_eval(round_, module)
                 return dict(trainer.test(module, round_, ctx))
 
@@ -243,31 +291,45 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
                     row(record.round).client_accuracy.append((name, test_size, record.metrics["accuracy"]))
                 elif record.kind == "train":
                     # The update of round r goes into the global model of round r + 1.
-                    row(record.round + 1).train_loss.append((name, record.sample_size, record.metrics["train_loss"]))
+                    row(record.round + 1).train_loss.append(
+                        (name, record.sample_size, record.metrics["train_loss"])
+                    )
 
             user = await admin.create_user(
-                name, secrets.token_urlsafe(12), client=True, email=f"{name}@example.org",
+                name,
+                secrets.token_urlsafe(12),
+                client=True,
+                email=f"{name}@example.org",
                 message_endpoint=f"{endpoint.public_url}/{name}/",
             )
             client_users.append(user)
             api = FLPlatformAPI(server.url, token=user["token"])
             apis.append(api)
             participant = Participant(
-                api, trainer.train, test, name=name, upload_format=args.upload_format,
+                api,
+                trainer.train,
+                test,
+                name=name,
+                upload_format=args.upload_format,
                 template=digits.DigitsCNN() if args.upload_format == "safetensors" else None,
-                progress=progress, on_record=on_record,
+                progress=progress,
+                on_record=on_record,
             )
             endpoint.add(participant)
             participants.append(participant)
         sizes = ", ".join(f"{len(s)} ({sum(1 for c in s.label_counts() if c)} classes)" for s in shards)
-        console.print(f"non-IID split (Dirichlet alpha={args.alpha}): {sizes}; held-out test set {len(held_out)}")
+        console.print(
+            f"non-IID split (Dirichlet alpha={args.alpha}): {sizes}; held-out test set {len(held_out)}"
+        )
 
         # ---- model and training
         model = digits.make_model(args.seed)
         initial = digits.evaluate(model, held_out)
         row(0).accuracy, row(0).loss = initial["accuracy"], initial["loss"]
         model_id = await actor.upload_model(
-            dump_module(model), name="digits-cnn", description="8x8 digits CNN (flplatform demo)",
+            dump_module(model),
+            name="digits-cnn",
+            description="8x8 digits CNN (flplatform demo)",
             input_shape=digits.INPUT_SHAPE,
         )
         options: dict[str, Any] = {}
@@ -278,8 +340,12 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
             options["aggregation_period"] = args.aggregation_period
             options["seed"] = args.seed  # which client continues from which local model
         training_id = await actor.create_training(
-            model_id, target_num_updates=args.rounds, clients=[u["id"] for u in client_users],
-            aggregation_method=args.method, metric_names=["accuracy", "loss"], options=options,
+            model_id,
+            target_num_updates=args.rounds,
+            clients=[u["id"] for u in client_users],
+            aggregation_method=args.method,
+            metric_names=["accuracy", "loss"],
+            options=options,
         )
 
         with progress:
@@ -287,7 +353,9 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
                 mark_round(0)
             await actor.start_training(training_id)
             final = await actor.wait_for_training(training_id, timeout=args.timeout)
-            await asyncio.gather(*(p.wait_finished(training_id, timeout=30) for p in participants), return_exceptions=True)
+            await asyncio.gather(
+                *(p.wait_finished(training_id, timeout=30) for p in participants), return_exceptions=True
+            )
 
         # The final global model, scored here too (covers trainings whose last test round is skipped).
         final_round = int(final.get("round") or max(rows))
@@ -314,7 +382,9 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
             client_acc = _weighted(current.client_accuracy)
             train_loss = _weighted(current.train_loss)
             table.add_row(
-                str(r), f"{current.accuracy:.4f}", f"{current.loss:.4f}",
+                str(r),
+                f"{current.accuracy:.4f}",
+                f"{current.loss:.4f}",
                 "–" if current.seconds is None else f"{current.seconds:.1f}",
                 "–" if client_acc is None else f"{client_acc:.4f}",
                 "–" if train_loss is None else f"{train_loss:.4f}",
@@ -327,22 +397,46 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
         scored = [rows[r] for r in sorted(rows) if rows[r].accuracy is not None]
         elapsed = time.perf_counter() - started
         if args.json:
-            args.json.write_text(json.dumps({
-                "method": args.method, "clients": args.clients, "rounds": args.rounds, "seed": args.seed,
-                "state": final.get("state"), "error_reason": final.get("error_reason"), "seconds": elapsed,
-                "rows": [{"round": x.round, "accuracy": x.accuracy, "loss": x.loss, "seconds": x.seconds,
-                          "clients_test_accuracy": _weighted(x.client_accuracy),
-                          "clients_train_loss": _weighted(x.train_loss)} for x in scored],
-                "client_errors": errors,
-            }, indent=2))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "method": args.method,
+                        "clients": args.clients,
+                        "rounds": args.rounds,
+                        "seed": args.seed,
+                        "state": final.get("state"),
+                        "error_reason": final.get("error_reason"),
+                        "seconds": elapsed,
+                        "rows": [
+                            {
+                                "round": x.round,
+                                "accuracy": x.accuracy,
+                                "loss": x.loss,
+                                "seconds": x.seconds,
+                                "clients_test_accuracy": _weighted(x.client_accuracy),
+                                "clients_train_loss": _weighted(x.train_loss),
+                            }
+                            for x in scored
+                        ],
+                        "client_errors": errors,
+                    },
+                    indent=2,
+                )
+            )
         if args.plot is not None and len(scored) > 1:
             from flplatform.demo_plot import plot_rounds
 
-            plot_rounds(scored, args.plot, title=f"flplatform demo: {args.method}, {args.clients} clients, "
-                        f"seed {args.seed}", held_out=len(held_out))
+            plot_rounds(
+                scored,
+                args.plot,
+                title=f"flplatform demo: {args.method}, {args.clients} clients, seed {args.seed}",
+                held_out=len(held_out),
+            )
             console.print(f"plot written to {args.plot}")
         if final.get("state") != "C":
-            console.print(f"[red]training ended in state {final.get('state')}: {final.get('error_reason')}[/]")
+            console.print(
+                f"[red]training ended in state {final.get('state')}: {final.get('error_reason')}[/]"
+            )
             return 1
         first, last = scored[0], scored[-1]
         console.print(

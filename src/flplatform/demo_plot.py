@@ -32,11 +32,20 @@ def plot_rounds(rows: Sequence[Any], path: Path, *, title: str, held_out: int) -
         accuracy_axes.plot(rounds, [r.accuracy for r in rows], marker="o", color="tab:blue")
         accuracy_axes.set_ylim(0, 1)
         accuracy_axes.set_ylabel(f"accuracy (held-out set, {held_out} digits)")
-        loss_axes.plot(rounds, [r.loss for r in rows], marker="o", color="tab:red", label="global model, held-out")
-        train = [(r.round, r.train_loss_mean) for r in rows if getattr(r, "train_loss_mean", None) is not None]
+        loss_axes.plot(
+            rounds, [r.loss for r in rows], marker="o", color="tab:red", label="global model, held-out"
+        )
+        train = [
+            (r.round, r.train_loss_mean) for r in rows if getattr(r, "train_loss_mean", None) is not None
+        ]
         if train:
-            loss_axes.plot(*zip(*train, strict=True), marker=".", linestyle="--", color="tab:orange",
-                           label="clients' local training")
+            loss_axes.plot(
+                *zip(*train, strict=True),
+                marker=".",
+                linestyle="--",
+                color="tab:orange",
+                label="clients' local training",
+            )
             loss_axes.legend(frameon=False)
         loss_axes.set_ylabel("cross-entropy loss")
         for axes in (accuracy_axes, loss_axes):
@@ -45,6 +54,8 @@ def plot_rounds(rows: Sequence[Any], path: Path, *, title: str, held_out: int) -
             axes.grid(alpha=0.3)
         figure.suptitle(title)
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, format="png", metadata={"Software": None})  # no version stamp: same run, same file
+        figure.savefig(
+            path, format="png", metadata={"Software": None}
+        )  # no version stamp: same run, same file
     finally:
         plt.close(figure)

@@ -40,7 +40,11 @@ class AppError(Exception):
     code: str = "bad_request"
 
     def __init__(
-        self, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None,
+        self,
+        detail: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
     ):
         super().__init__(detail)
@@ -120,14 +124,22 @@ _HTTP_CODES = {
 
 
 def error_response(
-    status_code: int, detail: str, code: str, *, errors: list[dict[str, Any]] | None = None,
-    headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+    status_code: int,
+    detail: str,
+    code: str,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"detail": _encodable(detail), "code": code}
     if errors is not None:
         body["errors"] = [
-            {**e, "loc": [_encodable(p) if isinstance(p, str) else p for p in e.get("loc", ())],
-             "msg": _encodable(str(e.get("msg", "")))}
+            {
+                **e,
+                "loc": [_encodable(p) if isinstance(p, str) else p for p in e.get("loc", ())],
+                "msg": _encodable(str(e.get("msg", ""))),
+            }
             for e in errors
         ]
     if extra:
@@ -188,5 +200,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries in the error shape, for route decorators."""
-    return {code: {"model": ErrorBody, "description": f"{HTTPStatus(code).phrase} (`{_HTTP_CODES.get(code, 'error')}`)"}
-            for code in codes}
+    return {
+        code: {
+            "model": ErrorBody,
+            "description": f"{HTTPStatus(code).phrase} (`{_HTTP_CODES.get(code, 'error')}`)",
+        }
+        for code in codes
+    }

@@ -54,8 +54,11 @@ async def check_worker(host: str | None = None) -> str | None:
                 await conn.execute(
                     select(func.count())
                     .select_from(Server)
-                    .where(Server.name.startswith(f"{host}:", autoescape=True), Server.ready.is_(True),
-                           Server.last_seen_at >= since)
+                    .where(
+                        Server.name.startswith(f"{host}:", autoescape=True),
+                        Server.ready.is_(True),
+                        Server.last_seen_at >= since,
+                    )
                 )
             ).scalar_one()
     except (SQLAlchemyError, OSError) as exc:  # an unreachable database: unhealthy, not a crash
@@ -66,7 +69,9 @@ async def check_worker(host: str | None = None) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flplatform.healthcheck", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flplatform.healthcheck", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     serve = sub.add_parser("serve", help="the server's /health answers 200")
     serve.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")

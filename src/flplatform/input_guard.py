@@ -32,8 +32,9 @@ def scope_problem(scope: Scope) -> tuple[list[str], str] | None:
         return ["path"], f"The path {problem}."
     query = scope.get("query_string", b"")
     if query:
-        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="utf-8",
-                                     errors="replace"):
+        for name, value in parse_qsl(
+            query.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="replace"
+        ):
             for part in (name, value):
                 problem = text_problem(part)
                 if problem:
@@ -58,8 +59,12 @@ class InputGuard:
                     await receive()  # websocket.connect
                     await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
                     return
-                response = error_response(422, message, "validation_error",
-                                          errors=[{"loc": loc, "msg": message, "type": "invalid_text"}])
+                response = error_response(
+                    422,
+                    message,
+                    "validation_error",
+                    errors=[{"loc": loc, "msg": message, "type": "invalid_text"}],
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -106,7 +106,11 @@ class FailedLoginAudit:
             for key, e in entries:  # put them back for the next flush
                 later = self.pending.get(key)
                 if later is not None:
-                    e.failed, e.refused, e.last_at = e.failed + later.failed, e.refused + later.refused, later.last_at
+                    e.failed, e.refused, e.last_at = (
+                        e.failed + later.failed,
+                        e.refused + later.refused,
+                        later.last_at,
+                    )
                     e.names |= later.names
                 self.pending[key] = e
             raise
@@ -124,11 +128,16 @@ class FailedLoginAudit:
                 sample = f" (names tried: {', '.join(repr(n) for n in sorted(e.names))})" if e.names else ""
                 subject = repr(name) if e.user_id is not None else "user names that match no user"
                 await audit.record(
-                    session, "auth.login_failed",
+                    session,
+                    "auth.login_failed",
                     f"{what} for {subject} from {address} between {e.first_at:%Y-%m-%d %H:%M:%S} and "
                     f"{e.last_at:%Y-%m-%d %H:%M:%S} UTC{sample}",
-                    level="WARNING", subject_user_id=e.user_id, ip=address[:64], count=attempts,
-                    module=__name__, function="flush",
+                    level="WARNING",
+                    subject_user_id=e.user_id,
+                    ip=address[:64],
+                    count=attempts,
+                    module=__name__,
+                    function="flush",
                 )
             await session.commit()
 
@@ -152,13 +161,17 @@ class LoginGuard:
     async def check(self, login: str, address: str | None, user_id: uuid.UUID | None = None) -> None:
         """Raise 429 when this name or this address has used up its failures for the window."""
         address = address or "unknown"
-        for item, key in ((self.per_account, ("account", self._name(login))), (self.per_address, ("address", address))):
+        for item, key in (
+            (self.per_account, ("account", self._name(login))),
+            (self.per_address, ("address", address)),
+        ):
             if not await self.limiter.test(item, "login", *key):
                 stats = await self.limiter.get_window_stats(item, "login", *key)
                 self.audit.add(login, address, user_id, refused=True)
                 raise TooManyRequests(
                     f"Too many failed logins for this {key[0]}; retry after the window ends.",
-                    retry_after=math.ceil(stats.reset_time - time.time()), code="login_throttled",
+                    retry_after=math.ceil(stats.reset_time - time.time()),
+                    code="login_throttled",
                 )
 
     async def failed(self, login: str, address: str | None, user_id: uuid.UUID | None) -> None:
@@ -174,7 +187,9 @@ def throttle_storage(settings: Settings, engine: AsyncEngine | None) -> Storage:
         uri = "memory" if settings.is_sqlite or engine is None else "database"
     if uri == "database":
         if engine is None:
-            raise RuntimeError("FLP_LOGIN_THROTTLE_STORAGE_URI=database needs the application's database engine")
+            raise RuntimeError(
+                "FLP_LOGIN_THROTTLE_STORAGE_URI=database needs the application's database engine"
+            )
         return DatabaseStorage(engine)
     if uri == "memory":
         uri = "async+memory://"

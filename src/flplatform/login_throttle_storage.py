@@ -54,7 +54,9 @@ class DatabaseStorage(Storage):
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
-                    select(RateLimitCounter.count, RateLimitCounter.expires_at).where(RateLimitCounter.key == key)
+                    select(RateLimitCounter.count, RateLimitCounter.expires_at).where(
+                        RateLimitCounter.key == key
+                    )
                 )
             ).first()
         if row is None or row.expires_at <= time.time():
@@ -88,5 +90,7 @@ class DatabaseStorage(Storage):
     async def purge(self) -> int:
         """Delete the rows of windows that have ended."""
         async with self.engine.begin() as conn:
-            result = await conn.execute(delete(RateLimitCounter).where(RateLimitCounter.expires_at <= time.time()))
+            result = await conn.execute(
+                delete(RateLimitCounter).where(RateLimitCounter.expires_at <= time.time())
+            )
             return result.rowcount

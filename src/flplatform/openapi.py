@@ -19,20 +19,33 @@ ERROR_SCHEMA_REF = "#/components/schemas/ErrorBody"
 ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
     400: {"detail": "Malformed JSON body.", "code": "malformed_json"},
     401: {"detail": "Authentication credentials were not provided.", "code": "not_authenticated"},
-    402: {"detail": "Insufficient balance: the round needs 1.20 USD, 0.35 USD is available.",
-          "code": "payment_required"},
-    403: {"detail": "Only the training's actor (or an organisation admin) may do this.", "code": "permission_denied"},
+    402: {
+        "detail": "Insufficient balance: the round needs 1.20 USD, 0.35 USD is available.",
+        "code": "payment_required",
+    },
+    403: {
+        "detail": "Only the training's actor (or an organisation admin) may do this.",
+        "code": "permission_denied",
+    },
     404: {"detail": "Model 5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10 not found.", "code": "not_found"},
     405: {"detail": "Method Not Allowed", "code": "method_not_allowed"},
     406: {"detail": "Not Acceptable", "code": "not_acceptable"},
     409: {"detail": "A user with username 'client-1' already exists.", "code": "conflict"},
     413: {"detail": "Request body larger than 2147483648 bytes.", "code": "payload_too_large"},
-    415: {"detail": "Only Content-Type 'multipart/form-data' is supported.", "code": "unsupported_media_type"},
+    415: {
+        "detail": "Only Content-Type 'multipart/form-data' is supported.",
+        "code": "unsupported_media_type",
+    },
     422: {
         "detail": "Invalid request: target_num_updates: Input should be greater than or equal to 1",
         "code": "validation_error",
-        "errors": [{"loc": ["body", "target_num_updates"], "msg": "Input should be greater than or equal to 1",
-                    "type": "greater_than_equal"}],
+        "errors": [
+            {
+                "loc": ["body", "target_num_updates"],
+                "msg": "Input should be greater than or equal to 1",
+                "type": "greater_than_equal",
+            }
+        ],
     },
     429: {"detail": "Too many requests; retry later.", "code": "too_many_requests"},
     500: {"detail": "Internal server error.", "code": "internal_error"},

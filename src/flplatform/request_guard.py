@@ -149,7 +149,9 @@ class _GuardedBody:
         settings = app.state.settings
         headers = Headers(scope=scope)
         route = scope.get("route")
-        limits: RouteBodyLimits = getattr(getattr(route, "endpoint", None), "__flp_body_limits__", RouteBodyLimits())
+        limits: RouteBodyLimits = getattr(
+            getattr(route, "endpoint", None), "__flp_body_limits__", RouteBodyLimits()
+        )
         media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media_type == "multipart/form-data":
             self.limit = limits.multipart(app.state) if limits.multipart else settings.max_upload_bytes
@@ -180,7 +182,9 @@ class _GuardedBody:
 
         client = self.scope.get("client")
         async with app.state.sessionmaker() as session:
-            found = await identify(session, authorization, guard=guard_of(app), address=client[0] if client else None)
+            found = await identify(
+                session, authorization, guard=guard_of(app), address=client[0] if client else None
+            )
             await session.commit()
         if found is not None:
             self.scope[PREAUTH_SCOPE_KEY] = PreAuthenticated(user_id=found.user.id, method=found.method)

@@ -59,7 +59,9 @@ class _HashingPool:
         with _POOL_LOCK:
             if self.in_flight >= self.threads + self.max_waiting:
                 raise TooManyRequests(
-                    "Too many logins are being checked right now; retry shortly.", retry_after=1, code="login_busy"
+                    "Too many logins are being checked right now; retry shortly.",
+                    retry_after=1,
+                    code="login_busy",
                 )
             self.in_flight += 1
         try:

@@ -36,8 +36,12 @@ def uvicorn_ws_options(**overrides: Any) -> dict[str, Any]:
 def uvicorn_ws_cli_args() -> list[str]:
     """The same settings as ``python -m uvicorn`` options."""
     return [
-        "--ws", WS_IMPLEMENTATION,
-        "--ws-max-size", str(WS_MAX_SIZE),
-        "--ws-ping-interval", str(WS_PING_INTERVAL),
-        "--ws-ping-timeout", str(WS_PING_TIMEOUT),
+        "--ws",
+        WS_IMPLEMENTATION,
+        "--ws-max-size",
+        str(WS_MAX_SIZE),
+        "--ws-ping-interval",
+        str(WS_PING_INTERVAL),
+        "--ws-ping-timeout",
+        str(WS_PING_TIMEOUT),
     ]

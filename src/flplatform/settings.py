@@ -39,19 +39,26 @@ class Settings(BaseSettings):
         description="Server secret (token hashing, token encryption, notification signatures). "
         "Required outside the embedded SQLite default.",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; ['*'] for any")
 
     # Request bodies (bytes; flplatform/request_guard.py). Multipart bodies are capped by
     # max_upload_bytes, every other body by max_json_body_bytes unless a route says otherwise.
     max_upload_bytes: int = Field(
-        default=2 * 1024**3, ge=1024, description="Largest multipart body (model uploads); also the cap on any body"
+        default=2 * 1024**3,
+        ge=1024,
+        description="Largest multipart body (model uploads); also the cap on any body",
     )
     max_json_body_bytes: int = Field(
-        default=1024**2, ge=1024, description="Largest JSON (or other non-multipart) body, unless a route overrides"
+        default=1024**2,
+        ge=1024,
+        description="Largest JSON (or other non-multipart) body, unless a route overrides",
     )
     inference_max_json_body_bytes: int = Field(
-        default=16 * 1024**2, ge=1024,
+        default=16 * 1024**2,
+        ge=1024,
         description="Largest JSON body of POST /api/inference/ and /api/inference/jobs/ (inputs as JSON lists); "
         "larger inputs go as multipart files",
     )
@@ -70,7 +77,9 @@ class Settings(BaseSettings):
     )
     access_token_ttl_seconds: int = Field(default=24 * 3600, ge=60, description="Lifetime of OAuth2 tokens")
     argon2_time_cost: int = Field(default=3, ge=1, description="Argon2 password hashing: iterations")
-    argon2_memory_cost_kib: int = Field(default=65536, ge=64, description="Argon2 password hashing: memory (KiB)")
+    argon2_memory_cost_kib: int = Field(
+        default=65536, ge=64, description="Argon2 password hashing: memory (KiB)"
+    )
 
     # Login throttling (flplatform/login_guard.py): failed password logins in a fixed window.
     login_window_seconds: float = Field(
@@ -80,7 +89,9 @@ class Settings(BaseSettings):
         default=10, ge=1, description="Failed logins for one user name/email per window before 429"
     )
     login_max_failures_per_address: int = Field(
-        default=50, ge=1, description="Failed logins from one client address per window (any user names) before 429"
+        default=50,
+        ge=1,
+        description="Failed logins from one client address per window (any user names) before 429",
     )
     login_throttle_storage_uri: str = Field(
         default="auto",
@@ -88,7 +99,8 @@ class Settings(BaseSettings):
         "`memory` (per process: the default on SQLite), or a `limits` storage URI such as async+redis://host:6379",
     )
     password_hash_concurrency: int = Field(
-        default_factory=lambda: max(1, (os.cpu_count() or 1) // 4), ge=1,
+        default_factory=lambda: max(1, (os.cpu_count() or 1) // 4),
+        ge=1,
         description="Password hashes/verifications computed at once per process, in threads of their own "
         "(default: a quarter of the CPUs, at least 1)",
     )
@@ -96,23 +108,30 @@ class Settings(BaseSettings):
         default=32, ge=0, description="Logins waiting for a hashing thread beyond which new ones get 429"
     )
     admin_username: str | None = Field(
-        default=None, description="With FLP_ADMIN_PASSWORD: a superuser created at start-up if no user has this name"
+        default=None,
+        description="With FLP_ADMIN_PASSWORD: a superuser created at start-up if no user has this name",
     )
     admin_email: str | None = Field(default=None, description="E-mail of that superuser")
     admin_password: SecretStr | None = Field(default=None, description="Password of that superuser")
 
     # Training lifecycle and notifications (services/trainings.py, services/notifications.py).
     notification_timeout_seconds: float = Field(
-        default=5.0, gt=0, description="Total deadline of one delivery attempt: DNS, connect, send, answer and its "
-        "(capped) body together; a trickling endpoint cannot stretch it"
+        default=5.0,
+        gt=0,
+        description="Total deadline of one delivery attempt: DNS, connect, send, answer and its "
+        "(capped) body together; a trickling endpoint cannot stretch it",
     )
     notification_max_response_bytes: int = Field(
-        default=4096, ge=0, description="Bytes of an endpoint's answer read at most (raw, undecoded); the rest is "
-        "never read and the connection is closed"
+        default=4096,
+        ge=0,
+        description="Bytes of an endpoint's answer read at most (raw, undecoded); the rest is "
+        "never read and the connection is closed",
     )
     notification_max_in_flight: int = Field(
-        default=64, ge=1, description="Deliveries one process runs at the same time, each to a different recipient "
-        "(a slow endpoint holds only its own slot)"
+        default=64,
+        ge=1,
+        description="Deliveries one process runs at the same time, each to a different recipient "
+        "(a slow endpoint holds only its own slot)",
     )
     notification_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
         default_factory=list,
@@ -121,8 +140,9 @@ class Settings(BaseSettings):
         "metadata addresses stay refused",
     )
     notification_allow_private_networks: bool = Field(
-        default=True, description="Allow notification endpoints in 10/8, 172.16/12, 192.168/16 and fc00::/7 "
-        "(on-premise clients live there); set false where the server shares a network with internal services"
+        default=True,
+        description="Allow notification endpoints in 10/8, 172.16/12, 192.168/16 and fc00::/7 "
+        "(on-premise clients live there); set false where the server shares a network with internal services",
     )
     notification_max_attempts: int = Field(default=5, ge=1, description="Transport attempts before giving up")
     notification_backoff_seconds: float = Field(
@@ -132,25 +152,37 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="How often deadlines, expired locks and due notifications are checked"
     )
     training_recovery_interval_seconds: float = Field(
-        default=10.0, gt=0, description="How often (and at start-up) every active training is re-checked for a round "
-        "whose condition is met but that nothing advanced (a process killed between an upload and its aggregation)"
+        default=10.0,
+        gt=0,
+        description="How often (and at start-up) every active training is re-checked for a round "
+        "whose condition is met but that nothing advanced (a process killed between an upload and its aggregation)",
     )
     aggregation_lease_seconds: int = Field(
-        default=900, ge=1, description="A round claimed for aggregation is free again after this (crash recovery)"
+        default=900,
+        ge=1,
+        description="A round claimed for aggregation is free again after this (crash recovery)",
     )
 
     # Work queue (workqueue/): aggregation and other background jobs claimed by any worker process.
     inprocess_worker: bool = Field(
         default=True, description="`flplatform serve` also runs a queue worker in each server process"
     )
-    worker_concurrency: int = Field(default=2, ge=1, description="Jobs one worker process runs at the same time")
+    worker_concurrency: int = Field(
+        default=2, ge=1, description="Jobs one worker process runs at the same time"
+    )
     worker_poll_interval_seconds: float = Field(
-        default=1.0, gt=0, description="How often an idle worker looks for jobs (PostgreSQL also wakes it by NOTIFY)"
+        default=1.0,
+        gt=0,
+        description="How often an idle worker looks for jobs (PostgreSQL also wakes it by NOTIFY)",
     )
     work_lease_seconds: float = Field(
-        default=60.0, gt=0, description="A claimed job is renewed while running; a dead worker's job is free after this"
+        default=60.0,
+        gt=0,
+        description="A claimed job is renewed while running; a dead worker's job is free after this",
     )
-    work_max_attempts: int = Field(default=5, ge=1, description="Claims of one job before it is marked as an error")
+    work_max_attempts: int = Field(
+        default=5, ge=1, description="Claims of one job before it is marked as an error"
+    )
 
     # Database pool (PostgreSQL).
     db_pool_size: int = Field(default=10, ge=1, description="PostgreSQL connections kept per process")

@@ -83,8 +83,10 @@ def test_encoder_accepts_views_of_one_buffer_and_non_contiguous_tensors():
 def test_misaligned_tensor_is_copied_not_viewed():
     body = b"\x01" + struct.pack("<2f", 1.5, -2.0)
     data = build(
-        {"byte": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-         "f": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]}},
+        {
+            "byte": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+            "f": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},
+        },
         body,
     )
     decoded = decode_safetensors(data)
@@ -116,8 +118,16 @@ GOOD_BODY = struct.pack("<4f", 1, 2, 3, 4)
         (build({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, GOOD_BODY), "needs 16 bytes"),
         (build({"t": {"dtype": "F32", "shape": [4]}}, GOOD_BODY), "data_offsets"),
         (build({"t": [1]}, GOOD_BODY), "not an object"),
-        (build({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, GOOD_BODY), "overlap"),
+        (
+            build(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                GOOD_BODY,
+            ),
+            "overlap",
+        ),
         (build({"__metadata__": {"k": 1}}, b""), "__metadata__"),
         (save({"w": torch.ones(100)})[:-1], "outside"),
     ],

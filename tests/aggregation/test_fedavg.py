@@ -38,10 +38,7 @@ def reference_mean(pairs):
     scale = max(w for _, w in pairs)
     scaled = [(sd, w / scale) for sd, w in pairs]
     total = sum(w for _, w in scaled)
-    return {
-        name: sum(sd[name].double() * w for sd, w in scaled) / total
-        for name in pairs[0][0]
-    }
+    return {name: sum(sd[name].double() * w for sd, w in scaled) / total for name in pairs[0][0]}
 
 
 def test_equal_weights_over_models_0_to_9_is_4_5():
@@ -54,7 +51,7 @@ def test_equal_weights_over_models_0_to_9_is_4_5():
 
 
 def test_sample_size_weights_0_1_2_over_models_0_1_2():
-    result = fedavg([(constant_model(i), n) for i, n in zip(range(3), [0, 1, 2])])
+    result = fedavg([(constant_model(i), n) for i, n in zip(range(3), [0, 1, 2], strict=False)])
     assert torch.allclose(result["conv.weight"], torch.full((4, 3, 2, 2), 5 / 3))
     assert result["fc.weight"][0, 0].item() == pytest.approx(5 / 3, rel=1e-15)
 
@@ -66,6 +63,7 @@ def test_generator_is_consumed_one_pair_at_a_time():
         for i in range(10):
             drawn.append(i)
             yield constant_model(i), 1
+
     result = fedavg(updates())
     assert drawn == list(range(10))
     assert torch.all(result["conv.bias"] == 4.5)
@@ -73,13 +71,22 @@ def test_generator_is_consumed_one_pair_at_a_time():
 
 def test_decoded_safetensors_and_plain_state_dicts_give_the_same_result():
     torch.manual_seed(0)
-    models = [{k: torch.randn_like(v.double()).to(v.dtype) if v.is_floating_point() else v
-               for k, v in constant_model(0, count=i).items()} for i in range(6)]
+    models = [
+        {
+            k: torch.randn_like(v.double()).to(v.dtype) if v.is_floating_point() else v
+            for k, v in constant_model(0, count=i).items()
+        }
+        for i in range(6)
+    ]
     weights = [3, 1, 4, 1, 5, 9]
-    plain = fedavg(list(zip(models, weights)))
-    decoded = fedavg([(decode_safetensors(encode_safetensors(m)), w) for m, w in zip(models, weights)])
-    streamed = fedavg((decode_safetensors(encode_safetensors(m)), w) for m, w in zip(models, weights))
-    expected = reference_mean(list(zip(models, weights)))
+    plain = fedavg(list(zip(models, weights, strict=False)))
+    decoded = fedavg(
+        [(decode_safetensors(encode_safetensors(m)), w) for m, w in zip(models, weights, strict=False)]
+    )
+    streamed = fedavg(
+        (decode_safetensors(encode_safetensors(m)), w) for m, w in zip(models, weights, strict=False)
+    )
+    expected = reference_mean(list(zip(models, weights, strict=False)))
     for name in expected:
         if expected[name].is_floating_point() and models[0][name].is_floating_point():
             tol = 1e-12 if models[0][name].dtype == torch.float64 else 1e-6
@@ -137,16 +144,28 @@ def test_integer_buffers_are_rounded_weighted_means():
     assert result["bn.num_batches_tracked"].dtype == torch.int64
     assert result["bn.num_batches_tracked"].item() == 23
     # half to even: (1 + 2) / 2 = 1.5 -> 2, (2 + 3) / 2 = 2.5 -> 2
-    assert fedavg([(constant_model(0, 1), 1), (constant_model(0, 2), 1)])["bn.num_batches_tracked"].item() == 2
-    assert fedavg([(constant_model(0, 2), 1), (constant_model(0, 3), 1)])["bn.num_batches_tracked"].item() == 2
+    assert (
+        fedavg([(constant_model(0, 1), 1), (constant_model(0, 2), 1)])["bn.num_batches_tracked"].item() == 2
+    )
+    assert (
+        fedavg([(constant_model(0, 2), 1), (constant_model(0, 3), 1)])["bn.num_batches_tracked"].item() == 2
+    )
     big = 2**40 + 1  # exact in float64 accumulation
-    assert fedavg([(constant_model(0, big), 1), (constant_model(0, big), 3)])["bn.num_batches_tracked"].item() == big
+    assert (
+        fedavg([(constant_model(0, big), 1), (constant_model(0, big), 3)])["bn.num_batches_tracked"].item()
+        == big
+    )
 
 
 def test_small_integer_and_bool_buffers():
     def model(i):
-        return {"w": torch.full((3,), float(i)), "q": torch.tensor([i, 2 * i], dtype=torch.int8),
-                "mask": torch.tensor([i >= 1, i >= 2, False]), "h": torch.full((2,), float(i)).half()}
+        return {
+            "w": torch.full((3,), float(i)),
+            "q": torch.tensor([i, 2 * i], dtype=torch.int8),
+            "mask": torch.tensor([i >= 1, i >= 2, False]),
+            "h": torch.full((2,), float(i)).half(),
+        }
+
     result = fedavg([(model(i), 1) for i in range(3)])
     assert result["q"].tolist() == [1, 2]
     assert result["mask"].tolist() == [True, False, False]
@@ -253,29 +272,42 @@ def test_decoded_updates_in_any_pass_structure_match_the_reference(n, seed, accu
     if feed == "resident views":
         agg = aggregation.get("fedavg", accumulate_dtype=accumulate)
         agg.begin(None)
-        for blob, weight in zip(blobs, weights):
+        for blob, weight in zip(blobs, weights, strict=False):
             agg.add(decode_safetensors(blob), weight)
         result, _ = agg.finish()
     elif feed == "generator":
-        result = fedavg(((decode_safetensors(bytes(blob)), w) for blob, w in zip(blobs, weights)),
-                        accumulate_dtype=accumulate)
+        result = fedavg(
+            ((decode_safetensors(bytes(blob)), w) for blob, w in zip(blobs, weights, strict=False)),
+            accumulate_dtype=accumulate,
+        )
     elif feed == "resident bytes":  # safetensors bytes straight into add(): one view per dtype group
         agg = aggregation.get("fedavg", accumulate_dtype=accumulate)
         agg.begin(None)
-        for blob, weight in zip(blobs, weights):
+        for blob, weight in zip(blobs, weights, strict=False):
             agg.add(blob, weight)
         result, _ = agg.finish()
     elif feed == "bytes generator":
-        result = fedavg(((bytes(blob), w) for blob, w in zip(blobs, weights)), accumulate_dtype=accumulate)
+        result = fedavg(
+            ((bytes(blob), w) for blob, w in zip(blobs, weights, strict=False)), accumulate_dtype=accumulate
+        )
     else:
-        result = fedavg([(decode_safetensors(blob), w) for blob, w in zip(blobs, weights)], accumulate_dtype=accumulate)
-    expected = reference_mean([(decode_safetensors(blob), w) for blob, w in zip(blobs, weights)])
+        result = fedavg(
+            [(decode_safetensors(blob), w) for blob, w in zip(blobs, weights, strict=False)],
+            accumulate_dtype=accumulate,
+        )
+    expected = reference_mean(
+        [(decode_safetensors(blob), w) for blob, w in zip(blobs, weights, strict=False)]
+    )
     assert torch.allclose(result["big"].double(), expected["big"], atol=1e-5)
     assert torch.allclose(result["double"], expected["double"], atol=1e-12)
     assert torch.allclose(result["half"].double(), expected["half"], atol=2e-3)
     assert result["steps"].item() == round(float(expected["steps"]))
     assert [result[k].dtype for k in ("big", "half", "double", "steps")] == [
-        torch.float32, torch.float16, torch.float64, torch.int64]
+        torch.float32,
+        torch.float16,
+        torch.float64,
+        torch.int64,
+    ]
 
 
 def test_safetensors_bytes_are_checked_like_state_dicts():
@@ -304,7 +336,11 @@ def test_safetensors_bytes_in_an_unusual_order_are_decoded_tensor_by_tensor():
     header, offset, chunks = {}, 0, []
     for name in ("b", "a"):  # reverse of the (dtype, name) order the layout expects
         raw = tensors[name].numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         offset += len(raw)
         chunks.append(raw)
     text = json.dumps(header).encode()

@@ -140,7 +140,10 @@ def test_process_peak_memory_of_a_round_is_at_most_two_models():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     done = subprocess.run(
         [sys.executable, "-c", RSS_PROBE, str(N), str(PARAMS)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
@@ -177,7 +180,7 @@ def test_views_of_bytes_kept_elsewhere_wait_to_fold_many_per_pass(monkeypatch):
     agg = aggregation.get("fedavg")
     agg.begin(None)
     model_bytes = 1010 * 4
-    for i, blob in enumerate(uploads):
+    for blob in uploads:
         agg.add(decode_safetensors(blob), 1.0)
         # the waiting views cost nothing: accumulator + the update being added
         assert agg.held_bytes() <= 2 * model_bytes

@@ -17,8 +17,7 @@ from flplatform.aggregation import aggregators as aggregators_module
 def random_models(n: int, seed: int, sizes=((5, 7), (13,))) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        {f"t{i}": torch.randn(size, generator=generator) for i, size in enumerate(sizes)}
-        for _ in range(n)
+        {f"t{i}": torch.randn(size, generator=generator) for i, size in enumerate(sizes)} for _ in range(n)
     ]
 
 
@@ -61,7 +60,9 @@ def test_robust_statistics_work_over_many_coordinate_blocks(monkeypatch):
     for name in models[0]:
         stacked = np.stack([m[name].numpy() for m in models])
         assert np.array_equal(median[name].numpy(), np.median(stacked, axis=0))
-        np.testing.assert_allclose(trimmed[name].numpy(), trim_mean(stacked.astype(np.float64), 0.2, axis=0), rtol=1e-6)
+        np.testing.assert_allclose(
+            trimmed[name].numpy(), trim_mean(stacked.astype(np.float64), 0.2, axis=0), rtol=1e-6
+        )
 
 
 def test_median_resists_outliers_and_averages_integer_buffers():
@@ -96,7 +97,9 @@ def test_multi_krum_averages_only_honest_updates():
     weights = [float(i + 1) for i in range(len(models))]
     agg, result = run("multi_krum", models, weights=weights, f=2)  # m = n - f = 8
     assert set(agg.selected()) == honest_indices
-    expected = sum(models[i]["w"].double() * weights[i] for i in honest_indices) / sum(weights[i] for i in honest_indices)
+    expected = sum(models[i]["w"].double() * weights[i] for i in honest_indices) / sum(
+        weights[i] for i in honest_indices
+    )
     assert torch.allclose(result["w"].double(), expected, atol=1e-5)
     agg, _ = run("multi_krum", models, f=2, m=3)
     assert len(agg.selected()) == 3 and set(agg.selected()) <= honest_indices

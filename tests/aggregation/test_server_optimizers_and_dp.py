@@ -21,8 +21,11 @@ from flplatform.aggregation import (
 
 
 def model(value: float, count: int = 5) -> dict[str, torch.Tensor]:
-    return {"w": torch.full((2, 3), float(value)), "b": torch.full((3,), float(value)),
-            "n": torch.tensor(count)}
+    return {
+        "w": torch.full((2, 3), float(value)),
+        "b": torch.full((3,), float(value)),
+        "n": torch.tensor(count),
+    }
 
 
 def one_round(name, global_value=1.0, update_values=(1.25, 1.75), state=None, **options):
@@ -40,8 +43,9 @@ def test_fedavgm_one_and_two_steps():
     new, state = one_round("fedavgm", server_lr=1.0, momentum=0.9)
     assert torch.allclose(new["w"], torch.full((2, 3), 1.5))  # v = 0.5; x = 1 + 0.5
     assert torch.allclose(state["momentum.w"], torch.full((2, 3), 0.5))
-    new2, state2 = one_round("fedavgm", global_value=1.5, update_values=(1.5,), state=state,
-                             server_lr=0.5, momentum=0.9)
+    new2, state2 = one_round(
+        "fedavgm", global_value=1.5, update_values=(1.5,), state=state, server_lr=0.5, momentum=0.9
+    )
     # delta = 0; v = 0.9 * 0.5 = 0.45; x = 1.5 + 0.5 * 0.45 = 1.725
     assert torch.allclose(new2["b"], torch.full((3,), 1.725))
     assert state2["round"].item() == 2
@@ -62,8 +66,13 @@ def test_fedyogi_one_step_from_zero_and_from_a_given_state():
     # v = 0 - 0.01 * 0.25 * sign(0 - 0.25) = 0.0025
     assert torch.allclose(new["w"], torch.full((2, 3), 1.0 + 0.01 * 0.05 / (0.05 + 1e-3)))
     assert torch.allclose(state["v.w"], torch.full((2, 3), 0.0025))
-    given = {"round": torch.tensor(4), "m.w": torch.full((2, 3), 0.2), "m.b": torch.full((3,), 0.2),
-             "v.w": torch.full((2, 3), 1.0), "v.b": torch.full((3,), 1.0)}
+    given = {
+        "round": torch.tensor(4),
+        "m.w": torch.full((2, 3), 0.2),
+        "m.b": torch.full((3,), 0.2),
+        "v.w": torch.full((2, 3), 1.0),
+        "v.b": torch.full((3,), 1.0),
+    }
     new, state = one_round("fedyogi", state=given, server_lr=0.01, beta1=0.9, beta2=0.99, tau=1e-3)
     m = 0.9 * 0.2 + 0.1 * 0.5  # 0.23
     v = 1.0 - 0.01 * 0.25 * 1.0  # sign(1 - 0.25) = +1 -> 0.9975
@@ -103,15 +112,19 @@ def test_dp_clipping_bounds_every_update_norm():
     generator = torch.Generator().manual_seed(0)
     updates = []
     for scale in (0.001, 0.5, 3.0, 100.0):
-        updates.append({"w": scale * torch.randn(1000, generator=generator) / math.sqrt(1000),
-                        "b": scale * torch.randn(10, generator=generator) / math.sqrt(10)})
+        updates.append(
+            {
+                "w": scale * torch.randn(1000, generator=generator) / math.sqrt(1000),
+                "b": scale * torch.randn(10, generator=generator) / math.sqrt(10),
+            }
+        )
     for update in updates:  # a single update: the result IS the clipped update
         for name in ("fedavg", "median", "trimmed_mean", "fedprox"):
             agg = aggregation.get(name, dp_clip_norm=clip)
             agg.begin(glob)
             agg.add(update, 3.0)
             result, _ = agg.finish()
-            norm = math.sqrt(sum(float((result[k].double() - glob[k]) .pow(2).sum()) for k in glob))
+            norm = math.sqrt(sum(float((result[k].double() - glob[k]).pow(2).sum()) for k in glob))
             original = math.sqrt(sum(float(update[k].double().pow(2).sum()) for k in glob))
             assert norm <= clip * (1 + 1e-5), name
             assert norm == pytest.approx(min(original, clip), rel=1e-4), name
@@ -162,8 +175,18 @@ def test_dp_noise_has_the_stated_std_and_is_seeded_per_round():
 
 
 def test_options_are_described_and_validated():
-    assert AGGREGATOR_NAMES == ("fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum",
-                                "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+    assert AGGREGATOR_NAMES == (
+        "fedavg",
+        "fedprox",
+        "median",
+        "trimmed_mean",
+        "krum",
+        "multi_krum",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+    )
     described = json.loads(json.dumps(describe_aggregators()))
     assert set(described) == set(AGGREGATOR_NAMES)
     for name in AGGREGATOR_NAMES:

@@ -36,7 +36,9 @@ class Ledger:
 
     async def top_up(self, user_id: uuid.UUID, amount: int, currency: Currency = Currency.USD) -> Any:
         return await self.run(
-            lambda s: billing.top_up(s, user_id=user_id, amount=amount, currency=currency, key=f"t:{uuid.uuid4()}")
+            lambda s: billing.top_up(
+                s, user_id=user_id, amount=amount, currency=currency, key=f"t:{uuid.uuid4()}"
+            )
         )
 
     async def coupon(self, user_id: uuid.UUID, amount: int) -> Any:
@@ -47,7 +49,9 @@ class Ledger:
     async def price(self, item: str, amount: int) -> None:
         await self.run(lambda s: set_price(s, item, amount, by=None))
 
-    async def balance(self, user_id: uuid.UUID, currency: Currency = Currency.USD, *, held: bool = False) -> int:
+    async def balance(
+        self, user_id: uuid.UUID, currency: Currency = Currency.USD, *, held: bool = False
+    ) -> int:
         async def read(s: Any) -> int:
             rows = await ledger.balances_of(s, user_id)
             from flplatform.orm.billing import AccountKind
@@ -67,7 +71,9 @@ class Ledger:
 
     async def total_by_currency(self) -> dict[str, int]:
         async def read(s: Any) -> dict[str, int]:
-            rows = await s.execute(select(Posting.currency, func.sum(Posting.amount)).group_by(Posting.currency))
+            rows = await s.execute(
+                select(Posting.currency, func.sum(Posting.amount)).group_by(Posting.currency)
+            )
             return {str(c): int(t) for c, t in rows}
 
         return await self.run(read)

@@ -23,7 +23,9 @@ async def test_failed_logins_and_token_lifecycle_are_audited(client, app, admin,
     r = await client.post("/api/auth/token/", data={"username": "alice", "password": "wrong-password"})
     assert r.status_code == 401
     basic = base64.b64encode(b"alice:also-wrong").decode()
-    assert (await client.get("/api/users/myself/", headers={"Authorization": f"Basic {basic}"})).status_code == 401
+    assert (
+        await client.get("/api/users/myself/", headers={"Authorization": f"Basic {basic}"})
+    ).status_code == 401
     # Failed logins are aggregated: one row per name, address and window, written when it ends.
     assert await app.state.login_guard.audit.flush(everything=True) == 1
     actions, rows = await _actions(client, admin, "auth.login_failed")
@@ -33,7 +35,9 @@ async def test_failed_logins_and_token_lifecycle_are_audited(client, app, admin,
     created = await client.post("/api/users/myself/tokens/", json={"name": "ci"}, headers=alice.headers)
     assert created.status_code == 201, created.text
     token_id = created.json()["id"]
-    assert (await client.delete(f"/api/users/myself/tokens/{token_id}/", headers=alice.headers)).status_code in (200, 204)
+    assert (
+        await client.delete(f"/api/users/myself/tokens/{token_id}/", headers=alice.headers)
+    ).status_code in (200, 204)
     actions, rows = await _actions(client, admin, "auth.token")
     assert sorted(actions) == ["auth.token_created", "auth.token_revoked"]
     assert {r["actor_id"] for r in rows} == {alice.id}
@@ -80,7 +84,10 @@ async def test_work_status_is_one_constrained_column(session):
     await session.rollback()
     with pytest.raises(IntegrityError):
         await session.execute(
-            text("INSERT INTO works (id, kind, status, created_at) VALUES ('00000000-0000-0000-0000-000000000001', "
-                 "'inference', 'sleeping', :now)"), {"now": utcnow()}
+            text(
+                "INSERT INTO works (id, kind, status, created_at) VALUES ('00000000-0000-0000-0000-000000000001', "
+                "'inference', 'sleeping', :now)"
+            ),
+            {"now": utcnow()},
         )
     await session.rollback()

@@ -10,14 +10,17 @@ X = [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0]]
 
 
 async def infer(client, account, model_id):
-    return await client.post("/api/inference/", json={"model_id": str(model_id), "model_input": X}, headers=account.headers)
+    return await client.post(
+        "/api/inference/", json={"model_id": str(model_id), "model_input": X}, headers=account.headers
+    )
 
 
 async def test_public_model_inference_moves_money_from_caller_to_owner(client, alice, bob, add_model, books):  # noqa: F811
     model_id = await add_model(alice, DropoutMLP(), input_shape=[None, 4])
     assert (await infer(client, bob, model_id)).status_code == 404  # private: not even visible
     r = await client.put(
-        f"/api/billing/models/{model_id}/pricing/", json={"inference_public": True, "inference_price_per_sample": "0.25"},
+        f"/api/billing/models/{model_id}/pricing/",
+        json={"inference_public": True, "inference_price_per_sample": "0.25"},
         headers=alice.headers,
     )
     assert r.status_code == 200
@@ -47,5 +50,7 @@ async def test_own_model_inference_charges_price_list_and_402_runs_nothing(clien
     assert await books.balance(alice.user.id) == 0
     from flplatform.billing import service as billing
 
-    _, total = await books.run(lambda s: billing.list_operations(s, user_id=alice.user.id, kind=OperationKind.INFERENCE))
+    _, total = await books.run(
+        lambda s: billing.list_operations(s, user_id=alice.user.id, kind=OperationKind.INFERENCE)
+    )
     assert total == 1

@@ -20,7 +20,10 @@ def acct(user, kind="available", currency="USD"):
 async def test_top_up_credits_user_from_external_payments(books, alice):
     op = await books.top_up(alice.user.id, usd(10))
     assert op.kind == OperationKind.TOP_UP and op.amount == usd(10)
-    assert await books.postings(op.entry_id) == {acct(alice.user): usd(10), "system:external_payments:USD": -usd(10)}
+    assert await books.postings(op.entry_id) == {
+        acct(alice.user): usd(10),
+        "system:external_payments:USD": -usd(10),
+    }
     assert await books.balance(alice.user.id) == usd(10)
     assert (await books.reconcile()).ok
 
@@ -29,7 +32,9 @@ async def test_charge_spends_coupons_before_usd(books, alice):
     await books.top_up(alice.user.id, usd(10))
     await books.coupon(alice.user.id, usd(3))
     op = await books.run(
-        lambda s: billing.charge(s, payer_id=alice.user.id, amount=usd(5), kind=OperationKind.MODEL_COPY, key="k1")
+        lambda s: billing.charge(
+            s, payer_id=alice.user.id, amount=usd(5), kind=OperationKind.MODEL_COPY, key="k1"
+        )
     )
     assert await books.postings(op.entry_id) == {
         acct(alice.user): -usd(2),
@@ -47,7 +52,9 @@ async def test_insufficient_funds_writes_nothing(books, alice):
     await books.top_up(alice.user.id, usd(1))
     with pytest.raises(InsufficientFunds) as caught:
         await books.run(
-            lambda s: billing.charge(s, payer_id=alice.user.id, amount=usd(2), kind=OperationKind.MODEL_COPY, key="k")
+            lambda s: billing.charge(
+                s, payer_id=alice.user.id, amount=usd(2), kind=OperationKind.MODEL_COPY, key="k"
+            )
         )
     assert caught.value.status_code == 402
     assert await books.balance(alice.user.id) == usd(1)
@@ -58,7 +65,9 @@ async def test_insufficient_funds_writes_nothing(books, alice):
 async def test_same_key_charges_once_and_other_intent_conflicts(books, alice):
     await books.top_up(alice.user.id, usd(10))
     charge = lambda amount: books.run(  # noqa: E731
-        lambda s: billing.charge(s, payer_id=alice.user.id, amount=amount, kind=OperationKind.MODEL_COPY, key="same")
+        lambda s: billing.charge(
+            s, payer_id=alice.user.id, amount=amount, kind=OperationKind.MODEL_COPY, key="same"
+        )
     )
     first = await charge(usd(4))
     again = await charge(usd(4))
@@ -86,8 +95,10 @@ async def test_hold_settle_charges_cost_and_releases_rest(books, alice):
     hold = await books.run(lambda s: billing.reserve(s, owner_id=alice.user.id, amount=usd(4), key="h"))
     assert (hold.amount, hold.coupon_amount) == (usd(3), usd(1))
     assert await books.postings(hold.entry_id) == {
-        acct(alice.user): -usd(3), acct(alice.user, "held"): usd(3),
-        acct(alice.user, currency="COUPON"): -usd(1), acct(alice.user, "held", "COUPON"): usd(1),
+        acct(alice.user): -usd(3),
+        acct(alice.user, "held"): usd(3),
+        acct(alice.user, currency="COUPON"): -usd(1),
+        acct(alice.user, "held", "COUPON"): usd(1),
     }
     assert await books.balance(alice.user.id) == usd(7)
     assert await books.balance(alice.user.id, held=True) == usd(3)
@@ -146,14 +157,18 @@ async def test_training_round_reserve_settle_release(books, alice, bob):
     await books.top_up(alice.user.id, usd(100))
     model = await books.model(alice.user.id)
     training = SimpleNamespace(
-        id=uuid.uuid4(), actor_id=alice.user.id, model_id=model.id,
+        id=uuid.uuid4(),
+        actor_id=alice.user.id,
+        model_id=model.id,
         options={"epochs": 2, "billing_samples_per_update": 1000},
     )
     hold = await books.run(lambda s: billing.reserve_round(s, training, 1, [alice.user, bob.user]))
     assert hold.amount == 2 * (usd(1) + usd("0.001") * 1000 * 2)  # 2 × 3 USD
     again = await books.run(lambda s: billing.reserve_round(s, training, 1, [alice.user, bob.user]))
     assert again.id == hold.id and await books.balance(alice.user.id) == usd(94)
-    op = await books.run(lambda s: billing.settle_round(s, training, 1, [(alice.user.id, 500), (bob.user.id, 700)]))
+    op = await books.run(
+        lambda s: billing.settle_round(s, training, 1, [(alice.user.id, 500), (bob.user.id, 700)])
+    )
     assert op.kind == OperationKind.TRAINING and op.amount == 2 * usd(1) + usd("0.001") * 1200 * 2
     assert op.count_of_lines == 1200 and op.count_of_training_epoch == 2 and op.model_id == model.id
     assert await books.balance(alice.user.id) == usd(100) - op.amount
@@ -175,21 +190,31 @@ async def test_free_round_reserves_nothing(books, alice):
 
 async def test_market_inference_pays_owner_minus_fee_in_one_entry(books, alice, bob):
     model = await books.model(alice.user.id)
-    await books.run(lambda s: billing.set_model_pricing(s, model.id, public=True, price_per_sample=usd("0.1")))
+    await books.run(
+        lambda s: billing.set_model_pricing(s, model.id, public=True, price_per_sample=usd("0.1"))
+    )
     await books.top_up(bob.user.id, usd(10))
     op = await books.run(lambda s: billing.charge_inference(s, bob.user, model, 20, key="inf-1"))
     assert op.kind == OperationKind.INFERENCE_MARKET and op.amount == usd(2) and op.owner_income == usd("1.8")
     assert await books.postings(op.entry_id) == {
-        acct(bob.user): -usd(2), acct(alice.user): usd("1.8"), "system:revenue:USD": usd("0.2"),
+        acct(bob.user): -usd(2),
+        acct(alice.user): usd("1.8"),
+        "system:revenue:USD": usd("0.2"),
     }
     report = await books.run(lambda s: billing.model_report(s, model.id))
-    assert report["api_income"] == usd("1.8") and report["inference_cost"] == usd(2) and report["samples_inferred"] == 20
+    assert (
+        report["api_income"] == usd("1.8")
+        and report["inference_cost"] == usd(2)
+        and report["samples_inferred"] == 20
+    )
     assert (await books.reconcile()).ok
 
 
 async def test_own_model_inference_uses_price_list(books, alice):
     model = await books.model(alice.user.id)
-    assert await books.run(lambda s: billing.charge_inference(s, alice.user, model, 5)) is None  # free by default
+    assert (
+        await books.run(lambda s: billing.charge_inference(s, alice.user, model, 5)) is None
+    )  # free by default
     await books.price("inference_request", usd("0.5"))
     await books.price("inference_sample", usd("0.01"))
     with pytest.raises(InsufficientFunds):
@@ -197,7 +222,10 @@ async def test_own_model_inference_uses_price_list(books, alice):
     await books.top_up(alice.user.id, usd(1))
     op = await books.run(lambda s: billing.charge_inference(s, alice.user, model, 5))
     assert op.kind == OperationKind.INFERENCE
-    assert await books.postings(op.entry_id) == {acct(alice.user): -usd("0.55"), "system:revenue:USD": usd("0.55")}
+    assert await books.postings(op.entry_id) == {
+        acct(alice.user): -usd("0.55"),
+        "system:revenue:USD": usd("0.55"),
+    }
 
 
 async def test_refund_reverses_market_inference_and_leaves_original(books, alice, bob):
@@ -211,7 +239,9 @@ async def test_refund_reverses_market_inference_and_leaves_original(books, alice
     assert refund.refunds_operation_id == op.id
     assert await books.postings(refund.entry_id) == {k: -v for k, v in original.items()}
     assert await books.postings(op.entry_id) == original
-    assert await books.balance(bob.user.id) == usd(5) and await books.balance(bob.user.id, Currency.COUPON) == usd(1)
+    assert await books.balance(bob.user.id) == usd(5) and await books.balance(
+        bob.user.id, Currency.COUPON
+    ) == usd(1)
     assert await books.balance(alice.user.id) == 0
     again = await books.run(lambda s: billing.refund(s, operation_id=op.id))
     assert again.id == refund.id
@@ -223,10 +253,14 @@ async def test_refund_reverses_market_inference_and_leaves_original(books, alice
 async def test_conversion_balances_per_currency(books, alice):
     await books.price("token_per_usd", 50)
     await books.top_up(alice.user.id, usd(2))
-    op = await books.run(lambda s: billing.convert_to_tokens(s, user_id=alice.user.id, usd_amount=usd(2), key="cv"))
+    op = await books.run(
+        lambda s: billing.convert_to_tokens(s, user_id=alice.user.id, usd_amount=usd(2), key="cv")
+    )
     assert await books.postings(op.entry_id) == {
-        acct(alice.user): -usd(2), "system:exchange:USD": usd(2),
-        acct(alice.user, currency="TOKEN"): usd(100), "system:exchange:TOKEN": -usd(100),
+        acct(alice.user): -usd(2),
+        "system:exchange:USD": usd(2),
+        acct(alice.user, currency="TOKEN"): usd(100),
+        "system:exchange:TOKEN": -usd(100),
     }
     await books.price("model_copy", usd(30))  # tokens
     model = await books.model(alice.user.id)
@@ -254,7 +288,10 @@ async def test_bill_is_paid_once(books, alice):
 async def test_payout_moves_earnings_out(books, alice):
     await books.top_up(alice.user.id, usd(3))
     op = await books.run(lambda s: billing.payout(s, user_id=alice.user.id, amount=usd(3), key="p"))
-    assert await books.postings(op.entry_id) == {acct(alice.user): -usd(3), "system:market_payouts:USD": usd(3)}
+    assert await books.postings(op.entry_id) == {
+        acct(alice.user): -usd(3),
+        "system:market_payouts:USD": usd(3),
+    }
     with pytest.raises(InsufficientFunds):
         await books.run(lambda s: billing.payout(s, user_id=alice.user.id, amount=1, key="p2"))
 
@@ -263,9 +300,12 @@ async def test_coupon_redeemed_once_per_user_and_bounded(books, alice, bob, make
     await books.run(lambda s: billing.create_coupon(s, code="TWO", amount=usd(1), max_redemptions=2))
     first = await books.run(lambda s: billing.redeem_coupon(s, user_id=alice.user.id, code="TWO"))
     assert await books.postings(first.entry_id) == {
-        acct(alice.user, currency="COUPON"): usd(1), "system:promotions:COUPON": -usd(1),
+        acct(alice.user, currency="COUPON"): usd(1),
+        "system:promotions:COUPON": -usd(1),
     }
-    assert (await books.run(lambda s: billing.redeem_coupon(s, user_id=alice.user.id, code="TWO"))).id == first.id
+    assert (
+        await books.run(lambda s: billing.redeem_coupon(s, user_id=alice.user.id, code="TWO"))
+    ).id == first.id
     await books.run(lambda s: billing.redeem_coupon(s, user_id=bob.user.id, code="TWO"))
     carol = await make_user("carol")
     from flplatform.errors import Conflict

@@ -129,7 +129,11 @@ class LedgerMachine(RuleBasedStateMachine):
     def hold(self, user: int, amount: int) -> None:
         spend = self._spend(user, amount)
         try:
-            hold = self.db(lambda s: billing.reserve(s, owner_id=self.users[user], amount=amount, key=f"h:{uuid.uuid4()}"))
+            hold = self.db(
+                lambda s: billing.reserve(
+                    s, owner_id=self.users[user], amount=amount, key=f"h:{uuid.uuid4()}"
+                )
+            )
         except InsufficientFunds:
             assert spend is None, "refused a hold the model could afford"
             return
@@ -152,10 +156,14 @@ class LedgerMachine(RuleBasedStateMachine):
         billed = min(cost, cash + coupon)
         from_coupon = min(coupon, billed)
         from_cash = billed - from_coupon
-        self._apply({
-            (user, "held_cash"): -cash, (user, "held_coupon"): -coupon,
-            (user, "cash"): cash - from_cash, (user, "coupon"): coupon - from_coupon,
-        })
+        self._apply(
+            {
+                (user, "held_cash"): -cash,
+                (user, "held_coupon"): -coupon,
+                (user, "cash"): cash - from_cash,
+                (user, "coupon"): coupon - from_coupon,
+            }
+        )
         assert op.amount == billed
         self.ops.append((op.id, {(user, "cash"): -from_cash, (user, "coupon"): -from_coupon}))
         # Settling again is a no-op returning the same operation.
@@ -170,7 +178,14 @@ class LedgerMachine(RuleBasedStateMachine):
             return await billing.release(s, await s.get(Hold, hold_id), reason="test")
 
         assert self.db(go) is True
-        self._apply({(user, "held_cash"): -cash, (user, "held_coupon"): -coupon, (user, "cash"): cash, (user, "coupon"): coupon})
+        self._apply(
+            {
+                (user, "held_cash"): -cash,
+                (user, "held_coupon"): -coupon,
+                (user, "cash"): cash,
+                (user, "coupon"): coupon,
+            }
+        )
         assert self.db(go) is False
 
     @rule(caller=st.integers(0, 1), samples=st.integers(1, 20))
@@ -253,7 +268,9 @@ def test_ledger_state_machine(db_url: str) -> None:
         machine = LedgerMachine.TestCase
         machine.settings = settings(
             # Bounded: ~30 sequences over both databases keeps the folder fast.
-            max_examples=20 if db_url.startswith("sqlite") else 10, stateful_step_count=10, deadline=None,
+            max_examples=20 if db_url.startswith("sqlite") else 10,
+            stateful_step_count=10,
+            deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
         )
         machine().runTest()

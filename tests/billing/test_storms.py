@@ -16,8 +16,9 @@ ROW = [[0.1, 0.2, 0.3, 0.4]]
 
 
 async def _infer(client, account, model_id):
-    return await client.post("/api/inference/", json={"model_id": str(model_id), "model_input": ROW},
-                             headers=account.headers)
+    return await client.post(
+        "/api/inference/", json={"model_id": str(model_id), "model_input": ROW}, headers=account.headers
+    )
 
 
 async def test_inference_storm_on_own_model_never_overdraws(client, alice, add_model, books):  # noqa: F811
@@ -33,12 +34,20 @@ async def test_inference_storm_on_own_model_never_overdraws(client, alice, add_m
 
 
 async def test_market_storm_pays_the_owner_for_exactly_the_answered_requests(
-    client, make_user, alice, bob, add_model, books  # noqa: F811
+    client,
+    make_user,
+    alice,
+    bob,
+    add_model,
+    books,  # noqa: F811
 ):
     carol = await make_user("carol")
     model_id = await add_model(alice, DropoutMLP(), input_shape=[None, 4])
-    r = await client.put(f"/api/billing/models/{model_id}/pricing/",
-                         json={"inference_public": True, "inference_price_per_sample": "0.2"}, headers=alice.headers)
+    r = await client.put(
+        f"/api/billing/models/{model_id}/pricing/",
+        json={"inference_public": True, "inference_price_per_sample": "0.2"},
+        headers=alice.headers,
+    )
     assert r.status_code == 200, r.text
     await books.top_up(bob.user.id, usd("0.7"))  # 3 requests
     await books.top_up(carol.user.id, usd("0.5"))  # 2 requests

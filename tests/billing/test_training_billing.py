@@ -8,10 +8,21 @@ from typing import Any
 from flplatform.billing import service as billing
 from flplatform.orm.billing import OperationKind
 from tests.billing.conftest import usd
-from tests.training.conftest import as_safetensors, create_training, post_update, scripted_bytes, shifted, state_of, tiny_net, upload_global
+from tests.training.conftest import (
+    as_safetensors,
+    create_training,
+    post_update,
+    scripted_bytes,
+    shifted,
+    state_of,
+    tiny_net,
+    upload_global,
+)
 
 
-async def _wait(client: Any, headers: dict[str, str], training_id: str, cond: Any, timeout: float = 20.0) -> dict[str, Any]:
+async def _wait(
+    client: Any, headers: dict[str, str], training_id: str, cond: Any, timeout: float = 20.0
+) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         body = (await client.get(f"/api/trainings/{training_id}/", headers=headers)).json()
@@ -33,21 +44,34 @@ async def test_training_rounds_are_reserved_and_settled(client, alice, make_user
     c1, c2 = await make_user("c1", client=True), await make_user("c2", client=True)
     initial = scripted_bytes(tiny_net())
     model_id = await upload_global(client, alice.headers, initial)
-    training_id = await create_training(client, alice.headers, model_id, [c1.id, c2.id], options={"skip_model_tests": True})
+    training_id = await create_training(
+        client, alice.headers, model_id, [c1.id, c2.id], options={"skip_model_tests": True}
+    )
     r = await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
     assert r.status_code == 202, r.text
-    assert await books.balance(alice.user.id) == usd(6) and await books.balance(alice.user.id, held=True) == usd(4)
+    assert await books.balance(alice.user.id) == usd(6) and await books.balance(
+        alice.user.id, held=True
+    ) == usd(4)
     state = state_of(initial)
     for round_ in range(2):
         for c, samples in ((c1, 30), (c2, 10)):
-            r = await post_update(client, c.headers, model_id, as_safetensors(shifted(state, 0.1)), round_, samples)
+            r = await post_update(
+                client, c.headers, model_id, as_safetensors(shifted(state, 0.1)), round_, samples
+            )
             assert r.status_code == 201, r.text
-        await _wait(client, alice.headers, training_id, lambda b: b["state"] == "C" or b["round"] == round_ + 1)
+        await _wait(
+            client,
+            alice.headers,
+            training_id,
+            lambda b, round_=round_: b["state"] == "C" or b["round"] == round_ + 1,
+        )
     await _wait(client, alice.headers, training_id, lambda b: b["state"] == "C")
     per_round = 2 * usd(1) + usd("0.01") * 40  # two updates, 40 samples
     assert await books.balance(alice.user.id) == usd(10) - 2 * per_round
     assert await books.balance(alice.user.id, held=True) == 0
-    ops, total = await books.run(lambda s: billing.list_operations(s, user_id=alice.user.id, kind=OperationKind.TRAINING))
+    ops, total = await books.run(
+        lambda s: billing.list_operations(s, user_id=alice.user.id, kind=OperationKind.TRAINING)
+    )
     assert total == 2 and sorted(op.round for op in ops) == [0, 1]
     assert all(op.amount == per_round and op.count_of_lines == 40 for op in ops)
     report = (await client.get(f"/api/billing/models/{model_id}/report/", headers=alice.headers)).json()
@@ -76,7 +100,9 @@ async def test_holds_of_stopped_trainings_are_released(client, alice, make_user,
     c1 = await make_user("c1", client=True)
     model_id = await upload_global(client, alice.headers)
     training_id = await create_training(client, alice.headers, model_id, [c1.id])
-    assert (await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)).status_code == 202
+    assert (
+        await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    ).status_code == 202
     assert await books.balance(alice.user.id, held=True) == usd(2)
     r = await client.post(f"/api/trainings/{training_id}/stop/", headers=alice.headers)
     assert r.status_code in (200, 202), r.text
@@ -92,9 +118,17 @@ async def test_epochs_and_reserved_samples_from_the_training_options(client, ali
     c1, c2 = await make_user("c1", client=True), await make_user("c2", client=True)
     initial = scripted_bytes(tiny_net())
     model_id = await upload_global(client, alice.headers, initial)
-    training_id = await create_training(client, alice.headers, model_id, [c1.id, c2.id], target_num_updates=1,
-                                        options={"skip_model_tests": True, "epochs": 2, "billing_samples_per_update": 50})
-    assert (await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)).status_code == 202
+    training_id = await create_training(
+        client,
+        alice.headers,
+        model_id,
+        [c1.id, c2.id],
+        target_num_updates=1,
+        options={"skip_model_tests": True, "epochs": 2, "billing_samples_per_update": 50},
+    )
+    assert (
+        await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    ).status_code == 202
     # reserved per participant: 1 + 0.01 × 50 samples × 2 epochs = 2
     assert await books.balance(alice.user.id, held=True) == usd(4)
     state = state_of(initial)
@@ -105,8 +139,18 @@ async def test_epochs_and_reserved_samples_from_the_training_options(client, ali
     cost = 2 * usd(1) + usd("0.01") * 40 * 2
     assert await books.balance(alice.user.id) == usd(10) - cost
     assert await books.balance(alice.user.id, held=True) == 0
-    ops, total = await books.run(lambda s: billing.list_operations(s, user_id=alice.user.id, kind=OperationKind.TRAINING))
+    ops, total = await books.run(
+        lambda s: billing.list_operations(s, user_id=alice.user.id, kind=OperationKind.TRAINING)
+    )
     assert total == 1 and ops[0].amount == cost and ops[0].count_of_training_epoch == 2
-    r = await client.post("/api/trainings/", headers=alice.headers, json={
-        "model_id": model_id, "target_num_updates": 1, "aggregation_method": "FedAvg", "options": {"epochs": 0}})
+    r = await client.post(
+        "/api/trainings/",
+        headers=alice.headers,
+        json={
+            "model_id": model_id,
+            "target_num_updates": 1,
+            "aggregation_method": "FedAvg",
+            "options": {"epochs": 0},
+        },
+    )
     assert r.status_code == 422

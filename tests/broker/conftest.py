@@ -89,7 +89,12 @@ async def serve_live(app: Any, **ws_overrides: Any) -> AsyncIterator[LiveBroker]
     (``flplatform.serving``) except ``ws_overrides``."""
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", **uvicorn_ws_options(**ws_overrides)
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_level="warning",
+        **uvicorn_ws_options(**ws_overrides),
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -130,4 +135,6 @@ def request_frame(context: int = 0, response_topic: str | None = None, **extra: 
     properties: dict[str, Any] = {"requestContext": context, "messageType": "request"}
     if response_topic:
         properties["response_topic"] = response_topic
-    return json.dumps({"properties": properties, "payload": "eyJmdW5jX25hbWUiOiJoZWxsbyJ9", "context": context, **extra})
+    return json.dumps(
+        {"properties": properties, "payload": "eyJmdW5jX25hbWUiOiJoZWxsbyJ9", "context": context, **extra}
+    )

@@ -3,11 +3,9 @@
 No ``from __future__ import annotations``: demessaging finds progress reporters by their
 evaluated type hints."""
 
-
+from demessaging import main
 from deprogressapi import ProgressReport
 from deprogressapi.settings import ReportSettings
-
-from demessaging import main
 
 __all__ = ["hello_world", "add", "count_to", "big"]
 
@@ -33,7 +31,8 @@ def add(a: int, b: int = 1) -> int:
 def count_to(
     n: int,
     reporter: ProgressReport = ProgressReport(
-        step_message="Counting", settings=ReportSettings(show_method="PRINT")  # no terminal in tests
+        step_message="Counting",
+        settings=ReportSettings(show_method="PRINT"),  # no terminal in tests
     ),
 ) -> int:
     """Count to n with a progress report per step.

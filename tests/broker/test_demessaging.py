@@ -115,7 +115,12 @@ async def test_demessaging_backend_and_callers(live):
         # api_info came back through ws/status-ping and is stored.
         async with live.http() as http:
             detail = (await http.get(f"/api/broker/topics/{topic}/")).json()
-        assert {f["name"] for f in detail["api_info"]["functions"]} == {"hello_world", "add", "count_to", "big"}
+        assert {f["name"] for f in detail["api_info"]["functions"]} == {
+            "hello_world",
+            "add",
+            "count_to",
+            "big",
+        }
         # Three CLI callers at once (each is a fresh interpreter): hello world, arguments, and a
         # validation error, which travels back as an error response so the client raises.
         hello, added, invalid = await asyncio.gather(
@@ -127,7 +132,10 @@ async def test_demessaging_backend_and_callers(live):
         assert added[0] == 0 and added[1].strip().endswith("42"), added[2][-2000:]
         assert invalid[0] != 0 and "validat" in invalid[2].lower()
         # The Python API.
-        assert await asyncio.to_thread(_python_api_call, live, topic, {"func_name": "hello_world"}) == "Hello World!"
+        assert (
+            await asyncio.to_thread(_python_api_call, live, topic, {"func_name": "hello_world"})
+            == "Hello World!"
+        )
         assert await asyncio.to_thread(_python_api_call, live, topic, {"func_name": "add", "a": 1}) == 2
         # Availability through the reference's HTTP views.
         async with live.http(follow_redirects=False) as http:
@@ -149,13 +157,19 @@ async def test_progress_and_fragmented_response_pass_through(live):
     async with Backend(live, topic):
         async with live.connect(f"{response_topic}/web-frontend-2025-01-01T12:00:00.000Z") as inbox:
             async with live.connect(topic) as outbox:
-                for context, request in ((1, {"func_name": "count_to", "n": 2, "reporter": {"step_message": "Counting"}}), (2, {"func_name": "big", "size": 1_200_000})):
+                for context, request in (
+                    (1, {"func_name": "count_to", "n": 2, "reporter": {"step_message": "Counting"}}),
+                    (2, {"func_name": "big", "size": 1_200_000}),
+                ):
                     body = base64.b64encode(json.dumps(request).encode()).decode()
                     await outbox.send(
                         json.dumps(
                             {
-                                "properties": {"response_topic": response_topic, "requestContext": str(context),
-                                               "messageType": "request"},
+                                "properties": {
+                                    "response_topic": response_topic,
+                                    "requestContext": str(context),
+                                    "messageType": "request",
+                                },
                                 "payload": body,
                                 "context": str(context),
                             }
@@ -197,6 +211,8 @@ async def test_private_topic_with_tokens_and_fast_refusal(live, make_user):
         )
         # Anonymous callers are refused with an "error" ack: the client fails fast instead of hanging.
         started = time.monotonic()
-        rc, out, err = await _run(_command(live, topic, "send-request", '{"func_name": "hello_world"}'), timeout=30)
+        rc, out, err = await _run(
+            _command(live, topic, "send-request", '{"func_name": "hello_world"}'), timeout=30
+        )
         assert rc != 0 and "error" in err.lower()
         assert time.monotonic() - started < 15

@@ -17,7 +17,10 @@ async def _count(live, slug: str) -> int:
     async with live.app.state.sessionmaker() as session:
         return (
             await session.execute(
-                select(func.count()).select_from(BrokerMessage).join(BrokerTopic).where(BrokerTopic.slug == slug)
+                select(func.count())
+                .select_from(BrokerMessage)
+                .join(BrokerTopic)
+                .where(BrokerTopic.slug == slug)
             )
         ).scalar_one()
 
@@ -118,6 +121,7 @@ async def _no_loss(live, policy: StorePolicy, total: int) -> None:
     async with live.connect(f"{slug}/slow") as consumer:
         reader = asyncio.create_task(slow_consumer(consumer))
         async with live.connect(slug) as producer:
+
             async def send_all() -> None:
                 for i in range(total):
                     await producer.send(json.dumps({"payload": "", "context": i}))
@@ -150,15 +154,28 @@ async def test_anonymous_response_topics_are_bound_to_their_waiting_sockets(live
         request = await recv_json(backend)
         async with live.connect(f"{response_topic}/guesser") as guesser:
             async with live.connect(response_topic) as answer:
-                await answer.send(json.dumps({"properties": {"status": "success", "requestContext": "0",
-                                                             "messageType": "response", "source_topic": slug},
-                                              "context": "0", "payload": "Ig=="}))
+                await answer.send(
+                    json.dumps(
+                        {
+                            "properties": {
+                                "status": "success",
+                                "requestContext": "0",
+                                "messageType": "response",
+                                "source_topic": slug,
+                            },
+                            "context": "0",
+                            "payload": "Ig==",
+                        }
+                    )
+                )
                 assert (await recv_json(answer))["result"] == "ok"
             got = await recv_json(mine)
             assert got["properties"]["messageType"] == "response" and request["messageId"]
             assert await no_message(guesser, 0.5)
     async with live.app.state.sessionmaker() as session:
-        topic = (await session.execute(select(ResponseTopic).where(ResponseTopic.slug == response_topic))).scalar_one()
+        topic = (
+            await session.execute(select(ResponseTopic).where(ResponseTopic.slug == response_topic))
+        ).scalar_one()
     assert topic.requester_id is None and topic.is_public is False
 
 
@@ -173,7 +190,9 @@ async def test_response_topic_grants_follow_the_source_topic(live, alice, bob, m
             await requester.send(request_frame(0, response_topic))
             assert (await recv_json(requester))["result"] == "ok"
         async with live.http(headers=alice.headers) as http:
-            assert (await http.put(f"/api/broker/topics/{slug}/grants/carol/", json={"can_consume": True})).status_code == 403
+            assert (
+                await http.put(f"/api/broker/topics/{slug}/grants/carol/", json={"can_consume": True})
+            ).status_code == 403
         async with live.app.state.sessionmaker() as session:
             from flplatform.broker import service
 
@@ -183,8 +202,15 @@ async def test_response_topic_grants_follow_the_source_topic(live, alice, bob, m
         await live.broker.invalidate(None)
         for account, context in ((bob, "1"), (carol, "2")):
             async with live.connect(response_topic, headers=account.headers) as answer:
-                await answer.send(json.dumps({"properties": {"requestContext": context, "messageType": "response"},
-                                              "context": context, "payload": ""}))
+                await answer.send(
+                    json.dumps(
+                        {
+                            "properties": {"requestContext": context, "messageType": "response"},
+                            "context": context,
+                            "payload": "",
+                        }
+                    )
+                )
                 assert (await recv_json(answer))["result"] == "ok"
             assert (await recv_json(inbox))["context"] == context
         async with live.connect(response_topic) as anonymous:
@@ -194,7 +220,9 @@ async def test_response_topic_grants_follow_the_source_topic(live, alice, bob, m
 
 async def test_store_does_not_flood_a_new_consumer_unless_asked(live, alice, bob):
     slug = await live.create_topic(
-        anonymous=True, store=StorePolicy.STORE, supports_dasf=False,
+        anonymous=True,
+        store=StorePolicy.STORE,
+        supports_dasf=False,
         grants=[(alice, {"can_consume": True}), (bob, {"can_consume": True})],
     )
     async with live.connect(slug) as producer:
@@ -213,7 +241,9 @@ async def test_store_does_not_flood_a_new_consumer_unless_asked(live, alice, bob
 
 
 async def test_shared_dispatch_splits_messages_between_backends(live):
-    slug = await live.create_topic(anonymous=True, supports_dasf=False, dispatch="shared", store=StorePolicy.DISABLED)
+    slug = await live.create_topic(
+        anonymous=True, supports_dasf=False, dispatch="shared", store=StorePolicy.DISABLED
+    )
     async with live.connect(f"{slug}/one") as one, live.connect(f"{slug}/two") as two:
         async with live.connect(slug) as producer:
             for i in range(20):

@@ -36,15 +36,24 @@ async def _create_topics(db_url: str, topics: dict[str, StorePolicy]) -> None:
     engine = create_engine(db_url)
     async with create_sessionmaker(engine)() as session:
         for slug, policy in topics.items():
-            session.add(BrokerTopic(slug=slug, is_public=True, anonymous_can_consume=True, store_messages=policy,
-                                    supports_dasf=False, api_info={}))
+            session.add(
+                BrokerTopic(
+                    slug=slug,
+                    is_public=True,
+                    anonymous_can_consume=True,
+                    store_messages=policy,
+                    supports_dasf=False,
+                    api_info={},
+                )
+            )
         await session.commit()
     await engine.dispose()
 
 
 def _frame(i: int) -> str:
-    return json.dumps({"properties": {"requestContext": i, "messageType": "request"}, "payload": _payload(i),
-                       "context": i})
+    return json.dumps(
+        {"properties": {"requestContext": i, "messageType": "request"}, "payload": _payload(i), "context": i}
+    )
 
 
 async def _quick_acks(ws: Any, got: list[int]) -> None:
@@ -60,10 +69,14 @@ async def _pipeline(producer_url: str, consumer_url: str, slug: str) -> list[int
     the stored row, maybe before worker 2 read it) and must get everything too."""
     received: list[int] = []
     local: list[int] = []
-    async with _ws(consumer_url, f"{slug}/on-worker-2") as consumer, _ws(producer_url, f"{slug}/on-1") as fast:
+    async with (
+        _ws(consumer_url, f"{slug}/on-worker-2") as consumer,
+        _ws(producer_url, f"{slug}/on-1") as fast,
+    ):
         quick = asyncio.create_task(_quick_acks(fast, local))
         await asyncio.sleep(0.2)  # the consumers are registered before anything is sent
         async with _ws(producer_url, slug) as producer:
+
             async def send_all() -> None:
                 for i in range(TOTAL):
                     await producer.send(_frame(i))
@@ -91,8 +104,9 @@ async def _pipeline(producer_url: str, consumer_url: str, slug: str) -> list[int
 async def test_producer_on_one_worker_consumer_on_the_other(db_url, tmp_path):
     run = uuid.uuid4().hex[:6]
     cached, unstored, backend = f"mw_cache_{run}", f"mw_disabled_{run}", f"mw_rpc_{run}"
-    await _create_topics(db_url, {cached: StorePolicy.CACHE, unstored: StorePolicy.DISABLED,
-                                  backend: StorePolicy.CACHE})
+    await _create_topics(
+        db_url, {cached: StorePolicy.CACHE, unstored: StorePolicy.DISABLED, backend: StorePolicy.CACHE}
+    )
     with fleet(server_env(db_url), tmp_path) as workers:
         one, two = await asyncio.to_thread(workers.start, 2)
         try:
@@ -102,19 +116,43 @@ async def test_producer_on_one_worker_consumer_on_the_other(db_url, tmp_path):
             # A request/response round trip across the workers: the caller waits on worker 1 for
             # a response topic that does not exist yet; the backend listens on worker 2.
             response_topic = f"{backend}_AbCdEfGh"
-            async with _ws(two, f"{backend}/backend") as listener, _ws(one, f"{response_topic}/caller") as inbox:
+            async with (
+                _ws(two, f"{backend}/backend") as listener,
+                _ws(one, f"{response_topic}/caller") as inbox,
+            ):
                 await asyncio.sleep(0.2)
                 async with _ws(one, backend) as requester:
-                    await requester.send(json.dumps({"properties": {"response_topic": response_topic,
-                                                                    "requestContext": 0, "messageType": "request"},
-                                                     "payload": "", "context": 0}))
+                    await requester.send(
+                        json.dumps(
+                            {
+                                "properties": {
+                                    "response_topic": response_topic,
+                                    "requestContext": 0,
+                                    "messageType": "request",
+                                },
+                                "payload": "",
+                                "context": 0,
+                            }
+                        )
+                    )
                     assert json.loads(await requester.recv())["result"] == "ok"
                 request = json.loads(await asyncio.wait_for(listener.recv(), 20))
                 await listener.send(json.dumps({"messageId": request["messageId"]}))
                 async with _ws(two, request["properties"]["response_topic"]) as answer:
-                    await answer.send(json.dumps({"properties": {"status": "success", "requestContext": "0",
-                                                                 "messageType": "response", "source_topic": backend},
-                                                  "context": "0", "payload": "Ig=="}))
+                    await answer.send(
+                        json.dumps(
+                            {
+                                "properties": {
+                                    "status": "success",
+                                    "requestContext": "0",
+                                    "messageType": "response",
+                                    "source_topic": backend,
+                                },
+                                "context": "0",
+                                "payload": "Ig==",
+                            }
+                        )
+                    )
                     assert json.loads(await answer.recv())["result"] == "ok"
                 response = json.loads(await asyncio.wait_for(inbox.recv(), 20))
                 assert response["properties"]["messageType"] == "response" and response["context"] == "0"

@@ -76,7 +76,9 @@ async def test_cache_redelivers_unacknowledged_messages_on_reconnect(live):
 
 async def test_cacheall_keeps_a_message_until_every_consumer_acknowledged(live, alice, bob):
     slug = await live.create_topic(
-        store=StorePolicy.CACHEALL, supports_dasf=False, public=True,
+        store=StorePolicy.CACHEALL,
+        supports_dasf=False,
+        public=True,
         grants=[(alice, {"can_consume": True}), (bob, {"can_consume": True})],
     )
     await _publish(live, slug, [0, 1])
@@ -122,6 +124,7 @@ async def test_redelivery_and_live_messages_arrive_once_each_in_order(live):
     await _publish(live, slug, range(300))
 
     async with live.connect(slug) as producer:
+
         async def publish_more() -> None:
             for i in range(300, 600):
                 await producer.send(request_frame(i))
@@ -142,9 +145,12 @@ async def test_availability_transitions_and_status_views(live, alice, bob):
     the reference's texts and codes (bug 8); Token auth on the HTTP views (bug 10)."""
     clock = FakeClock()
     live.broker.clock = clock
-    slug = await live.create_topic(grants=[(alice, {"can_view_status": True, "can_produce": True, "can_consume": True})])
+    slug = await live.create_topic(
+        grants=[(alice, {"can_view_status": True, "can_produce": True, "can_consume": True})]
+    )
 
     async with live.http(headers=alice.headers, follow_redirects=False) as http:
+
         async def status() -> tuple[int, str, bool | None]:
             text = await http.get(f"/ws/{slug}/status/")
             data = (await http.get(f"/api/broker/topics/{slug}/status/")).json()
@@ -176,6 +182,7 @@ async def test_availability_transitions_and_status_views(live, alice, bob):
             await backend.send(json.dumps({"messageId": message["messageId"]}))
             assert await _eventually(status, expected) == expected
             clock.advance(1)
+
         # The backend's leave pings the topic (§3: whoever is left) at the broker's clock when the
         # server gets to it, which may be after this block has returned: wait for that ping (now 1 s
         # after the last one) before moving the clock, or it is stamped 121 s later and reads False.
@@ -222,7 +229,9 @@ async def test_consumer_leaving_a_response_topic_that_never_came(live, caplog):
         await live.broker.sweep()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     async with live.app.state.sessionmaker() as session:
-        assert (await session.execute(select(BrokerTopic.id).where(BrokerTopic.slug == f"{slug}_never"))).first() is None
+        assert (
+            await session.execute(select(BrokerTopic.id).where(BrokerTopic.slug == f"{slug}_never"))
+        ).first() is None
 
 
 @pytest.mark.broker_config(background_tasks=False)  # only this test sweeps: no 30 s GC sweeper mid-test
@@ -283,17 +292,37 @@ async def test_topic_cli_creates_grants_and_shows(live, bob, monkeypatch, capsys
     get_settings.cache_clear()
     try:
         assert await asyncio.to_thread(main, ["topic", "cli-hello", "--new", "--anonymous"]) == 0
-        assert await asyncio.to_thread(main, ["topic", "cli-hello", "-c", "bob", "-p", "carol", "--create-users",
-                                              "--store-messages", "store", "--dispatch", "shared", "-i"]) == 0
+        assert (
+            await asyncio.to_thread(
+                main,
+                [
+                    "topic",
+                    "cli-hello",
+                    "-c",
+                    "bob",
+                    "-p",
+                    "carol",
+                    "--create-users",
+                    "--store-messages",
+                    "store",
+                    "--dispatch",
+                    "shared",
+                    "-i",
+                ],
+            )
+            == 0
+        )
         out = capsys.readouterr().out
         assert "created topic cli-hello" in out and "created user carol; token: " in out
-        info = json.loads(out[out.index("{"):])
+        info = json.loads(out[out.index("{") :])
         assert info["public"] and info["anonymous_can_consume"] and info["store_messages"] == "store"
-        assert info["consumers"] == ["bob"] and info["producers"] == ["carol"] and info["dispatch"] == "shared"
+        assert (
+            info["consumers"] == ["bob"] and info["producers"] == ["carol"] and info["dispatch"] == "shared"
+        )
         assert await asyncio.to_thread(main, ["topic", "cli-hello", "--new"]) == 1
         assert "already exists" in capsys.readouterr().err
         assert await asyncio.to_thread(main, ["topic", "cli-hello", "-c", "bob", "-rm", "-i"]) == 0
-        assert json.loads((out := capsys.readouterr().out)[out.index("{"):])["consumers"] == []
+        assert json.loads((out := capsys.readouterr().out)[out.index("{") :])["consumers"] == []
     finally:
         get_settings.cache_clear()
     await live.broker.invalidate("cli-hello")

@@ -65,8 +65,9 @@ async def test_budget_counts_a_message_shared_by_many_queues_once():
 
 def _idle_consumer(live, path: str):
     """A consumer that never reads: the client stops reading its socket after one frame."""
-    return websockets.connect(f"{live.ws_url}/{path}", compression=None, max_size=None, max_queue=1,
-                              open_timeout=30)
+    return websockets.connect(
+        f"{live.ws_url}/{path}", compression=None, max_size=None, max_queue=1, open_timeout=30
+    )
 
 
 async def _publish_until(producer, condition, *, limit: int = 400) -> int:
@@ -123,7 +124,10 @@ async def test_process_total_disconnects_the_largest_backlog(live):
     hoarder_topic = await live.create_topic(anonymous=True, supports_dasf=False)
     other_topic = await live.create_topic(anonymous=True, supports_dasf=False)
     budget = live.broker.queue_budget
-    async with _idle_consumer(live, f"{hoarder_topic}/a") as hoarder, _idle_consumer(live, f"{other_topic}/b"):
+    async with (
+        _idle_consumer(live, f"{hoarder_topic}/a") as hoarder,
+        _idle_consumer(live, f"{other_topic}/b"),
+    ):
         [hoarding] = live.broker.registry.consumers(hoarder_topic)
         [other] = live.broker.registry.consumers(other_topic)
         async with live.connect(hoarder_topic) as producer:

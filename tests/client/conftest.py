@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from flplatform.app import create_app
-from flplatform.client import FLPlatformAPI, NotificationEndpoint, Participant, dump_module
-from flplatform.client import digits
+from flplatform.client import FLPlatformAPI, NotificationEndpoint, Participant, digits, dump_module
 from flplatform.client.embedded import EmbeddedServer
 from flplatform.settings import Settings
 
@@ -110,15 +109,27 @@ async def build_federation(
 
         def train(module: torch.nn.Module, round_: int, ctx: Any, trainer=trainer, name=name) -> Any:
             sample_size, metrics = trainer.train(module, round_, ctx)
-            updates[(name, round_)] = (sample_size, {k: v.detach().clone() for k, v in module.state_dict().items()})
+            updates[(name, round_)] = (
+                sample_size,
+                {k: v.detach().clone() for k, v in module.state_dict().items()},
+            )
             contexts[(name, round_)] = (ctx.mu, ctx.model_id)
             return sample_size, metrics
 
         endpoint_url = None if index in polling else f"{platform.endpoint.public_url}/{name}/"
-        user = await platform.admin.create_user(name, secrets.token_urlsafe(12), client=True, message_endpoint=endpoint_url,
-                                                notify_client_removed=True)
+        user = await platform.admin.create_user(
+            name,
+            secrets.token_urlsafe(12),
+            client=True,
+            message_endpoint=endpoint_url,
+            notify_client_removed=True,
+        )
         participant = Participant(
-            platform.api(user["token"]), train, trainer.test, name=name, upload_format=upload_format,  # type: ignore[arg-type]
+            platform.api(user["token"]),
+            train,
+            trainer.test,
+            name=name,
+            upload_format=upload_format,  # type: ignore[arg-type]
             template=digits.DigitsCNN() if upload_format == "safetensors" else None,
         )
         if verify_signatures and endpoint_url is not None:
@@ -129,7 +140,10 @@ async def build_federation(
         platform.participants.append(participant)
         ids.append(user["id"])
     model_id = await actor.upload_model(
-        dump_module(digits.make_model(seed)), name="digits", description="test CNN", input_shape=digits.INPUT_SHAPE
+        dump_module(digits.make_model(seed)),
+        name="digits",
+        description="test CNN",
+        input_shape=digits.INPUT_SHAPE,
     )
     training_id = await actor.create_training(
         model_id, target_num_updates=rounds, clients=ids, aggregation_method=method, options=options or {}

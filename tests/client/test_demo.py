@@ -24,7 +24,12 @@ def run_demo(tmp_path, name: str, *extra: str) -> tuple[subprocess.CompletedProc
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLP_")}
     done = subprocess.run(
         [sys.executable, "-m", "flplatform.cli", "demo", *DEMO_ARGS, "--json", str(results), *extra],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done, json.loads(results.read_text())
@@ -52,7 +57,9 @@ def test_demo_learns_plots_and_is_reproducible(tmp_path):
 
     _, again = run_demo(tmp_path, "again")
     measured = ("round", "accuracy", "loss", "clients_test_accuracy", "clients_train_loss")
-    assert [{k: row[k] for k in measured} for row in again["rows"]] == [{k: row[k] for k in measured} for row in rows]
+    assert [{k: row[k] for k in measured} for row in again["rows"]] == [
+        {k: row[k] for k in measured} for row in rows
+    ]
 
 
 def test_demo_plot_without_matplotlib_says_what_to_install(tmp_path):
@@ -63,6 +70,11 @@ def test_demo_plot_without_matplotlib_says_what_to_install(tmp_path):
     env["PYTHONPATH"] = str(blocker)
     done = subprocess.run(
         [sys.executable, "-m", "flplatform.cli", "demo", "--plot", str(tmp_path / "x.png")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 2 and "flplatform[plot]" in done.stderr

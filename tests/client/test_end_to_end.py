@@ -8,9 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from flplatform.client import load_module
-from flplatform.client import digits
-
+from flplatform.client import digits, load_module
 from tests.client.conftest import Platform, build_federation, fedavg
 
 pytestmark = pytest.mark.slow
@@ -19,7 +17,9 @@ pytestmark = pytest.mark.slow
 async def _run(federation, timeout: float = 90.0) -> dict:
     await federation.actor.start_training(federation.training_id)
     final = await federation.actor.wait_for_training(federation.training_id, timeout=timeout, interval=0.1)
-    await asyncio.gather(*(p.wait_finished(federation.training_id, timeout=20) for p in federation.participants))
+    await asyncio.gather(
+        *(p.wait_finished(federation.training_id, timeout=20) for p in federation.participants)
+    )
     return final
 
 
@@ -62,7 +62,13 @@ async def test_fedavg_end_to_end_matches_an_independent_fedavg(platform: Platfor
 async def test_fedprox_safetensors_uploads_and_a_polling_client(platform: Platform):
     """mu reaches the training function; weight-only safetensors updates; one client without an endpoint."""
     fed = await build_federation(
-        platform, clients=3, rounds=2, method="FedProx", options={"mu": 0.5}, upload_format="safetensors", polling=[2],
+        platform,
+        clients=3,
+        rounds=2,
+        method="FedProx",
+        options={"mu": 0.5},
+        upload_format="safetensors",
+        polling=[2],
         epochs=1,
     )
     poller = fed.participants[2]
@@ -79,11 +85,17 @@ async def test_fedprox_safetensors_uploads_and_a_polling_client(platform: Platfo
         torch.testing.assert_close(value.double(), expected[key], rtol=1e-5, atol=1e-6)
 
 
-async def test_feddc_clients_continue_from_redistributed_models_and_upload_to_the_global_model(platform: Platform):
+async def test_feddc_clients_continue_from_redistributed_models_and_upload_to_the_global_model(
+    platform: Platform,
+):
     """d=1, b=2, 2 rounds: round 1 starts from another client's local model (a derangement),
     the upload still goes to the global model, and the aggregate is the FedAvg of round 1."""
     fed = await build_federation(
-        platform, clients=3, rounds=2, method="FedDC", options={"daisy_chain_period": 1, "aggregation_period": 2},
+        platform,
+        clients=3,
+        rounds=2,
+        method="FedDC",
+        options={"daisy_chain_period": 1, "aggregation_period": 2},
         epochs=1,
     )
     final = await _run(fed)
@@ -95,7 +107,11 @@ async def test_feddc_clients_continue_from_redistributed_models_and_upload_to_th
     assert all(fed.contexts[(name, 0)][1] == fed.model_id for name in names)
     # A derangement: every client continues from another client's round-0 update, never its own.
     own = {
-        p.name: next(r.uploaded_model_id for r in p.run_for(fed.training_id).records if r.kind == "train" and r.round == 0)
+        p.name: next(
+            r.uploaded_model_id
+            for r in p.run_for(fed.training_id).records
+            if r.kind == "train" and r.round == 0
+        )
         for p in fed.participants
     }
     assert set(started_from.values()) == set(own.values())

@@ -108,6 +108,7 @@ async def test_endpoint_answers_like_the_dlr_client_and_checks_signatures():
         plain_url, signed_url = endpoint.add(plain), endpoint.add(signed)
         assert plain_url.endswith("/plain/")
         async with httpx.AsyncClient() as http:
+
             def note(kind: str, **body: object) -> dict:
                 return {"notification_type": kind, "training_uuid": training, "body": body}
 
@@ -115,13 +116,21 @@ async def test_endpoint_answers_like_the_dlr_client_and_checks_signatures():
             assert start.status_code == 200
             assert plain.run_for(training).global_model_id == model
             # No test / moments function: the client says it cannot, instead of stalling the round.
-            assert (await http.post(plain_url, json=note("MODEL_TEST_ROUND", round=1, global_model_uuid=model))).status_code == 501
-            assert (await http.post(plain_url, json=note("SWAG_ROUND_START", round=1, global_model_uuid=model))).status_code == 501
-            assert (await http.post(plain_url, json=note("UPDATE_ROUND_START", global_model_uuid=model))).status_code == 400
+            assert (
+                await http.post(plain_url, json=note("MODEL_TEST_ROUND", round=1, global_model_uuid=model))
+            ).status_code == 501
+            assert (
+                await http.post(plain_url, json=note("SWAG_ROUND_START", round=1, global_model_uuid=model))
+            ).status_code == 501
+            assert (
+                await http.post(plain_url, json=note("UPDATE_ROUND_START", global_model_uuid=model))
+            ).status_code == 400
             assert (await http.post(plain_url, json=note("SOMETHING_ELSE"))).status_code == 400
             assert (await http.post(plain_url, content=b"not json")).status_code == 400
             assert (await http.post(plain_url, json={"training_uuid": "nope"})).status_code == 400
-            assert (await http.post(endpoint.public_url + "/nobody/", json=note("TRAINING_START"))).status_code == 404
+            assert (
+                await http.post(endpoint.public_url + "/nobody/", json=note("TRAINING_START"))
+            ).status_code == 404
             finished = await http.post(plain_url, json=note("TRAINING_FINISHED", global_model_uuid=model))
             assert finished.status_code == 200
             run = await plain.wait_finished(training, timeout=5)
@@ -157,7 +166,12 @@ async def test_a_polling_client_retries_work_the_server_refused_for_now():
 
         async def get_training(self, training_id):
             state = "C" if self.trained else "O"
-            return {"state": state, "phase": "update", "round": 0, "model": "7c9e6679-7425-40de-944b-e07fc1f90ae7"}
+            return {
+                "state": state,
+                "phase": "update",
+                "round": 0,
+                "model": "7c9e6679-7425-40de-944b-e07fc1f90ae7",
+            }
 
     class FlakyParticipant(Participant):
         attempts = 0
@@ -167,7 +181,9 @@ async def test_a_polling_client_retries_work_the_server_refused_for_now():
             if self.attempts == 1:
                 raise APIError("POST", "/api/models/x/", 400, "not accepting updates", code="wrong_state")
             self.api.trained = True
-            return RoundRecord(kind="train", round=round_, model_id=model_id, sample_size=1, metrics={}, seconds=0.0)
+            return RoundRecord(
+                kind="train", round=round_, model_id=model_id, sample_size=1, metrics={}, seconds=0.0
+            )
 
     api = ScriptedAPI()
     poller = FlakyParticipant(api, _noop_train, name="poller")  # type: ignore[arg-type]

@@ -127,7 +127,9 @@ def add_training(app: Any):  # type: ignore[no-untyped-def]
             await session.flush()
             for participant in participants:
                 await session.execute(
-                    training_participants.insert().values(training_id=training.id, user_id=participant.user.id)
+                    training_participants.insert().values(
+                        training_id=training.id, user_id=participant.user.id
+                    )
                 )
             await session.commit()
             return training.id

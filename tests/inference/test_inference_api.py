@@ -52,7 +52,9 @@ def image_bytes(fmt: str, mode: str = "L") -> bytes:
 # --------------------------------------------------------------------------- methods
 
 
-async def test_none_returns_class_indices_or_on_request_scores_and_empty_uncertainty(client, alice, add_model):
+async def test_none_returns_class_indices_or_on_request_scores_and_empty_uncertainty(
+    client, alice, add_model
+):
     torch.manual_seed(0)
     module = DropoutMLP()
     model_id = await add_model(alice, module, input_shape=[None, 4])
@@ -76,25 +78,37 @@ async def test_none_returns_class_indices_or_on_request_scores_and_empty_uncerta
     assert cache.misses == misses and cache.hits >= 1
 
 
-async def test_method_and_options_come_from_the_training_unless_given(client, alice, bob, add_model, add_training):
+async def test_method_and_options_come_from_the_training_unless_given(
+    client, alice, bob, add_model, add_training
+):
     model_id = await add_model(alice, DropoutMLP(), input_shape=[None, 4])
     await add_training(
-        model_id, alice, [bob], method=UncertaintyMethod.MC_DROPOUT, options={"uncertainty": {"N": 7, "seed": 3}}
+        model_id,
+        alice,
+        [bob],
+        method=UncertaintyMethod.MC_DROPOUT,
+        options={"uncertainty": {"N": 7, "seed": 3}},
     )
     first = (await infer(client, bob, model_id=str(model_id), model_input=X)).json()
-    assert first["uncertainty_method"] == "MC_DROPOUT" and first["samples"] == 7 and first["dropout_layers"] == 1
+    assert (
+        first["uncertainty_method"] == "MC_DROPOUT" and first["samples"] == 7 and first["dropout_layers"] == 1
+    )
     assert all(v > 0 for row in first["uncertainty"]["variance"] for v in row)
     assert "mutual_info" not in first["uncertainty"]  # raw scores are not probabilities
     again = (await infer(client, bob, model_id=str(model_id), model_input=X)).json()
     assert again["inference"] == first["inference"]  # seeded by the training's options
     soft = (
-        await infer(client, bob, model_id=str(model_id), model_input=X, options={"softmax": True, "N": 5, "seed": 1})
+        await infer(
+            client, bob, model_id=str(model_id), model_input=X, options={"softmax": True, "N": 5, "seed": 1}
+        )
     ).json()
     assert soft["samples"] == 5
     assert {"predictive_entropy", "expected_entropy", "mutual_info"} <= set(soft["uncertainty"])
     assert len(soft["uncertainty"]["mutual_info"]) == 2
     assert all(abs(sum(row) - 1) < 1e-5 for row in soft["inference"])
-    plain = (await infer(client, bob, model_id=str(model_id), model_input=X, uncertainty_method="NONE")).json()
+    plain = (
+        await infer(client, bob, model_id=str(model_id), model_input=X, uncertainty_method="NONE")
+    ).json()
     assert plain["uncertainty"] == {} and plain["samples"] == 1
 
 
@@ -107,10 +121,14 @@ async def test_ensemble_of_identical_and_of_different_members(client, alice, add
     identical = await add_model(alice, kind="mean", members=[id_a, twin], input_shape=[None, 4])
     different = await add_model(alice, kind="mean", members=[id_a, id_b], input_shape=[None, 4])
 
-    body = (await infer(client, alice, model_id=str(identical), model_input=X, uncertainty_method="ENSEMBLE")).json()
+    body = (
+        await infer(client, alice, model_id=str(identical), model_input=X, uncertainty_method="ENSEMBLE")
+    ).json()
     assert body["samples"] == 2 and all(v == 0 for row in body["uncertainty"]["variance"] for v in row)
 
-    body = (await infer(client, alice, model_id=str(different), model_input=X, uncertainty_method="ENSEMBLE")).json()
+    body = (
+        await infer(client, alice, model_id=str(different), model_input=X, uncertainty_method="ENSEMBLE")
+    ).json()
     ya, yb = reference_output(a, X), reference_output(b, X)
     assert torch.allclose(torch.tensor(body["inference"]), (ya + yb) / 2, atol=1e-6)
     exact = ((ya - yb) / 2) ** 2  # population variance of two values
@@ -118,12 +136,14 @@ async def test_ensemble_of_identical_and_of_different_members(client, alice, add
 
     # NONE on a mean model: its forward pass averages the members.
     body = (await infer(client, alice, model_id=str(different), model_input=X, return_scores=True)).json()
-    assert body["uncertainty"] == {} and torch.allclose(torch.tensor(body["inference"]), (ya + yb) / 2, atol=1e-6)
+    assert body["uncertainty"] == {} and torch.allclose(
+        torch.tensor(body["inference"]), (ya + yb) / 2, atol=1e-6
+    )
     reference = (await infer(client, alice, model_id=str(different), model_input=X)).json()
     assert reference["inference"] == ((ya + yb) / 2).argmax(1).tolist()
-    assert (await infer(client, alice, model_id=str(same), model_input=X, uncertainty_method="ENSEMBLE")).json()[
-        "samples"
-    ] == 1
+    assert (
+        await infer(client, alice, model_id=str(same), model_input=X, uncertainty_method="ENSEMBLE")
+    ).json()["samples"] == 1
     wrong = await infer(client, alice, model_id=str(id_a), model_input=X, uncertainty_method="ENSEMBLE")
     assert wrong.status_code == 400 and wrong.json()["code"] == "method_not_applicable"
 
@@ -132,7 +152,9 @@ async def test_swag_draws_independent_samples_from_the_moments(client, alice, ad
     torch.manual_seed(0)
     module = nn.Linear(4, 3)
     mean = flat_parameters(module)
-    model_id = await add_model(alice, module, kind="swag", moments=(mean, mean**2 + 0.04), input_shape=[None, 4])
+    model_id = await add_model(
+        alice, module, kind="swag", moments=(mean, mean**2 + 0.04), input_shape=[None, 4]
+    )
     await add_training(model_id, alice, method=UncertaintyMethod.SWAG, options={"uncertainty": {"N": 30}})
     body = (await infer(client, alice, model_id=str(model_id), model_input=X, options={"seed": 4})).json()
     assert body["uncertainty_method"] == "SWAG" and body["samples"] == 30
@@ -188,7 +210,12 @@ async def test_every_input_format_gives_the_same_answer(client, alice, add_model
         {"data": {"model_input": b64(npy_bytes(array))}},
     ]
     for extra in multipart_inputs:
-        data = {"model_id": str(model_id), "return_format": "json", "return_scores": "true", **extra.pop("data", {})}
+        data = {
+            "model_id": str(model_id),
+            "return_format": "json",
+            "return_scores": "true",
+            **extra.pop("data", {}),
+        }
         response = await client.post("/api/inference/", data=data, headers=alice.headers, **extra)
         assert response.status_code == 200, response.text
         assert torch.allclose(torch.tensor(response.json()["inference"]), expected, atol=1e-2)
@@ -220,7 +247,11 @@ async def test_binary_responses_are_safetensors(client, alice, add_model):
     model_id = await add_model(alice, module, input_shape=[None, 4])
     response = await client.post(
         "/api/inference/",
-        data={"model_id": str(model_id), "uncertainty_method": "MC_DROPOUT", "options": '{"N": 4, "softmax": true}'},
+        data={
+            "model_id": str(model_id),
+            "uncertainty_method": "MC_DROPOUT",
+            "options": '{"N": 4, "softmax": true}',
+        },
         files={"model_input": ("x.npy", npy_bytes(np.array(X, dtype=np.float32)))},
         headers=alice.headers,
     )
@@ -232,8 +263,9 @@ async def test_binary_responses_are_safetensors(client, alice, add_model):
         "uncertainty.predictive_entropy", "uncertainty.expected_entropy", "uncertainty.mutual_info",
     }  # fmt: skip
     assert tensors["inference"].shape == (2, 3) and tensors["prediction"].dtype == torch.int64
-    json_body = await infer(client, alice, model_id=str(model_id), model_input=X, return_format="binary",
-                            return_scores=True)
+    json_body = await infer(
+        client, alice, model_id=str(model_id), model_input=X, return_format="binary", return_scores=True
+    )
     assert load_safetensors(json_body.content)["inference"].shape == (2, 3)
 
 
@@ -243,7 +275,9 @@ async def test_non_finite_outputs_are_null_in_json(client, alice, add_model):
             return torch.log(x)
 
     model_id = await add_model(alice, Log())
-    body = (await infer(client, alice, model_id=str(model_id), model_input=[[-1.0, 1.0]], return_scores=True)).json()
+    body = (
+        await infer(client, alice, model_id=str(model_id), model_input=[[-1.0, 1.0]], return_scores=True)
+    ).json()
     assert body["inference"] == [[None, 0.0]]
 
 
@@ -290,7 +324,9 @@ async def test_malformed_inputs_get_clear_4xx(client, app, alice, add_model):
     )
     assert pickled.status_code == 400 and "pickle" in pickled.json()["detail"]
 
-    too_many = await infer(client, alice, model_id=model_id, model_input=X, uncertainty_method="MC_DROPOUT", options={"N": 51})
+    too_many = await infer(
+        client, alice, model_id=model_id, model_input=X, uncertainty_method="MC_DROPOUT", options={"N": 51}
+    )
     assert too_many.status_code == 422
     assert (await infer(client, alice, model_id=model_id, model_input=X, options={"N": 1})).status_code == 422
     assert (await infer(client, alice, model_id=model_id, model_input=X, colour="red")).status_code == 422
@@ -303,11 +339,16 @@ async def test_malformed_inputs_get_clear_4xx(client, app, alice, add_model):
     assert malformed.status_code == 400 and malformed.json()["code"] == "malformed_json"
     deep = await client.post(
         "/api/inference/",
-        content=b'{"model_id": "%s", "model_input": ' % model_id.encode() + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        content=b'{"model_id": "%s", "model_input": ' % model_id.encode()
+        + b"[" * 100_000
+        + b"]" * 100_000
+        + b"}",
         headers={**alice.headers, "Content-Type": "application/json"},
     )
     assert deep.status_code == 400
-    text = await client.post("/api/inference/", content=b"hello", headers={**alice.headers, "Content-Type": "text/plain"})
+    text = await client.post(
+        "/api/inference/", content=b"hello", headers={**alice.headers, "Content-Type": "text/plain"}
+    )
     assert text.status_code == 415
     no_input = await client.post("/api/inference/", data={"model_id": model_id}, headers=alice.headers)
     assert no_input.status_code == 400 and no_input.json()["code"] == "missing_model_input"
@@ -317,7 +358,9 @@ async def test_models_that_cannot_run_are_conflicts(client, alice, add_model):
     corrupt = await add_model(alice, weights=b"PK\x03\x04 not a torchscript archive")
     response = await infer(client, alice, model_id=str(corrupt), model_input=X)
     assert response.status_code == 409 and response.json()["code"] == "model_not_runnable"
-    weights_only = await add_model(alice, weights=save_safetensors({"w": torch.zeros(2)}), weights_format="safetensors")
+    weights_only = await add_model(
+        alice, weights=save_safetensors({"w": torch.zeros(2)}), weights_format="safetensors"
+    )
     assert (await infer(client, alice, model_id=str(weights_only), model_input=X)).status_code == 409
     empty_mean = await add_model(alice, kind="mean")
     assert (await infer(client, alice, model_id=str(empty_mean), model_input=X)).status_code == 409
@@ -331,7 +374,9 @@ async def test_models_that_cannot_run_are_conflicts(client, alice, add_model):
     assert failing.status_code == 400 and failing.json()["code"] == "inference_failed"
 
 
-async def test_only_owner_training_actor_and_participants_may_query(client, make_user, alice, bob, add_model, add_training):
+async def test_only_owner_training_actor_and_participants_may_query(
+    client, make_user, alice, bob, add_model, add_training
+):
     carol = await make_user("carol")
     module = nn.Linear(4, 3)
     model_id = await add_model(alice, module, input_shape=[None, 4])
@@ -382,7 +427,10 @@ async def test_metadata_reports_counts_layers_and_shapes(client, alice, add_mode
         weights_format="safetensors",
     )  # fmt: skip
     flat = (await client.get(f"/api/models/{weights_only}/metadata/", headers=alice.headers)).json()
-    assert flat["total_params"] == 15 and {layer["name"] for layer in flat["layers"]} == {"fc.weight", "fc.bias"}
+    assert flat["total_params"] == 15 and {layer["name"] for layer in flat["layers"]} == {
+        "fc.weight",
+        "fc.bias",
+    }
 
 
 def test_openapi_documents_both_bodies_and_the_formulas():
@@ -398,7 +446,10 @@ def test_openapi_documents_both_bodies_and_the_formulas():
     assert operation["tags"] == ["inference"] and operation["summary"]
     assert {"application/json", "multipart/form-data"} <= set(operation["requestBody"]["content"])
     assert "$defs" not in json.dumps(operation["requestBody"])
-    assert "mutual_info" in operation["description"] and "clamp(E[θ²] − E[θ]², min_var)" in operation["description"]
+    assert (
+        "mutual_info" in operation["description"]
+        and "clamp(E[θ²] − E[θ]², min_var)" in operation["description"]
+    )
     assert "application/octet-stream" in operation["responses"]["200"]["content"]
     assert "/api/models/{model_id}/metadata/" in spec["paths"]
 
@@ -418,8 +469,11 @@ async def test_round_runs_the_weights_of_the_models_history(client, app, alice, 
                                          weights_size=len(data)))  # fmt: skip
         await session.commit()
     for round_, module in ((0, old), (1, old), (2, new), (None, new)):
-        body = (await infer(client, alice, model_id=str(model_id), model_input=X, round=round_,
-                            return_scores=True)).json()
+        body = (
+            await infer(
+                client, alice, model_id=str(model_id), model_input=X, round=round_, return_scores=True
+            )
+        ).json()
         assert torch.allclose(torch.tensor(body["inference"]), reference_output(module, X), atol=1e-6), round_
         assert body["round"] == (2 if round_ is None else round_)
     assert (await infer(client, alice, model_id=str(model_id), model_input=X, round=3)).status_code == 404

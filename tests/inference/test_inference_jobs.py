@@ -35,7 +35,9 @@ async def submit(client: httpx.AsyncClient, account: Any, **body: Any) -> httpx.
     return await client.post("/api/inference/jobs/", json=body, headers=account.headers)
 
 
-async def wait_for(client: httpx.AsyncClient, account: Any, url: str, timeout: float = 20.0) -> dict[str, Any]:
+async def wait_for(
+    client: httpx.AsyncClient, account: Any, url: str, timeout: float = 20.0
+) -> dict[str, Any]:
     """Poll until the job is done or failed (the test app's in-process worker runs it)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -51,15 +53,18 @@ async def wait_for(client: httpx.AsyncClient, account: Any, url: str, timeout: f
 async def operations(books: Any, user_id: uuid.UUID) -> int:  # noqa: F811
     from flplatform.billing import service as billing
 
-    _, total = await books.run(lambda s: billing.list_operations(s, user_id=user_id, kind=OperationKind.INFERENCE))
+    _, total = await books.run(
+        lambda s: billing.list_operations(s, user_id=user_id, kind=OperationKind.INFERENCE)
+    )
     return total
 
 
 # --------------------------------------------------------------------------- with the in-process worker
 
 
-async def test_job_result_is_the_sync_result_charged_once_and_private(app, client, alice, bob, admin, add_model,
-                                                                     books):  # noqa: F811
+async def test_job_result_is_the_sync_result_charged_once_and_private(
+    app, client, alice, bob, admin, add_model, books
+):  # noqa: F811
     model_id = await add_model(alice, DropoutMLP(), input_shape=[None, 4])
     await books.price("inference_sample", usd("0.1"))
     await books.top_up(alice.user.id, usd(1))
@@ -88,7 +93,9 @@ async def test_job_result_is_the_sync_result_charged_once_and_private(app, clien
     # The submitter's only; superusers see it too; listing shows one's own jobs.
     assert (await client.get(job["url"], headers=bob.headers)).status_code == 404
     assert (await client.get(job["url"], headers=admin.headers)).json()["status"] == "done"
-    assert (await client.get(f"/api/inference/jobs/{uuid.uuid4()}/", headers=alice.headers)).status_code == 404
+    assert (
+        await client.get(f"/api/inference/jobs/{uuid.uuid4()}/", headers=alice.headers)
+    ).status_code == 404
     assert (await client.get("/api/inference/jobs/", headers=bob.headers)).json() == []
     listed = await client.get("/api/inference/jobs/?status=done", headers=alice.headers)
     assert listed.headers["x-total-count"] == "1" and [j["id"] for j in listed.json()] == [job["id"]]
@@ -98,8 +105,11 @@ async def test_job_result_is_the_sync_result_charged_once_and_private(app, clien
     # Multipart, as the synchronous route takes it: an uploaded .npy file; the result is JSON.
     form = await client.post(
         "/api/inference/jobs/",
-        data={"model_id": str(model_id), "uncertainty_method": "MC_DROPOUT",
-              "options": '{"N": 5, "softmax": true, "seed": 1}'},
+        data={
+            "model_id": str(model_id),
+            "uncertainty_method": "MC_DROPOUT",
+            "options": '{"N": 5, "softmax": true, "seed": 1}',
+        },
         files={"model_input": ("x.npy", npy_bytes(np.array(X, dtype=np.float32)))},
         headers=alice.headers,
     )
@@ -123,8 +133,9 @@ async def test_bad_requests_are_refused_at_submission(client, alice, bob, add_mo
     for body, account, status, code in cases:
         response = await submit(client, account, **body)
         assert (response.status_code, response.json()["code"]) == (status, code), (body, response.text)
-    unsupported = await client.post("/api/inference/jobs/", content=b"x", headers={**alice.headers,
-                                                                                   "content-type": "text/plain"})
+    unsupported = await client.post(
+        "/api/inference/jobs/", content=b"x", headers={**alice.headers, "content-type": "text/plain"}
+    )
     assert unsupported.status_code == 415
 
     # Billing would refuse: 402 now, and nothing is queued or charged.
@@ -149,11 +160,14 @@ class TestWithoutWorker:
 
     async def test_startup_warns_that_jobs_need_a_worker(self, caplog, app):
         messages = [r.getMessage() for r in caplog.get_records("setup") if r.levelno >= logging.WARNING]
-        assert any("flplatform worker" in m and "inference jobs" in m and "FLP_INPROCESS_WORKER=false" in m
-                   for m in messages), messages
+        assert any(
+            "flplatform worker" in m and "inference jobs" in m and "FLP_INPROCESS_WORKER=false" in m
+            for m in messages
+        ), messages
 
-    async def test_a_job_run_again_after_its_lease_expired_is_charged_once(self, app, client, alice, add_model,
-                                                                          books):  # noqa: F811
+    async def test_a_job_run_again_after_its_lease_expired_is_charged_once(
+        self, app, client, alice, add_model, books
+    ):  # noqa: F811
         model_id = await add_model(alice, DropoutMLP(), input_shape=[None, 4])
         await books.price("inference_sample", usd("0.1"))
         await books.top_up(alice.user.id, usd(1))
@@ -168,8 +182,9 @@ class TestWithoutWorker:
         maker = app.state.sessionmaker
         first = await workqueue.claim(maker, lease_seconds=0.2, kinds=[INFERENCE_JOB])
         assert first is not None and first.id == job_id and first.attempt == 1
-        context = workqueue.JobContext(sessionmaker=maker, settings=app.state.settings, job_id=first.id,
-                                       attempt=first.attempt, app=app)
+        context = workqueue.JobContext(
+            sessionmaker=maker, settings=app.state.settings, job_id=first.id, attempt=first.attempt, app=app
+        )
         first_result = await workqueue.lookup(INFERENCE_JOB).handler(context, first.payload)
         assert await books.balance(alice.user.id) == usd("0.8")
         await asyncio.sleep(0.3)
@@ -186,8 +201,9 @@ class TestWithoutWorker:
         assert await books.run(lambda s: operation_by_key(s, billing_key(job_id))) is not None
         assert (await books.reconcile()).ok
 
-    async def test_a_job_lost_max_attempts_times_ends_in_lease_expired(self, app, client, alice, add_model,
-                                                                       books):  # noqa: F811
+    async def test_a_job_lost_max_attempts_times_ends_in_lease_expired(
+        self, app, client, alice, add_model, books
+    ):  # noqa: F811
         model_id = await add_model(alice, DropoutMLP(), input_shape=[None, 4])
         accepted = await submit(client, alice, model_id=str(model_id), model_input=X)
         assert accepted.status_code == 202
@@ -207,8 +223,9 @@ class TestWithoutWorker:
         assert row is not None and row.error["type"] == "LeaseExpired"
         assert row.payload == {}  # an ended job keeps no input
 
-    async def test_a_refusal_at_run_time_is_the_jobs_error_and_charges_nothing(self, app, client, alice, add_model,
-                                                                              books):  # noqa: F811
+    async def test_a_refusal_at_run_time_is_the_jobs_error_and_charges_nothing(
+        self, app, client, alice, add_model, books
+    ):  # noqa: F811
         model_id = await add_model(alice, DropoutMLP(), input_shape=[None, 4])
         accepted = await submit(client, alice, model_id=str(model_id), model_input=X)
         assert accepted.status_code == 202

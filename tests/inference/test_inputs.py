@@ -35,7 +35,10 @@ def test_dtypes_are_kept_or_made_usable():
     assert decode_bytes(npy(np.arange(6, dtype=np.uint16).reshape(2, 3)), LIMITS).tensor.dtype == torch.int64
     assert decode_bytes(npy(np.ones((2, 2), dtype=bool)), LIMITS).tensor.dtype == torch.float32
     assert decode_json_value([[1, 2]], LIMITS).tensor.dtype == torch.float32
-    assert decode_bytes(save_safetensors({"a": torch.ones(2, 2, dtype=torch.float16)}), LIMITS).tensor.dtype == torch.float16
+    assert (
+        decode_bytes(save_safetensors({"a": torch.ones(2, 2, dtype=torch.float16)}), LIMITS).tensor.dtype
+        == torch.float16
+    )
 
 
 def test_images_become_a_batch_of_one_in_unit_range():

@@ -76,7 +76,9 @@ async def infer(client: Any, account: Any, **body: Any) -> dict[str, Any]:
     return response.json()
 
 
-async def infer_binary(client: Any, account: Any, **fields: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+async def infer_binary(
+    client: Any, account: Any, **fields: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Multipart (whose default answer is binary): the safetensors tensors and metadata."""
     data = {key: value if isinstance(value, str) else json.dumps(value) for key, value in fields.items()}
     response = await client.post("/api/inference/", data=data, headers=account.headers)
@@ -134,14 +136,21 @@ async def test_none_binary_in_both_shapes(client, alice, models):
     assert tensors["prediction"].tolist() == A_CLASSES
     assert metadata["return_scores"] == "false" and metadata["uncertainty_method"] == "NONE"
 
-    tensors, metadata = await infer_binary(client, alice, model_id=models["a"], model_input=X, return_scores="true")
+    tensors, metadata = await infer_binary(
+        client, alice, model_id=models["a"], model_input=X, return_scores="true"
+    )
     assert tensors["inference"].dtype == torch.float32 and tensors["inference"].tolist() == A_OUT
     assert tensors["prediction"].tolist() == A_CLASSES and metadata["return_scores"] == "true"
 
     # A JSON body asking for binary, reference form.
-    response = await client.post("/api/inference/", json={"model_id": models["a"], "model_input": X,
-                                                          "return_format": "binary"}, headers=alice.headers)
-    assert response.status_code == 200 and load_safetensors(response.content)["inference"].tolist() == A_CLASSES
+    response = await client.post(
+        "/api/inference/",
+        json={"model_id": models["a"], "model_input": X, "return_format": "binary"},
+        headers=alice.headers,
+    )
+    assert (
+        response.status_code == 200 and load_safetensors(response.content)["inference"].tolist() == A_CLASSES
+    )
 
 
 async def test_outputs_without_a_class_dimension_are_returned_as_they_are(client, alice, add_model):
@@ -159,27 +168,49 @@ async def test_outputs_without_a_class_dimension_are_returned_as_they_are(client
 
 
 async def test_ensemble_answers_the_mean_outputs_in_both_shapes(client, alice, models):
-    reference = await infer(client, alice, model_id=models["mean"], model_input=X, uncertainty_method="ENSEMBLE")
+    reference = await infer(
+        client, alice, model_id=models["mean"], model_input=X, uncertainty_method="ENSEMBLE"
+    )
     assert reference["inference"] == MEAN_OUT and reference["prediction"] == MEAN_CLASSES
-    assert reference["uncertainty"] == {"variance": VARIANCE, "std": STD}  # scores, not probabilities: no entropies
+    assert reference["uncertainty"] == {
+        "variance": VARIANCE,
+        "std": STD,
+    }  # scores, not probabilities: no entropies
     assert reference["samples"] == 2 and reference["return_scores"] is False
-    scores = await infer(client, alice, model_id=models["mean"], model_input=X, uncertainty_method="ENSEMBLE",
-                         return_scores=True)
+    scores = await infer(
+        client,
+        alice,
+        model_id=models["mean"],
+        model_input=X,
+        uncertainty_method="ENSEMBLE",
+        return_scores=True,
+    )
     assert scores == {**reference, "return_scores": True}
 
 
 async def test_ensemble_binary_in_both_shapes(client, alice, models):
     for flag in ("false", "true"):
-        tensors, metadata = await infer_binary(client, alice, model_id=models["mean"], model_input=X,
-                                               uncertainty_method="ENSEMBLE", return_scores=flag)
+        tensors, metadata = await infer_binary(
+            client,
+            alice,
+            model_id=models["mean"],
+            model_input=X,
+            uncertainty_method="ENSEMBLE",
+            return_scores=flag,
+        )
         assert set(tensors) == {"inference", "prediction", "uncertainty.variance", "uncertainty.std"}
         assert tensors["inference"].tolist() == MEAN_OUT and tensors["prediction"].tolist() == MEAN_CLASSES
-        assert tensors["uncertainty.variance"].tolist() == VARIANCE and tensors["uncertainty.std"].tolist() == STD
+        assert (
+            tensors["uncertainty.variance"].tolist() == VARIANCE
+            and tensors["uncertainty.std"].tolist() == STD
+        )
         assert metadata["uncertainty_method"] == "ENSEMBLE" and metadata["samples"] == "2"
         assert metadata["return_scores"] == flag
 
 
-async def test_ensemble_is_the_method_of_the_training_in_the_reference_form(client, alice, models, add_training):
+async def test_ensemble_is_the_method_of_the_training_in_the_reference_form(
+    client, alice, models, add_training
+):
     """What a DLR client does: no method in the request; the mean model's training says ENSEMBLE."""
     await add_training(uuid.UUID(models["mean"]), alice, method=UncertaintyMethod.ENSEMBLE)
     body = await infer(client, alice, model_id=models["mean"], model_input=X)
@@ -191,10 +222,19 @@ async def test_swag_answers_the_mean_outputs_in_both_shapes(client, alice, add_m
     # Moments with zero variance (clamped to min_var): every draw is model A, to within 1e-15.
     module = model_a()
     mean = flat_parameters(module)
-    model_id = str(await add_model(alice, module, kind="swag", moments=(mean, mean**2), input_shape=[None, 2]))
+    model_id = str(
+        await add_model(alice, module, kind="swag", moments=(mean, mean**2), input_shape=[None, 2])
+    )
     for return_scores in (False, True):
-        body = await infer(client, alice, model_id=model_id, model_input=X, uncertainty_method="SWAG",
-                           options={"N": 3, "seed": 0}, return_scores=return_scores)
+        body = await infer(
+            client,
+            alice,
+            model_id=model_id,
+            model_input=X,
+            uncertainty_method="SWAG",
+            options={"N": 3, "seed": 0},
+            return_scores=return_scores,
+        )
         assert torch.allclose(torch.tensor(body["inference"]), torch.tensor(A_OUT), atol=1e-6)
         assert body["prediction"] == A_CLASSES and body["samples"] == 3
         assert torch.allclose(torch.tensor(body["uncertainty"]["std"]), torch.zeros(2, 3), atol=1e-6)
@@ -204,11 +244,17 @@ async def test_swag_answers_the_mean_outputs_in_both_shapes(client, alice, add_m
 
 
 async def test_return_scores_must_be_a_boolean(client, alice, models):
-    bad = await client.post("/api/inference/", json={"model_id": models["a"], "model_input": X,
-                                                     "return_scores": "perhaps"}, headers=alice.headers)
+    bad = await client.post(
+        "/api/inference/",
+        json={"model_id": models["a"], "model_input": X, "return_scores": "perhaps"},
+        headers=alice.headers,
+    )
     assert bad.status_code == 422 and bad.json()["code"] == "validation_error"
-    form = await client.post("/api/inference/", data={"model_id": models["a"], "model_input": json.dumps(X),
-                                                      "return_scores": "perhaps"}, headers=alice.headers)
+    form = await client.post(
+        "/api/inference/",
+        data={"model_id": models["a"], "model_input": json.dumps(X), "return_scores": "perhaps"},
+        headers=alice.headers,
+    )
     assert form.status_code == 422
 
 
@@ -230,16 +276,26 @@ async def test_jobs_answer_the_shape_the_request_asked_for(client, alice, models
     reference = await _job_result(client, alice, {"model_id": models["a"], "model_input": X})
     assert reference == await infer(client, alice, model_id=models["a"], model_input=X)
     assert reference["inference"] == A_CLASSES
-    scores = await _job_result(client, alice, {"model_id": models["a"], "model_input": X, "return_scores": True})
-    assert scores["inference"] == A_OUT and scores["prediction"] == A_CLASSES and scores["return_scores"] is True
-    ensemble = await _job_result(client, alice, {"model_id": models["mean"], "model_input": X,
-                                                 "uncertainty_method": "ENSEMBLE"})
+    scores = await _job_result(
+        client, alice, {"model_id": models["a"], "model_input": X, "return_scores": True}
+    )
+    assert (
+        scores["inference"] == A_OUT and scores["prediction"] == A_CLASSES and scores["return_scores"] is True
+    )
+    ensemble = await _job_result(
+        client, alice, {"model_id": models["mean"], "model_input": X, "uncertainty_method": "ENSEMBLE"}
+    )
     assert ensemble["inference"] == MEAN_OUT and ensemble["uncertainty"]["std"] == STD
 
 
 def test_a_job_queued_before_return_scores_existed_keeps_the_scores_it_was_asked_for():
-    legacy = {"model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10", "model_input": X, "uncertainty_method": None,
-              "options": None, "round": None}
+    legacy = {
+        "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+        "model_input": X,
+        "uncertainty_method": None,
+        "options": None,
+        "round": None,
+    }
     assert query_from_payload(legacy).return_scores is True
     assert query_from_payload({**legacy, "return_scores": False}).return_scores is False
 
@@ -264,7 +320,9 @@ def test_openapi_shows_both_shapes_with_examples():
         assert "return_scores" in content["application/json"]["schema"]["properties"]
         assert "return_scores" in content["multipart/form-data"]["schema"]["properties"]
         assert "return_scores" in operation["description"]
-    answers = spec["paths"]["/api/inference/"]["post"]["responses"]["200"]["content"]["application/json"]["examples"]
+    answers = spec["paths"]["/api/inference/"]["post"]["responses"]["200"]["content"]["application/json"][
+        "examples"
+    ]
     assert answers["reference"]["value"]["inference"] == answers["reference"]["value"]["prediction"]
     assert isinstance(answers["scores"]["value"]["inference"][0], list)
     assert "class indices" in spec["paths"]["/api/inference/"]["post"]["description"]

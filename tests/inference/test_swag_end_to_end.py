@@ -33,7 +33,9 @@ def _swag_for(index: int):
     return moments
 
 
-def _expected(module_bytes: bytes, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _expected(
+    module_bytes: bytes, first: torch.Tensor, second: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """θ_s = E[θ] + sqrt(clamp(E[θ²] − E[θ]², 1e-30)) · z_s, z_s from the seeded generator, s = 1..N."""
     module = torch.jit.load(io.BytesIO(module_bytes)).eval()
     std = (second.double() - first.double() ** 2).clamp_min(1e-30).sqrt()
@@ -41,7 +43,9 @@ def _expected(module_bytes: bytes, first: torch.Tensor, second: torch.Tensor) ->
     outputs = []
     with torch.no_grad():
         for _ in range(N):
-            theta = (first.double() + std * torch.randn(first.shape, generator=generator, dtype=torch.float64)).float()
+            theta = (
+                first.double() + std * torch.randn(first.shape, generator=generator, dtype=torch.float64)
+            ).float()
             torch.nn.utils.vector_to_parameters(theta, module.parameters())
             outputs.append(module(torch.tensor(X)))
     stacked = torch.stack(outputs)
@@ -49,14 +53,18 @@ def _expected(module_bytes: bytes, first: torch.Tensor, second: torch.Tensor) ->
 
 
 def test_three_round_swag_training_then_inference(db_url):
-    clients = [FakeClient(name=f"w{i}", base_url="", sample_size=10 * (i + 1), swag=_swag_for(i)) for i in range(2)]
+    clients = [
+        FakeClient(name=f"w{i}", base_url="", sample_size=10 * (i + 1), swag=_swag_for(i)) for i in range(2)
+    ]
     settings = Settings(database_url=db_url, notification_backoff_seconds=0.01, notification_max_attempts=2,
                         training_sweep_interval_seconds=0.05)  # fmt: skip
     with live_server(settings) as base, notification_servers(clients) as endpoints:
         for client in clients:
             client.base_url = base
         _, actor_token = setup_clients(db_url, base, clients, endpoints)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Token {actor_token}"}, timeout=60) as http:
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Token {actor_token}"}, timeout=60
+        ) as http:
             upload = http.post(
                 "/api/models/",
                 data={"name": "swag net", "description": "", "type": "SWAG", "input_shape": ["None", "4"]},
@@ -72,7 +80,9 @@ def test_three_round_swag_training_then_inference(db_url):
             assert created.status_code == 201, created.text
             training_id = created.json()["training_id"]
             assert http.post(f"/api/trainings/{training_id}/start/").status_code == 202
-            final = wait_until(http, training_id, lambda b: b["state"] in ("C", "E"), timeout=90, clients=clients)
+            final = wait_until(
+                http, training_id, lambda b: b["state"] in ("C", "E"), timeout=90, clients=clients
+            )
             assert final["state"] == "C", final
 
             # Method and options come from the training; N independent draws.
@@ -82,8 +92,12 @@ def test_three_round_swag_training_then_inference(db_url):
             assert body["uncertainty_method"] == "SWAG" and body["samples"] == N and body["round"] == 3
 
             module_bytes = http.get(f"/api/models/{model_id}/").content
-            first = safetensors_load(http.get(f"/api/models/{model_id}/swag/", params={"moment": "first"}).content)
-            second = safetensors_load(http.get(f"/api/models/{model_id}/swag/", params={"moment": "second"}).content)
+            first = safetensors_load(
+                http.get(f"/api/models/{model_id}/swag/", params={"moment": "first"}).content
+            )
+            second = safetensors_load(
+                http.get(f"/api/models/{model_id}/swag/", params={"moment": "second"}).content
+            )
             mean, variance = _expected(module_bytes, first["moment"], second["moment"])
             assert torch.allclose(torch.tensor(body["inference"]), mean, atol=1e-5)
             assert torch.allclose(torch.tensor(body["uncertainty"]["variance"]), variance, atol=1e-5)

@@ -57,7 +57,9 @@ def test_swag_samples_converge_to_the_stored_moments():
     mean = torch.randn(50)
     variance = torch.rand(50) * 0.5 + 0.01
     second = variance + mean**2
-    draws = torch.stack(list(sample_parameters(mean, second, 4000, generator=torch.Generator().manual_seed(1))))
+    draws = torch.stack(
+        list(sample_parameters(mean, second, 4000, generator=torch.Generator().manual_seed(1)))
+    )
     assert draws.shape == (4000, 50)
     # Sample mean within 5 standard errors, sample variance within 10 %.
     assert torch.all((draws.mean(0) - mean).abs() < 5 * (variance / 4000).sqrt())
@@ -111,7 +113,9 @@ def test_swag_rejects_moments_that_do_not_fit():
     with pytest.raises(IncompatibleMoments, match="differ in length"):
         predict(Method.SWAG, module, x, SamplingOptions(), moments=(torch.zeros(8), torch.ones(7)))
     with pytest.raises(IncompatibleMoments, match="NaN"):
-        predict(Method.SWAG, module, x, SamplingOptions(), moments=(torch.full((8,), math.nan), torch.ones(8)))
+        predict(
+            Method.SWAG, module, x, SamplingOptions(), moments=(torch.full((8,), math.nan), torch.ones(8))
+        )
 
 
 # --------------------------------------------------------------------------- ensembles
@@ -119,7 +123,9 @@ def test_swag_rejects_moments_that_do_not_fit():
 
 def test_ensemble_of_identical_members_has_zero_variance():
     member = linear([[1.0, 2.0], [0.5, -1.0]], [0.1, 0.2])
-    result = predict(Method.ENSEMBLE, Ensemble([member, member, member]), torch.randn(4, 2), SamplingOptions())
+    result = predict(
+        Method.ENSEMBLE, Ensemble([member, member, member]), torch.randn(4, 2), SamplingOptions()
+    )
     assert result.samples.shape == (3, 4, 2)
     assert torch.count_nonzero(result.uncertainty["variance"]) == 0
 
@@ -213,7 +219,9 @@ def test_agreeing_members_have_zero_mutual_information():
 def test_entropies_only_for_probabilities():
     assert set(interpret(torch.randn(3, 2, 4))) == {"variance", "std"}
     assert set(interpret(torch.full((3, 2, 4), 0.1))) == {"variance", "std"}  # in [0,1] but sums to 0.4
-    softmaxed = predict(Method.MC_DROPOUT, DropoutNet().eval(), torch.randn(2, 4), SamplingOptions(samples=3, softmax=True))
+    softmaxed = predict(
+        Method.MC_DROPOUT, DropoutNet().eval(), torch.randn(2, 4), SamplingOptions(samples=3, softmax=True)
+    )
     assert {"predictive_entropy", "expected_entropy", "mutual_info"} <= set(softmaxed.uncertainty)
     assert softmaxed.uncertainty["mutual_info"].shape == (2,)
 
@@ -227,6 +235,7 @@ def test_bad_model_outputs_are_prediction_errors():
         predict(Method.NONE, Pair(), torch.randn(2, 2), SamplingOptions())
     with pytest.raises(PredictionError, match="failed on this input"):
         predict(Method.NONE, nn.Linear(3, 2), torch.randn(2, 5), SamplingOptions())
+
     class RowSum(nn.Module):
         def forward(self, x):
             return x.sum(1)

@@ -63,8 +63,15 @@ class OrgTree:
 
 
 ACTORS = (
-    "superuser", "org_admin", "project_coach", "group_coach", "member_one", "member_all", "orphan",
-    "other_admin", "anonymous",
+    "superuser",
+    "org_admin",
+    "project_coach",
+    "group_coach",
+    "member_one",
+    "member_all",
+    "orphan",
+    "other_admin",
+    "anonymous",
 )
 
 
@@ -74,24 +81,44 @@ async def _password_hash() -> str:
     return _HASH["h"]
 
 
-def _user(session: Any, username: str, org: Organization | None, password_hash: str, *, superuser: bool = False) -> Actor:
+def _user(
+    session: Any, username: str, org: Organization | None, password_hash: str, *, superuser: bool = False
+) -> Actor:
     """A user with a primary token, added without a flush (ids are set here) so a whole tree is
     written by a handful of batched INSERTs."""
     user = User(
-        id=uuid.uuid4(), username=username, email=f"{username}@example.org", password_hash=password_hash,
-        is_superuser=superuser, is_staff=superuser, organization_id=org.id if org else None,
+        id=uuid.uuid4(),
+        username=username,
+        email=f"{username}@example.org",
+        password_hash=password_hash,
+        is_superuser=superuser,
+        is_staff=superuser,
+        organization_id=org.id if org else None,
     )
     token = new_user_token()
     session.add(user)
-    session.add(ApiToken(
-        user_id=user.id, name="primary", digest=token_digest(token), prefix=token[:8], is_primary=True,
-        encrypted=encrypt(token), created_at=utcnow(),
-    ))
+    session.add(
+        ApiToken(
+            user_id=user.id,
+            name="primary",
+            digest=token_digest(token),
+            prefix=token[:8],
+            is_primary=True,
+            encrypted=encrypt(token),
+            created_at=utcnow(),
+        )
+    )
     return Actor(username, user, token)
 
 
 async def build_org_tree(
-    app: Any, prefix: str = "a", *, projects: int = 2, groups: int = 2, superuser: bool = True, second: bool = True
+    app: Any,
+    prefix: str = "a",
+    *,
+    projects: int = 2,
+    groups: int = 2,
+    superuser: bool = True,
+    second: bool = True,
 ) -> OrgTree:
     """``org`` > ``projects[i]`` > ``groups[i][j]`` with the actors of ``ACTORS``:
     project_coach coaches projects[0]; group_coach coaches groups[0][0]; member_one is in
@@ -108,7 +135,9 @@ async def build_org_tree(
             project = new_child(org, CollectionKind.PROJECT, f"{prefix}-p{i}")
             session.add(project)
             tree.projects.append(project)
-            tree.groups.append([new_child(project, CollectionKind.GROUP, f"{prefix}-g{i}{j}") for j in range(groups)])
+            tree.groups.append(
+                [new_child(project, CollectionKind.GROUP, f"{prefix}-g{i}{j}") for j in range(groups)]
+            )
             session.add_all(tree.groups[-1])
         act = tree.actors
         if superuser:
@@ -139,7 +168,9 @@ async def build_org_tree(
                 member("member_all", group)
         await session.commit()
     if second:
-        tree.other = await build_org_tree(app, prefix + "x", projects=projects, groups=groups, superuser=False, second=False)
+        tree.other = await build_org_tree(
+            app, prefix + "x", projects=projects, groups=groups, superuser=False, second=False
+        )
         act["other_admin"] = tree.other.actors["org_admin"]
     return tree
 
@@ -164,7 +195,9 @@ async def tree(org_tree_factory: Any) -> OrgTree:
     return await org_tree_factory()
 
 
-_COUNTING: contextvars.ContextVar[object | None] = contextvars.ContextVar("flp_statement_counter", default=None)
+_COUNTING: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "flp_statement_counter", default=None
+)
 
 
 class StatementCounter:
@@ -194,4 +227,3 @@ class StatementCounter:
     @property
     def count(self) -> int:
         return len(self.statements)
-

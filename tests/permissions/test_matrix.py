@@ -91,7 +91,9 @@ def _ids(response: httpx.Response) -> set[str]:
     return {item["id"] for item in response.json()} if response.status_code == 200 else set()
 
 
-async def _read(client: httpx.AsyncClient, actor: Actor, detail: str | None, listing: str, target: str) -> Outcome:
+async def _read(
+    client: httpx.AsyncClient, actor: Actor, detail: str | None, listing: str, target: str
+) -> Outcome:
     """Status of the detail route (or of the list when there is none) and list inclusion."""
     listed = await client.get(listing, headers=actor.headers)
     included = target in _ids(listed)
@@ -112,47 +114,162 @@ def g00(tree: OrgTree) -> str:
 
 
 OPS: dict[tuple[str, str], Op] = {
-    ("organization", "read"): lambda c, t, a: _read(c, a, f"/api/organizations/{t.org.id}/", "/api/organizations/", str(t.org.id)),
-    ("organization", "create"): lambda c, t, a: _status_of(c.post("/api/organizations/", json={"name": "new"}, headers=a.headers)),
-    ("organization", "update"): lambda c, t, a: _status_of(c.patch(f"/api/organizations/{t.org.id}/", json={"name": "x"}, headers=a.headers)),
-    ("organization", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/organizations/{t.org.id}/", headers=a.headers)),
-    ("settings", "read"): lambda c, t, a: _status_of(c.get(f"/api/organizations/{t.org.id}/settings/", headers=a.headers)),
-    ("settings", "update"): lambda c, t, a: _status_of(c.patch(f"/api/organizations/{t.org.id}/settings/", json={"location": "Bonn"}, headers=a.headers)),
-    ("project", "read"): lambda c, t, a: _read(c, a, f"/api/projects/{t.projects[0].id}/", f"/api/organizations/{t.org.id}/projects/", str(t.projects[0].id)),
-    ("project", "create"): lambda c, t, a: _status_of(c.post(f"/api/organizations/{t.org.id}/projects/", json={"name": "p"}, headers=a.headers)),
-    ("project", "update"): lambda c, t, a: _status_of(c.patch(f"/api/projects/{t.projects[0].id}/", json={"name": "p"}, headers=a.headers)),
-    ("project", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/projects/{t.projects[0].id}/", headers=a.headers)),
+    ("organization", "read"): lambda c, t, a: _read(
+        c, a, f"/api/organizations/{t.org.id}/", "/api/organizations/", str(t.org.id)
+    ),
+    ("organization", "create"): lambda c, t, a: _status_of(
+        c.post("/api/organizations/", json={"name": "new"}, headers=a.headers)
+    ),
+    ("organization", "update"): lambda c, t, a: _status_of(
+        c.patch(f"/api/organizations/{t.org.id}/", json={"name": "x"}, headers=a.headers)
+    ),
+    ("organization", "delete"): lambda c, t, a: _status_of(
+        c.delete(f"/api/organizations/{t.org.id}/", headers=a.headers)
+    ),
+    ("settings", "read"): lambda c, t, a: _status_of(
+        c.get(f"/api/organizations/{t.org.id}/settings/", headers=a.headers)
+    ),
+    ("settings", "update"): lambda c, t, a: _status_of(
+        c.patch(f"/api/organizations/{t.org.id}/settings/", json={"location": "Bonn"}, headers=a.headers)
+    ),
+    ("project", "read"): lambda c, t, a: _read(
+        c,
+        a,
+        f"/api/projects/{t.projects[0].id}/",
+        f"/api/organizations/{t.org.id}/projects/",
+        str(t.projects[0].id),
+    ),
+    ("project", "create"): lambda c, t, a: _status_of(
+        c.post(f"/api/organizations/{t.org.id}/projects/", json={"name": "p"}, headers=a.headers)
+    ),
+    ("project", "update"): lambda c, t, a: _status_of(
+        c.patch(f"/api/projects/{t.projects[0].id}/", json={"name": "p"}, headers=a.headers)
+    ),
+    ("project", "delete"): lambda c, t, a: _status_of(
+        c.delete(f"/api/projects/{t.projects[0].id}/", headers=a.headers)
+    ),
     ("group", "read"): lambda c, t, a: _read(c, a, f"/api/groups/{g00(t)}/", "/api/groups/", g00(t)),
-    ("group", "create"): lambda c, t, a: _status_of(c.post(f"/api/projects/{t.projects[0].id}/groups/", json={"name": "g"}, headers=a.headers)),
-    ("group", "update"): lambda c, t, a: _status_of(c.patch(f"/api/groups/{g00(t)}/", json={"name": "g"}, headers=a.headers)),
+    ("group", "create"): lambda c, t, a: _status_of(
+        c.post(f"/api/projects/{t.projects[0].id}/groups/", json={"name": "g"}, headers=a.headers)
+    ),
+    ("group", "update"): lambda c, t, a: _status_of(
+        c.patch(f"/api/groups/{g00(t)}/", json={"name": "g"}, headers=a.headers)
+    ),
     ("group", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/groups/{g00(t)}/", headers=a.headers)),
-    ("user", "read"): lambda c, t, a: _read(c, a, f"/api/users/{t.member_one.id}/", "/api/users/?limit=1000", t.member_one.id),
-    ("user", "create"): lambda c, t, a: _status_of(c.post("/api/users/", json={"username": f"newbie-{a.name}", "password": "long-password", "organization_id": str(t.org.id)}, headers=a.headers)),
-    ("user", "update"): lambda c, t, a: _status_of(c.patch(f"/api/users/{t.member_one.id}/", json={"first_name": "X"}, headers=a.headers)),
-    ("user", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/users/{t.member_one.id}/", headers=a.headers)),
-    ("membership", "read"): lambda c, t, a: _read(c, a, None, f"/api/collections/{g00(t)}/members/", t.member_one.id),
-    ("membership", "create"): lambda c, t, a: _status_of(c.post(f"/api/collections/{g00(t)}/members/", json={"user_id": t.orphan.id}, headers=a.headers)),
-    ("membership", "delete"): lambda c, t, a: _removed(c.delete(f"/api/collections/{g00(t)}/members/{t.member_one.id}/", headers=a.headers)),
+    ("user", "read"): lambda c, t, a: _read(
+        c, a, f"/api/users/{t.member_one.id}/", "/api/users/?limit=1000", t.member_one.id
+    ),
+    ("user", "create"): lambda c, t, a: _status_of(
+        c.post(
+            "/api/users/",
+            json={
+                "username": f"newbie-{a.name}",
+                "password": "long-password",
+                "organization_id": str(t.org.id),
+            },
+            headers=a.headers,
+        )
+    ),
+    ("user", "update"): lambda c, t, a: _status_of(
+        c.patch(f"/api/users/{t.member_one.id}/", json={"first_name": "X"}, headers=a.headers)
+    ),
+    ("user", "delete"): lambda c, t, a: _status_of(
+        c.delete(f"/api/users/{t.member_one.id}/", headers=a.headers)
+    ),
+    ("membership", "read"): lambda c, t, a: _read(
+        c, a, None, f"/api/collections/{g00(t)}/members/", t.member_one.id
+    ),
+    ("membership", "create"): lambda c, t, a: _status_of(
+        c.post(f"/api/collections/{g00(t)}/members/", json={"user_id": t.orphan.id}, headers=a.headers)
+    ),
+    ("membership", "delete"): lambda c, t, a: _removed(
+        c.delete(f"/api/collections/{g00(t)}/members/{t.member_one.id}/", headers=a.headers)
+    ),
     ("role", "read"): lambda c, t, a: _read_role(c, t, a),
-    ("role", "create"): lambda c, t, a: _status_of(c.post(f"/api/collections/{g00(t)}/roles/", json={"user_id": t.member_all.id, "kind": "coach"}, headers=a.headers)),
-    ("role", "delete"): lambda c, t, a: _removed(c.delete(f"/api/collections/{g00(t)}/roles/{t.group_coach.id}/coach/", headers=a.headers)),
-    ("invitation", "read"): lambda c, t, a: _read(c, a, None, f"/api/organizations/{t.org.id}/invitations/", t.invitation_id),  # type: ignore[attr-defined]
-    ("invitation", "create"): lambda c, t, a: _status_of(c.post(f"/api/organizations/{t.org.id}/invitations/", json={}, headers=a.headers)),
-    ("invitation", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/organizations/{t.org.id}/invitations/{t.invitation_id}/", headers=a.headers)),  # type: ignore[attr-defined]
-    ("model", "read"): lambda c, t, a: _read(c, a, f"/api/models/{t.model_id}/info/", "/api/models/", t.model_id),  # type: ignore[attr-defined]
-    ("model", "create"): lambda c, t, a: _status_of(c.post("/api/models/", data={"name": "n", "description": ""}, files={"model_file": ("m.pt", _scripted())}, headers=a.headers)),
-    ("model", "update"): lambda c, t, a: _status_of(c.post(f"/api/models/{t.model_id}/preprocessing/", files={"model_preprocessing_file": ("p.pt", _scripted())}, headers=a.headers)),  # type: ignore[attr-defined]
-    ("model", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/models/{t.model_id}/", headers=a.headers)),  # type: ignore[attr-defined]
+    ("role", "create"): lambda c, t, a: _status_of(
+        c.post(
+            f"/api/collections/{g00(t)}/roles/",
+            json={"user_id": t.member_all.id, "kind": "coach"},
+            headers=a.headers,
+        )
+    ),
+    ("role", "delete"): lambda c, t, a: _removed(
+        c.delete(f"/api/collections/{g00(t)}/roles/{t.group_coach.id}/coach/", headers=a.headers)
+    ),
+    ("invitation", "read"): lambda c, t, a: _read(
+        c, a, None, f"/api/organizations/{t.org.id}/invitations/", t.invitation_id
+    ),  # type: ignore[attr-defined]
+    ("invitation", "create"): lambda c, t, a: _status_of(
+        c.post(f"/api/organizations/{t.org.id}/invitations/", json={}, headers=a.headers)
+    ),
+    ("invitation", "delete"): lambda c, t, a: _status_of(
+        c.delete(f"/api/organizations/{t.org.id}/invitations/{t.invitation_id}/", headers=a.headers)
+    ),  # type: ignore[attr-defined]
+    ("model", "read"): lambda c, t, a: _read(
+        c, a, f"/api/models/{t.model_id}/info/", "/api/models/", t.model_id
+    ),  # type: ignore[attr-defined]
+    ("model", "create"): lambda c, t, a: _status_of(
+        c.post(
+            "/api/models/",
+            data={"name": "n", "description": ""},
+            files={"model_file": ("m.pt", _scripted())},
+            headers=a.headers,
+        )
+    ),
+    ("model", "update"): lambda c, t, a: _status_of(
+        c.post(
+            f"/api/models/{t.model_id}/preprocessing/",
+            files={"model_preprocessing_file": ("p.pt", _scripted())},
+            headers=a.headers,
+        )
+    ),  # type: ignore[attr-defined]
+    ("model", "delete"): lambda c, t, a: _status_of(
+        c.delete(f"/api/models/{t.model_id}/", headers=a.headers)
+    ),  # type: ignore[attr-defined]
     ("metric", "read"): lambda c, t, a: _read(c, a, None, f"/api/models/{t.model_id}/metrics/", t.metric_id),  # type: ignore[attr-defined]
-    ("metric", "create"): lambda c, t, a: _status_of(c.post(f"/api/models/{t.model_id}/metrics/", data={"metric_names": ["m"], "metric_values": ["1"]}, headers=a.headers)),  # type: ignore[attr-defined]
-    ("training", "read"): lambda c, t, a: _read(c, a, f"/api/trainings/{t.training_id}/", "/api/trainings/", t.training_id),  # type: ignore[attr-defined]
-    ("training", "create"): lambda c, t, a: _status_of(c.post("/api/trainings/", json={"model_id": t.model_id, "target_num_updates": 1, "aggregation_method": "FedAvg", "metric_names": ["m"], "clients": [t.member_one.id]}, headers=a.headers)),  # type: ignore[attr-defined]
-    ("training", "update"): lambda c, t, a: _status_of(c.put(f"/api/trainings/{t.training_id}/clients/", json={"clients": [t.member_all.id]}, headers=a.headers)),  # type: ignore[attr-defined]
-    ("training", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/trainings/{t.training_id}/", headers=a.headers)),  # type: ignore[attr-defined]
-    ("topic", "read"): lambda c, t, a: _read(c, a, f"/api/broker/topics/{t.topic}/", "/api/broker/topics/", t.topic_id),  # type: ignore[attr-defined]
-    ("topic", "create"): lambda c, t, a: _status_of(c.post("/api/broker/topics/", json={"slug": f"new-{t.org.name}-{a.name}"}, headers=a.headers)),
-    ("topic", "update"): lambda c, t, a: _status_of(c.patch(f"/api/broker/topics/{t.topic}/", json={"store_messages": "cache"}, headers=a.headers)),  # type: ignore[attr-defined]
-    ("topic", "delete"): lambda c, t, a: _status_of(c.delete(f"/api/broker/topics/{t.topic}/", headers=a.headers)),  # type: ignore[attr-defined]
+    ("metric", "create"): lambda c, t, a: _status_of(
+        c.post(
+            f"/api/models/{t.model_id}/metrics/",
+            data={"metric_names": ["m"], "metric_values": ["1"]},
+            headers=a.headers,
+        )
+    ),  # type: ignore[attr-defined]
+    ("training", "read"): lambda c, t, a: _read(
+        c, a, f"/api/trainings/{t.training_id}/", "/api/trainings/", t.training_id
+    ),  # type: ignore[attr-defined]
+    ("training", "create"): lambda c, t, a: _status_of(
+        c.post(
+            "/api/trainings/",
+            json={
+                "model_id": t.model_id,
+                "target_num_updates": 1,
+                "aggregation_method": "FedAvg",
+                "metric_names": ["m"],
+                "clients": [t.member_one.id],
+            },
+            headers=a.headers,
+        )
+    ),  # type: ignore[attr-defined]
+    ("training", "update"): lambda c, t, a: _status_of(
+        c.put(
+            f"/api/trainings/{t.training_id}/clients/", json={"clients": [t.member_all.id]}, headers=a.headers
+        )
+    ),  # type: ignore[attr-defined]
+    ("training", "delete"): lambda c, t, a: _status_of(
+        c.delete(f"/api/trainings/{t.training_id}/", headers=a.headers)
+    ),  # type: ignore[attr-defined]
+    ("topic", "read"): lambda c, t, a: _read(
+        c, a, f"/api/broker/topics/{t.topic}/", "/api/broker/topics/", t.topic_id
+    ),  # type: ignore[attr-defined]
+    ("topic", "create"): lambda c, t, a: _status_of(
+        c.post("/api/broker/topics/", json={"slug": f"new-{t.org.name}-{a.name}"}, headers=a.headers)
+    ),
+    ("topic", "update"): lambda c, t, a: _status_of(
+        c.patch(f"/api/broker/topics/{t.topic}/", json={"store_messages": "cache"}, headers=a.headers)
+    ),  # type: ignore[attr-defined]
+    ("topic", "delete"): lambda c, t, a: _status_of(
+        c.delete(f"/api/broker/topics/{t.topic}/", headers=a.headers)
+    ),  # type: ignore[attr-defined]
 }
 
 
@@ -176,18 +293,36 @@ async def _resources(app: Any, tree: OrgTree) -> None:
     """The organisation's model, training, metric and topic the resource rows of MATRIX act on."""
     coach, member = tree.project_coach.user, tree.member_one.user
     async with app.state.sessionmaker() as session:
-        model = GlobalModel(owner_id=coach.id, name="matrix", weights=_scripted(), weights_format="torchscript",
-                            weights_size=len(_scripted()))
+        model = GlobalModel(
+            owner_id=coach.id,
+            name="matrix",
+            weights=_scripted(),
+            weights_format="torchscript",
+            weights_size=len(_scripted()),
+        )
         topic = BrokerTopic(slug=f"topic-{tree.org.name}", owner_id=coach.id, api_info={})
         session.add_all([model, topic])
         await session.flush()
-        training = Training(model_id=model.id, actor_id=coach.id, target_num_updates=1, options={}, metric_names=[],
-                            participants=[await session.get(User, member.id)])
+        training = Training(
+            model_id=model.id,
+            actor_id=coach.id,
+            target_num_updates=1,
+            options={},
+            metric_names=[],
+            participants=[await session.get(User, member.id)],
+        )
         metric = Metric(model_id=model.id, key="acc", value_float=0.5, reporter_id=member.id)
-        session.add_all([training, metric, BrokerTopicGrant(topic_id=topic.id, user_id=member.id, can_consume=True)])
+        session.add_all(
+            [training, metric, BrokerTopicGrant(topic_id=topic.id, user_id=member.id, can_consume=True)]
+        )
         await session.commit()
-        tree.__dict__.update(model_id=str(model.id), training_id=str(training.id), metric_id=str(metric.id),
-                             topic=topic.slug, topic_id=str(topic.id))
+        tree.__dict__.update(
+            model_id=str(model.id),
+            training_id=str(training.id),
+            metric_id=str(metric.id),
+            topic=topic.slug,
+            topic_id=str(topic.id),
+        )
 
 
 async def _status_of(request: Awaitable[httpx.Response]) -> Outcome:
@@ -230,7 +365,8 @@ async def _fresh_tree(app: Any, prefix: str, other_admin: Actor | None = None) -
 # Operations whose success changes what the next actor would meet (the others rename, create
 # something new or are idempotent, so one tree serves every actor).
 CONSUMING = {("membership", "create"), ("role", "create"), ("training", "update")} | {
-    (k, "delete") for k, _ in MATRIX} - {
+    (k, "delete") for k, _ in MATRIX
+} - {
     ("organization", "delete"),  # refused with 409 while users remain: nothing is deleted
     ("invitation", "delete"),  # revoking twice is fine
 }
@@ -254,10 +390,14 @@ async def test_permission_matrix(app, client, kind: str) -> None:
         for number, actor_name in enumerate(ACTORS):
             outcome = await OPS[(kind, operation)](client, tree, tree.actors[actor_name])
             if str(outcome) != expected[actor_name]:
-                mismatches.append(f"{operation} by {actor_name}: expected {expected[actor_name]}, got {outcome}")
+                mismatches.append(
+                    f"{operation} by {actor_name}: expected {expected[actor_name]}, got {outcome}"
+                )
             if operation == "read" and outcome.status in (401, 403, 404):
                 assert not outcome.listed, f"{actor_name} may not read the {kind} but the list shows it"
             if (kind, operation) in CONSUMING and outcome.status < 300:
                 # A tree of its own for the next actor, next to the old one (same other organisation).
-                tree = await _fresh_tree(app, f"{operation}{number + 1}", other_admin=tree.actors["other_admin"])
+                tree = await _fresh_tree(
+                    app, f"{operation}{number + 1}", other_admin=tree.actors["other_admin"]
+                )
     assert not mismatches, f"{kind}:\n  " + "\n  ".join(mismatches)

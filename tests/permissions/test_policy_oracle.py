@@ -60,7 +60,9 @@ class Graph:
     topics: list[tuple[uuid.UUID, int | None, bool, set[int]]]  # (id, owner, is_public, grantees)
 
     def org_coll(self, org: int) -> int:
-        return next(i for i, c in enumerate(self.colls) if c.kind == CollectionKind.ORGANIZATION and c.org == org)
+        return next(
+            i for i, c in enumerate(self.colls) if c.kind == CollectionKind.ORGANIZATION and c.org == org
+        )
 
     def person_org_id(self, person: Person) -> uuid.UUID | None:
         return None if person.org is None else self.colls[self.org_coll(person.org)].id
@@ -75,7 +77,9 @@ def graphs(draw: Any) -> Graph:
         for _ in range(draw(st.integers(1, 2))):
             colls.append(Coll(uuid.uuid4(), CollectionKind.PROJECT, org, org_index))
             project = len(colls) - 1
-            for kind in draw(st.lists(st.sampled_from([CollectionKind.GROUP, CollectionKind.ADHOC]), max_size=2)):
+            for kind in draw(
+                st.lists(st.sampled_from([CollectionKind.GROUP, CollectionKind.ADHOC]), max_size=2)
+            ):
                 colls.append(Coll(uuid.uuid4(), kind, org, project))
     people = []
     for _ in range(draw(st.integers(2, 7))):
@@ -90,8 +94,11 @@ def graphs(draw: Any) -> Graph:
                     if coll.parent is not None and colls[coll.parent].kind != CollectionKind.ORGANIZATION:
                         person.members.add(coll.parent)  # explicit rows at every level
                 if draw(st.integers(0, 3)) == 0:
-                    kind = RoleKind.ADMIN if coll.kind == CollectionKind.ORGANIZATION and draw(st.booleans()) \
+                    kind = (
+                        RoleKind.ADMIN
+                        if coll.kind == CollectionKind.ORGANIZATION and draw(st.booleans())
                         else RoleKind.COACH
+                    )
                     person.roles.add((i, kind))
         people.append(person)
     owners = st.integers(0, len(people) - 1)
@@ -109,8 +116,13 @@ def graphs(draw: Any) -> Graph:
     for _ in range(draw(st.integers(0, 3))):
         owner = draw(st.one_of(st.none(), owners))
         tenant = None if owner is None else people[owner].org
-        grantees = set(draw(st.lists(st.sampled_from([i for i, p in enumerate(people) if p.org == tenant] or [0]),
-                                     max_size=2)))
+        grantees = set(
+            draw(
+                st.lists(
+                    st.sampled_from([i for i, p in enumerate(people) if p.org == tenant] or [0]), max_size=2
+                )
+            )
+        )
         grantees = {g for g in grantees if people[g].org == tenant}
         topics.append((uuid.uuid4(), owner, draw(st.booleans()), grantees))
     return Graph(colls, people, models, trainings, locals_, topics)
@@ -137,8 +149,9 @@ class Oracle:
         return org == r.org
 
     def org_role(self, r: Person | None, kinds: frozenset[RoleKind] = ANY_ROLE) -> bool:
-        return self.in_org(r) and any(self.g.colls[c].kind == CollectionKind.ORGANIZATION and k in kinds
-                                      for c, k in r.roles)  # type: ignore[union-attr]
+        return self.in_org(r) and any(
+            self.g.colls[c].kind == CollectionKind.ORGANIZATION and k in kinds for c, k in r.roles
+        )  # type: ignore[union-attr]
 
     def ancestors(self, index: int) -> set[int]:
         out, coll = {index}, self.g.colls[index]
@@ -167,7 +180,11 @@ class Oracle:
         if not self.in_org(r) or coll.org != r.org:
             return False
         held = {c for c, _ in r.roles}
-        return coll.kind == CollectionKind.ORGANIZATION or bool(held & self.ancestors(index)) or index in r.members
+        return (
+            coll.kind == CollectionKind.ORGANIZATION
+            or bool(held & self.ancestors(index))
+            or index in r.members
+        )
 
     def training(self, r: Person | None, index: int) -> bool:
         if r is not None and r.superuser:
@@ -185,8 +202,12 @@ class Oracle:
         if r is not None and r.superuser:
             return True
         me = None if r is None else self.g.people.index(r)
-        return r is not None and self.same_tenant(r, self.model_org(index)) and (
-            self.g.models[index][1] == me or self.org_role(r) or self.takes_part(me, index)  # type: ignore[arg-type]
+        return (
+            r is not None
+            and self.same_tenant(r, self.model_org(index))
+            and (
+                self.g.models[index][1] == me or self.org_role(r) or self.takes_part(me, index)  # type: ignore[arg-type]
+            )
         )
 
     def local(self, r: Person | None, index: int) -> bool:
@@ -195,8 +216,12 @@ class Oracle:
         _, training, owner = self.g.locals_[index]
         model = self.g.trainings[training][1]
         me = None if r is None else self.g.people.index(r)
-        return r is not None and self.same_tenant(r, self.model_org(model)) and (
-            owner == me or self.org_role(r) or self.takes_part(me, model)  # type: ignore[arg-type]
+        return (
+            r is not None
+            and self.same_tenant(r, self.model_org(model))
+            and (
+                owner == me or self.org_role(r) or self.takes_part(me, model)  # type: ignore[arg-type]
+            )
         )
 
     def topic(self, r: Person | None, index: int) -> bool:
@@ -228,12 +253,21 @@ class Oracle:
 async def _write(session: Any, g: Graph) -> None:
     for c in g.colls:
         parent = None if c.parent is None else g.colls[c.parent].id
-        session.add(Collection.__mapper__.polymorphic_map[c.kind].class_(
-            id=c.id, name=c.kind.value, parent_id=parent, organization_id=g.colls[g.org_coll(c.org)].id))
+        session.add(
+            Collection.__mapper__.polymorphic_map[c.kind].class_(
+                id=c.id, name=c.kind.value, parent_id=parent, organization_id=g.colls[g.org_coll(c.org)].id
+            )
+        )
     await session.flush()
     for p in g.people:
-        session.add(User(id=p.id, username=f"u-{p.id.hex}", is_superuser=p.superuser,
-                         organization_id=g.person_org_id(p)))
+        session.add(
+            User(
+                id=p.id,
+                username=f"u-{p.id.hex}",
+                is_superuser=p.superuser,
+                organization_id=g.person_org_id(p),
+            )
+        )
     await session.flush()
     for p in g.people:
         session.add_all([Membership(user_id=p.id, collection_id=g.colls[c].id) for c in p.members])
@@ -242,22 +276,43 @@ async def _write(session: Any, g: Graph) -> None:
         session.add(GlobalModel(id=model_id, owner_id=g.people[owner].id, name="m", weights_size=0))
     await session.flush()
     people = {p.id: p for p in g.people}
-    users = {u.id: u for u in (await session.execute(select(User).where(User.id.in_(list(people))))).scalars()}
+    users = {
+        u.id: u for u in (await session.execute(select(User).where(User.id.in_(list(people))))).scalars()
+    }
     for training_id, model, actor, participants in g.trainings:
-        session.add(Training(id=training_id, model_id=g.models[model][0], actor_id=g.people[actor].id,
-                             target_num_updates=1, options={}, metric_names=[],
-                             participants=[users[g.people[i].id] for i in sorted(participants)]))
+        session.add(
+            Training(
+                id=training_id,
+                model_id=g.models[model][0],
+                actor_id=g.people[actor].id,
+                target_num_updates=1,
+                options={},
+                metric_names=[],
+                participants=[users[g.people[i].id] for i in sorted(participants)],
+            )
+        )
     await session.flush()
     for local_id, training, owner in g.locals_:
         base = g.models[g.trainings[training][1]][0]
-        session.add(LocalModel(id=local_id, owner_id=g.people[owner].id, base_model_id=base, sample_size=1,
-                               weights_size=0))
+        session.add(
+            LocalModel(
+                id=local_id, owner_id=g.people[owner].id, base_model_id=base, sample_size=1, weights_size=0
+            )
+        )
     for topic_id, owner, public, grantees in g.topics:
-        session.add(BrokerTopic(id=topic_id, slug=f"t-{topic_id.hex}", is_public=public, api_info={},
-                                owner_id=None if owner is None else g.people[owner].id))
+        session.add(
+            BrokerTopic(
+                id=topic_id,
+                slug=f"t-{topic_id.hex}",
+                is_public=public,
+                api_info={},
+                owner_id=None if owner is None else g.people[owner].id,
+            )
+        )
         await session.flush()
-        session.add_all([BrokerTopicGrant(topic_id=topic_id, user_id=g.people[i].id, can_consume=True)
-                         for i in grantees])
+        session.add_all(
+            [BrokerTopicGrant(topic_id=topic_id, user_id=g.people[i].id, can_consume=True) for i in grantees]
+        )
     await session.commit()
 
 
@@ -272,8 +327,13 @@ async def _check(url: str, g: Graph) -> None:
             kinds: dict[str, tuple[type[Any], list[uuid.UUID], Any]] = {
                 "user": (User, [p.id for p in g.people], lambda r, i: oracle.user(r, g.people[i])),
                 "collection": (Collection, [c.id for c in g.colls], oracle.collection),
-                "model": (Model, [m for m, _ in g.models] + [loc for loc, _, _ in g.locals_],
-                          lambda r, i: oracle.model(r, i) if i < len(g.models) else oracle.local(r, i - len(g.models))),
+                "model": (
+                    Model,
+                    [m for m, _ in g.models] + [loc for loc, _, _ in g.locals_],
+                    lambda r, i: (
+                        oracle.model(r, i) if i < len(g.models) else oracle.local(r, i - len(g.models))
+                    ),
+                ),
                 "training": (Training, [t[0] for t in g.trainings], oracle.training),
                 "topic": (BrokerTopic, [t[0] for t in g.topics], oracle.topic),
             }
@@ -289,15 +349,21 @@ async def _check(url: str, g: Graph) -> None:
                 requester = await Requester.load(session, None if r is None else users[r.id])
                 who = "anonymous" if r is None else f"user {g.people.index(r)}"
                 for name, (cls, ids, expected_of) in kinds.items():
-                    sql = set((await session.execute(
-                        select(cls.id).where(cls.id.in_(ids), readable(requester, cls))
-                    )).scalars())
+                    sql = set(
+                        (
+                            await session.execute(
+                                select(cls.id).where(cls.id.in_(ids), readable(requester, cls))
+                            )
+                        ).scalars()
+                    )
                     booleans = {obj.id for obj in loaded[name] if await can_read(requester, obj)}
                     expected = {ids[i] for i in range(len(ids)) if expected_of(r, i)}
                     assert sql == booleans, f"{who}, {name}: SQL clause and can_read disagree"
                     assert sql == expected, f"{who}, {name}: policy and oracle disagree"
                 uncovered = {u.id for u in await users_without_role(requester, ANY_ROLE, loaded["user"])}
-                assert uncovered == {p.id for p in g.people if not oracle.covers(r, p)}, f"{who}: has_role_for_user"
+                assert uncovered == {p.id for p in g.people if not oracle.covers(r, p)}, (
+                    f"{who}: has_role_for_user"
+                )
     finally:
         await engine.dispose()
 

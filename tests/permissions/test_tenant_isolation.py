@@ -21,9 +21,9 @@ import pytest
 from fastapi.routing import APIRoute
 
 from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel, Metric, SWAGModel, Training
-from flplatform.orm.broker import BrokerMessage, BrokerTopic, BrokerTopicGrant
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import WorkKind, WorkStatus
+from flplatform.orm.broker import BrokerMessage, BrokerTopic, BrokerTopicGrant
 from flplatform.orm.workqueue import QueuedWork
 from flplatform.services.collections import create_invitation
 from flplatform.services.inference_jobs import INFERENCE_JOB
@@ -67,17 +67,46 @@ async def _victim_data(app: Any, tree: OrgTree) -> dict[str, Any]:
     grant and a stored message, an invitation — written directly, as the services would."""
     coach, member = tree.project_coach.user, tree.member_one.user
     async with app.state.sessionmaker() as session:
-        glob = GlobalModel(owner_id=coach.id, name="victim-model-secret", description="victim-description",
-                           weights=b"w", weights_format="torchscript", weights_size=1)
-        swag = SWAGModel(owner_id=coach.id, name="victim-swag-secret", weights=b"w", weights_format="torchscript",
-                         weights_size=1, swag_first_moment=b"m", swag_second_moment=b"m")
+        glob = GlobalModel(
+            owner_id=coach.id,
+            name="victim-model-secret",
+            description="victim-description",
+            weights=b"w",
+            weights_format="torchscript",
+            weights_size=1,
+        )
+        swag = SWAGModel(
+            owner_id=coach.id,
+            name="victim-swag-secret",
+            weights=b"w",
+            weights_format="torchscript",
+            weights_size=1,
+            swag_first_moment=b"m",
+            swag_second_moment=b"m",
+        )
         session.add_all([glob, swag])
         await session.flush()
-        session.add(GlobalModelRound(model_id=glob.id, round=0, weights=b"w", weights_format="torchscript", weights_size=1))
-        training = Training(model_id=glob.id, actor_id=coach.id, target_num_updates=1, participants=[member],
-                            options={}, metric_names=[])
-        local = LocalModel(owner_id=member.id, base_model_id=glob.id, sample_size=3, weights=b"l",
-                           weights_format="safetensors", weights_size=1)
+        session.add(
+            GlobalModelRound(
+                model_id=glob.id, round=0, weights=b"w", weights_format="torchscript", weights_size=1
+            )
+        )
+        training = Training(
+            model_id=glob.id,
+            actor_id=coach.id,
+            target_num_updates=1,
+            participants=[member],
+            options={},
+            metric_names=[],
+        )
+        local = LocalModel(
+            owner_id=member.id,
+            base_model_id=glob.id,
+            sample_size=3,
+            weights=b"l",
+            weights_format="safetensors",
+            weights_size=1,
+        )
         session.add_all([training, local])
         await session.flush()
         session.add(Metric(model_id=glob.id, key="victim-metric", value_float=0.5, reporter_id=member.id))
@@ -86,27 +115,64 @@ async def _victim_data(app: Any, tree: OrgTree) -> dict[str, Any]:
         await session.flush()
         session.add(BrokerTopicGrant(topic_id=topic.id, user_id=member.id, can_consume=True))
         session.add(BrokerMessage(topic_id=topic.id, message_id=uuid.uuid4(), content='{"victim": 1}'))
-        invitation, _ = await create_invitation(session, tree.org.id, by=None, expires_in=dt.timedelta(days=1),
-                                                max_uses=None, note="victim-invitation")
-        job = QueuedWork(kind=WorkKind.INFERENCE, status=WorkStatus.FINISHED, handler=INFERENCE_JOB, payload={},
-                         model_id=glob.id, submitter_id=member.id, attempts=1, max_attempts=1, started_at=utcnow(),
-                         finished_at=utcnow(), result={"model_id": str(glob.id)})  # an inference job's result
+        invitation, _ = await create_invitation(
+            session,
+            tree.org.id,
+            by=None,
+            expires_in=dt.timedelta(days=1),
+            max_uses=None,
+            note="victim-invitation",
+        )
+        job = QueuedWork(
+            kind=WorkKind.INFERENCE,
+            status=WorkStatus.FINISHED,
+            handler=INFERENCE_JOB,
+            payload={},
+            model_id=glob.id,
+            submitter_id=member.id,
+            attempts=1,
+            max_attempts=1,
+            started_at=utcnow(),
+            finished_at=utcnow(),
+            result={"model_id": str(glob.id)},
+        )  # an inference job's result
         session.add(job)
         await session.commit()
         assert glob.organization_id == swag.organization_id == local.organization_id == tree.org.id
         assert training.organization_id == topic.organization_id == tree.org.id
-    return {"global": glob.id, "swag": swag.id, "local": local.id, "training": training.id,
-            "topic": topic.id, "invitation": invitation.id, "job": job.id}
+    return {
+        "global": glob.id,
+        "swag": swag.id,
+        "local": local.id,
+        "training": training.id,
+        "topic": topic.id,
+        "invitation": invitation.id,
+        "job": job.id,
+    }
 
 
 def _markers(tree: OrgTree, data: dict[str, Any]) -> set[str]:
     ids = {str(v) for v in data.values()} | {str(tree.org.id)}
     ids |= {str(p.id) for p in tree.projects} | {str(g.id) for row in tree.groups for g in row}
-    ids |= {a.id for name, a in tree.actors.items() if a.user is not None and name not in ("other_admin", "superuser")}
-    names = {"victim-model-secret", "victim-swag-secret", "victim-description", "victim-metric", "victim-topic",
-             "victim-invitation", f"{tree.org.name}\""}
-    names |= {a.user.username for name, a in tree.actors.items()
-              if a.user is not None and name not in ("other_admin", "superuser")}
+    ids |= {
+        a.id
+        for name, a in tree.actors.items()
+        if a.user is not None and name not in ("other_admin", "superuser")
+    }
+    names = {
+        "victim-model-secret",
+        "victim-swag-secret",
+        "victim-description",
+        "victim-metric",
+        "victim-topic",
+        "victim-invitation",
+        f'{tree.org.name}"',
+    }
+    names |= {
+        a.user.username
+        for name, a in tree.actors.items()
+        if a.user is not None and name not in ("other_admin", "superuser")
+    }
     return ids | names
 
 
@@ -136,9 +202,11 @@ def _fill(path: str, values: dict[str, list[str]]) -> list[str]:
             if "{" not in p:
                 expanded.append(p)
                 continue
-            name = p[p.index("{") + 1: p.index("}")].split(":")[0]
-            assert name in values, f"GET {path}: add victim values for the path parameter {name!r} to this test"
-            expanded += [p[: p.index("{")] + v + p[p.index("}") + 1:] for v in values[name]]
+            name = p[p.index("{") + 1 : p.index("}")].split(":")[0]
+            assert name in values, (
+                f"GET {path}: add victim values for the path parameter {name!r} to this test"
+            )
+            expanded += [p[: p.index("{")] + v + p[p.index("}") + 1 :] for v in values[name]]
         paths = expanded
     return paths
 
@@ -185,9 +253,13 @@ async def test_no_get_route_leaks_to_another_organisation_or_anonymous(app, clie
             for url in _fill(route, values)[:1]:
                 for value in victim_ids:
                     got = await client.get(url, params={name: value}, headers=intruder.headers)
-                    unknown = await client.get(url, params={name: str(uuid.uuid4())}, headers=intruder.headers)
+                    unknown = await client.get(
+                        url, params={name: str(uuid.uuid4())}, headers=intruder.headers
+                    )
                     if got.status_code != unknown.status_code:
-                        problems.append(f"GET {url}?{name}=<victim>: {got.status_code}, unknown id: {unknown.status_code}")
+                        problems.append(
+                            f"GET {url}?{name}=<victim>: {got.status_code}, unknown id: {unknown.status_code}"
+                        )
                     if got.status_code < 300 and any(m in got.text for m in markers - {value}):
                         problems.append(f"GET {url}?{name}=<victim> shows victim data")
     # Anonymous callers: 401 everywhere but health and the docs (same victim data, one set-up).

@@ -23,8 +23,12 @@ def workers(migrated_urls: dict[str, str], tmp_path_factory: pytest.TempPathFact
     module: importing the app costs seconds of CPU). Tests may kill -9 and restart them."""
     if "postgresql" not in migrated_urls:
         pytest.skip("PostgreSQL not available")
-    env = server_env(migrated_urls["postgresql"], FLP_AGGREGATION_LEASE_SECONDS=str(AGGREGATION_LEASE_SECONDS),
-                     FLP_WORK_LEASE_SECONDS=str(WORK_LEASE_SECONDS), FLP_WORKER_POLL_INTERVAL_SECONDS="0.2")
+    env = server_env(
+        migrated_urls["postgresql"],
+        FLP_AGGREGATION_LEASE_SECONDS=str(AGGREGATION_LEASE_SECONDS),
+        FLP_WORK_LEASE_SECONDS=str(WORK_LEASE_SECONDS),
+        FLP_WORKER_POLL_INTERVAL_SECONDS="0.2",
+    )
     with fleet(env, tmp_path_factory.mktemp("workers")) as running:
         running.start(2)
         yield running

@@ -72,9 +72,25 @@ class Fleet:
             self._starts += 1
             log = open(self.logdir / f"worker-{self._starts}-{port}.log", "wb")  # noqa: SIM115 - closed with the process
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "flplatform.app:create_app", "--factory", "--host", "127.0.0.1",
-                 "--port", str(port), "--log-level", "warning", "--no-access-log", *uvicorn_ws_cli_args()],
-                env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "flplatform.app:create_app",
+                    "--factory",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                    *uvicorn_ws_cli_args(),
+                ],
+                env={**self.env, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             log.close()
             self.procs.append(proc)
@@ -101,7 +117,10 @@ class Fleet:
         log = open(self.logdir / f"job-worker-{self._starts}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [sys.executable, "-m", "flplatform.cli", "worker", "--no-migrate"],
-            env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         self.procs.append(proc)
@@ -109,8 +128,11 @@ class Fleet:
 
     def ensure(self, count: int) -> list[str]:
         """The running workers' URLs, (re)starting them if a previous test killed them."""
-        if len(self.urls) != count or any(p.poll() is not None for p in self.procs[-count:]) or len(
-                [p for p in self.procs if p.poll() is None]) != count:
+        if (
+            len(self.urls) != count
+            or any(p.poll() is not None for p in self.procs[-count:])
+            or len([p for p in self.procs if p.poll() is None]) != count
+        ):
             self.kill9()
             self.start(count)
         return self.urls
@@ -136,7 +158,10 @@ class Fleet:
                 proc.wait(timeout=10)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logdir.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(self.logdir.glob("*.log"))
+        )
 
 
 @contextmanager
@@ -157,8 +182,13 @@ def create_admin(db_url: str) -> None:
     async def _run() -> None:
         engine = create_engine(db_url)
         async with create_sessionmaker(engine)() as session:
-            data = UserCreate(username="admin", password=ADMIN_PASSWORD, email="admin@example.org",
-                              is_superuser=True, is_staff=True)
+            data = UserCreate(
+                username="admin",
+                password=ADMIN_PASSWORD,
+                email="admin@example.org",
+                is_superuser=True,
+                is_staff=True,
+            )
             await create_user(session, data, created_by=User(username="<tests>", is_superuser=True))
             await session.commit()
         await engine.dispose()
@@ -183,7 +213,9 @@ async def admin_headers(http: httpx.AsyncClient, url: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
-async def create_account(http: httpx.AsyncClient, url: str, admin: dict[str, str], username: str, **fields: Any) -> Account:
+async def create_account(
+    http: httpx.AsyncClient, url: str, admin: dict[str, str], username: str, **fields: Any
+) -> Account:
     body = {"username": username, "password": "password-123", "email": f"{username}@example.org", **fields}
     r = await http.post(f"{url}/api/users/", headers=admin, json=body)
     assert r.status_code == 201, r.text
@@ -193,20 +225,34 @@ async def create_account(http: httpx.AsyncClient, url: str, admin: dict[str, str
 # --------------------------------------------------------------------------- billing via HTTP
 
 
-async def set_training_prices(http: httpx.AsyncClient, url: str, admin: dict[str, str], *, update: str,
-                              sample_epoch: str, reserve_samples: int) -> None:
-    for item, amount in (("training_update", update), ("training_sample_epoch", sample_epoch),
-                         ("training_reserve_samples", reserve_samples)):
+async def set_training_prices(
+    http: httpx.AsyncClient,
+    url: str,
+    admin: dict[str, str],
+    *,
+    update: str,
+    sample_epoch: str,
+    reserve_samples: int,
+) -> None:
+    for item, amount in (
+        ("training_update", update),
+        ("training_sample_epoch", sample_epoch),
+        ("training_reserve_samples", reserve_samples),
+    ):
         r = await http.put(f"{url}/api/billing/prices/{item}/", headers=admin, json={"amount": amount})
         assert r.status_code == 200, r.text
 
 
 async def top_up(http: httpx.AsyncClient, url: str, admin: dict[str, str], user_id: str, amount: str) -> None:
-    r = await http.post(f"{url}/api/billing/top-ups/", headers=admin, json={"user_id": user_id, "amount": amount})
+    r = await http.post(
+        f"{url}/api/billing/top-ups/", headers=admin, json={"user_id": user_id, "amount": amount}
+    )
     assert r.status_code == 201, r.text
 
 
-async def usd_balance(http: httpx.AsyncClient, url: str, admin: dict[str, str], user_id: str) -> tuple[Decimal, Decimal]:
+async def usd_balance(
+    http: httpx.AsyncClient, url: str, admin: dict[str, str], user_id: str
+) -> tuple[Decimal, Decimal]:
     """(available, held) USD of a user."""
     r = await http.get(f"{url}/api/billing/balance/", headers=admin, params={"user_id": user_id})
     assert r.status_code == 200, r.text
@@ -214,10 +260,14 @@ async def usd_balance(http: httpx.AsyncClient, url: str, admin: dict[str, str], 
     return Decimal(line["available"]), Decimal(line["held"])
 
 
-async def training_charges(http: httpx.AsyncClient, url: str, admin: dict[str, str], user_id: str
-                           ) -> list[dict[str, Any]]:
-    r = await http.get(f"{url}/api/billing/operations/", headers=admin,
-                       params={"user_id": user_id, "kind": "training", "limit": 1000})
+async def training_charges(
+    http: httpx.AsyncClient, url: str, admin: dict[str, str], user_id: str
+) -> list[dict[str, Any]]:
+    r = await http.get(
+        f"{url}/api/billing/operations/",
+        headers=admin,
+        params={"user_id": user_id, "kind": "training", "limit": 1000},
+    )
     assert r.status_code == 200, r.text
     return list(r.json())
 
@@ -264,33 +314,57 @@ def fedavg(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str,
     """Independent FedAvg for the assertions (float64 accumulation)."""
     total = float(sum(sizes))
     return {
-        key: (sum(s[key].to(torch.float64) * n for s, n in zip(states, sizes, strict=True)) / total).to(ref.dtype)
+        key: (sum(s[key].to(torch.float64) * n for s, n in zip(states, sizes, strict=True)) / total).to(
+            ref.dtype
+        )
         for key, ref in states[0].items()
     }
 
 
 async def upload_model(http: httpx.AsyncClient, url: str, headers: dict[str, str], data: bytes) -> str:
     form = {"name": "small", "description": "scale test net", "type": "GLOBAL"}
-    r = await http.post(f"{url}/api/models/", headers=headers, data=form, files={"model_file": ("m.pt", data)})
+    r = await http.post(
+        f"{url}/api/models/", headers=headers, data=form, files={"model_file": ("m.pt", data)}
+    )
     assert r.status_code == 201, r.text
     return r.json()["model_id"]
 
 
-async def post_update(http: httpx.AsyncClient, url: str, headers: dict[str, str], model_id: str, data: bytes,
-                      round_: int, sample_size: int) -> httpx.Response:
+async def post_update(
+    http: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str],
+    model_id: str,
+    data: bytes,
+    round_: int,
+    sample_size: int,
+) -> httpx.Response:
     form = {"round": str(round_), "sample_size": str(sample_size)}
-    return await http.post(f"{url}/api/models/{model_id}/", headers=headers, data=form,
-                           files={"model_file": ("u.safetensors", data)})
+    return await http.post(
+        f"{url}/api/models/{model_id}/",
+        headers=headers,
+        data=form,
+        files={"model_file": ("u.safetensors", data)},
+    )
 
 
-async def training_state(http: httpx.AsyncClient, url: str, headers: dict[str, str], training_id: str) -> dict[str, Any]:
+async def training_state(
+    http: httpx.AsyncClient, url: str, headers: dict[str, str], training_id: str
+) -> dict[str, Any]:
     r = await http.get(f"{url}/api/trainings/{training_id}/", headers=headers)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-async def wait_for(http: httpx.AsyncClient, url: str, headers: dict[str, str], training_id: str,
-                   predicate: Any, timeout: float = 60.0, what: str = "condition") -> dict[str, Any]:
+async def wait_for(
+    http: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str],
+    training_id: str,
+    predicate: Any,
+    timeout: float = 60.0,
+    what: str = "condition",
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         state = await training_state(http, url, headers, training_id)

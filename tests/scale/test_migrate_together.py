@@ -21,7 +21,11 @@ async def _schema(url: str) -> tuple[set[str], set[str]]:
     try:
         async with engine.connect() as conn:
             versions = set((await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars())
-            tables = set((await conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))).scalars())
+            tables = set(
+                (
+                    await conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))
+                ).scalars()
+            )
             return versions, tables
     finally:
         await engine.dispose()
@@ -32,8 +36,12 @@ def test_three_processes_migrating_one_fresh_database_at_once(postgres_cluster, 
     if postgres_cluster is None:
         pytest.skip("PostgreSQL not available")
     url = postgres_cluster.create_database("flp_migrate_together")
-    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATE, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outputs)
     # The same schema as the session's database, migrated by one process.

@@ -65,21 +65,38 @@ def round_cost(clients: int) -> Decimal:
     return PRICE_UPDATE * clients + PRICE_SAMPLE * sum(sample_size(i) for i in range(clients))
 
 
-async def _setup(http: httpx.AsyncClient, urls: list[str], clients: int, rounds: int
-                 ) -> tuple[Account, list[Account], str, str, dict[str, torch.Tensor]]:
+async def _setup(
+    http: httpx.AsyncClient, urls: list[str], clients: int, rounds: int
+) -> tuple[Account, list[Account], str, str, dict[str, torch.Tensor]]:
     admin = await admin_headers(http, urls[0])
-    await set_training_prices(http, urls[0], admin, update=str(PRICE_UPDATE), sample_epoch=str(PRICE_SAMPLE),
-                              reserve_samples=RESERVE_SAMPLES)
+    await set_training_prices(
+        http,
+        urls[0],
+        admin,
+        update=str(PRICE_UPDATE),
+        sample_epoch=str(PRICE_SAMPLE),
+        reserve_samples=RESERVE_SAMPLES,
+    )
     actor = await create_account(http, urls[0], admin, "actor", actor=True)
     await top_up(http, urls[1 % len(urls)], admin, actor.id, str(TOP_UP))
-    accounts = list(await asyncio.gather(*(
-        create_account(http, urls[i % len(urls)], admin, f"client-{i:02d}", client=True) for i in range(clients)
-    )))
+    accounts = list(
+        await asyncio.gather(
+            *(
+                create_account(http, urls[i % len(urls)], admin, f"client-{i:02d}", client=True)
+                for i in range(clients)
+            )
+        )
+    )
     torch.manual_seed(7)
     initial = scripted(SmallNet())
     model_id = await upload_model(http, urls[1 % len(urls)], actor.headers, initial)
-    body = {"model_id": model_id, "target_num_updates": rounds, "aggregation_method": "FedAvg",
-            "clients": [a.id for a in accounts], "options": {"skip_model_tests": True}}
+    body = {
+        "model_id": model_id,
+        "target_num_updates": rounds,
+        "aggregation_method": "FedAvg",
+        "clients": [a.id for a in accounts],
+        "options": {"skip_model_tests": True},
+    }
     r = await http.post(f"{urls[0]}/api/trainings/", headers=actor.headers, json=body)
     assert r.status_code == 201, r.text
     training_id = r.json()["training_id"]
@@ -88,8 +105,9 @@ async def _setup(http: httpx.AsyncClient, urls: list[str], clients: int, rounds:
     return actor, accounts, model_id, training_id, state_of(initial)
 
 
-async def _download(http: httpx.AsyncClient, url: str, headers: dict[str, str], model_id: str,
-                    round_: int | None = None) -> dict[str, torch.Tensor]:
+async def _download(
+    http: httpx.AsyncClient, url: str, headers: dict[str, str], model_id: str, round_: int | None = None
+) -> dict[str, torch.Tensor]:
     params = {} if round_ is None else {"round": round_}
     r = await http.get(f"{url}/api/models/{model_id}/", headers=headers, params=params)
     assert r.status_code == 200, r.text
@@ -101,20 +119,38 @@ async def _db_counts(db_url: str, model_id: str, training_id: str) -> dict[str, 
     try:
         async with create_sessionmaker(engine)() as session:
             mid = uuid.UUID(model_id)
-            history = (await session.execute(
-                select(GlobalModelRound.round, func.count()).where(GlobalModelRound.model_id == mid)
-                .group_by(GlobalModelRound.round)
-            )).all()
-            updates = (await session.execute(
-                select(LocalModel.round, func.count(), func.count(func.distinct(LocalModel.owner_id)))
-                .where(LocalModel.base_model_id == mid).group_by(LocalModel.round)
-            )).all()
-            training = (await session.execute(
-                select(Training.locked, Training.locked_until).where(Training.id == uuid.UUID(training_id))
-            )).one()
-            jobs = (await session.execute(
-                select(QueuedWork).where(QueuedWork.handler == AGGREGATE_JOB).order_by(QueuedWork.created_at)
-            )).scalars().all()
+            history = (
+                await session.execute(
+                    select(GlobalModelRound.round, func.count())
+                    .where(GlobalModelRound.model_id == mid)
+                    .group_by(GlobalModelRound.round)
+                )
+            ).all()
+            updates = (
+                await session.execute(
+                    select(LocalModel.round, func.count(), func.count(func.distinct(LocalModel.owner_id)))
+                    .where(LocalModel.base_model_id == mid)
+                    .group_by(LocalModel.round)
+                )
+            ).all()
+            training = (
+                await session.execute(
+                    select(Training.locked, Training.locked_until).where(
+                        Training.id == uuid.UUID(training_id)
+                    )
+                )
+            ).one()
+            jobs = (
+                (
+                    await session.execute(
+                        select(QueuedWork)
+                        .where(QueuedWork.handler == AGGREGATE_JOB)
+                        .order_by(QueuedWork.created_at)
+                    )
+                )
+                .scalars()
+                .all()
+            )
             servers = dict((await session.execute(select(Server.id, Server.name))).all())
             ledger_ok: bool | None = None
             try:
@@ -125,14 +161,20 @@ async def _db_counts(db_url: str, model_id: str, training_id: str) -> dict[str, 
                 ledger_ok = (await reconcile(session)).ok
     finally:
         await engine.dispose()
-    return {"history_rows": {r: c for r, c in history},
-            "updates": {r: (rows, owners) for r, rows, owners in updates},
-            "locked": training.locked, "locked_until": training.locked_until, "ledger_ok": ledger_ok,
-            "jobs": [(j.payload["round"], j.status, j.attempts, j.result) for j in jobs],
-            "job_servers": [servers.get(j.server_id, "") for j in jobs]}
+    return {
+        "history_rows": {r: c for r, c in history},
+        "updates": {r: (rows, owners) for r, rows, owners in updates},
+        "locked": training.locked,
+        "locked_until": training.locked_until,
+        "ledger_ok": ledger_ok,
+        "jobs": [(j.payload["round"], j.status, j.attempts, j.result) for j in jobs],
+        "job_servers": [servers.get(j.server_id, "") for j in jobs],
+    }
 
 
-async def _assert_billed_once(http: httpx.AsyncClient, url: str, actor: Account, clients: int, rounds: int) -> None:
+async def _assert_billed_once(
+    http: httpx.AsyncClient, url: str, actor: Account, clients: int, rounds: int
+) -> None:
     """One training charge per round at the price list's figure, nothing held, ledger conserved."""
     admin = await admin_headers(http, url)
     charges = await training_charges(http, url, admin, actor.id)
@@ -169,25 +211,38 @@ async def _twenty_clients(db_url: str, urls: list[str]) -> None:
             if index % 5 == 0:
                 # The same upload retried through the OTHER worker (a client that timed out and
                 # retried): it replaces itself, or is refused once the round has moved on.
-                r = await post_update(http, urls[(index + 1) % 2], account.headers, model_id, data, round_,
-                                      sample_size(index))
+                r = await post_update(
+                    http, urls[(index + 1) % 2], account.headers, model_id, data, round_, sample_size(index)
+                )
                 assert r.status_code in (201, 400, 409), r.text
 
         for round_ in range(ROUNDS):
-            await wait_for(http, urls[round_ % 2], actor.headers, training_id,
-                           lambda s, r=round_: s["round"] == r and s["phase"] == "update" and not s["locked"],
-                           what=f"round {round_} open")
+            await wait_for(
+                http,
+                urls[round_ % 2],
+                actor.headers,
+                training_id,
+                lambda s, r=round_: s["round"] == r and s["phase"] == "update" and not s["locked"],
+                what=f"round {round_} open",
+            )
             start = asyncio.Event()
             tasks = [asyncio.create_task(participant(i, a, round_, start)) for i, a in enumerate(accounts)]
             await asyncio.sleep(0.05)
             start.set()
             await asyncio.gather(*tasks)
             if round_ < ROUNDS - 1:
-                await wait_for(http, urls[(round_ + 1) % 2], actor.headers, training_id,
-                               lambda s, r=round_: (s["round"] or 0) > r, what=f"round {round_} aggregated")
+                await wait_for(
+                    http,
+                    urls[(round_ + 1) % 2],
+                    actor.headers,
+                    training_id,
+                    lambda s, r=round_: (s["round"] or 0) > r,
+                    what=f"round {round_} aggregated",
+                )
 
-        final = await wait_for(http, urls[0], actor.headers, training_id, lambda s: s["state"] == "C",
-                               what="training completed")
+        final = await wait_for(
+            http, urls[0], actor.headers, training_id, lambda s: s["state"] == "C", what="training completed"
+        )
         assert final["round"] == ROUNDS
         assert final["locked"] is False
         await _assert_billed_once(http, urls[1], actor, CLIENTS, ROUNDS)
@@ -201,7 +256,9 @@ async def _twenty_clients(db_url: str, urls: list[str]) -> None:
             for key in expected:
                 torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
             # The clients trained from the previous round's model, not a stale or doubled one.
-            assert torch.allclose(uploaded[round_][0]["fc1.bias"], client_update(previous, 0, round_)["fc1.bias"])
+            assert torch.allclose(
+                uploaded[round_][0]["fc1.bias"], client_update(previous, 0, round_)["fc1.bias"]
+            )
             previous = got
 
     counts = await _db_counts(db_url, model_id, training_id)
@@ -240,20 +297,36 @@ def test_kill9_mid_round_resumes_exactly_once(db_url: str, workers: Fleet) -> No
 async def _crash_first_half(urls: list[str], clients: int) -> Any:
     async with httpx.AsyncClient(timeout=60.0) as http:
         actor, accounts, model_id, training_id, initial = await _setup(http, urls, clients, 1)
-        await wait_for(http, urls[0], actor.headers, training_id, lambda s: s["phase"] == "update" and s["round"] == 0)
+        await wait_for(
+            http, urls[0], actor.headers, training_id, lambda s: s["phase"] == "update" and s["round"] == 0
+        )
         uploaded: dict[int, dict[str, torch.Tensor]] = {}
         for index in range(clients // 2):
             uploaded[index] = client_update(initial, index, 0)
-            r = await post_update(http, urls[index % 2], accounts[index].headers, model_id,
-                                  as_safetensors(uploaded[index]), 0, sample_size(index))
+            r = await post_update(
+                http,
+                urls[index % 2],
+                accounts[index].headers,
+                model_id,
+                as_safetensors(uploaded[index]),
+                0,
+                sample_size(index),
+            )
             assert r.status_code == 201, r.text
         state = await training_state(http, urls[1], actor.headers, training_id)
         assert state["local_models_arrived"] == clients // 2
         return actor, accounts, model_id, training_id, uploaded
 
 
-async def _crash_second_half(db_url: str, urls: list[str], actor: Account, accounts: list[Account], model_id: str,
-                             training_id: str, uploaded: dict[int, dict[str, torch.Tensor]]) -> None:
+async def _crash_second_half(
+    db_url: str,
+    urls: list[str],
+    actor: Account,
+    accounts: list[Account],
+    model_id: str,
+    training_id: str,
+    uploaded: dict[int, dict[str, torch.Tensor]],
+) -> None:
     clients = len(accounts)
     async with httpx.AsyncClient(timeout=60.0) as http:
         state = await training_state(http, urls[0], actor.headers, training_id)
@@ -262,8 +335,15 @@ async def _crash_second_half(db_url: str, urls: list[str], actor: Account, accou
         initial = await _download(http, urls[0], actor.headers, model_id, 0)
         for index in range(clients // 2, clients):
             uploaded[index] = client_update(initial, index, 0)
-            r = await post_update(http, urls[0], accounts[index].headers, model_id, as_safetensors(uploaded[index]),
-                                  0, sample_size(index))
+            r = await post_update(
+                http,
+                urls[0],
+                accounts[index].headers,
+                model_id,
+                as_safetensors(uploaded[index]),
+                0,
+                sample_size(index),
+            )
             assert r.status_code == 201, r.text
         await wait_for(http, urls[0], actor.headers, training_id, lambda s: s["locked"], what="round claimed")
     engine = create_engine(db_url)
@@ -271,7 +351,11 @@ async def _crash_second_half(db_url: str, urls: list[str], actor: Account, accou
         sessionmaker = create_sessionmaker(engine)
         # The claim and its job were committed together; no process runs jobs, so it waits.
         async with sessionmaker() as session:
-            jobs = (await session.execute(select(QueuedWork).where(QueuedWork.handler == AGGREGATE_JOB))).scalars().all()
+            jobs = (
+                (await session.execute(select(QueuedWork).where(QueuedWork.handler == AGGREGATE_JOB)))
+                .scalars()
+                .all()
+            )
         assert [(j.status, j.payload["round"]) for j in jobs] == [(WorkStatus.WAITING, 0)]
         # A worker claims it exactly as `flplatform worker` does — and dies: no renewal, no outcome.
         job = await workqueue.claim(sessionmaker, lease_seconds=WORK_LEASE_SECONDS, kinds=[AGGREGATE_JOB])
@@ -280,12 +364,28 @@ async def _crash_second_half(db_url: str, urls: list[str], actor: Account, accou
         await engine.dispose()
 
 
-async def _crash_resume(db_url: str, urls: list[str], actor: Account, accounts: list[Account], model_id: str,
-                        training_id: str, uploaded: dict[int, dict[str, torch.Tensor]], *, job_worker_pid: int) -> None:
+async def _crash_resume(
+    db_url: str,
+    urls: list[str],
+    actor: Account,
+    accounts: list[Account],
+    model_id: str,
+    training_id: str,
+    uploaded: dict[int, dict[str, torch.Tensor]],
+    *,
+    job_worker_pid: int,
+) -> None:
     clients = len(accounts)
     async with httpx.AsyncClient(timeout=60.0) as http:
-        final = await wait_for(http, urls[1], actor.headers, training_id, lambda s: s["state"] == "C",
-                               timeout=30 + WORK_LEASE_SECONDS, what="training completed after the crash")
+        final = await wait_for(
+            http,
+            urls[1],
+            actor.headers,
+            training_id,
+            lambda s: s["state"] == "C",
+            timeout=30 + WORK_LEASE_SECONDS,
+            what="training completed after the crash",
+        )
         assert final["round"] == 1 and final["locked"] is False
         got = await _download(http, urls[0], actor.headers, model_id, 1)
         expected = fedavg([uploaded[i] for i in range(clients)], [sample_size(i) for i in range(clients)])

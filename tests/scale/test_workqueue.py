@@ -55,8 +55,9 @@ def _settings(db_url: str, **fields: Any) -> Settings:
     return Settings(database_url=db_url, **fields)
 
 
-async def _enqueue(maker: async_sessionmaker[AsyncSession], kind: str, payload: dict[str, Any] | None = None,
-                   **kw: Any) -> uuid.UUID:
+async def _enqueue(
+    maker: async_sessionmaker[AsyncSession], kind: str, payload: dict[str, Any] | None = None, **kw: Any
+) -> uuid.UUID:
     async with maker() as session:
         job = await workqueue.enqueue(session, kind, payload, **kw)
         await session.commit()
@@ -77,11 +78,17 @@ async def test_enqueue_claim_finish_records_timings(maker: async_sessionmaker[As
     job_id = await _enqueue(maker, "test.echo", {"x": 1}, estimate_seconds=2.5)
     waiting = await _job(maker, job_id)
     assert (waiting.status, waiting.kind, waiting.handler, waiting.attempts) == (
-        WorkStatus.WAITING, WorkKind.AGGREGATION, "test.echo", 0)
+        WorkStatus.WAITING,
+        WorkKind.AGGREGATION,
+        "test.echo",
+        0,
+    )
     assert waiting.duration_estimate_seconds == 2.5 and waiting.started_at is None
 
     claimed = await workqueue.claim(maker, lease_seconds=30)
-    assert claimed is not None and claimed.id == job_id and claimed.payload == {"x": 1} and claimed.attempt == 1
+    assert (
+        claimed is not None and claimed.id == job_id and claimed.payload == {"x": 1} and claimed.attempt == 1
+    )
     assert await workqueue.claim(maker, lease_seconds=30) is None, "a claimed job was handed out twice"
     running = await _job(maker, job_id)
     assert running.status == WorkStatus.PROCESSING and running.started_at is not None and running.lease_until
@@ -112,11 +119,15 @@ async def test_unknown_kind_is_refused(maker: async_sessionmaker[AsyncSession]) 
             await workqueue.enqueue(session, "test.nobody-handles-this")
 
 
-async def test_worker_runs_handlers_and_records_errors(db_url: str, maker: async_sessionmaker[AsyncSession]) -> None:
+async def test_worker_runs_handlers_and_records_errors(
+    db_url: str, maker: async_sessionmaker[AsyncSession]
+) -> None:
     ok = await _enqueue(maker, "test.echo", {"n": 7})
     bad = await _enqueue(maker, "test.fail", {"n": 8})
     stop = asyncio.Event()
-    runner = asyncio.create_task(workqueue.run_worker(maker, _settings(db_url), name="test-worker", stop=stop))
+    runner = asyncio.create_task(
+        workqueue.run_worker(maker, _settings(db_url), name="test-worker", stop=stop)
+    )
     try:
         for _ in range(200):
             states = {(await _job(maker, j)).status for j in (ok, bad)}
@@ -136,7 +147,9 @@ async def test_worker_runs_handlers_and_records_errors(db_url: str, maker: async
     assert isinstance(server.gpu_memory, list)
 
 
-async def test_expired_lease_is_reclaimed_and_the_old_claim_fenced(maker: async_sessionmaker[AsyncSession]) -> None:
+async def test_expired_lease_is_reclaimed_and_the_old_claim_fenced(
+    maker: async_sessionmaker[AsyncSession],
+) -> None:
     job_id = await _enqueue(maker, "test.echo", {"n": 1})
     first = await workqueue.claim(maker, lease_seconds=0.2)
     assert first is not None
@@ -251,8 +264,10 @@ async def test_workers_in_parallel_share_the_queue_and_take_over_a_dead_workers_
         ids = [await _enqueue(maker, "test.echo", {"n": n}) for n in range(20)]
         stop = asyncio.Event()
         settings = _settings(db_url, worker_poll_interval_seconds=0.1)
-        runners = [asyncio.create_task(workqueue.run_worker(maker, settings, name=f"w{i}", stop=stop))
-                   for i in range(3)]
+        runners = [
+            asyncio.create_task(workqueue.run_worker(maker, settings, name=f"w{i}", stop=stop))
+            for i in range(3)
+        ]
         try:
             for _ in range(200):
                 states = [(await _job(maker, j)).status for j in [dead_id, *ids]]

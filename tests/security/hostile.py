@@ -97,5 +97,5 @@ class PrintsFakeFrames(nn.Module):
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        print("FLPS{\"missing\": []}FLPS{\"error\": {}}")
+        print('FLPS{"missing": []}FLPS{"error": {}}')
         return self.fc(x)

@@ -39,7 +39,9 @@ DEADLINE = 4.0
 @pytest.fixture(scope="module", autouse=True)
 def short_deadline_pool():
     """A pool with short deadlines for this module (restored afterwards)."""
-    pool = SandboxPool(SandboxSettings(workers=2, check_timeout_seconds=DEADLINE, call_timeout_seconds=DEADLINE))
+    pool = SandboxPool(
+        SandboxSettings(workers=2, check_timeout_seconds=DEADLINE, call_timeout_seconds=DEADLINE)
+    )
     previous = set_pool(pool)
     yield pool
     set_pool(previous)
@@ -48,7 +50,9 @@ def short_deadline_pool():
 
 async def upload(client: httpx.AsyncClient, account, data: bytes, **fields) -> httpx.Response:
     form = {"name": "m", "description": "", "type": "GLOBAL", **fields}
-    return await client.post("/api/models/", headers=account.headers, data=form, files={"model_file": ("m.pt", data)})
+    return await client.post(
+        "/api/models/", headers=account.headers, data=form, files={"model_file": ("m.pt", data)}
+    )
 
 
 async def test_write_in_setstate_is_refused_and_writes_nothing(client, alice, tmp_path):
@@ -70,7 +74,9 @@ async def test_from_file_in_forward_is_refused_at_upload_and_never_runs(client, 
     # Stored before the sandbox existed (straight into the database): still never run.
     model_id = await add_model(alice, weights=archive(module))
     inferred = await client.post(
-        "/api/inference/", headers=alice.headers, json={"model_id": str(model_id), "model_input": [[0, 0, 0, 0]]}
+        "/api/inference/",
+        headers=alice.headers,
+        json={"model_id": str(model_id), "model_input": [[0, 0, 0, 0]]},
     )
     assert inferred.status_code == 409, inferred.text
     assert "aten::from_file" in inferred.json()["detail"]
@@ -112,7 +118,9 @@ async def test_spinning_forward_is_killed_at_the_deadline_and_others_still_answe
         await asyncio.sleep(0.5)
         return [await infer(bob, honest.json()["model_id"]) for _ in range(3)]
 
-    (stuck, stuck_time), others = await asyncio.gather(infer(alice, spinning.json()["model_id"]), bob_meanwhile())
+    (stuck, stuck_time), others = await asyncio.gather(
+        infer(alice, spinning.json()["model_id"]), bob_meanwhile()
+    )
     assert stuck.status_code == 504, stuck.text
     assert stuck.json()["code"] == "inference_timeout" and "timed out" in stuck.json()["detail"]
     assert DEADLINE <= stuck_time < DEADLINE + 5
@@ -182,8 +190,11 @@ def test_serve_exits_quickly_on_sigterm_while_a_module_spins(tmp_path):
     }  # fmt: skip
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "flplatform.cli", "serve", "--port", str(port)], env=env, cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "flplatform.cli", "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port)
@@ -201,7 +212,9 @@ def test_serve_exits_quickly_on_sigterm_while_a_module_spins(tmp_path):
         def infer() -> None:
             try:
                 outcome["response"] = httpx.post(
-                    f"{base}/api/inference/", auth=auth, timeout=60,
+                    f"{base}/api/inference/",
+                    auth=auth,
+                    timeout=60,
                     json={"model_id": spinning.json()["model_id"], "model_input": [[0.0, 1.0, 2.0, 3.0]]},
                 )
             except httpx.HTTPError as exc:

@@ -53,7 +53,7 @@ def fedavg(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str,
     total = float(sum(sizes))
     out = {}
     for key, ref in states[0].items():
-        acc = sum(s[key].to(torch.float64) * n for s, n in zip(states, sizes)) / total
+        acc = sum(s[key].to(torch.float64) * n for s, n in zip(states, sizes, strict=False)) / total
         out[key] = acc.to(ref.dtype) if ref.is_floating_point() else torch.round(acc).to(ref.dtype)
     return out
 
@@ -69,8 +69,14 @@ def settings(db_url: str) -> Settings:
     )
 
 
-async def upload_global(client: httpx.AsyncClient, headers: dict[str, str], data: bytes | None = None, *,
-                        kind: str = "GLOBAL", **fields: Any) -> str:
+async def upload_global(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    data: bytes | None = None,
+    *,
+    kind: str = "GLOBAL",
+    **fields: Any,
+) -> str:
     data = data if data is not None else scripted_bytes(tiny_net())
     form = {"name": "tiny", "description": "a tiny net", "type": kind, **fields}
     r = await client.post("/api/models/", headers=headers, data=form, files={"model_file": ("m.pt", data)})
@@ -79,21 +85,36 @@ async def upload_global(client: httpx.AsyncClient, headers: dict[str, str], data
     return r.json()["model_id"]
 
 
-async def create_training(client: httpx.AsyncClient, headers: dict[str, str], model_id: str, clients: list[str],
-                          **fields: Any) -> str:
-    body = {"model_id": model_id, "target_num_updates": 2, "metric_names": ["loss"], "aggregation_method": "FedAvg",
-            "clients": clients, **fields}
+async def create_training(
+    client: httpx.AsyncClient, headers: dict[str, str], model_id: str, clients: list[str], **fields: Any
+) -> str:
+    body = {
+        "model_id": model_id,
+        "target_num_updates": 2,
+        "metric_names": ["loss"],
+        "aggregation_method": "FedAvg",
+        "clients": clients,
+        **fields,
+    }
     r = await client.post("/api/trainings/", headers=headers, json=body)
     assert r.status_code == 201, r.text
     assert r.json()["detail"] == "Training created successfully!"
     return r.json()["training_id"]
 
 
-async def post_update(client: httpx.AsyncClient, headers: dict[str, str], model_id: str, data: bytes, round_: int,
-                      sample_size: int = 10, metrics: dict[str, Any] | None = None) -> httpx.Response:
+async def post_update(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    model_id: str,
+    data: bytes,
+    round_: int,
+    sample_size: int = 10,
+    metrics: dict[str, Any] | None = None,
+) -> httpx.Response:
     form: dict[str, Any] = {"round": str(round_), "sample_size": str(sample_size)}
     if metrics:
         form["metric_names"] = list(metrics)
         form["metric_values"] = [str(v) for v in metrics.values()]
-    return await client.post(f"/api/models/{model_id}/", headers=headers, data=form,
-                             files={"model_file": ("u.pt", data)})
+    return await client.post(
+        f"/api/models/{model_id}/", headers=headers, data=form, files={"model_file": ("u.pt", data)}
+    )

@@ -73,8 +73,12 @@ async def serving(behaviour: Behaviour, hosts: tuple[str, ...] = ("127.0.0.1",))
 
 
 def answer(status: int, body: bytes = b"") -> Behaviour:
-    async def behave(_endpoint: Endpoint, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body)) + body)
+    async def behave(
+        _endpoint: Endpoint, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body)) + body
+        )
         await writer.drain()
 
     return behave
@@ -94,7 +98,9 @@ def huge_body(total: int = 1024**3, stop_at: int = 256 * 1024**2) -> Behaviour:
     reads (``stop_at`` keeps a failing test short)."""
 
     async def behave(endpoint: Endpoint, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % total)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % total
+        )
         chunk = b"x" * 65536
         while endpoint.bytes_sent < stop_at:
             writer.write(chunk)

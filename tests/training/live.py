@@ -37,7 +37,9 @@ def live_server(settings: Settings) -> Iterator[str]:
     port = free_port()
     app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **uvicorn_ws_options())
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **uvicorn_ws_options()
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -86,7 +88,9 @@ class FakeClient:
     received: list[dict[str, Any]] = field(default_factory=list)
     bad_signatures: int = 0
     downloads: list[tuple[int, str]] = field(default_factory=list)  # (round, model id)
-    uploads: list[tuple[int, str, dict[str, torch.Tensor]]] = field(default_factory=list)  # (round, local id, state)
+    uploads: list[tuple[int, str, dict[str, torch.Tensor]]] = field(
+        default_factory=list
+    )  # (round, local id, state)
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -121,8 +125,10 @@ class FakeClient:
                 if kind == "UPDATE_ROUND_START":
                     self._update(http, body)
                 elif kind == "MODEL_TEST_ROUND":
-                    r = http.post(f"/api/models/{body['global_model_uuid']}/metrics/",
-                                  data={"metric_names": ["accuracy", "loss"], "metric_values": ["0.5", "1.25"]})
+                    r = http.post(
+                        f"/api/models/{body['global_model_uuid']}/metrics/",
+                        data={"metric_names": ["accuracy", "loss"], "metric_values": ["0.5", "1.25"]},
+                    )
                     assert r.status_code == 201, r.text
                 elif kind == "SWAG_ROUND_START":
                     self._swag(http, body)
@@ -147,9 +153,16 @@ class FakeClient:
             data = buf.getvalue()
         else:
             data = as_safetensors(state)
-        r = http.post(f"/api/models/{target}/", data={"round": str(round_), "sample_size": str(self.sample_size),
-                                                      "metric_names": ["train_loss"], "metric_values": ["0.1"]},
-                      files={"model_file": ("update.pt", data)})
+        r = http.post(
+            f"/api/models/{target}/",
+            data={
+                "round": str(round_),
+                "sample_size": str(self.sample_size),
+                "metric_names": ["train_loss"],
+                "metric_values": ["0.1"],
+            },
+            files={"model_file": ("update.pt", data)},
+        )
         assert r.status_code == 201, r.text
         with self.lock:
             self.downloads.append((round_, download))
@@ -163,8 +176,10 @@ class FakeClient:
         r = http.post(
             f"/api/models/{body['global_model_uuid']}/swag/",
             data={"round": str(body["round"]), "sample_size": str(self.sample_size)},
-            files={"first_moment_file": ("fm.safetensors", as_safetensors({"moment": first})),
-                   "second_moment_file": ("sm.safetensors", as_safetensors({"moment": second}))},
+            files={
+                "first_moment_file": ("fm.safetensors", as_safetensors({"moment": first})),
+                "second_moment_file": ("sm.safetensors", as_safetensors({"moment": second})),
+            },
         )
         assert r.status_code == 201, r.text
 
@@ -198,8 +213,13 @@ def notification_servers(clients: list[FakeClient]) -> Iterator[dict[str, str]]:
         server.server_close()
 
 
-def wait_until(http: httpx.Client, training_id: str, cond: Callable[[dict[str, Any]], bool],
-               timeout: float = 30.0, clients: list[FakeClient] | None = None) -> dict[str, Any]:
+def wait_until(
+    http: httpx.Client,
+    training_id: str,
+    cond: Callable[[dict[str, Any]], bool],
+    timeout: float = 30.0,
+    clients: list[FakeClient] | None = None,
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         body = http.get(f"/api/trainings/{training_id}/").json()
@@ -213,8 +233,9 @@ def wait_until(http: httpx.Client, training_id: str, cond: Callable[[dict[str, A
         time.sleep(0.05)
 
 
-def setup_clients(db_url: str, base_url: str, clients: list[FakeClient], endpoints: dict[str, str],
-                  actor: str = "actor") -> tuple[str, str]:
+def setup_clients(
+    db_url: str, base_url: str, clients: list[FakeClient], endpoints: dict[str, str], actor: str = "actor"
+) -> tuple[str, str]:
     """Create the actor and the clients (with endpoints) and fetch the clients' notification keys."""
     specs = [{"username": actor, "actor": True}] + [
         {"username": c.name, "client": True, "message_endpoint": endpoints[c.name]} for c in clients

@@ -55,8 +55,20 @@ async def test_bad_updates_get_clear_4xx(client, alice, bob, make_user):
         "wrong round": (c0, good, 3, 400, "round"),
         "non-participant": (bob, good, 0, 403, "participant"),
         "wrong shapes": (c0, as_safetensors({**state, "fc1.weight": torch.zeros(5, 4)}), 0, 400, "shape"),
-        "missing tensor": (c0, as_safetensors({k: v for k, v in state.items() if k != "fc2.bias"}), 0, 400, "missing"),
-        "wrong dtype": (c0, as_safetensors({**state, "fc1.bias": state["fc1.bias"].double()}), 0, 400, "dtype"),
+        "missing tensor": (
+            c0,
+            as_safetensors({k: v for k, v in state.items() if k != "fc2.bias"}),
+            0,
+            400,
+            "missing",
+        ),
+        "wrong dtype": (
+            c0,
+            as_safetensors({**state, "fc1.bias": state["fc1.bias"].double()}),
+            0,
+            400,
+            "dtype",
+        ),
         "nan": (c0, as_safetensors({**state, "fc1.bias": torch.full((3,), float("nan"))}), 0, 400, "NaN"),
         "pickle bomb": (c0, pickle.dumps(_Evil()), 0, 400, "Accepted formats"),
         "torch.save(module)": (c0, _torch_save(tiny_net()), 0, 400, "Accepted formats"),
@@ -73,10 +85,13 @@ async def test_bad_updates_get_clear_4xx(client, alice, bob, make_user):
     import os
 
     assert not os.path.exists("/tmp/flp-pwned")
-    r = await client.post(f"/api/models/{model_id}/", headers=c0.headers, data={"round": "0"},
-                          files={"model_file": ("u", good)})
+    r = await client.post(
+        f"/api/models/{model_id}/", headers=c0.headers, data={"round": "0"}, files={"model_file": ("u", good)}
+    )
     assert r.status_code == 422  # sample_size missing
-    r = await client.post(f"/api/models/{model_id}/", headers=c0.headers, data={"round": "0", "sample_size": "1"})
+    r = await client.post(
+        f"/api/models/{model_id}/", headers=c0.headers, data={"round": "0", "sample_size": "1"}
+    )
     assert r.status_code == 422  # model_file missing
     # torch.save(state_dict) (weights_only) is accepted
     r = await post_update(client, c0.headers, model_id, _torch_save(shifted(state, 1.0)), 0)
@@ -92,16 +107,28 @@ def _torch_save(obj: Any) -> bytes:
 
 
 async def test_global_model_uploads_and_downloads(client, alice, bob):
-    for data, status in ((_torch_save(tiny_net()), 400), (pickle.dumps(_Evil()), 400), (b"xx", 400),
-                         (scripted_bytes(tiny_net())[:-50], 400)):
-        r = await client.post("/api/models/", headers=alice.headers, data={"name": "n", "description": ""},
-                              files={"model_file": ("m.pt", data)})
+    for data, status in (
+        (_torch_save(tiny_net()), 400),
+        (pickle.dumps(_Evil()), 400),
+        (b"xx", 400),
+        (scripted_bytes(tiny_net())[:-50], 400),
+    ):
+        r = await client.post(
+            "/api/models/",
+            headers=alice.headers,
+            data={"name": "n", "description": ""},
+            files={"model_file": ("m.pt", data)},
+        )
         assert r.status_code == status, r.text
         assert "TorchScript" in r.json()["detail"] or r.json()["code"] == "invalid_model_file"
     r = await client.post("/api/models/", headers=alice.headers, data={"name": "n", "description": ""})
     assert r.status_code == 400 and "model_file" in r.json()["detail"]
-    r = await client.post("/api/models/", headers=alice.headers, data={"description": "x"},
-                          files={"model_file": ("m.pt", scripted_bytes(tiny_net()))})
+    r = await client.post(
+        "/api/models/",
+        headers=alice.headers,
+        data={"description": "x"},
+        files={"model_file": ("m.pt", scripted_bytes(tiny_net()))},
+    )
     assert r.status_code == 400
     model_id = await upload_global(client, alice.headers, input_shape=["None", "4"])
     info = (await client.get(f"/api/models/{model_id}/info/", headers=alice.headers)).json()
@@ -110,7 +137,9 @@ async def test_global_model_uploads_and_downloads(client, alice, bob):
     assert r.status_code == 200 and r.headers["content-disposition"] == f'filename="model-{model_id}.pt"'
     assert r.headers["content-type"] == "application/octet-stream"
     assert (await client.get(f"/api/models/{model_id}/", headers=bob.headers)).status_code == 403
-    assert (await client.get(f"/api/models/{model_id}/", params={"round": 5}, headers=alice.headers)).status_code == 404
+    assert (
+        await client.get(f"/api/models/{model_id}/", params={"round": 5}, headers=alice.headers)
+    ).status_code == 404
     missing = "00000000-0000-0000-0000-000000000000"
     assert (await client.get(f"/api/models/{missing}/", headers=alice.headers)).status_code == 404
     assert (await client.get("/api/models/not-a-uuid/", headers=alice.headers)).status_code == 422
@@ -122,23 +151,37 @@ async def test_global_model_uploads_and_downloads(client, alice, bob):
     r = await client.get(f"/api/models/{model_id}/preprocessing/", headers=alice.headers)
     assert r.status_code == 404
     pre = scripted_bytes(torch.nn.Identity())
-    r = await client.post(f"/api/models/{model_id}/preprocessing/", headers=bob.headers,
-                          files={"model_preprocessing_file": ("p.pt", pre)})
+    r = await client.post(
+        f"/api/models/{model_id}/preprocessing/",
+        headers=bob.headers,
+        files={"model_preprocessing_file": ("p.pt", pre)},
+    )
     assert r.status_code == 403
-    r = await client.post(f"/api/models/{model_id}/preprocessing/", headers=alice.headers,
-                          files={"model_preprocessing_file": ("p.pt", b"junk-junk-junk")})
+    r = await client.post(
+        f"/api/models/{model_id}/preprocessing/",
+        headers=alice.headers,
+        files={"model_preprocessing_file": ("p.pt", b"junk-junk-junk")},
+    )
     assert r.status_code == 400
-    r = await client.post(f"/api/models/{model_id}/preprocessing/", headers=alice.headers,
-                          files={"model_preprocessing_file": ("p.pt", pre)})
+    r = await client.post(
+        f"/api/models/{model_id}/preprocessing/",
+        headers=alice.headers,
+        files={"model_preprocessing_file": ("p.pt", pre)},
+    )
     assert r.status_code == 202 and r.json()["detail"] == "Preprocessing Model Upload Accepted"
     assert (await client.get(f"/api/models/{model_id}/preprocessing/", headers=alice.headers)).content == pre
     # MEAN model (JSON body) downloads as one TorchScript module averaging the members
     second = await upload_global(client, alice.headers, scripted_bytes(tiny_net(1)))
-    r = await client.post("/api/models/", headers=alice.headers,
-                          json={"name": "ens", "type": "MEAN", "models": [model_id, second]})
+    r = await client.post(
+        "/api/models/",
+        headers=alice.headers,
+        json={"name": "ens", "type": "MEAN", "models": [model_id, second]},
+    )
     assert r.status_code == 201, r.text
     mean_id = r.json()["model_id"]
-    module = torch.jit.load(io.BytesIO((await client.get(f"/api/models/{mean_id}/", headers=alice.headers)).content))
+    module = torch.jit.load(
+        io.BytesIO((await client.get(f"/api/models/{mean_id}/", headers=alice.headers)).content)
+    )
     x = torch.randn(3, 4)
     m1 = tiny_net().eval()
     m2 = tiny_net(1).eval()
@@ -146,20 +189,39 @@ async def test_global_model_uploads_and_downloads(client, alice, bob):
     assert torch.allclose(module(x), (m1(x) + m2(x)) / 2, atol=1e-6)
     info = (await client.get(f"/api/models/{mean_id}/info/", headers=alice.headers)).json()
     assert info["type"] == "MEAN" and sorted(info["models"]) == sorted([model_id, second])
-    r = await client.post("/api/models/", headers=bob.headers, json={"name": "e", "type": "MEAN", "models": [model_id]})
+    r = await client.post(
+        "/api/models/", headers=bob.headers, json={"name": "e", "type": "MEAN", "models": [model_id]}
+    )
     assert r.status_code == 403
-    r = await client.post("/api/models/", headers=alice.headers, content=b"x", )
+    r = await client.post(
+        "/api/models/",
+        headers=alice.headers,
+        content=b"x",
+    )
     assert r.status_code == 415
     # metrics
-    r = await client.post(f"/api/models/{model_id}/metrics/", headers=alice.headers, data={"metric_names": ["a"]})
+    r = await client.post(
+        f"/api/models/{model_id}/metrics/", headers=alice.headers, data={"metric_names": ["a"]}
+    )
     assert r.status_code == 400
-    r = await client.post(f"/api/models/{model_id}/metrics/", headers=alice.headers,
-                          data={"metric_names": ["a", "b"], "metric_values": ["1.5", "text"]})
+    r = await client.post(
+        f"/api/models/{model_id}/metrics/",
+        headers=alice.headers,
+        data={"metric_names": ["a", "b"], "metric_values": ["1.5", "text"]},
+    )
     assert r.status_code == 201 and r.json()["detail"] == "Model Metrics Upload Accepted"
     metrics = (await client.get(f"/api/models/{model_id}/metrics/", headers=alice.headers)).json()
-    assert {(m["key"], m["value_float"], m["value_binary"]) for m in metrics} == {("a", 1.5, None), ("b", None, "dGV4dA==")}
-    assert (await client.post(f"/api/models/{model_id}/metrics/", headers=bob.headers,
-                              data={"metric_names": ["a"], "metric_values": ["1"]})).status_code == 403
+    assert {(m["key"], m["value_float"], m["value_binary"]) for m in metrics} == {
+        ("a", 1.5, None),
+        ("b", None, "dGV4dA=="),
+    }
+    assert (
+        await client.post(
+            f"/api/models/{model_id}/metrics/",
+            headers=bob.headers,
+            data={"metric_names": ["a"], "metric_values": ["1"]},
+        )
+    ).status_code == 403
     # delete
     assert (await client.delete(f"/api/models/{model_id}/", headers=bob.headers)).status_code == 403
     r = await client.delete(f"/api/models/{second}/", headers=alice.headers)
@@ -170,24 +232,43 @@ async def test_global_model_uploads_and_downloads(client, alice, bob):
 async def test_training_routes_and_errors(client, alice, bob, make_user):
     model_id = await upload_global(client, alice.headers)
     base = {"model_id": model_id, "target_num_updates": 2, "aggregation_method": "FedAvg"}
-    for bad in ({"options": {"unknown": 1}}, {"options": {"uncertainty": {"X": 1}}},
-                {"aggregation_method": "FedDC"}, {"aggregation_method": "Nope"}, {"target_num_updates": 0},
-                {"options": {"aggregator": "nope"}}, {"options": {"aggregator_options": {"bogus": 1}}},
-                {"extra_field": True}):
+    for bad in (
+        {"options": {"unknown": 1}},
+        {"options": {"uncertainty": {"X": 1}}},
+        {"aggregation_method": "FedDC"},
+        {"aggregation_method": "Nope"},
+        {"target_num_updates": 0},
+        {"options": {"aggregator": "nope"}},
+        {"options": {"aggregator_options": {"bogus": 1}}},
+        {"extra_field": True},
+    ):
         r = await client.post("/api/trainings/", headers=alice.headers, json={**base, **bad})
         assert r.status_code == 422, (bad, r.text)
-    r = await client.post("/api/trainings/", headers=alice.headers, json={k: v for k, v in base.items() if k != "model_id"})
+    r = await client.post(
+        "/api/trainings/", headers=alice.headers, json={k: v for k, v in base.items() if k != "model_id"}
+    )
     assert r.status_code == 422
-    r = await client.post("/api/trainings/", headers=alice.headers, content=b"{not json", )
+    r = await client.post(
+        "/api/trainings/",
+        headers=alice.headers,
+        content=b"{not json",
+    )
     assert r.status_code in (400, 422)
     r = await client.post("/api/trainings/", headers=bob.headers, json=base)
     assert r.status_code == 403
-    r = await client.post("/api/trainings/", headers=alice.headers, json={**base, "uncertainty_method": "SWAG"})
+    r = await client.post(
+        "/api/trainings/", headers=alice.headers, json={**base, "uncertainty_method": "SWAG"}
+    )
     assert r.status_code == 400 and "SWAG" in r.json()["detail"]
-    r = await client.post("/api/trainings/", headers=alice.headers,
-                          json={**base, "clients": ["00000000-0000-0000-0000-000000000000"]})
+    r = await client.post(
+        "/api/trainings/",
+        headers=alice.headers,
+        json={**base, "clients": ["00000000-0000-0000-0000-000000000000"]},
+    )
     assert r.status_code == 400 and "Not all provided users were found" in r.json()["detail"]
-    training_id = await create_training(client, alice.headers, model_id, [], options={"mu": 0.1, "aggregator": "fedavg"})
+    training_id = await create_training(
+        client, alice.headers, model_id, [], options={"mu": 0.1, "aggregator": "fedavg"}
+    )
     detail = (await client.get(f"/api/trainings/{training_id}/", headers=alice.headers)).json()
     assert detail["state"] == "I" and detail["mu"] == 0.1 and detail["options"]["mu"] == 0.1
     assert detail["local_models_expected"] == 0 and detail["metric_names"] == ["loss"]
@@ -200,13 +281,21 @@ async def test_training_routes_and_errors(client, alice, bob, make_user):
     assert (await client.get(f"/api/trainings/{missing}/", headers=alice.headers)).status_code == 404
     r = await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
     assert r.status_code == 400 and r.json()["detail"] == "At least one participant must be registered!"
-    r = await client.put(f"/api/trainings/{training_id}/clients/", headers=bob.headers, json={"clients": [bob.id]})
+    r = await client.put(
+        f"/api/trainings/{training_id}/clients/", headers=bob.headers, json={"clients": [bob.id]}
+    )
     assert r.status_code == 403
-    r = await client.put(f"/api/trainings/{training_id}/clients/", headers=alice.headers, json={"clients": [bob.id]})
+    r = await client.put(
+        f"/api/trainings/{training_id}/clients/", headers=alice.headers, json={"clients": [bob.id]}
+    )
     assert r.status_code == 202 and r.json()["detail"] == "Users registered as participants!"
-    r = await client.put(f"/api/trainings/{training_id}/clients/", headers=alice.headers, json={"clients": [missing]})
+    r = await client.put(
+        f"/api/trainings/{training_id}/clients/", headers=alice.headers, json={"clients": [missing]}
+    )
     assert r.status_code == 400
-    r = await client.put(f"/api/trainings/{training_id}/clients/", headers=alice.headers, json={"clients": []})
+    r = await client.put(
+        f"/api/trainings/{training_id}/clients/", headers=alice.headers, json={"clients": []}
+    )
     assert r.status_code == 422
     assert (await client.get(f"/api/trainings/{training_id}/", headers=bob.headers)).status_code == 200
     assert (await client.post(f"/api/trainings/{training_id}/start/", headers=bob.headers)).status_code == 403
@@ -214,7 +303,10 @@ async def test_training_routes_and_errors(client, alice, bob, make_user):
     assert {t["id"] for t in listed} == {training_id, other}
     assert (await client.get("/api/trainings/", headers=bob.headers)).json() == []
     root = await make_user("root", superuser=True)  # superusers read every training, so they list every one
-    assert {t["id"] for t in (await client.get("/api/trainings/", headers=root.headers)).json()} == {training_id, other}
+    assert {t["id"] for t in (await client.get("/api/trainings/", headers=root.headers)).json()} == {
+        training_id,
+        other,
+    }
     mine = (await client.get("/api/users/trainings/", headers=bob.headers)).json()
     assert [t["id"] for t in mine] == [training_id]
     latest = (await client.get(f"/api/trainings/{training_id}/models/latest/", headers=alice.headers)).json()
@@ -230,16 +322,21 @@ async def test_training_routes_and_errors(client, alice, bob, make_user):
     assert (await client.delete(f"/api/models/{model_id}/", headers=alice.headers)).status_code == 409
     r = await client.post(f"/api/trainings/{training_id}/stop/", headers=bob.headers)
     assert r.status_code == 403
-    r = await client.post(f"/api/trainings/{training_id}/stop/", headers=alice.headers, json={"reason": "enough"})
+    r = await client.post(
+        f"/api/trainings/{training_id}/stop/", headers=alice.headers, json={"reason": "enough"}
+    )
     assert r.status_code == 202
     detail = (await client.get(f"/api/trainings/{training_id}/", headers=alice.headers)).json()
     assert detail["state"] == "E" and detail["error_reason"] == "enough"
-    assert (await client.post(f"/api/trainings/{training_id}/stop/", headers=alice.headers)).status_code == 409
+    assert (
+        await client.post(f"/api/trainings/{training_id}/stop/", headers=alice.headers)
+    ).status_code == 409
     state = state_of((await client.get(f"/api/models/{model_id}/", headers=bob.headers)).content)
     r = await post_update(client, bob.headers, model_id, as_safetensors(state), 0)
     assert r.status_code == 400 and "state E" in r.json()["detail"]
-    r = await client.request("DELETE", f"/api/trainings/{training_id}/clients/", headers=alice.headers,
-                             json={"clients": [bob.id]})
+    r = await client.request(
+        "DELETE", f"/api/trainings/{training_id}/clients/", headers=alice.headers, json={"clients": [bob.id]}
+    )
     assert r.status_code == 200 and r.json()["detail"] == "Users removed from training participants!"
     assert (await client.delete(f"/api/trainings/{training_id}/", headers=bob.headers)).status_code == 403
     r = await client.delete(f"/api/trainings/{training_id}/", headers=alice.headers)
@@ -248,16 +345,26 @@ async def test_training_routes_and_errors(client, alice, bob, make_user):
 
 
 async def test_reupload_replaces_and_removal_completes_round(client, alice, make_user):
-    clients, model_id, training_id, state = await _started(client, alice, make_user, n=3,
-                                                           options={"skip_model_tests": True})
+    clients, model_id, training_id, state = await _started(
+        client, alice, make_user, n=3, options={"skip_model_tests": True}
+    )
     c0, c1, c2 = clients
-    assert (await post_update(client, c0.headers, model_id, as_safetensors(shifted(state, 5.0)), 0, 10)).status_code == 201
-    assert (await post_update(client, c0.headers, model_id, as_safetensors(shifted(state, 1.0)), 0, 10)).status_code == 201
-    assert (await post_update(client, c1.headers, model_id, as_safetensors(shifted(state, 3.0)), 0, 30)).status_code == 201
+    assert (
+        await post_update(client, c0.headers, model_id, as_safetensors(shifted(state, 5.0)), 0, 10)
+    ).status_code == 201
+    assert (
+        await post_update(client, c0.headers, model_id, as_safetensors(shifted(state, 1.0)), 0, 10)
+    ).status_code == 201
+    assert (
+        await post_update(client, c1.headers, model_id, as_safetensors(shifted(state, 3.0)), 0, 30)
+    ).status_code == 201
     detail = (await client.get(f"/api/trainings/{training_id}/", headers=alice.headers)).json()
-    assert detail["local_models_arrived"] == 2 and detail["local_models_expected"] == 3 and detail["round"] == 0
-    r = await client.request("DELETE", f"/api/trainings/{training_id}/clients/", headers=alice.headers,
-                             json={"clients": [c2.id]})
+    assert (
+        detail["local_models_arrived"] == 2 and detail["local_models_expected"] == 3 and detail["round"] == 0
+    )
+    r = await client.request(
+        "DELETE", f"/api/trainings/{training_id}/clients/", headers=alice.headers, json={"clients": [c2.id]}
+    )
     assert r.status_code == 200
     body = await wait_training(client, alice.headers, training_id, lambda b: b["round"] == 1)
     assert body["state"] == "O" and body["phase"] == "update"
@@ -270,8 +377,17 @@ async def test_reupload_replaces_and_removal_completes_round(client, alice, make
 
 async def test_deadline_with_quorum_aggregates_and_without_errors(client, alice, make_user):
     clients, model_id, training_id, state = await _started(
-        client, alice, make_user, n=3,
-        options={"round_deadline_seconds": 1.5, "min_quorum": 2, "straggler_policy": "remove", "skip_model_tests": True})
+        client,
+        alice,
+        make_user,
+        n=3,
+        options={
+            "round_deadline_seconds": 1.5,
+            "min_quorum": 2,
+            "straggler_policy": "remove",
+            "skip_model_tests": True,
+        },
+    )
     c0, c1, c2 = clients
     await post_update(client, c0.headers, model_id, as_safetensors(shifted(state, 1.0)), 0, 10)
     await post_update(client, c1.headers, model_id, as_safetensors(shifted(state, 2.0)), 0, 10)
@@ -321,19 +437,31 @@ async def test_rejecting_client_is_removed_and_unreachable_client_errors(client,
         bad = await make_user("bad", client=True, message_endpoint=rejecting.url, notify_client_removed=True)
         model_id = await upload_global(client, alice.headers)
         training_id = await create_training(client, alice.headers, model_id, [good.id, bad.id])
-        assert (await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)).status_code == 202
-        body = await wait_training(client, alice.headers, training_id, lambda b: b["participants"] == [good.id])
+        assert (
+            await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+        ).status_code == 202
+        body = await wait_training(
+            client, alice.headers, training_id, lambda b: b["participants"] == [good.id]
+        )
         assert body["state"] == "O"
         import json
 
         kinds = [json.loads(m)["notification_type"] for m in rejecting.received]
         assert "UPDATE_ROUND_START" in kinds
-        await wait_training(client, alice.headers, training_id, lambda b: any(
-            json.loads(m)["notification_type"] == "CLIENT_REMOVED" for m in rejecting.received))
+        await wait_training(
+            client,
+            alice.headers,
+            training_id,
+            lambda b: any(json.loads(m)["notification_type"] == "CLIENT_REMOVED" for m in rejecting.received),
+        )
         # unreachable client: training goes to E with the reason
         gone = await make_user("gone", client=True, message_endpoint=f"http://127.0.0.1:{free_port()}/x/")
-        second = await create_training(client, alice.headers, await upload_global(client, alice.headers), [gone.id])
-        assert (await client.post(f"/api/trainings/{second}/start/", headers=alice.headers)).status_code == 202
+        second = await create_training(
+            client, alice.headers, await upload_global(client, alice.headers), [gone.id]
+        )
+        assert (
+            await client.post(f"/api/trainings/{second}/start/", headers=alice.headers)
+        ).status_code == 202
         body = await wait_training(client, alice.headers, second, lambda b: b["state"] == "E")
         assert "unreachable" in body["error_reason"]
     finally:
@@ -344,28 +472,38 @@ async def test_rejecting_client_is_removed_and_unreachable_client_errors(client,
 async def test_swag_upload_errors(client, alice, make_user):
     clients = [await make_user(f"s{i}", client=True) for i in range(2)]
     model_id = await upload_global(client, alice.headers, kind="SWAG")
-    training_id = await create_training(client, alice.headers, model_id, [c.id for c in clients],
-                                        uncertainty_method="SWAG")
-    assert (await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)).status_code == 202
+    training_id = await create_training(
+        client, alice.headers, model_id, [c.id for c in clients], uncertainty_method="SWAG"
+    )
+    assert (
+        await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    ).status_code == 202
     n = sum(p.numel() for p in tiny_net().parameters())
 
     async def swag(who, first: bytes, second: bytes, round_: int = 1):
-        return await client.post(f"/api/models/{model_id}/swag/", headers=who.headers,
-                                 data={"round": str(round_), "sample_size": "5"},
-                                 files={"first_moment_file": ("f", first), "second_moment_file": ("s", second)})
+        return await client.post(
+            f"/api/models/{model_id}/swag/",
+            headers=who.headers,
+            data={"round": str(round_), "sample_size": "5"},
+            files={"first_moment_file": ("f", first), "second_moment_file": ("s", second)},
+        )
 
     vec = as_safetensors({"moment": torch.ones(n)})
     r = await swag(clients[0], vec, vec)
     assert r.status_code == 400 and "SWAG round" in r.json()["detail"]  # still in the update phase
     state = state_of((await client.get(f"/api/models/{model_id}/", headers=clients[0].headers)).content)
     for c in clients:
-        assert (await post_update(client, c.headers, model_id, as_safetensors(shifted(state, 1.0)), 0)).status_code == 201
+        assert (
+            await post_update(client, c.headers, model_id, as_safetensors(shifted(state, 1.0)), 0)
+        ).status_code == 201
     await wait_training(client, alice.headers, training_id, lambda b: b["state"] == "S")
-    for first, second, text in ((as_safetensors({"moment": torch.ones(n + 1)}), vec, "expected"),
-                                (pickle.dumps(_Evil()), vec, "Accepted formats"),
-                                (vec, as_safetensors({"moment": -torch.ones(n)}), "negative"),
-                                (as_safetensors({"moment": torch.full((n,), float("nan"))}), vec, "NaN"),
-                                (vec, b"trunc", "")):
+    for first, second, text in (
+        (as_safetensors({"moment": torch.ones(n + 1)}), vec, "expected"),
+        (pickle.dumps(_Evil()), vec, "Accepted formats"),
+        (vec, as_safetensors({"moment": -torch.ones(n)}), "negative"),
+        (as_safetensors({"moment": torch.full((n,), float("nan"))}), vec, "NaN"),
+        (vec, b"trunc", ""),
+    ):
         r = await swag(clients[0], first, second)
         assert r.status_code == 400 and text in r.json()["detail"], r.text
     assert (await swag(clients[0], vec, vec, round_=7)).status_code == 400
@@ -380,8 +518,9 @@ async def test_swag_upload_errors(client, alice, make_user):
 
 @pytest.mark.postgres_only
 async def test_concurrent_last_uploads_aggregate_exactly_once(client, alice, make_user, app):
-    clients, model_id, training_id, state = await _started(client, alice, make_user, n=4,
-                                                           options={"skip_model_tests": True})
+    clients, model_id, training_id, state = await _started(
+        client, alice, make_user, n=4, options={"skip_model_tests": True}
+    )
     calls: list[int] = []
 
     async def count(_session, _training, round_):
@@ -391,20 +530,33 @@ async def test_concurrent_last_uploads_aggregate_exactly_once(client, alice, mak
     try:
         await post_update(client, clients[0].headers, model_id, as_safetensors(shifted(state, 1.0)), 0)
         await post_update(client, clients[1].headers, model_id, as_safetensors(shifted(state, 1.0)), 0)
-        results = await asyncio.gather(*(
-            post_update(client, c.headers, model_id, as_safetensors(shifted(state, 2.0)), 0) for c in clients[2:]
-        ))
+        results = await asyncio.gather(
+            *(
+                post_update(client, c.headers, model_id, as_safetensors(shifted(state, 2.0)), 0)
+                for c in clients[2:]
+            )
+        )
         assert [r.status_code for r in results] == [201, 201]
         await wait_training(client, alice.headers, training_id, lambda b: b["round"] == 1)
         await asyncio.sleep(0.3)
         body = (await client.get(f"/api/trainings/{training_id}/", headers=alice.headers)).json()
         assert body["round"] == 1 and calls == [0]
         async with app.state.sessionmaker() as session:
-            rows = (await session.execute(select(func.count()).select_from(GlobalModelRound).where(
-                GlobalModelRound.model_id == model_id))).scalar_one()
+            rows = (
+                await session.execute(
+                    select(func.count())
+                    .select_from(GlobalModelRound)
+                    .where(GlobalModelRound.model_id == model_id)
+                )
+            ).scalar_one()
             assert rows == 2
-            starts = (await session.execute(select(func.count()).select_from(Notification).where(
-                Notification.notification_type == "UPDATE_ROUND_START"))).scalar_one()
+            starts = (
+                await session.execute(
+                    select(func.count())
+                    .select_from(Notification)
+                    .where(Notification.notification_type == "UPDATE_ROUND_START")
+                )
+            ).scalar_one()
             assert starts == 8  # 4 clients × rounds 0 and 1
     finally:
         training_service.ROUND_AGGREGATED_HOOKS.remove(count)
@@ -415,9 +567,17 @@ async def test_health_answers_during_a_large_aggregation(client, alice, make_use
     initial = scripted_bytes(big)
     clients = [await make_user(f"h{i}", client=True) for i in range(3)]
     model_id = await upload_global(client, alice.headers, initial)
-    training_id = await create_training(client, alice.headers, model_id, [c.id for c in clients],
-                                        options={"skip_model_tests": True}, target_num_updates=1)
-    assert (await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)).status_code == 202
+    training_id = await create_training(
+        client,
+        alice.headers,
+        model_id,
+        [c.id for c in clients],
+        options={"skip_model_tests": True},
+        target_num_updates=1,
+    )
+    assert (
+        await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    ).status_code == 202
     state = state_of(initial)
     for i, c in enumerate(clients):
         r = await post_update(client, c.headers, model_id, as_safetensors(shifted(state, float(i))), 0)

@@ -52,12 +52,17 @@ class ReferenceStyleClient:
                 content: Any = {}
                 try:
                     content = json.loads(self.rfile.read(int(self.headers.get("Content-Length"))))
-                    status = outer.handle(str(content["notification_type"]), uuid.UUID(content["training_uuid"]),
-                                          content["body"], unknown_message)
+                    status = outer.handle(
+                        str(content["notification_type"]),
+                        uuid.UUID(content["training_uuid"]),
+                        content["body"],
+                        unknown_message,
+                    )
                 except Exception:  # noqa: BLE001 - the reference handler answers 500 for any error
                     status = 500
-                outer.answers.append((content.get("notification_type", "?") if isinstance(content, dict) else "?",
-                                      status))
+                outer.answers.append(
+                    (content.get("notification_type", "?") if isinstance(content, dict) else "?", status)
+                )
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -90,8 +95,13 @@ class ReferenceStyleClient:
 
 async def _statuses(app: Any, user_id: str) -> dict[str, list[NotificationStatus]]:
     async with app.state.sessionmaker() as session:
-        rows = (await session.execute(select(Notification.notification_type, Notification.status).where(
-            Notification.recipient_id == uuid.UUID(user_id)).order_by(Notification.id))).all()
+        rows = (
+            await session.execute(
+                select(Notification.notification_type, Notification.status)
+                .where(Notification.recipient_id == uuid.UUID(user_id))
+                .order_by(Notification.id)
+            )
+        ).all()
     out: dict[str, list[NotificationStatus]] = {}
     for kind, status in rows:
         out.setdefault(kind, []).append(status)
@@ -99,33 +109,54 @@ async def _statuses(app: Any, user_id: str) -> dict[str, list[NotificationStatus
 
 
 async def test_client_removed_is_answered_2xx_by_reference_style_clients(client, alice, make_user, app):
-    plain, opted_in, unmodified = (ReferenceStyleClient(), ReferenceStyleClient(accepting_unknown_message),
-                                   ReferenceStyleClient())
+    plain, opted_in, unmodified = (
+        ReferenceStyleClient(),
+        ReferenceStyleClient(accepting_unknown_message),
+        ReferenceStyleClient(),
+    )
     try:
         plain_user = await make_user("plain", client=True, message_endpoint=plain.url)
-        opted_user = await make_user("opted", client=True, message_endpoint=opted_in.url, notify_client_removed=True)
-        unmodified_user = await make_user("unmodified", client=True, message_endpoint=unmodified.url,
-                                          notify_client_removed=True)
+        opted_user = await make_user(
+            "opted", client=True, message_endpoint=opted_in.url, notify_client_removed=True
+        )
+        unmodified_user = await make_user(
+            "unmodified", client=True, message_endpoint=unmodified.url, notify_client_removed=True
+        )
         stays = await make_user("stays", client=True)
         users = [plain_user, opted_user, unmodified_user, stays]
-        training_id = await create_training(client, alice.headers, await upload_global(client, alice.headers),
-                                            [u.id for u in users])
-        assert (await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)).status_code == 202
+        training_id = await create_training(
+            client, alice.headers, await upload_global(client, alice.headers), [u.id for u in users]
+        )
+        assert (
+            await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+        ).status_code == 202
         await wait_training(client, alice.headers, training_id, lambda _b: len(plain.answers) >= 2)
-        r = await client.request("DELETE", f"/api/trainings/{training_id}/clients/", headers=alice.headers,
-                                 json={"clients": [plain_user.id, opted_user.id, unmodified_user.id]})
+        r = await client.request(
+            "DELETE",
+            f"/api/trainings/{training_id}/clients/",
+            headers=alice.headers,
+            json={"clients": [plain_user.id, opted_user.id, unmodified_user.id]},
+        )
         assert r.status_code == 200, r.text
-        await wait_training(client, alice.headers, training_id,
-                            lambda _b: ("CLIENT_REMOVED", 200) in opted_in.answers
-                            and any(kind == "CLIENT_REMOVED" for kind, _ in unmodified.answers))
+        await wait_training(
+            client,
+            alice.headers,
+            training_id,
+            lambda _b: (
+                ("CLIENT_REMOVED", 200) in opted_in.answers
+                and any(kind == "CLIENT_REMOVED" for kind, _ in unmodified.answers)
+            ),
+        )
         body = (await client.get(f"/api/trainings/{training_id}/", headers=alice.headers)).json()
         assert body["participants"] == [stays.id] and body["state"] == "O", body
 
         # A reference client that did not opt in is never sent it: every answer it gave was 2xx.
         assert [kind for kind, _ in plain.answers] == ["TRAINING_START", "UPDATE_ROUND_START"], plain.answers
         assert all(200 <= status < 300 for _, status in plain.answers), plain.answers
-        assert await _statuses(app, plain_user.id) == {"TRAINING_START": [NotificationStatus.SENT],
-                                                        "UPDATE_ROUND_START": [NotificationStatus.SENT]}
+        assert await _statuses(app, plain_user.id) == {
+            "TRAINING_START": [NotificationStatus.SENT],
+            "UPDATE_ROUND_START": [NotificationStatus.SENT],
+        }
         # A reference-derived client that handles it answers 2xx; it found data["data"].
         assert all(200 <= status < 300 for _, status in opted_in.answers), opted_in.answers
         assert (await _statuses(app, opted_user.id))["CLIENT_REMOVED"] == [NotificationStatus.SENT]
@@ -136,22 +167,39 @@ async def test_client_removed_is_answered_2xx_by_reference_style_clients(client,
             endpoint.close()
 
 
-async def test_client_removed_body_carries_the_usual_keys_and_the_fallback_keys(client, alice, make_user, app):
+async def test_client_removed_body_carries_the_usual_keys_and_the_fallback_keys(
+    client, alice, make_user, app
+):
     received: list[dict[str, Any]] = []
-    endpoint = ReferenceStyleClient(lambda kind, _t, data: received.append({"kind": kind, "data": data}) or 200)
+    endpoint = ReferenceStyleClient(
+        lambda kind, _t, data: received.append({"kind": kind, "data": data}) or 200
+    )
     try:
-        user = await make_user("removed", client=True, message_endpoint=endpoint.url, notify_client_removed=True)
+        user = await make_user(
+            "removed", client=True, message_endpoint=endpoint.url, notify_client_removed=True
+        )
         model_id = await upload_global(client, alice.headers)
         training_id = await create_training(client, alice.headers, model_id, [user.id])
-        assert (await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)).status_code == 202
-        r = await client.request("DELETE", f"/api/trainings/{training_id}/clients/", headers=alice.headers,
-                                 json={"clients": [user.id]})
+        assert (
+            await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+        ).status_code == 202
+        r = await client.request(
+            "DELETE",
+            f"/api/trainings/{training_id}/clients/",
+            headers=alice.headers,
+            json={"clients": [user.id]},
+        )
         assert r.status_code == 200
         await wait_training(client, alice.headers, training_id, lambda _b: bool(received))
         assert received[0]["kind"] == "CLIENT_REMOVED"
-        assert received[0]["data"] == {"global_model_uuid": model_id, "round": 0,
-                                       "reason": "Removed from the training by its actor or an administrator."}
+        assert received[0]["data"] == {
+            "global_model_uuid": model_id,
+            "round": 0,
+            "reason": "Removed from the training by its actor or an administrator.",
+        }
     finally:
         endpoint.close()
-    r = await client.patch(f"/api/users/{user.id}/", headers=user.headers, json={"notify_client_removed": False})
+    r = await client.patch(
+        f"/api/users/{user.id}/", headers=user.headers, json={"notify_client_removed": False}
+    )
     assert r.status_code == 200 and r.json()["notify_client_removed"] is False, r.text

@@ -53,7 +53,10 @@ async def _running(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncCl
     """One server lifetime: start-up (recovery runs here), requests, shutdown."""
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as http,
+    ):
         yield app, http
 
 
@@ -61,22 +64,29 @@ async def _accounts(app: Any) -> tuple[dict[str, str], list[tuple[str, dict[str,
     root = User(username="<tests>", is_superuser=True)
     out = []
     async with app.state.sessionmaker() as session:
-        for name, fields in [("actor", {"actor": True})] + [(f"c{i}", {"client": True}) for i in range(CLIENTS)]:
-            user, token = await create_user(session, UserCreate(username=name, password="password-123",
-                                                                email=f"{name}@example.org", **fields),
-                                            created_by=root)
+        for name, fields in [("actor", {"actor": True})] + [
+            (f"c{i}", {"client": True}) for i in range(CLIENTS)
+        ]:
+            user, token = await create_user(
+                session,
+                UserCreate(username=name, password="password-123", email=f"{name}@example.org", **fields),
+                created_by=root,
+            )
             out.append((str(user.id), {"Authorization": f"Token {token}"}))
         await session.commit()
     return out[0][1], out[1:]
 
 
-async def _crash_state(app: Any, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, dict]:
+async def _crash_state(
+    app: Any, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str, dict]:
     """Start a training and upload every update with the after-commit ``advance`` cut off:
     the database is left as a kill -9 between the last 201 and the claim leaves it."""
     actor, clients = await _accounts(app)
     model_id = await upload_global(http, actor)
-    training_id = await create_training(http, actor, model_id, [uid for uid, _ in clients],
-                                        options={"skip_model_tests": True})
+    training_id = await create_training(
+        http, actor, model_id, [uid for uid, _ in clients], options={"skip_model_tests": True}
+    )
     assert (await http.post(f"/api/trainings/{training_id}/start/", headers=actor)).status_code == 202
     state = state_of((await http.get(f"/api/models/{model_id}/", headers=actor)).content)
 
@@ -99,15 +109,29 @@ async def _assert_stuck(http: httpx.AsyncClient, actor: dict[str, str], training
 
 async def _assert_completed_once(app: Any, model_id: str, training_id: str) -> None:
     async with app.state.sessionmaker() as session:
-        rounds = (await session.execute(select(func.count()).select_from(GlobalModelRound).where(
-            GlobalModelRound.model_id == uuid.UUID(model_id)))).scalar_one()
+        rounds = (
+            await session.execute(
+                select(func.count())
+                .select_from(GlobalModelRound)
+                .where(GlobalModelRound.model_id == uuid.UUID(model_id))
+            )
+        ).scalar_one()
         assert rounds == 2  # the initial round and exactly one aggregation
-        jobs = (await session.execute(select(QueuedWork.payload).where(QueuedWork.handler == AGGREGATE_JOB))).all()
+        jobs = (
+            await session.execute(select(QueuedWork.payload).where(QueuedWork.handler == AGGREGATE_JOB))
+        ).all()
         assert [p["round"] for (p,) in jobs] == [0], jobs
-        starts = [json.loads(p)["body"]["round"] for (p,) in (await session.execute(
-            select(Notification.payload).where(Notification.notification_type == "UPDATE_ROUND_START",
-                                               Notification.training_id == uuid.UUID(training_id))
-        )).all()]
+        starts = [
+            json.loads(p)["body"]["round"]
+            for (p,) in (
+                await session.execute(
+                    select(Notification.payload).where(
+                        Notification.notification_type == "UPDATE_ROUND_START",
+                        Notification.training_id == uuid.UUID(training_id),
+                    )
+                )
+            ).all()
+        ]
         assert sorted(starts) == [0] * CLIENTS + [1] * CLIENTS, starts
         training = await session.get(Training, uuid.UUID(training_id))
         assert training is not None and not training.locked
@@ -122,7 +146,9 @@ async def test_restart_finishes_a_round_whose_last_update_was_acknowledged(db_ur
         await _assert_stuck(http, actor, training_id)
     monkeypatch.undo()
     async with _running(settings) as (app, http):
-        body = await wait_training(http, actor, training_id, lambda b: b["round"] == 1 and b["phase"] == "update")
+        body = await wait_training(
+            http, actor, training_id, lambda b: b["round"] == 1 and b["phase"] == "update"
+        )
         assert body["state"] == "O" and body["local_models_arrived"] == 0, body
         await _assert_completed_once(app, model_id, training_id)
 
@@ -140,10 +166,17 @@ async def test_periodic_sweep_finishes_such_a_round_without_a_restart(db_url, mo
 @pytest.mark.slow
 def test_kill9_right_after_the_final_update_then_restart(db_url, tmp_path):
     """A real server process, SIGKILLed the moment the final update's 201 arrives."""
-    env = server_env(db_url, FLP_TRAINING_RECOVERY_INTERVAL_SECONDS="3600", FLP_WORK_LEASE_SECONDS="2",
-                     FLP_WORKER_POLL_INTERVAL_SECONDS="0.2")
-    made = make_users(db_url, [{"username": "actor", "actor": True}] +
-                      [{"username": f"k{i}", "client": True} for i in range(CLIENTS)])
+    env = server_env(
+        db_url,
+        FLP_TRAINING_RECOVERY_INTERVAL_SECONDS="3600",
+        FLP_WORK_LEASE_SECONDS="2",
+        FLP_WORKER_POLL_INTERVAL_SECONDS="0.2",
+    )
+    made = make_users(
+        db_url,
+        [{"username": "actor", "actor": True}]
+        + [{"username": f"k{i}", "client": True} for i in range(CLIENTS)],
+    )
     actor = {"Authorization": f"Token {made[0][1]}"}
     clients = [(uid, {"Authorization": f"Token {token}"}) for uid, token in made[1:]]
 
@@ -151,8 +184,9 @@ def test_kill9_right_after_the_final_update_then_restart(db_url, tmp_path):
         [url] = workers.start(1)
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             model_id = await upload_global(http, actor)
-            training_id = await create_training(http, actor, model_id, [uid for uid, _ in clients],
-                                                options={"skip_model_tests": True})
+            training_id = await create_training(
+                http, actor, model_id, [uid for uid, _ in clients], options={"skip_model_tests": True}
+            )
             assert (await http.post(f"/api/trainings/{training_id}/start/", headers=actor)).status_code == 202
             state = state_of((await http.get(f"/api/models/{model_id}/", headers=actor)).content)
             for i, (_uid, headers) in enumerate(clients):
@@ -167,12 +201,16 @@ def test_kill9_right_after_the_final_update_then_restart(db_url, tmp_path):
                 if body["round"] == 1 and body["phase"] == "update":
                     break
                 assert body["state"] == "O", body
-                assert time.monotonic() < deadline, f"round never completed after the restart: {body}\n{workers.logs()}"
+                assert time.monotonic() < deadline, (
+                    f"round never completed after the restart: {body}\n{workers.logs()}"
+                )
                 await asyncio.sleep(0.1)
             r = await http.get(f"/api/models/{model_id}/", headers=actor, params={"round": 1})
             assert r.status_code == 200
             got = state_of(r.content)
-            expected = {k: sum(shifted(state, float(i))[k].double() for i in range(CLIENTS)) / CLIENTS for k in state}
+            expected = {
+                k: sum(shifted(state, float(i))[k].double() for i in range(CLIENTS)) / CLIENTS for k in state
+            }
             for key, value in state.items():
                 if value.is_floating_point():
                     assert got[key].double().allclose(expected[key], atol=1e-5), key

@@ -18,8 +18,8 @@ import asyncio
 import io
 import threading
 import uuid
-from decimal import Decimal
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -67,7 +67,9 @@ def _usd(text: str) -> int:
 UPDATE_PRICE, SAMPLE_EPOCH_PRICE = _usd("0.5"), _usd("0.001")  # minor units (10⁻⁸ USD)
 
 
-def _loss_and_accuracy(module: torch.jit.ScriptModule, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def _loss_and_accuracy(
+    module: torch.jit.ScriptModule, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float]:
     module.eval()
     with torch.no_grad():
         out = module(x)
@@ -92,7 +94,9 @@ class DLRClient:
 
     def http(self) -> httpx.Client:
         if self.auth == "token":
-            return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Token {self.token}"}, timeout=30)
+            return httpx.Client(
+                base_url=self.base_url, headers={"Authorization": f"Token {self.token}"}, timeout=30
+            )
         credentials = (self.name, self.password) if self.auth == "basic" else (self.token, "")
         return httpx.Client(base_url=self.base_url, auth=credentials, timeout=30)
 
@@ -118,8 +122,13 @@ class DLRClient:
                 x, y = _data(self.seed, self.samples)
                 if kind == "MODEL_TEST_ROUND":
                     loss, accuracy = _loss_and_accuracy(module, x, y)
-                    r = http.post(f"/api/models/{model_id}/metrics/",
-                                  data={"metric_names": ["loss", "accuracy"], "metric_values": [str(loss), str(accuracy)]})
+                    r = http.post(
+                        f"/api/models/{model_id}/metrics/",
+                        data={
+                            "metric_names": ["loss", "accuracy"],
+                            "metric_values": [str(loss), str(accuracy)],
+                        },
+                    )
                     assert r.status_code == 201, r.text
                     return
                 module.train()
@@ -134,8 +143,13 @@ class DLRClient:
                 self.uploads[round_] = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 r = http.post(
                     f"/api/models/{model_id}/",
-                    data={"round": str(round_), "sample_size": str(self.samples), "owner": self.user_id,
-                          "metric_names": ["loss"], "metric_values": [str(loss.item())]},
+                    data={
+                        "round": str(round_),
+                        "sample_size": str(self.samples),
+                        "owner": self.user_id,
+                        "metric_names": ["loss"],
+                        "metric_values": [str(loss.item())],
+                    },
                     files={"model_file": ("model.pt", buffer.getvalue(), "application/octet-stream")},
                 )
                 assert r.status_code == 201 and r.json()["detail"] == "Model Update Accepted", r.text
@@ -144,43 +158,78 @@ class DLRClient:
 
 
 def test_dlr_style_clients_complete_a_multi_round_fedavg_training(db_url):
-    clients = [DLRClient("dlr-token", "token", 40, 1), DLRClient("dlr-basic", "basic", 80, 2),
-               DLRClient("dlr-basic-token", "basic-token", 120, 3)]
-    settings = Settings(database_url=db_url, allow_self_registration=True, notification_backoff_seconds=0.01,
-                        notification_max_attempts=2, training_sweep_interval_seconds=0.05)
+    clients = [
+        DLRClient("dlr-token", "token", 40, 1),
+        DLRClient("dlr-basic", "basic", 80, 2),
+        DLRClient("dlr-basic-token", "basic-token", 120, 3),
+    ]
+    settings = Settings(
+        database_url=db_url,
+        allow_self_registration=True,
+        notification_backoff_seconds=0.01,
+        notification_max_attempts=2,
+        training_sweep_interval_seconds=0.05,
+    )
     with live_server(settings) as base, notification_servers(clients) as endpoints:  # type: ignore[arg-type]
         anonymous = httpx.Client(base_url=base, timeout=30)
         for c in clients:
             c.base_url = base
-            r = anonymous.post("/api/users/", json={
-                "username": c.name, "password": c.password, "first_name": "DLR", "last_name": "Client",
-                "email": f"{c.name}@example.org", "message_endpoint": endpoints[c.name], "actor": False, "client": True})
+            r = anonymous.post(
+                "/api/users/",
+                json={
+                    "username": c.name,
+                    "password": c.password,
+                    "first_name": "DLR",
+                    "last_name": "Client",
+                    "email": f"{c.name}@example.org",
+                    "message_endpoint": endpoints[c.name],
+                    "actor": False,
+                    "client": True,
+                },
+            )
             assert r.status_code == 201, r.text
             c.user_id, c.token = r.json()["id"], r.json()["token"]
             with c.http() as http:  # every authentication style works
                 me = http.get("/api/users/myself/")
                 assert me.status_code == 200 and me.json()["username"] == c.name, me.text
-        r = anonymous.post("/api/users/", json={"username": "dlr-actor", "password": "actor-password-1",
-                                                 "actor": True, "client": False})
+        r = anonymous.post(
+            "/api/users/",
+            json={"username": "dlr-actor", "password": "actor-password-1", "actor": True, "client": False},
+        )
         assert r.status_code == 201, r.text
-        actor = httpx.Client(base_url=base, headers={"Authorization": f"Token {r.json()['token']}"}, timeout=30)
+        actor = httpx.Client(
+            base_url=base, headers={"Authorization": f"Token {r.json()['token']}"}, timeout=30
+        )
         _prices_and_top_up(db_url, r.json()["id"], _usd("100"))
         assert anonymous.get("/api/users/myself/").status_code == 401
 
         initial = scripted_bytes(tiny_net(7))
-        r = actor.post("/api/models/", data={"name": "dlr-net", "description": "TinyNet", "input_shape": ["None", "4"]},
-                       files={"model_file": ("model.pt", initial)})
+        r = actor.post(
+            "/api/models/",
+            data={"name": "dlr-net", "description": "TinyNet", "input_shape": ["None", "4"]},
+            files={"model_file": ("model.pt", initial)},
+        )
         assert r.status_code == 201 and r.json()["detail"] == "Model Upload Accepted", r.text
         model_id = r.json()["model_id"]
-        r = actor.post("/api/trainings/", json={
-            "model_id": model_id, "target_num_updates": ROUNDS, "metric_names": ["loss", "accuracy"],
-            "aggregation_method": "FedAvg", "uncertainty_method": "NONE", "options": {},
-            "clients": [c.user_id for c in clients]})
+        r = actor.post(
+            "/api/trainings/",
+            json={
+                "model_id": model_id,
+                "target_num_updates": ROUNDS,
+                "metric_names": ["loss", "accuracy"],
+                "aggregation_method": "FedAvg",
+                "uncertainty_method": "NONE",
+                "options": {},
+                "clients": [c.user_id for c in clients],
+            },
+        )
         assert r.status_code == 201 and r.json()["detail"] == "Training created successfully!", r.text
         training_id = r.json()["training_id"]
         r = actor.post(f"/api/trainings/{training_id}/start/")
         assert r.status_code == 202 and r.json()["detail"] == "Training started!", r.text
-        final = wait_until(actor, training_id, lambda b: b["state"] in ("C", "E"), timeout=90, clients=clients)  # type: ignore[arg-type]
+        final = wait_until(
+            actor, training_id, lambda b: b["state"] in ("C", "E"), timeout=90, clients=clients
+        )  # type: ignore[arg-type]
         assert final["state"] == "C" and final["round"] == ROUNDS, final
 
         # Every round's global model is an independent FedAvg of the three uploads of that round.
@@ -205,9 +254,13 @@ def test_dlr_style_clients_complete_a_multi_round_fedavg_training(db_url):
         per_round = 3 * UPDATE_PRICE + SAMPLE_EPOCH_PRICE * sum(sizes)
         operations = actor.get("/api/billing/operations/", params={"kind": "training"}).json()
         assert sorted(op["round"] for op in operations) == list(range(ROUNDS)), operations
-        assert all(_usd(op["amount"]) == per_round and op["count_of_lines"] == sum(sizes) for op in operations)
+        assert all(
+            _usd(op["amount"]) == per_round and op["count_of_lines"] == sum(sizes) for op in operations
+        )
         balance = {b["currency"]: b for b in actor.get("/api/billing/balance/").json()["balances"]}["USD"]
-        assert _usd(balance["available"]) == _usd("100") - ROUNDS * per_round and _usd(balance["held"]) == 0, balance
+        assert (
+            _usd(balance["available"]) == _usd("100") - ROUNDS * per_round and _usd(balance["held"]) == 0
+        ), balance
         # The clients see the training and their local models (DLR routes).
         for c in clients:
             with c.http() as http:
@@ -219,4 +272,7 @@ def test_dlr_style_clients_complete_a_multi_round_fedavg_training(db_url):
     for c in clients:
         assert not c.errors, c.errors
         assert c.received[0] == "TRAINING_START" and c.received[-1] == "TRAINING_FINISHED", c.received
-        assert c.received.count("UPDATE_ROUND_START") == ROUNDS and c.received.count("MODEL_TEST_ROUND") == ROUNDS
+        assert (
+            c.received.count("UPDATE_ROUND_START") == ROUNDS
+            and c.received.count("MODEL_TEST_ROUND") == ROUNDS
+        )

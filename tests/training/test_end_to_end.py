@@ -15,14 +15,21 @@ pytestmark = pytest.mark.slow
 
 
 def _settings(db_url: str) -> Settings:
-    return Settings(database_url=db_url, notification_backoff_seconds=0.01, notification_max_attempts=2,
-                    training_sweep_interval_seconds=0.05)
+    return Settings(
+        database_url=db_url,
+        notification_backoff_seconds=0.01,
+        notification_max_attempts=2,
+        training_sweep_interval_seconds=0.05,
+    )
 
 
 def _upload(http: httpx.Client, kind: str = "GLOBAL") -> tuple[str, bytes]:
     initial = scripted_bytes(tiny_net(3))
-    r = http.post("/api/models/", data={"name": "net", "description": "", "type": kind, "input_shape": ["None", "4"]},
-                  files={"model_file": ("net.pt", initial)})
+    r = http.post(
+        "/api/models/",
+        data={"name": "net", "description": "", "type": kind, "input_shape": ["None", "4"]},
+        files={"model_file": ("net.pt", initial)},
+    )
     assert r.status_code == 201, r.text
     return r.json()["model_id"], initial
 
@@ -36,9 +43,13 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 def test_fedavg_three_rounds_four_clients(db_url):
     sizes = [10, 20, 30, 40]
     clients = [
-        FakeClient(name=f"c{i}", base_url="", sample_size=n,
-                   train=(lambda s, r, i=i: shifted(s, 0.1 * (i + 1) * (r + 1))),
-                   upload_format="torchscript" if i % 2 else "safetensors")
+        FakeClient(
+            name=f"c{i}",
+            base_url="",
+            sample_size=n,
+            train=(lambda s, r, i=i: shifted(s, 0.1 * (i + 1) * (r + 1))),
+            upload_format="torchscript" if i % 2 else "safetensors",
+        )
         for i, n in enumerate(sizes)
     ]
     settings = _settings(db_url)
@@ -46,16 +57,27 @@ def test_fedavg_three_rounds_four_clients(db_url):
         for c in clients:
             c.base_url = base
         _, actor_token = setup_clients(db_url, base, clients, endpoints)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Token {actor_token}"}, timeout=30) as http:
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Token {actor_token}"}, timeout=30
+        ) as http:
             model_id, initial = _upload(http)
-            r = http.post("/api/trainings/", json={
-                "model_id": model_id, "target_num_updates": 3, "metric_names": ["accuracy"],
-                "aggregation_method": "FedProx", "options": {"mu": 0.01},
-                "clients": [c.user_id for c in clients]})
+            r = http.post(
+                "/api/trainings/",
+                json={
+                    "model_id": model_id,
+                    "target_num_updates": 3,
+                    "metric_names": ["accuracy"],
+                    "aggregation_method": "FedProx",
+                    "options": {"mu": 0.01},
+                    "clients": [c.user_id for c in clients],
+                },
+            )
             assert r.status_code == 201, r.text
             training_id = r.json()["training_id"]
             assert http.post(f"/api/trainings/{training_id}/start/").status_code == 202
-            final = wait_until(http, training_id, lambda b: b["state"] in ("C", "E"), timeout=60, clients=clients)
+            final = wait_until(
+                http, training_id, lambda b: b["state"] in ("C", "E"), timeout=60, clients=clients
+            )
             assert final["state"] == "C", final
             assert final["round"] == 3 and final["mu"] == 0.01
             expected = state_of(initial)
@@ -68,7 +90,8 @@ def test_fedavg_three_rounds_four_clients(db_url):
             # test metrics at step = round on the global model, one per client per round
             metrics = http.get(f"/api/models/{model_id}/metrics/").json()
             assert sorted({(m["step"], m["reporter"]) for m in metrics if m["key"] == "accuracy"}) == sorted(
-                (s, c.user_id) for s in (1, 2, 3) for c in clients)
+                (s, c.user_id) for s in (1, 2, 3) for c in clients
+            )
     for c in clients:
         assert c.bad_signatures == 0 and not c.errors
         kinds = [m["notification_type"] for m in c.received]
@@ -82,26 +105,42 @@ def test_fedavg_three_rounds_four_clients(db_url):
 
 def test_feddc_daisy_chains_and_aggregates_every_b_rounds(db_url):
     names = ["d0", "d1", "d2"]
-    clients = [FakeClient(name=n, base_url="", sample_size=10 * (i + 1),
-                          train=(lambda s, r, i=i: shifted(s, 0.01 * (i + 1) + r)))
-               for i, n in enumerate(names)]
+    clients = [
+        FakeClient(
+            name=n,
+            base_url="",
+            sample_size=10 * (i + 1),
+            train=(lambda s, r, i=i: shifted(s, 0.01 * (i + 1) + r)),
+        )
+        for i, n in enumerate(names)
+    ]
     with live_server(_settings(db_url)) as base, notification_servers(clients) as endpoints:
         for c in clients:
             c.base_url = base
         _, actor_token = setup_clients(db_url, base, clients, endpoints)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Token {actor_token}"}, timeout=30) as http:
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Token {actor_token}"}, timeout=30
+        ) as http:
             model_id, initial = _upload(http)
-            r = http.post("/api/trainings/", json={
-                "model_id": model_id, "target_num_updates": 4, "metric_names": [],
-                "aggregation_method": "FedDC",
-                "options": {"daisy_chain_period": 1, "aggregation_period": 2, "skip_model_tests": True},
-                "clients": [c.user_id for c in clients]})
+            r = http.post(
+                "/api/trainings/",
+                json={
+                    "model_id": model_id,
+                    "target_num_updates": 4,
+                    "metric_names": [],
+                    "aggregation_method": "FedDC",
+                    "options": {"daisy_chain_period": 1, "aggregation_period": 2, "skip_model_tests": True},
+                    "clients": [c.user_id for c in clients],
+                },
+            )
             assert r.status_code == 201, r.text
             training_id = r.json()["training_id"]
             detail = http.get(f"/api/trainings/{training_id}/").json()
             assert detail["target_num_updates"] == 4  # 4 × period 1
             assert http.post(f"/api/trainings/{training_id}/start/").status_code == 202
-            final = wait_until(http, training_id, lambda b: b["state"] in ("C", "E"), timeout=60, clients=clients)
+            final = wait_until(
+                http, training_id, lambda b: b["state"] in ("C", "E"), timeout=60, clients=clients
+            )
             assert final["state"] == "C", final
             info = http.get(f"/api/models/{model_id}/info/").json()
             assert info["rounds"] == [0, 2, 4]  # the global model changed only at the aggregation rounds
@@ -115,8 +154,12 @@ def test_feddc_daisy_chains_and_aggregates_every_b_rounds(db_url):
                     assert owner_of[downloads[round_]] != c.user_id
             sizes = {c.user_id: c.sample_size for c in clients}
             for round_, after in ((1, 2), (3, 4)):
-                expected = fedavg([uploads[(c.user_id, round_)] for c in clients], [sizes[c.user_id] for c in clients])
-                _close(state_of(http.get(f"/api/models/{model_id}/", params={"round": after}).content), expected)
+                expected = fedavg(
+                    [uploads[(c.user_id, round_)] for c in clients], [sizes[c.user_id] for c in clients]
+                )
+                _close(
+                    state_of(http.get(f"/api/models/{model_id}/", params={"round": after}).content), expected
+                )
     for c in clients:
         assert c.bad_signatures == 0 and not c.errors
 
@@ -130,37 +173,60 @@ def test_swag_training_aggregates_moments(db_url):
         def _swag(module: torch.nn.Module, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
             first = _flat_params(module) + 0.1 * (i + 1)
             return first, first**2 + 0.01 * (i + 1)
+
         return _swag
 
-    clients = [FakeClient(name=f"s{i}", base_url="", sample_size=10 * (i + 1), swag=swag_for(i)) for i in range(2)]
+    clients = [
+        FakeClient(name=f"s{i}", base_url="", sample_size=10 * (i + 1), swag=swag_for(i)) for i in range(2)
+    ]
     with live_server(_settings(db_url)) as base, notification_servers(clients) as endpoints:
         for c in clients:
             c.base_url = base
         _, actor_token = setup_clients(db_url, base, clients, endpoints)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Token {actor_token}"}, timeout=30) as http:
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Token {actor_token}"}, timeout=30
+        ) as http:
             model_id, _ = _upload(http, "SWAG")
-            r = http.post("/api/trainings/", json={
-                "model_id": model_id, "target_num_updates": 2, "metric_names": [],
-                "aggregation_method": "FedAvg", "uncertainty_method": "SWAG",
-                "clients": [c.user_id for c in clients]})
+            r = http.post(
+                "/api/trainings/",
+                json={
+                    "model_id": model_id,
+                    "target_num_updates": 2,
+                    "metric_names": [],
+                    "aggregation_method": "FedAvg",
+                    "uncertainty_method": "SWAG",
+                    "clients": [c.user_id for c in clients],
+                },
+            )
             assert r.status_code == 201, r.text
             training_id = r.json()["training_id"]
             r = http.post(f"/api/trainings/{training_id}/start/")
             assert r.status_code == 202, r.text
-            final = wait_until(http, training_id, lambda b: b["state"] in ("C", "E"), timeout=60, clients=clients)
+            final = wait_until(
+                http, training_id, lambda b: b["state"] in ("C", "E"), timeout=60, clients=clients
+            )
             assert final["state"] == "C", final
             module_bytes = http.get(f"/api/models/{model_id}/").content  # SWAG models download fine
             assert http.get(f"/api/models/{model_id}/info/").json()["has_swag_moments"] is True
             # moments of the last SWAG round were computed on the round-2 global model
-            params = _flat_params(torch.jit.load(__import__("io").BytesIO(
-                http.get(f"/api/models/{model_id}/", params={"round": 2}).content)))
+            params = _flat_params(
+                torch.jit.load(
+                    __import__("io").BytesIO(
+                        http.get(f"/api/models/{model_id}/", params={"round": 2}).content
+                    )
+                )
+            )
             assert len(module_bytes) > 0
             firsts = [params + 0.1 * (i + 1) for i in range(2)]
             seconds = [f**2 + 0.01 * (i + 1) for i, f in enumerate(firsts)]
             exp_first = (firsts[0] * 10 + firsts[1] * 20) / 30
             exp_second = (seconds[0] * 10 + seconds[1] * 20) / 30
-            got_first = safetensors_load(http.get(f"/api/models/{model_id}/swag/", params={"moment": "first"}).content)
-            got_second = safetensors_load(http.get(f"/api/models/{model_id}/swag/", params={"moment": "second"}).content)
+            got_first = safetensors_load(
+                http.get(f"/api/models/{model_id}/swag/", params={"moment": "first"}).content
+            )
+            got_second = safetensors_load(
+                http.get(f"/api/models/{model_id}/swag/", params={"moment": "second"}).content
+            )
             assert torch.allclose(got_first["moment"], exp_first, atol=1e-5)
             assert torch.allclose(got_second["moment"], exp_second, atol=1e-5)
     for c in clients:

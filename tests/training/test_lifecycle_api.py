@@ -21,8 +21,9 @@ from tests.training.conftest import (
 )
 
 
-async def wait_training(client: httpx.AsyncClient, headers: dict[str, str], training_id: str, cond: Any,
-                        timeout: float = 15.0) -> dict[str, Any]:
+async def wait_training(
+    client: httpx.AsyncClient, headers: dict[str, str], training_id: str, cond: Any, timeout: float = 15.0
+) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         body = (await client.get(f"/api/trainings/{training_id}/", headers=headers)).json()
@@ -60,11 +61,20 @@ async def test_two_round_fedavg_with_test_rounds(client, alice, make_user):
             assert torch.allclose(got[k].to(torch.float64), state[k].to(torch.float64), atol=1e-6), k
         history.append(state)
         for c in (c1, c2):
-            r = await client.post(f"/api/models/{model_id}/metrics/", headers=c.headers,
-                                  data={"metric_names": ["accuracy"], "metric_values": ["0.9"]})
+            r = await client.post(
+                f"/api/models/{model_id}/metrics/",
+                headers=c.headers,
+                data={"metric_names": ["accuracy"], "metric_values": ["0.9"]},
+            )
             assert r.status_code == 201, r.text
-        await wait_training(client, alice.headers, training_id,
-                            lambda b: b["state"] == "C" or (b["phase"] == "update" and b["round"] == round_ + 1))
+        await wait_training(
+            client,
+            alice.headers,
+            training_id,
+            lambda b, round_=round_: (
+                b["state"] == "C" or (b["phase"] == "update" and b["round"] == round_ + 1)
+            ),
+        )
     final = await wait_training(client, alice.headers, training_id, lambda b: b["state"] == "C")
     assert final["round"] == 2
     for round_, expected in enumerate(history):

@@ -56,17 +56,25 @@ SSRF_SPELLINGS = [
 def settings(db_url: str, request: pytest.FixtureRequest) -> Settings:
     """No allowlist (what a default installation does) unless a test passes overrides with
     ``@pytest.mark.parametrize("settings", [{...}], indirect=True)``."""
-    fields: dict[str, Any] = {"notification_allowed_networks": [], "notification_backoff_seconds": 0.01,
-                              "notification_max_attempts": 1, "notification_timeout_seconds": 1.0,
-                              "training_sweep_interval_seconds": 0.05}
+    fields: dict[str, Any] = {
+        "notification_allowed_networks": [],
+        "notification_backoff_seconds": 0.01,
+        "notification_max_attempts": 1,
+        "notification_timeout_seconds": 1.0,
+        "training_sweep_interval_seconds": 0.05,
+    }
     fields.update(getattr(request, "param", {}))
     return Settings(database_url=db_url, **fields)
 
 
 def _on_premise(**fields: Any) -> Any:
     """Settings of an install that allowlists loopback (these tests' endpoints listen there)."""
-    return pytest.mark.parametrize("settings", [{"notification_allowed_networks": LOOPBACK, **fields}],
-                                   indirect=True, ids=["loopback-allowed"])
+    return pytest.mark.parametrize(
+        "settings",
+        [{"notification_allowed_networks": LOOPBACK, **fields}],
+        indirect=True,
+        ids=["loopback-allowed"],
+    )
 
 
 # --------------------------------------------------------------------------- registration
@@ -75,8 +83,11 @@ def _on_premise(**fields: Any) -> Any:
 @pytest.mark.parametrize("spelling", SSRF_SPELLINGS)
 async def test_registration_and_update_refuse_internal_endpoints(client, admin, alice, spelling):
     url = spelling.format(port=8080)
-    r = await client.post("/api/users/", headers=admin.headers, json={
-        "username": "victim", "password": "password-123", "client": True, "message_endpoint": url})
+    r = await client.post(
+        "/api/users/",
+        headers=admin.headers,
+        json={"username": "victim", "password": "password-123", "client": True, "message_endpoint": url},
+    )
     assert r.status_code == 422, (url, r.text)
     assert r.json()["code"] in ("message_endpoint_refused", "validation_error"), r.text
     r = await client.patch(f"/api/users/{alice.id}/", headers=alice.headers, json={"message_endpoint": url})
@@ -86,10 +97,19 @@ async def test_registration_and_update_refuse_internal_endpoints(client, admin, 
 
 
 async def test_registration_accepts_public_and_private_endpoints(client, admin, alice):
-    for i, url in enumerate(("http://client1.example.org:8101/", "https://203.0.114.7/hook/",
-                             "http://10.1.2.3:8101/", "http://192.168.10.20/")):
-        r = await client.post("/api/users/", headers=admin.headers, json={
-            "username": f"ok{i}", "password": "password-123", "client": True, "message_endpoint": url})
+    for i, url in enumerate(
+        (
+            "http://client1.example.org:8101/",
+            "https://203.0.114.7/hook/",
+            "http://10.1.2.3:8101/",
+            "http://192.168.10.20/",
+        )
+    ):
+        r = await client.post(
+            "/api/users/",
+            headers=admin.headers,
+            json={"username": f"ok{i}", "password": "password-123", "client": True, "message_endpoint": url},
+        )
         assert r.status_code == 201, (url, r.text)
     r = await client.patch(f"/api/users/{alice.id}/", headers=alice.headers, json={"message_endpoint": None})
     assert r.status_code == 200, r.text
@@ -110,9 +130,16 @@ async def _outbox(db_url: str, endpoints: list[str]) -> tuple[Any, list[int]]:
         await session.flush()
         rows = []
         for url in endpoints:
-            row = Notification(recipient_id=user.id, endpoint=url, notification_type="TRAINING_START",
-                               payload="{}", critical=False, status=NotificationStatus.PENDING, attempts=0,
-                               next_attempt_at=notify.utcnow())
+            row = Notification(
+                recipient_id=user.id,
+                endpoint=url,
+                notification_type="TRAINING_START",
+                payload="{}",
+                critical=False,
+                status=NotificationStatus.PENDING,
+                attempts=0,
+                next_attempt_at=notify.utcnow(),
+            )
             session.add(row)
             rows.append(row)
         await session.commit()
@@ -120,22 +147,33 @@ async def _outbox(db_url: str, endpoints: list[str]) -> tuple[Any, list[int]]:
     return engine, ids
 
 
-async def _drain(db_url: str, settings: Settings, ids: list[int]) -> dict[int, tuple[NotificationStatus, str | None]]:
+async def _drain(
+    db_url: str, settings: Settings, ids: list[int]
+) -> dict[int, tuple[NotificationStatus, str | None]]:
     engine = create_engine(db_url)
     maker = create_sessionmaker(engine)
 
     async def ignore(*_args: Any) -> None:
         return None
 
-    dispatcher = notify.Dispatcher(maker, settings, on_rejected=ignore, on_failed=ignore, after_change=lambda _t: None)
+    dispatcher = notify.Dispatcher(
+        maker, settings, on_rejected=ignore, on_failed=ignore, after_change=lambda _t: None
+    )
     runner = asyncio.create_task(dispatcher.run())
     try:
         for _ in range(400):
             async with maker() as session:
-                rows = (await session.execute(select(Notification.id, Notification.status, Notification.last_error)
-                                              .where(Notification.id.in_(ids)))).all()
-            if all(status in (NotificationStatus.SENT, NotificationStatus.FAILED, NotificationStatus.REJECTED)
-                   for _, status, _ in rows):
+                rows = (
+                    await session.execute(
+                        select(Notification.id, Notification.status, Notification.last_error).where(
+                            Notification.id.in_(ids)
+                        )
+                    )
+                ).all()
+            if all(
+                status in (NotificationStatus.SENT, NotificationStatus.FAILED, NotificationStatus.REJECTED)
+                for _, status, _ in rows
+            ):
                 return {i: (s, e) for i, s, e in rows}
             dispatcher.kick()
             await asyncio.sleep(0.05)
@@ -157,8 +195,14 @@ async def test_delivery_refuses_every_spelling_of_this_machine(db_url, settings)
 
 
 async def test_allowlisted_loopback_is_delivered(db_url, settings):
-    allowing = settings.model_copy(update={"notification_allowed_networks": [ipaddress.ip_network("127.0.0.0/8"),
-                                                                             ipaddress.ip_network("::1/128")]})
+    allowing = settings.model_copy(
+        update={
+            "notification_allowed_networks": [
+                ipaddress.ip_network("127.0.0.0/8"),
+                ipaddress.ip_network("::1/128"),
+            ]
+        }
+    )
     async with serving(answer(200)) as endpoint:
         engine, ids = await _outbox(db_url, [endpoint.url(), endpoint.url(host="localhost")])
         await engine.dispose()
@@ -166,7 +210,9 @@ async def test_allowlisted_loopback_is_delivered(db_url, settings):
         assert {status for status, _ in outcome.values()} == {NotificationStatus.SENT}, outcome
         assert endpoint.connections == 2
         # Metadata addresses stay refused even under a broad allowlist.
-        everything = settings.model_copy(update={"notification_allowed_networks": [ipaddress.ip_network("0.0.0.0/0")]})
+        everything = settings.model_copy(
+            update={"notification_allowed_networks": [ipaddress.ip_network("0.0.0.0/0")]}
+        )
         engine, ids = await _outbox(db_url, ["http://169.254.169.254/latest/meta-data/"])
         await engine.dispose()
         assert [s for s, _ in (await _drain(db_url, everything, ids)).values()] == [NotificationStatus.FAILED]
@@ -181,8 +227,12 @@ def _rss_mib() -> float:
 
 
 async def test_huge_answer_is_not_read(db_url, settings):
-    allowing = settings.model_copy(update={"notification_allowed_networks": [ipaddress.ip_network("127.0.0.0/8")],
-                                           "notification_timeout_seconds": 10.0})
+    allowing = settings.model_copy(
+        update={
+            "notification_allowed_networks": [ipaddress.ip_network("127.0.0.0/8")],
+            "notification_timeout_seconds": 10.0,
+        }
+    )
     async with serving(huge_body()) as endpoint:
         engine, ids = await _outbox(db_url, [endpoint.url(), endpoint.url()])
         await engine.dispose()
@@ -206,12 +256,16 @@ async def test_trickling_endpoint_delays_nobody_else(client, alice, make_user):
     per-read timeout never catches); training B's participant must get its first notification
     at once, and A's attempts must end at the total deadline."""
     async with serving(trickle) as slow, serving(answer(200)) as fast:
-        slow_clients = [await make_user(f"slow{i}", client=True, message_endpoint=slow.url(f"/s{i}/"))
-                        for i in range(3)]
+        slow_clients = [
+            await make_user(f"slow{i}", client=True, message_endpoint=slow.url(f"/s{i}/")) for i in range(3)
+        ]
         fast_client = await make_user("fast", client=True, message_endpoint=fast.url())
-        a = await create_training(client, alice.headers, await upload_global(client, alice.headers),
-                                  [c.id for c in slow_clients])
-        b = await create_training(client, alice.headers, await upload_global(client, alice.headers), [fast_client.id])
+        a = await create_training(
+            client, alice.headers, await upload_global(client, alice.headers), [c.id for c in slow_clients]
+        )
+        b = await create_training(
+            client, alice.headers, await upload_global(client, alice.headers), [fast_client.id]
+        )
         assert (await client.post(f"/api/trainings/{a}/start/", headers=alice.headers)).status_code == 202
         await asyncio.sleep(0.3)  # A's deliveries are under way (and trickling)
         assert slow.connections == 3
@@ -237,10 +291,15 @@ async def test_error_reason_is_the_same_for_a_closed_port_and_a_stalled_peer(cli
         refused = await make_user("refused", client=True, message_endpoint="http://169.254.169.254/x/")
         reasons = {}
         for who in (closed, stalling, refused):
-            training = await create_training(client, alice.headers, await upload_global(client, alice.headers),
-                                             [who.id])
-            assert (await client.post(f"/api/trainings/{training}/start/", headers=alice.headers)).status_code == 202
-            body = await wait_training(client, alice.headers, training, lambda b: b["state"] == "E", timeout=15)
+            training = await create_training(
+                client, alice.headers, await upload_global(client, alice.headers), [who.id]
+            )
+            assert (
+                await client.post(f"/api/trainings/{training}/start/", headers=alice.headers)
+            ).status_code == 202
+            body = await wait_training(
+                client, alice.headers, training, lambda b: b["state"] == "E", timeout=15
+            )
             reasons[who.user.username] = body["error_reason"].replace(who.id, "<client>")
         assert stalled.connections >= 1  # the peer was reached and stalled: a timeout, not a refusal
     assert len(set(reasons.values())) == 1, reasons
@@ -271,17 +330,34 @@ async def test_two_processes_keep_each_recipients_order(db_url, settings):
             await session.flush()
             for seq in range(12):
                 for user, endpoint in zip(users, (slow, fast), strict=True):
-                    session.add(Notification(recipient_id=user.id, endpoint=endpoint.url(), payload=f'{{"seq":{seq}}}',
-                                             notification_type="TRAINING_START", critical=False, attempts=0,
-                                             status=NotificationStatus.PENDING, next_attempt_at=notify.utcnow()))
+                    session.add(
+                        Notification(
+                            recipient_id=user.id,
+                            endpoint=endpoint.url(),
+                            payload=f'{{"seq":{seq}}}',
+                            notification_type="TRAINING_START",
+                            critical=False,
+                            attempts=0,
+                            status=NotificationStatus.PENDING,
+                            next_attempt_at=notify.utcnow(),
+                        )
+                    )
             await session.commit()
 
         async def ignore(*_args: Any) -> None:
             return None
 
         engines = [create_engine(db_url) for _ in range(2)]
-        dispatchers = [notify.Dispatcher(create_sessionmaker(e), settings, on_rejected=ignore, on_failed=ignore,
-                                         after_change=lambda _t: None) for e in engines]
+        dispatchers = [
+            notify.Dispatcher(
+                create_sessionmaker(e),
+                settings,
+                on_rejected=ignore,
+                on_failed=ignore,
+                after_change=lambda _t: None,
+            )
+            for e in engines
+        ]
         runners = [asyncio.create_task(d.run()) for d in dispatchers]
         try:
             for _ in range(400):

@@ -86,8 +86,13 @@ def test_validate_state_dict_against_global_spec():
 
 async def test_rebuild_torchscript_replaces_weights_and_keeps_the_architecture():
     template = scripted_bytes(tiny_net())
-    new = {k: (torch.full_like(v, 0.5) if v.is_floating_point() else v) for k, v in tiny_net().state_dict().items()}
-    rebuilt = torch.jit.load(io.BytesIO(await model_files.rebuild_torchscript(template, new)))  # in the sandbox
+    new = {
+        k: (torch.full_like(v, 0.5) if v.is_floating_point() else v)
+        for k, v in tiny_net().state_dict().items()
+    }
+    rebuilt = torch.jit.load(
+        io.BytesIO(await model_files.rebuild_torchscript(template, new))
+    )  # in the sandbox
     assert torch.equal(rebuilt.state_dict()["fc1.weight"], torch.full((3, 4), 0.5))
     assert rebuilt(torch.randn(2, 4)).shape == (2, 2)
 
@@ -136,12 +141,18 @@ def test_options_schema():
     with pytest.raises(ValidationError):
         TrainingOptions.model_validate({"min_quorum": 0})
     with pytest.raises(ValidationError):
-        TrainingCreate.model_validate({"model_id": str(uuid.uuid4()), "target_num_updates": 1,
-                                       "aggregation_method": "FedDC"})
-    name, kwargs = aggregator_options({"aggregator": "fedprox", "mu": 0.1, "dp": {"clip_norm": 1.0,
-                                                                                   "noise_multiplier": 0.5, "seed": 3}})
-    assert name == "fedprox" and kwargs == {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.5, "seed": 3,
-                                            "proximal_mu": 0.1}
+        TrainingCreate.model_validate(
+            {"model_id": str(uuid.uuid4()), "target_num_updates": 1, "aggregation_method": "FedDC"}
+        )
+    name, kwargs = aggregator_options(
+        {"aggregator": "fedprox", "mu": 0.1, "dp": {"clip_norm": 1.0, "noise_multiplier": 0.5, "seed": 3}}
+    )
+    assert name == "fedprox" and kwargs == {
+        "dp_clip_norm": 1.0,
+        "dp_noise_multiplier": 0.5,
+        "seed": 3,
+        "proximal_mu": 0.1,
+    }
     check_aggregator_options({"aggregator": "trimmed_mean", "aggregator_options": {"beta": 0.2}})
     with pytest.raises(ValueError):
         check_aggregator_options({"aggregator": "trimmed_mean", "aggregator_options": {"beta": 0.9}})

@@ -30,7 +30,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from .codec import FlatLayout, StateDict, WireState, chunk_ranges, decode_safetensors, held_elsewhere, wire_bytes_of
+from .codec import (
+    FlatLayout,
+    StateDict,
+    WireState,
+    chunk_ranges,
+    decode_safetensors,
+    held_elsewhere,
+    wire_bytes_of,
+)
 from .errors import (
     AggregatorOptionsError,
     AggregatorStateError,
@@ -101,7 +109,9 @@ def _all_finite(flat: torch.Tensor, chunk: int) -> bool:
     """
     if math.isfinite(float(flat.sum())):
         return True
-    return all(bool(torch.isfinite(flat[start:stop]).all()) for start, stop in chunk_ranges(flat.numel(), chunk))
+    return all(
+        bool(torch.isfinite(flat[start:stop]).all()) for start, stop in chunk_ranges(flat.numel(), chunk)
+    )
 
 
 @dataclass
@@ -179,7 +189,9 @@ def _pool() -> ThreadPoolExecutor:
             # Kernels in the fold threads run inline: OpenMP teams inside our own threads would
             # oversubscribe the cores, and on a busy machine a descheduled member stalls every barrier.
             _POOL = ThreadPoolExecutor(
-                max_workers=max(2, _fold_workers()), thread_name_prefix="flp-fold", initializer=_inline_kernels,
+                max_workers=max(2, _fold_workers()),
+                thread_name_prefix="flp-fold",
+                initializer=_inline_kernels,
             )
         return _POOL
 
@@ -280,7 +292,9 @@ class _WeightedSum:
     Buffers start uninitialised (``fresh``): the first fold writes them instead of adding to zeros.
     """
 
-    def __init__(self, layout: FlatLayout, dtypes: Iterable[torch.dtype], accumulate: torch.dtype, chunk: int):
+    def __init__(
+        self, layout: FlatLayout, dtypes: Iterable[torch.dtype], accumulate: torch.dtype, chunk: int
+    ):
         self.layout = layout
         self.chunk = chunk
         self.acc: dict[torch.dtype, torch.Tensor] = {
@@ -295,7 +309,9 @@ class _WeightedSum:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.acc.values())
 
-    def fold(self, items: list[tuple[_Update, dict[torch.dtype, float]]], mean_scale: float | None = None) -> None:
+    def fold(
+        self, items: list[tuple[_Update, dict[torch.dtype, float]]], mean_scale: float | None = None
+    ) -> None:
         """Add ``Σ coefs[dtype] · update.sources[dtype]`` for every group.
 
         ``mean_scale`` (1 / total weight) marks the round's last fold: floating groups summed in their
@@ -327,18 +343,27 @@ class _WeightedSum:
                 if chunks is None:
                     chunks = self._acc_chunks[dtype] = acc.split(chunk)
                 fresh = dtype in self.fresh
-                fold_flat(acc, flat_sources, flat_coefs, chunk=chunk, acc_chunks=chunks, init=fresh,
-                          acc_scale=mean_scale if fuse and not fresh else None)
+                fold_flat(
+                    acc,
+                    flat_sources,
+                    flat_coefs,
+                    chunk=chunk,
+                    acc_chunks=chunks,
+                    init=fresh,
+                    acc_scale=mean_scale if fuse and not fresh else None,
+                )
                 self.fresh.discard(dtype)
                 if fuse:
                     self.means.add(dtype)
 
-    def _fold_tensors(self, dtype: torch.dtype, acc: torch.Tensor, tensors: list[torch.Tensor], coef: float) -> None:
+    def _fold_tensors(
+        self, dtype: torch.dtype, acc: torch.Tensor, tensors: list[torch.Tensor], coef: float
+    ) -> None:
         views = self._acc_views.get(dtype)
         if views is None:
             views = self._acc_views[dtype] = self.layout.slot_views(acc, dtype)
         small_targets, small_sources = [], []
-        for target, source in zip(views, tensors):
+        for target, source in zip(views, tensors, strict=False):
             if source.numel() <= FOLD_CHUNK:
                 small_targets.append(target)
                 small_sources.append(source)
@@ -356,7 +381,14 @@ class _WeightedSum:
         """The sums (zeros for a group nothing was folded into); the object is empty afterwards."""
         for dtype in self.fresh:
             self.acc[dtype].zero_()
-        acc, self.acc, self._acc_views, self._acc_chunks, self.fresh, self.means = self.acc, {}, {}, {}, set(), set()
+        acc, self.acc, self._acc_views, self._acc_chunks, self.fresh, self.means = (
+            self.acc,
+            {},
+            {},
+            {},
+            set(),
+            set(),
+        )
         return acc
 
 
@@ -425,7 +457,9 @@ class OptionSpec:
         elif not isinstance(value, self.type):
             raise AggregatorOptionsError(f"option {name!r} must be a {self.type.__name__}, got {value!r}")
         if self.choices is not None and value not in self.choices:
-            raise AggregatorOptionsError(f"option {name!r} must be one of {list(self.choices)}, got {value!r}")
+            raise AggregatorOptionsError(
+                f"option {name!r} must be one of {list(self.choices)}, got {value!r}"
+            )
         if self.minimum is not None and (
             value < self.minimum or (self.exclusive_minimum and value == self.minimum)
         ):
@@ -511,11 +545,14 @@ class Aggregator:
 
     # -- life cycle ------------------------------------------------------------------------------
 
-    def begin(self, global_state: Mapping[str, torch.Tensor] | None, state: Mapping[str, torch.Tensor] | None = None) -> None:
+    def begin(
+        self, global_state: Mapping[str, torch.Tensor] | None, state: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         """Start a round from the current global model and the aggregator state of the last round."""
         if global_state is None and (self.needs_global or self.clip_norm is not None):
             raise AggregatorStateError(
-                f"aggregator {self.name!r}" + (" with DP clipping" if self.clip_norm is not None else "")
+                f"aggregator {self.name!r}"
+                + (" with DP clipping" if self.clip_norm is not None else "")
                 + " needs the current global model in begin()"
             )
         self.layout: FlatLayout | None = None
@@ -543,9 +580,11 @@ class Aggregator:
 
     def _setup(self, layout: FlatLayout) -> None:
         self.layout = layout
-        sum_dtypes = list(layout.groups) if not self.collects else [
-            d for d in layout.groups if not d.is_floating_point
-        ]
+        sum_dtypes = (
+            list(layout.groups)
+            if not self.collects
+            else [d for d in layout.groups if not d.is_floating_point]
+        )
         self._sum = _WeightedSum(layout, sum_dtypes, self.accumulate, self.chunk)
         # Pending updates are held only while the accumulator plus them stay within 2 models.
         self._pending_budget = max(0, 2 * layout.nbytes - self._sum.nbytes)
@@ -566,7 +605,9 @@ class Aggregator:
     def _export_state(self) -> StateDict:
         return {"round": torch.tensor(self._round + 1, dtype=torch.int64)}
 
-    def add(self, state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview, weight: float) -> None:
+    def add(
+        self, state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview, weight: float
+    ) -> None:
         """Fold (or, for robust aggregators, keep) one update with its weight (e.g. sample count).
 
         The update is a state dict, or safetensors bytes: those are viewed zero-copy one flat range
@@ -574,7 +615,12 @@ class Aggregator:
         """
         if self._phase != "open":
             raise AggregatorStateError("add() needs begin() first (and not after finish())")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
             raise UpdateValidationError(f"the weight must be a finite number >= 0, got {weight!r}")
         sources: Sources | None = None
         wire: bytes | None = None
@@ -638,7 +684,8 @@ class Aggregator:
         holders = Counter(id(u.wire) for u in self._pending if u.wire is not None)
         newest = self._pending[-1]
         return sum(
-            u.nbytes for u in self._pending
+            u.nbytes
+            for u in self._pending
             if u is newest or u.wire is None or not held_elsewhere(u.wire, holders[id(u.wire)])
         )
 
@@ -682,9 +729,7 @@ class Aggregator:
         return 0
 
     def _coefs(self, update: _Update) -> dict[torch.dtype, float]:
-        return {
-            d: update.weight * (update.clip if d.is_floating_point else 1.0) for d in self.layout.groups
-        }
+        return {d: update.weight * (update.clip if d.is_floating_point else 1.0) for d in self.layout.groups}
 
     def _flush(self, last: bool = False) -> None:
         if not self._pending:
@@ -694,7 +739,12 @@ class Aggregator:
             self._global_coef += update.weight * (1.0 - update.clip)
         # The round's last fold of a plain weighted mean also divides by the total weight (one pass
         # over the accumulator less); DP clipping still adds its share of the global model first.
-        fuse = last and type(self)._combine is Aggregator._combine and self.clip_norm is None and self._scaled_total > 0
+        fuse = (
+            last
+            and type(self)._combine is Aggregator._combine
+            and self.clip_norm is None
+            and self._scaled_total > 0
+        )
         self._sum.fold(items, mean_scale=1.0 / self._scaled_total if fuse else None)
         self._pending.clear()
 
@@ -743,7 +793,7 @@ class Aggregator:
                         torch.linalg.vector_norm(source[start:stop].double() - reference[start:stop]) ** 2
                     )
             else:
-                for slot, tensor in zip(self.layout.groups[dtype], source):
+                for slot, tensor in zip(self.layout.groups[dtype], source, strict=False):
                     ref = reference[slot.offset : slot.offset + slot.numel]
                     for start, stop in chunk_ranges(tensor.numel(), self.chunk):
                         squares += float(
@@ -823,15 +873,17 @@ class _Robust(Aggregator):
 
     collects = True
 
-    def _block_rows(self, dtype: torch.dtype, start: int, stop: int, updates: list[_Update], out: torch.Tensor) -> torch.Tensor:
+    def _block_rows(
+        self, dtype: torch.dtype, start: int, stop: int, updates: list[_Update], out: torch.Tensor
+    ) -> torch.Tensor:
         """``out[i] = update_i[start:stop]`` (DP-clipped towards the global model when enabled)."""
         slots = self.layout.groups[dtype]
-        for row, update in zip(out, updates):
+        for row, update in zip(out, updates, strict=False):
             source = update.sources[dtype]
             if isinstance(source, torch.Tensor):
                 row.copy_(source[start:stop])
             else:
-                for slot, tensor in zip(slots, source):
+                for slot, tensor in zip(slots, source, strict=False):
                     lo, hi = max(start, slot.offset), min(stop, slot.offset + slot.numel)
                     if lo < hi:
                         row[lo - start : hi - start].copy_(tensor[lo - slot.offset : hi - slot.offset])
@@ -866,7 +918,9 @@ class _CoordinateWise(_Robust):
     def _combine(self) -> dict[torch.dtype, torch.Tensor]:
         n = len(self._collected)
         if n < self._min_updates():
-            raise InsufficientUpdatesError(f"{self.name} needs at least {self._min_updates()} updates, got {n}")
+            raise InsufficientUpdatesError(
+                f"{self.name} needs at least {self._min_updates()} updates, got {n}"
+            )
         out = self._non_float_means()
         for dtype in self.layout.floating_dtypes:
             result = torch.empty(self.layout.numel[dtype], dtype=dtype)
@@ -943,7 +997,9 @@ class MultiKrum(_Robust):
     def _combine(self) -> dict[torch.dtype, torch.Tensor]:
         n, f = len(self._collected), self.config["f"]
         if n <= 2 * f + 2:
-            raise InsufficientUpdatesError(f"{self.name} with f={f} needs more than {2 * f + 2} updates, got {n}")
+            raise InsufficientUpdatesError(
+                f"{self.name} with f={f} needs more than {2 * f + 2} updates, got {n}"
+            )
         m = self._select_count(n)
         if m > n:
             raise InsufficientUpdatesError(f"{self.name} should average m={m} updates but got only {n}")
@@ -1014,7 +1070,12 @@ class _ServerOptimizer(Aggregator):
     def _import_state(self, state: Mapping[str, torch.Tensor]) -> None:
         layout = self.layout
         self._moments: dict[str, dict[torch.dtype, torch.Tensor]] = {}
-        expected = {f"{slot}.{s.name}" for slot in self.slots for d in layout.floating_dtypes for s in layout.groups[d]}
+        expected = {
+            f"{slot}.{s.name}"
+            for slot in self.slots
+            for d in layout.floating_dtypes
+            for s in layout.groups[d]
+        }
         given = set(state) - {"round"}
         if given and given != expected:
             missing = sorted(expected - given)[:5]
@@ -1027,7 +1088,7 @@ class _ServerOptimizer(Aggregator):
             for dtype in layout.floating_dtypes:
                 flat = torch.zeros(layout.numel[dtype], dtype=self._state_dtype(dtype))
                 if given:
-                    for s, view in zip(layout.groups[dtype], layout.slot_views(flat, dtype)):
+                    for s, view in zip(layout.groups[dtype], layout.slot_views(flat, dtype), strict=False):
                         tensor = state[f"{slot}.{s.name}"]
                         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != s.shape:
                             raise AggregatorStateError(
@@ -1039,14 +1100,18 @@ class _ServerOptimizer(Aggregator):
                 self._moments[slot][dtype] = flat
 
     def _state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in getattr(self, "_moments", {}).values() for t in m.values())
+        return sum(
+            t.numel() * t.element_size() for m in getattr(self, "_moments", {}).values() for t in m.values()
+        )
 
     def _export_state(self) -> StateDict:
         state = super()._export_state()
         for slot, flats in self._moments.items():
             views = {}
             for dtype, flat in flats.items():
-                for s, view in zip(self.layout.groups[dtype], self.layout.slot_views(flat, dtype)):
+                for s, view in zip(
+                    self.layout.groups[dtype], self.layout.slot_views(flat, dtype), strict=False
+                ):
                     views[f"{slot}.{s.name}"] = view.view(s.shape)
             state.update(views)
         return state
@@ -1083,7 +1148,9 @@ class FedAvgM(_ServerOptimizer):
     slots = ("momentum",)
     options = {
         "server_lr": OptionSpec(float, 1.0, _SERVER_LR, minimum=0.0, exclusive_minimum=True),
-        "momentum": OptionSpec(float, 0.9, "Server momentum (beta).", minimum=0.0, maximum=1.0, exclusive_maximum=True),
+        "momentum": OptionSpec(
+            float, 0.9, "Server momentum (beta).", minimum=0.0, maximum=1.0, exclusive_maximum=True
+        ),
     }
 
     def _step(self, delta: torch.Tensor, moments: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -1126,9 +1193,7 @@ class FedAdam(_Adaptive):
 
 class FedYogi(_Adaptive):
     name = "fedyogi"
-    description = (
-        "FedYogi (Reddi et al. 2021): as FedAdam but v = v - (1-b2)·delta²·sign(v - delta²)."
-    )
+    description = "FedYogi (Reddi et al. 2021): as FedAdam but v = v - (1-b2)·delta²·sign(v - delta²)."
     options = {
         "server_lr": OptionSpec(float, 0.01, _SERVER_LR, minimum=0.0, exclusive_minimum=True),
         "beta1": OptionSpec(float, 0.9, _BETA1, minimum=0.0, maximum=1.0, exclusive_maximum=True),

@@ -79,6 +79,7 @@ def held_elsewhere(wire: bytes, holders: int) -> bool:
     # Not ours either: this function's parameter and sys.getrefcount's own argument.
     return sys.getrefcount(wire) - 2 > holders * OWN_WIRE_REFERENCES
 
+
 #: The safetensors header may not exceed this (the reference implementation uses the same limit).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -228,7 +229,7 @@ def _parse_entries(header: Mapping[str, object], data_len: int) -> list[_Entry]:
             )
         entries.append(_Entry(name, dtype, tuple(shape), begin, end, _contiguous_strides(tuple(shape))))
     ordered = sorted(entries, key=lambda e: (e.begin, e.end))
-    for before, after in zip(ordered, ordered[1:]):
+    for before, after in zip(ordered, ordered[1:], strict=False):
         if after.begin < before.end:
             raise DecodeError(f"safetensors: tensors {before.name!r} and {after.name!r} overlap")
     return ordered
@@ -304,9 +305,7 @@ def decode_safetensors(data: bytes | bytearray | memoryview, *, copy: bool = Fal
 # encoding
 
 
-def encode_safetensors(
-    state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> bytes:
+def encode_safetensors(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """Standard safetensors bytes of ``state`` (one copy of the tensor data).
 
     Tensors are written in the ``safetensors`` library's order, so a file written here and one written
@@ -478,7 +477,9 @@ class FlatLayout:
             return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only bytes: we never write into views
-            raw = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+            raw = (
+                torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+            )
         base = raw.data_ptr()
         views: dict[torch.dtype, torch.Tensor] = {}
         for dtype, (begin, end) in plan.items():
@@ -489,7 +490,9 @@ class FlatLayout:
             offset = start + begin
             if (base + offset) % itemsize or sys.byteorder != "little":
                 return None
-            views[dtype] = torch.empty(0, dtype=dtype).set_(raw.untyped_storage(), offset // itemsize, ((end - begin) // itemsize,))
+            views[dtype] = torch.empty(0, dtype=dtype).set_(
+                raw.untyped_storage(), offset // itemsize, ((end - begin) // itemsize,)
+            )
         return views
 
     def _wire_plan(self, entries: tuple[_Entry, ...]) -> dict[torch.dtype, tuple[int, int]] | None:
@@ -502,7 +505,7 @@ class FlatLayout:
             if not placed:
                 plan[dtype] = (0, 0)
                 continue
-            if any(after.begin != before.end for before, after in zip(placed, placed[1:])):
+            if any(after.begin != before.end for before, after in zip(placed, placed[1:], strict=False)):
                 return None
             plan[dtype] = (placed[0].begin, placed[-1].end)
         return plan
@@ -523,7 +526,9 @@ class FlatLayout:
         """1-D views of ``flat`` (a buffer of the group's length, any dtype) per tensor, layout order."""
         return [flat[s.offset : s.offset + s.numel] for s in self.groups[dtype]]
 
-    def flatten(self, state: Mapping[str, torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    def flatten(
+        self, state: Mapping[str, torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Copy of the group into one flat buffer (``out`` if given; converted to its dtype)."""
         if out is None:
             out = torch.empty(self.numel[dtype], dtype=dtype)

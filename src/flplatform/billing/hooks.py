@@ -49,10 +49,16 @@ async def round_updates(session: AsyncSession, training: Any, round_number: int)
 
 async def _settle_earlier_rounds(session: AsyncSession, training: Any, before: int) -> None:
     holds = (
-        await session.execute(
-            select(Hold).where(Hold.training_id == training.id, Hold.status == HoldStatus.OPEN, Hold.round < before)
+        (
+            await session.execute(
+                select(Hold).where(
+                    Hold.training_id == training.id, Hold.status == HoldStatus.OPEN, Hold.round < before
+                )
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     for hold in holds:
         updates = await round_updates(session, training, hold.round)
         if updates:
@@ -67,14 +73,19 @@ async def round_started(session: AsyncSession, training: Training, round_number:
 
 
 async def round_aggregated(session: AsyncSession, training: Training, round_number: int) -> None:
-    await billing.settle_round(session, training, round_number, await round_updates(session, training, round_number))
+    await billing.settle_round(
+        session, training, round_number, await round_updates(session, training, round_number)
+    )
 
 
 def install() -> None:
     """Register the hooks with the training lifecycle (idempotent)."""
     from flplatform.services import trainings
 
-    for hooks, hook in ((trainings.ROUND_STARTED_HOOKS, round_started), (trainings.ROUND_AGGREGATED_HOOKS, round_aggregated)):
+    for hooks, hook in (
+        (trainings.ROUND_STARTED_HOOKS, round_started),
+        (trainings.ROUND_AGGREGATED_HOOKS, round_aggregated),
+    ):
         if hook not in hooks:
             hooks.append(hook)
 
@@ -83,12 +94,18 @@ async def release_ended_trainings(session: AsyncSession) -> int:
     """Release the open holds of trainings that ended or no longer exist; returns how many."""
     running = select(Training.id).where(Training.state.in_(RUNNING_STATES))
     holds = (
-        await session.execute(
-            select(Hold).where(
-                Hold.status == HoldStatus.OPEN, Hold.training_id.is_not(None), Hold.training_id.not_in(running)
+        (
+            await session.execute(
+                select(Hold).where(
+                    Hold.status == HoldStatus.OPEN,
+                    Hold.training_id.is_not(None),
+                    Hold.training_id.not_in(running),
+                )
             )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     released = 0
     for hold in holds:
         training = await session.get(Training, hold.training_id)
@@ -121,4 +138,3 @@ async def billing_component(app: FastAPI) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-

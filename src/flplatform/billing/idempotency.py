@@ -49,7 +49,9 @@ async def idempotent(
         status, payload = await handler()
         return JSONResponse(jsonable_encoder(payload), status_code=status)
     if not key or len(key) > MAX_KEY_LENGTH:
-        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.", code="invalid_idempotency_key")
+        raise BadRequest(
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.", code="invalid_idempotency_key"
+        )
     claimed = (
         await session.execute(
             _insert(session, IdempotencyKey)
@@ -69,8 +71,12 @@ async def idempotent(
                 "This Idempotency-Key was used with a different request.", code="idempotency_key_mismatch"
             )
         if row.status_code is None:
-            raise Conflict("A request with this Idempotency-Key is in progress.", code="idempotency_key_in_progress")
-        return JSONResponse(row.response, status_code=row.status_code, headers={"Idempotent-Replayed": "true"})
+            raise Conflict(
+                "A request with this Idempotency-Key is in progress.", code="idempotency_key_in_progress"
+            )
+        return JSONResponse(
+            row.response, status_code=row.status_code, headers={"Idempotent-Replayed": "true"}
+        )
     status, payload = await handler()
     content = jsonable_encoder(payload)
     await session.execute(

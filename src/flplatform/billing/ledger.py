@@ -96,7 +96,13 @@ async def get_account(
     if (kind in SYSTEM_ACCOUNT_KINDS) != (owner_id is None):
         raise ValueError(f"{kind} accounts {'have no' if owner_id else 'need an'} owner")
     key = account_key(kind, currency, owner_id)
-    columns = (LedgerAccount.id, LedgerAccount.key, LedgerAccount.kind, LedgerAccount.currency, LedgerAccount.owner_id)
+    columns = (
+        LedgerAccount.id,
+        LedgerAccount.key,
+        LedgerAccount.kind,
+        LedgerAccount.currency,
+        LedgerAccount.owner_id,
+    )
     row = (await session.execute(select(*columns).where(LedgerAccount.key == key))).one_or_none()
     if row is None:
         await session.execute(
@@ -116,7 +122,9 @@ async def get_account(
     return AccountRef(*row)
 
 
-async def user_account(session: AsyncSession, owner_id: uuid.UUID, currency: Currency, *, held: bool = False) -> AccountRef:
+async def user_account(
+    session: AsyncSession, owner_id: uuid.UUID, currency: Currency, *, held: bool = False
+) -> AccountRef:
     return await get_account(session, AccountKind.HELD if held else AccountKind.AVAILABLE, currency, owner_id)
 
 
@@ -145,7 +153,11 @@ async def lock_balances(session: AsyncSession, accounts: Iterable[AccountRef]) -
     ids = sorted({a.id for a in accounts if a.is_user})
     if not ids:
         return {}
-    stmt = select(LedgerAccount.id, LedgerAccount.balance).where(LedgerAccount.id.in_(ids)).order_by(LedgerAccount.id)
+    stmt = (
+        select(LedgerAccount.id, LedgerAccount.balance)
+        .where(LedgerAccount.id.in_(ids))
+        .order_by(LedgerAccount.id)
+    )
     if dialect_name(session) == "postgresql":
         stmt = stmt.with_for_update()
     return {row.id: row.balance for row in await session.execute(stmt)}
@@ -230,7 +242,9 @@ async def post_entry(
 
     moved: list[tuple[uuid.UUID, int]] = []
     # Debits first, so a refused debit leaves fewer moves to undo.
-    for leg in sorted((leg for leg in final if leg.account.is_user), key=lambda l: (l.amount > 0, l.account.id)):
+    for leg in sorted(
+        (leg for leg in final if leg.account.is_user), key=lambda entry: (entry.amount > 0, entry.account.id)
+    ):
         if not await _move_user_balance(session, leg.account.id, leg.amount):
             await _undo(session, moved)
             if leg.amount > 0:
@@ -251,8 +265,13 @@ async def post_entry(
         await session.execute(
             _insert(session, JournalEntry)
             .values(
-                id=entry_id, key=key, kind=kind, description=description[:500], actor_id=actor_id,
-                fingerprint=digest, created_at=now,
+                id=entry_id,
+                key=key,
+                kind=kind,
+                description=description[:500],
+                actor_id=actor_id,
+                fingerprint=digest,
+                created_at=now,
             )
             .on_conflict_do_nothing(index_elements=["key"])
             .returning(JournalEntry.id)
@@ -266,8 +285,14 @@ async def post_entry(
     await session.execute(
         Posting.__table__.insert(),
         [
-            {"id": uuid.uuid4(), "entry_id": entry_id, "account_id": leg.account.id,
-             "currency": leg.account.currency, "amount": leg.amount, "created_at": now}
+            {
+                "id": uuid.uuid4(),
+                "entry_id": entry_id,
+                "account_id": leg.account.id,
+                "currency": leg.account.currency,
+                "amount": leg.amount,
+                "created_at": now,
+            }
             for leg in final
         ],
     )
@@ -360,7 +385,9 @@ async def reconcile(session: AsyncSession) -> Reconciliation:
         )
     ).all()
     mismatched = [
-        {"account": key, "cached": balance, "postings": int(total)} for key, balance, total in rows if balance != int(total)
+        {"account": key, "cached": balance, "postings": int(total)}
+        for key, balance, total in rows
+        if balance != int(total)
     ]
     unbalanced = [
         {"entry_id": str(entry_id), "currency": str(currency), "sum": int(total)}
@@ -372,7 +399,9 @@ async def reconcile(session: AsyncSession) -> Reconciliation:
     ]
     totals = {
         str(c.value if hasattr(c, "value") else c): int(t)
-        for c, t in await session.execute(select(Posting.currency, func.sum(Posting.amount)).group_by(Posting.currency))
+        for c, t in await session.execute(
+            select(Posting.currency, func.sum(Posting.amount)).group_by(Posting.currency)
+        )
     }
     entries = int((await session.execute(select(func.count()).select_from(JournalEntry))).scalar_one())
     held = {
@@ -385,12 +414,19 @@ async def reconcile(session: AsyncSession) -> Reconciliation:
     }
     expected: dict[tuple[uuid.UUID, Currency], int] = defaultdict(int)
     for owner, currency, amount, coupon in await session.execute(
-        select(Hold.owner_id, Hold.currency, Hold.amount, Hold.coupon_amount).where(Hold.status == HoldStatus.OPEN)
+        select(Hold.owner_id, Hold.currency, Hold.amount, Hold.coupon_amount).where(
+            Hold.status == HoldStatus.OPEN
+        )
     ):
         expected[(owner, currency)] += amount
         expected[(owner, Currency.COUPON)] += coupon
     hold_mismatches = [
-        {"owner_id": str(owner), "currency": currency.value, "held": held.get((owner, currency), 0), "open_holds": amount}
+        {
+            "owner_id": str(owner),
+            "currency": currency.value,
+            "held": held.get((owner, currency), 0),
+            "open_holds": amount,
+        }
         for (owner, currency), amount in expected.items()
         if held.get((owner, currency), 0) != amount
     ] + [

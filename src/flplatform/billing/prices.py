@@ -29,15 +29,21 @@ DEFAULTS: dict[str, PriceItem] = {
     for p in (
         PriceItem("training_update", 0, Currency.USD, "per participant update in each training round"),
         PriceItem(
-            "training_sample_epoch", 0, Currency.USD,
+            "training_sample_epoch",
+            0,
+            Currency.USD,
             "per sample × epoch of a participant update (seed: count_of_lines × count_of_training_epoch)",
         ),
         PriceItem(
-            "training_reserve_samples", 10_000, None,
+            "training_reserve_samples",
+            10_000,
+            None,
             "samples per participant update reserved when a round starts; the sample-priced part of a "
             "round is billed up to this reservation",
         ),
-        PriceItem("inference_request", 0, Currency.USD, "per inference request on a model the caller may use"),
+        PriceItem(
+            "inference_request", 0, Currency.USD, "per inference request on a model the caller may use"
+        ),
         PriceItem("inference_sample", 0, Currency.USD, "per inferred sample on a model the caller may use"),
         PriceItem("model_copy", 0, Currency.TOKEN, "per model copy (a premium feature paid in tokens)"),
         PriceItem("market_fee_bps", 1000, None, "platform fee on public-model inference, in basis points"),
@@ -59,7 +65,9 @@ class Prices:
         return currency
 
     def training_update_cost(self, samples: int, epochs: int) -> int:
-        return self.amount("training_update") + self.amount("training_sample_epoch") * max(samples, 0) * max(epochs, 1)
+        return self.amount("training_update") + self.amount("training_sample_epoch") * max(samples, 0) * max(
+            epochs, 1
+        )
 
     def inference_cost(self, samples: int) -> int:
         return self.amount("inference_request") + self.amount("inference_sample") * max(samples, 0)

@@ -87,8 +87,14 @@ async def _record(
 ) -> tuple[Operation, bool]:
     """Post the entry and the operation describing it, once per ``key``."""
     entry, created = await post_entry(
-        session, key=entry_key or key, kind=kind.value, legs=legs, intent=intent, lock=lock,
-        actor_id=actor_id, description=description,
+        session,
+        key=entry_key or key,
+        kind=kind.value,
+        legs=legs,
+        intent=intent,
+        lock=lock,
+        actor_id=actor_id,
+        description=description,
     )
     if not created:
         op = await operation_by_key(session, key)
@@ -96,15 +102,25 @@ async def _record(
             raise Conflict(f"Key {key!r} belongs to another kind of entry.", code="idempotency_key_reused")
         return op, False
     op = Operation(
-        key=key, kind=kind, entry_id=entry.id, actor_id=actor_id, currency=currency,
-        amount=amount if amount is not None else amount_of(), description=description[:500], **fields,
+        key=key,
+        kind=kind,
+        entry_id=entry.id,
+        actor_id=actor_id,
+        currency=currency,
+        amount=amount if amount is not None else amount_of(),
+        description=description[:500],
+        **fields,
     )
     session.add(op)
     await session.flush()
     await audit.record(
-        session, f"billing.{kind.value}",
+        session,
+        f"billing.{kind.value}",
         f"{kind.value} {to_decimal(op.amount)} {currency.value} payer={op.payer_id} key={key}",
-        actor=actor_id, subject_user_id=op.payer_id, module=__name__, function=kind.value,
+        actor=actor_id,
+        subject_user_id=op.payer_id,
+        module=__name__,
+        function=kind.value,
     )
     return op, True
 
@@ -118,9 +134,15 @@ class _Spend:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-async def _payer_accounts(session: AsyncSession, payer_id: uuid.UUID, currency: Currency, allow_coupons: bool):
+async def _payer_accounts(
+    session: AsyncSession, payer_id: uuid.UUID, currency: Currency, allow_coupons: bool
+):
     cash = await user_account(session, payer_id, currency)
-    coupon = await user_account(session, payer_id, Currency.COUPON) if allow_coupons and currency == Currency.USD else None
+    coupon = (
+        await user_account(session, payer_id, Currency.COUPON)
+        if allow_coupons and currency == Currency.USD
+        else None
+    )
     return cash, coupon
 
 
@@ -183,11 +205,26 @@ async def charge(
     def build(balances: Mapping[uuid.UUID, int]) -> list[Leg]:
         return payer_legs(balances) + [Leg(acc, a) for acc, a in recipients if a]
 
-    intent = {"payer": payer_id, "amount": amount, "currency": currency, "recipients": [(r.key, a) for r, a in recipients],
-              **{k: v for k, v in fields.items() if k not in ("count_of_lines",)}}
+    intent = {
+        "payer": payer_id,
+        "amount": amount,
+        "currency": currency,
+        "recipients": [(r.key, a) for r, a in recipients],
+        **{k: v for k, v in fields.items() if k not in ("count_of_lines",)},
+    }
     op, _ = await _record(
-        session, key=key, kind=kind, legs=build, intent=intent, lock=lock, currency=currency, amount=amount,
-        actor_id=actor_id or payer_id, description=description, payer_id=payer_id, **fields,
+        session,
+        key=key,
+        kind=kind,
+        legs=build,
+        intent=intent,
+        lock=lock,
+        currency=currency,
+        amount=amount,
+        actor_id=actor_id or payer_id,
+        description=description,
+        payer_id=payer_id,
+        **fields,
     )
     return op
 
@@ -210,9 +247,16 @@ async def top_up(
     target = await user_account(session, user_id, currency)
     source = await system_account(session, AccountKind.EXTERNAL_PAYMENTS, currency)
     op, _ = await _record(
-        session, key=key, kind=OperationKind.TOP_UP, legs=[Leg(source, -amount), Leg(target, amount)],
-        intent={"user": user_id, "amount": amount, "currency": currency}, currency=currency, amount=amount,
-        actor_id=actor_id, description=description, payer_id=user_id,
+        session,
+        key=key,
+        kind=OperationKind.TOP_UP,
+        legs=[Leg(source, -amount), Leg(target, amount)],
+        intent={"user": user_id, "amount": amount, "currency": currency},
+        currency=currency,
+        amount=amount,
+        actor_id=actor_id,
+        description=description,
+        payer_id=user_id,
     )
     return op
 
@@ -225,8 +269,15 @@ async def payout(
         raise ValueError("a payout is positive")
     sink = await system_account(session, AccountKind.MARKET_PAYOUTS, Currency.USD)
     return await charge(
-        session, payer_id=user_id, amount=amount, kind=OperationKind.PAYOUT, key=key, allow_coupons=False,
-        recipients=[(sink, amount)], actor_id=actor_id, description="payout of earnings",
+        session,
+        payer_id=user_id,
+        amount=amount,
+        kind=OperationKind.PAYOUT,
+        key=key,
+        allow_coupons=False,
+        recipients=[(sink, amount)],
+        actor_id=actor_id,
+        description="payout of earnings",
     )
 
 
@@ -260,7 +311,8 @@ async def reserve(
         if balances[cash.id] < from_cash:
             raise InsufficientFunds(
                 f"Insufficient funds to reserve {to_decimal(amount)} {currency.value}: available "
-                f"{to_decimal(balances[cash.id])}" + (f" plus {to_decimal(from_coupon)} in coupons." if coupon else ".")
+                f"{to_decimal(balances[cash.id])}"
+                + (f" plus {to_decimal(from_coupon)} in coupons." if coupon else ".")
             )
         split.coupon, split.cash = from_coupon, from_cash
         legs = [Leg(cash, -from_cash), Leg(held_cash, from_cash)]
@@ -271,21 +323,39 @@ async def reserve(
 
     lock = [a for a in (cash, coupon, held_cash, held_coupon) if a is not None]
     entry, created = await post_entry(
-        session, key=f"{key}:hold", kind="hold", legs=build, lock=lock, actor_id=actor_id or owner_id,
-        intent={"owner": owner_id, "amount": amount, "currency": currency}, description=f"hold {key}",
+        session,
+        key=f"{key}:hold",
+        kind="hold",
+        legs=build,
+        lock=lock,
+        actor_id=actor_id or owner_id,
+        intent={"owner": owner_id, "amount": amount, "currency": currency},
+        description=f"hold {key}",
     )
     if not created:
         hold = (await session.execute(select(Hold).where(Hold.key == key))).scalar_one()
         return hold
     hold = Hold(
-        key=key, owner_id=owner_id, currency=currency, amount=split.cash, coupon_amount=split.coupon,
-        entry_id=entry.id, training_id=training_id, round=round, details=details or {},
+        key=key,
+        owner_id=owner_id,
+        currency=currency,
+        amount=split.cash,
+        coupon_amount=split.coupon,
+        entry_id=entry.id,
+        training_id=training_id,
+        round=round,
+        details=details or {},
     )
     session.add(hold)
     await session.flush()
     await audit.record(
-        session, "billing.hold", f"hold {to_decimal(amount)} {currency.value} key={key}",
-        actor=actor_id or owner_id, subject_user_id=owner_id, module=__name__, function="reserve",
+        session,
+        "billing.hold",
+        f"hold {to_decimal(amount)} {currency.value} key={key}",
+        actor=actor_id or owner_id,
+        subject_user_id=owner_id,
+        module=__name__,
+        function="reserve",
     )
     return hold
 
@@ -349,20 +419,34 @@ async def settle(
                 Leg(await system_account(session, AccountKind.PROMOTIONS, Currency.USD), -from_coupon),
             ]
     op, _ = await _record(
-        session, key=hold.key, entry_key=f"{hold.key}:settle", kind=kind, legs=legs,
-        intent={"hold": hold.id, "cost": cost}, currency=hold.currency, amount=billed,
-        actor_id=actor_id or owner, description=description or f"settle {hold.key}", payer_id=owner,
-        training_id=hold.training_id, round=hold.round, **fields,
+        session,
+        key=hold.key,
+        entry_key=f"{hold.key}:settle",
+        kind=kind,
+        legs=legs,
+        intent={"hold": hold.id, "cost": cost},
+        currency=hold.currency,
+        amount=billed,
+        actor_id=actor_id or owner,
+        description=description or f"settle {hold.key}",
+        payer_id=owner,
+        training_id=hold.training_id,
+        round=hold.round,
+        **fields,
     )
     await session.execute(
-        update(Hold).where(Hold.id == hold.id).values(resolution_entry_id=op.entry_id)
+        update(Hold)
+        .where(Hold.id == hold.id)
+        .values(resolution_entry_id=op.entry_id)
         .execution_options(synchronize_session=False)
     )
     await _refresh(session, hold)
     return op
 
 
-async def release(session: AsyncSession, hold: Hold, *, reason: str = "", actor_id: uuid.UUID | None = None) -> bool:
+async def release(
+    session: AsyncSession, hold: Hold, *, reason: str = "", actor_id: uuid.UUID | None = None
+) -> bool:
     """Give the held funds back. Returns False when the hold was already resolved."""
     if not await _claim_hold(session, hold, HoldStatus.RELEASED):
         await _refresh(session, hold)
@@ -378,17 +462,29 @@ async def release(session: AsyncSession, hold: Hold, *, reason: str = "", actor_
             Leg(await user_account(session, owner, Currency.COUPON), hold.coupon_amount),
         ]
     entry, _ = await post_entry(
-        session, key=f"{hold.key}:release", kind="release", legs=[leg for leg in legs if leg.amount],
-        intent={"hold": hold.id}, actor_id=actor_id or owner, description=(reason or f"release {hold.key}")[:500],
+        session,
+        key=f"{hold.key}:release",
+        kind="release",
+        legs=[leg for leg in legs if leg.amount],
+        intent={"hold": hold.id},
+        actor_id=actor_id or owner,
+        description=(reason or f"release {hold.key}")[:500],
     )
     await session.execute(
-        update(Hold).where(Hold.id == hold.id).values(resolution_entry_id=entry.id)
+        update(Hold)
+        .where(Hold.id == hold.id)
+        .values(resolution_entry_id=entry.id)
         .execution_options(synchronize_session=False)
     )
     await _refresh(session, hold)
     await audit.record(
-        session, "billing.release", f"released hold {hold.key}: {reason}", actor=actor_id or owner,
-        subject_user_id=owner, module=__name__, function="release",
+        session,
+        "billing.release",
+        f"released hold {hold.key}: {reason}",
+        actor=actor_id or owner,
+        subject_user_id=owner,
+        module=__name__,
+        function="release",
     )
     return True
 
@@ -431,11 +527,19 @@ async def reserve_round(
     if amount == 0:
         return await hold_by_key(session, key)
     return await reserve(
-        session, owner_id=training.actor_id, amount=amount, key=key, training_id=training.id, round=round_number,
+        session,
+        owner_id=training.actor_id,
+        amount=amount,
+        key=key,
+        training_id=training.id,
+        round=round_number,
         currency=prices.currency("training_update"),
         details={
-            "participants": [str(_id(p)) for p in participants], "update": prices.amount("training_update"),
-            "sample_epoch": prices.amount("training_sample_epoch"), "epochs": epochs, "samples_hint": samples,
+            "participants": [str(_id(p)) for p in participants],
+            "update": prices.amount("training_update"),
+            "sample_epoch": prices.amount("training_sample_epoch"),
+            "epochs": epochs,
+            "samples_hint": samples,
         },
     )
 
@@ -453,8 +557,14 @@ async def settle_round(
     samples = sum(max(int(s), 0) for _, s in updates)
     cost = d["update"] * len(updates) + d["sample_epoch"] * samples * d["epochs"]
     return await settle(
-        session, hold, cost, kind=OperationKind.TRAINING, model_id=getattr(training, "model_id", None),
-        model_owner_id=training.actor_id, count_of_lines=samples, count_of_training_epoch=d["epochs"],
+        session,
+        hold,
+        cost,
+        kind=OperationKind.TRAINING,
+        model_id=getattr(training, "model_id", None),
+        model_owner_id=training.actor_id,
+        count_of_lines=samples,
+        count_of_training_epoch=d["epochs"],
         description=f"training {training.id} round {round_number}: {len(updates)} updates",
     )
 
@@ -478,7 +588,9 @@ async def is_public_for_inference(session: AsyncSession, model_id: uuid.UUID) ->
     return row is not None and row.inference_public
 
 
-async def set_model_pricing(session: AsyncSession, model_id: uuid.UUID, *, public: bool, price_per_sample: int) -> ModelPricing:
+async def set_model_pricing(
+    session: AsyncSession, model_id: uuid.UUID, *, public: bool, price_per_sample: int
+) -> ModelPricing:
     row = await session.get(ModelPricing, model_id)
     if row is None:
         row = ModelPricing(model_id=model_id)
@@ -505,7 +617,13 @@ async def charge_inference(
     caller_id, model_id, owner_id = _id(caller), _id(model), getattr(model, "owner_id", None)
     key = key or f"inference:{uuid.uuid4()}"
     pricing = await model_pricing(session, model_id)
-    if owner_id is not None and owner_id != caller_id and pricing and pricing.inference_public and pricing.inference_price_per_sample:
+    if (
+        owner_id is not None
+        and owner_id != caller_id
+        and pricing
+        and pricing.inference_public
+        and pricing.inference_price_per_sample
+    ):
         prices = await get_prices(session)
         cost = pricing.inference_price_per_sample * max(samples, 1)
         fee = basis_points(cost, prices.amount("market_fee_bps"))
@@ -513,18 +631,33 @@ async def charge_inference(
         if fee:
             recipients.append((await system_account(session, AccountKind.REVENUE, Currency.USD), fee))
         return await charge(
-            session, payer_id=caller_id, amount=cost, kind=OperationKind.INFERENCE_MARKET, key=key,
-            recipients=recipients, model_id=model_id, model_owner_id=owner_id, count_of_lines=samples,
-            owner_income=cost - fee, description=f"inference on public model {model_id}",
+            session,
+            payer_id=caller_id,
+            amount=cost,
+            kind=OperationKind.INFERENCE_MARKET,
+            key=key,
+            recipients=recipients,
+            model_id=model_id,
+            model_owner_id=owner_id,
+            count_of_lines=samples,
+            owner_income=cost - fee,
+            description=f"inference on public model {model_id}",
         )
     prices = await get_prices(session)
     cost = prices.inference_cost(samples)
     if cost == 0:
         return None
     return await charge(
-        session, payer_id=caller_id, amount=cost, kind=OperationKind.INFERENCE, key=key,
-        currency=prices.currency("inference_sample"), model_id=model_id, model_owner_id=owner_id,
-        count_of_lines=samples, description=f"inference on model {model_id}",
+        session,
+        payer_id=caller_id,
+        amount=cost,
+        kind=OperationKind.INFERENCE,
+        key=key,
+        currency=prices.currency("inference_sample"),
+        model_id=model_id,
+        model_owner_id=owner_id,
+        count_of_lines=samples,
+        description=f"inference on model {model_id}",
     )
 
 
@@ -535,8 +668,14 @@ async def charge_model_copy(session: AsyncSession, caller: Any, model: Any, *, k
     if cost == 0:
         return None
     return await charge(
-        session, payer_id=_id(caller), amount=cost, kind=OperationKind.MODEL_COPY, key=key,
-        currency=prices.currency("model_copy"), allow_coupons=False, model_id=_id(model),
+        session,
+        payer_id=_id(caller),
+        amount=cost,
+        kind=OperationKind.MODEL_COPY,
+        key=key,
+        currency=prices.currency("model_copy"),
+        allow_coupons=False,
+        model_id=_id(model),
         model_owner_id=getattr(model, "owner_id", None),
     )
 
@@ -544,7 +683,9 @@ async def charge_model_copy(session: AsyncSession, caller: Any, model: Any, *, k
 # --------------------------------------------------------------------------- conversion, coupons, refunds
 
 
-async def convert_to_tokens(session: AsyncSession, *, user_id: uuid.UUID, usd_amount: int, key: str) -> Operation:
+async def convert_to_tokens(
+    session: AsyncSession, *, user_id: uuid.UUID, usd_amount: int, key: str
+) -> Operation:
     """USD → TOKEN at ``token_per_usd``: two balanced currency pairs through the exchange accounts."""
     if usd_amount <= 0:
         raise ValueError("a conversion is positive")
@@ -559,27 +700,49 @@ async def convert_to_tokens(session: AsyncSession, *, user_id: uuid.UUID, usd_am
         Leg(tok, tokens),
     ]
     op, _ = await _record(
-        session, key=key, kind=OperationKind.CONVERSION, legs=legs, currency=Currency.USD, amount=usd_amount,
-        intent={"user": user_id, "usd": usd_amount}, actor_id=user_id, payer_id=user_id,
+        session,
+        key=key,
+        kind=OperationKind.CONVERSION,
+        legs=legs,
+        currency=Currency.USD,
+        amount=usd_amount,
+        intent={"user": user_id, "usd": usd_amount},
+        actor_id=user_id,
+        payer_id=user_id,
         description=f"{to_decimal(usd_amount)} USD → {to_decimal(tokens)} TOKEN",
     )
     return op
 
 
 async def create_coupon(
-    session: AsyncSession, *, code: str, amount: int, max_redemptions: int = 1,
-    expires_at: dt.datetime | None = None, created_by: uuid.UUID | None = None,
+    session: AsyncSession,
+    *,
+    code: str,
+    amount: int,
+    max_redemptions: int = 1,
+    expires_at: dt.datetime | None = None,
+    created_by: uuid.UUID | None = None,
 ) -> Coupon:
     if amount <= 0 or max_redemptions < 1:
         raise ValueError("a coupon has a positive amount and at least one redemption")
     if (await session.execute(select(Coupon.id).where(Coupon.code == code))).first() is not None:
         raise Conflict(f"Coupon code {code!r} exists.", code="coupon_exists")
-    coupon = Coupon(code=code, amount=amount, max_redemptions=max_redemptions, expires_at=expires_at, created_by_id=created_by)
+    coupon = Coupon(
+        code=code,
+        amount=amount,
+        max_redemptions=max_redemptions,
+        expires_at=expires_at,
+        created_by_id=created_by,
+    )
     session.add(coupon)
     await session.flush()
     await audit.record(
-        session, "billing.coupon_created", f"coupon {code}: {to_decimal(amount)} × {max_redemptions}",
-        actor=created_by, module=__name__, function="create_coupon",
+        session,
+        "billing.coupon_created",
+        f"coupon {code}: {to_decimal(amount)} × {max_redemptions}",
+        actor=created_by,
+        module=__name__,
+        function="create_coupon",
     )
     return coupon
 
@@ -609,8 +772,15 @@ async def redeem_coupon(session: AsyncSession, *, user_id: uuid.UUID, code: str)
         Leg(await user_account(session, user_id, Currency.COUPON), coupon.amount),
     ]
     op, created = await _record(
-        session, key=key, kind=OperationKind.COUPON_REDEMPTION, legs=legs, currency=Currency.COUPON,
-        amount=coupon.amount, intent={"coupon": coupon.id, "user": user_id}, actor_id=user_id, payer_id=user_id,
+        session,
+        key=key,
+        kind=OperationKind.COUPON_REDEMPTION,
+        legs=legs,
+        currency=Currency.COUPON,
+        amount=coupon.amount,
+        intent={"coupon": coupon.id, "user": user_id},
+        actor_id=user_id,
+        payer_id=user_id,
         description=f"coupon {code}",
     )
     if created:
@@ -640,18 +810,39 @@ async def refund(
     for kind, currency, owner, amount in rows:
         if kind == AccountKind.HELD:
             kind = AccountKind.AVAILABLE
-        legs.append(Leg(await (user_account(session, owner, currency) if owner else system_account(session, kind, currency)), -amount))
+        legs.append(
+            Leg(
+                await (
+                    user_account(session, owner, currency)
+                    if owner
+                    else system_account(session, kind, currency)
+                ),
+                -amount,
+            )
+        )
     net: dict[uuid.UUID, int] = defaultdict(int)
     for leg in legs:
         net[leg.account.id] += leg.amount
     if not any(net.values()):  # e.g. a settlement of cost 0: it only released a hold
-        raise BadRequest(f"Operation {original.id} moved no money between accounts; there is nothing to refund.",
-                         code="nothing_to_refund")
+        raise BadRequest(
+            f"Operation {original.id} moved no money between accounts; there is nothing to refund.",
+            code="nothing_to_refund",
+        )
     op, _ = await _record(
-        session, key=key, kind=OperationKind.REFUND, legs=legs, currency=original.currency, amount=original.amount,
-        intent={"operation": original.id}, actor_id=actor_id, payer_id=original.payer_id,
-        model_id=original.model_id, model_owner_id=original.model_owner_id, refunds_operation_id=original.id,
-        owner_income=-original.owner_income, description=(reason or f"refund of {original.kind.value}")[:500],
+        session,
+        key=key,
+        kind=OperationKind.REFUND,
+        legs=legs,
+        currency=original.currency,
+        amount=original.amount,
+        intent={"operation": original.id},
+        actor_id=actor_id,
+        payer_id=original.payer_id,
+        model_id=original.model_id,
+        model_owner_id=original.model_owner_id,
+        refunds_operation_id=original.id,
+        owner_income=-original.owner_income,
+        description=(reason or f"refund of {original.kind.value}")[:500],
     )
     return op
 
@@ -660,17 +851,29 @@ async def refund(
 
 
 async def create_bill(
-    session: AsyncSession, *, user_id: uuid.UUID, amount: int, description: str = "", period: str | None = None,
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    amount: int,
+    description: str = "",
+    period: str | None = None,
     created_by: uuid.UUID | None = None,
 ) -> Bill:
     if amount <= 0:
         raise ValueError("a bill is positive")
-    bill = Bill(user_id=user_id, amount=amount, description=description, period=period, created_by_id=created_by)
+    bill = Bill(
+        user_id=user_id, amount=amount, description=description, period=period, created_by_id=created_by
+    )
     session.add(bill)
     await session.flush()
     await audit.record(
-        session, "billing.bill_created", f"bill {bill.id}: {to_decimal(amount)} USD", actor=created_by,
-        subject_user_id=user_id, module=__name__, function="create_bill",
+        session,
+        "billing.bill_created",
+        f"bill {bill.id}: {to_decimal(amount)} USD",
+        actor=created_by,
+        subject_user_id=user_id,
+        module=__name__,
+        function="create_bill",
     )
     return bill
 
@@ -685,8 +888,15 @@ async def get_bill(session: AsyncSession, bill_id: uuid.UUID) -> Bill:
 async def pay_bill(session: AsyncSession, bill: Bill, *, actor_id: uuid.UUID | None = None) -> Operation:
     """Pay an open bill from the user's USD balance (no coupons): once; 402 if unaffordable."""
     op = await charge(
-        session, payer_id=bill.user_id, amount=bill.amount, kind=OperationKind.PAY_BILL, key=f"bill:{bill.id}",
-        currency=bill.currency, allow_coupons=False, actor_id=actor_id, description=f"bill {bill.id}",
+        session,
+        payer_id=bill.user_id,
+        amount=bill.amount,
+        kind=OperationKind.PAY_BILL,
+        key=f"bill:{bill.id}",
+        currency=bill.currency,
+        allow_coupons=False,
+        actor_id=actor_id,
+        description=f"bill {bill.id}",
     )
     await session.execute(
         update(Bill)
@@ -745,10 +955,17 @@ async def statement(session: AsyncSession, user_id: uuid.UUID, period: str) -> d
         .group_by(Operation.kind, Operation.currency)
     )
     bills = (
-        await session.execute(
-            select(Bill).where(Bill.user_id == user_id, or_(and_(Bill.created_at >= start, Bill.created_at < end), Bill.period == period))
+        (
+            await session.execute(
+                select(Bill).where(
+                    Bill.user_id == user_id,
+                    or_(and_(Bill.created_at >= start, Bill.created_at < end), Bill.period == period),
+                )
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     currencies = sorted(set(opening) | set(closing) | set(flows), key=lambda c: c.value)
     return {
         "user_id": user_id,
@@ -756,8 +973,13 @@ async def statement(session: AsyncSession, user_id: uuid.UUID, period: str) -> d
         "start": start,
         "end": end,
         "currencies": [
-            {"currency": c, "opening": opening.get(c, 0), "closing": closing.get(c, 0),
-             "money_in": flows[c]["in"], "money_out": flows[c]["out"]}
+            {
+                "currency": c,
+                "opening": opening.get(c, 0),
+                "closing": closing.get(c, 0),
+                "money_in": flows[c]["in"],
+                "money_out": flows[c]["out"],
+            }
             for c in currencies
         ],
         "operations": [
@@ -774,13 +996,24 @@ async def model_report(session: AsyncSession, model_id: uuid.UUID) -> dict[str, 
     refund = aliased(Operation)
     not_refunded = ~select(refund.id).where(refund.refunds_operation_id == Operation.id).exists()
     rows = await session.execute(
-        select(Operation.kind, Operation.currency, func.count(), func.sum(Operation.amount), func.sum(Operation.owner_income))
+        select(
+            Operation.kind,
+            Operation.currency,
+            func.count(),
+            func.sum(Operation.amount),
+            func.sum(Operation.owner_income),
+        )
         .where(Operation.model_id == model_id, Operation.kind != OperationKind.REFUND, not_refunded)
         .group_by(Operation.kind, Operation.currency)
     )
     report: dict[str, Any] = {
-        "model_id": model_id, "training_cost": 0, "inference_cost": 0, "api_income": 0,
-        "training_operations": 0, "inference_operations": 0, "samples_inferred": 0,
+        "model_id": model_id,
+        "training_cost": 0,
+        "inference_cost": 0,
+        "api_income": 0,
+        "training_operations": 0,
+        "inference_operations": 0,
+        "samples_inferred": 0,
     }
     for kind, _currency, count, amount, income in rows:
         if kind == OperationKind.TRAINING:
@@ -815,7 +1048,13 @@ async def list_operations(
 ) -> tuple[Sequence[Operation], int]:
     conditions: list[Any] = []
     if user_id is not None:
-        conditions.append(or_(Operation.payer_id == user_id, Operation.actor_id == user_id, Operation.model_owner_id == user_id))
+        conditions.append(
+            or_(
+                Operation.payer_id == user_id,
+                Operation.actor_id == user_id,
+                Operation.model_owner_id == user_id,
+            )
+        )
     if kind is not None:
         conditions.append(Operation.kind == kind)
     if model_id is not None:
@@ -824,18 +1063,30 @@ async def list_operations(
         conditions.append(Operation.created_at >= since)
     if until is not None:
         conditions.append(Operation.created_at < until)
-    total = (await session.execute(select(func.count()).select_from(Operation).where(*conditions))).scalar_one()
+    total = (
+        await session.execute(select(func.count()).select_from(Operation).where(*conditions))
+    ).scalar_one()
     rows = (
-        await session.execute(
-            select(Operation).where(*conditions).order_by(Operation.created_at.desc(), Operation.id).limit(limit).offset(offset)
+        (
+            await session.execute(
+                select(Operation)
+                .where(*conditions)
+                .order_by(Operation.created_at.desc(), Operation.id)
+                .limit(limit)
+                .offset(offset)
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     return rows, int(total)
 
 
 async def balances(session: AsyncSession, user_id: uuid.UUID) -> list[dict[str, Any]]:
     rows = await session.execute(
-        select(LedgerAccount.currency, LedgerAccount.kind, LedgerAccount.balance).where(LedgerAccount.owner_id == user_id)
+        select(LedgerAccount.currency, LedgerAccount.kind, LedgerAccount.balance).where(
+            LedgerAccount.owner_id == user_id
+        )
     )
     table: dict[Currency, dict[str, int]] = {c: {"available": 0, "held": 0} for c in Currency}
     for currency, kind, balance in rows:

@@ -14,7 +14,9 @@ from flplatform.orm.base import utcnow
 from flplatform.orm.billing import Server, Work, WorkKind, WorkStatus
 
 
-async def register_server(session: AsyncSession, name: str, *, ready: bool = True, gpu_memory: list[int] | None = None) -> Server:
+async def register_server(
+    session: AsyncSession, name: str, *, ready: bool = True, gpu_memory: list[int] | None = None
+) -> Server:
     server = (await session.execute(select(Server).where(Server.name == name))).scalar_one_or_none()
     if server is None:
         server = Server(name=name)
@@ -25,7 +27,11 @@ async def register_server(session: AsyncSession, name: str, *, ready: bool = Tru
 
 
 async def create_work(
-    session: AsyncSession, kind: WorkKind, *, model_id: uuid.UUID | None = None, estimate_seconds: float | None = None
+    session: AsyncSession,
+    kind: WorkKind,
+    *,
+    model_id: uuid.UUID | None = None,
+    estimate_seconds: float | None = None,
 ) -> Work:
     work = Work(kind=kind, model_id=model_id, duration_estimate_seconds=estimate_seconds)
     session.add(work)
@@ -33,9 +39,14 @@ async def create_work(
     return work
 
 
-async def _transition(session: AsyncSession, work_id: uuid.UUID, allowed: tuple[WorkStatus, ...], **values: Any) -> Work:
+async def _transition(
+    session: AsyncSession, work_id: uuid.UUID, allowed: tuple[WorkStatus, ...], **values: Any
+) -> Work:
     result = await session.execute(
-        update(Work).where(Work.id == work_id, Work.status.in_(allowed)).values(**values).returning(Work.id)
+        update(Work)
+        .where(Work.id == work_id, Work.status.in_(allowed))
+        .values(**values)
+        .returning(Work.id)
         .execution_options(synchronize_session=False)
     )
     work = await session.get(Work, work_id, populate_existing=True)
@@ -48,13 +59,23 @@ async def _transition(session: AsyncSession, work_id: uuid.UUID, allowed: tuple[
 
 async def start_work(session: AsyncSession, work_id: uuid.UUID, server: Server | None = None) -> Work:
     return await _transition(
-        session, work_id, (WorkStatus.WAITING,), status=WorkStatus.PROCESSING, started_at=utcnow(),
+        session,
+        work_id,
+        (WorkStatus.WAITING,),
+        status=WorkStatus.PROCESSING,
+        started_at=utcnow(),
         server_id=server.id if server else None,
     )
 
 
-async def finish_work(session: AsyncSession, work_id: uuid.UUID, *, error: dict[str, Any] | None = None) -> Work:
+async def finish_work(
+    session: AsyncSession, work_id: uuid.UUID, *, error: dict[str, Any] | None = None
+) -> Work:
     return await _transition(
-        session, work_id, (WorkStatus.WAITING, WorkStatus.PROCESSING),
-        status=WorkStatus.ERROR if error else WorkStatus.FINISHED, finished_at=utcnow(), error=error,
+        session,
+        work_id,
+        (WorkStatus.WAITING, WorkStatus.PROCESSING),
+        status=WorkStatus.ERROR if error else WorkStatus.FINISHED,
+        finished_at=utcnow(),
+        error=error,
     )

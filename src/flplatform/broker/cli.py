@@ -35,25 +35,44 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     parser.add_argument("slug", help="topic slug ([-_\\w]+)")
     parser.add_argument("-n", "--new", action="store_true", help="create the topic (error if it exists)")
-    parser.add_argument("--public", dest="public", action="store_true", default=None, help="anyone may publish")
-    parser.add_argument("--no-public", dest="public", action="store_false", help="only granted producers may publish")
-    parser.add_argument("--dasf", dest="dasf", action="store_true", default=None, help="topic speaks DASF (pinged)")
+    parser.add_argument(
+        "--public", dest="public", action="store_true", default=None, help="anyone may publish"
+    )
+    parser.add_argument(
+        "--no-public", dest="public", action="store_false", help="only granted producers may publish"
+    )
+    parser.add_argument(
+        "--dasf", dest="dasf", action="store_true", default=None, help="topic speaks DASF (pinged)"
+    )
     parser.add_argument("--no-dasf", dest="dasf", action="store_false", help="plain topic (not pinged)")
     parser.add_argument(
         "--anonymous", action="store_true", help="public, and anyone (anonymous included) may consume"
     )
-    parser.add_argument("--store-messages", choices=STORE_CHOICES, help="store policy; default = server default")
-    parser.add_argument("--dispatch", choices=["broadcast", "shared"], help="shared: one backend socket per message")
-    parser.add_argument("-c", "--consumer", action="append", default=[], metavar="USER", help="grant can_consume")
-    parser.add_argument("-p", "--producer", action="append", default=[], metavar="USER", help="grant can_produce")
+    parser.add_argument(
+        "--store-messages", choices=STORE_CHOICES, help="store policy; default = server default"
+    )
+    parser.add_argument(
+        "--dispatch", choices=["broadcast", "shared"], help="shared: one backend socket per message"
+    )
+    parser.add_argument(
+        "-c", "--consumer", action="append", default=[], metavar="USER", help="grant can_consume"
+    )
+    parser.add_argument(
+        "-p", "--producer", action="append", default=[], metavar="USER", help="grant can_produce"
+    )
     parser.add_argument(
         "-vs", "--view-status", action="append", default=[], metavar="USER", help="grant can_view_status"
     )
     parser.add_argument(
-        "--create-users", action="store_true", help="create the named users that do not exist (prints their tokens)"
+        "--create-users",
+        action="store_true",
+        help="create the named users that do not exist (prints their tokens)",
     )
     parser.add_argument(
-        "-rm", "--remove-permissions", action="store_true", help="revoke (instead of grant) for the named users"
+        "-rm",
+        "--remove-permissions",
+        action="store_true",
+        help="revoke (instead of grant) for the named users",
     )
     parser.add_argument("--delete", action="store_true", help="delete the topic and its response topics")
     parser.add_argument("-i", "--show-info", action="store_true", help="print the topic as JSON")
@@ -80,8 +99,8 @@ async def _run(args: argparse.Namespace) -> str:
     from flplatform.db import create_engine, create_sessionmaker
     from flplatform.errors import NotFound
     from flplatform.migrate import upgrade
-    from flplatform.orm.broker import DispatchMode, ResponseTopic, StorePolicy
     from flplatform.orm.base import utcnow
+    from flplatform.orm.broker import DispatchMode, ResponseTopic, StorePolicy
 
     settings = get_settings()
     upgrade(settings.database_url)
@@ -107,7 +126,9 @@ async def _run(args: argparse.Namespace) -> str:
             if args.dasf is not None:
                 topic.supports_dasf = args.dasf
             if args.store_messages:
-                topic.store_messages = None if args.store_messages == "default" else StorePolicy(args.store_messages)
+                topic.store_messages = (
+                    None if args.store_messages == "default" else StorePolicy(args.store_messages)
+                )
             if args.dispatch:
                 topic.dispatch = DispatchMode(args.dispatch)
             flags = {"consumer": "can_consume", "producer": "can_produce", "view_status": "can_view_status"}
@@ -140,10 +161,14 @@ async def _run(args: argparse.Namespace) -> str:
                     "consumers": [name for g, name in grants if g.can_consume],
                     "producers": [name for g, name in grants if g.can_produce],
                     "status_viewers": [name for g, name in grants if g.can_view_status],
-                    "availability": availability(topic.supports_dasf, topic.last_ping, topic.last_pong, utcnow()),
+                    "availability": availability(
+                        topic.supports_dasf, topic.last_ping, topic.last_pong, utcnow()
+                    ),
                     "pending": pending,
                     "stored": stored,
-                    "api_info_functions": [f.get("name") for f in (topic.api_info or {}).get("functions", [])],
+                    "api_info_functions": [
+                        f.get("name") for f in (topic.api_info or {}).get("functions", [])
+                    ],
                 }
                 lines.append(json.dumps(info, indent=2))
     finally:
@@ -165,4 +190,6 @@ async def _notify(session: Any, url: str, channel: str) -> None:
     if url.startswith("postgresql"):
         from sqlalchemy import text
 
-        await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": json.dumps({"o": "cli", "k": "i"})})
+        await session.execute(
+            text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": json.dumps({"o": "cli", "k": "i"})}
+        )

@@ -156,7 +156,9 @@ class Registry:
 
     def next_shared(self, slug: str) -> ConsumerConnection | None:
         """Round robin over the sockets not known to lack ``consume`` (shared dispatch)."""
-        conns = [c for c in self._by_slug.get(slug, ()) if not c.closed and (c.perms is None or c.perms.consume)]
+        conns = [
+            c for c in self._by_slug.get(slug, ()) if not c.closed and (c.perms is None or c.perms.consume)
+        ]
         if not conns:
             return None
         index = self._round_robin[slug] % len(conns)

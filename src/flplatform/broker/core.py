@@ -120,9 +120,7 @@ class _ProducerState:
     perms: dict[uuid.UUID, tuple[Perms, float, int]] = field(default_factory=dict)
 
 
-def policy_for(
-    store_messages: StorePolicy | None, is_response: bool, config: BrokerConfig
-) -> StorePolicy:
+def policy_for(store_messages: StorePolicy | None, is_response: bool, config: BrokerConfig) -> StorePolicy:
     if store_messages is not None:
         return StorePolicy(store_messages)
     default = config.store_response_messages if is_response else config.store_source_messages
@@ -166,7 +164,9 @@ class Broker:
         if not self.is_postgres and ":memory:" not in database_url and config.sqlite_synchronous != "FULL":
             self._write_engine = _sqlite_writer(database_url, config.sqlite_synchronous)
             self.write_sessionmaker = create_sessionmaker(self._write_engine)
-        self.bus: InProcessBus | PostgresBus = PostgresBus(database_url) if self.is_postgres else InProcessBus()
+        self.bus: InProcessBus | PostgresBus = (
+            PostgresBus(database_url) if self.is_postgres else InProcessBus()
+        )
         self.registry = Registry()
         self.queue_budget = QueueBudget(config.consumer_queue_total_bytes)
         self._topics: dict[str, tuple[TopicInfo | None, float]] = {}
@@ -210,10 +210,16 @@ class Broker:
 
     async def get_topic(self, slug: str, fresh: bool = False) -> TopicInfo | None:
         cached = self._topics.get(slug)
-        if not fresh and cached is not None and time.monotonic() - cached[1] < self.config.permission_cache_seconds:
+        if (
+            not fresh
+            and cached is not None
+            and time.monotonic() - cached[1] < self.config.permission_cache_seconds
+        ):
             return cached[0]
         async with self.sessionmaker() as session:
-            row = (await session.execute(select(BrokerTopic).where(BrokerTopic.slug == slug))).scalar_one_or_none()
+            row = (
+                await session.execute(select(BrokerTopic).where(BrokerTopic.slug == slug))
+            ).scalar_one_or_none()
             info = topic_info(row, self.config) if row is not None else None
         self._topics[slug] = (info, time.monotonic())
         return info
@@ -256,7 +262,11 @@ class Broker:
     async def _producer_perms(self, state: _ProducerState, topic: TopicInfo) -> Perms:
         cached = state.perms.get(topic.id)
         now = time.monotonic()
-        if cached is not None and cached[2] == self.grants_version and now - cached[1] < self.config.permission_cache_seconds:
+        if (
+            cached is not None
+            and cached[2] == self.grants_version
+            and now - cached[1] < self.config.permission_cache_seconds
+        ):
             return cached[0]
         perms = await self.perms_for(state.user, topic)
         state.perms[topic.id] = (perms, now, self.grants_version)
@@ -313,7 +323,9 @@ class Broker:
                 except Exception:
                     log.exception("storing a message failed")
                     ack = env.error_ack(
-                        "error: could not store the message", produced.message_id, produced.context,
+                        "error: could not store the message",
+                        produced.message_id,
+                        produced.context,
                         produced.has_context,
                     )
             else:
@@ -373,7 +385,9 @@ class Broker:
             session.add(row)
             try:
                 await session.flush()
-                session.add(BrokerTopicGrant(topic_id=row.id, user_id=user.id, can_produce=True, can_consume=True))
+                session.add(
+                    BrokerTopicGrant(topic_id=row.id, user_id=user.id, can_produce=True, can_consume=True)
+                )
                 await session.commit()
             except IntegrityError:
                 await session.rollback()
@@ -452,13 +466,20 @@ class Broker:
         budget = self.queue_budget
         budget.limit = self.config.consumer_queue_total_bytes
         while budget.would_exceed(item):
-            holders = [c for slug in self.registry.slugs() for c in self.registry.consumers(slug) if not c.closed]
+            holders = [
+                c for slug in self.registry.slugs() for c in self.registry.consumers(slug) if not c.closed
+            ]
             largest = max(holders, key=lambda c: c.queue.bytes, default=None)
             if largest is None or largest.queue.bytes == 0:
                 return  # nothing queued to give back: the message itself is the only holder
             self.stats["evicted_for_memory"] += 1
-            log.warning("consumer queues of this process hold %d bytes; disconnecting %s on %s (%d bytes queued)",
-                        budget.total, largest.id, largest.slug, largest.queue.bytes)
+            log.warning(
+                "consumer queues of this process hold %d bytes; disconnecting %s on %s (%d bytes queued)",
+                budget.total,
+                largest.id,
+                largest.slug,
+                largest.queue.bytes,
+            )
             await self._drop_stalled(largest)
 
     async def _drop_stalled(self, conn: ConsumerConnection) -> None:
@@ -496,7 +517,9 @@ class Broker:
             if text is None:
                 async with self.sessionmaker() as session:
                     text = (
-                        await session.execute(select(MESSAGES.c.content).where(MESSAGES.c.id == event.get("p")))
+                        await session.execute(
+                            select(MESSAGES.c.content).where(MESSAGES.c.id == event.get("p"))
+                        )
                     ).scalar_one_or_none()
                 if text is None:
                     return  # acknowledged (deleted) before we got here
@@ -505,7 +528,9 @@ class Broker:
 
     # ------------------------------------------------------------------ consumers
 
-    async def consumer_session(self, websocket: WebSocket, slug: str, user: Identity, history: bool = False) -> None:
+    async def consumer_session(
+        self, websocket: WebSocket, slug: str, user: Identity, history: bool = False
+    ) -> None:
         conn = ConsumerConnection(
             websocket=websocket,
             slug=slug,
@@ -559,7 +584,7 @@ class Broker:
             # come again. (The writer never waits on this socket meanwhile: see ``enqueue``.)
             await self.flush()
         sent = 0
-        async for pk, text in self._outstanding(topic, conn.user, history, conn.connected_at):
+        async for _pk, text in self._outstanding(topic, conn.user, history, conn.connected_at):
             message_id = json.loads(text).get("messageId", "")
             conn.replayed.add(message_id)
             await conn.websocket.send_text(text)
@@ -584,7 +609,11 @@ class Broker:
             async with self.sessionmaker() as session:
                 query = (
                     select(MESSAGES.c.id, MESSAGES.c.content)
-                    .where(MESSAGES.c.topic_id == topic.id, MESSAGES.c.transient.is_(False), MESSAGES.c.id > after)
+                    .where(
+                        MESSAGES.c.topic_id == topic.id,
+                        MESSAGES.c.transient.is_(False),
+                        MESSAGES.c.id > after,
+                    )
                     .order_by(MESSAGES.c.id)
                     .limit(500)
                 )
@@ -600,7 +629,9 @@ class Broker:
                 return
             after = rows[-1][0]
 
-    async def _subscription_start(self, topic: TopicInfo, key: str, history: bool, connected_at: dt.datetime) -> int:
+    async def _subscription_start(
+        self, topic: TopicInfo, key: str, history: bool, connected_at: dt.datetime
+    ) -> int:
         """``store``: a consumer identity seen for the first time starts after the newest message
         published *before its socket connected* (the reference replayed the whole history);
         ``?history=all`` asks for everything. Messages published while the socket was being set
@@ -689,7 +720,9 @@ class Broker:
             return  # a consumer waited on a response topic that never came (reference bug 7)
         if topic.is_response:
             if left == 0 and await self._collectable(topic):
-                await self._set_gc(topic, self.clock.now() + dt.timedelta(seconds=self.config.gc_delay_seconds))
+                await self._set_gc(
+                    topic, self.clock.now() + dt.timedelta(seconds=self.config.gc_delay_seconds)
+                )
             return
         await self.ping_topic(topic)
 
@@ -702,16 +735,18 @@ class Broker:
         async with self.sessionmaker() as session:
             pending = (
                 await session.execute(
-                    select(func.count()).select_from(MESSAGES).where(
-                        MESSAGES.c.topic_id == topic.id, MESSAGES.c.transient.is_(False)
-                    )
+                    select(func.count())
+                    .select_from(MESSAGES)
+                    .where(MESSAGES.c.topic_id == topic.id, MESSAGES.c.transient.is_(False))
                 )
             ).scalar()
         return not pending
 
     async def _set_gc(self, topic: TopicInfo, when: dt.datetime) -> None:
         async with self.sessionmaker() as session:
-            await session.execute(update(TOPICS).where(TOPICS.c.id == topic.id).values(garbage_collect_on=when))
+            await session.execute(
+                update(TOPICS).where(TOPICS.c.id == topic.id).values(garbage_collect_on=when)
+            )
             await session.commit()
 
     async def _clear_gc(self, topic: TopicInfo) -> None:
@@ -804,10 +839,16 @@ class Broker:
         now = self.clock.now()
         async with self.sessionmaker() as session:
             rows = (
-                await session.execute(
-                    select(TOPICS.c.slug).where(TOPICS.c.supports_dasf.is_(True), TOPICS.c.kind == "topic")
+                (
+                    await session.execute(
+                        select(TOPICS.c.slug).where(
+                            TOPICS.c.supports_dasf.is_(True), TOPICS.c.kind == "topic"
+                        )
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             await session.execute(
                 update(TOPICS)
                 .where(TOPICS.c.supports_dasf.is_(True), TOPICS.c.kind == "topic")
@@ -1020,7 +1061,9 @@ class Broker:
                 await self._apply_acks(session, acks)
             for column, values in (("last_ping", pings), ("last_pong", pongs)):
                 for topic_id, when in values.items():
-                    await session.execute(update(TOPICS).where(TOPICS.c.id == topic_id).values({column: when}))
+                    await session.execute(
+                        update(TOPICS).where(TOPICS.c.id == topic_id).values({column: when})
+                    )
             if notifies:
                 await self.bus.send(session, notifies)
             await session.commit()
@@ -1032,8 +1075,10 @@ class Broker:
         stored row, possibly before another process has read it, so those processes read a
         transient copy instead (swept after a minute). Returns ``id(op)`` → the copy's key."""
         copies = [
-            op for op in inserts
-            if not op.transient and op.topic.policy is StorePolicy.CACHE
+            op
+            for op in inserts
+            if not op.transient
+            and op.topic.policy is StorePolicy.CACHE
             and not self._fits_notify(op.produced.text, op.topic.slug)
         ]
         if not copies:
@@ -1051,7 +1096,9 @@ class Broker:
             }
             for op in copies
         ]
-        result = await session.execute(insert(MESSAGES).returning(MESSAGES.c.id, sort_by_parameter_order=True), rows)
+        result = await session.execute(
+            insert(MESSAGES).returning(MESSAGES.c.id, sort_by_parameter_order=True), rows
+        )
         return {id(op): pk for op, pk in zip(copies, result.scalars().all(), strict=True)}
 
     async def _apply_acks(self, session: AsyncSession, acks: list[AckOp]) -> None:
@@ -1064,7 +1111,9 @@ class Broker:
             if topic.policy is StorePolicy.CACHE:
                 await session.execute(
                     delete(MESSAGES).where(
-                        MESSAGES.c.topic_id == topic_id, MESSAGES.c.message_id.in_(ids), MESSAGES.c.transient.is_(False)
+                        MESSAGES.c.topic_id == topic_id,
+                        MESSAGES.c.message_id.in_(ids),
+                        MESSAGES.c.transient.is_(False),
                     )
                 )
                 continue
@@ -1077,7 +1126,11 @@ class Broker:
             ).all()
             pk_of = {row.message_id: row.id for row in found}
             rows = [
-                {"message_pk": pk_of[a.message_uuid], "consumer_key": a.consumer_key, "delivered_at": self.clock.now()}
+                {
+                    "message_pk": pk_of[a.message_uuid],
+                    "consumer_key": a.consumer_key,
+                    "delivered_at": self.clock.now(),
+                }
                 for a in items
                 if a.message_uuid in pk_of
             ]

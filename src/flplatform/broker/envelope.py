@@ -24,7 +24,9 @@ def iso_now(now: dt.datetime) -> str:
     return now.isoformat()
 
 
-def error_ack(reason: str, message_id: Any = None, context: Any = ..., present: bool = False) -> dict[str, Any]:
+def error_ack(
+    reason: str, message_id: Any = None, context: Any = ..., present: bool = False
+) -> dict[str, Any]:
     """An ack whose ``result`` contains "error" (demessaging only reacts to that) plus ``errorMsg``."""
     ack: dict[str, Any] = {"messageId": message_id if isinstance(message_id, str) else None}
     if present:
@@ -102,7 +104,11 @@ def validate_produced(content: dict[str, Any], now: dt.datetime) -> Produced:
     request_context = _request_context(properties)
     response_topic = properties.get("response_topic")
     if response_topic is not None:
-        if not isinstance(response_topic, str) or not SLUG_RE.match(response_topic) or len(response_topic) > 255:
+        if (
+            not isinstance(response_topic, str)
+            or not SLUG_RE.match(response_topic)
+            or len(response_topic) > 255
+        ):
             raise EnvelopeError("properties.response_topic must be a slug ([-_\\w]+)")
         if response_topic == STATUS_PING:
             response_topic = None  # replies to status-ping are not a response topic

@@ -57,7 +57,9 @@ class Perms:
 
     def __or__(self, other: Perms) -> Perms:
         return Perms(
-            self.produce or other.produce, self.consume or other.consume, self.view_status or other.view_status
+            self.produce or other.produce,
+            self.consume or other.consume,
+            self.view_status or other.view_status,
         )
 
 
@@ -88,13 +90,17 @@ GrantResolver = Callable[[AsyncSession, Identity, list[uuid.UUID]], Awaitable[di
 GRANT_RESOLVERS: list[GrantResolver] = []
 
 
-async def user_grants(session: AsyncSession, user: Identity, topic_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Perms]:
+async def user_grants(
+    session: AsyncSession, user: Identity, topic_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, Perms]:
     ids = [t for t in topic_ids if t is not None]
     if user.id is None or not ids:
         return {}
     rows = (
         await session.execute(
-            select(BrokerTopicGrant).where(BrokerTopicGrant.user_id == user.id, BrokerTopicGrant.topic_id.in_(ids))
+            select(BrokerTopicGrant).where(
+                BrokerTopicGrant.user_id == user.id, BrokerTopicGrant.topic_id.in_(ids)
+            )
         )
     ).scalars()
     out = {r.topic_id: Perms(r.can_produce, r.can_consume, r.can_view_status) for r in rows}

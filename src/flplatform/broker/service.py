@@ -15,7 +15,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from flplatform.orm import User
-from flplatform.permissions import Requester, can_read, can_update, readable
 from flplatform.orm.broker import (
     BrokerDelivery,
     BrokerMessage,
@@ -25,6 +24,7 @@ from flplatform.orm.broker import (
     ResponseTopic,
     StorePolicy,
 )
+from flplatform.permissions import Requester, can_read, can_update, readable
 
 MESSAGES = BrokerMessage.__table__
 DELIVERIES = BrokerDelivery.__table__
@@ -49,7 +49,9 @@ async def require_manager(requester: Requester, topic: BrokerTopic) -> None:
         return
     if requester.is_anonymous:
         raise Unauthorized()
-    if out_of_scope(requester, topic) or (topic.organization_id is not None and not await can_read(requester, topic)):
+    if out_of_scope(requester, topic) or (
+        topic.organization_id is not None and not await can_read(requester, topic)
+    ):
         raise NotFound(f"Topic {topic.slug} not found.")
     raise Forbidden("Only the topic's owner, an organisation admin or a superuser may do this.")
 
@@ -196,11 +198,15 @@ async def visible_topics(
     if not responses:
         query = query.where(BrokerTopic.kind == "topic")
     total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
-    rows = (await session.execute(query.order_by(BrokerTopic.slug).limit(limit).offset(offset))).scalars().all()
+    rows = (
+        (await session.execute(query.order_by(BrokerTopic.slug).limit(limit).offset(offset))).scalars().all()
+    )
     return list(rows), total
 
 
-async def message_counts(session: AsyncSession, topic_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, int]]:
+async def message_counts(
+    session: AsyncSession, topic_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, tuple[int, int]]:
     """(pending, stored) per topic: pending = stored messages that nobody acknowledged."""
     if not topic_ids:
         return {}
@@ -232,7 +238,9 @@ async def list_messages(
     condition = (MESSAGES.c.topic_id == topic.id) & MESSAGES.c.transient.is_(False)
     total = (await session.execute(select(func.count()).select_from(MESSAGES).where(condition))).scalar_one()
     rows = (
-        await session.execute(select(MESSAGES).where(condition).order_by(MESSAGES.c.id).limit(limit).offset(offset))
+        await session.execute(
+            select(MESSAGES).where(condition).order_by(MESSAGES.c.id).limit(limit).offset(offset)
+        )
     ).all()
     delivered: dict[int, list[str]] = {r.id: [] for r in rows}
     if rows:

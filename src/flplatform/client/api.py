@@ -57,7 +57,9 @@ def _metric_fields(metrics: Mapping[str, Any] | None) -> dict[str, list[str]]:
         return {}
     return {
         "metric_names": [str(name) for name in metrics],
-        "metric_values": [str(float(value)) if isinstance(value, (int, float)) else str(value) for value in metrics.values()],
+        "metric_values": [
+            str(float(value)) if isinstance(value, (int, float)) else str(value) for value in metrics.values()
+        ],
     }
 
 
@@ -117,7 +119,10 @@ class FLPlatformAPI:
         if not (self.username and self.password):
             raise ValueError("FLPlatformAPI needs a token or a username and password")
         response = await self._send(
-            "POST", "/api/auth/token/", data={"username": self.username, "password": self.password}, auth=False
+            "POST",
+            "/api/auth/token/",
+            data={"username": self.username, "password": self.password},
+            auth=False,
         )
         self._authorization = f"Bearer {response.json()['access_token']}"
 
@@ -145,7 +150,9 @@ class FLPlatformAPI:
                     raise
                 delay = self.backoff * 2**attempt
                 attempt += 1
-                log.warning("%s %s failed (%s); retry %d/%d in %.2fs", method, path, exc, attempt, self.retries, delay)
+                log.warning(
+                    "%s %s failed (%s); retry %d/%d in %.2fs", method, path, exc, attempt, self.retries, delay
+                )
                 await asyncio.sleep(delay)
                 continue
             if response.is_success:
@@ -213,9 +220,15 @@ class FLPlatformAPI:
             data["input_shape"] = ["None" if dim is None else str(dim) for dim in input_shape]
         if round is not None:
             data["round"] = str(round)
-        files: dict[str, tuple[str, bytes, str]] = {"model_file": ("model.pt", model_file, "application/octet-stream")}
+        files: dict[str, tuple[str, bytes, str]] = {
+            "model_file": ("model.pt", model_file, "application/octet-stream")
+        }
         if preprocessing_file is not None:
-            files["model_preprocessing_file"] = ("preprocessing.pt", preprocessing_file, "application/octet-stream")
+            files["model_preprocessing_file"] = (
+                "preprocessing.pt",
+                preprocessing_file,
+                "application/octet-stream",
+            )
         body = await self.request_json("POST", "/api/models/", data=data, files=files)
         return str(body["model_id"])
 
@@ -239,13 +252,19 @@ class FLPlatformAPI:
         filename: str = "model.pt",
     ) -> JSONDict:
         """A participant's local update: ``POST /api/models/{global id}/`` multipart (201)."""
-        data: dict[str, Any] = {"round": str(round), "sample_size": str(sample_size), **_metric_fields(metrics)}
+        data: dict[str, Any] = {
+            "round": str(round),
+            "sample_size": str(sample_size),
+            **_metric_fields(metrics),
+        }
         files = {"model_file": (filename, model_file, "application/octet-stream")}
         return await self.request_json("POST", f"/api/models/{model_id}/", data=data, files=files)
 
     async def upload_metrics(self, model_id: str | uuid.UUID, metrics: Mapping[str, Any]) -> JSONDict:
         """``POST /api/models/{id}/metrics/``: test metrics of (usually) the current global model."""
-        return await self.request_json("POST", f"/api/models/{model_id}/metrics/", data=_metric_fields(metrics))
+        return await self.request_json(
+            "POST", f"/api/models/{model_id}/metrics/", data=_metric_fields(metrics)
+        )
 
     async def get_metrics(self, model_id: str | uuid.UUID) -> list[JSONDict]:
         return await self.request_json("GET", f"/api/models/{model_id}/metrics/")
@@ -293,7 +312,9 @@ class FLPlatformAPI:
         answer = await self.request_json("POST", "/api/trainings/", json=body)
         return str(answer["training_id"])
 
-    async def register_clients(self, training_id: str | uuid.UUID, clients: Iterable[str | uuid.UUID]) -> JSONDict:
+    async def register_clients(
+        self, training_id: str | uuid.UUID, clients: Iterable[str | uuid.UUID]
+    ) -> JSONDict:
         return await self.request_json(
             "PUT", f"/api/trainings/{training_id}/clients/", json={"clients": [str(c) for c in clients]}
         )
@@ -321,5 +342,7 @@ class FLPlatformAPI:
             if training.get("state") in wanted:
                 return training
             if loop.time() > deadline:
-                raise TimeoutError(f"training {training_id} still in state {training.get('state')} after {timeout}s")
+                raise TimeoutError(
+                    f"training {training_id} still in state {training.get('state')} after {timeout}s"
+                )
             await asyncio.sleep(interval)

@@ -78,7 +78,9 @@ def train_test_split(data: Shard, test_fraction: float, seed: int) -> tuple[Shar
     return Shard(data.x[train], data.y[train]), Shard(data.x[test], data.y[test])
 
 
-def dirichlet_partition(data: Shard, clients: int, alpha: float, seed: int, min_size: int = 20) -> list[Shard]:
+def dirichlet_partition(
+    data: Shard, clients: int, alpha: float, seed: int, min_size: int = 20
+) -> list[Shard]:
     """Label-skewed non-IID split: each class is divided among the clients in proportions drawn
     from Dirichlet(alpha); small alpha → each client sees few classes. Redrawn until every
     client has at least ``min_size`` samples."""

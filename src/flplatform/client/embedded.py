@@ -30,7 +30,11 @@ class EmbeddedServer:
         self._sock.bind((host, port))
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            app, log_level=log_level, access_log=False, lifespan="auto", timeout_graceful_shutdown=5,
+            app,
+            log_level=log_level,
+            access_log=False,
+            lifespan="auto",
+            timeout_graceful_shutdown=5,
             **uvicorn_ws_options(),
         )
         self._server = _Server(config)

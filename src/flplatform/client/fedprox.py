@@ -8,7 +8,9 @@ from collections.abc import Mapping
 import torch
 
 
-def proximal_term(module: torch.nn.Module, reference: Mapping[str, torch.Tensor], mu: float | None) -> torch.Tensor:
+def proximal_term(
+    module: torch.nn.Module, reference: Mapping[str, torch.Tensor], mu: float | None
+) -> torch.Tensor:
     """``mu/2 * Σ ||w - w_ref||²`` over the trainable parameters of ``module``.
 
     ``reference`` maps parameter names to the global weights (see

@@ -35,7 +35,9 @@ log = logging.getLogger("flplatform.client")
 NOT_NOW_CODES = frozenset({"wrong_state", "wrong_round", "round_locked"})
 
 Metrics = Mapping[str, float | int | str]
-TrainFn = Callable[[torch.nn.Module, int, "RoundContext"], "tuple[int, Metrics] | Awaitable[tuple[int, Metrics]]"]
+TrainFn = Callable[
+    [torch.nn.Module, int, "RoundContext"], "tuple[int, Metrics] | Awaitable[tuple[int, Metrics]]"
+]
 TestFn = Callable[[torch.nn.Module, int, "RoundContext"], "Metrics | Awaitable[Metrics]"]
 MomentsFn = Callable[
     [torch.nn.Module, int, "RoundContext"],
@@ -219,7 +221,9 @@ class Participant:
                 return 501, "this participant computes no SWAG statistics"
             if kind == "MODEL_TEST_ROUND" and self.test_fn is None:
                 return 501, "this participant has no test function"
-            work = {"UPDATE_ROUND_START": "train", "MODEL_TEST_ROUND": "test", "SWAG_ROUND_START": "swag"}[kind]
+            work = {"UPDATE_ROUND_START": "train", "MODEL_TEST_ROUND": "test", "SWAG_ROUND_START": "swag"}[
+                kind
+            ]
             key = (work, round_, model_id)
             if key not in run.seen:
                 run.seen.add(key)
@@ -259,7 +263,9 @@ class Participant:
         try:
             training = await self.api.get_training(run.training_id)
         except APIError as exc:
-            log.warning("%s: cannot read training %s (%s); using notification data", self.name, run.training_id, exc)
+            log.warning(
+                "%s: cannot read training %s (%s); using notification data", self.name, run.training_id, exc
+            )
             training = {}
         run.info_loaded = True
         if training.get("model"):
@@ -275,8 +281,9 @@ class Participant:
         if self._progress is not None and run.target_num_updates:
             self._progress.update(self._progress_task, total=run.target_num_updates)
 
-    async def _work(self, run: TrainingRun, work: str, round_: int, model_id: str, *,
-                    retry_refusals: bool = False) -> bool:
+    async def _work(
+        self, run: TrainingRun, work: str, round_: int, model_id: str, *, retry_refusals: bool = False
+    ) -> bool:
         """Do one piece of work; False if it should be tried again (``retry_refusals``: the server
         said "not now" — a polling client can read a phase that moves on before its upload lands)."""
         async with run.lock:
@@ -285,10 +292,18 @@ class Participant:
             started = time.perf_counter()
             try:
                 await self._load_info(run, model_id)
-                record = await {"train": self._train, "test": self._test, "swag": self._swag}[work](run, round_, model_id)
+                record = await {"train": self._train, "test": self._test, "swag": self._swag}[work](
+                    run, round_, model_id
+                )
             except APIError as exc:
                 if retry_refusals and exc.code in NOT_NOW_CODES:
-                    log.info("%s: %s round %s refused for now (%s); will retry", self.name, work, round_, exc.detail)
+                    log.info(
+                        "%s: %s round %s refused for now (%s); will retry",
+                        self.name,
+                        work,
+                        round_,
+                        exc.detail,
+                    )
                     return False
                 self._record_failure(run, work, round_, exc)
                 return True
@@ -307,7 +322,9 @@ class Participant:
         run.errors.append(message)
         self._status(run, f"error in {work} {round_}")
 
-    async def _download(self, run: TrainingRun, round_: int, model_id: str) -> tuple[torch.nn.Module, RoundContext]:
+    async def _download(
+        self, run: TrainingRun, round_: int, model_id: str
+    ) -> tuple[torch.nn.Module, RoundContext]:
         data = await self.api.download_model(model_id)
         module = await asyncio.to_thread(load_module, data, self.template)
         assert run.global_model_id is not None
@@ -338,7 +355,12 @@ class Participant:
         self._status(run, f"round {round_}: upload")
         # Always to the global model: in FedDC rounds ``model_id`` is another client's local model.
         answer = await self.api.upload_update(
-            ctx.global_model_id, payload, round=round_, sample_size=int(sample_size), metrics=metrics, filename=filename
+            ctx.global_model_id,
+            payload,
+            round=round_,
+            sample_size=int(sample_size),
+            metrics=metrics,
+            filename=filename,
         )
         self._status(run, f"round {round_}: uploaded", advance=1)
         uploaded = str(answer["model_id"]) if isinstance(answer, dict) and answer.get("model_id") else None
@@ -376,7 +398,9 @@ class Participant:
 
     # ------------------------------------------------------------------ polling fallback
 
-    async def poll(self, training_id: str | uuid.UUID, *, interval: float = 0.5, timeout: float | None = None) -> TrainingRun:
+    async def poll(
+        self, training_id: str | uuid.UUID, *, interval: float = 0.5, timeout: float | None = None
+    ) -> TrainingRun:
         """Take part without a notification endpoint: poll ``GET /api/trainings/{id}/`` and do the
         work the training waits for. Needs the training to expose its ``phase``
         (``update``/``test``/``swag``) and current ``round``; FedDC daisy-chain rounds (which

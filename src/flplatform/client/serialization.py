@@ -42,7 +42,9 @@ def dump_state_dict(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> byte
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     # Clone: safetensors refuses tensors that share storage (tied weights, views).
-    return safetensors_save({name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()})
+    return safetensors_save(
+        {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
+    )
 
 
 def load_state_dict(data: bytes) -> dict[str, torch.Tensor]:

@@ -2,6 +2,24 @@
 table on ``Base.metadata`` (Alembic's autogenerate target)."""
 
 from flplatform.orm.base import Base
+from flplatform.orm.billing import (
+    AuditLog,
+    Hold,
+    JournalEntry,
+    LedgerAccount,
+    Operation,
+    Posting,
+    Server,
+    Work,
+)  # noqa: F401
+from flplatform.orm.broker import (  # noqa: F401  (registers the broker tables)
+    BrokerDelivery,
+    BrokerMessage,
+    BrokerSubscription,
+    BrokerTopic,
+    BrokerTopicGrant,
+    ResponseTopic,
+)
 from flplatform.orm.collections import (
     AdHocGroup,
     Collection,
@@ -15,17 +33,17 @@ from flplatform.orm.collections import (
     Role,
     RoleKind,
 )
-from flplatform.orm.broker import (  # noqa: F401  (registers the broker tables)
-    BrokerDelivery,
-    BrokerMessage,
-    BrokerSubscription,
-    BrokerTopic,
-    BrokerTopicGrant,
-    ResponseTopic,
-)
-from flplatform.orm.billing import AuditLog, Hold, JournalEntry, LedgerAccount, Operation, Posting, Server, Work  # noqa: F401
 from flplatform.orm.metric import Metric
-from flplatform.orm.model import GlobalModel, GlobalModelRound, LocalModel, MeanModel, Model, ModelKind, SWAGModel
+from flplatform.orm.model import (
+    GlobalModel,
+    GlobalModelRound,
+    LocalModel,
+    MeanModel,
+    Model,
+    ModelKind,
+    SWAGModel,
+)
+from flplatform.orm.throttle import RateLimitCounter  # noqa: F401  (registers the throttle table)
 from flplatform.orm.training import (
     AggregationMethod,
     Notification,
@@ -35,39 +53,54 @@ from flplatform.orm.training import (
     TrainingState,
     UncertaintyMethod,
 )
-from flplatform.orm.throttle import RateLimitCounter  # noqa: F401  (registers the throttle table)
 from flplatform.orm.user import ApiToken, LoginName, User
 from flplatform.orm.workqueue import QueuedWork  # noqa: F401  (registers the work-queue table)
 
 __all__ = [
     "AdHocGroup",
-    "Collection",
-    "CollectionKind",
-    "Group",
-    "Invitation",
-    "Membership",
-    "Organization",
-    "OrganizationSettings",
-    "Project",
-    "Role",
-    "RoleKind",
     "AggregationMethod",
     "ApiToken",
+    "AuditLog",
     "Base",
+    "BrokerDelivery",
+    "BrokerMessage",
+    "BrokerSubscription",
+    "BrokerTopic",
+    "BrokerTopicGrant",
+    "Collection",
+    "CollectionKind",
     "GlobalModel",
     "GlobalModelRound",
+    "Group",
+    "Hold",
+    "Invitation",
+    "JournalEntry",
+    "LedgerAccount",
     "LocalModel",
+    "LoginName",
     "MeanModel",
+    "Membership",
     "Metric",
     "Model",
+    "ModelKind",
     "Notification",
     "NotificationStatus",
-    "ModelKind",
+    "Operation",
+    "Organization",
+    "OrganizationSettings",
+    "Posting",
+    "Project",
+    "QueuedWork",
+    "RateLimitCounter",
+    "ResponseTopic",
+    "Role",
+    "RoleKind",
     "SWAGModel",
+    "Server",
     "SwagStatistic",
     "Training",
     "TrainingState",
     "UncertaintyMethod",
-    "LoginName",
     "User",
+    "Work",
 ]

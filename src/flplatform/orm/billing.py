@@ -119,7 +119,9 @@ class LedgerAccount(IDMixin, Base):
     key: Mapped[str] = mapped_column(String(120), unique=True)
     kind: Mapped[AccountKind] = mapped_column(str_enum(AccountKind, "account_kind"))
     currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"))
-    owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    owner_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("users.id", ondelete="RESTRICT"), index=True
+    )
     balance: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
@@ -142,8 +144,12 @@ class Posting(IDMixin, Base):
     __tablename__ = "ledger_postings"
     __table_args__ = (CheckConstraint("amount <> 0", name="nonzero"),)
 
-    entry_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_entries.id", ondelete="RESTRICT"), index=True)
-    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_accounts.id", ondelete="RESTRICT"), index=True)
+    entry_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("ledger_entries.id", ondelete="RESTRICT"), index=True
+    )
+    account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("ledger_accounts.id", ondelete="RESTRICT"), index=True
+    )
     currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"))
     amount: Mapped[int] = mapped_column(BigInteger)  # signed: + increases the account's balance
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -160,7 +166,9 @@ class Operation(IDMixin, Base):
 
     key: Mapped[str] = mapped_column(String(255), unique=True)
     kind: Mapped[OperationKind] = mapped_column(str_enum(OperationKind, "operation_kind"))
-    entry_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_entries.id", ondelete="RESTRICT"), index=True)
+    entry_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("ledger_entries.id", ondelete="RESTRICT"), index=True
+    )
     actor_id: Mapped[uuid.UUID | None]  # who asked for it (seed: operation_user)
     payer_id: Mapped[uuid.UUID | None]  # whose money moved (the credited user for top-ups)
     model_id: Mapped[uuid.UUID | None]  # seed: machine
@@ -174,7 +182,9 @@ class Operation(IDMixin, Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     owner_income: Mapped[int] = mapped_column(BigInteger, default=0)
     # NO ACTION rather than RESTRICT: SQLite checks RESTRICT row by row, even within one statement.
-    refunds_operation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("billing_operations.id"), unique=True)
+    refunds_operation_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("billing_operations.id"), unique=True
+    )
     description: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
 
@@ -191,7 +201,9 @@ class Hold(IDMixin, Base):
     coupon_amount: Mapped[int] = mapped_column(BigInteger, default=0)  # reserved from coupons
     status: Mapped[HoldStatus] = mapped_column(str_enum(HoldStatus, "hold_status"), default=HoldStatus.OPEN)
     entry_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ledger_entries.id", ondelete="RESTRICT"))
-    resolution_entry_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("ledger_entries.id", ondelete="RESTRICT"))
+    resolution_entry_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("ledger_entries.id", ondelete="RESTRICT")
+    )
     training_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
     round: Mapped[int | None] = mapped_column(Integer)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -281,7 +293,9 @@ class Bill(IDMixin, Base):
     description: Mapped[str] = mapped_column(String(500), default="")
     period: Mapped[str | None] = mapped_column(String(7))  # "YYYY-MM" when it bills a statement
     status: Mapped[BillStatus] = mapped_column(str_enum(BillStatus, "bill_status"), default=BillStatus.OPEN)
-    operation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("billing_operations.id", ondelete="RESTRICT"))
+    operation_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("billing_operations.id", ondelete="RESTRICT")
+    )
     created_by_id: Mapped[uuid.UUID | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[dt.datetime | None]
@@ -353,9 +367,15 @@ class Work(IDMixin, Base):
     )
 
     kind: Mapped[WorkKind] = mapped_column(str_enum(WorkKind, "work_kind"))
-    status: Mapped[WorkStatus] = mapped_column(str_enum(WorkStatus, "work_status"), default=WorkStatus.WAITING)
-    model_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
-    server_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("servers.id", ondelete="SET NULL"), index=True)
+    status: Mapped[WorkStatus] = mapped_column(
+        str_enum(WorkStatus, "work_status"), default=WorkStatus.WAITING
+    )
+    model_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), index=True
+    )
+    server_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("servers.id", ondelete="SET NULL"), index=True
+    )
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]

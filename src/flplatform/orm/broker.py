@@ -75,13 +75,13 @@ class BrokerTopic(IDMixin, TimestampMixin, Base):
     dispatch: Mapped[DispatchMode] = mapped_column(
         str_enum(DispatchMode, "broker_dispatch_mode"), default=DispatchMode.BROADCAST
     )
-    owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    owner_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
     # The tenant: the owner's organisation (a response topic: its source topic's); None for the
     # organisation-less space. Filled on insert by ``_fill_tenant`` below; kept when the owner
     # is deleted, so an orphaned topic never leaves its organisation.
-    organization_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("collections.id"), index=True
-    )
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("collections.id"), index=True)
     last_ping: Mapped[dt.datetime | None]
     last_pong: Mapped[dt.datetime | None]
     garbage_collect_on: Mapped[dt.datetime | None] = mapped_column(index=True)
@@ -104,7 +104,9 @@ class ResponseTopic(BrokerTopic):
 
     __tablename__ = "broker_response_topics"
 
-    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("broker_topics.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("broker_topics.id", ondelete="CASCADE"), primary_key=True
+    )
     is_response_for_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("broker_topics.id", ondelete="CASCADE"), index=True
     )
@@ -130,8 +132,12 @@ class BrokerTopicGrant(Base):
 
     __tablename__ = "broker_topic_grants"
 
-    topic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("broker_topics.id", ondelete="CASCADE"), primary_key=True)
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
+    topic_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("broker_topics.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
     can_produce: Mapped[bool] = mapped_column(Boolean, default=False)
     can_consume: Mapped[bool] = mapped_column(Boolean, default=False)
     can_view_status: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -181,7 +187,9 @@ class BrokerSubscription(Base):
 
     __tablename__ = "broker_subscriptions"
 
-    topic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("broker_topics.id", ondelete="CASCADE"), primary_key=True)
+    topic_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("broker_topics.id", ondelete="CASCADE"), primary_key=True
+    )
     consumer_key: Mapped[str] = mapped_column(String(64), primary_key=True)
     # Messages with a primary key above this are outstanding for the identity.
     after_message_pk: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -143,7 +143,9 @@ class Membership(IDMixin, Base):
     __table_args__ = (UniqueConstraint("user_id", "collection_id"),)
 
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    collection_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    collection_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     collection: Mapped[Collection] = relationship(lazy="raise")
@@ -154,7 +156,9 @@ class Role(IDMixin, Base):
     __table_args__ = (UniqueConstraint("user_id", "collection_id", "kind"),)
 
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    collection_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    collection_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE"), index=True
+    )
     kind: Mapped[RoleKind] = mapped_column(str_enum(RoleKind, "role_kind"))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
@@ -166,7 +170,9 @@ class Invitation(IDMixin, Base):
 
     __tablename__ = "invitations"
 
-    organization_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE"), index=True
+    )
     digest: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(12))
     note: Mapped[str] = mapped_column(String(200), default="")

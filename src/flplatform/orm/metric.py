@@ -22,7 +22,9 @@ class Metric(IDMixin, TimestampMixin, Base):
     value_float: Mapped[float | None] = mapped_column(Float)
     value_binary: Mapped[bytes | None] = mapped_column(LargeBinary)
     step: Mapped[int] = mapped_column(Integer, default=0)
-    reporter_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    reporter_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
 
     model: Mapped[Model] = relationship(lazy="raise")
     reporter: Mapped[User | None] = relationship(lazy="raise")

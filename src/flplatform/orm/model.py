@@ -16,8 +16,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    event,
-    select,
     BigInteger,
     Column,
     ForeignKey,
@@ -27,6 +25,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    event,
+    select,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -53,9 +53,7 @@ class Model(IDMixin, TimestampMixin, Base):
     # The tenant (Kolibri's ``dataset_id``): the owner's organisation for uploads, the base
     # model's for local updates; None in the organisation-less DLR space. Set on insert by
     # ``flplatform.orm.tenancy`` so the permission clauses filter on one indexed column.
-    organization_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("collections.id"), index=True
-    )
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("collections.id"), index=True)
     round: Mapped[int] = mapped_column(Integer, default=0)
     weights: Mapped[bytes | None] = _blob()
     # "torchscript" | "safetensors": how ``weights`` is encoded (uploads are never unpickled).
@@ -94,7 +92,9 @@ class MeanModel(GlobalModel):
 
     __tablename__ = "mean_models"
 
-    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("global_models.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("global_models.id", ondelete="CASCADE"), primary_key=True
+    )
     members: Mapped[list[GlobalModel]] = relationship(
         secondary=mean_model_members,
         primaryjoin=lambda: MeanModel.id == mean_model_members.c.mean_model_id,
@@ -110,7 +110,9 @@ class SWAGModel(GlobalModel):
 
     __tablename__ = "swag_models"
 
-    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("global_models.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("global_models.id", ondelete="CASCADE"), primary_key=True
+    )
     swag_first_moment: Mapped[bytes | None] = _blob()
     swag_second_moment: Mapped[bytes | None] = _blob()
 
@@ -142,7 +144,9 @@ class GlobalModelRound(IDMixin, TimestampMixin, Base):
     __tablename__ = "global_model_rounds"
     __table_args__ = (UniqueConstraint("model_id", "round"),)
 
-    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("global_models.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("global_models.id", ondelete="CASCADE"), index=True
+    )
     round: Mapped[int] = mapped_column(Integer)
     weights: Mapped[bytes | None] = _blob()
     weights_format: Mapped[str | None] = mapped_column(String(20))

@@ -67,9 +67,7 @@ class Training(IDMixin, TimestampMixin, Base):
     actor_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     # The tenant: the global model's organisation (None in the DLR space); filled on insert
     # by ``_fill_tenant`` below.
-    organization_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("collections.id"), index=True
-    )
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("collections.id"), index=True)
     state: Mapped[TrainingState] = mapped_column(
         str_enum(TrainingState, "training_state"), default=TrainingState.INITIAL, index=True
     )
@@ -95,7 +93,9 @@ class Training(IDMixin, TimestampMixin, Base):
     # Lease of ``locked``: a crashed aggregation never leaves the training stuck.
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     # The aggregator's state between rounds (FedOpt moments, round counter) as safetensors.
-    aggregator_state: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True, deferred_raiseload=True)
+    aggregator_state: Mapped[bytes | None] = mapped_column(
+        LargeBinary, deferred=True, deferred_raiseload=True
+    )
 
     model: Mapped[Model] = relationship(lazy="raise")
     actor: Mapped[User] = relationship(foreign_keys=[actor_id], lazy="raise")
@@ -158,9 +158,15 @@ class Notification(Base):
     __tablename__ = "notifications"
     __table_args__ = (Index("ix_notifications_status_next_attempt_at", "status", "next_attempt_at"),)
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    training_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("trainings.id", ondelete="CASCADE"), index=True)
-    recipient_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    training_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("trainings.id", ondelete="CASCADE"), index=True
+    )
+    recipient_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
     endpoint: Mapped[str | None] = mapped_column(String(2048))
     notification_type: Mapped[str] = mapped_column(String(32))
     payload: Mapped[str] = mapped_column(Text)

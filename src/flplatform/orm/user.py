@@ -60,8 +60,12 @@ class User(IDMixin, TimestampMixin, Base):
     # reference never sends) with 400, so only clients that handle it get it.
     notify_client_removed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
-    time_format: Mapped[TimeFormat] = mapped_column(str_enum(TimeFormat, "time_format"), default=TimeFormat.H24)
-    date_format: Mapped[DateFormat] = mapped_column(str_enum(DateFormat, "date_format"), default=DateFormat.DMY)
+    time_format: Mapped[TimeFormat] = mapped_column(
+        str_enum(TimeFormat, "time_format"), default=TimeFormat.H24
+    )
+    date_format: Mapped[DateFormat] = mapped_column(
+        str_enum(DateFormat, "date_format"), default=DateFormat.DMY
+    )
     date_separator: Mapped[DateSeparator] = mapped_column(
         str_enum(DateSeparator, "date_separator"), default=DateSeparator.SLASH
     )

@@ -23,7 +23,9 @@ class QueuedWork(Work):
     __tablename__ = "queued_works"
 
     id: Mapped[uuid.UUID] = mapped_column(ForeignKey("works.id", ondelete="CASCADE"), primary_key=True)
-    handler: Mapped[str] = mapped_column(String(100), index=True)  # registered handler, e.g. "aggregate_round"
+    handler: Mapped[str] = mapped_column(
+        String(100), index=True
+    )  # registered handler, e.g. "aggregate_round"
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # Enqueueing the same key again returns the existing job (retried requests, two workers).
     dedupe_key: Mapped[str | None] = mapped_column(String(255), unique=True)
@@ -36,4 +38,6 @@ class QueuedWork(Work):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Who may see the job (a user's own jobs, e.g. ``inference.run``); None for system jobs such
     # as aggregations. A deleted user's jobs stay (their Work rows are accounted) but lose the owner.
-    submitter_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    submitter_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )

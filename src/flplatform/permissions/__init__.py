@@ -41,8 +41,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from flplatform.errors import Forbidden, NotFound
-from flplatform.orm.collections import Collection, Invitation, Membership, OrganizationSettings, Role, RoleKind
 from flplatform.orm.broker import BrokerTopic
+from flplatform.orm.collections import (
+    Collection,
+    Invitation,
+    Membership,
+    OrganizationSettings,
+    Role,
+    RoleKind,
+)
 from flplatform.orm.metric import Metric
 from flplatform.orm.model import Model
 from flplatform.orm.training import Training
@@ -61,13 +68,19 @@ from flplatform.permissions.collections import (
     refused_self_edits,
     users_without_role,
 )
-from flplatform.permissions.resources import METRIC_POLICY, MODEL_POLICY, TOPIC_POLICY, TRAINING_POLICY, refusal
 from flplatform.permissions.requester import (
     ANY_ROLE,
     AuthenticatedRequester,
     Requester,
     RequesterDep,
     get_requester,
+)
+from flplatform.permissions.resources import (
+    METRIC_POLICY,
+    MODEL_POLICY,
+    TOPIC_POLICY,
+    TRAINING_POLICY,
+    refusal,
 )
 
 _REGISTRY: dict[type[Any], Policy] = {}
@@ -150,6 +163,7 @@ async def ensure_visible(requester: Requester, obj: Any, label: str, dlr_message
     if dlr_message is None and requester.is_unorganised and obj.organization_id is None:
         return
     raise refusal(requester, obj.organization_id, label, dlr_message or f"You may not read {label}.")
+
 
 __all__ = [
     "ANY_ROLE",

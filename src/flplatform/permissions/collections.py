@@ -93,7 +93,9 @@ def managed_collections(requester: Requester, kinds: Iterable[RoleKind] = ANY_RO
     )
 
 
-async def user_is_member(requester: Requester, user_id: uuid.UUID, collection_ids: Iterable[uuid.UUID]) -> bool:
+async def user_is_member(
+    requester: Requester, user_id: uuid.UUID, collection_ids: Iterable[uuid.UUID]
+) -> bool:
     """One indexed EXISTS on memberships."""
     ids = [i for i in collection_ids if i is not None]
     if not ids:
@@ -114,7 +116,9 @@ async def has_role_for_user(requester: Requester, kinds: Iterable[RoleKind], use
     return not await users_without_role(requester, kinds, [user])
 
 
-async def users_without_role(requester: Requester, kinds: Iterable[RoleKind], users: Iterable[User]) -> list[User]:
+async def users_without_role(
+    requester: Requester, kinds: Iterable[RoleKind], users: Iterable[User]
+) -> list[User]:
     """The users among ``users`` the requester holds no role of ``kinds`` for — one query for all
     of them (training creation checks every participant this way)."""
     users = list(users)
@@ -174,7 +178,9 @@ class CollectionRules(Policy):
             Collection.organization_id == requester.organization_id,
             or_(
                 Collection.id == requester.organization_id,
-                has_role_clause(requester, ANY_ROLE, Collection.id, Collection.parent_id, Collection.organization_id),
+                has_role_clause(
+                    requester, ANY_ROLE, Collection.id, Collection.parent_id, Collection.organization_id
+                ),
                 Collection.id.in_(select(Membership.collection_id).where(Membership.user_id == requester.id)),
             ),
         )
@@ -244,7 +250,10 @@ class MembershipRules(Policy):
 
     async def can_create(self, requester: Requester, obj: Any) -> bool:
         collection: Collection = obj.collection
-        if collection.kind == CollectionKind.ORGANIZATION or obj.user_organization_id != collection.organization_id:
+        if (
+            collection.kind == CollectionKind.ORGANIZATION
+            or obj.user_organization_id != collection.organization_id
+        ):
             return False  # organisation membership is users.organization_id, never a row
         if not requester.has_role_for_collection(ANY_ROLE, collection):
             return False
@@ -288,7 +297,9 @@ class RoleRules(Policy):
         return requester.has_role_on_ids(ADMIN, collection.organization_id, (collection.organization_id,))
 
     async def can_delete(self, requester: Requester, obj: Any) -> bool:
-        return requester.has_role_on_ids(ADMIN, obj.collection.organization_id, (obj.collection.organization_id,))
+        return requester.has_role_on_ids(
+            ADMIN, obj.collection.organization_id, (obj.collection.organization_id,)
+        )
 
 
 class InvitationRules(Policy):
@@ -367,8 +378,10 @@ class UserRules(Policy):
     async def can_update(self, requester: Requester, obj: User) -> bool:
         if obj.id == requester.id:
             return True
-        return not obj.is_superuser and requester.in_organization and requester.has_role_on_ids(
-            ADMIN, obj.organization_id, (obj.organization_id,)
+        return (
+            not obj.is_superuser
+            and requester.in_organization
+            and requester.has_role_on_ids(ADMIN, obj.organization_id, (obj.organization_id,))
         )
 
     async def can_delete(self, requester: Requester, obj: User) -> bool:
@@ -381,8 +394,10 @@ class UserRules(Policy):
             return settings is None or settings.members_can_delete_account
         if requester.is_superuser:
             return True
-        return not obj.is_superuser and requester.in_organization and requester.has_role_on_ids(
-            ADMIN, obj.organization_id, (obj.organization_id,)
+        return (
+            not obj.is_superuser
+            and requester.in_organization
+            and requester.has_role_on_ids(ADMIN, obj.organization_id, (obj.organization_id,))
         )
 
 
@@ -422,4 +437,6 @@ async def refused_self_edits(requester: Requester, target: User, fields: Iterabl
     settings = await requester.organization_settings()
     if settings is None:
         return []
-    return sorted(f for f in fields if f in SELF_EDIT_SWITCHES and not getattr(settings, SELF_EDIT_SWITCHES[f]))
+    return sorted(
+        f for f in fields if f in SELF_EDIT_SWITCHES and not getattr(settings, SELF_EDIT_SWITCHES[f])
+    )

@@ -114,8 +114,12 @@ class Requester:
             return False
         return not self.role_collection_ids(kinds).isdisjoint(collection.ancestor_ids)
 
-    def has_role_on_ids(self, kinds: Iterable[RoleKind], organization_id: uuid.UUID | None,
-                        collection_ids: Iterable[uuid.UUID | None]) -> bool:
+    def has_role_on_ids(
+        self,
+        kinds: Iterable[RoleKind],
+        organization_id: uuid.UUID | None,
+        collection_ids: Iterable[uuid.UUID | None],
+    ) -> bool:
         if self.is_superuser:
             return True
         if not self.in_organization or organization_id != self.organization_id:

@@ -73,7 +73,9 @@ def oversees(requester: Requester) -> bool:
 
 
 def administers(requester: Requester, organization_id: uuid.UUID | None) -> bool:
-    return requester.in_organization and organization_id == requester.organization_id and requester.is_org_admin
+    return (
+        requester.in_organization and organization_id == requester.organization_id and requester.is_org_admin
+    )
 
 
 def participations(requester: Requester) -> Any:
@@ -239,14 +241,19 @@ class TopicRules(Policy):
     def _scope_clause(self, requester: Requester) -> Clause:
         if requester.in_organization:
             return or_(
-                BrokerTopic.organization_id.is_(None), BrokerTopic.organization_id == requester.organization_id
+                BrokerTopic.organization_id.is_(None),
+                BrokerTopic.organization_id == requester.organization_id,
             )
         return BrokerTopic.organization_id.is_(None)
 
     async def can_read(self, requester: Requester, obj: BrokerTopic) -> bool:
         if requester.is_anonymous or not self._scope(requester, obj.organization_id):
             return False
-        if obj.is_public or obj.owner_id == requester.id or (oversees(requester) and obj.organization_id is not None):
+        if (
+            obj.is_public
+            or obj.owner_id == requester.id
+            or (oversees(requester) and obj.organization_id is not None)
+        ):
             return True
         if isinstance(obj, ResponseTopic) and obj.requester_id == requester.id:
             return True
@@ -260,7 +267,8 @@ class TopicRules(Policy):
         requested = select(ResponseTopic.id).where(ResponseTopic.requester_id == requester.id)
         org_topics = (
             and_(BrokerTopic.organization_id.is_not(None), oversees_clause(requester))
-            if requester.in_organization else false()
+            if requester.in_organization
+            else false()
         )
         return and_(
             self._scope_clause(requester),
@@ -295,7 +303,9 @@ TOPIC_POLICY = Superuser() | TopicRules()
 # ---------------------------------------------------------------------------- refusals
 
 
-def refusal(requester: Requester, organization_id: uuid.UUID | None, label: str, dlr_message: str) -> Exception:
+def refusal(
+    requester: Requester, organization_id: uuid.UUID | None, label: str, dlr_message: str
+) -> Exception:
     """What to raise when the caller may not see an object: 404 (existence is not revealed), except
     between two users of the organisation-less DLR space, where the reference server's 403 (and its
     message) is kept because DLR clients rely on it."""

@@ -8,9 +8,9 @@ from fastapi.security import OAuth2PasswordRequestForm
 from flplatform.auth import PASSWORD, client_address, login_with_password
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, responses
-from flplatform.onboarding import FIRST_USER_HINT, has_users
-from flplatform.login_guard import guard_of
 from flplatform.input_guard import require_text
+from flplatform.login_guard import guard_of
+from flplatform.onboarding import FIRST_USER_HINT, has_users
 from flplatform.schemas.user import AccessToken
 from flplatform.services import users as user_service
 
@@ -25,9 +25,19 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
     "**Authorize** dialog calls. The token expires after `FLP_ACCESS_TOKEN_TTL_SECONDS`.",
     responses={
         **responses(401, 422, 429),
-        401: {**responses(401)[401], "content": {"application/json": {"example": {
-            "detail": "Invalid username/password.", "code": "invalid_credentials",
-            "error": "invalid_grant", "error_description": "Invalid username/password."}}}},
+        401: {
+            **responses(401)[401],
+            "content": {
+                "application/json": {
+                    "example": {
+                        "detail": "Invalid username/password.",
+                        "code": "invalid_credentials",
+                        "error": "invalid_grant",
+                        "error_description": "Invalid username/password.",
+                    }
+                }
+            },
+        },
     },
 )
 async def login(

@@ -97,7 +97,9 @@ async def get_balance(
     session: SessionDep, caller: CurrentUser, user_id: uuid.UUID | None = None
 ) -> BalanceRead:
     target = _target_user(caller, user_id)
-    return BalanceRead.model_validate({"user_id": target, "balances": await billing.balances(session, target)})
+    return BalanceRead.model_validate(
+        {"user_id": target, "balances": await billing.balances(session, target)}
+    )
 
 
 @router.post(
@@ -110,21 +112,32 @@ async def get_balance(
     responses=responses(400, 401, 403, 404, 422),
 )
 async def create_top_up(
-    request: Request, session: SessionDep, admin: SuperUser, data: TopUpCreate, idempotency_key: IdempotencyKeyHeader = None
+    request: Request,
+    session: SessionDep,
+    admin: SuperUser,
+    data: TopUpCreate,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     await _existing_user(session, data.user_id)
 
     async def run() -> tuple[int, OperationRead]:
         op = await billing.top_up(
-            session, user_id=data.user_id, amount=to_minor(data.amount), currency=data.currency,
+            session,
+            user_id=data.user_id,
+            amount=to_minor(data.amount),
+            currency=data.currency,
             key=f"topup:{admin.id}:{idempotency_key}" if idempotency_key else f"topup:{uuid.uuid4()}",
-            actor_id=admin.id, description=data.description,
+            actor_id=admin.id,
+            description=data.description,
         )
         return 201, _op(op)
 
     return await idempotent(
-        session, user_id=admin.id, key=idempotency_key,
-        fingerprint=request_fingerprint("POST", request.url.path, data), handler=run,
+        session,
+        user_id=admin.id,
+        key=idempotency_key,
+        fingerprint=request_fingerprint("POST", request.url.path, data),
+        handler=run,
     )
 
 
@@ -152,8 +165,12 @@ async def payment_webhook(
         raise Unprocessable(f"Invalid payment event: {exc.errors()[0]['msg']}") from None
     await _existing_user(session, event.user_id)
     op = await billing.top_up(
-        session, user_id=event.user_id, amount=to_minor(event.amount), currency=event.currency,
-        key=f"payment:{event.external_id}", description=f"payment {event.external_id}",
+        session,
+        user_id=event.user_id,
+        amount=to_minor(event.amount),
+        currency=event.currency,
+        key=f"payment:{event.external_id}",
+        description=f"payment {event.external_id}",
     )
     return _op(op)
 
@@ -168,18 +185,27 @@ async def payment_webhook(
     responses=responses(401, 402, 403, 404, 422),
 )
 async def create_payout(
-    request: Request, session: SessionDep, admin: SuperUser, data: PayoutCreate, idempotency_key: IdempotencyKeyHeader = None
+    request: Request,
+    session: SessionDep,
+    admin: SuperUser,
+    data: PayoutCreate,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     await _existing_user(session, data.user_id)
 
     async def run() -> tuple[int, OperationRead]:
         key = f"payout:{admin.id}:{idempotency_key}" if idempotency_key else f"payout:{uuid.uuid4()}"
-        op = await billing.payout(session, user_id=data.user_id, amount=to_minor(data.amount), key=key, actor_id=admin.id)
+        op = await billing.payout(
+            session, user_id=data.user_id, amount=to_minor(data.amount), key=key, actor_id=admin.id
+        )
         return 201, _op(op)
 
     return await idempotent(
-        session, user_id=admin.id, key=idempotency_key,
-        fingerprint=request_fingerprint("POST", request.url.path, data), handler=run,
+        session,
+        user_id=admin.id,
+        key=idempotency_key,
+        fingerprint=request_fingerprint("POST", request.url.path, data),
+        handler=run,
     )
 
 
@@ -193,17 +219,25 @@ async def create_payout(
     responses=responses(401, 402, 422),
 )
 async def create_conversion(
-    request: Request, session: SessionDep, caller: CurrentUser, data: ConversionCreate,
+    request: Request,
+    session: SessionDep,
+    caller: CurrentUser,
+    data: ConversionCreate,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     async def run() -> tuple[int, OperationRead]:
         key = f"conversion:{caller.id}:{idempotency_key}" if idempotency_key else f"conversion:{uuid.uuid4()}"
-        op = await billing.convert_to_tokens(session, user_id=caller.id, usd_amount=to_minor(data.usd_amount), key=key)
+        op = await billing.convert_to_tokens(
+            session, user_id=caller.id, usd_amount=to_minor(data.usd_amount), key=key
+        )
         return 201, _op(op)
 
     return await idempotent(
-        session, user_id=caller.id, key=idempotency_key,
-        fingerprint=request_fingerprint("POST", request.url.path, data), handler=run,
+        session,
+        user_id=caller.id,
+        key=idempotency_key,
+        fingerprint=request_fingerprint("POST", request.url.path, data),
+        handler=run,
     )
 
 
@@ -217,8 +251,12 @@ async def create_conversion(
 )
 async def create_coupon(session: SessionDep, admin: SuperUser, data: CouponCreate) -> CouponRead:
     coupon = await billing.create_coupon(
-        session, code=data.code, amount=to_minor(data.amount), max_redemptions=data.max_redemptions,
-        expires_at=data.expires_at, created_by=admin.id,
+        session,
+        code=data.code,
+        amount=to_minor(data.amount),
+        max_redemptions=data.max_redemptions,
+        expires_at=data.expires_at,
+        created_by=admin.id,
     )
     return CouponRead.model_validate(coupon)
 
@@ -272,7 +310,14 @@ async def list_operations(
         raise Forbidden("Only superusers may list everyone's operations.")
     target = None if all else _target_user(caller, user_id)
     rows, total = await billing.list_operations(
-        session, user_id=target, kind=kind, model_id=model_id, since=since, until=until, limit=limit, offset=offset
+        session,
+        user_id=target,
+        kind=kind,
+        model_id=model_id,
+        since=since,
+        until=until,
+        limit=limit,
+        offset=offset,
     )
     response.headers["X-Total-Count"] = str(total)
     return [_op(r) for r in rows]
@@ -308,7 +353,11 @@ async def get_operation(session: SessionDep, caller: CurrentUser, operation_id: 
     responses=responses(400, 401, 402, 403, 404, 409),
 )
 async def refund_operation(
-    request: Request, session: SessionDep, admin: SuperUser, operation_id: uuid.UUID, data: RefundCreate,
+    request: Request,
+    session: SessionDep,
+    admin: SuperUser,
+    operation_id: uuid.UUID,
+    data: RefundCreate,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     async def run() -> tuple[int, OperationRead]:
@@ -316,8 +365,11 @@ async def refund_operation(
         return 201, _op(op)
 
     return await idempotent(
-        session, user_id=admin.id, key=idempotency_key,
-        fingerprint=request_fingerprint("POST", request.url.path, data), handler=run,
+        session,
+        user_id=admin.id,
+        key=idempotency_key,
+        fingerprint=request_fingerprint("POST", request.url.path, data),
+        handler=run,
     )
 
 
@@ -343,7 +395,9 @@ async def model_report(session: SessionDep, caller: CurrentUser, model_id: uuid.
 
 def _pricing_read(model_id: uuid.UUID, row: object | None) -> ModelPricingRead:
     if row is None:
-        return ModelPricingRead(model_id=model_id, inference_public=False, inference_price_per_sample=to_decimal(0))
+        return ModelPricingRead(
+            model_id=model_id, inference_public=False, inference_price_per_sample=to_decimal(0)
+        )
     return ModelPricingRead.model_validate(row)
 
 
@@ -355,7 +409,9 @@ def _pricing_read(model_id: uuid.UUID, row: object | None) -> ModelPricingRead:
     "who may read the model, and for everyone once it is public on the market; 404 otherwise.",
     responses=responses(401, 404),
 )
-async def get_model_pricing(session: SessionDep, caller: CurrentUser, model_id: uuid.UUID) -> ModelPricingRead:
+async def get_model_pricing(
+    session: SessionDep, caller: CurrentUser, model_id: uuid.UUID
+) -> ModelPricingRead:
     from flplatform.permissions import Requester, can_read
 
     model = await session.get(Model, model_id)
@@ -381,7 +437,10 @@ async def put_model_pricing(
 ) -> ModelPricingRead:
     await _owned_model(session, caller, model_id)
     row = await billing.set_model_pricing(
-        session, model_id, public=data.inference_public, price_per_sample=to_minor(data.inference_price_per_sample)
+        session,
+        model_id,
+        public=data.inference_public,
+        price_per_sample=to_minor(data.inference_price_per_sample),
     )
     return _pricing_read(model_id, row)
 
@@ -396,7 +455,9 @@ async def put_model_pricing(
     responses=responses(400, 401, 403, 422),
 )
 async def get_statement(
-    session: SessionDep, caller: CurrentUser, period: Annotated[str, Path(pattern=PERIOD_PATTERN, examples=["2026-11"])],
+    session: SessionDep,
+    caller: CurrentUser,
+    period: Annotated[str, Path(pattern=PERIOD_PATTERN, examples=["2026-11"])],
     user_id: uuid.UUID | None = None,
 ) -> StatementRead:
     target = _target_user(caller, user_id)
@@ -413,8 +474,12 @@ async def get_statement(
 async def create_bill(session: SessionDep, admin: SuperUser, data: BillCreate) -> BillRead:
     await _existing_user(session, data.user_id)
     bill = await billing.create_bill(
-        session, user_id=data.user_id, amount=to_minor(data.amount), description=data.description,
-        period=data.period, created_by=admin.id,
+        session,
+        user_id=data.user_id,
+        amount=to_minor(data.amount),
+        description=data.description,
+        period=data.period,
+        created_by=admin.id,
     )
     return BillRead.model_validate(bill)
 
@@ -426,9 +491,13 @@ async def create_bill(session: SessionDep, admin: SuperUser, data: BillCreate) -
     description="The caller's bills (superusers: `user_id`'s), newest first.",
     responses=responses(401, 403),
 )
-async def list_bills(session: SessionDep, caller: CurrentUser, user_id: uuid.UUID | None = None) -> list[BillRead]:
+async def list_bills(
+    session: SessionDep, caller: CurrentUser, user_id: uuid.UUID | None = None
+) -> list[BillRead]:
     target = _target_user(caller, user_id)
-    rows = (await session.execute(select(Bill).where(Bill.user_id == target).order_by(Bill.created_at.desc()))).scalars()
+    rows = (
+        await session.execute(select(Bill).where(Bill.user_id == target).order_by(Bill.created_at.desc()))
+    ).scalars()
     return [BillRead.model_validate(b) for b in rows]
 
 
@@ -441,7 +510,10 @@ async def list_bills(session: SessionDep, caller: CurrentUser, user_id: uuid.UUI
     responses=responses(401, 402, 404, 422),
 )
 async def pay_bill(
-    request: Request, session: SessionDep, caller: CurrentUser, bill_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    caller: CurrentUser,
+    bill_id: uuid.UUID,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     bill = await billing.get_bill(session, bill_id)
@@ -453,8 +525,11 @@ async def pay_bill(
         return 200, BillRead.model_validate(bill)
 
     return await idempotent(
-        session, user_id=caller.id, key=idempotency_key,
-        fingerprint=request_fingerprint("POST", request.url.path, None), handler=run,
+        session,
+        user_id=caller.id,
+        key=idempotency_key,
+        fingerprint=request_fingerprint("POST", request.url.path, None),
+        handler=run,
     )
 
 
@@ -469,7 +544,9 @@ async def list_prices(session: SessionDep, _caller: CurrentUser) -> list[PriceRe
     prices = await get_prices(session)
     return [
         PriceRead(
-            item=p.item, amount=to_decimal(p.amount) if p.currency else p.amount, currency=p.currency,
+            item=p.item,
+            amount=to_decimal(p.amount) if p.currency else p.amount,
+            currency=p.currency,
             description=p.description,
         )
         for p in prices.items.values()
@@ -497,7 +574,9 @@ async def put_price(session: SessionDep, admin: SuperUser, item: str, data: Pric
     price = await set_price(session, item, amount, by=admin.id)
     await record(session, "billing.price_set", f"{item} = {data.amount}", actor=admin)
     return PriceRead(
-        item=item, amount=to_decimal(amount) if price.currency else amount, currency=price.currency,
+        item=item,
+        amount=to_decimal(amount) if price.currency else amount,
+        currency=price.currency,
         description=price.description,
     )
 
@@ -545,10 +624,16 @@ async def list_audit(
         conditions.append(AuditLog.organisation_id == organisation_id)
     if since is not None:
         conditions.append(AuditLog.timestamp >= since)
-    total = (await session.execute(select(func.count()).select_from(AuditLog).where(*conditions))).scalar_one()
+    total = (
+        await session.execute(select(func.count()).select_from(AuditLog).where(*conditions))
+    ).scalar_one()
     rows = (
         await session.execute(
-            select(AuditLog).where(*conditions).order_by(AuditLog.timestamp.desc(), AuditLog.id).limit(limit).offset(offset)
+            select(AuditLog)
+            .where(*conditions)
+            .order_by(AuditLog.timestamp.desc(), AuditLog.id)
+            .limit(limit)
+            .offset(offset)
         )
     ).scalars()
     response.headers["X-Total-Count"] = str(total)

@@ -109,7 +109,9 @@ async def _consumer(websocket: WebSocket, slug: str, subscription: str) -> None:
     await _broker(websocket.app).consumer_session(websocket, slug, user, history=history)
 
 
-async def _alias_producer(websocket: WebSocket, persistence: str, tenant: str, namespace: str, slug: str) -> None:
+async def _alias_producer(
+    websocket: WebSocket, persistence: str, tenant: str, namespace: str, slug: str
+) -> None:
     await _producer(websocket, slug)
 
 
@@ -132,7 +134,11 @@ _ALIAS = "{persistence:dasfslug}/{tenant:dasfslug}/{namespace:dasfslug}"
 _WEBSOCKETS: list[tuple[str, Any, str]] = [
     ("/ws/status-ping", _status_ping, "dasf-status-ping"),
     (f"/ws/v2/producer/{_ALIAS}/{{slug:dasfslug}}", _alias_producer, "dasf-pulsar-producer"),
-    (f"/ws/v2/consumer/{_ALIAS}/{{slug:dasfslug}}/{{subscription:dasfsub}}", _alias_consumer, "dasf-pulsar-consumer"),
+    (
+        f"/ws/v2/consumer/{_ALIAS}/{{slug:dasfslug}}/{{subscription:dasfsub}}",
+        _alias_consumer,
+        "dasf-pulsar-consumer",
+    ),
     ("/ws/{slug:dasfslug}", _producer, "dasf-producer"),
     ("/ws/{slug:dasfslug}/{subscription:dasfsub}", _consumer, "dasf-consumer"),
 ]
@@ -165,7 +171,9 @@ async def _pingable(request: Request, requester: Requester, topic: BrokerTopic) 
     if not (perms.produce or await service.can_manage(requester, topic)):
         if requester.is_anonymous:
             raise Unauthorized()
-        if topic.organization_id is not None and not (perms.consume or perms.view_status or await can_read(requester, topic)):
+        if topic.organization_id is not None and not (
+            perms.consume or perms.view_status or await can_read(requester, topic)
+        ):
             raise NotFound(f"Topic {topic.slug} not found.")
         raise Forbidden("You may not ping this topic.")
 
@@ -176,8 +184,13 @@ async def _visible(request: Request, requester: Requester, topic: BrokerTopic) -
     if service.out_of_scope(requester, topic):
         raise Unauthorized() if requester.is_anonymous else NotFound(f"Topic {topic.slug} not found.")
     perms = await _perms(request, requester.user, topic)
-    if not (perms.produce or perms.consume or perms.view_status or await can_read(requester, topic)
-            or await service.can_manage(requester, topic)):
+    if not (
+        perms.produce
+        or perms.consume
+        or perms.view_status
+        or await can_read(requester, topic)
+        or await service.can_manage(requester, topic)
+    ):
         if requester.is_anonymous:
             raise Unauthorized()
         if topic.organization_id is not None:  # objects one may not see are 404 in organisations
@@ -186,7 +199,9 @@ async def _visible(request: Request, requester: Requester, topic: BrokerTopic) -
     return perms
 
 
-async def _read(request: Request, session: SessionDep, topics: list[BrokerTopic], detail: bool = False) -> list[Any]:
+async def _read(
+    request: Request, session: SessionDep, topics: list[BrokerTopic], detail: bool = False
+) -> list[Any]:
     broker = _broker(request.app)
     counts = await service.message_counts(session, [t.id for t in topics])
     sources: dict[uuid.UUID, str] = {}
@@ -194,7 +209,9 @@ async def _read(request: Request, session: SessionDep, topics: list[BrokerTopic]
     if source_ids:
         from sqlalchemy import select
 
-        rows = await session.execute(select(BrokerTopic.id, BrokerTopic.slug).where(BrokerTopic.id.in_(source_ids)))
+        rows = await session.execute(
+            select(BrokerTopic.id, BrokerTopic.slug).where(BrokerTopic.id.in_(source_ids))
+        )
         sources = {r.id: r.slug for r in rows}
     now = broker.clock.now()
     out: list[Any] = []
@@ -260,24 +277,39 @@ async def _fresh_topic(request: Request, session: SessionDep, slug: str) -> Brok
     response_class=PlainTextResponse,
     responses={
         **responses(401, 403, 404, 422),
-        200: {"description": "A consumer (backend) answered the latest ping.",
-              "content": {"text/plain": {"example": "Consumer connected"}}},
-        400: {"description": "The topic does not support DASF, so it is never pinged.",
-              "content": {"text/plain": {"example": "Topic is excluded from ping"}}},
-        503: {"description": "The DASF availability answer (dasf-protocol.md, HTTP status view), not a server "
-              "failure: `Status unknown` when no ping was sent within the last 2 minutes, `Consumer could not be "
-              "reached` when the latest ping got no pong. Clients ping (`ping/`) and poll again.",
-              "content": {"text/plain": {"examples": {
-                  "unknown": {"value": "Status unknown"},
-                  "unreachable": {"value": "Consumer could not be reached"}}}}},
+        200: {
+            "description": "A consumer (backend) answered the latest ping.",
+            "content": {"text/plain": {"example": "Consumer connected"}},
+        },
+        400: {
+            "description": "The topic does not support DASF, so it is never pinged.",
+            "content": {"text/plain": {"example": "Topic is excluded from ping"}},
+        },
+        503: {
+            "description": "The DASF availability answer (dasf-protocol.md, HTTP status view), not a server "
+            "failure: `Status unknown` when no ping was sent within the last 2 minutes, `Consumer could not be "
+            "reached` when the latest ping got no pong. Clients ping (`ping/`) and poll again.",
+            "content": {
+                "text/plain": {
+                    "examples": {
+                        "unknown": {"value": "Status unknown"},
+                        "unreachable": {"value": "Consumer could not be reached"},
+                    }
+                }
+            },
+        },
     },
 )
-async def status_text(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> PlainTextResponse:
+async def status_text(
+    request: Request, session: SessionDep, user: OptionalUser, slug: str
+) -> PlainTextResponse:
     topic = await _fresh_topic(request, session, slug)
     await _visible(request, await Requester.load(session, user), topic)
     if not topic.supports_dasf:
         return PlainTextResponse("Topic is excluded from ping", status_code=400)
-    value = availability(topic.supports_dasf, topic.last_ping, topic.last_pong, _broker(request.app).clock.now())
+    value = availability(
+        topic.supports_dasf, topic.last_ping, topic.last_pong, _broker(request.app).clock.now()
+    )
     code, text = STATUS_TEXT[value]
     return PlainTextResponse(text, status_code=code)
 
@@ -307,7 +339,9 @@ async def ping_text(request: Request, session: SessionDep, user: OptionalUser, s
 
 
 @router.post("/ws/{slug}/ping/", **_PING_DOC)  # type: ignore[arg-type]
-async def ping_text_post(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> RedirectResponse:
+async def ping_text_post(
+    request: Request, session: SessionDep, user: OptionalUser, slug: str
+) -> RedirectResponse:
     return await _ping_and_redirect(request, session, user, slug)
 
 
@@ -377,7 +411,9 @@ async def get_topic(request: Request, session: SessionDep, user: OptionalUser, s
     description="Owner, organisation admin or superuser; another organisation's topic is 404. `store_messages: null` returns to the server default.",
     responses=responses(401, 403, 404, 422),
 )
-async def update_topic(request: Request, session: SessionDep, user: CurrentUser, slug: str, data: TopicUpdate) -> Any:
+async def update_topic(
+    request: Request, session: SessionDep, user: CurrentUser, slug: str, data: TopicUpdate
+) -> Any:
     topic = await service.get_topic(session, slug)
     await service.require_manager(await Requester.load(session, user), topic)
     service.update_topic(topic, data.model_dump(exclude_unset=True))
@@ -411,9 +447,13 @@ async def delete_topic(request: Request, session: SessionDep, user: CurrentUser,
 async def topic_status(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> StatusRead:
     topic = await _fresh_topic(request, session, slug)
     await _visible(request, await Requester.load(session, user), topic)
-    value = availability(topic.supports_dasf, topic.last_ping, topic.last_pong, _broker(request.app).clock.now())
+    value = availability(
+        topic.supports_dasf, topic.last_ping, topic.last_pong, _broker(request.app).clock.now()
+    )
     text = STATUS_TEXT[value][1] if topic.supports_dasf else "Topic is excluded from ping"
-    return StatusRead(slug=slug, availability=value, status=text, last_ping=topic.last_ping, last_pong=topic.last_pong)
+    return StatusRead(
+        slug=slug, availability=value, status=text, last_ping=topic.last_ping, last_pong=topic.last_pong
+    )
 
 
 @api.post(
@@ -443,7 +483,10 @@ async def list_grants(session: SessionDep, user: CurrentUser, slug: str) -> list
     await service.require_manager(await Requester.load(session, user), topic)
     return [
         GrantRead(
-            user_id=g.user_id, username=name, can_produce=g.can_produce, can_consume=g.can_consume,
+            user_id=g.user_id,
+            username=name,
+            can_produce=g.can_produce,
+            can_consume=g.can_consume,
             can_view_status=g.can_view_status,
         )
         for g, name in await service.list_grants(session, topic)
@@ -468,8 +511,11 @@ async def put_grant(
     grant = await service.set_grant(session, topic, target, **data.model_dump())
     _invalidate_after_commit(request, session, None)
     return GrantRead(
-        user_id=target.id, username=target.username, can_produce=grant.can_produce,
-        can_consume=grant.can_consume, can_view_status=grant.can_view_status,
+        user_id=target.id,
+        username=target.username,
+        can_produce=grant.can_produce,
+        can_consume=grant.can_consume,
+        can_view_status=grant.can_view_status,
     )
 
 
@@ -480,7 +526,9 @@ async def put_grant(
     description="Removes the user's grant on the topic. Owner, organisation admin or superuser; another organisation's topic is 404.",
     responses=responses(401, 403, 404),
 )
-async def delete_grant(request: Request, session: SessionDep, user: CurrentUser, slug: str, user_ref: str) -> Detail:
+async def delete_grant(
+    request: Request, session: SessionDep, user: CurrentUser, slug: str, user_ref: str
+) -> Detail:
     topic = await service.get_topic(session, slug)
     await service.require_manager(await Requester.load(session, user), topic)
     target = await service.find_user(session, user_ref)
@@ -515,8 +563,13 @@ async def list_messages(
 
     return [
         MessageRead(
-            id=r.id, message_id=r.message_id, context=r.context, user_id=r.user_id, created_at=r.created_at,
-            delivered_to=keys, content=json.loads(r.content),
+            id=r.id,
+            message_id=r.message_id,
+            context=r.context,
+            user_id=r.user_id,
+            created_at=r.created_at,
+            delivered_to=keys,
+            content=json.loads(r.content),
         )
         for r, keys in rows
     ]

@@ -22,8 +22,8 @@ from flplatform.auth import CurrentUser
 from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, responses
 from flplatform.orm.base import utcnow
-from flplatform.request_guard import body_limits
 from flplatform.orm.billing import WorkKind
+from flplatform.request_guard import body_limits
 from flplatform.schemas.base import Limit, Offset
 from flplatform.schemas.inference import (
     INFERENCE_REQUEST_EXAMPLES,
@@ -128,8 +128,11 @@ _MULTIPART_SCHEMA = {
         "uncertainty_method": {"type": "string", "enum": ["NONE", "ENSEMBLE", "MC_DROPOUT", "SWAG"]},
         "options": {"type": "string", "description": 'JSON, e.g. {"N": 20, "softmax": true, "seed": 1}'},
         "round": {"type": "integer", "minimum": 0, "description": "a round of the model's history"},
-        "return_scores": {"type": "boolean", "default": False,
-                          "description": "true: `inference` holds scores for NONE too (see the JSON body)"},
+        "return_scores": {
+            "type": "boolean",
+            "default": False,
+            "description": "true: `inference` holds scores for NONE too (see the JSON body)",
+        },
     },
 }
 
@@ -155,7 +158,9 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"JSON body larger than {limit} bytes; send large inputs as multipart files.")
+            raise PayloadTooLarge(
+                f"JSON body larger than {limit} bytes; send large inputs as multipart files."
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -205,7 +210,9 @@ async def _query_from_form(request: Request, default_format: ReturnFormat = "bin
             if key == "model_input":
                 if isinstance(value, UploadFile):
                     if value.size is not None and value.size > max_bytes:
-                        raise PayloadTooLarge(f"model_input is larger than {max_bytes} bytes.", code="input_too_large")
+                        raise PayloadTooLarge(
+                            f"model_input is larger than {max_bytes} bytes.", code="input_too_large"
+                        )
                     model_input = await value.read()
                 else:
                     model_input = value
@@ -292,9 +299,15 @@ def _record_work(request: Request, started: dt.datetime, result: inference_servi
     if work_log is None:
         return
     worker = getattr(request.app.state, "work_worker", None)
-    work_log.add(INFERENCE_WORK, category=WorkKind.INFERENCE, started_at=started, finished_at=utcnow(),
-                 server_id=getattr(worker, "server_id", None), model_id=result.model.id,
-                 result={"method": result.method.value, "rows": result.rows, "round": result.round})
+    work_log.add(
+        INFERENCE_WORK,
+        category=WorkKind.INFERENCE,
+        started_at=started,
+        finished_at=utcnow(),
+        server_id=getattr(worker, "server_id", None),
+        model_id=result.model.id,
+        result={"method": result.method.value, "rows": result.rows, "round": result.round},
+    )
 
 
 # --------------------------------------------------------------------------- asynchronous jobs
@@ -326,10 +339,15 @@ _JOB_REQUEST_BODY = {
     **_REQUEST_BODY,
     "content": {
         **_REQUEST_BODY["content"],
-        "multipart/form-data": {"schema": {
-            **_MULTIPART_SCHEMA,
-            "properties": {**_MULTIPART_SCHEMA["properties"], "return_format": {"type": "string", "enum": ["json"]}},
-        }},
+        "multipart/form-data": {
+            "schema": {
+                **_MULTIPART_SCHEMA,
+                "properties": {
+                    **_MULTIPART_SCHEMA["properties"],
+                    "return_format": {"type": "string", "enum": ["json"]},
+                },
+            }
+        },
     },
 }
 
@@ -340,12 +358,20 @@ def _job_url(request: Request, job_id: uuid.UUID) -> str:
 
 def _job_view(request: Request, job: Any) -> dict[str, Any]:
     """The job without its result (callers add it): JSON-ready values."""
-    return InferenceJob.model_validate({
-        "id": job.id, "status": inference_jobs.API_STATUS[job.status], "url": _job_url(request, job.id),
-        "model_id": job.model_id, "created_at": job.created_at, "started_at": job.started_at,
-        "finished_at": job.finished_at, "attempts": job.attempts, "result": None,
-        "error": inference_jobs.job_error(job),
-    }).model_dump(mode="json")
+    return InferenceJob.model_validate(
+        {
+            "id": job.id,
+            "status": inference_jobs.API_STATUS[job.status],
+            "url": _job_url(request, job.id),
+            "model_id": job.model_id,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "attempts": job.attempts,
+            "result": None,
+            "error": inference_jobs.job_error(job),
+        }
+    ).model_dump(mode="json")
 
 
 @router.post(
@@ -356,8 +382,10 @@ def _job_view(request: Request, job: Any) -> dict[str, Any]:
     status_code=202,
     response_model=InferenceJob,
     responses={
-        202: {"description": "Queued; poll `url` (the `Location` header).", "headers": {
-            "Location": {"description": "The job's URL.", "schema": {"type": "string"}}}},
+        202: {
+            "description": "Queued; poll `url` (the `Location` header).",
+            "headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}},
+        },
         **responses(400, 401, 402, 404, 409, 413, 415, 422),
     },
     openapi_extra={"requestBody": _JOB_REQUEST_BODY},
@@ -365,11 +393,17 @@ def _job_view(request: Request, job: Any) -> dict[str, Any]:
 @body_limits(json=_json_limit, multipart=_multipart_limit)
 async def submit_inference_job(request: Request, session: SessionDep, user: CurrentUser) -> Response:
     query = await _query_from_request(request, form_format="json")
-    job = await inference_jobs.submit(session, runtime_for(request.app.state), user, query,
-                                      max_attempts=request.app.state.settings.work_max_attempts)
+    job = await inference_jobs.submit(
+        session,
+        runtime_for(request.app.state),
+        user,
+        query,
+        max_attempts=request.app.state.settings.work_max_attempts,
+    )
     view = _job_view(request, job)
-    return Response(json.dumps(view), status_code=202, media_type="application/json",
-                    headers={"Location": view["url"]})
+    return Response(
+        json.dumps(view), status_code=202, media_type="application/json", headers={"Location": view["url"]}
+    )
 
 
 @router.get(
@@ -382,7 +416,9 @@ async def submit_inference_job(request: Request, session: SessionDep, user: Curr
     response_model=InferenceJob,
     responses=responses(401, 404, 422),
 )
-async def get_inference_job(request: Request, session: SessionDep, user: CurrentUser, job_id: uuid.UUID) -> Response:
+async def get_inference_job(
+    request: Request, session: SessionDep, user: CurrentUser, job_id: uuid.UUID
+) -> Response:
     job = await inference_jobs.get_job(session, user, job_id)
     view = _job_view(request, job)
     if view["status"] == "done":
@@ -424,6 +460,8 @@ async def list_inference_jobs(
     response_model=ModelMetadata,
     responses=responses(401, 404, 409, 422),
 )
-async def metadata(request: Request, session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> ModelMetadata:
+async def metadata(
+    request: Request, session: SessionDep, user: CurrentUser, model_id: uuid.UUID
+) -> ModelMetadata:
     info = await inference_service.model_metadata(session, runtime_for(request.app.state), user, model_id)
     return ModelMetadata.model_validate(info)

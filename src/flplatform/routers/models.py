@@ -75,9 +75,13 @@ def parse_input_shape(values: list[str]) -> list[int | None] | None:
         try:
             dim = int(text)
         except ValueError:
-            raise BadRequest(f"input_shape: {text!r} is neither an integer nor None.", code="invalid_input_shape") from None
+            raise BadRequest(
+                f"input_shape: {text!r} is neither an integer nor None.", code="invalid_input_shape"
+            ) from None
         if not 0 <= dim <= MAX_INT:
-            raise BadRequest(f"input_shape: dimensions must be between 0 and {MAX_INT}.", code="invalid_input_shape")
+            raise BadRequest(
+                f"input_shape: dimensions must be between 0 and {MAX_INT}.", code="invalid_input_shape"
+            )
         shape.append(dim)
     if not shape or shape == [None]:
         return None
@@ -119,16 +123,28 @@ _UPLOAD_FORM = {
                         "round": {"type": "integer", "default": 0},
                         # One JSON list here (Swagger UI would join a list into one comma-separated field);
                         # clients may also repeat the field, one dimension each.
-                        "input_shape": {"type": "string", "example": "[null, 4]",
-                                        "description": "The model's input shape as a JSON list, null for free "
-                                        "dimensions (e.g. the batch); or the field repeated, one int or None each."},
-                        "model_file": {"type": "string", "format": "binary",
-                                       "description": "TorchScript archive (torch.jit.save)."},
-                        "model_preprocessing_file": {"type": "string", "format": "binary",
-                                                     "description": "Optional TorchScript preprocessing module."},
+                        "input_shape": {
+                            "type": "string",
+                            "example": "[null, 4]",
+                            "description": "The model's input shape as a JSON list, null for free "
+                            "dimensions (e.g. the batch); or the field repeated, one int or None each.",
+                        },
+                        "model_file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "TorchScript archive (torch.jit.save).",
+                        },
+                        "model_preprocessing_file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "Optional TorchScript preprocessing module.",
+                        },
                         # No example: an invented id would point nowhere.
-                        "models": {"type": "string", "description": "type=MEAN only, instead of model_file: ids of "
-                                   "the member global models as a JSON list, or the field repeated, one id each."},
+                        "models": {
+                            "type": "string",
+                            "description": "type=MEAN only, instead of model_file: ids of "
+                            "the member global models as a JSON list, or the field repeated, one id each.",
+                        },
                     },
                 }
             },
@@ -139,11 +155,16 @@ _UPLOAD_FORM = {
 }
 
 
-@router.get("/", response_model=list[ModelRead], summary="List the models I may read",
-            description="Every model the caller may read (never the weights): their own, those of the trainings "
-            "they act in or take part in (with the local updates of those trainings), and for organisation "
-            "admins and organisation coaches every model of the organisation; superusers see all. Never "
-            "another organisation's (docs/permissions.md).", responses=responses(401))
+@router.get(
+    "/",
+    response_model=list[ModelRead],
+    summary="List the models I may read",
+    description="Every model the caller may read (never the weights): their own, those of the trainings "
+    "they act in or take part in (with the local updates of those trainings), and for organisation "
+    "admins and organisation coaches every model of the organisation; superusers see all. Never "
+    "another organisation's (docs/permissions.md).",
+    responses=responses(401),
+)
 async def list_models(requester: AuthenticatedRequester) -> list[ModelRead]:
     return await model_service.describe_many(requester.session, await model_service.list_models(requester))
 
@@ -166,14 +187,26 @@ async def upload_model(request: Request, requester: AuthenticatedRequester) -> M
         try:
             body = MeanModelCreate.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise Unprocessable("Invalid MEAN model body: " + "; ".join(e["msg"] for e in exc.errors()[:5])) from None
+            raise Unprocessable(
+                "Invalid MEAN model body: " + "; ".join(e["msg"] for e in exc.errors()[:5])
+            ) from None
         if body.type.upper() != "MEAN":
-            raise BadRequest("JSON bodies are only for type=MEAN; upload other models as multipart with model_file.")
+            raise BadRequest(
+                "JSON bodies are only for type=MEAN; upload other models as multipart with model_file."
+            )
         upload = model_service.GlobalUpload(
-            name=body.name, description=body.description, type="MEAN", round=body.round,
-            input_shape=body.input_shape, model_file=None, preprocessing_file=None, members=body.models,
+            name=body.name,
+            description=body.description,
+            type="MEAN",
+            round=body.round,
+            input_shape=body.input_shape,
+            model_file=None,
+            preprocessing_file=None,
+            members=body.models,
         )
-    elif content_type.startswith("multipart/form-data") or content_type.startswith("application/x-www-form-urlencoded"):
+    elif content_type.startswith("multipart/form-data") or content_type.startswith(
+        "application/x-www-form-urlencoded"
+    ):
         form = await request.form()
         name = clean_text(str(form.get("name") or "").strip(), "name")
         if not name:
@@ -195,20 +228,27 @@ async def upload_model(request: Request, requester: AuthenticatedRequester) -> M
             try:
                 members_raw = [str(v) for v in json.loads(members_raw[0])]
             except (json.JSONDecodeError, TypeError, RecursionError):
-                raise BadRequest("`models` must be model ids (repeated, or one JSON list).", code="invalid_models") from None
+                raise BadRequest(
+                    "`models` must be model ids (repeated, or one JSON list).", code="invalid_models"
+                ) from None
         try:
             members = [uuid.UUID(v.strip()) for v in members_raw if v.strip()]
         except ValueError:
             raise BadRequest("`models` must be model ids.", code="invalid_models") from None
         upload = model_service.GlobalUpload(
-            name=name[:200], description=description, type=kind, round=round_,
+            name=name[:200],
+            description=description,
+            type=kind,
+            round=round_,
             input_shape=parse_input_shape([str(v) for v in form.getlist("input_shape")]),
             model_file=await _file_bytes(form.get("model_file")),
             preprocessing_file=await _file_bytes(form.get("model_preprocessing_file")),
             members=members,
         )
     else:
-        raise UnsupportedMediaType("Only Content-Type 'multipart/form-data' (or 'application/json' for MEAN) is supported.")
+        raise UnsupportedMediaType(
+            "Only Content-Type 'multipart/form-data' (or 'application/json' for MEAN) is supported."
+        )
     model = await model_service.create_global_model(requester, upload)
     return ModelUploaded(model_id=model.id)
 
@@ -217,30 +257,43 @@ async def upload_model(request: Request, requester: AuthenticatedRequester) -> M
     "/{model_id}/",
     summary="Download a model",
     description="The model as a TorchScript archive (`application/octet-stream`, "
-    "`Content-Disposition: filename=\"model-{id}.pt\"`). `?round=N` returns the global weights of round N "
+    '`Content-Disposition: filename="model-{id}.pt"`). `?round=N` returns the global weights of round N '
     "(every round is kept; the reference overwrote them). Local updates (stored as safetensors) are returned as "
     "TorchScript with the global architecture, so FedDC clients can continue from them. SWAG models download "
     "fine (the reference answered 500). Readable by the owner, the training's actor and participants and the "
     "organisation's admins/coaches; 404 for anyone else (403 between organisation-less users, as the reference).",
     response_class=Response,
-    responses={200: {"content": {OCTET: {}}, "description": "TorchScript archive"}, **responses(401, 403, 404)},
+    responses={
+        200: {"content": {OCTET: {}}, "description": "TorchScript archive"},
+        **responses(401, 403, 404),
+    },
 )
 async def download_model(
-    requester: AuthenticatedRequester, model_id: uuid.UUID,
-    round: Annotated[int | None, Query(ge=0, le=MAX_INT, description="A past round of a global model.")] = None,  # noqa: A002
+    requester: AuthenticatedRequester,
+    model_id: uuid.UUID,
+    round: Annotated[
+        int | None, Query(ge=0, le=MAX_INT, description="A past round of a global model.")
+    ] = None,  # noqa: A002
 ) -> Response:
     model = await model_service.readable_model(requester, model_id)
     data = await model_service.download(requester.session, model, round)
     suffix = "" if round is None else f"-round-{round}"
-    return Response(data, media_type=OCTET,
-                    headers={"Content-Disposition": f'filename="model-{model.id}{suffix}.pt"'})
+    return Response(
+        data, media_type=OCTET, headers={"Content-Disposition": f'filename="model-{model.id}{suffix}.pt"'}
+    )
 
 
-@router.get("/{model_id}/info/", response_model=ModelRead, summary="Describe a model",
-            description="JSON description (type, owner, round, rounds with stored history, input shape…).",
-            responses=responses(401, 403, 404))
+@router.get(
+    "/{model_id}/info/",
+    response_model=ModelRead,
+    summary="Describe a model",
+    description="JSON description (type, owner, round, rounds with stored history, input shape…).",
+    responses=responses(401, 403, 404),
+)
 async def describe_model(requester: AuthenticatedRequester, model_id: uuid.UUID) -> ModelRead:
-    return await model_service.describe(requester.session, await model_service.readable_model(requester, model_id))
+    return await model_service.describe(
+        requester.session, await model_service.readable_model(requester, model_id)
+    )
 
 
 @router.post(
@@ -257,7 +310,10 @@ async def describe_model(requester: AuthenticatedRequester, model_id: uuid.UUID)
     responses=responses(400, 401, 403, 404, 409, 413, 422),
 )
 async def upload_update(
-    session: SessionDep, requester: AuthenticatedRequester, request: Request, model_id: uuid.UUID,
+    session: SessionDep,
+    requester: AuthenticatedRequester,
+    request: Request,
+    model_id: uuid.UUID,
     model_file: Annotated[UploadFile, File(description="The update.")],
     round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
     sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
@@ -267,8 +323,14 @@ async def upload_update(
     model = await _reachable(requester, model_id)
     data = await model_file.read()
     local = await model_service.add_update(
-        session, _user(requester), model, data=data, round_=round, sample_size=sample_size,
-        metric_names=metric_names, metric_values=metric_values,
+        session,
+        _user(requester),
+        model,
+        data=data,
+        round_=round,
+        sample_size=sample_size,
+        metric_names=metric_names,
+        metric_values=metric_values,
     )
     runtime = runtime_of(request.app)
     training_id = (await model_service.training_service.training_for_model(session, local.base_model_id)).id  # type: ignore[union-attr]
@@ -276,18 +338,27 @@ async def upload_update(
     return UpdateAccepted(model_id=local.id, round=local.round)
 
 
-@router.delete("/{model_id}/", response_model=Detail, summary="Delete a model",
-               description="The owner, or the actor of the model's training. Deleting a global model deletes its "
-               "training (as the reference); a model backing a running training must be stopped first (409).",
-               responses=responses(401, 403, 404, 409))
+@router.delete(
+    "/{model_id}/",
+    response_model=Detail,
+    summary="Delete a model",
+    description="The owner, or the actor of the model's training. Deleting a global model deletes its "
+    "training (as the reference); a model backing a running training must be stopped first (409).",
+    responses=responses(401, 403, 404, 409),
+)
 async def delete_model(requester: AuthenticatedRequester, model_id: uuid.UUID) -> Detail:
     model = await _reachable(requester, model_id)
     await model_service.delete_model(requester, model)
     return Detail(detail="Model removed!")
 
 
-@router.get("/{model_id}/metrics/", response_model=list[MetricRead], summary="List a model's metrics",
-            description="Every metric row of the model (binary values base64).", responses=responses(401, 403, 404))
+@router.get(
+    "/{model_id}/metrics/",
+    response_model=list[MetricRead],
+    summary="List a model's metrics",
+    description="Every metric row of the model (binary values base64).",
+    responses=responses(401, 403, 404),
+)
 async def get_metrics(requester: AuthenticatedRequester, model_id: uuid.UUID) -> list[MetricRead]:
     model = await model_service.readable_model(requester, model_id)
     return await model_service.list_metrics(requester, model)
@@ -305,7 +376,10 @@ async def get_metrics(requester: AuthenticatedRequester, model_id: uuid.UUID) ->
     responses=responses(400, 401, 403, 404, 422),
 )
 async def post_metrics(
-    session: SessionDep, requester: AuthenticatedRequester, request: Request, model_id: uuid.UUID,
+    session: SessionDep,
+    requester: AuthenticatedRequester,
+    request: Request,
+    model_id: uuid.UUID,
     metric_names: Annotated[list[SafeStr], Form()] = [],  # noqa: B006
     metric_values: Annotated[list[str], Form()] = [],  # non-numeric values are stored as bytes  # noqa: B006
 ) -> MetricsAccepted:
@@ -323,13 +397,19 @@ async def post_metrics(
     summary="Download the preprocessing module",
     response_class=Response,
     description="TorchScript preprocessing module of the global model (of the base model for a local model).",
-    responses={200: {"content": {OCTET: {}}, "description": "TorchScript archive"}, **responses(401, 403, 404)},
+    responses={
+        200: {"content": {OCTET: {}}, "description": "TorchScript archive"},
+        **responses(401, 403, 404),
+    },
 )
 async def get_preprocessing(requester: AuthenticatedRequester, model_id: uuid.UUID) -> Response:
     model = await model_service.readable_model(requester, model_id)
     data = await model_service.get_preprocessing(requester.session, model)
-    return Response(data, media_type=OCTET,
-                    headers={"Content-Disposition": f'filename="model-{model.id}-preprocessing.pt"'})
+    return Response(
+        data,
+        media_type=OCTET,
+        headers={"Content-Disposition": f'filename="model-{model.id}-preprocessing.pt"'},
+    )
 
 
 @router.post(
@@ -338,11 +418,12 @@ async def get_preprocessing(requester: AuthenticatedRequester, model_id: uuid.UU
     status_code=status.HTTP_202_ACCEPTED,
     summary="Upload a preprocessing module",
     description="Owner only. Multipart `model_preprocessing_file` (TorchScript). 202 as the reference (typo fixed: "
-    "\"Preprocessing Model Upload Accepted\").",
+    '"Preprocessing Model Upload Accepted").',
     responses=responses(400, 401, 403, 404, 422),
 )
 async def post_preprocessing(
-    requester: AuthenticatedRequester, model_id: uuid.UUID,
+    requester: AuthenticatedRequester,
+    model_id: uuid.UUID,
     model_preprocessing_file: Annotated[UploadFile, File()],
 ) -> Detail:
     model = await _reachable(requester, model_id)
@@ -363,7 +444,10 @@ async def post_preprocessing(
     responses=responses(400, 401, 403, 404, 409, 413, 422),
 )
 async def post_swag(
-    session: SessionDep, requester: AuthenticatedRequester, request: Request, model_id: uuid.UUID,
+    session: SessionDep,
+    requester: AuthenticatedRequester,
+    request: Request,
+    model_id: uuid.UUID,
     round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
     sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
     first_moment_file: Annotated[UploadFile, File()],
@@ -371,8 +455,13 @@ async def post_swag(
 ) -> SwagAccepted:
     model = await _reachable(requester, model_id)
     training = await model_service.add_swag_statistics(
-        session, _user(requester), model, round_=round, sample_size=sample_size,
-        first=await first_moment_file.read(), second=await second_moment_file.read(),
+        session,
+        _user(requester),
+        model,
+        round_=round,
+        sample_size=sample_size,
+        first=await first_moment_file.read(),
+        second=await second_moment_file.read(),
     )
     runtime = runtime_of(request.app)
     training_id = training.id
@@ -388,7 +477,8 @@ async def post_swag(
     responses={200: {"content": {OCTET: {}}, "description": "safetensors"}, **responses(401, 403, 404)},
 )
 async def get_swag(
-    requester: AuthenticatedRequester, model_id: uuid.UUID,
+    requester: AuthenticatedRequester,
+    model_id: uuid.UUID,
     moment: Annotated[str, Query(pattern="^(first|second)$")] = "first",
 ) -> Response:
     model = await model_service.readable_model(requester, model_id)
@@ -400,5 +490,8 @@ async def get_swag(
         from flplatform.errors import NotFound
 
         raise NotFound(f"SWAG model {model_id} has no aggregated moments yet.")
-    return Response(data, media_type=OCTET,
-                    headers={"Content-Disposition": f'filename="model-{model.id}-swag-{moment}.safetensors"'})
+    return Response(
+        data,
+        media_type=OCTET,
+        headers={"Content-Disposition": f'filename="model-{model.id}-swag-{moment}.safetensors"'},
+    )

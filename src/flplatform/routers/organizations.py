@@ -66,7 +66,6 @@ groups_router = APIRouter(prefix="/api/groups", tags=["groups"])
 users_groups_router = APIRouter(prefix="/api/users", tags=["groups"])
 
 
-
 async def _visible(requester: Requester, collection_id: uuid.UUID, *kinds: CollectionKind) -> Collection:
     collection = await service.get_collection(requester.session, collection_id, *kinds)
     await ensure_readable(requester, collection, f"{collection.kind.value.capitalize()} {collection_id}")
@@ -97,7 +96,11 @@ async def list_organizations(
     requester: AuthenticatedRequester, response: Response, limit: Limit = 100, offset: Offset = 0
 ) -> list[CollectionRead]:
     rows, total = await service.list_collections(
-        requester.session, readable(requester, Collection), kinds=[CollectionKind.ORGANIZATION], limit=limit, offset=offset
+        requester.session,
+        readable(requester, Collection),
+        kinds=[CollectionKind.ORGANIZATION],
+        limit=limit,
+        offset=offset,
     )
     response.headers["X-Total-Count"] = str(total)
     return [CollectionRead.model_validate(r) for r in rows]
@@ -112,7 +115,9 @@ async def list_organizations(
     "it and become its admin (seed 004's `create_team`).",
     responses=responses(401, 403, 422),
 )
-async def create_organization(requester: AuthenticatedRequester, data: OrganizationCreate) -> OrganizationRead:
+async def create_organization(
+    requester: AuthenticatedRequester, data: OrganizationCreate
+) -> OrganizationRead:
     org = service.new_organization(data.name)
     await ensure_allowed(requester, "create", org, "an organisation")
     founder = requester.user if requester.is_unorganised else None
@@ -173,7 +178,9 @@ async def delete_organization(requester: AuthenticatedRequester, organization_id
     description="Description, location and what members may do themselves (seed 003's FacilityDataset).",
     responses=responses(401, 404, 422),
 )
-async def get_settings(requester: AuthenticatedRequester, organization_id: uuid.UUID) -> OrganizationSettingsRead:
+async def get_settings(
+    requester: AuthenticatedRequester, organization_id: uuid.UUID
+) -> OrganizationSettingsRead:
     await _visible(requester, organization_id, CollectionKind.ORGANIZATION)
     settings = await service.get_settings(requester.session, organization_id)
     await ensure_readable(requester, settings, f"Settings of organization {organization_id}")
@@ -208,13 +215,20 @@ async def update_settings(
     responses=responses(401, 404, 422),
 )
 async def list_projects(
-    requester: AuthenticatedRequester, organization_id: uuid.UUID, response: Response,
-    limit: Limit = 100, offset: Offset = 0,
+    requester: AuthenticatedRequester,
+    organization_id: uuid.UUID,
+    response: Response,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[CollectionRead]:
     await _visible(requester, organization_id, CollectionKind.ORGANIZATION)
     rows, total = await service.list_collections(
-        requester.session, readable(requester, Collection), kinds=[CollectionKind.PROJECT],
-        parent_id=organization_id, limit=limit, offset=offset,
+        requester.session,
+        readable(requester, Collection),
+        kinds=[CollectionKind.PROJECT],
+        parent_id=organization_id,
+        limit=limit,
+        offset=offset,
     )
     response.headers["X-Total-Count"] = str(total)
     return [CollectionRead.model_validate(r) for r in rows]
@@ -238,7 +252,10 @@ async def create_project(
 
 
 @projects_router.get(
-    "/{project_id}/", response_model=CollectionRead, summary="Get a project", responses=responses(401, 404, 422)
+    "/{project_id}/",
+    response_model=CollectionRead,
+    summary="Get a project",
+    responses=responses(401, 404, 422),
 )
 async def get_project(requester: AuthenticatedRequester, project_id: uuid.UUID) -> CollectionRead:
     return CollectionRead.model_validate(await _visible(requester, project_id, CollectionKind.PROJECT))
@@ -256,7 +273,9 @@ async def update_project(
 ) -> CollectionRead:
     project = await service.get_collection(requester.session, project_id, CollectionKind.PROJECT)
     await ensure_allowed(requester, "update", project, _label(project))
-    return CollectionRead.model_validate(await service.rename_collection(requester.session, project, data.name))
+    return CollectionRead.model_validate(
+        await service.rename_collection(requester.session, project, data.name)
+    )
 
 
 @projects_router.delete(
@@ -281,13 +300,20 @@ async def delete_project(requester: AuthenticatedRequester, project_id: uuid.UUI
     responses=responses(401, 404, 422),
 )
 async def list_project_groups(
-    requester: AuthenticatedRequester, project_id: uuid.UUID, response: Response,
-    limit: Limit = 100, offset: Offset = 0,
+    requester: AuthenticatedRequester,
+    project_id: uuid.UUID,
+    response: Response,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[GroupRead]:
     await _visible(requester, project_id, CollectionKind.PROJECT)
     rows, total = await service.list_collections(
-        requester.session, readable(requester, Collection), kinds=GROUP_KINDS, parent_id=project_id,
-        limit=limit, offset=offset,
+        requester.session,
+        readable(requester, Collection),
+        kinds=GROUP_KINDS,
+        parent_id=project_id,
+        limit=limit,
+        offset=offset,
     )
     response.headers["X-Total-Count"] = str(total)
     return [GroupRead.model_validate(r) for r in rows]
@@ -308,7 +334,9 @@ async def create_project_group(
     return await _create_group(requester, project, data.name, CollectionKind(data.kind))
 
 
-async def _create_group(requester: Requester, project: Collection, name: str, kind: CollectionKind) -> GroupRead:
+async def _create_group(
+    requester: Requester, project: Collection, name: str, kind: CollectionKind
+) -> GroupRead:
     group = service.new_child(project, kind, name)
     await ensure_allowed(requester, "create", group, f"a group in project {project.id}")
     return GroupRead.model_validate(await service.save_collection(requester.session, group))
@@ -340,7 +368,7 @@ async def list_groups(
     response_model=GroupRead,
     status_code=status.HTTP_201_CREATED,
     summary="Create a group",
-    description="DLR wire contract: `{\"name\"}`. Without `project_id` the group goes into the caller's "
+    description='DLR wire contract: `{"name"}`. Without `project_id` the group goes into the caller\'s '
     "organisation's `default` project (made on first use). Admins and project coaches only; users outside "
     "organisations get 403.",
     responses=responses(401, 403, 404, 422),
@@ -379,7 +407,9 @@ async def _rename_group(requester: Requester, group_id: uuid.UUID, data: Collect
     description="Organisation admins, coaches of the group's project and superusers.",
     responses=responses(401, 403, 404, 422),
 )
-async def put_group(requester: AuthenticatedRequester, group_id: uuid.UUID, data: CollectionUpdate) -> GroupRead:
+async def put_group(
+    requester: AuthenticatedRequester, group_id: uuid.UUID, data: CollectionUpdate
+) -> GroupRead:
     return await _rename_group(requester, group_id, data)
 
 
@@ -389,7 +419,9 @@ async def put_group(requester: AuthenticatedRequester, group_id: uuid.UUID, data
     summary="Rename a group (same as PUT)",
     responses=responses(401, 403, 404, 422),
 )
-async def patch_group(requester: AuthenticatedRequester, group_id: uuid.UUID, data: CollectionUpdate) -> GroupRead:
+async def patch_group(
+    requester: AuthenticatedRequester, group_id: uuid.UUID, data: CollectionUpdate
+) -> GroupRead:
     return await _rename_group(requester, group_id, data)
 
 
@@ -444,9 +476,11 @@ async def list_members(
     collection = await _visible(requester, collection_id)
     users = await service.list_members(requester.session, collection, limit=limit, offset=offset)
     visible_ids = set(
-        (await requester.session.execute(
-            select(User.id).where(User.id.in_([u.id for u in users]), readable(requester, User))
-        )).scalars()
+        (
+            await requester.session.execute(
+                select(User.id).where(User.id.in_([u.id for u in users]), readable(requester, User))
+            )
+        ).scalars()
     )
     return [read_user(u, viewer=requester) for u in users if u.id in visible_ids]
 
@@ -459,7 +493,10 @@ async def list_members(
     description="201 with the new membership, or 200 with the existing one. Adding to a group also adds to its "
     "project. Admins, coaches of the collection (a coach of only the group: for users already in the "
     "project) and superusers.",
-    responses={200: {"description": "Already a member", "model": MembershipRead}, **responses(401, 403, 404, 422)},
+    responses={
+        200: {"description": "Already a member", "model": MembershipRead},
+        **responses(401, 403, 404, 422),
+    },
 )
 async def add_member(
     requester: AuthenticatedRequester, collection_id: uuid.UUID, data: MemberAdd, response: Response
@@ -481,7 +518,9 @@ async def add_member(
     description="`removed` says whether there was a membership. Leaving a project also leaves its groups.",
     responses=responses(401, 403, 404, 422),
 )
-async def remove_member(requester: AuthenticatedRequester, collection_id: uuid.UUID, user_id: uuid.UUID) -> Removed:
+async def remove_member(
+    requester: AuthenticatedRequester, collection_id: uuid.UUID, user_id: uuid.UUID
+) -> Removed:
     collection = await _visible(requester, collection_id)
     user = await _target_user(requester, collection, user_id)
     draft = MembershipDraft(collection=collection, user_id=user.id, user_organization_id=user.organization_id)
@@ -500,7 +539,11 @@ async def remove_member(requester: AuthenticatedRequester, collection_id: uuid.U
 )
 async def list_roles(requester: AuthenticatedRequester, collection_id: uuid.UUID) -> list[RoleRead]:
     collection = await _visible(requester, collection_id)
-    stmt = select(Role).where(Role.collection_id == collection.id, readable(requester, Role)).order_by(Role.created_at)
+    stmt = (
+        select(Role)
+        .where(Role.collection_id == collection.id, readable(requester, Role))
+        .order_by(Role.created_at)
+    )
     return [RoleRead.model_validate(r) for r in (await requester.session.execute(stmt)).scalars()]
 
 
@@ -518,7 +561,9 @@ async def add_role(
 ) -> RoleRead:
     collection = await _visible(requester, collection_id)
     user = await _target_user(requester, collection, data.user_id)
-    draft = RoleDraft(collection=collection, user_id=user.id, user_organization_id=user.organization_id, kind=data.kind)
+    draft = RoleDraft(
+        collection=collection, user_id=user.id, user_organization_id=user.organization_id, kind=data.kind
+    )
     await ensure_allowed(requester, "create", draft, f"roles on {_label(collection)}")
     role, created = await service.add_role(requester.session, collection, user, data.kind)
     if not created:
@@ -538,7 +583,9 @@ async def remove_role(
 ) -> Removed:
     collection = await _visible(requester, collection_id)
     user = await _target_user(requester, collection, user_id)
-    draft = RoleDraft(collection=collection, user_id=user.id, user_organization_id=user.organization_id, kind=kind)
+    draft = RoleDraft(
+        collection=collection, user_id=user.id, user_organization_id=user.organization_id, kind=kind
+    )
     # The collection is visible, so a refusal is 403 whether or not the role exists.
     if not await can_delete(requester, draft):
         raise Forbidden(f"You may not revoke roles on {_label(collection)}.")
@@ -555,10 +602,14 @@ async def remove_role(
     description="Organisation admins and superusers. Tokens are never shown again.",
     responses=responses(401, 403, 404, 422),
 )
-async def list_invitations(requester: AuthenticatedRequester, organization_id: uuid.UUID) -> list[InvitationRead]:
+async def list_invitations(
+    requester: AuthenticatedRequester, organization_id: uuid.UUID
+) -> list[InvitationRead]:
     org = await _visible(requester, organization_id, CollectionKind.ORGANIZATION)
     await _ensure_invitation_admin(requester, org)
-    return [InvitationRead.model_validate(r) for r in await service.list_invitations(requester.session, org.id)]
+    return [
+        InvitationRead.model_validate(r) for r in await service.list_invitations(requester.session, org.id)
+    ]
 
 
 async def _ensure_invitation_admin(requester: Requester, org: Collection) -> None:
@@ -581,8 +632,12 @@ async def create_invitation(
     org = await _visible(requester, organization_id, CollectionKind.ORGANIZATION)
     await _ensure_invitation_admin(requester, org)
     row, token = await service.create_invitation(
-        requester.session, org.id, by=requester.user, expires_in=dt.timedelta(hours=data.expires_in_hours),
-        max_uses=data.max_uses, note=data.note,
+        requester.session,
+        org.id,
+        by=requester.user,
+        expires_in=dt.timedelta(hours=data.expires_in_hours),
+        max_uses=data.max_uses,
+        note=data.note,
     )
     return InvitationCreated(**InvitationRead.model_validate(row).model_dump(), token=token)
 
@@ -606,8 +661,8 @@ async def revoke_invitation(
     "/accept/",
     response_model=UserRead,
     summary="Accept an invitation link",
-    description="An authenticated user outside every organisation joins it with `{\"token\"}`. An anonymous "
-    "caller signs up with `{\"token\", \"user\": {...}}` if the organisation lets members sign up; the response "
+    description='An authenticated user outside every organisation joins it with `{"token"}`. An anonymous '
+    'caller signs up with `{"token", "user": {...}}` if the organisation lets members sign up; the response '
     "then carries the new user's `token`. Unknown, expired, revoked or used-up links are 404.",
     responses=responses(401, 403, 404, 409, 422),
 )
@@ -616,7 +671,9 @@ async def accept_invitation(requester: RequesterDep, data: InvitationAccept) -> 
     if requester.is_anonymous and data.user is None:
         raise Unauthorized("Log in to join, or send `user` to sign up.")
     if not requester.is_anonymous and data.user is not None:
-        raise Forbidden("You are logged in: accept without `user` to join with your account.", code="already_user")
+        raise Forbidden(
+            "You are logged in: accept without `user` to join with your account.", code="already_user"
+        )
     invitation = await service.redeem_invitation(session, data.token)
     if requester.user is not None:
         user = await service.join_organization(session, requester.user, invitation.organization_id)
@@ -624,7 +681,9 @@ async def accept_invitation(requester: RequesterDep, data: InvitationAccept) -> 
     assert data.user is not None
     settings = await service.get_settings(session, invitation.organization_id)
     if not settings.members_can_sign_up:
-        raise Forbidden("This organisation does not let members sign up; ask an admin.", code="sign_up_disabled")
+        raise Forbidden(
+            "This organisation does not let members sign up; ask an admin.", code="sign_up_disabled"
+        )
     if data.user.is_staff or data.user.is_superuser:
         raise Forbidden("Invitation sign-up cannot create staff or superusers.")
     user, token = await user_service.create_user(session, data.user, created_by=None)

@@ -54,9 +54,17 @@ users_router = APIRouter(prefix="/api/users", tags=["trainings"])
 
 async def _read_many(session: SessionDep, trainings: list[Training]) -> list[TrainingRead]:
     """Training descriptions in one extra statement (the global models' rounds), whatever their number."""
-    rounds = dict((await session.execute(
-        select(Model.id, Model.round).where(Model.id.in_([t.model_id for t in trainings]))
-    )).all()) if trainings else {}
+    rounds = (
+        dict(
+            (
+                await session.execute(
+                    select(Model.id, Model.round).where(Model.id.in_([t.model_id for t in trainings]))
+                )
+            ).all()
+        )
+        if trainings
+        else {}
+    )
     out = []
     for training in trainings:
         item = TrainingRead.model_validate(training, from_attributes=True)
@@ -92,25 +100,33 @@ async def _users(session: SessionDep, ids: list[uuid.UUID]) -> list[User]:
     return list((await session.execute(select(User).where(User.id.in_(list(dict.fromkeys(ids)))))).scalars())
 
 
-async def _check_participants(requester: Requester, organization_id: uuid.UUID | None, ids: list[uuid.UUID]) -> None:
+async def _check_participants(
+    requester: Requester, organization_id: uuid.UUID | None, ids: list[uuid.UUID]
+) -> None:
     """Every participant belongs to the training's organisation (or, like it, to none) and the
     caller holds a role (admin or coach) for each of them — one query for all (Kolibri's
     ``has_role_for_user``). Unknown ids are left to the service (400, as the reference)."""
     users = await _users(requester.session, ids)
     foreign = sorted(str(u.id) for u in users if u.organization_id != organization_id)
     if foreign:
-        raise BadRequest(f"Participants must belong to the training's organisation: {foreign}",
-                         code="participant_outside_organization")
+        raise BadRequest(
+            f"Participants must belong to the training's organisation: {foreign}",
+            code="participant_outside_organization",
+        )
     uncovered = await users_without_role(requester, ANY_ROLE, users)
     if uncovered:
-        raise Forbidden(f"You hold no role (admin or coach) for these users: {sorted(str(u.id) for u in uncovered)}",
-                        code="no_role_for_participant")
+        raise Forbidden(
+            f"You hold no role (admin or coach) for these users: {sorted(str(u.id) for u in uncovered)}",
+            code="no_role_for_participant",
+        )
 
 
 async def _list(requester: Requester, *extra: object) -> list[Training]:
     stmt = (
-        select(Training).options(selectinload(Training.participants))
-        .where(readable(requester, Training), *extra).order_by(Training.created_at, Training.id)
+        select(Training)
+        .options(selectinload(Training.participants))
+        .where(readable(requester, Training), *extra)
+        .order_by(Training.created_at, Training.id)
     )
     return list((await requester.session.execute(stmt)).scalars())
 
@@ -120,15 +136,21 @@ def _schedule(request: Request, session: SessionDep, training_id: uuid.UUID) -> 
     after_commit(session, lambda: runtime.advance(training_id))
 
 
-@router.get("/", response_model=list[TrainingRead], summary="List the trainings I run or oversee",
-            description="Trainings the caller created (actor); for organisation admins and organisation coaches "
-            "every training of their organisation; for superusers every training. `GET /api/users/trainings/` "
-            "lists those the caller acts in or participates in. Never another organisation's (superusers aside).",
-            responses=responses(401))
+@router.get(
+    "/",
+    response_model=list[TrainingRead],
+    summary="List the trainings I run or oversee",
+    description="Trainings the caller created (actor); for organisation admins and organisation coaches "
+    "every training of their organisation; for superusers every training. `GET /api/users/trainings/` "
+    "lists those the caller acts in or participates in. Never another organisation's (superusers aside).",
+    responses=responses(401),
+)
 async def list_trainings(requester: AuthenticatedRequester) -> list[TrainingRead]:
     # Superusers read every training (the policy layer says so), so their list shows every one too.
-    mine_or_overseen = true() if requester.is_superuser else or_(
-        Training.actor_id == requester.id, oversees_clause(requester)
+    mine_or_overseen = (
+        true()
+        if requester.is_superuser
+        else or_(Training.actor_id == requester.id, oversees_clause(requester))
     )
     rows = await _list(requester, mine_or_overseen)
     return await _read_many(requester.session, rows)
@@ -154,45 +176,74 @@ async def create_training(requester: AuthenticatedRequester, data: TrainingCreat
     session = requester.session
     model = await model_service.get_model(session, data.model_id)
     await ensure_visible(requester, model, f"Model {data.model_id}", None)
-    if not await can_create(requester, Training(organization_id=model.organization_id, actor_id=requester.id)):
-        raise Forbidden("Creating trainings needs a role (admin or coach) in your organisation.", code="no_role")
+    if not await can_create(
+        requester, Training(organization_id=model.organization_id, actor_id=requester.id)
+    ):
+        raise Forbidden(
+            "Creating trainings needs a role (admin or coach) in your organisation.", code="no_role"
+        )
     await _check_participants(requester, model.organization_id, data.clients)
     assert requester.user is not None
     training = await training_service.create_training(session, requester.user, data)
     return TrainingCreated(training_id=training.id)
 
 
-@router.get("/{training_id}/", response_model=TrainingDetail, summary="Get a training",
-            description="Actor, participants, organisation admins and organisation coaches. `local_models_arrived` counts distinct participants that uploaded "
-            "for the CURRENT round (the reference counted all rounds); `round`/`phase` let polling clients follow; "
-            "`mu` (FedProx) is included.", responses=responses(401, 403, 404))
+@router.get(
+    "/{training_id}/",
+    response_model=TrainingDetail,
+    summary="Get a training",
+    description="Actor, participants, organisation admins and organisation coaches. `local_models_arrived` counts distinct participants that uploaded "
+    "for the CURRENT round (the reference counted all rounds); `round`/`phase` let polling clients follow; "
+    "`mu` (FedProx) is included.",
+    responses=responses(401, 403, 404),
+)
 async def get_training(requester: AuthenticatedRequester, training_id: uuid.UUID) -> TrainingDetail:
     session = requester.session
     training = await _readable(requester, training_id)
     base = await _read(session, training)
     members = training_service.participant_ids(training)
     arrived = await training_service.arrivals(session, training.model_id, base.round or 0, members)
-    return TrainingDetail(**base.model_dump(), local_models_arrived=len(arrived), local_models_expected=len(members),
-                          phase_deadline=training_service.phase_deadline(training))
+    return TrainingDetail(
+        **base.model_dump(),
+        local_models_arrived=len(arrived),
+        local_models_expected=len(members),
+        phase_deadline=training_service.phase_deadline(training),
+    )
 
 
-@router.delete("/{training_id}/", response_model=Detail, summary="Delete a training",
-               description="Actor or organisation admin. The global model stays.", responses=responses(401, 403, 404))
-async def delete_training(session: SessionDep, requester: AuthenticatedRequester, training_id: uuid.UUID) -> Detail:
+@router.delete(
+    "/{training_id}/",
+    response_model=Detail,
+    summary="Delete a training",
+    description="Actor or organisation admin. The global model stays.",
+    responses=responses(401, 403, 404),
+)
+async def delete_training(
+    session: SessionDep, requester: AuthenticatedRequester, training_id: uuid.UUID
+) -> Detail:
     training = await _managed(requester, training_id)
     await session.delete(training)
     await session.flush()
     return Detail(detail="Training removed!")
 
 
-@router.put("/{training_id}/clients/", response_model=Detail, status_code=status.HTTP_202_ACCEPTED,
-            summary="Register participants",
-            description="Actor or organisation admin (the reference let participants too). `{\"clients\": [user "
-            "ids]}`, with the same participant rules as creation. Joining a running training sends the current "
-            "phase's notification to the newcomers.",
-            responses=responses(400, 401, 403, 404, 422))
-async def add_clients(session: SessionDep, requester: AuthenticatedRequester, request: Request,
-                      training_id: uuid.UUID, data: ClientList) -> Detail:
+@router.put(
+    "/{training_id}/clients/",
+    response_model=Detail,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Register participants",
+    description='Actor or organisation admin (the reference let participants too). `{"clients": [user '
+    "ids]}`, with the same participant rules as creation. Joining a running training sends the current "
+    "phase's notification to the newcomers.",
+    responses=responses(400, 401, 403, 404, 422),
+)
+async def add_clients(
+    session: SessionDep,
+    requester: AuthenticatedRequester,
+    request: Request,
+    training_id: uuid.UUID,
+    data: ClientList,
+) -> Detail:
     training = await _managed(requester, training_id)
     await _check_participants(requester, training.organization_id, data.clients)
     await training_service.add_participants(session, training, data.clients)
@@ -200,24 +251,40 @@ async def add_clients(session: SessionDep, requester: AuthenticatedRequester, re
     return Detail(detail="Users registered as participants!")
 
 
-@router.delete("/{training_id}/clients/", response_model=Detail, summary="Remove participants",
-               description="Actor or organisation admin. Removed clients that opted in (`notify_client_removed`) get "
-               "CLIENT_REMOVED; the round condition "
-               "is re-checked (a removal can complete the round).", responses=responses(400, 401, 403, 404, 422))
-async def remove_clients(session: SessionDep, requester: AuthenticatedRequester, request: Request,
-                         training_id: uuid.UUID, data: ClientList) -> Detail:
+@router.delete(
+    "/{training_id}/clients/",
+    response_model=Detail,
+    summary="Remove participants",
+    description="Actor or organisation admin. Removed clients that opted in (`notify_client_removed`) get "
+    "CLIENT_REMOVED; the round condition "
+    "is re-checked (a removal can complete the round).",
+    responses=responses(400, 401, 403, 404, 422),
+)
+async def remove_clients(
+    session: SessionDep,
+    requester: AuthenticatedRequester,
+    request: Request,
+    training_id: uuid.UUID,
+    data: ClientList,
+) -> Detail:
     training = await _managed(requester, training_id)
     await training_service.remove_participants(session, training, data.clients)
     _schedule(request, session, training.id)
     return Detail(detail="Users removed from training participants!")
 
 
-@router.post("/{training_id}/start/", response_model=Detail, status_code=status.HTTP_202_ACCEPTED,
-             summary="Start a training",
-             description="Actor or organisation admin. Needs ≥ 1 participant and state I. Sends TRAINING_START "
-             "and UPDATE_ROUND_START to every participant.", responses=responses(400, 401, 403, 404, 402))
-async def start_training(session: SessionDep, requester: AuthenticatedRequester, request: Request,
-                         training_id: uuid.UUID) -> Detail:
+@router.post(
+    "/{training_id}/start/",
+    response_model=Detail,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Start a training",
+    description="Actor or organisation admin. Needs ≥ 1 participant and state I. Sends TRAINING_START "
+    "and UPDATE_ROUND_START to every participant.",
+    responses=responses(400, 401, 403, 404, 402),
+)
+async def start_training(
+    session: SessionDep, requester: AuthenticatedRequester, request: Request, training_id: uuid.UUID
+) -> Detail:
     training = await _managed(requester, training_id)
     await training_service.start_training(session, training)
     runtime = runtime_of(request.app)
@@ -232,13 +299,22 @@ def _kick(runtime: training_service.TrainingRuntime):  # type: ignore[no-untyped
     return job
 
 
-@router.post("/{training_id}/stop/", response_model=Detail, status_code=status.HTTP_202_ACCEPTED,
-             summary="Stop (cancel) a training",
-             description="Actor or organisation admin; not in the reference. The training goes to E with the reason; participants "
-             "get TRAINING_FINISHED with `state: \"E\"`. Stored rounds stay downloadable.",
-             responses=responses(401, 403, 404, 409))
-async def stop_training(session: SessionDep, requester: AuthenticatedRequester, request: Request,
-                        training_id: uuid.UUID, data: Annotated[StopRequest | None, Body()] = None) -> Detail:
+@router.post(
+    "/{training_id}/stop/",
+    response_model=Detail,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Stop (cancel) a training",
+    description="Actor or organisation admin; not in the reference. The training goes to E with the reason; participants "
+    'get TRAINING_FINISHED with `state: "E"`. Stored rounds stay downloadable.',
+    responses=responses(401, 403, 404, 409),
+)
+async def stop_training(
+    session: SessionDep,
+    requester: AuthenticatedRequester,
+    request: Request,
+    training_id: uuid.UUID,
+    data: Annotated[StopRequest | None, Body()] = None,
+) -> Detail:
     training = await _managed(requester, training_id)
     reason = (data or StopRequest()).reason
     await training_service.stop_training(session, training, reason)
@@ -246,18 +322,28 @@ async def stop_training(session: SessionDep, requester: AuthenticatedRequester, 
     return Detail(detail="Training stopped!")
 
 
-@router.get("/{training_id}/models/", response_model=list[ModelRead], summary="A training's models",
-            description="The global model and every local update of the training the caller may read (the actor, "
-            "organisation admins and coaches see all, a participant their own). Empty lists are fine (never 500).",
-            responses=responses(401, 403, 404))
+@router.get(
+    "/{training_id}/models/",
+    response_model=list[ModelRead],
+    summary="A training's models",
+    description="The global model and every local update of the training the caller may read (the actor, "
+    "organisation admins and coaches see all, a participant their own). Empty lists are fine (never 500).",
+    responses=responses(401, 403, 404),
+)
 async def training_models(requester: AuthenticatedRequester, training_id: uuid.UUID) -> list[ModelRead]:
     return await _models(requester, await _readable(requester, training_id), latest=False)
 
 
-@router.get("/{training_id}/models/latest/", response_model=list[ModelRead], summary="Latest models of a training",
-            description="The global model and the latest local update per client (as far as the caller may read).",
-            responses=responses(401, 403, 404))
-async def training_models_latest(requester: AuthenticatedRequester, training_id: uuid.UUID) -> list[ModelRead]:
+@router.get(
+    "/{training_id}/models/latest/",
+    response_model=list[ModelRead],
+    summary="Latest models of a training",
+    description="The global model and the latest local update per client (as far as the caller may read).",
+    responses=responses(401, 403, 404),
+)
+async def training_models_latest(
+    requester: AuthenticatedRequester, training_id: uuid.UUID
+) -> list[ModelRead]:
     return await _models(requester, await _readable(requester, training_id), latest=True)
 
 
@@ -265,7 +351,8 @@ async def _models(requester: Requester, training: Training, *, latest: bool) -> 
     session = requester.session
     model = await training_service.global_model(session, training.model_id)
     stmt = (
-        select(LocalModel).where(LocalModel.base_model_id == model.id, readable(requester, Model))
+        select(LocalModel)
+        .where(LocalModel.base_model_id == model.id, readable(requester, Model))
         .order_by(LocalModel.round, LocalModel.created_at)
     )
     if not (training.actor_id == requester.id or requester.is_superuser or oversees(requester)):
@@ -279,8 +366,13 @@ async def _models(requester: Requester, training: Training, *, latest: bool) -> 
     return await model_service.describe_many(session, [model, *rows])
 
 
-@users_router.get("/trainings/", response_model=list[TrainingRead], summary="My trainings",
-                  description="Trainings where the caller is actor or participant.", responses=responses(401))
+@users_router.get(
+    "/trainings/",
+    response_model=list[TrainingRead],
+    summary="My trainings",
+    description="Trainings where the caller is actor or participant.",
+    responses=responses(401),
+)
 async def my_trainings(requester: AuthenticatedRequester) -> list[TrainingRead]:
     mine = or_(Training.actor_id == requester.id, Training.id.in_(participations(requester)))
     return await _read_many(requester.session, await _list(requester, mine))
@@ -291,7 +383,7 @@ async def my_trainings(requester: AuthenticatedRequester) -> list[TrainingRead]:
     response_model=NotificationKey,
     summary="My notification signing key",
     description="Notifications to your `message_endpoint` carry `X-FLP-Timestamp` and `X-FLP-Signature: "
-    "sha256=<hex>`, the HMAC-SHA256 of `f\"{timestamp}.\".encode() + body` keyed with this key. Verify it and "
+    'sha256=<hex>`, the HMAC-SHA256 of `f"{timestamp}.".encode() + body` keyed with this key. Verify it and '
     "reject stale timestamps.",
     responses=responses(401),
 )

@@ -73,7 +73,11 @@ async def list_users(
     responses=responses(401, 403, 404, 409, 422),
 )
 async def create_user(
-    request: Request, session: SessionDep, data: UserCreate, caller: CallerOrSelfRegistration, requester: RequesterDep
+    request: Request,
+    session: SessionDep,
+    data: UserCreate,
+    caller: CallerOrSelfRegistration,
+    requester: RequesterDep,
 ) -> UserRead:
     if caller is None and data.organization_id is not None:
         raise Forbidden("Join an organisation through an invitation link.", code="invitation_required")
@@ -115,12 +119,15 @@ async def myself(request: Request, session: SessionDep, user: CurrentUser) -> Us
 async def rotate_token(request: Request, session: SessionDep, user: CurrentUser) -> UserRead:
     if not may_see_primary_token(request):
         raise Forbidden(
-            "Rotating the primary token needs a password or the primary token itself.", code="primary_token_required"
+            "Rotating the primary token needs a password or the primary token itself.",
+            code="primary_token_required",
         )
     return read_user(user, await user_service.rotate_primary_token(session, user))
 
 
-@router.get("/myself/tokens/", response_model=list[TokenRead], summary="List my API tokens", responses=responses(401))
+@router.get(
+    "/myself/tokens/", response_model=list[TokenRead], summary="List my API tokens", responses=responses(401)
+)
 async def list_tokens(session: SessionDep, user: CurrentUser) -> list[TokenRead]:
     return [TokenRead.model_validate(t) for t in await user_service.list_tokens(session, user)]
 
@@ -166,15 +173,17 @@ async def get_user(
     return read_user(user, token, viewer=requester)
 
 
-async def _update(request: Request, session: SessionDep, requester: Requester, user_id: uuid.UUID,
-                  data: UserUpdate) -> UserRead:
+async def _update(
+    request: Request, session: SessionDep, requester: Requester, user_id: uuid.UUID, data: UserUpdate
+) -> UserRead:
     validate_message_endpoint(data.message_endpoint, request.app.state.settings)
     user = await user_service.get_user(session, user_id)
     await ensure_allowed(requester, "update", user, f"user {user_id}")
     refused = await refused_self_edits(requester, user, data.model_fields_set)
     if refused:
         raise Forbidden(
-            f"Your organisation does not let members change their own {', '.join(refused)}.", code="setting_forbids"
+            f"Your organisation does not let members change their own {', '.join(refused)}.",
+            code="setting_forbids",
         )
     assert requester.user is not None
     await user_service.update_user(session, user, data, by=requester.user)
@@ -190,7 +199,11 @@ async def _update(request: Request, session: SessionDep, requester: Requester, u
     responses=responses(401, 403, 404, 409, 422),
 )
 async def patch_user(
-    request: Request, session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID, data: UserUpdate
+    request: Request,
+    session: SessionDep,
+    requester: AuthenticatedRequester,
+    user_id: uuid.UUID,
+    data: UserUpdate,
 ) -> UserRead:
     return await _update(request, session, requester, user_id, data)
 
@@ -202,7 +215,11 @@ async def patch_user(
     responses=responses(401, 403, 404, 409, 422),
 )
 async def put_user(
-    request: Request, session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID, data: UserUpdate
+    request: Request,
+    session: SessionDep,
+    requester: AuthenticatedRequester,
+    user_id: uuid.UUID,
+    data: UserUpdate,
 ) -> UserRead:
     return await _update(request, session, requester, user_id, data)
 

@@ -71,7 +71,9 @@ def _code_entries(data: bytes) -> dict[str, bytes]:
             return {
                 info.filename.split("/", 1)[-1]: archive.read(info)
                 for info in archive.infolist()
-                if "/code/" in info.filename and info.filename.endswith(".py") and info.file_size < 64 * 1024**2
+                if "/code/" in info.filename
+                and info.filename.endswith(".py")
+                and info.file_size < 64 * 1024**2
             }
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise _bad(f"not a zip archive ({exc})") from None
@@ -85,7 +87,9 @@ async def check_module(data: bytes, *, kind: str = "model") -> int:
     finite weights for models); returns its parameter count."""
     settings = get_pool().settings
     what = "the preprocessing module" if kind == "preprocessing" else "the uploaded model"
-    reply, _ = await _call({"op": "check", "kind": kind}, [data], timeout=settings.check_timeout_seconds, what=what)
+    reply, _ = await _call(
+        {"op": "check", "kind": kind}, [data], timeout=settings.check_timeout_seconds, what=what
+    )
     count = reply.get("parameters")
     if not isinstance(count, int) or count < 0:
         raise _bad("parameter count")
@@ -162,11 +166,17 @@ async def _with_modules(
     attached: dict[str, bytes] = {}
     message = {**message, "keys": list(refs), "fixed_blobs": len(fixed)}
     for attempt in range(3):
-        reply, blobs = await _call({**message, "attached": list(attached)}, fixed + list(attached.values()), what=what)
+        reply, blobs = await _call(
+            {**message, "attached": list(attached)}, fixed + list(attached.values()), what=what
+        )
         missing = reply.get("missing")
         if missing is None:
             return reply, blobs
-        if not isinstance(missing, list) or not missing or any(k not in refs or k in attached for k in missing):
+        if (
+            not isinstance(missing, list)
+            or not missing
+            or any(k not in refs or k in attached for k in missing)
+        ):
             raise _bad("missing-module list")
         for key in missing:
             if stats is not None:
@@ -180,14 +190,25 @@ async def _with_modules(
 
 
 async def predict(
-    *, tree: Tree, refs: dict[str, ModuleRef], preprocessing: str | None, inputs: torch.Tensor, method: str,
-    options: dict[str, Any], input_shape: list[int | None] | None, max_batch: int, expected_samples: int,
-    moments: tuple[torch.Tensor, torch.Tensor] | None = None, stats: Any = None,
+    *,
+    tree: Tree,
+    refs: dict[str, ModuleRef],
+    preprocessing: str | None,
+    inputs: torch.Tensor,
+    method: str,
+    options: dict[str, Any],
+    input_shape: list[int | None] | None,
+    max_batch: int,
+    expected_samples: int,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stats: Any = None,
 ) -> tuple[torch.Tensor, int | None]:
     """The (S, B, ...) stack of predictions and the number of dropout layers (MC dropout)."""
     fixed = [encode_safetensors({"x": inputs.contiguous()})]
     if moments is not None:
-        fixed.append(encode_safetensors({"first": moments[0].contiguous(), "second": moments[1].contiguous()}))
+        fixed.append(
+            encode_safetensors({"first": moments[0].contiguous(), "second": moments[1].contiguous()})
+        )
     misses_before = stats.misses if stats is not None else 0
     reply, blobs = await _with_modules(
         {"op": "predict", "tree": tree, "preprocessing": preprocessing, "method": method, "options": options,
@@ -215,7 +236,10 @@ async def metadata(
 ) -> dict[str, Any]:
     reply, _ = await _with_modules(
         {"op": "metadata", "tree": tree, "input_shape": input_shape, "max_elements": max_elements},
-        [], refs, None, "the model summary",
+        [],
+        refs,
+        None,
+        "the model summary",
     )
     info = reply.get("metadata")
     expected = {"total_params", "trainable_params", "param_bytes", "layers", "output_shape", "stats"}

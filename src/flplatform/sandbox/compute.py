@@ -40,12 +40,16 @@ def _check_input_shape(tensor: Tensor, input_shape: list[int | None] | None) -> 
         return
     expected = "[" + ", ".join("*" if d is None else str(d) for d in input_shape) + "]"
     if tensor.dim() != len(input_shape):
-        raise WorkerError("input_shape", f"model_input has rank {tensor.dim()} (shape {list(tensor.shape)}); the "
-                          f"model expects rank {len(input_shape)} with shape {expected}.")
+        raise WorkerError(
+            "input_shape",
+            f"model_input has rank {tensor.dim()} (shape {list(tensor.shape)}); the "
+            f"model expects rank {len(input_shape)} with shape {expected}.",
+        )
     for index, (got, want) in enumerate(zip(tensor.shape, input_shape, strict=True)):
         if want is not None and got != want:
-            raise WorkerError("input_shape", f"model_input dimension {index} is {got}; the model expects shape "
-                              f"{expected}.")
+            raise WorkerError(
+                "input_shape", f"model_input dimension {index} is {got}; the model expects shape {expected}."
+            )
 
 
 def predict_request(
@@ -65,18 +69,26 @@ def predict_request(
                 inputs = preprocessing(inputs)
             except Exception as exc:  # noqa: BLE001  (untrusted code raises anything)
                 text = str(exc).strip().splitlines()
-                raise WorkerError("preprocessing", "The model's preprocessing module failed on this input: "
-                                  + (text[0][:300] if text else type(exc).__name__)) from None
+                raise WorkerError(
+                    "preprocessing",
+                    "The model's preprocessing module failed on this input: "
+                    + (text[0][:300] if text else type(exc).__name__),
+                ) from None
             if not isinstance(inputs, Tensor):
-                raise WorkerError("preprocessing_output",
-                                  f"The preprocessing module returned {type(inputs).__name__}, not a tensor.")
+                raise WorkerError(
+                    "preprocessing_output",
+                    f"The preprocessing module returned {type(inputs).__name__}, not a tensor.",
+                )
     if inputs.dim() == 0:
         raise WorkerError("input_shape", "model_input must have a batch dimension.")
     _check_input_shape(inputs, message.get("input_shape"))
     max_batch = int(message["max_batch"])
     if inputs.shape[0] > max_batch:
-        raise WorkerError("batch", f"model_input has {inputs.shape[0]} rows; at most {max_batch} per request "
-                          "(FLP_INFERENCE_MAX_BATCH).")
+        raise WorkerError(
+            "batch",
+            f"model_input has {inputs.shape[0]} rows; at most {max_batch} per request "
+            "(FLP_INFERENCE_MAX_BATCH).",
+        )
     dtype = _first_floating_dtype(runnable)
     if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype:
         inputs = inputs.to(dtype)
@@ -155,7 +167,9 @@ def _torchinfo_stats(module: nn.Module, input_size: tuple[int, ...] | None) -> d
         "total_param_bytes": number(summary.total_param_bytes),
         "total_params": number(summary.total_params),
         "trainable_params": number(summary.trainable_params),
-        "summary_list": [{key: plain(getattr(layer, key, None)) for key in keys} for layer in summary.summary_list],
+        "summary_list": [
+            {key: plain(getattr(layer, key, None)) for key in keys} for layer in summary.summary_list
+        ],
     }
 
 
@@ -168,7 +182,9 @@ def _forward_shape(runnable: Runnable, input_size: tuple[int, ...]) -> list[int]
     return list(prediction.mean.shape)
 
 
-def module_metadata(runnable: Runnable, input_shape: list[int | None] | None, max_elements: int) -> dict[str, Any]:
+def module_metadata(
+    runnable: Runnable, input_shape: list[int | None] | None, max_elements: int
+) -> dict[str, Any]:
     input_size = tuple(d if d is not None else 1 for d in input_shape) if input_shape else None
     if input_size is not None and math.prod(input_size) > max_elements:
         # A declared shape larger than any accepted input would make the probe forward pass

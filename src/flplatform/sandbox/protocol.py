@@ -31,7 +31,9 @@ class ProtocolError(Exception):
     """A malformed, oversized or truncated frame (the peer is broken or hostile, or gone)."""
 
 
-def encode_frame(message: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...] = ()) -> list[bytes | memoryview]:
+def encode_frame(
+    message: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...] = ()
+) -> list[bytes | memoryview]:
     body = dict(message)
     body["_blobs"] = [len(b) for b in blobs]
     text = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
@@ -40,7 +42,9 @@ def encode_frame(message: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...]
     return [_HEADER.pack(MAGIC, len(text), sum(len(b) for b in blobs)), text, *blobs]
 
 
-def write_frame(stream: BinaryIO, message: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...] = ()) -> None:
+def write_frame(
+    stream: BinaryIO, message: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...] = ()
+) -> None:
     stream.writelines(encode_frame(message, blobs))
     stream.flush()
 

@@ -36,21 +36,36 @@ class SandboxSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FLP_SANDBOX_", env_file=".env", extra="ignore")
 
-    workers: int = Field(default=2, ge=1, description="Worker processes (calls run at once per server process).")
-    call_timeout_seconds: float = Field(default=60.0, gt=0, description="Deadline of an inference/metadata/"
-                                        "aggregation call; the worker is killed after it.")
+    workers: int = Field(
+        default=2, ge=1, description="Worker processes (calls run at once per server process)."
+    )
+    call_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Deadline of an inference/metadata/aggregation call; the worker is killed after it.",
+    )
     check_timeout_seconds: float = Field(default=20.0, gt=0, description="Deadline of checking an upload.")
     start_timeout_seconds: float = Field(default=60.0, gt=0, description="Deadline of a worker's start-up.")
     memory_bytes: int = Field(default=8 * 1024**3, ge=512 * 1024**2, description="RLIMIT_AS of a worker.")
-    cpu_seconds: int = Field(default=3600, ge=10, description="RLIMIT_CPU of a worker (its lifetime; it is "
-                             "replaced when half is used).")
+    cpu_seconds: int = Field(
+        default=3600,
+        ge=10,
+        description="RLIMIT_CPU of a worker (its lifetime; it is replaced when half is used).",
+    )
     open_files: int = Field(default=64, ge=16, description="RLIMIT_NOFILE of a worker.")
     processes: int = Field(default=4096, ge=16, description="RLIMIT_NPROC of a worker (counts threads).")
-    user: str = Field(default="nobody", description="Unprivileged account workers switch to when started as root.")
-    threads: int = Field(default=1, ge=0, description="torch threads per worker (0: torch's default); "
-                         "parallelism comes from the workers.")
+    user: str = Field(
+        default="nobody", description="Unprivileged account workers switch to when started as root."
+    )
+    threads: int = Field(
+        default=1,
+        ge=0,
+        description="torch threads per worker (0: torch's default); parallelism comes from the workers.",
+    )
     cache_entries: int = Field(default=16, ge=0, description="Loaded modules kept per worker (LRU).")
-    cache_bytes: int = Field(default=1024**3, ge=0, description="Archive bytes of the modules kept per worker.")
+    cache_bytes: int = Field(
+        default=1024**3, ge=0, description="Archive bytes of the modules kept per worker."
+    )
     max_message_bytes: int = Field(default=4 * 1024**3, ge=1024**2, description="Largest frame either way.")
 
 
@@ -200,11 +215,15 @@ class Worker:
                 raise SandboxTimeout(f"{what} took longer than {timeout:g} s") from None
             if self.aborted:
                 raise SandboxClosed("the server is shutting down") from None
-            raise SandboxCrashed(f"the sandbox worker died during {what} ({exc}; exit {self.proc.poll()})") from None
+            raise SandboxCrashed(
+                f"the sandbox worker died during {what} ({exc}; exit {self.proc.poll()})"
+            ) from None
         finally:
             _watchdog.disarm(self)
 
-    def call(self, message: dict[str, Any], blobs: list[bytes], timeout: float) -> tuple[dict[str, Any], list[bytes]]:
+    def call(
+        self, message: dict[str, Any], blobs: list[bytes], timeout: float
+    ) -> tuple[dict[str, Any], list[bytes]]:
         self.calls += 1
         reply, out = self._exchange(message, blobs, timeout, str(message.get("op")))
         error = reply.get("error")
@@ -284,7 +303,10 @@ class SandboxPool:
         """Start workers until ``settings.workers`` are running (idle or busy)."""
         while True:
             with self._lock:
-                if self._closed or len(self._idle) + len(self._busy) + self._starting >= self.settings.workers:
+                if (
+                    self._closed
+                    or len(self._idle) + len(self._busy) + self._starting >= self.settings.workers
+                ):
                     return
                 self._starting += 1
             try:

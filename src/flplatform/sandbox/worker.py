@@ -50,7 +50,9 @@ class Worker:
         try:
             module = self.torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as exc:  # noqa: BLE001  (untrusted code raises anything)
-            raise WorkerError("invalid", f"Could not load the TorchScript archive: {_first_line(exc)}") from None
+            raise WorkerError(
+                "invalid", f"Could not load the TorchScript archive: {_first_line(exc)}"
+            ) from None
         try:
             check_ops(module)
         except RefusedModule as exc:
@@ -69,7 +71,9 @@ class Worker:
         if self.cache_entries == 0 or size > self.cache_bytes:
             return
         self.cache[key] = (module, size)
-        while len(self.cache) > self.cache_entries or sum(s for _, s in self.cache.values()) > self.cache_bytes:
+        while (
+            len(self.cache) > self.cache_entries or sum(s for _, s in self.cache.values()) > self.cache_bytes
+        ):
             self.cache.popitem(last=False)
 
     # ------------------------------------------------------------------ operations
@@ -146,8 +150,11 @@ class Worker:
         with self.torch.no_grad():
             for name, tensor in state.items():
                 if tuple(tensor.shape) != tuple(current[name].shape):
-                    raise WorkerError("invalid", f"Tensor {name!r} has shape {list(tensor.shape)}, the template "
-                                      f"has {list(current[name].shape)}.")
+                    raise WorkerError(
+                        "invalid",
+                        f"Tensor {name!r} has shape {list(tensor.shape)}, the template "
+                        f"has {list(current[name].shape)}.",
+                    )
                 current[name].copy_(tensor.to(current[name].dtype))
         buffer = io.BytesIO()
         self.torch.jit.save(module, buffer)
@@ -161,7 +168,8 @@ class Worker:
             scripted = build_mean_module(modules)
         except Exception as exc:  # noqa: BLE001  (untrusted code raises anything)
             raise WorkerError(
-                "invalid", f"Could not combine the member models into one TorchScript module: {_first_line(exc)}"
+                "invalid",
+                f"Could not combine the member models into one TorchScript module: {_first_line(exc)}",
             ) from None
         buffer = io.BytesIO()
         self.torch.jit.save(scripted, buffer)
@@ -264,5 +272,3 @@ def main() -> None:
     worker = Worker(config)
     protocol.write_frame(stdout, {"ready": True, "confinement": report.as_dict()})
     worker.serve(stdin, stdout)
-
-

@@ -39,8 +39,6 @@ PERIOD_PATTERN = r"^(19[7-9]\d|2\d{3})-(0[1-9]|1[0-2])$"
 _BAD_TEXT = re.compile("[\x00\ud800-\udfff]")  # a lone surrogate is the only way one gets into a str
 
 
-
-
 def text_problem(value: str) -> str | None:
     """Why ``value`` is not acceptable text, or None."""
     match = _BAD_TEXT.search(value)
@@ -65,7 +63,8 @@ def _utc_in_range(value: dt.datetime) -> dt.datetime:
         value = value.replace(tzinfo=dt.UTC)
     if not (EARLIEST <= value < LATEST):
         raise PydanticCustomError(
-            "datetime_out_of_range", "Datetime must lie between {earliest} and {latest}.",
+            "datetime_out_of_range",
+            "Datetime must lie between {earliest} and {latest}.",
             {"earliest": EARLIEST.isoformat(), "latest": LATEST.isoformat()},
         )
     return value
@@ -123,13 +122,21 @@ class RequestSchema(BaseModel):
     @classmethod
     def _input_rules(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            checked = {k: v for k, v in data.items() if k not in cls.unchecked_fields} if cls.unchecked_fields else data
+            checked = (
+                {k: v for k, v in data.items() if k not in cls.unchecked_fields}
+                if cls.unchecked_fields
+                else data
+            )
             found = _walk(checked, ())
             if found is not None:
                 where, message = found
                 # Quoted back in the message: a lone surrogate there would break the error itself.
-                label = (".".join(str(p) for p in where) or "body").encode("utf-8", "backslashreplace").decode()
-                raise PydanticCustomError("invalid_input", "{where}: {message}", {"where": label, "message": message})
+                label = (
+                    (".".join(str(p) for p in where) or "body").encode("utf-8", "backslashreplace").decode()
+                )
+                raise PydanticCustomError(
+                    "invalid_input", "{where}: {message}", {"where": label, "message": message}
+                )
         return data
 
 

@@ -97,7 +97,11 @@ class TopUpCreate(RequestSchema):
     currency: Literal[Currency.USD, Currency.TOKEN] = Currency.USD
     description: str = Field(default="", max_length=500)
 
-    model_config = {"json_schema_extra": {"examples": [{"user_id": "0b7c0c5e-3f0a-4c1e-9a59-0c7f0d1e2a3b", "amount": "25.00"}]}}
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"user_id": "0b7c0c5e-3f0a-4c1e-9a59-0c7f0d1e2a3b", "amount": "25.00"}]
+        }
+    }
 
 
 class PaymentEvent(RequestSchema):
@@ -259,5 +263,8 @@ class AuditRead(Schema):
     actor_id: uuid.UUID | None
     subject_user_id: uuid.UUID | None
     organisation_id: uuid.UUID | None
-    count: int = Field(default=1, description="Occurrences the row stands for (failed logins: one row per "
-                       "login name, client address and throttling window)")
+    count: int = Field(
+        default=1,
+        description="Occurrences the row stands for (failed logins: one row per "
+        "login name, client address and throttling window)",
+    )

@@ -16,7 +16,9 @@ Slug = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[-_\w]+$", 
 
 class TopicCreate(RequestSchema):
     slug: Slug
-    is_public: bool = Field(default=False, description="Anyone may publish (and view the status); not consume.")
+    is_public: bool = Field(
+        default=False, description="Anyone may publish (and view the status); not consume."
+    )
     anonymous_can_consume: bool = Field(default=False, description="Anyone, anonymous included, may consume.")
     supports_dasf: bool = Field(default=True, description="The broker pings the topic and asks for api_info.")
     store_messages: StorePolicy | None = Field(
@@ -29,7 +31,9 @@ class TopicCreate(RequestSchema):
 
     model_config = {
         **RequestSchema.model_config,
-        "json_schema_extra": {"examples": [{"slug": "hello", "is_public": True, "anonymous_can_consume": True}]},
+        "json_schema_extra": {
+            "examples": [{"slug": "hello", "is_public": True, "anonymous_can_consume": True}]
+        },
     }
 
 
@@ -37,10 +41,15 @@ class TopicUpdate(RequestSchema):
     is_public: bool | None = None
     anonymous_can_consume: bool | None = None
     supports_dasf: bool | None = None
-    store_messages: StorePolicy | None = Field(default=None, description="Send null to use the server default.")
+    store_messages: StorePolicy | None = Field(
+        default=None, description="Send null to use the server default."
+    )
     dispatch: DispatchMode | None = None
 
-    model_config = {**RequestSchema.model_config, "json_schema_extra": {"examples": [{"store_messages": "store"}]}}
+    model_config = {
+        **RequestSchema.model_config,
+        "json_schema_extra": {"examples": [{"store_messages": "store"}]},
+    }
 
 
 class TopicRead(Schema):
@@ -77,7 +86,9 @@ class GrantWrite(RequestSchema):
 
     model_config = {
         **RequestSchema.model_config,
-        "json_schema_extra": {"examples": [{"can_produce": False, "can_consume": True, "can_view_status": True}]},
+        "json_schema_extra": {
+            "examples": [{"can_produce": False, "can_consume": True, "can_view_status": True}]
+        },
     }
 
 
@@ -95,7 +106,9 @@ class MessageRead(Schema):
     context: int | None
     user_id: uuid.UUID | None
     created_at: dt.datetime
-    delivered_to: list[str] = Field(description="Consumer identities (user ids or 'anonymous') that acknowledged")
+    delivered_to: list[str] = Field(
+        description="Consumer identities (user ids or 'anonymous') that acknowledged"
+    )
     content: dict[str, Any] = Field(description="The envelope as forwarded")
 
 

@@ -26,7 +26,9 @@ class SettingsFields(RequestSchema):
     members_can_sign_up: bool | None = Field(default=None, description="Sign up through an invitation link.")
     members_can_delete_account: bool | None = None
 
-    model_config = {"json_schema_extra": {"examples": [{"location": "Cologne", "members_can_delete_account": True}]}}
+    model_config = {
+        "json_schema_extra": {"examples": [{"location": "Cologne", "members_can_delete_account": True}]}
+    }
 
 
 class OrganizationSettingsRead(Schema):
@@ -62,14 +64,18 @@ class GroupCreate(RequestSchema):
 
     name: CollectionName
     project_id: uuid.UUID | None = None
-    kind: Literal["group", "adhoc"] = Field(default="group", description="`adhoc`: a group made for one training.")
+    kind: Literal["group", "adhoc"] = Field(
+        default="group", description="`adhoc`: a group made for one training."
+    )
 
     model_config = {"json_schema_extra": {"examples": [{"name": "Radiology clients"}]}}
 
 
 class ProjectGroupCreate(RequestSchema):
     name: CollectionName
-    kind: Literal["group", "adhoc"] = Field(default="group", description="`adhoc`: a group made for one training.")
+    kind: Literal["group", "adhoc"] = Field(
+        default="group", description="`adhoc`: a group made for one training."
+    )
 
     model_config = {"json_schema_extra": {"examples": [{"name": "Site A clients", "kind": "group"}]}}
 
@@ -126,7 +132,9 @@ class Removed(Schema):
 
 class InvitationCreate(RequestSchema):
     expires_in_hours: Annotated[int, Field(ge=1, le=24 * 365)] = 24 * 7
-    max_uses: Annotated[int, Field(ge=1, le=100_000)] | None = Field(default=None, description="null: unlimited")
+    max_uses: Annotated[int, Field(ge=1, le=100_000)] | None = Field(
+        default=None, description="null: unlimited"
+    )
     note: Annotated[str, Field(max_length=200)] = ""
 
 
@@ -154,4 +162,13 @@ class InvitationAccept(RequestSchema):
     token: Annotated[str, Field(min_length=8, max_length=200)]
     user: UserCreate | None = None
 
-    model_config = {"json_schema_extra": {"examples": [{"token": "inv_Xq3v9Tb2Lw8Ke5Rz", "user": {"username": "client-7", "password": "a long secret"}}]}}
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "token": "inv_Xq3v9Tb2Lw8Ke5Rz",
+                    "user": {"username": "client-7", "password": "a long secret"},
+                }
+            ]
+        }
+    }

@@ -18,15 +18,21 @@ ReturnFormat = Literal["json", "binary"]
 class UncertaintyOptions(RequestSchema):
     """Sampling options; defaults come from the training's ``options.uncertainty``, then these."""
 
-    N: int = Field(default=10, ge=2, description="Stochastic predictions for MC_DROPOUT and SWAG.", examples=[10])
+    N: int = Field(
+        default=10, ge=2, description="Stochastic predictions for MC_DROPOUT and SWAG.", examples=[10]
+    )
     softmax: bool = Field(
         default=False, description="Apply softmax over the class dimension (dim 1) to every prediction."
     )
     seed: int | None = Field(
         default=None, ge=0, le=2**63 - 1, description="Seed for reproducible dropout masks / SWAG draws."
     )
-    min_var: float = Field(default=1e-30, gt=0, description="SWAG: lower clamp of the per-parameter variance.")
-    scale: float = Field(default=1.0, ge=0, le=100, description="SWAG: variance scale (Maddox et al. use 0.5).")
+    min_var: float = Field(
+        default=1e-30, gt=0, description="SWAG: lower clamp of the per-parameter variance."
+    )
+    scale: float = Field(
+        default=1.0, ge=0, le=100, description="SWAG: variance scale (Maddox et al. use 0.5)."
+    )
 
 
 class InferenceFields(RequestSchema):
@@ -227,8 +233,10 @@ class InferenceJobError(Schema):
     """Why a job failed, in the API's error shape, plus the status a synchronous request gets."""
 
     detail: str
-    code: str = Field(description="Machine code, as the synchronous route's error body (`lease_expired` when the "
-                      "job's worker was lost `FLP_WORK_MAX_ATTEMPTS` times).")
+    code: str = Field(
+        description="Machine code, as the synchronous route's error body (`lease_expired` when the "
+        "job's worker was lost `FLP_WORK_MAX_ATTEMPTS` times)."
+    )
     status: int = Field(description="The HTTP status the synchronous route would have answered.")
 
 
@@ -272,10 +280,17 @@ class InferenceJob(Schema):
                     "started_at": "2026-11-23T14:00:00.020Z",
                     "finished_at": "2026-11-23T14:00:00.150Z",
                     "attempts": 1,
-                    "result": {"inference": [0], "prediction": [0], "return_scores": False, "uncertainty": {},
-                               "uncertainty_method": "NONE", "samples": 1,
-                               "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10", "round": 3,
-                               "dropout_layers": None},
+                    "result": {
+                        "inference": [0],
+                        "prediction": [0],
+                        "return_scores": False,
+                        "uncertainty": {},
+                        "uncertainty_method": "NONE",
+                        "samples": 1,
+                        "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
+                        "round": 3,
+                        "dropout_layers": None,
+                    },
                     "error": None,
                 },
             ]

@@ -34,9 +34,13 @@ class StragglerPolicy(StrEnum):
 
 class UncertaintyOptions(RequestSchema):
     N: Annotated[int, Field(ge=1, le=10_000, description="Samples / forward passes at inference.")] = 10
-    softmax: bool = Field(default=False, description="Apply softmax to each sample's output (MC dropout, SWAG).")
+    softmax: bool = Field(
+        default=False, description="Apply softmax to each sample's output (MC dropout, SWAG)."
+    )
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
-    min_var: Annotated[float, Field(ge=0.0, description="SWAG: variance floor (clamp of E[θ²]−E[θ]²).")] = 1e-30
+    min_var: Annotated[float, Field(ge=0.0, description="SWAG: variance floor (clamp of E[θ²]−E[θ]²).")] = (
+        1e-30
+    )
 
 
 class DPOptions(RequestSchema):
@@ -52,29 +56,44 @@ class TrainingOptions(RequestSchema):
 
     daisy_chain_period: Annotated[
         int,
-        Field(ge=0, description="FedDC: redistribute the local models every d rounds (0 = off). "
-              "On creation target_num_updates is multiplied by d (the reference's rule)."),
+        Field(
+            ge=0,
+            description="FedDC: redistribute the local models every d rounds (0 = off). "
+            "On creation target_num_updates is multiplied by d (the reference's rule).",
+        ),
     ] = 0
     aggregation_period: Annotated[
         int | None,
-        Field(ge=1, description="FedDC: aggregate every b rounds (default 2·d); the last round always aggregates."),
+        Field(
+            ge=1,
+            description="FedDC: aggregate every b rounds (default 2·d); the last round always aggregates.",
+        ),
     ] = None
     mu: Annotated[float | None, Field(ge=0, description="FedProx proximal term, sent to clients.")] = None
     round_deadline_seconds: Annotated[
         float | None,
-        Field(gt=0, description="Seconds a round (update, test or SWAG phase) may take; then the straggler rule applies."),
+        Field(
+            gt=0,
+            description="Seconds a round (update, test or SWAG phase) may take; then the straggler rule applies.",
+        ),
     ] = None
     min_quorum: Annotated[
         int | None,
-        Field(ge=1, description="After the deadline, aggregate if at least this many updates arrived (default: all)."),
+        Field(
+            ge=1,
+            description="After the deadline, aggregate if at least this many updates arrived (default: all).",
+        ),
     ] = None
     straggler_policy: StragglerPolicy = Field(
         default=StragglerPolicy.IGNORE,
         description="After a deadline aggregation: `ignore` keeps late clients, `remove` removes them (CLIENT_REMOVED).",
     )
-    skip_model_tests: bool = Field(default=False, description="Skip the MODEL_TEST_ROUND after each aggregation.")
+    skip_model_tests: bool = Field(
+        default=False, description="Skip the MODEL_TEST_ROUND after each aggregation."
+    )
     seed: int | None = Field(
-        default=None, description="FedDC: seed of the redistribution of the local models (default: from the training id)."
+        default=None,
+        description="FedDC: seed of the redistribution of the local models (default: from the training id).",
     )
     uncertainty: UncertaintyOptions = Field(default_factory=UncertaintyOptions)
     aggregator: AggregatorName = Field(  # type: ignore[valid-type]
@@ -87,14 +106,22 @@ class TrainingOptions(RequestSchema):
     dp: DPOptions | None = Field(default=None, description="Differential privacy of the aggregate.")
     epochs: Annotated[
         int | None,
-        Field(ge=1, le=10_000, description="Local epochs per round the clients run (seed: count_of_training_epoch); "
-              "billing charges `training_sample_epoch` × samples × epochs (default 1)."),
+        Field(
+            ge=1,
+            le=10_000,
+            description="Local epochs per round the clients run (seed: count_of_training_epoch); "
+            "billing charges `training_sample_epoch` × samples × epochs (default 1).",
+        ),
     ] = None
     billing_samples_per_update: Annotated[
         int | None,
-        Field(ge=0, le=2**31 - 1, description="Samples per participant update to reserve when a round starts "
-              "(default: the price list's `training_reserve_samples`); the sample-priced part of a round is "
-              "billed up to this reservation."),
+        Field(
+            ge=0,
+            le=2**31 - 1,
+            description="Samples per participant update to reserve when a round starts "
+            "(default: the price list's `training_reserve_samples`); the sample-priced part of a round is "
+            "billed up to this reservation.",
+        ),
     ] = None
 
 
@@ -133,7 +160,9 @@ class TrainingCreate(RequestSchema):
 class ClientList(RequestSchema):
     clients: list[uuid.UUID] = Field(min_length=1)
 
-    model_config = {"json_schema_extra": {"examples": [{"clients": ["7b1e2c7a-0a43-4e63-9e36-0f3c1f4e9a20"]}]}}
+    model_config = {
+        "json_schema_extra": {"examples": [{"clients": ["7b1e2c7a-0a43-4e63-9e36-0f3c1f4e9a20"]}]}
+    }
 
 
 class TrainingCreated(Schema):
@@ -169,13 +198,20 @@ class TrainingRead(Schema):
 
 
 class TrainingDetail(TrainingRead):
-    local_models_arrived: int = Field(description="Distinct participants that uploaded an update for THIS round.")
+    local_models_arrived: int = Field(
+        description="Distinct participants that uploaded an update for THIS round."
+    )
     local_models_expected: int = Field(description="Current participant count.")
     phase_deadline: dt.datetime | None = None
 
 
 NotificationType = Literal[
-    "TRAINING_START", "UPDATE_ROUND_START", "MODEL_TEST_ROUND", "SWAG_ROUND_START", "TRAINING_FINISHED", "CLIENT_REMOVED"
+    "TRAINING_START",
+    "UPDATE_ROUND_START",
+    "MODEL_TEST_ROUND",
+    "SWAG_ROUND_START",
+    "TRAINING_FINISHED",
+    "CLIENT_REMOVED",
 ]
 
 

@@ -34,12 +34,14 @@ class UserCreate(RequestSchema):
     last_name: Name = ""
     profile: Annotated[str, Field(max_length=10_000)] = ""
     message_endpoint: AnyHttpUrl | None = Field(
-        default=None, description="URL that receives training notifications (JSON POSTs). No user info; hosts on "
+        default=None,
+        description="URL that receives training notifications (JSON POSTs). No user info; hosts on "
         "loopback, link-local, multicast or other non-public addresses are refused (422) unless the operator "
         "allowlists them (FLP_NOTIFICATION_ALLOWED_NETWORKS).",
     )
     notify_client_removed: bool = Field(
-        default=False, description="Also send CLIENT_REMOVED to message_endpoint when removed from a training. Off by "
+        default=False,
+        description="Also send CLIENT_REMOVED to message_endpoint when removed from a training. Off by "
         "default: the reference platform never sends it and its client answers unknown types with 400.",
     )
     actor: bool = False
@@ -47,7 +49,8 @@ class UserCreate(RequestSchema):
     is_staff: bool = Field(default=False, description="Only a superuser may set this.")
     is_superuser: bool = Field(default=False, description="Only a superuser may set this.")
     organization_id: uuid.UUID | None = Field(
-        default=None, description="Superusers: any organisation; organisation admins: their own (the default)."
+        default=None,
+        description="Superusers: any organisation; organisation admins: their own (the default).",
     )
     time_format: TimeFormat = TimeFormat.H24
     date_format: DateFormat = DateFormat.DMY

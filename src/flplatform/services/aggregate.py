@@ -108,9 +108,13 @@ def check_aggregator_options(options: dict[str, Any]) -> None:
     aggregation.get(name, **kwargs)
 
 
-async def aggregate_updates(sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.UUID,
-                            items: Sequence[tuple[uuid.UUID, int]], options: dict[str, Any],
-                            previous_state: bytes | None) -> tuple[bytes, bytes]:
+async def aggregate_updates(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    model_id: uuid.UUID,
+    items: Sequence[tuple[uuid.UUID, int]],
+    options: dict[str, Any],
+    previous_state: bytes | None,
+) -> tuple[bytes, bytes]:
     """New global model (TorchScript bytes) and the aggregator's state (safetensors) from the
     round's local models, streamed from the DB one at a time into ``flplatform.aggregation``."""
     name, kwargs = aggregator_options(options)
@@ -122,7 +126,9 @@ async def aggregate_updates(sessionmaker: async_sessionmaker[AsyncSession], mode
     await asyncio.to_thread(agg.begin, global_state, prior)
     for local_id, sample_size in items:
         async with sessionmaker() as session:
-            data = (await session.execute(select(LocalModel.weights).where(LocalModel.id == local_id))).scalar_one_or_none()
+            data = (
+                await session.execute(select(LocalModel.weights).where(LocalModel.id == local_id))
+            ).scalar_one_or_none()
         if data is None:
             raise ValueError(f"local model {local_id} disappeared during aggregation")
         # Safetensors bytes go straight in: viewed zero-copy, one range per dtype, no tensor per entry.
@@ -131,19 +137,24 @@ async def aggregate_updates(sessionmaker: async_sessionmaker[AsyncSession], mode
         del data
     new_global, new_state = await asyncio.to_thread(agg.finish)
     encoded = await model_files.rebuild_torchscript(template, new_global)
-    state_bytes = await asyncio.to_thread(aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()})
+    state_bytes = await asyncio.to_thread(
+        aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
+    )
     return encoded, state_bytes
 
 
-async def aggregate_swag(sessionmaker: async_sessionmaker[AsyncSession],
-                         items: Sequence[tuple[uuid.UUID, int]]) -> tuple[bytes, bytes]:
+async def aggregate_swag(
+    sessionmaker: async_sessionmaker[AsyncSession], items: Sequence[tuple[uuid.UUID, int]]
+) -> tuple[bytes, bytes]:
     """Sample-size-weighted mean of the clients' SWAG moments, as safetensors (key ``moment``)."""
     accumulator = WeightedMean()
     for stat_id, sample_size in items:
         async with sessionmaker() as session:
             row = (
                 await session.execute(
-                    select(SwagStatistic.first_moment, SwagStatistic.second_moment).where(SwagStatistic.id == stat_id)
+                    select(SwagStatistic.first_moment, SwagStatistic.second_moment).where(
+                        SwagStatistic.id == stat_id
+                    )
                 )
             ).one()
         first = await asyncio.to_thread(model_files.decode_safetensors, row[0])

@@ -52,7 +52,9 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------- collections
 
 
-async def get_collection(session: AsyncSession, collection_id: uuid.UUID, *kinds: CollectionKind) -> Collection:
+async def get_collection(
+    session: AsyncSession, collection_id: uuid.UUID, *kinds: CollectionKind
+) -> Collection:
     """The collection, or 404 if missing or of another kind."""
     found = await session.get(Collection, collection_id)
     if found is None or (kinds and found.kind not in kinds):
@@ -70,7 +72,9 @@ def new_child(parent: Collection, kind: CollectionKind, name: str) -> Collection
     """An unsaved collection below ``parent`` (for ``can_create`` before it exists)."""
     if PARENT_KIND[kind] != parent.kind:
         raise Unprocessable(f"A {kind.value} cannot be placed below a {parent.kind.value}.")
-    return _CLASSES[kind](id=uuid.uuid4(), name=name, parent_id=parent.id, organization_id=parent.organization_id)
+    return _CLASSES[kind](
+        id=uuid.uuid4(), name=name, parent_id=parent.id, organization_id=parent.organization_id
+    )
 
 
 async def create_organization(
@@ -80,7 +84,9 @@ async def create_organization(
     ``create_team``) joins it and becomes its admin."""
     session.add(org)
     await session.flush()
-    session.add(OrganizationSettings(organization_id=org.id, **{k: v for k, v in settings.items() if v is not None}))
+    session.add(
+        OrganizationSettings(organization_id=org.id, **{k: v for k, v in settings.items() if v is not None})
+    )
     if founder is not None:
         founder.organization_id = org.id
         session.add(Role(user_id=founder.id, collection_id=org.id, kind=RoleKind.ADMIN))
@@ -96,9 +102,12 @@ async def save_collection(session: AsyncSession, collection: Collection) -> Coll
 
 async def default_project(session: AsyncSession, organization_id: uuid.UUID) -> Project:
     """The organisation's ``default`` project (DLR ``POST /api/groups/`` carries no project)."""
-    stmt = select(Project).where(
-        Project.organization_id == organization_id, Project.name == DEFAULT_PROJECT_NAME
-    ).order_by(Project.created_at).limit(1)
+    stmt = (
+        select(Project)
+        .where(Project.organization_id == organization_id, Project.name == DEFAULT_PROJECT_NAME)
+        .order_by(Project.created_at)
+        .limit(1)
+    )
     project = (await session.execute(stmt)).scalar_one_or_none()
     if project is None:
         org = await get_collection(session, organization_id, CollectionKind.ORGANIZATION)
@@ -108,14 +117,21 @@ async def default_project(session: AsyncSession, organization_id: uuid.UUID) -> 
 
 
 async def list_collections(
-    session: AsyncSession, where: Any, *, kinds: Sequence[CollectionKind], parent_id: uuid.UUID | None = None,
-    limit: int, offset: int,
+    session: AsyncSession,
+    where: Any,
+    *,
+    kinds: Sequence[CollectionKind],
+    parent_id: uuid.UUID | None = None,
+    limit: int,
+    offset: int,
 ) -> tuple[Sequence[Collection], int]:
     stmt = select(Collection).where(Collection.kind.in_(list(kinds)), where)
     if parent_id is not None:
         stmt = stmt.where(Collection.parent_id == parent_id)
     total = (await session.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
-    rows = (await session.execute(stmt.order_by(Collection.name, Collection.id).limit(limit).offset(offset))).scalars()
+    rows = (
+        await session.execute(stmt.order_by(Collection.name, Collection.id).limit(limit).offset(offset))
+    ).scalars()
     return rows.all(), total
 
 
@@ -130,7 +146,9 @@ async def delete_collection(session: AsyncSession, collection: Collection) -> No
     organisation that still has users is refused: users are never deleted implicitly."""
     if collection.kind == CollectionKind.ORGANIZATION:
         users = (
-            await session.execute(select(func.count()).select_from(User).where(User.organization_id == collection.id))
+            await session.execute(
+                select(func.count()).select_from(User).where(User.organization_id == collection.id)
+            )
         ).scalar_one()
         if users:
             raise Conflict(
@@ -155,7 +173,9 @@ async def get_settings(session: AsyncSession, organization_id: uuid.UUID) -> Org
     return found
 
 
-async def update_settings(session: AsyncSession, settings: OrganizationSettings, changes: dict[str, Any]) -> OrganizationSettings:
+async def update_settings(
+    session: AsyncSession, settings: OrganizationSettings, changes: dict[str, Any]
+) -> OrganizationSettings:
     for field, value in changes.items():
         if value is not None:
             setattr(settings, field, value)
@@ -210,7 +230,9 @@ async def add_member(session: AsyncSession, collection: Collection, user: User) 
             _membership_stmt(user.id, collection.parent_id),
         )
     return await _insert_once(
-        session, Membership(user_id=user.id, collection_id=collection.id), _membership_stmt(user.id, collection.id)
+        session,
+        Membership(user_id=user.id, collection_id=collection.id),
+        _membership_stmt(user.id, collection.id),
     )
 
 
@@ -223,20 +245,31 @@ async def remove_member(session: AsyncSession, collection: Collection, user_id: 
     leaves its groups."""
     ids = [collection.id]
     if collection.kind == CollectionKind.PROJECT:
-        ids += list((await session.execute(select(Collection.id).where(Collection.parent_id == collection.id))).scalars())
+        ids += list(
+            (
+                await session.execute(select(Collection.id).where(Collection.parent_id == collection.id))
+            ).scalars()
+        )
     result = await session.execute(
-        delete(Membership).where(Membership.user_id == user_id, Membership.collection_id.in_(ids))
+        delete(Membership)
+        .where(Membership.user_id == user_id, Membership.collection_id.in_(ids))
         .execution_options(synchronize_session=False)
     )
     await session.flush()
     return bool(result.rowcount)
 
 
-async def list_members(session: AsyncSession, collection: Collection, *, limit: int, offset: int) -> Sequence[User]:
+async def list_members(
+    session: AsyncSession, collection: Collection, *, limit: int, offset: int
+) -> Sequence[User]:
     if collection.kind == CollectionKind.ORGANIZATION:
         stmt = select(User).where(User.organization_id == collection.id)
     else:
-        stmt = select(User).join(Membership, Membership.user_id == User.id).where(Membership.collection_id == collection.id)
+        stmt = (
+            select(User)
+            .join(Membership, Membership.user_id == User.id)
+            .where(Membership.collection_id == collection.id)
+        )
     return (await session.execute(stmt.order_by(User.username).limit(limit).offset(offset))).scalars().all()
 
 
@@ -255,7 +288,9 @@ async def member_collections(
 # ---------------------------------------------------------------------------- roles
 
 
-async def add_role(session: AsyncSession, collection: Collection, user: User, kind: RoleKind) -> tuple[Role, bool]:
+async def add_role(
+    session: AsyncSession, collection: Collection, user: User, kind: RoleKind
+) -> tuple[Role, bool]:
     """Kolibri's ``add_role``: the (possibly existing) role and whether it was created."""
     _same_organization(collection, user)
     if collection.kind not in ROLE_LEVELS[kind]:
@@ -265,9 +300,12 @@ async def add_role(session: AsyncSession, collection: Collection, user: User, ki
     return await _insert_once(session, Role(user_id=user.id, collection_id=collection.id, kind=kind), stmt)
 
 
-async def remove_role(session: AsyncSession, collection: Collection, user_id: uuid.UUID, kind: RoleKind) -> bool:
+async def remove_role(
+    session: AsyncSession, collection: Collection, user_id: uuid.UUID, kind: RoleKind
+) -> bool:
     result = await session.execute(
-        delete(Role).where(Role.user_id == user_id, Role.collection_id == collection.id, Role.kind == kind)
+        delete(Role)
+        .where(Role.user_id == user_id, Role.collection_id == collection.id, Role.kind == kind)
         .execution_options(synchronize_session=False)
     )
     await session.flush()
@@ -287,8 +325,13 @@ def new_invitation_token() -> str:
 
 
 async def create_invitation(
-    session: AsyncSession, organization_id: uuid.UUID, *, by: User | None, expires_in: dt.timedelta,
-    max_uses: int | None, note: str,
+    session: AsyncSession,
+    organization_id: uuid.UUID,
+    *,
+    by: User | None,
+    expires_in: dt.timedelta,
+    max_uses: int | None,
+    note: str,
 ) -> tuple[Invitation, str]:
     """A random link token; only its keyed digest is stored (shown once, like API tokens)."""
     token = new_invitation_token()
@@ -308,11 +351,17 @@ async def create_invitation(
 
 
 async def list_invitations(session: AsyncSession, organization_id: uuid.UUID) -> Sequence[Invitation]:
-    stmt = select(Invitation).where(Invitation.organization_id == organization_id).order_by(Invitation.created_at.desc())
+    stmt = (
+        select(Invitation)
+        .where(Invitation.organization_id == organization_id)
+        .order_by(Invitation.created_at.desc())
+    )
     return (await session.execute(stmt)).scalars().all()
 
 
-async def get_invitation(session: AsyncSession, organization_id: uuid.UUID, invitation_id: uuid.UUID) -> Invitation:
+async def get_invitation(
+    session: AsyncSession, organization_id: uuid.UUID, invitation_id: uuid.UUID
+) -> Invitation:
     row = await session.get(Invitation, invitation_id)
     if row is None or row.organization_id != organization_id:
         raise NotFound(f"Invitation {invitation_id} not found.")
@@ -349,8 +398,12 @@ async def join_organization(session: AsyncSession, user: User, organization_id: 
     return user
 
 
-async def load_with_settings(session: AsyncSession, org_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, OrganizationSettings]:
-    rows = (await session.execute(select(OrganizationSettings).where(OrganizationSettings.organization_id.in_(list(org_ids))))).scalars()
+async def load_with_settings(
+    session: AsyncSession, org_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, OrganizationSettings]:
+    rows = (
+        await session.execute(
+            select(OrganizationSettings).where(OrganizationSettings.organization_id.in_(list(org_ids)))
+        )
+    ).scalars()
     return {r.organization_id: r for r in rows}
-
-

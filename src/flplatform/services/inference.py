@@ -168,12 +168,12 @@ class _Target:
 
 
 async def training_of(session: AsyncSession, model_id: uuid.UUID) -> Training | None:
-    return (
-        await session.execute(select(Training).where(Training.model_id == model_id))
-    ).scalar_one_or_none()
+    return (await session.execute(select(Training).where(Training.model_id == model_id))).scalar_one_or_none()
 
 
-async def readable_model(session: AsyncSession, user: User, model_id: uuid.UUID) -> tuple[Model, Training | None]:
+async def readable_model(
+    session: AsyncSession, user: User, model_id: uuid.UUID
+) -> tuple[Model, Training | None]:
     """The model and its training (None for a local update), if ``user`` may read it under the
     model policy (``flplatform.permissions``); 404 otherwise, in every space: inference never
     reveals whether a model exists."""
@@ -244,7 +244,8 @@ async def _history_ref(
         raise ModelNotRunnable(f"Round {row.round} of model {model.id} stores no TorchScript archive.")
     key = f"history:{model.id}:{row.round}"  # history entries never change
     refs[key] = sandbox.ModuleRef(
-        key, _weights_loader(session, GlobalModelRound.weights, row.id, f"Round {row.round} of model {model.id}")
+        key,
+        _weights_loader(session, GlobalModelRound.weights, row.id, f"Round {row.round} of model {model.id}"),
     )
     return {"key": key}, round_
 
@@ -270,7 +271,11 @@ async def _preprocessing_ref(
 
 
 async def _tree_for(
-    session: AsyncSession, runtime: InferenceRuntime, model: Model, depth: int, seen: set[uuid.UUID],
+    session: AsyncSession,
+    runtime: InferenceRuntime,
+    model: Model,
+    depth: int,
+    seen: set[uuid.UUID],
     refs: dict[str, sandbox.ModuleRef],
 ) -> sandbox.Tree:
     if not isinstance(model, MeanModel):
@@ -348,7 +353,8 @@ async def _moments_for(session: AsyncSession, model: SWAGModel) -> tuple[Tensor,
     )
     if first is None or second is None:
         raise Conflict(
-            f"SWAG model {model.id} has no moments yet (no SWAG round has finished).", code="swag_moments_missing"
+            f"SWAG model {model.id} has no moments yet (no SWAG round has finished).",
+            code="swag_moments_missing",
         )
     return first, second
 
@@ -357,7 +363,9 @@ async def _moments_for(session: AsyncSession, model: SWAGModel) -> tuple[Tensor,
 
 
 def choose_method(model: Model, training: Training | None, explicit: UncertaintyMethod | None) -> Method:
-    method = Method((explicit or (training.uncertainty_method if training else None) or UncertaintyMethod.NONE).value)
+    method = Method(
+        (explicit or (training.uncertainty_method if training else None) or UncertaintyMethod.NONE).value
+    )
     if method is Method.ENSEMBLE and not isinstance(model, MeanModel):
         raise BadRequest(
             f"ENSEMBLE needs a MEAN model (an ensemble of global models); model {model.id} is not one. "
@@ -384,16 +392,23 @@ def sampling_options(
         try:
             merged.update(UncertaintyOptions.model_validate(known).model_dump(exclude_unset=True))
         except ValidationError:
-            log.warning("ignoring invalid options.uncertainty of training %s", training.id if training else None)
+            log.warning(
+                "ignoring invalid options.uncertainty of training %s", training.id if training else None
+            )
     if explicit is not None:
         merged.update(explicit.model_dump(exclude_unset=True))
     options = UncertaintyOptions.model_validate(merged)
     if options.N > settings.max_samples:
         raise Unprocessable(
-            f"options.N is {options.N}; at most {settings.max_samples} samples are allowed.", code="too_many_samples"
+            f"options.N is {options.N}; at most {settings.max_samples} samples are allowed.",
+            code="too_many_samples",
         )
     return SamplingOptions(
-        samples=options.N, softmax=options.softmax, seed=options.seed, min_var=options.min_var, scale=options.scale
+        samples=options.N,
+        softmax=options.softmax,
+        seed=options.seed,
+        min_var=options.min_var,
+        scale=options.scale,
     )
 
 
@@ -429,7 +444,11 @@ def _check_batch(tensor: Tensor, settings: InferenceSettings) -> None:
 
 
 async def _compute(
-    target: _Target, decoded: DecodedInput, method: Method, options: SamplingOptions, runtime: InferenceRuntime
+    target: _Target,
+    decoded: DecodedInput,
+    method: Method,
+    options: SamplingOptions,
+    runtime: InferenceRuntime,
 ) -> Prediction:
     """Preprocessing, shape checks and the uncertainty method in the sandbox; the statistics of
     the returned samples here."""
@@ -454,7 +473,9 @@ async def _compute(
         return Prediction(method, samples, mean)
     correction = 0 if method is Method.ENSEMBLE else 1
     statistics = await asyncio.to_thread(interpret, samples, correction=correction)
-    return Prediction(method, samples, mean, statistics, dropout_layers=layers if method is Method.MC_DROPOUT else None)
+    return Prediction(
+        method, samples, mean, statistics, dropout_layers=layers if method is Method.MC_DROPOUT else None
+    )
 
 
 async def meter_inference(
@@ -491,7 +512,11 @@ class InferencePlan:
 
 
 async def check_inference(
-    session: AsyncSession, runtime: InferenceRuntime, user: User, query: InferenceQuery, *,
+    session: AsyncSession,
+    runtime: InferenceRuntime,
+    user: User,
+    query: InferenceQuery,
+    *,
     billing_key: str | None = None,
 ) -> InferencePlan:
     """Access, method, options, the decoded input and its batch size, then billing (402): what
@@ -516,7 +541,9 @@ async def check_inference(
     options = sampling_options(training, query.options, settings)
     if query.round is not None and query.round != model.round:
         if isinstance(model, MeanModel):
-            raise BadRequest("round selects a global model's history; mean models have none.", code="no_history")
+            raise BadRequest(
+                "round selects a global model's history; mean models have none.", code="no_history"
+            )
         if method is Method.SWAG:
             raise BadRequest(
                 f"SWAG moments belong to the current round ({model.round}); ask for another uncertainty_method "
@@ -538,11 +565,17 @@ async def check_inference(
         passes *= max(1, len(await _members(session, model.id)))
 
     await meter_inference(session, user, model, rows=rows, passes=passes, billing_key=billing_key)
-    return InferencePlan(model=model, training=training, method=method, options=options, decoded=decoded, rows=rows)
+    return InferencePlan(
+        model=model, training=training, method=method, options=options, decoded=decoded, rows=rows
+    )
 
 
 async def run_inference(
-    session: AsyncSession, runtime: InferenceRuntime, user: User, query: InferenceQuery, *,
+    session: AsyncSession,
+    runtime: InferenceRuntime,
+    user: User,
+    query: InferenceQuery,
+    *,
     billing_key: str | None = None,
 ) -> InferenceResult:
     """Check and meter the request (:func:`check_inference`), load the modules, run the method
@@ -555,14 +588,21 @@ async def run_inference(
         tree, used_round = await _history_ref(session, model, query.round, refs)
     else:
         tree, used_round = await _tree_for(session, runtime, model, 0, set(), refs), model.round
-    target = _Target(model=model, tree=tree, refs=refs, preprocessing=await _preprocessing_ref(session, model, refs))
+    target = _Target(
+        model=model, tree=tree, refs=refs, preprocessing=await _preprocessing_ref(session, model, refs)
+    )
     if method is Method.SWAG:
         assert isinstance(model, SWAGModel)
         target.moments = await _moments_for(session, model)
     async with runtime.gate:
         prediction = await _compute(target, decoded, method, options, runtime)
     return InferenceResult(
-        model=model, method=method, prediction=prediction, input_kind=decoded.kind, rows=rows, round=used_round
+        model=model,
+        method=method,
+        prediction=prediction,
+        input_kind=decoded.kind,
+        rows=rows,
+        round=used_round,
     )
 
 
@@ -597,8 +637,9 @@ def _finite_or_none(value: Any) -> Any:
 def result_json(result: InferenceResult, *, return_scores: bool = False) -> bytes:
     """The JSON body (built in a worker thread: large outputs take a while to serialise).
     Non-finite numbers become null."""
-    return json.dumps(result_body(result, return_scores=return_scores), allow_nan=False,
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        result_body(result, return_scores=return_scores), allow_nan=False, separators=(",", ":")
+    ).encode()
 
 
 def inference_values(prediction: Prediction, *, return_scores: bool) -> Tensor:
@@ -714,9 +755,9 @@ async def model_metadata(
     if isinstance(model, SWAGModel):
         first, second = (
             await session.execute(
-                select(func.length(SWAGModel.swag_first_moment), func.length(SWAGModel.swag_second_moment)).where(
-                    SWAGModel.id == model.id
-                )
+                select(
+                    func.length(SWAGModel.swag_first_moment), func.length(SWAGModel.swag_second_moment)
+                ).where(SWAGModel.id == model.id)
             )
         ).one()
         info["has_swag_moments"] = bool(first) and bool(second)
@@ -728,9 +769,14 @@ async def model_metadata(
     tree = await _tree_for(session, runtime, model, 0, set(), refs)
     async with runtime.gate:
         try:
-            info.update(await sandbox.metadata(
-                tree=tree, refs=refs, input_shape=input_shape, max_elements=runtime.settings.max_input_elements
-            ))
+            info.update(
+                await sandbox.metadata(
+                    tree=tree,
+                    refs=refs,
+                    input_shape=input_shape,
+                    max_elements=runtime.settings.max_input_elements,
+                )
+            )
         except SandboxFailure as exc:
             raise sandbox_error(exc) from None
     return info

@@ -103,7 +103,12 @@ def query_from_payload(data: dict[str, Any]) -> InferenceQuery:
 
 
 async def submit(
-    session: AsyncSession, runtime: InferenceRuntime, user: User, query: InferenceQuery, *, max_attempts: int = 5
+    session: AsyncSession,
+    runtime: InferenceRuntime,
+    user: User,
+    query: InferenceQuery,
+    *,
+    max_attempts: int = 5,
 ) -> QueuedWork:
     """Check the query as the synchronous route would (404, 4xx, 402) and enqueue its job in the
     caller's transaction (visible, and workers woken, once the caller commits)."""
@@ -123,7 +128,12 @@ async def submit(
         await probe.rollback()  # billing accepted; the job's run posts the charge
     payload = {"user_id": str(user.id), "query": await asyncio.to_thread(query_payload, query)}
     return await workqueue.enqueue(
-        session, INFERENCE_JOB, payload, model_id=query.model_id, submitter_id=user.id, max_attempts=max_attempts
+        session,
+        INFERENCE_JOB,
+        payload,
+        model_id=query.model_id,
+        submitter_id=user.id,
+        max_attempts=max_attempts,
     )
 
 
@@ -192,6 +202,9 @@ def job_error(job: QueuedWork) -> dict[str, Any] | None:
     if error.get("code"):
         return {"detail": error.get("message", ""), "code": error["code"], "status": error.get("status", 400)}
     if error.get("type") == "LeaseExpired":
-        return {"detail": error.get("message", "The job's worker was lost too often."), "code": "lease_expired",
-                "status": 503}
+        return {
+            "detail": error.get("message", "The job's worker was lost too often."),
+            "code": "lease_expired",
+            "status": 503,
+        }
     return {"detail": "The inference job failed on the server.", "code": "internal_error", "status": 500}

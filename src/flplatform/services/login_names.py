@@ -54,8 +54,10 @@ async def check_available(
     for key, (field, value) in claims.items():
         if key in taken:
             if field == "username":
-                raise Conflict(f"A user with the login name {value!r} (a username or an email) already exists.",
-                               code="username_taken")
+                raise Conflict(
+                    f"A user with the login name {value!r} (a username or an email) already exists.",
+                    code="username_taken",
+                )
             raise Conflict(f"A user with email {value!r} already exists.", code="email_taken")
 
 
@@ -74,7 +76,9 @@ async def save_user(session: AsyncSession, user: User) -> None:
             )
             stale = have - set(wanted)
             if stale:
-                await session.execute(delete(LoginName).where(LoginName.user_id == user.id, LoginName.name.in_(stale)))
+                await session.execute(
+                    delete(LoginName).where(LoginName.user_id == user.id, LoginName.name.in_(stale))
+                )
             session.add_all(LoginName(name=key, user_id=user.id) for key in wanted if key not in have)
             await session.flush()
     except IntegrityError:
@@ -82,10 +86,14 @@ async def save_user(session: AsyncSession, user: User) -> None:
         # (pysqlite) savepoints do not survive a failed flush, so this transaction is done for.
         async with AsyncSession(session.bind) as fresh:
             await check_available(fresh, username=username, email=email, exclude=user_id)
-        raise Conflict("That username or email was just taken by another user.", code="login_name_taken") from None
+        raise Conflict(
+            "That username or email was just taken by another user.", code="login_name_taken"
+        ) from None
 
 
 async def user_for_login(session: AsyncSession, login: str) -> User | None:
     """The user whose username or email is ``login`` (case-insensitively); never more than one."""
-    stmt = select(User).join(LoginName, LoginName.user_id == User.id).where(LoginName.name == login_key(login))
+    stmt = (
+        select(User).join(LoginName, LoginName.user_id == User.id).where(LoginName.name == login_key(login))
+    )
     return (await session.execute(stmt)).scalar_one_or_none()

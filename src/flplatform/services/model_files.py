@@ -68,7 +68,9 @@ def detect_format(data: bytes) -> str:
         except ArchiveTooLarge as exc:
             raise ModelFileError(str(exc)) from None
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise ModelFileError(f"The file is a corrupt or truncated archive ({exc}). " + ACCEPTED_UPDATE_FORMATS)
+            raise ModelFileError(
+                f"The file is a corrupt or truncated archive ({exc}). " + ACCEPTED_UPDATE_FORMATS
+            ) from None
         if any("/code/" in n or n.startswith("code/") for n in names):
             return TORCHSCRIPT
         if any(n.endswith("data.pkl") for n in names):
@@ -153,13 +155,19 @@ def decode_state_dict(data: bytes) -> tuple[StateDict, str]:
     TorchScript needs :func:`decode_state_dict_async` (the sandbox)."""
     fmt = detect_format(data)
     if fmt == TORCHSCRIPT:
-        raise ModelFileError("TorchScript archives are only read by the model sandbox (decode_state_dict_async).")
+        raise ModelFileError(
+            "TorchScript archives are only read by the model sandbox (decode_state_dict_async)."
+        )
     if fmt == SAFETENSORS:
         return decode_safetensors(data), fmt
     obj = _torch_load_weights_only(data)
-    if isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if isinstance(obj, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
         return dict(obj), fmt
-    raise ModelFileError("torch.save files must contain a state dict (str → Tensor). " + ACCEPTED_UPDATE_FORMATS)
+    raise ModelFileError(
+        "torch.save files must contain a state dict (str → Tensor). " + ACCEPTED_UPDATE_FORMATS
+    )
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,9 @@ def validate_state_dict(state: Mapping[str, torch.Tensor], reference: Mapping[st
                 f"Tensor {name!r} has shape {list(tensor.shape)}, the global model has {list(spec.shape)}."
             )
         if tensor.dtype != spec.dtype:
-            raise ModelFileError(f"Tensor {name!r} has dtype {tensor.dtype}, the global model has {spec.dtype}.")
+            raise ModelFileError(
+                f"Tensor {name!r} has dtype {tensor.dtype}, the global model has {spec.dtype}."
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ModelFileError(f"Tensor {name!r} contains NaN or infinite values.")
 
@@ -238,7 +248,9 @@ def decode_flat_tensor(data: bytes, *, length: int, what: str) -> torch.Tensor:
     if fmt == SAFETENSORS:
         tensors = list(decode_state_dict(data)[0].values())
     elif fmt == TORCHSCRIPT:
-        raise ModelFileError(f"{what}: TorchScript is only read by the model sandbox (decode_flat_tensor_async).")
+        raise ModelFileError(
+            f"{what}: TorchScript is only read by the model sandbox (decode_flat_tensor_async)."
+        )
     else:
         obj = _torch_load_weights_only(data)
         if isinstance(obj, torch.Tensor):
@@ -260,7 +272,9 @@ def flat_tensor(tensors: list[torch.Tensor], *, length: int, what: str) -> torch
     if not tensor.is_floating_point():
         raise ModelFileError(f"{what}: expected floating point values, got {tensor.dtype}.")
     if tensor.numel() != length:
-        raise ModelFileError(f"{what}: expected {length} values (the model's parameters), got {tensor.numel()}.")
+        raise ModelFileError(
+            f"{what}: expected {length} values (the model's parameters), got {tensor.numel()}."
+        )
     if not bool(torch.isfinite(tensor).all()):
         raise ModelFileError(f"{what} contains NaN or infinite values.")
     return tensor.to(torch.float32)

@@ -191,7 +191,9 @@ class Dispatcher:
             try:
                 while not self._stopping:
                     try:
-                        await asyncio.wait_for(self._wake.wait(), timeout=self.settings.training_sweep_interval_seconds)
+                        await asyncio.wait_for(
+                            self._wake.wait(), timeout=self.settings.training_sweep_interval_seconds
+                        )
                     except TimeoutError:
                         pass
                     self._wake.clear()
@@ -216,7 +218,8 @@ class Dispatcher:
         for row in rows:
             key = _lane_key(row)
             self._lanes[key] = asyncio.get_running_loop().create_task(
-                self._lane(key, row), name=f"notify-{key}")
+                self._lane(key, row), name=f"notify-{key}"
+            )
         return len(rows)
 
     async def dispatch_once(self) -> int:
@@ -266,9 +269,12 @@ class Dispatcher:
 
     async def _claim_next(self, recipient_id: uuid.UUID) -> Notification | None:
         now = utcnow()
-        stmt = (select(Notification)
-                .where(Notification.recipient_id == recipient_id, self._due(now), self._head_of_line())
-                .order_by(Notification.id).limit(1))
+        stmt = (
+            select(Notification)
+            .where(Notification.recipient_id == recipient_id, self._due(now), self._head_of_line())
+            .order_by(Notification.id)
+            .limit(1)
+        )
         rows = await self._claim_rows(stmt, now)
         return rows[0] if rows else None
 
@@ -310,11 +316,16 @@ class Dispatcher:
         exchange: asyncio.Future[outbound.Outcome] | None = None
         try:
             self._policy.check_url(row.endpoint)  # rows written before the guard, or settings changed since
-            exchange = asyncio.ensure_future(outbound.post_bounded(
-                self._http, row.endpoint, content=body, headers=headers,
-                deadline_seconds=self.settings.notification_timeout_seconds,
-                max_response_bytes=self.settings.notification_max_response_bytes,
-            ))
+            exchange = asyncio.ensure_future(
+                outbound.post_bounded(
+                    self._http,
+                    row.endpoint,
+                    content=body,
+                    headers=headers,
+                    deadline_seconds=self.settings.notification_timeout_seconds,
+                    max_response_bytes=self.settings.notification_max_response_bytes,
+                )
+            )
             self._exchanges.add(exchange)
             outcome = await exchange
         except asyncio.CancelledError:
@@ -333,8 +344,9 @@ class Dispatcher:
         reason = f"{row.notification_type} rejected by {row.endpoint} with HTTP {outcome.status_code}"
         log.warning("notification %s: %s; answer starts %r", row.id, reason, outcome.body_prefix[:200])
         async with self.sessionmaker() as session:
-            await self._set_final(session, row.id, NotificationStatus.REJECTED, error=reason,
-                                  status_code=outcome.status_code)
+            await self._set_final(
+                session, row.id, NotificationStatus.REJECTED, error=reason, status_code=outcome.status_code
+            )
             if row.critical and row.training_id is not None:
                 await self.on_rejected(session, row.training_id, row.recipient_id, reason)
             await session.commit()
@@ -349,9 +361,18 @@ class Dispatcher:
             if attempts >= self.settings.notification_max_attempts:
                 # The detail (refused, timed out, policy) stays in the log and last_error: shown to
                 # users it would tell a closed port from an open one on hosts they choose.
-                log.warning("notification %s (%s to client %s at %s) failed after %d attempts: %s",
-                            row.id, row.notification_type, row.recipient_id, row.endpoint, attempts, error)
-                await self._set_final(session, row.id, NotificationStatus.FAILED, error=error, attempts=attempts)
+                log.warning(
+                    "notification %s (%s to client %s at %s) failed after %d attempts: %s",
+                    row.id,
+                    row.notification_type,
+                    row.recipient_id,
+                    row.endpoint,
+                    attempts,
+                    error,
+                )
+                await self._set_final(
+                    session, row.id, NotificationStatus.FAILED, error=error, attempts=attempts
+                )
                 if row.critical and row.training_id is not None:
                     await self.on_failed(session, row.training_id, undeliverable_reason(row, attempts))
                 await session.commit()
@@ -374,17 +395,34 @@ class Dispatcher:
         asyncio.get_running_loop().call_later(delay, self.kick)
         return False
 
-    async def _finish(self, row_id: int, status: NotificationStatus, *, error: str | None = None,
-                      status_code: int | None = None) -> None:
+    async def _finish(
+        self,
+        row_id: int,
+        status: NotificationStatus,
+        *,
+        error: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
         async with self.sessionmaker() as session:
             await self._set_final(session, row_id, status, error=error, status_code=status_code)
             await session.commit()
 
     @staticmethod
-    async def _set_final(session: AsyncSession, row_id: int, status: NotificationStatus, *, error: str | None = None,
-                         status_code: int | None = None, attempts: int | None = None) -> None:
-        values: dict[str, Any] = {"status": status, "claimed_until": None, "last_error": error,
-                                  "response_status": status_code}
+    async def _set_final(
+        session: AsyncSession,
+        row_id: int,
+        status: NotificationStatus,
+        *,
+        error: str | None = None,
+        status_code: int | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        values: dict[str, Any] = {
+            "status": status,
+            "claimed_until": None,
+            "last_error": error,
+            "response_status": status_code,
+        }
         if status == NotificationStatus.SENT:
             values["sent_at"] = utcnow()
         if attempts is not None:
@@ -394,15 +432,19 @@ class Dispatcher:
 
 def undeliverable_reason(row: Notification, attempts: int) -> str:
     """The user-visible reason: the same words whatever went wrong on the wire."""
-    return (f"Client {row.recipient_id} unreachable: {row.notification_type} could not be delivered to its "
-            f"message_endpoint after {attempts} attempts.")
+    return (
+        f"Client {row.recipient_id} unreachable: {row.notification_type} could not be delivered to its "
+        f"message_endpoint after {attempts} attempts."
+    )
 
 
 def _lane_key(row: Notification) -> Any:
     return row.recipient_id if row.recipient_id is not None else ("row", row.id)
 
 
-async def drop_pending_for(session: AsyncSession, training_id: uuid.UUID, user_id: uuid.UUID | None = None) -> None:
+async def drop_pending_for(
+    session: AsyncSession, training_id: uuid.UUID, user_id: uuid.UUID | None = None
+) -> None:
     """Pending round notifications that no longer make sense (client removed, training stopped)."""
     stmt = delete(Notification).where(
         Notification.training_id == training_id,

@@ -72,7 +72,9 @@ class EndpointPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EndpointPolicy:
-        return cls(tuple(settings.notification_allowed_networks), settings.notification_allow_private_networks)
+        return cls(
+            tuple(settings.notification_allowed_networks), settings.notification_allow_private_networks
+        )
 
     def address_allowed(self, address: IPAddress) -> bool:
         if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
@@ -187,21 +189,33 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         self.policy = policy
         self.inner = inner or httpcore.AnyIOBackend()
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                          socket_options: Iterable[typing.Any] | None = None) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[typing.Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         addresses = await self.policy.resolve(host, port)
         last: Exception | None = None
         for address in addresses:
             try:
-                return await self.inner.connect_tcp(str(address), port, timeout=timeout, local_address=local_address,
-                                                    socket_options=socket_options)
+                return await self.inner.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
         assert last is not None
         raise last
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[typing.Any] | None = None) -> httpcore.AsyncNetworkStream:
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[typing.Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
         raise EndpointRefused("unix sockets are not allowed")
 
     async def sleep(self, seconds: float) -> None:
@@ -229,8 +243,10 @@ def guarded_client(settings: Settings) -> httpx.AsyncClient:
     """An HTTP client for user-supplied URLs: address policy on every connection, no redirects,
     no proxies from the environment, per-operation timeouts as a backstop to the total deadline."""
     timeout = settings.notification_timeout_seconds
-    limits = httpx.Limits(max_connections=settings.notification_max_in_flight,
-                          max_keepalive_connections=min(20, settings.notification_max_in_flight))
+    limits = httpx.Limits(
+        max_connections=settings.notification_max_in_flight,
+        max_keepalive_connections=min(20, settings.notification_max_in_flight),
+    )
     return httpx.AsyncClient(
         transport=_GuardedTransport(EndpointPolicy.from_settings(settings), limits),
         timeout=httpx.Timeout(timeout),
@@ -245,13 +261,21 @@ class Outcome:
     body_prefix: bytes  # at most max_response_bytes, for the server log only
 
 
-async def post_bounded(http: httpx.AsyncClient, url: str, *, content: bytes, headers: dict[str, str],
-                       deadline_seconds: float, max_response_bytes: int) -> Outcome:
+async def post_bounded(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    content: bytes,
+    headers: dict[str, str],
+    deadline_seconds: float,
+    max_response_bytes: int,
+) -> Outcome:
     """POST and read at most ``max_response_bytes`` of the answer, all within one deadline.
     Raises TimeoutError, EndpointRefused, httpx.HTTPError or OSError on failure."""
     async with asyncio.timeout(deadline_seconds):
-        async with http.stream("POST", url, content=content,
-                               headers={**headers, "Accept-Encoding": "identity"}) as response:
+        async with http.stream(
+            "POST", url, content=content, headers={**headers, "Accept-Encoding": "identity"}
+        ) as response:
             received = bytearray()
             # Raw bytes: nothing is decompressed, so a small compressed answer cannot expand.
             async for chunk in response.aiter_raw():
@@ -261,4 +285,3 @@ async def post_bounded(http: httpx.AsyncClient, url: str, *, content: bytes, hea
             # Leaving the block closes the stream; a body not read to its end closes the
             # connection instead of returning it to the pool.
             return Outcome(response.status_code, bytes(received))
-

@@ -28,9 +28,9 @@ def participant_ids(training: Training) -> set[uuid.UUID]:
     return {u.id for u in training.participants}
 
 
-
-async def arrivals(session: AsyncSession, model_id: uuid.UUID, round_: int,
-                   among: set[uuid.UUID] | None = None) -> dict[uuid.UUID, tuple[uuid.UUID, int]]:
+async def arrivals(
+    session: AsyncSession, model_id: uuid.UUID, round_: int, among: set[uuid.UUID] | None = None
+) -> dict[uuid.UUID, tuple[uuid.UUID, int]]:
     """Participant → (local model id, sample size) of the updates for this round (one per client)."""
     rows = await session.execute(
         select(LocalModel.owner_id, LocalModel.id, LocalModel.sample_size)
@@ -51,7 +51,9 @@ async def test_reporters(session: AsyncSession, model_id: uuid.UUID, round_: int
     return {r for (r,) in rows if r is not None}
 
 
-async def swag_arrivals(session: AsyncSession, training_id: uuid.UUID, round_: int) -> dict[uuid.UUID, tuple[uuid.UUID, int]]:
+async def swag_arrivals(
+    session: AsyncSession, training_id: uuid.UUID, round_: int
+) -> dict[uuid.UUID, tuple[uuid.UUID, int]]:
     rows = await session.execute(
         select(SwagStatistic.reporter_id, SwagStatistic.id, SwagStatistic.sample_size).where(
             SwagStatistic.training_id == training_id, SwagStatistic.round == round_
@@ -91,19 +93,29 @@ class RoundCondition:
         return self.members <= self.arrived.keys()
 
 
-async def round_condition(session: AsyncSession, training: Training, model: GlobalModel,
-                          now: dt.datetime) -> RoundCondition:
+async def round_condition(
+    session: AsyncSession, training: Training, model: GlobalModel, now: dt.datetime
+) -> RoundCondition:
     members = participant_ids(training)
     deadline = phase_deadline(training)
     expired = deadline is not None and now >= deadline
     if training.state == TrainingState.SWAG_ROUND:
         arrived = await swag_arrivals(session, training.id, model.round)
-        return RoundCondition("swag", members, expired, arrived={k: v for k, v in arrived.items() if k in members})
+        return RoundCondition(
+            "swag", members, expired, arrived={k: v for k, v in arrived.items() if k in members}
+        )
     if training.state != TrainingState.ONGOING:
         return RoundCondition(None, members, expired)
     if training.phase == PHASE_UPDATE:
-        return RoundCondition("update", members, expired, arrived=await arrivals(session, model.id, model.round, members))
+        return RoundCondition(
+            "update", members, expired, arrived=await arrivals(session, model.id, model.round, members)
+        )
     if training.phase == PHASE_TEST:
-        return RoundCondition("test", members, expired, reporters=await test_reporters(session, model.id, model.round),
-                              skip_tests=bool((training.options or {}).get("skip_model_tests")))
+        return RoundCondition(
+            "test",
+            members,
+            expired,
+            reporters=await test_reporters(session, model.id, model.round),
+            skip_tests=bool((training.options or {}).get("skip_model_tests")),
+        )
     return RoundCondition(None, members, expired)

@@ -105,8 +105,9 @@ def _training_query(training_id: uuid.UUID) -> Any:
     return select(Training).options(selectinload(Training.participants)).where(Training.id == training_id)
 
 
-async def get_training(session: AsyncSession, training_id: uuid.UUID, *, lock: bool = False,
-                       share: bool = False) -> Training:
+async def get_training(
+    session: AsyncSession, training_id: uuid.UUID, *, lock: bool = False, share: bool = False
+) -> Training:
     stmt = _training_query(training_id).execution_options(populate_existing=True)
     if lock:
         stmt = stmt.with_for_update(of=Training)
@@ -118,8 +119,12 @@ async def get_training(session: AsyncSession, training_id: uuid.UUID, *, lock: b
     return training
 
 
-async def training_for_model(session: AsyncSession, model_id: uuid.UUID, *, share: bool = False) -> Training | None:
-    training_id = (await session.execute(select(Training.id).where(Training.model_id == model_id))).scalar_one_or_none()
+async def training_for_model(
+    session: AsyncSession, model_id: uuid.UUID, *, share: bool = False
+) -> Training | None:
+    training_id = (
+        await session.execute(select(Training.id).where(Training.model_id == model_id))
+    ).scalar_one_or_none()
     if training_id is None:
         return None
     return await get_training(session, training_id, share=share)
@@ -148,7 +153,9 @@ async def _users(session: AsyncSession, ids: Sequence[uuid.UUID]) -> list[User]:
     users = list((await session.execute(select(User).where(User.id.in_(wanted)))).scalars())
     missing = set(wanted) - {u.id for u in users}
     if missing:
-        raise BadRequest(f"Not all provided users were found: {sorted(str(m) for m in missing)}", code="users_not_found")
+        raise BadRequest(
+            f"Not all provided users were found: {sorted(str(m) for m in missing)}", code="users_not_found"
+        )
     return users
 
 
@@ -161,7 +168,9 @@ async def create_training(session: AsyncSession, actor: User, data: TrainingCrea
     if model.owner_id != actor.id and not actor.is_superuser:
         raise Forbidden("Only the model's owner may create a training with it.")
     if data.uncertainty_method == UncertaintyMethod.SWAG and not isinstance(model, SWAGModel):
-        raise BadRequest("uncertainty_method SWAG needs a model uploaded with type=SWAG.", code="swag_model_required")
+        raise BadRequest(
+            "uncertainty_method SWAG needs a model uploaded with type=SWAG.", code="swag_model_required"
+        )
     if await training_for_model(session, model.id) is not None:
         model = await model_service.clone_global_model(session, model)
     clients = await _users(session, data.clients)
@@ -208,7 +217,9 @@ async def add_participants(session: AsyncSession, training: Training, ids: Seque
     return new
 
 
-async def remove_participants(session: AsyncSession, training: Training, ids: Sequence[uuid.UUID]) -> list[User]:
+async def remove_participants(
+    session: AsyncSession, training: Training, ids: Sequence[uuid.UUID]
+) -> list[User]:
     users = await _users(session, ids)
     present = participant_ids(training)
     gone = [u for u in users if u.id in present]
@@ -225,8 +236,13 @@ async def _remove(session: AsyncSession, training: Training, users: Sequence[Use
         await notify.drop_pending_for(session, training.id, user_id)
     if training.state in ACTIVE_STATES:
         model = await global_model(session, training.model_id)
-        notify.enqueue(session, training.id, [u for u in users if u.notify_client_removed], notify.CLIENT_REMOVED,
-                       notify.client_removed_body(model.id, model.round, reason))
+        notify.enqueue(
+            session,
+            training.id,
+            [u for u in users if u.notify_client_removed],
+            notify.CLIENT_REMOVED,
+            notify.client_removed_body(model.id, model.round, reason),
+        )
     training.last_update = utcnow()
     await session.flush()
 
@@ -239,7 +255,9 @@ async def start_training(session: AsyncSession, training: Training) -> None:
     model = await global_model(session, training.model_id)
     training.state = TrainingState.ONGOING
     training.start_round = model.round
-    notify.enqueue(session, training.id, training.participants, notify.TRAINING_START, _start_body(training, model))
+    notify.enqueue(
+        session, training.id, training.participants, notify.TRAINING_START, _start_body(training, model)
+    )
     await _begin_update_round(session, training, model, training.participants)
     await session.flush()
 
@@ -293,24 +311,36 @@ def _enter_phase(training: Training, phase: str) -> None:
     training.last_update = utcnow()
 
 
-async def _begin_update_round(session: AsyncSession, training: Training, model: GlobalModel,
-                              recipients: Sequence[User], downloads: dict[uuid.UUID, uuid.UUID] | None = None) -> None:
+async def _begin_update_round(
+    session: AsyncSession,
+    training: Training,
+    model: GlobalModel,
+    recipients: Sequence[User],
+    downloads: dict[uuid.UUID, uuid.UUID] | None = None,
+) -> None:
     _enter_phase(training, PHASE_UPDATE)
     await on_round_started(session, training, model.round)
     if downloads:
         notify.enqueue(
-            session, training.id, recipients, notify.UPDATE_ROUND_START,
+            session,
+            training.id,
+            recipients,
+            notify.UPDATE_ROUND_START,
             lambda u: _round_body(training, model, downloads.get(u.id)),
         )
     else:
-        notify.enqueue(session, training.id, recipients, notify.UPDATE_ROUND_START, _round_body(training, model))
+        notify.enqueue(
+            session, training.id, recipients, notify.UPDATE_ROUND_START, _round_body(training, model)
+        )
 
 
 async def _after_aggregation(session: AsyncSession, training: Training, model: GlobalModel) -> None:
     if training.uncertainty_method == UncertaintyMethod.SWAG:
         training.state = TrainingState.SWAG_ROUND
         _enter_phase(training, PHASE_SWAG)
-        notify.enqueue(session, training.id, training.participants, notify.SWAG_ROUND_START, _round_body(training, model))
+        notify.enqueue(
+            session, training.id, training.participants, notify.SWAG_ROUND_START, _round_body(training, model)
+        )
         return
     await _test_or_next(session, training, model)
 
@@ -321,7 +351,9 @@ async def _test_or_next(session: AsyncSession, training: Training, model: Global
         await _next_or_finish(session, training, model)
         return
     _enter_phase(training, PHASE_TEST)
-    notify.enqueue(session, training.id, training.participants, notify.MODEL_TEST_ROUND, _round_body(training, model))
+    notify.enqueue(
+        session, training.id, training.participants, notify.MODEL_TEST_ROUND, _round_body(training, model)
+    )
 
 
 async def _next_or_finish(session: AsyncSession, training: Training, model: GlobalModel) -> None:
@@ -332,12 +364,16 @@ async def _next_or_finish(session: AsyncSession, training: Training, model: Glob
         recipients = list(training.participants)
         if actor is not None and actor.id not in participant_ids(training):
             recipients.append(actor)
-        notify.enqueue(session, training.id, recipients, notify.TRAINING_FINISHED, {"global_model_uuid": str(model.id)})
+        notify.enqueue(
+            session, training.id, recipients, notify.TRAINING_FINISHED, {"global_model_uuid": str(model.id)}
+        )
         return
     await _begin_update_round(session, training, model, training.participants)
 
 
-async def _fail(session: AsyncSession, training: Training, reason: str, *, notify_clients: bool = True) -> None:
+async def _fail(
+    session: AsyncSession, training: Training, reason: str, *, notify_clients: bool = True
+) -> None:
     log.warning("training %s -> Error: %s", training.id, reason)
     training.state = TrainingState.ERROR
     training.error_reason = reason[:2000]
@@ -347,8 +383,15 @@ async def _fail(session: AsyncSession, training: Training, reason: str, *, notif
     await notify.drop_pending_for(session, training.id)
     if notify_clients:
         notify.enqueue(
-            session, training.id, training.participants, notify.TRAINING_FINISHED,
-            {"global_model_uuid": str(training.model_id), "state": "E", "error_reason": training.error_reason},
+            session,
+            training.id,
+            training.participants,
+            notify.TRAINING_FINISHED,
+            {
+                "global_model_uuid": str(training.model_id),
+                "state": "E",
+                "error_reason": training.error_reason,
+            },
         )
 
 
@@ -387,8 +430,12 @@ def participant_order(training: Training) -> Callable[[uuid.UUID], tuple[str, uu
     return lambda owner: (names.get(owner, ""), owner)
 
 
-async def _daisy_chain_step(session: AsyncSession, training: Training, model: GlobalModel,
-                            chosen: dict[uuid.UUID, tuple[uuid.UUID, int]]) -> None:
+async def _daisy_chain_step(
+    session: AsyncSession,
+    training: Training,
+    model: GlobalModel,
+    chosen: dict[uuid.UUID, tuple[uuid.UUID, int]],
+) -> None:
     """FedDC round without aggregation: every d rounds the local models move to other clients
     (derangement), otherwise each client continues from its own local model."""
     done = model.round + 1 - training.start_round
@@ -431,14 +478,20 @@ class _Job:
 
     def payload(self, training_id: uuid.UUID) -> dict[str, Any]:
         return {
-            "training_id": str(training_id), "kind": self.kind, "model_id": str(self.model_id), "round": self.round,
-            "items": [[str(row), size] for row, size in self.items], "token": self.token.isoformat(),
+            "training_id": str(training_id),
+            "kind": self.kind,
+            "model_id": str(self.model_id),
+            "round": self.round,
+            "items": [[str(row), size] for row, size in self.items],
+            "token": self.token.isoformat(),
         }
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> tuple[uuid.UUID, _Job]:
         job = cls(
-            kind=payload["kind"], model_id=uuid.UUID(payload["model_id"]), round=int(payload["round"]),
+            kind=payload["kind"],
+            model_id=uuid.UUID(payload["model_id"]),
+            round=int(payload["round"]),
             items=[(uuid.UUID(row), int(size)) for row, size in payload["items"]],
             token=dt.datetime.fromisoformat(payload["token"]),
         )
@@ -474,7 +527,9 @@ class TrainingRuntime:
                         break
             except Exception as exc:  # a broken transition must not stall the training silently
                 log.exception("training %s: advancing failed", training_id)
-                await self._fail_after_exception(training_id, f"Internal error while advancing the training: {exc}")
+                await self._fail_after_exception(
+                    training_id, f"Internal error while advancing the training: {exc}"
+                )
             finally:
                 self.kick()
 
@@ -515,15 +570,17 @@ class TrainingRuntime:
                 await session.commit()
                 return False
             if condition.kind == "swag":
-                chosen = await self._complete_or_deadline(session, training, members, condition.arrived, expired,
-                                                          "SWAG statistics")
+                chosen = await self._complete_or_deadline(
+                    session, training, members, condition.arrived, expired, "SWAG statistics"
+                )
                 if chosen is None:
                     await session.commit()
                     return False
                 job = self._claim(training, "swag", model, chosen, now)
             elif condition.kind == "update":
-                chosen = await self._complete_or_deadline(session, training, members, condition.arrived, expired,
-                                                          "updates")
+                chosen = await self._complete_or_deadline(
+                    session, training, members, condition.arrived, expired, "updates"
+                )
                 if chosen is None:
                     await session.commit()
                     return False
@@ -538,9 +595,14 @@ class TrainingRuntime:
                 return True
             # The job becomes visible with the claim (same transaction): there is never a claim
             # without its job, nor a job without its claim.
-            await workqueue.enqueue(session, AGGREGATE_JOB, job.payload(training_id),
-                                    dedupe_key=job.dedupe_key(training_id), model_id=job.model_id,
-                                    max_attempts=self.settings.work_max_attempts)
+            await workqueue.enqueue(
+                session,
+                AGGREGATE_JOB,
+                job.payload(training_id),
+                dedupe_key=job.dedupe_key(training_id),
+                model_id=job.model_id,
+                max_attempts=self.settings.work_max_attempts,
+            )
             await session.commit()
         return False  # the aggregation job advances the training further when it has finished
 
@@ -562,9 +624,15 @@ class TrainingRuntime:
             await self.advance(training_id)  # e.g. skip_model_tests: the next round starts now
         return committed
 
-    async def _complete_or_deadline(self, session: AsyncSession, training: Training, members: set[uuid.UUID],
-                                    arrived: dict[uuid.UUID, tuple[uuid.UUID, int]], expired: bool,
-                                    what: str) -> dict[uuid.UUID, tuple[uuid.UUID, int]] | None:
+    async def _complete_or_deadline(
+        self,
+        session: AsyncSession,
+        training: Training,
+        members: set[uuid.UUID],
+        arrived: dict[uuid.UUID, tuple[uuid.UUID, int]],
+        expired: bool,
+        what: str,
+    ) -> dict[uuid.UUID, tuple[uuid.UUID, int]] | None:
         if members <= arrived.keys():
             return arrived
         if not expired:
@@ -573,19 +641,32 @@ class TrainingRuntime:
         quorum = opts.get("min_quorum") or len(members)
         if arrived and len(arrived) >= quorum:
             stragglers = members - arrived.keys()
-            log.info("training %s: deadline passed, aggregating %d of %d %s", training.id, len(arrived), len(members), what)
+            log.info(
+                "training %s: deadline passed, aggregating %d of %d %s",
+                training.id,
+                len(arrived),
+                len(members),
+                what,
+            )
             if opts.get("straggler_policy") == "remove" and stragglers:
                 users = [u for u in training.participants if u.id in stragglers]
                 await _remove(session, training, users, "Removed after missing the round deadline.")
             return arrived
         await _fail(
-            session, training,
+            session,
+            training,
             f"Round deadline passed with {len(arrived)} of {len(members)} {what} (quorum {quorum}).",
         )
         return None
 
-    def _claim(self, training: Training, kind: str, model: GlobalModel,
-               chosen: dict[uuid.UUID, tuple[uuid.UUID, int]], now: dt.datetime) -> _Job:
+    def _claim(
+        self,
+        training: Training,
+        kind: str,
+        model: GlobalModel,
+        chosen: dict[uuid.UUID, tuple[uuid.UUID, int]],
+        now: dt.datetime,
+    ) -> _Job:
         token = now + dt.timedelta(seconds=self.settings.aggregation_lease_seconds)
         training.locked = True
         training.locked_until = token
@@ -597,9 +678,13 @@ class TrainingRuntime:
 
     async def _still_claimed(self, training_id: uuid.UUID, job: _Job) -> bool:
         async with self.sessionmaker() as session:
-            row = (await session.execute(
-                select(Training.locked, Training.locked_until, Training.state).where(Training.id == training_id)
-            )).one_or_none()
+            row = (
+                await session.execute(
+                    select(Training.locked, Training.locked_until, Training.state).where(
+                        Training.id == training_id
+                    )
+                )
+            ).one_or_none()
         if row is None:
             raise NotFound(f"Training {training_id} not found.")
         locked, locked_until, state = row
@@ -609,26 +694,35 @@ class TrainingRuntime:
         if not await self._still_claimed(training_id, job):
             # A re-run of a job whose round was already committed (its worker died before
             # recording the outcome), or a claim that was superseded: nothing to do.
-            log.info("training %s: aggregation claim of round %s no longer held; skipping", training_id, job.round)
+            log.info(
+                "training %s: aggregation claim of round %s no longer held; skipping", training_id, job.round
+            )
             return False
         async with self.sessionmaker() as session:
             training = await get_training(session, training_id)
             options = dict(training.options or {})
-            previous = (await session.execute(
-                select(Training.aggregator_state).where(Training.id == training_id)
-            )).scalar_one_or_none()
+            previous = (
+                await session.execute(select(Training.aggregator_state).where(Training.id == training_id))
+            ).scalar_one_or_none()
         if job.kind == "update":
-            encoded, state = await aggregate.aggregate_updates(self.sessionmaker, job.model_id, job.items, options,
-                                                               previous)
+            encoded, state = await aggregate.aggregate_updates(
+                self.sessionmaker, job.model_id, job.items, options, previous
+            )
             return await self._finish_update(training_id, job, encoded, state)
         first, second = await aggregate.aggregate_swag(self.sessionmaker, job.items)
         return await self._finish_swag(training_id, job, first, second)
 
-    async def _owned(self, session: AsyncSession, training_id: uuid.UUID, job: _Job) -> tuple[Training, GlobalModel] | None:
+    async def _owned(
+        self, session: AsyncSession, training_id: uuid.UUID, job: _Job
+    ) -> tuple[Training, GlobalModel] | None:
         training = await get_training(session, training_id, lock=True)
         model = await global_model(session, job.model_id)
         if not training.locked or training.locked_until != job.token or model.round != job.round:
-            log.warning("training %s: lost the aggregation claim of round %s; result discarded", training_id, job.round)
+            log.warning(
+                "training %s: lost the aggregation claim of round %s; result discarded",
+                training_id,
+                job.round,
+            )
             return None
         if training.state not in ACTIVE_STATES:
             return None
@@ -642,15 +736,29 @@ class TrainingRuntime:
             training, model = owned
             new_round = job.round + 1
             await session.execute(
-                update(Model).where(Model.id == model.id).values(
-                    weights=encoded, weights_size=len(encoded), weights_format="torchscript", round=new_round,
+                update(Model)
+                .where(Model.id == model.id)
+                .values(
+                    weights=encoded,
+                    weights_size=len(encoded),
+                    weights_format="torchscript",
+                    round=new_round,
                     updated_at=utcnow(),
                 )
             )
             model.round = new_round
-            session.add(GlobalModelRound(model_id=model.id, round=new_round, weights=encoded,
-                                         weights_format="torchscript", weights_size=len(encoded)))
-            await session.execute(update(Training).where(Training.id == training.id).values(aggregator_state=state))
+            session.add(
+                GlobalModelRound(
+                    model_id=model.id,
+                    round=new_round,
+                    weights=encoded,
+                    weights_format="torchscript",
+                    weights_size=len(encoded),
+                )
+            )
+            await session.execute(
+                update(Training).where(Training.id == training.id).values(aggregator_state=state)
+            )
             training.locked = False
             training.locked_until = None
             await on_round_aggregated(session, training, job.round)
@@ -667,7 +775,9 @@ class TrainingRuntime:
                 return False
             training, model = owned
             await session.execute(
-                update(SWAGModel).where(SWAGModel.id == model.id).values(swag_first_moment=first, swag_second_moment=second)
+                update(SWAGModel)
+                .where(SWAGModel.id == model.id)
+                .values(swag_first_moment=first, swag_second_moment=second)
             )
             training.locked = False
             training.locked_until = None
@@ -688,7 +798,9 @@ class TrainingRuntime:
 
     # ------------------------------------------------------------------ dispatcher callbacks
 
-    async def client_rejected(self, session: AsyncSession, training_id: uuid.UUID, user_id: uuid.UUID, reason: str) -> None:
+    async def client_rejected(
+        self, session: AsyncSession, training_id: uuid.UUID, user_id: uuid.UUID, reason: str
+    ) -> None:
         try:
             training = await get_training(session, training_id, lock=True)
         except NotFound:
@@ -716,8 +828,13 @@ class TrainingRuntime:
         async with self.sessionmaker() as session:
             rows = (
                 await session.execute(
-                    select(Training.id, Training.options, Training.phase_started_at, Training.locked, Training.locked_until)
-                    .where(Training.state.in_(ACTIVE_STATES))
+                    select(
+                        Training.id,
+                        Training.options,
+                        Training.phase_started_at,
+                        Training.locked,
+                        Training.locked_until,
+                    ).where(Training.state.in_(ACTIVE_STATES))
                 )
             ).all()
         for training_id, options, started, locked, locked_until in rows:
@@ -726,7 +843,11 @@ class TrainingRuntime:
                 due = locked_until is None or locked_until <= now
             else:
                 seconds = (options or {}).get("round_deadline_seconds")
-                due = bool(seconds) and started is not None and now >= started + dt.timedelta(seconds=float(seconds))
+                due = (
+                    bool(seconds)
+                    and started is not None
+                    and now >= started + dt.timedelta(seconds=float(seconds))
+                )
             lock = self._locks.get(training_id)
             if due and not (lock and lock.locked()):
                 self.schedule(training_id)
@@ -741,9 +862,17 @@ class TrainingRuntime:
         now = utcnow()
         due: list[uuid.UUID] = []
         async with self.sessionmaker() as session:
-            ids = (await session.execute(
-                select(Training.id).where(Training.state.in_(ACTIVE_STATES), Training.locked.is_(False))
-            )).scalars().all()
+            ids = (
+                (
+                    await session.execute(
+                        select(Training.id).where(
+                            Training.state.in_(ACTIVE_STATES), Training.locked.is_(False)
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
             for training_id in ids:
                 try:
                     training = await get_training(session, training_id)
@@ -792,8 +921,9 @@ async def run_aggregation_job(ctx: workqueue.JobContext, payload: dict[str, Any]
     if runtime is None:
         runtime = ctx.shared.get("training_runtime")
         if runtime is None:
-            runtime = ctx.shared["training_runtime"] = TrainingRuntime(sessionmaker=ctx.sessionmaker,
-                                                                       settings=ctx.settings)
+            runtime = ctx.shared["training_runtime"] = TrainingRuntime(
+                sessionmaker=ctx.sessionmaker, settings=ctx.settings
+            )
     training_id, job = _Job.from_payload(payload)
     committed = await runtime.aggregate(training_id, job)
     return {"training_id": str(training_id), "round": job.round, "kind": job.kind, "committed": committed}

@@ -39,14 +39,20 @@ async def list_users(
     where = true() if where is None else where
     total = (await session.execute(select(func.count()).select_from(User).where(where))).scalar_one()
     rows = (
-        await session.execute(
-            select(User).where(where).order_by(User.created_at, User.id).limit(limit).offset(offset)
+        (
+            await session.execute(
+                select(User).where(where).order_by(User.created_at, User.id).limit(limit).offset(offset)
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     return rows, total
 
 
-async def create_user(session: AsyncSession, data: UserCreate, *, created_by: User | None) -> tuple[User, str]:
+async def create_user(
+    session: AsyncSession, data: UserCreate, *, created_by: User | None
+) -> tuple[User, str]:
     """Create a user and their primary token; returns the user and the token in clear."""
     if (data.is_staff or data.is_superuser) and not (created_by and created_by.is_superuser):
         raise Forbidden("Only superusers may create staff or superusers.")
@@ -73,8 +79,9 @@ async def update_user(session: AsyncSession, user: User, data: UserUpdate, *, by
         raise Forbidden("Superusers cannot remove their own superuser flag.")
     if "email" in changes and changes["email"] is not None:
         changes["email"] = str(changes["email"]).lower()
-    await login_names.check_available(session, username=changes.get("username"), email=changes.get("email"),
-                                      exclude=user.id)
+    await login_names.check_available(
+        session, username=changes.get("username"), email=changes.get("email"), exclude=user.id
+    )
     if "password" in changes:
         password = changes.pop("password")
         if password is not None:
@@ -105,7 +112,9 @@ async def delete_user(session: AsyncSession, user: User, *, by: User) -> None:
     await session.flush()
 
 
-def _token_row(user: User, token: str, *, name: str, is_primary: bool, expires_at: dt.datetime | None) -> ApiToken:
+def _token_row(
+    user: User, token: str, *, name: str, is_primary: bool, expires_at: dt.datetime | None
+) -> ApiToken:
     return ApiToken(
         user_id=user.id,
         name=name,
@@ -130,12 +139,19 @@ async def rotate_primary_token(session: AsyncSession, user: User) -> str:
     now = utcnow()
     for row in await _active_tokens(session, user, primary=True):
         row.revoked_at = now
-    await audit.record(session, "auth.token_rotated", f"primary token of {user.username} replaced", actor=user,
-                       subject_user_id=user.id)
+    await audit.record(
+        session,
+        "auth.token_rotated",
+        f"primary token of {user.username} replaced",
+        actor=user,
+        subject_user_id=user.id,
+    )
     return await issue_primary_token(session, user)
 
 
-async def _active_tokens(session: AsyncSession, user: User, *, primary: bool | None = None) -> Sequence[ApiToken]:
+async def _active_tokens(
+    session: AsyncSession, user: User, *, primary: bool | None = None
+) -> Sequence[ApiToken]:
     stmt = select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
     if primary is not None:
         stmt = stmt.where(ApiToken.is_primary.is_(primary))
@@ -155,8 +171,13 @@ async def create_api_token(session: AsyncSession, user: User, data: TokenCreate)
     row = _token_row(user, token, name=data.name, is_primary=False, expires_at=expires)
     session.add(row)
     await session.flush()
-    await audit.record(session, "auth.token_created", f"API token {data.name!r} ({row.prefix}…) of {user.username}",
-                       actor=user, subject_user_id=user.id)
+    await audit.record(
+        session,
+        "auth.token_created",
+        f"API token {data.name!r} ({row.prefix}…) of {user.username}",
+        actor=user,
+        subject_user_id=user.id,
+    )
     return row, token
 
 
@@ -180,13 +201,20 @@ async def revoke_token(session: AsyncSession, user: User, token_id: uuid.UUID) -
         raise NotFound(f"Token {token_id} not found.")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
-        await audit.record(session, "auth.token_revoked", f"API token {row.name!r} ({row.prefix}…) of {user.username}",
-                           actor=user, subject_user_id=user.id)
+        await audit.record(
+            session,
+            "auth.token_revoked",
+            f"API token {row.name!r} ({row.prefix}…) of {user.username}",
+            actor=user,
+            subject_user_id=user.id,
+        )
     await session.flush()
     return row
 
 
-async def ensure_admin(session: AsyncSession, *, username: str, email: str | None, password: str) -> User | None:
+async def ensure_admin(
+    session: AsyncSession, *, username: str, email: str | None, password: str
+) -> User | None:
     """First-start bootstrap from FLP_ADMIN_*: create the superuser if no user has that login name
     (in any case). A clash with another user's email, or another worker creating it at the same
     time, leaves things as they are (logged) instead of failing the start-up."""

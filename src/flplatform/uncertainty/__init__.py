@@ -17,7 +17,12 @@ from flplatform.uncertainty.predict import (
     SamplingOptions,
     predict,
 )
-from flplatform.uncertainty.swag import IncompatibleMoments, load_flat_parameters, sample_parameters, swag_variance
+from flplatform.uncertainty.swag import (
+    IncompatibleMoments,
+    load_flat_parameters,
+    sample_parameters,
+    swag_variance,
+)
 
 __all__ = [
     "DecodedInput",

@@ -29,7 +29,9 @@ def num_parameters(module: nn.Module) -> int:
 def check_moments(first: Tensor, second: Tensor, expected_length: int | None = None) -> None:
     for name, moment in (("first", first), ("second", second)):
         if moment.dim() != 1:
-            raise IncompatibleMoments(f"The SWAG {name} moment must be a flat 1-D tensor, got shape {list(moment.shape)}.")
+            raise IncompatibleMoments(
+                f"The SWAG {name} moment must be a flat 1-D tensor, got shape {list(moment.shape)}."
+            )
         if not moment.is_floating_point():
             raise IncompatibleMoments(f"The SWAG {name} moment must be floating point, got {moment.dtype}.")
         if not bool(torch.isfinite(moment).all()):

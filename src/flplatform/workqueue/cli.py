@@ -31,17 +31,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from flplatform.cli import env_var
 
     worker = sub.add_parser(
-        "worker", help="run a work-queue worker (no HTTP server) until SIGINT/SIGTERM",
-        description=__doc__.replace("``", "`"), formatter_class=_KindsHelpFormatter,
+        "worker",
+        help="run a work-queue worker (no HTTP server) until SIGINT/SIGTERM",
+        description=__doc__.replace("``", "`"),
+        formatter_class=_KindsHelpFormatter,
     )
     worker.add_argument("--name", help="worker name shown in the jobs table (default: host:pid:random)")
     worker.add_argument(
-        "--concurrency", type=int,
+        "--concurrency",
+        type=int,
         help=f"jobs at a time (default: {env_var('worker_concurrency')}, which defaults to "
         f"{Settings.model_fields['worker_concurrency'].default})",
     )
-    worker.add_argument("--kinds", help="comma-separated job kinds to take, of: %(kinds)s (default: all of them)")
-    worker.add_argument("--no-migrate", action="store_true", help="do not apply migrations first (default: apply them)")
+    worker.add_argument(
+        "--kinds", help="comma-separated job kinds to take, of: %(kinds)s (default: all of them)"
+    )
+    worker.add_argument(
+        "--no-migrate", action="store_true", help="do not apply migrations first (default: apply them)"
+    )
     worker.set_defaults(func=_worker)
 
 
@@ -63,15 +70,20 @@ def _worker(args: argparse.Namespace) -> int:
 
         upgrade(settings.database_url)
     if settings.is_sqlite:
-        print("note: SQLite has one writer; for several workers use PostgreSQL (FLP_DATABASE_URL)", file=sys.stderr)
+        print(
+            "note: SQLite has one writer; for several workers use PostgreSQL (FLP_DATABASE_URL)",
+            file=sys.stderr,
+        )
     load_handlers()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
     from flplatform.workqueue.registry import registered_kinds
 
     unknown = sorted(set(kinds or ()) - set(registered_kinds()))
     if unknown:
-        print(f"error: unknown job kind(s) {', '.join(unknown)}; known: {', '.join(sorted(registered_kinds()))}",
-              file=sys.stderr)
+        print(
+            f"error: unknown job kind(s) {', '.join(unknown)}; known: {', '.join(sorted(registered_kinds()))}",
+            file=sys.stderr,
+        )
         return 2
     asyncio.run(_run(args.name, args.concurrency, kinds))
     return 0
@@ -90,8 +102,9 @@ async def _run(name: str | None, concurrency: int | None, kinds: list[str] | Non
         loop.add_signal_handler(sig, stop.set)
     log.info("worker starting; job kinds: %s", ", ".join(kinds or registered_kinds()) or "(none registered)")
     try:
-        worker = await run_worker(create_sessionmaker(engine), settings, name=name, concurrency=concurrency,
-                                  kinds=kinds, stop=stop)
+        worker = await run_worker(
+            create_sessionmaker(engine), settings, name=name, concurrency=concurrency, kinds=kinds, stop=stop
+        )
         log.info("worker %s stopped after %d jobs", worker.name, worker.jobs_done)
     finally:
         await engine.dispose()

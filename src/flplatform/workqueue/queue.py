@@ -93,8 +93,15 @@ async def enqueue(
         if existing is not None:
             return existing
     job = QueuedWork(
-        kind=category, handler=kind, payload=payload or {}, dedupe_key=dedupe_key, model_id=model_id,
-        duration_estimate_seconds=estimate_seconds, status=WorkStatus.WAITING, attempts=0, max_attempts=max_attempts,
+        kind=category,
+        handler=kind,
+        payload=payload or {},
+        dedupe_key=dedupe_key,
+        model_id=model_id,
+        duration_estimate_seconds=estimate_seconds,
+        status=WorkStatus.WAITING,
+        attempts=0,
+        max_attempts=max_attempts,
         submitter_id=submitter_id,
     )
     if dedupe_key is not None and _is_postgres(session):
@@ -115,12 +122,18 @@ async def enqueue(
     wake_local_workers_after_commit(session)
     if _is_postgres(session):
         # Wakes idle workers everywhere when the transaction commits (nothing is sent on rollback).
-        await session.execute(text("SELECT pg_notify(:channel, :kind)"), {"channel": NOTIFY_CHANNEL, "kind": kind})
+        await session.execute(
+            text("SELECT pg_notify(:channel, :kind)"), {"channel": NOTIFY_CHANNEL, "kind": kind}
+        )
     return job
 
 
 async def _by_key(session: AsyncSession, dedupe_key: str) -> QueuedWork | None:
-    stmt = select(QueuedWork).where(QueuedWork.dedupe_key == dedupe_key).execution_options(populate_existing=True)
+    stmt = (
+        select(QueuedWork)
+        .where(QueuedWork.dedupe_key == dedupe_key)
+        .execution_options(populate_existing=True)
+    )
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
@@ -154,14 +167,26 @@ async def claim(
                 return None
             seen_status, seen_attempts = job.status, job.attempts
             if seen_status == WorkStatus.PROCESSING and seen_attempts >= job.max_attempts:
-                log.error("job %s (%s): lease expired %d times; giving up", job.id, job.handler, seen_attempts)
-                await _final(session, job.id, job.handler, seen_attempts, WorkStatus.ERROR,
-                             error={"message": f"worker lost the job {seen_attempts} times (lease expired)",
-                                    "type": "LeaseExpired"})
+                log.error(
+                    "job %s (%s): lease expired %d times; giving up", job.id, job.handler, seen_attempts
+                )
+                await _final(
+                    session,
+                    job.id,
+                    job.handler,
+                    seen_attempts,
+                    WorkStatus.ERROR,
+                    error={
+                        "message": f"worker lost the job {seen_attempts} times (lease expired)",
+                        "type": "LeaseExpired",
+                    },
+                )
                 await session.commit()
                 continue
             if seen_status == WorkStatus.PROCESSING:
-                log.warning("job %s (%s): lease of claim %d expired; reclaiming", job.id, job.handler, seen_attempts)
+                log.warning(
+                    "job %s (%s): lease of claim %d expired; reclaiming", job.id, job.handler, seen_attempts
+                )
             lease_until = now + dt.timedelta(seconds=lease_seconds)
             moved = await session.execute(
                 update(Work)
@@ -178,8 +203,13 @@ async def claim(
                 .where(QueuedWork.__table__.c.id == job.id, QueuedWork.__table__.c.attempts == seen_attempts)
                 .values(attempts=seen_attempts + 1, lease_until=lease_until)
             )
-            claimed = ClaimedJob(id=job.id, kind=job.handler, payload=dict(job.payload or {}),
-                                 attempt=seen_attempts + 1, lease_until=lease_until)
+            claimed = ClaimedJob(
+                id=job.id,
+                kind=job.handler,
+                payload=dict(job.payload or {}),
+                attempt=seen_attempts + 1,
+                lease_until=lease_until,
+            )
             await session.commit()
             return claimed
     return None
@@ -190,14 +220,17 @@ def _owned_by(job_id: uuid.UUID, attempt: int) -> Any:
     return exists().where(queued.c.id == job_id, queued.c.attempts == attempt)
 
 
-async def renew(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob, lease_seconds: float) -> bool:
+async def renew(
+    sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob, lease_seconds: float
+) -> bool:
     """Extend the lease of a running job; False when the claim was lost (the lease had expired
     and another worker took the job over)."""
     queued = QueuedWork.__table__
     async with sessionmaker() as session:
         until = utcnow() + dt.timedelta(seconds=lease_seconds)
-        still_processing = exists().where(Work.__table__.c.id == job.id,
-                                          Work.__table__.c.status == WorkStatus.PROCESSING.value)
+        still_processing = exists().where(
+            Work.__table__.c.id == job.id, Work.__table__.c.status == WorkStatus.PROCESSING.value
+        )
         result = await session.execute(
             update(queued)
             .where(queued.c.id == job.id, queued.c.attempts == job.attempt, still_processing)
@@ -209,8 +242,9 @@ async def renew(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob,
     return ok
 
 
-async def finish(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob,
-                 result: dict[str, Any] | None = None) -> bool:
+async def finish(
+    sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob, result: dict[str, Any] | None = None
+) -> bool:
     """Record success; False (and nothing written) when the claim was lost meanwhile."""
     async with sessionmaker() as session:
         ok = await _final(session, job.id, job.kind, job.attempt, WorkStatus.FINISHED, result=result)
@@ -218,12 +252,17 @@ async def finish(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob
     return ok
 
 
-async def fail(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob, error: BaseException | str) -> bool:
+async def fail(
+    sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJob, error: BaseException | str
+) -> bool:
     """Record failure with the error text (final: handlers decide themselves what is retryable).
     An :class:`~flplatform.errors.AppError` (a refusal a request would have answered with a 4xx)
     also keeps its machine ``code`` and HTTP ``status``, so a job can report it in the API's shape."""
     if isinstance(error, BaseException):
-        detail = {"message": str(error)[:MAX_ERROR_CHARS] or type(error).__name__, "type": type(error).__name__}
+        detail = {
+            "message": str(error)[:MAX_ERROR_CHARS] or type(error).__name__,
+            "type": type(error).__name__,
+        }
         if isinstance(error, AppError):
             detail.update(code=error.code, status=error.status_code)
     else:
@@ -247,14 +286,24 @@ async def release(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJo
         ok = moved.first() is not None
         if ok:
             await session.execute(
-                update(QueuedWork.__table__).where(QueuedWork.__table__.c.id == job.id).values(lease_until=None)
+                update(QueuedWork.__table__)
+                .where(QueuedWork.__table__.c.id == job.id)
+                .values(lease_until=None)
             )
         await session.commit()
     return ok
 
 
-async def _final(session: AsyncSession, job_id: uuid.UUID, kind: str, attempt: int, status: WorkStatus, *,
-                 result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
+async def _final(
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    kind: str,
+    attempt: int,
+    status: WorkStatus,
+    *,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> bool:
     moved = await session.execute(
         update(Work)
         .where(Work.id == job_id, Work.status == WorkStatus.PROCESSING, _owned_by(job_id, attempt))
@@ -268,5 +317,7 @@ async def _final(session: AsyncSession, job_id: uuid.UUID, kind: str, attempt: i
     registration = lookup(kind)
     if registration is not None and not registration.keep_payload:
         values["payload"] = {}
-    await session.execute(update(QueuedWork.__table__).where(QueuedWork.__table__.c.id == job_id).values(**values))
+    await session.execute(
+        update(QueuedWork.__table__).where(QueuedWork.__table__.c.id == job_id).values(**values)
+    )
     return True

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 class CompletedWorkLog:
     """``add()`` from request handlers; ``run()`` in the background writes the rows."""
 
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], *, interval: float = 1.0,
-                 max_batch: int = 1000) -> None:
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], *, interval: float = 1.0, max_batch: int = 1000
+    ) -> None:
         self.sessionmaker = sessionmaker
         self.interval = interval
         self.max_batch = max_batch
@@ -42,13 +43,29 @@ class CompletedWorkLog:
         self._rows: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
 
-    def add(self, kind: str, *, category: WorkKind, started_at: dt.datetime, finished_at: dt.datetime,
-            server_id: uuid.UUID | None = None, model_id: uuid.UUID | None = None,
-            result: dict[str, Any] | None = None) -> None:
-        self._rows.append({
-            "id": uuid.uuid4(), "kind": category, "handler": kind, "started_at": started_at,
-            "finished_at": finished_at, "server_id": server_id, "model_id": model_id, "result": result,
-        })
+    def add(
+        self,
+        kind: str,
+        *,
+        category: WorkKind,
+        started_at: dt.datetime,
+        finished_at: dt.datetime,
+        server_id: uuid.UUID | None = None,
+        model_id: uuid.UUID | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        self._rows.append(
+            {
+                "id": uuid.uuid4(),
+                "kind": category,
+                "handler": kind,
+                "started_at": started_at,
+                "finished_at": finished_at,
+                "server_id": server_id,
+                "model_id": model_id,
+                "result": result,
+            }
+        )
         if len(self._rows) >= self.max_batch:
             self._wake.set()
 
@@ -63,7 +80,9 @@ class CompletedWorkLog:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("writing %d completed-work records failed; they are dropped", len(self._rows))
+                    log.exception(
+                        "writing %d completed-work records failed; they are dropped", len(self._rows)
+                    )
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.flush())
@@ -81,7 +100,9 @@ class CompletedWorkLog:
                 models = {r["model_id"] for r in rows if r["model_id"] is not None}
                 servers = {r["server_id"] for r in rows if r["server_id"] is not None}
                 alive = set((await session.execute(select(Model.id).where(Model.id.in_(models)))).scalars())
-                alive |= set((await session.execute(select(Server.id).where(Server.id.in_(servers)))).scalars())
+                alive |= set(
+                    (await session.execute(select(Server.id).where(Server.id.in_(servers)))).scalars()
+                )
                 rows = [r for r in rows if r["model_id"] is None or r["model_id"] in alive]
                 for row in rows:
                     if row["server_id"] not in alive:
@@ -94,14 +115,33 @@ class CompletedWorkLog:
 
     @staticmethod
     async def _insert(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-        await session.execute(insert(Work.__table__), [
-            {"id": r["id"], "kind": r["kind"], "status": WorkStatus.FINISHED, "model_id": r["model_id"],
-             "server_id": r["server_id"], "created_at": r["started_at"], "started_at": r["started_at"],
-             "finished_at": r["finished_at"]}
-            for r in rows
-        ])
-        await session.execute(insert(QueuedWork.__table__), [
-            {"id": r["id"], "handler": r["handler"], "payload": {}, "attempts": 1, "max_attempts": 1,
-             "result": r["result"]}
-            for r in rows
-        ])
+        await session.execute(
+            insert(Work.__table__),
+            [
+                {
+                    "id": r["id"],
+                    "kind": r["kind"],
+                    "status": WorkStatus.FINISHED,
+                    "model_id": r["model_id"],
+                    "server_id": r["server_id"],
+                    "created_at": r["started_at"],
+                    "started_at": r["started_at"],
+                    "finished_at": r["finished_at"],
+                }
+                for r in rows
+            ],
+        )
+        await session.execute(
+            insert(QueuedWork.__table__),
+            [
+                {
+                    "id": r["id"],
+                    "handler": r["handler"],
+                    "payload": {},
+                    "attempts": 1,
+                    "max_attempts": 1,
+                    "result": r["result"],
+                }
+                for r in rows
+            ],
+        )

@@ -48,7 +48,9 @@ class Registration:
 _REGISTRY: dict[str, Registration] = {}
 
 
-def register(kind: str, handler: Handler, *, category: WorkKind = WorkKind.AGGREGATION, keep_payload: bool = True) -> None:
+def register(
+    kind: str, handler: Handler, *, category: WorkKind = WorkKind.AGGREGATION, keep_payload: bool = True
+) -> None:
     """Register (or replace) the handler of a job kind."""
     if not kind or len(kind) > 100:
         raise ValueError("a job kind needs 1 to 100 characters")

@@ -31,6 +31,7 @@ from flplatform.workqueue.registry import JobContext, lookup
 
 log = logging.getLogger(__name__)
 
+
 def gpu_memory() -> list[int]:
     """Total memory (bytes) of each visible CUDA device; empty without CUDA."""
     try:
@@ -52,16 +53,22 @@ async def live_workers(sessionmaker: async_sessionmaker[AsyncSession], settings:
     within three heartbeat intervals plus a few seconds."""
     since = utcnow() - dt.timedelta(seconds=3 * heartbeat_interval(settings.work_lease_seconds) + 5)
     async with sessionmaker() as session:
-        stmt = select(func.count()).select_from(Server).where(Server.ready.is_(True), Server.last_seen_at >= since)
+        stmt = (
+            select(func.count())
+            .select_from(Server)
+            .where(Server.ready.is_(True), Server.last_seen_at >= since)
+        )
         return int((await session.execute(stmt)).scalar_one())
 
 
 async def _warn_without_worker(sessionmaker: async_sessionmaker[AsyncSession], settings: Settings) -> None:
     """``FLP_INPROCESS_WORKER=false``: queued jobs need a worker elsewhere; say so at start-up,
     loudly when no worker's heartbeat is recent."""
-    what = ("this server process runs no work-queue worker (FLP_INPROCESS_WORKER=false): queued jobs "
-            "(round aggregation, inference jobs) run only in a `flplatform worker` (or a server with the "
-            "in-process worker) on this database")
+    what = (
+        "this server process runs no work-queue worker (FLP_INPROCESS_WORKER=false): queued jobs "
+        "(round aggregation, inference jobs) run only in a `flplatform worker` (or a server with the "
+        "in-process worker) on this database"
+    )
     try:
         seen = await live_workers(sessionmaker, settings)
     except Exception:
@@ -70,8 +77,11 @@ async def _warn_without_worker(sessionmaker: async_sessionmaker[AsyncSession], s
     if seen:
         log.info("%s; %d worker(s) with a recent heartbeat", what, seen)
     else:
-        log.warning("%s, and none has a recent heartbeat: start `flplatform worker`, or trainings stop at their "
-                    "first aggregation and inference jobs stay waiting", what)
+        log.warning(
+            "%s, and none has a recent heartbeat: start `flplatform worker`, or trainings stop at their "
+            "first aggregation and inference jobs stay waiting",
+            what,
+        )
 
 
 def default_name() -> str:
@@ -122,7 +132,9 @@ class Worker:
         queue.LOCAL_WORKERS.add(self)
         await self._register(ready=True)
         await self._listen()
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(), name=f"worker-heartbeat-{self.name}")
+        heartbeat = asyncio.get_running_loop().create_task(
+            self._heartbeat(), name=f"worker-heartbeat-{self.name}"
+        )
         try:
             await self._loop()
         finally:
@@ -136,8 +148,9 @@ class Worker:
 
     async def run_once(self) -> bool:
         """Claim and run one job in the foreground (tests, scripts); False when none was due."""
-        job = await queue.claim(self.sessionmaker, lease_seconds=self.lease_seconds, server_id=self.server_id,
-                                kinds=self.kinds)
+        job = await queue.claim(
+            self.sessionmaker, lease_seconds=self.lease_seconds, server_id=self.server_id, kinds=self.kinds
+        )
         if job is None:
             return False
         await self._execute(job)
@@ -151,8 +164,12 @@ class Worker:
             self._wake.clear()
             while len(self._running) < self.concurrency and not self._stopping.is_set():
                 try:
-                    job = await queue.claim(self.sessionmaker, lease_seconds=self.lease_seconds,
-                                            server_id=self.server_id, kinds=self.kinds)
+                    job = await queue.claim(
+                        self.sessionmaker,
+                        lease_seconds=self.lease_seconds,
+                        server_id=self.server_id,
+                        kinds=self.kinds,
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -160,7 +177,9 @@ class Worker:
                     break
                 if job is None:
                     break
-                task = asyncio.get_running_loop().create_task(self._execute(job), name=f"job-{job.kind}-{job.id}")
+                task = asyncio.get_running_loop().create_task(
+                    self._execute(job), name=f"job-{job.kind}-{job.id}"
+                )
                 self._running.add(task)
                 task.add_done_callback(self._job_done)
             with contextlib.suppress(TimeoutError):
@@ -174,10 +193,18 @@ class Worker:
     async def _execute(self, job: queue.ClaimedJob) -> None:
         registration = lookup(job.kind)
         if registration is None:
-            await queue.fail(self.sessionmaker, job, f"no handler registered for job kind {job.kind!r} on {self.name}")
+            await queue.fail(
+                self.sessionmaker, job, f"no handler registered for job kind {job.kind!r} on {self.name}"
+            )
             return
-        context = JobContext(sessionmaker=self.sessionmaker, settings=self.settings, job_id=job.id,
-                             attempt=job.attempt, app=self.app, shared=self.shared)
+        context = JobContext(
+            sessionmaker=self.sessionmaker,
+            settings=self.settings,
+            job_id=job.id,
+            attempt=job.attempt,
+            app=self.app,
+            shared=self.shared,
+        )
         work = asyncio.get_running_loop().create_task(registration.handler(context, job.payload))
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(job, work))
         try:
@@ -199,7 +226,9 @@ class Worker:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
         if not await queue.finish(self.sessionmaker, job, result if isinstance(result, dict) else None):
-            log.warning("job %s (%s): finished after its claim was taken over; outcome not recorded", job.id, job.kind)
+            log.warning(
+                "job %s (%s): finished after its claim was taken over; outcome not recorded", job.id, job.kind
+            )
 
     async def _keep_lease(self, job: queue.ClaimedJob, work: asyncio.Task[Any]) -> None:
         interval = max(self.lease_seconds / 3, 0.05)
@@ -241,7 +270,9 @@ class Worker:
             try:
                 async with self.sessionmaker() as session:
                     await session.execute(
-                        update(Server).where(Server.id == self.server_id).values(last_seen_at=utcnow(), ready=True)
+                        update(Server)
+                        .where(Server.id == self.server_id)
+                        .values(last_seen_at=utcnow(), ready=True)
                     )
                     await session.commit()
             except asyncio.CancelledError:
@@ -259,7 +290,12 @@ class Worker:
             self._listener = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
             await self._listener.add_listener(queue.NOTIFY_CHANNEL, lambda *_: self._wake.set())
         except Exception:
-            log.warning("worker %s: LISTEN %s unavailable; polling only", self.name, queue.NOTIFY_CHANNEL, exc_info=True)
+            log.warning(
+                "worker %s: LISTEN %s unavailable; polling only",
+                self.name,
+                queue.NOTIFY_CHANNEL,
+                exc_info=True,
+            )
             self._listener = None
 
     async def _unlisten(self) -> None:
