@@ -100,9 +100,9 @@ async def bench_http(batch: int, repeat: int) -> None:
     from flplatform.app import create_app
     from flplatform.migrate import upgrade
     from flplatform.orm import GlobalModel, User
-    from flplatform.schemas.user import UserCreate
-    from flplatform.services.users import create_user
     from flplatform.settings import Settings
+    from flplatform.users.schemas import UserCreate
+    from flplatform.users.service import create_user
 
     directory = tempfile.mkdtemp(prefix="flp-bench-")
     url = f"sqlite+aiosqlite:///{directory}/bench.db"

@@ -28,10 +28,10 @@ from typing import Any
 from sqlalchemy import func, literal, select, union_all
 
 from flplatform.db import create_engine, create_sessionmaker
+from flplatform.organizations.service import new_child, new_organization
 from flplatform.orm import Base, Collection, GlobalModel, Model, Training, User
-from flplatform.orm.collections import CollectionKind, Membership, Role, RoleKind
+from flplatform.orm.organizations import CollectionKind, Membership, Role, RoleKind
 from flplatform.permissions import Requester, can_read, readable
-from flplatform.services.collections import new_child, new_organization
 
 PROJECTS, GROUPS, MEMBERS, MODELS, TRAININGS = 100, 10, 2000, 1000, 200
 

@@ -41,9 +41,9 @@ from flplatform.broker.config import BrokerConfig  # noqa: E402
 from flplatform.db import create_engine  # noqa: E402
 from flplatform.migrate import upgrade  # noqa: E402
 from flplatform.orm import Base, User  # noqa: E402
-from flplatform.schemas.user import UserCreate  # noqa: E402
-from flplatform.services.users import create_user  # noqa: E402
 from flplatform.settings import Settings  # noqa: E402
+from flplatform.users.schemas import UserCreate  # noqa: E402
+from flplatform.users.service import create_user  # noqa: E402
 
 BACKENDS = ("sqlite", "postgresql")
 

@@ -9,7 +9,8 @@ import zipfile
 import pytest
 import torch
 
-from flplatform.services import archive_limits, model_files
+from flplatform.models import archive_limits
+from flplatform.models import files as model_files
 from flplatform.settings import Settings
 
 MiB = 1024**2

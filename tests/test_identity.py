@@ -18,10 +18,10 @@ from flplatform.db import create_engine, create_sessionmaker
 from flplatform.errors import Conflict
 from flplatform.migrate import alembic_config, upgrade
 from flplatform.orm import LoginName, User
-from flplatform.orm.billing import AuditLog
-from flplatform.schemas.user import UserCreate
-from flplatform.services import login_names
-from flplatform.services.users import create_user
+from flplatform.orm.audit import AuditLog
+from flplatform.users import login_names
+from flplatform.users.schemas import UserCreate
+from flplatform.users.service import create_user
 
 ROOT = User(username="<tests>", is_superuser=True)
 
@@ -253,7 +253,7 @@ def test_login_key_is_the_one_normalisation():
 async def test_admin_bootstrap_respects_login_names(app, make_user):
     """FLP_ADMIN_*: a user already holding the name (in another case) or a clashing email leaves
     things as they are instead of failing the start-up."""
-    from flplatform.services.users import ensure_admin
+    from flplatform.users.service import ensure_admin
 
     await make_user("Root", email="root-owner@example.org")
     async with app.state.sessionmaker() as session:

@@ -19,9 +19,9 @@ from pydantic import ValidationError
 from sqlalchemy import update
 
 from flplatform.billing.ledger import MAX_BALANCE
+from flplatform.kit.schemas import text_problem
 from flplatform.orm.billing import LedgerAccount
-from flplatform.schemas.base import text_problem
-from flplatform.schemas.user import TokenCreate
+from flplatform.users.schemas import TokenCreate
 
 NUL, SURROGATE = "a\x00b", "a\ud800b"
 HUGE = "99999999999999999999"

@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import select
 
 from flplatform.app import create_app
+from flplatform.auth.credentials import _HashingPool
+from flplatform.auth.throttle_storage import DatabaseStorage
 from flplatform.errors import TooManyRequests
-from flplatform.login_throttle_storage import DatabaseStorage
-from flplatform.orm.billing import AuditLog
-from flplatform.security import _HashingPool
+from flplatform.orm.audit import AuditLog
 from flplatform.settings import Settings
 
 PER_ACCOUNT = 3

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flplatform import security
+from flplatform.auth import credentials as security
 from flplatform.settings import Settings
 
 

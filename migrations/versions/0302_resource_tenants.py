@@ -49,7 +49,7 @@ def upgrade() -> None:
             # local models, messages…). A nullable column with a named REFERENCES clause is
             # added in place. No ON DELETE action (SQLite's reflection could not compare it):
             # an organisation is deleted only without users, and its remaining topics are
-            # deleted first by the service (``services.collections.delete_collection``).
+            # deleted first by the service (``organizations.service.delete_collection``).
             op.execute(
                 f"ALTER TABLE {table} ADD COLUMN organization_id CHAR(32) CONSTRAINT {constraint} "
                 "REFERENCES collections (id)"

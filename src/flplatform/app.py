@@ -13,14 +13,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
-from flplatform import __version__, tasks
+from flplatform import __version__
+from flplatform.auth.request_guard import RequestGuard
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.docs_ui import install_docs
 from flplatform.errors import install_error_handlers
-from flplatform.input_guard import InputGuard
+from flplatform.kit import tasks
+from flplatform.kit.input_guard import InputGuard
 from flplatform.onboarding import FIRST_USER_HINT
 from flplatform.openapi import install_openapi
-from flplatform.request_guard import RequestGuard
 from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
 from flplatform.routers import broker as broker_router
@@ -101,11 +102,11 @@ def _operation_id(route: APIRoute) -> str:
 
 def lifespan_components() -> list[LifespanComponent]:
     """Background components of each domain; domains append theirs here."""
+    from flplatform.auth.login_guard import login_guard_component
     from flplatform.billing.hooks import billing_component
     from flplatform.broker import broker_component
-    from flplatform.login_guard import login_guard_component
     from flplatform.sandbox import sandbox_component
-    from flplatform.services.trainings import training_component
+    from flplatform.trainings.service import training_component
     from flplatform.workqueue import workqueue_component
 
     return [
@@ -141,7 +142,7 @@ async def _bootstrap_admin(app: FastAPI) -> None:
     if not (settings.admin_username and settings.admin_password):
         await _hint_first_user(app)
         return
-    from flplatform.services.users import ensure_admin
+    from flplatform.users.service import ensure_admin
 
     async with app.state.sessionmaker() as session:
         user = await ensure_admin(

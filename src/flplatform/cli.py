@@ -78,7 +78,7 @@ def _createuser(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flplatform.errors import AppError
-    from flplatform.schemas.user import UserCreate
+    from flplatform.users.schemas import UserCreate
 
     password = args.password or getpass.getpass("Password: ")
     try:
@@ -100,8 +100,8 @@ def _createuser(args: argparse.Namespace) -> int:
         from flplatform.db import create_engine, create_sessionmaker
         from flplatform.migrate import upgrade
         from flplatform.orm import User
-        from flplatform.services.outbound import validate_message_endpoint
-        from flplatform.services.users import create_user
+        from flplatform.trainings.outbound import validate_message_endpoint
+        from flplatform.users.service import create_user
 
         settings = get_settings()
         validate_message_endpoint(data.message_endpoint, settings)
@@ -136,7 +136,7 @@ def env_var(field: str) -> str:
 
 def _settings_classes() -> list[tuple[str, type[BaseSettings]]]:
     from flplatform.broker.config import BrokerConfig
-    from flplatform.services.inference import InferenceSettings
+    from flplatform.inference.service import InferenceSettings
     from flplatform.settings import Settings
 
     return [("server", Settings), ("DASF broker", BrokerConfig), ("inference", InferenceSettings)]

@@ -16,8 +16,8 @@ from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from flplatform.kit.tasks import spawn
 from flplatform.settings import Settings
-from flplatform.tasks import spawn
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ async def check_worker(host: str | None = None) -> str | None:
 
     from flplatform.db import create_engine
     from flplatform.orm.base import utcnow
-    from flplatform.orm.billing import Server
+    from flplatform.orm.workqueue import Server
     from flplatform.settings import get_settings
 
     settings = get_settings()

@@ -16,8 +16,8 @@ DEFAULT_SECRET_FILE = ".flplatform-secret"
 
 def _default_secret(path: Path) -> str:
     """A per-checkout secret for the embedded default, kept in a file so restarts keep tokens valid
-    (created 0600 atomically and read once per process: flplatform.security.file_secret)."""
-    from flplatform.security import file_secret
+    (created 0600 atomically and read once per process: flplatform.auth.credentials.file_secret)."""
+    from flplatform.auth.credentials import file_secret
 
     return file_secret(path)
 
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     )
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; ['*'] for any")
 
-    # Request bodies (bytes; flplatform/request_guard.py). Multipart bodies are capped by
+    # Request bodies (bytes; flplatform/auth/request_guard.py). Multipart bodies are capped by
     # max_upload_bytes, every other body by max_json_body_bytes unless a route says otherwise.
     max_upload_bytes: int = Field(
         default=2 * 1024**3,
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         default=65536, ge=64, description="Argon2 password hashing: memory (KiB)"
     )
 
-    # Login throttling (flplatform/login_guard.py): failed password logins in a fixed window.
+    # Login throttling (flplatform/auth/login_guard.py): failed password logins in a fixed window.
     login_window_seconds: float = Field(
         default=300.0, gt=0, description="Length of the window failed logins are counted in"
     )
@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     admin_email: str | None = Field(default=None, description="E-mail of that superuser")
     admin_password: SecretStr | None = Field(default=None, description="Password of that superuser")
 
-    # Training lifecycle and notifications (services/trainings.py, services/notifications.py).
+    # Training lifecycle and notifications (trainings/service.py, trainings/notifications.py).
     notification_timeout_seconds: float = Field(
         default=5.0,
         gt=0,

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import uuid
 
-from flplatform.security import sign
+from flplatform.auth.credentials import sign
 from tests.billing.conftest import usd
 
 

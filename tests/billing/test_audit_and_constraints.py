@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from flplatform.billing import works
 from flplatform.orm.base import utcnow
-from flplatform.orm.billing import Work, WorkKind, WorkStatus
+from flplatform.orm.workqueue import Work, WorkKind, WorkStatus
 from tests.billing.conftest import usd
 
 

@@ -14,8 +14,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from flplatform.inference.service import InferenceSettings
 from flplatform.orm import UncertaintyMethod
-from flplatform.services.inference import InferenceSettings
 from tests.inference.conftest import DropoutMLP, ImagePreprocessing, flat_parameters
 
 X = [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0]]

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from flplatform import workqueue
+from flplatform.inference.jobs import INFERENCE_JOB, billing_key
 from flplatform.orm.billing import OperationKind
-from flplatform.services.inference_jobs import INFERENCE_JOB, billing_key
 from flplatform.settings import Settings
 from tests.billing.conftest import books, usd  # noqa: F401  (fixture)
 from tests.inference.conftest import DropoutMLP

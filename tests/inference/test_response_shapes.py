@@ -31,8 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
+from flplatform.inference.jobs import query_from_payload
 from flplatform.orm import UncertaintyMethod
-from flplatform.services.inference_jobs import query_from_payload
 from tests.inference.conftest import flat_parameters
 
 X = [[1.0, 2.0], [3.0, -1.0]]

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, event
 
+from flplatform.auth.credentials import encrypt, hash_password, new_user_token, token_digest
+from flplatform.organizations.service import new_child, new_organization
 from flplatform.orm import ApiToken, Base, User
 from flplatform.orm.base import utcnow
-from flplatform.orm.collections import (
+from flplatform.orm.organizations import (
     Collection,
     CollectionKind,
     Membership,
@@ -22,8 +24,6 @@ from flplatform.orm.collections import (
     Role,
     RoleKind,
 )
-from flplatform.security import encrypt, hash_password, new_user_token, token_digest
-from flplatform.services.collections import new_child, new_organization
 
 PASSWORD = "password-123"
 _HASH: dict[str, str] = {}

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from flplatform.organizations.service import create_invitation
 from flplatform.orm import GlobalModel, Metric, Training, User
 from flplatform.orm.broker import BrokerTopic, BrokerTopicGrant
-from flplatform.services.collections import create_invitation
 from tests.permissions.conftest import ACTORS, Actor, OrgTree, build_org_tree
 
 # Expected outcome per actor, in ACTORS order:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import selectinload
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import Collection, GlobalModel, LocalModel, Model, Training, User
 from flplatform.orm.broker import BrokerTopic, BrokerTopicGrant
-from flplatform.orm.collections import CollectionKind, Membership, Role, RoleKind
+from flplatform.orm.organizations import CollectionKind, Membership, Role, RoleKind
 from flplatform.permissions import Requester, can_read, readable, users_without_role
 from flplatform.permissions.requester import ANY_ROLE
 

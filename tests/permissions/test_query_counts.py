@@ -16,6 +16,9 @@ import datetime as dt
 import uuid
 from typing import Any
 
+from flplatform.auth.credentials import token_digest
+from flplatform.inference.jobs import INFERENCE_JOB
+from flplatform.organizations.service import create_invitation, new_child
 from flplatform.orm import (
     ApiToken,
     GlobalModel,
@@ -28,14 +31,10 @@ from flplatform.orm import (
     User,
 )
 from flplatform.orm.base import utcnow
-from flplatform.orm.billing import WorkKind, WorkStatus
 from flplatform.orm.broker import BrokerMessage, BrokerTopic, BrokerTopicGrant
-from flplatform.orm.collections import CollectionKind, Membership, Role, RoleKind
+from flplatform.orm.organizations import CollectionKind, Membership, Role, RoleKind
 from flplatform.orm.training import training_participants
-from flplatform.orm.workqueue import QueuedWork
-from flplatform.security import token_digest
-from flplatform.services.collections import create_invitation, new_child
-from flplatform.services.inference_jobs import INFERENCE_JOB
+from flplatform.orm.workqueue import QueuedWork, WorkKind, WorkStatus
 from tests.permissions.conftest import OrgTree, StatementCounter, build_org_tree
 
 # List routes whose rows this test cannot grow (billing data has its own tests); they are still

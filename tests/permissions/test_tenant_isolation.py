@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 from fastapi.routing import APIRoute
 
+from flplatform.inference.jobs import INFERENCE_JOB
+from flplatform.organizations.service import create_invitation
 from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel, Metric, SWAGModel, Training
 from flplatform.orm.base import utcnow
-from flplatform.orm.billing import WorkKind, WorkStatus
 from flplatform.orm.broker import BrokerMessage, BrokerTopic, BrokerTopicGrant
-from flplatform.orm.workqueue import QueuedWork
-from flplatform.services.collections import create_invitation
-from flplatform.services.inference_jobs import INFERENCE_JOB
+from flplatform.orm.workqueue import QueuedWork, WorkKind, WorkStatus
 from tests.permissions.conftest import OrgTree, build_org_tree
 
 # What anonymous callers may read.

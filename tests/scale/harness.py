@@ -28,9 +28,9 @@ from safetensors.torch import save as safetensors_save
 
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import User
-from flplatform.schemas.user import UserCreate
-from flplatform.services.users import create_user
 from flplatform.serving import uvicorn_ws_cli_args
+from flplatform.users.schemas import UserCreate
+from flplatform.users.service import create_user
 from tests.conftest import free_port
 
 ADMIN_PASSWORD = "admin-password-123"

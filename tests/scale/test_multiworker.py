@@ -18,9 +18,8 @@ from sqlalchemy import func, select
 from flplatform import workqueue
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import GlobalModelRound, LocalModel, Server, Training
-from flplatform.orm.billing import WorkStatus
-from flplatform.orm.workqueue import QueuedWork
-from flplatform.services.trainings import AGGREGATE_JOB
+from flplatform.orm.workqueue import QueuedWork, WorkStatus
+from flplatform.trainings.service import AGGREGATE_JOB
 from tests.scale.conftest import WORK_LEASE_SECONDS
 from tests.scale.harness import (
     Account,

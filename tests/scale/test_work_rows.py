@@ -14,9 +14,8 @@ import httpx
 from sqlalchemy import func, select
 
 from flplatform.orm import GlobalModelRound
-from flplatform.orm.billing import WorkKind, WorkStatus
-from flplatform.orm.workqueue import QueuedWork
-from flplatform.services.trainings import AGGREGATE_JOB, run_aggregation_job
+from flplatform.orm.workqueue import QueuedWork, WorkKind, WorkStatus
+from flplatform.trainings.service import AGGREGATE_JOB, run_aggregation_job
 from flplatform.workqueue import JobContext
 from tests.training.conftest import (
     as_safetensors,

@@ -17,8 +17,7 @@ from flplatform import workqueue
 from flplatform.app import create_app
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import Server
-from flplatform.orm.billing import WorkKind, WorkStatus
-from flplatform.orm.workqueue import QueuedWork
+from flplatform.orm.workqueue import QueuedWork, WorkKind, WorkStatus
 from flplatform.settings import Settings
 
 CALLS: list[tuple[str, dict[str, Any]]] = []

@@ -24,10 +24,10 @@ import uvicorn
 from flplatform.app import create_app
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import User
-from flplatform.schemas.user import UserCreate
-from flplatform.services.users import create_user
 from flplatform.serving import uvicorn_ws_options
 from flplatform.settings import Settings
+from flplatform.users.schemas import UserCreate
+from flplatform.users.service import create_user
 from tests.conftest import free_port, wait_for_port
 from tests.training.conftest import as_safetensors, shifted, state_of
 

@@ -14,7 +14,7 @@ import torch
 from sqlalchemy import func, select
 
 from flplatform.orm import GlobalModelRound, Notification
-from flplatform.services import trainings as training_service
+from flplatform.trainings import service as training_service
 from tests.conftest import free_port
 from tests.training.conftest import (
     as_safetensors,

@@ -25,10 +25,10 @@ from sqlalchemy import func, select
 from flplatform.app import create_app
 from flplatform.orm import GlobalModelRound, Notification, Training, User
 from flplatform.orm.workqueue import QueuedWork
-from flplatform.schemas.user import UserCreate
-from flplatform.services.trainings import AGGREGATE_JOB, runtime_of
-from flplatform.services.users import create_user
 from flplatform.settings import Settings
+from flplatform.trainings.service import AGGREGATE_JOB, runtime_of
+from flplatform.users.schemas import UserCreate
+from flplatform.users.service import create_user
 from tests.scale.harness import fleet, server_env
 from tests.training.conftest import (
     as_safetensors,

@@ -21,8 +21,8 @@ from sqlalchemy import select
 
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import Notification, NotificationStatus
-from flplatform.services import notifications as notify
 from flplatform.settings import Settings
+from flplatform.trainings import notifications as notify
 from tests.conftest import free_port
 from tests.training.conftest import create_training, upload_global
 from tests.training.endpoints import answer, huge_body, serving, silent, trickle

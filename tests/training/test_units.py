@@ -11,13 +11,13 @@ import torch
 from pydantic import ValidationError
 
 from flplatform.errors import BadRequest
+from flplatform.models import files as model_files
+from flplatform.models.files import ModelFileError
 from flplatform.routers.models import parse_input_shape
-from flplatform.schemas.training import TrainingCreate, TrainingOptions
-from flplatform.services import model_files
-from flplatform.services import notifications as notify
-from flplatform.services.aggregate import WeightedMean, aggregator_options, check_aggregator_options
-from flplatform.services.model_files import ModelFileError
-from flplatform.services.trainings import derangement
+from flplatform.trainings import notifications as notify
+from flplatform.trainings.aggregate import WeightedMean, aggregator_options, check_aggregator_options
+from flplatform.trainings.schemas import TrainingCreate, TrainingOptions
+from flplatform.trainings.service import derangement
 from tests.training.conftest import as_safetensors, scripted_bytes, tiny_net
 
 

@@ -20,7 +20,7 @@ Training lifecycle (the training's ``actor`` pays; keys ``training:{id}:round:{n
         Call on error, cancellation or timeout of a round. Idempotent; False if nothing was held.
 
     Wired: ``billing.hooks.billing_component`` (a lifespan component) registers
-    ``hooks.round_started`` / ``hooks.round_aggregated`` in ``services.trainings``'
+    ``hooks.round_started`` / ``hooks.round_aggregated`` in ``trainings.service``'
     ``ROUND_STARTED_HOOKS`` / ``ROUND_AGGREGATED_HOOKS`` and releases holds of ended trainings.
 
 Inference

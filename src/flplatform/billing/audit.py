@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.orm.billing import AuditLevel, AuditLog
+from flplatform.orm.audit import AuditLevel, AuditLog
 
 _HOST = socket.gethostname()
 

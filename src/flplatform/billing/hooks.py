@@ -1,6 +1,6 @@
 """Billing wired into the training lifecycle, and the lifespan component that keeps holds tidy.
 
-``services.trainings`` calls hooks inside the transaction of each state change:
+``trainings.service`` calls hooks inside the transaction of each state change:
 
 * ``ROUND_STARTED_HOOKS`` → :func:`round_started`: first settles any earlier round of the
   training still held (FedDC daisy-chain rounds are never aggregated), then reserves this
@@ -80,7 +80,7 @@ async def round_aggregated(session: AsyncSession, training: Training, round_numb
 
 def install() -> None:
     """Register the hooks with the training lifecycle (idempotent)."""
-    from flplatform.services import trainings
+    from flplatform.trainings import service as trainings
 
     for hooks, hook in (
         (trainings.ROUND_STARTED_HOOKS, round_started),

@@ -912,7 +912,7 @@ def month_bounds(period: str) -> tuple[dt.datetime, dt.datetime]:
     try:
         year, month = (int(p) for p in period.split("-"))
         start = dt.datetime(year, month, 1, tzinfo=dt.UTC)
-        if not 1970 <= year <= 2999:  # schemas.base.PERIOD_PATTERN; the month's end must be a datetime
+        if not 1970 <= year <= 2999:  # kit.schemas.PERIOD_PATTERN; the month's end must be a datetime
             raise ValueError(period)
     except ValueError:
         raise BadRequest(f"Period {period!r} is not YYYY-MM.") from None

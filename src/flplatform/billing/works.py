@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.errors import Conflict, NotFound
 from flplatform.orm.base import utcnow
-from flplatform.orm.billing import Server, Work, WorkKind, WorkStatus
+from flplatform.orm.workqueue import Server, Work, WorkKind, WorkStatus
 
 
 async def register_server(

@@ -178,8 +178,8 @@ async def _run(args: argparse.Namespace) -> str:
 
 async def _create_user(session: Any, username: str) -> tuple[Any, str]:
     from flplatform.orm import User
-    from flplatform.schemas.user import UserCreate
-    from flplatform.services.users import create_user
+    from flplatform.users.schemas import UserCreate
+    from flplatform.users.service import create_user
 
     data = UserCreate(username=username, password=secrets.token_urlsafe(18))
     return await create_user(session, data, created_by=User(username="<cli>", is_superuser=True))

@@ -46,6 +46,7 @@ from flplatform.broker.connections import ConsumerConnection, ConsumerStalled, D
 from flplatform.broker.permissions import Identity, Perms, TopicInfo, resolve
 from flplatform.broker.queues import QueueBudget
 from flplatform.db import create_engine, create_sessionmaker
+from flplatform.kit.tasks import spawn
 from flplatform.orm.broker import (
     ANONYMOUS_KEY,
     BrokerDelivery,
@@ -57,7 +58,6 @@ from flplatform.orm.broker import (
     ResponseTopic,
     StorePolicy,
 )
-from flplatform.tasks import spawn
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,9 @@
 """SQLAlchemy 2.0 typed models, one module per domain. Importing this package registers every
 table on ``Base.metadata`` (Alembic's autogenerate target)."""
 
+from flplatform.orm.audit import AuditLog
 from flplatform.orm.base import Base
-from flplatform.orm.billing import (
-    AuditLog,
-    Hold,
-    JournalEntry,
-    LedgerAccount,
-    Operation,
-    Posting,
-    Server,
-    Work,
-)  # noqa: F401
+from flplatform.orm.billing import Hold, JournalEntry, LedgerAccount, Operation, Posting  # noqa: F401
 from flplatform.orm.broker import (  # noqa: F401  (registers the broker tables)
     BrokerDelivery,
     BrokerMessage,
@@ -20,7 +12,17 @@ from flplatform.orm.broker import (  # noqa: F401  (registers the broker tables)
     BrokerTopicGrant,
     ResponseTopic,
 )
-from flplatform.orm.collections import (
+from flplatform.orm.metric import Metric
+from flplatform.orm.model import (
+    GlobalModel,
+    GlobalModelRound,
+    LocalModel,
+    MeanModel,
+    Model,
+    ModelKind,
+    SWAGModel,
+)
+from flplatform.orm.organizations import (
     AdHocGroup,
     Collection,
     CollectionKind,
@@ -33,16 +35,6 @@ from flplatform.orm.collections import (
     Role,
     RoleKind,
 )
-from flplatform.orm.metric import Metric
-from flplatform.orm.model import (
-    GlobalModel,
-    GlobalModelRound,
-    LocalModel,
-    MeanModel,
-    Model,
-    ModelKind,
-    SWAGModel,
-)
 from flplatform.orm.throttle import RateLimitCounter  # noqa: F401  (registers the throttle table)
 from flplatform.orm.training import (
     AggregationMethod,
@@ -54,7 +46,11 @@ from flplatform.orm.training import (
     UncertaintyMethod,
 )
 from flplatform.orm.user import ApiToken, LoginName, User
-from flplatform.orm.workqueue import QueuedWork  # noqa: F401  (registers the work-queue table)
+from flplatform.orm.workqueue import (
+    QueuedWork,  # noqa: F401  (registers the work-queue table)
+    Server,
+    Work,
+)
 
 __all__ = [
     "AdHocGroup",

@@ -1,5 +1,5 @@
-"""Billing: a double-entry, multi-currency ledger, metering records, the audit log, and the
-worker bookkeeping (``Server``, ``Work``) of seed 004.
+"""Billing: a double-entry, multi-currency ledger and its metering records (seed 004). The audit
+log is in ``orm/audit.py``, the worker bookkeeping (``Server``, ``Work``) in ``orm/workqueue.py``.
 
 Money is **integer minor units** (``BigInteger``), one declared scale for every currency:
 ``MINOR_PER_UNIT = 10**8`` (the seed's ``Decimal(20, 8)``). Never float.
@@ -34,12 +34,10 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
-    Float,
     ForeignKey,
     Index,
     Integer,
     String,
-    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -299,85 +297,3 @@ class Bill(IDMixin, Base):
     created_by_id: Mapped[uuid.UUID | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[dt.datetime | None]
-
-
-class AuditLevel(enum.StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
-
-
-class AuditLog(IDMixin, Base):
-    """Seed 004's ``EasyAutoMLLogger`` as an append-only audit trail."""
-
-    __tablename__ = "audit_log"
-    __table_args__ = (Index("ix_audit_log_organisation_id_timestamp", "organisation_id", "timestamp"),)
-
-    timestamp: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
-    level: Mapped[AuditLevel] = mapped_column(str_enum(AuditLevel, "audit_level"), default=AuditLevel.INFO)
-    action: Mapped[str] = mapped_column(String(64), index=True)  # e.g. "billing.top_up", "auth.login_failed"
-    module: Mapped[str] = mapped_column(String(200))
-    function: Mapped[str] = mapped_column(String(200))
-    message: Mapped[str] = mapped_column(Text, default="")
-    host: Mapped[str] = mapped_column(String(255))
-    ip: Mapped[str | None] = mapped_column(String(64))
-    actor_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
-    subject_user_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
-    organisation_id: Mapped[uuid.UUID | None]
-    # How many occurrences the row stands for (failed logins are one row per name, address and window).
-    count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
-
-
-class Server(IDMixin, Base):
-    """A worker process that runs aggregations and inference (seed ``Server``)."""
-
-    __tablename__ = "servers"
-
-    name: Mapped[str] = mapped_column(String(100), unique=True)
-    ready: Mapped[bool] = mapped_column(Boolean, default=False)
-    gpu_memory: Mapped[list[int]] = mapped_column(JSON, default=list)  # bytes per GPU
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-
-
-class WorkKind(enum.StrEnum):
-    AGGREGATION = "aggregation"  # seed: is_work_training
-    INFERENCE = "inference"  # seed: is_work_solving
-
-
-class WorkStatus(enum.StrEnum):
-    WAITING = "waiting"
-    PROCESSING = "processing"
-    FINISHED = "finished"
-    ERROR = "error"
-
-
-class Work(IDMixin, Base):
-    """One aggregation or inference job. One ``status`` column with a CHECK constraint replaces the
-    seed's four booleans, and finished/error jobs must carry their finish time."""
-
-    __tablename__ = "works"
-    __table_args__ = (
-        CheckConstraint(
-            "(status IN ('finished', 'error')) = (finished_at IS NOT NULL)", name="finished_iff_final"
-        ),
-        CheckConstraint("status <> 'processing' OR started_at IS NOT NULL", name="processing_started"),
-        Index("ix_works_status_created_at", "status", "created_at"),
-    )
-
-    kind: Mapped[WorkKind] = mapped_column(str_enum(WorkKind, "work_kind"))
-    status: Mapped[WorkStatus] = mapped_column(
-        str_enum(WorkStatus, "work_status"), default=WorkStatus.WAITING
-    )
-    model_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("models.id", ondelete="CASCADE"), index=True
-    )
-    server_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("servers.id", ondelete="SET NULL"), index=True
-    )
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    started_at: Mapped[dt.datetime | None]
-    finished_at: Mapped[dt.datetime | None]
-    duration_estimate_seconds: Mapped[float | None] = mapped_column(Float)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)

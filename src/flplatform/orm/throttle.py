@@ -1,4 +1,4 @@
-"""Counters of the login throttle when they are shared through the database (flplatform.login_throttle_storage)."""
+"""Counters of the login throttle when they are shared through the database (flplatform.auth.throttle_storage)."""
 
 from __future__ import annotations
 

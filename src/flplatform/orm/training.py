@@ -85,7 +85,7 @@ class Training(IDMixin, TimestampMixin, Base):
     # Metric names the actor expects in test rounds (the reference parsed and dropped them).
     metric_names: Mapped[list[str]] = mapped_column(JSON, default=list)
     # What the current round waits for: client updates, test metrics on the new global
-    # model, or (state S) SWAG statistics. See services/trainings.py for the state machine.
+    # model, or (state S) SWAG statistics. See trainings/service.py for the state machine.
     phase: Mapped[str] = mapped_column(String(16), default="update")
     # The global model's round when the training started: target_num_updates counts from here.
     start_round: Mapped[int] = mapped_column(Integer, default=0)

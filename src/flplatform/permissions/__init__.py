@@ -30,7 +30,7 @@ returns e.g. ``and_(Topic.organization_id == r.organization_id, or_(Topic.owner_
 has_org_role_clause(r)))`` and whose booleans test the same on the object, register it with
 ``register(Topic, Superuser() | TopicRules())``, then filter list queries with
 ``readable(r, Topic)`` and guard single objects with ``ensure_readable``/``ensure_allowed``.
-Building blocks for clauses are in ``flplatform.permissions.collections``
+Building blocks for clauses are in ``flplatform.permissions.organizations``
 (``role_collections``, ``has_role_clause``, ``has_org_role_clause``, ``managed_collections``).
 
 The permission table is in docs/permissions.md.
@@ -42,7 +42,9 @@ from typing import Any, Literal
 
 from flplatform.errors import Forbidden, NotFound
 from flplatform.orm.broker import BrokerTopic
-from flplatform.orm.collections import (
+from flplatform.orm.metric import Metric
+from flplatform.orm.model import Model
+from flplatform.orm.organizations import (
     Collection,
     Invitation,
     Membership,
@@ -50,12 +52,10 @@ from flplatform.orm.collections import (
     Role,
     RoleKind,
 )
-from flplatform.orm.metric import Metric
-from flplatform.orm.model import Model
 from flplatform.orm.training import Training
 from flplatform.orm.user import User
 from flplatform.permissions.base import AllOf, AllowAll, AnyOf, Clause, DenyAll, Policy, Superuser
-from flplatform.permissions.collections import (
+from flplatform.permissions.organizations import (
     COLLECTION_POLICY,
     INVITATION_POLICY,
     MEMBERSHIP_POLICY,

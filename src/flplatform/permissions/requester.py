@@ -18,10 +18,10 @@ from fastapi import Depends
 from sqlalchemy import String, literal, select, type_coerce, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.auth import OptionalUser
+from flplatform.auth.dependencies import OptionalUser
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized
-from flplatform.orm.collections import Collection, Membership, OrganizationSettings, Role, RoleKind
+from flplatform.orm.organizations import Collection, Membership, OrganizationSettings, Role, RoleKind
 from flplatform.orm.user import User
 
 ANY_ROLE: frozenset[RoleKind] = frozenset(RoleKind)

@@ -33,12 +33,12 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from flplatform.errors import Forbidden, NotFound
 from flplatform.orm.broker import BrokerTopic, BrokerTopicGrant, ResponseTopic
-from flplatform.orm.collections import RoleKind
 from flplatform.orm.metric import Metric
 from flplatform.orm.model import LocalModel, Model
+from flplatform.orm.organizations import RoleKind
 from flplatform.orm.training import Training, training_participants
 from flplatform.permissions.base import Clause, Policy, Superuser
-from flplatform.permissions.collections import has_org_role_clause
+from flplatform.permissions.organizations import has_org_role_clause
 from flplatform.permissions.requester import ANY_ROLE, Requester
 
 ADMIN = (RoleKind.ADMIN,)
@@ -117,7 +117,7 @@ def global_model_id(model: Model) -> uuid.UUID:
 
 class TrainingRules(Policy):
     """See the module docstring. ``obj.participants`` must be loaded for ``can_read``
-    (``services.trainings.get_training`` loads it)."""
+    (``trainings.service.get_training`` loads it)."""
 
     model = Training
 

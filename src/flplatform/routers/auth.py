@@ -5,14 +5,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
-from flplatform.auth import PASSWORD, client_address, login_with_password
+from flplatform.auth.dependencies import PASSWORD, client_address, login_with_password
+from flplatform.auth.login_guard import guard_of
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, responses
-from flplatform.input_guard import require_text
-from flplatform.login_guard import guard_of
+from flplatform.kit.input_guard import require_text
 from flplatform.onboarding import FIRST_USER_HINT, has_users
-from flplatform.schemas.user import AccessToken
-from flplatform.services import users as user_service
+from flplatform.users import service as user_service
+from flplatform.users.schemas import AccessToken
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])
 

@@ -16,18 +16,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from flplatform.auth import CurrentUser, SuperUser
+from flplatform.auth.credentials import sign
+from flplatform.auth.dependencies import CurrentUser, SuperUser
 from flplatform.billing import ledger
 from flplatform.billing import service as billing
 from flplatform.billing.idempotency import idempotent, request_fingerprint
 from flplatform.billing.money import to_decimal, to_minor
 from flplatform.billing.prices import get_prices, set_price
-from flplatform.db import SessionDep
-from flplatform.errors import Forbidden, NotFound, Unauthorized, Unprocessable, responses
-from flplatform.orm import Model, User
-from flplatform.orm.billing import AuditLevel, AuditLog, Bill, Coupon, OperationKind
-from flplatform.schemas.base import PERIOD_PATTERN, Limit, Offset, SafeDateTime
-from flplatform.schemas.billing import (
+from flplatform.billing.schemas import (
     AuditRead,
     BalanceRead,
     BillCreate,
@@ -51,7 +47,12 @@ from flplatform.schemas.billing import (
     StatementRead,
     TopUpCreate,
 )
-from flplatform.security import sign
+from flplatform.db import SessionDep
+from flplatform.errors import Forbidden, NotFound, Unauthorized, Unprocessable, responses
+from flplatform.kit.schemas import PERIOD_PATTERN, Limit, Offset, SafeDateTime
+from flplatform.orm import Model, User
+from flplatform.orm.audit import AuditLevel, AuditLog
+from flplatform.orm.billing import Bill, Coupon, OperationKind
 
 router = APIRouter(prefix="/api/billing", tags=["billing"])
 audit_router = APIRouter(prefix="/api/audit-log", tags=["audit"])

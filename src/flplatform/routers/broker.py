@@ -23,18 +23,13 @@ from fastapi import APIRouter, Query, Request, Response, WebSocket, status
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.convertors import Convertor, register_url_convertor
 
-from flplatform.auth import CurrentUser, OptionalUser, authenticate, client_address
+from flplatform.auth.dependencies import CurrentUser, OptionalUser, authenticate, client_address
+from flplatform.auth.login_guard import guard_of
 from flplatform.broker import service
 from flplatform.broker.availability import STATUS_TEXT, availability
 from flplatform.broker.core import Broker, identity_of, policy_for, topic_info
 from flplatform.broker.permissions import Identity, Perms
-from flplatform.db import SessionDep, after_commit
-from flplatform.errors import AppError, Forbidden, NotFound, Unauthorized, responses
-from flplatform.login_guard import guard_of
-from flplatform.orm.broker import BrokerTopic, ResponseTopic
-from flplatform.permissions import Requester, can_read
-from flplatform.schemas.base import Detail, Limit, Offset
-from flplatform.schemas.broker import (
+from flplatform.broker.schemas import (
     GrantRead,
     GrantWrite,
     MessageRead,
@@ -44,6 +39,11 @@ from flplatform.schemas.broker import (
     TopicRead,
     TopicUpdate,
 )
+from flplatform.db import SessionDep, after_commit
+from flplatform.errors import AppError, Forbidden, NotFound, Unauthorized, responses
+from flplatform.kit.schemas import Detail, Limit, Offset
+from flplatform.orm.broker import BrokerTopic, ResponseTopic
+from flplatform.permissions import Requester, can_read
 
 
 class _SlugConvertor(Convertor[str]):

@@ -18,14 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from flplatform.auth import CurrentUser
+from flplatform.auth.dependencies import CurrentUser
+from flplatform.auth.request_guard import body_limits
 from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, responses
-from flplatform.orm.base import utcnow
-from flplatform.orm.billing import WorkKind
-from flplatform.request_guard import body_limits
-from flplatform.schemas.base import Limit, Offset
-from flplatform.schemas.inference import (
+from flplatform.inference import jobs as inference_jobs
+from flplatform.inference import service as inference_service
+from flplatform.inference.schemas import (
     INFERENCE_REQUEST_EXAMPLES,
     INFERENCE_RESPONSE_EXAMPLES,
     InferenceFields,
@@ -36,9 +35,10 @@ from flplatform.schemas.inference import (
     ModelMetadata,
     ReturnFormat,
 )
-from flplatform.services import inference as inference_service
-from flplatform.services import inference_jobs
-from flplatform.services.inference import InferenceQuery, runtime_for
+from flplatform.inference.service import InferenceQuery, runtime_for
+from flplatform.kit.schemas import Limit, Offset
+from flplatform.orm.base import utcnow
+from flplatform.orm.workqueue import WorkKind
 
 router = APIRouter()
 

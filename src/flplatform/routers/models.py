@@ -16,10 +16,9 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from flplatform.db import SessionDep, after_commit
 from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
-from flplatform.orm import SWAGModel
-from flplatform.permissions import AuthenticatedRequester, Requester, ensure_visible
-from flplatform.schemas.base import Detail, RequestSchema, SafeStr, text_problem
-from flplatform.schemas.model import (
+from flplatform.kit.schemas import Detail, RequestSchema, SafeStr, text_problem
+from flplatform.models import service as model_service
+from flplatform.models.schemas import (
     MetricRead,
     MetricsAccepted,
     ModelRead,
@@ -27,8 +26,9 @@ from flplatform.schemas.model import (
     SwagAccepted,
     UpdateAccepted,
 )
-from flplatform.services import models as model_service
-from flplatform.services.trainings import runtime_of
+from flplatform.orm import SWAGModel
+from flplatform.permissions import AuthenticatedRequester, Requester, ensure_visible
+from flplatform.trainings.service import runtime_of
 
 router = APIRouter(prefix="/api/models", tags=["models"])
 
@@ -39,7 +39,7 @@ MAX_INT = 2**31 - 1
 
 
 def clean_text(value: str, field: str) -> str:
-    """The text rule (``schemas.base``) for the hand-parsed upload form; a 400 there, as the DLR
+    """The text rule (``kit.schemas``) for the hand-parsed upload form; a 400 there, as the DLR
     reference answers every upload form error."""
     problem = text_problem(value)
     if problem:

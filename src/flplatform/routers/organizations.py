@@ -14,24 +14,9 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy import select
 
 from flplatform.errors import Forbidden, NotFound, Unauthorized, responses
-from flplatform.orm.collections import GROUP_KINDS, Collection, CollectionKind, Invitation, Role, RoleKind
-from flplatform.orm.user import User
-from flplatform.permissions import (
-    AuthenticatedRequester,
-    MembershipDraft,
-    Requester,
-    RequesterDep,
-    RoleDraft,
-    can_create,
-    can_delete,
-    can_read,
-    ensure_allowed,
-    ensure_readable,
-    readable,
-)
-from flplatform.routers.users import read_user
-from flplatform.schemas.base import Limit, Offset
-from flplatform.schemas.collections import (
+from flplatform.kit.schemas import Limit, Offset
+from flplatform.organizations import service
+from flplatform.organizations.schemas import (
     CollectionRead,
     CollectionUpdate,
     GroupCreate,
@@ -52,9 +37,24 @@ from flplatform.schemas.collections import (
     RoleRead,
     SettingsFields,
 )
-from flplatform.schemas.user import UserRead
-from flplatform.services import collections as service
-from flplatform.services import users as user_service
+from flplatform.orm.organizations import GROUP_KINDS, Collection, CollectionKind, Invitation, Role, RoleKind
+from flplatform.orm.user import User
+from flplatform.permissions import (
+    AuthenticatedRequester,
+    MembershipDraft,
+    Requester,
+    RequesterDep,
+    RoleDraft,
+    can_create,
+    can_delete,
+    can_read,
+    ensure_allowed,
+    ensure_readable,
+    readable,
+)
+from flplatform.routers.users import read_user
+from flplatform.users import service as user_service
+from flplatform.users.schemas import UserRead
 
 TAG = "organizations"
 router = APIRouter(prefix="/api/organizations", tags=[TAG])

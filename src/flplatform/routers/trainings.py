@@ -16,9 +16,12 @@ from fastapi import APIRouter, Body, Request, status
 from sqlalchemy import or_, select, true
 from sqlalchemy.orm import selectinload
 
-from flplatform.auth import CurrentUser
+from flplatform.auth.dependencies import CurrentUser
 from flplatform.db import SessionDep, after_commit
 from flplatform.errors import BadRequest, Forbidden, responses
+from flplatform.kit.schemas import Detail
+from flplatform.models import service as model_service
+from flplatform.models.schemas import ModelRead
 from flplatform.orm import LocalModel, Model, Training, User
 from flplatform.permissions import (
     AuthenticatedRequester,
@@ -31,9 +34,9 @@ from flplatform.permissions import (
 )
 from flplatform.permissions.requester import ANY_ROLE
 from flplatform.permissions.resources import oversees, oversees_clause, participations
-from flplatform.schemas.base import Detail
-from flplatform.schemas.model import ModelRead
-from flplatform.schemas.training import (
+from flplatform.trainings import notifications as notify
+from flplatform.trainings import service as training_service
+from flplatform.trainings.schemas import (
     ClientList,
     NotificationKey,
     StopRequest,
@@ -42,10 +45,7 @@ from flplatform.schemas.training import (
     TrainingDetail,
     TrainingRead,
 )
-from flplatform.services import models as model_service
-from flplatform.services import notifications as notify
-from flplatform.services import trainings as training_service
-from flplatform.services.trainings import runtime_of
+from flplatform.trainings.service import runtime_of
 
 router = APIRouter(prefix="/api/trainings", tags=["trainings"])
 # GET /api/users/trainings/ (included before the users router so /api/users/{id}/ does not swallow it).

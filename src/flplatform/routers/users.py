@@ -4,9 +4,11 @@ import uuid
 
 from fastapi import APIRouter, Request, Response, status
 
-from flplatform.auth import CallerOrSelfRegistration, CurrentUser, may_see_primary_token
+from flplatform.auth.dependencies import CallerOrSelfRegistration, CurrentUser, may_see_primary_token
 from flplatform.db import SessionDep
 from flplatform.errors import Forbidden, Unprocessable, responses
+from flplatform.kit.schemas import Detail, Limit, Offset
+from flplatform.organizations import service as collection_service
 from flplatform.orm import CollectionKind, User
 from flplatform.permissions import (
     AuthenticatedRequester,
@@ -18,11 +20,9 @@ from flplatform.permissions import (
     readable,
     refused_self_edits,
 )
-from flplatform.schemas.base import Detail, Limit, Offset
-from flplatform.schemas.user import TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead, UserUpdate
-from flplatform.services import collections as collection_service
-from flplatform.services import users as user_service
-from flplatform.services.outbound import validate_message_endpoint
+from flplatform.trainings.outbound import validate_message_endpoint
+from flplatform.users import service as user_service
+from flplatform.users.schemas import TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead, UserUpdate
 
 router = APIRouter(prefix="/api/users", tags=["users"])
 

@@ -1,7 +1,7 @@
 """Uncertainty at inference time: SWAG-diagonal sampling, ensembles of global models, MC
 dropout, the statistics that summarise them, and decoding of untrusted inputs.
 
-Pure torch/NumPy: no FastAPI, no SQLAlchemy (``services/inference.py`` loads the models and
+Pure torch/NumPy: no FastAPI, no SQLAlchemy (``inference/service.py`` loads the models and
 calls ``predict``).
 """
 

@@ -22,7 +22,7 @@ on that connection, and the loaded module sits in that process's cache); it is r
 ``QueuedWork`` row of category inference, claimed and finished by the serving process and
 written in batches off the response path (:class:`CompletedWorkLog`, ``app.state.work_log``).
 Asynchronous inference (``POST /api/inference/jobs/``) is a queued ``inference.run`` job that any
-worker claims (``services.inference_jobs``); its submitter polls it.
+worker claims (``inference.jobs``); its submitter polls it.
 
 ``flplatform serve`` runs one worker in each server process (``FLP_INPROCESS_WORKER=true``, the
 default; lifespan component :func:`workqueue_component`). Execution is at-least-once: a job

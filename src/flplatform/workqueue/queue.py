@@ -27,8 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform.errors import AppError
 from flplatform.orm.base import utcnow
-from flplatform.orm.billing import Work, WorkKind, WorkStatus
-from flplatform.orm.workqueue import QueuedWork
+from flplatform.orm.workqueue import QueuedWork, Work, WorkKind, WorkStatus
 from flplatform.workqueue.registry import category_of, lookup
 
 log = logging.getLogger(__name__)

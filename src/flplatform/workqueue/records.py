@@ -23,9 +23,8 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from flplatform.orm.billing import Server, Work, WorkKind, WorkStatus
 from flplatform.orm.model import Model
-from flplatform.orm.workqueue import QueuedWork
+from flplatform.orm.workqueue import QueuedWork, Server, Work, WorkKind, WorkStatus
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from flplatform.orm.billing import WorkKind
+from flplatform.orm.workqueue import WorkKind
 from flplatform.settings import Settings
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform.orm.base import utcnow
-from flplatform.orm.billing import Server
+from flplatform.orm.workqueue import Server
 from flplatform.settings import Settings
 from flplatform.workqueue import queue
 from flplatform.workqueue.records import CompletedWorkLog

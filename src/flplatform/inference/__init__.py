@@ -1,0 +1,1 @@
+"""Inference on stored models: synchronous requests, queued inference jobs, uncertainty options."""

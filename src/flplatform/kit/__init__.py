@@ -1,0 +1,1 @@
+"""Generic pieces every domain uses: schema base types and text rules, pagination, background tasks."""

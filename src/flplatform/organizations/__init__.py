@@ -1,0 +1,1 @@
+"""Organisations and their collections (groups, ad-hoc groups, projects), memberships, roles and invitations."""

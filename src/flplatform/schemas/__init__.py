@@ -1,1 +1,0 @@
-"""Pydantic v2 request and response schemas, one module per domain."""

@@ -1,1 +1,0 @@
-"""Business logic. Services flush but never commit: the request or job commits once."""

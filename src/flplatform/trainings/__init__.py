@@ -1,0 +1,1 @@
+"""Trainings: creation, the round phase machine, notifications to participants, aggregation of a round."""

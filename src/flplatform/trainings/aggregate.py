@@ -1,0 +1,168 @@
+"""Glue between the database and the tensor code: streams a round's updates one at a time from
+the DB into an accumulator (peak memory about two models) and encodes the new global model
+once per round (the TorchScript template with the new weights).
+
+Decoding, accumulation and encoding run in worker threads (``asyncio.to_thread``), never on
+the event loop; reading and rebuilding the TorchScript template happens in the model sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from flplatform import aggregation
+from flplatform.models import files as model_files
+from flplatform.models.files import ModelFileError, StateDict, TensorSpec
+from flplatform.orm import LocalModel, Model, SwagStatistic
+
+# (model id, round) -> tensor specs of the global model, for validating uploads cheaply.
+_spec_cache: dict[uuid.UUID, tuple[int, dict[str, TensorSpec]]] = {}
+_param_count_cache: dict[uuid.UUID, tuple[int, int]] = {}
+_cache_lock = threading.Lock()
+
+
+def forget_cached(model_id: uuid.UUID) -> None:
+    with _cache_lock:
+        _spec_cache.pop(model_id, None)
+        _param_count_cache.pop(model_id, None)
+
+
+async def _global_weights(session: AsyncSession, model_id: uuid.UUID) -> bytes:
+    data = (await session.execute(select(Model.weights).where(Model.id == model_id))).scalar_one_or_none()
+    if not data:
+        raise ModelFileError("The global model has no weights.")
+    return data
+
+
+async def global_spec(session: AsyncSession, model_id: uuid.UUID, round_: int) -> dict[str, TensorSpec]:
+    with _cache_lock:
+        cached = _spec_cache.get(model_id)
+    if cached is not None and cached[0] == round_:
+        return cached[1]
+    data = await _global_weights(session, model_id)
+    state, _ = await model_files.decode_state_dict_async(data)
+    spec = model_files.spec_of(state)
+    with _cache_lock:
+        _spec_cache[model_id] = (round_, spec)
+    return spec
+
+
+async def parameter_count(session: AsyncSession, model_id: uuid.UUID, round_: int) -> int:
+    with _cache_lock:
+        cached = _param_count_cache.get(model_id)
+    if cached is not None and cached[0] == round_:
+        return cached[1]
+    data = await _global_weights(session, model_id)
+    count = await model_files.parameter_count(data)
+    with _cache_lock:
+        _param_count_cache[model_id] = (round_, count)
+    return count
+
+
+class WeightedMean:
+    """Sample-size-weighted mean of small flat vectors (SWAG moments), in float64."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.acc: dict[str, torch.Tensor] = {}
+
+    def add(self, state: StateDict, weight: float) -> None:
+        for name, tensor in state.items():
+            if name not in self.acc:
+                self.acc[name] = torch.zeros(tensor.shape, dtype=torch.float64)
+            self.acc[name].add_(tensor.to(torch.float64), alpha=float(weight))
+        self.total += float(weight)
+
+    def result(self) -> StateDict:
+        if self.total <= 0:
+            raise ValueError("the sample sizes of the round sum to zero; nothing to average")
+        return {name: (acc / self.total).to(torch.float32) for name, acc in self.acc.items()}
+
+
+def aggregator_options(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Name and keyword options of the training's aggregator (``options.aggregator`` + DP)."""
+    name = options.get("aggregator") or "fedavg"
+    kwargs = dict(options.get("aggregator_options") or {})
+    dp = options.get("dp")
+    if dp:
+        kwargs.setdefault("dp_clip_norm", dp.get("clip_norm"))
+        kwargs.setdefault("dp_noise_multiplier", dp.get("noise_multiplier", 0.0))
+        if dp.get("seed") is not None:
+            kwargs.setdefault("seed", dp["seed"])
+    if name == "fedprox" and options.get("mu") is not None:
+        kwargs.setdefault("proximal_mu", options["mu"])
+    return name, kwargs
+
+
+def check_aggregator_options(options: dict[str, Any]) -> None:
+    """Raises ``AggregationError`` (a ValueError) for an unknown option or a value out of range."""
+    name, kwargs = aggregator_options(options)
+    aggregation.get(name, **kwargs)
+
+
+async def aggregate_updates(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    model_id: uuid.UUID,
+    items: Sequence[tuple[uuid.UUID, int]],
+    options: dict[str, Any],
+    previous_state: bytes | None,
+) -> tuple[bytes, bytes]:
+    """New global model (TorchScript bytes) and the aggregator's state (safetensors) from the
+    round's local models, streamed from the DB one at a time into ``flplatform.aggregation``."""
+    name, kwargs = aggregator_options(options)
+    agg = aggregation.get(name, **kwargs)
+    async with sessionmaker() as session:
+        template = await _global_weights(session, model_id)
+    global_state, _ = await model_files.decode_state_dict_async(template)
+    prior = aggregation.decode_safetensors(previous_state, copy=True) if previous_state else None
+    await asyncio.to_thread(agg.begin, global_state, prior)
+    for local_id, sample_size in items:
+        async with sessionmaker() as session:
+            data = (
+                await session.execute(select(LocalModel.weights).where(LocalModel.id == local_id))
+            ).scalar_one_or_none()
+        if data is None:
+            raise ValueError(f"local model {local_id} disappeared during aggregation")
+        # Safetensors bytes go straight in: viewed zero-copy, one range per dtype, no tensor per entry.
+        # Nothing else keeps them, so the aggregator counts them against its 2-model budget.
+        await asyncio.to_thread(agg.add, data, float(sample_size))
+        del data
+    new_global, new_state = await asyncio.to_thread(agg.finish)
+    encoded = await model_files.rebuild_torchscript(template, new_global)
+    state_bytes = await asyncio.to_thread(
+        aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
+    )
+    return encoded, state_bytes
+
+
+async def aggregate_swag(
+    sessionmaker: async_sessionmaker[AsyncSession], items: Sequence[tuple[uuid.UUID, int]]
+) -> tuple[bytes, bytes]:
+    """Sample-size-weighted mean of the clients' SWAG moments, as safetensors (key ``moment``)."""
+    accumulator = WeightedMean()
+    for stat_id, sample_size in items:
+        async with sessionmaker() as session:
+            row = (
+                await session.execute(
+                    select(SwagStatistic.first_moment, SwagStatistic.second_moment).where(
+                        SwagStatistic.id == stat_id
+                    )
+                )
+            ).one()
+        first = await asyncio.to_thread(model_files.decode_safetensors, row[0])
+        second = await asyncio.to_thread(model_files.decode_safetensors, row[1])
+        await asyncio.to_thread(
+            accumulator.add, {"first": first["moment"], "second": second["moment"]}, float(sample_size)
+        )
+    result = await asyncio.to_thread(accumulator.result)
+    first_bytes = await asyncio.to_thread(model_files.encode_safetensors, {"moment": result["first"]})
+    second_bytes = await asyncio.to_thread(model_files.encode_safetensors, {"moment": result["second"]})
+    return first_bytes, second_bytes

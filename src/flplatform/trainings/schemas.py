@@ -1,0 +1,227 @@
+"""Training request/response schemas, the validated ``options`` and notification payloads."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+
+from flplatform.kit.schemas import RequestSchema, Schema
+from flplatform.orm.training import AggregationMethod, TrainingState, UncertaintyMethod
+
+
+def _aggregator_names() -> tuple[str, ...]:
+    """Aggregators exposed by ``flplatform.aggregation`` (FedAvg always exists)."""
+    try:
+        from flplatform.aggregation import AGGREGATOR_NAMES  # type: ignore[attr-defined]
+    except ImportError:
+        return ("fedavg",)
+    names = tuple(str(n) for n in AGGREGATOR_NAMES)
+    return names or ("fedavg",)
+
+
+AggregatorName = StrEnum("AggregatorName", {n: n for n in _aggregator_names()})  # type: ignore[misc]
+"""OpenAPI enum of the server-side aggregation rules (``options.aggregator``)."""
+
+
+class StragglerPolicy(StrEnum):
+    IGNORE = "ignore"
+    REMOVE = "remove"
+
+
+class UncertaintyOptions(RequestSchema):
+    N: Annotated[int, Field(ge=1, le=10_000, description="Samples / forward passes at inference.")] = 10
+    softmax: bool = Field(
+        default=False, description="Apply softmax to each sample's output (MC dropout, SWAG)."
+    )
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    min_var: Annotated[float, Field(ge=0.0, description="SWAG: variance floor (clamp of E[θ²]−E[θ]²).")] = (
+        1e-30
+    )
+
+
+class DPOptions(RequestSchema):
+    """Server-side differential privacy of the aggregate (Gaussian mechanism on clipped updates)."""
+
+    clip_norm: Annotated[float, Field(gt=0)] = 1.0
+    noise_multiplier: Annotated[float, Field(ge=0)] = 0.0
+    seed: int | None = None
+
+
+class TrainingOptions(RequestSchema):
+    """Round options. Unknown keys are refused (422)."""
+
+    daisy_chain_period: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="FedDC: redistribute the local models every d rounds (0 = off). "
+            "On creation target_num_updates is multiplied by d (the reference's rule).",
+        ),
+    ] = 0
+    aggregation_period: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description="FedDC: aggregate every b rounds (default 2·d); the last round always aggregates.",
+        ),
+    ] = None
+    mu: Annotated[float | None, Field(ge=0, description="FedProx proximal term, sent to clients.")] = None
+    round_deadline_seconds: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description="Seconds a round (update, test or SWAG phase) may take; then the straggler rule applies.",
+        ),
+    ] = None
+    min_quorum: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description="After the deadline, aggregate if at least this many updates arrived (default: all).",
+        ),
+    ] = None
+    straggler_policy: StragglerPolicy = Field(
+        default=StragglerPolicy.IGNORE,
+        description="After a deadline aggregation: `ignore` keeps late clients, `remove` removes them (CLIENT_REMOVED).",
+    )
+    skip_model_tests: bool = Field(
+        default=False, description="Skip the MODEL_TEST_ROUND after each aggregation."
+    )
+    seed: int | None = Field(
+        default=None,
+        description="FedDC: seed of the redistribution of the local models (default: from the training id).",
+    )
+    uncertainty: UncertaintyOptions = Field(default_factory=UncertaintyOptions)
+    aggregator: AggregatorName = Field(  # type: ignore[valid-type]
+        default=AggregatorName("fedavg"),  # type: ignore[call-arg]
+        description="Server-side aggregation rule (FedAvg/FedProx/FedDC aggregate with it).",
+    )
+    aggregator_options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword options of the aggregator (e.g. trim ratio)."
+    )
+    dp: DPOptions | None = Field(default=None, description="Differential privacy of the aggregate.")
+    epochs: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=10_000,
+            description="Local epochs per round the clients run (seed: count_of_training_epoch); "
+            "billing charges `training_sample_epoch` × samples × epochs (default 1).",
+        ),
+    ] = None
+    billing_samples_per_update: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=2**31 - 1,
+            description="Samples per participant update to reserve when a round starts "
+            "(default: the price list's `training_reserve_samples`); the sample-priced part of a round is "
+            "billed up to this reservation.",
+        ),
+    ] = None
+
+
+class TrainingCreate(RequestSchema):
+    model_id: uuid.UUID
+    target_num_updates: Annotated[int, Field(ge=1, le=100_000, description="Number of aggregation rounds.")]
+    metric_names: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list)
+    aggregation_method: AggregationMethod
+    uncertainty_method: UncertaintyMethod = UncertaintyMethod.NONE
+    options: TrainingOptions = Field(default_factory=TrainingOptions)
+    clients: list[uuid.UUID] = Field(default_factory=list, description="Initial participants (user ids).")
+
+    @model_validator(mode="after")
+    def _feddc_needs_period(self) -> TrainingCreate:
+        if self.aggregation_method == AggregationMethod.FED_DC and self.options.daisy_chain_period < 1:
+            raise ValueError("FedDC needs options.daisy_chain_period >= 1")
+        return self
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "model_id": "5f0c5b6e-2c1a-4c8e-9d57-1b0f3f0b6a11",
+                    "target_num_updates": 3,
+                    "metric_names": ["accuracy", "loss"],
+                    "aggregation_method": "FedAvg",
+                    "uncertainty_method": "NONE",
+                    "options": {"round_deadline_seconds": 600, "min_quorum": 2},
+                    "clients": [],
+                }
+            ]
+        }
+    }
+
+
+class ClientList(RequestSchema):
+    clients: list[uuid.UUID] = Field(min_length=1)
+
+    model_config = {
+        "json_schema_extra": {"examples": [{"clients": ["7b1e2c7a-0a43-4e63-9e36-0f3c1f4e9a20"]}]}
+    }
+
+
+class TrainingCreated(Schema):
+    detail: str = "Training created successfully!"
+    training_id: uuid.UUID
+
+
+class TrainingRead(Schema):
+    id: uuid.UUID
+    model: uuid.UUID = Field(validation_alias=AliasChoices("model_id", "model"))
+    actor: uuid.UUID = Field(validation_alias=AliasChoices("actor_id", "actor"))
+    participants: list[uuid.UUID] = Field(default_factory=list)
+
+    @field_validator("participants", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> Any:
+        return [getattr(v, "id", v) for v in value or []]
+
+    state: TrainingState = Field(description="I initial, O ongoing, C completed, E error, S SWAG round.")
+    target_num_updates: int
+    last_update: dt.datetime
+    uncertainty_method: UncertaintyMethod
+    aggregation_method: AggregationMethod
+    options: dict[str, Any]
+    locked: bool
+    error_reason: str | None = None
+    metric_names: list[str] = Field(default_factory=list)
+    phase: str = Field(description="What the round waits for: update, test, swag (or done).")
+    round: int | None = Field(default=None, description="The global model's current round.")
+    start_round: int
+    mu: float | None = Field(default=None, description="FedProx μ (also in options).")
+    created_at: dt.datetime
+
+
+class TrainingDetail(TrainingRead):
+    local_models_arrived: int = Field(
+        description="Distinct participants that uploaded an update for THIS round."
+    )
+    local_models_expected: int = Field(description="Current participant count.")
+    phase_deadline: dt.datetime | None = None
+
+
+NotificationType = Literal[
+    "TRAINING_START",
+    "UPDATE_ROUND_START",
+    "MODEL_TEST_ROUND",
+    "SWAG_ROUND_START",
+    "TRAINING_FINISHED",
+    "CLIENT_REMOVED",
+]
+
+
+class NotificationKey(Schema):
+    key: str = Field(description="Hex HMAC key for verifying notifications sent to you.")
+    algorithm: str = "HMAC-SHA256"
+    signature_header: str = "X-FLP-Signature"
+    timestamp_header: str = "X-FLP-Timestamp"
+    signed_content: str = "f'{timestamp}.'.encode() + raw request body"
+
+
+class StopRequest(RequestSchema):
+    reason: Annotated[str, Field(max_length=500, pattern="^[^\x00]*$")] = "Stopped by the actor."

@@ -1,0 +1,1 @@
+"""Users: accounts, login names, API tokens, self-registration."""
