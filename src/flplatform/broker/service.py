@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from flplatform.kit.pagination import paginate
 from flplatform.orm import User
 from flplatform.orm.broker import (
     BrokerDelivery,
@@ -197,11 +198,7 @@ async def visible_topics(
     query = select(BrokerTopic).where(readable(requester, BrokerTopic))
     if not responses:
         query = query.where(BrokerTopic.kind == "topic")
-    total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
-    rows = (
-        (await session.execute(query.order_by(BrokerTopic.slug).limit(limit).offset(offset))).scalars().all()
-    )
-    return list(rows), total
+    return await paginate(session, query, order_by=(BrokerTopic.slug,), limit=limit, offset=offset)
 
 
 async def message_counts(

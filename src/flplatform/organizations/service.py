@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.auth.credentials import token_digest
 from flplatform.errors import Conflict, NotFound, Unprocessable
+from flplatform.kit.pagination import paginate
 from flplatform.orm.base import utcnow
 from flplatform.orm.organizations import (
     GROUP_KINDS,
@@ -128,11 +129,9 @@ async def list_collections(
     stmt = select(Collection).where(Collection.kind.in_(list(kinds)), where)
     if parent_id is not None:
         stmt = stmt.where(Collection.parent_id == parent_id)
-    total = (await session.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
-    rows = (
-        await session.execute(stmt.order_by(Collection.name, Collection.id).limit(limit).offset(offset))
-    ).scalars()
-    return rows.all(), total
+    return await paginate(
+        session, stmt, order_by=(Collection.name, Collection.id), limit=limit, offset=offset
+    )
 
 
 async def rename_collection(session: AsyncSession, collection: Collection, name: str) -> Collection:

@@ -1,0 +1,31 @@
+"""One way to page a list: count the matching rows, then fetch one ordered page.
+
+Every list route answers ``{"count": total, "results": [...]}`` (the DLR platform's paging shape)
+with ``limit``/``offset`` query parameters (``kit.schemas.Limit``/``Offset``); services build the
+filtered, permission-scoped ``select`` and hand it here with its order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+Row = TypeVar("Row")
+
+
+async def paginate(
+    session: AsyncSession,
+    statement: Select[tuple[Row]],
+    *,
+    order_by: Sequence[Any],
+    limit: int,
+    offset: int,
+) -> tuple[list[Row], int]:
+    """The page ``[offset, offset + limit)`` of ``statement``'s rows in ``order_by`` order (give a
+    unique column last, so pages never overlap), and the total count of its rows."""
+    total = (await session.execute(select(func.count()).select_from(statement.subquery()))).scalar_one()
+    page = await session.scalars(statement.order_by(*order_by).limit(limit).offset(offset))
+    return list(page.all()), int(total)
