@@ -18,7 +18,7 @@ Row = TypeVar("Row")
 
 async def paginate(
     session: AsyncSession,
-    statement: Select[tuple[Row]],
+    statement: Select[Row],
     *,
     order_by: Sequence[Any],
     limit: int,
