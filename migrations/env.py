@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from flplatform.db import create_engine
+from flplatform.migrate import AUTOGENERATE_OPTIONS
 from flplatform.orm import Base
 from flplatform.settings import Settings
 
@@ -25,7 +26,7 @@ def _configure(connection: Connection | None = None, **kw: object) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
-        compare_type=True,
+        **AUTOGENERATE_OPTIONS,
         render_as_batch=True,  # SQLite cannot ALTER most things; batch mode copies the table
         **kw,
     )
@@ -38,7 +39,7 @@ def run_migrations_offline() -> None:
 
 
 # PostgreSQL advisory lock key (b"flp-migr"): hosts that start at the same time migrate one after
-# the other; the later ones wait, then find the schema at heads and do nothing.
+# the other; the later ones wait, then find the schema at head and do nothing.
 MIGRATION_LOCK_KEY = 7380397229764863858
 
 

@@ -201,11 +201,14 @@ def _upgrade_to_just_before_login_names(url: str) -> None:
     script = ScriptDirectory.from_config(alembic_config(url))
     target = next(r for r in script.walk_revisions() if r.path.endswith("_login_names.py"))
 
-    def descends(head: str) -> bool:
-        return any(r.revision == target.revision for r in script.iterate_revisions(head, "base"))
+    def ancestry(revision: str) -> set[str]:  # the revision and everything it needs
+        return {r.revision for r in script.iterate_revisions(revision, "base")}
 
-    for revision in [h for h in script.get_heads() if not descends(h)] + list(target._all_down_revisions):
-        upgrade(url, revision)
+    # Every revision but login_names and what comes after it: upgrade to the latest of them.
+    before = [r.revision for r in script.walk_revisions() if target.revision not in ancestry(r.revision)]
+    for revision in before:
+        if not any(revision in ancestry(other) for other in before if other != revision):
+            upgrade(url, revision)
 
 
 async def test_migration_backfills_and_repairs_collisions(fresh_url):

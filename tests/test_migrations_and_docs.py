@@ -6,6 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from flplatform.db import create_engine
+from flplatform.migrate import AUTOGENERATE_OPTIONS
 from flplatform.orm import Base
 
 
@@ -13,7 +14,7 @@ async def test_migrations_match_models(db_url):
     engine = create_engine(db_url)
 
     def _diff(conn):
-        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        ctx = MigrationContext.configure(conn, opts=AUTOGENERATE_OPTIONS)
         return compare_metadata(ctx, Base.metadata)
 
     async with engine.connect() as conn:

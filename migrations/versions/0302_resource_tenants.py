@@ -1,7 +1,7 @@
 """tenant column (organization_id) on models, trainings and broker topics
 
 Revision ID: 0302
-Revises: 0301
+Revises: 0301, 0102, 0201
 Create Date: 2026-11-23 12:30:00
 
 Backfills existing rows from their owners (models: the owner's organisation, local updates: their
@@ -17,10 +17,12 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0302"
-down_revision: str | Sequence[str] | None = "0301"
+# trainings.py columns come from 0101/0102, broker_topics from 0201. They were ``depends_on``
+# until 0801 made the revisions one line: as down revisions they order the same, and Alembic
+# counts a revision that only others depend on as a head of its own (issue 15 item 6).
+down_revision: str | Sequence[str] | None = ("0301", "0102", "0201")
 branch_labels: str | Sequence[str] | None = None
-# trainings.py columns come from 0101/0102, broker_topics from 0201.
-depends_on: str | Sequence[str] | None = ("0102", "0201")
+depends_on: str | Sequence[str] | None = None
 
 TABLES = ("models", "trainings", "broker_topics")
 

@@ -2,7 +2,7 @@
 handler name, JSON payload, unique de-duplication key, claim counter and lease.
 
 Revision ID: 0601
-Revises: 0001
+Revises: 0401
 Create Date: 2026-11-23 11:33:41.934205
 """
 
@@ -16,9 +16,11 @@ from alembic import op
 import flplatform.orm.base
 
 revision: str = "0601"
-down_revision: str | Sequence[str] | None = "0001"
+# queued_works extends 0401's works. That was ``depends_on`` with 0001 as down revision until
+# 0801 made the revisions one line (see 0302: same order, one head fewer).
+down_revision: str | Sequence[str] | None = "0401"
 branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = "0401"
+depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

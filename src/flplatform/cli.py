@@ -43,10 +43,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.no_migrate:
         log.info("database %s (migrations not applied: --no-migrate)", database)
     else:
-        from flplatform.migrate import head_revisions, upgrade
+        from flplatform.migrate import head_revision, upgrade
 
         upgrade(settings.database_url)
-        log.info("database %s migrated to head %s", database, ", ".join(head_revisions()))
+        log.info("database %s migrated to head %s", database, head_revision())
     shown_host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     log.info(

@@ -1,7 +1,7 @@
 """Apply Alembic migrations programmatically (``flplatform migrate``, ``serve``, tests).
 
-Domains add revisions on their own branches from the foundation revision, so the target is
-``heads`` (every branch), not a single ``head``.
+The revisions form one line (``tests/test_migration_line.py`` keeps it so), so the target is the
+single ``head``; Alembic refuses ``head`` with an error naming the heads if a second one appears.
 """
 
 from __future__ import annotations
@@ -10,9 +10,38 @@ import asyncio
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import JSON
+
+
+def _literal(default: str | None) -> str | None:
+    return None if default is None else default.split("::")[0].strip("'")
+
+
+def compare_server_default(
+    context: Any,
+    inspected_column: Any,
+    metadata_column: Any,
+    inspected_default: str | None,
+    metadata_default: Any,
+    rendered_metadata_default: str | None,
+) -> bool | None:
+    """Alembic's server-default comparison (None: use it), except for JSON on PostgreSQL: Alembic
+    asks the server ``SELECT '[]'::json = '[]'`` there, and json has no equality operator."""
+    if context.dialect.name == "postgresql" and isinstance(metadata_column.type, JSON):
+        return _literal(inspected_default) != _literal(rendered_metadata_default)
+    return None
+
+
+# What `alembic revision --autogenerate` compares (migrations/env.py) and what the tests that look
+# for drift between the ORM and the migrated schema compare.
+AUTOGENERATE_OPTIONS: dict[str, Any] = {
+    "compare_type": True,
+    "compare_server_default": compare_server_default,
+}
 
 
 def migrations_dir() -> Path:
@@ -35,14 +64,17 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def head_revisions() -> list[str]:
-    """The revisions ``upgrade(url)`` brings a database to (one per branch head)."""
+def head_revision() -> str:
+    """The revision ``upgrade(url)`` brings a database to (raises if the line has forked)."""
     from alembic.script import ScriptDirectory
 
-    return sorted(ScriptDirectory.from_config(alembic_config("")).get_heads())
+    head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
+    if head is None:
+        raise RuntimeError("migrations/versions/ holds no revision")
+    return head
 
 
-def upgrade(url: str, target: str = "heads") -> None:
+def upgrade(url: str, target: str = "head") -> None:
     """Migrate ``url`` to ``target``. Safe to call from inside a running event loop (uses a thread)."""
     try:
         asyncio.get_running_loop()

@@ -82,13 +82,15 @@ class Training(IDMixin, TimestampMixin, Base):
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     locked: Mapped[bool] = mapped_column(Boolean, default=False)
     error_reason: Mapped[str | None] = mapped_column(String(2000))
+    # metric_names, phase and start_round keep the server defaults with which 0101 added them to
+    # existing rows, declared here so that autogenerate compares them.
     # Metric names the actor expects in test rounds (the reference parsed and dropped them).
-    metric_names: Mapped[list[str]] = mapped_column(JSON, default=list)
+    metric_names: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     # What the current round waits for: client updates, test metrics on the new global
     # model, or (state S) SWAG statistics. See trainings/service.py for the state machine.
-    phase: Mapped[str] = mapped_column(String(16), default="update")
+    phase: Mapped[str] = mapped_column(String(16), default="update", server_default="update")
     # The global model's round when the training started: target_num_updates counts from here.
-    start_round: Mapped[int] = mapped_column(Integer, default=0)
+    start_round: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     phase_started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     # Lease of ``locked``: a crashed aggregation never leaves the training stuck.
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
