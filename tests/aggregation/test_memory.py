@@ -157,16 +157,16 @@ def test_process_peak_memory_of_a_round_is_at_most_two_models():
 
 def _count_folds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Updates per pass over the accumulator, as the aggregator folds them."""
-    from flplatform.aggregation import aggregators
+    from flplatform.aggregation.accumulator import WeightedSum
 
     passes: list[int] = []
-    original = aggregators._WeightedSum.fold
+    original = WeightedSum.fold
 
     def fold(self, items, **options):
         passes.append(len(items))
         return original(self, items, **options)
 
-    monkeypatch.setattr(aggregators._WeightedSum, "fold", fold)
+    monkeypatch.setattr(WeightedSum, "fold", fold)
     return passes
 
 

@@ -11,7 +11,7 @@ from scipy.stats import trim_mean
 
 from flplatform import aggregation
 from flplatform.aggregation import InsufficientUpdatesError, decode_safetensors, encode_safetensors
-from flplatform.aggregation import aggregators as aggregators_module
+from flplatform.aggregation import robust as robust_module
 
 
 def random_models(n: int, seed: int, sizes=((5, 7), (13,))) -> list[dict[str, torch.Tensor]]:
@@ -53,7 +53,7 @@ def test_trimmed_mean_equals_scipy(n, seed, beta):
 
 
 def test_robust_statistics_work_over_many_coordinate_blocks(monkeypatch):
-    monkeypatch.setattr(aggregators_module, "ROBUST_BLOCK_BYTES", 4096)  # forces ~100 blocks
+    monkeypatch.setattr(robust_module, "ROBUST_BLOCK_BYTES", 4096)  # forces ~100 blocks
     models = random_models(7, 3, sizes=((40, 30), (17,)))
     _, median = run("median", models)
     _, trimmed = run("trimmed_mean", models, beta=0.2)

@@ -142,22 +142,7 @@ from typing import Any
 
 import torch
 
-from .aggregators import (
-    AGGREGATORS,
-    COMMON_OPTIONS,
-    Aggregator,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedProx,
-    FedYogi,
-    Krum,
-    Median,
-    MultiKrum,
-    OptionSpec,
-    TrimmedMean,
-)
+from .base import Aggregator
 from .codec import FlatLayout, StateDict, decode_safetensors, encode_safetensors, read_safetensors_header
 from .errors import (
     AggregationError,
@@ -169,32 +154,11 @@ from .errors import (
     UpdateValidationError,
     ZeroTotalWeightError,
 )
-
-AGGREGATOR_NAMES: tuple[str, ...] = tuple(AGGREGATORS)
-
-#: name → option → OptionSpec (common options included).
-AGGREGATOR_OPTIONS: dict[str, dict[str, OptionSpec]] = {
-    name: {**cls.options, **COMMON_OPTIONS} for name, cls in AGGREGATORS.items()
-}
-
-
-def describe_aggregators() -> dict[str, dict[str, Any]]:
-    """JSON-ready description of every aggregator and its options (types, defaults, bounds)."""
-    return {
-        name: {
-            "description": cls.description,
-            "options": {key: spec.as_dict() for key, spec in AGGREGATOR_OPTIONS[name].items()},
-        }
-        for name, cls in AGGREGATORS.items()
-    }
-
-
-def get(name: str, **options: Any) -> Aggregator:
-    """A new aggregator by its option name (see ``AGGREGATOR_NAMES``)."""
-    cls = AGGREGATORS.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise AggregatorOptionsError(f"unknown aggregator {name!r}; choose one of {list(AGGREGATOR_NAMES)}")
-    return cls(**options)
+from .fedavg import FedAvg, FedProx
+from .fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from .options import COMMON_OPTIONS, OptionSpec
+from .registry import AGGREGATOR_NAMES, AGGREGATOR_OPTIONS, AGGREGATORS, describe_aggregators, get
+from .robust import Krum, Median, MultiKrum, TrimmedMean
 
 
 def _feed(agg: Aggregator, updates: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
@@ -241,6 +205,7 @@ __all__ = [
     "AGGREGATORS",
     "AGGREGATOR_NAMES",
     "AGGREGATOR_OPTIONS",
+    "COMMON_OPTIONS",
     "AggregationError",
     "Aggregator",
     "AggregatorOptionsError",

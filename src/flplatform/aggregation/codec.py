@@ -284,7 +284,7 @@ def decode_safetensors(data: bytes | bytearray | memoryview, *, copy: bool = Fal
             whole = typed.get(e.dtype)
             if whole is None:
                 whole = typed[e.dtype] = torch.empty(0, dtype=e.dtype).set_(
-                    raw.untyped_storage(), 0, (len(data) // itemsize,)
+                    raw.untyped_storage(), 0, (len(data) // itemsize,), (1,)
                 )
             # one C++ call per tensor (slicing bytes, then two views, cost three)
             tensor = whole.as_strided(e.shape, e.stride, begin // itemsize)
@@ -455,7 +455,7 @@ class FlatLayout:
         start = first.storage_offset() - slots[0].offset
         if start < 0 or (start + self.numel[dtype]) * itemsize > storage.nbytes():
             return None
-        return first.new_empty(0).set_(storage, start, (self.numel[dtype],))
+        return first.new_empty(0).set_(storage, start, (self.numel[dtype],), (1,))
 
     def wire_views(self, data: bytes | bytearray | memoryview) -> dict[torch.dtype, torch.Tensor] | None:
         """One flat zero-copy view per dtype group of safetensors ``data``, without a tensor per entry.
@@ -491,7 +491,7 @@ class FlatLayout:
             if (base + offset) % itemsize or sys.byteorder != "little":
                 return None
             views[dtype] = torch.empty(0, dtype=dtype).set_(
-                raw.untyped_storage(), offset // itemsize, ((end - begin) // itemsize,)
+                raw.untyped_storage(), offset // itemsize, ((end - begin) // itemsize,), (1,)
             )
         return views
 

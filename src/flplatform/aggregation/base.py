@@ -1,0 +1,379 @@
+"""The aggregator base class: one round's life cycle, shared by every strategy.
+
+Every aggregator has the same life cycle (see the package docstring for the contract)::
+
+    agg.begin(global_state, state=None)      # once per round
+    agg.add(update_state_dict, weight)       # once per update, as it arrives
+    new_global, new_state = agg.finish()
+
+Internally a round is three stages: *combine* the updates into one model (weighted mean, median,
+trimmed mean, (Multi-)Krum), optionally add the *DP noise*, then apply the *server step* (identity, or
+a FedOpt optimizer that treats ``combined - global`` as a pseudo-gradient). All tensor work is on one
+flat buffer per dtype group (:class:`~flplatform.aggregation.codec.FlatLayout`), in cache-sized
+coordinate chunks, so models made of hundreds of small tensors cost what one big tensor costs and
+memory stays bounded.
+
+:class:`Aggregator` parses the options, validates and weighs updates, holds pending ones within the
+memory budget, folds them into the running sum (:mod:`.accumulator`), applies central DP (:mod:`.dp`)
+and finishes the round; the strategies (:mod:`.fedavg`, :mod:`.robust`, :mod:`.fedopt`) override the
+*combine* and *server step* stages and their state. The registry of names is :mod:`.registry`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from . import dp
+from .accumulator import Sources, Update, WeightedSum, wire_of
+from .codec import FlatLayout, StateDict, decode_safetensors, held_elsewhere, wire_bytes_of
+from .errors import (
+    AggregatorOptionsError,
+    AggregatorStateError,
+    UpdateValidationError,
+    ZeroTotalWeightError,
+)
+from .kernels import DEFAULT_CHUNK, all_finite, finalize_inplace
+from .options import COMMON_OPTIONS, OptionSpec
+
+#: Updates folded per pass over the accumulator when they are all at hand (a list, or views of bytes
+#: kept in memory by their owner). Traffic per update is 1 + 2/k models: 1.06 at 32, 1.25 at 8.
+DEFAULT_MAX_FOLD = 32
+
+
+class Aggregator:
+    """Common machinery; subclasses choose how updates are combined and the server step."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    options: ClassVar[dict[str, OptionSpec]] = {}
+    #: Whether the combine stage needs every update at once (robust statistics).
+    collects: ClassVar[bool] = False
+    #: Whether ``begin`` needs the current global model.
+    needs_global: ClassVar[bool] = False
+
+    def __init__(self, **options: Any):
+        specs = {**COMMON_OPTIONS, **self.options}
+        unknown = sorted(set(options) - set(specs))
+        if unknown:
+            raise AggregatorOptionsError(
+                f"unknown option(s) {unknown} for aggregator {self.name!r}; allowed: {sorted(specs)}"
+            )
+        values = {key: spec.parse(key, options.get(key, spec.default)) for key, spec in specs.items()}
+        if values["dp_noise_multiplier"] > 0 and values["dp_clip_norm"] is None:
+            raise AggregatorOptionsError("dp_noise_multiplier > 0 needs dp_clip_norm")
+        self.config: dict[str, Any] = values
+        self.accumulate = torch.float64 if values["accumulate_dtype"] == "float64" else torch.float32
+        self.clip_norm: float | None = values["dp_clip_norm"]
+        self.noise_multiplier: float = values["dp_noise_multiplier"]
+        self.seed: int | None = values["seed"]
+        self.chunk = DEFAULT_CHUNK
+        self.max_fold = DEFAULT_MAX_FOLD
+        self._validate_options()
+        self._phase = "idle"
+        self._unbounded = False
+        self._layout: FlatLayout | None = None
+        self._sum: WeightedSum | None = None
+        self.global_state: Mapping[str, torch.Tensor] | None = None
+
+    def _validate_options(self) -> None:
+        """Cross-option checks of subclasses."""
+
+    @property
+    def layout(self) -> FlatLayout:
+        """The model's flat layout: from ``begin``'s global model, else from the round's first update."""
+        if self._layout is None:
+            raise AggregatorStateError("the model layout is known after begin() and the first add()")
+        return self._layout
+
+    @property
+    def _weighted_sum(self) -> WeightedSum:
+        if self._sum is None:
+            raise AggregatorStateError("add() needs begin() first (and not after finish())")
+        return self._sum
+
+    @property
+    def client_config(self) -> dict[str, Any]:
+        """Options the *clients* need for their local training (FedProx's ``proximal_mu``)."""
+        return {}
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def begin(
+        self, global_state: Mapping[str, torch.Tensor] | None, state: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Start a round from the current global model and the aggregator state of the last round."""
+        if global_state is None and (self.needs_global or self.clip_norm is not None):
+            raise AggregatorStateError(
+                f"aggregator {self.name!r}"
+                + (" with DP clipping" if self.clip_norm is not None else "")
+                + " needs the current global model in begin()"
+            )
+        self._layout = None
+        self.global_state = global_state
+        self._global_flats: dict[torch.dtype, torch.Tensor] = {}
+        self._global_copied_bytes = 0
+        self.n_updates = 0
+        self.total_weight = 0.0
+        # Weights are divided by the round's first positive weight: the mean is scale-invariant, and
+        # tiny or huge raw weights (1e-50, 1e40) would otherwise under/overflow float32 coefficients.
+        self._weight_scale = 0.0  # 0.0 until the round's first positive weight
+        self._scaled_total = 0.0
+        self._pending: list[Update] = []
+        self._collected: list[Update] = []
+        self._sum = None
+        self._global_coef = 0.0  # Σ w_i (1 - clip_i): the share of the global model in the DP mean
+        self._round = self._read_round(state)
+        self._phase = "open"
+        if global_state is not None:
+            self._setup(FlatLayout(global_state))
+            self.layout.check(global_state, "the global model")
+            self._import_state(state or {})
+        elif state:
+            raise AggregatorStateError(f"aggregator {self.name!r} got a state but no global model")
+
+    def _setup(self, layout: FlatLayout) -> None:
+        self._layout = layout
+        sum_dtypes = (
+            list(layout.groups)
+            if not self.collects
+            else [d for d in layout.groups if not d.is_floating_point]
+        )
+        self._sum = WeightedSum(layout, sum_dtypes, self.accumulate, self.chunk)
+        # Pending updates are held only while the accumulator plus them stay within 2 models.
+        self._pending_budget = max(0, 2 * layout.nbytes - self._sum.nbytes)
+
+    def _read_round(self, state: Mapping[str, torch.Tensor] | None) -> int:
+        if not state or "round" not in state:
+            return 0
+        value = state["round"]
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.is_floating_point():
+            raise AggregatorStateError("state['round'] must be an integer scalar tensor")
+        return int(value.item())
+
+    def _import_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        extra = sorted(set(state) - {"round"})
+        if extra:
+            raise AggregatorStateError(f"aggregator {self.name!r} keeps no state {extra[:5]}")
+
+    def _export_state(self) -> StateDict:
+        return {"round": torch.tensor(self._round + 1, dtype=torch.int64)}
+
+    def add(
+        self, state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview, weight: float
+    ) -> None:
+        """Fold (or, for robust aggregators, keep) one update with its weight (e.g. sample count).
+
+        The update is a state dict, or safetensors bytes: those are viewed zero-copy one flat range
+        per dtype (no tensor per entry; the header is checked once per round).
+        """
+        if self._phase != "open":
+            raise AggregatorStateError("add() needs begin() first (and not after finish())")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
+            raise UpdateValidationError(f"the weight must be a finite number >= 0, got {weight!r}")
+        sources, wire = self._sources(state_dict)
+        layout = self.layout
+        nbytes = sum(
+            layout.numel[d] * (s.element_size() if isinstance(s, torch.Tensor) else s[0].element_size())
+            for d, s in sources.items()
+        )
+        clip = (
+            dp.clip_factor(layout, sources, self._global_flat, self.clip_norm, self.chunk)
+            if self.clip_norm is not None
+            else 1.0
+        )
+        if weight > 0 and self._weight_scale == 0.0:
+            self._weight_scale = float(weight)
+        elif weight > 0 and weight / self._weight_scale > 2.0**64:
+            self._rescale(float(weight))
+        scaled = float(weight) / self._weight_scale if weight > 0 else 0.0
+        update = Update(sources, scaled, clip, nbytes, wire)
+        self.n_updates += 1
+        self.total_weight += float(weight)
+        self._scaled_total += scaled
+        if self.collects:
+            self._collected.append(update)
+            weighted_sum = self._weighted_sum
+            if weighted_sum.acc:
+                weighted_sum.fold([(update, self._coefs(update))])
+            return
+        if weight == 0:
+            return
+        self._pending.append(update)
+        if len(self._pending) >= self.max_fold or (
+            not self._unbounded and self._owned_pending_bytes() > self._pending_budget
+        ):
+            self._flush()
+
+    def _sources(
+        self, state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview
+    ) -> tuple[Sources, bytes | None]:
+        """An update's tensors per dtype group (flat views where its layout allows) and the immutable
+        wire bytes they view, if any; checked against the model (the first update defines it)."""
+        if isinstance(state_dict, (bytes, bytearray, memoryview)):
+            if self._layout is None:
+                self._setup(FlatLayout(decode_safetensors(state_dict)))
+            views = self.layout.wire_views(state_dict)
+            if views is not None:
+                return dict(views), wire_bytes_of(state_dict)
+            # a file laid out unlike our encoder and the safetensors library
+            state_dict = decode_safetensors(state_dict)
+        if self._layout is None:
+            self._setup(FlatLayout(state_dict))
+        layout = self.layout
+        layout.check(state_dict)
+        sources: Sources = {}
+        for dtype in layout.groups:
+            view = layout.flat_view(state_dict, dtype)
+            sources[dtype] = view if view is not None else layout.tensors(state_dict, dtype)
+        return sources, wire_of(state_dict, sources)
+
+    def _owned_pending_bytes(self) -> int:
+        """Bytes of pending updates that only the aggregator keeps alive.
+
+        A pending update decoded zero-copy from ``bytes`` that someone else keeps in memory anyway (the
+        server's upload buffers, a list of blobs) costs nothing to hold, so such updates wait until
+        ``max_fold`` of them fold in one pass over the accumulator. The newest update always counts (its
+        caller still holds it during ``add``), and one whose bytes the caller has let go counts from
+        the next ``add`` on: a stream of freshly received or loaded updates keeps the 2-model bound.
+        """
+        if not self._pending:
+            return 0
+        holders = Counter(id(u.wire) for u in self._pending if u.wire is not None)
+        newest = self._pending[-1]
+        return sum(
+            u.nbytes
+            for u in self._pending
+            if u is newest or u.wire is None or not held_elsewhere(u.wire, holders[id(u.wire)])
+        )
+
+    def _rescale(self, scale: float) -> None:
+        """Express everything relative to a new (much larger) weight scale."""
+        self._flush()
+        factor = self._weight_scale / scale
+        self._weighted_sum.scale(factor)
+        for update in self._collected:
+            update.weight *= factor
+        self._global_coef *= factor
+        self._scaled_total *= factor
+        self._weight_scale = scale
+
+    def add_many(self, pairs: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
+        """Add updates that are all in memory already (a list): fold ``max_fold`` per pass.
+
+        The caller holds them anyway, so pending ones cost no extra memory and the 2-model budget
+        that bounds :meth:`add` does not apply.
+        """
+        self._unbounded = True
+        try:
+            for state_dict, weight in pairs:
+                self.add(state_dict, weight)
+                del state_dict
+        finally:
+            self._unbounded = False
+        if self._phase == "open":
+            self._flush()
+
+    def held_bytes(self) -> int:
+        """Bytes of tensors the aggregator itself holds now (accumulators, pending updates, copies)."""
+        total = self._owned_pending_bytes() + self._global_copied_bytes
+        if self._sum is not None:
+            total += self._sum.nbytes
+        if self.collects:
+            total += sum(u.nbytes for u in self._collected)
+        return total + self._state_bytes()
+
+    def _state_bytes(self) -> int:
+        return 0
+
+    def _coefs(self, update: Update) -> dict[torch.dtype, float]:
+        return {d: update.weight * (update.clip if d.is_floating_point else 1.0) for d in self.layout.groups}
+
+    def _flush(self, last: bool = False) -> None:
+        if not self._pending:
+            return
+        items = [(u, self._coefs(u)) for u in self._pending]
+        for update in self._pending:
+            self._global_coef += update.weight * (1.0 - update.clip)
+        # The round's last fold of a plain weighted mean also divides by the total weight (one pass
+        # over the accumulator less); DP clipping still adds its share of the global model first.
+        fuse = (
+            last
+            and type(self)._combine is Aggregator._combine
+            and self.clip_norm is None
+            and self._scaled_total > 0
+        )
+        self._weighted_sum.fold(items, mean_scale=1.0 / self._scaled_total if fuse else None)
+        self._pending.clear()
+
+    def finish(self) -> tuple[StateDict, StateDict]:
+        """The new global model (state dict in the global model's key order) and the new state."""
+        if self._phase != "open":
+            raise AggregatorStateError("finish() needs begin() first and may be called once per round")
+        self._phase = "finished"
+        if self.n_updates == 0:
+            raise ZeroTotalWeightError("no update was added")
+        self._flush(last=True)
+        flats = self._combine()
+        if self.noise_multiplier > 0 and self.clip_norm is not None:  # noise needs clipping (options)
+            std = self.noise_multiplier * self.clip_norm / self.n_updates
+            dp.add_gaussian_noise(flats, self.layout.floating_dtypes, std, self.seed, self._round, self.chunk)
+        flats = self._server_step(flats)
+        for dtype, flat in flats.items():
+            if dtype.is_floating_point and not all_finite(flat, self.chunk):
+                raise UpdateValidationError(
+                    "the aggregate contains NaN or infinite values (an update or the state is not finite)"
+                )
+        result = self.layout.views(flats)
+        state = self._export_state()
+        self._pending, self._collected, self._sum = [], [], None
+        return result, state
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def _global_flat(self, dtype: torch.dtype) -> torch.Tensor:
+        """The global model's flat buffer of a dtype group (a view, or a copy made once per round)."""
+        flat = self._global_flats.get(dtype)
+        if flat is None:
+            if self.global_state is None:  # begin() demands it wherever this is reached (DP, FedOpt)
+                raise AggregatorStateError(f"aggregator {self.name!r} needs the current global model")
+            flat = self.layout.flat_view(self.global_state, dtype)
+            if flat is None:
+                flat = self.layout.flatten(self.global_state, dtype)
+                self._global_copied_bytes += flat.numel() * flat.element_size()
+            self._global_flats[dtype] = flat
+        return flat
+
+    def _mean_flats(self) -> dict[torch.dtype, torch.Tensor]:
+        """Finalise the weighted sum into means in the model dtypes (in the accumulator's memory)."""
+        if self._scaled_total <= 0:
+            raise ZeroTotalWeightError(
+                f"the weights of the {self.n_updates} update(s) sum to zero; nothing to average"
+            )
+        weighted_sum = self._weighted_sum
+        means = weighted_sum.means
+        acc = weighted_sum.take()
+        out: dict[torch.dtype, torch.Tensor] = {}
+        for dtype, buffer in acc.items():
+            if dtype in means:
+                out[dtype] = buffer
+                continue
+            if dtype.is_floating_point and self._global_coef > 0:
+                buffer.add_(self._global_flat(dtype), alpha=self._global_coef)
+            out[dtype] = finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
+        return out
+
+    def _combine(self) -> dict[torch.dtype, torch.Tensor]:
+        return self._mean_flats()
+
+    def _server_step(self, flats: dict[torch.dtype, torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
+        return flats
