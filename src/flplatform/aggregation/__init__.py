@@ -133,6 +133,15 @@ Codec (:mod:`flplatform.aggregation.codec`)
 dtype: ``flat_view``, ``flatten``, ``views``, ``check``).
 
 Errors (:mod:`flplatform.aggregation.errors`): every one is an :class:`AggregationError`, a ``ValueError``.
+
+Modules (the names above are the API; the modules are internal)
+---------------------------------------------------------------
+``registry`` (names → classes, ``get``, ``describe_aggregators``) · ``base`` (``Aggregator``: the round's
+life cycle, memory budget, DP hooks) · strategies ``fedavg`` (FedAvg, FedProx), ``robust`` (median,
+trimmed mean, (Multi-)Krum), ``fedopt`` (FedAvgM, FedAdam, FedYogi, FedAdagrad) · ``dp`` (clipping
+factor, Gaussian noise) · ``options`` (``OptionSpec``, common options) · ``accumulator`` (the running
+weighted sum) · ``kernels`` (the multi-threaded fold, OpenMP team size, chunked helpers) · ``codec``
+(safetensors and the flat layout) · ``errors``.
 """
 
 from __future__ import annotations

@@ -87,7 +87,9 @@ class Aggregator:
     def layout(self) -> FlatLayout:
         """The model's flat layout: from ``begin``'s global model, else from the round's first update."""
         if self._layout is None:
-            raise AggregatorStateError("the model layout is known after begin() and the first add()")
+            raise AggregatorStateError(
+                "no model layout yet: begin() with a global model or add() an update first"
+            )
         return self._layout
 
     @property
