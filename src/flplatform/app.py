@@ -22,8 +22,10 @@ from flplatform.kit import tasks
 from flplatform.kit.input_guard import InputGuard
 from flplatform.onboarding import FIRST_USER_HINT
 from flplatform.openapi import install_openapi
+from flplatform.routers import audit as audit_router
 from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
+from flplatform.routers import billing_ledger as billing_ledger_router
 from flplatform.routers import broker as broker_router
 from flplatform.routers import health as health_router
 from flplatform.routers import inference as inference_router
@@ -198,7 +200,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(InputGuard)  # outermost: NUL in path/query/headers never reaches a route
     app.include_router(health_router.router)
     app.include_router(billing_router.router)
-    app.include_router(billing_router.audit_router)
+    app.include_router(billing_ledger_router.router)
+    app.include_router(audit_router.router)
     app.include_router(auth_router.router)
     broker_router.include(app)  # JSON API, /ws/ views and websockets
     app.include_router(trainings_router.users_router)  # before users: /api/users/trainings/

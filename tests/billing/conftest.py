@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from flplatform import billing
 from flplatform.billing import ledger
-from flplatform.billing import service as billing
 from flplatform.billing.money import to_minor
 from flplatform.billing.prices import set_price
 from flplatform.orm import GlobalModel

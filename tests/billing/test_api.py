@@ -160,7 +160,7 @@ async def test_market_pricing_report_and_refund(client, admin, alice, bob, books
     )
     assert r.status_code == 200 and r.json()["inference_price_per_sample"] == "0.50000000"
     await books.top_up(bob.user.id, usd(10))
-    from flplatform.billing import service as billing
+    from flplatform import billing
 
     op = await books.run(lambda s: billing.charge_inference(s, bob.user, model, 4, key="x"))
     report = (await client.get(f"/api/billing/models/{model.id}/report/", headers=alice.headers)).json()

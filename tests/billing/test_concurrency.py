@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from flplatform.billing import service as billing
+from flplatform import billing
 from flplatform.billing.ledger import InsufficientFunds
 from flplatform.orm.billing import OperationKind
 from tests.billing.conftest import usd

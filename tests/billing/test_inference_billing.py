@@ -48,7 +48,7 @@ async def test_own_model_inference_charges_price_list_and_402_runs_nothing(clien
     assert (await infer(client, alice, model_id)).status_code == 200
     assert cache.hits == hits + 1  # the refused call never reached the model
     assert await books.balance(alice.user.id) == 0
-    from flplatform.billing import service as billing
+    from flplatform import billing
 
     _, total = await books.run(
         lambda s: billing.list_operations(s, user_id=alice.user.id, kind=OperationKind.INFERENCE)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flplatform.billing import service as billing
+from flplatform import billing
 from flplatform.billing.ledger import InsufficientFunds, Leg, post_entry, system_account, user_account
 from flplatform.orm.billing import AccountKind, Currency, OperationKind
 from tests.billing.conftest import usd

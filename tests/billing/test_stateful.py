@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from flplatform import billing
 from flplatform.billing import ledger
-from flplatform.billing import service as billing
 from flplatform.billing.ledger import InsufficientFunds
 from flplatform.billing.prices import set_price
 from flplatform.db import create_engine, create_sessionmaker

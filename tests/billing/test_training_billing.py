@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from flplatform.billing import service as billing
+from flplatform import billing
 from flplatform.orm.billing import OperationKind
 from tests.billing.conftest import usd
 from tests.training.conftest import (

@@ -51,7 +51,7 @@ async def wait_for(
 
 
 async def operations(books: Any, user_id: uuid.UUID) -> int:  # noqa: F811
-    from flplatform.billing import service as billing
+    from flplatform import billing
 
     _, total = await books.run(
         lambda s: billing.list_operations(s, user_id=user_id, kind=OperationKind.INFERENCE)
@@ -196,7 +196,7 @@ class TestWithoutWorker:
         assert job["result"] == first_result
         assert await books.balance(alice.user.id) == usd("0.8"), "the job was charged twice"
         assert await operations(books, alice.user.id) == 1
-        from flplatform.billing.service import operation_by_key
+        from flplatform.billing import operation_by_key
 
         assert await books.run(lambda s: operation_by_key(s, billing_key(job_id))) is not None
         assert (await books.reconcile()).ok

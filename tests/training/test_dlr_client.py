@@ -26,7 +26,7 @@ import httpx
 import pytest
 import torch
 
-from flplatform.billing import service as billing
+from flplatform import billing
 from flplatform.billing.prices import set_price
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.settings import Settings

@@ -34,6 +34,11 @@ Generic
     ``settle(...)`` / ``release(...)``, ``refund(...)``, ``convert_to_tokens(...)``,
     ``redeem_coupon(...)``, ``pay_bill(...)``, ``ledger.reconcile(session)``.
 
+Modules: ``operations`` (the operation behind each entry; charges, top-ups, payouts, conversions,
+refunds), ``holds``, ``rounds`` (training rounds), ``market`` (inference, model copies, market
+pricing), ``coupons``, ``bills``, ``reports`` (balances, statements, per-model reports, history),
+``ledger`` (accounts, entries, reconciliation), ``prices``, ``audit``, ``idempotency``.
+
 Audit
     ``audit.record(session, action, message, actor=…, request=…, organisation_id=…)`` appends to
     the audit log in the caller's transaction; ``audit.record_detached(sessionmaker, …)`` commits on
@@ -44,32 +49,52 @@ Workers
 """
 
 from flplatform.billing import audit
+from flplatform.billing.bills import create_bill, get_bill, list_bills, pay_bill
+from flplatform.billing.coupons import create_coupon, list_coupons, redeem_coupon
+from flplatform.billing.holds import hold_by_key, release, reserve, settle
 from flplatform.billing.ledger import InsufficientFunds, reconcile
-from flplatform.billing.service import (
-    charge,
+from flplatform.billing.market import (
     charge_inference,
     charge_model_copy,
+    is_public_for_inference,
+    model_pricing,
+    set_model_pricing,
+)
+from flplatform.billing.operations import (
+    charge,
     convert_to_tokens,
-    pay_bill,
-    redeem_coupon,
+    get_operation,
+    operation_by_key,
+    payout,
     refund,
-    release,
-    release_round,
-    reserve,
-    reserve_round,
-    settle,
-    settle_round,
     top_up,
 )
+from flplatform.billing.reports import available, balances, list_operations, model_report, statement
+from flplatform.billing.rounds import release_round, reserve_round, round_key, settle_round
 
 __all__ = [
     "InsufficientFunds",
     "audit",
+    "available",
+    "balances",
     "charge",
     "charge_inference",
     "charge_model_copy",
     "convert_to_tokens",
+    "create_bill",
+    "create_coupon",
+    "get_bill",
+    "get_operation",
+    "hold_by_key",
+    "is_public_for_inference",
+    "list_bills",
+    "list_coupons",
+    "list_operations",
+    "model_pricing",
+    "model_report",
+    "operation_by_key",
     "pay_bill",
+    "payout",
     "reconcile",
     "redeem_coupon",
     "refund",
@@ -77,7 +102,10 @@ __all__ = [
     "release_round",
     "reserve",
     "reserve_round",
+    "round_key",
+    "set_model_pricing",
     "settle",
     "settle_round",
+    "statement",
     "top_up",
 ]

@@ -10,14 +10,17 @@ change it describes, or not at all. It only ever inserts.
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import sys
 import uuid
 from typing import Any
 
 from fastapi import Request
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from flplatform.kit.pagination import paginate
 from flplatform.orm.audit import AuditLevel, AuditLog
 
 _HOST = socket.gethostname()
@@ -79,3 +82,35 @@ async def record_detached(sessionmaker: Any, action: str, message: str = "", **k
     async with sessionmaker() as session:
         await record(session, action, message, **kw)
         await session.commit()
+
+
+async def list_entries(
+    session: AsyncSession,
+    *,
+    action: str | None = None,
+    level: AuditLevel | None = None,
+    actor_id: uuid.UUID | None = None,
+    organisation_id: uuid.UUID | None = None,
+    since: dt.datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[AuditLog], int]:
+    """A page of the log, newest first (``action`` is a prefix), and the total count."""
+    conditions: list[Any] = []
+    if action is not None:
+        conditions.append(AuditLog.action.startswith(action, autoescape=True))
+    if level is not None:
+        conditions.append(AuditLog.level == level)
+    if actor_id is not None:
+        conditions.append(AuditLog.actor_id == actor_id)
+    if organisation_id is not None:
+        conditions.append(AuditLog.organisation_id == organisation_id)
+    if since is not None:
+        conditions.append(AuditLog.timestamp >= since)
+    return await paginate(
+        session,
+        select(AuditLog).where(*conditions),
+        order_by=(AuditLog.timestamp.desc(), AuditLog.id),
+        limit=limit,
+        offset=offset,
+    )

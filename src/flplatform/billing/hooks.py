@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.billing import service as billing
+from flplatform import billing
 from flplatform.orm import LocalModel, Training, TrainingState
 from flplatform.orm.billing import Hold, HoldStatus
 

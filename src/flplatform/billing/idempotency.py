@@ -14,8 +14,9 @@ import hashlib
 import json
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Header
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -26,6 +27,17 @@ from flplatform.billing.ledger import _insert
 from flplatform.errors import BadRequest, Conflict, Unprocessable
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import IdempotencyKey
+
+# The header every charging POST accepts (routers.billing, routers.billing_ledger).
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Any unique string (a UUID4 is best). Retrying with the same key replays the first "
+        "response instead of charging again; reusing it for a different request is a 422.",
+        max_length=255,
+    ),
+]
 
 MAX_KEY_LENGTH = 255
 

@@ -28,9 +28,9 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import Table, and_, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -283,7 +283,7 @@ async def post_entry(
         assert other is not None
         return _existing(other, digest), False
     await session.execute(
-        Posting.__table__.insert(),
+        cast(Table, Posting.__table__).insert(),
         [
             {
                 "id": uuid.uuid4(),
@@ -342,7 +342,7 @@ async def account_balance(session: AsyncSession, account: AccountRef) -> int:
         stmt = select(LedgerAccount.balance).where(LedgerAccount.id == account.id)
     else:
         stmt = select(func.coalesce(func.sum(Posting.amount), 0)).where(Posting.account_id == account.id)
-    return int((await session.execute(stmt)).scalar_one())
+    return int((await session.execute(stmt)).scalar_one() or 0)  # user accounts' balance is never NULL
 
 
 async def postings_of(session: AsyncSession, entry_id: uuid.UUID) -> list[tuple[str, int]]:
@@ -405,7 +405,7 @@ async def reconcile(session: AsyncSession) -> Reconciliation:
     }
     entries = int((await session.execute(select(func.count()).select_from(JournalEntry))).scalar_one())
     held = {
-        (owner, currency): int(balance)
+        (owner, currency): int(balance or 0)  # held accounts are user accounts: never NULL
         for owner, currency, balance in await session.execute(
             select(LedgerAccount.owner_id, LedgerAccount.currency, LedgerAccount.balance).where(
                 LedgerAccount.kind == AccountKind.HELD

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.errors import NotFound
+from flplatform.billing import audit
+from flplatform.billing.money import to_minor
+from flplatform.errors import NotFound, Unprocessable
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import Currency, Price
 
@@ -94,3 +98,16 @@ async def set_price(session: AsyncSession, item: str, amount: int, *, by: uuid.U
         row.amount, row.updated_by_id, row.updated_at = amount, by, utcnow()
     await session.flush()
     return PriceItem(item, amount, DEFAULTS[item].currency, DEFAULTS[item].description)
+
+
+async def change_price(session: AsyncSession, item: str, amount: Decimal, *, admin: Any) -> PriceItem:
+    """An administrator's price change, audited: money items take a decimal amount of their
+    currency, ``market_fee_bps`` and ``token_per_usd`` an integer (422 otherwise)."""
+    default = DEFAULTS.get(item)
+    if default is None:
+        raise NotFound(f"No price item {item!r}; known items: {', '.join(DEFAULTS)}.")
+    if default.currency is None and amount != amount.to_integral_value():
+        raise Unprocessable(f"{item} is an integer.")
+    price = await set_price(session, item, to_minor(amount) if default.currency else int(amount), by=admin.id)
+    await audit.record(session, "billing.price_set", f"{item} = {amount}", actor=admin)
+    return price

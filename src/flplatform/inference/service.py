@@ -490,7 +490,7 @@ async def meter_inference(
     from flplatform.billing import charge_inference  # billing imports no inference code
 
     if billing_key is not None:
-        from flplatform.billing.service import operation_by_key
+        from flplatform.billing import operation_by_key
 
         # Checked here rather than left to the ledger's key: the ledger would refuse the key as
         # reused if the price list changed between the two runs.
@@ -527,7 +527,7 @@ async def check_inference(
         model, training = await readable_model(session, user, query.model_id)
     except NotFound:
         # Billing's inference market: anyone may query a public model, and pays its price.
-        from flplatform.billing.service import is_public_for_inference
+        from flplatform.billing import is_public_for_inference
 
         if not await is_public_for_inference(session, query.model_id):
             raise

@@ -1,0 +1,83 @@
+"""Bills: an amount an administrator asks a user to pay, paid once from the USD balance."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flplatform.billing import audit
+from flplatform.billing.money import to_decimal
+from flplatform.billing.operations import charge
+from flplatform.errors import NotFound
+from flplatform.orm.base import utcnow
+from flplatform.orm.billing import Bill, BillStatus, Operation, OperationKind
+
+
+async def create_bill(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    amount: int,
+    description: str = "",
+    period: str | None = None,
+    created_by: uuid.UUID | None = None,
+) -> Bill:
+    if amount <= 0:
+        raise ValueError("a bill is positive")
+    bill = Bill(
+        user_id=user_id, amount=amount, description=description, period=period, created_by_id=created_by
+    )
+    session.add(bill)
+    await session.flush()
+    await audit.record(
+        session,
+        "billing.bill_created",
+        f"bill {bill.id}: {to_decimal(amount)} USD",
+        actor=created_by,
+        subject_user_id=user_id,
+        module=__name__,
+        function="create_bill",
+    )
+    return bill
+
+
+async def get_bill(session: AsyncSession, bill_id: uuid.UUID) -> Bill:
+    bill = await session.get(Bill, bill_id)
+    if bill is None:
+        raise NotFound(f"Bill {bill_id} not found.")
+    return bill
+
+
+async def pay_bill(session: AsyncSession, bill: Bill, *, actor_id: uuid.UUID | None = None) -> Operation:
+    """Pay an open bill from the user's USD balance (no coupons): once; 402 if unaffordable."""
+    op = await charge(
+        session,
+        payer_id=bill.user_id,
+        amount=bill.amount,
+        kind=OperationKind.PAY_BILL,
+        key=f"bill:{bill.id}",
+        currency=bill.currency,
+        allow_coupons=False,
+        actor_id=actor_id,
+        description=f"bill {bill.id}",
+    )
+    await session.execute(
+        update(Bill)
+        .where(Bill.id == bill.id, Bill.status == BillStatus.OPEN)
+        .values(status=BillStatus.PAID, operation_id=op.id, paid_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    await session.refresh(bill)
+    return op
+
+
+async def list_bills(session: AsyncSession, user_id: uuid.UUID) -> Sequence[Bill]:
+    """The user's bills, newest first."""
+    return (
+        (await session.execute(select(Bill).where(Bill.user_id == user_id).order_by(Bill.created_at.desc())))
+        .scalars()
+        .all()
+    )

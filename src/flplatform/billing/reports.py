@@ -1,0 +1,211 @@
+"""What the ledger says: balances, monthly statements, per-model reports and the operation
+history. Read-only."""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from flplatform.billing.ledger import account_balance, user_account
+from flplatform.errors import BadRequest
+from flplatform.kit.pagination import paginate
+from flplatform.orm.billing import (
+    Bill,
+    Currency,
+    JournalEntry,
+    LedgerAccount,
+    Operation,
+    OperationKind,
+    Posting,
+)
+
+INFERENCE_KINDS = (OperationKind.INFERENCE, OperationKind.INFERENCE_API, OperationKind.INFERENCE_MARKET)
+
+
+def month_bounds(period: str) -> tuple[dt.datetime, dt.datetime]:
+    try:
+        year, month = (int(p) for p in period.split("-"))
+        start = dt.datetime(year, month, 1, tzinfo=dt.UTC)
+        if not 1970 <= year <= 2999:  # kit.schemas.PERIOD_PATTERN; the month's end must be a datetime
+            raise ValueError(period)
+    except ValueError:
+        raise BadRequest(f"Period {period!r} is not YYYY-MM.") from None
+    days = calendar.monthrange(year, month)[1]
+    return start, start + dt.timedelta(days=days)
+
+
+async def statement(session: AsyncSession, user_id: uuid.UUID, period: str) -> dict[str, Any]:
+    """Monthly statement: per currency opening/closing balance (available + held), money in and
+    out; operations by kind; bills of the month."""
+    start, end = month_bounds(period)
+    own = select(LedgerAccount.id).where(LedgerAccount.owner_id == user_id).scalar_subquery()
+
+    async def totals(*conditions: Any) -> dict[Currency, int]:
+        stmt = (
+            select(Posting.currency, func.sum(Posting.amount))
+            .join(JournalEntry, JournalEntry.id == Posting.entry_id)
+            .where(Posting.account_id.in_(own), *conditions)
+            .group_by(Posting.currency)
+        )
+        return {c: int(t) for c, t in await session.execute(stmt)}
+
+    opening = await totals(JournalEntry.created_at < start)
+    closing = await totals(JournalEntry.created_at < end)
+    in_period = (JournalEntry.created_at >= start, JournalEntry.created_at < end)
+    # Moves between a user's own available and held accounts cancel out per entry.
+    per_entry = (
+        select(Posting.entry_id, Posting.currency, func.sum(Posting.amount).label("net"))
+        .join(JournalEntry, JournalEntry.id == Posting.entry_id)
+        .where(Posting.account_id.in_(own), *in_period)
+        .group_by(Posting.entry_id, Posting.currency)
+        .subquery()
+    )
+    flows: dict[Currency, dict[str, int]] = defaultdict(lambda: {"in": 0, "out": 0})
+    for currency, net in await session.execute(select(per_entry.c.currency, per_entry.c.net)):
+        flows[currency]["in" if net > 0 else "out"] += abs(int(net))
+    ops = await session.execute(
+        select(Operation.kind, func.count(), func.sum(Operation.amount), Operation.currency)
+        .where(Operation.payer_id == user_id, Operation.created_at >= start, Operation.created_at < end)
+        .group_by(Operation.kind, Operation.currency)
+    )
+    bills = (
+        (
+            await session.execute(
+                select(Bill).where(
+                    Bill.user_id == user_id,
+                    or_(and_(Bill.created_at >= start, Bill.created_at < end), Bill.period == period),
+                )
+            )
+        )
+        .scalars()
+        .all()
+    )
+    currencies = sorted(set(opening) | set(closing) | set(flows), key=lambda c: c.value)
+    return {
+        "user_id": user_id,
+        "period": period,
+        "start": start,
+        "end": end,
+        "currencies": [
+            {
+                "currency": c,
+                "opening": opening.get(c, 0),
+                "closing": closing.get(c, 0),
+                "money_in": flows[c]["in"],
+                "money_out": flows[c]["out"],
+            }
+            for c in currencies
+        ],
+        "operations": [
+            {"kind": kind, "count": int(count), "amount": int(total or 0), "currency": currency}
+            for kind, count, total, currency in ops
+        ],
+        "bills": list(bills),
+    }
+
+
+async def model_report(session: AsyncSession, model_id: uuid.UUID) -> dict[str, Any]:
+    """Seed's per-machine billing summary: training cost, inference cost, API (market) income —
+    net of refunds."""
+    refund = aliased(Operation)
+    not_refunded = ~select(refund.id).where(refund.refunds_operation_id == Operation.id).exists()
+    rows = await session.execute(
+        select(
+            Operation.kind,
+            Operation.currency,
+            func.count(),
+            func.sum(Operation.amount),
+            func.sum(Operation.owner_income),
+        )
+        .where(Operation.model_id == model_id, Operation.kind != OperationKind.REFUND, not_refunded)
+        .group_by(Operation.kind, Operation.currency)
+    )
+    report: dict[str, Any] = {
+        "model_id": model_id,
+        "training_cost": 0,
+        "inference_cost": 0,
+        "api_income": 0,
+        "training_operations": 0,
+        "inference_operations": 0,
+        "samples_inferred": 0,
+    }
+    for kind, _currency, count, amount, income in rows:
+        if kind == OperationKind.TRAINING:
+            report["training_cost"] += int(amount or 0)
+            report["training_operations"] += int(count)
+        elif kind in INFERENCE_KINDS:
+            report["inference_cost"] += int(amount or 0)
+            report["inference_operations"] += int(count)
+            report["api_income"] += int(income or 0)
+    report["samples_inferred"] = int(
+        (
+            await session.execute(
+                select(func.coalesce(func.sum(Operation.count_of_lines), 0)).where(
+                    Operation.model_id == model_id, Operation.kind.in_(INFERENCE_KINDS), not_refunded
+                )
+            )
+        ).scalar_one()
+        or 0
+    )
+    return report
+
+
+async def list_operations(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID | None,
+    kind: OperationKind | None = None,
+    model_id: uuid.UUID | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[Sequence[Operation], int]:
+    conditions: list[Any] = []
+    if user_id is not None:
+        conditions.append(
+            or_(
+                Operation.payer_id == user_id,
+                Operation.actor_id == user_id,
+                Operation.model_owner_id == user_id,
+            )
+        )
+    if kind is not None:
+        conditions.append(Operation.kind == kind)
+    if model_id is not None:
+        conditions.append(Operation.model_id == model_id)
+    if since is not None:
+        conditions.append(Operation.created_at >= since)
+    if until is not None:
+        conditions.append(Operation.created_at < until)
+    return await paginate(
+        session,
+        select(Operation).where(*conditions),
+        order_by=(Operation.created_at.desc(), Operation.id),
+        limit=limit,
+        offset=offset,
+    )
+
+
+async def balances(session: AsyncSession, user_id: uuid.UUID) -> list[dict[str, Any]]:
+    rows = await session.execute(
+        select(LedgerAccount.currency, LedgerAccount.kind, LedgerAccount.balance).where(
+            LedgerAccount.owner_id == user_id
+        )
+    )
+    table: dict[Currency, dict[str, int]] = {c: {"available": 0, "held": 0} for c in Currency}
+    for currency, kind, balance in rows:
+        table[currency][kind.value] = int(balance or 0)  # user accounts: never NULL
+    return [{"currency": c, **v} for c, v in table.items()]
+
+
+async def available(session: AsyncSession, user_id: uuid.UUID, currency: Currency = Currency.USD) -> int:
+    return await account_balance(session, await user_account(session, user_id, currency))
