@@ -253,7 +253,7 @@ def test_readme_deployment_line_writes_the_secrets_compose_requires(compose: dic
 
 def test_compose_flp_variables_are_settings_and_valid(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from flplatform.broker.config import BrokerConfig
-    from flplatform.inference.service import InferenceSettings
+    from flplatform.inference.config import InferenceSettings
     from flplatform.settings import Settings
 
     known = {f"FLP_{n.upper()}" for n in Settings.model_fields}

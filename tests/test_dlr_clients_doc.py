@@ -13,8 +13,8 @@ import torch
 
 from flplatform.broker.config import BrokerConfig
 from flplatform.cli import build_parser
+from flplatform.inference.config import InferenceSettings
 from flplatform.inference.schemas import InferenceFields
-from flplatform.inference.service import InferenceSettings
 from flplatform.settings import Settings
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "dlr-clients.md").read_text()

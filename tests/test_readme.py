@@ -303,7 +303,7 @@ def test_every_local_link_in_readme_and_docs_resolves() -> None:
 
 def test_configuration_reference_names_every_setting() -> None:
     from flplatform.broker.config import BrokerConfig
-    from flplatform.inference.service import InferenceSettings
+    from flplatform.inference.config import InferenceSettings
     from flplatform.settings import Settings
 
     reference = (DOCS / "configuration.md").read_text()

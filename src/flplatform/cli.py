@@ -136,7 +136,7 @@ def env_var(field: str) -> str:
 
 def _settings_classes() -> list[tuple[str, type[BaseSettings]]]:
     from flplatform.broker.config import BrokerConfig
-    from flplatform.inference.service import InferenceSettings
+    from flplatform.inference.config import InferenceSettings
     from flplatform.settings import Settings
 
     return [("server", Settings), ("DASF broker", BrokerConfig), ("inference", InferenceSettings)]

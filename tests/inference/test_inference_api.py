@@ -14,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from flplatform.inference.service import InferenceSettings
+from flplatform.inference.config import InferenceSettings
 from flplatform.orm import UncertaintyMethod
 from tests.inference.conftest import DropoutMLP, ImagePreprocessing, flat_parameters
 

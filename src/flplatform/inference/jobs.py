@@ -26,21 +26,17 @@ import base64
 import uuid
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform import workqueue
 from flplatform.errors import BadRequest, NotFound
+from flplatform.inference.config import InferenceRuntime, runtime_for
+from flplatform.inference.requests import InferenceQuery, check_input_shape
+from flplatform.inference.responses import result_body
 from flplatform.inference.schemas import UncertaintyOptions
-from flplatform.inference.service import (
-    InferenceQuery,
-    InferenceRuntime,
-    check_inference,
-    check_input_shape,
-    result_body,
-    run_inference,
-    runtime_for,
-)
+from flplatform.inference.service import check_inference, run_inference
+from flplatform.kit.pagination import paginate
 from flplatform.orm import User
 from flplatform.orm.workqueue import QueuedWork, WorkKind, WorkStatus
 
@@ -146,9 +142,9 @@ async def run_inference_job(ctx: workqueue.JobContext, payload: dict[str, Any]) 
     if ctx.app is not None:
         runtime = runtime_for(ctx.app.state)
     else:
-        runtime = ctx.shared.get("inference_runtime")
-        if runtime is None:
-            runtime = ctx.shared["inference_runtime"] = InferenceRuntime.create()
+        shared: InferenceRuntime | None = ctx.shared.get("inference_runtime")
+        runtime = shared if shared is not None else InferenceRuntime.create()
+        ctx.shared["inference_runtime"] = runtime
     query = query_from_payload(payload["query"])
     async with ctx.sessionmaker() as session:
         user = await session.get(User, uuid.UUID(payload["user_id"]))
@@ -180,16 +176,13 @@ async def list_jobs(
     where = [QueuedWork.handler == INFERENCE_JOB, QueuedWork.submitter_id == user.id]
     if status is not None:
         where.append(QueuedWork.status == STATUS_FILTER[status])
-    total = (await session.execute(select(func.count()).select_from(QueuedWork).where(*where))).scalar_one()
-    rows = await session.execute(
-        select(QueuedWork)
-        .options(defer(QueuedWork.result), defer(QueuedWork.payload))
-        .where(*where)
-        .order_by(QueuedWork.created_at.desc(), QueuedWork.id)
-        .limit(limit)
-        .offset(offset)
+    return await paginate(
+        session,
+        select(QueuedWork).options(defer(QueuedWork.result), defer(QueuedWork.payload)).where(*where),
+        order_by=(QueuedWork.created_at.desc(), QueuedWork.id),
+        limit=limit,
+        offset=offset,
     )
-    return list(rows.scalars()), total
 
 
 def job_error(job: QueuedWork) -> dict[str, Any] | None:

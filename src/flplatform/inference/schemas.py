@@ -11,27 +11,36 @@ from pydantic import Field
 
 from flplatform.kit.schemas import RequestSchema, Schema
 from flplatform.orm.training import UncertaintyMethod
+from flplatform.uncertainty.predict import DEFAULT_SAMPLES, DEFAULT_SCALE, MAX_SCALE, MAX_SEED, MIN_SAMPLES
+from flplatform.uncertainty.swag import DEFAULT_MIN_VAR
 
 ReturnFormat = Literal["json", "binary"]
 
 
+# The one schema of the sampling options: an inference request's ``options`` and a training's
+# ``options.uncertainty`` (``trainings.schemas.TrainingOptions``: the defaults of its inferences).
+# Defaults and limits are ``flplatform.uncertainty.predict``'s; the largest N is a deployment setting
+# (``FLP_INFERENCE_MAX_SAMPLES``), checked when the inference runs.
 class UncertaintyOptions(RequestSchema):
     """Sampling options; defaults come from the training's ``options.uncertainty``, then these."""
 
     N: int = Field(
-        default=10, ge=2, description="Stochastic predictions for MC_DROPOUT and SWAG.", examples=[10]
+        default=DEFAULT_SAMPLES,
+        ge=MIN_SAMPLES,
+        description="Stochastic predictions for MC_DROPOUT and SWAG.",
+        examples=[10],
     )
     softmax: bool = Field(
         default=False, description="Apply softmax over the class dimension (dim 1) to every prediction."
     )
     seed: int | None = Field(
-        default=None, ge=0, le=2**63 - 1, description="Seed for reproducible dropout masks / SWAG draws."
+        default=None, ge=0, le=MAX_SEED, description="Seed for reproducible dropout masks / SWAG draws."
     )
     min_var: float = Field(
-        default=1e-30, gt=0, description="SWAG: lower clamp of the per-parameter variance."
+        default=DEFAULT_MIN_VAR, gt=0, description="SWAG: lower clamp of the per-parameter variance."
     )
     scale: float = Field(
-        default=1.0, ge=0, le=100, description="SWAG: variance scale (Maddox et al. use 0.5)."
+        default=DEFAULT_SCALE, ge=0, le=MAX_SCALE, description="SWAG: variance scale (Maddox et al. use 0.5)."
     )
 
 
@@ -62,16 +71,16 @@ class InferenceFields(RequestSchema):
     )
 
 
-REFERENCE_REQUEST_EXAMPLE = {
+REFERENCE_REQUEST_EXAMPLE: dict[str, Any] = {
     "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
     "model_input": [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0]],
 }
-SCORES_REQUEST_EXAMPLE = {
+SCORES_REQUEST_EXAMPLE: dict[str, Any] = {
     "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
     "model_input": [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0]],
     "return_scores": True,
 }
-MC_DROPOUT_REQUEST_EXAMPLE = {
+MC_DROPOUT_REQUEST_EXAMPLE: dict[str, Any] = {
     "model_id": "5f0c6f3e-5b7d-4e56-9a55-0c8d3c2f1a10",
     "model_input": [[0.1, 0.2, 0.3, 0.4]],
     "uncertainty_method": "MC_DROPOUT",
@@ -116,7 +125,7 @@ class InferenceRequest(InferenceFields):
     }
 
 
-REFERENCE_RESPONSE_EXAMPLE = {
+REFERENCE_RESPONSE_EXAMPLE: dict[str, Any] = {
     "inference": [2, 0],
     "prediction": [2, 0],
     "return_scores": False,
@@ -127,12 +136,12 @@ REFERENCE_RESPONSE_EXAMPLE = {
     "round": 3,
     "dropout_layers": None,
 }
-SCORES_RESPONSE_EXAMPLE = {
+SCORES_RESPONSE_EXAMPLE: dict[str, Any] = {
     **REFERENCE_RESPONSE_EXAMPLE,
     "inference": [[0.12, -0.40, 0.95], [1.30, 0.20, -0.70]],
     "return_scores": True,
 }
-MC_DROPOUT_RESPONSE_EXAMPLE = {
+MC_DROPOUT_RESPONSE_EXAMPLE: dict[str, Any] = {
     "inference": [[0.7, 0.2, 0.1]],
     "prediction": [0],
     "return_scores": False,

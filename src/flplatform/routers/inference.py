@@ -24,6 +24,11 @@ from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, responses
 from flplatform.inference import jobs as inference_jobs
 from flplatform.inference import service as inference_service
+from flplatform.inference.config import runtime_for
+from flplatform.inference.dependencies import ReadableModel, SubmittedJob
+from flplatform.inference.metadata import model_metadata
+from flplatform.inference.requests import InferenceQuery
+from flplatform.inference.responses import result_json, result_safetensors
 from flplatform.inference.schemas import (
     INFERENCE_REQUEST_EXAMPLES,
     INFERENCE_RESPONSE_EXAMPLES,
@@ -35,7 +40,6 @@ from flplatform.inference.schemas import (
     ModelMetadata,
     ReturnFormat,
 )
-from flplatform.inference.service import InferenceQuery, runtime_for
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.orm.base import utcnow
 from flplatform.orm.workqueue import WorkKind
@@ -114,7 +118,7 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     return resolve(schema)
 
 
-_MULTIPART_SCHEMA = {
+_MULTIPART_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["model_id", "model_input"],
     "properties": {
@@ -136,7 +140,7 @@ _MULTIPART_SCHEMA = {
     },
 }
 
-_REQUEST_BODY = {
+_REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "content": {
         "application/json": {
@@ -202,7 +206,7 @@ async def _query_from_json(request: Request) -> InferenceQuery:
 
 
 async def _query_from_form(request: Request, default_format: ReturnFormat = "binary") -> InferenceQuery:
-    max_bytes = inference_service.runtime_for(request.app.state).settings.max_input_bytes
+    max_bytes = runtime_for(request.app.state).settings.max_input_bytes
     async with request.form(max_files=1, max_fields=8, max_part_size=max_bytes * 2 + 1024) as form:
         fields: dict[str, Any] = {}
         model_input: bytes | str | None = None
@@ -267,15 +271,13 @@ async def infer(request: Request, session: SessionDep, user: CurrentUser) -> Res
     result = await inference_service.run_inference(session, runtime_for(request.app.state), user, query)
     _record_work(request, started, result)
     if query.return_format == "binary":
-        body = await asyncio.to_thread(
-            inference_service.result_safetensors, result, return_scores=query.return_scores
-        )
+        body = await asyncio.to_thread(result_safetensors, result, return_scores=query.return_scores)
         return Response(
             body,
             media_type="application/octet-stream",
             headers={"Content-Disposition": 'attachment; filename="inference.safetensors"'},
         )
-    body = await asyncio.to_thread(inference_service.result_json, result, return_scores=query.return_scores)
+    body = await asyncio.to_thread(result_json, result, return_scores=query.return_scores)
     return Response(body, media_type="application/json")
 
 
@@ -335,7 +337,7 @@ run fails.
 `status` the synchronous route would have answered).
 """
 
-_JOB_REQUEST_BODY = {
+_JOB_REQUEST_BODY: dict[str, Any] = {
     **_REQUEST_BODY,
     "content": {
         **_REQUEST_BODY["content"],
@@ -416,10 +418,7 @@ async def submit_inference_job(request: Request, session: SessionDep, user: Curr
     response_model=InferenceJob,
     responses=responses(401, 404, 422),
 )
-async def get_inference_job(
-    request: Request, session: SessionDep, user: CurrentUser, job_id: uuid.UUID
-) -> Response:
-    job = await inference_jobs.get_job(session, user, job_id)
+async def get_inference_job(request: Request, job: SubmittedJob) -> Response:
     view = _job_view(request, job)
     if view["status"] == "done":
         view["result"] = job.result
@@ -460,8 +459,6 @@ async def list_inference_jobs(
     response_model=ModelMetadata,
     responses=responses(401, 404, 409, 422),
 )
-async def metadata(
-    request: Request, session: SessionDep, user: CurrentUser, model_id: uuid.UUID
-) -> ModelMetadata:
-    info = await inference_service.model_metadata(session, runtime_for(request.app.state), user, model_id)
+async def metadata(request: Request, session: SessionDep, model: ReadableModel) -> ModelMetadata:
+    info = await model_metadata(session, runtime_for(request.app.state), model)
     return ModelMetadata.model_validate(info)

@@ -40,13 +40,23 @@ class PredictionError(ValueError):
     """The model cannot answer this request (wrong kind of model, bad output, failed forward)."""
 
 
+# The sampling options' defaults and limits, stated once: ``inference.schemas.UncertaintyOptions``
+# validates inference requests and a training's ``options.uncertainty`` against them. The largest N
+# is a deployment setting (``FLP_INFERENCE_MAX_SAMPLES``), checked when the request runs.
+DEFAULT_SAMPLES = 10
+MIN_SAMPLES = 2  # a variance needs at least two predictions
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+DEFAULT_SCALE = 1.0
+MAX_SCALE = 100
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
-    samples: int = 10  # N stochastic predictions (MC_DROPOUT, SWAG)
+    samples: int = DEFAULT_SAMPLES  # N stochastic predictions (MC_DROPOUT, SWAG)
     softmax: bool = False  # apply softmax over the class dimension to every prediction
     seed: int | None = None  # makes MC_DROPOUT masks and SWAG draws reproducible
-    min_var: float = DEFAULT_MIN_VAR  # SWAG variance clamp
-    scale: float = 1.0  # SWAG variance scale
+    min_var: float = DEFAULT_MIN_VAR  # SWAG variance clamp (> 0)
+    scale: float = DEFAULT_SCALE  # SWAG variance scale, in [0, MAX_SCALE]
 
 
 @dataclass
