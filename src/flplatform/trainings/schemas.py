@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from flplatform.inference.schemas import UncertaintyOptions
 from flplatform.kit.schemas import RequestSchema, Schema
 from flplatform.orm.training import AggregationMethod, TrainingState, UncertaintyMethod
 
@@ -30,17 +31,6 @@ AggregatorName = StrEnum("AggregatorName", {n: n for n in _aggregator_names()}) 
 class StragglerPolicy(StrEnum):
     IGNORE = "ignore"
     REMOVE = "remove"
-
-
-class UncertaintyOptions(RequestSchema):
-    N: Annotated[int, Field(ge=1, le=10_000, description="Samples / forward passes at inference.")] = 10
-    softmax: bool = Field(
-        default=False, description="Apply softmax to each sample's output (MC dropout, SWAG)."
-    )
-    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
-    min_var: Annotated[float, Field(ge=0.0, description="SWAG: variance floor (clamp of E[θ²]−E[θ]²).")] = (
-        1e-30
-    )
 
 
 class DPOptions(RequestSchema):
