@@ -1,8 +1,8 @@
 """Uncertainty at inference time: SWAG-diagonal sampling, ensembles of global models, MC
 dropout, the statistics that summarise them, and decoding of untrusted inputs.
 
-Pure torch/NumPy: no FastAPI, no SQLAlchemy (``inference/service.py`` loads the models and
-calls ``predict``).
+Pure torch/NumPy: no FastAPI, no SQLAlchemy (``flplatform.inference`` finds the models; the model
+sandbox, ``flplatform.sandbox.compute``, calls ``predict``).
 """
 
 from flplatform.uncertainty.inputs import DecodedInput, InputError, InputLimits, InputTooLarge
