@@ -255,7 +255,7 @@ def _register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 EXTRA_COMMANDS.append(_register_demo)
 
 
-def _register_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _register_worker(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from flplatform.workqueue.cli import register  # light: the domains load only when the worker runs
 
     register(sub)
