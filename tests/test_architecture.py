@@ -39,6 +39,7 @@ def test_the_contracts_cover_every_rule_of_the_design() -> None:
 @pytest.mark.parametrize("contract", CONTRACTS, ids=[contract["id"] for contract in CONTRACTS])
 def test_import_contract(contract: dict[str, object]) -> None:
     lint_imports = Path(sys.executable).parent / "lint-imports"
+    assert lint_imports.exists(), f"{lint_imports} is missing: install the test extra (README's command 2)"
     result = subprocess.run(
         [str(lint_imports), "--no-cache", "--no-logo", "--contract", str(contract["id"]), str(PYPROJECT)],
         cwd=REPO,
