@@ -1,8 +1,11 @@
 """flplatform: an async federated-learning platform server.
 
-Sub-packages: ``routers`` (HTTP and websocket endpoints), ``orm`` (SQLAlchemy models),
-``services`` (business logic, never commits), ``schemas`` (Pydantic), ``aggregation``
-(pure tensor code, no web or database imports).
+Layers, top to bottom: entry points (``app``, ``cli``), ``routers`` (HTTP and websocket only),
+the domain packages (``users``, ``organizations``, ``models``, ``trainings``, ``inference``,
+``billing``, ``broker``, ``auth``), the engines (``permissions``, ``workqueue``, ``sandbox``, and
+the pure tensor code of ``aggregation`` and ``uncertainty``; ``client`` is the participants'
+SDK), and the foundations (``orm``, ``kit``, ``errors``, ``settings``, ``db``). A layer imports
+only the layers below it (``tests/test_architecture.py``); docs/architecture.md is the map.
 """
 
 __version__ = "0.1.0"

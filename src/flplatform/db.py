@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -21,7 +21,7 @@ from flplatform.settings import Settings
 
 log = logging.getLogger(__name__)
 
-AfterCommit = Callable[[], Awaitable[Any]]
+AfterCommit = Callable[[], Coroutine[Any, Any, Any]]
 
 
 def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
@@ -60,7 +60,8 @@ def _bound_aiosqlite_graceful_close() -> None:
         await asyncio.wait_for(graceful(self), timeout=AIOSQLITE_CLOSE_SECONDS)
 
     bounded_graceful_close.bounded = True  # type: ignore[attr-defined]
-    adapter._terminate_graceful_close = bounded_graceful_close
+    # A deliberate patch of SQLAlchemy's adapter class (see above); mypy rightly flags assigning a method.
+    adapter._terminate_graceful_close = bounded_graceful_close  # type: ignore[method-assign]
 
 
 def create_engine(settings: Settings | str) -> AsyncEngine:

@@ -33,7 +33,7 @@ from typing import Any
 METHODS = ("FedAvg", "FedProx", "FedDC")
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo",
         help="run a small federated training end to end on a temporary server",
