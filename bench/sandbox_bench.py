@@ -1,11 +1,17 @@
 """Model sandbox benchmark: inference latency of the former in-process path (TorchScript loaded
-in the server, ``predict`` in a thread) against the sandbox (module cached in a warm
-worker, JSON + safetensors frames over pipes), for a small CNN and an MLP at batch 1 and 64.
+in the server, ``predict`` in a thread) against the sandbox (module cached in a warm worker,
+tensors as raw bytes over pipes), for a small CNN and an MLP at batch 1 and 64, first as bare
+calls, then end to end (``POST /api/inference/`` through the real app, ASGI, SQLite).
 
-    .venv/bin/python bench/sandbox_bench.py [--repeat 50]
+    .venv/bin/python bench/sandbox_bench.py [--repeat 200] [--http-repeat 100]
 
-Prints a table (medians, ms); results go in docs/performance.md ("Model sandbox"). Never
-asserts on time. The in-process path exists here only as the baseline: the server no longer has it.
+The two paths are measured in alternating blocks (load from other processes on a shared machine
+hits both alike); each row gives the median and the 10th–90th percentiles of each path, the
+ratio of the medians, and the range of that ratio over the blocks (how much it moves with the
+machine's load). Results go in docs/performance.md ("Model sandbox"). Never asserts on time. The
+in-process path exists here only as the baseline: the server no longer has it. End to end, the
+baseline is the same app with the sandbox call replaced by what the server did before issue 14
+(the module loaded once with ``torch.jit.load`` in the server, ``predict`` in a thread).
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ import io
 import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +39,9 @@ from flplatform.uncertainty import Method, SamplingOptions, predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import SmallCNN  # noqa: E402  (the MNIST-sized CNN of bench/inference.py)
+
+Call = Callable[[], Awaitable[Any]]
+OPTIONS = {"samples": 10, "softmax": False, "seed": None, "min_var": 1e-30, "scale": 1.0}
 
 
 class MLP(nn.Module):
@@ -49,32 +61,63 @@ def archive(module: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-async def block_medians(first, second, repeat: int, blocks: int = 4) -> tuple[float, float]:
-    """Median ms of each call, measured in alternating blocks: load from other processes on a
-    shared machine hits both alike, and one path's idle torch threads (which spin for a while
-    after work) do not steal the CPU from the other's next call."""
-    await first()
-    await second()  # warm-up (and, for the sandbox, the module's first load)
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def interleaved(before: Call, after: Call, repeat: int, blocks: int = 8) -> dict[str, Any]:
+    """Per-call ms of both paths in alternating blocks, with a pause before each block so that
+    one path's idle threads do not take the CPU from the other's next call."""
+    await before()
+    await after()  # warm-up (and, for the sandbox, the module's first load)
     times: tuple[list[float], list[float]] = ([], [])
+    block_ratios = []
     for _ in range(blocks):
-        for call, samples in ((first, times[0]), (second, times[1])):
-            await asyncio.sleep(0.3)  # let the other path's threads go idle
-            for _ in range(repeat // blocks):
+        medians = []
+        for call, samples in ((before, times[0]), (after, times[1])):
+            await asyncio.sleep(0.2)
+            block = []
+            for _ in range(max(1, repeat // blocks)):
                 start = time.perf_counter()
                 await call()
-                samples.append(time.perf_counter() - start)
-    return statistics.median(times[0]) * 1000, statistics.median(times[1]) * 1000
+                block.append((time.perf_counter() - start) * 1000)
+            samples.extend(block)
+            medians.append(statistics.median(block))
+        block_ratios.append(medians[1] / medians[0])
+    return {
+        "before": times[0],
+        "after": times[1],
+        "ratio": statistics.median(times[1]) / statistics.median(times[0]),
+        "block_ratios": (min(block_ratios), max(block_ratios)),
+    }
 
 
-async def main(repeat: int, threads: int) -> None:
-    pool = SandboxPool(SandboxSettings(workers=1, threads=threads))
-    set_pool(pool)
-    await asyncio.to_thread(pool.fill)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} in-process, {threads or 'default'} per worker, "
-          f"repeat {repeat} (median ms)")  # fmt: skip
-    print(f"{'model':8} {'batch':>5} {'in-process':>11} {'sandbox':>9} {'ratio':>6}")
-    for name, module, shape in (("CNN", SmallCNN(), (1, 28, 28)), ("MLP", MLP(), (64,))):
-        data = archive(module)
+def row(label: str, batch: int, result: dict[str, Any]) -> str:
+    def cell(values: list[float]) -> str:
+        return (
+            f"{statistics.median(values):7.2f} ({percentile(values, 0.1):.2f}–{percentile(values, 0.9):.2f})"
+        )
+
+    low, high = result["block_ratios"]
+    return (
+        f"| {label} | {batch} | {cell(result['before'])} | {cell(result['after'])} | "
+        f"{result['ratio']:.2f} | {low:.2f}–{high:.2f} |"
+    )
+
+
+HEADER = (
+    "| model | batch | in-process ms, median (p10–p90) | sandbox ms, median (p10–p90) | ratio of medians "
+    "| ratio per block |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+)
+MODELS = (("SmallCNN", SmallCNN, (1, 28, 28)), ("MLP", MLP, (64,)))
+
+
+async def bench_calls(repeat: int) -> None:
+    print("\nBare calls (method NONE): predict() in a thread vs client.predict() through the sandbox")
+    print(HEADER)
+    for name, factory, shape in MODELS:
+        data = archive(factory())
         loaded = torch.jit.load(io.BytesIO(data)).eval()  # the former in-process path (baseline only)
 
         async def load(data: bytes = data) -> bytes:
@@ -90,20 +133,100 @@ async def main(repeat: int, threads: int) -> None:
             async def sandboxed(name: str = name, refs: dict = refs, x: torch.Tensor = x) -> None:
                 await client.predict(
                     tree={"key": name}, refs=refs, preprocessing=None, inputs=x, method="NONE",
-                    options={"samples": 10, "softmax": False, "seed": None, "min_var": 1e-30, "scale": 1.0},
-                    input_shape=None, max_batch=1024, expected_samples=1,
+                    options=OPTIONS, input_shape=None, max_batch=1024, expected_samples=1,
                 )  # fmt: skip
 
-            before, after = await block_medians(in_process, sandboxed, repeat)
-            print(f"{name:8} {batch:>5} {before:>11.2f} {after:>9.2f} {after / before:>6.2f}")
+            print(row(name, batch, await interleaved(in_process, sandboxed, repeat)), flush=True)
+
+
+def in_process_predict() -> Callable[..., Awaitable[tuple[torch.Tensor, int | None]]]:
+    """What the server did before the sandbox, with :func:`client.predict`'s signature: the
+    module loaded once in the server process, ``predict`` in a worker thread (single models)."""
+    loaded: dict[str, nn.Module] = {}
+
+    async def run(*, tree: dict, refs: dict, inputs: torch.Tensor, method: str, options: dict,
+                  **_: Any) -> tuple[torch.Tensor, int | None]:  # fmt: skip
+        key = tree["key"]
+        if key not in loaded:
+            loaded[key] = torch.jit.load(io.BytesIO(await refs[key].load())).eval()
+        prediction = await asyncio.to_thread(
+            predict, Method(method), loaded[key], inputs, SamplingOptions(**options)
+        )
+        return prediction.samples, prediction.dropout_layers
+
+    return run
+
+
+async def bench_http(repeat: int) -> None:
+    import httpx
+
+    from flplatform.app import create_app
+    from flplatform.migrate import upgrade
+    from flplatform.settings import Settings
+
+    print("\nEnd to end: POST /api/inference/ (JSON input, method NONE; ASGI in-process, SQLite)")
+    print(HEADER)
+    directory = tempfile.mkdtemp(prefix="flp-sandbox-bench-")
+    url = f"sqlite+aiosqlite:///{directory}/bench.db"
+    await asyncio.to_thread(upgrade, url)
+    settings = Settings(database_url=url, log_level="WARNING", admin_username="bench",
+                        admin_password="bench-password-123", admin_email="bench@example.org")  # fmt: skip
+    app = create_app(settings)
+    sandbox_predict, baseline = client.predict, in_process_predict()
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=120
+        ) as http,
+    ):
+        me = await http.get("/api/users/myself/", auth=("bench", "bench-password-123"))
+        headers = {"Authorization": f"Token {me.json()['token']}"}
+        for name, factory, shape in MODELS:
+            uploaded = await http.post(
+                "/api/models/", headers=headers, data={"name": name, "description": "", "type": "GLOBAL"},
+                files={"model_file": ("m.pt", archive(factory()))},
+            )  # fmt: skip
+            assert uploaded.status_code == 201, uploaded.text
+            model_id = uploaded.json()["model_id"]
+            for batch in (1, 64):
+                body = {"model_id": model_id, "model_input": torch.randn(batch, *shape).tolist()}
+
+                async def post(body: dict = body) -> None:
+                    response = await http.post("/api/inference/", headers=headers, json=body)
+                    assert response.status_code == 200, response.text
+
+                async def before() -> None:
+                    client.predict = baseline  # type: ignore[assignment]  (the pre-sandbox path)
+                    try:
+                        await post()
+                    finally:
+                        client.predict = sandbox_predict
+
+                print(row(name, batch, await interleaved(before, post, repeat)), flush=True)
+
+
+async def main(repeat: int, http_repeat: int, threads: int) -> None:
+    pool = SandboxPool(SandboxSettings(workers=1, threads=threads))
+    set_pool(pool)
+    await asyncio.to_thread(pool.fill)
+    load = os.getloadavg()
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} "
+        f"in-process, {threads or 'default'} per worker, 1 worker; load average {load[0]:.1f} at the start"
+    )
+    await bench_calls(repeat)
+    if http_repeat:
+        await bench_http(http_repeat)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     pool.close()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=200, help="bare calls per path and row")
+    parser.add_argument("--http-repeat", type=int, default=100, help="requests per path and row (0: skip)")
     parser.add_argument(
-        "--threads", type=int, default=SandboxSettings().threads, help="torch threads per worker"
+        "--threads", type=int, default=SandboxSettings().threads, help="torch threads per worker (0: default)"
     )
     args = parser.parse_args()
-    asyncio.run(main(args.repeat, args.threads))
+    asyncio.run(main(args.repeat, args.http_repeat, args.threads))

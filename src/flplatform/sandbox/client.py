@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from flplatform.aggregation.codec import decode_safetensors, encode_safetensors
 from flplatform.aggregation.errors import DecodeError
 from flplatform.sandbox.opcheck import RefusedModule, prescan_archive
-from flplatform.sandbox.protocol import WorkerError
+from flplatform.sandbox.protocol import Blob, ProtocolError, WorkerError, tensor_blob, tensor_from_blob
 from flplatform.sandbox.runner import SandboxClosed, SandboxCrashed, SandboxTimeout, get_pool
 
 StateDict = dict[str, torch.Tensor]
@@ -33,8 +33,8 @@ class SandboxFailure(Exception):
 
 
 async def _call(
-    message: dict[str, Any], blobs: list[bytes], *, timeout: float | None = None, what: str = "the model"
-) -> tuple[dict[str, Any], list[bytes]]:
+    message: dict[str, Any], blobs: Sequence[Blob], *, timeout: float | None = None, what: str = "the model"
+) -> tuple[dict[str, Any], list[bytearray]]:
     pool = get_pool()
     try:
         return await pool.call(message, blobs, timeout=timeout)
@@ -52,14 +52,14 @@ def _bad(message: str) -> SandboxFailure:
     return SandboxFailure("bad_answer", f"The model sandbox gave an invalid answer: {message}")
 
 
-def _state(blob: bytes) -> StateDict:
+def _state(blob: bytearray) -> StateDict:
     try:
         return dict(decode_safetensors(blob, copy=True))
     except DecodeError as exc:
         raise _bad(str(exc)) from None
 
 
-def _one_blob(blobs: list[bytes]) -> bytes:
+def _one_blob(blobs: list[bytearray]) -> bytearray:
     if len(blobs) != 1:
         raise _bad(f"{len(blobs)} payloads instead of one")
     return blobs[0]
@@ -121,7 +121,7 @@ async def rebuild(template: bytes, state: Mapping[str, torch.Tensor]) -> bytes:
     """The template archive with its weights replaced by ``state`` (what DLR clients download)."""
     encoded = encode_safetensors({k: v.detach().contiguous() for k, v in state.items()})
     _, blobs = await _call({"op": "rebuild"}, [template, encoded], what="the weight update")
-    archive = _one_blob(blobs)
+    archive = bytes(_one_blob(blobs))
     # The same source files as the template (torch may reformat them when saving again, so
     # names, not bytes) and no custom __setstate__: a worker cannot slip code to the clients.
     if set(_code_entries(archive)) != set(_code_entries(template)):
@@ -138,7 +138,7 @@ async def mean_module(members: list[bytes]) -> bytes:
     settings = get_pool().settings
     _, blobs = await _call({"op": "mean"}, members, timeout=settings.check_timeout_seconds,
                            what="the ensemble of the member models")  # fmt: skip
-    archive = _one_blob(blobs)
+    archive = bytes(_one_blob(blobs))
     if archive[:4] != b"PK\x03\x04" or not _code_entries(archive):
         raise _bad("the ensemble archive is not TorchScript")
     return archive
@@ -160,14 +160,14 @@ Tree = dict[str, Any]  # {"key": k} or {"members": [Tree, ...]}
 
 
 async def _with_modules(
-    message: dict[str, Any], fixed: list[bytes], refs: dict[str, ModuleRef], stats: Any, what: str
-) -> tuple[dict[str, Any], list[bytes]]:
+    message: dict[str, Any], fixed: Sequence[Blob], refs: dict[str, ModuleRef], stats: Any, what: str
+) -> tuple[dict[str, Any], list[bytearray]]:
     """Ask without module bytes; send the ones the worker reports missing (at most twice more)."""
     attached: dict[str, bytes] = {}
-    message = {**message, "keys": list(refs), "fixed_blobs": len(fixed)}
+    message = {**message, "keys": list(refs)}
     for attempt in range(3):
         reply, blobs = await _call(
-            {**message, "attached": list(attached)}, fixed + list(attached.values()), what=what
+            {**message, "attached": list(attached)}, [*fixed, *attached.values()], what=what
         )
         missing = reply.get("missing")
         if missing is None:
@@ -203,23 +203,31 @@ async def predict(
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
     stats: Any = None,
 ) -> tuple[torch.Tensor, int | None]:
-    """The (S, B, ...) stack of predictions and the number of dropout layers (MC dropout)."""
-    fixed = [encode_safetensors({"x": inputs.contiguous()})]
-    if moments is not None:
-        fixed.append(
-            encode_safetensors({"first": moments[0].contiguous(), "second": moments[1].contiguous()})
-        )
+    """The (S, B, ...) stack of predictions and the number of dropout layers (MC dropout).
+
+    Tensors travel as their raw bytes (dtype and shape in the JSON), not as safetensors: no
+    encoding, and the answer's tensor wraps the buffer it was read into (the server's own memory,
+    filled from the pipe: the worker cannot touch it afterwards)."""
+    specs: list[dict[str, Any]] = []
+    fixed: list[Blob] = []
+    for tensor in (inputs, *(moments or ())):
+        spec, raw = tensor_blob(tensor)
+        specs.append(spec)
+        fixed.append(raw)
     misses_before = stats.misses if stats is not None else 0
     reply, blobs = await _with_modules(
         {"op": "predict", "tree": tree, "preprocessing": preprocessing, "method": method, "options": options,
-         "input_shape": input_shape, "max_batch": max_batch},
+         "input_shape": input_shape, "max_batch": max_batch, "tensors": specs},
         fixed, refs, stats, "the model",
     )  # fmt: skip
     if stats is not None and stats.misses == misses_before:
         stats.hits += 1
-    samples = _state(_one_blob(blobs)).get("samples")
+    try:
+        samples = tensor_from_blob(reply.get("samples"), _one_blob(blobs))
+    except ProtocolError as exc:
+        raise _bad(str(exc)) from None
     rows = reply.get("rows")
-    if samples is None or samples.dim() < 2 or not samples.is_floating_point():
+    if samples.dim() < 2 or not samples.is_floating_point():
         raise _bad("the predictions are not a floating point (samples, batch, ...) tensor")
     if samples.shape[0] != expected_samples or not isinstance(rows, int) or samples.shape[1] != rows:
         raise _bad(f"predictions of shape {list(samples.shape)}")

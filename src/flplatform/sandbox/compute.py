@@ -7,13 +7,13 @@ import copy
 import logging
 import math
 import warnings
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from flplatform.aggregation.codec import decode_safetensors, encode_safetensors
-from flplatform.sandbox.protocol import WorkerError
+from flplatform.sandbox.protocol import Blob, ProtocolError, WorkerError, tensor_blob, tensor_from_blob
 from flplatform.uncertainty import Ensemble, Method, PredictionError, Runnable, SamplingOptions, predict
 from flplatform.uncertainty.swag import IncompatibleMoments
 
@@ -26,13 +26,19 @@ def runnable_of(tree: Any, modules: dict[str, nn.Module]) -> Runnable:
     return modules[tree["key"]]
 
 
+# Listing a scripted module's parameters costs more than a small forward pass; a module's
+# parameter dtypes do not change while it is cached (inference mode), so each is looked up once.
+_module_dtypes: weakref.WeakKeyDictionary[nn.Module, torch.dtype | None] = weakref.WeakKeyDictionary()
+
+
 def _first_floating_dtype(runnable: Runnable) -> torch.dtype | None:
     if isinstance(runnable, Ensemble):
         return _first_floating_dtype(runnable.members[0]) if runnable.members else None
-    for parameter in runnable.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return None
+    if runnable in _module_dtypes:
+        return _module_dtypes[runnable]
+    dtype = next((p.dtype for p in runnable.parameters() if p.is_floating_point()), None)
+    _module_dtypes[runnable] = dtype
+    return dtype
 
 
 def _check_input_shape(tensor: Tensor, input_shape: list[int | None] | None) -> None:
@@ -53,14 +59,18 @@ def _check_input_shape(tensor: Tensor, input_shape: list[int | None] | None) -> 
 
 
 def predict_request(
-    message: dict[str, Any], blobs: list[bytes], modules: dict[str, nn.Module]
-) -> tuple[dict[str, Any], list[bytes]]:
+    message: dict[str, Any], blobs: list[bytearray], modules: dict[str, nn.Module]
+) -> tuple[dict[str, Any], list[Blob]]:
+    """``blobs``: the input tensor, then (SWAG) the first and second moments, described by
+    ``message["tensors"]``; answers the (samples, batch, ...) tensor as a raw blob."""
     runnable = runnable_of(message["tree"], modules)
-    inputs = decode_safetensors(blobs[0], copy=True)["x"]
-    moments = None
-    if len(blobs) > 1:
-        tensors = decode_safetensors(blobs[1], copy=True)
-        moments = (tensors["first"], tensors["second"])
+    specs = message["tensors"]
+    try:
+        tensors = [tensor_from_blob(spec, blob) for spec, blob in zip(specs, blobs, strict=True)]
+    except (ProtocolError, ValueError) as exc:
+        raise WorkerError("internal", f"bad tensor in the request: {exc}") from None
+    inputs = tensors[0]
+    moments = (tensors[1], tensors[2]) if len(tensors) == 3 else None
     options = SamplingOptions(**message["options"])
     with torch.inference_mode():
         preprocessing = modules.get(message["preprocessing"]) if message.get("preprocessing") else None
@@ -98,10 +108,8 @@ def predict_request(
         raise WorkerError("moments", str(exc)) from None
     except PredictionError as exc:
         raise WorkerError("prediction", str(exc)) from None
-    samples = prediction.samples.detach().contiguous()
-    return {"dropout_layers": prediction.dropout_layers, "rows": int(inputs.shape[0])}, [
-        encode_safetensors({"samples": samples})
-    ]
+    spec, raw = tensor_blob(prediction.samples)
+    return {"samples": spec, "dropout_layers": prediction.dropout_layers, "rows": int(inputs.shape[0])}, [raw]
 
 
 # --------------------------------------------------------------------------- metadata

@@ -30,7 +30,7 @@ class RefusedModule(ValueError):
     """The module uses something the sandbox refuses; the message names it."""
 
 
-def prescan_archive(data: bytes) -> None:
+def prescan_archive(data: bytes | bytearray | memoryview) -> None:
     """Refuse archives whose TorchScript source defines or calls ``__setstate__`` (read from the
     zip's ``code/`` entries; nothing is unpickled or executed)."""
     try:

@@ -17,7 +17,9 @@ from collections import OrderedDict
 from typing import Any
 
 from flplatform.sandbox import protocol
-from flplatform.sandbox.protocol import WorkerError
+from flplatform.sandbox.protocol import Blob, WorkerError
+
+Answer = tuple[dict[str, Any], list[Blob]]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -37,7 +39,7 @@ class Worker:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, data: bytes, what: str = "model") -> Any:
+    def load(self, data: Blob, what: str = "model") -> Any:
         """Scan, load and check an archive (every load: the archive is untrusted)."""
         from flplatform.sandbox.opcheck import RefusedModule, check_ops, prescan_archive
 
@@ -78,10 +80,10 @@ class Worker:
 
     # ------------------------------------------------------------------ operations
 
-    def op_ping(self, message: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    def op_ping(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         return {"pong": True}, []
 
-    def op_probe(self, message: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    def op_probe(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         """Diagnostics for the confinement tests: try what hostile code would, report what failed."""
         import os
         import socket
@@ -118,7 +120,7 @@ class Worker:
             results["fork"] = f"denied: {exc.strerror}"
         return {"results": results, "uid": os.getuid(), "cwd": os.getcwd(), "env": sorted(os.environ)}, []
 
-    def op_check(self, message: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    def op_check(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         kind = message.get("kind", "model")
         module = self.load(blobs[0], "preprocessing module" if kind == "preprocessing" else "model")
         if kind == "model":
@@ -127,7 +129,7 @@ class Worker:
                     raise WorkerError("invalid", f"Tensor {name!r} contains NaN or infinite values.")
         return {"ok": True, "parameters": sum(p.numel() for p in module.parameters())}, []
 
-    def op_extract(self, message: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    def op_extract(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         from flplatform.aggregation.codec import encode_safetensors
 
         module = self.load(blobs[0])
@@ -138,7 +140,7 @@ class Worker:
         names = [name for name, _ in module.named_parameters()]
         return {"parameters": names}, [encode_safetensors(state)]
 
-    def op_rebuild(self, message: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    def op_rebuild(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         from flplatform.aggregation.codec import decode_safetensors
 
         module = self.load(blobs[0])
@@ -160,7 +162,7 @@ class Worker:
         self.torch.jit.save(module, buffer)
         return {}, [buffer.getvalue()]
 
-    def op_mean(self, message: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    def op_mean(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         from flplatform.sandbox.mean_module import build_mean_module
 
         modules = [self.load(blob) for blob in blobs]
@@ -175,7 +177,9 @@ class Worker:
         self.torch.jit.save(scripted, buffer)
         return {}, [buffer.getvalue()]
 
-    def _modules(self, message: dict[str, Any], blobs: list[bytes], first: int) -> dict[str, Any] | list[str]:
+    def _modules(
+        self, message: dict[str, Any], blobs: list[bytearray], first: int
+    ) -> dict[str, Any] | list[str]:
         """The modules the request names, from the cache or the attached archives; the list of
         missing keys when some are neither."""
         attached = message.get("attached") or []
@@ -191,16 +195,16 @@ class Worker:
         missing = [key for key, module in found.items() if module is None]
         return missing if missing else found
 
-    def op_predict(self, message: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    def op_predict(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         from flplatform.sandbox import compute
 
-        fixed = int(message["fixed_blobs"])
+        fixed = len(message["tensors"])
         modules = self._modules(message, blobs, fixed)
         if isinstance(modules, list):
             return {"missing": modules}, []
         return compute.predict_request(message, blobs[:fixed], modules)
 
-    def op_metadata(self, message: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    def op_metadata(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         from flplatform.sandbox import compute
 
         modules = self._modules(message, blobs, 0)
@@ -210,10 +214,10 @@ class Worker:
 
     # ------------------------------------------------------------------ loop
 
-    def serve(self, stdin: Any, stdout: Any) -> None:
+    def serve(self, stdin: int, stdout: int) -> None:
         while True:
             try:
-                message, blobs = protocol.read_frame(stdin, max_blob_bytes=self.max_blob_bytes)
+                message, blobs = protocol.read_frame_fd(stdin, max_blob_bytes=self.max_blob_bytes)
             except protocol.ProtocolError:
                 return  # the server closed the pipe or sent garbage: exit, a fresh worker replaces us
             handler = getattr(self, f"op_{message.get('op')}", None)
@@ -228,7 +232,7 @@ class Worker:
             except Exception as exc:  # a bug or an unexpected torch failure: report, keep serving  # noqa: BLE001  (untrusted code raises anything)
                 traceback.print_exc(file=sys.stderr)
                 reply, out = {"error": {"kind": "internal", "message": _first_line(exc)}}, []
-            protocol.write_frame(stdout, reply, out)
+            protocol.write_frame_fd(stdout, reply, out)
 
 
 def _warm_up(torch: Any) -> None:
@@ -254,11 +258,11 @@ def main() -> None:
     # Frames go out on a private copy of descriptor 1; descriptor 1 itself then points at stderr,
     # so output of model code (TorchScript's print() writes to the C++ stdout) can never inject
     # bytes into the answer stream, and Python's print() goes to stderr too (the server logs it).
-    stdin = sys.stdin.buffer
-    stdout = os.fdopen(os.dup(1), "wb")
+    stdin = sys.stdin.fileno()
+    stdout = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    config, _ = protocol.read_frame(stdin, max_blob_bytes=0)
+    config, _ = protocol.read_frame_fd(stdin, max_blob_bytes=0)
     import torch
 
     from flplatform.sandbox import compute  # noqa: F401
@@ -270,5 +274,5 @@ def main() -> None:
     report = confine(Limits(**config["limits"]))
     _warm_up(torch)
     worker = Worker(config)
-    protocol.write_frame(stdout, {"ready": True, "confinement": report.as_dict()})
+    protocol.write_frame_fd(stdout, {"ready": True, "confinement": report.as_dict()})
     worker.serve(stdin, stdout)
