@@ -330,6 +330,10 @@ class SandboxPool:
         self._starting = 0
         self.started = 0
 
+    def _count(self) -> int:
+        """Workers running or starting (lock held)."""
+        return len(self._idle) + len(self._busy) + self._starting
+
     def _pop_idle(self, dead: list[Worker]) -> Worker | None:
         """An idle live worker moved to busy (lock held); dead ones are collected in ``dead``."""
         while self._idle:
@@ -378,13 +382,13 @@ class SandboxPool:
         except BaseException:
             with self._lock:
                 self._starting -= 1
-                self._freed.notify()
+                self._freed.notify_all()
             raise
         with self._lock:
             self._starting -= 1
             self.started += 1
             if self._closed:
-                self._freed.notify()
+                self._freed.notify_all()
                 worker.kill()
                 raise SandboxClosed("the server is shutting down")
             self._busy.add(worker)
@@ -403,7 +407,7 @@ class SandboxPool:
         )
         with self._lock:
             self._busy.discard(worker)
-            self._freed.notify()
+            self._freed.notify_all()
             if not retire and not self._closed and worker.alive:
                 self._idle.append(worker)
                 return
@@ -412,13 +416,13 @@ class SandboxPool:
         threading.Thread(target=self.fill, name="sandbox-refill", daemon=True).start()
 
     def fill(self) -> None:
-        """Start workers until ``settings.workers`` are running (idle or busy)."""
+        """Start workers until ``settings.workers`` are running (idle or busy); returns once they
+        are (a start in progress in another thread is waited for, and redone if it fails)."""
         while True:
             with self._lock:
-                if (
-                    self._closed
-                    or len(self._idle) + len(self._busy) + self._starting >= self.settings.workers
-                ):
+                while self._starting and not self._closed and self._count() >= self.settings.workers:
+                    self._freed.wait()
+                if self._closed or self._count() >= self.settings.workers:
                     return
                 self._starting += 1
             try:
@@ -427,12 +431,12 @@ class SandboxPool:
                 log.exception("could not start a sandbox worker")
                 with self._lock:
                     self._starting -= 1
-                    self._freed.notify()
+                    self._freed.notify_all()
                 return
             with self._lock:
                 self._starting -= 1
                 self.started += 1
-                self._freed.notify()
+                self._freed.notify_all()
                 if self._closed:
                     worker.kill()
                     return
