@@ -41,5 +41,5 @@ async def sandbox_component(app: Any) -> AsyncIterator[None]:
     finally:
         get_pool().kill_running()
         if threading.current_thread() is threading.main_thread():
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            for number, restored in previous.items():
+                signal.signal(number, restored)
