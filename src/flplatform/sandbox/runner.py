@@ -226,9 +226,13 @@ class Worker:
         except (OSError, ValueError, IndexError):
             return 0.0
 
-    def _failed(self, exc: BaseException, timeout: float, what: str) -> Exception:
-        """Kill the worker after a failed exchange; the exception that tells the caller why."""
-        self.kill()
+    def _failed(self, exc: BaseException, timeout: float, what: str, *, reap: bool = True) -> Exception:
+        """Kill the worker after a failed exchange (``reap=False``: only signal it, the pool reaps
+        it in a thread); the exception that tells the caller why."""
+        if reap:
+            self.kill()
+        else:
+            self.terminate()
         if self.expired:
             return SandboxTimeout(f"{what} took longer than {timeout:g} s")
         if self.aborted:
@@ -267,7 +271,8 @@ class Worker:
                 raise ProtocolError("deadline passed")
             return answer
         except (ProtocolError, OSError, ValueError) as exc:
-            raise self._failed(exc, timeout, what) from None
+            # Not reaped here: waiting for the process would block the event loop.
+            raise self._failed(exc, timeout, what, reap=False) from None
         finally:
             _watchdog.disarm(self)
 
@@ -414,9 +419,13 @@ class SandboxPool:
             if not retire and not self._closed and worker.alive:
                 self._idle.append(worker)
                 return
+        # Reap it and start its replacement now (in a thread: this may run on the event loop),
+        # so the next caller does not pay a worker's start-up.
+        threading.Thread(target=self._replace, args=(worker,), name="sandbox-refill", daemon=True).start()
+
+    def _replace(self, worker: Worker) -> None:
         worker.kill()
-        # Replace it now, so the next caller does not pay a worker's start-up.
-        threading.Thread(target=self.fill, name="sandbox-refill", daemon=True).start()
+        self.fill()
 
     def fill(self) -> None:
         """Start workers until ``settings.workers`` are running (idle or busy); returns once they
