@@ -7,8 +7,8 @@ server's memory, no inherited descriptors but the three pipes, a clean environme
 pool's threads only where something must wait for a worker; an async call's exchange runs on the
 caller's event loop (non-blocking pipes, no thread hop), and works from any loop.
 
-One module on purpose (a little over 500 lines): the pool, its workers' processes and the
-watchdog share one lifecycle (who may signal, reap or close a worker, and when).
+Size: one module on purpose (a little over 500 lines): the pool, its workers' processes and
+the watchdog share one lifecycle (who may signal, reap or close a worker, and when).
 """
 
 from __future__ import annotations
