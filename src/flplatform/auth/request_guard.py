@@ -76,7 +76,7 @@ def auth_policy(route: Any) -> AuthPolicy:
     """The strictest authentication the route's dependency tree asks for."""
     cached = getattr(route, _POLICY_ATTRIBUTE, None)
     if cached is not None:
-        return cached  # type: ignore[no-any-return]
+        return cached
     from flplatform.auth import dependencies as auth
     from flplatform.permissions.requester import require_requester
 

@@ -170,6 +170,7 @@ __all__ = [
     "AllOf",
     "AllowAll",
     "AnyOf",
+    "Action",
     "AuthenticatedRequester",
     "Clause",
     "DenyAll",

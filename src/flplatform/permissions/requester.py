@@ -74,6 +74,14 @@ class Requester:
         return self.user is not None and self.user.is_superuser
 
     @property
+    def authenticated_user(self) -> User:
+        """The calling user; 401 for an anonymous caller (never reached behind
+        ``AuthenticatedRequester``, which refuses them first)."""
+        if self.user is None:
+            raise Unauthorized()
+        return self.user
+
+    @property
     def id(self) -> uuid.UUID | None:
         return self.user.id if self.user is not None else None
 
