@@ -140,8 +140,8 @@ async def update_settings(
 
 
 # Mounted by app.py in this order, which is also the OpenAPI document's order (the routes below
-# /api/organizations/ first). ``users_groups_router`` is mounted separately, before the users
-# router, so "groups" is not taken for a user id.
+# /api/organizations/ first). ``groups.users_groups_router`` is mounted separately, before the
+# users router, so "groups" is not taken for a user id.
 ALL_ROUTERS = (
     router,
     groups.organization_projects_router,
@@ -151,4 +151,3 @@ ALL_ROUTERS = (
     invitations.router,
     groups.groups_router,
 )
-users_groups_router = groups.users_groups_router
