@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.errors import NotFound, Unprocessable
+from flplatform.kit.pagination import page
 from flplatform.organizations.service import collection_label
 from flplatform.orm.organizations import (
     GROUP_KINDS,
@@ -134,7 +135,7 @@ async def list_members(
             .join(Membership, Membership.user_id == User.id)
             .where(Membership.collection_id == collection.id)
         )
-    return (await session.execute(stmt.order_by(User.username).limit(limit).offset(offset))).scalars().all()
+    return await page(session, stmt, order_by=(User.username,), limit=limit, offset=offset)
 
 
 async def member_collections(
