@@ -6,7 +6,8 @@ The answers are those of ``flplatform.permissions``: an object the caller may no
 existence is not revealed), one they see but may not change is 403. Each dependency reads every
 path parameter it needs itself (in the route's order) so the OpenAPI parameters keep their order.
 Checks on objects that do not exist yet (a new project, member, role) need the request body and
-are made by the services' ``create_*``/``add_*`` functions with the requester.
+are made with the requester by the service functions that create them (``service.create_*``,
+``memberships.grant_*``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ Flushes, never commits.
 
 Structural invariants live here: a group member is a member of the project too (the row is
 materialised), roles only at their allowed levels, everyone inside one organisation. The
-``grant_*``/``list_*`` functions taking a requester also apply ``flplatform.permissions``; the
-others trust their caller.
+functions taking a requester (``grant_membership``, ``grant_role``, ``visible_members``,
+``readable_roles``) also apply ``flplatform.permissions``; the others trust their caller.
 """
 
 from __future__ import annotations
