@@ -41,7 +41,6 @@ router = APIRouter(prefix="/api/users", tags=["users"])
     responses=responses(401),
 )
 async def list_users(
-    session: SessionDep,
     response: Response,
     requester: AuthenticatedRequester,
     limit: Limit = 100,
