@@ -17,6 +17,7 @@ from typing import Annotated
 
 from fastapi import Depends
 
+from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.errors import Forbidden
 from flplatform.organizations import invitations, memberships, service
 from flplatform.organizations.service import collection_label, get_visible_collection
@@ -30,7 +31,6 @@ from flplatform.orm.organizations import (
 )
 from flplatform.permissions import (
     Action,
-    AuthenticatedRequester,
     MembershipDraft,
     Requester,
     RoleDraft,

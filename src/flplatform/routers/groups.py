@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
+from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.errors import responses
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.organizations import memberships, service
@@ -30,7 +31,6 @@ from flplatform.organizations.schemas import (
     ProjectGroupCreate,
 )
 from flplatform.orm.organizations import GROUP_KINDS, CollectionKind
-from flplatform.permissions import AuthenticatedRequester
 
 TAG = "organizations"
 organization_projects_router = APIRouter(prefix="/api/organizations", tags=[TAG])

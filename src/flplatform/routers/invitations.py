@@ -8,6 +8,7 @@ import datetime as dt
 
 from fastapi import APIRouter, status
 
+from flplatform.auth.dependencies import AuthenticatedRequester, RequesterDep
 from flplatform.errors import responses
 from flplatform.organizations import invitations
 from flplatform.organizations.dependencies import InvitingOrganization, ManagedInvitation
@@ -17,7 +18,6 @@ from flplatform.organizations.schemas import (
     InvitationCreated,
     InvitationRead,
 )
-from flplatform.permissions import AuthenticatedRequester, RequesterDep
 from flplatform.users.schemas import UserRead
 
 TAG = "organizations"

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
+from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.errors import responses
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.organizations import memberships
 from flplatform.organizations.dependencies import ReadableCollection, RemovableMembership, RevocableRole
 from flplatform.organizations.schemas import MemberAdd, MembershipRead, Removed, RoleAdd, RoleRead
-from flplatform.permissions import AuthenticatedRequester
 from flplatform.users.schemas import UserRead, read_user
 
 TAG = "organizations"

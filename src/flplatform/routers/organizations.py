@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
+from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.errors import responses
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.organizations import service
@@ -30,7 +31,7 @@ from flplatform.organizations.schemas import (
     SettingsFields,
 )
 from flplatform.orm.organizations import Collection, CollectionKind
-from flplatform.permissions import AuthenticatedRequester, Requester
+from flplatform.permissions import Requester
 from flplatform.routers import groups, invitations, memberships
 
 TAG = "organizations"

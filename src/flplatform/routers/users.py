@@ -10,12 +10,18 @@ import uuid
 
 from fastapi import APIRouter, Request, Response, status
 
-from flplatform.auth.dependencies import CallerOrSelfRegistration, CurrentUser, may_see_primary_token
+from flplatform.auth.dependencies import (
+    AuthenticatedRequester,
+    CallerOrSelfRegistration,
+    CurrentUser,
+    RequesterDep,
+    may_see_primary_token,
+)
 from flplatform.db import SessionDep
 from flplatform.errors import Forbidden, responses
 from flplatform.kit.schemas import Detail, Limit, Offset
 from flplatform.orm import User
-from flplatform.permissions import AuthenticatedRequester, Requester, RequesterDep
+from flplatform.permissions import Requester
 from flplatform.trainings.outbound import validate_message_endpoint
 from flplatform.users import service as user_service
 from flplatform.users.dependencies import DeletableUser, ReadableUser, UpdatableUser

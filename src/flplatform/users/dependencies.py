@@ -12,8 +12,9 @@ from typing import Annotated
 
 from fastapi import Depends
 
+from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.orm.user import User
-from flplatform.permissions import AuthenticatedRequester, ensure_allowed, ensure_readable
+from flplatform.permissions import ensure_allowed, ensure_readable
 from flplatform.users import service
 
 

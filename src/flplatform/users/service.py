@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from flplatform.auth import login_names
 from flplatform.auth.credentials import (
     decrypt,
     encrypt,
@@ -27,12 +28,10 @@ from flplatform.auth.credentials import (
 from flplatform.billing import audit
 from flplatform.errors import Conflict, Forbidden, NotFound, Unprocessable
 from flplatform.kit.pagination import paginate
-from flplatform.organizations.service import get_collection
 from flplatform.orm import ApiToken, User
 from flplatform.orm.base import utcnow
-from flplatform.orm.organizations import CollectionKind
+from flplatform.orm.organizations import Collection, CollectionKind
 from flplatform.permissions import Requester, can_create, readable, refused_self_edits
-from flplatform.users import login_names
 from flplatform.users.schemas import TokenCreate, UserCreate, UserUpdate
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,9 @@ async def authorize_new_user(requester: Requester, data: UserCreate) -> UserCrea
     if data.organization_id is not None:
         if data.is_superuser:
             raise Unprocessable("Superusers belong to no organisation.", code="superuser_has_no_organization")
-        await get_collection(requester.session, data.organization_id, CollectionKind.ORGANIZATION)
+        organization = await requester.session.get(Collection, data.organization_id)
+        if organization is None or organization.kind != CollectionKind.ORGANIZATION:
+            raise NotFound(f"Organization {data.organization_id} not found.")
     return data
 
 
