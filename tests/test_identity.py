@@ -14,12 +14,12 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import select
 
+from flplatform.auth import login_names
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.errors import Conflict
 from flplatform.migrate import alembic_config, upgrade
 from flplatform.orm import LoginName, User
 from flplatform.orm.audit import AuditLog
-from flplatform.users import login_names
 from flplatform.users.schemas import UserCreate
 from flplatform.users.service import create_user
 

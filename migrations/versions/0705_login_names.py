@@ -35,7 +35,7 @@ USERNAME_MAX = 150
 
 
 def _key(name: str) -> str:
-    # Same as flplatform.users.login_names.login_key (kept here: migrations never import app code).
+    # Same as flplatform.auth.login_names.login_key (kept here: migrations never import app code).
     return unicodedata.normalize("NFKC", name).casefold()
 
 

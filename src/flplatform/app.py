@@ -27,6 +27,7 @@ from flplatform.routers import auth as auth_router
 from flplatform.routers import billing as billing_router
 from flplatform.routers import billing_ledger as billing_ledger_router
 from flplatform.routers import broker as broker_router
+from flplatform.routers import groups as groups_router
 from flplatform.routers import health as health_router
 from flplatform.routers import inference as inference_router
 from flplatform.routers import models as models_router
@@ -205,7 +206,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth_router.router)
     broker_router.include(app)  # JSON API, /ws/ views and websockets
     app.include_router(trainings_router.users_router)  # before users: /api/users/trainings/
-    app.include_router(organizations_router.users_groups_router)  # before users: /api/users/groups/
+    app.include_router(groups_router.users_groups_router)  # before users: /api/users/groups/
     app.include_router(users_router.router)
     for router in organizations_router.ALL_ROUTERS:
         app.include_router(router)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from flplatform.organizations.service import create_invitation
+from flplatform.organizations.invitations import create_invitation
 from flplatform.orm import GlobalModel, Metric, Training, User
 from flplatform.orm.broker import BrokerTopic, BrokerTopicGrant
 from tests.permissions.conftest import ACTORS, Actor, OrgTree, build_org_tree

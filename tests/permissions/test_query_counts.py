@@ -18,7 +18,8 @@ from typing import Any
 
 from flplatform.auth.credentials import token_digest
 from flplatform.inference.jobs import INFERENCE_JOB
-from flplatform.organizations.service import create_invitation, new_child
+from flplatform.organizations.invitations import create_invitation
+from flplatform.organizations.service import new_child
 from flplatform.orm import (
     ApiToken,
     GlobalModel,

@@ -21,7 +21,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from flplatform.inference.jobs import INFERENCE_JOB
-from flplatform.organizations.service import create_invitation
+from flplatform.organizations.invitations import create_invitation
 from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel, Metric, SWAGModel, Training
 from flplatform.orm.base import utcnow
 from flplatform.orm.broker import BrokerMessage, BrokerTopic, BrokerTopicGrant

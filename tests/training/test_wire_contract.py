@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from flplatform.routers import inference, models, organizations, trainings, users
+from flplatform.routers import groups, inference, models, trainings, users
 
 # (path, method, success status) — issue 4, "Wire contract".
 ROUTES = [
@@ -53,9 +53,9 @@ def spec() -> dict[str, Any]:
     app = FastAPI()
     for router in (
         trainings.users_router,
-        organizations.users_groups_router,
+        groups.users_groups_router,
         users.router,
-        organizations.groups_router,
+        groups.groups_router,
         inference.router,
         models.router,
         trainings.router,

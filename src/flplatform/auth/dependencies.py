@@ -1,11 +1,12 @@
-"""Who is calling: ``Authorization: Token <key>``, ``Bearer <key>`` (OAuth2 / API tokens),
-HTTP Basic with username-or-email and password, and HTTP Basic with a token as the user
-name and an empty password (the DLR clients' ``http://<token>@host`` form).
+"""Who is calling, as FastAPI dependencies: the user (``OptionalUser``, ``CurrentUser``,
+``SuperUser``, ``CallerOrSelfRegistration``) and the permission subject with their roles
+(``RequesterDep``, ``AuthenticatedRequester``; ``flplatform.permissions.Requester``).
 
-The security schemes are declared for OpenAPI so Swagger UI's "Authorize" dialog offers
-all three; the header itself is parsed once here. Password checks are throttled
-(flplatform.auth.login_guard); requests with a body were already authenticated from their headers by
-flplatform.auth.request_guard before the body was read, and that result is reused here.
+The security schemes are declared for OpenAPI so Swagger UI's "Authorize" dialog offers all
+three; the header itself is parsed once, by ``auth.authentication``. Requests with a body were
+already authenticated from their headers by ``auth.request_guard`` before the body was read, and
+that result is reused here; each dependency says which ``AuthPolicy`` it stands for, so the
+guard knows from a route's dependencies whether it needs a caller.
 
 How a request authenticated decides whether it may see the user's never-expiring primary token:
 only a password or the primary token itself may (:func:`may_see_primary_token`); an API token
@@ -14,32 +15,24 @@ or an OAuth2 bearer must not turn into a credential that outlives its own revoca
 
 from __future__ import annotations
 
-import base64
-import binascii
-import datetime as dt
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPBasic, OAuth2PasswordBearer
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import joinedload
 
-from flplatform.auth.credentials import token_digest, verify_password
-from flplatform.auth.login_guard import LoginGuard, guard_of
-from flplatform.auth.request_guard import PREAUTH_SCOPE_KEY, SELF_REGISTRATION_OFF, PreAuthenticated
+from flplatform.auth.authentication import PASSWORD, PRIMARY_TOKEN, client_address, identify
+from flplatform.auth.login_guard import guard_of
+from flplatform.auth.request_guard import (
+    PREAUTH_SCOPE_KEY,
+    SELF_REGISTRATION_OFF,
+    AuthPolicy,
+    PreAuthenticated,
+    authentication,
+)
 from flplatform.db import SessionDep
 from flplatform.errors import Forbidden, Unauthorized
-from flplatform.kit.input_guard import require_text
-from flplatform.orm import ApiToken, User
-from flplatform.orm.base import utcnow
-from flplatform.users.login_names import user_for_login
-
-# How a request authenticated (request.state.auth_method).
-PASSWORD = "password"
-PRIMARY_TOKEN = "primary_token"
-TOKEN = "token"  # an API token or an OAuth2 bearer
+from flplatform.orm import User
+from flplatform.permissions.requester import Requester
 
 oauth2_scheme = OAuth2PasswordBearer(
     tokenUrl="/api/auth/token/", auto_error=False, description="Log in with username (or email) and password."
@@ -54,126 +47,8 @@ token_scheme = APIKeyHeader(
     description="`Token <key>` or `Bearer <key>`.",
 )
 
-# Writing last_used_at on every request would turn reads into writes; a coarse value is enough.
-_LAST_USED_RESOLUTION = dt.timedelta(minutes=5)
 
-
-@dataclass(frozen=True)
-class Identified:
-    user: User
-    method: str  # PASSWORD, PRIMARY_TOKEN or TOKEN
-
-
-async def _token_row(session: AsyncSession, token: str) -> ApiToken | None:
-    row = (
-        await session.execute(
-            select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.digest == token_digest(token))
-        )
-    ).scalar_one_or_none()
-    now = utcnow()
-    if row is None or not row.is_usable(now):
-        return None
-    if row.last_used_at is None or now - row.last_used_at > _LAST_USED_RESOLUTION:
-        row.last_used_at = now
-    return row
-
-
-async def user_for_token(session: AsyncSession, token: str) -> User | None:
-    row = await _token_row(session, token)
-    return row.user if row is not None else None
-
-
-async def user_for_password(session: AsyncSession, login: str, password: str) -> User | None:
-    """Username or email login; inactive users are returned too (the caller refuses them).
-    Not throttled: request paths use :func:`login_with_password`."""
-    user = await user_for_login(session, login)
-    ok = await verify_password(password, user.password_hash if user else None)
-    return user if ok else None
-
-
-async def login_with_password(
-    session: AsyncSession, login: str, password: str, *, guard: LoginGuard | None, address: str | None
-) -> User | None:
-    """:func:`user_for_password` behind the login throttle: 429 once the name or the address has
-    used up its failures (before any hashing), failures counted and audited in aggregate."""
-    user = await user_for_login(session, login)
-    if guard is not None:
-        await guard.check(login, address, user.id if user else None)
-    ok = await verify_password(password, user.password_hash if user else None)
-    if ok:
-        return user
-    if guard is not None:
-        await guard.failed(login, address, user.id if user else None)
-    return None
-
-
-async def identify(
-    session: AsyncSession,
-    authorization: str | None,
-    *,
-    guard: LoginGuard | None = None,
-    address: str | None = None,
-) -> Identified | None:
-    """The user an ``Authorization`` header names and how, or None when there is no header.
-
-    Raises ``Unauthorized`` for a header that is present but wrong, expired or revoked, and
-    ``TooManyRequests`` for a throttled password check.
-    """
-    if not authorization:
-        return None
-    scheme, _, credentials = authorization.strip().partition(" ")
-    scheme = scheme.lower()
-    credentials = credentials.strip()
-    user: User | None = None
-    method = TOKEN
-    if scheme in ("token", "bearer"):
-        row = await _token_row(session, credentials)
-        if row is None:
-            raise Unauthorized("Invalid token.", code="invalid_token")
-        user, method = row.user, PRIMARY_TOKEN if row.is_primary else TOKEN
-    elif scheme == "basic":
-        try:
-            decoded = base64.b64decode(credentials, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            raise Unauthorized("Invalid basic header.", code="invalid_credentials") from None
-        login, sep, password = decoded.partition(":")
-        if not sep:
-            raise Unauthorized("Invalid basic header.", code="invalid_credentials")
-        require_text(login, "The Basic user name")
-        require_text(password, "The Basic password")
-        if password == "":
-            row = await _token_row(session, login)
-            if row is not None:
-                user, method = row.user, PRIMARY_TOKEN if row.is_primary else TOKEN
-        else:
-            user = await login_with_password(session, login, password, guard=guard, address=address)
-            method = PASSWORD
-        if user is None:
-            raise Unauthorized("Invalid username/password.", code="invalid_credentials")
-    else:
-        raise Unauthorized("Unsupported authorization scheme.", code="invalid_credentials")
-    if not user.is_active:
-        raise Unauthorized("User inactive or deleted.", code="user_inactive")
-    return Identified(user, method)
-
-
-async def authenticate(
-    session: AsyncSession,
-    authorization: str | None,
-    *,
-    guard: LoginGuard | None = None,
-    address: str | None = None,
-) -> User | None:
-    """:func:`identify` without the method."""
-    found = await identify(session, authorization, guard=guard, address=address)
-    return found.user if found is not None else None
-
-
-def client_address(connection: Any) -> str | None:
-    client = getattr(connection, "client", None)
-    return client.host if client is not None else None
-
-
+@authentication(AuthPolicy.OPTIONAL)
 async def optional_user(
     request: Request,
     session: SessionDep,
@@ -201,18 +76,21 @@ async def optional_user(
     return user
 
 
+@authentication(AuthPolicy.REQUIRED)
 async def current_user(user: Annotated[User | None, Depends(optional_user)]) -> User:
     if user is None:
         raise Unauthorized()
     return user
 
 
+@authentication(AuthPolicy.REQUIRED)
 async def current_superuser(user: Annotated[User, Depends(current_user)]) -> User:
     if not user.is_superuser:
         raise Forbidden("Only superusers may do this.")
     return user
 
 
+@authentication(AuthPolicy.REGISTRATION)
 async def caller_or_self_registration(
     request: Request, user: Annotated[User | None, Depends(optional_user)]
 ) -> User | None:
@@ -227,7 +105,23 @@ def may_see_primary_token(request: Request) -> bool:
     return getattr(request.state, "auth_method", None) in (PASSWORD, PRIMARY_TOKEN)
 
 
+async def get_requester(
+    session: SessionDep, user: Annotated[User | None, Depends(optional_user)]
+) -> Requester:
+    """The caller (anonymous too) with their roles and memberships, loaded once per request."""
+    return await Requester.load(session, user)
+
+
+@authentication(AuthPolicy.REQUIRED)
+async def require_requester(requester: Annotated[Requester, Depends(get_requester)]) -> Requester:
+    if requester.is_anonymous:
+        raise Unauthorized()
+    return requester
+
+
 OptionalUser = Annotated[User | None, Depends(optional_user)]
 CallerOrSelfRegistration = Annotated[User | None, Depends(caller_or_self_registration)]
 CurrentUser = Annotated[User, Depends(current_user)]
 SuperUser = Annotated[User, Depends(current_superuser)]
+RequesterDep = Annotated[Requester, Depends(get_requester)]
+AuthenticatedRequester = Annotated[Requester, Depends(require_requester)]

@@ -25,18 +25,21 @@ import enum
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flplatform.auth.authentication import identify
+from flplatform.auth.login_guard import guard_of
 from flplatform.errors import AppError, PayloadTooLarge, Unauthorized
 
 # Where a header-authenticated caller is left for flplatform.auth.dependencies.optional_user.
 PREAUTH_SCOPE_KEY = "flplatform.preauth"
 
 LimitFn = Callable[[Any], int]  # app.state -> bytes
+Call = TypeVar("Call", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -69,33 +72,40 @@ class AuthPolicy(enum.Enum):
     REQUIRED = "required"
 
 
-_POLICY_ATTRIBUTE = "_flplatform_auth_policy"
+_POLICY_ATTRIBUTE = "_flplatform_auth_policy"  # a route's policy, found once
+_MARK_ATTRIBUTE = "_flplatform_authentication"  # what one dependency stands for
+
+
+def authentication(policy: AuthPolicy) -> Callable[[Call], Call]:
+    """Mark an authentication dependency with the policy it stands for (``auth.dependencies``);
+    :func:`auth_policy` finds the marks in a route's dependency tree."""
+
+    def mark(call: Call) -> Call:
+        setattr(call, _MARK_ATTRIBUTE, policy)
+        return call
+
+    return mark
+
+
+_STRICTNESS = (AuthPolicy.REQUIRED, AuthPolicy.REGISTRATION, AuthPolicy.OPTIONAL)
 
 
 def auth_policy(route: Any) -> AuthPolicy:
     """The strictest authentication the route's dependency tree asks for."""
     cached = getattr(route, _POLICY_ATTRIBUTE, None)
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    from flplatform.auth import dependencies as auth
-    from flplatform.permissions.requester import require_requester
-
-    calls: set[Any] = set()
+    if isinstance(cached, AuthPolicy):
+        return cached
+    marks: set[AuthPolicy] = set()
     stack = [getattr(route, "dependant", None)]
     while stack:
         dependant = stack.pop()
         if dependant is None:
             continue
-        calls.add(dependant.call)
+        mark = getattr(dependant.call, _MARK_ATTRIBUTE, None)
+        if isinstance(mark, AuthPolicy):
+            marks.add(mark)
         stack.extend(dependant.dependencies)
-    if calls & {auth.current_user, auth.current_superuser, require_requester}:
-        policy = AuthPolicy.REQUIRED
-    elif auth.caller_or_self_registration in calls:
-        policy = AuthPolicy.REGISTRATION
-    elif auth.optional_user in calls:
-        policy = AuthPolicy.OPTIONAL
-    else:
-        policy = AuthPolicy.NONE
+    policy = next((p for p in _STRICTNESS if p in marks), AuthPolicy.NONE)
     if route is not None:
         setattr(route, _POLICY_ATTRIBUTE, policy)
     return policy
@@ -177,9 +187,6 @@ class _GuardedBody:
             if policy is AuthPolicy.REGISTRATION and not app.state.settings.allow_self_registration:
                 raise Unauthorized(SELF_REGISTRATION_OFF)
             return
-        from flplatform.auth.dependencies import identify
-        from flplatform.auth.login_guard import guard_of
-
         client = self.scope.get("client")
         async with app.state.sessionmaker() as session:
             found = await identify(

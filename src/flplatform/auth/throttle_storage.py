@@ -12,10 +12,10 @@ task).
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import Any, cast
 
 from limits.aio.storage import Storage
-from sqlalchemy import case, delete, select
+from sqlalchemy import Table, case, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,7 +24,7 @@ from flplatform.orm.throttle import RateLimitCounter
 
 
 class DatabaseStorage(Storage):
-    STORAGE_SCHEME: ClassVar[list[str]] = ["flplatform+database"]
+    STORAGE_SCHEME = ["flplatform+database"]
 
     def __init__(self, engine: AsyncEngine, **options: Any):
         super().__init__(None, **options)
@@ -37,10 +37,10 @@ class DatabaseStorage(Storage):
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         now = time.time()
-        table = RateLimitCounter.__table__
-        statement = self._insert(table).values(key=key, count=amount, expires_at=now + expiry)
+        table = cast(Table, RateLimitCounter.__table__)
+        insert = self._insert(table).values(key=key, count=amount, expires_at=now + expiry)
         ended = table.c.expires_at <= now
-        statement = statement.on_conflict_do_update(
+        statement = insert.on_conflict_do_update(
             index_elements=[table.c.key],
             set_={
                 "count": case((ended, amount), else_=table.c.count + amount),
@@ -59,9 +59,12 @@ class DatabaseStorage(Storage):
                     )
                 )
             ).first()
-        if row is None or row.expires_at <= time.time():
+        if row is None:
             return None
-        return int(row.count), float(row.expires_at)
+        count, expires_at = row
+        if expires_at <= time.time():
+            return None
+        return int(count), float(expires_at)
 
     async def get(self, key: str) -> int:
         row = await self._row(key)

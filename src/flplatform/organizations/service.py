@@ -1,36 +1,31 @@
-"""Organisation tree, memberships, roles and invitations. Flushes, never commits.
+"""The organisation tree: organisations, projects, groups and ad-hoc groups, and organisation
+settings. Flushes, never commits.
 
-Authorisation is the routers' job (through ``flplatform.permissions``); this module keeps the
-structural invariants: fixed depth, membership rows at every level (a group member is a member
-of the project), roles only at allowed levels, everything inside one organisation.
+Existing objects reach these functions already authorised (``organizations.dependencies``); the
+functions taking a ``Requester`` check what only exists once the request body is known (a new
+organisation, project or group) and filter lists with ``permissions.readable``. The structural
+invariants are kept here: fixed depth, every collection inside one organisation. Memberships and
+roles are in ``organizations.memberships``, invitation links in ``organizations.invitations``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import secrets
 import uuid
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Table, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.auth.credentials import token_digest
-from flplatform.errors import Conflict, NotFound, Unprocessable
+from flplatform.errors import Conflict, Forbidden, NotFound, Unprocessable
 from flplatform.kit.pagination import paginate
-from flplatform.orm.base import utcnow
+from flplatform.organizations.schemas import OrganizationCreate
 from flplatform.orm.organizations import (
-    GROUP_KINDS,
     PARENT_KIND,
-    ROLE_LEVELS,
     AdHocGroup,
     Collection,
     CollectionKind,
     Group,
-    Invitation,
-    Membership,
     Organization,
     OrganizationSettings,
     Project,
@@ -38,6 +33,7 @@ from flplatform.orm.organizations import (
     RoleKind,
 )
 from flplatform.orm.user import User
+from flplatform.permissions import Requester, can_read, ensure_allowed, ensure_readable, readable
 
 DEFAULT_PROJECT_NAME = "default"
 _CLASSES: dict[CollectionKind, type[Collection]] = {
@@ -46,9 +42,6 @@ _CLASSES: dict[CollectionKind, type[Collection]] = {
     CollectionKind.GROUP: Group,
     CollectionKind.ADHOC: AdHocGroup,
 }
-
-T = TypeVar("T")
-
 
 # ---------------------------------------------------------------------------- collections
 
@@ -62,6 +55,20 @@ async def get_collection(
         label = kinds[0].value.capitalize() if len(kinds) == 1 else "Collection"
         raise NotFound(f"{label} {collection_id} not found.")
     return found
+
+
+async def get_visible_collection(
+    requester: Requester, collection_id: uuid.UUID, *kinds: CollectionKind
+) -> Collection:
+    """The collection if the caller can see it, else 404 (also for another kind)."""
+    collection = await get_collection(requester.session, collection_id, *kinds)
+    await ensure_readable(requester, collection, f"{collection.kind.value.capitalize()} {collection_id}")
+    return collection
+
+
+def collection_label(collection: Collection) -> str:
+    """How refusals name a collection (``project <id>``)."""
+    return f"{collection.kind.value} {collection.id}"
 
 
 def new_organization(name: str) -> Organization:
@@ -78,7 +85,7 @@ def new_child(parent: Collection, kind: CollectionKind, name: str) -> Collection
     )
 
 
-async def create_organization(
+async def save_organization(
     session: AsyncSession, org: Organization, settings: dict[str, Any], *, founder: User | None
 ) -> Organization:
     """Save ``org`` with its settings. A founder (a user outside every organisation, seed 004's
@@ -101,7 +108,49 @@ async def save_collection(session: AsyncSession, collection: Collection) -> Coll
     return collection
 
 
-async def default_project(session: AsyncSession, organization_id: uuid.UUID) -> Project:
+async def create_organization(requester: Requester, data: OrganizationCreate) -> Organization:
+    """A new organisation with its settings, if the caller may create one (superusers; a user
+    outside every organisation founds one, joins it and becomes its admin)."""
+    org = new_organization(data.name)
+    await ensure_allowed(requester, "create", org, "an organisation")
+    founder = requester.user if requester.is_unorganised else None
+    await save_organization(requester.session, org, data.model_dump(exclude={"name"}), founder=founder)
+    await requester.reload()  # a founder now holds the admin role
+    return org
+
+
+async def create_project(requester: Requester, organization: Collection, name: str) -> Collection:
+    """A new project in the (visible) organisation, if the caller may create one."""
+    project = new_child(organization, CollectionKind.PROJECT, name)
+    await ensure_allowed(requester, "create", project, f"a project in organization {organization.id}")
+    return await save_collection(requester.session, project)
+
+
+async def create_group(
+    requester: Requester, project: Collection, name: str, kind: CollectionKind
+) -> Collection:
+    """A new group or ad-hoc group in the (visible) project, if the caller may create one."""
+    group = new_child(project, kind, name)
+    await ensure_allowed(requester, "create", group, f"a group in project {project.id}")
+    return await save_collection(requester.session, group)
+
+
+async def project_for_new_group(requester: Requester, project_id: uuid.UUID | None) -> Collection:
+    """Where DLR ``POST /api/groups/`` puts a group: the given (visible) project, else the
+    caller's organisation's ``default`` project, which only its admins may use."""
+    if project_id is not None:
+        return await get_visible_collection(requester, project_id, CollectionKind.PROJECT)
+    organization_id = requester.organization_id if requester.in_organization else None
+    if organization_id is not None:
+        if not requester.is_org_admin:
+            raise Forbidden("Only organisation admins may create groups without a project_id.")
+        return await default_project(requester.session, organization_id)
+    if requester.is_superuser:
+        raise NotFound("Superusers belong to no organisation: give a project_id.", code="project_required")
+    raise Forbidden("Join or create an organisation before creating groups.", code="no_organization")
+
+
+async def default_project(session: AsyncSession, organization_id: uuid.UUID) -> Collection:
     """The organisation's ``default`` project (DLR ``POST /api/groups/`` carries no project)."""
     stmt = (
         select(Project)
@@ -109,28 +158,28 @@ async def default_project(session: AsyncSession, organization_id: uuid.UUID) -> 
         .order_by(Project.created_at)
         .limit(1)
     )
-    project = (await session.execute(stmt)).scalar_one_or_none()
+    project: Collection | None = (await session.execute(stmt)).scalar_one_or_none()
     if project is None:
         org = await get_collection(session, organization_id, CollectionKind.ORGANIZATION)
-        project = new_child(org, CollectionKind.PROJECT, DEFAULT_PROJECT_NAME)  # type: ignore[assignment]
-        await save_collection(session, project)
-    return project  # type: ignore[return-value]
+        project = await save_collection(session, new_child(org, CollectionKind.PROJECT, DEFAULT_PROJECT_NAME))
+    return project
 
 
 async def list_collections(
-    session: AsyncSession,
-    where: Any,
-    *,
+    requester: Requester,
     kinds: Sequence[CollectionKind],
+    *,
     parent_id: uuid.UUID | None = None,
     limit: int,
     offset: int,
-) -> tuple[Sequence[Collection], int]:
-    stmt = select(Collection).where(Collection.kind.in_(list(kinds)), where)
+) -> tuple[list[Collection], int]:
+    """A page of the collections of ``kinds`` (below ``parent_id``) the caller can see, by name,
+    and their total."""
+    stmt = select(Collection).where(Collection.kind.in_(list(kinds)), readable(requester, Collection))
     if parent_id is not None:
         stmt = stmt.where(Collection.parent_id == parent_id)
     return await paginate(
-        session, stmt, order_by=(Collection.name, Collection.id), limit=limit, offset=offset
+        requester.session, stmt, order_by=(Collection.name, Collection.id), limit=limit, offset=offset
     )
 
 
@@ -157,7 +206,7 @@ async def delete_collection(session: AsyncSession, collection: Collection) -> No
         # Topics outlive their owners (owner_id SET NULL) but not their organisation.
         from flplatform.orm.broker import BrokerTopic
 
-        topics = BrokerTopic.__table__
+        topics = cast(Table, BrokerTopic.__table__)  # the base table: ResponseTopic rows cascade
         await session.execute(delete(topics).where(topics.c.organization_id == collection.id))
     await session.delete(collection)
     await session.flush()
@@ -172,6 +221,12 @@ async def get_settings(session: AsyncSession, organization_id: uuid.UUID) -> Org
     return found
 
 
+async def readable_settings(requester: Requester, organization: Collection) -> OrganizationSettings | None:
+    """The organisation's settings if the caller may read them (shown with the organisation)."""
+    settings = await get_settings(requester.session, organization.id)
+    return settings if await can_read(requester, settings) else None
+
+
 async def update_settings(
     session: AsyncSession, settings: OrganizationSettings, changes: dict[str, Any]
 ) -> OrganizationSettings:
@@ -180,221 +235,6 @@ async def update_settings(
             setattr(settings, field, value)
     await session.flush()
     return settings
-
-
-# ---------------------------------------------------------------------------- memberships
-
-
-def _same_organization(collection: Collection, user: User) -> None:
-    if user.organization_id != collection.organization_id:
-        raise Unprocessable(
-            f"User {user.id} is not in the organisation of {collection.kind.value} {collection.id}.",
-            code="other_organization",
-        )
-
-
-async def _insert_once(session: AsyncSession, row: T, existing: Any) -> tuple[T, bool]:
-    """Insert ``row`` unless ``existing`` finds it; a concurrent insert of the same row loses the
-    unique-constraint race inside a savepoint and returns the winner's row."""
-    found = (await session.execute(existing)).scalar_one_or_none()
-    if found is not None:
-        return found, False
-    try:
-        async with session.begin_nested():
-            session.add(row)
-            await session.flush()
-    except IntegrityError:
-        found = (await session.execute(existing)).scalar_one_or_none()
-        if found is None:
-            raise
-        return found, False
-    return row, True
-
-
-async def add_member(session: AsyncSession, collection: Collection, user: User) -> tuple[Membership, bool]:
-    """Kolibri's ``add_member``: the (possibly existing) membership and whether it was created.
-    A group membership also writes the project's membership row (member of a child ⇒ member of
-    the parent, materialised)."""
-    if collection.kind == CollectionKind.ORGANIZATION:
-        raise Unprocessable(
-            "Organisation membership is the user's organization_id; add users to projects or groups.",
-            code="organization_membership",
-        )
-    _same_organization(collection, user)
-    if collection.kind in GROUP_KINDS:
-        assert collection.parent_id is not None
-        await _insert_once(
-            session,
-            Membership(user_id=user.id, collection_id=collection.parent_id),
-            _membership_stmt(user.id, collection.parent_id),
-        )
-    return await _insert_once(
-        session,
-        Membership(user_id=user.id, collection_id=collection.id),
-        _membership_stmt(user.id, collection.id),
-    )
-
-
-def _membership_stmt(user_id: uuid.UUID, collection_id: uuid.UUID) -> Any:
-    return select(Membership).where(Membership.user_id == user_id, Membership.collection_id == collection_id)
-
-
-async def remove_member(session: AsyncSession, collection: Collection, user_id: uuid.UUID) -> bool:
-    """Kolibri's ``remove_member``: True if a membership was removed. Leaving a project also
-    leaves its groups."""
-    ids = [collection.id]
-    if collection.kind == CollectionKind.PROJECT:
-        ids += list(
-            (
-                await session.execute(select(Collection.id).where(Collection.parent_id == collection.id))
-            ).scalars()
-        )
-    result = await session.execute(
-        delete(Membership)
-        .where(Membership.user_id == user_id, Membership.collection_id.in_(ids))
-        .execution_options(synchronize_session=False)
-    )
-    await session.flush()
-    return bool(result.rowcount)
-
-
-async def list_members(
-    session: AsyncSession, collection: Collection, *, limit: int, offset: int
-) -> Sequence[User]:
-    if collection.kind == CollectionKind.ORGANIZATION:
-        stmt = select(User).where(User.organization_id == collection.id)
-    else:
-        stmt = (
-            select(User)
-            .join(Membership, Membership.user_id == User.id)
-            .where(Membership.collection_id == collection.id)
-        )
-    return (await session.execute(stmt.order_by(User.username).limit(limit).offset(offset))).scalars().all()
-
-
-async def member_collections(
-    session: AsyncSession, user_id: uuid.UUID, kinds: Sequence[CollectionKind]
-) -> Sequence[Collection]:
-    stmt = (
-        select(Collection)
-        .join(Membership, Membership.collection_id == Collection.id)
-        .where(Membership.user_id == user_id, Collection.kind.in_(list(kinds)))
-        .order_by(Collection.name, Collection.id)
-    )
-    return (await session.execute(stmt)).scalars().all()
-
-
-# ---------------------------------------------------------------------------- roles
-
-
-async def add_role(
-    session: AsyncSession, collection: Collection, user: User, kind: RoleKind
-) -> tuple[Role, bool]:
-    """Kolibri's ``add_role``: the (possibly existing) role and whether it was created."""
-    _same_organization(collection, user)
-    if collection.kind not in ROLE_LEVELS[kind]:
-        allowed = ", ".join(sorted(k.value for k in ROLE_LEVELS[kind]))
-        raise Unprocessable(f"A {kind.value} role can only be held on: {allowed}.", code="role_level")
-    stmt = select(Role).where(Role.user_id == user.id, Role.collection_id == collection.id, Role.kind == kind)
-    return await _insert_once(session, Role(user_id=user.id, collection_id=collection.id, kind=kind), stmt)
-
-
-async def remove_role(
-    session: AsyncSession, collection: Collection, user_id: uuid.UUID, kind: RoleKind
-) -> bool:
-    result = await session.execute(
-        delete(Role)
-        .where(Role.user_id == user_id, Role.collection_id == collection.id, Role.kind == kind)
-        .execution_options(synchronize_session=False)
-    )
-    await session.flush()
-    return bool(result.rowcount)
-
-
-async def list_roles(session: AsyncSession, collection: Collection) -> Sequence[Role]:
-    stmt = select(Role).where(Role.collection_id == collection.id).order_by(Role.created_at, Role.id)
-    return (await session.execute(stmt)).scalars().all()
-
-
-# ---------------------------------------------------------------------------- invitations
-
-
-def new_invitation_token() -> str:
-    return "inv_" + secrets.token_urlsafe(32)
-
-
-async def create_invitation(
-    session: AsyncSession,
-    organization_id: uuid.UUID,
-    *,
-    by: User | None,
-    expires_in: dt.timedelta,
-    max_uses: int | None,
-    note: str,
-) -> tuple[Invitation, str]:
-    """A random link token; only its keyed digest is stored (shown once, like API tokens)."""
-    token = new_invitation_token()
-    row = Invitation(
-        organization_id=organization_id,
-        digest=token_digest(token),
-        prefix=token[:12],
-        note=note,
-        created_by_id=by.id if by else None,
-        created_at=utcnow(),
-        expires_at=utcnow() + expires_in,
-        max_uses=max_uses,
-    )
-    session.add(row)
-    await session.flush()
-    return row, token
-
-
-async def list_invitations(session: AsyncSession, organization_id: uuid.UUID) -> Sequence[Invitation]:
-    stmt = (
-        select(Invitation)
-        .where(Invitation.organization_id == organization_id)
-        .order_by(Invitation.created_at.desc())
-    )
-    return (await session.execute(stmt)).scalars().all()
-
-
-async def get_invitation(
-    session: AsyncSession, organization_id: uuid.UUID, invitation_id: uuid.UUID
-) -> Invitation:
-    row = await session.get(Invitation, invitation_id)
-    if row is None or row.organization_id != organization_id:
-        raise NotFound(f"Invitation {invitation_id} not found.")
-    return row
-
-
-async def revoke_invitation(session: AsyncSession, invitation: Invitation) -> Invitation:
-    if invitation.revoked_at is None:
-        invitation.revoked_at = utcnow()
-    await session.flush()
-    return invitation
-
-
-async def redeem_invitation(session: AsyncSession, token: str) -> Invitation:
-    """The usable invitation for ``token`` with its use counted (row-locked on PostgreSQL so
-    ``max_uses`` holds under concurrency). Unknown, expired, revoked and used-up links are all 404:
-    the answer does not tell which tokens ever existed."""
-    stmt = select(Invitation).where(Invitation.digest == token_digest(token)).with_for_update()
-    row = (await session.execute(stmt)).scalar_one_or_none()
-    if row is None or not row.is_usable(utcnow()):
-        raise NotFound("Invitation not found, expired or revoked.", code="invitation_invalid")
-    row.uses += 1
-    await session.flush()
-    return row
-
-
-async def join_organization(session: AsyncSession, user: User, organization_id: uuid.UUID) -> User:
-    if user.organization_id is not None:
-        raise Conflict("You already belong to an organisation.", code="already_in_organization")
-    if user.is_superuser:
-        raise Conflict("Superusers stay outside organisations.", code="superuser_has_no_organization")
-    user.organization_id = organization_id
-    await session.flush()
-    return user
 
 
 async def load_with_settings(

@@ -94,9 +94,9 @@ class User(IDMixin, TimestampMixin, Base):
 
 class LoginName(Base):
     """Every name a user logs in with (username and email), normalised as logins compare them
-    (``users.login_names.login_key``): one unique column, so a username can never equal
+    (``auth.login_names.login_key``): one unique column, so a username can never equal
     another user's email, nor two names differ in case only, whatever the order or concurrency
-    of the writes. Maintained by ``users.login_names`` in the transaction that changes the user."""
+    of the writes. Maintained by ``auth.login_names`` in the transaction that changes the user."""
 
     __tablename__ = "login_names"
 

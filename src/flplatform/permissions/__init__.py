@@ -2,8 +2,9 @@
 
 Public API — what routers and other domains call:
 
-* ``Requester`` (``RequesterDep``/``AuthenticatedRequester`` FastAPI dependencies): the caller
-  with their roles and memberships, loaded once per request (one indexed query).
+* ``Requester``: the caller with their roles and memberships, loaded once per request (one
+  indexed query) by the FastAPI dependencies ``auth.dependencies.RequesterDep`` and
+  ``AuthenticatedRequester``.
 * ``await can_create/can_read/can_update/can_delete(requester, obj)`` → bool, and
   ``readable(requester, Model)`` → a SQLAlchemy boolean clause for ``select(Model).where(...)``;
   both come from the policy registered for ``type(obj)``/``Model`` and always agree
@@ -68,13 +69,7 @@ from flplatform.permissions.organizations import (
     refused_self_edits,
     users_without_role,
 )
-from flplatform.permissions.requester import (
-    ANY_ROLE,
-    AuthenticatedRequester,
-    Requester,
-    RequesterDep,
-    get_requester,
-)
+from flplatform.permissions.requester import ANY_ROLE, Requester
 from flplatform.permissions.resources import (
     METRIC_POLICY,
     MODEL_POLICY,
@@ -170,13 +165,12 @@ __all__ = [
     "AllOf",
     "AllowAll",
     "AnyOf",
-    "AuthenticatedRequester",
+    "Action",
     "Clause",
     "DenyAll",
     "MembershipDraft",
     "Policy",
     "Requester",
-    "RequesterDep",
     "RoleDraft",
     "RoleKind",
     "Superuser",
@@ -187,7 +181,6 @@ __all__ = [
     "ensure_allowed",
     "ensure_readable",
     "ensure_visible",
-    "get_requester",
     "has_role_for_user",
     "policy_for",
     "readable",

@@ -94,9 +94,9 @@ def managed_collections(requester: Requester, kinds: Iterable[RoleKind] = ANY_RO
 
 
 async def user_is_member(
-    requester: Requester, user_id: uuid.UUID, collection_ids: Iterable[uuid.UUID]
+    requester: Requester, user_id: uuid.UUID, collection_ids: Iterable[uuid.UUID | None]
 ) -> bool:
-    """One indexed EXISTS on memberships."""
+    """One indexed EXISTS on memberships (``None`` ids, absent parents, are skipped)."""
     ids = [i for i in collection_ids if i is not None]
     if not ids:
         return False
@@ -260,7 +260,7 @@ class MembershipRules(Policy):
         if collection.kind in (CollectionKind.GROUP, CollectionKind.ADHOC) and not requester.has_role_on_ids(
             ANY_ROLE, collection.organization_id, (collection.parent_id, collection.organization_id)
         ):
-            return await user_is_member(requester, obj.user_id, [collection.parent_id])  # type: ignore[list-item]
+            return await user_is_member(requester, obj.user_id, [collection.parent_id])
         return True
 
     async def can_delete(self, requester: Requester, obj: Any) -> bool:
@@ -310,7 +310,7 @@ class InvitationRules(Policy):
     async def _admin(self, requester: Requester, obj: Invitation) -> bool:
         return requester.has_role_on_ids(ADMIN, obj.organization_id, (obj.organization_id,))
 
-    can_create = can_read = can_update = can_delete = _admin  # type: ignore[assignment]
+    can_create = can_read = can_update = can_delete = _admin
 
     def readable(self, requester: Requester) -> Clause:
         if not requester.in_organization:

@@ -1,4 +1,5 @@
-"""Who asks: the authenticated user with their roles and memberships, loaded once per request.
+"""Who asks: the authenticated user with their roles and memberships, loaded once per request
+(``auth.dependencies.RequesterDep``/``AuthenticatedRequester`` are its FastAPI dependencies).
 
 Loading the requester's role and membership rows up front (one indexed query, a handful of rows)
 lets most boolean checks be decided in Python from the object's own columns, Kolibri-style
@@ -12,14 +13,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Annotated
 
-from fastapi import Depends
 from sqlalchemy import String, literal, select, type_coerce, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.auth.dependencies import OptionalUser
-from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized
 from flplatform.orm.organizations import Collection, Membership, OrganizationSettings, Role, RoleKind
 from flplatform.orm.user import User
@@ -72,6 +69,14 @@ class Requester:
     @property
     def is_superuser(self) -> bool:
         return self.user is not None and self.user.is_superuser
+
+    @property
+    def authenticated_user(self) -> User:
+        """The calling user; 401 for an anonymous caller (never reached behind
+        ``AuthenticatedRequester``, which refuses them first)."""
+        if self.user is None:
+            raise Unauthorized()
+        return self.user
 
     @property
     def id(self) -> uuid.UUID | None:
@@ -137,17 +142,3 @@ class Requester:
         if self._settings is None:
             self._settings = await self.session.get(OrganizationSettings, self.organization_id)
         return self._settings
-
-
-async def get_requester(session: SessionDep, user: OptionalUser) -> Requester:
-    return await Requester.load(session, user)
-
-
-async def require_requester(requester: Annotated[Requester, Depends(get_requester)]) -> Requester:
-    if requester.is_anonymous:
-        raise Unauthorized()
-    return requester
-
-
-RequesterDep = Annotated[Requester, Depends(get_requester)]
-AuthenticatedRequester = Annotated[Requester, Depends(require_requester)]

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
-from flplatform.auth.dependencies import PASSWORD, client_address, login_with_password
+from flplatform.auth.authentication import PASSWORD, client_address, login_with_password
 from flplatform.auth.login_guard import guard_of
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, responses

@@ -23,7 +23,8 @@ from fastapi import APIRouter, Query, Request, Response, WebSocket, status
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.convertors import Convertor, register_url_convertor
 
-from flplatform.auth.dependencies import CurrentUser, OptionalUser, authenticate, client_address
+from flplatform.auth.authentication import authenticate, client_address
+from flplatform.auth.dependencies import CurrentUser, OptionalUser
 from flplatform.auth.login_guard import guard_of
 from flplatform.broker import service
 from flplatform.broker.availability import STATUS_TEXT, availability

@@ -1,8 +1,11 @@
+"""Liveness and readiness probes (``/health``, ``/ready``) for load balancers and containers."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+
+from flplatform.kit.health import database_unreachable
 
 router = APIRouter(tags=["health"])
 
@@ -19,11 +22,9 @@ async def health() -> dict[str, str]:
     responses={503: {"description": "Database unreachable"}},
 )
 async def ready(request: Request) -> JSONResponse:
-    try:
-        async with request.app.state.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    except Exception as exc:  # any driver error means "not ready"
+    error = await database_unreachable(request.app.state.engine)
+    if error is not None:
         return JSONResponse(
-            {"detail": f"Database unreachable: {type(exc).__name__}", "code": "not_ready"}, status_code=503
+            {"detail": f"Database unreachable: {error}", "code": "not_ready"}, status_code=503
         )
     return JSONResponse({"status": "ready"})

@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
+from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.db import SessionDep, after_commit
 from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
 from flplatform.kit.schemas import Detail, RequestSchema, SafeStr, text_problem
@@ -27,7 +28,7 @@ from flplatform.models.schemas import (
     UpdateAccepted,
 )
 from flplatform.orm import SWAGModel
-from flplatform.permissions import AuthenticatedRequester, Requester, ensure_visible
+from flplatform.permissions import Requester, ensure_visible
 from flplatform.trainings.service import runtime_of
 
 router = APIRouter(prefix="/api/models", tags=["models"])

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Request, status
 from sqlalchemy import or_, select, true
 from sqlalchemy.orm import selectinload
 
-from flplatform.auth.dependencies import CurrentUser
+from flplatform.auth.dependencies import AuthenticatedRequester, CurrentUser
 from flplatform.db import SessionDep, after_commit
 from flplatform.errors import BadRequest, Forbidden, responses
 from flplatform.kit.schemas import Detail
@@ -24,7 +24,6 @@ from flplatform.models import service as model_service
 from flplatform.models.schemas import ModelRead
 from flplatform.orm import LocalModel, Model, Training, User
 from flplatform.permissions import (
-    AuthenticatedRequester,
     Requester,
     can_create,
     can_update,

@@ -1,42 +1,41 @@
+"""Users and their tokens (``/api/users/``): list, create, read, change and delete users; the
+caller's primary token and API tokens (``/api/users/myself/…``).
+
+Permission checks on ``/api/users/{user_id}/`` are the dependencies of ``users.dependencies``.
+"""
+
 from __future__ import annotations
 
 import uuid
 
 from fastapi import APIRouter, Request, Response, status
 
-from flplatform.auth.dependencies import CallerOrSelfRegistration, CurrentUser, may_see_primary_token
-from flplatform.db import SessionDep
-from flplatform.errors import Forbidden, Unprocessable, responses
-from flplatform.kit.schemas import Detail, Limit, Offset
-from flplatform.organizations import service as collection_service
-from flplatform.orm import CollectionKind, User
-from flplatform.permissions import (
+from flplatform.auth.dependencies import (
     AuthenticatedRequester,
-    Requester,
+    CallerOrSelfRegistration,
+    CurrentUser,
     RequesterDep,
-    can_create,
-    ensure_allowed,
-    ensure_readable,
-    readable,
-    refused_self_edits,
+    may_see_primary_token,
 )
+from flplatform.db import SessionDep
+from flplatform.errors import Forbidden, responses
+from flplatform.kit.schemas import Detail, Limit, Offset
+from flplatform.orm import User
+from flplatform.permissions import Requester
 from flplatform.trainings.outbound import validate_message_endpoint
 from flplatform.users import service as user_service
-from flplatform.users.schemas import TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead, UserUpdate
+from flplatform.users.dependencies import DeletableUser, ReadableUser, UpdatableUser
+from flplatform.users.schemas import (
+    TokenCreate,
+    TokenCreated,
+    TokenRead,
+    UserCreate,
+    UserRead,
+    UserUpdate,
+    read_user,
+)
 
 router = APIRouter(prefix="/api/users", tags=["users"])
-
-
-def read_user(user: User, token: str | None = None, *, viewer: Requester | None = None) -> UserRead:
-    """A user as ``viewer`` may see them (every route showing users goes through this)."""
-    out = UserRead.model_validate(user)
-    out.token = token
-    if viewer is not None and viewer.is_unorganised and viewer.id != user.id:
-        # The organisation-less space lists its users to each other (the DLR clients pick
-        # participants by name); contact details stay with their owner.
-        out.email = None
-        out.message_endpoint = None
-    return out
 
 
 @router.get(
@@ -48,15 +47,12 @@ def read_user(user: User, token: str | None = None, *, viewer: Requester | None 
     responses=responses(401),
 )
 async def list_users(
-    session: SessionDep,
     response: Response,
     requester: AuthenticatedRequester,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> list[UserRead]:
-    rows, total = await user_service.list_users(
-        session, limit=limit, offset=offset, where=readable(requester, User)
-    )
+    rows, total = await user_service.list_users(requester, limit=limit, offset=offset)
     response.headers["X-Total-Count"] = str(total)
     return [read_user(u, viewer=requester) for u in rows]
 
@@ -79,17 +75,7 @@ async def create_user(
     caller: CallerOrSelfRegistration,
     requester: RequesterDep,
 ) -> UserRead:
-    if caller is None and data.organization_id is not None:
-        raise Forbidden("Join an organisation through an invitation link.", code="invitation_required")
-    if caller is not None and not caller.is_superuser:
-        if data.organization_id is None:
-            data = data.model_copy(update={"organization_id": caller.organization_id})
-        if not await can_create(requester, User(organization_id=data.organization_id)):
-            raise Forbidden("Only superusers and organisation admins may create users.")
-    if data.organization_id is not None:
-        if data.is_superuser:
-            raise Unprocessable("Superusers belong to no organisation.", code="superuser_has_no_organization")
-        await collection_service.get_collection(session, data.organization_id, CollectionKind.ORGANIZATION)
+    data = await user_service.authorize_new_user(requester, data)
     validate_message_endpoint(data.message_endpoint, request.app.state.settings)
     user, token = await user_service.create_user(session, data, created_by=caller)
     return read_user(user, token)
@@ -164,29 +150,16 @@ async def revoke_token(session: SessionDep, user: CurrentUser, token_id: uuid.UU
     responses=responses(401, 404, 422),
 )
 async def get_user(
-    request: Request, session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID
+    request: Request, session: SessionDep, requester: AuthenticatedRequester, user: ReadableUser
 ) -> UserRead:
-    user = await user_service.get_user(session, user_id)
-    await ensure_readable(requester, user, f"User {user_id}")
     mine = user.id == requester.id and may_see_primary_token(request)
     token = await user_service.primary_token(session, user) if mine else None
     return read_user(user, token, viewer=requester)
 
 
-async def _update(
-    request: Request, session: SessionDep, requester: Requester, user_id: uuid.UUID, data: UserUpdate
-) -> UserRead:
+async def _update(request: Request, requester: Requester, user: User, data: UserUpdate) -> UserRead:
     validate_message_endpoint(data.message_endpoint, request.app.state.settings)
-    user = await user_service.get_user(session, user_id)
-    await ensure_allowed(requester, "update", user, f"user {user_id}")
-    refused = await refused_self_edits(requester, user, data.model_fields_set)
-    if refused:
-        raise Forbidden(
-            f"Your organisation does not let members change their own {', '.join(refused)}.",
-            code="setting_forbids",
-        )
-    assert requester.user is not None
-    await user_service.update_user(session, user, data, by=requester.user)
+    await user_service.update_user_as(requester, user, data)
     return read_user(user)
 
 
@@ -199,13 +172,9 @@ async def _update(
     responses=responses(401, 403, 404, 409, 422),
 )
 async def patch_user(
-    request: Request,
-    session: SessionDep,
-    requester: AuthenticatedRequester,
-    user_id: uuid.UUID,
-    data: UserUpdate,
+    request: Request, requester: AuthenticatedRequester, user: UpdatableUser, data: UserUpdate
 ) -> UserRead:
-    return await _update(request, session, requester, user_id, data)
+    return await _update(request, requester, user, data)
 
 
 @router.put(
@@ -215,13 +184,9 @@ async def patch_user(
     responses=responses(401, 403, 404, 409, 422),
 )
 async def put_user(
-    request: Request,
-    session: SessionDep,
-    requester: AuthenticatedRequester,
-    user_id: uuid.UUID,
-    data: UserUpdate,
+    request: Request, requester: AuthenticatedRequester, user: UpdatableUser, data: UserUpdate
 ) -> UserRead:
-    return await _update(request, session, requester, user_id, data)
+    return await _update(request, requester, user, data)
 
 
 @router.delete(
@@ -232,9 +197,6 @@ async def put_user(
     "users their own account (in an organisation: if `members_can_delete_account`).",
     responses=responses(401, 403, 404, 422),
 )
-async def delete_user(session: SessionDep, requester: AuthenticatedRequester, user_id: uuid.UUID) -> Detail:
-    user = await user_service.get_user(session, user_id)
-    await ensure_allowed(requester, "delete", user, f"user {user_id}")
-    assert requester.user is not None
-    await user_service.delete_user(session, user, by=requester.user)
+async def delete_user(session: SessionDep, requester: AuthenticatedRequester, user: DeletableUser) -> Detail:
+    await user_service.delete_user(session, user, by=requester.authenticated_user)
     return Detail(detail="User removed!")

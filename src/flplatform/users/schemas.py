@@ -1,13 +1,26 @@
+"""Request and response bodies of the user and token routes, and ``read_user``: how one user is
+shown to another."""
+
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AnyHttpUrl, EmailStr, Field, field_validator
 
 from flplatform.kit.schemas import RequestSchema, Schema
-from flplatform.orm.user import DateFormat, DateSeparator, DateTimeSeparator, DecimalSeparator, TimeFormat
+from flplatform.orm.user import (
+    DateFormat,
+    DateSeparator,
+    DateTimeSeparator,
+    DecimalSeparator,
+    TimeFormat,
+    User,
+)
+
+if TYPE_CHECKING:  # permissions imports the auth dependencies, which import users
+    from flplatform.permissions import Requester
 
 Username = Annotated[str, Field(min_length=1, max_length=150, pattern=r"^[\w.@+-]+$", examples=["alice"])]
 Password = Annotated[str, Field(min_length=8, max_length=256, examples=["correct horse battery"])]
@@ -127,6 +140,18 @@ class UserRead(Schema):
     token: str | None = Field(
         default=None, description="The user's API token: shown on creation and to the user themselves only."
     )
+
+
+def read_user(user: User, token: str | None = None, *, viewer: Requester | None = None) -> UserRead:
+    """A user as ``viewer`` may see them (every route showing users goes through this)."""
+    out = UserRead.model_validate(user)
+    out.token = token
+    if viewer is not None and viewer.is_unorganised and viewer.id != user.id:
+        # The organisation-less space lists its users to each other (the DLR clients pick
+        # participants by name); contact details stay with their owner.
+        out.email = None
+        out.message_endpoint = None
+    return out
 
 
 class TokenCreate(RequestSchema):

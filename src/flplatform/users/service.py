@@ -1,4 +1,10 @@
-"""Users and their API tokens."""
+"""Users and their API tokens. Flushes, never commits.
+
+Users reach the update and delete functions already authorised (``users.dependencies``); the
+functions taking a ``Requester`` check what depends on the request body (who may create this
+user, which of their own fields a member may change) and filter lists with
+``permissions.readable``.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,11 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
-from sqlalchemy import func, select, true
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from flplatform.auth import login_names
 from flplatform.auth.credentials import (
     decrypt,
     encrypt,
@@ -20,10 +26,12 @@ from flplatform.auth.credentials import (
     token_digest,
 )
 from flplatform.billing import audit
-from flplatform.errors import Conflict, Forbidden, NotFound
+from flplatform.errors import Conflict, Forbidden, NotFound, Unprocessable
+from flplatform.kit.pagination import paginate
 from flplatform.orm import ApiToken, User
 from flplatform.orm.base import utcnow
-from flplatform.users import login_names
+from flplatform.orm.organizations import Collection, CollectionKind
+from flplatform.permissions import Requester, can_create, readable, refused_self_edits
 from flplatform.users.schemas import TokenCreate, UserCreate, UserUpdate
 
 log = logging.getLogger(__name__)
@@ -39,22 +47,35 @@ async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User:
     return user
 
 
-async def list_users(
-    session: AsyncSession, *, limit: int, offset: int, where: Any = None
-) -> tuple[Sequence[User], int]:
-    """``where``: the caller's ``permissions.readable(requester, User)`` clause."""
-    where = true() if where is None else where
-    total = (await session.execute(select(func.count()).select_from(User).where(where))).scalar_one()
-    rows = (
-        (
-            await session.execute(
-                select(User).where(where).order_by(User.created_at, User.id).limit(limit).offset(offset)
-            )
-        )
-        .scalars()
-        .all()
+async def list_users(requester: Requester, *, limit: int, offset: int) -> tuple[list[User], int]:
+    """A page of the users the caller may see, in creation order, and their total."""
+    stmt = select(User).where(readable(requester, User))
+    return await paginate(
+        requester.session, stmt, order_by=(User.created_at, User.id), limit=limit, offset=offset
     )
-    return rows, total
+
+
+async def authorize_new_user(requester: Requester, data: UserCreate) -> UserCreate:
+    """``data`` as the caller may create it, else 403 (404 for an unknown organisation).
+
+    Anonymous callers (self-registration) stay outside organisations; organisation admins create
+    users in their own organisation (the default ``organization_id``); superusers anywhere.
+    """
+    caller = requester.user
+    if caller is None and data.organization_id is not None:
+        raise Forbidden("Join an organisation through an invitation link.", code="invitation_required")
+    if caller is not None and not caller.is_superuser:
+        if data.organization_id is None:
+            data = data.model_copy(update={"organization_id": caller.organization_id})
+        if not await can_create(requester, User(organization_id=data.organization_id)):
+            raise Forbidden("Only superusers and organisation admins may create users.")
+    if data.organization_id is not None:
+        if data.is_superuser:
+            raise Unprocessable("Superusers belong to no organisation.", code="superuser_has_no_organization")
+        organization = await requester.session.get(Collection, data.organization_id)
+        if organization is None or organization.kind != CollectionKind.ORGANIZATION:
+            raise NotFound(f"Organization {data.organization_id} not found.")
+    return data
 
 
 async def create_user(
@@ -76,6 +97,18 @@ async def create_user(
     await login_names.save_user(session, user)
     token = await issue_primary_token(session, user)
     return user, token
+
+
+async def update_user_as(requester: Requester, user: User, data: UserUpdate) -> User:
+    """``update_user`` by the caller, within their organisation's ``members_can_edit_*`` settings
+    when they change themselves (403 naming the refused fields)."""
+    refused = await refused_self_edits(requester, user, data.model_fields_set)
+    if refused:
+        raise Forbidden(
+            f"Your organisation does not let members change their own {', '.join(refused)}.",
+            code="setting_forbids",
+        )
+    return await update_user(requester.session, user, data, by=requester.authenticated_user)
 
 
 async def update_user(session: AsyncSession, user: User, data: UserUpdate, *, by: User) -> User:
