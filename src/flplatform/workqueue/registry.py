@@ -11,7 +11,7 @@ e.g. a row lock and a fencing check before it commits its result).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ class JobContext:
     shared: dict[str, Any] = field(default_factory=dict)  # per-worker objects handlers may cache
 
 
-Handler = Callable[[JobContext, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+Handler = Callable[[JobContext, dict[str, Any]], Coroutine[Any, Any, dict[str, Any] | None]]
 
 
 @dataclass(frozen=True)
