@@ -234,10 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Domains add their sub-commands here: each entry receives the sub-parsers object.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []  # type: ignore[type-arg]
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
-def _register_topic(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _register_topic(sub: argparse._SubParsersAction) -> None:
     from flplatform.broker.cli import register  # the DASF broker's `flplatform topic`
 
     register(sub)
@@ -246,7 +246,7 @@ def _register_topic(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 EXTRA_COMMANDS.append(_register_topic)
 
 
-def _register_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _register_demo(sub: argparse._SubParsersAction) -> None:
     from flplatform.demo import register  # light module: torch loads only when the demo runs
 
     register(sub)
@@ -261,7 +261,7 @@ def _install_jobs() -> None:
     install()
 
 
-def _register_worker(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _register_worker(sub: argparse._SubParsersAction) -> None:
     from flplatform.workqueue.cli import register  # light: the domains load only when the worker runs
 
     register(sub, install_jobs=_install_jobs)
