@@ -1,7 +1,10 @@
-"""Job kinds and their handlers (process-wide). A domain registers its kinds at import time::
+"""Job kinds and their handlers (process-wide). A domain's ``jobs.py`` offers a ``register()``
+that ``flplatform.jobs.install()`` calls in every entry point (never at import time)::
 
-    @workqueue.handler("aggregate_round", category=WorkKind.AGGREGATION)
     async def aggregate_round(ctx: JobContext, payload: dict) -> dict | None: ...
+
+    def register() -> None:
+        workqueue.register("aggregate_round", aggregate_round, category=WorkKind.AGGREGATION)
 
 A handler must be idempotent: a job whose worker died is run again by another worker after
 its lease expired (at-least-once execution; exactly-once effects are the handler's business,
