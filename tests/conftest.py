@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession  # noqa: E402
 from flplatform.app import create_app  # noqa: E402
 from flplatform.broker.config import BrokerConfig  # noqa: E402
 from flplatform.db import create_engine  # noqa: E402
+from flplatform.jobs import install as install_jobs  # noqa: E402
 from flplatform.migrate import upgrade  # noqa: E402
 from flplatform.orm import Base, User  # noqa: E402
 from flplatform.settings import Settings  # noqa: E402
@@ -52,6 +53,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _jobs_installed() -> None:
+    """Every job kind and hook, as ``flplatform serve`` and ``flplatform worker`` install them
+    (tests that run handlers or rounds without an app get them too)."""
+    install_jobs()
 
 
 # --------------------------------------------------------------------------- PostgreSQL cluster

@@ -103,11 +103,11 @@ def test_every_option_has_help_and_serve_shows_defaults_and_variables(capsys):
 
 
 def test_worker_help_lists_the_job_kinds_and_refuses_unknown_ones(capsys, tmp_path):
-    from flplatform.workqueue.cli import load_handlers
+    from flplatform.jobs import install
     from flplatform.workqueue.registry import registered_kinds
 
     text = " ".join(_help(capsys, "worker").split())
-    load_handlers()
+    install()
     assert registered_kinds()
     for kind in registered_kinds():
         assert kind in text

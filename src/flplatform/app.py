@@ -18,6 +18,7 @@ from flplatform.auth.request_guard import RequestGuard
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.docs_ui import install_docs
 from flplatform.errors import install_error_handlers
+from flplatform.jobs import install as install_jobs
 from flplatform.kit import tasks
 from flplatform.kit.input_guard import InputGuard
 from flplatform.onboarding import FIRST_USER_HINT
@@ -109,7 +110,7 @@ def lifespan_components() -> list[LifespanComponent]:
     from flplatform.billing.hooks import billing_component
     from flplatform.broker import broker_component
     from flplatform.sandbox import sandbox_component
-    from flplatform.trainings.service import training_component
+    from flplatform.trainings.sweeper import training_component
     from flplatform.workqueue import workqueue_component
 
     return [
@@ -174,6 +175,7 @@ async def _hint_first_user(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
+    install_jobs()  # job kinds and hooks: this process's in-process worker and rounds use them
     app = FastAPI(
         title="flplatform",
         version=__version__,

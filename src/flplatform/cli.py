@@ -255,10 +255,16 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
 EXTRA_COMMANDS.append(_register_demo)
 
 
-def _register_worker(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _install_jobs() -> None:
+    from flplatform.jobs import install  # imports every domain: only when the worker runs
+
+    install()
+
+
+def _register_worker(sub: argparse._SubParsersAction) -> None:
     from flplatform.workqueue.cli import register  # light: the domains load only when the worker runs
 
-    register(sub)
+    register(sub, install_jobs=_install_jobs)
 
 
 EXTRA_COMMANDS.append(_register_worker)

@@ -19,7 +19,7 @@ from flplatform import workqueue
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import GlobalModelRound, LocalModel, Server, Training
 from flplatform.orm.workqueue import QueuedWork, WorkStatus
-from flplatform.trainings.service import AGGREGATE_JOB
+from flplatform.trainings.runtime import AGGREGATE_JOB
 from tests.scale.conftest import WORK_LEASE_SECONDS
 from tests.scale.harness import (
     Account,

@@ -15,7 +15,8 @@ from sqlalchemy import func, select
 
 from flplatform.orm import GlobalModelRound
 from flplatform.orm.workqueue import QueuedWork, WorkKind, WorkStatus
-from flplatform.trainings.service import AGGREGATE_JOB, run_aggregation_job
+from flplatform.trainings.jobs import run_aggregation_job
+from flplatform.trainings.runtime import AGGREGATE_JOB
 from flplatform.workqueue import JobContext
 from tests.training.conftest import (
     as_safetensors,

@@ -10,7 +10,7 @@ import uuid
 import torch
 
 from flplatform.orm import Training, User
-from flplatform.trainings.service import participant_order
+from flplatform.trainings.phases import participant_order
 
 
 def _training(users: list[tuple[int, str]]) -> Training:

@@ -14,7 +14,7 @@ import torch
 from sqlalchemy import func, select
 
 from flplatform.orm import GlobalModelRound, Notification
-from flplatform.trainings import service as training_service
+from flplatform.trainings import hooks as training_hooks
 from tests.conftest import free_port
 from tests.training.conftest import (
     as_safetensors,
@@ -526,7 +526,7 @@ async def test_concurrent_last_uploads_aggregate_exactly_once(client, alice, mak
     async def count(_session, _training, round_):
         calls.append(round_)
 
-    training_service.ROUND_AGGREGATED_HOOKS.append(count)
+    training_hooks.ROUND_AGGREGATED.add(count)
     try:
         await post_update(client, clients[0].headers, model_id, as_safetensors(shifted(state, 1.0)), 0)
         await post_update(client, clients[1].headers, model_id, as_safetensors(shifted(state, 1.0)), 0)
@@ -559,7 +559,7 @@ async def test_concurrent_last_uploads_aggregate_exactly_once(client, alice, mak
             ).scalar_one()
             assert starts == 8  # 4 clients × rounds 0 and 1
     finally:
-        training_service.ROUND_AGGREGATED_HOOKS.remove(count)
+        training_hooks.ROUND_AGGREGATED.remove(count)
 
 
 async def test_health_answers_during_a_large_aggregation(client, alice, make_user):

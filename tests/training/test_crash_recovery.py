@@ -26,7 +26,8 @@ from flplatform.app import create_app
 from flplatform.orm import GlobalModelRound, Notification, Training, User
 from flplatform.orm.workqueue import QueuedWork
 from flplatform.settings import Settings
-from flplatform.trainings.service import AGGREGATE_JOB, runtime_of
+from flplatform.trainings.runtime import AGGREGATE_JOB
+from flplatform.trainings.sweeper import runtime_of
 from flplatform.users.schemas import UserCreate
 from flplatform.users.service import create_user
 from tests.scale.harness import fleet, server_env

@@ -16,8 +16,8 @@ from flplatform.models.files import ModelFileError
 from flplatform.routers.models import parse_input_shape
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.aggregate import WeightedMean, aggregator_options, check_aggregator_options
+from flplatform.trainings.phases import derangement
 from flplatform.trainings.schemas import TrainingCreate, TrainingOptions
-from flplatform.trainings.service import derangement
 from tests.training.conftest import as_safetensors, scripted_bytes, tiny_net
 
 

@@ -19,9 +19,9 @@ Training lifecycle (the training's ``actor`` pays; keys ``training:{id}:round:{n
     ``release_round(session, training, round_number, reason="") -> bool``
         Call on error, cancellation or timeout of a round. Idempotent; False if nothing was held.
 
-    Wired: ``billing.hooks.billing_component`` (a lifespan component) registers
-    ``hooks.round_started`` / ``hooks.round_aggregated`` in ``trainings.service``'
-    ``ROUND_STARTED_HOOKS`` / ``ROUND_AGGREGATED_HOOKS`` and releases holds of ended trainings.
+    Wired: ``flplatform.jobs.install()`` adds ``hooks.round_started`` / ``hooks.round_aggregated``
+    to ``trainings.hooks.ROUND_STARTED`` / ``ROUND_AGGREGATED``; ``billing.hooks.billing_component``
+    (a lifespan component) releases holds of ended trainings.
 
 Inference
     ``charge_inference(session, caller, model, samples, *, key=None) -> Operation | None``

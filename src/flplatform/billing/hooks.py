@@ -1,13 +1,14 @@
 """Billing wired into the training lifecycle, and the lifespan component that keeps holds tidy.
 
-``trainings.service`` calls hooks inside the transaction of each state change:
+The trainings domain calls round hooks inside the transaction of each state change
+(``trainings.hooks``); ``flplatform.jobs.install()`` adds these two there:
 
-* ``ROUND_STARTED_HOOKS`` → :func:`round_started`: first settles any earlier round of the
+* ``ROUND_STARTED`` → :func:`round_started`: first settles any earlier round of the
   training still held (FedDC daisy-chain rounds are never aggregated), then reserves this
   round's funds. A ``PaymentRequired`` (402) propagates and refuses the state change: starting a
   training over HTTP answers 402 and the training stays INITIAL; a later round does not start
   (the training waits in its phase until the runtime re-checks it).
-* ``ROUND_AGGREGATED_HOOKS`` → :func:`round_aggregated`: settles the round with the updates that
+* ``ROUND_AGGREGATED`` → :func:`round_aggregated`: settles the round with the updates that
   were aggregated (participant, sample size), releasing what was reserved but not used.
 
 Trainings that end (error, stop, completion) may leave a hold open; the component's sweep
@@ -60,11 +61,14 @@ async def _settle_earlier_rounds(session: AsyncSession, training: Any, before: i
         .all()
     )
     for hold in holds:
-        updates = await round_updates(session, training, hold.round)
+        round_number = hold.round
+        if round_number is None:  # excluded by the query (NULL < before is not true)
+            continue
+        updates = await round_updates(session, training, round_number)
         if updates:
-            await billing.settle_round(session, training, hold.round, updates)
+            await billing.settle_round(session, training, round_number, updates)
         else:
-            await billing.release(session, hold, reason=f"round {hold.round} ended without updates")
+            await billing.release(session, hold, reason=f"round {round_number} ended without updates")
 
 
 async def round_started(session: AsyncSession, training: Training, round_number: int) -> None:
@@ -76,18 +80,6 @@ async def round_aggregated(session: AsyncSession, training: Training, round_numb
     await billing.settle_round(
         session, training, round_number, await round_updates(session, training, round_number)
     )
-
-
-def install() -> None:
-    """Register the hooks with the training lifecycle (idempotent)."""
-    from flplatform.trainings import service as trainings
-
-    for hooks, hook in (
-        (trainings.ROUND_STARTED_HOOKS, round_started),
-        (trainings.ROUND_AGGREGATED_HOOKS, round_aggregated),
-    ):
-        if hook not in hooks:
-            hooks.append(hook)
 
 
 async def release_ended_trainings(session: AsyncSession) -> int:
@@ -116,8 +108,7 @@ async def release_ended_trainings(session: AsyncSession) -> int:
 
 @contextlib.asynccontextmanager
 async def billing_component(app: FastAPI) -> AsyncIterator[None]:
-    """Lifespan component: installs the training hooks and runs the hold sweep."""
-    install()
+    """Lifespan component: runs the hold sweep (the hooks are ``flplatform.jobs.install``'s)."""
 
     async def sweep_forever() -> None:
         while True:

@@ -6,24 +6,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.errors import Conflict, NotFound
 from flplatform.orm.base import utcnow
 from flplatform.orm.workqueue import Server, Work, WorkKind, WorkStatus
-
-
-async def register_server(
-    session: AsyncSession, name: str, *, ready: bool = True, gpu_memory: list[int] | None = None
-) -> Server:
-    server = (await session.execute(select(Server).where(Server.name == name))).scalar_one_or_none()
-    if server is None:
-        server = Server(name=name)
-        session.add(server)
-    server.ready, server.gpu_memory, server.last_seen_at = ready, gpu_memory or [], utcnow()
-    await session.flush()
-    return server
+from flplatform.workqueue.servers import register_server  # noqa: F401 - re-exported (seed API)
 
 
 async def create_work(

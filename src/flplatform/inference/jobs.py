@@ -135,7 +135,6 @@ async def submit(
 # --------------------------------------------------------------------------- the handler
 
 
-@workqueue.handler(INFERENCE_JOB, category=WorkKind.INFERENCE, keep_payload=False)
 async def run_inference_job(ctx: workqueue.JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     """Work-queue handler of ``inference.run``: in a server process with that process's inference
     runtime (module cache, concurrency gate), in ``flplatform worker`` with one of its own."""
@@ -154,6 +153,11 @@ async def run_inference_job(ctx: workqueue.JobContext, payload: dict[str, Any]) 
         body = await asyncio.to_thread(lambda: result_body(result, return_scores=query.return_scores))
         await session.commit()
     return body
+
+
+def register() -> None:
+    """Register ``inference.run`` with the work queue (``flplatform.jobs.install`` calls this)."""
+    workqueue.register(INFERENCE_JOB, run_inference_job, category=WorkKind.INFERENCE, keep_payload=False)
 
 
 # --------------------------------------------------------------------------- reading jobs

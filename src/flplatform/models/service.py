@@ -1,21 +1,21 @@
-"""Models: upload, download (any round), client updates, metrics, preprocessing, SWAG moments.
+"""Models: upload, describe, list, download (any round), delete, metrics, preprocessing, SWAG
+moments.
 
 Permissions come from ``flplatform.permissions`` (``MODEL_POLICY``/``METRIC_POLICY``, see
-``permissions/resources.py``): reads and lists filter with the policy; updates, SWAG statistics
-and test metrics additionally come from the training's participants only (the state machine's
-rule, not a permission).
+``permissions/resources.py``): reads and lists filter with the policy; single models reach the
+routes through the dependencies of :mod:`flplatform.models.dependencies`. What participants
+upload during a training (updates, test metrics, SWAG statistics) follows the round rules of
+:mod:`flplatform.trainings.contributions`; this module imports nothing from ``trainings``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
@@ -23,7 +23,7 @@ from sqlalchemy.orm import undefer
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError
-from flplatform.models.schemas import MetricRead, ModelRead
+from flplatform.models.schemas import MetricRead, ModelRead, ModelType
 from flplatform.orm import (
     GlobalModel,
     GlobalModelRound,
@@ -32,19 +32,12 @@ from flplatform.orm import (
     Metric,
     Model,
     SWAGModel,
-    SwagStatistic,
     Training,
-    TrainingState,
-    User,
 )
-from flplatform.orm.base import utcnow
 from flplatform.orm.model import mean_model_members
-from flplatform.permissions import Requester, can_delete, can_read, can_update, ensure_visible, readable
+from flplatform.orm.training import ACTIVE_STATES
+from flplatform.permissions import Requester, can_read, can_update, ensure_visible, readable
 from flplatform.permissions.resources import refusal
-from flplatform.trainings import aggregate
-from flplatform.trainings import service as training_service
-
-MAX_METRIC_KEY = 128
 
 
 def file_error(exc: Exception) -> BadRequest:
@@ -58,7 +51,7 @@ async def get_model(session: AsyncSession, model_id: uuid.UUID) -> Model:
     return model
 
 
-def model_type(model: Model) -> str:
+def model_type(model: Model) -> ModelType:
     if isinstance(model, MeanModel):
         return "MEAN"
     if isinstance(model, SWAGModel):
@@ -68,7 +61,7 @@ def model_type(model: Model) -> str:
     return "LOCAL"
 
 
-def _global_id(model: Model) -> uuid.UUID:
+def global_id_of(model: Model) -> uuid.UUID:
     return model.base_model_id if isinstance(model, LocalModel) else model.id
 
 
@@ -200,7 +193,7 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
         if upload.type == "MEAN":
             if not upload.members:
                 raise BadRequest("A MEAN model needs `models`: the ids of its member global models.")
-            members = []
+            members: list[GlobalModel] = []
             for member_id in dict.fromkeys(upload.members):
                 member = await get_model(session, member_id)
                 if not isinstance(member, GlobalModel) or isinstance(member, MeanModel):
@@ -234,8 +227,8 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
         preprocessing=upload.preprocessing_file,
         has_preprocessing=upload.preprocessing_file is not None,
     )
-    if upload.type == "MEAN":
-        model.members = members  # type: ignore[attr-defined]
+    if isinstance(model, MeanModel):
+        model.members = members
     session.add(model)
     await session.flush()
     session.add(
@@ -324,181 +317,19 @@ async def download(session: AsyncSession, model: Model, round_: int | None) -> b
         raise file_error(exc) from None
 
 
-async def delete_model(requester: Requester, model: Model) -> None:
-    """Owner, the organisation's admins or the training's actor (the policy's ``can_delete``)."""
-    session = requester.session
-    if not await can_delete(requester, model):
-        raise Forbidden("You are neither the owner of the model nor the actor of the corresponding training.")
-    training = await training_service.training_for_model(session, _global_id(model))
-    if (
-        training is not None
-        and training.state in training_service.ACTIVE_STATES
-        and isinstance(model, GlobalModel)
-    ):
-        raise Conflict("The model backs a running training; stop the training first.")
+async def delete_model(session: AsyncSession, model: Model) -> None:
+    """Delete a model the caller may delete (``models.dependencies.DeletableModel``). Deleting a
+    global model deletes its training; one that backs a running training is refused (409)."""
+    if isinstance(model, GlobalModel):
+        running = (
+            await session.execute(
+                select(Training.id).where(Training.model_id == model.id, Training.state.in_(ACTIVE_STATES))
+            )
+        ).first()
+        if running is not None:
+            raise Conflict("The model backs a running training; stop the training first.")
     await session.delete(model)
     await session.flush()
-
-
-# --------------------------------------------------------------------------- updates
-
-
-async def _participating_training(
-    session: AsyncSession, user: User, model: Model
-) -> tuple[Training, GlobalModel]:
-    global_id = _global_id(model)
-    training = await training_service.training_for_model(session, global_id, share=True)
-    if training is None:
-        raise NotFound(f"Model with ID {global_id} does not have a training process running.")
-    if user.id not in training_service.participant_ids(training):
-        raise Forbidden(f"You are not a participant of training {training.id}!")
-    return training, await training_service.global_model(session, global_id)
-
-
-async def add_update(
-    session: AsyncSession,
-    user: User,
-    model: Model,
-    *,
-    data: bytes,
-    round_: int,
-    sample_size: int,
-    metric_names: list[str],
-    metric_values: list[str],
-) -> LocalModel:
-    """Store one client's update for the current round (a re-upload replaces the earlier one)."""
-    training, glob = await _participating_training(session, user, model)
-    if training.state != TrainingState.ONGOING or training.phase != training_service.PHASE_UPDATE:
-        raise BadRequest(
-            f"Training {training.id} is in state {training.state.value} ({training.phase} phase), "
-            "not accepting updates.",
-            code="wrong_state",
-        )
-    if round_ != glob.round:
-        raise BadRequest(
-            f"Training {training.id} is not currently in round {round_} (it is in round {glob.round}).",
-            code="wrong_round",
-        )
-    if training.locked:
-        raise Conflict(
-            f"Round {glob.round} of training {training.id} is being aggregated.", code="round_locked"
-        )
-    metrics = _parse_metrics(metric_names, metric_values, required=False)
-    spec = await aggregate.global_spec(session, glob.id, glob.round)
-
-    def _validate(state: model_files.StateDict) -> bytes:
-        model_files.validate_state_dict(state, spec)
-        return model_files.encode_safetensors(state)
-
-    try:
-        state, _ = await model_files.decode_state_dict_async(data)
-        encoded = await asyncio.to_thread(_validate, state)
-    except ModelFileError as exc:
-        raise file_error(exc) from None
-    existing = (
-        await session.execute(
-            select(LocalModel).where(
-                LocalModel.base_model_id == glob.id,
-                LocalModel.round == glob.round,
-                LocalModel.owner_id == user.id,
-            )
-        )
-    ).scalar_one_or_none()
-    if existing is not None:
-        await session.execute(
-            update(Model)
-            .where(Model.id == existing.id)
-            .values(
-                weights=encoded, weights_size=len(encoded), weights_format="safetensors", updated_at=utcnow()
-            )
-        )
-        existing.sample_size = sample_size
-        await session.execute(Metric.__table__.delete().where(Metric.model_id == existing.id))
-        local = existing
-    else:
-        local = LocalModel(
-            owner_id=user.id,
-            round=glob.round,
-            base_model_id=glob.id,
-            sample_size=sample_size,
-            weights=encoded,
-            weights_format="safetensors",
-            weights_size=len(encoded),
-        )
-        session.add(local)
-    await session.flush()
-    _add_metrics(session, local.id, user.id, glob.round, metrics)
-    await session.flush()
-    return local
-
-
-def _parse_metrics(
-    names: list[str], values: list[str], *, required: bool
-) -> list[tuple[str, float | None, bytes | None]]:
-    if required and (not names or not values):
-        raise BadRequest("Metric names or values are missing.", code="metrics_missing")
-    if len(names) != len(values):
-        raise BadRequest("Metric names and values must have the same length.", code="metrics_length")
-    out = []
-    for name, value in zip(names, values, strict=True):
-        name = name.strip()
-        if not name or len(name) > MAX_METRIC_KEY:
-            raise BadRequest(f"Metric names must have 1 to {MAX_METRIC_KEY} characters.", code="metric_name")
-        if "\x00" in name:  # PostgreSQL text cannot hold NUL
-            raise BadRequest("Metric names must not contain NUL characters.", code="metric_name")
-        try:
-            out.append((name, float(value), None))
-        except (TypeError, ValueError):
-            out.append((name, None, str(value).encode()))
-    return out
-
-
-def _add_metrics(
-    session: AsyncSession,
-    model_id: uuid.UUID,
-    reporter_id: uuid.UUID,
-    step: int,
-    metrics: list[tuple[str, float | None, bytes | None]],
-) -> None:
-    for key, value_float, value_binary in metrics:
-        if value_float is not None and math.isnan(value_float):
-            value_float = float("nan")
-        session.add(
-            Metric(
-                model_id=model_id,
-                key=key,
-                value_float=value_float,
-                value_binary=value_binary,
-                step=step,
-                reporter_id=reporter_id,
-            )
-        )
-
-
-async def add_metrics(
-    session: AsyncSession, user: User, model: Model, names: list[str], values: list[str]
-) -> Training | None:
-    """Metrics on a model at step = its round (the caller has been checked to read ``model``).
-    On a training's model only its participants and actor report (the test round's results);
-    returns the training to re-check."""
-    metrics = _parse_metrics(names, values, required=True)
-    training = await training_service.training_for_model(session, _global_id(model))
-    if training is not None:
-        if user.id not in training_service.participant_ids(training) and not training_service.is_actor(
-            training, user
-        ):
-            raise Forbidden(f"You are not a participant of training {training.id}!")
-    elif model.owner_id != user.id and not user.is_superuser:
-        raise Forbidden("Only the model's owner may report metrics on it.")
-    _add_metrics(session, model.id, user.id, model.round, metrics)
-    await session.flush()
-    if (
-        training is not None
-        and isinstance(model, GlobalModel)
-        and training.phase == training_service.PHASE_TEST
-    ):
-        return training
-    return None
 
 
 async def list_metrics(requester: Requester, model: Model) -> list[MetricRead]:
@@ -531,7 +362,7 @@ async def list_metrics(requester: Requester, model: Model) -> list[MetricRead]:
 
 
 async def get_preprocessing(session: AsyncSession, model: Model) -> bytes:
-    global_id = _global_id(model)
+    global_id = global_id_of(model)
     data = (
         await session.execute(select(GlobalModel.preprocessing).where(GlobalModel.id == global_id))
     ).scalar_one_or_none()
@@ -559,76 +390,6 @@ async def set_preprocessing(requester: Requester, model: Model, data: bytes) -> 
 
 
 # --------------------------------------------------------------------------- SWAG
-
-
-async def add_swag_statistics(
-    session: AsyncSession,
-    user: User,
-    model: Model,
-    *,
-    round_: int,
-    sample_size: int,
-    first: bytes,
-    second: bytes,
-) -> Training:
-    training, glob = await _participating_training(session, user, model)
-    if training.state != TrainingState.SWAG_ROUND:
-        raise BadRequest(
-            f"Training {training.id} is in state {training.state.value}, not in a SWAG round (S).",
-            code="wrong_state",
-        )
-    if round_ != glob.round:
-        raise BadRequest(
-            f"Training {training.id} is not currently in round {round_} (it is in round {glob.round}).",
-            code="wrong_round",
-        )
-    if training.locked:
-        raise Conflict(f"The SWAG round of training {training.id} is being aggregated.", code="round_locked")
-    length = await aggregate.parameter_count(session, glob.id, glob.round)
-
-    def _encode(fm: torch.Tensor, sm: torch.Tensor) -> tuple[bytes, bytes]:
-        if bool((sm < 0).any()):
-            raise ModelFileError("second_moment_file: a second moment (mean of squares) cannot be negative.")
-        return model_files.encode_safetensors({"moment": fm}), model_files.encode_safetensors({"moment": sm})
-
-    try:
-        fm = await model_files.decode_flat_tensor_async(first, length=length, what="first_moment_file")
-        sm = await model_files.decode_flat_tensor_async(second, length=length, what="second_moment_file")
-        fm_bytes, sm_bytes = await asyncio.to_thread(_encode, fm, sm)
-    except ModelFileError as exc:
-        raise file_error(exc) from None
-    existing = (
-        await session.execute(
-            select(SwagStatistic).where(
-                SwagStatistic.training_id == training.id,
-                SwagStatistic.round == glob.round,
-                SwagStatistic.reporter_id == user.id,
-            )
-        )
-    ).scalar_one_or_none()
-    if existing is not None:
-        await session.execute(
-            update(SwagStatistic)
-            .where(SwagStatistic.id == existing.id)
-            .values(
-                first_moment=fm_bytes, second_moment=sm_bytes, sample_size=sample_size, updated_at=utcnow()
-            )
-        )
-    else:
-        session.add(
-            SwagStatistic(
-                training_id=training.id,
-                model_id=glob.id,
-                round=glob.round,
-                reporter_id=user.id,
-                sample_size=sample_size,
-                first_moment=fm_bytes,
-                second_moment=sm_bytes,
-                num_parameters=length,
-            )
-        )
-    await session.flush()
-    return training
 
 
 async def swag_moments(session: AsyncSession, model: SWAGModel) -> tuple[bytes | None, bytes | None]:

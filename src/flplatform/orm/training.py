@@ -38,6 +38,10 @@ class TrainingState(enum.StrEnum):
     SWAG_ROUND = "S"
 
 
+# States in which rounds run (a training's models may not be deleted, its sweeper looks at it).
+ACTIVE_STATES = (TrainingState.ONGOING, TrainingState.SWAG_ROUND)
+
+
 class AggregationMethod(enum.StrEnum):
     FED_AVG = "FedAvg"
     FED_DC = "FedDC"

@@ -1,6 +1,9 @@
 """Models: upload, download (any round), client updates, metrics, preprocessing, SWAG moments.
 
 Wire-compatible with the DLR platform's clients (multipart field names, messages, 201 codes).
+HTTP only: single models arrive checked by the dependencies of
+:mod:`flplatform.models.dependencies`; client updates, test metrics and SWAG statistics go to
+the trainings domain's round rules (:mod:`flplatform.trainings.contributions`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from flplatform.auth.dependencies import AuthenticatedRequester
-from flplatform.db import SessionDep, after_commit
-from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
+from flplatform.db import SessionDep
+from flplatform.errors import BadRequest, NotFound, Unprocessable, UnsupportedMediaType, responses
 from flplatform.kit.schemas import Detail, RequestSchema, SafeStr, text_problem
 from flplatform.models import service as model_service
+from flplatform.models.dependencies import DeletableModel, ReadableModel, VisibleModel
 from flplatform.models.schemas import (
     MetricRead,
     MetricsAccepted,
@@ -27,9 +31,10 @@ from flplatform.models.schemas import (
     SwagAccepted,
     UpdateAccepted,
 )
-from flplatform.orm import SWAGModel
-from flplatform.permissions import Requester, ensure_visible
-from flplatform.trainings.service import runtime_of
+from flplatform.orm import SWAGModel, User
+from flplatform.permissions import Requester
+from flplatform.trainings import contributions
+from flplatform.trainings.sweeper import advance_after_commit
 
 router = APIRouter(prefix="/api/models", tags=["models"])
 
@@ -89,18 +94,9 @@ def parse_input_shape(values: list[str]) -> list[int | None] | None:
     return shape
 
 
-def _user(requester: Requester) -> Any:
+def _user(requester: Requester) -> User:
     assert requester.user is not None
     return requester.user
-
-
-async def _reachable(requester: Requester, model_id: uuid.UUID) -> Any:
-    """The model a write addresses: 404 when the caller cannot see it (another organisation, or
-    in theirs without a reason to see it); inside the organisation-less DLR space the write's own
-    rule answers 403, as the reference did."""
-    model = await model_service.get_model(requester.session, model_id)
-    await ensure_visible(requester, model, f"Model {model_id}", None)
-    return model
 
 
 async def _file_bytes(value: Any) -> bytes | None:
@@ -271,12 +267,11 @@ async def upload_model(request: Request, requester: AuthenticatedRequester) -> M
 )
 async def download_model(
     requester: AuthenticatedRequester,
-    model_id: uuid.UUID,
+    model: ReadableModel,
     round: Annotated[
         int | None, Query(ge=0, le=MAX_INT, description="A past round of a global model.")
     ] = None,  # noqa: A002
 ) -> Response:
-    model = await model_service.readable_model(requester, model_id)
     data = await model_service.download(requester.session, model, round)
     suffix = "" if round is None else f"-round-{round}"
     return Response(
@@ -291,10 +286,8 @@ async def download_model(
     description="JSON description (type, owner, round, rounds with stored history, input shape…).",
     responses=responses(401, 403, 404),
 )
-async def describe_model(requester: AuthenticatedRequester, model_id: uuid.UUID) -> ModelRead:
-    return await model_service.describe(
-        requester.session, await model_service.readable_model(requester, model_id)
-    )
+async def describe_model(session: SessionDep, model: ReadableModel) -> ModelRead:
+    return await model_service.describe(session, model)
 
 
 @router.post(
@@ -314,16 +307,15 @@ async def upload_update(
     session: SessionDep,
     requester: AuthenticatedRequester,
     request: Request,
-    model_id: uuid.UUID,
+    model: VisibleModel,
     model_file: Annotated[UploadFile, File(description="The update.")],
     round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
     sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
     metric_names: Annotated[list[SafeStr], Form()] = [],  # noqa: B006
     metric_values: Annotated[list[str], Form()] = [],  # non-numeric values are stored as bytes  # noqa: B006
 ) -> UpdateAccepted:
-    model = await _reachable(requester, model_id)
     data = await model_file.read()
-    local = await model_service.add_update(
+    local, training = await contributions.add_update(
         session,
         _user(requester),
         model,
@@ -333,9 +325,7 @@ async def upload_update(
         metric_names=metric_names,
         metric_values=metric_values,
     )
-    runtime = runtime_of(request.app)
-    training_id = (await model_service.training_service.training_for_model(session, local.base_model_id)).id  # type: ignore[union-attr]
-    after_commit(session, lambda: runtime.advance(training_id))
+    advance_after_commit(request.app, session, training.id)
     return UpdateAccepted(model_id=local.id, round=local.round)
 
 
@@ -347,9 +337,8 @@ async def upload_update(
     "training (as the reference); a model backing a running training must be stopped first (409).",
     responses=responses(401, 403, 404, 409),
 )
-async def delete_model(requester: AuthenticatedRequester, model_id: uuid.UUID) -> Detail:
-    model = await _reachable(requester, model_id)
-    await model_service.delete_model(requester, model)
+async def delete_model(session: SessionDep, model: DeletableModel) -> Detail:
+    await model_service.delete_model(session, model)
     return Detail(detail="Model removed!")
 
 
@@ -360,8 +349,7 @@ async def delete_model(requester: AuthenticatedRequester, model_id: uuid.UUID) -
     description="Every metric row of the model (binary values base64).",
     responses=responses(401, 403, 404),
 )
-async def get_metrics(requester: AuthenticatedRequester, model_id: uuid.UUID) -> list[MetricRead]:
-    model = await model_service.readable_model(requester, model_id)
+async def get_metrics(requester: AuthenticatedRequester, model: ReadableModel) -> list[MetricRead]:
     return await model_service.list_metrics(requester, model)
 
 
@@ -380,16 +368,13 @@ async def post_metrics(
     session: SessionDep,
     requester: AuthenticatedRequester,
     request: Request,
-    model_id: uuid.UUID,
+    model: VisibleModel,
     metric_names: Annotated[list[SafeStr], Form()] = [],  # noqa: B006
     metric_values: Annotated[list[str], Form()] = [],  # non-numeric values are stored as bytes  # noqa: B006
 ) -> MetricsAccepted:
-    model = await _reachable(requester, model_id)
-    training = await model_service.add_metrics(session, _user(requester), model, metric_names, metric_values)
+    training = await contributions.add_metrics(session, _user(requester), model, metric_names, metric_values)
     if training is not None:
-        runtime = runtime_of(request.app)
-        training_id = training.id
-        after_commit(session, lambda: runtime.advance(training_id))
+        advance_after_commit(request.app, session, training.id)
     return MetricsAccepted(model_id=model.id)
 
 
@@ -403,9 +388,8 @@ async def post_metrics(
         **responses(401, 403, 404),
     },
 )
-async def get_preprocessing(requester: AuthenticatedRequester, model_id: uuid.UUID) -> Response:
-    model = await model_service.readable_model(requester, model_id)
-    data = await model_service.get_preprocessing(requester.session, model)
+async def get_preprocessing(session: SessionDep, model: ReadableModel) -> Response:
+    data = await model_service.get_preprocessing(session, model)
     return Response(
         data,
         media_type=OCTET,
@@ -424,10 +408,9 @@ async def get_preprocessing(requester: AuthenticatedRequester, model_id: uuid.UU
 )
 async def post_preprocessing(
     requester: AuthenticatedRequester,
-    model_id: uuid.UUID,
+    model: VisibleModel,
     model_preprocessing_file: Annotated[UploadFile, File()],
 ) -> Detail:
-    model = await _reachable(requester, model_id)
     await model_service.set_preprocessing(requester, model, await model_preprocessing_file.read())
     return Detail(detail="Preprocessing Model Upload Accepted")
 
@@ -448,14 +431,13 @@ async def post_swag(
     session: SessionDep,
     requester: AuthenticatedRequester,
     request: Request,
-    model_id: uuid.UUID,
+    model: VisibleModel,
     round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
     sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
     first_moment_file: Annotated[UploadFile, File()],
     second_moment_file: Annotated[UploadFile, File()],
 ) -> SwagAccepted:
-    model = await _reachable(requester, model_id)
-    training = await model_service.add_swag_statistics(
+    training = await contributions.add_swag_statistics(
         session,
         _user(requester),
         model,
@@ -464,9 +446,7 @@ async def post_swag(
         first=await first_moment_file.read(),
         second=await second_moment_file.read(),
     )
-    runtime = runtime_of(request.app)
-    training_id = training.id
-    after_commit(session, lambda: runtime.advance(training_id))
+    advance_after_commit(request.app, session, training.id)
     return SwagAccepted(round=round)
 
 
@@ -478,19 +458,16 @@ async def post_swag(
     responses={200: {"content": {OCTET: {}}, "description": "safetensors"}, **responses(401, 403, 404)},
 )
 async def get_swag(
-    requester: AuthenticatedRequester,
-    model_id: uuid.UUID,
+    session: SessionDep,
+    model: ReadableModel,
     moment: Annotated[str, Query(pattern="^(first|second)$")] = "first",
 ) -> Response:
-    model = await model_service.readable_model(requester, model_id)
     if not isinstance(model, SWAGModel):
-        raise BadRequest(f"Model {model_id} is not a SWAG model.")
-    first, second = await model_service.swag_moments(requester.session, model)
+        raise BadRequest(f"Model {model.id} is not a SWAG model.")
+    first, second = await model_service.swag_moments(session, model)
     data = first if moment == "first" else second
     if data is None:
-        from flplatform.errors import NotFound
-
-        raise NotFound(f"SWAG model {model_id} has no aggregated moments yet.")
+        raise NotFound(f"SWAG model {model.id} has no aggregated moments yet.")
     return Response(
         data,
         media_type=OCTET,

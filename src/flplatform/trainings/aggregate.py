@@ -157,8 +157,11 @@ async def aggregate_swag(
                     )
                 )
             ).one()
-        first = await asyncio.to_thread(model_files.decode_safetensors, row[0])
-        second = await asyncio.to_thread(model_files.decode_safetensors, row[1])
+        first_moment, second_moment = row
+        if first_moment is None or second_moment is None:
+            raise ValueError(f"SWAG statistic {stat_id} has no stored moments.")
+        first = await asyncio.to_thread(model_files.decode_safetensors, first_moment)
+        second = await asyncio.to_thread(model_files.decode_safetensors, second_moment)
         await asyncio.to_thread(
             accumulator.add, {"first": first["moment"], "second": second["moment"]}, float(sample_size)
         )

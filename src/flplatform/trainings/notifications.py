@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from flplatform.auth.credentials import sign
-from flplatform.orm import Notification, NotificationStatus, TrainingState, User
+from flplatform.orm import Notification, NotificationStatus, User
 from flplatform.orm.base import utcnow
 from flplatform.orm.training import training_participants
 from flplatform.settings import Settings
@@ -130,7 +130,7 @@ def enqueue(
 
 
 # Called by the dispatcher when a critical notification is rejected or undeliverable:
-# (session, training_id, user_id, reason). Set by trainings.service to keep this module free
+# (session, training_id, user_id, reason). Set by trainings.sweeper to keep this module free
 # of lifecycle rules.
 RejectionHandler = Callable[[AsyncSession, uuid.UUID, uuid.UUID, str], Awaitable[None]]
 FailureHandler = Callable[[AsyncSession, uuid.UUID, str], Awaitable[None]]
@@ -463,6 +463,3 @@ async def is_participant(session: AsyncSession, training_id: uuid.UUID, user_id:
         )
     )
     return row.first() is not None
-
-
-ACTIVE_STATES = (TrainingState.ONGOING, TrainingState.SWAG_ROUND)

@@ -16,12 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.orm import GlobalModel, LocalModel, Metric, SwagStatistic, Training, TrainingState
+from flplatform.orm.training import ACTIVE_STATES
 
 PHASE_UPDATE = "update"
 PHASE_TEST = "test"
 PHASE_SWAG = "swag"
 PHASE_DONE = "done"
-ACTIVE_STATES = (TrainingState.ONGOING, TrainingState.SWAG_ROUND)
 
 
 def participant_ids(training: Training) -> set[uuid.UUID]:

@@ -9,22 +9,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from flplatform.aggregation import AGGREGATOR_NAMES
 from flplatform.inference.schemas import UncertaintyOptions
 from flplatform.kit.schemas import RequestSchema, Schema
 from flplatform.orm.training import AggregationMethod, TrainingState, UncertaintyMethod
 
-
-def _aggregator_names() -> tuple[str, ...]:
-    """Aggregators exposed by ``flplatform.aggregation`` (FedAvg always exists)."""
-    try:
-        from flplatform.aggregation import AGGREGATOR_NAMES  # type: ignore[attr-defined]
-    except ImportError:
-        return ("fedavg",)
-    names = tuple(str(n) for n in AGGREGATOR_NAMES)
-    return names or ("fedavg",)
-
-
-AggregatorName = StrEnum("AggregatorName", {n: n for n in _aggregator_names()})  # type: ignore[misc]
+# Built from the aggregation package's registry (a dynamic enum, which mypy cannot follow).
+AggregatorName = StrEnum("AggregatorName", {n: n for n in AGGREGATOR_NAMES})  # type: ignore[misc]
 """OpenAPI enum of the server-side aggregation rules (``options.aggregator``)."""
 
 
@@ -86,8 +77,8 @@ class TrainingOptions(RequestSchema):
         description="FedDC: seed of the redistribution of the local models (default: from the training id).",
     )
     uncertainty: UncertaintyOptions = Field(default_factory=UncertaintyOptions)
-    aggregator: AggregatorName = Field(  # type: ignore[valid-type]
-        default=AggregatorName("fedavg"),  # type: ignore[call-arg]
+    aggregator: AggregatorName = Field(
+        default=AggregatorName("fedavg"),
         description="Server-side aggregation rule (FedAvg/FedProx/FedDC aggregate with it).",
     )
     aggregator_options: dict[str, Any] = Field(

@@ -1,13 +1,18 @@
 """``flplatform worker``: a work-queue worker without the HTTP server (scale jobs out to more
 processes or hosts; every one of them needs the same ``FLP_DATABASE_URL`` and ``FLP_SECRET_KEY``)."""
 
+# The work queue knows no domain: the caller (``flplatform.cli``) passes ``install_jobs``, the
+# function that registers every job kind and hook (``flplatform.jobs.install``).
+
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from flplatform.settings import Settings, get_settings
 
@@ -18,29 +23,39 @@ class _KindsHelpFormatter(argparse.HelpFormatter):
     """Fills ``%(kinds)s`` in a help text with the registered job kinds, only when help is shown
     (finding them imports every domain, torch included)."""
 
+    def __init__(self, prog: str, *, install_jobs: Callable[[], None]) -> None:
+        super().__init__(prog)
+        self._install_jobs = install_jobs
+
     def _expand_help(self, action: argparse.Action) -> str:
         if action.help and "%(kinds)s" in action.help:
             from flplatform.workqueue.registry import registered_kinds
 
-            load_handlers()
+            self._install_jobs()
             action.help = action.help.replace("%(kinds)s", ", ".join(sorted(registered_kinds())))
         return super()._expand_help(action)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from flplatform.cli import env_var
+def _env_var(field: str) -> str:
+    assert field in Settings.model_fields, field
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
 
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], *, install_jobs: Callable[[], None]
+) -> None:
+    """Add ``flplatform worker``; ``install_jobs`` registers the job kinds it runs."""
     worker = sub.add_parser(
         "worker",
         help="run a work-queue worker (no HTTP server) until SIGINT/SIGTERM",
-        description=__doc__.replace("``", "`"),
-        formatter_class=_KindsHelpFormatter,
+        description=(__doc__ or "").replace("``", "`"),
+        formatter_class=functools.partial(_KindsHelpFormatter, install_jobs=install_jobs),
     )
     worker.add_argument("--name", help="worker name shown in the jobs table (default: host:pid:random)")
     worker.add_argument(
         "--concurrency",
         type=int,
-        help=f"jobs at a time (default: {env_var('worker_concurrency')}, which defaults to "
+        help=f"jobs at a time (default: {_env_var('worker_concurrency')}, which defaults to "
         f"{Settings.model_fields['worker_concurrency'].default})",
     )
     worker.add_argument(
@@ -49,17 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     worker.add_argument(
         "--no-migrate", action="store_true", help="do not apply migrations first (default: apply them)"
     )
-    worker.set_defaults(func=_worker)
-
-
-def load_handlers() -> None:
-    """Import every domain (the app imports them all), so their job kinds are registered, and
-    install the hooks the server's lifespan would install: an aggregation run by this worker
-    settles the round's billing hold and reserves the next round exactly as a server would."""
-    import flplatform.app  # noqa: F401
-    from flplatform.billing.hooks import install as install_billing_hooks
-
-    install_billing_hooks()
+    worker.set_defaults(func=_worker, install_jobs=install_jobs)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -74,7 +79,9 @@ def _worker(args: argparse.Namespace) -> int:
             "note: SQLite has one writer; for several workers use PostgreSQL (FLP_DATABASE_URL)",
             file=sys.stderr,
         )
-    load_handlers()
+    # Every job kind and hook, as a server installs them: an aggregation run by this worker
+    # settles the round's billing hold and reserves the next round exactly as a server would.
+    args.install_jobs()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
     from flplatform.workqueue.registry import registered_kinds
 

@@ -29,6 +29,7 @@ from flplatform.errors import AppError
 from flplatform.orm.base import utcnow
 from flplatform.orm.workqueue import QueuedWork, Work, WorkKind, WorkStatus
 from flplatform.workqueue.registry import category_of, lookup
+from flplatform.workqueue.tables import QUEUED_WORK, WORK
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ async def claim(
             if kinds is not None:
                 stmt = stmt.where(QueuedWork.handler.in_(kinds))
             if _is_postgres(session):
-                stmt = stmt.with_for_update(skip_locked=True, of=Work.__table__)
+                stmt = stmt.with_for_update(skip_locked=True, of=WORK)
             job = (await session.execute(stmt)).scalar_one_or_none()
             if job is None:
                 return None
@@ -198,8 +199,8 @@ async def claim(
                 await session.rollback()
                 continue
             await session.execute(
-                update(QueuedWork.__table__)
-                .where(QueuedWork.__table__.c.id == job.id, QueuedWork.__table__.c.attempts == seen_attempts)
+                update(QUEUED_WORK)
+                .where(QUEUED_WORK.c.id == job.id, QUEUED_WORK.c.attempts == seen_attempts)
                 .values(attempts=seen_attempts + 1, lease_until=lease_until)
             )
             claimed = ClaimedJob(
@@ -215,7 +216,7 @@ async def claim(
 
 
 def _owned_by(job_id: uuid.UUID, attempt: int) -> Any:
-    queued = QueuedWork.__table__
+    queued = QUEUED_WORK
     return exists().where(queued.c.id == job_id, queued.c.attempts == attempt)
 
 
@@ -224,12 +225,10 @@ async def renew(
 ) -> bool:
     """Extend the lease of a running job; False when the claim was lost (the lease had expired
     and another worker took the job over)."""
-    queued = QueuedWork.__table__
+    queued = QUEUED_WORK
     async with sessionmaker() as session:
         until = utcnow() + dt.timedelta(seconds=lease_seconds)
-        still_processing = exists().where(
-            Work.__table__.c.id == job.id, Work.__table__.c.status == WorkStatus.PROCESSING.value
-        )
+        still_processing = exists().where(WORK.c.id == job.id, WORK.c.status == WorkStatus.PROCESSING.value)
         result = await session.execute(
             update(queued)
             .where(queued.c.id == job.id, queued.c.attempts == job.attempt, still_processing)
@@ -257,6 +256,7 @@ async def fail(
     """Record failure with the error text (final: handlers decide themselves what is retryable).
     An :class:`~flplatform.errors.AppError` (a refusal a request would have answered with a 4xx)
     also keeps its machine ``code`` and HTTP ``status``, so a job can report it in the API's shape."""
+    detail: dict[str, Any]
     if isinstance(error, BaseException):
         detail = {
             "message": str(error)[:MAX_ERROR_CHARS] or type(error).__name__,
@@ -285,9 +285,7 @@ async def release(sessionmaker: async_sessionmaker[AsyncSession], job: ClaimedJo
         ok = moved.first() is not None
         if ok:
             await session.execute(
-                update(QueuedWork.__table__)
-                .where(QueuedWork.__table__.c.id == job.id)
-                .values(lease_until=None)
+                update(QUEUED_WORK).where(QUEUED_WORK.c.id == job.id).values(lease_until=None)
             )
         await session.commit()
     return ok
@@ -316,7 +314,5 @@ async def _final(
     registration = lookup(kind)
     if registration is not None and not registration.keep_payload:
         values["payload"] = {}
-    await session.execute(
-        update(QueuedWork.__table__).where(QueuedWork.__table__.c.id == job_id).values(**values)
-    )
+    await session.execute(update(QUEUED_WORK).where(QUEUED_WORK.c.id == job_id).values(**values))
     return True

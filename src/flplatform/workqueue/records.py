@@ -24,7 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform.orm.model import Model
-from flplatform.orm.workqueue import QueuedWork, Server, Work, WorkKind, WorkStatus
+from flplatform.orm.workqueue import Server, WorkKind, WorkStatus
+from flplatform.workqueue.tables import QUEUED_WORK, WORK
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class CompletedWorkLog:
     @staticmethod
     async def _insert(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
         await session.execute(
-            insert(Work.__table__),
+            insert(WORK),
             [
                 {
                     "id": r["id"],
@@ -131,7 +132,7 @@ class CompletedWorkLog:
             ],
         )
         await session.execute(
-            insert(QueuedWork.__table__),
+            insert(QUEUED_WORK),
             [
                 {
                     "id": r["id"],

@@ -1,7 +1,10 @@
-"""Job kinds and their handlers (process-wide). A domain registers its kinds at import time::
+"""Job kinds and their handlers (process-wide). A domain's ``jobs.py`` offers a ``register()``
+that ``flplatform.jobs.install()`` calls in every entry point (never at import time)::
 
-    @workqueue.handler("aggregate_round", category=WorkKind.AGGREGATION)
     async def aggregate_round(ctx: JobContext, payload: dict) -> dict | None: ...
+
+    def register() -> None:
+        workqueue.register("aggregate_round", aggregate_round, category=WorkKind.AGGREGATION)
 
 A handler must be idempotent: a job whose worker died is run again by another worker after
 its lease expired (at-least-once execution; exactly-once effects are the handler's business,
@@ -11,7 +14,7 @@ e.g. a row lock and a fencing check before it commits its result).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +36,7 @@ class JobContext:
     shared: dict[str, Any] = field(default_factory=dict)  # per-worker objects handlers may cache
 
 
-Handler = Callable[[JobContext, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+Handler = Callable[[JobContext, dict[str, Any]], Coroutine[Any, Any, dict[str, Any] | None]]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from flplatform.settings import Settings
 from flplatform.workqueue import queue
 from flplatform.workqueue.records import CompletedWorkLog
 from flplatform.workqueue.registry import JobContext, lookup
+from flplatform.workqueue.servers import register_server
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,9 @@ class Worker:
             app=self.app,
             shared=self.shared,
         )
-        work = asyncio.get_running_loop().create_task(registration.handler(context, job.payload))
+        work: asyncio.Task[dict[str, Any] | None] = asyncio.get_running_loop().create_task(
+            registration.handler(context, job.payload)
+        )
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(job, work))
         try:
             result = await work
@@ -256,8 +259,6 @@ class Worker:
     # ------------------------------------------------------------------ server row, heartbeat, NOTIFY
 
     async def _register(self, *, ready: bool) -> None:
-        from flplatform.billing.works import register_server
-
         async with self.sessionmaker() as session:
             server = await register_server(session, self.name, ready=ready, gpu_memory=gpu_memory())
             await session.commit()

@@ -1,0 +1,263 @@
+"""The round rules for what participants send: a client's update for the current round, test
+metrics (which end a test round), SWAG statistics. Each checks that the caller takes part in
+the model's training and that the training is in the phase and round the upload is for, then
+stores it; the engine (:mod:`flplatform.trainings.runtime`) decides, after the commit, whether
+the round is complete. Metrics on a model that backs no training are its owner's to report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+
+import torch
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
+from flplatform.models import files as model_files
+from flplatform.models.files import ModelFileError
+from flplatform.models.service import file_error, global_id_of
+from flplatform.orm import (
+    GlobalModel,
+    LocalModel,
+    Metric,
+    Model,
+    SwagStatistic,
+    Training,
+    TrainingState,
+    User,
+)
+from flplatform.orm.base import utcnow
+from flplatform.trainings import aggregate
+from flplatform.trainings.repository import global_model, training_for_model
+from flplatform.trainings.rounds import PHASE_TEST, PHASE_UPDATE, participant_ids
+from flplatform.trainings.service import is_actor
+
+MAX_METRIC_KEY = 128
+
+
+async def _participating_training(
+    session: AsyncSession, user: User, model: Model
+) -> tuple[Training, GlobalModel]:
+    global_id = global_id_of(model)
+    training = await training_for_model(session, global_id, share=True)
+    if training is None:
+        raise NotFound(f"Model with ID {global_id} does not have a training process running.")
+    if user.id not in participant_ids(training):
+        raise Forbidden(f"You are not a participant of training {training.id}!")
+    return training, await global_model(session, global_id)
+
+
+async def add_update(
+    session: AsyncSession,
+    user: User,
+    model: Model,
+    *,
+    data: bytes,
+    round_: int,
+    sample_size: int,
+    metric_names: list[str],
+    metric_values: list[str],
+) -> tuple[LocalModel, Training]:
+    """Store one client's update for the current round (a re-upload replaces the earlier one);
+    returns it with the training to re-check."""
+    training, glob = await _participating_training(session, user, model)
+    if training.state != TrainingState.ONGOING or training.phase != PHASE_UPDATE:
+        raise BadRequest(
+            f"Training {training.id} is in state {training.state.value} ({training.phase} phase), "
+            "not accepting updates.",
+            code="wrong_state",
+        )
+    if round_ != glob.round:
+        raise BadRequest(
+            f"Training {training.id} is not currently in round {round_} (it is in round {glob.round}).",
+            code="wrong_round",
+        )
+    if training.locked:
+        raise Conflict(
+            f"Round {glob.round} of training {training.id} is being aggregated.", code="round_locked"
+        )
+    metrics = _parse_metrics(metric_names, metric_values, required=False)
+    spec = await aggregate.global_spec(session, glob.id, glob.round)
+
+    def _validate(state: model_files.StateDict) -> bytes:
+        model_files.validate_state_dict(state, spec)
+        return model_files.encode_safetensors(state)
+
+    try:
+        state, _ = await model_files.decode_state_dict_async(data)
+        encoded = await asyncio.to_thread(_validate, state)
+    except ModelFileError as exc:
+        raise file_error(exc) from None
+    existing = (
+        await session.execute(
+            select(LocalModel).where(
+                LocalModel.base_model_id == glob.id,
+                LocalModel.round == glob.round,
+                LocalModel.owner_id == user.id,
+            )
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        await session.execute(
+            update(Model)
+            .where(Model.id == existing.id)
+            .values(
+                weights=encoded, weights_size=len(encoded), weights_format="safetensors", updated_at=utcnow()
+            )
+        )
+        existing.sample_size = sample_size
+        await session.execute(
+            delete(Metric).where(Metric.model_id == existing.id).execution_options(synchronize_session=False)
+        )
+        local = existing
+    else:
+        local = LocalModel(
+            owner_id=user.id,
+            round=glob.round,
+            base_model_id=glob.id,
+            sample_size=sample_size,
+            weights=encoded,
+            weights_format="safetensors",
+            weights_size=len(encoded),
+        )
+        session.add(local)
+    await session.flush()
+    _add_metrics(session, local.id, user.id, glob.round, metrics)
+    await session.flush()
+    return local, training
+
+
+def _parse_metrics(
+    names: list[str], values: list[str], *, required: bool
+) -> list[tuple[str, float | None, bytes | None]]:
+    if required and (not names or not values):
+        raise BadRequest("Metric names or values are missing.", code="metrics_missing")
+    if len(names) != len(values):
+        raise BadRequest("Metric names and values must have the same length.", code="metrics_length")
+    out: list[tuple[str, float | None, bytes | None]] = []
+    for name, value in zip(names, values, strict=True):
+        name = name.strip()
+        if not name or len(name) > MAX_METRIC_KEY:
+            raise BadRequest(f"Metric names must have 1 to {MAX_METRIC_KEY} characters.", code="metric_name")
+        if "\x00" in name:  # PostgreSQL text cannot hold NUL
+            raise BadRequest("Metric names must not contain NUL characters.", code="metric_name")
+        try:
+            out.append((name, float(value), None))
+        except (TypeError, ValueError):
+            out.append((name, None, str(value).encode()))
+    return out
+
+
+def _add_metrics(
+    session: AsyncSession,
+    model_id: uuid.UUID,
+    reporter_id: uuid.UUID,
+    step: int,
+    metrics: list[tuple[str, float | None, bytes | None]],
+) -> None:
+    for key, value_float, value_binary in metrics:
+        if value_float is not None and math.isnan(value_float):
+            value_float = float("nan")
+        session.add(
+            Metric(
+                model_id=model_id,
+                key=key,
+                value_float=value_float,
+                value_binary=value_binary,
+                step=step,
+                reporter_id=reporter_id,
+            )
+        )
+
+
+async def add_metrics(
+    session: AsyncSession, user: User, model: Model, names: list[str], values: list[str]
+) -> Training | None:
+    """Metrics on a model at step = its round (the caller has been checked to read ``model``).
+    On a training's model only its participants and actor report (the test round's results);
+    returns the training to re-check."""
+    metrics = _parse_metrics(names, values, required=True)
+    training = await training_for_model(session, global_id_of(model))
+    if training is not None:
+        if user.id not in participant_ids(training) and not is_actor(training, user):
+            raise Forbidden(f"You are not a participant of training {training.id}!")
+    elif model.owner_id != user.id and not user.is_superuser:
+        raise Forbidden("Only the model's owner may report metrics on it.")
+    _add_metrics(session, model.id, user.id, model.round, metrics)
+    await session.flush()
+    if training is not None and isinstance(model, GlobalModel) and training.phase == PHASE_TEST:
+        return training
+    return None
+
+
+async def add_swag_statistics(
+    session: AsyncSession,
+    user: User,
+    model: Model,
+    *,
+    round_: int,
+    sample_size: int,
+    first: bytes,
+    second: bytes,
+) -> Training:
+    training, glob = await _participating_training(session, user, model)
+    if training.state != TrainingState.SWAG_ROUND:
+        raise BadRequest(
+            f"Training {training.id} is in state {training.state.value}, not in a SWAG round (S).",
+            code="wrong_state",
+        )
+    if round_ != glob.round:
+        raise BadRequest(
+            f"Training {training.id} is not currently in round {round_} (it is in round {glob.round}).",
+            code="wrong_round",
+        )
+    if training.locked:
+        raise Conflict(f"The SWAG round of training {training.id} is being aggregated.", code="round_locked")
+    length = await aggregate.parameter_count(session, glob.id, glob.round)
+
+    def _encode(fm: torch.Tensor, sm: torch.Tensor) -> tuple[bytes, bytes]:
+        if bool((sm < 0).any()):
+            raise ModelFileError("second_moment_file: a second moment (mean of squares) cannot be negative.")
+        return model_files.encode_safetensors({"moment": fm}), model_files.encode_safetensors({"moment": sm})
+
+    try:
+        fm = await model_files.decode_flat_tensor_async(first, length=length, what="first_moment_file")
+        sm = await model_files.decode_flat_tensor_async(second, length=length, what="second_moment_file")
+        fm_bytes, sm_bytes = await asyncio.to_thread(_encode, fm, sm)
+    except ModelFileError as exc:
+        raise file_error(exc) from None
+    existing = (
+        await session.execute(
+            select(SwagStatistic).where(
+                SwagStatistic.training_id == training.id,
+                SwagStatistic.round == glob.round,
+                SwagStatistic.reporter_id == user.id,
+            )
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        await session.execute(
+            update(SwagStatistic)
+            .where(SwagStatistic.id == existing.id)
+            .values(
+                first_moment=fm_bytes, second_moment=sm_bytes, sample_size=sample_size, updated_at=utcnow()
+            )
+        )
+    else:
+        session.add(
+            SwagStatistic(
+                training_id=training.id,
+                model_id=glob.id,
+                round=glob.round,
+                reporter_id=user.id,
+                sample_size=sample_size,
+                first_moment=fm_bytes,
+                second_moment=sm_bytes,
+                num_parameters=length,
+            )
+        )
+    await session.flush()
+    return training

@@ -1,0 +1,34 @@
+"""The trainings domain's work-queue job: ``training.aggregate`` (one claimed round's
+aggregation). :func:`register` adds it to the work queue; ``flplatform.jobs.install()`` calls
+it in every entry point — nothing registers at import time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flplatform import workqueue
+from flplatform.orm.workqueue import WorkKind
+from flplatform.trainings.runtime import AGGREGATE_JOB, AggregationJob, TrainingRuntime
+
+
+async def run_aggregation_job(ctx: workqueue.JobContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Work-queue handler of ``training.aggregate``: in a server process it uses that process's
+    runtime (its notification dispatcher is kicked at once); in ``flplatform worker`` a runtime of
+    its own (the servers' dispatchers deliver the outbox on their next sweep)."""
+    runtime: TrainingRuntime | None = (
+        getattr(ctx.app.state, "training_runtime", None) if ctx.app is not None else None
+    )
+    if runtime is None:
+        runtime = ctx.shared.get("training_runtime")
+        if runtime is None:
+            runtime = ctx.shared["training_runtime"] = TrainingRuntime(
+                sessionmaker=ctx.sessionmaker, settings=ctx.settings
+            )
+    training_id, job = AggregationJob.from_payload(payload)
+    committed = await runtime.aggregate(training_id, job)
+    return {"training_id": str(training_id), "round": job.round, "kind": job.kind, "committed": committed}
+
+
+def register() -> None:
+    """Register the domain's job kinds (idempotent: registering again replaces the same handler)."""
+    workqueue.register(AGGREGATE_JOB, run_aggregation_job, category=WorkKind.AGGREGATION)

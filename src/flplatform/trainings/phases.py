@@ -1,0 +1,238 @@
+"""The round state machine's transitions (see :mod:`flplatform.trainings.runtime` for what
+drives them): entering a phase, the notifications each phase sends, ending in C or E, removing
+participants mid-training, and FedDC's daisy-chain rounds. Every function runs inside the
+caller's transaction and never commits."""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flplatform.orm import GlobalModel, Training, TrainingState, UncertaintyMethod, User
+from flplatform.orm.base import utcnow
+from flplatform.trainings import hooks
+from flplatform.trainings import notifications as notify
+from flplatform.trainings.repository import global_model
+from flplatform.trainings.rounds import (
+    ACTIVE_STATES,
+    PHASE_DONE,
+    PHASE_SWAG,
+    PHASE_TEST,
+    PHASE_UPDATE,
+    participant_ids,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _mu(training: Training) -> float | None:
+    mu: float | None = (training.options or {}).get("mu")
+    return mu
+
+
+def start_body(training: Training, model: GlobalModel) -> dict[str, Any]:
+    """TRAINING_START's body."""
+    return {
+        "global_model_uuid": str(model.id),
+        "round": model.round,
+        "aggregation_method": training.aggregation_method.value,
+        "uncertainty_method": training.uncertainty_method.value,
+        "mu": _mu(training),
+        "target_num_updates": training.target_num_updates,
+    }
+
+
+def _round_body(training: Training, model: GlobalModel, download: uuid.UUID | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"round": model.round, "global_model_uuid": str(download or model.id)}
+    body["training_model_uuid"] = str(model.id)  # where updates go (differs from the download in FedDC)
+    if _mu(training) is not None:
+        body["mu"] = _mu(training)
+    return body
+
+
+def phase_notification(training: Training, model: GlobalModel) -> tuple[str | None, dict[str, Any]]:
+    """The notification of the phase in progress (what a late joiner is sent)."""
+    if training.state == TrainingState.SWAG_ROUND:
+        return notify.SWAG_ROUND_START, _round_body(training, model)
+    if training.phase == PHASE_UPDATE:
+        return notify.UPDATE_ROUND_START, _round_body(training, model)
+    if training.phase == PHASE_TEST:
+        return notify.MODEL_TEST_ROUND, _round_body(training, model)
+    return None, {}
+
+
+def _enter_phase(training: Training, phase: str) -> None:
+    training.phase = phase
+    training.phase_started_at = utcnow()
+    training.last_update = utcnow()
+
+
+async def begin_update_round(
+    session: AsyncSession,
+    training: Training,
+    model: GlobalModel,
+    recipients: Sequence[User],
+    downloads: dict[uuid.UUID, uuid.UUID] | None = None,
+) -> None:
+    """Enter the update phase of ``model.round`` (the round-started hooks may refuse it)."""
+    _enter_phase(training, PHASE_UPDATE)
+    await hooks.ROUND_STARTED(session, training, model.round)
+    if downloads:
+        notify.enqueue(
+            session,
+            training.id,
+            recipients,
+            notify.UPDATE_ROUND_START,
+            lambda u: _round_body(training, model, downloads.get(u.id)),
+        )
+    else:
+        notify.enqueue(
+            session, training.id, recipients, notify.UPDATE_ROUND_START, _round_body(training, model)
+        )
+
+
+async def after_aggregation(session: AsyncSession, training: Training, model: GlobalModel) -> None:
+    """After an update aggregation: a SWAG round, a test round, the next round or the end."""
+    if training.uncertainty_method == UncertaintyMethod.SWAG:
+        training.state = TrainingState.SWAG_ROUND
+        _enter_phase(training, PHASE_SWAG)
+        notify.enqueue(
+            session, training.id, training.participants, notify.SWAG_ROUND_START, _round_body(training, model)
+        )
+        return
+    await test_or_next(session, training, model)
+
+
+async def test_or_next(session: AsyncSession, training: Training, model: GlobalModel) -> None:
+    training.state = TrainingState.ONGOING
+    if (training.options or {}).get("skip_model_tests"):
+        await next_or_finish(session, training, model)
+        return
+    _enter_phase(training, PHASE_TEST)
+    notify.enqueue(
+        session, training.id, training.participants, notify.MODEL_TEST_ROUND, _round_body(training, model)
+    )
+
+
+async def next_or_finish(session: AsyncSession, training: Training, model: GlobalModel) -> None:
+    if model.round - training.start_round >= training.target_num_updates:
+        training.state = TrainingState.COMPLETED
+        _enter_phase(training, PHASE_DONE)
+        actor = await session.get(User, training.actor_id)
+        recipients = list(training.participants)
+        if actor is not None and actor.id not in participant_ids(training):
+            recipients.append(actor)
+        notify.enqueue(
+            session, training.id, recipients, notify.TRAINING_FINISHED, {"global_model_uuid": str(model.id)}
+        )
+        return
+    await begin_update_round(session, training, model, training.participants)
+
+
+async def fail(
+    session: AsyncSession, training: Training, reason: str, *, notify_clients: bool = True
+) -> None:
+    """The training ends in E with ``reason``; pending notifications are dropped."""
+    log.warning("training %s -> Error: %s", training.id, reason)
+    training.state = TrainingState.ERROR
+    training.error_reason = reason[:2000]
+    training.locked = False
+    training.locked_until = None
+    _enter_phase(training, PHASE_DONE)
+    await notify.drop_pending_for(session, training.id)
+    if notify_clients:
+        notify.enqueue(
+            session,
+            training.id,
+            training.participants,
+            notify.TRAINING_FINISHED,
+            {
+                "global_model_uuid": str(training.model_id),
+                "state": "E",
+                "error_reason": training.error_reason,
+            },
+        )
+
+
+async def remove_users(session: AsyncSession, training: Training, users: Sequence[User], reason: str) -> None:
+    """Drop participants (by the actor, or as stragglers/rejecters); those who opted in are told."""
+    ids = [u.id for u in users]
+    training.participants = [u for u in training.participants if u.id not in ids]
+    for user_id in ids:
+        await notify.drop_pending_for(session, training.id, user_id)
+    if training.state in ACTIVE_STATES:
+        model = await global_model(session, training.model_id)
+        notify.enqueue(
+            session,
+            training.id,
+            [u for u in users if u.notify_client_removed],
+            notify.CLIENT_REMOVED,
+            notify.client_removed_body(model.id, model.round, reason),
+        )
+    training.last_update = utcnow()
+    await session.flush()
+
+
+# --------------------------------------------------------------------------- FedDC
+
+
+def daisy_chain_period(training: Training) -> int:
+    return int((training.options or {}).get("daisy_chain_period") or 0)
+
+
+def aggregation_period(training: Training) -> int:
+    d = daisy_chain_period(training)
+    return int((training.options or {}).get("aggregation_period") or 2 * d)
+
+
+def derangement(items: Sequence[uuid.UUID], rng: random.Random) -> list[uuid.UUID]:
+    """A uniformly random permutation without fixed points (rejection sampling)."""
+    if len(items) < 2:
+        return list(items)
+    while True:
+        perm = list(items)
+        rng.shuffle(perm)
+        if all(a != b for a, b in zip(perm, items, strict=True)):
+            return perm
+
+
+def participant_order(training: Training) -> Callable[[uuid.UUID], tuple[str, uuid.UUID]]:
+    """Sort key of participant ids that is the same in every run (ids are random, names are chosen)."""
+    names = {user.id: user.username for user in training.participants}
+    return lambda owner: (names.get(owner, ""), owner)
+
+
+async def daisy_chain_step(
+    session: AsyncSession,
+    training: Training,
+    model: GlobalModel,
+    chosen: dict[uuid.UUID, tuple[uuid.UUID, int]],
+) -> None:
+    """FedDC round without aggregation: every d rounds the local models move to other clients
+    (derangement), otherwise each client continues from its own local model."""
+    done = model.round + 1 - training.start_round
+    owners = sorted(chosen, key=participant_order(training))
+    locals_ = [chosen[o][0] for o in owners]
+    if done % daisy_chain_period(training) == 0 and len(owners) >= 2:
+        seed = (training.options or {}).get("seed")
+        rng = random.Random(f"{training.id if seed is None else seed}:{model.round}")
+        assigned = derangement(locals_, rng)
+    else:
+        assigned = locals_
+    downloads = dict(zip(owners, assigned, strict=True))
+    model.round += 1
+    await session.flush()
+    await begin_update_round(session, training, model, training.participants, downloads)
+
+
+def aggregates_now(training: Training, model: GlobalModel) -> bool:
+    """False for FedDC rounds that only pass the local models on."""
+    if daisy_chain_period(training) < 1:
+        return True
+    done = model.round + 1 - training.start_round
+    return done % aggregation_period(training) == 0 or done >= training.target_num_updates

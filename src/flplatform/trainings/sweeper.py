@@ -1,0 +1,160 @@
+"""What runs around the training engine: the periodic sweep (round deadlines, expired
+aggregation leases), crash recovery, the lifespan component that starts them with the
+notification dispatcher, and the helpers routers use to wake the engine after a commit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flplatform.db import after_commit
+from flplatform.errors import NotFound
+from flplatform.orm import Training
+from flplatform.orm.base import utcnow
+from flplatform.trainings import notifications as notify
+from flplatform.trainings.repository import get_training, global_model
+from flplatform.trainings.rounds import ACTIVE_STATES, round_condition
+from flplatform.trainings.runtime import TrainingRuntime
+
+log = logging.getLogger(__name__)
+
+
+async def sweep(runtime: TrainingRuntime) -> None:
+    """Deadlines and expired aggregation leases: re-check the trainings that may move."""
+    now = utcnow()
+    async with runtime.sessionmaker() as session:
+        rows = (
+            await session.execute(
+                select(
+                    Training.id,
+                    Training.options,
+                    Training.phase_started_at,
+                    Training.locked,
+                    Training.locked_until,
+                ).where(Training.state.in_(ACTIVE_STATES))
+            )
+        ).all()
+    for training_id, options, started, locked, locked_until in rows:
+        due = False
+        if locked:
+            due = locked_until is None or locked_until <= now
+        else:
+            seconds = (options or {}).get("round_deadline_seconds")
+            if seconds and started is not None:
+                due = now >= started + dt.timedelta(seconds=float(seconds))
+        if due and not runtime.busy(training_id):
+            runtime.schedule(training_id)
+
+
+async def recover(runtime: TrainingRuntime) -> list[uuid.UUID]:
+    """Crash recovery: schedule every active, unclaimed training whose round condition
+    already holds (:func:`~flplatform.trainings.rounds.round_condition`, the rule the upload
+    path uses). A process killed after acknowledging a round's last update, before
+    claiming the round, leaves exactly this state behind; nothing else would look at it
+    again. Claiming stays exactly-once across processes: ``advance`` re-checks under the
+    training's row lock and claims with the ``training.aggregate`` job."""
+    now = utcnow()
+    due: list[uuid.UUID] = []
+    async with runtime.sessionmaker() as session:
+        ids = (
+            (
+                await session.execute(
+                    select(Training.id).where(Training.state.in_(ACTIVE_STATES), Training.locked.is_(False))
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for training_id in ids:
+            try:
+                training = await get_training(session, training_id)
+                model = await global_model(session, training.model_id)
+            except NotFound:
+                continue
+            if training.locked or training.state not in ACTIVE_STATES:
+                continue
+            if (await round_condition(session, training, model, now)).met:
+                due.append(training_id)
+    for training_id in due:
+        if not runtime.busy(training_id):
+            log.info("training %s: round condition met but not advanced; advancing now", training_id)
+            runtime.schedule(training_id)
+    return due
+
+
+async def run_sweeper(runtime: TrainingRuntime) -> None:
+    """Deadlines and leases every FLP_TRAINING_SWEEP_INTERVAL_SECONDS; crash recovery at
+    start-up and every FLP_TRAINING_RECOVERY_INTERVAL_SECONDS."""
+    loop = asyncio.get_running_loop()
+    next_recovery = loop.time()  # at start-up
+    while True:
+        try:
+            if loop.time() >= next_recovery:
+                next_recovery = loop.time() + runtime.settings.training_recovery_interval_seconds
+                await recover(runtime)
+            await sweep(runtime)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("training sweep failed")
+        await asyncio.sleep(runtime.settings.training_sweep_interval_seconds)
+
+
+def runtime_of(app: FastAPI) -> TrainingRuntime:
+    """The server process's engine (set by :func:`training_component`)."""
+    runtime: TrainingRuntime = app.state.training_runtime
+    return runtime
+
+
+def advance_after_commit(app: FastAPI, session: AsyncSession, training_id: uuid.UUID) -> None:
+    """Once the request's transaction commits, re-check the training (what arrived may complete
+    its round)."""
+    runtime = runtime_of(app)
+    after_commit(session, lambda: runtime.advance(training_id))
+
+
+def kick_after_commit(app: FastAPI, session: AsyncSession) -> None:
+    """Once the request's transaction commits, wake the notification dispatcher."""
+    runtime = runtime_of(app)
+
+    async def kick() -> None:
+        runtime.kick()
+
+    after_commit(session, kick)
+
+
+@contextlib.asynccontextmanager
+async def training_component(app: FastAPI) -> AsyncIterator[TrainingRuntime]:
+    """Lifespan component: the engine, the notification dispatcher and the periodic sweep."""
+    runtime = TrainingRuntime(sessionmaker=app.state.sessionmaker, settings=app.state.settings)
+    runtime.dispatcher = notify.Dispatcher(
+        app.state.sessionmaker,
+        app.state.settings,
+        on_rejected=runtime.client_rejected,
+        on_failed=runtime.client_unreachable,
+        after_change=runtime.schedule,
+    )
+    app.state.training_runtime = runtime
+    loops = [
+        asyncio.get_running_loop().create_task(runtime.dispatcher.run(), name="notification-dispatcher"),
+        asyncio.get_running_loop().create_task(run_sweeper(runtime), name="training-sweeper"),
+    ]
+    runtime.kick()
+    try:
+        yield runtime
+    finally:
+        # The dispatcher stops between database calls (a cancelled aiosqlite call can hang the
+        # connection's close); it is cancelled only if that takes longer than a few seconds.
+        runtime.dispatcher.stop()
+        await asyncio.wait([loops[0]], timeout=5)
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
