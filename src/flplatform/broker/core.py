@@ -44,11 +44,11 @@ from flplatform.broker.connections import Delivery, Registry
 from flplatform.broker.consumer import ConsumerProtocol
 from flplatform.broker.fanout import FanOut
 from flplatform.broker.maintenance import Maintenance
-from flplatform.broker.permissions import Identity, Perms, TopicInfo, identity_of
+from flplatform.broker.permissions import Identity, Perms, TopicInfo
 from flplatform.broker.producer import ProducerProtocol
 from flplatform.broker.queues import QueueBudget
 from flplatform.broker.tables import MESSAGES
-from flplatform.broker.topics import TopicCache, consumer_keys, policy_for, topic_info
+from flplatform.broker.topics import TopicCache
 from flplatform.broker.writer import NotifyOp, Writer
 
 log = logging.getLogger(__name__)
@@ -208,4 +208,4 @@ class Broker:
             await self.fanout.dispatch(topic, Delivery(topic.id, message_id, text))
 
 
-__all__ = ["Broker", "consumer_keys", "identity_of", "policy_for", "topic_info"]
+__all__ = ["Broker"]
