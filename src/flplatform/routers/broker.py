@@ -12,6 +12,10 @@ Websocket routes, tried in this order (optional trailing slash, query string ign
 
 Handshakes authenticate with ``Authorization: Token|Bearer <key>`` and are always accepted;
 permissions are decided per message, as the reference does (clients rely on it).
+
+HTTP routes stay thin: the topic a route names arrives loaded and authorised
+(``VisibleTopic``, ``PingableTopic``, ``ManagedTopic`` in ``broker.dependencies``), and
+``broker.service`` does the queries and builds the responses.
 """
 
 from __future__ import annotations
