@@ -124,9 +124,6 @@ class Broker:
 
     # ------------------------------------------------------------------ topics and grants
 
-    async def get_topic(self, slug: str, fresh: bool = False) -> TopicInfo | None:
-        return await self.topics.get(slug, fresh)
-
     async def perms_for(
         self, user: Identity, topic: TopicInfo, connected_at: dt.datetime | None = None
     ) -> Perms:
