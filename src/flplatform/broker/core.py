@@ -64,7 +64,7 @@ class Broker:
     ):
         self.sessionmaker = sessionmaker
         self.config = config
-        # Read through ``self.broker.clock`` by every part: tests swap in a ``FakeClock``.
+        # The parts read ``broker.clock`` each time, never a copy: tests swap in a ``FakeClock``.
         self.clock = clock or Clock()
         self.is_postgres = database_url.startswith("postgresql")
         self.bus: InProcessBus | PostgresBus = (
