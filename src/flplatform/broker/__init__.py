@@ -13,8 +13,8 @@ from typing import Any
 
 from flplatform.broker.availability import Clock, FakeClock, availability
 from flplatform.broker.config import BrokerConfig
-from flplatform.broker.core import Broker, identity_of
-from flplatform.broker.permissions import ANONYMOUS, GRANT_RESOLVERS, Identity, Perms, TopicInfo
+from flplatform.broker.core import Broker
+from flplatform.broker.permissions import ANONYMOUS, GRANT_RESOLVERS, Identity, Perms, TopicInfo, identity_of
 
 
 @contextlib.asynccontextmanager

@@ -40,6 +40,26 @@ CHANNEL = "flp_broker"
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def fits_notify(text: str, slug: str, inline_bytes: int) -> bool:
+    """Whether an envelope travels inline in a NOTIFY payload. The envelope text is ASCII
+    (``json.dumps``), but it is embedded in the event as a JSON string, where every quote
+    and backslash doubles: measure the escaped form, plus the event's other keys."""
+    budget = inline_bytes - 100 - len(slug)
+    return len(text) <= budget and len(json.dumps(text)) <= budget
+
+
+def message_event(
+    slug: str, topic_id: uuid.UUID, text: str | None, pk: int | None, inline_bytes: int
+) -> dict[str, Any]:
+    """An ``m`` event: the envelope inline when it fits, else the key of the row holding it."""
+    event: dict[str, Any] = {"k": "m", "s": slug, "t": str(topic_id)}
+    if text is not None and fits_notify(text, slug, inline_bytes):
+        event["c"] = text
+    else:
+        event["p"] = pk
+    return event
+
+
 class InProcessBus:
     """Single process: local dispatch already reached everyone; nothing to forward."""
 

@@ -26,7 +26,7 @@ from flplatform.settings import get_settings
 STORE_CHOICES = ["default", "disabled", "cache", "cacheall", "store"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "topic",
         help="create and configure DASF broker topics (like dasf-broker-django's dasf_topic)",

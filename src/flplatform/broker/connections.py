@@ -1,4 +1,4 @@
-"""Consumer sockets and their bounded queues.
+"""Consumer sockets and their bounded queues (and ``receive_frame``, every broker socket's read).
 
 Each consumer socket owns a queue bounded in messages (``consumer_queue_size``) and in bytes
 (``consumer_queue_bytes``; see ``queues``). The dispatcher *waits* for room (back-pressure: the
@@ -31,6 +31,15 @@ from flplatform.broker.permissions import Identity, Perms
 from flplatform.broker.queues import DeliveryQueue, QueueBudget
 
 log = logging.getLogger(__name__)
+
+
+async def receive_frame(websocket: WebSocket) -> str | bytes | None:
+    """The next text or binary frame of ``websocket``; None once the client disconnected."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        return None
+    raw = message.get("text")
+    return raw if raw is not None else (message.get("bytes") or b"")
 
 
 @dataclass(slots=True)

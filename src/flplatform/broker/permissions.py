@@ -22,6 +22,7 @@ import datetime as dt
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -47,6 +48,13 @@ class Identity:
 
 
 ANONYMOUS = Identity()
+
+
+def identity_of(user: Any) -> Identity:
+    """The broker identity of an authenticated ``User`` (None: anonymous)."""
+    if user is None:
+        return Identity()
+    return Identity(id=user.id, username=user.username, is_superuser=bool(user.is_superuser))
 
 
 @dataclass(frozen=True, slots=True)

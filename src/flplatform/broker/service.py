@@ -6,6 +6,7 @@ Services flush, never commit. Callers tell the broker to drop its caches after t
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -13,12 +14,17 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from flplatform.broker.availability import STATUS_TEXT, availability
+from flplatform.broker.core import Broker
+from flplatform.broker.permissions import Perms, identity_of
+from flplatform.broker.schemas import GrantRead, MessageRead, StatusRead, TopicDetail, TopicRead
+from flplatform.broker.tables import DELIVERIES, MESSAGES, TOPICS
+from flplatform.broker.topics import policy_for, topic_info
+from flplatform.db import after_commit
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from flplatform.kit.pagination import paginate
 from flplatform.orm import User
 from flplatform.orm.broker import (
-    BrokerDelivery,
-    BrokerMessage,
     BrokerTopic,
     BrokerTopicGrant,
     DispatchMode,
@@ -26,9 +32,6 @@ from flplatform.orm.broker import (
     StorePolicy,
 )
 from flplatform.permissions import Requester, can_read, can_update, readable
-
-MESSAGES = BrokerMessage.__table__
-DELIVERIES = BrokerDelivery.__table__
 
 
 async def get_topic(session: AsyncSession, slug: str) -> BrokerTopic:
@@ -64,6 +67,47 @@ def out_of_scope(requester: Requester, topic: BrokerTopic) -> bool:
         and not requester.is_superuser
         and topic.organization_id != requester.organization_id
     )
+
+
+async def topic_perms(broker: Broker, user: User | None, topic: BrokerTopic) -> Perms:
+    """The DASF grants of ``user`` on ``topic`` (the sockets' rules, through the broker's cache)."""
+    return await broker.perms_for(identity_of(user), topic_info(topic, broker.config))
+
+
+async def require_visible(broker: Broker, requester: Requester, topic: BrokerTopic) -> Perms:
+    """A topic of another organisation is 404 (401 for anonymous callers); inside the caller's
+    scope the reference's rules (any permission on the topic) or ``TOPIC_POLICY`` let them see it."""
+    if out_of_scope(requester, topic):
+        raise Unauthorized() if requester.is_anonymous else NotFound(f"Topic {topic.slug} not found.")
+    perms = await topic_perms(broker, requester.user, topic)
+    if not (
+        perms.produce
+        or perms.consume
+        or perms.view_status
+        or await can_read(requester, topic)
+        or await can_manage(requester, topic)
+    ):
+        if requester.is_anonymous:
+            raise Unauthorized()
+        if topic.organization_id is not None:  # objects one may not see are 404 in organisations
+            raise NotFound(f"Topic {topic.slug} not found.")
+        raise Forbidden("You may not view this topic.")
+    return perms
+
+
+async def require_pingable(broker: Broker, requester: Requester, topic: BrokerTopic) -> None:
+    """Producers and managers ping; another organisation's topic is 404."""
+    if out_of_scope(requester, topic):
+        raise Unauthorized() if requester.is_anonymous else NotFound(f"Topic {topic.slug} not found.")
+    perms = await topic_perms(broker, requester.user, topic)
+    if not (perms.produce or await can_manage(requester, topic)):
+        if requester.is_anonymous:
+            raise Unauthorized()
+        if topic.organization_id is not None and not (
+            perms.consume or perms.view_status or await can_read(requester, topic)
+        ):
+            raise NotFound(f"Topic {topic.slug} not found.")
+        raise Forbidden("You may not ping this topic.")
 
 
 async def create_topic(
@@ -120,7 +164,7 @@ async def delete_topic(session: AsyncSession, topic: BrokerTopic) -> list[str]:
         )
     ).all()
     ids = [r.id for r in responses] + [topic.id]
-    await session.execute(delete(BrokerTopic.__table__).where(BrokerTopic.__table__.c.id.in_(ids)))
+    await session.execute(delete(TOPICS).where(TOPICS.c.id.in_(ids)))
     session.expunge(topic)
     return [r.slug for r in responses] + [topic.slug]
 
@@ -207,7 +251,7 @@ async def message_counts(
     """(pending, stored) per topic: pending = stored messages that nobody acknowledged."""
     if not topic_ids:
         return {}
-    stored = dict(
+    stored: dict[uuid.UUID, int] = dict(
         (
             await session.execute(
                 select(MESSAGES.c.topic_id, func.count())
@@ -217,7 +261,7 @@ async def message_counts(
         ).all()
     )
     acked = select(DELIVERIES.c.message_pk).where(DELIVERIES.c.message_pk == MESSAGES.c.id)
-    pending = dict(
+    pending: dict[uuid.UUID, int] = dict(
         (
             await session.execute(
                 select(MESSAGES.c.topic_id, func.count())
@@ -266,3 +310,160 @@ async def get_message(session: AsyncSession, topic: BrokerTopic, ref: str) -> An
     if row is None:
         raise NotFound(f"Message {ref} not found.")
     return row
+
+
+# --------------------------------------------------------------------------- the HTTP API's views
+# Topics are read fresh by the API: ``flush`` first writes the broker's pending touches
+# (last_ping/last_pong) and acks, so the answer matches what this process knows.
+
+
+async def fresh_topic(session: AsyncSession, broker: Broker, slug: str) -> BrokerTopic:
+    """The topic with last_ping/last_pong as this process knows them (pending touches written)."""
+    await broker.flush()
+    return await get_topic(session, slug)
+
+
+async def list_topic_reads(
+    broker: Broker, requester: Requester, *, responses: bool, limit: int, offset: int, websocket_base: str
+) -> tuple[list[TopicRead], int]:
+    """A page of the topics the caller may see, as the API shows them, and the total."""
+    await broker.flush()
+    rows, total = await visible_topics(requester, responses=responses, limit=limit, offset=offset)
+    return await topic_reads(requester.session, broker, rows, websocket_base), total
+
+
+async def topic_reads(
+    session: AsyncSession, broker: Broker, topics: list[BrokerTopic], websocket_base: str
+) -> list[TopicRead]:
+    return [TopicRead(**data) for data, _ in await _topic_fields(session, broker, topics, websocket_base)]
+
+
+async def topic_detail(
+    session: AsyncSession, broker: Broker, topic: BrokerTopic, websocket_base: str
+) -> TopicDetail:
+    [(data, api_info)] = await _topic_fields(session, broker, [topic], websocket_base)
+    return TopicDetail(**data, api_info=api_info)
+
+
+async def _topic_fields(
+    session: AsyncSession, broker: Broker, topics: list[BrokerTopic], websocket_base: str
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each topic's ``TopicRead`` fields (settings, availability, counts, this process's
+    sockets) and its api_info; ``websocket_base`` is the server's ``.../ws/`` URL."""
+    counts = await message_counts(session, [t.id for t in topics])
+    sources: dict[uuid.UUID, str] = {}
+    source_ids = [t.is_response_for_id for t in topics if isinstance(t, ResponseTopic)]
+    if source_ids:
+        rows = await session.execute(
+            select(BrokerTopic.id, BrokerTopic.slug).where(BrokerTopic.id.in_(source_ids))
+        )
+        sources = {r.id: r.slug for r in rows}
+    now = broker.clock.now()
+    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for topic in topics:
+        is_response = isinstance(topic, ResponseTopic)
+        pending, stored = counts.get(topic.id, (0, 0))
+        data: dict[str, Any] = {
+            "id": topic.id,
+            "slug": topic.slug,
+            "is_response_topic": is_response,
+            "is_response_for": sources.get(topic.is_response_for_id)
+            if isinstance(topic, ResponseTopic)
+            else None,
+            "is_public": topic.is_public,
+            "anonymous_can_consume": topic.anonymous_can_consume,
+            "supports_dasf": topic.supports_dasf,
+            "store_messages": topic.store_messages,
+            "effective_store_messages": policy_for(topic.store_messages, is_response, broker.config),
+            "dispatch": topic.dispatch,
+            "owner_id": topic.owner_id,
+            "created_at": topic.created_at,
+            "last_ping": topic.last_ping,
+            "last_pong": topic.last_pong,
+            "availability": availability(topic.supports_dasf, topic.last_ping, topic.last_pong, now),
+            "garbage_collect_on": topic.garbage_collect_on,
+            "pending_count": pending,
+            "stored_count": stored,
+            "connected_consumers": broker.registry.count(topic.slug),
+            "websocket_url": f"{websocket_base}{topic.slug}",
+        }
+        out.append((data, topic.api_info or {}))
+    return out
+
+
+def status_answer(broker: Broker, topic: BrokerTopic) -> tuple[int, str]:
+    """The reference's plain-text status view: (HTTP status, text)."""
+    if not topic.supports_dasf:
+        return 400, "Topic is excluded from ping"
+    return STATUS_TEXT[
+        availability(topic.supports_dasf, topic.last_ping, topic.last_pong, broker.clock.now())
+    ]
+
+
+def topic_status(broker: Broker, topic: BrokerTopic) -> StatusRead:
+    value = availability(topic.supports_dasf, topic.last_ping, topic.last_pong, broker.clock.now())
+    text = STATUS_TEXT[value][1] if topic.supports_dasf else "Topic is excluded from ping"
+    return StatusRead(
+        slug=topic.slug, availability=value, status=text, last_ping=topic.last_ping, last_pong=topic.last_pong
+    )
+
+
+async def ping(broker: Broker, topic: BrokerTopic) -> None:
+    """Ping the topic's consumer sockets in every process (a no-op for non-DASF topics)."""
+    await broker.ping_topic(topic_info(topic, broker.config))
+
+
+def grant_read(grant: BrokerTopicGrant, username: str) -> GrantRead:
+    return GrantRead(
+        user_id=grant.user_id,
+        username=username,
+        can_produce=grant.can_produce,
+        can_consume=grant.can_consume,
+        can_view_status=grant.can_view_status,
+    )
+
+
+async def grant_reads(session: AsyncSession, topic: BrokerTopic) -> list[GrantRead]:
+    return [grant_read(g, name) for g, name in await list_grants(session, topic)]
+
+
+async def message_reads(
+    session: AsyncSession, broker: Broker, topic: BrokerTopic, *, limit: int, offset: int
+) -> tuple[list[MessageRead], int]:
+    """A page of the topic's stored messages with who acknowledged them, and the total."""
+    await broker.flush()
+    rows, total = await list_messages(session, topic, limit=limit, offset=offset)
+    reads = [
+        MessageRead(
+            id=r.id,
+            message_id=r.message_id,
+            context=r.context,
+            user_id=r.user_id,
+            created_at=r.created_at,
+            delivered_to=keys,
+            content=json.loads(r.content),
+        )
+        for r, keys in rows
+    ]
+    return reads, total
+
+
+async def resend_message(session: AsyncSession, broker: Broker, topic: BrokerTopic, ref: str) -> uuid.UUID:
+    """Publish a stored message again to the topic's consumer sockets; returns its messageId."""
+    row = await get_message(session, topic, ref)
+    await broker.resend(topic_info(topic, broker.config), row.id, row.content)
+    message_id: uuid.UUID = row.message_id
+    return message_id
+
+
+def invalidate_after_commit(session: AsyncSession, broker: Broker, slugs: list[str] | None) -> None:
+    """Once the session commits, drop the broker's caches of ``slugs`` (None: every topic and
+    grant) here and in the other processes, so sockets see the change at once."""
+
+    async def _job() -> None:
+        if slugs is None:
+            await broker.invalidate(None)
+        for slug in slugs or []:
+            await broker.invalidate(slug)
+
+    after_commit(session, _job)

@@ -12,11 +12,14 @@ Websocket routes, tried in this order (optional trailing slash, query string ign
 
 Handshakes authenticate with ``Authorization: Token|Bearer <key>`` and are always accepted;
 permissions are decided per message, as the reference does (clients rely on it).
+
+HTTP routes stay thin: the topic a route names arrives loaded and authorised
+(``VisibleTopic``, ``PingableTopic``, ``ManagedTopic`` in ``broker.dependencies``), and
+``broker.service`` does the queries and builds the responses.
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, WebSocket, status
@@ -24,12 +27,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.convertors import Convertor, register_url_convertor
 
 from flplatform.auth.authentication import authenticate, client_address
-from flplatform.auth.dependencies import CurrentUser, OptionalUser
+from flplatform.auth.dependencies import AuthenticatedRequester, CurrentUser
 from flplatform.auth.login_guard import guard_of
 from flplatform.broker import service
-from flplatform.broker.availability import STATUS_TEXT, availability
-from flplatform.broker.core import Broker, identity_of, policy_for, topic_info
-from flplatform.broker.permissions import Identity, Perms
+from flplatform.broker.dependencies import BrokerDep, ManagedTopic, PingableTopic, VisibleTopic, get_broker
+from flplatform.broker.permissions import Identity, identity_of
 from flplatform.broker.schemas import (
     GrantRead,
     GrantWrite,
@@ -40,11 +42,9 @@ from flplatform.broker.schemas import (
     TopicRead,
     TopicUpdate,
 )
-from flplatform.db import SessionDep, after_commit
-from flplatform.errors import AppError, Forbidden, NotFound, Unauthorized, responses
+from flplatform.db import SessionDep
+from flplatform.errors import AppError, responses
 from flplatform.kit.schemas import Detail, Limit, Offset
-from flplatform.orm.broker import BrokerTopic, ResponseTopic
-from flplatform.permissions import Requester, can_read
 
 
 class _SlugConvertor(Convertor[str]):
@@ -65,10 +65,6 @@ register_url_convertor("dasfslug", _SlugConvertor())
 register_url_convertor("dasfsub", _SubscriptionConvertor())
 
 router = APIRouter(tags=["broker"])
-
-
-def _broker(app: Any) -> Broker:
-    return app.state.broker  # type: ignore[no-any-return]
 
 
 async def _handshake_identity(websocket: WebSocket) -> Identity:
@@ -94,20 +90,20 @@ async def _handshake_identity(websocket: WebSocket) -> Identity:
 async def _status_ping(websocket: WebSocket) -> None:
     user = await _handshake_identity(websocket)
     await websocket.accept()
-    await _broker(websocket.app).status_ping_session(websocket, user)
+    await get_broker(websocket).status_ping_session(websocket, user)
 
 
 async def _producer(websocket: WebSocket, slug: str) -> None:
     user = await _handshake_identity(websocket)
     await websocket.accept()
-    await _broker(websocket.app).producer_session(websocket, slug, user)
+    await get_broker(websocket).producer_session(websocket, slug, user)
 
 
 async def _consumer(websocket: WebSocket, slug: str, subscription: str) -> None:
     user = await _handshake_identity(websocket)
     history = websocket.query_params.get("history") == "all"
     await websocket.accept()
-    await _broker(websocket.app).consumer_session(websocket, slug, user, history=history)
+    await get_broker(websocket).consumer_session(websocket, slug, user, history=history)
 
 
 async def _alias_producer(
@@ -154,116 +150,10 @@ unrouted_router.add_api_websocket_route("/ws/{rest:path}", _unrouted, name="dasf
 # --------------------------------------------------------------------------- helpers
 
 
-def _websocket_url(request: Request, slug: str) -> str:
+def _websocket_base(request: Request) -> str:
+    """This server's websocket URL prefix, ``ws[s]://host[/root]/ws/``, as the caller reached it."""
     scheme = "wss" if request.url.scheme == "https" else "ws"
-    return f"{scheme}://{request.url.netloc}{request.scope.get('root_path', '')}/ws/{slug}"
-
-
-async def _perms(request: Request, user: Any, topic: BrokerTopic) -> Perms:
-    broker = _broker(request.app)
-    return await broker.perms_for(identity_of(user), topic_info(topic, broker.config))
-
-
-async def _pingable(request: Request, requester: Requester, topic: BrokerTopic) -> None:
-    """Producers and managers ping; another organisation's topic is 404."""
-    if service.out_of_scope(requester, topic):
-        raise Unauthorized() if requester.is_anonymous else NotFound(f"Topic {topic.slug} not found.")
-    perms = await _perms(request, requester.user, topic)
-    if not (perms.produce or await service.can_manage(requester, topic)):
-        if requester.is_anonymous:
-            raise Unauthorized()
-        if topic.organization_id is not None and not (
-            perms.consume or perms.view_status or await can_read(requester, topic)
-        ):
-            raise NotFound(f"Topic {topic.slug} not found.")
-        raise Forbidden("You may not ping this topic.")
-
-
-async def _visible(request: Request, requester: Requester, topic: BrokerTopic) -> Perms:
-    """A topic of another organisation is 404 (401 for anonymous callers); inside the caller's
-    scope the reference's rules (any permission on the topic) or ``TOPIC_POLICY`` let them see it."""
-    if service.out_of_scope(requester, topic):
-        raise Unauthorized() if requester.is_anonymous else NotFound(f"Topic {topic.slug} not found.")
-    perms = await _perms(request, requester.user, topic)
-    if not (
-        perms.produce
-        or perms.consume
-        or perms.view_status
-        or await can_read(requester, topic)
-        or await service.can_manage(requester, topic)
-    ):
-        if requester.is_anonymous:
-            raise Unauthorized()
-        if topic.organization_id is not None:  # objects one may not see are 404 in organisations
-            raise NotFound(f"Topic {topic.slug} not found.")
-        raise Forbidden("You may not view this topic.")
-    return perms
-
-
-async def _read(
-    request: Request, session: SessionDep, topics: list[BrokerTopic], detail: bool = False
-) -> list[Any]:
-    broker = _broker(request.app)
-    counts = await service.message_counts(session, [t.id for t in topics])
-    sources: dict[uuid.UUID, str] = {}
-    source_ids = [t.is_response_for_id for t in topics if isinstance(t, ResponseTopic)]
-    if source_ids:
-        from sqlalchemy import select
-
-        rows = await session.execute(
-            select(BrokerTopic.id, BrokerTopic.slug).where(BrokerTopic.id.in_(source_ids))
-        )
-        sources = {r.id: r.slug for r in rows}
-    now = broker.clock.now()
-    out: list[Any] = []
-    for topic in topics:
-        is_response = isinstance(topic, ResponseTopic)
-        pending, stored = counts.get(topic.id, (0, 0))
-        data: dict[str, Any] = {
-            "id": topic.id,
-            "slug": topic.slug,
-            "is_response_topic": is_response,
-            "is_response_for": sources.get(topic.is_response_for_id) if is_response else None,
-            "is_public": topic.is_public,
-            "anonymous_can_consume": topic.anonymous_can_consume,
-            "supports_dasf": topic.supports_dasf,
-            "store_messages": topic.store_messages,
-            "effective_store_messages": policy_for(topic.store_messages, is_response, broker.config),
-            "dispatch": topic.dispatch,
-            "owner_id": topic.owner_id,
-            "created_at": topic.created_at,
-            "last_ping": topic.last_ping,
-            "last_pong": topic.last_pong,
-            "availability": availability(topic.supports_dasf, topic.last_ping, topic.last_pong, now),
-            "garbage_collect_on": topic.garbage_collect_on,
-            "pending_count": pending,
-            "stored_count": stored,
-            "connected_consumers": broker.registry.count(topic.slug),
-            "websocket_url": _websocket_url(request, topic.slug),
-        }
-        if detail:
-            out.append(TopicDetail(**data, api_info=topic.api_info or {}))
-        else:
-            out.append(TopicRead(**data))
-    return out
-
-
-def _invalidate_after_commit(request: Request, session: SessionDep, slugs: list[str] | None) -> None:
-    broker = _broker(request.app)
-
-    async def _job() -> None:
-        if slugs is None:
-            await broker.invalidate(None)
-        for slug in slugs or []:
-            await broker.invalidate(slug)
-
-    after_commit(session, _job)
-
-
-async def _fresh_topic(request: Request, session: SessionDep, slug: str) -> BrokerTopic:
-    """The topic with last_ping/last_pong as this process knows them (pending touches written)."""
-    await _broker(request.app).flush()
-    return await service.get_topic(session, slug)
+    return f"{scheme}://{request.url.netloc}{request.scope.get('root_path', '')}/ws/"
 
 
 # --------------------------------------------------------------------------- reference HTTP views
@@ -301,49 +191,29 @@ async def _fresh_topic(request: Request, session: SessionDep, slug: str) -> Brok
         },
     },
 )
-async def status_text(
-    request: Request, session: SessionDep, user: OptionalUser, slug: str
-) -> PlainTextResponse:
-    topic = await _fresh_topic(request, session, slug)
-    await _visible(request, await Requester.load(session, user), topic)
-    if not topic.supports_dasf:
-        return PlainTextResponse("Topic is excluded from ping", status_code=400)
-    value = availability(
-        topic.supports_dasf, topic.last_ping, topic.last_pong, _broker(request.app).clock.now()
-    )
-    code, text = STATUS_TEXT[value]
+async def status_text(broker: BrokerDep, topic: VisibleTopic) -> PlainTextResponse:
+    code, text = service.status_answer(broker, topic)
     return PlainTextResponse(text, status_code=code)
 
 
-_PING_DOC = dict(
-    summary="Ping a topic, then redirect to its status",
-    description="Sends a `ping` to every consumer socket of the topic and answers 302 to `status/` "
+_PING_DOC: dict[str, Any] = {
+    "summary": "Ping a topic, then redirect to its status",
+    "description": "Sends a `ping` to every consumer socket of the topic and answers 302 to `status/` "
     "(the status right after is usually still the previous one; poll again). Public topics, producers "
     "and managers.",
-    status_code=302,
-    response_class=RedirectResponse,
-    responses=responses(401, 403, 404),
-)
+    "status_code": 302,
+    "response_class": RedirectResponse,
+    "responses": responses(401, 403, 404),
+}
 
 
-async def _ping_and_redirect(request: Request, session: SessionDep, user: Any, slug: str) -> RedirectResponse:
-    topic = await service.get_topic(session, slug)
-    await _pingable(request, await Requester.load(session, user), topic)
-    broker = _broker(request.app)
-    await broker.ping_topic(topic_info(topic, broker.config))
+async def ping_text(request: Request, broker: BrokerDep, topic: PingableTopic) -> RedirectResponse:
+    await service.ping(broker, topic)
     return RedirectResponse(f"{request.url.path.rsplit('/ping/', 1)[0]}/status/", status_code=302)
 
 
-@router.get("/ws/{slug}/ping/", **_PING_DOC)  # type: ignore[arg-type]
-async def ping_text(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> RedirectResponse:
-    return await _ping_and_redirect(request, session, user, slug)
-
-
-@router.post("/ws/{slug}/ping/", **_PING_DOC)  # type: ignore[arg-type]
-async def ping_text_post(
-    request: Request, session: SessionDep, user: OptionalUser, slug: str
-) -> RedirectResponse:
-    return await _ping_and_redirect(request, session, user, slug)
+router.add_api_route("/ws/{slug}/ping/", ping_text, methods=["GET"], name="ping_text", **_PING_DOC)
+router.add_api_route("/ws/{slug}/ping/", ping_text, methods=["POST"], name="ping_text_post", **_PING_DOC)
 
 
 # --------------------------------------------------------------------------- JSON topic API
@@ -362,18 +232,23 @@ api = APIRouter(prefix="/api/broker/topics", tags=["broker"])
 )
 async def list_topics(
     request: Request,
-    session: SessionDep,
     response: Response,
-    user: CurrentUser,
+    broker: BrokerDep,
+    requester: AuthenticatedRequester,
     responses_: Annotated[bool, Query(alias="responses")] = False,
     limit: Limit = 100,
     offset: Offset = 0,
-) -> list[Any]:
-    await _broker(request.app).flush()
-    requester = await Requester.load(session, user)
-    rows, total = await service.visible_topics(requester, responses=responses_, limit=limit, offset=offset)
+) -> list[TopicRead]:
+    reads, total = await service.list_topic_reads(
+        broker,
+        requester,
+        responses=responses_,
+        limit=limit,
+        offset=offset,
+        websocket_base=_websocket_base(request),
+    )
     response.headers["X-Total-Count"] = str(total)
-    return await _read(request, session, rows)
+    return reads
 
 
 @api.post(
@@ -386,10 +261,12 @@ async def list_topics(
     "harness uses).",
     responses=responses(401, 409, 422),
 )
-async def create_topic(request: Request, session: SessionDep, user: CurrentUser, data: TopicCreate) -> Any:
+async def create_topic(
+    request: Request, session: SessionDep, broker: BrokerDep, user: CurrentUser, data: TopicCreate
+) -> TopicDetail:
     topic = await service.create_topic(session, data.slug, user, **data.model_dump(exclude={"slug"}))
-    _invalidate_after_commit(request, session, [topic.slug])
-    return (await _read(request, session, [topic], detail=True))[0]
+    service.invalidate_after_commit(session, broker, [topic.slug])
+    return await service.topic_detail(session, broker, topic, _websocket_base(request))
 
 
 @api.get(
@@ -399,10 +276,10 @@ async def create_topic(request: Request, session: SessionDep, user: CurrentUser,
     description="Settings, availability, api_info, pending and stored counts.",
     responses=responses(401, 403, 404),
 )
-async def get_topic(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> Any:
-    topic = await _fresh_topic(request, session, slug)
-    await _visible(request, await Requester.load(session, user), topic)
-    return (await _read(request, session, [topic], detail=True))[0]
+async def get_topic(
+    request: Request, session: SessionDep, broker: BrokerDep, topic: VisibleTopic
+) -> TopicDetail:
+    return await service.topic_detail(session, broker, topic, _websocket_base(request))
 
 
 @api.patch(
@@ -413,14 +290,12 @@ async def get_topic(request: Request, session: SessionDep, user: OptionalUser, s
     responses=responses(401, 403, 404, 422),
 )
 async def update_topic(
-    request: Request, session: SessionDep, user: CurrentUser, slug: str, data: TopicUpdate
-) -> Any:
-    topic = await service.get_topic(session, slug)
-    await service.require_manager(await Requester.load(session, user), topic)
+    request: Request, session: SessionDep, broker: BrokerDep, topic: ManagedTopic, data: TopicUpdate
+) -> TopicDetail:
     service.update_topic(topic, data.model_dump(exclude_unset=True))
     await session.flush()
-    _invalidate_after_commit(request, session, [slug])
-    return (await _read(request, session, [topic], detail=True))[0]
+    service.invalidate_after_commit(session, broker, [topic.slug])
+    return await service.topic_detail(session, broker, topic, _websocket_base(request))
 
 
 @api.delete(
@@ -430,11 +305,9 @@ async def update_topic(
     description="Owner, organisation admin or superuser; another organisation's topic is 404. Deletes its response topics, stored messages and grants too.",
     responses=responses(401, 403, 404),
 )
-async def delete_topic(request: Request, session: SessionDep, user: CurrentUser, slug: str) -> Detail:
-    topic = await service.get_topic(session, slug)
-    await service.require_manager(await Requester.load(session, user), topic)
+async def delete_topic(session: SessionDep, broker: BrokerDep, topic: ManagedTopic, slug: str) -> Detail:
     slugs = await service.delete_topic(session, topic)
-    _invalidate_after_commit(request, session, slugs)
+    service.invalidate_after_commit(session, broker, slugs)
     return Detail(detail=f"Topic {slug} deleted.")
 
 
@@ -445,16 +318,8 @@ async def delete_topic(request: Request, session: SessionDep, user: CurrentUser,
     description="`availability`: true (online), false (unreachable), null (unknown or not DASF).",
     responses=responses(401, 403, 404),
 )
-async def topic_status(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> StatusRead:
-    topic = await _fresh_topic(request, session, slug)
-    await _visible(request, await Requester.load(session, user), topic)
-    value = availability(
-        topic.supports_dasf, topic.last_ping, topic.last_pong, _broker(request.app).clock.now()
-    )
-    text = STATUS_TEXT[value][1] if topic.supports_dasf else "Topic is excluded from ping"
-    return StatusRead(
-        slug=slug, availability=value, status=text, last_ping=topic.last_ping, last_pong=topic.last_pong
-    )
+async def topic_status(broker: BrokerDep, topic: VisibleTopic) -> StatusRead:
+    return service.topic_status(broker, topic)
 
 
 @api.post(
@@ -464,12 +329,10 @@ async def topic_status(request: Request, session: SessionDep, user: OptionalUser
     description="Sends a `ping` to every consumer socket; the answer shows the status before the pongs arrive.",
     responses=responses(401, 403, 404),
 )
-async def ping_topic(request: Request, session: SessionDep, user: OptionalUser, slug: str) -> StatusRead:
-    topic = await service.get_topic(session, slug)
-    await _pingable(request, await Requester.load(session, user), topic)
-    broker = _broker(request.app)
-    await broker.ping_topic(topic_info(topic, broker.config))
-    return await topic_status(request, session, user, slug)
+async def ping_topic(session: SessionDep, broker: BrokerDep, topic: PingableTopic) -> StatusRead:
+    await service.ping(broker, topic)
+    # A caller who may ping may see the topic; the status is read as ``status/`` reads it.
+    return service.topic_status(broker, await service.fresh_topic(session, broker, topic.slug))
 
 
 @api.get(
@@ -479,19 +342,8 @@ async def ping_topic(request: Request, session: SessionDep, user: OptionalUser, 
     description="Per-user `can_produce`, `can_consume`, `can_view_status`. Owner, organisation admin or superuser; another organisation's topic is 404.",
     responses=responses(401, 403, 404),
 )
-async def list_grants(session: SessionDep, user: CurrentUser, slug: str) -> list[GrantRead]:
-    topic = await service.get_topic(session, slug)
-    await service.require_manager(await Requester.load(session, user), topic)
-    return [
-        GrantRead(
-            user_id=g.user_id,
-            username=name,
-            can_produce=g.can_produce,
-            can_consume=g.can_consume,
-            can_view_status=g.can_view_status,
-        )
-        for g, name in await service.list_grants(session, topic)
-    ]
+async def list_grants(session: SessionDep, topic: ManagedTopic) -> list[GrantRead]:
+    return await service.grant_reads(session, topic)
 
 
 @api.put(
@@ -504,20 +356,14 @@ async def list_grants(session: SessionDep, user: CurrentUser, slug: str) -> list
     responses=responses(400, 401, 403, 404, 422),
 )
 async def put_grant(
-    request: Request, session: SessionDep, user: CurrentUser, slug: str, user_ref: str, data: GrantWrite
+    session: SessionDep, broker: BrokerDep, topic: ManagedTopic, slug: str, user_ref: str, data: GrantWrite
 ) -> GrantRead:
-    topic = await service.get_topic(session, slug)
-    await service.require_manager(await Requester.load(session, user), topic)
+    # ``slug`` (loaded by ``ManagedTopic``) is named here too so the documented parameters keep
+    # their order: slug, then user_ref.
     target = await service.find_user(session, user_ref)
     grant = await service.set_grant(session, topic, target, **data.model_dump())
-    _invalidate_after_commit(request, session, None)
-    return GrantRead(
-        user_id=target.id,
-        username=target.username,
-        can_produce=grant.can_produce,
-        can_consume=grant.can_consume,
-        can_view_status=grant.can_view_status,
-    )
+    service.invalidate_after_commit(session, broker, None)
+    return service.grant_read(grant, target.username)
 
 
 @api.delete(
@@ -528,13 +374,11 @@ async def put_grant(
     responses=responses(401, 403, 404),
 )
 async def delete_grant(
-    request: Request, session: SessionDep, user: CurrentUser, slug: str, user_ref: str
+    session: SessionDep, broker: BrokerDep, topic: ManagedTopic, slug: str, user_ref: str
 ) -> Detail:
-    topic = await service.get_topic(session, slug)
-    await service.require_manager(await Requester.load(session, user), topic)
     target = await service.find_user(session, user_ref)
     await service.revoke_grant(session, topic, target)
-    _invalidate_after_commit(request, session, None)
+    service.invalidate_after_commit(session, broker, None)
     return Detail(detail=f"Revoked {target.username}'s grant on {slug}.")
 
 
@@ -547,33 +391,16 @@ async def delete_grant(
     responses=responses(401, 403, 404),
 )
 async def list_messages(
-    request: Request,
     session: SessionDep,
     response: Response,
-    user: CurrentUser,
-    slug: str,
+    broker: BrokerDep,
+    topic: ManagedTopic,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> list[MessageRead]:
-    await _broker(request.app).flush()
-    topic = await service.get_topic(session, slug)
-    await service.require_manager(await Requester.load(session, user), topic)
-    rows, total = await service.list_messages(session, topic, limit=limit, offset=offset)
+    reads, total = await service.message_reads(session, broker, topic, limit=limit, offset=offset)
     response.headers["X-Total-Count"] = str(total)
-    import json
-
-    return [
-        MessageRead(
-            id=r.id,
-            message_id=r.message_id,
-            context=r.context,
-            user_id=r.user_id,
-            created_at=r.created_at,
-            delivered_to=keys,
-            content=json.loads(r.content),
-        )
-        for r, keys in rows
-    ]
+    return reads
 
 
 @api.post(
@@ -585,14 +412,11 @@ async def list_messages(
     responses=responses(401, 403, 404),
 )
 async def resend_message(
-    request: Request, session: SessionDep, user: CurrentUser, slug: str, message_ref: str
+    session: SessionDep, broker: BrokerDep, topic: ManagedTopic, slug: str, message_ref: str
 ) -> Detail:
-    topic = await service.get_topic(session, slug)
-    await service.require_manager(await Requester.load(session, user), topic)
-    row = await service.get_message(session, topic, message_ref)
-    broker = _broker(request.app)
-    await broker.resend(topic_info(topic, broker.config), row.id, row.content)
-    return Detail(detail=f"Message {row.message_id} re-sent.")
+    # ``slug`` is named for the documented parameter order (see ``put_grant``).
+    message_id = await service.resend_message(session, broker, topic, message_ref)
+    return Detail(detail=f"Message {message_id} re-sent.")
 
 
 def include(app: Any) -> None:
@@ -602,4 +426,4 @@ def include(app: Any) -> None:
     app.include_router(unrouted_router)
 
 
-__all__ = ["api", "include", "router", "unrouted_router", "NotFound"]
+__all__ = ["api", "include", "router", "unrouted_router"]
