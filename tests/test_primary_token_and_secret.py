@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flplatform.auth import credentials as security
+from flplatform.kit import secret_file
 from flplatform.settings import Settings
 
 
@@ -77,21 +77,21 @@ def test_secret_file_is_created_0600_and_read_once(tmp_path: Path):
     path = tmp_path / ".flplatform-secret"
     previous = os.umask(0)  # even with a permissive umask
     try:
-        value = security.file_secret(path)
+        value = secret_file.file_secret(path)
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text() == value and len(value) >= 40
     assert not [p for p in tmp_path.iterdir() if p != path]  # no temporary file left behind
     path.unlink()
-    assert security.file_secret(path) == value  # cached: not read (nor recreated) again
+    assert secret_file.file_secret(path) == value  # cached: not read (nor recreated) again
     assert not path.exists()
 
 
 def test_a_second_creator_uses_the_first_ones_secret(tmp_path: Path):
     path = tmp_path / "secret"
-    first = security._create_secret(path)
-    second = security._create_secret(path)  # loses the race: its link fails, it reads the winner's
+    first = secret_file._create_secret(path)
+    second = secret_file._create_secret(path)  # loses the race: its link fails, it reads the winner's
     assert second == first == path.read_text()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
@@ -110,4 +110,4 @@ def test_existing_secret_file_is_read_as_is(tmp_path: Path):
     path = tmp_path / "kept"
     path.write_text("kept-secret-value\n")
     path.chmod(0o600)
-    assert security.file_secret(path) == "kept-secret-value"
+    assert secret_file.file_secret(path) == "kept-secret-value"

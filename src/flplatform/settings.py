@@ -16,8 +16,8 @@ DEFAULT_SECRET_FILE = ".flplatform-secret"
 
 def _default_secret(path: Path) -> str:
     """A per-checkout secret for the embedded default, kept in a file so restarts keep tokens valid
-    (created 0600 atomically and read once per process: flplatform.auth.credentials.file_secret)."""
-    from flplatform.auth.credentials import file_secret
+    (created 0600 atomically and read once per process: flplatform.kit.secret_file.file_secret)."""
+    from flplatform.kit.secret_file import file_secret
 
     return file_secret(path)
 

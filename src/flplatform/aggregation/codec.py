@@ -23,7 +23,7 @@ This is the hot path of a round: every update is decoded once, so decoding must 
 Nothing here unpickles, imports web or database code, or checks an update against a global model
 beyond names, shapes and dtypes (:meth:`FlatLayout.check`).
 
-Why one module of ~550 lines: it is one thing, the byte layout of a model. :class:`FlatLayout`
+Size: one module of ~550 lines, because it is one thing, the byte layout of a model. :class:`FlatLayout`
 orders its groups in safetensors order precisely so that a decoded update's dtype group is one range
 of the wire bytes, and :meth:`FlatLayout.wire_views` reads the decoder's checked (and cached) header
 entries; splitting the format from the layout would only turn those private helpers into a

@@ -117,7 +117,7 @@ class FailedLoginAudit:
         return len(entries)
 
     async def _write(self, entries: list[tuple[tuple[str, str], _PendingFailures]]) -> None:
-        from flplatform.billing import audit
+        from flplatform import audit
 
         async with self.sessionmaker() as session:
             for (name, address), e in entries:

@@ -48,7 +48,7 @@ Workers
     ``works.register_server``, ``works.create_work``, ``works.start_work``, ``works.finish_work``.
 """
 
-from flplatform.billing import audit
+from flplatform import audit
 from flplatform.billing.bills import create_bill, get_bill, list_bills, pay_bill
 from flplatform.billing.coupons import create_coupon, list_coupons, redeem_coupon
 from flplatform.billing.holds import hold_by_key, release, reserve, settle

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.billing import audit
+from flplatform import audit
 from flplatform.billing.money import to_decimal
 from flplatform.billing.operations import charge
 from flplatform.errors import NotFound

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.billing import audit
+from flplatform import audit
 from flplatform.billing.ledger import Leg, system_account, user_account
 from flplatform.billing.money import to_decimal
 from flplatform.billing.operations import operation_by_key, record_operation

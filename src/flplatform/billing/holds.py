@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.billing import audit
+from flplatform import audit
 from flplatform.billing.ledger import InsufficientFunds, Leg, post_entry, system_account, user_account
 from flplatform.billing.money import to_decimal
 from flplatform.billing.operations import Spend, operation_by_key, payer_accounts, record_operation

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.billing import audit
+from flplatform import audit
 from flplatform.billing.ledger import (
     AccountRef,
     InsufficientFunds,

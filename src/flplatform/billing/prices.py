@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flplatform.billing import audit
+from flplatform import audit
 from flplatform.billing.money import to_minor
 from flplatform.errors import NotFound, Unprocessable
 from flplatform.orm.base import utcnow

@@ -7,8 +7,8 @@ import uuid
 
 from fastapi import APIRouter, Response
 
+from flplatform import audit
 from flplatform.auth.dependencies import SuperUser
-from flplatform.billing import audit
 from flplatform.billing.schemas import AuditRead
 from flplatform.db import SessionDep
 from flplatform.errors import responses

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from flplatform import audit
 from flplatform.auth import login_names
 from flplatform.auth.credentials import (
     decrypt,
@@ -25,7 +26,6 @@ from flplatform.auth.credentials import (
     new_user_token,
     token_digest,
 )
-from flplatform.billing import audit
 from flplatform.errors import Conflict, Forbidden, NotFound, Unprocessable
 from flplatform.kit.pagination import paginate
 from flplatform.orm import ApiToken, User

@@ -3,7 +3,7 @@
 Call :func:`record` from any service, in the request's session: the row commits with the
 change it describes, or not at all. It only ever inserts.
 
-    from flplatform.billing import audit
+    from flplatform import audit
     await audit.record(session, "permissions.role_granted", f"{user} is now admin of {org}",
                        actor=caller, request=request, organisation_id=org.id)
 """
