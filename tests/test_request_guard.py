@@ -162,7 +162,7 @@ async def test_multipart_is_capped_by_the_upload_limit_while_streaming(db_url, m
 
 async def test_password_is_checked_once_for_a_body_route(client, admin, monkeypatch):
     """The guard authenticates from the headers before the body; the route's dependency reuses it."""
-    import flplatform.auth.dependencies as auth_module
+    import flplatform.auth.authentication as auth_module
 
     calls = 0
     verify = auth_module.verify_password

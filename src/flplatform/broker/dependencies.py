@@ -7,19 +7,24 @@ got their 401, 403 or 404 before the route body.
   it; read fresh (the broker's pending last_ping/last_pong written first).
 * ``PingableTopic``: producers and managers.
 * ``ManagedTopic``: owner, organisation admin, superuser (anonymous callers: 401 first).
+* ``handshake_identity``: who opens a websocket (token in ``Authorization``, else anonymous).
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, WebSocket
 from fastapi.requests import HTTPConnection
 
+from flplatform.auth.authentication import authenticate, client_address
 from flplatform.auth.dependencies import AuthenticatedRequester, RequesterDep
+from flplatform.auth.login_guard import guard_of
 from flplatform.broker import service
 from flplatform.broker.core import Broker
+from flplatform.broker.permissions import Identity, identity_of
 from flplatform.db import SessionDep
+from flplatform.errors import AppError
 from flplatform.orm.broker import BrokerTopic
 
 
@@ -59,3 +64,20 @@ PingableTopic = Annotated[BrokerTopic, Depends(pingable_topic)]
 ManagedTopic = Annotated[BrokerTopic, Depends(managed_topic)]
 
 __all__ = ["BrokerDep", "ManagedTopic", "PingableTopic", "VisibleTopic", "get_broker"]
+
+
+async def handshake_identity(websocket: WebSocket) -> Identity:
+    """The socket's identity; an unknown or expired key is the anonymous identity (reference)."""
+    header = websocket.headers.get("authorization")
+    if not header:
+        return Identity()
+    async with websocket.app.state.sessionmaker() as session:
+        try:
+            user = await authenticate(
+                session, header, guard=guard_of(websocket.app), address=client_address(websocket)
+            )
+        except AppError:
+            return Identity()
+        identity = identity_of(user)
+        await session.commit()
+    return identity

@@ -147,12 +147,15 @@ async def create_topic(
     return topic
 
 
-def update_topic(topic: BrokerTopic, changes: dict[str, Any]) -> BrokerTopic:
+async def update_topic(session: AsyncSession, topic: BrokerTopic, changes: dict[str, Any]) -> BrokerTopic:
+    """Apply a PATCH's fields (``None`` leaves a flag as it is; ``store_messages: None`` returns to
+    the server default) and flush, so the answer and the caches see the new row."""
     for name in ("is_public", "anonymous_can_consume", "supports_dasf", "store_messages", "dispatch"):
         if name in changes:
             if name != "store_messages" and changes[name] is None:
                 continue
             setattr(topic, name, changes[name])
+    await session.flush()
     return topic
 
 

@@ -26,12 +26,16 @@ from fastapi import APIRouter, Query, Request, Response, WebSocket, status
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.convertors import Convertor, register_url_convertor
 
-from flplatform.auth.authentication import authenticate, client_address
 from flplatform.auth.dependencies import AuthenticatedRequester, CurrentUser
-from flplatform.auth.login_guard import guard_of
 from flplatform.broker import service
-from flplatform.broker.dependencies import BrokerDep, ManagedTopic, PingableTopic, VisibleTopic, get_broker
-from flplatform.broker.permissions import Identity, identity_of
+from flplatform.broker.dependencies import (
+    BrokerDep,
+    ManagedTopic,
+    PingableTopic,
+    VisibleTopic,
+    get_broker,
+    handshake_identity,
+)
 from flplatform.broker.schemas import (
     GrantRead,
     GrantWrite,
@@ -43,7 +47,7 @@ from flplatform.broker.schemas import (
     TopicUpdate,
 )
 from flplatform.db import SessionDep
-from flplatform.errors import AppError, responses
+from flplatform.errors import responses
 from flplatform.kit.schemas import Detail, Limit, Offset
 
 
@@ -67,40 +71,23 @@ register_url_convertor("dasfsub", _SubscriptionConvertor())
 router = APIRouter(tags=["broker"])
 
 
-async def _handshake_identity(websocket: WebSocket) -> Identity:
-    """The socket's identity; an unknown or expired key is the anonymous identity (reference)."""
-    header = websocket.headers.get("authorization")
-    if not header:
-        return Identity()
-    async with websocket.app.state.sessionmaker() as session:
-        try:
-            user = await authenticate(
-                session, header, guard=guard_of(websocket.app), address=client_address(websocket)
-            )
-        except AppError:
-            return Identity()
-        identity = identity_of(user)
-        await session.commit()
-    return identity
-
-
 # --------------------------------------------------------------------------- websockets
 
 
 async def _status_ping(websocket: WebSocket) -> None:
-    user = await _handshake_identity(websocket)
+    user = await handshake_identity(websocket)
     await websocket.accept()
     await get_broker(websocket).status_ping_session(websocket, user)
 
 
 async def _producer(websocket: WebSocket, slug: str) -> None:
-    user = await _handshake_identity(websocket)
+    user = await handshake_identity(websocket)
     await websocket.accept()
     await get_broker(websocket).producer_session(websocket, slug, user)
 
 
 async def _consumer(websocket: WebSocket, slug: str, subscription: str) -> None:
-    user = await _handshake_identity(websocket)
+    user = await handshake_identity(websocket)
     history = websocket.query_params.get("history") == "all"
     await websocket.accept()
     await get_broker(websocket).consumer_session(websocket, slug, user, history=history)
@@ -292,8 +279,7 @@ async def get_topic(
 async def update_topic(
     request: Request, session: SessionDep, broker: BrokerDep, topic: ManagedTopic, data: TopicUpdate
 ) -> TopicDetail:
-    service.update_topic(topic, data.model_dump(exclude_unset=True))
-    await session.flush()
+    await service.update_topic(session, topic, data.model_dump(exclude_unset=True))
     service.invalidate_after_commit(session, broker, [topic.slug])
     return await service.topic_detail(session, broker, topic, _websocket_base(request))
 
