@@ -21,6 +21,7 @@ from flplatform.errors import install_error_handlers
 from flplatform.jobs import install as install_jobs
 from flplatform.kit import tasks
 from flplatform.kit.input_guard import InputGuard
+from flplatform.kit.prometheus import HTTPMetrics, metrics_component
 from flplatform.onboarding import FIRST_USER_HINT
 from flplatform.openapi import install_openapi
 from flplatform.routers import audit as audit_router
@@ -31,6 +32,7 @@ from flplatform.routers import broker as broker_router
 from flplatform.routers import groups as groups_router
 from flplatform.routers import health as health_router
 from flplatform.routers import inference as inference_router
+from flplatform.routers import metrics as metrics_router
 from flplatform.routers import models as models_router
 from flplatform.routers import organizations as organizations_router
 from flplatform.routers import trainings as trainings_router
@@ -114,6 +116,7 @@ def lifespan_components() -> list[LifespanComponent]:
     from flplatform.workqueue import workqueue_component
 
     return [
+        metrics_component,  # first in, last out: marks this process dead once the others are closed
         sandbox_component,
         login_guard_component,
         training_component,
@@ -200,7 +203,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     # Body limits and authentication from headers, before any body is read (request_guard.py).
     app.add_middleware(RequestGuard)
-    app.add_middleware(InputGuard)  # outermost: NUL in path/query/headers never reaches a route
+    app.add_middleware(InputGuard)  # NUL in path/query/headers never reaches a route
+    if settings.metrics_enabled:  # outermost: counts every answer by route template (kit/prometheus.py)
+        app.add_middleware(HTTPMetrics)
+        app.include_router(metrics_router.router)
     app.include_router(health_router.router)
     app.include_router(billing_router.router)
     app.include_router(billing_ledger_router.router)

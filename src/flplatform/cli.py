@@ -47,6 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         upgrade(settings.database_url)
         log.info("database %s migrated to head %s", database, head_revision())
+    if settings.metrics_enabled:
+        _metrics_directory(args.workers)
     shown_host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     log.info(
@@ -63,6 +65,22 @@ def _serve(args: argparse.Namespace) -> int:
         **uvicorn_ws_options(),  # websockets-sansio, 64 MiB frames, keepalive (see flplatform.serving)
     )
     return 0
+
+
+def _metrics_directory(workers: int) -> None:
+    """Several workers share one scrape target: prometheus-client's multiprocess mode, in
+    ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary directory unless set), emptied before the
+    workers start (flplatform.kit.prometheus)."""
+    import os
+    import tempfile
+
+    from flplatform.kit.prometheus import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    given = os.environ.get(MULTIPROC_ENV)
+    if not given and workers <= 1:
+        return  # one process: its metrics stay in its memory
+    directory = prepare_multiprocess_dir(given or tempfile.mkdtemp(prefix="flplatform-metrics-"))
+    log.info("metrics at /metrics; %d worker(s) share %s=%s", workers, MULTIPROC_ENV, directory)
 
 
 def _migrate(_: argparse.Namespace) -> int:

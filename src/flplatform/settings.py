@@ -184,6 +184,15 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Claims of one job before it is marked as an error"
     )
 
+    # Prometheus metrics (kit/metrics.py, kit/prometheus.py; docs/operations.md).
+    metrics_enabled: bool = Field(
+        default=False, description="Serve Prometheus metrics at /metrics (off: /metrics is a 404)"
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="When set, /metrics answers only `Authorization: Bearer <this token>` (else 401)",
+    )
+
     # Database pool (PostgreSQL).
     db_pool_size: int = Field(default=10, ge=1, description="PostgreSQL connections kept per process")
     db_max_overflow: int = Field(default=20, ge=0, description="Extra PostgreSQL connections under load")

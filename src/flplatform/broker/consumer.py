@@ -29,6 +29,7 @@ from flplatform.broker.connections import ConsumerConnection, Delivery, PingRequ
 from flplatform.broker.permissions import Identity, Perms, TopicInfo
 from flplatform.broker.tables import DELIVERIES, MESSAGES, TOPICS
 from flplatform.broker.writer import AckOp
+from flplatform.kit import metrics
 from flplatform.orm.broker import BrokerSubscription, StorePolicy
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class ConsumerProtocol:
             budget=broker.queue_budget,
         )
         broker.registry.add(conn)
+        metrics.BROKER_CONSUMERS.inc()
         sender: asyncio.Task[None] | None = None
         try:
             topic = await broker.topics.get(slug)
@@ -75,6 +77,7 @@ class ConsumerProtocol:
         finally:
             conn.release()
             left = broker.registry.remove(conn)
+            metrics.BROKER_CONSUMERS.dec()
             if sender is not None:
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
@@ -115,6 +118,7 @@ class ConsumerProtocol:
         if sent:
             broker.touch_ping(topic.id)
             broker.stats["redelivered"] += sent
+            metrics.BROKER_DELIVERED.inc(sent)
         elif topic.supports_dasf and not topic.is_response:
             await conn.websocket.send_text(env.broker_request("api_info", broker.clock.now()))
 
@@ -213,6 +217,7 @@ class ConsumerProtocol:
             return
         await websocket.send_text(item.text)
         broker.stats["delivered"] += 1
+        metrics.BROKER_DELIVERED.inc()
         broker.touch_ping(topic.id)
 
     async def _frame(self, conn: ConsumerConnection, raw: str | bytes) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from flplatform.broker.bus import fits_notify, message_event
 from flplatform.broker.connections import Delivery, receive_frame
 from flplatform.broker.permissions import Identity, Perms, TopicInfo
 from flplatform.broker.writer import InsertOp, NotifyOp
+from flplatform.kit import metrics
 from flplatform.orm.broker import BrokerTopic, BrokerTopicGrant, ResponseTopic, StorePolicy
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class ProducerProtocol:
             maxsize=self.broker.config.producer_max_inflight
         )
         sender = asyncio.get_running_loop().create_task(self._send_acks(websocket, acks))
+        metrics.BROKER_PRODUCERS.inc()
         try:
             while True:
                 raw = await receive_frame(websocket)
@@ -74,6 +76,7 @@ class ProducerProtocol:
                 if sender.done():
                     break
         finally:
+            metrics.BROKER_PRODUCERS.dec()
             await acks.put(None)
             try:
                 await asyncio.wait_for(sender, 30)
@@ -130,11 +133,13 @@ class ProducerProtocol:
         try:
             content = env.parse_json_object(raw, broker.config.max_message_bytes)
         except env.EnvelopeError as exc:
+            metrics.BROKER_REFUSED.inc()
             return env.error_ack(str(exc))
         has_context, context = "context" in content, content.get("context")
         supplied_id = content.get("messageId")
 
         def refuse(reason: str) -> dict[str, Any]:
+            metrics.BROKER_REFUSED.inc()
             return env.error_ack(reason, supplied_id, context, has_context)
 
         try:
@@ -159,6 +164,7 @@ class ProducerProtocol:
                 return refuse(problem)
         produced.text = json.dumps(produced.content)
         broker.stats["published"] += 1
+        metrics.BROKER_PUBLISHED.inc()
         if topic.policy is StorePolicy.DISABLED:
             if broker.bus.cross_process:
                 await self._announce_unstored(topic, produced, state.user)

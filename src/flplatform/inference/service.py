@@ -42,6 +42,7 @@ from flplatform.inference.requests import (
     decode_input,
     sampling_options,
 )
+from flplatform.kit import metrics
 from flplatform.orm import GlobalModel, LocalModel, MeanModel, Model, SWAGModel, Training, User
 from flplatform.sandbox import SandboxFailure
 from flplatform.sandbox import client as sandbox
@@ -239,6 +240,7 @@ async def run_inference(
 ) -> InferenceResult:
     """Check and meter the request (:func:`check_inference`), load the modules, run the method
     off the event loop. ``billing_key``: see :func:`meter_inference`."""
+    elapsed = metrics.stopwatch()
     plan = await check_inference(session, runtime, user, query, billing_key=billing_key)
     model, method, options, decoded, rows = plan.model, plan.method, plan.options, plan.decoded, plan.rows
 
@@ -255,6 +257,7 @@ async def run_inference(
         target.moments = await swag_moments(session, model)
     async with runtime.gate:
         prediction = await _compute(target, decoded, method, options, runtime)
+    metrics.observe_inference(method.value, elapsed())
     return InferenceResult(
         model=model,
         method=method,

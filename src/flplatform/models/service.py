@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
+from flplatform.kit.metrics import observe_upload, stopwatch
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError
 from flplatform.models.schemas import MetricRead, ModelRead, ModelType
@@ -186,6 +187,7 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
     """The caller's new global model (in their organisation, see ``orm.model._fill_tenant``)."""
     session, owner = requester.session, requester.user
     assert owner is not None
+    elapsed = stopwatch()
     try:
         if upload.preprocessing_file is not None:
             await _check_preprocessing(upload.preprocessing_file)
@@ -241,6 +243,8 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
         )
     )
     await session.flush()
+    size = len(upload.model_file or b"") + len(upload.preprocessing_file or b"")
+    observe_upload("global", size, elapsed())
     return model
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
+from flplatform.kit.metrics import observe_upload, stopwatch
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError
 from flplatform.models.service import file_error, global_id_of
@@ -63,6 +64,7 @@ async def add_update(
 ) -> tuple[LocalModel, Training]:
     """Store one client's update for the current round (a re-upload replaces the earlier one);
     returns it with the training to re-check."""
+    elapsed = stopwatch()
     training, glob = await _participating_training(session, user, model)
     if training.state != TrainingState.ONGOING or training.phase != PHASE_UPDATE:
         raise BadRequest(
@@ -127,6 +129,7 @@ async def add_update(
     await session.flush()
     _add_metrics(session, local.id, user.id, glob.round, metrics)
     await session.flush()
+    observe_upload("update", len(data), elapsed())
     return local, training
 
 

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform import workqueue
 from flplatform.errors import NotFound
+from flplatform.kit import metrics
 from flplatform.kit.tasks import spawn
 from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, Training
 from flplatform.orm.base import utcnow
@@ -297,10 +298,15 @@ class TrainingRuntime:
                 await session.execute(select(Training.aggregator_state).where(Training.id == training_id))
             ).scalar_one_or_none()
         if job.kind == "update":
+            method, elapsed = aggregate.aggregator_options(options)[0], metrics.stopwatch()
             encoded, state = await aggregate.aggregate_updates(
                 self.sessionmaker, job.model_id, job.items, options, previous
             )
-            return await self._finish_update(training_id, job, encoded, state)
+            metrics.observe_aggregation(method, elapsed())
+            committed = await self._finish_update(training_id, job, encoded, state)
+            if committed:
+                metrics.round_completed(method)
+            return committed
         first, second = await aggregate.aggregate_swag(self.sessionmaker, job.items)
         return await self._finish_swag(training_id, job, first, second)
 

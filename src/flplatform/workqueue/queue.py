@@ -21,14 +21,15 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event, exists, or_, select, text, update
+from sqlalchemy import event, exists, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform.errors import AppError
+from flplatform.kit import metrics
 from flplatform.orm.base import utcnow
 from flplatform.orm.workqueue import QueuedWork, Work, WorkKind, WorkStatus
-from flplatform.workqueue.registry import category_of, lookup
+from flplatform.workqueue.registry import category_of, lookup, registered_kinds
 from flplatform.workqueue.tables import QUEUED_WORK, WORK
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,8 @@ async def claim(
                 .where(QUEUED_WORK.c.id == job.id, QUEUED_WORK.c.attempts == seen_attempts)
                 .values(attempts=seen_attempts + 1, lease_until=lease_until)
             )
+            if seen_status == WorkStatus.WAITING:  # first claim: how long it waited in the queue
+                metrics.observe_job_wait(job.handler, (now - job.created_at).total_seconds())
             claimed = ClaimedJob(
                 id=job.id,
                 kind=job.handler,
@@ -213,6 +216,23 @@ async def claim(
             await session.commit()
             return claimed
     return None
+
+
+async def depth(session: AsyncSession) -> dict[tuple[str, str], int]:
+    """Jobs waiting and processing now, by kind and status (every registered kind, 0 included):
+    the queue depth ``/metrics`` reports, read from the database so it is the same everywhere."""
+    counts = {(kind, status.value): 0 for kind in registered_kinds() for status in _OPEN}
+    stmt = (
+        select(QueuedWork.handler, QueuedWork.status, func.count())
+        .where(QueuedWork.status.in_(_OPEN))
+        .group_by(QueuedWork.handler, QueuedWork.status)
+    )
+    for kind, status, count in (await session.execute(stmt)).all():
+        counts[(kind, WorkStatus(status).value)] = int(count)
+    return counts
+
+
+_OPEN = (WorkStatus.WAITING, WorkStatus.PROCESSING)
 
 
 def _owned_by(job_id: uuid.UUID, attempt: int) -> Any:

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from flplatform.kit import metrics
 from flplatform.orm.base import utcnow
 from flplatform.orm.workqueue import Server
 from flplatform.settings import Settings
@@ -210,6 +211,7 @@ class Worker:
             registration.handler(context, job.payload)
         )
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(job, work))
+        elapsed = metrics.stopwatch()
         try:
             result = await work
         except asyncio.CancelledError:
@@ -220,14 +222,17 @@ class Worker:
                     await asyncio.shield(queue.release(self.sessionmaker, job))
                 raise
             log.warning("job %s (%s): claim lost while running; its result is dropped", job.id, job.kind)
+            metrics.observe_job_run(job.kind, "lost", elapsed())
             return
         except Exception as exc:
             log.exception("job %s (%s) failed", job.id, job.kind)
+            metrics.observe_job_run(job.kind, "error", elapsed())
             await queue.fail(self.sessionmaker, job, exc)
             return
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
+        metrics.observe_job_run(job.kind, "finished", elapsed())
         if not await queue.finish(self.sessionmaker, job, result if isinstance(result, dict) else None):
             log.warning(
                 "job %s (%s): finished after its claim was taken over; outcome not recorded", job.id, job.kind
