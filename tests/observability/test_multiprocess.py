@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -16,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flplatform import cli
 from flplatform.kit.prometheus import MULTIPROC_ENV
+from tests.conftest import free_port, wait_for_port
 from tests.scale.harness import fleet, server_env
 
 
@@ -79,3 +82,26 @@ def test_serve_prepares_the_directory(tmp_path: Path, monkeypatch: pytest.Monkey
     made = Path(os.environ[MULTIPROC_ENV])
     assert made.is_dir() and made.name.startswith("flplatform-metrics-")
     made.rmdir()
+
+
+@pytest.mark.slow
+def test_job_worker_serves_its_own_metrics(db_url: str, tmp_path: Path) -> None:
+    """``flplatform worker --metrics-port``: a job-only process (no API) is its own scrape target."""
+    port = free_port()
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flplatform.cli", "worker", "--no-migrate", "--metrics-port", str(port)],
+            env=server_env(db_url),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_port(port, timeout=60)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        names = {family.name for family in text_string_to_metric_families(text)}
+        assert {"flplatform_job_run_seconds", "flplatform_aggregation_seconds"} <= names, log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

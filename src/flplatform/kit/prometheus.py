@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, values
+from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server, values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from starlette.routing import Mount
@@ -89,11 +89,17 @@ class _Metrics:
         return self.families
 
 
-class _ThisProcess:
-    """The default registry (this process's metrics, plus its process and GC collectors)."""
+class _Collected:
+    """Every process's values (multiprocess mode: the directory, without the live gauges of
+    processes that died without shutting down) or this process's (its default registry, with
+    the process and GC collectors)."""
 
     def collect(self) -> Iterable[Metric]:
-        return REGISTRY.collect()
+        if not multiprocess_mode():
+            return REGISTRY.collect()
+        directory = os.environ[MULTIPROC_ENV]
+        _reap_dead_processes(directory)
+        return multiprocess.MultiProcessCollector(None, path=directory).collect()
 
 
 def render(extra: Iterable[Metric] = (), accept: str = "") -> tuple[bytes, str]:
@@ -101,15 +107,19 @@ def render(extra: Iterable[Metric] = (), accept: str = "") -> tuple[bytes, str]:
     families, and its content type: the format the ``Accept`` header asks for (OpenMetrics or a
     newer text version), else Prometheus' text format 0.0.4, as prometheus-client's own server."""
     registry = CollectorRegistry(auto_describe=False)
-    if multiprocess_mode():
-        directory = os.environ[MULTIPROC_ENV]
-        _reap_dead_processes(directory)
-        multiprocess.MultiProcessCollector(registry, path=directory)
-    else:
-        registry.register(_ThisProcess())
+    registry.register(_Collected())
     registry.register(_Metrics(extra))
     encoder, content_type = choose_encoder(accept)
     return encoder(registry), content_type
+
+
+def start_metrics_server(host: str, port: int) -> None:
+    """``flplatform worker --metrics-port``: a job-only process has no API, so its metrics get a
+    plain HTTP port of their own (prometheus-client's server in a daemon thread; no token, so
+    bind it to a private interface)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collected())
+    start_http_server(port, addr=host, registry=registry)
 
 
 async def metrics_access(request: Request) -> None:

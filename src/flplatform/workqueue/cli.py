@@ -62,6 +62,14 @@ def register(
         "--kinds", help="comma-separated job kinds to take, of: %(kinds)s (default: all of them)"
     )
     worker.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve this process's Prometheus metrics on this port (/metrics, no token; default: none)",
+    )
+    worker.add_argument(
+        "--metrics-host", default="127.0.0.1", help="interface of --metrics-port (default: %(default)s)"
+    )
+    worker.add_argument(
         "--no-migrate", action="store_true", help="do not apply migrations first (default: apply them)"
     )
     worker.set_defaults(func=_worker, install_jobs=install_jobs)
@@ -92,6 +100,11 @@ def _worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.metrics_port is not None:
+        from flplatform.kit.prometheus import start_metrics_server
+
+        start_metrics_server(args.metrics_host, args.metrics_port)
+        log.info("metrics at http://%s:%d/metrics", args.metrics_host, args.metrics_port)
     asyncio.run(_run(args.name, args.concurrency, kinds))
     return 0
 
