@@ -131,9 +131,18 @@ def observe_inference(method: str, seconds: float) -> None:
     INFERENCE_SECONDS.labels(method).observe(seconds)
 
 
+# (method, route, status) -> the two children: ``labels()`` takes a lock and validates on every
+# call; the key space is bounded (methods x route templates x statuses), so this never grows far.
+_http_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
 def observe_http(method: str, route: str, status: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_SECONDS.labels(method, route).observe(seconds)
+    children = _http_children.get((method, route, status))
+    if children is None:
+        children = (HTTP_REQUESTS.labels(method, route, str(status)), HTTP_SECONDS.labels(method, route))
+        _http_children[(method, route, status)] = children
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 def workqueue_depth(counts: dict[tuple[str, str], int]) -> GaugeMetricFamily:
