@@ -33,9 +33,9 @@ async def test_broker_counts_published_delivered_refused_and_sockets(live: Any) 
     async with live.connect(f"{slug}/sub-1") as consumer:
         await recv_json(consumer)  # api_info: the broker's own request, not a delivered message
         async with live.connect(slug) as producer:
-            assert sample("flplatform_broker_sockets", role="producer") == producers + 1
             await producer.send(request_frame(3))
             assert (await recv_json(producer))["result"] == "ok"
+            assert sample("flplatform_broker_sockets", role="producer") == producers + 1
             await producer.send("not json")
             assert (await recv_json(producer))["result"] != "ok"
         got = await recv_json(consumer)
