@@ -140,15 +140,14 @@ async def metrics_access(request: Request) -> None:
 
 def route_template(scope: Scope, root_path: str) -> str:
     """The matched route's path template (``/api/models/{model_id}/``), with the prefix of any
-    mount it sits in; ``<unmatched>`` when no route matched."""
+    mount it sits in; ``/mount/{path}`` for what a mounted app without routes answers (static
+    files); ``<unmatched>`` when nothing matched."""
     route: Any = scope.get("route")
     path = getattr(route, "path", None)
-    if not isinstance(path, str):
-        return UNMATCHED_ROUTE
-    prefix = str(scope.get("root_path", ""))[len(root_path) :]
-    if isinstance(route, Mount):  # an app without routes of its own (static files): its root_path is
-        return f"{prefix}/{{path}}"  # already the mount's, so the template is the mount + any path
-    return f"{prefix}{path}"
+    prefix = str(scope.get("root_path", ""))[len(root_path) :]  # the mounts' paths, if any
+    if isinstance(route, Mount) or (prefix and not isinstance(path, str)):
+        return f"{prefix}/{{path}}"
+    return f"{prefix}{path}" if isinstance(path, str) else UNMATCHED_ROUTE
 
 
 class HTTPMetrics:
