@@ -71,7 +71,9 @@ def _metrics_directory(workers: int) -> None:
     """Several workers share one scrape target: prometheus-client's multiprocess mode, in
     ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary directory unless set), emptied before the
     workers start (flplatform.kit.prometheus)."""
+    import atexit
     import os
+    import shutil
     import tempfile
 
     from flplatform.kit.prometheus import MULTIPROC_ENV, prepare_multiprocess_dir
@@ -80,6 +82,8 @@ def _metrics_directory(workers: int) -> None:
     if not given and workers <= 1:
         return  # one process: its metrics stay in its memory
     directory = prepare_multiprocess_dir(given or tempfile.mkdtemp(prefix="flplatform-metrics-"))
+    if not given:  # ours: removed when serve ends (after its workers)
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     log.info("metrics at /metrics; %d worker(s) share %s=%s", workers, MULTIPROC_ENV, directory)
 
 
