@@ -112,6 +112,7 @@ def lifespan_components() -> list[LifespanComponent]:
     from flplatform.billing.hooks import billing_component
     from flplatform.broker import broker_component
     from flplatform.sandbox import sandbox_component
+    from flplatform.trainings.event_stream import training_events_component
     from flplatform.trainings.sweeper import training_component
     from flplatform.workqueue import workqueue_component
 
@@ -120,6 +121,7 @@ def lifespan_components() -> list[LifespanComponent]:
         sandbox_component,
         login_guard_component,
         training_component,
+        training_events_component,
         broker_component,
         billing_component,
         workqueue_component,

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from flplatform.billing import hooks as billing_hooks
 from flplatform.inference import jobs as inference_jobs
+from flplatform.trainings import events as training_events
 from flplatform.trainings import hooks as training_hooks
 from flplatform.trainings import jobs as training_jobs
 
 
 def install() -> None:
     """Register the job kinds (``training.aggregate``, ``inference.run``) and add billing's round
-    hooks (reserve at each round start, settle at each aggregation). Idempotent."""
+    hooks (reserve at each round start, settle at each aggregation), and wake the training event
+    streams after each commit that recorded events. Idempotent."""
     training_jobs.register()
     inference_jobs.register()
     training_hooks.ROUND_STARTED.add(billing_hooks.round_started)
     training_hooks.ROUND_AGGREGATED.add(billing_hooks.round_aggregated)
+    training_events.install()

@@ -162,6 +162,24 @@ class Settings(BaseSettings):
         ge=1,
         description="A round claimed for aggregation is free again after this (crash recovery)",
     )
+    training_events_keep: int = Field(
+        default=1000,
+        ge=10,
+        description="Newest events kept per training for GET /api/trainings/{id}/events/ (replay with "
+        "Last-Event-ID); older ones are pruned",
+    )
+    training_events_prune_interval_seconds: float = Field(
+        default=60.0, gt=0, description="How often each server process prunes the training events"
+    )
+    training_events_poll_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="An event stream re-reads its training's events at least this often (wake-ups are "
+        "immediate; this bounds the delay when one is lost)",
+    )
+    training_events_ping_seconds: float = Field(
+        default=15.0, gt=0, description="Keep-alive comment interval of an idle event stream"
+    )
 
     # Work queue (workqueue/): aggregation and other background jobs claimed by any worker process.
     inprocess_worker: bool = Field(

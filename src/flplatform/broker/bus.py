@@ -1,5 +1,6 @@
 """Cross-process fan-out. SQLite: one process, nothing to carry (``InProcessBus``).
-PostgreSQL: LISTEN/NOTIFY on channel ``flp_broker`` (``PostgresBus``).
+PostgreSQL: LISTEN/NOTIFY on channel ``flp_broker`` (``PostgresBus``); both are the generic bus
+of :mod:`flplatform.kit.bus` on the broker's channel.
 
 Events are small JSON objects ``{"o": origin, "k": kind, ...}``:
 
@@ -24,20 +25,13 @@ removes transient rows after a minute.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
-
-log = logging.getLogger(__name__)
+from flplatform.kit import bus as kit_bus
 
 CHANNEL = "flp_broker"
-Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def fits_notify(text: str, slug: str, inline_bytes: int) -> bool:
@@ -60,76 +54,15 @@ def message_event(
     return event
 
 
-class InProcessBus:
+class InProcessBus(kit_bus.InProcessBus):
     """Single process: local dispatch already reached everyone; nothing to forward."""
 
-    cross_process = False
-
     def __init__(self) -> None:
-        self.origin = uuid.uuid4().hex[:12]
-
-    async def start(self, handler: Handler) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def send(self, session: AsyncSession, events: list[dict[str, Any]]) -> None:
-        return None
+        super().__init__(CHANNEL)
 
 
-class PostgresBus:
-    cross_process = True
+class PostgresBus(kit_bus.PostgresBus):
+    """LISTEN/NOTIFY on ``flp_broker`` (the generic bus of :mod:`flplatform.kit.bus`)."""
 
     def __init__(self, database_url: str):
-        self.origin = uuid.uuid4().hex[:12]
-        self._dsn = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        self._conn: Any = None
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._handler: Handler | None = None
-
-    async def start(self, handler: Handler) -> None:
-        import asyncpg
-
-        self._handler = handler
-        self._conn = await asyncpg.connect(self._dsn)
-        await self._conn.add_listener(CHANNEL, self._on_notify)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="broker-bus")
-
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            return
-        if event.get("o") != self.origin:
-            self._queue.put_nowait(event)
-
-    async def _run(self) -> None:
-        assert self._handler is not None
-        while True:
-            event = await self._queue.get()
-            try:
-                await self._handler(event)
-            except Exception:  # one bad event must not stop the fan-out
-                log.exception("broker bus event failed: %s", str(event)[:200])
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._conn is not None:
-            try:
-                await self._conn.remove_listener(CHANNEL, self._on_notify)
-            finally:
-                await self._conn.close()
-
-    async def send(self, session: AsyncSession, events: list[dict[str, Any]]) -> None:
-        """Queue NOTIFYs in the session's transaction (delivered at commit)."""
-        if not events:
-            return
-        payloads = [json.dumps({"o": self.origin, **e}, separators=(",", ":")) for e in events]
-        await session.execute(
-            text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
-            {"channel": CHANNEL, "payloads": payloads},
-        )
+        super().__init__(database_url, CHANNEL)

@@ -12,6 +12,7 @@ async with FLPlatformAPI(url, token=token) as api, NotificationEndpoint(port=810
 
 from flplatform.client.api import APIError, FLPlatformAPI
 from flplatform.client.endpoint import NotificationEndpoint, verify_signature
+from flplatform.client.events import TrainingEvent
 from flplatform.client.fedprox import proximal_term
 from flplatform.client.participant import Participant, RoundContext, RoundRecord, TrainingRun
 from flplatform.client.serialization import (
@@ -29,6 +30,7 @@ __all__ = [
     "Participant",
     "RoundContext",
     "RoundRecord",
+    "TrainingEvent",
     "TrainingRun",
     "dump_module",
     "dump_state_dict",

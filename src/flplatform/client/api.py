@@ -13,10 +13,12 @@ import base64
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import httpx
+
+from flplatform.client.events import TrainingEvent, parse_sse
 
 log = logging.getLogger("flplatform.client")
 
@@ -346,3 +348,54 @@ class FLPlatformAPI:
                     f"training {training_id} still in state {training.get('state')} after {timeout}s"
                 )
             await asyncio.sleep(interval)
+
+    async def watch(
+        self,
+        training_id: str | uuid.UUID,
+        *,
+        last_event_id: int | None = None,
+        until_finished: bool = False,
+        idle_timeout: float = 60.0,
+    ) -> AsyncIterator[TrainingEvent]:
+        """The training's live events (``GET /api/trainings/{id}/events/``), parsed, in order.
+
+        Replays the recorded events after ``last_event_id`` first (all kept ones when None).
+        When the connection drops (or nothing, not even a keep-alive ping, arrives for
+        ``idle_timeout`` seconds) it reconnects with ``Last-Event-ID``, so no event is missed
+        or repeated, with the client's back-off; a 4xx answer raises :class:`APIError`. With
+        ``until_finished`` it stops after the event that ends the training (state C or E)."""
+        path = f"/api/trainings/{training_id}/events/"
+        last = last_event_id
+        attempt = 0
+        while True:
+            if self._authorization is None:
+                await self.login()
+            headers = {"Accept": "text/event-stream", "Authorization": self._authorization or ""}
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            timeout = httpx.Timeout(idle_timeout, connect=self._http.timeout.connect)
+            try:
+                async with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        detail, code = _detail(response)
+                        raise APIError("GET", path, response.status_code, detail, code)
+                    attempt = 0
+                    async for message in parse_sse(response.aiter_lines()):
+                        if not message.data:
+                            continue
+                        event = TrainingEvent.from_message(message)
+                        if event.seq is not None:
+                            last = event.seq
+                        yield event
+                        if until_finished and event.finished:
+                            return
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                if attempt >= self.retries:
+                    raise
+                delay = self.backoff * 2**attempt
+                attempt += 1
+                log.warning("watching training %s: %s; reconnecting in %.2fs", training_id, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            await asyncio.sleep(self.backoff)  # the server closed the stream: reconnect

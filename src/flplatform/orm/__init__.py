@@ -45,6 +45,7 @@ from flplatform.orm.training import (
     TrainingState,
     UncertaintyMethod,
 )
+from flplatform.orm.training_event import TrainingEvent, TrainingEventHead
 from flplatform.orm.user import ApiToken, LoginName, User
 from flplatform.orm.workqueue import (
     QueuedWork,  # noqa: F401  (registers the work-queue table)
@@ -95,6 +96,8 @@ __all__ = [
     "Server",
     "SwagStatistic",
     "Training",
+    "TrainingEvent",
+    "TrainingEventHead",
     "TrainingState",
     "UncertaintyMethod",
     "User",

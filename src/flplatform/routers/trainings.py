@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Request, status
+from fastapi import APIRouter, Body, Header, Query, Request, status
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from flplatform.auth.dependencies import AuthenticatedRequester, CurrentUser
 from flplatform.db import SessionDep
 from flplatform.errors import responses
 from flplatform.kit.schemas import Detail
 from flplatform.models.schemas import ModelRead
+from flplatform.trainings import event_stream
 from flplatform.trainings import notifications as notify
 from flplatform.trainings import service as training_service
 from flplatform.trainings.dependencies import ManagedTraining, ReadableTraining
@@ -25,6 +27,7 @@ from flplatform.trainings.schemas import (
     TrainingCreate,
     TrainingCreated,
     TrainingDetail,
+    TrainingEventRead,
     TrainingRead,
 )
 from flplatform.trainings.sweeper import advance_after_commit, kick_after_commit
@@ -188,6 +191,80 @@ async def training_models_latest(
     requester: AuthenticatedRequester, training: ReadableTraining
 ) -> list[ModelRead]:
     return await training_service.training_models(requester, training, latest=True)
+
+
+EVENTS_EXAMPLE = """\
+id: 41
+event: update_received
+data: {"seq":41,"kind":"update_received","training_id":"7d0c3f52-2f1e-4c43-9f4e-0a43f1d2b8e1","at":"2026-12-04T17:02:11.120000Z","data":{"round":3,"participant_id":"5b6f8a9e-1c2d-4e3f-8a7b-9c0d1e2f3a4b","participant":"hospital-a","sample_size":1200,"replaced":false}}
+
+id: 42
+event: aggregation_started
+data: {"seq":42,"kind":"aggregation_started","training_id":"7d0c3f52-2f1e-4c43-9f4e-0a43f1d2b8e1","at":"2026-12-04T17:02:11.300000Z","data":{"round":3,"kind":"update","updates":2,"method":"fedavg"}}
+
+id: 43
+event: aggregation_finished
+data: {"seq":43,"kind":"aggregation_finished","training_id":"7d0c3f52-2f1e-4c43-9f4e-0a43f1d2b8e1","at":"2026-12-04T17:02:11.910000Z","data":{"round":3,"kind":"update","new_round":4,"updates":2,"method":"fedavg","duration_seconds":0.52}}
+
+: ping - 2026-12-04 17:02:26.912000+00:00
+
+"""
+
+
+def _sse(event: TrainingEventRead) -> ServerSentEvent:
+    return ServerSentEvent(
+        data=event.model_dump_json(),
+        event=event.kind,
+        id=None if event.seq is None else str(event.seq),
+    )
+
+
+@router.get(
+    "/{training_id}/events/",
+    response_class=EventSourceResponse,
+    summary="Live events of a training (Server-Sent Events)",
+    description="A `text/event-stream` of what happens to the training, as it is committed: "
+    "`round_started`, `update_received` (who, sample size), `swag_statistics_received`, "
+    "`aggregation_started`, `aggregation_finished` (duration), `test_round_started`, "
+    "`test_metrics_received`, `state_changed`, `participant_removed`, `error`. Each event's `id:` is "
+    "its number in the training (1, 2, 3, …) and its `data:` a JSON `TrainingEventRead`. The stream "
+    "first replays the recorded events after `Last-Event-ID` (the header an `EventSource` sends when it "
+    "reconnects; `?last_event_id=` for a first connection), then stays open (a `: ping` comment every "
+    "15 s). Only the newest `FLP_TRAINING_EVENTS_KEEP` events per training are kept: when some that "
+    "the caller missed are gone, a `gap` event (no id) says which. Works with several worker processes "
+    "on PostgreSQL. Same permission as reading the training (404 for another organisation's).",
+    responses={
+        200: {
+            "description": "The event stream",
+            "content": {"text/event-stream": {"schema": {"type": "string"}, "example": EVENTS_EXAMPLE}},
+        },
+        **responses(401, 403, 404, 422),
+    },
+)
+async def training_events(
+    request: Request,
+    training: ReadableTraining,
+    last_event_id_header: Annotated[
+        int | None,
+        Header(alias="Last-Event-ID", ge=0, description="Replay the events after this one (reconnects)"),
+    ] = None,
+    last_event_id: Annotated[
+        int | None, Query(ge=0, description="Replay the events after this one (first connection)")
+    ] = None,
+) -> EventSourceResponse:
+    settings = request.app.state.settings
+    after = last_event_id_header if last_event_id_header is not None else last_event_id or 0
+    events = event_stream.stream(
+        request.app.state.sessionmaker,
+        training.id,
+        after=after,
+        poll_seconds=settings.training_events_poll_seconds,
+    )
+    return EventSourceResponse(
+        (_sse(event) async for event in events),
+        ping=settings.training_events_ping_seconds,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
 
 
 @users_router.get(

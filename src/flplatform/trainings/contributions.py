@@ -31,7 +31,7 @@ from flplatform.orm import (
     User,
 )
 from flplatform.orm.base import utcnow
-from flplatform.trainings import aggregate
+from flplatform.trainings import aggregate, events
 from flplatform.trainings.repository import global_model, training_for_model
 from flplatform.trainings.rounds import PHASE_TEST, PHASE_UPDATE, participant_ids
 from flplatform.trainings.service import is_actor
@@ -129,6 +129,19 @@ async def add_update(
     await session.flush()
     _add_metrics(session, local.id, user.id, glob.round, metrics)
     await session.flush()
+    await events.record(
+        session,
+        training.id,
+        events.UPDATE_RECEIVED,
+        {
+            "round": glob.round,
+            "participant_id": user.id,
+            "participant": user.username,
+            "sample_size": sample_size,
+            "replaced": existing is not None,
+            **(events.metrics_payload(metrics) if metrics else {}),
+        },
+    )
     observe_upload("update", len(data), elapsed())
     return local, training
 
@@ -191,6 +204,20 @@ async def add_metrics(
         raise Forbidden("Only the model's owner may report metrics on it.")
     _add_metrics(session, model.id, user.id, model.round, metrics)
     await session.flush()
+    if training is not None:
+        await events.record(
+            session,
+            training.id,
+            events.TEST_METRICS_RECEIVED,
+            {
+                "round": model.round,
+                "model_id": model.id,
+                "participant_id": user.id,
+                "participant": user.username,
+                "phase": training.phase,
+                **events.metrics_payload(metrics),
+            },
+        )
     if training is not None and isinstance(model, GlobalModel) and training.phase == PHASE_TEST:
         return training
     return None
@@ -263,4 +290,15 @@ async def add_swag_statistics(
             )
         )
     await session.flush()
+    await events.record(
+        session,
+        training.id,
+        events.SWAG_STATISTICS_RECEIVED,
+        {
+            "round": glob.round,
+            "participant_id": user.id,
+            "participant": user.username,
+            "sample_size": sample_size,
+        },
+    )
     return training

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.orm import GlobalModel, Training, TrainingState, UncertaintyMethod, User
 from flplatform.orm.base import utcnow
-from flplatform.trainings import hooks
+from flplatform.trainings import events, hooks
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.repository import global_model
 from flplatform.trainings.rounds import (
@@ -72,6 +72,24 @@ def _enter_phase(training: Training, phase: str) -> None:
     training.last_update = utcnow()
 
 
+async def state_changed(
+    session: AsyncSession, training: Training, previous: TrainingState, **data: Any
+) -> None:
+    """Record a ``state_changed`` event (a no-op when the state did not change)."""
+    if training.state != previous:
+        await events.record(
+            session,
+            training.id,
+            events.STATE_CHANGED,
+            {
+                "state": training.state.value,
+                "previous_state": previous.value,
+                "phase": training.phase,
+                **data,
+            },
+        )
+
+
 async def begin_update_round(
     session: AsyncSession,
     training: Training,
@@ -82,6 +100,12 @@ async def begin_update_round(
     """Enter the update phase of ``model.round`` (the round-started hooks may refuse it)."""
     _enter_phase(training, PHASE_UPDATE)
     await hooks.ROUND_STARTED(session, training, model.round)
+    await events.record(
+        session,
+        training.id,
+        events.ROUND_STARTED,
+        {"round": model.round, "participants": len(recipients), "daisy_chained": bool(downloads)},
+    )
     if downloads:
         notify.enqueue(
             session,
@@ -99,8 +123,10 @@ async def begin_update_round(
 async def after_aggregation(session: AsyncSession, training: Training, model: GlobalModel) -> None:
     """After an update aggregation: a SWAG round, a test round, the next round or the end."""
     if training.uncertainty_method == UncertaintyMethod.SWAG:
+        previous = training.state
         training.state = TrainingState.SWAG_ROUND
         _enter_phase(training, PHASE_SWAG)
+        await state_changed(session, training, previous, round=model.round)
         notify.enqueue(
             session, training.id, training.participants, notify.SWAG_ROUND_START, _round_body(training, model)
         )
@@ -109,11 +135,15 @@ async def after_aggregation(session: AsyncSession, training: Training, model: Gl
 
 
 async def test_or_next(session: AsyncSession, training: Training, model: GlobalModel) -> None:
+    previous = training.state
     training.state = TrainingState.ONGOING
     if (training.options or {}).get("skip_model_tests"):
+        await state_changed(session, training, previous, round=model.round)
         await next_or_finish(session, training, model)
         return
     _enter_phase(training, PHASE_TEST)
+    await state_changed(session, training, previous, round=model.round)
+    await events.record(session, training.id, events.TEST_ROUND_STARTED, {"round": model.round})
     notify.enqueue(
         session, training.id, training.participants, notify.MODEL_TEST_ROUND, _round_body(training, model)
     )
@@ -121,8 +151,10 @@ async def test_or_next(session: AsyncSession, training: Training, model: GlobalM
 
 async def next_or_finish(session: AsyncSession, training: Training, model: GlobalModel) -> None:
     if model.round - training.start_round >= training.target_num_updates:
+        previous = training.state
         training.state = TrainingState.COMPLETED
         _enter_phase(training, PHASE_DONE)
+        await state_changed(session, training, previous, round=model.round)
         actor = await session.get(User, training.actor_id)
         recipients = list(training.participants)
         if actor is not None and actor.id not in participant_ids(training):
@@ -139,11 +171,14 @@ async def fail(
 ) -> None:
     """The training ends in E with ``reason``; pending notifications are dropped."""
     log.warning("training %s -> Error: %s", training.id, reason)
+    previous = training.state
     training.state = TrainingState.ERROR
     training.error_reason = reason[:2000]
     training.locked = False
     training.locked_until = None
     _enter_phase(training, PHASE_DONE)
+    await events.record(session, training.id, events.ERROR, {"reason": training.error_reason})
+    await state_changed(session, training, previous, error_reason=training.error_reason)
     await notify.drop_pending_for(session, training.id)
     if notify_clients:
         notify.enqueue(
@@ -163,6 +198,13 @@ async def remove_users(session: AsyncSession, training: Training, users: Sequenc
     """Drop participants (by the actor, or as stragglers/rejecters); those who opted in are told."""
     ids = [u.id for u in users]
     training.participants = [u for u in training.participants if u.id not in ids]
+    for user in users:
+        await events.record(
+            session,
+            training.id,
+            events.PARTICIPANT_REMOVED,
+            {"participant_id": user.id, "participant": user.username, "reason": reason},
+        )
     for user_id in ids:
         await notify.drop_pending_for(session, training.id, user_id)
     if training.state in ACTIVE_STATES:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,7 @@ from flplatform.kit.tasks import spawn
 from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, Training
 from flplatform.orm.base import utcnow
 from flplatform.settings import Settings
-from flplatform.trainings import aggregate, hooks
+from flplatform.trainings import aggregate, events, hooks
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import (
     after_aggregation,
@@ -93,6 +94,11 @@ class AggregationJob:
     def dedupe_key(self, training_id: uuid.UUID) -> str:
         # One job per claim: a round re-claimed after an expired lease gets a new token, so a new job.
         return f"training:{training_id}:round:{self.round}:{self.kind}:{self.token.isoformat()}"
+
+
+def _method(kind: str, options: dict[str, Any] | None) -> str:
+    """The aggregation rule of a job, as the events name it."""
+    return aggregate.aggregator_options(dict(options or {}))[0] if kind == "update" else "swag-mean"
 
 
 @dataclass
@@ -186,6 +192,17 @@ class TrainingRuntime:
                 await next_or_finish(session, training, model)
                 await session.commit()
                 return True
+            await events.record(
+                session,
+                training.id,
+                events.AGGREGATION_STARTED,
+                {
+                    "round": job.round,
+                    "kind": job.kind,
+                    "updates": len(job.items),
+                    "method": _method(job.kind, training.options),
+                },
+            )
             # The job becomes visible with the claim (same transaction): there is never a claim
             # without its job, nor a job without its claim.
             await workqueue.enqueue(
@@ -291,6 +308,7 @@ class TrainingRuntime:
                 "training %s: aggregation claim of round %s no longer held; skipping", training_id, job.round
             )
             return False
+        started = time.monotonic()
         async with self.sessionmaker() as session:
             training = await get_training(session, training_id)
             options = dict(training.options or {})
@@ -303,12 +321,12 @@ class TrainingRuntime:
                 self.sessionmaker, job.model_id, job.items, options, previous
             )
             metrics.observe_aggregation(method, elapsed())
-            committed = await self._finish_update(training_id, job, encoded, state)
+            committed = await self._finish_update(training_id, job, encoded, state, started)
             if committed:
                 metrics.round_completed(method)
             return committed
         first, second = await aggregate.aggregate_swag(self.sessionmaker, job.items)
-        return await self._finish_swag(training_id, job, first, second)
+        return await self._finish_swag(training_id, job, first, second, started)
 
     async def _owned(
         self, session: AsyncSession, training_id: uuid.UUID, job: AggregationJob
@@ -326,8 +344,25 @@ class TrainingRuntime:
             return None
         return training, model
 
+    async def _finished(
+        self, session: AsyncSession, training: Training, job: AggregationJob, started: float, new_round: int
+    ) -> None:
+        await events.record(
+            session,
+            training.id,
+            events.AGGREGATION_FINISHED,
+            {
+                "round": job.round,
+                "kind": job.kind,
+                "new_round": new_round,
+                "updates": len(job.items),
+                "method": _method(job.kind, training.options),
+                "duration_seconds": round(time.monotonic() - started, 6),
+            },
+        )
+
     async def _finish_update(
-        self, training_id: uuid.UUID, job: AggregationJob, encoded: bytes, state: bytes
+        self, training_id: uuid.UUID, job: AggregationJob, encoded: bytes, state: bytes, started: float
     ) -> bool:
         async with self.sessionmaker() as session:
             owned = await self._owned(session, training_id, job)
@@ -362,6 +397,7 @@ class TrainingRuntime:
             training.locked = False
             training.locked_until = None
             await hooks.ROUND_AGGREGATED(session, training, job.round)
+            await self._finished(session, training, job, started, new_round)
             await after_aggregation(session, training, model)
             await session.commit()
         aggregate.forget_cached(job.model_id)
@@ -369,7 +405,7 @@ class TrainingRuntime:
         return True
 
     async def _finish_swag(
-        self, training_id: uuid.UUID, job: AggregationJob, first: bytes, second: bytes
+        self, training_id: uuid.UUID, job: AggregationJob, first: bytes, second: bytes, started: float
     ) -> bool:
         async with self.sessionmaker() as session:
             owned = await self._owned(session, training_id, job)
@@ -383,6 +419,7 @@ class TrainingRuntime:
             )
             training.locked = False
             training.locked_until = None
+            await self._finished(session, training, job, started, model.round)
             await test_or_next(session, training, model)
             await session.commit()
         self.kick()

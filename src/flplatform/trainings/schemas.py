@@ -206,3 +206,20 @@ class NotificationKey(Schema):
 
 class StopRequest(RequestSchema):
     reason: Annotated[str, Field(max_length=500, pattern="^[^\x00]*$")] = "Stopped by the actor."
+
+
+class TrainingEventRead(Schema):
+    """One training event: the JSON ``data`` of a Server-Sent Event whose ``event:`` is ``kind``
+    and whose ``id:`` is ``seq``."""
+
+    seq: int | None = Field(
+        description="The event's number in its training (1, 2, 3, ...; the SSE id). None for `gap`."
+    )
+    kind: str = Field(
+        description="round_started, update_received, swag_statistics_received, aggregation_started, "
+        "aggregation_finished, test_round_started, test_metrics_received, state_changed, "
+        "participant_removed, error; `gap` when events the subscriber missed were pruned"
+    )
+    training_id: uuid.UUID
+    at: dt.datetime | None = Field(description="When the event was recorded (UTC)")
+    data: dict[str, Any] = Field(description="The kind's fields (see docs/training.md)")

@@ -48,7 +48,14 @@ from flplatform.permissions.requester import ANY_ROLE
 from flplatform.permissions.resources import oversees, oversees_clause, participations
 from flplatform.trainings import aggregate
 from flplatform.trainings import notifications as notify
-from flplatform.trainings.phases import begin_update_round, fail, phase_notification, remove_users, start_body
+from flplatform.trainings.phases import (
+    begin_update_round,
+    fail,
+    phase_notification,
+    remove_users,
+    start_body,
+    state_changed,
+)
 from flplatform.trainings.repository import global_model, training_for_model
 from flplatform.trainings.rounds import ACTIVE_STATES, PHASE_UPDATE, arrivals, participant_ids, phase_deadline
 from flplatform.trainings.schemas import TrainingCreate, TrainingDetail, TrainingRead
@@ -282,6 +289,7 @@ async def start_training(session: AsyncSession, training: Training) -> None:
     model = await global_model(session, training.model_id)
     training.state = TrainingState.ONGOING
     training.start_round = model.round
+    await state_changed(session, training, TrainingState.INITIAL, round=model.round)
     notify.enqueue(
         session, training.id, training.participants, notify.TRAINING_START, start_body(training, model)
     )
