@@ -27,12 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 def _settings(db_url: str, **fields: Any) -> Settings:
-    return Settings(
-        database_url=db_url,
-        training_sweep_interval_seconds=0.05,
-        training_events_poll_seconds=30.0,  # a missed wake-up would show as a timeout, not be hidden
-        **fields,
-    )
+    fields.setdefault("training_events_poll_seconds", 30.0)  # a missed wake-up shows as a timeout
+    return Settings(database_url=db_url, training_sweep_interval_seconds=0.05, **fields)
 
 
 async def _collect(api: FLPlatformAPI, training_id: str, **kw: Any) -> list[TrainingEvent]:
@@ -270,3 +266,46 @@ async def test_other_organisation_gets_404_like_reading_the_training(app, settin
             with pytest.raises(APIError) as raised:
                 await anext(api.watch(str(training.id)))
             assert raised.value.status_code == 404
+
+
+async def test_deleting_the_training_ends_its_stream(db_url):
+    with live_server(_settings(db_url, training_events_poll_seconds=0.2)) as base:
+        training_id, actor, _ = await _run_training(base, db_url, 1)
+        async with FLPlatformAPI(base, token=actor, retries=0) as api:
+            seen: list[TrainingEvent] = []
+
+            async def read() -> None:
+                async for event in api.watch(training_id):
+                    seen.append(event)
+
+            reader = asyncio.create_task(read())
+            await asyncio.sleep(0.5)
+            async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+                r = await http.delete(
+                    f"/api/trainings/{training_id}/", headers={"Authorization": f"Token {actor}"}
+                )
+                assert r.status_code == 200, r.text
+            with pytest.raises(APIError) as raised:  # the stream ended; reconnecting finds no training
+                await asyncio.wait_for(reader, 10)
+            assert raised.value.status_code == 404 and seen == []
+
+
+async def test_sse_parser_follows_the_format():
+    async def lines(*items: str):  # type: ignore[no-untyped-def]
+        for item in items:
+            yield item
+
+    raw = [
+        ": ping",
+        "id: 7",
+        "event: round_started",
+        'data: {"seq": 7,',
+        'data:  "kind": "round_started"}',
+        "",
+    ]
+    raw += ["retry: 1500", "", "data: x", "id: bad\x00id", ""]
+    got = [m async for m in parse_sse(lines(*raw))]
+    assert got[0] == SSEMessage(event="round_started", data='{"seq": 7,\n "kind": "round_started"}', id="7")
+    assert got[1].retry == 1500 and got[1].data == ""
+    assert got[2].data == "x" and got[2].id == "7"  # an id with NUL is ignored; the last one stays
+    assert TrainingEvent.from_message(got[0]).seq == 7
