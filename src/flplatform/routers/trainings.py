@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Body, Header, Query, Request, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -254,16 +255,19 @@ async def training_events(
 ) -> EventSourceResponse:
     settings = request.app.state.settings
     after = last_event_id_header if last_event_id_header is not None else last_event_id or 0
+    shutdown = anyio.Event()  # set by sse-starlette when the server shuts down: the stream ends cleanly
     events = event_stream.stream(
         request.app.state.sessionmaker,
         training.id,
         after=after,
         poll_seconds=settings.training_events_poll_seconds,
+        stop=shutdown,
     )
     return EventSourceResponse(
         (_sse(event) async for event in events),
         ping=settings.training_events_ping_seconds,
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        shutdown_event=shutdown,
+        shutdown_grace_period=2.0,
     )
 
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from sqlalchemy import func, select
@@ -33,6 +33,29 @@ from flplatform.trainings.schemas import TrainingEventRead
 log = logging.getLogger(__name__)
 
 BATCH = 200  # events read per query while catching up
+
+
+class StopSignal(Protocol):
+    """An ``asyncio.Event`` or ``anyio.Event``: set when the stream should end (server shutdown)."""
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
+
+
+async def _wait(wake: asyncio.Event, stop: StopSignal | None, timeout: float) -> None:
+    """Until woken, stopped or ``timeout`` seconds passed."""
+    if stop is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout)
+        return
+    tasks = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())}
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _read(training_id: uuid.UUID, row: TrainingEvent) -> TrainingEventRead:
@@ -77,16 +100,18 @@ async def stream(
     *,
     after: int = 0,
     poll_seconds: float = 5.0,
+    stop: StopSignal | None = None,
 ) -> AsyncIterator[TrainingEventRead]:
     """The training's events numbered above ``after``, then each new one as it is committed;
-    ends when the training is deleted (the caller's permission was checked before)."""
+    ends when the training is deleted or ``stop`` is set (the caller's permission was checked
+    before)."""
     waiter = events.HUB.subscribe(training_id)
     try:
         async with sessionmaker() as session:
             after, gap = await _start(session, training_id, after)
         if gap is not None:
             yield gap
-        while True:
+        while stop is None or not stop.is_set():
             waiter.event.clear()  # before reading: a commit during the read wakes the next wait
             async with sessionmaker() as session:
                 rows = (
@@ -109,8 +134,7 @@ async def stream(
                 continue
             if not exists:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.event.wait(), poll_seconds)
+            await _wait(waiter.event, stop, poll_seconds)
     finally:
         events.HUB.unsubscribe(training_id, waiter)
 
