@@ -126,8 +126,17 @@ async def test_rounds_aggregate_as_queued_jobs_and_a_rerun_changes_nothing(
     assert body["state"] == "C" and body["round"] == 2
 
 
+async def _hold_background_writes(work_log) -> None:
+    """Stop the log's once-a-second background write for this test: on a loaded machine a request
+    can take longer than that interval, and the row would be written before the test looks."""
+    work_log.interval = 3600.0
+    work_log._wake.set()  # the writer wakes, writes nothing, and waits again with the new interval
+    await asyncio.sleep(0.1)
+
+
 async def test_inference_is_work_claimed_and_finished_by_the_serving_process(app, client, alice) -> None:
     server_id = await _worker_server_id(app)
+    await _hold_background_writes(app.state.work_log)
     model_id = await upload_global(client, alice.headers, scripted_bytes(tiny_net()))
     net = tiny_net()
     width = next(p for p in net.parameters()).shape[1]
