@@ -22,6 +22,7 @@ from sqlalchemy.orm import undefer
 
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
 from flplatform.kit.metrics import observe_upload, stopwatch
+from flplatform.kit.pagination import paginate
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError
 from flplatform.models.schemas import MetricRead, ModelRead, ModelType
@@ -336,16 +337,32 @@ async def delete_model(session: AsyncSession, model: Model) -> None:
     await session.flush()
 
 
-async def list_metrics(requester: Requester, model: Model) -> list[MetricRead]:
-    """The model's metrics, filtered by the metric policy's clause (one statement)."""
-    rows = (
-        await requester.session.execute(
-            select(Metric)
-            .options(undefer(Metric.value_binary))
-            .where(Metric.model_id == model.id, readable(requester, Metric))
-            .order_by(Metric.created_at)
-        )
-    ).scalars()
+@dataclass(frozen=True)
+class MetricFilter:
+    key: str | None = None
+    step: int | None = None
+    reporter: uuid.UUID | None = None
+
+
+async def list_metrics(
+    requester: Requester, model: Model, wanted: MetricFilter, *, limit: int, offset: int
+) -> tuple[list[MetricRead], int]:
+    """One page of the model's metrics (oldest first) filtered by the metric policy's clause and
+    ``wanted``, with the total."""
+    statement = (
+        select(Metric)
+        .options(undefer(Metric.value_binary))
+        .where(Metric.model_id == model.id, readable(requester, Metric))
+    )
+    if wanted.key is not None:
+        statement = statement.where(Metric.key == wanted.key)
+    if wanted.step is not None:
+        statement = statement.where(Metric.step == wanted.step)
+    if wanted.reporter is not None:
+        statement = statement.where(Metric.reporter_id == wanted.reporter)
+    rows, total = await paginate(
+        requester.session, statement, order_by=[Metric.created_at, Metric.id], limit=limit, offset=offset
+    )
     return [
         MetricRead(
             id=m.id,
@@ -359,7 +376,7 @@ async def list_metrics(requester: Requester, model: Model) -> list[MetricRead]:
             created_at=m.created_at,
         )
         for m in rows
-    ]
+    ], total
 
 
 # --------------------------------------------------------------------------- preprocessing

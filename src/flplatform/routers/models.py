@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, NotFound, Unprocessable, UnsupportedMediaType, responses
-from flplatform.kit.schemas import Detail, RequestSchema, SafeStr, text_problem
+from flplatform.kit.schemas import MAX_LIMIT, Detail, Limit, Offset, RequestSchema, SafeStr, text_problem
 from flplatform.models import service as model_service
 from flplatform.models.dependencies import DeletableModel, ReadableModel, VisibleModel
 from flplatform.models.schemas import (
@@ -31,6 +31,7 @@ from flplatform.models.schemas import (
     SwagAccepted,
     UpdateAccepted,
 )
+from flplatform.models.service import MetricFilter
 from flplatform.orm import SWAGModel, User
 from flplatform.permissions import Requester
 from flplatform.trainings import contributions
@@ -346,11 +347,26 @@ async def delete_model(session: SessionDep, model: DeletableModel) -> Detail:
     "/{model_id}/metrics/",
     response_model=list[MetricRead],
     summary="List a model's metrics",
-    description="Every metric row of the model (binary values base64).",
-    responses=responses(401, 403, 404),
+    description="The model's metric rows the caller may read, oldest first (binary values base64), filtered by "
+    "`key`, `step` and `reporter`; `limit`/`offset` page them (the default page holds the most a page may) and "
+    "`X-Total-Count` carries the total. Per-round series of a whole training: `GET /api/trainings/{id}/metrics/`.",
+    responses=responses(401, 403, 404, 422),
 )
-async def get_metrics(requester: AuthenticatedRequester, model: ReadableModel) -> list[MetricRead]:
-    return await model_service.list_metrics(requester, model)
+async def get_metrics(
+    requester: AuthenticatedRequester,
+    response: Response,
+    model: ReadableModel,
+    key: Annotated[str | None, Query(max_length=128)] = None,
+    step: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
+    reporter: uuid.UUID | None = None,
+    limit: Limit = MAX_LIMIT,
+    offset: Offset = 0,
+) -> list[MetricRead]:
+    rows, total = await model_service.list_metrics(
+        requester, model, MetricFilter(key, step, reporter), limit=limit, offset=offset
+    )
+    response.headers["X-Total-Count"] = str(total)
+    return rows
 
 
 @router.post(

@@ -21,8 +21,11 @@ from flplatform.trainings import event_stream
 from flplatform.trainings import notifications as notify
 from flplatform.trainings import service as training_service
 from flplatform.trainings.dependencies import ManagedTraining, ReadableTraining
+from flplatform.trainings.metrics import SeriesFilter, metric_series
 from flplatform.trainings.schemas import (
+    METRIC_SERIES_EXAMPLE,
     ClientList,
+    MetricPoint,
     NotificationKey,
     StopRequest,
     TrainingCreate,
@@ -36,6 +39,7 @@ from flplatform.trainings.sweeper import advance_after_commit, kick_after_commit
 router = APIRouter(prefix="/api/trainings", tags=["trainings"])
 # GET /api/users/trainings/ (included before the users router so /api/users/{id}/ does not swallow it).
 users_router = APIRouter(prefix="/api/users", tags=["trainings"])
+MAX_ROUND = 2**31 - 1  # rounds are 32-bit columns
 
 
 @router.get(
@@ -269,6 +273,33 @@ async def training_events(
         shutdown_event=shutdown,
         shutdown_grace_period=2.0,
     )
+
+
+@router.get(
+    "/{training_id}/metrics/",
+    response_model=dict[str, list[MetricPoint]],
+    summary="A training's metrics per round",
+    description="`{name: [points]}` for plots over rounds: per round and source one aggregate (`reporter` null) "
+    "then the participants' points. `source=update`: sent with the update of that round, aggregated as the mean "
+    "weighted by the updates' `sample_size`; `source=test`: reported on the global model of that round in a test "
+    "round, aggregated as the plain mean (no sample size is reported with them). Only metrics the caller may "
+    "read count (metrics follow their model's permissions), aggregates included. Filters: "
+    "repeated `name`, `round_from`/`round_to` (inclusive). Non-numeric values are left out.",
+    responses={
+        200: {"content": {"application/json": {"example": METRIC_SERIES_EXAMPLE}}},
+        **responses(401, 403, 404, 422),
+    },
+)
+async def training_metrics(
+    requester: AuthenticatedRequester,
+    training: ReadableTraining,
+    name: Annotated[
+        list[str], Query(max_length=50, description="Metric names (repeat); all when absent.")
+    ] = [],  # noqa: B006
+    round_from: Annotated[int | None, Query(ge=0, le=MAX_ROUND)] = None,
+    round_to: Annotated[int | None, Query(ge=0, le=MAX_ROUND)] = None,
+) -> dict[str, list[MetricPoint]]:
+    return await metric_series(requester, training, SeriesFilter(name, round_from, round_to))
 
 
 @users_router.get(

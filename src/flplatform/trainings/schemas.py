@@ -223,3 +223,63 @@ class TrainingEventRead(Schema):
     training_id: uuid.UUID
     at: dt.datetime | None = Field(description="When the event was recorded (UTC)")
     data: dict[str, Any] = Field(description="The kind's fields (see docs/training.md)")
+
+
+class MetricSource(StrEnum):
+    UPDATE = "update"
+    TEST = "test"
+
+
+class MetricPoint(Schema):
+    """One point of a metric series: a participant's value (``reporter`` set) or the round's
+    aggregate of one source (``reporter`` null, with ``count`` and ``weighted``)."""
+
+    round: int = Field(
+        description="The round: of the update (`update`), of the global model tested (`test`)."
+    )
+    value: float
+    reporter: uuid.UUID | None = Field(default=None, description="The participant; null on the aggregate.")
+    source: MetricSource = Field(
+        description="`update`: sent with the participant's update; `test`: reported on the global model."
+    )
+    sample_size: int | None = Field(
+        default=None, description="The update's sample size; on an aggregate the weights' total."
+    )
+    count: int | None = Field(default=None, description="Aggregate only: the points it averages.")
+    weighted: bool | None = Field(
+        default=None, description="Aggregate only: weighted by sample size (else the plain mean)."
+    )
+
+
+METRIC_SERIES_EXAMPLE: dict[str, Any] = {
+    "accuracy": [
+        {"round": 1, "value": 0.8, "reporter": None, "source": "test", "count": 2, "weighted": False},
+        {"round": 1, "value": 0.75, "reporter": "0b5e4c1e-2c1a-4d55-9c55-3b0f2f6b9a01", "source": "test"},
+        {"round": 1, "value": 0.85, "reporter": "7c2d1f0a-9e4b-4f3c-8a6d-5e1b2c3d4f50", "source": "test"},
+    ],
+    "loss": [
+        {
+            "round": 0,
+            "value": 0.625,
+            "reporter": None,
+            "source": "update",
+            "sample_size": 40,
+            "count": 2,
+            "weighted": True,
+        },
+        {
+            "round": 0,
+            "value": 0.5,
+            "reporter": "0b5e4c1e-2c1a-4d55-9c55-3b0f2f6b9a01",
+            "source": "update",
+            "sample_size": 30,
+        },
+        {
+            "round": 0,
+            "value": 1.0,
+            "reporter": "7c2d1f0a-9e4b-4f3c-8a6d-5e1b2c3d4f50",
+            "source": "update",
+            "sample_size": 10,
+        },
+    ],
+}
