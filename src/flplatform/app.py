@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 
 from flplatform import __version__
 from flplatform.auth.request_guard import RequestGuard
+from flplatform.dashboard import install_dashboard
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.docs_ui import install_docs
 from flplatform.errors import install_error_handlers
@@ -194,6 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     install_docs(app)
+    install_dashboard(app)  # /ui/
     install_openapi(app)
     if settings.cors_origins:
         app.add_middleware(

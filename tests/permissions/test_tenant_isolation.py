@@ -29,7 +29,7 @@ from flplatform.orm.workqueue import QueuedWork, WorkKind, WorkStatus
 from tests.permissions.conftest import OrgTree, build_org_tree
 
 # What anonymous callers may read.
-PUBLIC = {"/health", "/ready"}
+PUBLIC = {"/health", "/ready", "/ui/"}  # /ui/: the dashboard's page shell holds no data
 # Path parameters that select nothing of anyone else (the caller's own billing period).
 CALLER_PARAMS = {"period"}
 # Query parameters that select someone else's data: tried with victim ids.
@@ -271,3 +271,24 @@ async def test_no_get_route_leaks_to_another_organisation_or_anonymous(app, clie
     for url in ("/docs", "/openapi.json"):
         assert (await client.get(url)).status_code == 200
     assert not problems, "cross-organisation or anonymous leaks:\n  " + "\n  ".join(problems)
+
+
+def test_the_dashboard_reads_only_walked_routes(app) -> None:
+    """The dashboard (``/ui/``) is a static shell: everything it shows comes from API GET routes
+    with the signed-in user's token. Each path its script requests is one of the routes walked
+    above, so the walk covers what the dashboard can show (``api/auth/token/`` is the log-in POST)."""
+    import re
+    from importlib import resources
+
+    script = resources.files("flplatform").joinpath("static/dashboard/dashboard.js").read_text()
+    requested = {
+        "/api/" + re.sub(r"\$\{[^}]*\}", "{x}", path) for path in re.findall(r"[`\"]api/([^`\"?]*)", script)
+    }
+    assert len(requested) >= 10, requested
+    routes = [re.compile("^" + re.sub(r"\{[^}]*\}", "[^/]+", r) + "$") for r in get_routes(app)]
+    # The event stream: the dashboard polls the training on a server without it.
+    optional = {"/api/trainings/{x}/events/"}
+    unwalked = sorted(
+        p for p in requested - {"/api/auth/token/"} - optional if not any(r.match(p) for r in routes)
+    )
+    assert unwalked == [], f"the dashboard requests routes the walk does not cover: {unwalked}"
