@@ -185,6 +185,8 @@ def test_dashboard_login_plot_live_update_and_pages(settings, tmp_path) -> None:
                 what="live updates to start",
             )
             mode = page.evaluate("document.querySelector('#live-mode').dataset.mode")
+            streams = "/api/trainings/{training_id}/events/" in http.get("/openapi.json").json()["paths"]
+            assert mode == ("stream" if streams else "poll")  # polling only where the server has no stream
             before = page.evaluate(
                 "document.querySelectorAll('#timeline li[data-kind=\"update_received\"]').length"
             )

@@ -450,8 +450,8 @@
       case "aggregation_started": return `Aggregating round ${d.round}${d.updates != null ? ` (${d.updates} updates${d.method ? `, ${d.method}` : ""})` : ""}`;
       case "aggregation_finished": return `Round ${d.round} aggregated${d.duration_seconds != null ? ` in ${Number(d.duration_seconds).toFixed(2)} s` : ""}`;
       case "test_round_started": return `Test round for round ${d.round} started`;
-      case "test_metrics_received": return `Test metrics from ${d.participant || who(d.participant_id)}`;
-      case "state_changed": return `State ${d.from ?? d.old ?? "?"} → ${d.to ?? d.new ?? d.state ?? "?"}`;
+      case "test_metrics_received": return `Test metrics from ${d.participant || who(d.participant_id)} on the model of round ${d.round}`;
+      case "state_changed": return `State ${STATES[d.previous_state] || d.previous_state || "?"} → ${STATES[d.state] || d.state}`;
       case "gap": return "Some older events are no longer kept";
       default: {
         const details = Object.entries(d).filter(([, v]) => typeof v !== "object").map(([k, v]) => `${k} ${v}`).join(", ");
@@ -551,7 +551,7 @@
         continue;
       }
       if (before) {
-        if (now.state !== before.state) add(now.last_update, "state_changed", `State ${before.state} → ${now.state}`);
+        if (now.state !== before.state) add(now.last_update, "state_changed", `State ${STATES[before.state]} → ${STATES[now.state]}`);
         if (now.round !== before.round) add(now.last_update, "aggregation_finished", `Round ${before.round} aggregated; now round ${now.round}`);
         else if (now.local_models_arrived > before.local_models_arrived) {
           add(now.last_update, "update_received", `Update received: ${now.local_models_arrived} of ${now.local_models_expected} this round`);
