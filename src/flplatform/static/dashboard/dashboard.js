@@ -390,7 +390,7 @@
       const width = Math.max(320, Math.min(plot.clientWidth || 560, 900));
       const chart = new uPlot({
         width, height: 240, series: seriesOptions,
-        scales: { x: { time: false } },
+        scales: { x: { time: false, range: (u, min, max) => (min === max ? [min - 1, max + 1] : [min, max]) } },
         axes: [{ label: "round", values: (u, ticks) => ticks.map((v) => (Number.isInteger(v) ? String(v) : "")) }, { label: name }],
         legend: { live: false },
       }, data, plot);
