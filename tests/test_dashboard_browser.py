@@ -211,6 +211,20 @@ def test_dashboard_login_plot_live_update_and_pages(settings, tmp_path) -> None:
             _go(page, "#/topics", "Broker topics")
             _go(page, "#/jobs", "Inference jobs")
 
+            # a participant sees the trainings it takes part in, eve's included, and no longer ada's token
+            page.click("#logout")
+            page.wait_for("!!document.querySelector('#username')", what="the log-in form again")
+            page.type_into("#username", "clinic-a")
+            page.type_into("#password", "password-123")
+            page.click("#login-form button[type=submit]")
+            page.wait_for("!document.querySelector('#who').hidden", what="clinic-a signed in")
+            _go(page, "#/trainings", "Trainings")
+            page.wait_for(
+                "document.querySelectorAll('main table tbody tr').length === 3",
+                what="the three trainings clinic-a takes part in",
+            )
+            assert "eves-secret-model" in page.evaluate("document.querySelector('main').innerText")
+
             # keyboard: the first Tab stop is the skip link, and it leads to the content
             assert page.evaluate("document.querySelector('a.skip').getAttribute('href')") == "#main"
             page.pump(0.3)

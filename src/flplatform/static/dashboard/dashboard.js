@@ -244,7 +244,13 @@
   // ------------------------------------------------------------------ trainings
 
   async function trainingRows() {
-    const [run, mine] = await Promise.all([getJSON("api/trainings/"), getJSON("api/users/trainings/")]);
+    // Trainings one runs or oversees, and those one acts or takes part in (a list one may not
+    // read at all counts as empty: the other still shows).
+    const optional = (path) => getJSON(path).catch((error) => {
+      if (error.status === 401) throw error;
+      return [];
+    });
+    const [run, mine] = await Promise.all([optional("api/trainings/"), optional("api/users/trainings/")]);
     const byId = new Map();
     for (const t of [...run, ...mine]) byId.set(t.id, t);
     const trainings = [...byId.values()].sort((a, b) => (a.created_at < b.created_at ? 1 : -1));
@@ -319,7 +325,7 @@
     if (glob && glob.name) title.textContent = `Training: ${glob.name}`;
     page.facts.replaceChildren(h("dl", { class: "facts" },
       h("dt", {}, "State"), h("dd", { id: "fact-state" }, stateText(t)),
-      h("dt", {}, "Round"), h("dd", { id: "fact-round" }, roundText(t)),
+      h("dt", {}, "Round"), h("dd", { id: "fact-round" }, roundText(t), h("span", { class: "muted" }, ` (global model round ${t.round ?? 0}; the plots and timeline count model rounds)`)),
       h("dt", {}, "Updates this round"), h("dd", { id: "fact-arrived" }, `${t.local_models_arrived} of ${t.local_models_expected}`),
       h("dt", {}, "Aggregation"), h("dd", {}, aggregationText(t)),
       h("dt", {}, "Actor"), h("dd", {}, who(t.actor)),
