@@ -119,6 +119,14 @@ def _full_page(page: Page, path: Path) -> None:
     path.write_bytes(base64.b64decode(data["data"]))
 
 
+def _key(page: Page, key: str, code: int, text: str = "") -> None:
+    for kind in ("keyDown", "keyUp"):
+        event: dict[str, Any] = {"type": kind, "key": key, "code": key, "windowsVirtualKeyCode": code}
+        if text and kind == "keyDown":
+            event["text"] = text
+        page.send("Input.dispatchKeyEvent", event)
+
+
 def _go(page: Page, hash_: str, heading: str) -> None:
     page.evaluate(f"location.hash = {hash_!r}")
     page.wait_for(
@@ -214,6 +222,7 @@ def test_dashboard_login_plot_live_update_and_pages(settings, tmp_path) -> None:
             # a participant sees the trainings it takes part in, eve's included, and no longer ada's token
             page.click("#logout")
             page.wait_for("!!document.querySelector('#username')", what="the log-in form again")
+            assert page.evaluate("[...document.querySelectorAll('input')].every(i => i.labels.length === 1)")
             page.type_into("#username", "clinic-a")
             page.type_into("#password", "password-123")
             page.click("#login-form button[type=submit]")
@@ -225,8 +234,23 @@ def test_dashboard_login_plot_live_update_and_pages(settings, tmp_path) -> None:
             )
             assert "eves-secret-model" in page.evaluate("document.querySelector('main').innerText")
 
-            # keyboard: the first Tab stop is the skip link, and it leads to the content
-            assert page.evaluate("document.querySelector('a.skip').getAttribute('href')") == "#main"
+            # keyboard: the first Tab stop is the skip link, Enter leads into the content (the
+            # route stays), the next Tab reaches the first training's link
+            page.send("Emulation.setFocusEmulationEnabled", {"enabled": True})
+            # start from the top of the document, as after loading the page
+            page.evaluate(
+                "document.body.tabIndex = -1; document.body.focus(); document.body.removeAttribute('tabindex')"
+            )
+            _key(page, "Tab", 9)
+            assert page.evaluate("document.activeElement.className") == "skip"
+            _key(page, "Enter", 13, "\r")
+            assert page.evaluate("document.activeElement.id") == "main"
+            assert page.evaluate("location.hash") == "#/trainings"
+            _key(page, "Tab", 9)
+            assert page.evaluate("document.activeElement.closest('table') !== null")
+            # labelled fields, captioned tables, a language
+            assert page.evaluate("document.documentElement.lang") == "en"
+            assert page.evaluate("[...document.querySelectorAll('main table')].every(t => t.caption)")
             page.pump(0.3)
             assert page.outside(base) == [], "the dashboard fetched from outside the server"
             assert page.blocked_by_page == [], "the Content-Security-Policy refused something the page needs"

@@ -196,6 +196,11 @@
   }
 
   document.getElementById("logout").addEventListener("click", () => logout());
+  // The skip link moves focus to the content without touching the hash (the hash is the route).
+  document.querySelector("a.skip").addEventListener("click", (event) => {
+    event.preventDefault();
+    main.focus();
+  });
 
   // ------------------------------------------------------------------ routing
 
