@@ -73,7 +73,7 @@ def _update(http: httpx.Client, token: str, model_id: str, template: bytes, roun
             "round": str(round_),
             "sample_size": str(size),
             "metric_names": ["loss"],
-            "metric_values": ["0.5"],
+            "metric_values": [str(round(1.2 / (round_ + 1) + 0.01 * size, 3))],
         },
         files={"model_file": ("u.pt", as_safetensors(state))},
     )
