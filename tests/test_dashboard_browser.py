@@ -184,6 +184,12 @@ def test_dashboard_login_plot_live_update_and_pages(settings, tmp_path) -> None:
             assert "0.525" in table_text and "0.625" in table_text  # (0.5 + 0.55) / 2, (0.6 + 0.65) / 2
             history = page.evaluate("[...document.querySelectorAll('main button')].map(b => b.textContent)")
             assert {"Download round 0", "Download round 3"} <= set(history)
+            streams = "/api/trainings/{training_id}/events/" in http.get("/openapi.json").json()["paths"]
+            if streams:  # the timeline replays the training's history from the event stream
+                page.wait_for(
+                    "document.querySelectorAll('#timeline li[data-kind=\"aggregation_finished\"]').length === 3",
+                    what="three aggregations on the replayed timeline",
+                )
             _full_page(page, shots / "dashboard-training.png")
 
             # a running training: an upload shows up on the timeline and as ✓
@@ -193,7 +199,6 @@ def test_dashboard_login_plot_live_update_and_pages(settings, tmp_path) -> None:
                 what="live updates to start",
             )
             mode = page.evaluate("document.querySelector('#live-mode').dataset.mode")
-            streams = "/api/trainings/{training_id}/events/" in http.get("/openapi.json").json()["paths"]
             assert mode == ("stream" if streams else "poll")  # polling only where the server has no stream
             before = page.evaluate(
                 "document.querySelectorAll('#timeline li[data-kind=\"update_received\"]').length"
