@@ -172,7 +172,7 @@ from .robust import Krum, Median, MultiKrum, TrimmedMean
 
 def _feed(agg: Aggregator, updates: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
     if isinstance(updates, Sequence):
-        agg.add_many(updates)
+        agg.add_many(updates, flush=False)  # finish() follows: its fold divides by the total weight
         return
     iterator = iter(updates)
     while True:

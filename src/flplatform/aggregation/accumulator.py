@@ -10,13 +10,50 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from .codec import FlatLayout, WireState
-from .kernels import FOLD_CHUNK, accumulator_dtype, fold_chunk, fold_flat
+from .kernels import accumulator_dtype, fold_chunk, fold_flat, fold_segments
 
 Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
+
+#: Tensors of a state dict up to this many elements are folded in their own shape: flattening costs
+#: about a microsecond of Python per tensor and update, as much as folding a small tensor. Larger ones
+#: are kept 1-D (cut into chunks by :func:`fold_segments`). At most the smallest fold chunk (float64
+#: accumulator without inline kernels: 16384), so a tensor folded in its own shape is always whole.
+SMALL_TENSOR = 1 << 14
+
+
+def gather_tensors(
+    layout: FlatLayout, state: Mapping[str, torch.Tensor]
+) -> dict[torch.dtype, list[torch.Tensor]] | None:
+    """The update's tensors per dtype group in layout order, checked in the same pass (names, dtypes,
+    shapes); None when they do not match (:meth:`FlatLayout.check` then says how). Tensors above
+    :data:`SMALL_TENSOR` elements are flattened, smaller ones kept in their shape."""
+    if not isinstance(state, Mapping) or len(state) != len(layout.names) or state.keys() != layout.name_set:
+        return None
+    out: dict[torch.dtype, list[torch.Tensor]] = {}
+    for dtype, slots in layout.groups.items():
+        tensors: list[torch.Tensor] = []
+        for slot in slots:
+            tensor = state[slot.name]
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.shape != slot.shape:
+                return None
+            tensors.append(tensor if slot.numel <= SMALL_TENSOR else tensor.reshape(-1))
+        out[dtype] = tensors
+    return out
+
+
+def fold_views(layout: FlatLayout, flat: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Views of a group's flat buffer per slot, shaped as :func:`gather_tensors` shapes an update's."""
+    return [
+        flat[s.offset : s.offset + s.numel]
+        if s.numel > SMALL_TENSOR
+        else flat[s.offset : s.offset + s.numel].view(s.shape)
+        for s in layout.groups[dtype]
+    ]
 
 
 @dataclass
@@ -35,7 +72,8 @@ class WeightedSum:
 
     ``fold`` adds several updates per pass over the accumulator (see :func:`fold_flat`): memory
     traffic per update falls from 3 passes (read update, read + write accumulator) towards 1.
-    Updates whose group is not one contiguous range go through ``torch._foreach_add_`` per tensor.
+    Updates whose group is not one contiguous range (separate tensors) are folded the same way, slot
+    by slot (:func:`fold_segments`), several updates per pass too.
     Buffers start uninitialised (``fresh``): the first fold writes them instead of adding to zeros.
     """
 
@@ -56,71 +94,50 @@ class WeightedSum:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.acc.values())
 
-    def fold(
-        self, items: list[tuple[Update, dict[torch.dtype, float]]], mean_scale: float | None = None
-    ) -> None:
+    def fold(self, items: list[tuple[Update, dict[torch.dtype, float]]], total: float | None = None) -> None:
         """Add ``Σ coefs[dtype] · update.sources[dtype]`` for every group.
 
-        ``mean_scale`` (1 / total weight) marks the round's last fold: floating groups summed in their
-        own dtype whose updates are flat become the mean in the same pass (listed in ``means``) instead
-        of being divided by another pass later.
+        ``total`` (the total weight) marks the round's last fold: floating groups summed in their own
+        dtype become the mean in the same pass (listed in ``means``): each slice of the accumulator is
+        divided by ``total`` right after its sources are added, while in cache (the very values of
+        dividing afterwards, without another pass).
         """
         for dtype, acc in self.acc.items():
-            flat_sources: list[torch.Tensor] = []
-            flat_coefs: list[float] = []
-            # The mean's scale, when this group becomes the mean in this fold (else None).
-            scale = mean_scale if dtype.is_floating_point and acc.dtype == dtype else None
-            if scale is not None and any(
-                not isinstance(update.sources[dtype], torch.Tensor) for update, _ in items
-            ):
-                scale = None
-            for update, coefs in items:
-                coef = coefs[dtype]
-                if coef == 0.0:
-                    continue
-                source = update.sources[dtype]
-                if isinstance(source, torch.Tensor):
-                    flat_sources.append(source)
-                    flat_coefs.append(coef if scale is None else coef * scale)
-                else:
-                    if dtype in self.fresh:
-                        acc.zero_()
-                        self.fresh.discard(dtype)
-                    self._fold_tensors(dtype, acc, source, coef)
-            if flat_sources:
+            # The total to divide by, when this group becomes the mean in this fold (else None).
+            divisor = total if dtype.is_floating_point and acc.dtype == dtype else None
+            active = [(update.sources[dtype], coefs[dtype]) for update, coefs in items if coefs[dtype] != 0.0]
+            if not active:
+                continue
+            sources = [source for source, _ in active]
+            fresh = dtype in self.fresh
+            if all(isinstance(source, torch.Tensor) for source in sources):
                 chunk = fold_chunk(acc.dtype)
                 chunks = self._acc_chunks.get(dtype)
                 if chunks is None:
                     chunks = self._acc_chunks[dtype] = acc.split(chunk)
-                fresh = dtype in self.fresh
                 fold_flat(
                     acc,
-                    flat_sources,
-                    flat_coefs,
+                    cast(list[torch.Tensor], sources),
+                    [coef for _, coef in active],
                     chunk=chunk,
                     acc_chunks=chunks,
                     init=fresh,
-                    acc_scale=None if fresh else scale,
+                    divisor=divisor,
                 )
-                self.fresh.discard(dtype)
-                if scale is not None:
-                    self.means.add(dtype)
-
-    def _fold_tensors(
-        self, dtype: torch.dtype, acc: torch.Tensor, tensors: list[torch.Tensor], coef: float
-    ) -> None:
-        views = self._acc_views.get(dtype)
-        if views is None:
-            views = self._acc_views[dtype] = self.layout.slot_views(acc, dtype)
-        small_targets, small_sources = [], []
-        for target, source in zip(views, tensors, strict=False):
-            if source.numel() <= FOLD_CHUNK:
-                small_targets.append(target)
-                small_sources.append(source)
             else:
-                fold_flat(target, [source], [coef])
-        if small_targets:
-            torch._foreach_add_(small_targets, small_sources, alpha=coef)
+                # Separate tensors (a caller's state dicts), possibly next to flat updates: every
+                # update of the fold is added per slot while the slot's slice is in cache.
+                targets = self._acc_views.get(dtype)
+                if targets is None:
+                    targets = self._acc_views[dtype] = fold_views(self.layout, acc, dtype)
+                per_slot = [
+                    fold_views(self.layout, source, dtype) if isinstance(source, torch.Tensor) else source
+                    for source in sources
+                ]
+                fold_segments(targets, per_slot, [coef for _, coef in active], init=fresh, divisor=divisor)
+            self.fresh.discard(dtype)
+            if divisor is not None:
+                self.means.add(dtype)
 
     def scale(self, factor: float) -> None:
         for dtype, buffer in self.acc.items():

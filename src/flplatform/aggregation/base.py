@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import dp
-from .accumulator import Sources, Update, WeightedSum, wire_of
+from .accumulator import Sources, Update, WeightedSum, gather_tensors, wire_of
 from .codec import FlatLayout, StateDict, decode_safetensors, held_elsewhere, wire_bytes_of
 from .errors import (
     AggregatorOptionsError,
@@ -232,11 +232,14 @@ class Aggregator:
         if self._layout is None:
             self._setup(FlatLayout(state_dict))
         layout = self.layout
-        layout.check(state_dict)
+        gathered = gather_tensors(layout, state_dict)
+        if gathered is None:
+            layout.check(state_dict)  # raises, saying what differs
+            raise UpdateValidationError("the update does not match the model")
         sources: Sources = {}
-        for dtype in layout.groups:
+        for dtype, tensors in gathered.items():
             view = layout.flat_view(state_dict, dtype)
-            sources[dtype] = view if view is not None else layout.tensors(state_dict, dtype)
+            sources[dtype] = view if view is not None else tensors
         return sources, wire_of(state_dict, sources)
 
     def _owned_pending_bytes(self) -> int:
@@ -269,11 +272,15 @@ class Aggregator:
         self._scaled_total *= factor
         self._weight_scale = scale
 
-    def add_many(self, pairs: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
+    def add_many(
+        self, pairs: Iterable[tuple[Mapping[str, torch.Tensor], float]], *, flush: bool = True
+    ) -> None:
         """Add updates that are all in memory already (a list): fold ``max_fold`` per pass.
 
         The caller holds them anyway, so pending ones cost no extra memory and the 2-model budget
-        that bounds :meth:`add` does not apply.
+        that bounds :meth:`add` does not apply. ``flush=False`` leaves the last ones pending for a
+        :meth:`finish` that follows at once (its fold then also divides by the total weight): only for
+        a caller that keeps the updates alive until then.
         """
         self._unbounded = True
         try:
@@ -282,7 +289,7 @@ class Aggregator:
                 del state_dict
         finally:
             self._unbounded = False
-        if self._phase == "open":
+        if self._phase == "open" and flush:
             self._flush()
 
     def held_bytes(self) -> int:
@@ -314,7 +321,7 @@ class Aggregator:
             and self.clip_norm is None
             and self._scaled_total > 0
         )
-        self._weighted_sum.fold(items, mean_scale=1.0 / self._scaled_total if fuse else None)
+        self._weighted_sum.fold(items, total=self._scaled_total if fuse else None)
         self._pending.clear()
 
     def finish(self) -> tuple[StateDict, StateDict]:

@@ -397,7 +397,7 @@ class FlatLayout:
             group.append(slot)
             self.slots[name] = slot
             self.numel[dtype] = offset + slot.numel
-        self._name_set = frozenset(self.names)
+        self.name_set = frozenset(self.names)
         # header entries (the decoder's cached tuple) -> byte range per dtype group, or None
         self._wire_plans: dict[int, tuple[tuple[_Entry, ...], dict[torch.dtype, tuple[int, int]] | None]] = {}
 
@@ -414,9 +414,9 @@ class FlatLayout:
         """Same names, shapes and dtypes as the layout, else UpdateValidationError."""
         if not isinstance(state, Mapping):
             raise UpdateValidationError(f"{what} is not a mapping of names to tensors")
-        if len(state) != len(self.names) or state.keys() != self._name_set:
-            missing = sorted(self._name_set - set(state))[:5]
-            extra = sorted(set(state) - self._name_set)[:5]
+        if len(state) != len(self.names) or state.keys() != self.name_set:
+            missing = sorted(self.name_set - set(state))[:5]
+            extra = sorted(set(state) - self.name_set)[:5]
             raise UpdateValidationError(
                 f"{what} does not match the model: missing {missing}, unexpected {extra}"
             )

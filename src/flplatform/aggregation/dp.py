@@ -42,6 +42,7 @@ def clip_factor(
         else:
             for slot, tensor in zip(layout.groups[dtype], source, strict=False):
                 ref = flat_reference[slot.offset : slot.offset + slot.numel]
+                tensor = tensor.reshape(-1)  # small tensors keep their shape (see accumulator.gather_tensors)
                 for start, stop in chunk_ranges(tensor.numel(), chunk):
                     squares += float(
                         torch.linalg.vector_norm(tensor[start:stop].double() - ref[start:stop]) ** 2

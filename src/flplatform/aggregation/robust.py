@@ -41,7 +41,8 @@ class _Robust(Aggregator):
                 for slot, tensor in zip(slots, source, strict=False):
                     lo, hi = max(start, slot.offset), min(stop, slot.offset + slot.numel)
                     if lo < hi:
-                        row[lo - start : hi - start].copy_(tensor[lo - slot.offset : hi - slot.offset])
+                        flat = tensor.reshape(-1)  # small tensors keep their shape (gather_tensors)
+                        row[lo - start : hi - start].copy_(flat[lo - slot.offset : hi - slot.offset])
             if update.clip != 1.0:
                 reference = self._global_flat(dtype)[start:stop]
                 row.sub_(reference).mul_(update.clip).add_(reference)
