@@ -70,6 +70,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aggregation_inputs import inputs_section, inputs_worker  # noqa: E402 (bench/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 MMAP_THRESHOLD = str(128 * 1024)
 
@@ -218,6 +220,8 @@ def worker(contender: str, case: str, quick: bool) -> dict[str, Any]:
         return {"seconds": best, "bytes": x.numel() * 4, "threads": torch.get_num_threads()}
     if contender == "decode":
         return decode_worker(spec)
+    if contender == "inputs":
+        return inputs_worker(case, quick, rounds=3 if quick else 7)
     n = spec.get("legacy_n", spec["n"]) if contender == "flwr_legacy" else spec["n"]
     distinct = min(n, spec["distinct"])
     weights = [100 + 7 * i for i in range(n)]
@@ -390,6 +394,7 @@ def main() -> None:
         help=f"comma-separated subset of {','.join(CASES)} (re-run a case measured under load)",
     )
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
+    parser.add_argument("--inputs", action="store_true", help="only the input-kinds section")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.case, args.quick)))
@@ -420,6 +425,9 @@ def main() -> None:
         "# each of its runs and after the last (the highest; column 'ceiling'); 'load': 1-minute load average."
     )
     print()
+    inputs_section(spawn, ours_python, theirs_python, args.quick)
+    if args.inputs:
+        return
     header = (
         "case",
         "contender",

@@ -271,7 +271,7 @@ def fold_segments(
         units.extend((index, start, min(n, start + chunk)) for start in range(0, n, chunk))
     if not units:
         return
-    one = torch.ones(1, dtype=targets[0].dtype)
+    one = torch.ones((), dtype=targets[0].dtype)  # 0-dim: broadcasts to targets of any shape, 0-dim too
     rest, rest_coefs = (sources[1:], coefs[1:]) if init else (sources, coefs)
     first = sources[0]
 
