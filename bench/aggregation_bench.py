@@ -5,6 +5,8 @@ One command (prints a table, asserts nothing about time)::
     .venv/bin/python bench/aggregation_bench.py            # ~5 minutes on a 2-core machine
     .venv/bin/python bench/aggregation_bench.py --quick    # small sizes, a smoke run (~1 minute)
     .venv/bin/python bench/aggregation_bench.py --cases resnet50 --no-decode   # re-run one case
+    .venv/bin/python bench/aggregation_bench.py --inputs   # only the input-kinds section (first;
+    # every input kind against a plain torch add_ loop and Flower: see bench/aggregation_inputs.py)
 
 Flower is optional. ``flwr==1.41.0`` would change fastapi/starlette/uvicorn/rich/packaging of the main
 virtual environment (``pip install --dry-run`` says so), so it lives in a separate, git-ignored one::
@@ -418,12 +420,8 @@ def main() -> None:
     print(
         f"# memory read ceiling (torch.sum over {ceiling['bytes'] / 2**30:.2f} GiB): {ceiling_gbs:.1f} GB/s"
     )
-    print(
-        "# '% ceiling' divides by the read ceiling (1 GiB torch.sum) measured inside the same worker before"
-    )
-    print(
-        "# each of its runs and after the last (the highest; column 'ceiling'); 'load': 1-minute load average."
-    )
+    print("# '% ceiling' divides by the read ceiling (1 GiB torch.sum) measured inside the same worker")
+    print("# before each of its runs and after the last (the highest); 'load': 1-minute load average.")
     print()
     inputs_section(spawn, ours_python, theirs_python, args.quick)
     if args.inputs:

@@ -122,8 +122,11 @@ accumulator's for k per pass). When the decoded ``bytes`` stay referenced elsewh
 uploads, the server's buffers; judged from CPython reference counts, conservatively), holding their
 views costs no memory, so up to ``max_fold`` = 32 arriving updates fold in one pass; an update whose
 bytes nobody else holds counts against the budget from the next ``add`` on. The first pass writes the
-(uninitialised) accumulator instead of adding to zeros. Updates in other layouts (separate tensors)
-go through ``torch._foreach_add_``.
+(uninitialised) accumulator instead of adding to zeros; the last divides each slice by the total
+weight right after adding to it (in cache: no separate pass). State dicts of separate tensors (a
+caller's own) fold the same way, tensor by tensor inside the pass (several updates per pass, one
+thread hand-off per pass, small tensors in their own shape); a list of them folds up to ``max_fold``
+per pass (the caller holds them anyway), a generator of them 2 per pass (the 2-model bound).
 
 Codec (:mod:`flplatform.aggregation.codec`)
 -------------------------------------------

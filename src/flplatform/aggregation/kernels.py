@@ -3,7 +3,9 @@
 :func:`fold_flat` computes ``acc += Σ coef_k · source_k`` over flat 1-D buffers, cache-blocked: for
 each chunk of coordinates every source is added while that slice of the accumulator is in cache, in
 a pool of fold threads whose ATen kernels run inline (their OpenMP team size is set to 1 through the
-OpenMP runtime itself, via ctypes, so torch's thread count elsewhere stays as it is). The rest are
+OpenMP runtime itself, via ctypes, so torch's thread count elsewhere stays as it is);
+:func:`fold_segments` does the same over many separate tensors (state dicts of a caller's tensors),
+and the finiteness check sums in the same threads. The rest are
 the chunked helpers every stage uses: the accumulator dtype of a group, turning a sum into a mean in
 the accumulator's own memory, and a finiteness check without a model-sized temporary.
 """
@@ -271,23 +273,23 @@ def fold_segments(
         units.extend((index, start, min(n, start + chunk)) for start in range(0, n, chunk))
     if not units:
         return
-    one = torch.ones((), dtype=targets[0].dtype)  # 0-dim: broadcasts to targets of any shape, 0-dim too
     rest, rest_coefs = (sources[1:], coefs[1:]) if init else (sources, coefs)
     first = sources[0]
 
     def run(lo: int, hi: int) -> None:
-        unit_targets: list[torch.Tensor] = []
-        batch_targets: list[torch.Tensor] = []
-        batch_sources: list[torch.Tensor] = []
-        batch_coefs: list[float] = []
+        # (target slice, index, start, stop, whole) of the units batched so far: ≈ ``chunk`` coordinates
+        # of targets, which stay in cache while every source is added to them, one source at a time
+        # (``_foreach_add_`` with the source's weight: cheaper per small tensor than ``addcmul_``).
+        batch: list[tuple[torch.Tensor, int, int, int, bool]] = []
 
         def flush() -> None:
-            if batch_targets:
-                torch._foreach_addcmul_(batch_targets, batch_sources, [one] * len(batch_targets), batch_coefs)
-            if divisor is not None and unit_targets:
-                torch._foreach_div_(unit_targets, divisor)
-            for batch in (unit_targets, batch_targets, batch_sources, batch_coefs):
-                batch.clear()
+            batch_targets = [unit[0] for unit in batch]
+            for source, coef in zip(rest, rest_coefs, strict=True):
+                parts = [source[i] if whole else source[i][start:stop] for _, i, start, stop, whole in batch]
+                torch._foreach_add_(batch_targets, parts, alpha=coef)
+            if divisor is not None:
+                torch._foreach_div_(batch_targets, divisor)
+            batch.clear()
 
         batched = 0
         for index, start, stop in units[lo:hi]:
@@ -298,15 +300,13 @@ def fold_segments(
             if init:
                 source = first[index]
                 torch.mul(source if whole else source[start:stop], coefs[0], out=target)
-            unit_targets.append(target)
-            batch_targets.extend([target] * len(rest))
-            batch_sources.extend(s[index] if whole else s[index][start:stop] for s in rest)
-            batch_coefs.extend(rest_coefs)
+            batch.append((target, index, start, stop, whole))
             batched += stop - start
             if batched >= chunk:
                 flush()
                 batched = 0
-        flush()
+        if batch:
+            flush()
 
     total = sum(stop - start for _, start, stop in units)
     workers = min(_fold_workers(), len(units), max(1, total * len(sources) // (4 * chunk)))
