@@ -107,8 +107,11 @@ async def add_update(
         return model_files.encode_safetensors(state)
 
     try:
-        state, _ = await model_files.decode_state_dict_async(data)
-        encoded = await asyncio.to_thread(_validate, state)
+        checked = await asyncio.to_thread(model_files.checked_update, data, spec)
+        if checked is None:  # TorchScript: the sandbox extracts its weights
+            state, _ = await model_files.decode_state_dict_async(data)
+            checked = await asyncio.to_thread(_validate, state)
+        encoded = checked
     except ModelFileError as exc:
         raise file_error(exc) from None
     existing = (
