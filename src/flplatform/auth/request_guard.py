@@ -46,6 +46,9 @@ Call = TypeVar("Call", bound=Callable[..., Any])
 class PreAuthenticated:
     user_id: uuid.UUID
     method: str
+    # The row as the guard read it (committed, detached): the route's session adopts it
+    # without reading it again (auth.dependencies.optional_user).
+    user: Any = None
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,9 @@ class _GuardedBody:
             )
             await session.commit()
         if found is not None:
-            self.scope[PREAUTH_SCOPE_KEY] = PreAuthenticated(user_id=found.user.id, method=found.method)
+            self.scope[PREAUTH_SCOPE_KEY] = PreAuthenticated(
+                user_id=found.user.id, method=found.method, user=found.user
+            )
 
 
 SELF_REGISTRATION_OFF = "Self-registration is disabled; ask an administrator."
