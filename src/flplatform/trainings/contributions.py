@@ -141,6 +141,7 @@ async def add_update(
             owner_id=user.id,
             round=glob.round,
             base_model_id=glob.id,
+            organization_id=glob.organization_id,  # the tenant rule's answer, without its look-up
             sample_size=sample_size,
             weights=encoded,
             weights_format="safetensors",
