@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from flplatform.orm import GlobalModel, LocalModel, Metric, Model, SwagStatistic, Training, TrainingState
 from flplatform.orm.training import ACTIVE_STATES, training_participants
@@ -121,7 +121,9 @@ async def round_condition(
     return RoundCondition(None, members, expired)
 
 
-async def update_round_open(session: AsyncSession, training_id: uuid.UUID, now: dt.datetime) -> bool:
+async def update_round_open(
+    session: AsyncSession | AsyncConnection, training_id: uuid.UUID, now: dt.datetime
+) -> bool:
     """True only when the training is certainly still waiting for updates: ongoing, in its update
     phase, not claimed, its deadline (if any) not passed, and some current participant has not
     uploaded for the global model's round. One read, no row lock, no ORM objects.

@@ -137,8 +137,11 @@ class TrainingRuntime:
         still waits for other participants (:func:`~flplatform.trainings.rounds.update_round_open`):
         most uploads of a round then cost no row lock, no participant list and no dispatcher
         wake-up (such an upload writes no notification)."""
-        async with self.sessionmaker() as session:
-            still_open = await update_round_open(session, training_id, utcnow())
+        # One statement, read in autocommit: no ORM session, no BEGIN/ROLLBACK round trips.
+        engine = self.sessionmaker.kw["bind"]
+        async with engine.connect() as connection:
+            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            still_open = await update_round_open(connection, training_id, utcnow())
         if not still_open:
             await self.advance(training_id)
 
