@@ -486,7 +486,8 @@ def main() -> None:
         if rows:
             print(f"### {kind}: server process (uvicorn), per update")
             print(
-                "| batch | uploads | server CPU ms | of which idle baseline ms | median wall ms | PostgreSQL CPU ms |"
+                "| batch | uploads | server CPU ms | of which the idle server's ms | median wall ms "
+                "| PostgreSQL backends CPU ms (approx.) |"
             )
             print("| --- | ---: | ---: | ---: | ---: | ---: |")
             for r in rows:
