@@ -23,6 +23,8 @@ Two measurements per database (SQLite file, and a throwaway PostgreSQL 15 cluste
 Run from the repository root, un-niced: ``.venv/bin/python bench/update_path_bench.py``
 (``--db sqlite`` or ``--db postgresql`` for one). Prints tables; asserts nothing about time.
 Needs ``initdb``/``pg_ctl`` on PATH for PostgreSQL.
+
+Size: one script on purpose: the server runs, the in-process phases and the report share one set-up.
 """
 
 from __future__ import annotations
