@@ -59,7 +59,12 @@ async def optional_user(
     preauth: PreAuthenticated | None = request.scope.get(PREAUTH_SCOPE_KEY)
     user: User | None
     if preauth is not None:  # checked from the headers before the body was read
-        user = await session.get(User, preauth.user_id)
+        if isinstance(preauth.user, User):
+            # Read and found active by the guard moments ago, in this request: adopted into
+            # this session as it is (no second SELECT of the same row).
+            user = await session.merge(preauth.user, load=False)
+        else:
+            user = await session.get(User, preauth.user_id)
         if user is None or not user.is_active:
             raise Unauthorized("User inactive or deleted.", code="user_inactive")
         method: str | None = preauth.method

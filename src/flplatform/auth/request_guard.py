@@ -31,7 +31,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from flplatform.auth.authentication import identify
+from flplatform.auth.authentication import PASSWORD, identify
 from flplatform.auth.login_guard import guard_of
 from flplatform.errors import AppError, PayloadTooLarge, Unauthorized
 
@@ -46,6 +46,9 @@ Call = TypeVar("Call", bound=Callable[..., Any])
 class PreAuthenticated:
     user_id: uuid.UUID
     method: str
+    # The row as the guard read it (committed, detached): the route's session adopts it
+    # without reading it again (auth.dependencies.optional_user).
+    user: Any = None
 
 
 @dataclass(frozen=True)
@@ -192,9 +195,15 @@ class _GuardedBody:
             found = await identify(
                 session, authorization, guard=guard_of(app), address=client[0] if client else None
             )
-            await session.commit()
+            # A token look-up writes only through the ORM (the coarse last_used_at): with nothing
+            # to write, closing the session ends its read. Password checks (the login throttle
+            # writes with statements) always commit.
+            if found is None or found.method == PASSWORD or session.dirty or session.new or session.deleted:
+                await session.commit()
         if found is not None:
-            self.scope[PREAUTH_SCOPE_KEY] = PreAuthenticated(user_id=found.user.id, method=found.method)
+            self.scope[PREAUTH_SCOPE_KEY] = PreAuthenticated(
+                user_id=found.user.id, method=found.method, user=found.user
+            )
 
 
 SELF_REGISTRATION_OFF = "Self-registration is disabled; ask an administrator."

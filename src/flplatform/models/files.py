@@ -205,6 +205,26 @@ def validate_state_dict(state: Mapping[str, torch.Tensor], reference: Mapping[st
             raise ModelFileError(f"Tensor {name!r} contains NaN or infinite values.")
 
 
+def checked_update(data: bytes, reference: Mapping[str, TensorSpec]) -> bytes | None:
+    """A client update checked against the global model's layout (:func:`validate_state_dict`)
+    and re-encoded as standard safetensors, in one pass for one thread hop; ``None`` for a
+    TorchScript archive, whose weights only the sandbox reads (:func:`decode_state_dict_async`).
+    safetensors is checked on zero-copy views of ``data`` (nothing is copied before the
+    encoding); the errors are :func:`decode_state_dict`'s."""
+    fmt = detect_format(data)
+    if fmt == TORCHSCRIPT:
+        return None
+    if fmt == SAFETENSORS:
+        try:
+            state: Mapping[str, torch.Tensor] = codec.decode_safetensors(data, copy=False)
+        except DecodeError as exc:
+            raise ModelFileError(f"Corrupt safetensors file: {_short(exc)}") from None
+    else:
+        state = decode_state_dict(data)[0]
+    validate_state_dict(state, reference)
+    return encode_safetensors(state)
+
+
 def encode_safetensors(state: Mapping[str, torch.Tensor]) -> bytes:
     """Standard safetensors bytes (the same bytes ``safetensors.torch.save`` writes)."""
     return codec.encode_safetensors(state)

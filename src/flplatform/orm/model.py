@@ -156,8 +156,10 @@ class GlobalModelRound(IDMixin, TimestampMixin, Base):
 @event.listens_for(Model, "before_insert", propagate=True)
 def _fill_tenant(_mapper: object, connection: Any, model: Model) -> None:
     """Copy the tenant from where it is decided: a local update belongs to its base model's
-    organisation, anything else to its owner's (one primary-key look-up per insert)."""
-    if model.organization_id is not None:
+    organisation, anything else to its owner's (one primary-key look-up per insert). A tenant
+    given to the constructor, ``None`` included, is kept: the upload path passes its global
+    model's, already loaded."""
+    if model.organization_id is not None or "organization_id" in vars(model):
         return
     if isinstance(model, LocalModel):
         source = select(Model.organization_id).where(Model.id == model.base_model_id)

@@ -35,7 +35,7 @@ from flplatform.models.service import MetricFilter
 from flplatform.orm import SWAGModel, User
 from flplatform.permissions import Requester
 from flplatform.trainings import contributions
-from flplatform.trainings.sweeper import advance_after_commit
+from flplatform.trainings.sweeper import advance_after_commit, advance_after_update
 
 router = APIRouter(prefix="/api/models", tags=["models"])
 
@@ -326,7 +326,7 @@ async def upload_update(
         metric_names=metric_names,
         metric_values=metric_values,
     )
-    advance_after_commit(request.app, session, training.id)
+    advance_after_update(request.app, session, training.id)
     return UpdateAccepted(model_id=local.id, round=local.round)
 
 

@@ -12,7 +12,7 @@ import math
 import uuid
 
 import torch
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
@@ -31,6 +31,7 @@ from flplatform.orm import (
     User,
 )
 from flplatform.orm.base import utcnow
+from flplatform.orm.training import training_participants
 from flplatform.trainings import aggregate, events
 from flplatform.trainings.repository import global_model, training_for_model
 from flplatform.trainings.rounds import PHASE_TEST, PHASE_UPDATE, participant_ids
@@ -42,11 +43,28 @@ MAX_METRIC_KEY = 128
 async def _participating_training(
     session: AsyncSession, user: User, model: Model
 ) -> tuple[Training, GlobalModel]:
+    """The training the model's global model backs, under ``FOR SHARE`` (as before an upload), if
+    ``user`` takes part in it; one query for the training and the caller's participation (the
+    participant list itself is not loaded: an upload needs only its own row), one for the
+    global model's current round."""
     global_id = global_id_of(model)
-    training = await training_for_model(session, global_id, share=True)
-    if training is None:
+    takes_part = (
+        exists()
+        .where(training_participants.c.training_id == Training.id, training_participants.c.user_id == user.id)
+        .correlate(Training)
+    )
+    row = (
+        await session.execute(
+            select(Training, takes_part)
+            .where(Training.model_id == global_id)
+            .with_for_update(read=True, of=Training)
+            .execution_options(populate_existing=True)
+        )
+    ).one_or_none()
+    if row is None:
         raise NotFound(f"Model with ID {global_id} does not have a training process running.")
-    if user.id not in participant_ids(training):
+    training, participant = row
+    if not participant:
         raise Forbidden(f"You are not a participant of training {training.id}!")
     return training, await global_model(session, global_id)
 
@@ -89,8 +107,11 @@ async def add_update(
         return model_files.encode_safetensors(state)
 
     try:
-        state, _ = await model_files.decode_state_dict_async(data)
-        encoded = await asyncio.to_thread(_validate, state)
+        checked = await asyncio.to_thread(model_files.checked_update, data, spec)
+        if checked is None:  # TorchScript: the sandbox extracts its weights
+            state, _ = await model_files.decode_state_dict_async(data)
+            checked = await asyncio.to_thread(_validate, state)
+        encoded = checked
     except ModelFileError as exc:
         raise file_error(exc) from None
     existing = (
@@ -120,6 +141,7 @@ async def add_update(
             owner_id=user.id,
             round=glob.round,
             base_model_id=glob.id,
+            organization_id=glob.organization_id,  # the tenant rule's answer, without its look-up
             sample_size=sample_size,
             weights=encoded,
             weights_format="safetensors",

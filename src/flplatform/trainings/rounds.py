@@ -12,11 +12,11 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from flplatform.orm import GlobalModel, LocalModel, Metric, SwagStatistic, Training, TrainingState
-from flplatform.orm.training import ACTIVE_STATES
+from flplatform.orm import GlobalModel, LocalModel, Metric, Model, SwagStatistic, Training, TrainingState
+from flplatform.orm.training import ACTIVE_STATES, training_participants
 
 PHASE_UPDATE = "update"
 PHASE_TEST = "test"
@@ -119,3 +119,65 @@ async def round_condition(
             skip_tests=bool((training.options or {}).get("skip_model_tests")),
         )
     return RoundCondition(None, members, expired)
+
+
+async def update_round_open(
+    session: AsyncSession | AsyncConnection, training_id: uuid.UUID, now: dt.datetime
+) -> bool:
+    """True only when the training is certainly still waiting for updates: ongoing, in its update
+    phase, not claimed, its deadline (if any) not passed, and some current participant has not
+    uploaded for the global model's round. One read, no row lock, no ORM objects.
+
+    The upload path asks this after its commit before taking the training's row lock
+    (``TrainingRuntime.advance_if_due``): an upload that cannot complete the round does not need
+    the lock. It is sound because every upload asks after its own commit: of concurrent uploads,
+    the one that commits last sees all the others' rows, so the round's last update is never
+    missed. Anything else (another phase or state, a claim, an expired deadline, the round
+    complete) answers False, and the caller takes the full path under the lock."""
+    trainings = Training.__table__
+    glob = Model.__table__.alias("glob")
+    local, local_row = Model.__table__.alias("local"), LocalModel.__table__
+    tp = training_participants.c
+    members = select(tp.user_id).where(tp.training_id == trainings.c.id).correlate(trainings)
+    member_count = (
+        select(func.count())
+        .select_from(training_participants)
+        .where(tp.training_id == trainings.c.id)
+        .correlate(trainings)
+        .scalar_subquery()
+    )
+    arrived_count = (
+        select(func.count(func.distinct(local.c.owner_id)))
+        .select_from(local_row.join(local, local_row.c.id == local.c.id))
+        .where(
+            local_row.c.base_model_id == trainings.c.model_id,
+            local.c.round == glob.c.round,
+            local.c.owner_id.in_(members),
+        )
+        .correlate(trainings, glob)
+        .scalar_subquery()
+    )
+    row = (
+        await session.execute(
+            select(
+                trainings.c.state,
+                trainings.c.phase,
+                trainings.c.locked,
+                trainings.c.options,
+                trainings.c.phase_started_at,
+                member_count,
+                arrived_count,
+            )
+            .select_from(trainings.join(glob, glob.c.id == trainings.c.model_id))
+            .where(trainings.c.id == training_id)
+        )
+    ).one_or_none()
+    if row is None:
+        return False
+    state, phase, locked, options, started, members_n, arrived_n = row
+    if state != TrainingState.ONGOING or phase != PHASE_UPDATE or locked:
+        return False
+    seconds = (options or {}).get("round_deadline_seconds")
+    if seconds and started is not None and now >= started + dt.timedelta(seconds=float(seconds)):
+        return False  # the same deadline as phase_deadline()
+    return 0 < int(arrived_n) < int(members_n)

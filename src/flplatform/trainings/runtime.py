@@ -52,7 +52,7 @@ from flplatform.trainings.phases import (
     test_or_next,
 )
 from flplatform.trainings.repository import get_training, global_model
-from flplatform.trainings.rounds import ACTIVE_STATES, round_condition
+from flplatform.trainings.rounds import ACTIVE_STATES, round_condition, update_round_open
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,19 @@ class TrainingRuntime:
                 )
             finally:
                 self.kick()
+
+    async def advance_if_due(self, training_id: uuid.UUID) -> None:
+        """:meth:`advance` after an update upload, skipped when one lock-free read shows the round
+        still waits for other participants (:func:`~flplatform.trainings.rounds.update_round_open`):
+        most uploads of a round then cost no row lock, no participant list and no dispatcher
+        wake-up (such an upload writes no notification)."""
+        # One statement, read in autocommit: no ORM session, no BEGIN/ROLLBACK round trips.
+        engine = self.sessionmaker.kw["bind"]
+        async with engine.connect() as connection:
+            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            still_open = await update_round_open(connection, training_id, utcnow())
+        if not still_open:
+            await self.advance(training_id)
 
     async def _fail_after_exception(self, training_id: uuid.UUID, reason: str) -> None:
         try:

@@ -121,6 +121,13 @@ def advance_after_commit(app: FastAPI, session: AsyncSession, training_id: uuid.
     after_commit(session, lambda: runtime.advance(training_id))
 
 
+def advance_after_update(app: FastAPI, session: AsyncSession, training_id: uuid.UUID) -> None:
+    """:func:`advance_after_commit` for a client's update: the round is re-checked under the
+    row lock only when a cheap read says it may be complete (``TrainingRuntime.advance_if_due``)."""
+    runtime = runtime_of(app)
+    after_commit(session, lambda: runtime.advance_if_due(training_id))
+
+
 def kick_after_commit(app: FastAPI, session: AsyncSession) -> None:
     """Once the request's transaction commits, wake the notification dispatcher."""
     runtime = runtime_of(app)
