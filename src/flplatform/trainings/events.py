@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -112,8 +113,11 @@ async def record(
 
 
 def metrics_payload(metrics: list[tuple[str, float | None, bytes | None]]) -> dict[str, Any]:
-    """``{"metrics": {name: value}}`` of the numeric metrics (at most :data:`MAX_METRICS`)."""
-    values = {name: value for name, value, _ in metrics if value is not None}
+    """``{"metrics": {name: value}}`` of the numeric metrics (at most :data:`MAX_METRICS`); a NaN or
+    infinite value is ``null`` (JSON, and PostgreSQL's json column, have no NaN)."""
+    values = {
+        name: value if math.isfinite(value) else None for name, value, _ in metrics if value is not None
+    }
     out: dict[str, Any] = {"metrics": dict(list(values.items())[:MAX_METRICS])}
     if len(values) > MAX_METRICS:
         out["metrics_truncated"] = True
