@@ -30,6 +30,9 @@ os.environ.setdefault("FLP_SECRET_KEY", "test-secret-key-not-for-production")
 # allowlisted (as a one-host install would); tests of the guard itself pass an empty list.
 os.environ.setdefault("FLP_NOTIFICATION_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")
 os.environ.pop("FLP_DATABASE_URL", None)
+# Model bytes of every test database go to one throwaway blob directory (content-addressed, so
+# databases can share it; no test sweeps it), never to ./blobs of the checkout.
+os.environ.setdefault("FLP_BLOB_DIR", tempfile.mkdtemp(prefix="flp-test-blobs-"))
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402

@@ -211,6 +211,38 @@ class Settings(BaseSettings):
         description="When set, /metrics answers only `Authorization: Bearer <this token>` (else 401)",
     )
 
+    # Blob store (blobs/, docs/storage.md): every model byte, named by its SHA-256.
+    blob_dir: Path | None = Field(
+        default=None,
+        description="Directory of the filesystem blob store (default: `blobs/` next to the SQLite database file, "
+        "or in the working directory on PostgreSQL); every process of one install must see the same directory",
+    )
+    blob_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix: keep blobs in S3-compatible object storage instead of FLP_BLOB_DIR "
+        "(installs with several hosts)",
+    )
+    blob_s3_endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint URL for a self-hosted S3-compatible server (http://host:9000); unset for AWS",
+    )
+    blob_s3_region: str = Field(default="us-east-1", description="S3 region")
+    blob_s3_access_key_id: str | None = Field(
+        default=None, description="S3 access key id (unset: the environment's AWS credentials)"
+    )
+    blob_s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret access key")
+    blob_spool_dir: Path | None = Field(
+        default=None,
+        description="Local directory where S3 uploads are spooled while they are hashed (default: the system "
+        "temporary directory); needs room for the uploads in flight",
+    )
+    blob_gc_grace_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="A blob no row references is deleted by the sweep only once it is older than this (uploads "
+        "in flight have written their blob before their row)",
+    )
+
     # Database pool (PostgreSQL).
     db_pool_size: int = Field(default=10, ge=1, description="PostgreSQL connections kept per process")
     db_max_overflow: int = Field(default=20, ge=0, description="Extra PostgreSQL connections under load")

@@ -1,0 +1,240 @@
+"""The blob store's contract: content-addressed, immutable blobs written once through a streaming
+writer that hashes while it writes.
+
+A blob's name is the SHA-256 of its bytes (64 lowercase hex digits, its *digest*). Writing the
+same bytes twice stores them once. A writer takes chunks, hashes them and spools them to a
+temporary file off the event loop (``asyncio.to_thread``), then hands the finished file to the
+backend (a rename on the filesystem, an upload to S3); an aborted or failed writer leaves nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+# Chunks smaller than this are gathered before a worker thread writes and hashes them (one thread
+# hop per MiB, not per network read).
+FLUSH_BYTES = 1024**2
+READ_CHUNK = 1024**2
+
+
+class BlobError(Exception):
+    """A blob store failure (the backend's message, never a secret)."""
+
+
+class BlobNotFound(BlobError, KeyError):
+    """No blob with this digest in the store."""
+
+
+class BlobTooLarge(BlobError):
+    """A writer went past its ``max_bytes``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the blob is larger than {limit} bytes")
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """One blob as the store lists it (for the sweep): digest, size, last written (epoch seconds)."""
+
+    digest: str
+    size: int
+    modified: float
+
+
+def check_digest(digest: str) -> str:
+    if not DIGEST_RE.match(digest):
+        raise BlobNotFound(f"not a blob digest: {digest!r}")
+    return digest
+
+
+def blob_key(digest: str) -> str:
+    """Where a blob lives below the store's root: ``sha256/ab/cd/abcd…`` (two fan-out levels)."""
+    check_digest(digest)
+    return f"sha256/{digest[:2]}/{digest[2:4]}/{digest}"
+
+
+def digest_of(data: bytes | memoryview) -> str:
+    """SHA-256 of ``data`` (call it in a thread for large data: hashlib releases the GIL)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+FinishFn = Callable[[Path, BlobInfo], Awaitable[None]]
+
+
+class BlobWriter:
+    """Streams one blob: ``await write(chunk)`` any number of times, then ``await commit()``
+    (returns digest and size) or ``await abort()``. As an async context manager it aborts unless
+    committed. The bytes go to a temporary file in ``spool_dir`` while they are hashed; the
+    backend's ``finish`` then makes the blob visible under its digest (or discards a duplicate)."""
+
+    def __init__(self, spool_dir: Path, finish: FinishFn, *, max_bytes: int | None = None) -> None:
+        self._spool_dir = spool_dir
+        self._finish = finish
+        self._max_bytes = max_bytes
+        self._hash = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._size = 0
+        self._file: IO[bytes] | None = None
+        self._path = spool_dir / f"{uuid.uuid4().hex}.part"
+        self._done = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self._done:
+            raise BlobError("the writer is closed")
+        if not chunk:
+            return
+        size = len(chunk)
+        if self._max_bytes is not None and self._size + size > self._max_bytes:
+            await self.abort()
+            raise BlobTooLarge(self._max_bytes)
+        self._size += size
+        self._pending.append(bytes(chunk))
+        self._pending_size += size
+        if self._pending_size >= FLUSH_BYTES:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        chunks, self._pending, self._pending_size = self._pending, [], 0
+        if chunks:
+            try:
+                await asyncio.to_thread(self._write_sync, chunks)
+            except BaseException:
+                await self.abort()
+                raise
+
+    def _write_sync(self, chunks: list[bytes]) -> None:
+        if self._file is None:
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._file = os.fdopen(fd, "wb", buffering=0)
+        for chunk in chunks:
+            self._hash.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                written = self._file.write(view)
+                view = view[written or 0 :]
+
+    def _close_sync(self, *, sync: bool) -> None:
+        if self._file is None:  # an empty blob: still a file
+            self._write_sync([])
+        assert self._file is not None
+        if sync:
+            os.fsync(self._file.fileno())
+        self._file.close()
+
+    async def commit(self) -> BlobInfo:
+        if self._done:
+            raise BlobError("the writer is closed")
+        await self._flush()
+        try:
+            await asyncio.to_thread(self._close_sync, sync=True)
+            info = BlobInfo(self._hash.hexdigest(), self._size)
+            await self._finish(self._path, info)
+        except BaseException:
+            await self.abort()
+            raise
+        self._done = True
+        return info
+
+    async def abort(self) -> None:
+        """Drop everything written so far (idempotent)."""
+        if self._done:
+            return
+        self._done = True
+        self._pending = []
+        file, self._file = self._file, None
+
+        def _drop() -> None:
+            if file is not None:
+                file.close()
+            self._path.unlink(missing_ok=True)
+
+        await asyncio.shield(asyncio.to_thread(_drop))
+
+    async def __aenter__(self) -> BlobWriter:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.abort()
+
+
+class BlobStore(ABC):
+    """One content-addressed store (filesystem or S3). Every method is safe to call from many
+    tasks and processes at once: blobs are immutable, and writing one is idempotent."""
+
+    #: ``file://…`` or ``s3://…``: where the blobs live, for logs and docs (never credentials).
+    location: str
+    #: Local directory of the writers' temporary files.
+    spool: Path
+
+    @abstractmethod
+    def writer(self, *, max_bytes: int | None = None) -> BlobWriter:
+        """A new streaming writer (nothing is written until its first chunk)."""
+
+    async def put(self, data: bytes | bytearray | memoryview) -> BlobInfo:
+        """Store ``data`` whole (hashed in a worker thread); returns its digest and size."""
+        async with self.writer() as writer:
+            view = memoryview(data)
+            for start in range(0, len(view), 64 * FLUSH_BYTES):
+                await writer.write(view[start : start + 64 * FLUSH_BYTES])
+            return await writer.commit()
+
+    @abstractmethod
+    def stream(
+        self, digest: str, *, start: int = 0, end: int | None = None, chunk_size: int = READ_CHUNK
+    ) -> AsyncIterator[bytes]:
+        """The blob's bytes ``[start, end)`` in chunks; raises ``BlobNotFound`` on first use."""
+
+    async def read(self, digest: str) -> bytes:
+        """The whole blob in memory (small blobs; large ones: ``stream`` or ``local_path``)."""
+        parts = [chunk async for chunk in self.stream(digest)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def local_path(self, digest: str) -> Path | None:
+        """A local file holding the blob, for memory-mapping; ``None`` where the backend keeps no
+        local file (S3). The file is read-only and never changes while it exists."""
+        return None
+
+    @abstractmethod
+    async def size(self, digest: str) -> int:
+        """Size in bytes; raises ``BlobNotFound``."""
+
+    @abstractmethod
+    async def exists(self, digest: str) -> bool: ...
+
+    @abstractmethod
+    async def delete(self, digest: str) -> None:
+        """Remove the blob (nothing happens if it is already gone)."""
+
+    @abstractmethod
+    def list(self) -> AsyncIterator[StoredBlob]:
+        """Every blob in the store (for the sweep)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the backend's resources."""
