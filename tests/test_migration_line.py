@@ -6,6 +6,7 @@ databases."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from typing import Any
 
@@ -16,6 +17,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import select
 
+from flplatform.blobs import store_for
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.migrate import AUTOGENERATE_OPTIONS, alembic_config, head_revision, upgrade
 from flplatform.orm import (
@@ -23,6 +25,7 @@ from flplatform.orm import (
     BrokerMessage,
     BrokerTopic,
     GlobalModel,
+    GlobalModelRound,
     LedgerAccount,
     Operation,
     Organization,
@@ -131,7 +134,24 @@ TABLES = {
         updated_at=TIME,
     ),
     "global_models": _table(
-        "global_models", id=ID, name=TEXT, description=TEXT, input_shape=JSON, has_preprocessing=BOOL
+        "global_models",
+        id=ID,
+        name=TEXT,
+        description=TEXT,
+        input_shape=JSON,
+        preprocessing=BYTES,
+        has_preprocessing=BOOL,
+    ),
+    "global_model_rounds": _table(
+        "global_model_rounds",
+        id=ID,
+        model_id=ID,
+        round=INT,
+        weights=BYTES,
+        weights_format=TEXT,
+        weights_size=INT,
+        created_at=TIME,
+        updated_at=TIME,
     ),
     "trainings": _table(
         "trainings",
@@ -149,6 +169,7 @@ TABLES = {
         options=JSON,
         metric_names=JSON,
         locked=BOOL,
+        aggregator_state=BYTES,
         created_at=TIME,
         updated_at=TIME,
     ),
@@ -292,7 +313,19 @@ def _rows() -> dict[str, list[dict[str, Any]]]:
                 "name": "digits",
                 "description": "a CNN",
                 "input_shape": [1, 8, 8],
-                "has_preprocessing": False,
+                "preprocessing": b"\x10preprocessing",
+                "has_preprocessing": True,
+            }
+        ],
+        "global_model_rounds": [
+            {
+                "id": uuid.uuid4(),
+                "model_id": model,
+                "round": 2,
+                "weights": b"\x00round-2",
+                "weights_format": "safetensors",
+                "weights_size": 8,
+                **stamps,
             }
         ],
         "trainings": [
@@ -311,6 +344,7 @@ def _rows() -> dict[str, list[dict[str, Any]]]:
                 "options": {"mu": 0.01},
                 "metric_names": ["accuracy"],
                 "locked": False,
+                "aggregator_state": b"\x00state",
                 **stamps,
             }
         ],
@@ -455,11 +489,15 @@ async def test_a_database_at_the_old_heads_upgrades_to_the_one_head_with_its_row
             for name, table_rows in rows.items():
                 await conn.execute(sa.insert(TABLES[name]), table_rows)
 
+        upgrade(fresh_url, "0801")  # the one line's first revision: the rows as they were
+        async with engine.connect() as conn:
+            assert await _versions(conn) == {"0801"}
+            assert await _read(conn, rows) == rows
+
         upgrade(fresh_url)  # `flplatform migrate`: to the one head
 
         async with engine.connect() as conn:
             assert await _versions(conn) == {head_revision()}
-            assert await _read(conn, rows) == rows
             assert await conn.run_sync(_drift) == [], "ORM and migrations differ (write an Alembic revision)"
 
         # The application reads them as before.
@@ -474,6 +512,22 @@ async def test_a_database_at_the_old_heads_upgrades_to_the_one_head_with_its_row
             assert (await session.get_one(Organization, first["collections"]["id"])).name == "Acme"
             model = await session.get_one(GlobalModel, first["models"]["id"])
             assert (model.name, model.round, model.owner_id) == ("digits", 3, user.id)
+            # 0901 moved the weights into the blob store; the row keeps their digest and size.
+            weights = first["models"]["weights"]
+            assert (model.weights_digest, model.weights_size) == (hashlib.sha256(weights).hexdigest(), 10)
+            assert await store_for(session).read(model.weights_digest) == weights
+            moved = {
+                model.preprocessing_digest: first["global_models"]["preprocessing"],
+                (await session.execute(select(GlobalModelRound.weights_digest))).scalar_one(): first[
+                    "global_model_rounds"
+                ]["weights"],
+                (await session.execute(select(Training.aggregator_state_digest))).scalar_one(): first[
+                    "trainings"
+                ]["aggregator_state"],
+            }
+            for digest, data in moved.items():
+                assert digest == hashlib.sha256(data).hexdigest()
+                assert await store_for(session).read(digest) == data
             training = (
                 await session.execute(select(Training).where(Training.model_id == model.id))
             ).scalar_one()

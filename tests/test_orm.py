@@ -1,21 +1,20 @@
-"""Joined-table inheritance, deferred blobs, and the daisy-chain creation rule, on both databases."""
+"""Joined-table inheritance, digests instead of bytes, and the daisy-chain creation rule, on both databases."""
 
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy import LargeBinary, select
 
 from flplatform.orm import GlobalModel, LocalModel, MeanModel, Model, SWAGModel, Training, TrainingState
 
 
 async def _models(session, owner_id):
-    g = GlobalModel(owner_id=owner_id, name="g", weights=b"w" * 10, input_shape=[None, 3])
-    s = SWAGModel(owner_id=owner_id, name="s", swag_first_moment=b"1", swag_second_moment=b"2")
+    g = GlobalModel(owner_id=owner_id, name="g", weights_digest="a" * 64, input_shape=[None, 3])
+    s = SWAGModel(owner_id=owner_id, name="s", swag_first_digest="1" * 64, swag_second_digest="2" * 64)
     session.add_all([g, s])
     await session.flush()
     m = MeanModel(owner_id=owner_id, name="m", members=[g, s])
-    loc = LocalModel(owner_id=owner_id, base_model_id=g.id, sample_size=5, round=0, weights=b"l")
+    loc = LocalModel(owner_id=owner_id, base_model_id=g.id, sample_size=5, round=0, weights_digest="b" * 64)
     session.add_all([m, loc])
     await session.commit()
     return g, s, m, loc
@@ -34,21 +33,19 @@ async def test_querying_model_returns_subclasses(app, alice):
         assert {type(x) for x in globals_} == {GlobalModel, SWAGModel, MeanModel}
 
 
-async def test_list_queries_do_not_load_blobs(app, alice):
+async def test_rows_hold_digests_never_bytes(app, alice):
     async with app.state.sessionmaker() as session:
         g, *_ = await _models(session, alice.user.id)
     async with app.state.sessionmaker() as session:
         row = (await session.execute(select(Model).where(Model.id == g.id))).scalar_one()
-        with pytest.raises(InvalidRequestError):
-            _ = row.weights
-        from sqlalchemy.orm import undefer
-
-        loaded = (
-            await session.execute(
-                select(GlobalModel).options(undefer(GlobalModel.weights)).where(GlobalModel.id == g.id)
-            )
-        ).scalar_one()
-        assert loaded.weights == b"w" * 10
+        assert row.weights_digest == "a" * 64
+    binary = [
+        f"{table.name}.{column.name}"
+        for table in Model.metadata.sorted_tables
+        for column in table.columns
+        if isinstance(column.type, LargeBinary) and table.name != "metrics"
+    ]
+    assert binary == [], "model bytes belong in the blob store (flplatform.blobs)"
 
 
 async def test_mean_model_members_load_explicitly(app, alice):

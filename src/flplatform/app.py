@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
-from flplatform import __version__
+from flplatform import __version__, blobs
 from flplatform.auth.request_guard import RequestGuard
 from flplatform.dashboard import install_dashboard
 from flplatform.db import create_engine, create_sessionmaker
@@ -111,6 +111,7 @@ def lifespan_components() -> list[LifespanComponent]:
     """Background components of each domain; domains append theirs here."""
     from flplatform.auth.login_guard import login_guard_component
     from flplatform.billing.hooks import billing_component
+    from flplatform.blobs.sweep import blob_sweeper_component
     from flplatform.broker import broker_component
     from flplatform.sandbox import sandbox_component
     from flplatform.trainings.event_stream import training_events_component
@@ -126,6 +127,7 @@ def lifespan_components() -> list[LifespanComponent]:
         broker_component,
         billing_component,
         workqueue_component,
+        blob_sweeper_component,
     ]
 
 
@@ -135,6 +137,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = create_engine(settings)
     app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
+    # The blob store these settings name (services find it with flplatform.blobs.store_for).
+    app.state.sessionmaker.configure(info={blobs.SESSION_KEY: blobs.open_store(settings)})
     try:
         await _bootstrap_admin(app)
         async with contextlib.AsyncExitStack() as stack:

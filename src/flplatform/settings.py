@@ -242,6 +242,17 @@ class Settings(BaseSettings):
         description="A blob no row references is deleted by the sweep only once it is older than this (uploads "
         "in flight have written their blob before their row)",
     )
+    blob_sweep_interval_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How often each server process deletes the blobs no row references (older than the grace period)",
+    )
+    global_history_keep_rounds: int = Field(
+        default=0,
+        ge=0,
+        description="Rounds of each global model's history kept downloadable: 0 keeps every round, K the last K "
+        "(older rounds answer 404 and their blobs are swept)",
+    )
 
     # Database pool (PostgreSQL).
     db_pool_size: int = Field(default=10, ge=1, description="PostgreSQL connections kept per process")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from flplatform.blobs import open_store
 from flplatform.orm import GlobalModel, MeanModel, SWAGModel, Training, TrainingState, UncertaintyMethod
 from flplatform.orm.training import training_participants
 
@@ -75,14 +76,21 @@ def add_model(app: Any):  # type: ignore[no-untyped-def]
         weights_format: str = "torchscript",
     ) -> uuid.UUID:
         data = weights if weights is not None else (torchscript_bytes(module) if module is not None else None)
+        store = open_store(app.state.settings)
+
+        async def put(blob: bytes | None) -> str | None:
+            return None if blob is None else (await store.put(blob)).digest
+
         fields: dict[str, Any] = {
             "owner_id": owner.user.id,
             "name": f"{kind} model",
-            "weights": data,
+            "weights_digest": await put(data),
             "weights_format": weights_format if data is not None else None,
             "weights_size": len(data or b""),
             "input_shape": input_shape,
-            "preprocessing": torchscript_bytes(preprocessing) if preprocessing is not None else None,
+            "preprocessing_digest": await put(torchscript_bytes(preprocessing))
+            if preprocessing is not None
+            else None,
             "has_preprocessing": preprocessing is not None,
         }
         async with app.state.sessionmaker() as session:
@@ -93,8 +101,8 @@ def add_model(app: Any):  # type: ignore[no-untyped-def]
             elif kind == "swag":
                 model = SWAGModel(**fields)
                 if moments is not None:
-                    model.swag_first_moment = moment_bytes(moments[0])
-                    model.swag_second_moment = moment_bytes(moments[1])
+                    model.swag_first_digest = await put(moment_bytes(moments[0]))
+                    model.swag_second_digest = await put(moment_bytes(moments[1]))
             else:
                 model = GlobalModel(**fields)
             session.add(model)

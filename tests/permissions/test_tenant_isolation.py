@@ -14,12 +14,14 @@ oracle). Anonymous callers get 401 everywhere but health and the docs.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute
 
+from flplatform.blobs import open_store
 from flplatform.inference.jobs import INFERENCE_JOB
 from flplatform.organizations.invitations import create_invitation
 from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel, Metric, SWAGModel, Training
@@ -61,33 +63,37 @@ def query_params(app: Any, path: str) -> list[str]:
     return [p["name"] for p in ops.get("parameters", []) if p["in"] == "query"]
 
 
+W = hashlib.sha256(b"w").hexdigest()
+
+
 async def _victim_data(app: Any, tree: OrgTree) -> dict[str, Any]:
     """Models (global, SWAG, local), a training with a participant, a metric, a topic with a
     grant and a stored message, an invitation — written directly, as the services would."""
     coach, member = tree.project_coach.user, tree.member_one.user
+    await open_store(app.state.settings).put(b"w")
     async with app.state.sessionmaker() as session:
         glob = GlobalModel(
             owner_id=coach.id,
             name="victim-model-secret",
             description="victim-description",
-            weights=b"w",
+            weights_digest=W,
             weights_format="torchscript",
             weights_size=1,
         )
         swag = SWAGModel(
             owner_id=coach.id,
             name="victim-swag-secret",
-            weights=b"w",
+            weights_digest=W,
             weights_format="torchscript",
             weights_size=1,
-            swag_first_moment=b"m",
-            swag_second_moment=b"m",
+            swag_first_digest=W,
+            swag_second_digest=W,
         )
         session.add_all([glob, swag])
         await session.flush()
         session.add(
             GlobalModelRound(
-                model_id=glob.id, round=0, weights=b"w", weights_format="torchscript", weights_size=1
+                model_id=glob.id, round=0, weights_digest=W, weights_format="torchscript", weights_size=1
             )
         )
         training = Training(
@@ -102,7 +108,7 @@ async def _victim_data(app: Any, tree: OrgTree) -> dict[str, Any]:
             owner_id=member.id,
             base_model_id=glob.id,
             sample_size=3,
-            weights=b"l",
+            weights_digest=W,
             weights_format="safetensors",
             weights_size=1,
         )

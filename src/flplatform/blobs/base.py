@@ -72,7 +72,7 @@ def blob_key(digest: str) -> str:
     return f"sha256/{digest[:2]}/{digest[2:4]}/{digest}"
 
 
-def digest_of(data: bytes | memoryview) -> str:
+def digest_of(data: bytes | bytearray | memoryview) -> str:
     """SHA-256 of ``data`` (call it in a thread for large data: hashlib releases the GIL)."""
     return hashlib.sha256(data).hexdigest()
 
@@ -205,6 +205,25 @@ class BlobStore(ABC):
                 await writer.write(view[start : start + 64 * FLUSH_BYTES])
             return await writer.commit()
 
+    def put_sync(self, data: bytes | bytearray | memoryview) -> BlobInfo:
+        """``put`` for synchronous callers (the data migration): blocks while it writes."""
+        info = BlobInfo(digest_of(data), len(data))
+        self.spool.mkdir(parents=True, exist_ok=True)
+        temp = self.spool / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(temp, "xb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            self._finish_sync(temp, info)
+        finally:
+            temp.unlink(missing_ok=True)
+        return info
+
+    @abstractmethod
+    def _finish_sync(self, temp: Path, info: BlobInfo) -> None:
+        """Make the finished temporary file ``temp`` the blob ``info.digest`` (blocking)."""
+
     @abstractmethod
     def stream(
         self, digest: str, *, start: int = 0, end: int | None = None, chunk_size: int = READ_CHUNK
@@ -227,6 +246,10 @@ class BlobStore(ABC):
 
     @abstractmethod
     async def exists(self, digest: str) -> bool: ...
+
+    @abstractmethod
+    async def modified(self, digest: str) -> float:
+        """When the blob was last written (epoch seconds); raises ``BlobNotFound``."""
 
     @abstractmethod
     async def delete(self, digest: str) -> None:

@@ -52,6 +52,9 @@ class FileBlobStore(BlobStore):
     async def _finish(self, temp: Path, info: BlobInfo) -> None:
         await asyncio.to_thread(self._place, temp, info.digest)
 
+    def _finish_sync(self, temp: Path, info: BlobInfo) -> None:
+        self._place(temp, info.digest)
+
     def _place(self, temp: Path, digest: str) -> None:
         final = self.path(digest)
         if final.exists():
@@ -100,6 +103,12 @@ class FileBlobStore(BlobStore):
     async def size(self, digest: str) -> int:
         try:
             return (await asyncio.to_thread(self.path(digest).stat)).st_size
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+
+    async def modified(self, digest: str) -> float:
+        try:
+            return (await asyncio.to_thread(self.path(digest).stat)).st_mtime
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
 

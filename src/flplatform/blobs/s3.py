@@ -95,6 +95,9 @@ class S3BlobStore(BlobStore):
         finally:
             await asyncio.to_thread(temp.unlink, missing_ok=True)
 
+    def _finish_sync(self, temp: Path, info: BlobInfo) -> None:
+        obstore.put(self._store, blob_key(info.digest), temp, chunk_size=MULTIPART_CHUNK)
+
     async def stream(
         self, digest: str, *, start: int = 0, end: int | None = None, chunk_size: int = READ_CHUNK
     ) -> AsyncIterator[bytes]:
@@ -126,6 +129,12 @@ class S3BlobStore(BlobStore):
     async def size(self, digest: str) -> int:
         try:
             return int((await self._head(digest))["size"])
+        except _MISSING:
+            raise BlobNotFound(digest) from None
+
+    async def modified(self, digest: str) -> float:
+        try:
+            return float((await self._head(digest))["last_modified"].timestamp())
         except _MISSING:
             raise BlobNotFound(digest) from None
 

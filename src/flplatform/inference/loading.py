@@ -5,7 +5,6 @@ moments, and the HTTP error for each way a sandbox call fails."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import uuid
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch import Tensor
 
 from flplatform.aggregation.codec import decode_safetensors
 from flplatform.aggregation.errors import DecodeError
+from flplatform.blobs import BlobNotFound, store_for
 from flplatform.errors import AppError, BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceUnavailable
 from flplatform.inference.config import InferenceRuntime
 from flplatform.orm import GlobalModel, GlobalModelRound, MeanModel, Model, SWAGModel
@@ -38,12 +38,24 @@ class SandboxFailed(AppError):
     status_code, code = 502, "model_sandbox_failed"
 
 
+async def _blob(session: AsyncSession, digest: str | None, what: str) -> bytes:
+    if digest is None:
+        raise ModelNotRunnable(f"{what} has no weights.")
+    try:
+        data = await store_for(session).read(digest)
+    except BlobNotFound:
+        raise ModelNotRunnable(f"{what}: its weights are missing from the blob store.") from None
+    if not data:
+        raise ModelNotRunnable(f"{what} has no weights.")
+    return data
+
+
 def _weights_loader(session: AsyncSession, column: Any, row_id: uuid.UUID, what: str) -> Any:
     async def load() -> bytes:
-        data = (await session.execute(select(column).where(column.table.c.id == row_id))).scalar_one_or_none()
-        if not data:
-            raise ModelNotRunnable(f"{what} has no weights.")
-        return data
+        digest = (
+            await session.execute(select(column).where(column.table.c.id == row_id))
+        ).scalar_one_or_none()
+        return await _blob(session, digest, what)
 
     return load
 
@@ -55,7 +67,9 @@ def _module_ref(session: AsyncSession, model: Model, refs: dict[str, sandbox.Mod
         )
     # Changes whenever the stored bytes can have changed, so a worker never runs stale weights.
     key = f"weights:{model.id}:{model.round}:{model.updated_at.isoformat() if model.updated_at else ''}:{model.weights_size}"
-    refs[key] = sandbox.ModuleRef(key, _weights_loader(session, Model.weights, model.id, f"Model {model.id}"))
+    refs[key] = sandbox.ModuleRef(
+        key, _weights_loader(session, Model.weights_digest, model.id, f"Model {model.id}")
+    )
     return {"key": key}
 
 
@@ -81,7 +95,9 @@ async def history_ref(
     key = f"history:{model.id}:{row.round}"  # history entries never change
     refs[key] = sandbox.ModuleRef(
         key,
-        _weights_loader(session, GlobalModelRound.weights, row.id, f"Round {row.round} of model {model.id}"),
+        _weights_loader(
+            session, GlobalModelRound.weights_digest, row.id, f"Round {row.round} of model {model.id}"
+        ),
     )
     return {"key": key}, round_
 
@@ -91,16 +107,16 @@ async def preprocessing_ref(
 ) -> str | None:
     if not model.has_preprocessing:
         return None
-    data = (
-        await session.execute(select(GlobalModel.preprocessing).where(GlobalModel.id == model.id))
+    digest = (
+        await session.execute(select(GlobalModel.preprocessing_digest).where(GlobalModel.id == model.id))
     ).scalar_one()
-    if not data:
+    if not digest:
         return None
-    # Preprocessing can be replaced without touching the models row: key on the bytes.
-    key = "preprocessing:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+    # Preprocessing can be replaced without touching the models row: key on the bytes' digest.
+    key = "preprocessing:" + digest
 
     async def load() -> bytes:
-        return data
+        return await _blob(session, digest, f"The preprocessing module of model {model.id}")
 
     refs[key] = sandbox.ModuleRef(key, load)
     return key
@@ -179,11 +195,14 @@ def decode_moment(data: bytes | None, which: str) -> Tensor | None:
 async def swag_moments(session: AsyncSession, model: SWAGModel) -> tuple[Tensor, Tensor]:
     # Not cached: the moments change in SWAG rounds without the models row (and so the cache
     # key of the weights) changing, and decoding safetensors is cheap next to N forward passes.
-    first_bytes, second_bytes = (
+    first_digest, second_digest = (
         await session.execute(
-            select(SWAGModel.swag_first_moment, SWAGModel.swag_second_moment).where(SWAGModel.id == model.id)
+            select(SWAGModel.swag_first_digest, SWAGModel.swag_second_digest).where(SWAGModel.id == model.id)
         )
     ).one()
+    what = f"The SWAG moments of model {model.id}"
+    first_bytes = None if first_digest is None else await _blob(session, first_digest, what)
+    second_bytes = None if second_digest is None else await _blob(session, second_digest, what)
     first, second = await asyncio.to_thread(
         lambda: (decode_moment(first_bytes, "first"), decode_moment(second_bytes, "second"))
     )

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.aggregation.codec import decode_safetensors
 from flplatform.aggregation.errors import DecodeError
+from flplatform.blobs import store_for
 from flplatform.inference.config import InferenceRuntime
 from flplatform.inference.loading import ModelNotRunnable, mean_members, sandbox_error, tree_for
 from flplatform.inference.service import training_for
@@ -72,15 +73,18 @@ async def model_metadata(session: AsyncSession, runtime: InferenceRuntime, model
     if isinstance(model, SWAGModel):
         first, second = (
             await session.execute(
-                select(
-                    func.length(SWAGModel.swag_first_moment), func.length(SWAGModel.swag_second_moment)
-                ).where(SWAGModel.id == model.id)
+                select(SWAGModel.swag_first_digest, SWAGModel.swag_second_digest).where(
+                    SWAGModel.id == model.id
+                )
             )
         ).one()
         info["has_swag_moments"] = bool(first) and bool(second)
     if model.weights_format == "safetensors":
-        data = (await session.execute(select(Model.weights).where(Model.id == model.id))).scalar_one()
-        info.update(await asyncio.to_thread(_safetensors_metadata, data or b""))
+        digest = (
+            await session.execute(select(Model.weights_digest).where(Model.id == model.id))
+        ).scalar_one()
+        data = await store_for(session).read(digest) if digest else b""
+        info.update(await asyncio.to_thread(_safetensors_metadata, data))
         return info
     refs: dict[str, sandbox.ModuleRef] = {}
     tree = await tree_for(session, runtime, model, 0, set(), refs)

@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
+from flplatform.blobs import BlobInfo, BlobNotFound, store_for
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
 from flplatform.kit.metrics import observe_upload, stopwatch
 from flplatform.kit.pagination import paginate
@@ -114,7 +115,7 @@ async def describe_many(session: AsyncSession, models: Sequence[Model]) -> list[
         has_moments = {
             i: bool(h)
             for i, h in await session.execute(
-                select(SWAGModel.id, SWAGModel.swag_first_moment.isnot(None)).where(
+                select(SWAGModel.id, SWAGModel.swag_first_digest.isnot(None)).where(
                     SWAGModel.id.in_(swag_ids)
                 )
             )
@@ -217,6 +218,8 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
             await model_files.check_torchscript(weights)
     except ModelFileError as exc:
         raise file_error(exc) from None
+    stored = await put_blob(session, weights)
+    preprocessing = await put_blob(session, upload.preprocessing_file)
     cls = {"GLOBAL": GlobalModel, "SWAG": SWAGModel, "MEAN": MeanModel}[upload.type]
     model = cls(
         owner_id=owner.id,
@@ -224,11 +227,11 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
         name=upload.name,
         description=upload.description,
         input_shape=upload.input_shape,
-        weights=weights,
+        weights_digest=stored.digest if stored else None,
         weights_format="torchscript",
-        weights_size=len(weights or b""),
-        preprocessing=upload.preprocessing_file,
-        has_preprocessing=upload.preprocessing_file is not None,
+        weights_size=stored.size if stored else 0,
+        preprocessing_digest=preprocessing.digest if preprocessing else None,
+        has_preprocessing=preprocessing is not None,
     )
     if isinstance(model, MeanModel):
         model.members = members
@@ -238,9 +241,9 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
         GlobalModelRound(
             model_id=model.id,
             round=model.round,
-            weights=weights,
+            weights_digest=model.weights_digest,
             weights_format="torchscript",
-            weights_size=len(weights or b""),
+            weights_size=model.weights_size,
         )
     )
     await session.flush()
@@ -251,13 +254,6 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
 
 async def clone_global_model(session: AsyncSession, model: GlobalModel) -> GlobalModel:
     """A model can back one training; a second training on it gets a copy (as the reference)."""
-    row = (
-        await session.execute(
-            select(Model.weights, GlobalModel.preprocessing)
-            .select_from(GlobalModel)
-            .where(GlobalModel.id == model.id)
-        )
-    ).one()
     cls = type(model)
     clone = cls(
         owner_id=model.owner_id,
@@ -265,10 +261,10 @@ async def clone_global_model(session: AsyncSession, model: GlobalModel) -> Globa
         name=model.name,
         description=model.description,
         input_shape=model.input_shape,
-        weights=row[0],
+        weights_digest=model.weights_digest,
         weights_format=model.weights_format,
         weights_size=model.weights_size,
-        preprocessing=row[1],
+        preprocessing_digest=model.preprocessing_digest,
         has_preprocessing=model.has_preprocessing,
     )
     session.add(clone)
@@ -277,7 +273,7 @@ async def clone_global_model(session: AsyncSession, model: GlobalModel) -> Globa
         GlobalModelRound(
             model_id=clone.id,
             round=clone.round,
-            weights=row[0],
+            weights_digest=model.weights_digest,
             weights_format=model.weights_format,
             weights_size=model.weights_size,
         )
@@ -286,11 +282,28 @@ async def clone_global_model(session: AsyncSession, model: GlobalModel) -> Globa
     return clone
 
 
+async def put_blob(session: AsyncSession, data: bytes | None) -> BlobInfo | None:
+    """Store ``data`` in the session's blob store (None stays None): digest and size."""
+    return None if data is None else await store_for(session).put(data)
+
+
+async def read_blob(session: AsyncSession, digest: str | None, what: str) -> bytes:
+    """The bytes of a blob a row names; 404 when the row names none or the blob is gone."""
+    if digest is None:
+        raise NotFound(f"{what} has no stored bytes.")
+    try:
+        return await store_for(session).read(digest)
+    except BlobNotFound:
+        raise NotFound(f"{what}: its stored bytes are missing from the blob store.") from None
+
+
 async def _current_weights(session: AsyncSession, model_id: uuid.UUID) -> bytes:
-    data = (await session.execute(select(Model.weights).where(Model.id == model_id))).scalar_one_or_none()
-    if data is None:
+    digest = (
+        await session.execute(select(Model.weights_digest).where(Model.id == model_id))
+    ).scalar_one_or_none()
+    if digest is None:
         raise NotFound(f"Model {model_id} has no stored weights.")
-    return data
+    return await read_blob(session, digest, f"Model {model_id}")
 
 
 async def download(session: AsyncSession, model: Model, round_: int | None) -> bytes:
@@ -300,7 +313,7 @@ async def download(session: AsyncSession, model: Model, round_: int | None) -> b
             return await _current_weights(session, model.id)
         row = (
             await session.execute(
-                select(GlobalModelRound.weights)
+                select(GlobalModelRound.weights_digest)
                 .where(GlobalModelRound.model_id == model.id, GlobalModelRound.round <= round_)
                 .order_by(GlobalModelRound.round.desc())
                 .limit(1)
@@ -308,7 +321,7 @@ async def download(session: AsyncSession, model: Model, round_: int | None) -> b
         ).scalar_one_or_none()
         if row is None or round_ > model.round:
             raise NotFound(f"Model {model.id} has no weights for round {round_}.")
-        return row
+        return await read_blob(session, row, f"Round {round_} of model {model.id}")
     assert isinstance(model, LocalModel)
     data = await _current_weights(session, model.id)
     if model.weights_format == "torchscript":
@@ -384,12 +397,12 @@ async def list_metrics(
 
 async def get_preprocessing(session: AsyncSession, model: Model) -> bytes:
     global_id = global_id_of(model)
-    data = (
-        await session.execute(select(GlobalModel.preprocessing).where(GlobalModel.id == global_id))
+    digest = (
+        await session.execute(select(GlobalModel.preprocessing_digest).where(GlobalModel.id == global_id))
     ).scalar_one_or_none()
-    if data is None:
+    if digest is None:
         raise NotFound(f"Model '{model.id}' has no preprocessing model defined.")
-    return data
+    return await read_blob(session, digest, f"The preprocessing module of model {model.id}")
 
 
 async def set_preprocessing(requester: Requester, model: Model, data: bytes) -> None:
@@ -402,12 +415,14 @@ async def set_preprocessing(requester: Requester, model: Model, data: bytes) -> 
         await _check_preprocessing(data)
     except ModelFileError as exc:
         raise file_error(exc) from None
+    stored = await store_for(session).put(data)
     await session.execute(
         update(GlobalModel)
         .where(GlobalModel.id == model.id)
-        .values(preprocessing=data, has_preprocessing=True)
+        .values(preprocessing_digest=stored.digest, has_preprocessing=True)
     )
     model.has_preprocessing = True
+    model.preprocessing_digest = stored.digest
 
 
 # --------------------------------------------------------------------------- SWAG
@@ -415,9 +430,13 @@ async def set_preprocessing(requester: Requester, model: Model, data: bytes) -> 
 
 async def swag_moments(session: AsyncSession, model: SWAGModel) -> tuple[bytes | None, bytes | None]:
     """The aggregated moments (safetensors, key ``moment``) — what inference samples from."""
-    row = (
+    first, second = (
         await session.execute(
-            select(SWAGModel.swag_first_moment, SWAGModel.swag_second_moment).where(SWAGModel.id == model.id)
+            select(SWAGModel.swag_first_digest, SWAGModel.swag_second_digest).where(SWAGModel.id == model.id)
         )
     ).one()
-    return row[0], row[1]
+    what = f"The SWAG moments of model {model.id}"
+    return (
+        None if first is None else await read_blob(session, first, what),
+        None if second is None else await read_blob(session, second, what),
+    )

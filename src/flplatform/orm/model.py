@@ -3,9 +3,8 @@
 ``Model`` → ``GlobalModel`` → (``MeanModel``, ``SWAGModel``); ``Model`` → ``LocalModel``.
 Querying ``Model`` returns instances of the right subclass: every subclass loads inline
 (``polymorphic_load="inline"``), so one SELECT with outer joins builds them, which async
-sessions need (no lazy load on attribute access). Blob columns are deferred with
-``raiseload``: list queries never read them, and reading one by accident raises instead of
-issuing a hidden query.
+sessions need (no lazy load on attribute access). Model bytes live in the blob store
+(:mod:`flplatform.blobs`): rows keep their SHA-256 digest and size, never the bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from sqlalchemy import (
     Column,
     ForeignKey,
     Integer,
-    LargeBinary,
     String,
     Table,
     Text,
@@ -41,8 +39,9 @@ class ModelKind(enum.StrEnum):
     SWAG = "swag"
 
 
-def _blob() -> Mapped[bytes | None]:
-    return mapped_column(LargeBinary, deferred=True, deferred_raiseload=True)
+def _digest() -> Mapped[str | None]:
+    """The SHA-256 (hex) of a blob in the blob store."""
+    return mapped_column(String(64))
 
 
 class Model(IDMixin, TimestampMixin, Base):
@@ -55,8 +54,8 @@ class Model(IDMixin, TimestampMixin, Base):
     # ``flplatform.orm.tenancy`` so the permission clauses filter on one indexed column.
     organization_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("collections.id"), index=True)
     round: Mapped[int] = mapped_column(Integer, default=0)
-    weights: Mapped[bytes | None] = _blob()
-    # "torchscript" | "safetensors": how ``weights`` is encoded (uploads are never unpickled).
+    weights_digest: Mapped[str | None] = _digest()
+    # "torchscript" | "safetensors": how the weights blob is encoded (uploads are never unpickled).
     weights_format: Mapped[str | None] = mapped_column(String(20))
     weights_size: Mapped[int] = mapped_column(BigInteger, default=0)
 
@@ -81,7 +80,7 @@ class GlobalModel(Model):
     description: Mapped[str] = mapped_column(Text, default="")
     # e.g. [null, 1, 28, 28]: ints are fixed dimensions, nulls are free ones (batch).
     input_shape: Mapped[list[int | None] | None] = mapped_column(JSON)
-    preprocessing: Mapped[bytes | None] = _blob()
+    preprocessing_digest: Mapped[str | None] = _digest()
     has_preprocessing: Mapped[bool] = mapped_column(default=False)
 
     __mapper_args__ = {"polymorphic_identity": ModelKind.GLOBAL.value, "polymorphic_load": "inline"}
@@ -113,8 +112,8 @@ class SWAGModel(GlobalModel):
     id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("global_models.id", ondelete="CASCADE"), primary_key=True
     )
-    swag_first_moment: Mapped[bytes | None] = _blob()
-    swag_second_moment: Mapped[bytes | None] = _blob()
+    swag_first_digest: Mapped[str | None] = _digest()
+    swag_second_digest: Mapped[str | None] = _digest()
 
     __mapper_args__ = {"polymorphic_identity": ModelKind.SWAG.value, "polymorphic_load": "inline"}
 
@@ -136,7 +135,7 @@ class LocalModel(Model):
 
 
 class GlobalModelRound(IDMixin, TimestampMixin, Base):
-    """Model history: the encoded global model (TorchScript bytes) after each aggregation.
+    """Model history: the encoded global model (a TorchScript blob) after each aggregation.
 
     Round ``start`` holds the uploaded model, every aggregation adds the next round, so any
     round's global weights can be downloaded (the reference overwrote them)."""
@@ -148,7 +147,7 @@ class GlobalModelRound(IDMixin, TimestampMixin, Base):
         ForeignKey("global_models.id", ondelete="CASCADE"), index=True
     )
     round: Mapped[int] = mapped_column(Integer)
-    weights: Mapped[bytes | None] = _blob()
+    weights_digest: Mapped[str | None] = _digest()
     weights_format: Mapped[str | None] = mapped_column(String(20))
     weights_size: Mapped[int] = mapped_column(BigInteger, default=0)
 

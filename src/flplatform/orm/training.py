@@ -15,7 +15,6 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
-    LargeBinary,
     String,
     Table,
     Text,
@@ -98,10 +97,9 @@ class Training(IDMixin, TimestampMixin, Base):
     phase_started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     # Lease of ``locked``: a crashed aggregation never leaves the training stuck.
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
-    # The aggregator's state between rounds (FedOpt moments, round counter) as safetensors.
-    aggregator_state: Mapped[bytes | None] = mapped_column(
-        LargeBinary, deferred=True, deferred_raiseload=True
-    )
+    # The aggregator's state between rounds (FedOpt moments, round counter): the digest of a
+    # safetensors blob in the blob store (flplatform.blobs).
+    aggregator_state_digest: Mapped[str | None] = mapped_column(String(64))
 
     model: Mapped[Model] = relationship(lazy="raise")
     actor: Mapped[User] = relationship(foreign_keys=[actor_id], lazy="raise")
@@ -142,9 +140,9 @@ class SwagStatistic(IDMixin, TimestampMixin, Base):
     round: Mapped[int] = mapped_column(Integer)
     reporter_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     sample_size: Mapped[int] = mapped_column(Integer)
-    # Flat float tensors in parameter order, stored as safetensors (key "moment").
-    first_moment: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True, deferred_raiseload=True)
-    second_moment: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True, deferred_raiseload=True)
+    # Flat float tensors in parameter order: digests of safetensors blobs (key "moment").
+    first_moment_digest: Mapped[str | None] = mapped_column(String(64))
+    second_moment_digest: Mapped[str | None] = mapped_column(String(64))
     num_parameters: Mapped[int] = mapped_column(BigInteger, default=0)
 
 

@@ -1,5 +1,5 @@
-"""Glue between the database and the tensor code: streams a round's updates one at a time from
-the DB into an accumulator (peak memory about two models) and encodes the new global model
+"""Glue between the stores and the tensor code: streams a round's updates one at a time from
+the blob store into an accumulator (peak memory about two models) and encodes the new global model
 once per round (the TorchScript template with the new weights).
 
 Decoding, accumulation and encoding run in worker threads (``asyncio.to_thread``), never on
@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform import aggregation
+from flplatform.blobs import BlobNotFound, store_for
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError, StateDict, TensorSpec
 from flplatform.orm import LocalModel, Model, SwagStatistic
@@ -35,8 +36,20 @@ def forget_cached(model_id: uuid.UUID) -> None:
         _param_count_cache.pop(model_id, None)
 
 
+async def _blob(session: AsyncSession, digest: str | None, what: str) -> bytes:
+    if digest is None:
+        raise ModelFileError(f"{what} has no stored bytes.")
+    try:
+        return await store_for(session).read(digest)
+    except BlobNotFound:
+        raise ModelFileError(f"{what}: its bytes are missing from the blob store.") from None
+
+
 async def _global_weights(session: AsyncSession, model_id: uuid.UUID) -> bytes:
-    data = (await session.execute(select(Model.weights).where(Model.id == model_id))).scalar_one_or_none()
+    digest = (
+        await session.execute(select(Model.weights_digest).where(Model.id == model_id))
+    ).scalar_one_or_none()
+    data = await _blob(session, digest, "The global model")
     if not data:
         raise ModelFileError("The global model has no weights.")
     return data
@@ -113,34 +126,38 @@ async def aggregate_updates(
     model_id: uuid.UUID,
     items: Sequence[tuple[uuid.UUID, int]],
     options: dict[str, Any],
-    previous_state: bytes | None,
+    previous_state: str | None,
 ) -> tuple[bytes, bytes]:
     """New global model (TorchScript bytes) and the aggregator's state (safetensors) from the
-    round's local models, streamed from the DB one at a time into ``flplatform.aggregation``."""
+    round's local models, read from the blob store one at a time into ``flplatform.aggregation``
+    (``previous_state``: the digest of the aggregator's state after the last round)."""
     name, kwargs = aggregator_options(options)
     agg = aggregation.get(name, **kwargs)
     async with sessionmaker() as session:
         template = await _global_weights(session, model_id)
+        state_bytes = await _blob(session, previous_state, "The aggregator state") if previous_state else None
     global_state, _ = await model_files.decode_state_dict_async(template)
-    prior = aggregation.decode_safetensors(previous_state, copy=True) if previous_state else None
+    prior = aggregation.decode_safetensors(state_bytes, copy=True) if state_bytes else None
+    del state_bytes
     await asyncio.to_thread(agg.begin, global_state, prior)
     for local_id, sample_size in items:
         async with sessionmaker() as session:
-            data = (
-                await session.execute(select(LocalModel.weights).where(LocalModel.id == local_id))
+            digest = (
+                await session.execute(select(LocalModel.weights_digest).where(LocalModel.id == local_id))
             ).scalar_one_or_none()
-        if data is None:
-            raise ValueError(f"local model {local_id} disappeared during aggregation")
+            if digest is None:
+                raise ValueError(f"local model {local_id} disappeared during aggregation")
+            data = await _blob(session, digest, f"Local model {local_id}")
         # Safetensors bytes go straight in: viewed zero-copy, one range per dtype, no tensor per entry.
         # Nothing else keeps them, so the aggregator counts them against its 2-model budget.
         await asyncio.to_thread(agg.add, data, float(sample_size))
         del data
     new_global, new_state = await asyncio.to_thread(agg.finish)
     encoded = await model_files.rebuild_torchscript(template, new_global)
-    state_bytes = await asyncio.to_thread(
+    new_state_bytes = await asyncio.to_thread(
         aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
     )
-    return encoded, state_bytes
+    return encoded, new_state_bytes
 
 
 async def aggregate_swag(
@@ -152,14 +169,15 @@ async def aggregate_swag(
         async with sessionmaker() as session:
             row = (
                 await session.execute(
-                    select(SwagStatistic.first_moment, SwagStatistic.second_moment).where(
+                    select(SwagStatistic.first_moment_digest, SwagStatistic.second_moment_digest).where(
                         SwagStatistic.id == stat_id
                     )
                 )
             ).one()
-        first_moment, second_moment = row
-        if first_moment is None or second_moment is None:
-            raise ValueError(f"SWAG statistic {stat_id} has no stored moments.")
+            if row[0] is None or row[1] is None:
+                raise ValueError(f"SWAG statistic {stat_id} has no stored moments.")
+            first_moment = await _blob(session, row[0], f"SWAG statistic {stat_id}")
+            second_moment = await _blob(session, row[1], f"SWAG statistic {stat_id}")
         first = await asyncio.to_thread(model_files.decode_safetensors, first_moment)
         second = await asyncio.to_thread(model_files.decode_safetensors, second_moment)
         await asyncio.to_thread(

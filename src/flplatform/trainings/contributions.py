@@ -15,6 +15,7 @@ import torch
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from flplatform.blobs import store_for
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
 from flplatform.kit.metrics import observe_upload, stopwatch
 from flplatform.models import files as model_files
@@ -114,6 +115,8 @@ async def add_update(
         encoded = checked
     except ModelFileError as exc:
         raise file_error(exc) from None
+    stored = await store_for(session).put(encoded)
+    del encoded
     existing = (
         await session.execute(
             select(LocalModel).where(
@@ -128,7 +131,10 @@ async def add_update(
             update(Model)
             .where(Model.id == existing.id)
             .values(
-                weights=encoded, weights_size=len(encoded), weights_format="safetensors", updated_at=utcnow()
+                weights_digest=stored.digest,
+                weights_size=stored.size,
+                weights_format="safetensors",
+                updated_at=utcnow(),
             )
         )
         existing.sample_size = sample_size
@@ -143,9 +149,9 @@ async def add_update(
             base_model_id=glob.id,
             organization_id=glob.organization_id,  # the tenant rule's answer, without its look-up
             sample_size=sample_size,
-            weights=encoded,
+            weights_digest=stored.digest,
             weights_format="safetensors",
-            weights_size=len(encoded),
+            weights_size=stored.size,
         )
         session.add(local)
     await session.flush()
@@ -281,6 +287,8 @@ async def add_swag_statistics(
         fm_bytes, sm_bytes = await asyncio.to_thread(_encode, fm, sm)
     except ModelFileError as exc:
         raise file_error(exc) from None
+    store = store_for(session)
+    fm_digest, sm_digest = (await store.put(fm_bytes)).digest, (await store.put(sm_bytes)).digest
     existing = (
         await session.execute(
             select(SwagStatistic).where(
@@ -295,7 +303,10 @@ async def add_swag_statistics(
             update(SwagStatistic)
             .where(SwagStatistic.id == existing.id)
             .values(
-                first_moment=fm_bytes, second_moment=sm_bytes, sample_size=sample_size, updated_at=utcnow()
+                first_moment_digest=fm_digest,
+                second_moment_digest=sm_digest,
+                sample_size=sample_size,
+                updated_at=utcnow(),
             )
         )
     else:
@@ -306,8 +317,8 @@ async def add_swag_statistics(
                 round=glob.round,
                 reporter_id=user.id,
                 sample_size=sample_size,
-                first_moment=fm_bytes,
-                second_moment=sm_bytes,
+                first_moment_digest=fm_digest,
+                second_moment_digest=sm_digest,
                 num_parameters=length,
             )
         )

@@ -29,10 +29,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform import workqueue
+from flplatform.blobs import store_for
 from flplatform.errors import NotFound
 from flplatform.kit import metrics
 from flplatform.kit.tasks import spawn
@@ -326,7 +327,9 @@ class TrainingRuntime:
             training = await get_training(session, training_id)
             options = dict(training.options or {})
             previous = (
-                await session.execute(select(Training.aggregator_state).where(Training.id == training_id))
+                await session.execute(
+                    select(Training.aggregator_state_digest).where(Training.id == training_id)
+                )
             ).scalar_one_or_none()
         if job.kind == "update":
             method, elapsed = aggregate.aggregator_options(options)[0], metrics.stopwatch()
@@ -378,6 +381,10 @@ class TrainingRuntime:
         self, training_id: uuid.UUID, job: AggregationJob, encoded: bytes, state: bytes, started: float
     ) -> bool:
         async with self.sessionmaker() as session:
+            # Blobs first, rows after: a crash in between leaves only unreferenced blobs (swept).
+            store = store_for(session)
+            stored, stored_state = await store.put(encoded), await store.put(state)
+            del encoded, state
             owned = await self._owned(session, training_id, job)
             if owned is None:
                 return False
@@ -387,8 +394,8 @@ class TrainingRuntime:
                 update(Model)
                 .where(Model.id == model.id)
                 .values(
-                    weights=encoded,
-                    weights_size=len(encoded),
+                    weights_digest=stored.digest,
+                    weights_size=stored.size,
                     weights_format="torchscript",
                     round=new_round,
                     updated_at=utcnow(),
@@ -399,13 +406,22 @@ class TrainingRuntime:
                 GlobalModelRound(
                     model_id=model.id,
                     round=new_round,
-                    weights=encoded,
+                    weights_digest=stored.digest,
                     weights_format="torchscript",
-                    weights_size=len(encoded),
+                    weights_size=stored.size,
                 )
             )
+            keep = self.settings.global_history_keep_rounds
+            if keep > 0:  # the history's retention: the last `keep` rounds (the sweep frees their blobs)
+                await session.execute(
+                    delete(GlobalModelRound).where(
+                        GlobalModelRound.model_id == model.id, GlobalModelRound.round <= new_round - keep
+                    )
+                )
             await session.execute(
-                update(Training).where(Training.id == training.id).values(aggregator_state=state)
+                update(Training)
+                .where(Training.id == training.id)
+                .values(aggregator_state_digest=stored_state.digest)
             )
             training.locked = False
             training.locked_until = None
@@ -421,6 +437,8 @@ class TrainingRuntime:
         self, training_id: uuid.UUID, job: AggregationJob, first: bytes, second: bytes, started: float
     ) -> bool:
         async with self.sessionmaker() as session:
+            store = store_for(session)
+            first_digest, second_digest = (await store.put(first)).digest, (await store.put(second)).digest
             owned = await self._owned(session, training_id, job)
             if owned is None:
                 return False
@@ -428,7 +446,7 @@ class TrainingRuntime:
             await session.execute(
                 update(SWAGModel)
                 .where(SWAGModel.id == model.id)
-                .values(swag_first_moment=first, swag_second_moment=second)
+                .values(swag_first_digest=first_digest, swag_second_digest=second_digest)
             )
             training.locked = False
             training.locked_until = None
