@@ -455,6 +455,7 @@ def test_openapi_documents_both_bodies_and_the_formulas():
 
 
 async def test_round_runs_the_weights_of_the_models_history(client, app, alice, add_model):
+    from flplatform.blobs import open_store
     from flplatform.orm import GlobalModel, GlobalModelRound
     from tests.inference.conftest import torchscript_bytes
 
@@ -464,9 +465,9 @@ async def test_round_runs_the_weights_of_the_models_history(client, app, alice, 
         model = await session.get(GlobalModel, model_id)
         model.round = 2
         for round_, module in ((0, old), (2, new)):
-            data = torchscript_bytes(module)
-            session.add(GlobalModelRound(model_id=model_id, round=round_, weights=data, weights_format="torchscript",
-                                         weights_size=len(data)))  # fmt: skip
+            data = await open_store(app.state.settings).put(torchscript_bytes(module))
+            session.add(GlobalModelRound(model_id=model_id, round=round_, weights_digest=data.digest,
+                                         weights_format="torchscript", weights_size=data.size))  # fmt: skip
         await session.commit()
     for round_, module in ((0, old), (1, old), (2, new), (None, new)):
         body = (

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from flplatform.blobs import open_store
 from flplatform.organizations.invitations import create_invitation
 from flplatform.orm import GlobalModel, Metric, Training, User
 from flplatform.orm.broker import BrokerTopic, BrokerTopicGrant
@@ -292,11 +293,12 @@ def _scripted() -> bytes:
 async def _resources(app: Any, tree: OrgTree) -> None:
     """The organisation's model, training, metric and topic the resource rows of MATRIX act on."""
     coach, member = tree.project_coach.user, tree.member_one.user
+    weights = await open_store(app.state.settings).put(_scripted())
     async with app.state.sessionmaker() as session:
         model = GlobalModel(
             owner_id=coach.id,
             name="matrix",
-            weights=_scripted(),
+            weights_digest=weights.digest,
             weights_format="torchscript",
             weights_size=len(_scripted()),
         )
