@@ -92,6 +92,15 @@ class UnsupportedMediaType(AppError):
     status_code, code = 415, "unsupported_media_type"
 
 
+class RangeNotSatisfiable(AppError):
+    """416 for a ``Range`` outside the resource; ``size`` goes into ``Content-Range: bytes */size``."""
+
+    status_code, code = 416, "range_not_satisfiable"
+
+    def __init__(self, detail: str, *, size: int):
+        super().__init__(detail, headers={"Content-Range": f"bytes */{size}"})
+
+
 class Unprocessable(AppError):
     status_code, code = 422, "validation_error"
 
@@ -119,6 +128,7 @@ _HTTP_CODES = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    416: "range_not_satisfiable",
     422: "validation_error",
     429: "too_many_requests",
 }

@@ -36,6 +36,7 @@ ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
         "detail": "Only Content-Type 'multipart/form-data' is supported.",
         "code": "unsupported_media_type",
     },
+    416: {"detail": "The range starts past the end (10240 bytes).", "code": "range_not_satisfiable"},
     422: {
         "detail": "Invalid request: target_num_updates: Input should be greater than or equal to 1",
         "code": "validation_error",

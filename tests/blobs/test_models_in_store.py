@@ -83,3 +83,27 @@ async def test_rounds_go_through_the_store_and_old_history_is_dropped(app, clien
         assert state_digest is not None and await store.exists(state_digest)
     info = (await client.get(f"/api/models/{model_id}/info/", headers=alice.headers)).json()
     assert info["rounds"] == [1]
+
+
+async def test_downloads_stream_with_etag_304_and_ranges(client, alice):
+    initial = scripted_bytes(tiny_net())
+    model_id = await upload_global(client, alice.headers, initial)
+    digest = hashlib.sha256(initial).hexdigest()
+    url = f"/api/models/{model_id}/"
+    r = await client.get(url, headers=alice.headers)
+    assert r.status_code == 200 and r.content == initial
+    assert (
+        r.headers["etag"] == f'"{digest}"'
+        and r.headers["content-disposition"] == f'filename="model-{model_id}.pt"'
+    )
+    r = await client.get(url, headers={**alice.headers, "If-None-Match": f'"{digest}"'})
+    assert r.status_code == 304 and r.content == b""
+    r = await client.get(url, params={"round": 0}, headers={**alice.headers, "Range": "bytes=0-9"})
+    assert r.status_code == 206 and r.content == initial[:10]
+    assert r.headers["content-range"] == f"bytes 0-9/{len(initial)}"
+    r = await client.get(url, headers={**alice.headers, "Range": f"bytes={len(initial)}-"})
+    assert r.status_code == 416 and r.json()["code"] == "range_not_satisfiable"
+    # Nobody else learns anything from the validators: 404 before any header.
+    assert (
+        await client.get(f"/api/models/{uuid.uuid4()}/", headers={"If-None-Match": "*", **alice.headers})
+    ).status_code == 404

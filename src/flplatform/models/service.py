@@ -306,6 +306,28 @@ async def _current_weights(session: AsyncSession, model_id: uuid.UUID) -> bytes:
     return await read_blob(session, digest, f"Model {model_id}")
 
 
+async def download_digest(session: AsyncSession, model: Model, round_: int | None) -> str | None:
+    """The blob a download sends as it is stored (streamed, with its digest as ETag); None when
+    the bytes are built per request (a local update stored as safetensors: see ``download``)."""
+    if isinstance(model, GlobalModel) and round_ is not None and round_ != model.round:
+        digest = (
+            await session.execute(
+                select(GlobalModelRound.weights_digest)
+                .where(GlobalModelRound.model_id == model.id, GlobalModelRound.round <= round_)
+                .order_by(GlobalModelRound.round.desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+        if digest is None or round_ > model.round:
+            raise NotFound(f"Model {model.id} has no weights for round {round_}.")
+        return digest
+    if isinstance(model, LocalModel) and model.weights_format != "torchscript":
+        return None
+    if model.weights_digest is None:
+        raise NotFound(f"Model {model.id} has no stored weights.")
+    return model.weights_digest
+
+
 async def download(session: AsyncSession, model: Model, round_: int | None) -> bytes:
     """TorchScript bytes of the model; ``round_`` selects a global model's history entry."""
     if isinstance(model, GlobalModel):
@@ -395,6 +417,16 @@ async def list_metrics(
 # --------------------------------------------------------------------------- preprocessing
 
 
+async def preprocessing_digest(session: AsyncSession, model: Model) -> str:
+    global_id = global_id_of(model)
+    digest = (
+        await session.execute(select(GlobalModel.preprocessing_digest).where(GlobalModel.id == global_id))
+    ).scalar_one_or_none()
+    if digest is None:
+        raise NotFound(f"Model '{model.id}' has no preprocessing model defined.")
+    return digest
+
+
 async def get_preprocessing(session: AsyncSession, model: Model) -> bytes:
     global_id = global_id_of(model)
     digest = (
@@ -426,6 +458,14 @@ async def set_preprocessing(requester: Requester, model: Model, data: bytes) -> 
 
 
 # --------------------------------------------------------------------------- SWAG
+
+
+async def swag_moment_digest(session: AsyncSession, model: SWAGModel, moment: str) -> str:
+    column = SWAGModel.swag_first_digest if moment == "first" else SWAGModel.swag_second_digest
+    digest = (await session.execute(select(column).where(SWAGModel.id == model.id))).scalar_one_or_none()
+    if digest is None:
+        raise NotFound(f"SWAG model {model.id} has no aggregated moments yet.")
+    return digest
 
 
 async def swag_moments(session: AsyncSession, model: SWAGModel) -> tuple[bytes | None, bytes | None]:

@@ -18,8 +18,9 @@ from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from flplatform.auth.dependencies import AuthenticatedRequester
+from flplatform.blobs.http import blob_download
 from flplatform.db import SessionDep
-from flplatform.errors import BadRequest, NotFound, Unprocessable, UnsupportedMediaType, responses
+from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
 from flplatform.kit.schemas import MAX_LIMIT, Detail, Limit, Offset, RequestSchema, SafeStr, text_problem
 from flplatform.models import service as model_service
 from flplatform.models.dependencies import DeletableModel, ReadableModel, VisibleModel
@@ -93,6 +94,19 @@ def parse_input_shape(values: list[str]) -> list[int | None] | None:
     if not shape or shape == [None]:
         return None
     return shape
+
+
+def _blob_responses(what: str) -> dict[int | str, dict[str, Any]]:
+    """A blob download's documented answers: 200, 206 (a range), 304 (If-None-Match) and errors."""
+    partial: dict[str, Any] = {"content": {OCTET: {}}, "description": "The requested byte range"}
+    ok: dict[str, Any] = {"content": {OCTET: {}}, "description": what}
+    return {200: ok, 206: partial, 304: {"description": "Not modified"}, **responses(401, 403, 404, 416)}
+
+
+_DOWNLOAD_HEADERS = (
+    " Stored bytes are streamed with `ETag` = their SHA-256 (`If-None-Match` → 304, nothing sent) and single "
+    "`Range` requests (206; 416 past the end)."
+)
 
 
 def _user(requester: Requester) -> User:
@@ -259,25 +273,26 @@ async def upload_model(request: Request, requester: AuthenticatedRequester) -> M
     "(every round is kept; the reference overwrote them). Local updates (stored as safetensors) are returned as "
     "TorchScript with the global architecture, so FedDC clients can continue from them. SWAG models download "
     "fine (the reference answered 500). Readable by the owner, the training's actor and participants and the "
-    "organisation's admins/coaches; 404 for anyone else (403 between organisation-less users, as the reference).",
+    "organisation's admins/coaches; 404 for anyone else (403 between organisation-less users, as the reference)."
+    + _DOWNLOAD_HEADERS,
     response_class=Response,
-    responses={
-        200: {"content": {OCTET: {}}, "description": "TorchScript archive"},
-        **responses(401, 403, 404),
-    },
+    responses=_blob_responses("TorchScript archive"),
 )
 async def download_model(
+    request: Request,
     requester: AuthenticatedRequester,
     model: ReadableModel,
     round: Annotated[
         int | None, Query(ge=0, le=MAX_INT, description="A past round of a global model.")
     ] = None,  # noqa: A002
 ) -> Response:
-    data = await model_service.download(requester.session, model, round)
     suffix = "" if round is None else f"-round-{round}"
-    return Response(
-        data, media_type=OCTET, headers={"Content-Disposition": f'filename="model-{model.id}{suffix}.pt"'}
-    )
+    filename = f"model-{model.id}{suffix}.pt"
+    digest = await model_service.download_digest(requester.session, model, round)
+    if digest is not None:
+        return await blob_download(request, requester.session, digest, filename)
+    data = await model_service.download(requester.session, model, round)
+    return Response(data, media_type=OCTET, headers={"Content-Disposition": f'filename="{filename}"'})
 
 
 @router.get(
@@ -398,19 +413,13 @@ async def post_metrics(
     "/{model_id}/preprocessing/",
     summary="Download the preprocessing module",
     response_class=Response,
-    description="TorchScript preprocessing module of the global model (of the base model for a local model).",
-    responses={
-        200: {"content": {OCTET: {}}, "description": "TorchScript archive"},
-        **responses(401, 403, 404),
-    },
+    description="TorchScript preprocessing module of the global model (of the base model for a local model)."
+    + _DOWNLOAD_HEADERS,
+    responses=_blob_responses("TorchScript archive"),
 )
-async def get_preprocessing(session: SessionDep, model: ReadableModel) -> Response:
-    data = await model_service.get_preprocessing(session, model)
-    return Response(
-        data,
-        media_type=OCTET,
-        headers={"Content-Disposition": f'filename="model-{model.id}-preprocessing.pt"'},
-    )
+async def get_preprocessing(request: Request, session: SessionDep, model: ReadableModel) -> Response:
+    digest = await model_service.preprocessing_digest(session, model)
+    return await blob_download(request, session, digest, f"model-{model.id}-preprocessing.pt")
 
 
 @router.post(
@@ -470,22 +479,17 @@ async def post_swag(
     "/{model_id}/swag/",
     summary="Download aggregated SWAG moments",
     response_class=Response,
-    description="`?moment=first|second`: the SWAG model's aggregated moment as safetensors (key `moment`).",
-    responses={200: {"content": {OCTET: {}}, "description": "safetensors"}, **responses(401, 403, 404)},
+    description="`?moment=first|second`: the SWAG model's aggregated moment as safetensors (key `moment`)."
+    + _DOWNLOAD_HEADERS,
+    responses=_blob_responses("safetensors"),
 )
 async def get_swag(
+    request: Request,
     session: SessionDep,
     model: ReadableModel,
     moment: Annotated[str, Query(pattern="^(first|second)$")] = "first",
 ) -> Response:
     if not isinstance(model, SWAGModel):
         raise BadRequest(f"Model {model.id} is not a SWAG model.")
-    first, second = await model_service.swag_moments(session, model)
-    data = first if moment == "first" else second
-    if data is None:
-        raise NotFound(f"SWAG model {model.id} has no aggregated moments yet.")
-    return Response(
-        data,
-        media_type=OCTET,
-        headers={"Content-Disposition": f'filename="model-{model.id}-swag-{moment}.safetensors"'},
-    )
+    digest = await model_service.swag_moment_digest(session, model, moment)
+    return await blob_download(request, session, digest, f"model-{model.id}-swag-{moment}.safetensors")
