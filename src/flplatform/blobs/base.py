@@ -91,7 +91,7 @@ class BlobWriter:
         self._finish = finish
         self._max_bytes = max_bytes
         self._hash = hashlib.sha256()
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
         self._size = 0
         self._file: IO[bytes] | None = None
@@ -112,7 +112,12 @@ class BlobWriter:
             await self.abort()
             raise BlobTooLarge(self._max_bytes)
         self._size += size
-        self._pending.append(bytes(chunk))
+        # Immutable input is kept as it is; a mutable buffer is copied (the caller may reuse it).
+        self._pending.append(
+            chunk
+            if isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly)
+            else bytes(chunk)
+        )
         self._pending_size += size
         if self._pending_size >= FLUSH_BYTES:
             await self._flush()
@@ -126,7 +131,7 @@ class BlobWriter:
                 await self.abort()
                 raise
 
-    def _write_sync(self, chunks: list[bytes]) -> None:
+    def _write_sync(self, chunks: list[bytes | memoryview]) -> None:
         if self._file is None:
             self._spool_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -201,8 +206,8 @@ class BlobStore(ABC):
         """Store ``data`` whole (hashed in a worker thread); returns its digest and size."""
         async with self.writer() as writer:
             view = memoryview(data)
-            for start in range(0, len(view), 64 * FLUSH_BYTES):
-                await writer.write(view[start : start + 64 * FLUSH_BYTES])
+            for start in range(0, len(view), 8 * FLUSH_BYTES):
+                await writer.write(view[start : start + 8 * FLUSH_BYTES])
             return await writer.commit()
 
     def put_sync(self, data: bytes | bytearray | memoryview) -> BlobInfo:
