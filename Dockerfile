@@ -3,10 +3,12 @@
 FROM python:3.11-slim
 
 # The state lives in the /data volume, never in /app (read-only for the service user): the
-# embedded SQLite database and, when FLP_SECRET_KEY is unset, the generated secret.
+# embedded SQLite database, the model blob store and, when FLP_SECRET_KEY is unset, the generated
+# secret.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     FLP_DATABASE_URL=sqlite+aiosqlite:////data/flplatform.db \
-    FLP_SECRET_FILE=/data/.flplatform-secret
+    FLP_SECRET_FILE=/data/.flplatform-secret \
+    FLP_BLOB_DIR=/data/blobs
 WORKDIR /app
 
 COPY constraints.txt ./

@@ -48,6 +48,7 @@ def test_dockerfile_pins_installs_and_keeps_state_in_the_data_volume(dockerfile:
     envs = dockerfile.envs
     assert envs["FLP_DATABASE_URL"].startswith("sqlite+aiosqlite:////data/")
     assert envs["FLP_SECRET_FILE"].startswith("/data/")
+    assert envs["FLP_BLOB_DIR"].startswith("/data/")  # model bytes, on PostgreSQL too
     [user] = instructions(dockerfile, "USER")
     assert user not in ("root", "0") and any("useradd" in run and user in run for run in runs)
     [healthcheck] = instructions(dockerfile, "HEALTHCHECK")
@@ -206,6 +207,9 @@ def test_compose_runs_postgres_serve_and_worker_with_healthchecks_and_a_named_vo
     volume_names = set(compose["volumes"])
     mounted = {mount.split(":", 1)[0] for mount in services["db"]["volumes"]}
     assert mounted & volume_names, "the database does not keep its data in a named volume"
+    # serve and worker share one blob store: the same named volume on /data.
+    data = [{m for m in services[name]["volumes"] if m.endswith(":/data")} for name in ("serve", "worker")]
+    assert data[0] == data[1] and {m.split(":", 1)[0] for m in data[0]} <= volume_names
     for name in ("serve", "worker"):
         assert (
             services[name]["build"] == "."
