@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flplatform import workqueue
 from flplatform.blobs import FileBlobStore
 from flplatform.blobs.sweep import referenced_digests, sweep
 from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel
@@ -37,6 +38,22 @@ async def test_sweep_keeps_referenced_and_young_blobs(app: Any, alice: Any, tmp_
     assert not await store.exists(orphan.digest)
     for info in (weights, history, local, young):
         assert await store.exists(info.digest)
+
+    # A queued job's payload keeps the blobs it names under "blob_digests" until it has run.
+    job_input = await store.put(b"job input")
+    os.utime(store.path(job_input.digest), (old, old))
+    if workqueue.lookup("test.blob-job") is None:  # a job that keeps its payload after it ran
+
+        async def _noop(_ctx: Any, _payload: dict[str, Any]) -> None:
+            return None
+
+        workqueue.register("test.blob-job", _noop, keep_payload=True)
+    async with app.state.sessionmaker() as session:
+        await workqueue.enqueue(session, "test.blob-job", {"blob_digests": [job_input.digest]})
+        await session.commit()
+    async with app.state.sessionmaker() as session:
+        assert (await sweep(session, store, grace_seconds=3600)).deleted == 0
+    assert await store.exists(job_input.digest)
 
     # Writing an old unreferenced blob again restarts its grace period.
     again = await store.put(b"o")

@@ -5,6 +5,7 @@ only. On both databases."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import uuid
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from flplatform import workqueue
+from flplatform.blobs import open_store
 from flplatform.inference.jobs import INFERENCE_JOB, billing_key
 from flplatform.orm.billing import OperationKind
 from flplatform.settings import Settings
@@ -115,6 +117,9 @@ async def test_job_result_is_the_sync_result_charged_once_and_private(
     )
     assert form.status_code == 202, form.text
     assert (await wait_for(client, alice, form.json()["url"]))["result"] == sync.json()
+    # The uploaded input waited in the blob store (the job's JSON named its digest), not in the row.
+    digest = hashlib.sha256(npy_bytes(np.array(X, dtype=np.float32))).hexdigest()
+    assert await open_store(app.state.settings).exists(digest)
 
 
 async def test_bad_requests_are_refused_at_submission(client, alice, bob, add_model, books):  # noqa: F811

@@ -18,5 +18,5 @@ from flplatform.blobs.base import (  # noqa: F401
     check_digest,
     digest_of,
 )
-from flplatform.blobs.config import SESSION_KEY, default_blob_dir, open_store, store_for  # noqa: F401
+from flplatform.blobs.config import BLOB_DIGESTS_KEY, SESSION_KEY, default_blob_dir, open_store, store_for  # noqa: F401
 from flplatform.blobs.filesystem import FileBlobStore  # noqa: F401

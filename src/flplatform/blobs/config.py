@@ -17,6 +17,8 @@ from flplatform.blobs.filesystem import FileBlobStore
 from flplatform.settings import Settings, get_settings
 
 SESSION_KEY = "blob_store"
+# A work-queue job's payload lists the blobs it still needs under this key (the sweep keeps them).
+BLOB_DIGESTS_KEY = "blob_digests"
 _stores: dict[tuple[str, ...], BlobStore] = {}
 _lock = threading.Lock()
 

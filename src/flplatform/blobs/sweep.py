@@ -19,13 +19,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, union
+from sqlalchemy import String, cast, select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.blobs.base import BlobNotFound, BlobStore
-from flplatform.blobs.config import SESSION_KEY, open_store
+from flplatform.blobs.config import BLOB_DIGESTS_KEY, SESSION_KEY, open_store
 from flplatform.blobs.filesystem import FileBlobStore
-from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, SwagStatistic, Training
+from flplatform.orm import (
+    GlobalModel,
+    GlobalModelRound,
+    Model,
+    QueuedWork,
+    SWAGModel,
+    SwagStatistic,
+    Training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +59,17 @@ class SweepReport:
 
 
 async def referenced_digests(session: AsyncSession) -> set[str]:
+    """Digests named by a row's digest column, or by a queued job's payload (key ``blob_digests``:
+    an inference job's uploaded input, until the job has run and its payload is cleared)."""
     query = union(*(select(column.label("digest")).where(column.isnot(None)) for column in DIGEST_COLUMNS))
-    return {digest for digest in (await session.execute(query)).scalars() if digest is not None}
+    found = {digest for digest in (await session.execute(query)).scalars() if digest is not None}
+    payloads = await session.execute(
+        select(QueuedWork.payload).where(cast(QueuedWork.payload, String).contains(f'"{BLOB_DIGESTS_KEY}"'))
+    )
+    for payload in payloads.scalars():
+        if isinstance(payload, dict):
+            found.update(str(d) for d in payload.get(BLOB_DIGESTS_KEY) or ())
+    return found
 
 
 async def sweep(session: AsyncSession, store: BlobStore, grace_seconds: float) -> SweepReport:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import uuid
 from typing import Any
 
@@ -30,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform import workqueue
+from flplatform.blobs import BLOB_DIGESTS_KEY, BlobNotFound, store_for
 from flplatform.errors import BadRequest, NotFound
 from flplatform.inference.config import InferenceRuntime, runtime_for
 from flplatform.inference.requests import InferenceQuery, check_input_shape
@@ -121,7 +123,16 @@ async def submit(
                 raise BadRequest("model_input must have a batch dimension.", code="input_shape_mismatch")
             check_input_shape(plan.decoded.tensor, plan.model.input_shape)
         await probe.rollback()  # billing accepted; the job's run posts the charge
-    payload = {"user_id": str(user.id), "query": await asyncio.to_thread(query_payload, query)}
+    payload: dict[str, Any] = {"user_id": str(user.id)}
+    if isinstance(query.model_input, bytes):
+        # Uploaded inputs (up to FLP_INFERENCE_MAX_INPUT_BYTES) wait in the blob store, not in the
+        # job's JSON; the payload names the blob so the sweep keeps it until the job has run.
+        stored = await store_for(session).put(query.model_input)
+        payload["query"] = query_payload(dataclasses.replace(query, model_input=""))
+        payload["query"]["model_input_digest"] = stored.digest
+        payload[BLOB_DIGESTS_KEY] = [stored.digest]
+    else:
+        payload["query"] = await asyncio.to_thread(query_payload, query)
     return await workqueue.enqueue(
         session,
         INFERENCE_JOB,
@@ -144,7 +155,15 @@ async def run_inference_job(ctx: workqueue.JobContext, payload: dict[str, Any]) 
         shared: InferenceRuntime | None = ctx.shared.get("inference_runtime")
         runtime = shared if shared is not None else InferenceRuntime.create()
         ctx.shared["inference_runtime"] = runtime
-    query = query_from_payload(payload["query"])
+    data = payload["query"]
+    if data.get("model_input_digest"):
+        async with ctx.sessionmaker() as session:
+            try:
+                model_input = await store_for(session).read(data["model_input_digest"])
+            except BlobNotFound:
+                raise NotFound("The job's uploaded input is missing from the blob store.") from None
+        data = {**data, "model_input": model_input}
+    query = query_from_payload(data)
     async with ctx.sessionmaker() as session:
         user = await session.get(User, uuid.UUID(payload["user_id"]))
         if user is None or not user.is_active:
