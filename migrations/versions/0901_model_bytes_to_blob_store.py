@@ -8,7 +8,7 @@ are dropped; a migration that fails after writing some leaves only unreferenced 
 sweep removes. The downgrade copies the bytes back from the store.
 
 Revision ID: 0901
-Revises: 0801
+Revises: 0902
 Create Date: 2026-12-04 16:50:00
 """
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from flplatform.blobs import BlobStore
 
 revision: str = "0901"
-down_revision: str | Sequence[str] | None = "0801"
+down_revision: str | Sequence[str] | None = "0902"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
