@@ -236,7 +236,11 @@ async def test_other_organisation_gets_404_like_reading_the_training(app, settin
     coach, member = tree.project_coach.user, tree.member_one.user
     async with app.state.sessionmaker() as session:
         glob = GlobalModel(
-            owner_id=coach.id, name="org-net", weights=b"w", weights_format="torchscript", weights_size=1
+            owner_id=coach.id,
+            name="org-net",
+            weights_digest="0" * 64,
+            weights_format="torchscript",
+            weights_size=1,
         )
         session.add(glob)
         await session.flush()
