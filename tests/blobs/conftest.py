@@ -1,6 +1,6 @@
 """The blob store's backends: a directory, and S3 through moto's server mode.
 
-moto (``moto[server]``: ``ThreadedMotoServer``) is an in-process fake of the AWS APIs that speaks
+moto (``moto[s3]`` with Flask: ``ThreadedMotoServer``) is an in-process fake of the AWS APIs that speaks
 S3's HTTP protocol; the session starts one on a loopback port. It keeps objects in memory,
 checks no signatures or permissions, and has no lifecycle rules: it proves that the client code
 speaks S3 (keys, ranges, multipart uploads, listing, errors), not how a real server performs.
