@@ -139,7 +139,8 @@ Errors (:mod:`flplatform.aggregation.errors`): every one is an :class:`Aggregati
 
 Modules (the names above are the API; the modules are internal)
 ---------------------------------------------------------------
-``registry`` (names → classes, ``get``, ``describe_aggregators``) · ``base`` (``Aggregator``: the round's
+``registry`` (names → classes, ``get``, ``describe_aggregators``) · ``fedbuff`` (FedBuff's buffered
+asynchronous fold with staleness weights: ``FedBuff``, ``StalenessRule``; not a round aggregator) · ``base`` (``Aggregator``: the round's
 life cycle, memory budget, DP hooks) · strategies ``fedavg`` (FedAvg, FedProx), ``robust`` (median,
 trimmed mean, (Multi-)Krum), ``fedopt`` (FedAvgM, FedAdam, FedYogi, FedAdagrad) · ``dp`` (clipping
 factor, Gaussian noise) · ``options`` (``OptionSpec``, common options) · ``accumulator`` (the running
@@ -167,6 +168,7 @@ from .errors import (
     ZeroTotalWeightError,
 )
 from .fedavg import FedAvg, FedProx
+from .fedbuff import FEDBUFF_OPTIONS, FedBuff, StalenessRule, parse_fedbuff_options
 from .fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from .options import COMMON_OPTIONS, OptionSpec
 from .registry import AGGREGATOR_NAMES, AGGREGATOR_OPTIONS, AGGREGATORS, describe_aggregators, get
@@ -218,6 +220,7 @@ __all__ = [
     "AGGREGATOR_NAMES",
     "AGGREGATOR_OPTIONS",
     "COMMON_OPTIONS",
+    "FEDBUFF_OPTIONS",
     "AggregationError",
     "Aggregator",
     "AggregatorOptionsError",
@@ -227,6 +230,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedProx",
     "FedYogi",
     "FlatLayout",
@@ -235,6 +239,7 @@ __all__ = [
     "Median",
     "MultiKrum",
     "OptionSpec",
+    "StalenessRule",
     "StateDict",
     "TrimmedMean",
     "UnsafeFormatError",
@@ -246,5 +251,6 @@ __all__ = [
     "encode_safetensors",
     "fedavg",
     "get",
+    "parse_fedbuff_options",
     "read_safetensors_header",
 ]

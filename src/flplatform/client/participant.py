@@ -325,7 +325,10 @@ class Participant:
     async def _download(
         self, run: TrainingRun, round_: int, model_id: str
     ) -> tuple[torch.nn.Module, RoundContext]:
-        data = await self.api.download_model(model_id)
+        # The global model of exactly this round: in asynchronous trainings the round (the version
+        # trained from) may move on between reading it and downloading, and the update names it.
+        own_global = model_id == run.global_model_id
+        data = await self.api.download_model(model_id, round=round_ if own_global else None)
         module = await asyncio.to_thread(load_module, data, self.template)
         assert run.global_model_id is not None
         ctx = RoundContext(

@@ -128,6 +128,9 @@ class LocalModel(Model):
         ForeignKey("global_models.id", ondelete="CASCADE"), index=True
     )
     sample_size: Mapped[int] = mapped_column(Integer)
+    # Asynchronous (FedBuff) trainings: the global version this update was folded into; null while
+    # it waits in the buffer. ``round`` is the version it was trained from.
+    folded_into: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     base_model: Mapped[GlobalModel] = relationship(foreign_keys=[base_model_id], lazy="raise")
 

@@ -33,7 +33,7 @@ from flplatform.orm import (
 )
 from flplatform.orm.base import utcnow
 from flplatform.orm.training import training_participants
-from flplatform.trainings import aggregate, events
+from flplatform.trainings import aggregate, buffer, events
 from flplatform.trainings.repository import global_model, training_for_model
 from flplatform.trainings.rounds import PHASE_TEST, PHASE_UPDATE, participant_ids
 from flplatform.trainings.service import is_actor
@@ -91,12 +91,15 @@ async def add_update(
             "not accepting updates.",
             code="wrong_state",
         )
-    if round_ != glob.round:
+    asynchronous = buffer.is_async(training.options)
+    if asynchronous:  # `round` names the version it was trained from; the buffer takes uploads while folding
+        await buffer.check_base(session, training, glob, round_)
+    elif round_ != glob.round:
         raise BadRequest(
             f"Training {training.id} is not currently in round {round_} (it is in round {glob.round}).",
             code="wrong_round",
         )
-    if training.locked:
+    elif training.locked:
         raise Conflict(
             f"Round {glob.round} of training {training.id} is being aggregated.", code="round_locked"
         )
@@ -121,11 +124,13 @@ async def add_update(
         await session.execute(
             select(LocalModel).where(
                 LocalModel.base_model_id == glob.id,
-                LocalModel.round == glob.round,
+                LocalModel.round == round_,
                 LocalModel.owner_id == user.id,
             )
         )
     ).scalar_one_or_none()
+    if existing is not None and asynchronous:
+        buffer.check_replace(existing, training)
     if existing is not None:
         await session.execute(
             update(Model)
@@ -145,7 +150,7 @@ async def add_update(
     else:
         local = LocalModel(
             owner_id=user.id,
-            round=glob.round,
+            round=round_,
             base_model_id=glob.id,
             organization_id=glob.organization_id,  # the tenant rule's answer, without its look-up
             sample_size=sample_size,
@@ -155,18 +160,19 @@ async def add_update(
         )
         session.add(local)
     await session.flush()
-    _add_metrics(session, local.id, user.id, glob.round, metrics)
+    _add_metrics(session, local.id, user.id, round_, metrics)
     await session.flush()
     await events.record(
         session,
         training.id,
         events.UPDATE_RECEIVED,
         {
-            "round": glob.round,
+            "round": round_,
             "participant_id": user.id,
             "participant": user.username,
             "sample_size": sample_size,
             "replaced": existing is not None,
+            **({"version": glob.round, "staleness": glob.round - round_} if asynchronous else {}),
             **(events.metrics_payload(metrics) if metrics else {}),
         },
     )

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from flplatform.orm import GlobalModel, LocalModel, Metric, Model, SwagStatistic, Training, TrainingState
 from flplatform.orm.training import ACTIVE_STATES, training_participants
+from flplatform.trainings import buffer
 
 PHASE_UPDATE = "update"
 PHASE_TEST = "test"
@@ -73,12 +74,13 @@ def phase_deadline(training: Training) -> dt.datetime | None:
 class RoundCondition:
     """What the current phase of an active training has received and whether it may move on."""
 
-    kind: str | None  # "update", "swag", "test"; None when the phase waits for nothing
+    kind: str | None  # "update", "swag", "test", "buffer" (asynchronous); None when it waits for nothing
     members: set[uuid.UUID]
     expired: bool
     arrived: dict[uuid.UUID, tuple[uuid.UUID, int]] = field(default_factory=dict)  # update / swag
     reporters: set[uuid.UUID] = field(default_factory=set)  # test
     skip_tests: bool = False
+    buffer_size: int = 0  # "buffer": a new global version needs this many waiting updates
 
     @property
     def met(self) -> bool:
@@ -90,6 +92,8 @@ class RoundCondition:
             return True
         if self.kind == "test":
             return self.skip_tests or self.members <= self.reporters
+        if self.kind == "buffer":
+            return len(self.arrived) >= self.buffer_size
         return self.members <= self.arrived.keys()
 
 
@@ -106,6 +110,14 @@ async def round_condition(
         )
     if training.state != TrainingState.ONGOING:
         return RoundCondition(None, members, expired)
+    if training.phase == PHASE_UPDATE and buffer.is_async(training.options):
+        return RoundCondition(
+            "buffer",
+            members,
+            expired,
+            arrived=await buffer.pending(session, model.id, members),
+            buffer_size=buffer.fedbuff_options(training.options)["buffer_size"],
+        )
     if training.phase == PHASE_UPDATE:
         return RoundCondition(
             "update", members, expired, arrived=await arrivals(session, model.id, model.round, members)
@@ -175,8 +187,8 @@ async def update_round_open(
     if row is None:
         return False
     state, phase, locked, options, started, members_n, arrived_n = row
-    if state != TrainingState.ONGOING or phase != PHASE_UPDATE or locked:
-        return False
+    if state != TrainingState.ONGOING or phase != PHASE_UPDATE or locked or buffer.is_async(options):
+        return False  # (an asynchronous training's buffer is counted under the lock)
     seconds = (options or {}).get("round_deadline_seconds")
     if seconds and started is not None and now >= started + dt.timedelta(seconds=float(seconds)):
         return False  # the same deadline as phase_deadline()

@@ -17,6 +17,9 @@ finishes the round exactly once. A dead worker's job is reclaimed after
 periodic sweep after ``FLP_AGGREGATION_LEASE_SECONDS``.
 
 The runtime is the one place in the domain that commits: each step is its own transaction.
+
+Size: claiming, running and committing every kind of aggregation (synchronous rounds, SWAG, FedBuff
+buffers) share the claim, lease and fencing token, and read best as one class.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from flplatform.kit.tasks import spawn
 from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, Training
 from flplatform.orm.base import utcnow
 from flplatform.settings import Settings
-from flplatform.trainings import aggregate, events, hooks
+from flplatform.trainings import aggregate, asynchronous, events, hooks
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import (
     after_aggregation,
@@ -99,7 +102,9 @@ class AggregationJob:
 
 def _method(kind: str, options: dict[str, Any] | None) -> str:
     """The aggregation rule of a job, as the events name it."""
-    return aggregate.aggregator_options(dict(options or {}))[0] if kind == "update" else "swag-mean"
+    if kind != "update":
+        return asynchronous.METHOD if kind == asynchronous.KIND else "swag-mean"
+    return aggregate.aggregator_options(dict(options or {}))[0]
 
 
 @dataclass
@@ -190,6 +195,12 @@ class TrainingRuntime:
                     await session.commit()
                     return False
                 job = self._claim(training, "swag", model, chosen, now)
+            elif condition.kind == "buffer":  # asynchronous: the first K updates that arrived
+                chosen = await asynchronous.take_buffer(session, training, condition)
+                if chosen is None:
+                    await session.commit()
+                    return False
+                job = self._claim(training, asynchronous.KIND, model, chosen, now)
             elif condition.kind == "update":
                 chosen = await self._complete_or_deadline(
                     session, training, members, condition.arrived, expired, "updates"
@@ -331,11 +342,10 @@ class TrainingRuntime:
                     select(Training.aggregator_state_digest).where(Training.id == training_id)
                 )
             ).scalar_one_or_none()
-        if job.kind == "update":
-            method, elapsed = aggregate.aggregator_options(options)[0], metrics.stopwatch()
-            encoded, state = await aggregate.aggregate_updates(
-                self.sessionmaker, job.model_id, job.items, options, previous
-            )
+        if job.kind in ("update", asynchronous.KIND):
+            method, elapsed = _method(job.kind, options), metrics.stopwatch()
+            fold = asynchronous.fold_buffer if job.kind == asynchronous.KIND else aggregate.aggregate_updates
+            encoded, state = await fold(self.sessionmaker, job.model_id, job.items, options, previous)
             metrics.observe_aggregation(method, elapsed())
             committed = await self._finish_update(training_id, job, encoded, state, started)
             if committed:
@@ -427,7 +437,10 @@ class TrainingRuntime:
             training.locked_until = None
             await hooks.ROUND_AGGREGATED(session, training, job.round)
             await self._finished(session, training, job, started, new_round)
-            await after_aggregation(session, training, model)
+            if job.kind == asynchronous.KIND:
+                await asynchronous.after_fold(session, training, model, [row for row, _ in job.items])
+            else:
+                await after_aggregation(session, training, model)
             await session.commit()
         aggregate.forget_cached(job.model_id)
         self.kick()

@@ -32,8 +32,53 @@ class DPOptions(RequestSchema):
     seed: int | None = None
 
 
+class StalenessKind(StrEnum):
+    CONSTANT = "constant"
+    POLYNOMIAL = "polynomial"
+    HINGE = "hinge"
+
+
+class FedBuffOptions(RequestSchema):
+    """Asynchronous rounds (``mode: async``): FedBuff (Nguyen et al. 2022). The server folds the
+    first ``buffer_size`` updates that arrive into a new global version,
+    ``x + server_lr · Σ α(s)·n·(w − x_base) / Σ n``, where ``s`` is how many versions old the
+    update's base is (docs/training.md, "Asynchronous rounds")."""
+
+    buffer_size: Annotated[int, Field(ge=1, le=100_000, description="K: updates per new global version.")] = 2
+    server_lr: Annotated[float, Field(gt=0, le=1_000, description="η: server learning rate.")] = 1.0
+    staleness: StalenessKind = Field(
+        default=StalenessKind.POLYNOMIAL,
+        description="Staleness weight α(s): `constant` 1, `polynomial` (1+s)^-a (a = 0.5: 1/sqrt(1+s)), "
+        "`hinge` 1 up to s = b, then 1/(a(s−b)+1).",
+    )
+    staleness_exponent: Annotated[float, Field(ge=0, le=100, description="a of `polynomial`.")] = 0.5
+    hinge_a: Annotated[float, Field(ge=0, le=1e6, description="a of `hinge`.")] = 10.0
+    hinge_b: Annotated[int, Field(ge=0, le=100_000, description="b of `hinge`.")] = 4
+    max_staleness: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=100_000,
+            description="Refuse updates more than this many versions old (null: any kept one).",
+        ),
+    ] = None
+    weight_by_samples: bool = Field(
+        default=True, description="Weigh updates by sample size (false: each counts 1, the paper's 1/K)."
+    )
+
+
 class TrainingOptions(RequestSchema):
     """Round options. Unknown keys are refused (422)."""
+
+    mode: Literal["sync", "async"] = Field(
+        default="sync",
+        description="`sync`: rounds wait for every participant (or the deadline). `async`: buffered "
+        "asynchronous rounds (FedBuff, options in `fedbuff`); no test rounds; target_num_updates counts "
+        "global versions.",
+    )
+    fedbuff: FedBuffOptions | None = Field(
+        default=None, description="Asynchronous rounds' options (mode `async`; defaults when null)."
+    )
 
     daisy_chain_period: Annotated[
         int,
@@ -119,6 +164,26 @@ class TrainingCreate(RequestSchema):
     def _feddc_needs_period(self) -> TrainingCreate:
         if self.aggregation_method == AggregationMethod.FED_DC and self.options.daisy_chain_period < 1:
             raise ValueError("FedDC needs options.daisy_chain_period >= 1")
+        return self
+
+    @model_validator(mode="after")
+    def _async_rounds(self) -> TrainingCreate:
+        options = self.options
+        if options.mode != "async":
+            if options.fedbuff is not None:
+                raise ValueError("options.fedbuff needs options.mode 'async'")
+            return self
+        if self.aggregation_method == AggregationMethod.FED_DC or options.daisy_chain_period:
+            raise ValueError("asynchronous rounds (mode 'async') do not daisy-chain (FedDC)")
+        if self.uncertainty_method == UncertaintyMethod.SWAG:
+            raise ValueError("asynchronous rounds (mode 'async') have no SWAG round")
+        if options.aggregator.value not in ("fedavg", "fedprox") or options.aggregator_options or options.dp:
+            raise ValueError(
+                "asynchronous rounds fold with FedBuff: options.aggregator must stay fedavg (or fedprox), "
+                "without aggregator_options or dp"
+            )
+        if options.fedbuff is None:
+            options.fedbuff = FedBuffOptions()
         return self
 
     model_config = {
