@@ -1,4 +1,5 @@
-"""Command line: ``flplatform serve | migrate | createuser`` (and the domains' commands).
+"""Command line: ``flplatform serve | migrate | createuser`` (and the domains' commands, e.g.
+``flplatform participant``, a training's client).
 
 These names and flags are a contract: scripts and deployments rely on them.
 """
@@ -275,6 +276,17 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
 
 
 EXTRA_COMMANDS.append(_register_demo)
+
+
+def _register_participant(sub: argparse._SubParsersAction) -> None:
+    from flplatform.client.command import (
+        register,
+    )  # the SDK's `flplatform participant` (light: torch loads later)
+
+    register(sub)
+
+
+EXTRA_COMMANDS.append(_register_participant)
 
 
 def _install_jobs() -> None:
