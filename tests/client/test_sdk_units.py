@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -190,3 +191,40 @@ async def test_a_polling_client_retries_work_the_server_refused_for_now():
     run = await poller.poll("0f8fad5b-d9cb-469f-a165-70867728950e", interval=0.01, timeout=5)
     assert poller.attempts == 2
     assert run.outcome == "finished" and run.errors == [] and run.rounds("train") == [0]
+
+
+async def test_a_queued_round_is_skipped_once_a_newer_one_was_announced():
+    """Asynchronous trainings announce every new version: a participant still busy with version 0
+    when versions 1 and 2 are announced trains on 2 next, not on the stale 1."""
+    from flplatform.client.participant import RoundRecord
+
+    trained: list[int] = []
+    gate = asyncio.Event()
+
+    class GatedParticipant(Participant):
+        async def _load_info(self, run, fallback_model_id):
+            run.info_loaded = True
+            run.global_model_id = fallback_model_id
+
+        async def _train(self, run, round_, model_id):
+            trained.append(round_)
+            if round_ == 0:
+                await gate.wait()
+            return RoundRecord("train", round_, model_id, 1, {}, 0.0)
+
+    participant = GatedParticipant(object(), _noop_train, name="busy")  # type: ignore[arg-type]
+    training, model = "0f8fad5b-d9cb-469f-a165-70867728950e", "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+    for round_ in (0, 1, 2):
+        body = {"round": round_, "global_model_uuid": model}
+        message = {"notification_type": "UPDATE_ROUND_START", "training_uuid": training, "body": body}
+        assert (await participant.handle_notification(message))[0] == 202
+        await asyncio.sleep(0.01)
+    gate.set()
+    for _ in range(100):
+        if len(participant.run_for(training).records) == 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert trained == [0, 2]
+    assert participant.run_for(training).rounds("train") == [0, 2]
+    await participant.aclose()

@@ -289,6 +289,16 @@ class Participant:
         async with run.lock:
             if run.outcome != "running":
                 return True
+            if work == "train" and any(k == "train" and r > round_ for k, r, _ in run.seen):
+                # A newer round started while this one waited (an asynchronous training's next
+                # version, or a synchronous round that went on without us): train on the newest.
+                log.info(
+                    "%s: skipping round %s, round %s has started",
+                    self.name,
+                    round_,
+                    max(r for k, r, _ in run.seen if k == "train"),
+                )
+                return True
             started = time.perf_counter()
             try:
                 await self._load_info(run, model_id)
