@@ -35,6 +35,7 @@ from flplatform.routers import health as health_router
 from flplatform.routers import inference as inference_router
 from flplatform.routers import metrics as metrics_router
 from flplatform.routers import models as models_router
+from flplatform.routers import organization_billing as organization_billing_router
 from flplatform.routers import organizations as organizations_router
 from flplatform.routers import trainings as trainings_router
 from flplatform.routers import users as users_router
@@ -218,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router.router)
     app.include_router(billing_router.router)
     app.include_router(billing_ledger_router.router)
+    app.include_router(organization_billing_router.router)
     app.include_router(audit_router.router)
     app.include_router(auth_router.router)
     broker_router.include(app)  # JSON API, /ws/ views and websockets

@@ -31,7 +31,7 @@ async def test_public_model_inference_moves_money_from_caller_to_owner(client, a
     assert ok.status_code == 200, ok.text
     assert await books.balance(bob.user.id) == usd("0.5")  # 2 samples × 0.25
     assert await books.balance(alice.user.id) == usd("0.45")  # minus the 10 % platform fee
-    ops = (await client.get("/api/billing/operations/?kind=inference_market", headers=alice.headers)).json()
+    ops = (await client.get("/api/billing/operations/?kind=inference_api", headers=alice.headers)).json()
     assert len(ops) == 1 and ops[0]["count_of_lines"] == 2 and ops[0]["owner_income"] == "0.45000000"
     assert (await books.reconcile()).ok
 

@@ -195,7 +195,7 @@ async def test_market_inference_pays_owner_minus_fee_in_one_entry(books, alice, 
     )
     await books.top_up(bob.user.id, usd(10))
     op = await books.run(lambda s: billing.charge_inference(s, bob.user, model, 20, key="inf-1"))
-    assert op.kind == OperationKind.INFERENCE_MARKET and op.amount == usd(2) and op.owner_income == usd("1.8")
+    assert op.kind == OperationKind.INFERENCE_API and op.amount == usd(2) and op.owner_income == usd("1.8")
     assert await books.postings(op.entry_id) == {
         acct(bob.user): -usd(2),
         acct(alice.user): usd("1.8"),

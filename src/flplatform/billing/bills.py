@@ -1,9 +1,10 @@
-"""Bills: an amount an administrator asks a user to pay, paid once from the USD balance."""
+"""Bills: an amount an administrator asks a user or an organisation to pay, paid once from the
+USD balance (an organisation's by one of its admins)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -12,6 +13,7 @@ from flplatform import audit
 from flplatform.billing.money import to_decimal
 from flplatform.billing.operations import charge
 from flplatform.errors import NotFound
+from flplatform.kit.pagination import paginate
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import Bill, BillStatus, Operation, OperationKind
 
@@ -19,7 +21,8 @@ from flplatform.orm.billing import Bill, BillStatus, Operation, OperationKind
 async def create_bill(
     session: AsyncSession,
     *,
-    user_id: uuid.UUID,
+    user_id: uuid.UUID | None = None,
+    organization_id: uuid.UUID | None = None,
     amount: int,
     description: str = "",
     period: str | None = None,
@@ -27,8 +30,15 @@ async def create_bill(
 ) -> Bill:
     if amount <= 0:
         raise ValueError("a bill is positive")
+    if (user_id is None) == (organization_id is None):
+        raise ValueError("a bill is addressed to one user or one organisation")
     bill = Bill(
-        user_id=user_id, amount=amount, description=description, period=period, created_by_id=created_by
+        user_id=user_id,
+        organization_id=organization_id,
+        amount=amount,
+        description=description,
+        period=period,
+        created_by_id=created_by,
     )
     session.add(bill)
     await session.flush()
@@ -38,6 +48,7 @@ async def create_bill(
         f"bill {bill.id}: {to_decimal(amount)} USD",
         actor=created_by,
         subject_user_id=user_id,
+        organisation_id=organization_id,
         module=__name__,
         function="create_bill",
     )
@@ -52,10 +63,14 @@ async def get_bill(session: AsyncSession, bill_id: uuid.UUID) -> Bill:
 
 
 async def pay_bill(session: AsyncSession, bill: Bill, *, actor_id: uuid.UUID | None = None) -> Operation:
-    """Pay an open bill from the user's USD balance (no coupons): once; 402 if unaffordable."""
+    """Pay an open bill from the user's (or the organisation's) USD balance (no coupons): once;
+    402 if unaffordable. An organisation's bill is paid by ``actor_id``, one of its admins."""
+    payer = bill.user_id if bill.user_id is not None else actor_id
+    assert payer is not None, "an organisation's bill is paid by someone"
     op = await charge(
         session,
-        payer_id=bill.user_id,
+        payer_id=payer,
+        organization_id=bill.organization_id,
         amount=bill.amount,
         kind=OperationKind.PAY_BILL,
         key=f"bill:{bill.id}",
@@ -74,10 +89,25 @@ async def pay_bill(session: AsyncSession, bill: Bill, *, actor_id: uuid.UUID | N
     return op
 
 
-async def list_bills(session: AsyncSession, user_id: uuid.UUID) -> Sequence[Bill]:
-    """The user's bills, newest first."""
-    return (
-        (await session.execute(select(Bill).where(Bill.user_id == user_id).order_by(Bill.created_at.desc())))
-        .scalars()
-        .all()
+async def list_bills(
+    session: AsyncSession,
+    user_id: uuid.UUID | None = None,
+    *,
+    organization_id: uuid.UUID | None = None,
+    status: BillStatus | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[Bill], int]:
+    """A page of the user's (or the organisation's) bills, newest first, and their total."""
+    conditions: list[Any] = [
+        Bill.organization_id == organization_id if organization_id is not None else Bill.user_id == user_id
+    ]
+    if status is not None:
+        conditions.append(Bill.status == status)
+    return await paginate(
+        session,
+        select(Bill).where(*conditions),
+        order_by=(Bill.created_at.desc(), Bill.id),
+        limit=limit,
+        offset=offset,
     )

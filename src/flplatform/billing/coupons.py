@@ -1,20 +1,21 @@
 """Coupons: codes an administrator issues, each redemption crediting the user's COUPON balance
-(spent before USD on usage), once per user and coupon."""
+(spent before USD on usage), once per user and coupon. A member of an organisation redeems into
+the organisation's COUPON balance, which is what their usage spends."""
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform import audit
-from flplatform.billing.ledger import Leg, system_account, user_account
+from flplatform.billing.ledger import Leg, payer_account, payer_of, system_account
 from flplatform.billing.money import to_decimal
 from flplatform.billing.operations import operation_by_key, record_operation
 from flplatform.errors import Conflict, NotFound
+from flplatform.kit.pagination import paginate
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import AccountKind, Coupon, CouponRedemption, Currency, Operation, OperationKind
 
@@ -72,9 +73,10 @@ async def redeem_coupon(session: AsyncSession, *, user_id: uuid.UUID, code: str)
     )
     if taken.first() is None:
         raise Conflict(f"Coupon {code!r} has been fully redeemed.", code="coupon_exhausted")
+    payer = await payer_of(session, user_id)
     legs = [
         Leg(await system_account(session, AccountKind.PROMOTIONS, Currency.COUPON), -coupon.amount),
-        Leg(await user_account(session, user_id, Currency.COUPON), coupon.amount),
+        Leg(await payer_account(session, payer, Currency.COUPON), coupon.amount),
     ]
     op, created = await record_operation(
         session,
@@ -86,6 +88,7 @@ async def redeem_coupon(session: AsyncSession, *, user_id: uuid.UUID, code: str)
         intent={"coupon": coupon.id, "user": user_id},
         actor_id=user_id,
         payer_id=user_id,
+        organization_id=payer.organization_id,
         description=f"coupon {code}",
     )
     if created:
@@ -94,6 +97,10 @@ async def redeem_coupon(session: AsyncSession, *, user_id: uuid.UUID, code: str)
     return op
 
 
-async def list_coupons(session: AsyncSession) -> Sequence[Coupon]:
-    """Every coupon, newest first."""
-    return (await session.execute(select(Coupon).order_by(Coupon.created_at.desc()))).scalars().all()
+async def list_coupons(
+    session: AsyncSession, *, limit: int = 100, offset: int = 0
+) -> tuple[list[Coupon], int]:
+    """A page of every coupon, newest first, and the total."""
+    return await paginate(
+        session, select(Coupon), order_by=(Coupon.created_at.desc(), Coupon.id), limit=limit, offset=offset
+    )

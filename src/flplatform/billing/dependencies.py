@@ -1,7 +1,9 @@
 """Who may see whose money: the billing routes' permission checks as FastAPI dependencies.
 
-Billing data is personal: a user sees their own, superusers see and manage everyone's (no
-organisation role reaches into a member's balance). Billing on a model follows the model policy
+Personal billing data is personal: a user sees their own, superusers see and manage everyone's (no
+organisation role reaches into a member's personal balance). An organisation's money is its
+admins' (and superusers'): balance, operations, statements, bills, limits, audit log; a member
+sees only their own spending of it. Billing on a model follows the model policy
 (:mod:`flplatform.permissions`): its report and its market pricing belong to those who may update
 the model. Everything refused here is a 404 where existence must not leak (operations, bills,
 models) and a 403 where the caller named another user on purpose.
@@ -16,7 +18,7 @@ from typing import Annotated
 
 from fastapi import Depends
 
-from flplatform.auth.dependencies import CurrentUser
+from flplatform.auth.dependencies import AuthenticatedRequester, CurrentUser
 from flplatform.billing.bills import get_bill
 from flplatform.billing.market import model_pricing
 from flplatform.billing.operations import get_operation
@@ -25,7 +27,8 @@ from flplatform.errors import Forbidden, NotFound
 from flplatform.kit.schemas import Limit, Offset, SafeDateTime
 from flplatform.orm import Model
 from flplatform.orm.billing import Bill, Operation, OperationKind
-from flplatform.permissions import Requester, can_read, can_update
+from flplatform.orm.organizations import Collection, CollectionKind
+from flplatform.permissions import Requester, can_read, can_update, ensure_readable
 
 
 def billing_subject(caller: CurrentUser, user_id: uuid.UUID | None = None) -> uuid.UUID:
@@ -83,11 +86,18 @@ OperationQuery = Annotated[OperationFilter, Depends(operation_filter)]
 
 
 async def visible_operation(session: SessionDep, caller: CurrentUser, operation_id: uuid.UUID) -> Operation:
-    """An operation the caller paid, acted on or earned from (any, for superusers); 404 otherwise."""
+    """An operation the caller paid, acted on or earned from, or that their organisation did when
+    they are its admin (any, for superusers); 404 otherwise."""
     op = await get_operation(session, operation_id)
-    if not caller.is_superuser and caller.id not in (op.payer_id, op.actor_id, op.model_owner_id):
-        raise NotFound(f"Operation {operation_id} not found.")
-    return op
+    if caller.is_superuser or caller.id in (op.payer_id, op.actor_id, op.model_owner_id):
+        return op
+    # An organisation's admins see what it paid, was credited or earned.
+    org_id = caller.organization_id
+    if org_id is not None and org_id in (op.organization_id, op.model_organization_id):
+        organization = await session.get(Collection, org_id)
+        if organization is not None and await can_update(await Requester.load(session, caller), organization):
+            return op
+    raise NotFound(f"Operation {operation_id} not found.")
 
 
 VisibleOperation = Annotated[Operation, Depends(visible_operation)]
@@ -129,3 +139,110 @@ async def market_model(session: SessionDep, caller: CurrentUser, model_id: uuid.
 
 
 MarketModel = Annotated[Model, Depends(market_model)]
+
+
+# ---------------------------------------------------------------------------- organisation money
+
+
+async def readable_organization(requester: AuthenticatedRequester, organization_id: uuid.UUID) -> Collection:
+    """The organisation if the caller can see it (its users, superusers), else 404 (the
+    organisations package's own dependency, which billing cannot import: it would close a cycle)."""
+    found = await requester.session.get(Collection, organization_id)
+    if found is None or found.kind != CollectionKind.ORGANIZATION:
+        raise NotFound(f"Organization {organization_id} not found.")
+    await ensure_readable(requester, found, f"Organization {organization_id}")
+    return found
+
+
+ReadableOrganization = Annotated[Collection, Depends(readable_organization)]
+
+
+async def _is_org_admin(requester: AuthenticatedRequester, organization: Collection) -> bool:
+    return await can_update(requester, organization)
+
+
+async def org_money_admin(
+    requester: AuthenticatedRequester, organization: ReadableOrganization
+) -> Collection:
+    """An organisation whose money the caller manages (its admins, superusers): 404 when the
+    caller cannot see the organisation, 403 for its other members."""
+    if not await _is_org_admin(requester, organization):
+        raise Forbidden("Only the organisation's admins see and manage its money.")
+    return organization
+
+
+OrgMoneyAdmin = Annotated[Collection, Depends(org_money_admin)]
+
+
+@dataclass(frozen=True)
+class OrgMember:
+    """An organisation and one of its users whose spending the caller may see."""
+
+    organization: Collection
+    user_id: uuid.UUID
+
+
+async def org_member_subject(
+    requester: AuthenticatedRequester, organization: ReadableOrganization, user_id: uuid.UUID
+) -> OrgMember:
+    """A member's spending of the organisation's money: their own, or anyone's for its admins
+    (403 for other members; the member must belong to the organisation, else 404)."""
+    from flplatform.billing.organizations import organization_member
+
+    caller = requester.user
+    assert caller is not None
+    if user_id != caller.id and not await _is_org_admin(requester, organization):
+        raise Forbidden("Members see only their own spending; the organisation's admins see everyone's.")
+    await organization_member(requester.session, organization.id, user_id)
+    return OrgMember(organization, user_id)
+
+
+OrgMemberSubject = Annotated[OrgMember, Depends(org_member_subject)]
+
+
+@dataclass(frozen=True)
+class OrgOperationFilter:
+    organization: Collection
+    user_id: uuid.UUID | None
+    kind: OperationKind | None
+    model_id: uuid.UUID | None
+    since: dt.datetime | None
+    until: dt.datetime | None
+    limit: int
+    offset: int
+
+
+async def org_operation_filter(
+    requester: AuthenticatedRequester,
+    organization: ReadableOrganization,
+    user_id: uuid.UUID | None = None,
+    kind: OperationKind | None = None,
+    model_id: uuid.UUID | None = None,
+    since: SafeDateTime | None = None,
+    until: SafeDateTime | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> OrgOperationFilter:
+    """The organisation's operations: all of them (filter by member with ``user_id``) for its
+    admins; a member's own spending for the member (naming another member: 403)."""
+    caller = requester.user
+    assert caller is not None
+    if not await _is_org_admin(requester, organization):
+        if user_id not in (None, caller.id):
+            raise Forbidden("Members see only their own spending; the organisation's admins see everyone's.")
+        user_id = caller.id
+    return OrgOperationFilter(organization, user_id, kind, model_id, since, until, limit, offset)
+
+
+OrgOperationQuery = Annotated[OrgOperationFilter, Depends(org_operation_filter)]
+
+
+async def org_bill(session: SessionDep, organization: OrgMoneyAdmin, bill_id: uuid.UUID) -> Bill:
+    """A bill addressed to the organisation; 404 otherwise."""
+    bill = await get_bill(session, bill_id)
+    if bill.organization_id != organization.id:
+        raise NotFound(f"Bill {bill_id} not found.")
+    return bill
+
+
+OrgBill = Annotated[Bill, Depends(org_bill)]

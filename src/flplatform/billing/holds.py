@@ -11,7 +11,16 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform import audit
-from flplatform.billing.ledger import InsufficientFunds, Leg, post_entry, system_account, user_account
+from flplatform.billing.ledger import (
+    AccountRef,
+    InsufficientFunds,
+    Leg,
+    Payer,
+    payer_account,
+    post_entry,
+    system_account,
+)
+from flplatform.billing.limits import check_limit
 from flplatform.billing.money import to_decimal
 from flplatform.billing.operations import Spend, operation_by_key, payer_accounts, record_operation
 from flplatform.orm.base import utcnow
@@ -30,16 +39,21 @@ async def reserve(
     round: int | None = None,
     details: dict[str, Any] | None = None,
     actor_id: uuid.UUID | None = None,
+    organization_id: uuid.UUID | None = None,
 ) -> Hold:
-    """Move ``amount`` (coupons first) from available to held; 402 if it is not there."""
+    """Move ``amount`` (coupons first) from available to held; 402 if it is not there. With
+    ``organization_id`` the organisation's money is held for the member ``owner_id``, within the
+    member's spending limit."""
     if amount <= 0:
         raise ValueError("a hold is positive")
-    cash, coupon = await payer_accounts(session, owner_id, currency, allow_coupons)
-    held_cash = await user_account(session, owner_id, currency, held=True)
-    held_coupon = await user_account(session, owner_id, Currency.COUPON, held=True) if coupon else None
+    payer = Payer(owner_id, organization_id)
+    cash, coupon = await payer_accounts(session, payer, currency, allow_coupons)
+    held_cash = await payer_account(session, payer, currency, held=True)
+    held_coupon = await payer_account(session, payer, Currency.COUPON, held=True) if coupon else None
     split = Spend()
 
-    def build(balances: Mapping[uuid.UUID, int]) -> list[Leg]:
+    async def build(balances: Mapping[uuid.UUID, int]) -> list[Leg]:
+        await check_limit(session, payer, currency, amount)  # under the account locks
         from_coupon = min(balances.get(coupon.id, 0), amount) if coupon else 0
         from_cash = amount - from_coupon
         if balances[cash.id] < from_cash:
@@ -63,7 +77,7 @@ async def reserve(
         legs=build,
         lock=lock,
         actor_id=actor_id or owner_id,
-        intent={"owner": owner_id, "amount": amount, "currency": currency},
+        intent={"owner": owner_id, "organization": organization_id, "amount": amount, "currency": currency},
         description=f"hold {key}",
     )
     if not created:
@@ -72,6 +86,7 @@ async def reserve(
     hold = Hold(
         key=key,
         owner_id=owner_id,
+        organization_id=organization_id,
         currency=currency,
         amount=split.cash,
         coupon_amount=split.coupon,
@@ -88,6 +103,7 @@ async def reserve(
         f"hold {to_decimal(amount)} {currency.value} key={key}",
         actor=actor_id or owner_id,
         subject_user_id=owner_id,
+        organisation_id=organization_id,
         module=__name__,
         function="reserve",
     )
@@ -104,6 +120,13 @@ async def _claim_hold(session: AsyncSession, hold: Hold, status: HoldStatus) -> 
         .execution_options(synchronize_session=False)
     )
     return result.first() is not None
+
+
+async def _account(
+    session: AsyncSession, hold: Hold, currency: Currency, *, held: bool = False
+) -> AccountRef:
+    """The hold's holder account: its organisation's, or its owner's."""
+    return await payer_account(session, Payer(hold.owner_id, hold.organization_id), currency, held=held)
 
 
 async def _refresh(session: AsyncSession, hold: Hold) -> Hold:
@@ -137,15 +160,15 @@ async def settle(
     from_coupon = min(hold.coupon_amount, billed)
     from_cash = billed - from_coupon
     owner = hold.owner_id
-    cash = await user_account(session, owner, hold.currency)
-    held_cash = await user_account(session, owner, hold.currency, held=True)
+    cash = await _account(session, hold, hold.currency)
+    held_cash = await _account(session, hold, hold.currency, held=True)
     legs = [Leg(held_cash, -hold.amount), Leg(cash, hold.amount - from_cash)]
     if billed:
         legs.append(Leg(await system_account(session, AccountKind.REVENUE, hold.currency), billed))
     if hold.coupon_amount:
         legs += [
-            Leg(await user_account(session, owner, Currency.COUPON, held=True), -hold.coupon_amount),
-            Leg(await user_account(session, owner, Currency.COUPON), hold.coupon_amount - from_coupon),
+            Leg(await _account(session, hold, Currency.COUPON, held=True), -hold.coupon_amount),
+            Leg(await _account(session, hold, Currency.COUPON), hold.coupon_amount - from_coupon),
         ]
         if from_coupon:
             legs += [
@@ -164,6 +187,7 @@ async def settle(
         actor_id=actor_id or owner,
         description=description or f"settle {hold.key}",
         payer_id=owner,
+        organization_id=hold.organization_id,
         training_id=hold.training_id,
         round=hold.round,
         **fields,
@@ -187,13 +211,13 @@ async def release(
         return False
     owner = hold.owner_id
     legs = [
-        Leg(await user_account(session, owner, hold.currency, held=True), -hold.amount),
-        Leg(await user_account(session, owner, hold.currency), hold.amount),
+        Leg(await _account(session, hold, hold.currency, held=True), -hold.amount),
+        Leg(await _account(session, hold, hold.currency), hold.amount),
     ]
     if hold.coupon_amount:
         legs += [
-            Leg(await user_account(session, owner, Currency.COUPON, held=True), -hold.coupon_amount),
-            Leg(await user_account(session, owner, Currency.COUPON), hold.coupon_amount),
+            Leg(await _account(session, hold, Currency.COUPON, held=True), -hold.coupon_amount),
+            Leg(await _account(session, hold, Currency.COUPON), hold.coupon_amount),
         ]
     entry, _ = await post_entry(
         session,
@@ -217,6 +241,7 @@ async def release(
         f"released hold {hold.key}: {reason}",
         actor=actor_id or owner,
         subject_user_id=owner,
+        organisation_id=hold.organization_id,
         module=__name__,
         function="release",
     )

@@ -16,6 +16,10 @@ Every money movement goes through :func:`post_entry`:
    committed meanwhile) and its postings are inserted.
 
 Postings are only ever inserted; nothing here updates or deletes an entry or a posting.
+Holder accounts (``available``/``held``) belong to one user or one organisation (:class:`Payer`).
+
+Size: posting, locking, balances and reconciliation are the ledger's invariants; they are kept in
+one module so they can be read and reviewed together.
 System accounts keep no cached balance (their balance is the sum of their postings), so charges
 do not all queue on the revenue row.
 """
@@ -60,10 +64,25 @@ class AccountRef:
     kind: AccountKind
     currency: Currency
     owner_id: uuid.UUID | None
+    organization_id: uuid.UUID | None = None
 
     @property
     def is_user(self) -> bool:
+        """A holder's account (a user's or an organisation's): cached balance, locked, never < 0."""
         return self.kind in USER_ACCOUNT_KINDS
+
+
+@dataclass(frozen=True)
+class Payer:
+    """Whose money an action spends: the acting user's own accounts, or their organisation's
+    (``organization_id`` set; ``user_id`` is then the member the spending is attributed to)."""
+
+    user_id: uuid.UUID
+    organization_id: uuid.UUID | None = None
+
+    @property
+    def holder_id(self) -> uuid.UUID:
+        return self.organization_id or self.user_id
 
 
 @dataclass(frozen=True)
@@ -83,25 +102,40 @@ def _insert(session: AsyncSession, table: Any) -> Any:
     return (postgresql.insert if dialect_name(session) == "postgresql" else sqlite.insert)(table)
 
 
-def account_key(kind: AccountKind, currency: Currency, owner_id: uuid.UUID | None) -> str:
+def account_key(
+    kind: AccountKind,
+    currency: Currency,
+    owner_id: uuid.UUID | None,
+    organization_id: uuid.UUID | None = None,
+) -> str:
     if kind in SYSTEM_ACCOUNT_KINDS:
         return f"system:{kind.value}:{currency.value}"
+    if organization_id is not None:
+        return f"org:{organization_id}:{kind.value}:{currency.value}"
     return f"user:{owner_id}:{kind.value}:{currency.value}"
 
 
 async def get_account(
-    session: AsyncSession, kind: AccountKind, currency: Currency, owner_id: uuid.UUID | None = None
+    session: AsyncSession,
+    kind: AccountKind,
+    currency: Currency,
+    owner_id: uuid.UUID | None = None,
+    *,
+    organization_id: uuid.UUID | None = None,
 ) -> AccountRef:
-    """The account, created on first use (concurrent creators agree through the unique key)."""
-    if (kind in SYSTEM_ACCOUNT_KINDS) != (owner_id is None):
-        raise ValueError(f"{kind} accounts {'have no' if owner_id else 'need an'} owner")
-    key = account_key(kind, currency, owner_id)
+    """The account, created on first use (concurrent creators agree through the unique key).
+    Holder accounts name one user (``owner_id``) or one organisation (``organization_id``)."""
+    holders = (owner_id is not None) + (organization_id is not None)
+    if (kind in SYSTEM_ACCOUNT_KINDS) != (holders == 0) or holders > 1:
+        raise ValueError(f"{kind} accounts {'have no' if holders else 'need one'} holder")
+    key = account_key(kind, currency, owner_id, organization_id)
     columns = (
         LedgerAccount.id,
         LedgerAccount.key,
         LedgerAccount.kind,
         LedgerAccount.currency,
         LedgerAccount.owner_id,
+        LedgerAccount.organization_id,
     )
     row = (await session.execute(select(*columns).where(LedgerAccount.key == key))).one_or_none()
     if row is None:
@@ -113,7 +147,8 @@ async def get_account(
                 kind=kind,
                 currency=currency,
                 owner_id=owner_id,
-                balance=None if owner_id is None else 0,
+                organization_id=organization_id,
+                balance=None if holders == 0 else 0,
                 created_at=utcnow(),
             )
             .on_conflict_do_nothing(index_elements=["key"])
@@ -130,6 +165,34 @@ async def user_account(
 
 async def system_account(session: AsyncSession, kind: AccountKind, currency: Currency) -> AccountRef:
     return await get_account(session, kind, currency)
+
+
+async def org_account(
+    session: AsyncSession, organization_id: uuid.UUID, currency: Currency, *, held: bool = False
+) -> AccountRef:
+    kind = AccountKind.HELD if held else AccountKind.AVAILABLE
+    return await get_account(session, kind, currency, organization_id=organization_id)
+
+
+async def payer_of(session: AsyncSession, user: Any) -> Payer:
+    """Who pays for what ``user`` (a user row or id) does: a member of an organisation spends
+    from the organisation's accounts, an organisation-less user from their own."""
+    if hasattr(user, "organization_id") and "organization_id" in vars(user):
+        return Payer(user.id, user.organization_id)
+    from flplatform.orm.user import User
+
+    user_id = getattr(user, "id", user)
+    org = (await session.execute(select(User.organization_id).where(User.id == user_id))).scalar_one_or_none()
+    return Payer(user_id, org)
+
+
+async def payer_account(
+    session: AsyncSession, payer: Payer, currency: Currency, *, held: bool = False
+) -> AccountRef:
+    """The account a payer spends from: their organisation's when they act for it."""
+    if payer.organization_id is not None:
+        return await org_account(session, payer.organization_id, currency, held=held)
+    return await user_account(session, payer.user_id, currency, held=held)
 
 
 def fingerprint(intent: Mapping[str, Any]) -> str:
@@ -317,11 +380,13 @@ async def _undo(session: AsyncSession, moved: Sequence[tuple[uuid.UUID, int]]) -
         )
 
 
-async def balances_of(session: AsyncSession, owner_id: uuid.UUID) -> dict[tuple[Currency, AccountKind], int]:
+async def balances_of(
+    session: AsyncSession, owner_id: uuid.UUID, *, organization: bool = False
+) -> dict[tuple[Currency, AccountKind], int]:
+    """A user's (or with ``organization=True`` an organisation's) cached balances."""
+    column = LedgerAccount.organization_id if organization else LedgerAccount.owner_id
     rows = await session.execute(
-        select(LedgerAccount.currency, LedgerAccount.kind, LedgerAccount.balance).where(
-            LedgerAccount.owner_id == owner_id
-        )
+        select(LedgerAccount.currency, LedgerAccount.kind, LedgerAccount.balance).where(column == owner_id)
     )
     return {(r.currency, r.kind): r.balance for r in rows}
 
@@ -330,8 +395,19 @@ async def has_billing_history(session: AsyncSession, user_id: uuid.UUID) -> bool
     """Whether the user owns ledger accounts or bills (history that is never deleted)."""
     from flplatform.orm.billing import Bill
 
-    for model, column in ((LedgerAccount, LedgerAccount.owner_id), (Bill, Bill.user_id)):
-        if (await session.execute(select(model.id).where(column == user_id).limit(1))).first() is not None:
+    return await _has_history(session, user_id, LedgerAccount.owner_id, Bill.user_id)
+
+
+async def organization_has_billing_history(session: AsyncSession, organization_id: uuid.UUID) -> bool:
+    """Whether the organisation owns ledger accounts or bills (deleting it is then refused)."""
+    from flplatform.orm.billing import Bill
+
+    return await _has_history(session, organization_id, LedgerAccount.organization_id, Bill.organization_id)
+
+
+async def _has_history(session: AsyncSession, holder_id: uuid.UUID, *columns: Any) -> bool:
+    for column in columns:
+        if (await session.execute(select(column).where(column == holder_id).limit(1))).first() is not None:
             return True
     return False
 
@@ -404,22 +480,26 @@ async def reconcile(session: AsyncSession) -> Reconciliation:
         )
     }
     entries = int((await session.execute(select(func.count()).select_from(JournalEntry))).scalar_one())
+    # Holders: a user, or an organisation (its held accounts and its members' holds).
     held = {
-        (owner, currency): int(balance or 0)  # held accounts are user accounts: never NULL
-        for owner, currency, balance in await session.execute(
-            select(LedgerAccount.owner_id, LedgerAccount.currency, LedgerAccount.balance).where(
-                LedgerAccount.kind == AccountKind.HELD
-            )
+        (org or owner, currency): int(balance or 0)  # held accounts are holder accounts: never NULL
+        for owner, org, currency, balance in await session.execute(
+            select(
+                LedgerAccount.owner_id,
+                LedgerAccount.organization_id,
+                LedgerAccount.currency,
+                LedgerAccount.balance,
+            ).where(LedgerAccount.kind == AccountKind.HELD)
         )
     }
     expected: dict[tuple[uuid.UUID, Currency], int] = defaultdict(int)
-    for owner, currency, amount, coupon in await session.execute(
-        select(Hold.owner_id, Hold.currency, Hold.amount, Hold.coupon_amount).where(
+    for owner, org, currency, amount, coupon in await session.execute(
+        select(Hold.owner_id, Hold.organization_id, Hold.currency, Hold.amount, Hold.coupon_amount).where(
             Hold.status == HoldStatus.OPEN
         )
     ):
-        expected[(owner, currency)] += amount
-        expected[(owner, Currency.COUPON)] += coupon
+        expected[(org or owner, currency)] += amount
+        expected[(org or owner, Currency.COUPON)] += coupon
     hold_mismatches = [
         {
             "owner_id": str(owner),

@@ -28,10 +28,15 @@ from flplatform.billing.ledger import (
     AccountRef,
     InsufficientFunds,
     Leg,
+    Payer,
+    get_account,
+    org_account,
+    payer_account,
     post_entry,
     system_account,
     user_account,
 )
+from flplatform.billing.limits import SPEND_KINDS, check_limit
 from flplatform.billing.money import to_decimal
 from flplatform.billing.prices import get_prices
 from flplatform.errors import BadRequest, Conflict, NotFound
@@ -112,6 +117,7 @@ async def record_operation(
         f"{kind.value} {to_decimal(op.amount)} {currency.value} payer={op.payer_id} key={key}",
         actor=actor_id,
         subject_user_id=op.payer_id,
+        organisation_id=op.organization_id,
         module=__name__,
         function=kind.value,
     )
@@ -127,10 +133,19 @@ class Spend:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-async def payer_accounts(session: AsyncSession, payer_id: uuid.UUID, currency: Currency, allow_coupons: bool):
-    cash = await user_account(session, payer_id, currency)
+def as_payer(payer: Payer | uuid.UUID) -> Payer:
+    return payer if isinstance(payer, Payer) else Payer(payer)
+
+
+async def payer_accounts(
+    session: AsyncSession, payer: Payer | uuid.UUID, currency: Currency, allow_coupons: bool
+) -> tuple[AccountRef, AccountRef | None]:
+    """The payer's cash account in ``currency`` and, for USD spends that accept them, its coupons
+    (the organisation's when the payer acts for one)."""
+    payer = as_payer(payer)
+    cash = await payer_account(session, payer, currency)
     coupon = (
-        await user_account(session, payer_id, Currency.COUPON)
+        await payer_account(session, payer, Currency.COUPON)
         if allow_coupons and currency == Currency.USD
         else None
     )
@@ -138,7 +153,7 @@ async def payer_accounts(session: AsyncSession, payer_id: uuid.UUID, currency: C
 
 
 async def _spend_legs(
-    session: AsyncSession, payer_id: uuid.UUID, cost: int, currency: Currency, allow_coupons: bool
+    session: AsyncSession, payer_id: Payer | uuid.UUID, cost: int, currency: Currency, allow_coupons: bool
 ):
     """Accounts to lock and a builder for the payer's side of a payment of ``cost``: coupons
     first (USD only), the rest from cash. Coupon spending destroys the coupon (back to
@@ -180,24 +195,30 @@ async def charge(
     recipients: Sequence[tuple[AccountRef, int]] | None = None,
     actor_id: uuid.UUID | None = None,
     description: str = "",
+    organization_id: uuid.UUID | None = None,
     **fields: Any,
 ) -> Operation:
     """Move ``amount`` from the payer (coupons first for USD) to ``recipients`` (default: revenue).
-    Raises 402 with nothing written when the payer cannot pay."""
+    With ``organization_id`` the organisation's accounts pay for the member ``payer_id``, within
+    the member's spending limit. Raises 402 with nothing written when the payer cannot pay."""
     if amount <= 0:
         raise ValueError("a charge is positive")
     if recipients is None:
         recipients = [(await system_account(session, AccountKind.REVENUE, currency), amount)]
     if sum(a for _, a in recipients) != amount:
         raise ValueError("recipients must receive exactly the amount charged")
-    lock, payer_legs, split = await _spend_legs(session, payer_id, amount, currency, allow_coupons)
+    payer = Payer(payer_id, organization_id)
+    lock, payer_legs, split = await _spend_legs(session, payer, amount, currency, allow_coupons)
     lock = lock + [acc for acc, _ in recipients]
 
-    def build(balances: Mapping[uuid.UUID, int]) -> list[Leg]:
+    async def build(balances: Mapping[uuid.UUID, int]) -> list[Leg]:
+        if kind in SPEND_KINDS:
+            await check_limit(session, payer, currency, amount)  # under the account locks
         return payer_legs(balances) + [Leg(acc, a) for acc, a in recipients if a]
 
     intent = {
         "payer": payer_id,
+        "organization": organization_id,
         "amount": amount,
         "currency": currency,
         "recipients": [(r.key, a) for r, a in recipients],
@@ -215,6 +236,7 @@ async def charge(
         actor_id=actor_id or payer_id,
         description=description,
         payer_id=payer_id,
+        organization_id=organization_id,
         **fields,
     )
     return op
@@ -223,31 +245,52 @@ async def charge(
 async def top_up(
     session: AsyncSession,
     *,
-    user_id: uuid.UUID,
+    user_id: uuid.UUID | None = None,
+    organization_id: uuid.UUID | None = None,
     amount: int,
     key: str,
     currency: Currency = Currency.USD,
     actor_id: uuid.UUID | None = None,
     description: str = "",
+    from_user_id: uuid.UUID | None = None,
 ) -> Operation:
-    """Credit a user from ``external_payments`` (an admin top-up or a payment-provider webhook)."""
+    """Credit a user or an organisation from ``external_payments`` (an admin top-up or a
+    payment-provider webhook), or with ``from_user_id`` from that user's own available balance
+    (an organisation admin funding the organisation; 402 when they lack it)."""
     if amount <= 0:
         raise ValueError("a top-up is positive")
+    if (user_id is None) == (organization_id is None):
+        raise ValueError("a top-up credits one user or one organisation")
     if currency == Currency.COUPON:
         raise BadRequest("Coupons are issued with coupon codes, not top-ups.")
-    target = await user_account(session, user_id, currency)
-    source = await system_account(session, AccountKind.EXTERNAL_PAYMENTS, currency)
+    target = await (
+        org_account(session, organization_id, currency)
+        if organization_id is not None
+        else user_account(session, user_id, currency)  # type: ignore[arg-type]
+    )
+    source = await (
+        user_account(session, from_user_id, currency)
+        if from_user_id is not None
+        else system_account(session, AccountKind.EXTERNAL_PAYMENTS, currency)
+    )
     op, _ = await record_operation(
         session,
         key=key,
         kind=OperationKind.TOP_UP,
         legs=[Leg(source, -amount), Leg(target, amount)],
-        intent={"user": user_id, "amount": amount, "currency": currency},
+        intent={
+            "user": user_id,
+            "organization": organization_id,
+            "amount": amount,
+            "currency": currency,
+            "from": from_user_id,
+        },
         currency=currency,
         amount=amount,
         actor_id=actor_id,
         description=description,
-        payer_id=user_id,
+        payer_id=user_id if organization_id is None else from_user_id,
+        organization_id=organization_id,
     )
     return op
 
@@ -315,25 +358,22 @@ async def refund(
     key = f"refund:{original.id}"
     rows = (
         await session.execute(
-            select(LedgerAccount.kind, LedgerAccount.currency, LedgerAccount.owner_id, Posting.amount)
+            select(
+                LedgerAccount.kind,
+                LedgerAccount.currency,
+                LedgerAccount.owner_id,
+                LedgerAccount.organization_id,
+                Posting.amount,
+            )
             .join(LedgerAccount, LedgerAccount.id == Posting.account_id)
             .where(Posting.entry_id == original.entry_id)
         )
     ).all()
     legs: list[Leg] = []
-    for kind, currency, owner, amount in rows:
+    for kind, currency, owner, org, amount in rows:
         if kind == AccountKind.HELD:
             kind = AccountKind.AVAILABLE
-        legs.append(
-            Leg(
-                await (
-                    user_account(session, owner, currency)
-                    if owner
-                    else system_account(session, kind, currency)
-                ),
-                -amount,
-            )
-        )
+        legs.append(Leg(await get_account(session, kind, currency, owner, organization_id=org), -amount))
     net: dict[uuid.UUID, int] = defaultdict(int)
     for leg in legs:
         net[leg.account.id] += leg.amount
@@ -354,6 +394,8 @@ async def refund(
         payer_id=original.payer_id,
         model_id=original.model_id,
         model_owner_id=original.model_owner_id,
+        organization_id=original.organization_id,
+        model_organization_id=original.model_organization_id,
         refunds_operation_id=original.id,
         owner_income=-original.owner_income,
         description=(reason or f"refund of {original.kind.value}")[:500],

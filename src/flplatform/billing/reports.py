@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -42,11 +42,16 @@ def month_bounds(period: str) -> tuple[dt.datetime, dt.datetime]:
     return start, start + dt.timedelta(days=days)
 
 
-async def statement(session: AsyncSession, user_id: uuid.UUID, period: str) -> dict[str, Any]:
+async def statement(
+    session: AsyncSession, user_id: uuid.UUID, period: str, *, organization: bool = False
+) -> dict[str, Any]:
     """Monthly statement: per currency opening/closing balance (available + held), money in and
-    out; operations by kind; bills of the month."""
+    out; operations by kind; bills of the month. ``organization=True``: ``user_id`` is an
+    organisation, and the statement adds what each member spent (``members``) and what its
+    models earned on the market."""
     start, end = month_bounds(period)
-    own = select(LedgerAccount.id).where(LedgerAccount.owner_id == user_id).scalar_subquery()
+    holder = LedgerAccount.organization_id if organization else LedgerAccount.owner_id
+    own = select(LedgerAccount.id).where(holder == user_id).scalar_subquery()
 
     async def totals(*conditions: Any) -> dict[Currency, int]:
         stmt = (
@@ -71,16 +76,41 @@ async def statement(session: AsyncSession, user_id: uuid.UUID, period: str) -> d
     flows: dict[Currency, dict[str, int]] = defaultdict(lambda: {"in": 0, "out": 0})
     for currency, net in await session.execute(select(per_entry.c.currency, per_entry.c.net)):
         flows[currency]["in" if net > 0 else "out"] += abs(int(net))
+    month = (Operation.created_at >= start, Operation.created_at < end)
+    paid_by = (
+        Operation.organization_id == user_id
+        if organization
+        else and_(Operation.payer_id == user_id, Operation.organization_id.is_(None))
+    )
     ops = await session.execute(
         select(Operation.kind, func.count(), func.sum(Operation.amount), Operation.currency)
-        .where(Operation.payer_id == user_id, Operation.created_at >= start, Operation.created_at < end)
+        .where(paid_by, *month)
         .group_by(Operation.kind, Operation.currency)
     )
+    members: list[dict[str, Any]] = []
+    earnings: list[dict[str, Any]] = []
+    if organization:
+        members = [
+            {"user_id": payer, "kind": kind, "count": int(count), "amount": int(total or 0), "currency": cur}
+            for payer, kind, count, total, cur in await session.execute(
+                select(
+                    Operation.payer_id,
+                    Operation.kind,
+                    func.count(),
+                    func.sum(Operation.amount),
+                    Operation.currency,
+                )
+                .where(paid_by, Operation.kind != OperationKind.TOP_UP, *month)
+                .group_by(Operation.payer_id, Operation.kind, Operation.currency)
+                .order_by(Operation.payer_id, Operation.kind)
+            )
+        ]
+        earnings = await model_earnings(session, organization_id=user_id, since=start, until=end)
     bills = (
         (
             await session.execute(
                 select(Bill).where(
-                    Bill.user_id == user_id,
+                    (Bill.organization_id if organization else Bill.user_id) == user_id,
                     or_(and_(Bill.created_at >= start, Bill.created_at < end), Bill.period == period),
                 )
             )
@@ -109,7 +139,50 @@ async def statement(session: AsyncSession, user_id: uuid.UUID, period: str) -> d
             for kind, count, total, currency in ops
         ],
         "bills": list(bills),
+        **({"organization_id": user_id, "members": members, "earnings": earnings} if organization else {}),
     }
+
+
+async def model_earnings(
+    session: AsyncSession,
+    *,
+    organization_id: uuid.UUID | None = None,
+    owner_id: uuid.UUID | None = None,
+    model_id: uuid.UUID | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> list[dict[str, Any]]:
+    """What the seller's models earned on the market (inference and copies), per model and
+    currency, net of refunds: the organisation's (``organization_id``) or, in the
+    organisation-less space, an owner's (``owner_id``)."""
+    signed = case((Operation.kind == OperationKind.REFUND, -1), else_=1)
+    conditions: list[Any] = [Operation.owner_income != 0]
+    if organization_id is not None:
+        conditions.append(Operation.model_organization_id == organization_id)
+    if owner_id is not None:
+        conditions += [Operation.model_owner_id == owner_id, Operation.model_organization_id.is_(None)]
+    if model_id is not None:
+        conditions.append(Operation.model_id == model_id)
+    if since is not None:
+        conditions.append(Operation.created_at >= since)
+    if until is not None:
+        conditions.append(Operation.created_at < until)
+    rows = await session.execute(
+        select(
+            Operation.model_id,
+            Operation.currency,
+            func.sum(signed),
+            func.sum(Operation.amount * signed),
+            func.sum(Operation.owner_income),
+        )
+        .where(*conditions)
+        .group_by(Operation.model_id, Operation.currency)
+        .order_by(Operation.model_id)
+    )
+    return [
+        {"model_id": m, "currency": c, "sales": int(n), "gross": int(g or 0), "earnings": int(e or 0)}
+        for m, c, n, g, e in rows
+    ]
 
 
 async def model_report(session: AsyncSession, model_id: uuid.UUID) -> dict[str, Any]:
@@ -168,8 +241,22 @@ async def list_operations(
     until: dt.datetime | None = None,
     limit: int = 100,
     offset: int = 0,
+    organization_id: uuid.UUID | None = None,
+    payer_id: uuid.UUID | None = None,
 ) -> tuple[Sequence[Operation], int]:
+    """A page of operations, newest first. ``user_id``: those the user paid, acted on or earned
+    from; ``organization_id``: those the organisation paid, was credited or earned from;
+    ``payer_id``: those that member spent."""
     conditions: list[Any] = []
+    if organization_id is not None:
+        conditions.append(
+            or_(
+                Operation.organization_id == organization_id,
+                Operation.model_organization_id == organization_id,
+            )
+        )
+    if payer_id is not None:
+        conditions.append(Operation.payer_id == payer_id)
     if user_id is not None:
         conditions.append(
             or_(
@@ -195,11 +282,13 @@ async def list_operations(
     )
 
 
-async def balances(session: AsyncSession, user_id: uuid.UUID) -> list[dict[str, Any]]:
+async def balances(
+    session: AsyncSession, user_id: uuid.UUID, *, organization: bool = False
+) -> list[dict[str, Any]]:
+    """Available and held per currency of a user (or with ``organization=True`` an organisation)."""
+    holder = LedgerAccount.organization_id if organization else LedgerAccount.owner_id
     rows = await session.execute(
-        select(LedgerAccount.currency, LedgerAccount.kind, LedgerAccount.balance).where(
-            LedgerAccount.owner_id == user_id
-        )
+        select(LedgerAccount.currency, LedgerAccount.kind, LedgerAccount.balance).where(holder == user_id)
     )
     table: dict[Currency, dict[str, int]] = {c: {"available": 0, "held": 0} for c in Currency}
     for currency, kind, balance in rows:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.billing.holds import hold_by_key, release, reserve, settle
+from flplatform.billing.ledger import payer_of
 from flplatform.billing.operations import object_id
 from flplatform.billing.prices import get_prices
 from flplatform.orm.billing import Hold, Operation, OperationKind
@@ -33,7 +34,7 @@ def _samples_hint(training: Any, default: int) -> int:
 async def reserve_round(
     session: AsyncSession, training: Any, round_number: int, participants: Sequence[Any]
 ) -> Hold | None:
-    """Reserve the training actor's funds for one round: one update per participant at the
+    """Reserve the training actor's (or their organisation's) funds for one round: one update per participant at the
     price list's ``training_update`` + ``training_sample_epoch`` × samples × epochs, where samples
     is ``training_reserve_samples`` (or ``options["billing_samples_per_update"]``) and epochs
     ``options["epochs"]`` (default 1). Priced now; keyed ``training:{id}:round:{n}``. Returns
@@ -46,9 +47,11 @@ async def reserve_round(
     key = round_key(training.id, round_number)
     if amount == 0:
         return await hold_by_key(session, key)
+    payer = await payer_of(session, training.actor_id)  # a member's organisation pays
     return await reserve(
         session,
         owner_id=training.actor_id,
+        organization_id=payer.organization_id,
         amount=amount,
         key=key,
         training_id=training.id,

@@ -75,7 +75,15 @@ class OperationRead(Schema):
     currency: Currency
     amount: Money = Field(description="Value paid by the payer (coupons included) or credited by a top-up.")
     owner_income: Money = Field(description="The model owner's share (public-model inference).")
-    payer_id: uuid.UUID | None
+    payer_id: uuid.UUID | None = Field(
+        description="Whose money moved; with `organization_id`, the member who spent it."
+    )
+    organization_id: uuid.UUID | None = Field(
+        default=None, description="The organisation whose account paid or was credited."
+    )
+    model_organization_id: uuid.UUID | None = Field(
+        default=None, description="The organisation credited with `owner_income` (a market sale or copy)."
+    )
     actor_id: uuid.UUID | None
     model_id: uuid.UUID | None
     model_owner_id: uuid.UUID | None
@@ -93,7 +101,10 @@ class OperationDetail(OperationRead):
 
 
 class TopUpCreate(RequestSchema):
-    user_id: uuid.UUID
+    user_id: uuid.UUID | None = None
+    organization_id: uuid.UUID | None = Field(
+        default=None, description="Credit an organisation instead of a user."
+    )
     amount: MoneyIn
     currency: Literal[Currency.USD, Currency.TOKEN] = Currency.USD
     description: str = Field(default="", max_length=500)
@@ -109,7 +120,8 @@ class PaymentEvent(RequestSchema):
     """A payment provider's notification; ``external_id`` makes re-deliveries harmless."""
 
     external_id: str = Field(min_length=1, max_length=200, examples=["pi_3Nq…"])
-    user_id: uuid.UUID
+    user_id: uuid.UUID | None = None
+    organization_id: uuid.UUID | None = Field(default=None, description="Money paid for an organisation.")
     amount: MoneyIn
     currency: Literal[Currency.USD, Currency.TOKEN] = Currency.USD
 
@@ -162,11 +174,20 @@ class ModelPricingRead(Schema):
     model_id: uuid.UUID
     inference_public: bool
     inference_price_per_sample: Money
+    copy_allowed: bool = False
+    copy_price: Money = Decimal(0)
+    published_at: dt.datetime | None = None
 
 
 class ModelPricingUpdate(RequestSchema):
     inference_public: bool
     inference_price_per_sample: PriceIn
+    copy_allowed: bool | None = Field(
+        default=None, description="Whether other organisations may copy the model (omitted: unchanged)."
+    )
+    copy_price: PriceIn | None = Field(
+        default=None, description="USD per copy or update of a copy (omitted: unchanged)."
+    )
 
 
 class StatementCurrency(Schema):
@@ -186,7 +207,8 @@ class StatementOperations(Schema):
 
 class BillRead(Schema):
     id: uuid.UUID
-    user_id: uuid.UUID
+    user_id: uuid.UUID | None
+    organization_id: uuid.UUID | None = None
     amount: Money
     currency: Currency
     description: str
@@ -198,7 +220,10 @@ class BillRead(Schema):
 
 
 class BillCreate(RequestSchema):
-    user_id: uuid.UUID
+    user_id: uuid.UUID | None = None
+    organization_id: uuid.UUID | None = Field(
+        default=None, description="Bill an organisation instead of a user."
+    )
     amount: MoneyIn
     description: str = Field(default="", max_length=500)
     period: str | None = Field(default=None, pattern=PERIOD_PATTERN, examples=["2026-11"])
@@ -212,6 +237,74 @@ class StatementRead(Schema):
     currencies: list[StatementCurrency]
     operations: list[StatementOperations]
     bills: list[BillRead]
+
+
+class MemberSpendingLine(Schema):
+    user_id: uuid.UUID | None
+    kind: OperationKind
+    count: int
+    amount: Money
+    currency: Currency
+
+
+class EarningsLine(Schema):
+    model_id: uuid.UUID | None
+    currency: Currency
+    sales: int = Field(description="Paid inference requests and copies, net of refunds.")
+    gross: Money = Field(description="What buyers paid.")
+    earnings: Money = Field(description="The seller's share (gross minus the platform fee).")
+
+
+class OrganizationStatementRead(Schema):
+    organization_id: uuid.UUID
+    period: str
+    start: dt.datetime
+    end: dt.datetime
+    currencies: list[StatementCurrency]
+    operations: list[StatementOperations]
+    members: list[MemberSpendingLine] = Field(description="What each member spent, per operation kind.")
+    earnings: list[EarningsLine] = Field(description="What the organisation's models earned on the market.")
+    bills: list[BillRead]
+
+
+class OrganizationBalanceRead(Schema):
+    organization_id: uuid.UUID
+    balances: list[BalanceLine]
+
+
+class OrganizationTopUp(RequestSchema):
+    amount: MoneyIn
+    currency: Literal[Currency.USD, Currency.TOKEN] = Currency.USD
+    description: str = Field(default="", max_length=500)
+
+
+class SpendingLimitRead(Schema):
+    organization_id: uuid.UUID
+    user_id: uuid.UUID
+    currency: Currency
+    amount: Money = Field(
+        description="The most the member may spend of the organisation's money per UTC month."
+    )
+    updated_at: dt.datetime
+
+
+class SpendingLimitUpdate(RequestSchema):
+    currency: Literal[Currency.USD, Currency.TOKEN] = Currency.USD
+    amount: PriceIn | None = Field(description="The monthly cap; null removes it (no cap).")
+
+
+class SpendingRead(Schema):
+    currency: Currency
+    spent: Money = Field(description="This UTC month: charges net of refunds, plus open holds.")
+    limit: Money | None
+    remaining: Money | None
+
+
+class MemberSpendingRead(Schema):
+    organization_id: uuid.UUID
+    user_id: uuid.UUID
+    since: dt.datetime
+    spending: list[SpendingRead]
 
 
 class PriceRead(Schema):

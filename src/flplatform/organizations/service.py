@@ -203,6 +203,14 @@ async def delete_collection(session: AsyncSession, collection: Collection) -> No
                 f"Organization {collection.id} still has {users} user(s); delete or move them first.",
                 code="organization_not_empty",
             )
+        from flplatform.orm.billing import Bill, LedgerAccount
+
+        for column in (LedgerAccount.organization_id, Bill.organization_id):
+            if (await session.execute(select(column).where(column == collection.id).limit(1))).first():
+                raise Conflict(
+                    f"Organization {collection.id} has billing history (accounts or bills), which is kept.",
+                    code="organization_has_billing_history",
+                )
         # Topics outlive their owners (owner_id SET NULL) but not their organisation.
         from flplatform.orm.broker import BrokerTopic
 

@@ -75,7 +75,6 @@ class OperationKind(enum.StrEnum):
     INFERENCE = "inference"  # seed: solving
     INFERENCE_API = "inference_api"  # seed: solving with API
     INFERENCE_MARKET = "inference_market"  # seed: solving a public model of another owner
-    DATA_SOURCE_PURCHASE = "data_source_purchase"
     MODEL_COPY = "model_copy"
     MODEL_COPY_UPDATE = "model_copy_update"
     TOP_UP = "top_up"  # seed: credit from user
@@ -104,12 +103,16 @@ class LedgerAccount(IDMixin, Base):
     __tablename__ = "ledger_accounts"
     __table_args__ = (
         # User accounts have an owner and a cached non-negative balance; system accounts neither.
+        # Holder accounts belong to exactly one user or one organisation.
         CheckConstraint(
-            f"(kind IN ({_SYSTEM_KINDS_SQL}) AND owner_id IS NULL AND balance IS NULL) OR "
-            f"(kind NOT IN ({_SYSTEM_KINDS_SQL}) AND owner_id IS NOT NULL AND balance IS NOT NULL AND balance >= 0)",
-            name="owner_and_balance",
+            f"(kind IN ({_SYSTEM_KINDS_SQL}) AND owner_id IS NULL AND organization_id IS NULL "
+            f"AND balance IS NULL) OR (kind NOT IN ({_SYSTEM_KINDS_SQL}) AND "
+            "((owner_id IS NOT NULL AND organization_id IS NULL) OR "
+            "(owner_id IS NULL AND organization_id IS NOT NULL)) AND balance IS NOT NULL AND balance >= 0)",
+            name="holder_and_balance",
         ),
         UniqueConstraint("owner_id", "kind", "currency"),
+        UniqueConstraint("organization_id", "kind", "currency"),
     )
 
     # "user:<uuid>:available:USD" or "system:revenue:USD": one arbitrated unique key for
@@ -119,6 +122,10 @@ class LedgerAccount(IDMixin, Base):
     currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"))
     owner_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("users.id", ondelete="RESTRICT"), index=True
+    )
+    # An organisation's own money (``org:<uuid>:available:USD``): members spend from it.
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("collections.id", ondelete="RESTRICT"), index=True
     )
     balance: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -160,6 +167,7 @@ class Operation(IDMixin, Base):
     __table_args__ = (
         Index("ix_billing_operations_payer_id_created_at", "payer_id", "created_at"),
         Index("ix_billing_operations_model_id_kind", "model_id", "kind"),
+        Index("ix_billing_operations_org_payer_created", "organization_id", "payer_id", "created_at"),
     )
 
     key: Mapped[str] = mapped_column(String(255), unique=True)
@@ -169,6 +177,11 @@ class Operation(IDMixin, Base):
     )
     actor_id: Mapped[uuid.UUID | None]  # who asked for it (seed: operation_user)
     payer_id: Mapped[uuid.UUID | None]  # whose money moved (the credited user for top-ups)
+    # The organisation whose account paid (or was credited): payer_id is then the member who
+    # spent. None for personal money.
+    organization_id: Mapped[uuid.UUID | None]
+    # The organisation credited with the owner's share of a market sale or copy.
+    model_organization_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
     model_id: Mapped[uuid.UUID | None]  # seed: machine
     model_owner_id: Mapped[uuid.UUID | None]  # seed: machine_owner
     training_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
@@ -194,6 +207,8 @@ class Hold(IDMixin, Base):
 
     key: Mapped[str] = mapped_column(String(255), unique=True)
     owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    # Set when the organisation's accounts hold the money (owner_id is then the member).
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
     currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"))
     amount: Mapped[int] = mapped_column(BigInteger)  # reserved from ``currency``
     coupon_amount: Mapped[int] = mapped_column(BigInteger, default=0)  # reserved from coupons
@@ -245,9 +260,47 @@ class ModelPricing(Base):
     model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     inference_public: Mapped[bool] = mapped_column(Boolean, default=False)
     inference_price_per_sample: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Copies (``POST /api/models/{id}/copy/``) by other organisations, at this USD price.
+    copy_allowed: Mapped[bool] = mapped_column(Boolean, default=False)
+    copy_price: Mapped[int] = mapped_column(BigInteger, default=0)
+    published_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    __table_args__ = (CheckConstraint("inference_price_per_sample >= 0", name="price_nonnegative"),)
+    __table_args__ = (
+        CheckConstraint("inference_price_per_sample >= 0", name="price_nonnegative"),
+        CheckConstraint("copy_price >= 0", name="copy_price_nonnegative"),
+    )
+
+
+class SpendingLimit(Base):
+    """An organisation admin's monthly cap on what one member may spend from the organisation's
+    ``currency`` account (settled charges and open holds of the UTC calendar month, net of
+    refunds). No row: no cap."""
+
+    __tablename__ = "billing_spending_limits"
+    __table_args__ = (CheckConstraint("amount >= 0", name="amount_nonnegative"),)
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    updated_by_id: Mapped[uuid.UUID | None]
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ModelCopy(Base):
+    """A global model made by copying another one's round (the same blobs, no byte copied):
+    where it came from and which round it holds now (``model_copy_update`` moves it on)."""
+
+    __tablename__ = "model_copies"
+
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    source_model_id: Mapped[uuid.UUID] = mapped_column(index=True)  # history: no foreign key
+    source_round: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class Coupon(IDMixin, Base):
@@ -283,9 +336,14 @@ class Bill(IDMixin, Base):
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("(status = 'paid') = (operation_id IS NOT NULL)", name="paid_has_operation"),
+        CheckConstraint("(user_id IS NULL) <> (organization_id IS NULL)", name="one_addressee"),
     )
 
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    # Addressed to a user, or to an organisation (paid from its account by its admins).
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("collections.id", ondelete="RESTRICT"), index=True
+    )
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[Currency] = mapped_column(str_enum(Currency, "currency"), default=Currency.USD)
     description: Mapped[str] = mapped_column(String(500), default="")

@@ -48,6 +48,9 @@ from flplatform.billing.schemas import (
 )
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, Unprocessable, responses
+from flplatform.kit.schemas import Limit, Offset
+from flplatform.organizations.service import get_collection
+from flplatform.orm.organizations import CollectionKind
 from flplatform.users.service import get_user
 
 router = APIRouter(prefix="/api/billing", tags=["billing"])
@@ -55,6 +58,18 @@ router = APIRouter(prefix="/api/billing", tags=["billing"])
 
 def _op(op: object) -> OperationRead:
     return OperationRead.model_validate(op)
+
+
+async def _recipient(
+    session: SessionDep, user_id: uuid.UUID | None, organization_id: uuid.UUID | None
+) -> None:
+    """Exactly one existing user or organisation (422 / 404 otherwise)."""
+    if (user_id is None) == (organization_id is None):
+        raise Unprocessable("Give exactly one of user_id and organization_id.")
+    if user_id is not None:
+        await get_user(session, user_id)
+    else:
+        await get_collection(session, organization_id, CollectionKind.ORGANIZATION)  # type: ignore[arg-type]
 
 
 @router.get(
@@ -76,8 +91,9 @@ async def get_balance(session: SessionDep, target: BillableUserId) -> BalanceRea
     response_model=OperationRead,
     status_code=status.HTTP_201_CREATED,
     summary="Top up a balance (admin)",
-    description="Credits a user's USD or TOKEN balance from the platform's external-payments account. "
-    "Send an `Idempotency-Key` so a retry does not credit twice.",
+    description="Credits a user's (`user_id`) or an organisation's (`organization_id`) USD or TOKEN "
+    "balance from the platform's external-payments account. Send an `Idempotency-Key` so a retry does "
+    "not credit twice.",
     responses=responses(400, 401, 403, 404, 422),
 )
 async def create_top_up(
@@ -87,12 +103,13 @@ async def create_top_up(
     data: TopUpCreate,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
-    await get_user(session, data.user_id)
+    await _recipient(session, data.user_id, data.organization_id)
 
     async def run() -> tuple[int, OperationRead]:
         op = await billing.top_up(
             session,
             user_id=data.user_id,
+            organization_id=data.organization_id,
             amount=to_minor(data.amount),
             currency=data.currency,
             key=f"topup:{admin.id}:{idempotency_key}" if idempotency_key else f"topup:{uuid.uuid4()}",
@@ -132,10 +149,11 @@ async def payment_webhook(
         event = PaymentEvent.model_validate_json(body)
     except ValidationError as exc:
         raise Unprocessable(f"Invalid payment event: {exc.errors()[0]['msg']}") from None
-    await get_user(session, event.user_id)
+    await _recipient(session, event.user_id, event.organization_id)
     op = await billing.top_up(
         session,
         user_id=event.user_id,
+        organization_id=event.organization_id,
         amount=to_minor(event.amount),
         currency=event.currency,
         key=f"payment:{event.external_id}",
@@ -234,10 +252,15 @@ async def create_coupon(session: SessionDep, admin: SuperUser, data: CouponCreat
     "/coupons/",
     response_model=list[CouponRead],
     summary="List coupons (admin)",
-    responses=responses(401, 403),
+    description="Newest first. `X-Total-Count` carries the total.",
+    responses=responses(401, 403, 422),
 )
-async def list_coupons(session: SessionDep, _admin: SuperUser) -> list[CouponRead]:
-    return [CouponRead.model_validate(c) for c in await billing.list_coupons(session)]
+async def list_coupons(
+    session: SessionDep, response: Response, _admin: SuperUser, limit: Limit = 100, offset: Offset = 0
+) -> list[CouponRead]:
+    rows, total = await billing.list_coupons(session, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [CouponRead.model_validate(c) for c in rows]
 
 
 @router.post(
@@ -359,8 +382,10 @@ async def get_model_pricing(session: SessionDep, model: MarketModel) -> ModelPri
     "/models/{model_id}/pricing/",
     response_model=ModelPricingRead,
     summary="Publish a model on the inference market",
-    description="The owner sets whether the model is public for inference and its USD price per sample; "
-    "the owner receives the price minus the platform fee (`market_fee_bps`).",
+    description="The owner (or an admin of the model's organisation) publishes the model on the market "
+    "(`GET /api/market/models/`) or withdraws it, with its USD price per inferred sample, and whether other "
+    "organisations may copy it at `copy_price`. The seller (the model's organisation, else its owner) "
+    "receives the prices minus the platform fee (`market_fee_bps`).",
     responses=responses(401, 404, 422),
 )
 async def put_model_pricing(
@@ -371,5 +396,7 @@ async def put_model_pricing(
         model.id,
         public=data.inference_public,
         price_per_sample=to_minor(data.inference_price_per_sample),
+        copy_allowed=data.copy_allowed,
+        copy_price=None if data.copy_price is None else to_minor(data.copy_price),
     )
     return _pricing_read(model.id, row)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, status
+from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from flplatform import billing
@@ -25,8 +25,11 @@ from flplatform.billing.schemas import (
     StatementRead,
 )
 from flplatform.db import SessionDep
-from flplatform.errors import responses
-from flplatform.kit.schemas import PERIOD_PATTERN
+from flplatform.errors import Unprocessable, responses
+from flplatform.kit.schemas import PERIOD_PATTERN, Limit, Offset
+from flplatform.organizations.service import get_collection
+from flplatform.orm.billing import BillStatus
+from flplatform.orm.organizations import CollectionKind
 from flplatform.users.service import get_user
 
 router = APIRouter(prefix="/api/billing", tags=["billing"])
@@ -57,10 +60,16 @@ async def get_statement(
     responses=responses(401, 403, 404, 422),
 )
 async def create_bill(session: SessionDep, admin: SuperUser, data: BillCreate) -> BillRead:
-    await get_user(session, data.user_id)
+    if (data.user_id is None) == (data.organization_id is None):
+        raise Unprocessable("Give exactly one of user_id and organization_id.")
+    if data.user_id is not None:
+        await get_user(session, data.user_id)
+    else:
+        await get_collection(session, data.organization_id, CollectionKind.ORGANIZATION)  # type: ignore[arg-type]
     bill = await billing.create_bill(
         session,
         user_id=data.user_id,
+        organization_id=data.organization_id,
         amount=to_minor(data.amount),
         description=data.description,
         period=data.period,
@@ -73,11 +82,21 @@ async def create_bill(session: SessionDep, admin: SuperUser, data: BillCreate) -
     "/bills/",
     response_model=list[BillRead],
     summary="List bills",
-    description="The caller's bills (superusers: `user_id`'s), newest first.",
-    responses=responses(401, 403),
+    description="The caller's bills (superusers: `user_id`'s), newest first; `status` filters. An "
+    "organisation's bills are at `/api/organizations/{id}/billing/bills/`. `X-Total-Count` carries the total.",
+    responses=responses(401, 403, 422),
 )
-async def list_bills(session: SessionDep, target: BillableUserId) -> list[BillRead]:
-    return [BillRead.model_validate(b) for b in await billing.list_bills(session, target)]
+async def list_bills(
+    session: SessionDep,
+    response: Response,
+    target: BillableUserId,
+    status: BillStatus | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> list[BillRead]:
+    rows, total = await billing.list_bills(session, target, status=status, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [BillRead.model_validate(b) for b in rows]
 
 
 @router.post(
