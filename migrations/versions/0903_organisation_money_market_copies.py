@@ -64,7 +64,7 @@ def _kind_check(kinds: list[str]) -> str:
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("ledger_accounts", schema=None, recreate="always") as batch_op:
+    with op.batch_alter_table("ledger_accounts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("organization_id", sa.Uuid(), nullable=True))
         batch_op.drop_constraint(batch_op.f("ck_ledger_accounts_owner_and_balance"), type_="check")
         batch_op.create_check_constraint(batch_op.f("ck_ledger_accounts_holder_and_balance"), _NEW_HOLDER)
@@ -86,7 +86,7 @@ def upgrade() -> None:
     with op.batch_alter_table("ledger_holds", schema=None) as batch_op:
         batch_op.add_column(sa.Column("organization_id", sa.Uuid(), nullable=True))
 
-    with op.batch_alter_table("billing_operations", schema=None, recreate="always") as batch_op:
+    with op.batch_alter_table("billing_operations", schema=None) as batch_op:
         batch_op.add_column(sa.Column("organization_id", sa.Uuid(), nullable=True))
         batch_op.add_column(sa.Column("model_organization_id", sa.Uuid(), nullable=True))
         batch_op.drop_constraint(batch_op.f("ck_billing_operations_operation_kind"), type_="check")
@@ -102,7 +102,7 @@ def upgrade() -> None:
             batch_op.f("ix_billing_operations_model_organization_id"), ["model_organization_id"], unique=False
         )
 
-    with op.batch_alter_table("billing_bills", schema=None, recreate="always") as batch_op:
+    with op.batch_alter_table("billing_bills", schema=None) as batch_op:
         batch_op.add_column(sa.Column("organization_id", sa.Uuid(), nullable=True))
         batch_op.alter_column("user_id", existing_type=sa.Uuid(), nullable=True)
         batch_op.create_foreign_key(
@@ -192,7 +192,7 @@ def downgrade() -> None:
         batch_op.drop_column("copy_price")
         batch_op.drop_column("copy_allowed")
     op.execute("DELETE FROM billing_bills WHERE organization_id IS NOT NULL")
-    with op.batch_alter_table("billing_bills", schema=None, recreate="always") as batch_op:
+    with op.batch_alter_table("billing_bills", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_billing_bills_organization_id"))
         batch_op.drop_constraint(batch_op.f("ck_billing_bills_one_addressee"), type_="check")
         batch_op.drop_constraint(
@@ -200,7 +200,7 @@ def downgrade() -> None:
         )
         batch_op.alter_column("user_id", existing_type=sa.Uuid(), nullable=False)
         batch_op.drop_column("organization_id")
-    with op.batch_alter_table("billing_operations", schema=None, recreate="always") as batch_op:
+    with op.batch_alter_table("billing_operations", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_billing_operations_model_organization_id"))
         batch_op.drop_index("ix_billing_operations_org_payer_created")
         batch_op.drop_constraint(batch_op.f("ck_billing_operations_operation_kind"), type_="check")
@@ -213,7 +213,7 @@ def downgrade() -> None:
         batch_op.drop_column("organization_id")
     # Organisation accounts cannot exist under the old CHECK: a downgrade with organisation money
     # in the ledger fails here rather than losing it.
-    with op.batch_alter_table("ledger_accounts", schema=None, recreate="always") as batch_op:
+    with op.batch_alter_table("ledger_accounts", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_ledger_accounts_organization_id"))
         batch_op.drop_constraint(
             batch_op.f("uq_ledger_accounts_organization_id_kind_currency"), type_="unique"

@@ -264,7 +264,7 @@ async def test_conversion_balances_per_currency(books, alice):
     }
     await books.price("model_copy", usd(30))  # tokens
     model = await books.model(alice.user.id)
-    copy = await books.run(lambda s: billing.charge_model_copy(s, alice.user, model, key="copy-1"))
+    (copy,) = await books.run(lambda s: billing.charge_model_copy(s, alice.user, model, key="copy-1"))
     assert copy.currency == Currency.TOKEN and await books.balance(alice.user.id, Currency.TOKEN) == usd(70)
     assert await books.total_by_currency() == {"USD": 0, "TOKEN": 0}
 
