@@ -33,6 +33,7 @@ from flplatform.routers import broker as broker_router
 from flplatform.routers import groups as groups_router
 from flplatform.routers import health as health_router
 from flplatform.routers import inference as inference_router
+from flplatform.routers import market as market_router
 from flplatform.routers import metrics as metrics_router
 from flplatform.routers import models as models_router
 from flplatform.routers import organization_billing as organization_billing_router
@@ -220,6 +221,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(billing_router.router)
     app.include_router(billing_ledger_router.router)
     app.include_router(organization_billing_router.router)
+    app.include_router(market_router.router)
+    app.include_router(market_router.copies_router)
     app.include_router(audit_router.router)
     app.include_router(auth_router.router)
     broker_router.include(app)  # JSON API, /ws/ views and websockets

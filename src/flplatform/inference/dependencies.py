@@ -14,6 +14,7 @@ from fastapi import Depends
 
 from flplatform.auth.dependencies import CurrentUser
 from flplatform.db import SessionDep
+from flplatform.errors import NotFound
 from flplatform.inference import jobs
 from flplatform.inference.service import get_readable_model
 from flplatform.orm import Model
@@ -21,7 +22,17 @@ from flplatform.orm.workqueue import QueuedWork
 
 
 async def readable_model(session: SessionDep, user: CurrentUser, model_id: uuid.UUID) -> Model:
-    return await get_readable_model(session, user, model_id)
+    """A model the caller may read, or one published on the market (its buyers need its metadata
+    to call it); 404 otherwise."""
+    try:
+        return await get_readable_model(session, user, model_id)
+    except NotFound:
+        from flplatform.billing import is_public_for_inference  # billing imports no inference code
+
+        model = await session.get(Model, model_id)
+        if model is None or not await is_public_for_inference(session, model_id):
+            raise
+        return model
 
 
 ReadableModel = Annotated[Model, Depends(readable_model)]
