@@ -73,6 +73,13 @@ MATRIX: dict[tuple[str, str], str] = {
     ("topic", "create"): "201 201 201 201 201 201 201 201 401",
     ("topic", "update"): "200 200 200 404 403 404 404 404 401",
     ("topic", "delete"): "200 200 200 404 403 404 404 404 401",
+    # The organisation's money (billing/organizations): its admins and superusers; a member reads
+    # their own spending. A top-up by the org admin moves their own (empty) balance: 402.
+    ("org_money", "read"): "200 200 403 403 403 403 403 404 401",
+    ("org_money", "create"): "201 402 403 403 403 403 403 404 401",
+    ("org_money", "update"): "200 200 403 403 403 403 403 404 401",
+    ("org_audit", "read"): "200 200 403 403 403 403 403 404 401",
+    ("org_spending", "read"): "200 200 403 403 200 403 403 404 401",
 }
 
 
@@ -271,6 +278,25 @@ OPS: dict[tuple[str, str], Op] = {
     ("topic", "delete"): lambda c, t, a: _status_of(
         c.delete(f"/api/broker/topics/{t.topic}/", headers=a.headers)
     ),  # type: ignore[attr-defined]
+    ("org_money", "read"): lambda c, t, a: _status_of(
+        c.get(f"/api/organizations/{t.org.id}/billing/balance/", headers=a.headers)
+    ),
+    ("org_money", "create"): lambda c, t, a: _status_of(
+        c.post(f"/api/organizations/{t.org.id}/billing/top-ups/", json={"amount": "1"}, headers=a.headers)
+    ),
+    ("org_money", "update"): lambda c, t, a: _status_of(
+        c.put(
+            f"/api/organizations/{t.org.id}/billing/limits/{t.member_one.id}/",
+            json={"amount": "5"},
+            headers=a.headers,
+        )
+    ),
+    ("org_audit", "read"): lambda c, t, a: _status_of(
+        c.get(f"/api/organizations/{t.org.id}/billing/audit-log/", headers=a.headers)
+    ),
+    ("org_spending", "read"): lambda c, t, a: _status_of(
+        c.get(f"/api/organizations/{t.org.id}/billing/members/{t.member_one.id}/spending/", headers=a.headers)
+    ),
 }
 
 

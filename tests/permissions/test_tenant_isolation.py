@@ -142,6 +142,14 @@ async def _victim_data(app: Any, tree: OrgTree) -> dict[str, Any]:
             result={"model_id": str(glob.id)},
         )  # an inference job's result
         session.add(job)
+        # The organisation's money: a top-up, a member's limit, a bill.
+        from flplatform import billing
+        from flplatform.billing import limits
+        from flplatform.orm.billing import Currency
+
+        await billing.top_up(session, organization_id=tree.org.id, amount=10**8, key="victim-topup")
+        await limits.set_limit(session, tree.org.id, member.id, Currency.USD, 10**8, by=None)
+        await billing.create_bill(session, organization_id=tree.org.id, amount=10**8, description="victim-bill")
         await session.commit()
         assert glob.organization_id == swag.organization_id == local.organization_id == tree.org.id
         assert training.organization_id == topic.organization_id == tree.org.id
@@ -171,6 +179,8 @@ def _markers(tree: OrgTree, data: dict[str, Any]) -> set[str]:
         "victim-metric",
         "victim-topic",
         "victim-invitation",
+        "victim-topup",
+        "victim-bill",
         f'{tree.org.name}"',
     }
     names |= {
