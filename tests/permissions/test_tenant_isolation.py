@@ -149,7 +149,9 @@ async def _victim_data(app: Any, tree: OrgTree) -> dict[str, Any]:
 
         await billing.top_up(session, organization_id=tree.org.id, amount=10**8, key="victim-topup")
         await limits.set_limit(session, tree.org.id, member.id, Currency.USD, 10**8, by=None)
-        await billing.create_bill(session, organization_id=tree.org.id, amount=10**8, description="victim-bill")
+        await billing.create_bill(
+            session, organization_id=tree.org.id, amount=10**8, description="victim-bill"
+        )
         await session.commit()
         assert glob.organization_id == swag.organization_id == local.organization_id == tree.org.id
         assert training.organization_id == topic.organization_id == tree.org.id

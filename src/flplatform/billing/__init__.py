@@ -7,6 +7,9 @@ commit: the caller's transaction (the request) commits or rolls back everything 
 
 Functions other domains call (all ``async``, first argument the request's ``AsyncSession``):
 
+Who pays: a member of an organisation spends from the organisation's accounts (``ledger.payer_of``)
+within the monthly limit its admins set (``limits``); a user outside organisations from their own.
+
 Training lifecycle (the training's ``actor`` pays; keys ``training:{id}:round:{n}``)
     ``reserve_round(session, training, round_number, participants) -> Hold | None``
         Call when a round starts, BEFORE notifying participants. Raises ``PaymentRequired`` (402)
@@ -25,9 +28,10 @@ Training lifecycle (the training's ``actor`` pays; keys ``training:{id}:round:{n
 
 Inference
     ``charge_inference(session, caller, model, samples, *, key=None) -> Operation | None``
-        Call BEFORE running the model; a 402 must stop the inference. On another owner's public
-        model (``billing_model_pricing``) the caller pays price × samples and the owner gets it
-        minus ``market_fee_bps`` in the same entry; otherwise the price list's inference prices.
+        Call BEFORE running the model; a 402 must stop the inference. On another organisation's
+        published model (``billing_model_pricing``) the caller pays price × samples and the seller
+        gets it minus ``market_fee_bps`` in the same entry (``inference_api``); otherwise the price
+        list's inference prices.
 
 Generic
     ``charge(session, payer_id=…, amount=…, kind=…, key=…)``, ``top_up(...)``, ``reserve(...)`` /
@@ -37,6 +41,7 @@ Generic
 Modules: ``operations`` (the operation behind each entry; charges, top-ups, payouts, conversions,
 refunds), ``holds``, ``rounds`` (training rounds), ``market`` (inference, model copies, market
 pricing), ``coupons``, ``bills``, ``reports`` (balances, statements, per-model reports, history),
+``organizations`` (funding an organisation, members' spending), ``limits`` (spending limits),
 ``ledger`` (accounts, entries, reconciliation), ``prices``, ``audit``, ``idempotency``.
 
 Audit
