@@ -63,7 +63,21 @@ def _kind_check(kinds: list[str]) -> str:
     return "kind IN (" + ", ".join(f"'{k}'" for k in kinds) + ")"
 
 
+def _sqlite_foreign_keys_off() -> None:
+    """SQLite changes a CHECK by copying the table, and dropping the old copy of a table other
+    rows reference fails while foreign keys are enforced. The pragma is ignored inside a
+    transaction, so the one this migration run has open (earlier revisions' rows) is committed
+    first; the connection is closed after the run, which restores the enforcement of the app's."""
+    bind = op.get_bind()
+    if bind.dialect.name == "sqlite":
+        raw = bind.connection.dbapi_connection  # aiosqlite's adapter around an aiosqlite connection
+        if getattr(getattr(raw, "_connection", raw), "in_transaction", False):
+            bind.exec_driver_sql("COMMIT")
+        bind.exec_driver_sql("PRAGMA foreign_keys=OFF")
+
+
 def upgrade() -> None:
+    _sqlite_foreign_keys_off()
     with op.batch_alter_table("ledger_accounts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("organization_id", sa.Uuid(), nullable=True))
         batch_op.drop_constraint(batch_op.f("ck_ledger_accounts_owner_and_balance"), type_="check")
@@ -85,6 +99,9 @@ def upgrade() -> None:
 
     with op.batch_alter_table("ledger_holds", schema=None) as batch_op:
         batch_op.add_column(sa.Column("organization_id", sa.Uuid(), nullable=True))
+        batch_op.create_index(
+            batch_op.f("ix_ledger_holds_organization_id"), ["organization_id"], unique=False
+        )
 
     with op.batch_alter_table("billing_operations", schema=None) as batch_op:
         batch_op.add_column(sa.Column("organization_id", sa.Uuid(), nullable=True))
@@ -100,6 +117,9 @@ def upgrade() -> None:
         )
         batch_op.create_index(
             batch_op.f("ix_billing_operations_model_organization_id"), ["model_organization_id"], unique=False
+        )
+        batch_op.alter_column(
+            "kind", existing_type=sa.String(length=20), type_=sa.String(length=17), existing_nullable=False
         )
 
     with op.batch_alter_table("billing_bills", schema=None) as batch_op:
@@ -182,6 +202,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    _sqlite_foreign_keys_off()
     with op.batch_alter_table("model_copies", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_model_copies_source_model_id"))
     op.drop_table("model_copies")
@@ -204,12 +225,14 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_billing_operations_model_organization_id"))
         batch_op.drop_index("ix_billing_operations_org_payer_created")
         batch_op.drop_constraint(batch_op.f("ck_billing_operations_operation_kind"), type_="check")
+        batch_op.alter_column("kind", existing_type=sa.String(length=17), type_=sa.String(length=20))
         batch_op.create_check_constraint(
             batch_op.f("ck_billing_operations_operation_kind"), _kind_check(_OLD_KINDS)
         )
         batch_op.drop_column("model_organization_id")
         batch_op.drop_column("organization_id")
     with op.batch_alter_table("ledger_holds", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_ledger_holds_organization_id"))
         batch_op.drop_column("organization_id")
     # Organisation accounts cannot exist under the old CHECK: a downgrade with organisation money
     # in the ledger fails here rather than losing it.

@@ -99,6 +99,16 @@ TAGS = [
         "description": "Balances (USD, TOKEN, COUPON), top-ups, coupons, usage charges, "
         "statements, bills, price list and ledger reconciliation.",
     },
+    {
+        "name": "organization-billing",
+        "description": "An organisation's own money: balance, top-ups, operations by member, members' "
+        "spending limits, monthly statements, bills, market earnings and its audit log.",
+    },
+    {
+        "name": "market",
+        "description": "Published models of every organisation (find, read, call), model copies and "
+        "pulls of newer rounds.",
+    },
     {"name": "audit", "description": "Append-only audit log of billing, permission and credential events."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]

@@ -37,7 +37,7 @@ from flplatform.errors import responses
 from flplatform.kit.schemas import PERIOD_PATTERN, Limit, Offset, SafeDateTime
 from flplatform.orm.billing import BillStatus
 
-router = APIRouter(prefix="/api/organizations/{organization_id}/billing", tags=["organisation billing"])
+router = APIRouter(prefix="/api/organizations/{organization_id}/billing", tags=["organization-billing"])
 
 Period = Annotated[str, Path(pattern=PERIOD_PATTERN, examples=["2026-11"])]
 
