@@ -4,9 +4,13 @@ audit log; members see only their own spending; another organisation sees none o
 
 from __future__ import annotations
 
+import uuid
+from types import SimpleNamespace
 from typing import Any
 
+from flplatform import billing
 from flplatform.orm.base import utcnow
+from flplatform.orm.billing import Currency
 from tests.billing.conftest import usd
 from tests.inference.conftest import DropoutMLP, add_model  # noqa: F401  (fixture)
 from tests.permissions.conftest import build_org_tree
@@ -161,4 +165,30 @@ async def test_org_bill_is_paid_from_the_organisation(app, client, books) -> Non
     # An organisation holding money is not deleted.
     gone = await client.delete(f"/api/organizations/{tree.org.id}/", headers=root.headers)
     assert gone.status_code == 409
+    assert (await books.reconcile()).ok
+
+
+async def test_member_training_rounds_and_refunds_use_the_organisation(app, books) -> None:
+    tree = await build_org_tree(app, "rounds", projects=0, groups=0, second=False)
+    org, coach = tree.org.id, tree.project_coach.user
+    await books.run(lambda s: billing.top_up(s, organization_id=org, amount=usd(5), key="fund-rounds"))
+    await books.price("training_update", usd(1))
+    training = SimpleNamespace(id=uuid.uuid4(), actor_id=coach.id, options={}, model_id=None)
+
+    async def org_usd(s: Any) -> tuple[int, int]:
+        line = next(
+            b for b in await billing.balances(s, org, organization=True) if b["currency"] == Currency.USD
+        )
+        return line["available"], line["held"]
+
+    hold = await books.run(lambda s: billing.reserve_round(s, training, 1, ["p1", "p2"]))
+    assert hold.organization_id == org and hold.owner_id == coach.id
+    assert await books.run(org_usd) == (usd(3), usd(2))
+    op = await books.run(lambda s: billing.settle_round(s, training, 1, [("p1", 10)]))
+    assert op.organization_id == org and op.payer_id == coach.id and op.amount == usd(1)
+    assert await books.run(org_usd) == (usd(4), 0)
+    refund = await books.run(lambda s: billing.refund(s, operation_id=op.id))
+    assert refund.organization_id == org
+    assert await books.run(org_usd) == (usd(5), 0)
+    assert await books.balance(coach.id) == 0  # the member's own money is untouched
     assert (await books.reconcile()).ok

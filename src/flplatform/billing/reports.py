@@ -80,7 +80,11 @@ async def statement(
     paid_by = (
         Operation.organization_id == user_id
         if organization
-        else and_(Operation.payer_id == user_id, Operation.organization_id.is_(None))
+        # Personal money: what the user paid themselves, and what they moved into an organisation.
+        else and_(
+            Operation.payer_id == user_id,
+            or_(Operation.organization_id.is_(None), Operation.kind == OperationKind.TOP_UP),
+        )
     )
     ops = await session.execute(
         select(Operation.kind, func.count(), func.sum(Operation.amount), Operation.currency)

@@ -225,16 +225,20 @@ async def revoke_grant(session: AsyncSession, topic: BrokerTopic, user: User) ->
     await session.flush()
 
 
-async def list_grants(session: AsyncSession, topic: BrokerTopic) -> list[tuple[BrokerTopicGrant, str]]:
-    rows = (
-        await session.execute(
-            select(BrokerTopicGrant, User.username)
-            .join(User, User.id == BrokerTopicGrant.user_id)
-            .where(BrokerTopicGrant.topic_id == topic.id)
-            .order_by(User.username)
-        )
-    ).all()
-    return [(g, name) for g, name in rows]
+async def list_grants(
+    session: AsyncSession, topic: BrokerTopic, *, limit: int | None = None, offset: int = 0
+) -> list[tuple[BrokerTopicGrant, str]]:
+    """The topic's grants with the grantees' usernames, by username (a page of them with ``limit``)."""
+    stmt = (
+        select(BrokerTopicGrant, User.username)
+        .join(User, User.id == BrokerTopicGrant.user_id)
+        .where(BrokerTopicGrant.topic_id == topic.id)
+        .order_by(User.username, BrokerTopicGrant.user_id)
+        .offset(offset)
+    )
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [(g, name) for g, name in (await session.execute(stmt)).all()]
 
 
 async def visible_topics(
@@ -426,8 +430,17 @@ def grant_read(grant: BrokerTopicGrant, username: str) -> GrantRead:
     )
 
 
-async def grant_reads(session: AsyncSession, topic: BrokerTopic) -> list[GrantRead]:
-    return [grant_read(g, name) for g, name in await list_grants(session, topic)]
+async def grant_reads(
+    session: AsyncSession, topic: BrokerTopic, *, limit: int, offset: int
+) -> tuple[list[GrantRead], int]:
+    """A page of the topic's grants and their total."""
+    total = (
+        await session.execute(
+            select(func.count()).select_from(BrokerTopicGrant).where(BrokerTopicGrant.topic_id == topic.id)
+        )
+    ).scalar_one()
+    rows = await list_grants(session, topic, limit=limit, offset=offset)
+    return [grant_read(g, name) for g, name in rows], int(total)
 
 
 async def message_reads(

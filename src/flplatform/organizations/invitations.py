@@ -11,13 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
-from collections.abc import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.auth.credentials import token_digest
 from flplatform.errors import Conflict, Forbidden, NotFound, Unauthorized
+from flplatform.kit.pagination import paginate
 from flplatform.organizations import service
 from flplatform.organizations.schemas import InvitationAccept
 from flplatform.orm.base import utcnow
@@ -57,13 +57,17 @@ async def create_invitation(
     return row, token
 
 
-async def list_invitations(session: AsyncSession, organization_id: uuid.UUID) -> Sequence[Invitation]:
-    stmt = (
-        select(Invitation)
-        .where(Invitation.organization_id == organization_id)
-        .order_by(Invitation.created_at.desc())
+async def list_invitations(
+    session: AsyncSession, organization_id: uuid.UUID, *, limit: int = 100, offset: int = 0
+) -> tuple[list[Invitation], int]:
+    """A page of the organisation's invitation links, newest first, and their total."""
+    return await paginate(
+        session,
+        select(Invitation).where(Invitation.organization_id == organization_id),
+        order_by=(Invitation.created_at.desc(), Invitation.id),
+        limit=limit,
+        offset=offset,
     )
-    return (await session.execute(stmt)).scalars().all()
 
 
 async def get_invitation(

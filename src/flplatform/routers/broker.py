@@ -325,11 +325,16 @@ async def ping_topic(session: SessionDep, broker: BrokerDep, topic: PingableTopi
     "/{slug}/grants/",
     response_model=list[GrantRead],
     summary="List a topic's grants",
-    description="Per-user `can_produce`, `can_consume`, `can_view_status`. Owner, organisation admin or superuser; another organisation's topic is 404.",
-    responses=responses(401, 403, 404),
+    description="Per-user `can_produce`, `can_consume`, `can_view_status`, by username. Owner, organisation "
+    "admin or superuser; another organisation's topic is 404. `X-Total-Count` carries the total.",
+    responses=responses(401, 403, 404, 422),
 )
-async def list_grants(session: SessionDep, topic: ManagedTopic) -> list[GrantRead]:
-    return await service.grant_reads(session, topic)
+async def list_grants(
+    session: SessionDep, response: Response, topic: ManagedTopic, limit: Limit = 100, offset: Offset = 0
+) -> list[GrantRead]:
+    rows, total = await service.grant_reads(session, topic, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return rows
 
 
 @api.put(

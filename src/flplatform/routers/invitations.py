@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from flplatform.auth.dependencies import AuthenticatedRequester, RequesterDep
 from flplatform.errors import responses
+from flplatform.kit.schemas import Limit, Offset
 from flplatform.organizations import invitations
 from flplatform.organizations.dependencies import InvitingOrganization, ManagedInvitation
 from flplatform.organizations.schemas import (
@@ -29,16 +30,20 @@ router = APIRouter(prefix="/api/invitations", tags=[TAG])
     "/{organization_id}/invitations/",
     response_model=list[InvitationRead],
     summary="List invitation links",
-    description="Organisation admins and superusers. Tokens are never shown again.",
+    description="Organisation admins and superusers, newest first. Tokens are never shown again. "
+    "`X-Total-Count` carries the total.",
     responses=responses(401, 403, 404, 422),
 )
 async def list_invitations(
-    requester: AuthenticatedRequester, org: InvitingOrganization
+    requester: AuthenticatedRequester,
+    response: Response,
+    org: InvitingOrganization,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[InvitationRead]:
-    return [
-        InvitationRead.model_validate(r)
-        for r in await invitations.list_invitations(requester.session, org.id)
-    ]
+    rows, total = await invitations.list_invitations(requester.session, org.id, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [InvitationRead.model_validate(r) for r in rows]
 
 
 @organization_invitations_router.post(
