@@ -13,7 +13,7 @@
   hold the value: no route ever produced it).
 
 Revision ID: 0903
-Revises: 0901
+Revises: 0905 (the lead gave 0901; main meanwhile gained 0905 on it)
 Create Date: 2026-12-04 19:30:00
 """
 
@@ -27,7 +27,7 @@ from alembic import op
 import flplatform.orm.base
 
 revision: str = "0903"
-down_revision: str | Sequence[str] | None = "0901"
+down_revision: str | Sequence[str] | None = "0905"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
