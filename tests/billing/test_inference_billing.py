@@ -33,6 +33,17 @@ async def test_public_model_inference_moves_money_from_caller_to_owner(client, a
     assert await books.balance(alice.user.id) == usd("0.45")  # minus the 10 % platform fee
     ops = (await client.get("/api/billing/operations/?kind=inference_api", headers=alice.headers)).json()
     assert len(ops) == 1 and ops[0]["count_of_lines"] == 2 and ops[0]["owner_income"] == "0.45000000"
+    earnings = (await client.get("/api/billing/earnings/", headers=alice.headers)).json()
+    assert earnings == [
+        {
+            "model_id": str(model_id),
+            "currency": "USD",
+            "sales": 1,
+            "gross": "0.50000000",
+            "earnings": "0.45000000",
+        }
+    ]
+    assert (await client.get("/api/billing/earnings/", headers=bob.headers)).json() == []
     assert (await books.reconcile()).ok
 
 

@@ -12,7 +12,7 @@ import hmac
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -29,12 +29,14 @@ from flplatform.billing.dependencies import (
 )
 from flplatform.billing.idempotency import IdempotencyKeyHeader, idempotent, request_fingerprint
 from flplatform.billing.money import to_decimal, to_minor
+from flplatform.billing.reports import model_earnings, month_bounds
 from flplatform.billing.schemas import (
     BalanceRead,
     ConversionCreate,
     CouponCreate,
     CouponRead,
     CouponRedeem,
+    EarningsLine,
     ModelPricingRead,
     ModelPricingUpdate,
     ModelReport,
@@ -48,7 +50,7 @@ from flplatform.billing.schemas import (
 )
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, Unprocessable, responses
-from flplatform.kit.schemas import Limit, Offset
+from flplatform.kit.schemas import PERIOD_PATTERN, Limit, Offset, SafeDateTime
 from flplatform.organizations.service import get_collection
 from flplatform.orm.organizations import CollectionKind
 from flplatform.users.service import get_user
@@ -356,6 +358,30 @@ async def refund_operation(
 )
 async def model_report(session: SessionDep, model: ManagedModel) -> ModelReport:
     return ModelReport.model_validate(await billing.model_report(session, model.id))
+
+
+@router.get(
+    "/earnings/",
+    response_model=list[EarningsLine],
+    summary="Market earnings per model (personal)",
+    description="What the caller's own models outside any organisation earned on the market (paid inference "
+    "and copies, net of refunds) per model and currency, for `period` (`YYYY-MM`) or between `since` and "
+    "`until`. An organisation's models earn for the organisation: `/api/organizations/{id}/billing/earnings/`. "
+    "Superusers may pass `user_id`.",
+    responses=responses(400, 401, 403, 422),
+)
+async def get_earnings(
+    session: SessionDep,
+    target: BillableUserId,
+    period: Annotated[str | None, Query(pattern=PERIOD_PATTERN, examples=["2026-11"])] = None,
+    model_id: uuid.UUID | None = None,
+    since: SafeDateTime | None = None,
+    until: SafeDateTime | None = None,
+) -> list[EarningsLine]:
+    if period is not None:
+        since, until = month_bounds(period)
+    rows = await model_earnings(session, owner_id=target, model_id=model_id, since=since, until=until)
+    return [EarningsLine.model_validate(r) for r in rows]
 
 
 def _pricing_read(model_id: uuid.UUID, row: object | None) -> ModelPricingRead:
