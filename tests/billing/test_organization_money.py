@@ -162,6 +162,18 @@ async def test_org_bill_is_paid_from_the_organisation(app, client, books) -> Non
     assert paid.status_code == 200 and paid.json()["status"] == "paid", paid.text
     balance = (await client.get(f"{base}/balance/", headers=admin.headers)).json()
     assert {"currency": "USD", "available": "1.00000000", "held": "0.00000000"} in balance["balances"]
+    # The organisation buys tokens with its USD (an admin's decision).
+    conversion = {"usd_amount": "0.5"}
+    assert (
+        await client.post(f"{base}/conversions/", json=conversion, headers=tree.member_one.headers)
+    ).status_code == 403
+    converted = await client.post(f"{base}/conversions/", json=conversion, headers=admin.headers)
+    assert converted.status_code == 201 and converted.json()["organization_id"] == str(tree.org.id), (
+        converted.text
+    )
+    balance = (await client.get(f"{base}/balance/", headers=admin.headers)).json()["balances"]
+    assert {"currency": "USD", "available": "0.50000000", "held": "0.00000000"} in balance
+    assert {"currency": "TOKEN", "available": "50.00000000", "held": "0.00000000"} in balance
     # An organisation holding money is not deleted.
     gone = await client.delete(f"/api/organizations/{tree.org.id}/", headers=root.headers)
     assert gone.status_code == 409

@@ -316,15 +316,23 @@ async def payout(
 
 
 async def convert_to_tokens(
-    session: AsyncSession, *, user_id: uuid.UUID, usd_amount: int, key: str
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    usd_amount: int,
+    key: str,
+    organization_id: uuid.UUID | None = None,
 ) -> Operation:
-    """USD → TOKEN at ``token_per_usd``: two balanced currency pairs through the exchange accounts."""
+    """USD → TOKEN at ``token_per_usd``: two balanced currency pairs through the exchange accounts.
+    With ``organization_id`` the organisation's USD buys the organisation's tokens (``user_id``:
+    the admin who asked)."""
     if usd_amount <= 0:
         raise ValueError("a conversion is positive")
     rate = (await get_prices(session)).amount("token_per_usd")
     tokens = usd_amount * rate
-    usd = await user_account(session, user_id, Currency.USD)
-    tok = await user_account(session, user_id, Currency.TOKEN)
+    payer = Payer(user_id, organization_id)
+    usd = await payer_account(session, payer, Currency.USD)
+    tok = await payer_account(session, payer, Currency.TOKEN)
     legs = [
         Leg(usd, -usd_amount),
         Leg(await system_account(session, AccountKind.EXCHANGE, Currency.USD), usd_amount),
@@ -338,9 +346,10 @@ async def convert_to_tokens(
         legs=legs,
         currency=Currency.USD,
         amount=usd_amount,
-        intent={"user": user_id, "usd": usd_amount},
+        intent={"user": user_id, "organization": organization_id, "usd": usd_amount},
         actor_id=user_id,
         payer_id=user_id,
+        organization_id=organization_id,
         description=f"{to_decimal(usd_amount)} USD → {to_decimal(tokens)} TOKEN",
     )
     return op

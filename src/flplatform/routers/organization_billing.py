@@ -23,6 +23,7 @@ from flplatform.billing.reports import model_earnings, month_bounds
 from flplatform.billing.schemas import (
     AuditRead,
     BillRead,
+    ConversionCreate,
     EarningsLine,
     MemberSpendingRead,
     OperationRead,
@@ -89,6 +90,51 @@ async def create_top_up(
             currency=data.currency,
             key=key,
             description=data.description,
+        )
+        return 201, OperationRead.model_validate(op)
+
+    return await idempotent(
+        session,
+        user_id=caller.id,
+        key=idempotency_key,
+        fingerprint=request_fingerprint("POST", request.url.path, data),
+        handler=run,
+    )
+
+
+@router.post(
+    "/conversions/",
+    response_model=OperationRead,
+    status_code=status.HTTP_201_CREATED,
+    summary="Convert the organisation's USD into tokens",
+    description="An admin spends the organisation's USD (not coupons) on TOKEN at the price list's "
+    "`token_per_usd` (model copies are priced in tokens). 402 if its USD balance is too low. Send an "
+    "`Idempotency-Key`.",
+    responses=responses(401, 402, 403, 404, 422),
+)
+async def create_conversion(
+    request: Request,
+    session: SessionDep,
+    requester: AuthenticatedRequester,
+    organization: OrgMoneyAdmin,
+    data: ConversionCreate,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    caller = requester.user
+    assert caller is not None
+
+    async def run() -> tuple[int, OperationRead]:
+        key = (
+            f"org-conversion:{caller.id}:{idempotency_key}"
+            if idempotency_key
+            else f"org-conversion:{uuid.uuid4()}"
+        )
+        op = await billing.convert_to_tokens(
+            session,
+            user_id=caller.id,
+            organization_id=organization.id,
+            usd_amount=to_minor(data.usd_amount),
+            key=key,
         )
         return 201, OperationRead.model_validate(op)
 
