@@ -157,6 +157,12 @@ class Settings(BaseSettings):
         description="How often (and at start-up) every active training is re-checked for a round "
         "whose condition is met but that nothing advanced (a process killed between an upload and its aggregation)",
     )
+    fold_max_open_rounds: int = Field(
+        default=4,
+        ge=0,
+        description="Rounds per server process whose updates are folded as they arrive (one float64 "
+        "accumulator, 2x the model, each); 0 folds every round only when it closes",
+    )
     aggregation_lease_seconds: int = Field(
         default=900,
         ge=1,

@@ -135,7 +135,8 @@ class Aggregator:
             self._setup(FlatLayout(global_state))
             self.layout.check(global_state, "the global model")
             self._import_state(state or {})
-        elif state:
+        elif state and set(state) - {"round"}:
+            # the round counter alone needs no model (a weighted mean begun before any update)
             raise AggregatorStateError(f"aggregator {self.name!r} got a state but no global model")
 
     def _setup(self, layout: FlatLayout) -> None:
@@ -291,6 +292,26 @@ class Aggregator:
             self._unbounded = False
         if self._phase == "open" and flush:
             self._flush()
+
+    @property
+    def streams(self) -> bool:
+        """Whether the round's result is a plain running weighted sum that may be folded as updates
+        arrive, one at a time (no robust statistic, no DP clipping or noise): FedAvg, FedProx and
+        the FedOpt family (their server step runs at :meth:`finish`)."""
+        return (
+            not self.collects
+            and type(self)._combine is Aggregator._combine
+            and self.clip_norm is None
+            and self.noise_multiplier == 0
+        )
+
+    def fold_pending(self) -> None:
+        """Fold the updates still pending into the running sum now, so that nothing added so far is
+        referenced any more (the caller may unmap or drop their bytes). Not for :attr:`collects`
+        aggregators, which keep every update until :meth:`finish`."""
+        if self._phase != "open":
+            raise AggregatorStateError("fold_pending() needs begin() first (and not after finish())")
+        self._flush()
 
     def held_bytes(self) -> int:
         """Bytes of tensors the aggregator itself holds now (accumulators, pending updates, copies)."""

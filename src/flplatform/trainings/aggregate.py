@@ -1,6 +1,7 @@
-"""Glue between the stores and the tensor code: streams a round's updates one at a time from
-the blob store into an accumulator (peak memory about two models) and encodes the new global model
-once per round (the TorchScript template with the new weights).
+"""Glue between the stores and the tensor code: the global model's tensor specs (for checking
+uploads), the training's aggregator options, and the SWAG moments' weighted mean. A round's model
+updates are aggregated by :mod:`flplatform.trainings.folding` (folded as they arrive, from memory
+maps of the blob store).
 
 Decoding, accumulation and encoding run in worker threads (``asyncio.to_thread``), never on
 the event loop; reading and rebuilding the TorchScript template happens in the model sandbox.
@@ -22,7 +23,7 @@ from flplatform import aggregation
 from flplatform.blobs import BlobNotFound, store_for
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError, StateDict, TensorSpec
-from flplatform.orm import LocalModel, Model, SwagStatistic
+from flplatform.orm import Model, SwagStatistic
 
 # (model id, round) -> tensor specs of the global model, for validating uploads cheaply.
 _spec_cache: dict[uuid.UUID, tuple[int, dict[str, TensorSpec]]] = {}
@@ -36,7 +37,7 @@ def forget_cached(model_id: uuid.UUID) -> None:
         _param_count_cache.pop(model_id, None)
 
 
-async def _blob(session: AsyncSession, digest: str | None, what: str) -> bytes:
+async def stored_bytes(session: AsyncSession, digest: str | None, what: str) -> bytes:
     if digest is None:
         raise ModelFileError(f"{what} has no stored bytes.")
     try:
@@ -45,11 +46,11 @@ async def _blob(session: AsyncSession, digest: str | None, what: str) -> bytes:
         raise ModelFileError(f"{what}: its bytes are missing from the blob store.") from None
 
 
-async def _global_weights(session: AsyncSession, model_id: uuid.UUID) -> bytes:
+async def global_weights(session: AsyncSession, model_id: uuid.UUID) -> bytes:
     digest = (
         await session.execute(select(Model.weights_digest).where(Model.id == model_id))
     ).scalar_one_or_none()
-    data = await _blob(session, digest, "The global model")
+    data = await stored_bytes(session, digest, "The global model")
     if not data:
         raise ModelFileError("The global model has no weights.")
     return data
@@ -60,7 +61,7 @@ async def global_spec(session: AsyncSession, model_id: uuid.UUID, round_: int) -
         cached = _spec_cache.get(model_id)
     if cached is not None and cached[0] == round_:
         return cached[1]
-    data = await _global_weights(session, model_id)
+    data = await global_weights(session, model_id)
     state, _ = await model_files.decode_state_dict_async(data)
     spec = model_files.spec_of(state)
     with _cache_lock:
@@ -73,7 +74,7 @@ async def parameter_count(session: AsyncSession, model_id: uuid.UUID, round_: in
         cached = _param_count_cache.get(model_id)
     if cached is not None and cached[0] == round_:
         return cached[1]
-    data = await _global_weights(session, model_id)
+    data = await global_weights(session, model_id)
     count = await model_files.parameter_count(data)
     with _cache_lock:
         _param_count_cache[model_id] = (round_, count)
@@ -121,45 +122,6 @@ def check_aggregator_options(options: dict[str, Any]) -> None:
     aggregation.get(name, **kwargs)
 
 
-async def aggregate_updates(
-    sessionmaker: async_sessionmaker[AsyncSession],
-    model_id: uuid.UUID,
-    items: Sequence[tuple[uuid.UUID, int]],
-    options: dict[str, Any],
-    previous_state: str | None,
-) -> tuple[bytes, bytes]:
-    """New global model (TorchScript bytes) and the aggregator's state (safetensors) from the
-    round's local models, read from the blob store one at a time into ``flplatform.aggregation``
-    (``previous_state``: the digest of the aggregator's state after the last round)."""
-    name, kwargs = aggregator_options(options)
-    agg = aggregation.get(name, **kwargs)
-    async with sessionmaker() as session:
-        template = await _global_weights(session, model_id)
-        state_bytes = await _blob(session, previous_state, "The aggregator state") if previous_state else None
-    global_state, _ = await model_files.decode_state_dict_async(template)
-    prior = aggregation.decode_safetensors(state_bytes, copy=True) if state_bytes else None
-    del state_bytes
-    await asyncio.to_thread(agg.begin, global_state, prior)
-    for local_id, sample_size in items:
-        async with sessionmaker() as session:
-            digest = (
-                await session.execute(select(LocalModel.weights_digest).where(LocalModel.id == local_id))
-            ).scalar_one_or_none()
-            if digest is None:
-                raise ValueError(f"local model {local_id} disappeared during aggregation")
-            data = await _blob(session, digest, f"Local model {local_id}")
-        # Safetensors bytes go straight in: viewed zero-copy, one range per dtype, no tensor per entry.
-        # Nothing else keeps them, so the aggregator counts them against its 2-model budget.
-        await asyncio.to_thread(agg.add, data, float(sample_size))
-        del data
-    new_global, new_state = await asyncio.to_thread(agg.finish)
-    encoded = await model_files.rebuild_torchscript(template, new_global)
-    new_state_bytes = await asyncio.to_thread(
-        aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
-    )
-    return encoded, new_state_bytes
-
-
 async def aggregate_swag(
     sessionmaker: async_sessionmaker[AsyncSession], items: Sequence[tuple[uuid.UUID, int]]
 ) -> tuple[bytes, bytes]:
@@ -176,8 +138,8 @@ async def aggregate_swag(
             ).one()
             if row[0] is None or row[1] is None:
                 raise ValueError(f"SWAG statistic {stat_id} has no stored moments.")
-            first_moment = await _blob(session, row[0], f"SWAG statistic {stat_id}")
-            second_moment = await _blob(session, row[1], f"SWAG statistic {stat_id}")
+            first_moment = await stored_bytes(session, row[0], f"SWAG statistic {stat_id}")
+            second_moment = await stored_bytes(session, row[1], f"SWAG statistic {stat_id}")
         first = await asyncio.to_thread(model_files.decode_safetensors, first_moment)
         second = await asyncio.to_thread(model_files.decode_safetensors, second_moment)
         await asyncio.to_thread(

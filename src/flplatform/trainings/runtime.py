@@ -43,7 +43,7 @@ from flplatform.kit.tasks import spawn
 from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, Training
 from flplatform.orm.base import utcnow
 from flplatform.settings import Settings
-from flplatform.trainings import aggregate, asynchronous, events, hooks
+from flplatform.trainings import aggregate, asynchronous, events, folding, hooks
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import (
     after_aggregation,
@@ -344,8 +344,14 @@ class TrainingRuntime:
             ).scalar_one_or_none()
         if job.kind in ("update", asynchronous.KIND):
             method, elapsed = _method(job.kind, options), metrics.stopwatch()
-            fold = asynchronous.fold_buffer if job.kind == asynchronous.KIND else aggregate.aggregate_updates
-            encoded, state = await fold(self.sessionmaker, job.model_id, job.items, options, previous)
+            if job.kind == asynchronous.KIND:
+                encoded, state = await asynchronous.fold_buffer(
+                    self.sessionmaker, job.model_id, job.items, options, previous
+                )
+            else:
+                encoded, state = await folding.aggregate_round(
+                    self.sessionmaker, job.model_id, job.round, job.items, options, previous
+                )
             metrics.observe_aggregation(method, elapsed())
             committed = await self._finish_update(training_id, job, encoded, state, started)
             if committed:

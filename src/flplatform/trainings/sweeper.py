@@ -19,6 +19,7 @@ from flplatform.db import after_commit
 from flplatform.errors import NotFound
 from flplatform.orm import Training
 from flplatform.orm.base import utcnow
+from flplatform.trainings import folding
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.repository import get_training, global_model
 from flplatform.trainings.rounds import ACTIVE_STATES, round_condition
@@ -123,9 +124,16 @@ def advance_after_commit(app: FastAPI, session: AsyncSession, training_id: uuid.
 
 def advance_after_update(app: FastAPI, session: AsyncSession, training_id: uuid.UUID) -> None:
     """:func:`advance_after_commit` for a client's update: the round is re-checked under the
-    row lock only when a cheap read says it may be complete (``TrainingRuntime.advance_if_due``)."""
+    row lock only when a cheap read says it may be complete (``TrainingRuntime.advance_if_due``),
+    after the update was folded into its round's running aggregate (:mod:`~flplatform.trainings.folding`)."""
     runtime = runtime_of(app)
-    after_commit(session, lambda: runtime.advance_if_due(training_id))
+
+    async def folded_then_advanced() -> None:
+        # Folded first: when this update completes the round, the aggregation job finds it folded.
+        await folding.on_update(runtime.sessionmaker, runtime.settings, training_id)
+        await runtime.advance_if_due(training_id)
+
+    after_commit(session, folded_then_advanced)
 
 
 def kick_after_commit(app: FastAPI, session: AsyncSession) -> None:

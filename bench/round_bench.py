@@ -1,0 +1,337 @@
+"""Real-size rounds: N clients × an M MB model on the default server (SQLite) and on PostgreSQL.
+
+One server process (``uvicorn flplatform.app:create_app``, what ``flplatform serve`` runs; its
+defaults, a filesystem blob store in the run's directory), a FedAvg training of ``--rounds`` rounds
+(``skip_model_tests``) over an MLP sized to ``--mb`` MB of float32 weights, ``--clients``
+participants. Each round every client uploads its safetensors update at the same moment (bodies
+built beforehand: the bench measures the server, not httpx). Reported per database:
+
+* **upload burst**: the round's update bytes ÷ (first upload sent → last response), median of the
+  rounds (and the best);
+* **last upload → next round**: last response → the training in the next round's update phase,
+  unlocked (polled every 5 ms): the aggregation, the new global model, the commit;
+* **kernel**: ``flplatform.aggregation.fedavg`` over the same N updates as bytes in this process
+  (what the aggregation would cost with everything already in memory);
+* **server peak RSS**: ``VmHWM`` of the server process from ``/proc`` — over the rounds (the peak
+  is reset with ``clear_refs`` after the set-up) and over the whole run (the set-up uploads the
+  TorchScript global model); the model sandbox's processes are apart and not counted;
+* the machine's own **loopback** TCP bandwidth and **fdatasync** write bandwidth (the blob store's
+  filesystem), measured in the same run, and the load average (the machine may be shared).
+
+Run from the repository root, un-niced: ``.venv/bin/python bench/round_bench.py --clients 8 --mb 68``
+(``--database sqlite`` or ``postgresql`` for one; ``--no-fold`` folds every round only at its close,
+``FLP_FOLD_MAX_OPEN_ROUNDS=0``). Prints a table; asserts nothing about time. Needs
+``initdb``/``pg_ctl`` on PATH for PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("FLP_ARGON2_TIME_COST", "1")
+os.environ.setdefault("FLP_ARGON2_MEMORY_COST_KIB", "64")
+os.environ.setdefault("FLP_SECRET_KEY", "bench-secret-key-not-for-production")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from update_path_bench import multipart, start_server, stop_server  # noqa: E402
+
+from flplatform import aggregation  # noqa: E402
+from flplatform.migrate import upgrade  # noqa: E402
+from tests.conftest import start_postgres  # noqa: E402
+from tests.scale.harness import (  # noqa: E402
+    admin_headers,
+    as_safetensors,
+    create_account,
+    create_admin,
+    scripted,
+    training_state,
+    upload_model,
+)
+
+MB = 1e6
+
+
+class BenchNet(torch.nn.Module):
+    """bench/scale_bench.py's MLP (64 → width → width → 10)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, width)
+        self.fc2 = torch.nn.Linear(width, width)
+        self.fc3 = torch.nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def width_for(mb: float) -> int:
+    """Hidden width whose float32 weights come closest to ``mb`` MB (w² + 85w + 10 parameters)."""
+    params = mb * MB / 4
+    return max(1, round((-85 + math.sqrt(85 * 85 + 4 * (params - 10))) / 2))
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def loopback_bandwidth(total: int = 512 << 20, chunk: int = 1 << 20) -> float:
+    """Bytes/s through one TCP connection on 127.0.0.1 (a thread receives and discards)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    received = [0]
+
+    def sink() -> None:
+        conn, _ = server.accept()
+        buf = bytearray(chunk)
+        with conn:
+            while (n := conn.recv_into(buf)) > 0:
+                received[0] += n
+
+    thread = threading.Thread(target=sink)
+    thread.start()
+    payload = b"\0" * chunk
+    with socket.create_connection(server.getsockname()) as client:
+        started = time.perf_counter()
+        for _ in range(total // chunk):
+            client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        thread.join()
+        seconds = time.perf_counter() - started
+    server.close()
+    return received[0] / seconds
+
+
+def fdatasync_bandwidth(directory: Path, total: int, chunk: int = 8 << 20) -> float:
+    """Bytes/s of writing ``total`` bytes to a new file in ``directory`` and ``fdatasync``-ing it
+    (what the blob store does per blob), random bytes so no filesystem compresses them."""
+    payload = os.urandom(chunk)
+    path = directory / "fdatasync-probe"
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(max(1, total // chunk)):
+            os.write(fd, payload)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return max(1, total // chunk) * chunk / seconds
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident set of ``pid`` in bytes (``VmHWM``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_hwm(pid: int) -> bool:
+    """Reset ``VmHWM`` to the current RSS (``clear_refs`` 5; needs the same user or root)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def kernel_seconds(updates: list[bytes], repeats: int = 3) -> float:
+    """Best of ``repeats``: ``fedavg`` over the updates as bytes already in memory."""
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        aggregation.fedavg([(u, 10.0 + i) for i, u in enumerate(updates)])
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+# --------------------------------------------------------------------------- one database
+
+
+@dataclass
+class Result:
+    database: str
+    update_bytes: int
+    bursts: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    rss_rounds: int = 0
+    rss_setup: int = 0
+    hwm_reset: bool = False
+
+
+async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) -> list[bytes]:
+    limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients + 10)
+    async with httpx.AsyncClient(timeout=600.0, limits=limits) as http:
+        admin = await admin_headers(http, url)
+        actor = await create_account(http, url, admin, "actor", actor=True)
+        accounts = [
+            await create_account(http, url, admin, f"client-{i:03d}", client=True)
+            for i in range(args.clients)
+        ]
+        torch.manual_seed(0)
+        net = BenchNet(width_for(args.mb))
+        model_id = await upload_model(http, url, actor.headers, scripted(net))
+        state = {k: v.detach() for k, v in net.state_dict().items()}
+        updates = [
+            as_safetensors({k: v + 0.001 * (i + 1) for k, v in state.items()}) for i in range(args.clients)
+        ]
+        del net, state
+        result.update_bytes = len(updates[0])
+        body = {
+            "model_id": model_id,
+            "target_num_updates": args.rounds,
+            "aggregation_method": "FedAvg",
+            "clients": [a.id for a in accounts],
+            "options": {"skip_model_tests": True},
+        }
+        r = await http.post(f"{url}/api/trainings/", headers=actor.headers, json=body)
+        assert r.status_code == 201, r.text
+        training_id = r.json()["training_id"]
+
+        async def wait_round(round_: int) -> None:
+            while True:
+                s = await training_state(http, url, actor.headers, training_id)
+                if s["state"] == "E":
+                    raise RuntimeError(f"training failed: {s['error_reason']}")
+                if s["state"] == "C" or (s["round"] == round_ and s["phase"] == "update" and not s["locked"]):
+                    return
+                await asyncio.sleep(0.005)
+
+        r = await http.post(f"{url}/api/trainings/{training_id}/start/", headers=actor.headers)
+        assert r.status_code == 202, r.text
+        await wait_round(0)
+        await asyncio.sleep(1.0)  # the start's notifications settle
+        result.rss_setup = vm_hwm(pid)  # the set-up's peak (the TorchScript global model's upload)
+        result.hwm_reset = reset_hwm(pid)
+        for round_ in range(args.rounds):
+            bodies = [multipart(u, round_, 10 + i) for i, u in enumerate(updates)]
+
+            async def post(index: int, form: tuple[bytes, str]) -> None:
+                r = await http.post(
+                    f"{url}/api/models/{model_id}/",
+                    headers={**accounts[index].headers, "Content-Type": form[1]},
+                    content=form[0],
+                )
+                assert r.status_code == 201, r.text
+
+            started = time.perf_counter()
+            await asyncio.gather(*(post(i, b) for i, b in enumerate(bodies)))
+            answered = time.perf_counter()
+            del bodies
+            await wait_round(round_ + 1)
+            result.bursts.append(answered - started)
+            result.latencies.append(time.perf_counter() - answered)
+        result.rss_rounds = vm_hwm(pid)
+        final = await training_state(http, url, actor.headers, training_id)
+        assert final["state"] == "C" and final["round"] == args.rounds, final
+        return updates
+
+
+def run_database(
+    kind: str, db_url: str, args: argparse.Namespace, workdir: Path
+) -> tuple[Result, list[bytes]]:
+    upgrade(db_url)
+    create_admin(db_url)
+    blobs = workdir / f"blobs-{kind}"
+    os.environ["FLP_BLOB_DIR"] = str(blobs)
+    os.environ["FLP_MAX_UPLOAD_BYTES"] = str(int(args.mb * MB * 1.2) + (64 << 20))
+    if args.no_fold:
+        os.environ["FLP_FOLD_MAX_OPEN_ROUNDS"] = "0"
+    proc, url = start_server(db_url, workdir / f"server-{kind}.log")
+    result = Result(kind, 0)
+    try:
+        updates = asyncio.run(drive(url, args, proc.pid, result))
+    finally:
+        stop_server(proc)
+        shutil.rmtree(blobs, ignore_errors=True)
+    return result, updates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--mb", type=float, default=68.0, help="model (and update) size in MB of float32")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--database", default="sqlite,postgresql", help="sqlite, postgresql or both")
+    parser.add_argument("--no-fold", action="store_true", help="FLP_FOLD_MAX_OPEN_ROUNDS=0 (fold at close)")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="flp-round-bench-"))
+    base.chmod(0o755)
+    load_before = os.getloadavg()
+    loopback = loopback_bandwidth()
+    fsync = fdatasync_bandwidth(base, max(256 << 20, int(args.mb * MB)))
+    results: list[Result] = []
+    kernel = math.nan
+    cluster = None
+    try:
+        for kind in args.database.split(","):
+            if kind == "sqlite":
+                db_url = f"sqlite+aiosqlite:///{base}/round-bench.db"
+            else:
+                if cluster is None:
+                    (base / "pg").mkdir(mode=0o755)
+                    cluster = start_postgres(base / "pg")
+                db_url = cluster.create_database("flp_round_bench")
+            result, updates = run_database(kind, db_url, args, base)
+            results.append(result)
+            if math.isnan(kernel):
+                kernel = kernel_seconds(updates)
+            del updates
+            print(f"  {kind} done", file=sys.stderr, flush=True)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    load_after = os.getloadavg()
+    size = results[0].update_bytes if results else 0
+    print(
+        f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+    print(
+        f"{args.clients} clients × {size / MB:.1f} MB update, {args.rounds} rounds, FedAvg"
+        f"{' folded at close only' if args.no_fold else ''}; load average before {load_before[0]:.1f}, "
+        f"after {load_after[0]:.1f}; loopback {loopback / MB:.0f} MB/s, fdatasync {fsync / MB:.0f} MB/s; "
+        f"fedavg kernel over the same {args.clients} updates in memory {1000 * kernel:.0f} ms\n"
+    )
+    print(
+        "| database | upload burst MB/s (median / best) | last upload → next round s (median / each) "
+        "| server peak RSS MB, rounds (× model) | set-up MB |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        mbps = [args.clients * r.update_bytes / s / MB for s in r.bursts]
+        each = " ".join(f"{s:.2f}" for s in r.latencies)
+        rounds_rss = (
+            f"{r.rss_rounds / MB:.0f} ({r.rss_rounds / r.update_bytes:.1f}×)" if r.hwm_reset else "n/a"
+        )
+        print(
+            f"| {r.database} | {statistics.median(mbps):.0f} / {max(mbps):.0f} "
+            f"| {statistics.median(r.latencies):.2f} / {each} | {rounds_rss} | {r.rss_setup / MB:.0f} |"
+        )
+    print(
+        f"\nTargets (issue 21): upload ≥ 300 MB/s or ≥ {0.5 * fsync / MB:.0f} MB/s (50 % of fdatasync); "
+        f"last upload → next round ≤ 0.5 s; peak RSS ≤ {(3 * size + 400 * MB) / MB:.0f} MB (3× model + 400 MB)"
+    )
+
+
+if __name__ == "__main__":
+    main()

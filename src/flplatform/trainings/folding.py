@@ -1,0 +1,439 @@
+"""Aggregation from the blob store, folded while the round's updates still arrive.
+
+**Folding on arrival.** For the methods whose result is a running weighted sum (FedAvg, FedProx and
+the FedOpt family without DP: :attr:`Aggregator.streams`), the server process that accepts an update
+keeps one :class:`RoundFolder` per open round: an aggregator begun for the round, into which every
+committed update is folded at once (:func:`on_update`, called after the upload's commit), read as a
+zero-copy view of the memory-mapped blob (:func:`flplatform.blobs.mapped.mapped`; from S3 a streamed
+temporary file). Updates committed by other processes reach it through the training events bus (the
+folder follows its training's wake-ups and re-reads the round's rows). When the round closes, the
+aggregation job (:func:`aggregate_round`) takes the folder, folds only what is not folded yet, and
+finishes: little is left to do after the last upload.
+
+**Exactly once, and re-uploads.** The folder records which row it folded with which digest and
+sample size. The close-time job reads the claimed items' digests; anything folded that is not among
+them unchanged (a re-upload replaced the bytes or the sample size, or the participant was removed)
+makes the folder start over and fold the current items from the store. Subtracting the old
+contribution instead was rejected: floating-point sums are not invertible (``(a + b) − b ≠ a``), so
+the result would depend on the upload history, and a seeded run would no longer be reproducible.
+Replacements are rare; a refold costs one pass per update. Whatever the folder holds, the round
+itself is closed exactly once by the claim of :mod:`flplatform.trainings.runtime`: the folder only
+saves work, and a job that finds none (another process claimed the round, this one restarted, the
+method keeps the close-time path) folds everything from the store: correct, just slower.
+
+**One folder per round across processes.** On PostgreSQL a folder holds a session advisory lock on
+(model, round) on a connection of its own; a process that cannot take it does not fold that round
+(it only commits rows, whose events wake the folding process). A dead process's lock goes with its
+connection. SQLite has one writing process.
+
+**Order independence.** A seeded run must give the same model bit for bit (issue 20), but arrival
+order is not reproducible. Streamed methods therefore accumulate in float64 unless the training set
+``accumulate_dtype`` itself (then it folds only at close, in the participants' fixed order): sums
+of float32 updates in float64 agree to ~1e-16 relative whatever the order, so their float32 mean is
+the same except for a value that falls within that distance of a float32 rounding boundary (about
+one coordinate in 5·10⁸ per round). The accumulator is 2 models; plus one mapped update at a time.
+
+Methods that need every update at once (median, trimmed mean, (Multi-)Krum, DP, FedDC) keep the
+close-time path, reading their updates from memory maps too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+
+from flplatform import aggregation
+from flplatform.aggregation import Aggregator
+from flplatform.blobs import BlobNotFound, BlobStore, store_for
+from flplatform.blobs.mapped import mapped
+from flplatform.kit.tasks import spawn
+from flplatform.models import files as model_files
+from flplatform.models.files import ModelFileError
+from flplatform.orm import LocalModel, Model, Training, TrainingState
+from flplatform.settings import Settings
+from flplatform.trainings import buffer, events
+from flplatform.trainings.aggregate import aggregator_options, global_weights, stored_bytes
+from flplatform.trainings.rounds import PHASE_UPDATE
+
+log = logging.getLogger(__name__)
+
+Rows = dict[uuid.UUID, tuple[str, int]]  # local model id -> (digest, sample size)
+
+
+def method_options(options: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool]:
+    """The aggregator's name and options for a round, and whether it may fold on arrival.
+
+    Streamed methods accumulate in float64 unless the training chose ``accumulate_dtype`` (see the
+    module docstring: the result must not depend on the arrival order); FedDC rounds, which pass
+    local models on, never fold on arrival."""
+    name, kwargs = aggregator_options(dict(options))
+    streams = aggregation.get(name, **kwargs).streams
+    if streams:
+        kwargs.setdefault("accumulate_dtype", "float64")
+    foldable = (
+        streams
+        and kwargs["accumulate_dtype"] == "float64"
+        and not int(options.get("daisy_chain_period") or 0)
+        and not buffer.is_async(options)  # FedBuff folds its buffer against each update's base version
+    )
+    return name, kwargs, foldable
+
+
+async def _begin_args(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    model_id: uuid.UUID,
+    agg: Aggregator,
+    previous_state: str | None,
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """``begin``'s global model (only where the method needs it: decoding it holds a model) and the
+    aggregator's state after the last round."""
+    async with sessionmaker() as session:
+        template = await global_weights(session, model_id) if agg.needs_global or agg.clip_norm else None
+        state_bytes = (
+            await stored_bytes(session, previous_state, "The aggregator state") if previous_state else None
+        )
+    global_state = (await model_files.decode_state_dict_async(template))[0] if template is not None else None
+    del template
+    prior = aggregation.decode_safetensors(state_bytes, copy=True) if state_bytes else None
+    return global_state, prior
+
+
+async def fold_blob(agg: Aggregator, store: BlobStore, digest: str, weight: float, what: str) -> None:
+    """Add one stored update to ``agg`` as a zero-copy view of its memory-mapped blob; folded at once
+    unless the aggregator keeps every update (then the mapping stays while it does)."""
+    try:
+        async with mapped(store, digest) as view:
+            await asyncio.to_thread(_add, agg, view, weight)
+    except BlobNotFound:
+        raise ModelFileError(f"{what}: its bytes are missing from the blob store.") from None
+
+
+def _add(agg: Aggregator, view: memoryview, weight: float) -> None:
+    agg.add(view, weight)
+    if not agg.collects:
+        agg.fold_pending()
+
+
+async def _rows(session: AsyncSession, model_id: uuid.UUID, round_: int) -> Rows:
+    rows = await session.execute(
+        select(LocalModel.id, LocalModel.weights_digest, LocalModel.sample_size)
+        .where(LocalModel.base_model_id == model_id, LocalModel.round == round_)
+        .order_by(LocalModel.created_at)
+    )
+    return {local: (digest, size) for local, digest, size in rows if digest is not None}
+
+
+def _lock_key(model_id: uuid.UUID, round_: int) -> int:
+    """The advisory lock's 64-bit key of (model, round)."""
+    raw = hashlib.sha256(f"flplatform.fold:{model_id}:{round_}".encode()).digest()
+    return int.from_bytes(raw[:8], "big", signed=True)
+
+
+@dataclass(eq=False)
+class RoundFolder:
+    """One open round's running aggregate in this process (see the module docstring)."""
+
+    training_id: uuid.UUID
+    model_id: uuid.UUID
+    round: int
+    sessionmaker: async_sessionmaker[AsyncSession]
+    store: BlobStore
+    name: str
+    kwargs: dict[str, Any]
+    begin_args: tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]
+    guard: AsyncConnection | None = None  # holds the PostgreSQL advisory lock
+    agg: Aggregator | None = None
+    folded: Rows = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+    refolds: int = 0
+    on_arrival: int = 0  # updates folded before the round closed
+
+    def reset(self) -> Aggregator:
+        agg = aggregation.get(self.name, **self.kwargs)
+        agg.begin(*self.begin_args)
+        self.agg, self.folded = agg, {}
+        return agg
+
+    async def fold(self, rows: Rows, order: Sequence[uuid.UUID]) -> None:
+        """Fold ``rows`` (in ``order``) so that the aggregate is exactly theirs: what is folded
+        already and unchanged is kept; anything else folded (replaced, or not among them) makes
+        it start over. Call under ``lock``."""
+        agg = self.agg
+        if agg is None or any(rows.get(local) != seen for local, seen in self.folded.items()):
+            if self.folded:
+                self.refolds += 1
+                log.info(
+                    "training %s round %s: a folded update was replaced; folding the round again",
+                    self.training_id,
+                    self.round,
+                )
+            agg = await asyncio.to_thread(self.reset)
+        for local in order:
+            if local in self.folded:
+                continue
+            digest, size = rows[local]
+            await fold_blob(agg, self.store, digest, float(size), f"Local model {local}")
+            self.folded[local] = (digest, size)
+
+    async def sync(self) -> None:
+        """Fold what was committed for the round since the last look (arrival path)."""
+        async with self.lock:
+            if self.closed:
+                return
+            async with self.sessionmaker() as session:
+                current = (
+                    await session.execute(select(Model.round).where(Model.id == self.model_id))
+                ).scalar_one_or_none()
+                rows = await _rows(session, self.model_id, self.round) if current == self.round else {}
+            if current != self.round:  # the round was closed (maybe by another process) or deleted
+                await _discard(self)
+                return
+            before = len(self.folded)
+            await self.fold(rows, list(rows))
+            self.on_arrival += max(0, len(self.folded) - before)
+
+    async def follow(self) -> None:
+        """Re-read the round whenever its training records an event (here or, through the bus,
+        in another process) until the folder is closed."""
+        waiter = events.HUB.subscribe(self.training_id)
+        try:
+            while not self.closed:
+                await waiter.event.wait()
+                waiter.event.clear()
+                try:
+                    await self.sync()
+                except Exception:
+                    log.exception(
+                        "training %s: folding round %s on arrival failed", self.training_id, self.round
+                    )
+                    await _discard(self)
+        finally:
+            events.HUB.unsubscribe(self.training_id, waiter)
+
+    async def close(self) -> None:
+        self.closed = True
+        self.agg = None
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            with contextlib.suppress(Exception):
+                await guard.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": _lock_key(self.model_id, self.round)}
+                )
+            with contextlib.suppress(Exception):
+                await guard.close()
+
+
+# model id -> the open round's folder in this process
+_FOLDERS: dict[uuid.UUID, RoundFolder] = {}
+_OPENING: set[uuid.UUID] = set()
+
+
+async def _discard(folder: RoundFolder) -> None:
+    if _FOLDERS.get(folder.model_id) is folder:
+        del _FOLDERS[folder.model_id]
+    await folder.close()
+
+
+def open_folders() -> dict[uuid.UUID, RoundFolder]:
+    """This process's folders by model id (for tests and the bench)."""
+    return dict(_FOLDERS)
+
+
+async def _guard(
+    sessionmaker: async_sessionmaker[AsyncSession], key: int
+) -> tuple[bool, AsyncConnection | None]:
+    """On PostgreSQL: a connection holding the advisory lock ``key`` (False if another process
+    holds it). SQLite: (True, None)."""
+    engine = sessionmaker.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        return True, None
+    connection = await engine.connect()
+    try:
+        connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        got = (await connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key})).scalar_one()
+    except BaseException:
+        await connection.close()
+        raise
+    if not got:
+        await connection.close()
+        return False, None
+    return True, connection
+
+
+async def _open(
+    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, training_id: uuid.UUID
+) -> RoundFolder | None:
+    async with sessionmaker() as session:
+        row = (
+            await session.execute(
+                select(
+                    Training.state,
+                    Training.phase,
+                    Training.locked,
+                    Training.options,
+                    Training.model_id,
+                    Training.aggregator_state_digest,
+                    Model.round,
+                )
+                .join(Model, Model.id == Training.model_id)
+                .where(Training.id == training_id)
+            )
+        ).one_or_none()
+        store = store_for(session)
+    if row is None:
+        return None
+    state, phase, locked, options, model_id, previous_state, round_ = row
+    existing = _FOLDERS.get(model_id)
+    if existing is not None:
+        if existing.round == round_ and not existing.closed:
+            return existing
+        await _discard(existing)
+    if state != TrainingState.ONGOING or phase != PHASE_UPDATE or locked:
+        return None
+    name, kwargs, foldable = method_options(options or {})
+    if not foldable or len(_FOLDERS) >= settings.fold_max_open_rounds or model_id in _OPENING:
+        return None
+    _OPENING.add(model_id)
+    try:
+        got, guard = await _guard(sessionmaker, _lock_key(model_id, round_))
+        if not got:
+            return None  # another process folds this round
+        try:
+            agg = aggregation.get(name, **kwargs)
+            begin_args = await _begin_args(sessionmaker, model_id, agg, previous_state)
+        except BaseException:
+            if guard is not None:
+                await guard.close()
+            raise
+        folder = RoundFolder(
+            training_id, model_id, round_, sessionmaker, store, name, kwargs, begin_args, guard=guard
+        )
+        _FOLDERS[model_id] = folder
+    finally:
+        _OPENING.discard(model_id)
+    spawn(folder.follow(), name=f"fold-{training_id}-{round_}")
+    return folder
+
+
+async def on_update(
+    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, training_id: uuid.UUID
+) -> None:
+    """After an update's commit: fold it (and whatever else arrived) into the round's folder,
+    opening one if this process may fold the round. Never raises: the close-time path folds
+    whatever this could not."""
+    if settings.fold_max_open_rounds <= 0:
+        return
+    try:
+        folder = await _open(sessionmaker, settings, training_id)
+        if folder is not None:
+            await folder.sync()
+    except Exception:
+        log.exception("training %s: folding an update on arrival failed", training_id)
+        for folder in [f for f in _FOLDERS.values() if f.training_id == training_id]:
+            await _discard(folder)
+
+
+async def _take(model_id: uuid.UUID, round_: int) -> RoundFolder | None:
+    folder = _FOLDERS.pop(model_id, None)
+    if folder is None:
+        return None
+    if folder.round != round_ or folder.closed:
+        await folder.close()
+        return None
+    return folder
+
+
+async def aggregate_round(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    model_id: uuid.UUID,
+    round_: int,
+    items: Sequence[tuple[uuid.UUID, int]],
+    options: dict[str, Any],
+    previous_state: str | None,
+) -> tuple[bytes, bytes]:
+    """New global model (TorchScript bytes) and the aggregator's state (safetensors) of a claimed
+    round: from this process's folder where it has one (only the rest is folded now), else every
+    update from the blob store, as memory maps (``previous_state``: the digest of the aggregator's
+    state after the last round)."""
+    name, kwargs, _ = method_options(options)
+    async with sessionmaker() as session:
+        store = store_for(session)
+        ids = [local for local, _ in items]
+        digests = dict(
+            (
+                await session.execute(
+                    select(LocalModel.id, LocalModel.weights_digest).where(LocalModel.id.in_(ids))
+                )
+            ).all()
+        )
+    rows: Rows = {}
+    for local, size in items:
+        digest = digests.get(local)
+        if digest is None:
+            raise ValueError(f"local model {local} disappeared during aggregation")
+        rows[local] = (digest, size)
+    folder = await _take(model_id, round_)
+    if folder is not None:
+        try:
+            async with folder.lock:
+                await folder.fold(rows, ids)
+                agg = folder.agg
+                assert agg is not None
+                folder.agg, folder.closed = None, True  # a sync waiting for the lock finds it closed
+            log.info(
+                "round %s of model %s: %d of %d updates folded on arrival, %d refold(s)",
+                round_,
+                model_id,
+                folder.on_arrival,
+                len(items),
+                folder.refolds,
+            )
+        finally:
+            await folder.close()
+    else:
+        agg = aggregation.get(name, **kwargs)
+        global_state, prior = (
+            await _begin_args(sessionmaker, model_id, agg, previous_state)
+            if agg.streams
+            else await _full_begin_args(sessionmaker, model_id, previous_state)
+        )
+        await asyncio.to_thread(agg.begin, global_state, prior)
+        del global_state, prior
+        for local in ids:
+            digest, size = rows[local]
+            await fold_blob(agg, store, digest, float(size), f"Local model {local}")
+    new_global, new_state = await asyncio.to_thread(agg.finish)
+    del agg
+    async with sessionmaker() as session:
+        template = await global_weights(session, model_id)
+    encoded = await model_files.rebuild_torchscript(template, new_global)
+    del new_global, template
+    new_state_bytes = await asyncio.to_thread(
+        aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
+    )
+    return encoded, new_state_bytes
+
+
+async def _full_begin_args(
+    sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.UUID, previous_state: str | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``begin``'s arguments for the close-time methods: the global model always (as before)."""
+    async with sessionmaker() as session:
+        template = await global_weights(session, model_id)
+        state_bytes = (
+            await stored_bytes(session, previous_state, "The aggregator state") if previous_state else None
+        )
+    global_state, _ = await model_files.decode_state_dict_async(template)
+    prior = aggregation.decode_safetensors(state_bytes, copy=True) if state_bytes else None
+    return global_state, prior

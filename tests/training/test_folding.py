@@ -1,0 +1,143 @@
+"""Updates are folded into the round's running aggregate as they arrive (issue 21, item 4): the
+folder of the open round holds what it folded, a re-upload that replaces a folded update makes it
+fold the round again (never a subtraction), and a round closed without a folder (another process,
+a restart) folds everything from the store. Either way the new global model is the weighted mean
+of the updates that stand when the round closes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from flplatform.trainings import folding
+from tests.training.conftest import (
+    as_safetensors,
+    create_training,
+    fedavg,
+    post_update,
+    scripted_bytes,
+    shifted,
+    state_of,
+    tiny_net,
+    upload_global,
+)
+from tests.training.test_lifecycle_api import wait_training
+
+
+async def _until(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := cond()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition never met")
+        await asyncio.sleep(0.02)
+    return value
+
+
+def _folder(model_id: str) -> folding.RoundFolder | None:
+    return folding.open_folders().get(uuid.UUID(model_id))
+
+
+async def _start(
+    client: Any, alice: Any, make_user: Any, prefix: str, **options: Any
+) -> tuple[list[Any], str, str, dict[str, torch.Tensor]]:
+    clients = [await make_user(f"{prefix}{i}", client=True) for i in range(3)]
+    initial = scripted_bytes(tiny_net())
+    model_id = await upload_global(client, alice.headers, initial)
+    training_id = await create_training(
+        client,
+        alice.headers,
+        model_id,
+        [c.id for c in clients],
+        target_num_updates=1,
+        options={"skip_model_tests": True, **options},
+    )
+    assert (
+        await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    ).status_code == 202
+    await wait_training(
+        client, alice.headers, training_id, lambda b: b["state"] == "O" and b["phase"] == "update"
+    )
+    return clients, model_id, training_id, state_of(initial)
+
+
+def _close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for key in got:
+        assert torch.allclose(got[key].double(), expected[key].double(), atol=1e-6), key
+
+
+async def test_updates_fold_on_arrival_and_a_replaced_update_is_folded_again(client, alice, make_user):
+    clients, model_id, training_id, state = await _start(client, alice, make_user, "fold")
+    first = shifted(state, 1.0)
+    r = await post_update(client, clients[0].headers, model_id, as_safetensors(first), 0, sample_size=10)
+    assert r.status_code == 201, r.text
+    folder = await _until(lambda: (f := _folder(model_id)) is not None and len(f.folded) == 1 and f)
+    second = shifted(state, 2.0)
+    r = await post_update(client, clients[1].headers, model_id, as_safetensors(second), 0, sample_size=20)
+    assert r.status_code == 201, r.text
+    await _until(lambda: len(folder.folded) == 2)
+    assert folder.refolds == 0
+    # client 0 uploads again: other bytes, another sample size; its first update is no longer part of the round
+    replaced = shifted(state, -3.0)
+    r = await post_update(client, clients[0].headers, model_id, as_safetensors(replaced), 0, sample_size=5)
+    assert r.status_code == 201, r.text
+    await _until(lambda: folder.refolds == 1 and len(folder.folded) == 2)
+    third = shifted(state, 0.5)
+    r = await post_update(client, clients[2].headers, model_id, as_safetensors(third), 0, sample_size=30)
+    assert r.status_code == 201, r.text
+    body = await wait_training(client, alice.headers, training_id, lambda b: b["state"] in ("C", "E"))
+    assert body["state"] == "C", body
+    got = state_of((await client.get(f"/api/models/{model_id}/", headers=alice.headers)).content)
+    _close(got, fedavg([replaced, second, third], [5, 20, 30]))
+    assert folder.closed and _folder(model_id) is None
+    assert folder.on_arrival == 3  # all three rows folded before the round closed (the last one too)
+
+
+async def test_a_round_closed_without_a_folder_folds_everything_from_the_store(
+    client, alice, make_user, monkeypatch: pytest.MonkeyPatch
+):
+    async def nothing(*_args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(folding, "on_update", nothing)  # as if another process, or a restarted one
+    clients, model_id, training_id, state = await _start(client, alice, make_user, "cold")
+    updates = [shifted(state, 0.3 * (i + 1)) for i in range(3)]
+    for i, (c, update) in enumerate(zip(clients, updates, strict=True)):
+        r = await post_update(
+            client, c.headers, model_id, as_safetensors(update), 0, sample_size=10 * (i + 1)
+        )
+        assert r.status_code == 201, r.text
+    body = await wait_training(client, alice.headers, training_id, lambda b: b["state"] in ("C", "E"))
+    assert body["state"] == "C", body
+    assert _folder(model_id) is None
+    got = state_of((await client.get(f"/api/models/{model_id}/", headers=alice.headers)).content)
+    _close(got, fedavg(updates, [10, 20, 30]))
+
+
+async def test_methods_that_need_every_update_keep_the_close_time_path(client, alice, make_user):
+    clients, model_id, training_id, state = await _start(client, alice, make_user, "med", aggregator="median")
+    updates = [shifted(state, float(i)) for i in range(3)]
+    for c, update in zip(clients, updates, strict=True):
+        r = await post_update(client, c.headers, model_id, as_safetensors(update), 0)
+        assert r.status_code == 201, r.text
+        assert _folder(model_id) is None
+    body = await wait_training(client, alice.headers, training_id, lambda b: b["state"] in ("C", "E"))
+    assert body["state"] == "C", body
+    got = state_of((await client.get(f"/api/models/{model_id}/", headers=alice.headers)).content)
+    _close(got, updates[1])  # the coordinate-wise median of shifts 0, 1, 2
+
+
+def test_streamed_methods_accumulate_in_float64_unless_the_training_chose():
+    assert folding.method_options({}) == ("fedavg", {"accumulate_dtype": "float64"}, True)
+    name, kwargs, foldable = folding.method_options({"aggregator": "fedadam"})
+    assert kwargs["accumulate_dtype"] == "float64" and foldable
+    chosen = {"aggregator_options": {"accumulate_dtype": "float32"}}
+    assert folding.method_options(chosen)[1:] == ({"accumulate_dtype": "float32"}, False)
+    assert folding.method_options({"aggregator": "median"})[2] is False
+    assert folding.method_options({"dp": {"clip_norm": 1.0, "noise_multiplier": 0.5}})[2] is False
+    assert folding.method_options({"daisy_chain_period": 1})[2] is False
