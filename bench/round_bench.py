@@ -262,6 +262,8 @@ def run_database(
     finally:
         stop_server(proc)
         shutil.rmtree(blobs, ignore_errors=True)
+        if os.environ.get("ROUND_BENCH_LOG"):
+            print((workdir / f"server-{kind}.log").read_text()[-6000:], file=sys.stderr)
     return result, updates
 
 

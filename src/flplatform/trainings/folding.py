@@ -57,6 +57,7 @@ from flplatform.aggregation import Aggregator
 from flplatform.blobs import BlobNotFound, BlobStore, store_for
 from flplatform.blobs.mapped import mapped
 from flplatform.kit.tasks import spawn
+from flplatform.models import archive_weights
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError
 from flplatform.orm import LocalModel, Model, Training, TrainingState
@@ -158,6 +159,7 @@ class RoundFolder:
     closed: bool = False
     refolds: int = 0
     on_arrival: int = 0  # updates folded before the round closed
+    waiter: Any = None  # follow()'s subscription to the training's wake-ups
 
     def reset(self) -> Aggregator:
         agg = aggregation.get(self.name, **self.kwargs)
@@ -192,11 +194,16 @@ class RoundFolder:
             if self.closed:
                 return
             async with self.sessionmaker() as session:
-                current = (
-                    await session.execute(select(Model.round).where(Model.id == self.model_id))
-                ).scalar_one_or_none()
-                rows = await _rows(session, self.model_id, self.round) if current == self.round else {}
-            if current != self.round:  # the round was closed (maybe by another process) or deleted
+                row = (
+                    await session.execute(
+                        select(Model.round, Training.state)
+                        .join(Training, Training.model_id == Model.id)
+                        .where(Model.id == self.model_id)
+                    )
+                ).one_or_none()
+                current = row is not None and row[0] == self.round and row[1] == TrainingState.ONGOING
+                rows = await _rows(session, self.model_id, self.round) if current else {}
+            if not current:  # the round was closed (maybe by another process), the training ended or is gone
                 await _discard(self)
                 return
             before = len(self.folded)
@@ -206,7 +213,7 @@ class RoundFolder:
     async def follow(self) -> None:
         """Re-read the round whenever its training records an event (here or, through the bus,
         in another process) until the folder is closed."""
-        waiter = events.HUB.subscribe(self.training_id)
+        waiter = self.waiter = events.HUB.subscribe(self.training_id)
         try:
             while not self.closed:
                 await waiter.event.wait()
@@ -224,6 +231,8 @@ class RoundFolder:
     async def close(self) -> None:
         self.closed = True
         self.agg = None
+        if self.waiter is not None:
+            self.waiter.event.set()  # ends follow()
         guard, self.guard = self.guard, None
         if guard is not None:
             with contextlib.suppress(Exception):
@@ -243,6 +252,12 @@ async def _discard(folder: RoundFolder) -> None:
     if _FOLDERS.get(folder.model_id) is folder:
         del _FOLDERS[folder.model_id]
     await folder.close()
+
+
+async def close_all() -> None:
+    """Close every folder of this process (at shutdown: their advisory locks are released)."""
+    for folder in list(_FOLDERS.values()):
+        await _discard(folder)
 
 
 def open_folders() -> dict[uuid.UUID, RoundFolder]:
@@ -298,11 +313,18 @@ async def _open(
     if existing is not None:
         if existing.round == round_ and not existing.closed:
             return existing
+        if existing.round > round_:
+            return None  # what we read is older than the folder: a later round is open already
         await _discard(existing)
     if state != TrainingState.ONGOING or phase != PHASE_UPDATE or locked:
         return None
     name, kwargs, foldable = method_options(options or {})
-    if not foldable or len(_FOLDERS) >= settings.fold_max_open_rounds or model_id in _OPENING:
+    while model_id in _OPENING:  # another upload of the round is opening it: fold into that one
+        await asyncio.sleep(0.01)
+    existing = _FOLDERS.get(model_id)
+    if existing is not None and existing.round == round_ and not existing.closed:
+        return existing
+    if not foldable or len(_FOLDERS) >= settings.fold_max_open_rounds:
         return None
     _OPENING.add(model_id)
     try:
@@ -323,6 +345,8 @@ async def _open(
     finally:
         _OPENING.discard(model_id)
     spawn(folder.follow(), name=f"fold-{training_id}-{round_}")
+    if model_id not in _PLANS:
+        spawn(_learn_plan(sessionmaker, model_id), name=f"storage-plan-{model_id}")
     return folder
 
 
@@ -361,8 +385,8 @@ async def aggregate_round(
     items: Sequence[tuple[uuid.UUID, int]],
     options: dict[str, Any],
     previous_state: str | None,
-) -> tuple[bytes, bytes]:
-    """New global model (TorchScript bytes) and the aggregator's state (safetensors) of a claimed
+) -> tuple[bytes | memoryview, bytes]:
+    """New global model (TorchScript archive) and the aggregator's state (safetensors) of a claimed
     round: from this process's folder where it has one (only the rest is folded now), else every
     update from the blob store, as memory maps (``previous_state``: the digest of the aggregator's
     state after the last round)."""
@@ -415,14 +439,55 @@ async def aggregate_round(
             await fold_blob(agg, store, digest, float(size), f"Local model {local}")
     new_global, new_state = await asyncio.to_thread(agg.finish)
     del agg
+
     async with sessionmaker() as session:
         template = await global_weights(session, model_id)
-    encoded = await model_files.rebuild_torchscript(template, new_global)
+    encoded = await _rebuild(model_id, template, new_global)
     del new_global, template
     new_state_bytes = await asyncio.to_thread(
         aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
     )
     return encoded, new_state_bytes
+
+
+# model id -> where its TorchScript archive keeps each tensor (models/archive_weights.py)
+_PLANS: dict[uuid.UUID, archive_weights.Plan] = {}
+MAX_PLANS = 256
+
+
+def _remember_plan(model_id: uuid.UUID, plan: archive_weights.Plan | None) -> None:
+    if plan is None:
+        return
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[model_id] = plan
+
+
+async def _rebuild(
+    model_id: uuid.UUID, template: bytes, state: Mapping[str, torch.Tensor]
+) -> bytes | memoryview:
+    """The template archive with the new weights: its storages replaced here where the model's
+    storage plan is known and fits, else rebuilt in the sandbox (and the plan learnt from that)."""
+    plan = _PLANS.get(model_id)
+    if plan is not None and await asyncio.to_thread(archive_weights.fits, template, plan, state):
+        return await asyncio.to_thread(archive_weights.replace_weights, template, plan, state)
+    encoded = await model_files.rebuild_torchscript(template, state)
+    _remember_plan(model_id, await asyncio.to_thread(archive_weights.storage_plan, encoded, state))
+    return encoded
+
+
+async def _learn_plan(sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.UUID) -> None:
+    """Learn the model's storage plan from its current archive while the round's uploads arrive (the
+    sandbox decodes it once), so that even the first round's close needs no sandbox rebuild."""
+    if model_id in _PLANS:
+        return
+    try:
+        async with sessionmaker() as session:
+            template = await global_weights(session, model_id)
+        state, _ = await model_files.decode_state_dict_async(template)
+        _remember_plan(model_id, await asyncio.to_thread(archive_weights.storage_plan, template, state))
+    except Exception:  # the close-time rebuild in the sandbox still works (and learns it)
+        log.info("model %s: no storage plan from its archive", model_id, exc_info=True)
 
 
 async def _full_begin_args(

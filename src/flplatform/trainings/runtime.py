@@ -394,7 +394,12 @@ class TrainingRuntime:
         )
 
     async def _finish_update(
-        self, training_id: uuid.UUID, job: AggregationJob, encoded: bytes, state: bytes, started: float
+        self,
+        training_id: uuid.UUID,
+        job: AggregationJob,
+        encoded: bytes | memoryview,
+        state: bytes,
+        started: float,
     ) -> bool:
         async with self.sessionmaker() as session:
             # Blobs first, rows after: a crash in between leaves only unreferenced blobs (swept).

@@ -173,3 +173,4 @@ async def training_component(app: FastAPI) -> AsyncIterator[TrainingRuntime]:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        await folding.close_all()

@@ -1,0 +1,111 @@
+"""New weights in a TorchScript archive without loading it: the zip's entries copied, its tensor
+storages (``<archive>/data/<key>``: raw little-endian bytes) replaced.
+
+A round's new global model is the template archive with other weights. Loading and saving it in the
+model sandbox costs seconds for a large model (two model-sized transfers, ``torch.jit.load`` and
+``save``), most of a round's close. A *storage plan* says which ``data/`` entry holds which state-dict
+tensor, one to one and whole; with it the archive is rebuilt here: every entry copied as it is
+(code, pickles, constants) except the planned storages, written from the new tensors. Nothing is
+unpickled or executed (the same code entries as the template, byte for byte), so the archive is as
+safe as the template was.
+
+The plan is learnt by content, not by reading the pickles: from an archive and the state dict it
+holds (the sandbox decoded or built it), each tensor's bytes must equal exactly one ``data/`` entry,
+and no two tensors the same entry. Anything else (tensors sharing a storage, views into a larger
+one, tensors with equal bytes, such as two zero biases) gives no plan, and the caller keeps the
+sandbox path. A plan holds for every archive with the same entries and sizes: each round's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from collections.abc import Mapping
+
+import torch
+
+Plan = dict[str, str]  # state-dict name -> zip entry name of its storage
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
+
+
+def _is_storage(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 3 and parts[1] == "data"
+
+
+def storage_plan(archive: bytes | memoryview, state: Mapping[str, torch.Tensor]) -> Plan | None:
+    """The plan of ``archive`` for ``state`` (the tensors it holds), or None (see the module)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+            by_digest: dict[tuple[int, str], list[str]] = {}
+            for info in zf.infolist():
+                if _is_storage(info.filename) and info.file_size > 0:
+                    digest = hashlib.sha256(zf.read(info)).hexdigest()
+                    by_digest.setdefault((info.file_size, digest), []).append(info.filename)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        return None
+    plan: Plan = {}
+    for name, tensor in state.items():
+        data = _tensor_bytes(tensor)
+        if not len(data):
+            continue
+        entries = by_digest.get((len(data), hashlib.sha256(data).hexdigest()), [])
+        if len(entries) != 1:
+            return None
+        plan[name] = entries[0]
+    if len(set(plan.values())) != len(plan):
+        return None
+    return plan
+
+
+def fits(archive: bytes | memoryview, plan: Plan, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``plan`` applies to ``archive`` and ``state``: every non-empty tensor planned, each
+    entry present, stored uncompressed, and of the tensor's size."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+            sizes = {info.filename: (info.file_size, info.compress_type) for info in zf.infolist()}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        return False
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0:
+            continue
+        entry = plan.get(name)
+        if entry is None or sizes.get(entry) != (nbytes, zipfile.ZIP_STORED):
+            return False
+    return True
+
+
+class _Utf8Name(zipfile.ZipInfo):
+    """An entry whose name is flagged UTF-8 as torch flags its own (``zipfile`` flags only non-ASCII
+    names; a reader then decodes the rest as cp437, a codec the model sandbox cannot import)."""
+
+    def _encodeFilenameFlags(self) -> tuple[bytes, int]:  # noqa: N802 - zipfile's own name
+        return self.filename.encode("utf-8"), self.flag_bits | 0x800
+
+
+def replace_weights(archive: bytes | memoryview, plan: Plan, state: Mapping[str, torch.Tensor]) -> memoryview:
+    """``archive`` with the planned storages written from ``state`` (call :func:`fits` first).
+    Returns a view of the new archive's buffer (no copy of it into ``bytes``)."""
+    by_entry = {entry: name for name, entry in plan.items()}
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            entry = _Utf8Name(info.filename, date_time=info.date_time)
+            entry.external_attr = info.external_attr
+            name = by_entry.get(info.filename)
+            if name is None:
+                entry.compress_type = info.compress_type
+                target.writestr(entry, source.read(info))
+                continue
+            data = _tensor_bytes(state[name])
+            entry.compress_type = zipfile.ZIP_STORED
+            entry.file_size = len(data)  # decides zip64 up front (models over 2 GiB)
+            with target.open(entry, "w") as sink:
+                sink.write(data)
+    return out.getbuffer()

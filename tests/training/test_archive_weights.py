@@ -1,0 +1,90 @@
+"""A TorchScript archive's weights replaced without the sandbox (models/archive_weights.py): the
+storage plan is learnt by content and only when it is unambiguous; the rebuilt archive loads with
+the new weights and keeps every other entry byte for byte."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import torch
+
+from flplatform.models import files as model_files
+from flplatform.models.archive_weights import fits, replace_weights, storage_plan
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.b = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.bn(self.a(x)))
+
+
+def _saved(module: torch.jit.ScriptModule) -> bytes:
+    buf = io.BytesIO()
+    torch.jit.save(module, buf)
+    return buf.getvalue()
+
+
+def _moved(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: v + torch.rand(v.shape, generator=g) if v.is_floating_point() else v + seed
+        for k, v in state.items()
+    }
+
+
+def test_weights_are_replaced_in_the_archive_and_everything_else_is_kept():
+    torch.manual_seed(0)
+    net = torch.jit.script(Net())
+    state = _moved({k: v.clone() for k, v in net.state_dict().items()}, 1)
+    net.load_state_dict(state)
+    archive = _saved(net)
+    plan = storage_plan(archive, state)
+    assert plan is not None and set(plan) == set(state)
+    new = _moved(state, 2)
+    assert fits(archive, plan, new)
+    rebuilt = bytes(replace_weights(archive, plan, new))
+    loaded = torch.jit.load(io.BytesIO(rebuilt))
+    assert all(torch.equal(loaded.state_dict()[k], new[k]) for k in new)
+    assert loaded(torch.randn(3, 8)).shape == (3, 2)
+    with zipfile.ZipFile(io.BytesIO(archive)) as before, zipfile.ZipFile(io.BytesIO(rebuilt)) as after:
+        assert before.namelist() == after.namelist()
+        assert all(info.flag_bits & 0x800 for info in after.infolist())  # UTF-8 names, like torch's
+        planned = set(plan.values())
+        for name in before.namelist():
+            if name not in planned:
+                assert before.read(name) == after.read(name), name
+    # the plan holds for its own output (the next round)
+    assert fits(rebuilt, plan, _moved(new, 3))
+
+
+def test_no_plan_when_tensors_have_equal_bytes_or_the_sizes_differ():
+    net = torch.jit.script(Net())  # fresh BatchNorm: running_var and weight are both ones
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert storage_plan(_saved(net), state) is None
+    moved = _moved(state, 1)
+    net.load_state_dict(moved)
+    archive = _saved(net)
+    plan = storage_plan(archive, moved)
+    assert plan is not None
+    assert not fits(archive, plan, {**moved, "a.weight": torch.zeros(5, 8)})
+    assert not fits(archive, {k: v for k, v in plan.items() if k != "a.bias"}, moved)
+
+
+async def test_the_model_sandbox_reads_the_rebuilt_archive():
+    torch.manual_seed(1)
+    net = torch.jit.script(Net())
+    state = _moved({k: v.clone() for k, v in net.state_dict().items()}, 1)
+    net.load_state_dict(state)
+    archive = _saved(net)
+    plan = storage_plan(archive, state)
+    assert plan is not None
+    new = _moved(state, 2)
+    rebuilt = bytes(replace_weights(archive, plan, new))
+    extracted, _ = await model_files.decode_state_dict_async(rebuilt)  # in the sandbox
+    assert all(torch.equal(extracted[k], new[k]) for k in new)
