@@ -108,4 +108,4 @@ def replace_weights(archive: bytes | memoryview, plan: Plan, state: Mapping[str,
             entry.file_size = len(data)  # decides zip64 up front (models over 2 GiB)
             with target.open(entry, "w") as sink:
                 sink.write(data)
-    return out.getbuffer()
+    return out.getbuffer().toreadonly()
