@@ -92,7 +92,7 @@ class _Utf8Name(zipfile.ZipInfo):
 def replace_weights(archive: bytes | memoryview, plan: Plan, state: Mapping[str, torch.Tensor]) -> memoryview:
     """``archive`` with the planned storages written from ``state`` (call :func:`fits` first).
     Returns a view of the new archive's buffer (no copy of it into ``bytes``)."""
-    by_entry = {entry: name for name, entry in plan.items()}
+    by_entry = {entry: name for name, entry in plan.items() if name in state}
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(archive)) as source, zipfile.ZipFile(out, "w") as target:
         for info in source.infolist():

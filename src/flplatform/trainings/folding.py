@@ -57,12 +57,11 @@ from flplatform.aggregation import Aggregator
 from flplatform.blobs import BlobNotFound, BlobStore, store_for
 from flplatform.blobs.mapped import mapped
 from flplatform.kit.tasks import spawn
-from flplatform.models import archive_weights
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError
 from flplatform.orm import LocalModel, Model, Training, TrainingState
 from flplatform.settings import Settings
-from flplatform.trainings import buffer, events
+from flplatform.trainings import archive_plans, buffer, events
 from flplatform.trainings.aggregate import aggregator_options, global_weights, stored_bytes
 from flplatform.trainings.rounds import PHASE_UPDATE
 
@@ -345,8 +344,8 @@ async def _open(
     finally:
         _OPENING.discard(model_id)
     spawn(folder.follow(), name=f"fold-{training_id}-{round_}")
-    if model_id not in _PLANS:
-        spawn(_learn_plan(sessionmaker, model_id), name=f"storage-plan-{model_id}")
+    if not archive_plans.known(model_id):
+        spawn(archive_plans.learn(sessionmaker, model_id), name=f"storage-plan-{model_id}")
     return folder
 
 
@@ -442,52 +441,12 @@ async def aggregate_round(
 
     async with sessionmaker() as session:
         template = await global_weights(session, model_id)
-    encoded = await _rebuild(model_id, template, new_global)
+    encoded = await archive_plans.rebuild(model_id, template, new_global)
     del new_global, template
     new_state_bytes = await asyncio.to_thread(
         aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
     )
     return encoded, new_state_bytes
-
-
-# model id -> where its TorchScript archive keeps each tensor (models/archive_weights.py)
-_PLANS: dict[uuid.UUID, archive_weights.Plan] = {}
-MAX_PLANS = 256
-
-
-def _remember_plan(model_id: uuid.UUID, plan: archive_weights.Plan | None) -> None:
-    if plan is None:
-        return
-    if len(_PLANS) >= MAX_PLANS:
-        _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[model_id] = plan
-
-
-async def _rebuild(
-    model_id: uuid.UUID, template: bytes, state: Mapping[str, torch.Tensor]
-) -> bytes | memoryview:
-    """The template archive with the new weights: its storages replaced here where the model's
-    storage plan is known and fits, else rebuilt in the sandbox (and the plan learnt from that)."""
-    plan = _PLANS.get(model_id)
-    if plan is not None and await asyncio.to_thread(archive_weights.fits, template, plan, state):
-        return await asyncio.to_thread(archive_weights.replace_weights, template, plan, state)
-    encoded = await model_files.rebuild_torchscript(template, state)
-    _remember_plan(model_id, await asyncio.to_thread(archive_weights.storage_plan, encoded, state))
-    return encoded
-
-
-async def _learn_plan(sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.UUID) -> None:
-    """Learn the model's storage plan from its current archive while the round's uploads arrive (the
-    sandbox decodes it once), so that even the first round's close needs no sandbox rebuild."""
-    if model_id in _PLANS:
-        return
-    try:
-        async with sessionmaker() as session:
-            template = await global_weights(session, model_id)
-        state, _ = await model_files.decode_state_dict_async(template)
-        _remember_plan(model_id, await asyncio.to_thread(archive_weights.storage_plan, template, state))
-    except Exception:  # the close-time rebuild in the sandbox still works (and learns it)
-        log.info("model %s: no storage plan from its archive", model_id, exc_info=True)
 
 
 async def _full_begin_args(

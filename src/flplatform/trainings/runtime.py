@@ -344,6 +344,7 @@ class TrainingRuntime:
             ).scalar_one_or_none()
         if job.kind in ("update", asynchronous.KIND):
             method, elapsed = _method(job.kind, options), metrics.stopwatch()
+            encoded: bytes | memoryview
             if job.kind == asynchronous.KIND:
                 encoded, state = await asynchronous.fold_buffer(
                     self.sessionmaker, job.model_id, job.items, options, previous

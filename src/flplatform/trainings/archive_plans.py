@@ -1,0 +1,64 @@
+"""The storage plans of global models' TorchScript archives in this process, and the new global
+archive of a round: its storages replaced in the server where the plan is known and fits
+(:mod:`flplatform.models.archive_weights`), else rebuilt in the model sandbox (and the plan learnt
+from that). :func:`learn` learns a model's plan from its current archive while a round's uploads
+arrive (the sandbox decodes it once), so even the first round's close needs no sandbox rebuild."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+
+import torch
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from flplatform.models import archive_weights
+from flplatform.models import files as model_files
+from flplatform.trainings.aggregate import global_weights
+
+log = logging.getLogger(__name__)
+
+# model id -> where its TorchScript archive keeps each tensor (models/archive_weights.py)
+_PLANS: dict[uuid.UUID, archive_weights.Plan] = {}
+MAX_PLANS = 256
+
+
+def _remember_plan(model_id: uuid.UUID, plan: archive_weights.Plan | None) -> None:
+    if plan is None:
+        return
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[model_id] = plan
+
+
+async def rebuild(
+    model_id: uuid.UUID, template: bytes, state: Mapping[str, torch.Tensor]
+) -> bytes | memoryview:
+    """The template archive with the new weights: its storages replaced here where the model's
+    storage plan is known and fits, else rebuilt in the sandbox (and the plan learnt from that)."""
+    plan = _PLANS.get(model_id)
+    if plan is not None and await asyncio.to_thread(archive_weights.fits, template, plan, state):
+        return await asyncio.to_thread(archive_weights.replace_weights, template, plan, state)
+    encoded = await model_files.rebuild_torchscript(template, state)
+    _remember_plan(model_id, await asyncio.to_thread(archive_weights.storage_plan, encoded, state))
+    return encoded
+
+
+async def learn(sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.UUID) -> None:
+    """Learn the model's storage plan from its current archive while the round's uploads arrive (the
+    sandbox decodes it once), so that even the first round's close needs no sandbox rebuild."""
+    if model_id in _PLANS:
+        return
+    try:
+        async with sessionmaker() as session:
+            template = await global_weights(session, model_id)
+        state, _ = await model_files.decode_state_dict_async(template)
+        _remember_plan(model_id, await asyncio.to_thread(archive_weights.storage_plan, template, state))
+    except Exception:  # the close-time rebuild in the sandbox still works (and learns it)
+        log.info("model %s: no storage plan from its archive", model_id, exc_info=True)
+
+
+def known(model_id: uuid.UUID) -> bool:
+    return model_id in _PLANS
