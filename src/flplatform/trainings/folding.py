@@ -133,7 +133,7 @@ async def _rows(session: AsyncSession, model_id: uuid.UUID, round_: int) -> Rows
     return {local: (digest, size) for local, digest, size in rows if digest is not None}
 
 
-def _lock_key(model_id: uuid.UUID, round_: int) -> int:
+def lock_key(model_id: uuid.UUID, round_: int) -> int:
     """The advisory lock's 64-bit key of (model, round)."""
     raw = hashlib.sha256(f"flplatform.fold:{model_id}:{round_}".encode()).digest()
     return int.from_bytes(raw[:8], "big", signed=True)
@@ -236,7 +236,7 @@ class RoundFolder:
         if guard is not None:
             with contextlib.suppress(Exception):
                 await guard.execute(
-                    text("SELECT pg_advisory_unlock(:key)"), {"key": _lock_key(self.model_id, self.round)}
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": lock_key(self.model_id, self.round)}
                 )
             with contextlib.suppress(Exception):
                 await guard.close()
@@ -327,7 +327,7 @@ async def _open(
         return None
     _OPENING.add(model_id)
     try:
-        got, guard = await _guard(sessionmaker, _lock_key(model_id, round_))
+        got, guard = await _guard(sessionmaker, lock_key(model_id, round_))
         if not got:
             return None  # another process folds this round
         try:
