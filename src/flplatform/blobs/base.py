@@ -97,13 +97,14 @@ class BlobWriter:
         self._file: IO[bytes] | None = None
         self._path = spool_dir / f"{uuid.uuid4().hex}.part"
         self._done = False
+        self._sealed = False
 
     @property
     def size(self) -> int:
         return self._size
 
     async def write(self, chunk: bytes | bytearray | memoryview) -> None:
-        if self._done:
+        if self._done or self._sealed:
             raise BlobError("the writer is closed")
         if not chunk:
             return
@@ -151,12 +152,34 @@ class BlobWriter:
             os.fsync(self._file.fileno())
         self._file.close()
 
+    async def seal(self) -> Path:
+        """Finish writing (flush, fsync, close) without publishing: the returned temporary file
+        holds every byte and may be read (memory-mapped, checked) before ``commit()`` publishes it
+        or ``abort()`` deletes it. Idempotent; ``write`` is refused afterwards."""
+        if self._done:
+            raise BlobError("the writer is closed")
+        if not self._sealed:
+            await self._flush()
+            try:
+                await asyncio.to_thread(self._close_sync, sync=True)
+            except BaseException:
+                await self.abort()
+                raise
+            self._sealed = True
+        return self._path
+
+    @property
+    def info(self) -> BlobInfo:
+        """Digest and size of a sealed writer's bytes (before it is committed)."""
+        if not self._sealed:
+            raise BlobError("the writer is not sealed")
+        return BlobInfo(self._hash.hexdigest(), self._size)
+
     async def commit(self) -> BlobInfo:
         if self._done:
             raise BlobError("the writer is closed")
-        await self._flush()
+        await self.seal()
         try:
-            await asyncio.to_thread(self._close_sync, sync=True)
             info = BlobInfo(self._hash.hexdigest(), self._size)
             await self._finish(self._path, info)
         except BaseException:

@@ -21,12 +21,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
 from flplatform.blobs import BlobInfo, BlobNotFound, store_for
+from flplatform.blobs.multipart import FilePart
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
 from flplatform.kit.metrics import observe_upload, stopwatch
 from flplatform.kit.pagination import paginate
 from flplatform.models import files as model_files
+from flplatform.models import uploads
 from flplatform.models.files import ModelFileError
 from flplatform.models.schemas import MetricRead, ModelRead, ModelType
+from flplatform.models.uploads import UploadedFile
 from flplatform.orm import (
     GlobalModel,
     GlobalModelRound,
@@ -165,14 +168,14 @@ class GlobalUpload:
     type: str  # GLOBAL | SWAG | MEAN
     round: int
     input_shape: list[int | None] | None
-    model_file: bytes | None
-    preprocessing_file: bytes | None
+    model_file: UploadedFile | None
+    preprocessing_file: UploadedFile | None
     members: list[uuid.UUID]
 
 
-async def _check_preprocessing(data: bytes) -> None:
+async def _check_preprocessing(data: UploadedFile) -> None:
     try:
-        await model_files.check_torchscript(data, kind="preprocessing")
+        await uploads.check_module(data, kind="preprocessing")
     except ModelFileError as exc:
         raise ModelFileError(f"Invalid preprocessing file: {exc}") from None
 
@@ -193,7 +196,7 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
     try:
         if upload.preprocessing_file is not None:
             await _check_preprocessing(upload.preprocessing_file)
-        weights: bytes | None = upload.model_file
+        weights: UploadedFile | None = upload.model_file
         if upload.type == "MEAN":
             if not upload.members:
                 raise BadRequest("A MEAN model needs `models`: the ids of its member global models.")
@@ -215,7 +218,7 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
         else:
             if weights is None:
                 raise BadRequest("No uploaded file 'model_file' found.", code="missing_file")
-            await model_files.check_torchscript(weights)
+            await uploads.check_module(weights)
     except ModelFileError as exc:
         raise file_error(exc) from None
     stored = await put_blob(session, weights)
@@ -247,7 +250,7 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
         )
     )
     await session.flush()
-    size = len(upload.model_file or b"") + len(upload.preprocessing_file or b"")
+    size = uploads.uploaded_size(upload.model_file) + uploads.uploaded_size(upload.preprocessing_file)
     observe_upload("global", size, elapsed())
     return model
 
@@ -282,9 +285,14 @@ async def clone_global_model(session: AsyncSession, model: GlobalModel) -> Globa
     return clone
 
 
-async def put_blob(session: AsyncSession, data: bytes | None) -> BlobInfo | None:
-    """Store ``data`` in the session's blob store (None stays None): digest and size."""
-    return None if data is None else await store_for(session).put(data)
+async def put_blob(session: AsyncSession, data: UploadedFile | None) -> BlobInfo | None:
+    """Store ``data`` in the session's blob store (None stays None): digest and size. A streamed
+    part (already in the store's spool, checked) is published as it is."""
+    if data is None:
+        return None
+    if isinstance(data, FilePart):
+        return await data.commit()
+    return await store_for(session).put(data)
 
 
 async def read_blob(session: AsyncSession, digest: str | None, what: str) -> bytes:
@@ -437,17 +445,24 @@ async def get_preprocessing(session: AsyncSession, model: Model) -> bytes:
     return await read_blob(session, digest, f"The preprocessing module of model {model.id}")
 
 
-async def set_preprocessing(requester: Requester, model: Model, data: bytes) -> None:
-    session = requester.session
+async def ensure_may_set_preprocessing(requester: Requester, model: Model) -> None:
+    """Only a global model's owner sets its preprocessing module (checked before the upload)."""
     if not isinstance(model, GlobalModel):
         raise BadRequest("Preprocessing modules belong to global models.")
     if not await can_update(requester, model):
         raise Forbidden(f"You are not the owner of model {model.id}!")
+
+
+async def set_preprocessing(requester: Requester, model: Model, data: UploadedFile) -> None:
+    session = requester.session
+    await ensure_may_set_preprocessing(requester, model)
+    assert isinstance(model, GlobalModel)
     try:
         await _check_preprocessing(data)
     except ModelFileError as exc:
         raise file_error(exc) from None
-    stored = await store_for(session).put(data)
+    stored = await put_blob(session, data)
+    assert stored is not None
     await session.execute(
         update(GlobalModel)
         .where(GlobalModel.id == model.id)

@@ -12,16 +12,17 @@ import json
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
+from fastapi import APIRouter, Form, Query, Request, status
 from fastapi.responses import Response
-from pydantic import Field, ValidationError
-from starlette.datastructures import UploadFile as StarletteUploadFile
+from pydantic import ValidationError
 
 from flplatform.auth.dependencies import AuthenticatedRequester
+from flplatform.blobs import store_for
 from flplatform.blobs.http import blob_download
+from flplatform.blobs.multipart import StreamedForm, stream_form
 from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
-from flplatform.kit.schemas import MAX_LIMIT, Detail, Limit, Offset, RequestSchema, SafeStr, text_problem
+from flplatform.kit.schemas import MAX_LIMIT, Detail, Limit, Offset, SafeStr
 from flplatform.models import service as model_service
 from flplatform.models.dependencies import DeletableModel, ReadableModel, VisibleModel
 from flplatform.models.schemas import (
@@ -33,67 +34,29 @@ from flplatform.models.schemas import (
     UpdateAccepted,
 )
 from flplatform.models.service import MetricFilter
+from flplatform.models.uploads import GuardedInspector, UpdateInspector
 from flplatform.orm import SWAGModel, User
 from flplatform.permissions import Requester
+from flplatform.routers.model_forms import (
+    MAX_INT,
+    OCTET,
+    PREPROCESSING_BODY,
+    SWAG_BODY,
+    UPDATE_BODY,
+    UPLOAD_FORM,
+    MeanModelCreate,
+    NoFields,
+    SwagFields,
+    UpdateFields,
+    clean_text,
+    end_read,
+    form_fields,
+    parse_input_shape,
+)
 from flplatform.trainings import contributions
 from flplatform.trainings.sweeper import advance_after_commit, advance_after_update
 
 router = APIRouter(prefix="/api/models", tags=["models"])
-
-OCTET = "application/octet-stream"
-# Rounds, sample sizes and shape dimensions are 32-bit INTEGER columns on PostgreSQL: larger
-# values are refused here (4xx) instead of failing in the database (500).
-MAX_INT = 2**31 - 1
-
-
-def clean_text(value: str, field: str) -> str:
-    """The text rule (``kit.schemas``) for the hand-parsed upload form; a 400 there, as the DLR
-    reference answers every upload form error."""
-    problem = text_problem(value)
-    if problem:
-        raise BadRequest(f"`{field}` {problem}.", code="invalid_text")
-    return value
-
-
-class MeanModelCreate(RequestSchema):
-    """JSON body for ``type=MEAN`` (no file: the members are existing global models)."""
-
-    name: Annotated[str, Field(min_length=1, max_length=200, pattern="^[^\x00]*$")]
-    description: Annotated[str, Field(pattern="^[^\x00]*$")] = ""
-    type: str = "MEAN"
-    models: list[uuid.UUID] = Field(min_length=1)
-    input_shape: list[Annotated[int, Field(ge=0, le=MAX_INT)] | None] | None = None
-    round: Annotated[int, Field(ge=0, le=MAX_INT)] = 0
-
-
-def parse_input_shape(values: list[str]) -> list[int | None] | None:
-    """Repeated ``input_shape`` fields: ints, or ``None``/``null`` for free dimensions (a JSON
-    list in one field works too). A single ``None`` or nothing means no shape."""
-    if len(values) == 1 and values[0].strip().startswith("["):
-        try:
-            values = [("null" if v is None else str(v)) for v in json.loads(values[0])]
-        except (json.JSONDecodeError, TypeError, RecursionError):
-            raise BadRequest("input_shape: not a JSON list.", code="invalid_input_shape") from None
-    shape: list[int | None] = []
-    for value in values:
-        text = str(value).strip()
-        if text.lower() in ("none", "null", ""):
-            shape.append(None)
-            continue
-        try:
-            dim = int(text)
-        except ValueError:
-            raise BadRequest(
-                f"input_shape: {text!r} is neither an integer nor None.", code="invalid_input_shape"
-            ) from None
-        if not 0 <= dim <= MAX_INT:
-            raise BadRequest(
-                f"input_shape: dimensions must be between 0 and {MAX_INT}.", code="invalid_input_shape"
-            )
-        shape.append(dim)
-    if not shape or shape == [None]:
-        return None
-    return shape
 
 
 def _blob_responses(what: str) -> dict[int | str, dict[str, Any]]:
@@ -112,59 +75,6 @@ _DOWNLOAD_HEADERS = (
 def _user(requester: Requester) -> User:
     assert requester.user is not None
     return requester.user
-
-
-async def _file_bytes(value: Any) -> bytes | None:
-    if isinstance(value, StarletteUploadFile):
-        return await value.read()
-    return None
-
-
-_UPLOAD_FORM = {
-    "requestBody": {
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["name", "description", "model_file"],
-                    # Examples are what Swagger UI's "Try it out" sends: each must be accepted as it is.
-                    "properties": {
-                        "name": {"type": "string", "example": "digits-cnn"},
-                        "description": {"type": "string", "example": "8x8 digits CNN"},
-                        "type": {"type": "string", "enum": ["GLOBAL", "SWAG", "MEAN"], "default": "GLOBAL"},
-                        "round": {"type": "integer", "default": 0},
-                        # One JSON list here (Swagger UI would join a list into one comma-separated field);
-                        # clients may also repeat the field, one dimension each.
-                        "input_shape": {
-                            "type": "string",
-                            "example": "[null, 4]",
-                            "description": "The model's input shape as a JSON list, null for free "
-                            "dimensions (e.g. the batch); or the field repeated, one int or None each.",
-                        },
-                        "model_file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "TorchScript archive (torch.jit.save).",
-                        },
-                        "model_preprocessing_file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "Optional TorchScript preprocessing module.",
-                        },
-                        # No example: an invented id would point nowhere.
-                        "models": {
-                            "type": "string",
-                            "description": "type=MEAN only, instead of model_file: ids of "
-                            "the member global models as a JSON list, or the field repeated, one id each.",
-                        },
-                    },
-                }
-            },
-            "application/json": {"schema": MeanModelCreate.model_json_schema()},
-        },
-        "required": True,
-    }
-}
 
 
 @router.get(
@@ -191,7 +101,7 @@ async def list_models(requester: AuthenticatedRequester) -> list[ModelRead]:
     "`input_shape`, `model_preprocessing_file` (TorchScript). `type=MEAN` takes `models` (ids of global models the "
     "caller may read) instead of a file, also as a JSON body. Divergence: malformed uploads get one error shape.",
     responses=responses(400, 401, 403, 404, 413, 415, 422),
-    openapi_extra=_UPLOAD_FORM,
+    openapi_extra=UPLOAD_FORM,
 )
 async def upload_model(request: Request, requester: AuthenticatedRequester) -> ModelUploaded:
     content_type = request.headers.get("content-type", "")
@@ -219,50 +129,59 @@ async def upload_model(request: Request, requester: AuthenticatedRequester) -> M
     elif content_type.startswith("multipart/form-data") or content_type.startswith(
         "application/x-www-form-urlencoded"
     ):
-        form = await request.form()
-        name = clean_text(str(form.get("name") or "").strip(), "name")
-        if not name:
-            raise BadRequest("`name` is required.", code="missing_field")
-        if "description" not in form:
-            raise BadRequest("`description` is required.", code="missing_field")
-        description = clean_text(str(form.get("description") or ""), "description")
-        kind = str(form.get("type") or "GLOBAL").upper()
-        if kind not in ("GLOBAL", "SWAG", "MEAN"):
-            kind = "GLOBAL"
-        try:
-            round_ = int(str(form.get("round") or 0))
-        except ValueError:
-            raise BadRequest("`round` must be an integer.", code="invalid_round") from None
-        if not 0 <= round_ <= MAX_INT:
-            raise BadRequest(f"`round` must be between 0 and {MAX_INT}.", code="invalid_round")
-        members_raw = [str(v) for v in form.getlist("models")]
-        if len(members_raw) == 1 and members_raw[0].strip().startswith("["):
-            try:
-                members_raw = [str(v) for v in json.loads(members_raw[0])]
-            except (json.JSONDecodeError, TypeError, RecursionError):
-                raise BadRequest(
-                    "`models` must be model ids (repeated, or one JSON list).", code="invalid_models"
-                ) from None
-        try:
-            members = [uuid.UUID(v.strip()) for v in members_raw if v.strip()]
-        except ValueError:
-            raise BadRequest("`models` must be model ids.", code="invalid_models") from None
-        upload = model_service.GlobalUpload(
-            name=name[:200],
-            description=description,
-            type=kind,
-            round=round_,
-            input_shape=parse_input_shape([str(v) for v in form.getlist("input_shape")]),
-            model_file=await _file_bytes(form.get("model_file")),
-            preprocessing_file=await _file_bytes(form.get("model_preprocessing_file")),
-            members=members,
-        )
+        # Streamed: the files go to the blob store's spool as they arrive (never whole in memory).
+        await end_read(requester.session)
+        form = await stream_form(request, store_for(requester.session))
+        async with form:
+            model = await model_service.create_global_model(requester, _global_upload(form))
+        return ModelUploaded(model_id=model.id)
     else:
         raise UnsupportedMediaType(
             "Only Content-Type 'multipart/form-data' (or 'application/json' for MEAN) is supported."
         )
     model = await model_service.create_global_model(requester, upload)
     return ModelUploaded(model_id=model.id)
+
+
+def _global_upload(form: StreamedForm) -> model_service.GlobalUpload:
+    """The upload form of ``POST /api/models/`` (DLR field names; errors are 400s as the reference's)."""
+    name = clean_text(str(form.get("name") or "").strip(), "name")
+    if not name:
+        raise BadRequest("`name` is required.", code="missing_field")
+    if "description" not in form:
+        raise BadRequest("`description` is required.", code="missing_field")
+    description = clean_text(str(form.get("description") or ""), "description")
+    kind = str(form.get("type") or "GLOBAL").upper()
+    if kind not in ("GLOBAL", "SWAG", "MEAN"):
+        kind = "GLOBAL"
+    try:
+        round_ = int(str(form.get("round") or 0))
+    except ValueError:
+        raise BadRequest("`round` must be an integer.", code="invalid_round") from None
+    if not 0 <= round_ <= MAX_INT:
+        raise BadRequest(f"`round` must be between 0 and {MAX_INT}.", code="invalid_round")
+    members_raw = [str(v) for v in form.getlist("models")]
+    if len(members_raw) == 1 and members_raw[0].strip().startswith("["):
+        try:
+            members_raw = [str(v) for v in json.loads(members_raw[0])]
+        except (json.JSONDecodeError, TypeError, RecursionError):
+            raise BadRequest(
+                "`models` must be model ids (repeated, or one JSON list).", code="invalid_models"
+            ) from None
+    try:
+        members = [uuid.UUID(v.strip()) for v in members_raw if v.strip()]
+    except ValueError:
+        raise BadRequest("`models` must be model ids.", code="invalid_models") from None
+    return model_service.GlobalUpload(
+        name=name[:200],
+        description=description,
+        type=kind,
+        round=round_,
+        input_shape=parse_input_shape([str(v) for v in form.getlist("input_shape")]),
+        model_file=form.file("model_file"),
+        preprocessing_file=form.file("model_preprocessing_file"),
+        members=members,
+    )
 
 
 @router.get(
@@ -318,29 +237,39 @@ async def describe_model(session: SessionDep, model: ReadableModel) -> ModelRead
     "participant has uploaded, the round aggregates. FedDC clients may post to the local model id they were "
     "sent; it resolves to the training's global model.",
     responses=responses(400, 401, 403, 404, 409, 413, 422),
+    openapi_extra=UPDATE_BODY,
 )
 async def upload_update(
     session: SessionDep,
     requester: AuthenticatedRequester,
     request: Request,
     model: VisibleModel,
-    model_file: Annotated[UploadFile, File(description="The update.")],
-    round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
-    sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
-    metric_names: Annotated[list[SafeStr], Form()] = [],  # noqa: B006
-    metric_values: Annotated[list[str], Form()] = [],  # non-numeric values are stored as bytes  # noqa: B006
 ) -> UpdateAccepted:
-    data = await model_file.read()
-    local, training = await contributions.add_update(
-        session,
-        _user(requester),
-        model,
-        data=data,
-        round_=round,
-        sample_size=sample_size,
-        metric_names=metric_names,
-        metric_values=metric_values,
+    user = _user(requester)
+    # The round rules and the global model's layout first (a refused caller sends no body), then
+    # the body streams into the store's spool, its first bytes checked against that layout.
+    layout = await contributions.update_layout(session, user, model)
+    await end_read(session)
+    form = await stream_form(
+        request,
+        store_for(session),
+        inspectors={"model_file": lambda: GuardedInspector(UpdateInspector(layout))},
     )
+    async with form:
+        fields = form_fields(form, UpdateFields, ("model_file",), lists=("metric_names", "metric_values"))
+        part = form.file("model_file")
+        assert part is not None and isinstance(part.inspector, GuardedInspector)
+        local, training = await contributions.add_update(
+            session,
+            user,
+            model,
+            upload=part,
+            inspector=part.inspector.inner,
+            round_=fields.round,
+            sample_size=fields.sample_size,
+            metric_names=fields.metric_names,
+            metric_values=fields.metric_values,
+        )
     advance_after_update(request.app, session, training.id)
     return UpdateAccepted(model_id=local.id, round=local.round)
 
@@ -429,14 +358,21 @@ async def get_preprocessing(request: Request, session: SessionDep, model: Readab
     summary="Upload a preprocessing module",
     description="Owner only. Multipart `model_preprocessing_file` (TorchScript). 202 as the reference (typo fixed: "
     '"Preprocessing Model Upload Accepted").',
-    responses=responses(400, 401, 403, 404, 422),
+    responses=responses(400, 401, 403, 404, 413, 422),
+    openapi_extra=PREPROCESSING_BODY,
 )
 async def post_preprocessing(
+    request: Request,
     requester: AuthenticatedRequester,
     model: VisibleModel,
-    model_preprocessing_file: Annotated[UploadFile, File()],
 ) -> Detail:
-    await model_service.set_preprocessing(requester, model, await model_preprocessing_file.read())
+    await model_service.ensure_may_set_preprocessing(requester, model)
+    await end_read(requester.session)
+    async with await stream_form(request, store_for(requester.session)) as form:
+        form_fields(form, NoFields, ("model_preprocessing_file",))
+        part = form.file("model_preprocessing_file")
+        assert part is not None
+        await model_service.set_preprocessing(requester, model, part)
     return Detail(detail="Preprocessing Model Upload Accepted")
 
 
@@ -451,28 +387,31 @@ async def post_preprocessing(
     "Stored apart from test metrics; when every participant sent them the server averages them weighted by "
     "sample size into the SWAG model, then continues (test round, next round or finish).",
     responses=responses(400, 401, 403, 404, 409, 413, 422),
+    openapi_extra=SWAG_BODY,
 )
 async def post_swag(
     session: SessionDep,
     requester: AuthenticatedRequester,
     request: Request,
     model: VisibleModel,
-    round: Annotated[int, Form(ge=0, le=MAX_INT)],  # noqa: A002
-    sample_size: Annotated[int, Form(ge=0, le=MAX_INT)],
-    first_moment_file: Annotated[UploadFile, File()],
-    second_moment_file: Annotated[UploadFile, File()],
 ) -> SwagAccepted:
-    training = await contributions.add_swag_statistics(
-        session,
-        _user(requester),
-        model,
-        round_=round,
-        sample_size=sample_size,
-        first=await first_moment_file.read(),
-        second=await second_moment_file.read(),
-    )
+    await end_read(session)
+    async with await stream_form(request, store_for(session)) as form:
+        fields = form_fields(form, SwagFields, ("first_moment_file", "second_moment_file"))
+        first, second = form.file("first_moment_file"), form.file("second_moment_file")
+        assert first is not None and second is not None
+        # Moments are one float per parameter: read from the spool for the flat-tensor checks.
+        training = await contributions.add_swag_statistics(
+            session,
+            _user(requester),
+            model,
+            round_=fields.round,
+            sample_size=fields.sample_size,
+            first=await first.read(),
+            second=await second.read(),
+        )
     advance_after_commit(request.app, session, training.id)
-    return SwagAccepted(round=round)
+    return SwagAccepted(round=fields.round)
 
 
 @router.get(

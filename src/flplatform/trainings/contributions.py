@@ -16,11 +16,14 @@ from sqlalchemy import delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.blobs import store_for
+from flplatform.blobs.multipart import FilePart
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
 from flplatform.kit.metrics import observe_upload, stopwatch
 from flplatform.models import files as model_files
+from flplatform.models import uploads
 from flplatform.models.files import ModelFileError
 from flplatform.models.service import file_error, global_id_of
+from flplatform.models.uploads import UpdateInspector
 from flplatform.orm import (
     GlobalModel,
     LocalModel,
@@ -70,27 +73,48 @@ async def _participating_training(
     return training, await global_model(session, global_id)
 
 
-async def add_update(
-    session: AsyncSession,
-    user: User,
-    model: Model,
-    *,
-    data: bytes,
-    round_: int,
-    sample_size: int,
-    metric_names: list[str],
-    metric_values: list[str],
-) -> tuple[LocalModel, Training]:
-    """Store one client's update for the current round (a re-upload replaces the earlier one);
-    returns it with the training to re-check."""
-    elapsed = stopwatch()
-    training, glob = await _participating_training(session, user, model)
+def _check_accepting_updates(training: Training) -> None:
     if training.state != TrainingState.ONGOING or training.phase != PHASE_UPDATE:
         raise BadRequest(
             f"Training {training.id} is in state {training.state.value} ({training.phase} phase), "
             "not accepting updates.",
             code="wrong_state",
         )
+
+
+async def update_layout(session: AsyncSession, user: User, model: Model) -> dict[str, model_files.TensorSpec]:
+    """Before an update's body is read: the caller takes part in the model's training, which
+    accepts updates now; returns the layout the update must have (what the streamed body is
+    checked against from its first bytes). :func:`add_update` checks everything again under the
+    training's row lock once the body has arrived."""
+    training, glob = await _participating_training(session, user, model)
+    _check_accepting_updates(training)
+    if training.locked and not buffer.is_async(training.options):
+        raise Conflict(
+            f"Round {glob.round} of training {training.id} is being aggregated.", code="round_locked"
+        )
+    return await aggregate.global_spec(session, glob.id, glob.round)
+
+
+async def add_update(
+    session: AsyncSession,
+    user: User,
+    model: Model,
+    *,
+    upload: FilePart,
+    inspector: UpdateInspector,
+    round_: int,
+    sample_size: int,
+    metric_names: list[str],
+    metric_values: list[str],
+) -> tuple[LocalModel, Training]:
+    """Store one client's update for the current round (a re-upload replaces the earlier one);
+    returns it with the training to re-check. ``upload`` is the streamed body's file part, whose
+    first bytes ``inspector`` has seen (:mod:`flplatform.models.update_header`); it is published
+    as a blob only once every check passed."""
+    elapsed = stopwatch()
+    training, glob = await _participating_training(session, user, model)
+    _check_accepting_updates(training)
     asynchronous = buffer.is_async(training.options)
     if asynchronous:  # `round` names the version it was trained from; the buffer takes uploads while folding
         await buffer.check_base(session, training, glob, round_)
@@ -105,21 +129,15 @@ async def add_update(
         )
     metrics = _parse_metrics(metric_names, metric_values, required=False)
     spec = await aggregate.global_spec(session, glob.id, glob.round)
-
-    def _validate(state: model_files.StateDict) -> bytes:
-        model_files.validate_state_dict(state, spec)
-        return model_files.encode_safetensors(state)
-
+    if spec != inspector.spec:
+        raise Conflict(
+            f"The global model of training {training.id} changed while the update was uploaded.",
+            code="model_changed",
+        )
     try:
-        checked = await asyncio.to_thread(model_files.checked_update, data, spec)
-        if checked is None:  # TorchScript: the sandbox extracts its weights
-            state, _ = await model_files.decode_state_dict_async(data)
-            checked = await asyncio.to_thread(_validate, state)
-        encoded = checked
+        stored = await uploads.store_update(store_for(session), upload, inspector, spec)
     except ModelFileError as exc:
         raise file_error(exc) from None
-    stored = await store_for(session).put(encoded)
-    del encoded
     existing = (
         await session.execute(
             select(LocalModel).where(
@@ -176,7 +194,7 @@ async def add_update(
             **(events.metrics_payload(metrics) if metrics else {}),
         },
     )
-    observe_upload("update", len(data), elapsed())
+    observe_upload("update", upload.size, elapsed())
     return local, training
 
 
