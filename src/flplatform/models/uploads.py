@@ -53,6 +53,9 @@ from flplatform.models.files import (
 
 #: Values are checked (and pages dropped) this many bytes at a time.
 CHECK_WINDOW = 64 * 1024**2
+#: Bodies declared (Content-Length) at most this large are checked once they have arrived; larger
+#: ones, and chunked ones, against the layout read before the body (refused from the first bytes).
+EARLY_CHECK_BYTES = 16 * 1024**2
 #: Re-encoded updates are handed to the writer in pieces of this size.
 ENCODE_PIECE = 8 * 1024**2
 ZIP_MAGIC = b"PK\x03\x04"
@@ -81,9 +84,11 @@ def canonical_header(spec: Mapping[str, TensorSpec]) -> bytes:
 
 
 class UpdateInspector:
-    """Checks a client update's first bytes against the global model's layout ``spec``."""
+    """Checks a client update's first bytes against the global model's layout ``spec``: while
+    they arrive when the layout is known before the body (large uploads), else once it is
+    bound (:meth:`bind`, small bodies: reading the layout first would cost more than the check)."""
 
-    def __init__(self, spec: Mapping[str, TensorSpec]) -> None:
+    def __init__(self, spec: Mapping[str, TensorSpec] | None) -> None:
         self.spec = spec
         self.head = bytearray()
         self.format: str | None = None  # SAFETENSORS, or "archive" (decided from the zip)
@@ -93,12 +98,37 @@ class UpdateInspector:
         self.ranges: dict[str, tuple[int, int]] = {}  # name -> [begin, end) in the data region
         self.canonical = False
         self.size = 0
-        self.done = False  # the header has been checked (or the file is no safetensors)
+        self.complete = False  # the header has arrived (or the file is no safetensors)
+        self.checked = False  # ... and has been checked against the layout
+        self.ended = False
+        self.error: ModelFileError | None = None
 
     async def feed(self, chunk: memoryview) -> None:
         self.size += len(chunk)
+        if self.error is None:
+            try:
+                await self._feed(chunk)
+            except ModelFileError as exc:
+                self._refuse(exc)
+
+    async def end(self) -> None:
+        self.ended = True
+        if self.error is None:
+            try:
+                self._end()
+            except ModelFileError as exc:
+                self._refuse(exc)
+
+    def _refuse(self, exc: ModelFileError) -> None:
+        """Refuse at once when the layout is known; else when it is bound: the round rules
+        (who may upload, and when) answer before the file's problems, as for small bodies."""
+        if self.spec is not None:
+            raise exc
+        self.error = exc
+
+    async def _feed(self, chunk: memoryview) -> None:
         used = 0
-        while not self.done:
+        while not self.complete:
             need = 9 if self.format is None else self.data_start
             take = max(0, need - len(self.head))
             self.head += chunk[used : used + take]
@@ -107,34 +137,54 @@ class UpdateInspector:
                 return
             if self.format is None:
                 self._sniff()
-            elif self.header_len > 1024**2:
-                await asyncio.to_thread(self._check_header)
-            else:
-                self._check_header()
+                continue
+            self.complete = True
+            if self.spec is not None:
+                if self.header_len > 1024**2:
+                    await asyncio.to_thread(self._check_header)
+                else:
+                    self._check_header()
 
-    async def end(self) -> None:
+    def _end(self) -> None:
         if self.format is None:
             if len(self.head) >= 8 and bytes(self.head[:4]) != ZIP_MAGIC:
                 self._sniff()
             else:
                 raise ModelFileError("The file is empty or truncated. " + ACCEPTED_UPDATE_FORMATS)
         if self.format == SAFETENSORS:
-            if not self.done:
+            if not self.complete:
                 raise ModelFileError(
                     f"Corrupt safetensors file: truncated (header says {self.header_len} header bytes, "
                     f"only {self.size - 8} follow)"
                 )
-            expected = self.data_start + self.data_len
-            if self.size != expected:
-                raise ModelFileError(
-                    f"Corrupt safetensors file: the header declares {expected} bytes in all, the file has "
-                    f"{self.size}" + (" (truncated)." if self.size < expected else " (trailing bytes).")
-                )
+            self._check_size()
+
+    def bind(self, spec: Mapping[str, TensorSpec]) -> None:
+        """Check against ``spec`` what arrived before the layout was known (blocking: a thread
+        for headers over 1 MiB is not worth it here, they are checked while streaming)."""
+        if self.error is not None:
+            raise self.error
+        if self.spec is None:
+            self.spec = spec
+            if self.format == SAFETENSORS and self.complete:
+                self._check_header()
+                if self.ended:
+                    self._check_size()
+
+    def _check_size(self) -> None:
+        if not self.checked:
+            return
+        expected = self.data_start + self.data_len
+        if self.size != expected:
+            raise ModelFileError(
+                f"Corrupt safetensors file: the header declares {expected} bytes in all, the file has "
+                f"{self.size}" + (" (truncated)." if self.size < expected else " (trailing bytes).")
+            )
 
     def _sniff(self) -> None:
         head = bytes(self.head)
         if head[:4] == ZIP_MAGIC:
-            self.format, self.done = "archive", True
+            self.format, self.complete, self.checked = "archive", True, True
             return
         (header_len,) = struct.unpack_from("<Q", head, 0)
         if 0 < header_len <= codec.MAX_HEADER_BYTES and head[8:9] == b"{":
@@ -150,6 +200,7 @@ class UpdateInspector:
         raise ModelFileError("Unrecognised file format. " + ACCEPTED_UPDATE_FORMATS)
 
     def _check_header(self) -> None:
+        assert self.spec is not None
         raw = bytes(self.head[: self.data_start])
         try:
             header = codec.read_safetensors_header(raw)[0]
@@ -183,7 +234,7 @@ class UpdateInspector:
             position = end
         self.data_len = position
         self.canonical = raw == canonical_header(self.spec)
-        self.done = True
+        self.checked = True
 
     @staticmethod
     def _entry(name: str, info: object, item: TensorSpec) -> tuple[int, int]:
@@ -221,6 +272,12 @@ class UpdateInspector:
                 f"{nbytes} bytes, its offsets span {end - begin}."
             )
         return begin, end
+
+
+def small_body(headers: Mapping[str, str]) -> bool:
+    """Whether the request declares a body of at most :data:`EARLY_CHECK_BYTES`."""
+    length = headers.get("content-length", "").strip()
+    return length.isdigit() and int(length) <= EARLY_CHECK_BYTES
 
 
 class GuardedInspector:
@@ -271,19 +328,19 @@ def _drop_pages(mm: mmap.mmap, start: int, end: int) -> None:
 def check_finite(path: Path, inspector: UpdateInspector) -> None:
     """Every float tensor of a checked safetensors update is finite (read through a memory map,
     one window at a time; call in a worker thread)."""
-    floats = [name for name, item in inspector.spec.items() if item.dtype.is_floating_point]
+    assert inspector.spec is not None and inspector.checked
+    floats = {name: item.dtype for name, item in inspector.spec.items() if item.dtype.is_floating_point}
     if not floats or inspector.data_len == 0:
         return
     with mapped(path) as mm:
         _check_finite_map(mm, inspector, floats)
 
 
-def _check_finite_map(mm: mmap.mmap, inspector: UpdateInspector, floats: list[str]) -> None:
+def _check_finite_map(mm: mmap.mmap, inspector: UpdateInspector, floats: dict[str, torch.dtype]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: never written
         raw = torch.frombuffer(mm, dtype=torch.uint8)
-    for name in floats:
-        dtype = inspector.spec[name].dtype
+    for name, dtype in floats.items():
         itemsize = codec.ITEMSIZE[dtype]
         begin, end = inspector.ranges[name]
         window = CHECK_WINDOW - CHECK_WINDOW % itemsize
@@ -426,6 +483,7 @@ async def store_update(
     committed or aborted here."""
     path = await part.spooled()
     try:
+        inspector.bind(spec)
         if inspector.format == SAFETENSORS:
             await asyncio.to_thread(check_finite, path, inspector)
             if inspector.canonical:

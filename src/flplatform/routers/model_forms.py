@@ -74,7 +74,7 @@ def parse_input_shape(values: list[str]) -> list[int | None] | None:
     return shape
 
 
-_INT_FIELD = {"type": "integer", "maximum": MAX_INT, "minimum": 0}
+_INT_FIELD = {"type": "integer", "maximum": float(MAX_INT), "minimum": 0.0}  # as pydantic writes them
 _BINARY = {"type": "string", "contentMediaType": OCTET}
 _TEXT_LIST = {"items": {"type": "string"}, "type": "array", "default": []}
 

@@ -24,6 +24,7 @@ from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
 from flplatform.kit.schemas import MAX_LIMIT, Detail, Limit, Offset, SafeStr
 from flplatform.models import service as model_service
+from flplatform.models import uploads
 from flplatform.models.dependencies import DeletableModel, ReadableModel, VisibleModel
 from flplatform.models.schemas import (
     MetricRead,
@@ -246,10 +247,13 @@ async def upload_update(
     model: VisibleModel,
 ) -> UpdateAccepted:
     user = _user(requester)
-    # The round rules and the global model's layout first (a refused caller sends no body), then
-    # the body streams into the store's spool, its first bytes checked against that layout.
-    layout = await contributions.update_layout(session, user, model)
-    await end_read(session)
+    layout = None
+    if not uploads.small_body(request.headers):
+        # A large (or chunked) body: the round rules and the global model's layout first (a
+        # refused caller sends no body), then the body streams into the store's spool, its first
+        # bytes checked against that layout, with no database connection held meanwhile.
+        layout = await contributions.update_layout(session, user, model)
+        await end_read(session)
     form = await stream_form(
         request,
         store_for(session),

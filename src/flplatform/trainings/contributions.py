@@ -129,7 +129,7 @@ async def add_update(
         )
     metrics = _parse_metrics(metric_names, metric_values, required=False)
     spec = await aggregate.global_spec(session, glob.id, glob.round)
-    if spec != inspector.spec:
+    if inspector.spec is not None and spec != inspector.spec:
         raise Conflict(
             f"The global model of training {training.id} changed while the update was uploaded.",
             code="model_changed",
