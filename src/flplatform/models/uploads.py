@@ -52,7 +52,7 @@ from flplatform.models.files import (
 )
 
 #: Values are checked (and pages dropped) this many bytes at a time.
-CHECK_WINDOW = 64 * 1024**2
+CHECK_WINDOW = 16 * 1024**2
 #: Bodies declared (Content-Length) at most this large are checked once they have arrived; larger
 #: ones, and chunked ones, against the layout read before the body (refused from the first bytes).
 EARLY_CHECK_BYTES = 16 * 1024**2
