@@ -332,6 +332,10 @@ def install_phases(phases: Phases) -> None:
 
     phases.wrap_async(request_guard._GuardedBody, "_before_body", "guard + token auth")
     phases.wrap_async(Request, "_get_form", "multipart form parsing")
+    from flplatform.routers import models as models_router
+
+    if hasattr(models_router, "stream_form"):  # uploads stream into the blob store's spool
+        phases.wrap_async(models_router, "stream_form", "multipart form parsing")
     phases.wrap_async(requester_module.Requester, "reload", "caller, requester, model")
     phases.wrap_async(model_service, "get_model", "caller, requester, model")
     phases.wrap_async(model_deps, "ensure_visible", "caller, requester, model")
@@ -339,6 +343,10 @@ def install_phases(phases: Phases) -> None:
     phases.wrap_async(contributions, "_participating_training", "round rules: training, global spec")
     phases.wrap_async(aggregate, "global_spec", "round rules: training, global spec")
     phases.wrap_async(model_files, "decode_state_dict_async", "safetensors decode")
+    from flplatform.models import uploads
+
+    if hasattr(uploads, "store_update"):  # streamed: values checked on the spooled file, then published
+        phases.wrap_async(uploads, "store_update", "safetensors decode")
     if hasattr(model_files, "checked_update"):  # decode, validate and re-encode in one thread hop
         phases.wrap_sync(model_files, "checked_update", "safetensors decode")
     phases.wrap_sync(model_files, "validate_state_dict", "validate (names, shapes, dtypes, finite)")

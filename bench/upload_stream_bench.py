@@ -237,9 +237,10 @@ def main() -> None:
         f"torch {torch.__version__}; load average before {load:.2f}, after {os.getloadavg()[0]:.2f}\n"
     )
     print(
-        "| update MB | upload s | MB/s | server RSS before MB | server peak RSS during the upload MB | server peak RSS, whole run MB |"
+        "| update MB | upload s | MB/s | server RSS before MB | server peak RSS during the upload MB | server peak RSS, whole run MB "
+        "| sampled peak anon / file-backed MB |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(
             f"| {row['size_mb']:.0f} | {row['wall_s']:.2f} | {row['mb_s']:.0f} | {row['rss_before_mb']:.0f} | "
