@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from flplatform.aggregation import codec
 from flplatform.models.files import spec_of
-from flplatform.models.uploads import canonical_header
+from flplatform.models.update_header import canonical_header
 from flplatform.orm import LocalModel
 from flplatform.orm.training_event import TrainingEvent
 from flplatform.settings import Settings

@@ -24,7 +24,6 @@ from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
 from flplatform.kit.schemas import MAX_LIMIT, Detail, Limit, Offset, SafeStr
 from flplatform.models import service as model_service
-from flplatform.models import uploads
 from flplatform.models.dependencies import DeletableModel, ReadableModel, VisibleModel
 from flplatform.models.schemas import (
     MetricRead,
@@ -35,7 +34,7 @@ from flplatform.models.schemas import (
     UpdateAccepted,
 )
 from flplatform.models.service import MetricFilter
-from flplatform.models.uploads import GuardedInspector, UpdateInspector
+from flplatform.models.update_header import GuardedInspector, UpdateInspector, small_body
 from flplatform.orm import SWAGModel, User
 from flplatform.permissions import Requester
 from flplatform.routers.model_forms import (
@@ -248,7 +247,7 @@ async def upload_update(
 ) -> UpdateAccepted:
     user = _user(requester)
     layout = None
-    if not uploads.small_body(request.headers):
+    if not small_body(request.headers):
         # A large (or chunked) body: the round rules and the global model's layout first (a
         # refused caller sends no body), then the body streams into the store's spool, its first
         # bytes checked against that layout, with no database connection held meanwhile.

@@ -23,7 +23,7 @@ from flplatform.models import files as model_files
 from flplatform.models import uploads
 from flplatform.models.files import ModelFileError
 from flplatform.models.service import file_error, global_id_of
-from flplatform.models.uploads import UpdateInspector
+from flplatform.models.update_header import UpdateInspector
 from flplatform.orm import (
     GlobalModel,
     LocalModel,
