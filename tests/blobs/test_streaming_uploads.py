@@ -12,6 +12,7 @@ before it answered.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 import tracemalloc
@@ -263,6 +264,22 @@ async def test_canonical_updates_are_stored_as_received_others_canonicalised(
     session.expire_all()
     local = (await session.execute(select(LocalModel))).scalar_one()
     assert local.weights_digest == hashlib.sha256(canonical).hexdigest()
+    # A TorchScript update (weights extracted by the sandbox from the spooled file) and a
+    # weights-only torch.save state dict (memory-mapped): both stored in the canonical layout.
+    module = tiny_net(seed=3)
+    scripted = scripted_bytes(module)
+    buffer = io.BytesIO()
+    torch.save(state_of(scripted), buffer)
+    for body in (scripted, buffer.getvalue()):
+        status, answer, _, _ = await _drive(
+            app, f"/api/models/{model_id}/", participant.token, _multipart(fields, _pieces(body, 4096))
+        )
+        assert status == 201, answer
+        session.expire_all()
+        local = (await session.execute(select(LocalModel))).scalar_one()
+        assert (
+            local.weights_digest == hashlib.sha256(codec.encode_safetensors(state_of(scripted))).hexdigest()
+        )
     # Non-finite values are found in the stored bytes: refused, nothing new stored.
     before = _blob_files(blob_dir)
     nan = codec.encode_safetensors({**update, "fc1.bias": torch.full((3,), float("nan"))})

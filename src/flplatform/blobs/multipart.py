@@ -17,6 +17,7 @@ with form:`` aborts those it did not commit.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,8 +74,6 @@ class FilePart:
     async def read(self) -> bytes:
         """The whole part in memory: only for parts that are small by construction."""
         path = await self.spooled()
-        import asyncio
-
         return await asyncio.to_thread(path.read_bytes)
 
 

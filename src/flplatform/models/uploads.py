@@ -17,6 +17,7 @@ Nothing is published before every check passed: a refused upload leaves no blob.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import pickle
 import warnings
@@ -68,6 +69,12 @@ def mapped(path: Path) -> Iterator[mmap.mmap]:
             mm.close()
         except BufferError:  # a view still alive (an exception's frame): unmapped when it goes
             pass
+
+
+def _release(view: memoryview) -> None:
+    """Release a view of a map early; one still exported (a write cut short) goes with the GC."""
+    with contextlib.suppress(BufferError):
+        view.release()
 
 
 def _drop_pages(mm: mmap.mmap, start: int, end: int) -> None:
@@ -160,7 +167,7 @@ async def torchscript_part_state(part: FilePart) -> StateDict:
         try:
             return (await sandboxed(client.extract(view))).state  # type: ignore[arg-type]
         finally:
-            view.release()
+            _release(view)
 
 
 async def check_torchscript_part(part: FilePart, *, kind: str = "model") -> int:
@@ -184,7 +191,7 @@ async def check_torchscript_part(part: FilePart, *, kind: str = "model") -> int:
         try:
             return await sandboxed(client.check_module(view, kind=kind))  # type: ignore[arg-type]
         finally:
-            view.release()
+            _release(view)
 
 
 #: An uploaded file: streamed into the store's spool (:mod:`flplatform.blobs.multipart`), or bytes.
@@ -255,7 +262,7 @@ async def store_update(
                 try:
                     return await _write_canonical(store, spec, pieces())
                 finally:
-                    source.release()
+                    _release(source)
         fmt = await asyncio.to_thread(detect_file_format, path)
         if fmt == TORCHSCRIPT:
             state = await torchscript_part_state(part)
