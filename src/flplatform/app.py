@@ -38,6 +38,7 @@ from flplatform.routers import metrics as metrics_router
 from flplatform.routers import models as models_router
 from flplatform.routers import organization_billing as organization_billing_router
 from flplatform.routers import organizations as organizations_router
+from flplatform.routers import training_rounds as training_rounds_router
 from flplatform.routers import trainings as trainings_router
 from flplatform.routers import users as users_router
 from flplatform.settings import Settings, get_settings
@@ -149,8 +150,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = create_engine(settings)
     app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
-    # The blob store these settings name (services find it with flplatform.blobs.store_for).
-    app.state.sessionmaker.configure(info={blobs.SESSION_KEY: blobs.open_store(settings)})
+    # The blob store these settings name (services find it with flplatform.blobs.store_for), and
+    # the settings themselves (trainings.liveness reads them from the session).
+    app.state.sessionmaker.configure(
+        info={blobs.SESSION_KEY: blobs.open_store(settings), "settings": settings}
+    )
     try:
         await _bootstrap_admin(app)
         async with contextlib.AsyncExitStack() as stack:
@@ -244,4 +248,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference_router.router)  # before models: /api/models/{id}/metadata/
     app.include_router(models_router.router)
     app.include_router(trainings_router.router)
+    app.include_router(training_rounds_router.router)
     return app

@@ -168,6 +168,18 @@ class Settings(BaseSettings):
         ge=1,
         description="A round claimed for aggregation is free again after this (crash recovery)",
     )
+    client_offline_after_seconds: float = Field(
+        default=90.0,
+        gt=0,
+        description="A participant not heard from (HTTP heartbeat or broker pong) for this long is offline "
+        "(online before that, unknown until its first heartbeat)",
+    )
+    client_drop_after_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="A client selected for a round and not heard from for this long is dropped from the "
+        "round (it stays a participant); 0: never. Clients never heard from are not dropped",
+    )
     training_events_keep: int = Field(
         default=1000,
         ge=10,

@@ -12,6 +12,7 @@ from flplatform.orm.broker import (  # noqa: F401  (registers the broker tables)
     BrokerTopicGrant,
     ResponseTopic,
 )
+from flplatform.orm.fleet import ClientHeartbeat, RoundSelection, TrainingCollection
 from flplatform.orm.metric import Metric
 from flplatform.orm.model import (
     GlobalModel,
@@ -64,6 +65,7 @@ __all__ = [
     "BrokerSubscription",
     "BrokerTopic",
     "BrokerTopicGrant",
+    "ClientHeartbeat",
     "Collection",
     "CollectionKind",
     "GlobalModel",
@@ -92,10 +94,12 @@ __all__ = [
     "ResponseTopic",
     "Role",
     "RoleKind",
+    "RoundSelection",
     "SWAGModel",
     "Server",
     "SwagStatistic",
     "Training",
+    "TrainingCollection",
     "TrainingEvent",
     "TrainingEventHead",
     "TrainingState",

@@ -100,6 +100,9 @@ class Training(IDMixin, TimestampMixin, Base):
     # The aggregator's state between rounds (FedOpt moments, round counter): the digest of a
     # safetensors blob in the blob store (flplatform.blobs).
     aggregator_state_digest: Mapped[str | None] = mapped_column(String(64))
+    # The round whose recorded client selection (``training_round_selections``) is the set the
+    # current phase waits for; None (trainings from before 0904): every participant.
+    selection_round: Mapped[int | None] = mapped_column(Integer)
 
     model: Mapped[Model] = relationship(lazy="raise")
     actor: Mapped[User] = relationship(foreign_keys=[actor_id], lazy="raise")

@@ -58,6 +58,7 @@ TEST_ROUND_STARTED = "test_round_started"
 TEST_METRICS_RECEIVED = "test_metrics_received"
 STATE_CHANGED = "state_changed"
 PARTICIPANT_REMOVED = "participant_removed"
+PARTICIPANT_DROPPED = "participant_dropped"
 ERROR = "error"
 GAP = "gap"  # stream only: events the subscriber missed were pruned (never stored)
 
@@ -71,6 +72,7 @@ KINDS = (
     TEST_METRICS_RECEIVED,
     STATE_CHANGED,
     PARTICIPANT_REMOVED,
+    PARTICIPANT_DROPPED,
     ERROR,
     GAP,
 )

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.orm import GlobalModel, Training, TrainingState, UncertaintyMethod, User
 from flplatform.orm.base import utcnow
-from flplatform.trainings import events, hooks
+from flplatform.trainings import events, hooks, membership, selection
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.repository import global_model
 from flplatform.trainings.rounds import (
@@ -97,14 +97,25 @@ async def begin_update_round(
     recipients: Sequence[User],
     downloads: dict[uuid.UUID, uuid.UUID] | None = None,
 ) -> None:
-    """Enter the update phase of ``model.round`` (the round-started hooks may refuse it)."""
+    """Enter the update phase of ``model.round`` (the round-started hooks may refuse it): the
+    round's clients are drawn from ``recipients`` and recorded (:mod:`.selection`); a daisy-chain
+    round (``downloads``) keeps ``recipients``, the clients of the chain."""
     _enter_phase(training, PHASE_UPDATE)
+    if downloads is None:
+        recipients = await selection.select_round(session, training, model.round, recipients)
+    else:
+        await selection.record(session, training, model.round, recipients)
     await hooks.ROUND_STARTED(session, training, model.round)
     await events.record(
         session,
         training.id,
         events.ROUND_STARTED,
-        {"round": model.round, "participants": len(recipients), "daisy_chained": bool(downloads)},
+        {
+            "round": model.round,
+            "participants": len(recipients),
+            "registered": len(training.participants),
+            "daisy_chained": bool(downloads),
+        },
     )
     if downloads:
         notify.enqueue(
@@ -128,7 +139,11 @@ async def after_aggregation(session: AsyncSession, training: Training, model: Gl
         _enter_phase(training, PHASE_SWAG)
         await state_changed(session, training, previous, round=model.round)
         notify.enqueue(
-            session, training.id, training.participants, notify.SWAG_ROUND_START, _round_body(training, model)
+            session,
+            training.id,
+            await selection.members(session, training),
+            notify.SWAG_ROUND_START,
+            _round_body(training, model),
         )
         return
     await test_or_next(session, training, model)
@@ -145,7 +160,11 @@ async def test_or_next(session: AsyncSession, training: Training, model: GlobalM
     await state_changed(session, training, previous, round=model.round)
     await events.record(session, training.id, events.TEST_ROUND_STARTED, {"round": model.round})
     notify.enqueue(
-        session, training.id, training.participants, notify.MODEL_TEST_ROUND, _round_body(training, model)
+        session,
+        training.id,
+        await selection.members(session, training),
+        notify.MODEL_TEST_ROUND,
+        _round_body(training, model),
     )
 
 
@@ -163,6 +182,8 @@ async def next_or_finish(session: AsyncSession, training: Training, model: Globa
             session, training.id, recipients, notify.TRAINING_FINISHED, {"global_model_uuid": str(model.id)}
         )
         return
+    if (training.options or {}).get("collections_each_round"):
+        await membership.resolve(session, training)
     await begin_update_round(session, training, model, training.participants)
 
 
@@ -267,9 +288,10 @@ async def daisy_chain_step(
     else:
         assigned = locals_
     downloads = dict(zip(owners, assigned, strict=True))
+    chain = await selection.members(session, training)  # the chain keeps the round's clients
     model.round += 1
     await session.flush()
-    await begin_update_round(session, training, model, training.participants, downloads)
+    await begin_update_round(session, training, model, chain, downloads)
 
 
 def aggregates_now(training: Training, model: GlobalModel) -> bool:

@@ -12,10 +12,19 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from flplatform.orm import GlobalModel, LocalModel, Metric, Model, SwagStatistic, Training, TrainingState
+from flplatform.orm import (
+    GlobalModel,
+    LocalModel,
+    Metric,
+    Model,
+    RoundSelection,
+    SwagStatistic,
+    Training,
+    TrainingState,
+)
 from flplatform.orm.training import ACTIVE_STATES, training_participants
 from flplatform.trainings import buffer
 
@@ -27,6 +36,23 @@ PHASE_DONE = "done"
 
 def participant_ids(training: Training) -> set[uuid.UUID]:
     return {u.id for u in training.participants}
+
+
+async def member_ids(session: AsyncSession, training: Training) -> set[uuid.UUID]:
+    """Who the current phase waits for: the participants selected for ``selection_round`` and not
+    dropped from it (:mod:`flplatform.trainings.selection`); every participant for trainings
+    without a recorded selection."""
+    everyone = participant_ids(training)
+    if training.selection_round is None:
+        return everyone
+    rows = await session.execute(
+        select(RoundSelection.user_id).where(
+            RoundSelection.training_id == training.id,
+            RoundSelection.round == training.selection_round,
+            RoundSelection.dropped_at.is_(None),
+        )
+    )
+    return everyone & set(rows.scalars())
 
 
 async def arrivals(
@@ -100,7 +126,7 @@ class RoundCondition:
 async def round_condition(
     session: AsyncSession, training: Training, model: GlobalModel, now: dt.datetime
 ) -> RoundCondition:
-    members = participant_ids(training)
+    members = await member_ids(session, training)
     deadline = phase_deadline(training)
     expired = deadline is not None and now >= deadline
     if training.state == TrainingState.SWAG_ROUND:
@@ -138,7 +164,8 @@ async def update_round_open(
 ) -> bool:
     """True only when the training is certainly still waiting for updates: ongoing, in its update
     phase, not claimed, its deadline (if any) not passed, and some current participant has not
-    uploaded for the global model's round. One read, no row lock, no ORM objects.
+    uploaded for the global model's round (participants: those selected for the round and not
+    dropped, see :func:`member_ids`). One read, no row lock, no ORM objects.
 
     The upload path asks this after its commit before taking the training's row lock
     (``TrainingRuntime.advance_if_due``): an upload that cannot complete the round does not need
@@ -149,12 +176,21 @@ async def update_round_open(
     trainings = Training.__table__
     glob = Model.__table__.alias("glob")
     local, local_row = Model.__table__.alias("local"), LocalModel.__table__
-    tp = training_participants.c
-    members = select(tp.user_id).where(tp.training_id == trainings.c.id).correlate(trainings)
+    tp, sel = training_participants.c, RoundSelection.__table__.c
+    selected = or_(
+        trainings.c.selection_round.is_(None),
+        exists().where(
+            sel.training_id == tp.training_id,
+            sel.round == trainings.c.selection_round,
+            sel.user_id == tp.user_id,
+            sel.dropped_at.is_(None),
+        ),
+    )
+    members = select(tp.user_id).where(tp.training_id == trainings.c.id, selected).correlate(trainings)
     member_count = (
         select(func.count())
         .select_from(training_participants)
-        .where(tp.training_id == trainings.c.id)
+        .where(tp.training_id == trainings.c.id, selected)
         .correlate(trainings)
         .scalar_subquery()
     )

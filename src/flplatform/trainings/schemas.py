@@ -139,6 +139,29 @@ class TrainingOptions(RequestSchema):
             "billing charges `training_sample_epoch` × samples × epochs (default 1).",
         ),
     ] = None
+    clients_per_round: Annotated[
+        int | float | None,
+        Field(
+            description="Clients asked per round (Flower's fraction_train): a count (integer >= 1) or a "
+            "fraction of the participants in (0, 1] (rounded up); null: every participant. The draw is "
+            "seeded (`seed`, else the training id) and recorded (GET /api/trainings/{id}/rounds/).",
+            examples=[10, 0.1],
+        ),
+    ] = None
+    min_clients_per_round: Annotated[
+        int,
+        Field(ge=1, description="With clients_per_round: ask at least this many (all if fewer participate)."),
+    ] = 1
+    prefer_online_clients: bool = Field(
+        default=False,
+        description="With clients_per_round: draw online clients first, then those never heard from, "
+        "then offline ones (heartbeats: POST /api/trainings/{id}/heartbeat/ or broker pongs).",
+    )
+    collections_each_round: bool = Field(
+        default=False,
+        description="Resolve the training's collections again at every round start (members who joined "
+        "take part from the next round); otherwise only when the training starts.",
+    )
     billing_samples_per_update: Annotated[
         int | None,
         Field(
@@ -150,6 +173,21 @@ class TrainingOptions(RequestSchema):
         ),
     ] = None
 
+    @field_validator("clients_per_round")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float | None) -> int | float | None:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            if not 0 < value <= 1:
+                raise ValueError(
+                    "a fraction of the participants must be in (0, 1]; give a count as an integer"
+                )
+            return value
+        if value < 1:
+            raise ValueError("a count of clients must be >= 1")
+        return value
+
 
 class TrainingCreate(RequestSchema):
     model_id: uuid.UUID
@@ -159,6 +197,13 @@ class TrainingCreate(RequestSchema):
     uncertainty_method: UncertaintyMethod = UncertaintyMethod.NONE
     options: TrainingOptions = Field(default_factory=TrainingOptions)
     clients: list[uuid.UUID] = Field(default_factory=list, description="Initial participants (user ids).")
+    collections: list[uuid.UUID] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Projects, groups or ad-hoc groups whose members take part: resolved when the training "
+        "starts (and with options.collections_each_round at every round start), with the participant rules "
+        "of `clients` (a role for every member).",
+    )
 
     @model_validator(mode="after")
     def _feddc_needs_period(self) -> TrainingCreate:
@@ -241,14 +286,66 @@ class TrainingRead(Schema):
     start_round: int
     mu: float | None = Field(default=None, description="FedProx μ (also in options).")
     created_at: dt.datetime
+    collections: list[uuid.UUID] = Field(
+        default_factory=list,
+        description="Collections whose members take part (see `collections` on creation).",
+    )
+    selection_round: int | None = Field(
+        default=None, description="The round whose recorded client selection the current phase waits for."
+    )
+
+
+class ParticipantStatus(Schema):
+    """One participant: liveness and whether the current round asked it."""
+
+    id: uuid.UUID
+    username: str
+    liveness: Literal["online", "offline", "unknown"] = Field(
+        description="online: heard from within FLP_CLIENT_OFFLINE_AFTER_SECONDS; offline: earlier; "
+        "unknown: never (no heartbeat, no broker pong)."
+    )
+    last_seen: dt.datetime | None = Field(description="Last heartbeat or broker pong (UTC).")
+    selected: bool = Field(description="Selected for the current round and not dropped from it.")
 
 
 class TrainingDetail(TrainingRead):
     local_models_arrived: int = Field(
         description="Distinct participants that uploaded an update for THIS round."
     )
-    local_models_expected: int = Field(description="Current participant count.")
+    local_models_expected: int = Field(
+        description="Participants the current round waits for (the selected ones; all without sampling)."
+    )
     phase_deadline: dt.datetime | None = None
+    participant_status: list[ParticipantStatus] = Field(
+        default_factory=list, description="Every participant's liveness and selection, by username."
+    )
+
+
+class DroppedClient(Schema):
+    participant: uuid.UUID
+    at: dt.datetime
+    reason: str | None = None
+
+
+class RoundSelectionRead(Schema):
+    """Which clients a round asked, which answered (sent an update for it), which were dropped."""
+
+    round: int
+    selected: list[uuid.UUID]
+    answered: list[uuid.UUID]
+    dropped: list[DroppedClient] = Field(default_factory=list)
+
+
+class HeartbeatRead(Schema):
+    """The answer to a participant's heartbeat: what the training expects of it now."""
+
+    training_id: uuid.UUID
+    participant: uuid.UUID
+    last_seen: dt.datetime
+    state: TrainingState
+    phase: str
+    round: int = Field(description="The global model's current round.")
+    selected: bool = Field(description="Whether the current round waits for this client.")
 
 
 NotificationType = Literal[

@@ -46,7 +46,7 @@ from flplatform.orm.base import utcnow
 from flplatform.permissions import Requester, can_create, ensure_visible, readable, users_without_role
 from flplatform.permissions.requester import ANY_ROLE
 from flplatform.permissions.resources import oversees, oversees_clause, participations
-from flplatform.trainings import aggregate
+from flplatform.trainings import aggregate, liveness, membership, selection
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import (
     begin_update_round,
@@ -57,8 +57,15 @@ from flplatform.trainings.phases import (
     state_changed,
 )
 from flplatform.trainings.repository import global_model, training_for_model
-from flplatform.trainings.rounds import ACTIVE_STATES, PHASE_UPDATE, arrivals, participant_ids, phase_deadline
-from flplatform.trainings.schemas import TrainingCreate, TrainingDetail, TrainingRead
+from flplatform.trainings.rounds import (
+    ACTIVE_STATES,
+    PHASE_UPDATE,
+    arrivals,
+    member_ids,
+    participant_ids,
+    phase_deadline,
+)
+from flplatform.trainings.schemas import ParticipantStatus, TrainingCreate, TrainingDetail, TrainingRead
 
 
 def is_actor(training: Training, user: User) -> bool:
@@ -80,27 +87,48 @@ async def describe_many(session: AsyncSession, trainings: Sequence[Training]) ->
         if trainings
         else {}
     )
+    collections = await membership.collections_of(session, [t.id for t in trainings])
     out = []
     for training in trainings:
         item = TrainingRead.model_validate(training, from_attributes=True)
         item.participants = sorted(participant_ids(training), key=str)
         item.round = rounds.get(training.model_id)
         item.mu = (training.options or {}).get("mu")
+        item.collections = collections.get(training.id, [])
         out.append(item)
     return out
 
 
 async def describe(session: AsyncSession, training: Training) -> TrainingDetail:
-    """One training with the progress of its current round (arrived and expected updates)."""
+    """One training with the progress of its current round (arrived and expected updates) and
+    every participant's liveness and selection."""
     base = (await describe_many(session, [training]))[0]
-    members = participant_ids(training)
+    members = await member_ids(session, training)
     arrived = await arrivals(session, training.model_id, base.round or 0, members)
     return TrainingDetail(
         **base.model_dump(),
         local_models_arrived=len(arrived),
         local_models_expected=len(members),
         phase_deadline=phase_deadline(training),
+        participant_status=await participant_status(session, training, members),
     )
+
+
+async def participant_status(
+    session: AsyncSession, training: Training, members: set[uuid.UUID]
+) -> list[ParticipantStatus]:
+    now, offline_after = utcnow(), liveness.settings_of(session).client_offline_after_seconds
+    seen = await liveness.last_seen(session, [u.id for u in training.participants])
+    return [
+        ParticipantStatus(
+            id=u.id,
+            username=u.username,
+            liveness=liveness.status(seen.get(u.id), now, offline_after),  # type: ignore[arg-type]
+            last_seen=seen.get(u.id),
+            selected=training.state in ACTIVE_STATES and u.id in members,
+        )
+        for u in sorted(training.participants, key=lambda u: (u.username, u.id))
+    ]
 
 
 async def _list(requester: Requester, condition: ColumnElement[bool]) -> list[Training]:
@@ -205,7 +233,8 @@ async def add_participants(requester: Requester, training: Training, ids: Sequen
         model = await global_model(session, training.model_id)
         notify.enqueue(session, training.id, new, notify.TRAINING_START, start_body(training, model))
         kind, body = phase_notification(training, model)
-        if kind is not None:
+        # With sampling, late joiners wait for the next round's draw.
+        if kind is not None and await selection.join_current(session, training, new):
             notify.enqueue(session, training.id, new, kind, body)
     await session.flush()
     return new
@@ -240,6 +269,9 @@ async def create_training(requester: Requester, data: TrainingCreate) -> Trainin
             "Creating trainings needs a role (admin or coach) in your organisation.", code="no_role"
         )
     await _check_participants(requester, model.organization_id, data.clients)
+    if data.collections:
+        members = await membership.check_collections(requester, model.organization_id, data.collections)
+        await _check_participants(requester, model.organization_id, members)
     if not isinstance(model, GlobalModel):
         raise BadRequest("A training needs a global model (not a local update).")
     if model.owner_id != actor.id and not actor.is_superuser:
@@ -272,6 +304,7 @@ async def create_training(requester: Requester, data: TrainingCreate) -> Trainin
     )
     session.add(training)
     await session.flush()
+    await membership.attach(session, training, data.collections)
     return training
 
 
@@ -284,6 +317,7 @@ async def delete_training(session: AsyncSession, training: Training) -> None:
 async def start_training(session: AsyncSession, training: Training) -> None:
     if training.state != TrainingState.INITIAL:
         raise BadRequest(f"Training {training.id} is not in state INITIAL!", code="wrong_state")
+    await membership.resolve(session, training)
     if not training.participants:
         raise BadRequest("At least one participant must be registered!", code="no_participants")
     model = await global_model(session, training.model_id)

@@ -1,5 +1,5 @@
 """What runs around the training engine: the periodic sweep (round deadlines, expired
-aggregation leases), crash recovery, the lifespan component that starts them with the
+aggregation leases, selected clients offline too long), crash recovery, the lifespan component that starts them with the
 notification dispatcher, and the helpers routers use to wake the engine after a commit."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.db import after_commit
 from flplatform.errors import NotFound
-from flplatform.orm import Training
+from flplatform.orm import BrokerTopic, ClientHeartbeat, RoundSelection, Training
 from flplatform.orm.base import utcnow
-from flplatform.trainings import folding
+from flplatform.trainings import events, folding, liveness, selection
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.repository import get_training, global_model
 from flplatform.trainings.rounds import ACTIVE_STATES, round_condition
@@ -53,6 +53,90 @@ async def sweep(runtime: TrainingRuntime) -> None:
                 due = now >= started + dt.timedelta(seconds=float(seconds))
         if due and not runtime.busy(training_id):
             runtime.schedule(training_id)
+
+
+async def drop_offline(runtime: TrainingRuntime) -> dict[uuid.UUID, set[uuid.UUID]]:
+    """Take selected clients not heard from for ``FLP_CLIENT_DROP_AFTER_SECONDS`` out of their
+    round (as a client whose notification was rejected is taken out, but it stays a participant),
+    so the round completes without them. Returns training → clients dropped."""
+    drop_after = runtime.settings.client_drop_after_seconds
+    if drop_after <= 0:
+        return {}
+    now = utcnow()
+    cutoff = now - dt.timedelta(seconds=drop_after)
+    reason = f"Not heard from for more than {drop_after:g} s."
+    dropped: dict[uuid.UUID, set[uuid.UUID]] = {}
+    async with runtime.sessionmaker() as session:
+        pairs = (
+            await session.execute(
+                select(Training.id, RoundSelection.user_id)
+                .join(
+                    RoundSelection,
+                    and_(
+                        RoundSelection.training_id == Training.id,
+                        RoundSelection.round == Training.selection_round,
+                    ),
+                )
+                .where(
+                    Training.state.in_(ACTIVE_STATES),
+                    Training.locked.is_(False),
+                    RoundSelection.dropped_at.is_(None),
+                    # heard from, but not lately (confirmed below against both sources)
+                    or_(
+                        exists().where(
+                            ClientHeartbeat.user_id == RoundSelection.user_id,
+                            ClientHeartbeat.last_seen_at < cutoff,
+                        ),
+                        exists().where(
+                            BrokerTopic.owner_id == RoundSelection.user_id,
+                            BrokerTopic.kind == "topic",
+                            BrokerTopic.last_pong < cutoff,
+                        ),
+                    ),
+                )
+            )
+        ).all()
+        gone = await liveness.stale(session, {user_id for _, user_id in pairs}, cutoff)
+        candidates: dict[uuid.UUID, set[uuid.UUID]] = {}
+        for training_id, user_id in pairs:
+            if user_id in gone:
+                candidates.setdefault(training_id, set()).add(user_id)
+        await session.rollback()
+        for training_id, users in candidates.items():
+            try:
+                training = await get_training(session, training_id, lock=True)
+            except NotFound:
+                continue
+            if training.locked or training.state not in ACTIVE_STATES:
+                await session.rollback()
+                continue
+            model = await global_model(session, training.model_id)
+            condition = await round_condition(session, training, model, now)
+            answered = condition.arrived.keys() | condition.reporters
+            out = (users & condition.members) - answered
+            if out:
+                await selection.drop(session, training, out, reason)
+                for user in (u for u in training.participants if u.id in out):
+                    await events.record(
+                        session,
+                        training.id,
+                        events.PARTICIPANT_DROPPED,
+                        {
+                            "participant_id": user.id,
+                            "participant": user.username,
+                            "round": model.round,
+                            "reason": reason,
+                        },
+                    )
+                    await notify.drop_pending_for(session, training.id, user.id)
+                dropped[training_id] = out
+            await session.commit()
+    for training_id in dropped:
+        log.info(
+            "training %s: dropped offline clients %s", training_id, sorted(map(str, dropped[training_id]))
+        )
+        runtime.schedule(training_id)
+    return dropped
 
 
 async def recover(runtime: TrainingRuntime) -> list[uuid.UUID]:
@@ -102,6 +186,7 @@ async def run_sweeper(runtime: TrainingRuntime) -> None:
                 next_recovery = loop.time() + runtime.settings.training_recovery_interval_seconds
                 await recover(runtime)
             await sweep(runtime)
+            await drop_offline(runtime)
         except asyncio.CancelledError:
             raise
         except Exception:
