@@ -267,13 +267,25 @@
 
   function uploadedThisRound(training, models) {
     const uploaded = new Set(models.filter((m) => m.type === "LOCAL" && m.round === training.round).map((m) => String(m.owner)));
-    return training.participants.map((p) => ({ id: String(p), uploaded: uploaded.has(String(p)) }));
+    const status = new Map((training.participant_status || []).map((s) => [String(s.id), s]));
+    return training.participants.map((p) => {
+      const s = status.get(String(p));
+      return { id: String(p), uploaded: uploaded.has(String(p)), selected: s ? s.selected : true, status: s };
+    });
+  }
+
+  // Liveness from the training detail (heartbeats, broker pongs); nothing for clients never heard from.
+  function liveness(s) {
+    if (!s || s.liveness === "unknown") return null;
+    return h("span", { class: `liveness ${s.liveness}`, "data-liveness": s.liveness, title: s.last_seen ? `last seen ${when(s.last_seen)}` : "" }, ` · ${s.liveness}`);
   }
 
   function participantList(training, models) {
     const running = training.state === "O" && training.phase === "update";
     return h("ul", { class: "participants" }, uploadedThisRound(training, models).map((p) =>
-      h("li", { "data-participant": p.id }, running ? mark(p.uploaded, "uploaded this round", "not uploaded this round") : null, who(p.id))));
+      h("li", { "data-participant": p.id },
+        running ? (p.selected ? mark(p.uploaded, "uploaded this round", "not uploaded this round") : h("span", { class: "muted" }, "– ", h("span", { class: "sr" }, "not asked this round"))) : null,
+        who(p.id), liveness(p.status))));
   }
 
   function lastActivity(training, models) {
@@ -456,7 +468,8 @@
   function describe(event) {
     const d = event.data || {};
     switch (event.kind) {
-      case "round_started": return `Round ${d.round} started`;
+      case "round_started": return `Round ${d.round} started${d.registered != null && d.registered !== d.participants ? ` (${d.participants} of ${d.registered} clients asked)` : ""}`;
+      case "participant_dropped": return `${d.participant || who(d.participant_id)} dropped from round ${d.round} (offline)`;
       case "update_received": return `Update from ${d.participant || who(d.participant_id)} for round ${d.round}${d.sample_size != null ? ` (${d.sample_size} samples)` : ""}`;
       case "aggregation_started": return `Aggregating round ${d.round}${d.updates != null ? ` (${d.updates} updates${d.method ? `, ${d.method}` : ""})` : ""}`;
       case "aggregation_finished": return `Round ${d.round} aggregated${d.duration_seconds != null ? ` in ${Number(d.duration_seconds).toFixed(2)} s` : ""}`;
