@@ -4,6 +4,7 @@ clients offline too long). Every test runs on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import random
@@ -400,3 +401,73 @@ async def test_a_client_offline_too_long_is_dropped_from_its_round(app, client, 
     dropped = [(d["participant_id"], d["round"]) for k, d in kinds if k == "participant_dropped"]
     assert dropped[0] == (c2.id, 0)  # and again from round 1 while it stays quiet
     assert {who for who, _ in dropped} == {c2.id}
+
+
+async def test_concurrent_uploads_aggregate_the_selected_set_once(app, client, alice, make_user) -> None:
+    """Every participant uploads at once (the selected and the others): each round is aggregated
+    exactly once, over exactly the selected clients."""
+    clients = [await make_user(f"x{i}", client=True) for i in range(6)]
+    initial = scripted_bytes(tiny_net())
+    model_id = await upload_global(client, alice.headers, initial)
+    training_id = await create_training(
+        client,
+        alice.headers,
+        model_id,
+        [c.id for c in clients],
+        options={"clients_per_round": 0.5, "skip_model_tests": True},
+    )
+    await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    state = state_of(initial)
+    for round_ in range(2):
+        await wait_training(client, alice.headers, training_id, lambda b, r=round_: b["round"] == r)
+        results = await asyncio.gather(
+            *(
+                post_update(
+                    client, c.headers, model_id, as_safetensors(shifted(state, 0.1 * i)), round_, 5 + i
+                )
+                for i, c in enumerate(clients)
+            )
+        )
+        assert all(r.status_code == 201 for r in results), [r.text for r in results]
+        await wait_training(client, alice.headers, training_id, lambda b, r=round_: (b["round"] or 0) > r)
+    await wait_training(client, alice.headers, training_id, lambda b: b["state"] == "C")
+    rounds = {
+        x["round"]: x
+        for x in (await client.get(f"/api/trainings/{training_id}/rounds/", headers=alice.headers)).json()
+    }
+    async with app.state.sessionmaker() as session:
+        finished = [
+            d
+            for k, d in (
+                await session.execute(
+                    select(TrainingEvent.kind, TrainingEvent.data).where(
+                        TrainingEvent.training_id == uuid.UUID(training_id)
+                    )
+                )
+            ).all()
+            if k == "aggregation_finished"
+        ]
+    assert sorted(d["round"] for d in finished) == [0, 1]  # once per round
+    for d in finished:
+        assert d["updates"] == 3 == len(rounds[d["round"]]["selected"])
+
+
+async def test_late_joiners_wait_for_the_next_draw(app, client, alice, make_user) -> None:
+    clients = [await make_user(f"l{i}", client=True) for i in range(3)]
+    late = await make_user("l-late", client=True)
+    model_id = await upload_global(client, alice.headers)
+    training_id = await create_training(
+        client, alice.headers, model_id, [c.id for c in clients], options={"clients_per_round": 2}
+    )
+    await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    r = await client.put(
+        f"/api/trainings/{training_id}/clients/", headers=alice.headers, json={"clients": [late.id]}
+    )
+    assert r.status_code == 202, r.text
+    detail = (await client.get(f"/api/trainings/{training_id}/", headers=alice.headers)).json()
+    assert late.id in detail["participants"] and detail["local_models_expected"] == 2
+    assert not next(p for p in detail["participant_status"] if p["id"] == late.id)["selected"]
+    assert late.id in set().union(*(await _notified(app, training_id, "TRAINING_START")).values())
+    assert late.id not in (await _notified(app, training_id, "UPDATE_ROUND_START"))[0]
+    beat = (await client.post(f"/api/trainings/{training_id}/heartbeat/", headers=late.headers)).json()
+    assert beat["selected"] is False and beat["phase"] == "update"

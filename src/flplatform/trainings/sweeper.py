@@ -103,6 +103,8 @@ async def drop_offline(runtime: TrainingRuntime) -> dict[uuid.UUID, set[uuid.UUI
                 candidates.setdefault(training_id, set()).add(user_id)
         await session.rollback()
         for training_id, users in candidates.items():
+            if runtime.busy(training_id):
+                continue  # being advanced in this process: the next sweep looks again
             try:
                 training = await get_training(session, training_id, lock=True)
             except NotFound:
