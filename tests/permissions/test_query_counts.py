@@ -27,6 +27,7 @@ from flplatform.orm import (
     LocalModel,
     MeanModel,
     Metric,
+    RoundSelection,
     SWAGModel,
     Training,
     User,
@@ -168,6 +169,11 @@ async def grow(app: Any, tree: OrgTree, n: int, anchors: dict[str, Any]) -> None
                 training_participants.insert().values(
                     training_id=anchors["training"], user_id=newcomer.id, joined_at=utcnow()
                 )
+            )
+            # ... and a recorded client selection of one more round (GET .../rounds/)
+            anchors["rounds"] = anchors.get("rounds", -1) + 1
+            session.add(
+                RoundSelection(training_id=anchors["training"], round=anchors["rounds"], user_id=newcomer.id)
             )
             session.add(
                 LocalModel(
