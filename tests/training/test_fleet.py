@@ -11,10 +11,12 @@ import random
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from sqlalchemy import select, update
 
+from flplatform.client.api import FLPlatformAPI
 from flplatform.orm import BrokerTopic, ClientHeartbeat, Membership, Notification, TrainingEvent
 from flplatform.orm.base import utcnow
 from flplatform.settings import Settings
@@ -471,3 +473,11 @@ async def test_late_joiners_wait_for_the_next_draw(app, client, alice, make_user
     assert late.id not in (await _notified(app, training_id, "UPDATE_ROUND_START"))[0]
     beat = (await client.post(f"/api/trainings/{training_id}/heartbeat/", headers=late.headers)).json()
     assert beat["selected"] is False and beat["phase"] == "update"
+    # the same through the SDK
+    async with FLPlatformAPI(
+        "http://testserver", token=late.token, transport=httpx.ASGITransport(app=app)
+    ) as api:
+        beat = await api.heartbeat(training_id)
+        assert beat["selected"] is False and beat["round"] == 0
+        (round_0,) = await api.training_rounds(training_id)
+        assert round_0["round"] == 0 and late.id not in round_0["selected"] and len(round_0["selected"]) == 2

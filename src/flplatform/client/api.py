@@ -327,6 +327,18 @@ class FLPlatformAPI:
     async def get_training(self, training_id: str | uuid.UUID) -> JSONDict:
         return await self.request_json("GET", f"/api/trainings/{training_id}/")
 
+    async def heartbeat(self, training_id: str | uuid.UUID) -> JSONDict:
+        """Tell the server this participant is alive; the answer has the training's ``state``,
+        ``phase``, ``round`` and whether the current round asked this client (``selected``)."""
+        return await self.request_json("POST", f"/api/trainings/{training_id}/heartbeat/")
+
+    async def training_rounds(self, training_id: str | uuid.UUID, *, limit: int = 100) -> list[JSONDict]:
+        """Per round (newest first): the clients ``selected``, ``answered`` and ``dropped``."""
+        rounds: list[JSONDict] = await self.request_json(
+            "GET", f"/api/trainings/{training_id}/rounds/", params={"limit": limit}
+        )
+        return rounds
+
     async def wait_for_training(
         self,
         training_id: str | uuid.UUID,

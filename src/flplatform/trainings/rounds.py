@@ -141,7 +141,9 @@ async def round_condition(
             "buffer",
             members,
             expired,
-            arrived=await buffer.pending(session, model.id, members),
+            # any participant's update: one asked for an older version may answer after a newer
+            # draw (with clients_per_round) and is still folded, staleness-weighted
+            arrived=await buffer.pending(session, model.id, participant_ids(training)),
             buffer_size=buffer.fedbuff_options(training.options)["buffer_size"],
         )
     if training.phase == PHASE_UPDATE:
