@@ -481,3 +481,33 @@ async def test_late_joiners_wait_for_the_next_draw(app, client, alice, make_user
         assert beat["selected"] is False and beat["round"] == 0
         (round_0,) = await api.training_rounds(training_id)
         assert round_0["round"] == 0 and late.id not in round_0["selected"] and len(round_0["selected"]) == 2
+
+
+async def test_asynchronous_training_with_sampling(app, client, alice, make_user) -> None:
+    """FedBuff with clients_per_round: each version asks a new draw; an update from a client the
+    current draw did not ask (asked for an older version, or not at all) still fills the buffer."""
+    clients = [await make_user(f"a{i}", client=True) for i in range(4)]
+    initial = scripted_bytes(tiny_net())
+    model_id = await upload_global(client, alice.headers, initial)
+    training_id = await create_training(
+        client,
+        alice.headers,
+        model_id,
+        [c.id for c in clients],
+        target_num_updates=2,
+        options={"mode": "async", "fedbuff": {"buffer_size": 2}, "clients_per_round": 2, "seed": 5},
+    )
+    await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    asked = _expected_draw(5, 0, clients, 2)
+    assert (await _notified(app, training_id, "UPDATE_ROUND_START"))[0] == asked
+    x0 = state_of(initial)
+    inside = next(c for c in clients if c.id in asked)
+    outside = next(c for c in clients if c.id not in asked)
+    for n, c in enumerate((inside, outside)):
+        r = await post_update(client, c.headers, model_id, as_safetensors(shifted(x0, 1.0 + n)), 0, 10)
+        assert r.status_code == 201, r.text
+    detail = await wait_training(client, alice.headers, training_id, lambda b: b["round"] == 1)
+    assert {p["id"] for p in detail["participant_status"] if p["selected"]} == _expected_draw(
+        5, 1, clients, 2
+    )
+    assert (await _notified(app, training_id, "UPDATE_ROUND_START"))[1] == _expected_draw(5, 1, clients, 2)
