@@ -421,7 +421,8 @@ async def test_concurrent_uploads_aggregate_the_selected_set_once(app, client, a
     await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
     state = state_of(initial)
     for round_ in range(2):
-        await wait_training(client, alice.headers, training_id, lambda b, r=round_: b["round"] == r)
+        detail = await wait_training(client, alice.headers, training_id, lambda b, r=round_: b["round"] == r)
+        asked = {p["id"] for p in detail["participant_status"] if p["selected"]}
         results = await asyncio.gather(
             *(
                 post_update(
@@ -430,7 +431,11 @@ async def test_concurrent_uploads_aggregate_the_selected_set_once(app, client, a
                 for i, c in enumerate(clients)
             )
         )
-        assert all(r.status_code == 201 for r in results), [r.text for r in results]
+        for c, r in zip(clients, results, strict=True):
+            if c.id in asked:  # the round waits for these: never refused
+                assert r.status_code == 201, r.text
+            else:  # stored while the round is open; refused once the asked clients closed it
+                assert r.status_code == 201 or r.json()["code"] in ("wrong_round", "round_locked"), r.text
         await wait_training(client, alice.headers, training_id, lambda b, r=round_: (b["round"] or 0) > r)
     await wait_training(client, alice.headers, training_id, lambda b: b["state"] == "C")
     rounds = {
