@@ -21,6 +21,7 @@ from flplatform.orm import BrokerTopic, ClientHeartbeat, Membership, Notificatio
 from flplatform.orm.base import utcnow
 from flplatform.settings import Settings
 from flplatform.trainings.selection import sample_size
+from tests.broker.conftest import recv_json, serve_live
 from tests.permissions.conftest import build_org_tree
 from tests.training.conftest import (
     as_safetensors,
@@ -516,3 +517,31 @@ async def test_asynchronous_training_with_sampling(app, client, alice, make_user
         5, 1, clients, 2
     )
     assert (await _notified(app, training_id, "UPDATE_ROUND_START"))[1] == _expected_draw(5, 1, clients, 2)
+
+
+async def test_a_broker_backends_pong_makes_its_owner_online(app, client, alice, make_user) -> None:
+    """Broker-based clients need no HTTP heartbeat: the broker's status-ping pong on a topic the
+    participant owns is one."""
+    backend = await make_user("b-backend", client=True)
+    model_id = await upload_global(client, alice.headers)
+    training_id = await create_training(client, alice.headers, model_id, [backend.id])
+    slug = f"t_{uuid.uuid4().hex[:10]}"
+    async with app.state.sessionmaker() as session:
+        session.add(
+            BrokerTopic(
+                slug=slug, owner_id=backend.user.id, is_public=True, anonymous_can_consume=True, api_info={}
+            )
+        )
+        await session.commit()
+
+    async def liveness() -> str:
+        detail = (await client.get(f"/api/trainings/{training_id}/", headers=alice.headers)).json()
+        return str(detail["participant_status"][0]["liveness"])
+
+    assert await liveness() == "unknown"
+    async with serve_live(app) as live, live.connect("status-ping") as pong:
+        frame = {"properties": {"requestContext": "1", "messageType": "pong", "source_topic": slug}}
+        await pong.send(json.dumps({**frame, "context": "1", "payload": ""}))
+        assert (await recv_json(pong))["result"] == "ok"
+        await live.broker.flush()
+    assert await liveness() == "online"
