@@ -545,3 +545,38 @@ async def test_a_broker_backends_pong_makes_its_owner_online(app, client, alice,
         assert (await recv_json(pong))["result"] == "ok"
         await live.broker.flush()
     assert await liveness() == "online"
+
+
+async def test_a_sampled_round_whose_asked_clients_all_went_offline_asks_others(
+    app, client, alice, make_user
+) -> None:
+    clients = [await make_user(f"r{i}", client=True) for i in range(4)]
+    model_id = await upload_global(client, alice.headers)
+    training_id = await create_training(
+        client,
+        alice.headers,
+        model_id,
+        [c.id for c in clients],
+        options={"clients_per_round": 2, "seed": 11, "skip_model_tests": True},
+    )
+    asked = _expected_draw(11, 0, clients, 2)
+    async with app.state.sessionmaker() as session:  # the two the draw picks were heard from long ago
+        for c in clients:
+            if c.id in asked:
+                session.add(ClientHeartbeat(user_id=c.user.id, last_seen_at=utcnow() - dt.timedelta(hours=1)))
+        await session.commit()
+    await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    others = {c.id for c in clients} - asked
+    detail = await wait_training(
+        client,
+        alice.headers,
+        training_id,
+        lambda b: {p["id"] for p in b["participant_status"] if p["selected"]} == others,
+    )
+    assert detail["state"] == "O" and detail["round"] == 0 and detail["local_models_expected"] == 2
+    assert (
+        others <= (await _notified(app, training_id, "UPDATE_ROUND_START"))[0]
+    )  # (pending ones of the dropped are deleted)
+    (round_0,) = (await client.get(f"/api/trainings/{training_id}/rounds/", headers=alice.headers)).json()
+    assert set(round_0["selected"]) == asked | others
+    assert {d["participant"] for d in round_0["dropped"]} == asked

@@ -54,12 +54,17 @@ def _order(users: Iterable[User]) -> list[User]:
 
 
 async def draw(
-    session: AsyncSession, training: Training, round_: int, candidates: Sequence[User]
+    session: AsyncSession,
+    training: Training,
+    round_: int,
+    candidates: Sequence[User],
+    wanted: int | None = None,
 ) -> list[User]:
-    """The participants ``round_`` asks (seeded; see the module's docstring)."""
+    """The participants ``round_`` asks (seeded; see the module's docstring); ``wanted``: how
+    many (default: the sample size for the candidates)."""
     opts = training.options or {}
     ordered = _order(candidates)
-    wanted = sample_size(opts, len(ordered))
+    wanted = sample_size(opts, len(ordered)) if wanted is None else min(wanted, len(ordered))
     if wanted >= len(ordered):
         return ordered
     seed = opts.get("seed")
@@ -104,6 +109,32 @@ async def select_round(
     """Draw and record the selection of a new round; returns the selected users."""
     chosen = await draw(session, training, round_, candidates)
     await record(session, training, round_, chosen)
+    return chosen
+
+
+async def ask_more(session: AsyncSession, training: Training, round_: int) -> list[User]:
+    """With sampling, when every client a round asked was dropped: draw the round's sample size
+    again among the participants it has not asked yet, add them to its selection and return
+    them (the caller notifies them). Without sampling everyone was asked already: nothing."""
+    if not sampling(training.options) or training.selection_round != round_:
+        return []
+    asked = set(
+        (
+            await session.execute(
+                select(RoundSelection.user_id).where(
+                    RoundSelection.training_id == training.id, RoundSelection.round == round_
+                )
+            )
+        ).scalars()
+    )
+    fresh = [u for u in training.participants if u.id not in asked]
+    wanted = sample_size(training.options, len(training.participants))
+    chosen = await draw(session, training, round_, fresh, wanted) if fresh else []
+    if chosen:
+        await session.execute(
+            insert(RoundSelection),
+            [{"training_id": training.id, "round": round_, "user_id": u.id} for u in chosen],
+        )
     return chosen
 
 

@@ -21,6 +21,7 @@ from flplatform.orm import BrokerTopic, ClientHeartbeat, RoundSelection, Trainin
 from flplatform.orm.base import utcnow
 from flplatform.trainings import events, folding, liveness, selection
 from flplatform.trainings import notifications as notify
+from flplatform.trainings.phases import phase_notification
 from flplatform.trainings.repository import get_training, global_model
 from flplatform.trainings.rounds import ACTIVE_STATES, round_condition
 from flplatform.trainings.runtime import TrainingRuntime
@@ -132,6 +133,12 @@ async def drop_offline(runtime: TrainingRuntime) -> dict[uuid.UUID, set[uuid.UUI
                     )
                     await notify.drop_pending_for(session, training.id, user.id)
                 dropped[training_id] = out
+                if condition.kind == "update" and not condition.arrived and condition.members <= out:
+                    # Everyone the sampled round asked is gone: ask others rather than end in E.
+                    asked = await selection.ask_more(session, training, model.round)
+                    kind, body = phase_notification(training, model)
+                    if asked and kind is not None:
+                        notify.enqueue(session, training.id, asked, kind, body)
             await session.commit()
     for training_id in dropped:
         log.info(
