@@ -4,7 +4,7 @@ one, ``trainings.selection_round``; null on existing trainings, which keep waiti
 participant), and the clients' last HTTP heartbeats.
 
 Revision ID: 0904
-Revises: 0905
+Revises: 0903
 Create Date: 2026-12-04 19:01:58
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 import flplatform.orm.base
 
 revision: str = "0904"
-down_revision: str | Sequence[str] | None = "0905"
+down_revision: str | Sequence[str] | None = "0903"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
