@@ -67,6 +67,13 @@ async def _notified(app: Any, training_id: str, kind: str) -> dict[int, set[str]
     return out
 
 
+def _at(round_: int) -> Any:
+    """The detail shows round ``round_`` begun: the global model's round (read apart from the
+    training row, so a read may catch one committed and not the other) and the training's
+    selection for it."""
+    return lambda b: b["round"] == round_ and b["selection_round"] == round_
+
+
 def _expected_draw(seed: Any, round_: int, users: list[Any], k: int) -> set[str]:
     """The documented draw, computed independently: seeded sample over username order."""
     ordered = sorted(users, key=lambda a: (a.user.username, a.user.id))
@@ -118,10 +125,8 @@ async def test_sampling_asks_a_seeded_recorded_subset_and_aggregates_over_it(app
     state = state_of(initial)
     for round_ in range(2):
         expected = _expected_draw(7, round_, clients, 2)
-        detail = await wait_training(
-            client, alice.headers, training_id, lambda b, r=round_: b["round"] == r and b["phase"] == "update"
-        )
-        assert detail["selection_round"] == round_
+        detail = await wait_training(client, alice.headers, training_id, _at(round_))
+        assert detail["phase"] == "update"
         assert detail["local_models_expected"] == 2
         assert {p["id"] for p in detail["participant_status"] if p["selected"]} == expected
         assert len(detail["participant_status"]) == 5
@@ -193,7 +198,7 @@ async def test_feddc_keeps_its_daisy_chain_over_the_selected_clients(app, client
     for cid in sorted(chain):
         r = await post_update(client, by_id[cid].headers, model_id, as_safetensors(shifted(state, 1.0)), 0)
         assert r.status_code == 201, r.text
-    detail = await wait_training(client, alice.headers, training_id, lambda b: b["round"] == 1)
+    detail = await wait_training(client, alice.headers, training_id, _at(1))
     # the daisy-chain round asks the same clients, each with the other's local model
     assert {p["id"] for p in detail["participant_status"] if p["selected"]} == chain
     assert (await _notified(app, training_id, "UPDATE_ROUND_START"))[1] == chain
@@ -257,7 +262,7 @@ async def test_participants_by_collection(app, client) -> None:
     for who in ("member_one", "member_all"):
         r = await post_update(client, a[who].headers, model_2, as_safetensors(shifted(state, 1.0)), 0)
         assert r.status_code == 201, r.text
-    detail = await wait_training(client, coach.headers, each_round, lambda b: b["round"] == 1)
+    detail = await wait_training(client, coach.headers, each_round, _at(1))
     assert set(detail["participants"]) == members | {a["orphan"].id}
     assert detail["local_models_expected"] == 3
     assert (await _notified(app, each_round, "UPDATE_ROUND_START"))[1] == members | {a["orphan"].id}
@@ -290,7 +295,7 @@ async def test_collections_resolved_only_at_start_by_default(app, client) -> Non
     for who in ("member_one", "member_all"):
         r = await post_update(client, a[who].headers, model_id, as_safetensors(shifted(state, 1.0)), 0)
         assert r.status_code == 201, r.text
-    detail = await wait_training(client, coach.headers, tid, lambda b: b["round"] == 1)
+    detail = await wait_training(client, coach.headers, tid, _at(1))
     assert set(detail["participants"]) == {a["member_one"].id, a["member_all"].id}
 
 
@@ -422,7 +427,7 @@ async def test_concurrent_uploads_aggregate_the_selected_set_once(app, client, a
     await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
     state = state_of(initial)
     for round_ in range(2):
-        detail = await wait_training(client, alice.headers, training_id, lambda b, r=round_: b["round"] == r)
+        detail = await wait_training(client, alice.headers, training_id, _at(round_))
         asked = {p["id"] for p in detail["participant_status"] if p["selected"]}
         results = await asyncio.gather(
             *(
@@ -512,7 +517,7 @@ async def test_asynchronous_training_with_sampling(app, client, alice, make_user
     for n, c in enumerate((inside, outside)):
         r = await post_update(client, c.headers, model_id, as_safetensors(shifted(x0, 1.0 + n)), 0, 10)
         assert r.status_code == 201, r.text
-    detail = await wait_training(client, alice.headers, training_id, lambda b: b["round"] == 1)
+    detail = await wait_training(client, alice.headers, training_id, _at(1))
     assert {p["id"] for p in detail["participant_status"] if p["selected"]} == _expected_draw(
         5, 1, clients, 2
     )
