@@ -48,6 +48,13 @@ NOT_GROWN = {
     "/api/billing/prices/",
     "/api/audit-log/",
     "/api/organizations/",
+    "/api/billing/earnings/",
+    "/api/market/models/",  # published models: grown in tests/billing/test_market.py
+    "/api/organizations/{organization_id}/billing/limits/",
+    "/api/organizations/{organization_id}/billing/audit-log/",
+    "/api/organizations/{organization_id}/billing/operations/",
+    "/api/organizations/{organization_id}/billing/bills/",
+    "/api/organizations/{organization_id}/billing/earnings/",
 }
 ACTORS = ("org_admin", "project_coach", "member_all")
 
