@@ -13,6 +13,7 @@ keys plus ``notification_type`` and ``data``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import uuid
@@ -94,14 +95,25 @@ class ReferenceStyleClient:
 
 
 async def _statuses(app: Any, user_id: str) -> dict[str, list[NotificationStatus]]:
-    async with app.state.sessionmaker() as session:
-        rows = (
-            await session.execute(
-                select(Notification.notification_type, Notification.status)
-                .where(Notification.recipient_id == uuid.UUID(user_id))
-                .order_by(Notification.id)
-            )
-        ).all()
+    """The user's notifications by kind, once none is still waiting or in flight: the endpoint
+    answers before the dispatcher records the answer, so a check right after the answer could
+    still read ``sending``."""
+    unsettled = {NotificationStatus.PENDING, NotificationStatus.SENDING}
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        async with app.state.sessionmaker() as session:
+            rows = (
+                await session.execute(
+                    select(Notification.notification_type, Notification.status)
+                    .where(Notification.recipient_id == uuid.UUID(user_id))
+                    .order_by(Notification.id)
+                )
+            ).all()
+        if not any(status in unsettled for _, status in rows):
+            break
+        if asyncio.get_running_loop().time() > deadline:
+            break  # the assertion that follows shows which one never settled
+        await asyncio.sleep(0.05)
     out: dict[str, list[NotificationStatus]] = {}
     for kind, status in rows:
         out.setdefault(kind, []).append(status)
