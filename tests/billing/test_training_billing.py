@@ -38,6 +38,25 @@ async def _prices(books: Any) -> None:
     await books.price("training_reserve_samples", 100)  # reserve 1 + 0.01 × 100 = 2 per participant
 
 
+async def test_a_sampled_round_holds_funds_for_the_clients_asked_only(client, alice, make_user, books):
+    await _prices(books)
+    await books.top_up(alice.user.id, usd(10))
+    clients = [await make_user(f"s{i}", client=True) for i in range(3)]
+    model_id = await upload_global(client, alice.headers, scripted_bytes(tiny_net()))
+    training_id = await create_training(
+        client,
+        alice.headers,
+        model_id,
+        [c.id for c in clients],
+        options={"skip_model_tests": True, "clients_per_round": 1, "seed": 7},
+    )
+    r = await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    assert r.status_code == 202, r.text
+    # One client of three is asked: 2 USD held (1 + 0.01 × 100), not 6.
+    assert await books.balance(alice.user.id, held=True) == usd(2)
+    assert await books.balance(alice.user.id) == usd(8)
+
+
 async def test_training_rounds_are_reserved_and_settled(client, alice, make_user, books):
     await _prices(books)
     await books.top_up(alice.user.id, usd(10))

@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform import billing
-from flplatform.orm import LocalModel, Training, TrainingState
+from flplatform.orm import LocalModel, RoundSelection, Training, TrainingState
 from flplatform.orm.billing import Hold, HoldStatus
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,32 @@ async def _settle_earlier_rounds(session: AsyncSession, training: Any, before: i
             await billing.release(session, hold, reason=f"round {round_number} ended without updates")
 
 
+async def _asked_this_round(session: AsyncSession, training: Training, round_number: int) -> list[Any]:
+    """The participants a round waits for: those drawn for it when the training samples clients
+    (``options.clients_per_round``, recorded in ``training_round_selections``), else everyone —
+    funds are held for the updates that can arrive, not for clients who were not asked."""
+    participants = list(training.participants)
+    if training.selection_round != round_number:
+        return participants
+    selected = set(
+        (
+            await session.execute(
+                select(RoundSelection.user_id).where(
+                    RoundSelection.training_id == training.id,
+                    RoundSelection.round == round_number,
+                    RoundSelection.dropped_at.is_(None),
+                )
+            )
+        ).scalars()
+    )
+    return [p for p in participants if p.id in selected]
+
+
 async def round_started(session: AsyncSession, training: Training, round_number: int) -> None:
     await _settle_earlier_rounds(session, training, round_number)
-    await billing.reserve_round(session, training, round_number, list(training.participants))
+    await billing.reserve_round(
+        session, training, round_number, await _asked_this_round(session, training, round_number)
+    )
 
 
 async def round_aggregated(session: AsyncSession, training: Training, round_number: int) -> None:
