@@ -6,24 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from flplatform.app import TAGS
 from tests.browser import Page, chromium
 from tests.training.live import live_server, make_users
 
 pytestmark = pytest.mark.slow
 
-TAG_ORDER = [
-    "auth",
-    "users",
-    "models",
-    "trainings",
-    "inference",
-    "broker",
-    "organizations",
-    "groups",
-    "billing",
-    "audit",
-    "health",
-]
+# Swagger UI shows the sections in the app's workflow order (flplatform.app.TAGS), every one of them.
+TAG_ORDER = [tag["name"] for tag in TAGS]
 
 
 def assert_stayed_local(page: Page, base_url: str) -> None:
