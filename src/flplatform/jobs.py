@@ -12,6 +12,7 @@ domains (it imports them); no domain, ``workqueue/`` included, imports it.
 from __future__ import annotations
 
 from flplatform.billing import hooks as billing_hooks
+from flplatform.billing import monthly as billing_monthly
 from flplatform.inference import jobs as inference_jobs
 from flplatform.trainings import events as training_events
 from flplatform.trainings import hooks as training_hooks
@@ -19,11 +20,13 @@ from flplatform.trainings import jobs as training_jobs
 
 
 def install() -> None:
-    """Register the job kinds (``training.aggregate``, ``inference.run``) and add billing's round
+    """Register the job kinds (``training.aggregate``, ``inference.run``,
+    ``billing.monthly_bills``) and add billing's round
     hooks (reserve at each round start, settle at each aggregation), and wake the training event
     streams after each commit that recorded events. Idempotent."""
     training_jobs.register()
     inference_jobs.register()
+    billing_monthly.register()
     training_hooks.ROUND_STARTED.add(billing_hooks.round_started)
     training_hooks.ROUND_AGGREGATED.add(billing_hooks.round_aggregated)
     training_events.install()

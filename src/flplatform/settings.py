@@ -148,6 +148,13 @@ class Settings(BaseSettings):
     notification_backoff_seconds: float = Field(
         default=2.0, ge=0, description="Retry k waits k times this (linear back-off)"
     )
+    bill_due_days: float = Field(
+        default=30.0,
+        gt=0,
+        le=3650,
+        description="Days after issue an administrator's bill is due; an open bill past it stops the "
+        "addressee's new paid work (402 bill_overdue) until it is paid",
+    )
     training_sweep_interval_seconds: float = Field(
         default=1.0, gt=0, description="How often deadlines, expired locks and due notifications are checked"
     )

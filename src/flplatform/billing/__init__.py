@@ -42,7 +42,8 @@ Modules: ``operations`` (the operation behind each entry; charges, top-ups, payo
 refunds), ``holds``, ``rounds`` (training rounds), ``market`` (inference, model copies, market
 pricing), ``coupons``, ``bills``, ``reports`` (balances, statements, per-model reports, history),
 ``organizations`` (funding an organisation, members' spending), ``limits`` (spending limits),
-``ledger`` (accounts, entries, reconciliation), ``prices``, ``audit``, ``idempotency``.
+``ledger`` (accounts, entries, reconciliation), ``monthly`` (month-end bills, the overdue rule),
+``prices``, ``audit``, ``idempotency``.
 
 Audit
     ``audit.record(session, action, message, actor=…, request=…, organisation_id=…)`` appends to
@@ -65,6 +66,7 @@ from flplatform.billing.market import (
     model_pricing,
     set_model_pricing,
 )
+from flplatform.billing.monthly import BillOverdue, issue_monthly_bills
 from flplatform.billing.operations import (
     charge,
     convert_to_tokens,
@@ -78,6 +80,7 @@ from flplatform.billing.reports import available, balances, list_operations, mod
 from flplatform.billing.rounds import release_round, reserve_round, round_key, settle_round
 
 __all__ = [
+    "BillOverdue",
     "InsufficientFunds",
     "audit",
     "available",
@@ -92,6 +95,7 @@ __all__ = [
     "get_operation",
     "hold_by_key",
     "is_public_for_inference",
+    "issue_monthly_bills",
     "list_bills",
     "list_coupons",
     "list_operations",

@@ -3,6 +3,7 @@ USD balance (an organisation's by one of its admins)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from typing import Any
 
@@ -27,6 +28,7 @@ async def create_bill(
     description: str = "",
     period: str | None = None,
     created_by: uuid.UUID | None = None,
+    due_at: dt.datetime | None = None,
 ) -> Bill:
     if amount <= 0:
         raise ValueError("a bill is positive")
@@ -39,6 +41,7 @@ async def create_bill(
         description=description,
         period=period,
         created_by_id=created_by,
+        due_at=due_at,
     )
     session.add(bill)
     await session.flush()
@@ -62,9 +65,14 @@ async def get_bill(session: AsyncSession, bill_id: uuid.UUID) -> Bill:
     return bill
 
 
-async def pay_bill(session: AsyncSession, bill: Bill, *, actor_id: uuid.UUID | None = None) -> Operation:
+async def pay_bill(
+    session: AsyncSession, bill: Bill, *, actor_id: uuid.UUID | None = None
+) -> Operation | None:
     """Pay an open bill from the user's (or the organisation's) USD balance (no coupons): once;
-    402 if unaffordable. An organisation's bill is paid by ``actor_id``, one of its admins."""
+    402 if unaffordable. An organisation's bill is paid by ``actor_id``, one of its admins. A
+    settled bill (prepaid monthly usage) has nothing to pay: None, nothing moves."""
+    if bill.status == BillStatus.SETTLED:
+        return None
     payer = bill.user_id if bill.user_id is not None else actor_id
     assert payer is not None, "an organisation's bill is paid by someone"
     op = await charge(

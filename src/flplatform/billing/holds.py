@@ -22,6 +22,7 @@ from flplatform.billing.ledger import (
 )
 from flplatform.billing.limits import check_limit
 from flplatform.billing.money import to_decimal
+from flplatform.billing.monthly import check_not_overdue
 from flplatform.billing.operations import Spend, operation_by_key, payer_accounts, record_operation
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import AccountKind, Currency, Hold, HoldStatus, Operation, OperationKind
@@ -53,6 +54,7 @@ async def reserve(
     split = Spend()
 
     async def build(balances: Mapping[uuid.UUID, int]) -> list[Leg]:
+        await check_not_overdue(session, payer)
         await check_limit(session, payer, currency, amount)  # under the account locks
         from_coupon = min(balances.get(coupon.id, 0), amount) if coupon else 0
         from_cash = amount - from_coupon

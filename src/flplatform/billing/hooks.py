@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform import billing
+from flplatform.billing.monthly import previous_period, queue_monthly_bills
 from flplatform.orm import LocalModel, RoundSelection, Training, TrainingState
 from flplatform.orm.billing import Hold, HoldStatus
 
@@ -131,19 +132,27 @@ async def release_ended_trainings(session: AsyncSession) -> int:
 
 @contextlib.asynccontextmanager
 async def billing_component(app: FastAPI) -> AsyncIterator[None]:
-    """Lifespan component: runs the hold sweep (the hooks are ``flplatform.jobs.install``'s)."""
+    """Lifespan component: runs the hold sweep and, once a month has ended, queues its monthly
+    bills (``billing.monthly_bills``, once per period whichever server queues it; the hooks and
+    the job kind are ``flplatform.jobs.install``'s)."""
+    queued: str | None = None
 
     async def sweep_forever() -> None:
+        nonlocal queued
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
             try:
                 async with app.state.sessionmaker() as session:
                     if await release_ended_trainings(session):
                         await session.commit()
+                if queued != previous_period():
+                    async with app.state.sessionmaker() as session:
+                        queued = await queue_monthly_bills(session)
+                        await session.commit()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("billing hold sweep failed")
+                log.exception("billing sweep failed")
 
     task = asyncio.create_task(sweep_forever(), name="billing-hold-sweep")
     try:

@@ -38,6 +38,7 @@ from flplatform.billing.ledger import (
 )
 from flplatform.billing.limits import SPEND_KINDS, check_limit
 from flplatform.billing.money import to_decimal
+from flplatform.billing.monthly import check_not_overdue
 from flplatform.billing.prices import get_prices
 from flplatform.errors import BadRequest, Conflict, NotFound
 from flplatform.orm.billing import (
@@ -213,6 +214,7 @@ async def charge(
 
     async def build(balances: Mapping[uuid.UUID, int]) -> list[Leg]:
         if kind in SPEND_KINDS:
+            await check_not_overdue(session, payer)
             await check_limit(session, payer, currency, amount)  # under the account locks
         return payer_legs(balances) + [Leg(acc, a) for acc, a in recipients if a]
 

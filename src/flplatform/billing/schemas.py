@@ -205,6 +205,14 @@ class StatementOperations(Schema):
     currency: Currency
 
 
+class InvoiceLine(Schema):
+    user_id: uuid.UUID | None
+    kind: OperationKind
+    count: int
+    amount: str = Field(description="Decimal string; refunds are negative.")
+    currency: Currency
+
+
 class BillRead(Schema):
     id: uuid.UUID
     user_id: uuid.UUID | None
@@ -217,6 +225,13 @@ class BillRead(Schema):
     operation_id: uuid.UUID | None
     created_at: dt.datetime
     paid_at: dt.datetime | None
+    due_at: dt.datetime | None = Field(
+        default=None, description="An open bill past this stops new paid work (402 `bill_overdue`)."
+    )
+    monthly: bool = Field(default=False, description="Issued by the month-end job.")
+    lines: list[InvoiceLine] | None = Field(
+        default=None, description="A monthly bill's invoice lines (member × kind × currency)."
+    )
 
 
 class BillCreate(RequestSchema):
@@ -227,6 +242,7 @@ class BillCreate(RequestSchema):
     amount: MoneyIn
     description: str = Field(default="", max_length=500)
     period: str | None = Field(default=None, pattern=PERIOD_PATTERN, examples=["2026-11"])
+    due_at: SafeDateTime | None = Field(default=None, description="Default: `FLP_BILL_DUE_DAYS` after issue.")
 
 
 class StatementRead(Schema):

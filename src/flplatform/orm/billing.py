@@ -39,6 +39,8 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -94,6 +96,9 @@ class HoldStatus(enum.StrEnum):
 class BillStatus(enum.StrEnum):
     OPEN = "open"
     PAID = "paid"
+    #: A monthly bill of usage the organisation already paid from its balance as it went (the
+    #: operations it lists): an invoice with nothing left to pay.
+    SETTLED = "settled"
 
 
 _SYSTEM_KINDS_SQL = ", ".join(f"'{k.value}'" for k in sorted(SYSTEM_ACCOUNT_KINDS))
@@ -337,6 +342,15 @@ class Bill(IDMixin, Base):
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("(status = 'paid') = (operation_id IS NOT NULL)", name="paid_has_operation"),
         CheckConstraint("(user_id IS NULL) <> (organization_id IS NULL)", name="one_addressee"),
+        # One automatic monthly bill per organisation and period: the month-end job may run again.
+        Index(
+            "uq_billing_bills_monthly",
+            "organization_id",
+            "period",
+            unique=True,
+            sqlite_where=text("monthly"),
+            postgresql_where=text("monthly"),
+        ),
     )
 
     # Addressed to a user, or to an organisation (paid from its account by its admins).
@@ -355,3 +369,10 @@ class Bill(IDMixin, Base):
     created_by_id: Mapped[uuid.UUID | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[dt.datetime | None]
+    #: An open bill past this stops the addressee's new paid work (402 ``bill_overdue``); None: no
+    #: due date (bills issued before due dates existed, settled monthly bills).
+    due_at: Mapped[dt.datetime | None]
+    #: Issued by the month-end job (``billing.monthly_bills``), not by an administrator.
+    monthly: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: The invoice lines (member × kind × currency: user_id, kind, count, amount, currency).
+    lines: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)

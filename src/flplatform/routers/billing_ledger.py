@@ -3,6 +3,7 @@ price list and reconciliation (the same ``/api/billing`` prefix and tag as ``rou
 
 from __future__ import annotations
 
+import datetime as dt
 from decimal import Decimal
 from typing import Annotated
 
@@ -28,6 +29,7 @@ from flplatform.db import SessionDep
 from flplatform.errors import Unprocessable, responses
 from flplatform.kit.schemas import PERIOD_PATTERN, Limit, Offset
 from flplatform.organizations.service import get_collection
+from flplatform.orm.base import utcnow
 from flplatform.orm.billing import BillStatus
 from flplatform.orm.organizations import CollectionKind
 from flplatform.users.service import get_user
@@ -59,7 +61,7 @@ async def get_statement(
     summary="Issue a bill (admin)",
     responses=responses(401, 403, 404, 422),
 )
-async def create_bill(session: SessionDep, admin: SuperUser, data: BillCreate) -> BillRead:
+async def create_bill(session: SessionDep, request: Request, admin: SuperUser, data: BillCreate) -> BillRead:
     if (data.user_id is None) == (data.organization_id is None):
         raise Unprocessable("Give exactly one of user_id and organization_id.")
     if data.user_id is not None:
@@ -74,6 +76,7 @@ async def create_bill(session: SessionDep, admin: SuperUser, data: BillCreate) -
         description=data.description,
         period=data.period,
         created_by=admin.id,
+        due_at=data.due_at or utcnow() + dt.timedelta(days=request.app.state.settings.bill_due_days),
     )
     return BillRead.model_validate(bill)
 
