@@ -147,18 +147,14 @@ async def statement(
     }
 
 
-async def model_earnings(
-    session: AsyncSession,
+def _earnings_query(
     *,
-    organization_id: uuid.UUID | None = None,
-    owner_id: uuid.UUID | None = None,
-    model_id: uuid.UUID | None = None,
-    since: dt.datetime | None = None,
-    until: dt.datetime | None = None,
-) -> list[dict[str, Any]]:
-    """What the seller's models earned on the market (inference and copies), per model and
-    currency, net of refunds: the organisation's (``organization_id``) or, in the
-    organisation-less space, an owner's (``owner_id``)."""
+    organization_id: uuid.UUID | None,
+    owner_id: uuid.UUID | None,
+    model_id: uuid.UUID | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+) -> Any:  # a grouped Select of (model_id, currency, sales, gross, earnings)
     signed = case((Operation.kind == OperationKind.REFUND, -1), else_=1)
     conditions: list[Any] = [Operation.owner_income != 0]
     if organization_id is not None:
@@ -171,7 +167,7 @@ async def model_earnings(
         conditions.append(Operation.created_at >= since)
     if until is not None:
         conditions.append(Operation.created_at < until)
-    rows = await session.execute(
+    return (
         select(
             Operation.model_id,
             Operation.currency,
@@ -181,12 +177,54 @@ async def model_earnings(
         )
         .where(*conditions)
         .group_by(Operation.model_id, Operation.currency)
-        .order_by(Operation.model_id)
     )
+
+
+def _earnings_lines(rows: Any) -> list[dict[str, Any]]:
     return [
         {"model_id": m, "currency": c, "sales": int(n), "gross": int(g or 0), "earnings": int(e or 0)}
         for m, c, n, g, e in rows
     ]
+
+
+async def model_earnings(
+    session: AsyncSession,
+    *,
+    organization_id: uuid.UUID | None = None,
+    owner_id: uuid.UUID | None = None,
+    model_id: uuid.UUID | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> list[dict[str, Any]]:
+    """What the seller's models earned on the market (inference and copies), per model and
+    currency, net of refunds: the organisation's (``organization_id``) or, in the
+    organisation-less space, an owner's (``owner_id``)."""
+    query = _earnings_query(
+        organization_id=organization_id, owner_id=owner_id, model_id=model_id, since=since, until=until
+    )
+    return _earnings_lines(await session.execute(query.order_by(Operation.model_id, Operation.currency)))
+
+
+async def model_earnings_page(
+    session: AsyncSession,
+    *,
+    limit: int,
+    offset: int,
+    organization_id: uuid.UUID | None = None,
+    owner_id: uuid.UUID | None = None,
+    model_id: uuid.UUID | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """A page of :func:`model_earnings`' lines (by model, then currency) and their total."""
+    query = _earnings_query(
+        organization_id=organization_id, owner_id=owner_id, model_id=model_id, since=since, until=until
+    )
+    total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
+    rows = await session.execute(
+        query.order_by(Operation.model_id, Operation.currency).limit(limit).offset(offset)
+    )
+    return _earnings_lines(rows), int(total)
 
 
 async def model_report(session: AsyncSession, model_id: uuid.UUID) -> dict[str, Any]:

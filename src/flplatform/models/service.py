@@ -82,10 +82,10 @@ async def readable_model(requester: Requester, model_id: uuid.UUID) -> Model:
     return model
 
 
-async def list_models(requester: Requester) -> Sequence[Model]:
-    """Every model the caller may read (the policy's SQL clause; one statement)."""
-    stmt = select(Model).where(readable(requester, Model)).order_by(Model.created_at, Model.id)
-    return (await requester.session.execute(stmt)).scalars().all()
+async def list_models(requester: Requester, *, limit: int, offset: int) -> tuple[list[Model], int]:
+    """A page of the models the caller may read (the policy's SQL clause), oldest first; the total."""
+    stmt, order = select(Model).where(readable(requester, Model)), (Model.created_at, Model.id)
+    return await paginate(requester.session, stmt, order_by=order, limit=limit, offset=offset)
 
 
 async def describe(session: AsyncSession, model: Model) -> ModelRead:

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.errors import NotFound, Unprocessable
-from flplatform.kit.pagination import page
+from flplatform.kit.pagination import page, paginate
 from flplatform.organizations.service import collection_label
 from flplatform.orm.organizations import (
     GROUP_KINDS,
@@ -139,15 +139,18 @@ async def list_members(
 
 
 async def member_collections(
-    session: AsyncSession, user_id: uuid.UUID, kinds: Sequence[CollectionKind]
-) -> Sequence[Collection]:
-    stmt = (
+    session: AsyncSession, user_id: uuid.UUID, kinds: Sequence[CollectionKind], *, limit: int, offset: int
+) -> tuple[list[Collection], int]:
+    """A page of the collections of ``kinds`` the user is a member of, by name, and their total."""
+    return await paginate(
+        session,
         select(Collection)
         .join(Membership, Membership.collection_id == Collection.id)
-        .where(Membership.user_id == user_id, Collection.kind.in_(list(kinds)))
-        .order_by(Collection.name, Collection.id)
+        .where(Membership.user_id == user_id, Collection.kind.in_(list(kinds))),
+        order_by=(Collection.name, Collection.id),
+        limit=limit,
+        offset=offset,
     )
-    return (await session.execute(stmt)).scalars().all()
 
 
 # ---------------------------------------------------------------------------- roles
@@ -215,11 +218,15 @@ async def visible_members(
     return [u for u in users if u.id in visible_ids]
 
 
-async def readable_roles(requester: Requester, collection: Collection) -> Sequence[Role]:
-    """Roles held on the collection that the caller can see (their own; all for admins)."""
-    stmt = (
-        select(Role)
-        .where(Role.collection_id == collection.id, readable(requester, Role))
-        .order_by(Role.created_at)
+async def readable_roles(
+    requester: Requester, collection: Collection, *, limit: int, offset: int
+) -> tuple[list[Role], int]:
+    """A page of the roles held on the collection that the caller can see (their own; all for
+    admins), oldest first, and their total."""
+    return await paginate(
+        requester.session,
+        select(Role).where(Role.collection_id == collection.id, readable(requester, Role)),
+        order_by=(Role.created_at, Role.id),
+        limit=limit,
+        offset=offset,
     )
-    return (await requester.session.scalars(stmt)).all()

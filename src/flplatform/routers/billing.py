@@ -29,7 +29,7 @@ from flplatform.billing.dependencies import (
 )
 from flplatform.billing.idempotency import IdempotencyKeyHeader, idempotent, request_fingerprint
 from flplatform.billing.money import to_decimal, to_minor
-from flplatform.billing.reports import model_earnings, month_bounds
+from flplatform.billing.reports import model_earnings_page, month_bounds
 from flplatform.billing.schemas import (
     BalanceRead,
     ConversionCreate,
@@ -367,20 +367,27 @@ async def model_report(session: SessionDep, model: ManagedModel) -> ModelReport:
     description="What the caller's own models outside any organisation earned on the market (paid inference "
     "and copies, net of refunds) per model and currency, for `period` (`YYYY-MM`) or between `since` and "
     "`until`. An organisation's models earn for the organisation: `/api/organizations/{id}/billing/earnings/`. "
-    "Superusers may pass `user_id`.",
+    "Superusers may pass `user_id`. By model, then currency; `limit`/`offset` page the lines and "
+    "`X-Total-Count` carries the total.",
     responses=responses(400, 401, 403, 422),
 )
 async def get_earnings(
     session: SessionDep,
+    response: Response,
     target: BillableUserId,
     period: Annotated[str | None, Query(pattern=PERIOD_PATTERN, examples=["2026-11"])] = None,
     model_id: uuid.UUID | None = None,
     since: SafeDateTime | None = None,
     until: SafeDateTime | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[EarningsLine]:
     if period is not None:
         since, until = month_bounds(period)
-    rows = await model_earnings(session, owner_id=target, model_id=model_id, since=since, until=until)
+    rows, total = await model_earnings_page(
+        session, owner_id=target, model_id=model_id, since=since, until=until, limit=limit, offset=offset
+    )
+    response.headers["X-Total-Count"] = str(total)
     return [EarningsLine.model_validate(r) for r in rows]
 
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Response, status
 
 from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.errors import responses
-from flplatform.kit.schemas import Limit, Offset
+from flplatform.kit.schemas import MAX_LIMIT, Limit, Offset
 from flplatform.organizations import memberships, service
 from flplatform.organizations.dependencies import (
     DeletableGroup,
@@ -234,11 +234,16 @@ async def delete_group(requester: AuthenticatedRequester, group: DeletableGroup)
     "/groups/",
     response_model=list[GroupRead],
     summary="My groups",
-    description="DLR wire contract: the groups (and ad-hoc groups) the caller is a member of.",
-    responses=responses(401),
+    description="DLR wire contract: the groups (and ad-hoc groups) the caller is a member of, by name; "
+    "`limit`/`offset` page them (the default page holds the most a page may) and `X-Total-Count` carries "
+    "the total.",
+    responses=responses(401, 422),
 )
-async def my_groups(requester: AuthenticatedRequester) -> list[GroupRead]:
-    rows = await memberships.member_collections(
-        requester.session, requester.authenticated_user.id, GROUP_KINDS
+async def my_groups(
+    requester: AuthenticatedRequester, response: Response, limit: Limit = MAX_LIMIT, offset: Offset = 0
+) -> list[GroupRead]:
+    rows, total = await memberships.member_collections(
+        requester.session, requester.authenticated_user.id, GROUP_KINDS, limit=limit, offset=offset
     )
+    response.headers["X-Total-Count"] = str(total)
     return [GroupRead.model_validate(r) for r in rows]

@@ -73,11 +73,20 @@ async def remove_member(requester: AuthenticatedRequester, membership: Removable
     "/{collection_id}/roles/",
     response_model=list[RoleRead],
     summary="List roles",
-    description="Roles held on this collection that the caller can see (their own; all for admins).",
+    description="Roles held on this collection that the caller can see (their own; all for admins), oldest "
+    "first; `limit`/`offset` page them and `X-Total-Count` carries the total.",
     responses=responses(401, 404, 422),
 )
-async def list_roles(requester: AuthenticatedRequester, collection: ReadableCollection) -> list[RoleRead]:
-    return [RoleRead.model_validate(r) for r in await memberships.readable_roles(requester, collection)]
+async def list_roles(
+    requester: AuthenticatedRequester,
+    collection: ReadableCollection,
+    response: Response,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> list[RoleRead]:
+    rows, total = await memberships.readable_roles(requester, collection, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [RoleRead.model_validate(r) for r in rows]
 
 
 @router.post(

@@ -84,11 +84,16 @@ def _user(requester: Requester) -> User:
     description="Every model the caller may read (never the weights): their own, those of the trainings "
     "they act in or take part in (with the local updates of those trainings), and for organisation "
     "admins and organisation coaches every model of the organisation; superusers see all. Never "
-    "another organisation's (docs/permissions.md).",
-    responses=responses(401),
+    "another organisation's (docs/permissions.md). Oldest first; `limit`/`offset` page them (the default "
+    "page holds the most a page may) and `X-Total-Count` carries the total.",
+    responses=responses(401, 422),
 )
-async def list_models(requester: AuthenticatedRequester) -> list[ModelRead]:
-    return await model_service.describe_many(requester.session, await model_service.list_models(requester))
+async def list_models(
+    requester: AuthenticatedRequester, response: Response, limit: Limit = MAX_LIMIT, offset: Offset = 0
+) -> list[ModelRead]:
+    rows, total = await model_service.list_models(requester, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return await model_service.describe_many(requester.session, rows)
 
 
 @router.post(

@@ -19,7 +19,7 @@ from flplatform.billing.dependencies import OrgBill, OrgMemberSubject, OrgMoneyA
 from flplatform.billing.idempotency import IdempotencyKeyHeader, idempotent, request_fingerprint
 from flplatform.billing.money import to_minor
 from flplatform.billing.organizations import fund_organization, member_spending, organization_member
-from flplatform.billing.reports import model_earnings, month_bounds
+from flplatform.billing.reports import model_earnings_page, month_bounds
 from flplatform.billing.schemas import (
     AuditRead,
     BillRead,
@@ -322,22 +322,32 @@ async def get_member_spending(session: SessionDep, subject: OrgMemberSubject) ->
     summary="Market earnings per model",
     description="What the organisation's models earned on the market (paid inference and copies, net of "
     "refunds) per model and currency, for `period` (`YYYY-MM`) or between `since` and `until`. For the "
-    "admins.",
+    "admins. By model, then currency; `limit`/`offset` page the lines and `X-Total-Count` carries the total.",
     responses=responses(400, 401, 403, 404, 422),
 )
 async def get_earnings(
     session: SessionDep,
+    response: Response,
     organization: OrgMoneyAdmin,
     period: Annotated[str | None, Query(pattern=PERIOD_PATTERN, examples=["2026-11"])] = None,
     model_id: uuid.UUID | None = None,
     since: SafeDateTime | None = None,
     until: SafeDateTime | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[EarningsLine]:
     if period is not None:
         since, until = month_bounds(period)
-    rows = await model_earnings(
-        session, organization_id=organization.id, model_id=model_id, since=since, until=until
+    rows, total = await model_earnings_page(
+        session,
+        organization_id=organization.id,
+        model_id=model_id,
+        since=since,
+        until=until,
+        limit=limit,
+        offset=offset,
     )
+    response.headers["X-Total-Count"] = str(total)
     return [EarningsLine.model_validate(r) for r in rows]
 
 

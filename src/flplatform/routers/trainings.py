@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Body, Header, Query, Request, status
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from flplatform.auth.dependencies import AuthenticatedRequester, CurrentUser
 from flplatform.db import SessionDep
 from flplatform.errors import responses
-from flplatform.kit.schemas import Detail
+from flplatform.kit.schemas import MAX_LIMIT, Detail, Limit, Offset
 from flplatform.models.schemas import ModelRead
 from flplatform.trainings import event_stream
 from flplatform.trainings import notifications as notify
@@ -40,6 +40,10 @@ router = APIRouter(prefix="/api/trainings", tags=["trainings"])
 # GET /api/users/trainings/ (included before the users router so /api/users/{id}/ does not swallow it).
 users_router = APIRouter(prefix="/api/users", tags=["trainings"])
 MAX_ROUND = 2**31 - 1  # rounds are 32-bit columns
+_PAGED = (
+    "Oldest first; `limit`/`offset` page them (the default page holds the most a page may) and "
+    "`X-Total-Count` carries the total."
+)
 
 
 @router.get(
@@ -48,11 +52,15 @@ MAX_ROUND = 2**31 - 1  # rounds are 32-bit columns
     summary="List the trainings I run or oversee",
     description="Trainings the caller created (actor); for organisation admins and organisation coaches "
     "every training of their organisation; for superusers every training. `GET /api/users/trainings/` "
-    "lists those the caller acts in or participates in. Never another organisation's (superusers aside).",
-    responses=responses(401),
+    "lists those the caller acts in or participates in. Never another organisation's (superusers aside). "
+    + _PAGED,
+    responses=responses(401, 422),
 )
-async def list_trainings(requester: AuthenticatedRequester) -> list[TrainingRead]:
-    rows = await training_service.list_run_or_overseen(requester)
+async def list_trainings(
+    requester: AuthenticatedRequester, response: Response, limit: Limit = MAX_LIMIT, offset: Offset = 0
+) -> list[TrainingRead]:
+    rows, total = await training_service.list_run_or_overseen(requester, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
     return await training_service.describe_many(requester.session, rows)
 
 
@@ -179,24 +187,44 @@ async def stop_training(
     response_model=list[ModelRead],
     summary="A training's models",
     description="The global model and every local update of the training the caller may read (the actor, "
-    "organisation admins and coaches see all, a participant their own). Empty lists are fine (never 500).",
-    responses=responses(401, 403, 404),
+    "organisation admins and coaches see all, a participant their own). Empty lists are fine (never 500). "
+    + _PAGED,
+    responses=responses(401, 403, 404, 422),
 )
-async def training_models(requester: AuthenticatedRequester, training: ReadableTraining) -> list[ModelRead]:
-    return await training_service.training_models(requester, training, latest=False)
+async def training_models(
+    requester: AuthenticatedRequester,
+    response: Response,
+    training: ReadableTraining,
+    limit: Limit = MAX_LIMIT,
+    offset: Offset = 0,
+) -> list[ModelRead]:
+    rows, total = await training_service.training_models(
+        requester, training, latest=False, limit=limit, offset=offset
+    )
+    response.headers["X-Total-Count"] = str(total)
+    return rows
 
 
 @router.get(
     "/{training_id}/models/latest/",
     response_model=list[ModelRead],
     summary="Latest models of a training",
-    description="The global model and the latest local update per client (as far as the caller may read).",
-    responses=responses(401, 403, 404),
+    description="The global model and the latest local update per client (as far as the caller may read). "
+    + _PAGED,
+    responses=responses(401, 403, 404, 422),
 )
 async def training_models_latest(
-    requester: AuthenticatedRequester, training: ReadableTraining
+    requester: AuthenticatedRequester,
+    response: Response,
+    training: ReadableTraining,
+    limit: Limit = MAX_LIMIT,
+    offset: Offset = 0,
 ) -> list[ModelRead]:
-    return await training_service.training_models(requester, training, latest=True)
+    rows, total = await training_service.training_models(
+        requester, training, latest=True, limit=limit, offset=offset
+    )
+    response.headers["X-Total-Count"] = str(total)
+    return rows
 
 
 EVENTS_EXAMPLE = """\
@@ -307,13 +335,15 @@ async def training_metrics(
     "/trainings/",
     response_model=list[TrainingRead],
     summary="My trainings",
-    description="Trainings where the caller is actor or participant.",
-    responses=responses(401),
+    description="Trainings where the caller is actor or participant. " + _PAGED,
+    responses=responses(401, 422),
 )
-async def my_trainings(requester: AuthenticatedRequester) -> list[TrainingRead]:
-    return await training_service.describe_many(
-        requester.session, await training_service.list_mine(requester)
-    )
+async def my_trainings(
+    requester: AuthenticatedRequester, response: Response, limit: Limit = MAX_LIMIT, offset: Offset = 0
+) -> list[TrainingRead]:
+    rows, total = await training_service.list_mine(requester, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return await training_service.describe_many(requester.session, rows)
 
 
 @users_router.get(

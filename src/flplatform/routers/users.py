@@ -112,10 +112,18 @@ async def rotate_token(request: Request, session: SessionDep, user: CurrentUser)
 
 
 @router.get(
-    "/myself/tokens/", response_model=list[TokenRead], summary="List my API tokens", responses=responses(401)
+    "/myself/tokens/",
+    response_model=list[TokenRead],
+    summary="List my API tokens",
+    description="Newest first; `limit`/`offset` page them and `X-Total-Count` carries the total.",
+    responses=responses(401, 422),
 )
-async def list_tokens(session: SessionDep, user: CurrentUser) -> list[TokenRead]:
-    return [TokenRead.model_validate(t) for t in await user_service.list_tokens(session, user)]
+async def list_tokens(
+    session: SessionDep, user: CurrentUser, response: Response, limit: Limit = 100, offset: Offset = 0
+) -> list[TokenRead]:
+    rows, total = await user_service.list_tokens(session, user, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [TokenRead.model_validate(t) for t in rows]
 
 
 @router.post(

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from flplatform.errors import BadRequest, Conflict, Forbidden, Unprocessable
+from flplatform.kit.pagination import paginate
 from flplatform.models import service as model_service
 from flplatform.models.schemas import ModelRead
 from flplatform.orm import (
@@ -131,17 +132,23 @@ async def participant_status(
     ]
 
 
-async def _list(requester: Requester, condition: ColumnElement[bool]) -> list[Training]:
-    stmt = (
+async def _list(
+    requester: Requester, condition: ColumnElement[bool], *, limit: int, offset: int
+) -> tuple[list[Training], int]:
+    return await paginate(
+        requester.session,
         select(Training)
         .options(selectinload(Training.participants))
-        .where(readable(requester, Training), condition)
-        .order_by(Training.created_at, Training.id)
+        .where(readable(requester, Training), condition),
+        order_by=(Training.created_at, Training.id),
+        limit=limit,
+        offset=offset,
     )
-    return list((await requester.session.execute(stmt)).scalars())
 
 
-async def list_run_or_overseen(requester: Requester) -> list[Training]:
+async def list_run_or_overseen(
+    requester: Requester, *, limit: int, offset: int
+) -> tuple[list[Training], int]:
     """Trainings the caller acts in or oversees (organisation admins and coaches); every one for
     superusers (the policy layer lets them read all, so their list shows all)."""
     condition = (
@@ -149,19 +156,26 @@ async def list_run_or_overseen(requester: Requester) -> list[Training]:
         if requester.is_superuser
         else or_(Training.actor_id == requester.id, oversees_clause(requester))
     )
-    return await _list(requester, condition)
+    return await _list(requester, condition, limit=limit, offset=offset)
 
 
-async def list_mine(requester: Requester) -> list[Training]:
+async def list_mine(requester: Requester, *, limit: int, offset: int) -> tuple[list[Training], int]:
     """Trainings the caller acts in or takes part in."""
     return await _list(
-        requester, or_(Training.actor_id == requester.id, Training.id.in_(participations(requester)))
+        requester,
+        or_(Training.actor_id == requester.id, Training.id.in_(participations(requester))),
+        limit=limit,
+        offset=offset,
     )
 
 
-async def training_models(requester: Requester, training: Training, *, latest: bool) -> list[ModelRead]:
-    """The global model and the local updates the caller may read (all of them for the actor,
-    overseers and superusers, their own for a participant); ``latest``: the newest per client."""
+async def training_models(
+    requester: Requester, training: Training, *, latest: bool, limit: int, offset: int
+) -> tuple[list[ModelRead], int]:
+    """A page of the global model and the local updates the caller may read (all of them for the
+    actor, overseers and superusers, their own for a participant), and their total; ``latest``:
+    the newest per client. (The newest-per-client choice is made on the rows, so the page is
+    cut from them: only the page is described.)"""
     session = requester.session
     model = await global_model(session, training.model_id)
     stmt = (
@@ -177,7 +191,8 @@ async def training_models(requester: Requester, training: Training, *, latest: b
         for row in rows:
             newest[row.owner_id] = row
         rows = list(newest.values())
-    return await model_service.describe_many(session, [model, *rows])
+    every = [model, *rows]
+    return await model_service.describe_many(session, every[offset : offset + limit]), len(every)
 
 
 # --------------------------------------------------------------------------- participants

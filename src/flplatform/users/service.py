@@ -230,9 +230,17 @@ async def create_access_token(session: AsyncSession, user: User, ttl_seconds: in
     return token
 
 
-async def list_tokens(session: AsyncSession, user: User) -> Sequence[ApiToken]:
-    stmt = select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.created_at.desc())
-    return (await session.execute(stmt)).scalars().all()
+async def list_tokens(
+    session: AsyncSession, user: User, *, limit: int, offset: int
+) -> tuple[list[ApiToken], int]:
+    """A page of the user's API tokens, newest first, and their total."""
+    return await paginate(
+        session,
+        select(ApiToken).where(ApiToken.user_id == user.id),
+        order_by=(ApiToken.created_at.desc(), ApiToken.id),
+        limit=limit,
+        offset=offset,
+    )
 
 
 async def revoke_token(session: AsyncSession, user: User, token_id: uuid.UUID) -> ApiToken:
