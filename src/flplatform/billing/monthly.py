@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform import audit, workqueue
@@ -101,7 +102,7 @@ async def issue_monthly_bill(session: AsyncSession, organization_id: uuid.UUID, 
         async with session.begin_nested():  # a racing run issued it first: the unique index says so
             session.add(bill)
             await session.flush()
-    except Exception:
+    except IntegrityError:
         found = await session.scalar(
             select(Bill).where(Bill.organization_id == organization_id, Bill.period == period, Bill.monthly)
         )
