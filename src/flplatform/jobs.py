@@ -12,7 +12,7 @@ domains (it imports them); no domain, ``workqueue/`` included, imports it.
 from __future__ import annotations
 
 from flplatform.billing import hooks as billing_hooks
-from flplatform.billing import monthly as billing_monthly
+from flplatform.billing import jobs as billing_jobs
 from flplatform.inference import jobs as inference_jobs
 from flplatform.trainings import events as training_events
 from flplatform.trainings import hooks as training_hooks
@@ -26,7 +26,7 @@ def install() -> None:
     streams after each commit that recorded events. Idempotent."""
     training_jobs.register()
     inference_jobs.register()
-    billing_monthly.register()
+    billing_jobs.register()
     training_hooks.ROUND_STARTED.add(billing_hooks.round_started)
     training_hooks.ROUND_AGGREGATED.add(billing_hooks.round_aggregated)
     training_events.install()

@@ -12,7 +12,8 @@ import uuid
 from types import SimpleNamespace
 
 from flplatform import billing, workqueue
-from flplatform.billing.monthly import MONTHLY_BILLS_JOB, queue_monthly_bills, run_monthly_bills_job
+from flplatform.billing.jobs import run_monthly_bills_job
+from flplatform.billing.monthly import MONTHLY_BILLS_JOB, queue_monthly_bills
 from flplatform.orm.base import utcnow
 from tests.billing.conftest import usd
 from tests.billing.test_organization_money import infer

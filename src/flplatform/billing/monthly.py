@@ -1,7 +1,8 @@
 """Automatic monthly bills for organisations, and the overdue rule.
 
 **Monthly bills.** After a UTC month ends, the ``billing.monthly_bills`` work-queue job (queued by
-each server's billing sweep, once per period: its de-duplication key is the period) issues one
+each server's billing sweep, once per period: its de-duplication key is the period; the handler is
+``billing/jobs.py``'s) issues one
 bill per organisation that spent in the month: its lines are the statement's invoice lines
 (member × kind × currency, :func:`flplatform.billing.reports.statement`), refunds counting back;
 its amount is the month's net USD spending. Usage is prepaid — every charge already left the
@@ -34,7 +35,6 @@ from flplatform.billing.reports import month_bounds, statement
 from flplatform.errors import PaymentRequired
 from flplatform.orm.base import utcnow
 from flplatform.orm.billing import Bill, BillStatus, Currency, Operation, OperationKind
-from flplatform.orm.workqueue import WorkKind
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +141,6 @@ async def issue_monthly_bills(session: AsyncSession, period: str) -> list[Bill]:
     return bills
 
 
-async def run_monthly_bills_job(ctx: workqueue.JobContext, payload: dict[str, Any]) -> dict[str, Any]:
-    """Work-queue handler of ``billing.monthly_bills`` (payload ``{"period": "YYYY-MM"}``)."""
-    period = str(payload["period"])
-    async with ctx.sessionmaker() as session:
-        bills = await issue_monthly_bills(session, period)
-        await session.commit()
-    return {"period": period, "bills": len(bills)}
-
-
 async def queue_monthly_bills(session: AsyncSession, now: dt.datetime | None = None) -> str:
     """Queue the job for the month that ended last (once: the period is its de-duplication key);
     the caller commits."""
@@ -158,11 +149,6 @@ async def queue_monthly_bills(session: AsyncSession, now: dt.datetime | None = N
         session, MONTHLY_BILLS_JOB, {"period": period}, dedupe_key=f"{MONTHLY_BILLS_JOB}:{period}"
     )
     return period
-
-
-def register() -> None:
-    """Register ``billing.monthly_bills`` (``flplatform.jobs.install`` calls it)."""
-    workqueue.register(MONTHLY_BILLS_JOB, run_monthly_bills_job, category=WorkKind.AGGREGATION)
 
 
 async def check_not_overdue(session: AsyncSession, payer: Payer) -> None:
