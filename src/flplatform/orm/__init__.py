@@ -22,6 +22,7 @@ from flplatform.orm.model import (
     Model,
     ModelKind,
     SWAGModel,
+    WeightsLayout,
 )
 from flplatform.orm.organizations import (
     AdHocGroup,
@@ -96,6 +97,7 @@ __all__ = [
     "RoleKind",
     "RoundSelection",
     "SWAGModel",
+    "WeightsLayout",
     "Server",
     "SwagStatistic",
     "Training",

@@ -155,6 +155,18 @@ class GlobalModelRound(IDMixin, TimestampMixin, Base):
     weights_size: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class WeightsLayout(Base):
+    """The tensor layout of a weights blob, by the blob's digest: ``{name: [dtype, shape]}``
+    (``dtype`` as torch names it without ``torch.``, e.g. ``"float32"``). What an update is checked
+    against without reading the global model (:mod:`flplatform.models.layouts`). Keyed by content,
+    so a row is never stale and every row naming that digest (model, history, copies) shares it."""
+
+    __tablename__ = "weights_layouts"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    layout: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 @event.listens_for(Model, "before_insert", propagate=True)
 def _fill_tenant(_mapper: object, connection: Any, model: Model) -> None:
     """Copy the tenant from where it is decided: a local update belongs to its base model's

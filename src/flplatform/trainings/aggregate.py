@@ -22,18 +22,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from flplatform import aggregation
 from flplatform.blobs import BlobNotFound, store_for
 from flplatform.models import files as model_files
+from flplatform.models import layouts
 from flplatform.models.files import ModelFileError, StateDict, TensorSpec
 from flplatform.orm import Model, SwagStatistic
 
-# (model id, round) -> tensor specs of the global model, for validating uploads cheaply.
-_spec_cache: dict[uuid.UUID, tuple[int, dict[str, TensorSpec]]] = {}
 _param_count_cache: dict[uuid.UUID, tuple[int, int]] = {}
 _cache_lock = threading.Lock()
 
 
 def forget_cached(model_id: uuid.UUID) -> None:
     with _cache_lock:
-        _spec_cache.pop(model_id, None)
         _param_count_cache.pop(model_id, None)
 
 
@@ -56,17 +54,26 @@ async def global_weights(session: AsyncSession, model_id: uuid.UUID) -> bytes:
     return data
 
 
-async def global_spec(session: AsyncSession, model_id: uuid.UUID, round_: int) -> dict[str, TensorSpec]:
-    with _cache_lock:
-        cached = _spec_cache.get(model_id)
-    if cached is not None and cached[0] == round_:
-        return cached[1]
-    data = await global_weights(session, model_id)
-    state, _ = await model_files.decode_state_dict_async(data)
-    spec = model_files.spec_of(state)
-    with _cache_lock:
-        _spec_cache[model_id] = (round_, spec)
-    return spec
+async def global_spec(
+    session: AsyncSession, model_id: uuid.UUID, round_: int, *, persist: bool = True
+) -> dict[str, TensorSpec]:
+    """The tensor layout of the global model's current weights, what an update is checked against:
+    the stored layout of its weights blob (:mod:`flplatform.models.layouts`, never the weights
+    themselves), computed from the weights once for a blob that has none. ``round_`` is kept for
+    the callers; the layout is keyed by the blob's digest."""
+    del round_
+    digest = (
+        await session.execute(select(Model.weights_digest).where(Model.id == model_id))
+    ).scalar_one_or_none()
+    if digest is None:
+        raise ModelFileError("The global model has no stored bytes.")
+
+    async def from_weights() -> dict[str, TensorSpec]:
+        data = await global_weights(session, model_id)
+        state, _ = await model_files.decode_state_dict_async(data)
+        return model_files.spec_of(state)
+
+    return await layouts.layout_of(session, digest, from_weights, persist=persist)
 
 
 async def parameter_count(session: AsyncSession, model_id: uuid.UUID, round_: int) -> int:

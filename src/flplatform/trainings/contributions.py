@@ -93,7 +93,8 @@ async def update_layout(session: AsyncSession, user: User, model: Model) -> dict
         raise Conflict(
             f"Round {glob.round} of training {training.id} is being aggregated.", code="round_locked"
         )
-    return await aggregate.global_spec(session, glob.id, glob.round)
+    # Not persisted here: on SQLite a row written now would hold the write lock for the whole body.
+    return await aggregate.global_spec(session, glob.id, glob.round, persist=False)
 
 
 async def add_update(

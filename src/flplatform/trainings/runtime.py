@@ -40,6 +40,7 @@ from flplatform.blobs import store_for
 from flplatform.errors import NotFound
 from flplatform.kit import metrics
 from flplatform.kit.tasks import spawn
+from flplatform.models import layouts
 from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, Training
 from flplatform.orm.base import utcnow
 from flplatform.settings import Settings
@@ -412,6 +413,8 @@ class TrainingRuntime:
                 return False
             training, model = owned
             new_round = job.round + 1
+            # Aggregation keeps names, dtypes and shapes: the new blob has the old one's layout.
+            await layouts.carry(session, model.weights_digest, stored.digest)
             await session.execute(
                 update(Model)
                 .where(Model.id == model.id)
