@@ -88,3 +88,28 @@ async def test_the_model_sandbox_reads_the_rebuilt_archive():
     rebuilt = bytes(replace_weights(archive, plan, new))
     extracted, _ = await model_files.decode_state_dict_async(rebuilt)  # in the sandbox
     assert all(torch.equal(extracted[k], new[k]) for k in new)
+
+
+async def test_the_rebuilt_archive_streams_from_a_file_into_a_blob_byte_for_byte(tmp_path):
+    """The round's close: the template read piecewise from its blob's file, the new archive written
+    entry by entry into the store (no buffer), the same bytes as in memory."""
+    from flplatform.blobs import FileBlobStore
+    from flplatform.models.archive_weights import write_replaced
+
+    torch.manual_seed(1)
+    net = torch.jit.script(Net())
+    state = _moved({k: v.clone() for k, v in net.state_dict().items()}, 3)
+    net.load_state_dict(state)
+    archive = _saved(net)
+    plan = storage_plan(archive, state)
+    assert plan is not None
+    new = _moved(state, 4)
+    in_memory = bytes(replace_weights(archive, plan, new))
+    template = tmp_path / "template.pt"
+    template.write_bytes(archive)
+    assert fits(str(template), plan, new)
+    store = FileBlobStore(tmp_path / "blobs")
+    info = await store.writer().commit_built(lambda sink: write_replaced(str(template), plan, new, sink))
+    assert info.size == len(in_memory)
+    assert await store.read(info.digest) == in_memory
+    assert not list(store.spool.glob("*.part"))  # the temporary file became the blob

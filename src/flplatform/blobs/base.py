@@ -188,6 +188,39 @@ class BlobWriter:
         self._done = True
         return info
 
+    async def commit_built(self, build: Callable[[IO[bytes]], None]) -> BlobInfo:
+        """Publish what ``build(file)`` writes (in a worker thread) into the writer's temporary file
+        itself: a seekable file, for formats whose writer patches headers after the data (zip).
+        Nothing is held in memory; the file is hashed once built (from the page cache), fsynced and
+        published as :meth:`commit` does. Only on a fresh writer (nothing written yet)."""
+        if self._done or self._sealed or self._size or self._file is not None:
+            raise BlobError("commit_built needs a fresh writer")
+
+        def _build() -> None:
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w+b") as file:
+                build(file)
+                file.flush()
+                size = os.fstat(fd).st_size
+                if self._max_bytes is not None and size > self._max_bytes:
+                    raise BlobTooLarge(self._max_bytes)
+                file.seek(0)
+                chunk = bytearray(READ_CHUNK)
+                view = memoryview(chunk)
+                while read := file.readinto(chunk):
+                    self._hash.update(view[:read])
+                os.fsync(fd)
+            self._size = size
+
+        try:
+            await asyncio.to_thread(_build)
+        except BaseException:
+            await self.abort()
+            raise
+        self._sealed = True
+        return await self.commit()
+
     async def abort(self) -> None:
         """Drop everything written so far (idempotent)."""
         if self._done:

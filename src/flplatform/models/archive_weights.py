@@ -20,12 +20,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import shutil
 import zipfile
 from collections.abc import Mapping
+from typing import IO
 
 import torch
 
 Plan = dict[str, str]  # state-dict name -> zip entry name of its storage
+#: An archive: in memory, or a file (a blob of the store, read piecewise, never whole).
+Archive = bytes | memoryview | str | os.PathLike[str]
+
+
+def _zip(archive: Archive) -> zipfile.ZipFile:
+    if isinstance(archive, (bytes, memoryview)):
+        return zipfile.ZipFile(io.BytesIO(archive))
+    return zipfile.ZipFile(archive)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -38,10 +49,10 @@ def _is_storage(name: str) -> bool:
     return len(parts) == 3 and parts[1] == "data"
 
 
-def storage_plan(archive: bytes | memoryview, state: Mapping[str, torch.Tensor]) -> Plan | None:
+def storage_plan(archive: Archive, state: Mapping[str, torch.Tensor]) -> Plan | None:
     """The plan of ``archive`` for ``state`` (the tensors it holds), or None (see the module)."""
     try:
-        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        with _zip(archive) as zf:
             by_digest: dict[tuple[int, str], list[str]] = {}
             for info in zf.infolist():
                 if _is_storage(info.filename) and info.file_size > 0:
@@ -63,11 +74,11 @@ def storage_plan(archive: bytes | memoryview, state: Mapping[str, torch.Tensor])
     return plan
 
 
-def fits(archive: bytes | memoryview, plan: Plan, state: Mapping[str, torch.Tensor]) -> bool:
+def fits(archive: Archive, plan: Plan, state: Mapping[str, torch.Tensor]) -> bool:
     """Whether ``plan`` applies to ``archive`` and ``state``: every non-empty tensor planned, each
     entry present, stored uncompressed, and of the tensor's size."""
     try:
-        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        with _zip(archive) as zf:
             sizes = {info.filename: (info.file_size, info.compress_type) for info in zf.infolist()}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError):
         return False
@@ -89,23 +100,36 @@ class _Utf8Name(zipfile.ZipInfo):
         return self.filename.encode("utf-8"), self.flag_bits | 0x800
 
 
-def replace_weights(archive: bytes | memoryview, plan: Plan, state: Mapping[str, torch.Tensor]) -> memoryview:
-    """``archive`` with the planned storages written from ``state`` (call :func:`fits` first).
-    Returns a view of the new archive's buffer (no copy of it into ``bytes``)."""
+def write_replaced(archive: Archive, plan: Plan, state: Mapping[str, torch.Tensor], sink: IO[bytes]) -> None:
+    """Writes ``archive`` with the planned storages written from ``state`` into ``sink`` (a
+    seekable binary file; call :func:`fits` first): entry by entry, the tensors from their own
+    memory and the other entries copied piecewise from the source, so no copy of the archive is
+    ever whole in memory."""
     by_entry = {entry: name for name, entry in plan.items() if name in state}
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(archive)) as source, zipfile.ZipFile(out, "w") as target:
+    with _zip(archive) as source, zipfile.ZipFile(sink, "w") as target:
         for info in source.infolist():
             entry = _Utf8Name(info.filename, date_time=info.date_time)
             entry.external_attr = info.external_attr
             name = by_entry.get(info.filename)
             if name is None:
                 entry.compress_type = info.compress_type
-                target.writestr(entry, source.read(info))
+                entry.file_size = info.file_size
+                with source.open(info) as data, target.open(entry, "w") as out:
+                    shutil.copyfileobj(data, out, _COPY_CHUNK)
                 continue
-            data = _tensor_bytes(state[name])
+            tensor = _tensor_bytes(state[name])
             entry.compress_type = zipfile.ZIP_STORED
-            entry.file_size = len(data)  # decides zip64 up front (models over 2 GiB)
-            with target.open(entry, "w") as sink:
-                sink.write(data)
+            entry.file_size = len(tensor)  # decides zip64 up front (models over 2 GiB)
+            with target.open(entry, "w") as out:
+                out.write(tensor)
+
+
+_COPY_CHUNK = 1024**2
+
+
+def replace_weights(archive: Archive, plan: Plan, state: Mapping[str, torch.Tensor]) -> memoryview:
+    """:func:`write_replaced` into memory: a view of the new archive's buffer (no copy into
+    ``bytes``). The round's close writes into the blob store instead (no buffer at all)."""
+    out = io.BytesIO()
+    write_replaced(archive, plan, state, out)
     return out.getbuffer().toreadonly()

@@ -10,10 +10,12 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from flplatform.blobs import BlobInfo, BlobStore
 from flplatform.models import archive_weights
 from flplatform.models import files as model_files
 from flplatform.trainings.aggregate import global_weights
@@ -34,14 +36,26 @@ def _remember_plan(model_id: uuid.UUID, plan: archive_weights.Plan | None) -> No
 
 
 async def rebuild(
-    model_id: uuid.UUID, template: bytes, state: Mapping[str, torch.Tensor]
-) -> bytes | memoryview:
-    """The template archive with the new weights: its storages replaced here where the model's
-    storage plan is known and fits, else rebuilt in the sandbox (and the plan learnt from that)."""
+    model_id: uuid.UUID,
+    template: archive_weights.Archive,
+    state: Mapping[str, torch.Tensor],
+    *,
+    store: BlobStore | None = None,
+) -> bytes | memoryview | BlobInfo:
+    """The template archive (in memory, or the blob's local file) with the new weights: its storages
+    replaced here where the model's storage plan is known and fits, else rebuilt in the sandbox
+    (and the plan learnt from that). With ``store``, the replaced archive is written entry by entry
+    straight into a blob of it (returned as its ``BlobInfo``: no copy of it in memory)."""
     plan = _PLANS.get(model_id)
     if plan is not None and await asyncio.to_thread(archive_weights.fits, template, plan, state):
+        if store is not None:
+            return await store.writer().commit_built(
+                lambda sink: archive_weights.write_replaced(template, plan, state, sink)
+            )
         return await asyncio.to_thread(archive_weights.replace_weights, template, plan, state)
-    encoded = await model_files.rebuild_torchscript(template, state)
+    if not isinstance(template, (bytes, memoryview)):
+        template = await asyncio.to_thread(Path(template).read_bytes)
+    encoded = await model_files.rebuild_torchscript(bytes(template), state)
     _remember_plan(model_id, await asyncio.to_thread(archive_weights.storage_plan, encoded, state))
     return encoded
 

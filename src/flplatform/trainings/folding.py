@@ -54,7 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 
 from flplatform import aggregation
 from flplatform.aggregation import Aggregator
-from flplatform.blobs import BlobNotFound, BlobStore, store_for
+from flplatform.blobs import BlobInfo, BlobNotFound, BlobStore, store_for
 from flplatform.blobs.mapped import mapped
 from flplatform.kit.tasks import spawn
 from flplatform.models import files as model_files
@@ -384,8 +384,9 @@ async def aggregate_round(
     items: Sequence[tuple[uuid.UUID, int]],
     options: dict[str, Any],
     previous_state: str | None,
-) -> tuple[bytes | memoryview, bytes]:
-    """New global model (TorchScript archive) and the aggregator's state (safetensors) of a claimed
+) -> tuple[bytes | memoryview | BlobInfo, bytes]:
+    """New global model (TorchScript archive; as a blob already in the store where the archive was
+    rebuilt in the server) and the aggregator's state (safetensors) of a claimed
     round: from this process's folder where it has one (only the rest is folded now), else every
     update from the blob store, as memory maps (``previous_state``: the digest of the aggregator's
     state after the last round)."""
@@ -440,13 +441,27 @@ async def aggregate_round(
     del agg
 
     async with sessionmaker() as session:
-        template = await global_weights(session, model_id)
-    encoded = await archive_plans.rebuild(model_id, template, new_global)
+        template = await _template(session, store, model_id)
+    encoded = await archive_plans.rebuild(model_id, template, new_global, store=store)
     del new_global, template
     new_state_bytes = await asyncio.to_thread(
         aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
     )
     return encoded, new_state_bytes
+
+
+async def _template(session: AsyncSession, store: BlobStore, model_id: uuid.UUID) -> str | bytes:
+    """The global model's archive: its blob's local file where the store keeps one (read piecewise
+    by the rebuild, never whole), else its bytes."""
+    digest = (
+        await session.execute(select(Model.weights_digest).where(Model.id == model_id))
+    ).scalar_one_or_none()
+    if digest is not None:
+        with contextlib.suppress(BlobNotFound):
+            path = await store.local_path(digest)
+            if path is not None:
+                return str(path)
+    return await global_weights(session, model_id)
 
 
 async def _full_begin_args(

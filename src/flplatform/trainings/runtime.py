@@ -36,7 +36,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform import workqueue
-from flplatform.blobs import store_for
+from flplatform.blobs import BlobInfo, store_for
 from flplatform.errors import NotFound
 from flplatform.kit import metrics
 from flplatform.kit.tasks import spawn
@@ -345,7 +345,7 @@ class TrainingRuntime:
             ).scalar_one_or_none()
         if job.kind in ("update", asynchronous.KIND):
             method, elapsed = _method(job.kind, options), metrics.stopwatch()
-            encoded: bytes | memoryview
+            encoded: bytes | memoryview | BlobInfo
             if job.kind == asynchronous.KIND:
                 encoded, state = await asynchronous.fold_buffer(
                     self.sessionmaker, job.model_id, job.items, options, previous
@@ -399,14 +399,15 @@ class TrainingRuntime:
         self,
         training_id: uuid.UUID,
         job: AggregationJob,
-        encoded: bytes | memoryview,
+        encoded: bytes | memoryview | BlobInfo,
         state: bytes,
         started: float,
     ) -> bool:
         async with self.sessionmaker() as session:
             # Blobs first, rows after: a crash in between leaves only unreferenced blobs (swept).
             store = store_for(session)
-            stored, stored_state = await store.put(encoded), await store.put(state)
+            stored = encoded if isinstance(encoded, BlobInfo) else await store.put(encoded)
+            stored_state = await store.put(state)
             del encoded, state
             owned = await self._owned(session, training_id, job)
             if owned is None:
