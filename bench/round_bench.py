@@ -14,7 +14,9 @@ built beforehand: the bench measures the server, not httpx). Reported per databa
   (what the aggregation would cost with everything already in memory);
 * **server peak RSS**: ``VmHWM`` of the server process from ``/proc`` — over the rounds (the peak
   is reset with ``clear_refs`` after the set-up) and over the whole run (the set-up uploads the
-  TorchScript global model); the model sandbox's processes are apart and not counted;
+  TorchScript global model); the model sandbox's processes are apart and not counted; and the
+  resident set sampled every 5 ms, its peak per phase (the uploads, the close: last response →
+  next round, idle), which says which copies are alive at the peak;
 * the machine's own **loopback** TCP bandwidth and **fdatasync** write bandwidth (the blob store's
   filesystem), measured in the same run, and the load average (the machine may be shared).
 
@@ -153,6 +155,39 @@ def reset_hwm(pid: int) -> bool:
     return True
 
 
+class RssSampler:
+    """Samples the server's resident set (``/proc/<pid>/statm``) every ``interval`` seconds in a
+    thread and keeps the peak per phase the driver names (``idle``, ``uploads``, ``close``): where
+    the peak happens says which copies are alive then."""
+
+    def __init__(self, pid: int, interval: float = 0.005) -> None:
+        self.pid, self.interval = pid, interval
+        self.phase = "idle"
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        path = Path(f"/proc/{self.pid}/statm")
+        while not self._stop.wait(self.interval):
+            try:
+                rss = int(path.read_text().split()[1]) * self._page
+            except (OSError, ValueError, IndexError):
+                return
+            phase = self.phase
+            if rss > self.peaks.get(phase, 0):
+                self.peaks[phase] = rss
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def kernel_seconds(updates: list[bytes], repeats: int = 3) -> float:
     """Best of ``repeats``: ``fedavg`` over the updates as bytes already in memory."""
     best = math.inf
@@ -175,6 +210,7 @@ class Result:
     rss_rounds: int = 0
     rss_setup: int = 0
     hwm_reset: bool = False
+    phase_peaks: dict[str, int] = field(default_factory=dict)
 
 
 async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) -> list[bytes]:
@@ -221,24 +257,33 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
         await asyncio.sleep(1.0)  # the start's notifications settle
         result.rss_setup = vm_hwm(pid)  # the set-up's peak (the TorchScript global model's upload)
         result.hwm_reset = reset_hwm(pid)
-        for round_ in range(args.rounds):
-            bodies = [multipart(u, round_, 10 + i) for i, u in enumerate(updates)]
 
-            async def post(index: int, form: tuple[bytes, str]) -> None:
-                r = await http.post(
-                    f"{url}/api/models/{model_id}/",
-                    headers={**accounts[index].headers, "Content-Type": form[1]},
-                    content=form[0],
-                )
-                assert r.status_code == 201, r.text
+        async def rounds(sampler: RssSampler) -> None:
+            for round_ in range(args.rounds):
+                bodies = [multipart(u, round_, 10 + i) for i, u in enumerate(updates)]
 
-            started = time.perf_counter()
-            await asyncio.gather(*(post(i, b) for i, b in enumerate(bodies)))
-            answered = time.perf_counter()
-            del bodies
-            await wait_round(round_ + 1)
-            result.bursts.append(answered - started)
-            result.latencies.append(time.perf_counter() - answered)
+                async def post(index: int, form: tuple[bytes, str]) -> None:
+                    r = await http.post(
+                        f"{url}/api/models/{model_id}/",
+                        headers={**accounts[index].headers, "Content-Type": form[1]},
+                        content=form[0],
+                    )
+                    assert r.status_code == 201, r.text
+
+                sampler.phase = "uploads"
+                started = time.perf_counter()
+                await asyncio.gather(*(post(i, b) for i, b in enumerate(bodies)))
+                answered = time.perf_counter()
+                sampler.phase = "close"
+                del bodies
+                await wait_round(round_ + 1)
+                sampler.phase = "idle"
+                result.bursts.append(answered - started)
+                result.latencies.append(time.perf_counter() - answered)
+
+        with RssSampler(pid) as sampler:
+            await rounds(sampler)
+        result.phase_peaks = dict(sampler.peaks)
         result.rss_rounds = vm_hwm(pid)
         final = await training_state(http, url, actor.headers, training_id)
         assert final["state"] == "C" and final["round"] == args.rounds, final
@@ -316,18 +361,19 @@ def main() -> None:
     )
     print(
         "| database | upload burst MB/s (median / best) | last upload → next round s (median / each) "
-        "| server peak RSS MB, rounds (× model) | set-up MB |"
+        "| server peak RSS MB, rounds (× model) | sampled peak MB: uploads / close / idle | set-up MB |"
     )
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         mbps = [args.clients * r.update_bytes / s / MB for s in r.bursts]
         each = " ".join(f"{s:.2f}" for s in r.latencies)
         rounds_rss = (
             f"{r.rss_rounds / MB:.0f} ({r.rss_rounds / r.update_bytes:.1f}×)" if r.hwm_reset else "n/a"
         )
+        phases = " / ".join(f"{r.phase_peaks.get(p, 0) / MB:.0f}" for p in ("uploads", "close", "idle"))
         print(
             f"| {r.database} | {statistics.median(mbps):.0f} / {max(mbps):.0f} "
-            f"| {statistics.median(r.latencies):.2f} / {each} | {rounds_rss} | {r.rss_setup / MB:.0f} |"
+            f"| {statistics.median(r.latencies):.2f} / {each} | {rounds_rss} | {phases} | {r.rss_setup / MB:.0f} |"
         )
     print(
         f"\nTargets (issue 21): upload ≥ 300 MB/s or ≥ {0.5 * fsync / MB:.0f} MB/s (50 % of fdatasync); "
