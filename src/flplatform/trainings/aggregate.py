@@ -25,6 +25,7 @@ from flplatform.models import files as model_files
 from flplatform.models import layouts
 from flplatform.models.files import ModelFileError, StateDict, TensorSpec
 from flplatform.orm import Model, SwagStatistic
+from flplatform.trainings import archive_plans
 
 _param_count_cache: dict[uuid.UUID, tuple[int, int]] = {}
 _cache_lock = threading.Lock()
@@ -71,6 +72,8 @@ async def global_spec(
     async def from_weights() -> dict[str, TensorSpec]:
         data = await global_weights(session, model_id)
         state, _ = await model_files.decode_state_dict_async(data)
+        # The round's close needs the storage plan of the same archive: learnt from this decode.
+        await archive_plans.learn_from(model_id, data, state)
         return model_files.spec_of(state)
 
     return await layouts.layout_of(session, digest, from_weights, persist=persist)

@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from flplatform.blobs import BlobInfo, BlobStore
+from flplatform.blobs import BlobInfo, BlobStore, store_for
 from flplatform.models import archive_weights
 from flplatform.models import files as model_files
-from flplatform.trainings.aggregate import global_weights
+from flplatform.orm import Model
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,23 @@ async def learn(sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.U
         return
     try:
         async with sessionmaker() as session:
-            template = await global_weights(session, model_id)
+            digest = (
+                await session.execute(select(Model.weights_digest).where(Model.id == model_id))
+            ).scalar_one_or_none()
+            if digest is None:
+                return
+            template = await store_for(session).read(digest)
         state, _ = await model_files.decode_state_dict_async(template)
         _remember_plan(model_id, await asyncio.to_thread(archive_weights.storage_plan, template, state))
     except Exception:  # the close-time rebuild in the sandbox still works (and learns it)
         log.info("model %s: no storage plan from its archive", model_id, exc_info=True)
+
+
+async def learn_from(model_id: uuid.UUID, template: bytes, state: Mapping[str, torch.Tensor]) -> None:
+    """Learn the model's storage plan from an archive and the state the sandbox decoded from it
+    (the first upload's layout read decodes it anyway: one decode serves both)."""
+    if model_id not in _PLANS:
+        _remember_plan(model_id, await asyncio.to_thread(archive_weights.storage_plan, template, state))
 
 
 def known(model_id: uuid.UUID) -> bool:
