@@ -3,7 +3,7 @@ digest, so an update is checked without reading the global model (issue 21). Exi
 theirs computed from the weights on first use (no sandbox runs at migration time).
 
 Revision ID: 0909
-Revises: 0904
+Revises: 0908
 Create Date: 2026-12-04 20:20:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0909"
-down_revision: str | Sequence[str] | None = "0904"
+down_revision: str | Sequence[str] | None = "0908"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
