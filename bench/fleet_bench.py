@@ -8,8 +8,9 @@ through the API, a FedAvg training over a small MLP with all N as participants a
 the HTTP API of one real server process (``uvicorn flplatform.app:create_app``, bench/
 update_path_bench.py's ``start_server``): each round the bench reads the round's selection
 (``GET /api/trainings/{id}/rounds/?limit=1``), the selected clients upload a small safetensors
-update at the same moment, and the bench polls the same route until the next round's selection
-appears. Reported per N:
+update at the same moment, and the bench polls the same route every ``--poll`` seconds (0.2)
+until the next round's selection appears (polling faster loads the server with the polls: that
+route costs O(N), see docs/performance.md). Reported per N:
 
 * **round s**: from one ``round_started`` event to the next (server timestamps, ``training_events``),
   median over the rounds after the first (a warm-up);
@@ -206,7 +207,7 @@ async def drive(url: str, tokens: dict[str, str], args: argparse.Namespace, pid:
                 page = r.json()
                 if page and page[0]["round"] >= round_:
                     return [str(u) for u in page[0]["selected"]]
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(args.poll)
 
         r = await http.post(f"{url}/api/trainings/{training_id}/start/", headers=actor.headers)
         assert r.status_code == 202, r.text
@@ -268,6 +269,12 @@ def main() -> None:
     parser.add_argument("--clients", default="200,1000,5000", help="registered participants, comma-separated")
     parser.add_argument("--per-round", type=int, default=20, help="options.clients_per_round")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.2,
+        help="seconds between polls for the next round (each poll is a GET)",
+    )
     parser.add_argument("--gets", type=int, default=10, help="timed GETs of the training detail")
     parser.add_argument("--database", default="sqlite", choices=["sqlite", "postgresql"])
     args = parser.parse_args()

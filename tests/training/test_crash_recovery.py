@@ -164,6 +164,36 @@ async def test_periodic_sweep_finishes_such_a_round_without_a_restart(db_url, mo
         await _assert_completed_once(app, model_id, training_id)
 
 
+async def test_recovery_skips_an_open_round_without_loading_its_participants(db_url, monkeypatch):
+    # A round still waiting for updates is left alone by one lock-free read: the participant
+    # list (thousands of rows in a large fleet) is not loaded every recovery interval.
+    from flplatform.trainings import sweeper
+
+    settings = _settings(db_url, training_recovery_interval_seconds=3600)
+    async with _running(settings) as (app, http):
+        actor, clients = await _accounts(app)
+        model_id = await upload_global(http, actor)
+        training_id = await create_training(
+            http, actor, model_id, [uid for uid, _ in clients], options={"skip_model_tests": True}
+        )
+        assert (await http.post(f"/api/trainings/{training_id}/start/", headers=actor)).status_code == 202
+        state = state_of((await http.get(f"/api/models/{model_id}/", headers=actor)).content)
+        r = await post_update(http, clients[0][1], model_id, as_safetensors(shifted(state, 1.0)), 0)
+        assert r.status_code == 201, r.text
+        loaded: list[uuid.UUID] = []
+        real_get_training = sweeper.get_training
+
+        async def counting(session: Any, training_id: uuid.UUID, **kw: Any) -> Any:
+            loaded.append(training_id)
+            return await real_get_training(session, training_id, **kw)
+
+        monkeypatch.setattr(sweeper, "get_training", counting)
+        assert await sweeper.recover(runtime_of(app)) == []
+        assert loaded == []
+        body = (await http.get(f"/api/trainings/{training_id}/", headers=actor)).json()
+        assert (body["state"], body["round"], body["local_models_arrived"]) == ("O", 0, 1), body
+
+
 @pytest.mark.slow
 def test_kill9_right_after_the_final_update_then_restart(db_url, tmp_path):
     """A real server process, SIGKILLed the moment the final update's 201 arrives."""

@@ -23,7 +23,7 @@ from flplatform.trainings import events, folding, liveness, selection
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import phase_notification
 from flplatform.trainings.repository import get_training, global_model
-from flplatform.trainings.rounds import ACTIVE_STATES, round_condition
+from flplatform.trainings.rounds import ACTIVE_STATES, round_condition, update_round_open
 from flplatform.trainings.runtime import TrainingRuntime
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,10 @@ async def recover(runtime: TrainingRuntime) -> list[uuid.UUID]:
             .all()
         )
         for training_id in ids:
+            if await update_round_open(session, training_id, now):
+                # Certainly still waiting for updates: skip loading its participants (O(N) ORM
+                # rows every recovery interval for a training of thousands of participants).
+                continue
             try:
                 training = await get_training(session, training_id)
                 model = await global_model(session, training.model_id)
