@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from flplatform.settings import Settings
 from flplatform.trainings import folding
 from tests.training.conftest import (
     as_safetensors,
@@ -27,6 +28,19 @@ from tests.training.conftest import (
     upload_global,
 )
 from tests.training.test_lifecycle_api import wait_training
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    """The training tests' settings with folding on arrival turned on (off by default)."""
+    return Settings(
+        database_url=db_url,
+        notification_backoff_seconds=0.01,
+        notification_max_attempts=2,
+        notification_timeout_seconds=2.0,
+        training_sweep_interval_seconds=0.05,
+        fold_max_open_rounds=4,
+    )
 
 
 async def _until(cond: Callable[[], Any], timeout: float = 10.0) -> Any:

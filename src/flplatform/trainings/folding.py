@@ -30,8 +30,11 @@ connection. SQLite has one writing process.
 order is not reproducible. Streamed methods therefore accumulate in float64 unless the training set
 ``accumulate_dtype`` itself (then it folds only at close, in the participants' fixed order): sums
 of float32 updates in float64 agree to ~1e-16 relative whatever the order, so their float32 mean is
-the same except for a value that falls within that distance of a float32 rounding boundary (about
-one coordinate in 5·10⁸ per round). The accumulator is 2 models; plus one mapped update at a time.
+the same except for a value that falls within that distance of a float32 rounding boundary. That
+is not never: weights are scaled by the first update's, and the demo's seeded run differed in the
+7th digit of its loss after three rounds. Hence folding on arrival is off unless
+``FLP_FOLD_MAX_OPEN_ROUNDS`` > 0 (an operator's choice of latency over bitwise reproducibility).
+The accumulator is 2 models; plus one mapped update at a time.
 
 Methods that need every update at once (median, trimmed mean, (Multi-)Krum, DP, FedDC) keep the
 close-time path, reading their updates from memory maps too.
