@@ -202,6 +202,9 @@ def test_participants_train_are_killed_resume_and_finish(db_url, tmp_path):
                     process.kill()
         body = _training(base, actor, training_id)
         assert body["state"] == "C" and body["round"] == 3, body
+        # Both commands sent heartbeats: the training shows them online.
+        status = {entry["username"]: entry for entry in body["participant_status"]}
+        assert {name: status[name]["liveness"] for name in ("p1", "p2")} == {"p1": "online", "p2": "online"}
         # Round 0 was not trained again after the restart; round 1 (killed mid-way) was.
         assert _lines(tmp_path / "p2.log") == ["start 0", "start 1", "start 1", "start 2"]
         assert _lines(tmp_path / "p1.log") == ["start 0", "start 1", "start 2"]
@@ -251,6 +254,7 @@ def _runner(tmp_path: Path, retry_for: float) -> Runner:
         retry_for=retry_for,
         training="t",
         poll_interval=0.1,
+        heartbeat_interval=0.1,
     )
     return Runner(args, None, ParticipantState(tmp_path / "s.json", "t"), Display(False, "unit"))
 
@@ -285,3 +289,28 @@ async def test_server_calls_back_off_on_network_errors_and_5xx(tmp_path, monkeyp
     runner = _runner(tmp_path, retry_for=0)
     with pytest.raises(ServerUnreachable):
         await runner.call("reading", down)
+
+
+async def test_heartbeats_continue_through_errors_and_stop_when_refused(tmp_path, monkeypatch):
+    sleeps: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    monkeypatch.setattr("flplatform.client.command.asyncio.sleep", no_sleep)
+    answers: list[Any] = [None, httpx.ConnectError("refused"), APIError("POST", "/x", 502, "gw"), None]
+    answers.append(APIError("POST", "/x", 403, "not a participant"))
+    beats: list[str] = []
+
+    class FakeAPI:
+        async def heartbeat(self, training_id: str) -> None:
+            beats.append(training_id)
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+
+    runner = _runner(tmp_path, retry_for=60)
+    runner.api = FakeAPI()
+    await runner.beat()  # returns once refused
+    assert beats == ["t"] * 5 and not answers
+    assert sleeps == [0.1] * 4

@@ -36,6 +36,11 @@ written atomically. A command killed at any point and started again with the sam
 continues where it stopped: it does not train a round it already uploaded, and redoes one it was
 killed in (a re-upload for the same round replaces the earlier one). Network errors are retried
 with exponential back-off (0.5 s doubling to 30 s) for ``--retry-for`` seconds.
+
+Liveness: while it runs (and while the training function runs) the command sends the training a
+heartbeat every ``--heartbeat-interval`` seconds (``POST /api/trainings/{id}/heartbeat/``), so the
+client shows ``online`` and sampling that prefers online clients picks it; a client killed stops
+beating and, once offline past the server's drop setting, is dropped from a round it was asked for.
 """
 
 from __future__ import annotations
@@ -251,6 +256,23 @@ class Runner:
                 log.debug("training events: %s", exc)
             await asyncio.sleep(self.args.poll_interval)
 
+    async def beat(self) -> None:
+        """Heartbeats every ``--heartbeat-interval`` seconds; failures only logged (the work loop
+        handles an unreachable server), a refusal (4xx) stops them."""
+        from flplatform.client.api import APIError
+
+        while True:
+            try:
+                await self.api.heartbeat(self.args.training)
+            except APIError as exc:
+                if exc.status_code < 500:
+                    log.warning("heartbeats refused (%s); not sending more", exc.detail)
+                    return
+                log.debug("heartbeat: %s", exc)
+            except Exception as exc:  # network trouble: try again at the next beat
+                log.debug("heartbeat: %s", exc)
+            await asyncio.sleep(self.args.heartbeat_interval)
+
     async def wait_for_news(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.news.wait(), self.args.poll_interval)
@@ -360,16 +382,18 @@ class Runner:
         return None
 
     async def run(self) -> int:
-        listener = None if self.args.no_events else asyncio.create_task(self.listen())
+        helpers = [] if self.args.no_events else [asyncio.create_task(self.listen())]
+        if self.args.heartbeat_interval > 0:
+            helpers.append(asyncio.create_task(self.beat()))
         try:
             while True:
                 code = await self.step()
                 if code is not None:
                     return code
         finally:
-            if listener is not None:
-                listener.cancel()
-                await asyncio.gather(listener, return_exceptions=True)
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
 
 
 class ServerUnreachable(Exception):
@@ -452,6 +476,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--no-events", action="store_true", help="poll only; do not listen to the training's events"
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=30.0,
+        help="seconds between heartbeats that show this client online; 0: none (default: %(default)s)",
     )
     parser.add_argument(
         "--retry-for",
