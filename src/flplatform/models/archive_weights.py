@@ -31,6 +31,7 @@ import torch
 Plan = dict[str, str]  # state-dict name -> zip entry name of its storage
 #: An archive: in memory, or a file (a blob of the store, read piecewise, never whole).
 Archive = bytes | memoryview | str | os.PathLike[str]
+_COPY_CHUNK = 1024**2
 
 
 def _zip(archive: Archive) -> zipfile.ZipFile:
@@ -51,21 +52,34 @@ def _is_storage(name: str) -> bool:
 
 def storage_plan(archive: Archive, state: Mapping[str, torch.Tensor]) -> Plan | None:
     """The plan of ``archive`` for ``state`` (the tensors it holds), or None (see the module)."""
+    tensors: dict[str, tuple[int, str]] = {}
+    for name, tensor in state.items():
+        data = _tensor_bytes(tensor)
+        tensors[name] = (len(data), hashlib.sha256(data).hexdigest())
+    return plan_by_digest(archive, tensors)
+
+
+def plan_by_digest(archive: Archive, tensors: Mapping[str, tuple[int, str]]) -> Plan | None:
+    """:func:`storage_plan` from each tensor's byte size and SHA-256 (what the model sandbox reports
+    when it checks an upload) instead of the tensors: the archive's storages are hashed here,
+    each read piecewise (never a whole storage in memory: a 3 GB model's largest is ~3 GB)."""
     try:
         with _zip(archive) as zf:
             by_digest: dict[tuple[int, str], list[str]] = {}
             for info in zf.infolist():
                 if _is_storage(info.filename) and info.file_size > 0:
-                    digest = hashlib.sha256(zf.read(info)).hexdigest()
-                    by_digest.setdefault((info.file_size, digest), []).append(info.filename)
+                    hasher = hashlib.sha256()
+                    with zf.open(info) as entry:
+                        while chunk := entry.read(_COPY_CHUNK):
+                            hasher.update(chunk)
+                    by_digest.setdefault((info.file_size, hasher.hexdigest()), []).append(info.filename)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError):
         return None
     plan: Plan = {}
-    for name, tensor in state.items():
-        data = _tensor_bytes(tensor)
-        if not len(data):
+    for name, (size, digest) in tensors.items():
+        if not size:
             continue
-        entries = by_digest.get((len(data), hashlib.sha256(data).hexdigest()), [])
+        entries = by_digest.get((size, digest), [])
         if len(entries) != 1:
             return None
         plan[name] = entries[0]
@@ -122,9 +136,6 @@ def write_replaced(archive: Archive, plan: Plan, state: Mapping[str, torch.Tenso
             entry.file_size = len(tensor)  # decides zip64 up front (models over 2 GiB)
             with target.open(entry, "w") as out:
                 out.write(tensor)
-
-
-_COPY_CHUNK = 1024**2
 
 
 def replace_weights(archive: Archive, plan: Plan, state: Mapping[str, torch.Tensor]) -> memoryview:

@@ -7,7 +7,9 @@ weights blob (table ``weights_layouts``, :class:`~flplatform.orm.WeightsLayout`)
 per-process cache by digest. A round's new global has its predecessor's layout (aggregation keeps
 names, dtypes and shapes), which :func:`carry` records when it is written. A blob without a stored
 layout (an uploaded model, or one from before this table) gets it computed from the weights on
-first use, once, and stored (:func:`layout_of`).
+first use, once, and stored (:func:`layout_of`). A global model uploaded as TorchScript gets its
+layout at upload, from the model sandbox's check, with its archive's storage plan (which zip entry
+holds which tensor, :mod:`flplatform.models.archive_weights`): nothing decodes it later for either.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -97,26 +99,51 @@ async def stored(session: AsyncSession, digest: str) -> Layout | None:
     return layout
 
 
-async def record(session: AsyncSession, digest: str, layout: Mapping[str, TensorSpec]) -> None:
-    """Stores the layout of blob ``digest`` in the session's transaction (a row already there is
-    kept: same content). A digest is marked as stored only once a read saw its row (a committed
-    one), so a rolled-back insert is written again by a later call."""
+async def record(
+    session: AsyncSession,
+    digest: str,
+    layout: Mapping[str, TensorSpec],
+    *,
+    plan: Mapping[str, str] | None = None,
+) -> None:
+    """Stores the layout of blob ``digest`` (and a TorchScript archive's storage ``plan``) in the
+    session's transaction (a row already there is kept: same content; it gains a plan it lacked).
+    A digest is marked as stored only once a read saw its row (a committed one), so a rolled-back
+    insert is written again by a later call."""
     _remember(digest, dict(layout))
     with _lock:
-        if digest in _in_table:
+        if digest in _in_table and plan is None:
             return
     there = (
-        await session.execute(select(WeightsLayout.digest).where(WeightsLayout.digest == digest))
-    ).scalar_one_or_none()
+        await session.execute(
+            select(WeightsLayout.storage_plan, WeightsLayout.digest).where(WeightsLayout.digest == digest)
+        )
+    ).one_or_none()
     if there is not None:
+        if plan is not None and there.storage_plan is None:
+            await session.execute(
+                update(WeightsLayout).where(WeightsLayout.digest == digest).values(storage_plan=dict(plan))
+            )
         with _lock:
             _in_table.add(digest)
         return
     await session.execute(
         _insert(session)
-        .values(digest=digest, layout=encode(layout))
+        .values(digest=digest, layout=encode(layout), storage_plan=dict(plan) if plan is not None else None)
         .on_conflict_do_nothing(index_elements=["digest"])
     )
+
+
+async def stored_plan(session: AsyncSession, digest: str) -> dict[str, str] | None:
+    """The storage plan stored with blob ``digest``'s layout; None when there is none."""
+    plan = (
+        await session.execute(select(WeightsLayout.storage_plan).where(WeightsLayout.digest == digest))
+    ).scalar_one_or_none()
+    if not isinstance(plan, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in plan.items()
+    ):
+        return None
+    return dict(plan)
 
 
 async def carry(session: AsyncSession, source: str | None, target: str) -> None:
@@ -126,6 +153,7 @@ async def carry(session: AsyncSession, source: str | None, target: str) -> None:
         return
     layout = await stored(session, source)
     if layout is not None:
+        # Not the plan: a new archive rebuilt in the sandbox may name its storages differently.
         await record(session, target, layout)
 
 

@@ -25,9 +25,9 @@ from flplatform.blobs.multipart import FilePart
 from flplatform.errors import BadRequest, Conflict, Forbidden, NotFound
 from flplatform.kit.metrics import observe_upload, stopwatch
 from flplatform.kit.pagination import paginate
+from flplatform.models import archive_weights, layouts, uploads
 from flplatform.models import files as model_files
-from flplatform.models import uploads
-from flplatform.models.files import ModelFileError
+from flplatform.models.files import ModelFileError, TensorSpec
 from flplatform.models.schemas import MetricRead, ModelRead, ModelType
 from flplatform.models.uploads import UploadedFile
 from flplatform.orm import (
@@ -197,6 +197,7 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
         if upload.preprocessing_file is not None:
             await _check_preprocessing(upload.preprocessing_file)
         weights: UploadedFile | None = upload.model_file
+        checked: tuple[dict[str, TensorSpec], archive_weights.Plan | None] | None = None
         if upload.type == "MEAN":
             if not upload.members:
                 raise BadRequest("A MEAN model needs `models`: the ids of its member global models.")
@@ -218,10 +219,12 @@ async def create_global_model(requester: Requester, upload: GlobalUpload) -> Glo
         else:
             if weights is None:
                 raise BadRequest("No uploaded file 'model_file' found.", code="missing_file")
-            await uploads.check_module(weights)
+            checked = await uploads.check_global_model(weights)
     except ModelFileError as exc:
         raise file_error(exc) from None
     stored = await put_blob(session, weights)
+    if checked is not None and stored is not None:  # nothing decodes this model again for them
+        await layouts.record(session, stored.digest, checked[0], plan=checked[1])
     preprocessing = await put_blob(session, upload.preprocessing_file)
     cls = {"GLOBAL": GlobalModel, "SWAG": SWAGModel, "MEAN": MeanModel}[upload.type]
     model = cls(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import mmap
 import pickle
 import warnings
@@ -32,6 +33,7 @@ import torch
 from flplatform.aggregation import codec
 from flplatform.blobs import BlobInfo, BlobStore
 from flplatform.blobs.multipart import FilePart
+from flplatform.models import archive_weights
 from flplatform.models.archive_limits import ArchiveTooLarge, check_archive_limits
 from flplatform.models.files import (
     ACCEPTED_MODEL_FORMATS,
@@ -43,6 +45,7 @@ from flplatform.models.files import (
     StateDict,
     TensorSpec,
     check_torchscript,
+    require_torchscript,
     sandboxed,
     validate_state_dict,
 )
@@ -170,11 +173,7 @@ async def torchscript_part_state(part: FilePart) -> StateDict:
             _release(view)
 
 
-async def check_torchscript_part(part: FilePart, *, kind: str = "model") -> int:
-    """Check a spooled upload in the sandbox (TorchScript only, as :func:`files.check_torchscript`);
-    returns its parameter count. The sandbox reads the bytes from a memory map of the file."""
-    from flplatform.sandbox import client
-
+async def _spooled_torchscript(part: FilePart) -> Path:
     path = await part.spooled()
     if part.size < 8:
         raise ModelFileError("The file is empty or truncated. " + ACCEPTED_MODEL_FORMATS)
@@ -186,6 +185,15 @@ async def check_torchscript_part(part: FilePart, *, kind: str = "model") -> int:
             f"Expected a TorchScript archive, got {fmt if fmt != 'other' else 'another format'}. "
             + ACCEPTED_MODEL_FORMATS
         )
+    return path
+
+
+async def check_torchscript_part(part: FilePart, *, kind: str = "model") -> int:
+    """Check a spooled upload in the sandbox (TorchScript only, as :func:`files.check_torchscript`);
+    returns its parameter count. The sandbox reads the bytes from a memory map of the file."""
+    from flplatform.sandbox import client
+
+    path = await _spooled_torchscript(part)
     with mapped(path) as mm:
         view = memoryview(mm)
         try:
@@ -204,6 +212,37 @@ async def check_module(file: UploadedFile, *, kind: str = "model") -> None:
         await check_torchscript_part(file, kind=kind)
     else:
         await check_torchscript(file, kind=kind)
+
+
+async def check_global_model(
+    file: UploadedFile,
+) -> tuple[dict[str, TensorSpec], archive_weights.Plan | None]:
+    """:func:`check_module` for a global model, returning what the sandbox's check saw: the tensor
+    layout (stored with the blob, :mod:`flplatform.models.layouts`) and the archive's storage plan
+    (its storages hashed here, piecewise, against the tensors' digests; None when the tensors do
+    not map one to one onto storages). Nothing has to decode the model again for either."""
+    from flplatform.sandbox import client
+
+    archive: bytes | Path
+    if isinstance(file, FilePart):
+        archive = await _spooled_torchscript(file)
+        with mapped(archive) as mm:
+            view = memoryview(mm)
+            try:
+                checked = await sandboxed(client.check_model(view))  # type: ignore[arg-type]
+            finally:
+                _release(view)
+    else:
+        require_torchscript(file)
+        archive = file
+        checked = await sandboxed(client.check_model(file))
+    layout = {name: TensorSpec(shape, dtype) for name, (dtype, shape, _) in checked.tensors.items()}
+    sizes = {
+        name: (math.prod(shape) * torch.empty((), dtype=dtype).element_size(), digest)
+        for name, (dtype, shape, digest) in checked.tensors.items()
+    }
+    plan = await asyncio.to_thread(archive_weights.plan_by_digest, archive, sizes)
+    return layout, plan
 
 
 def uploaded_size(file: UploadedFile | None) -> int:

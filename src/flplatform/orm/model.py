@@ -165,6 +165,9 @@ class WeightsLayout(Base):
 
     digest: Mapped[str] = mapped_column(String(64), primary_key=True)
     layout: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: A TorchScript archive's storage plan ``{tensor name: zip entry}``
+    #: (:mod:`flplatform.models.archive_weights`), when one was found at upload or carried.
+    storage_plan: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
 
 
 @event.listens_for(Model, "before_insert", propagate=True)

@@ -97,6 +97,52 @@ async def check_module(data: bytes, *, kind: str = "model") -> int:
 
 
 @dataclass
+class CheckedModel:
+    """A global model checked at upload: its parameter count and, per state-dict tensor, dtype,
+    shape and the SHA-256 of its bytes (validated here as data)."""
+
+    parameters: int
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], str]]
+
+
+def _checked_layout(raw: Any) -> dict[str, tuple[torch.dtype, tuple[int, ...], str]]:
+    if not isinstance(raw, dict):
+        raise _bad("layout")
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}
+    for name, item in raw.items():
+        if not (isinstance(name, str) and isinstance(item, list) and len(item) == 3):
+            raise _bad("layout entry")
+        dtype_name, shape, digest = item
+        dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+        if (
+            not isinstance(dtype, torch.dtype)
+            or not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not isinstance(digest, str)
+            or len(digest) != 64
+            or any(c not in "0123456789abcdef" for c in digest)
+        ):
+            raise _bad(f"layout of tensor {name[:100]!r}")
+        tensors[name] = (dtype, tuple(shape), digest)
+    return tensors
+
+
+async def check_model(data: bytes) -> CheckedModel:
+    """:func:`check_module` for a global model, also returning its tensors' layout and digests."""
+    settings = get_pool().settings
+    reply, _ = await _call(
+        {"op": "check", "kind": "model", "layout": True},
+        [data],
+        timeout=settings.check_timeout_seconds,
+        what="the uploaded model",
+    )
+    count = reply.get("parameters")
+    if not isinstance(count, int) or count < 0:
+        raise _bad("parameter count")
+    return CheckedModel(count, _checked_layout(reply.get("layout")))
+
+
+@dataclass
 class Extracted:
     state: StateDict
     parameters: list[str]  # names of the module's parameters, in parameters() order

@@ -123,11 +123,30 @@ class Worker:
     def op_check(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         kind = message.get("kind", "model")
         module = self.load(blobs[0], "preprocessing module" if kind == "preprocessing" else "model")
+        reply: dict[str, Any] = {"ok": True, "parameters": sum(p.numel() for p in module.parameters())}
         if kind == "model":
             for name, tensor in module.state_dict().items():
                 if tensor.is_floating_point() and not bool(self.torch.isfinite(tensor).all()):
                     raise WorkerError("invalid", f"Tensor {name!r} contains NaN or infinite values.")
-        return {"ok": True, "parameters": sum(p.numel() for p in module.parameters())}, []
+            if message.get("layout"):
+                reply["layout"] = self._layout(module.state_dict())
+        return reply, []
+
+    def _layout(self, state: Any) -> dict[str, list[Any]]:
+        """``{name: [dtype, shape, sha256 of the tensor's bytes]}``: the server stores the layout
+        (updates are checked against it) and finds each tensor's storage in the archive by content
+        (its storage plan), so nothing decodes this model again for either."""
+        import hashlib
+
+        layout: dict[str, list[Any]] = {}
+        for name, tensor in state.items():
+            flat = tensor.detach().contiguous().reshape(-1)
+            digest = hashlib.sha256()
+            if flat.numel():
+                digest.update(flat.view(self.torch.uint8).numpy().data)
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            layout[name] = [dtype, list(tensor.shape), digest.hexdigest()]
+        return layout
 
     def op_extract(self, message: dict[str, Any], blobs: list[bytearray]) -> Answer:
         from flplatform.aggregation.codec import encode_safetensors

@@ -2,7 +2,8 @@
 archive of a round: its storages replaced in the server where the plan is known and fits
 (:mod:`flplatform.models.archive_weights`), else rebuilt in the model sandbox (and the plan learnt
 from that). :func:`learn` learns a model's plan from its current archive while a round's uploads
-arrive (the sandbox decodes it once), so even the first round's close needs no sandbox rebuild."""
+arrive (stored with the layout when the model was uploaded; else the sandbox decodes it once), so
+even the first round's close needs no sandbox rebuild."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform.blobs import BlobInfo, BlobStore, store_for
-from flplatform.models import archive_weights
+from flplatform.models import archive_weights, layouts
 from flplatform.models import files as model_files
 from flplatform.orm import Model
 
@@ -72,6 +73,10 @@ async def learn(sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.U
                 await session.execute(select(Model.weights_digest).where(Model.id == model_id))
             ).scalar_one_or_none()
             if digest is None:
+                return
+            plan = await layouts.stored_plan(session, digest)  # found when the model was uploaded
+            if plan is not None:
+                _remember_plan(model_id, plan)
                 return
             template = await store_for(session).read(digest)
         state, _ = await model_files.decode_state_dict_async(template)
