@@ -20,7 +20,7 @@ from flplatform.db import create_engine, create_sessionmaker
 from flplatform.docs_ui import install_docs
 from flplatform.errors import install_error_handlers
 from flplatform.jobs import install as install_jobs
-from flplatform.kit import tasks
+from flplatform.kit import malloc, tasks
 from flplatform.kit.input_guard import InputGuard
 from flplatform.kit.prometheus import HTTPMetrics, metrics_component
 from flplatform.onboarding import FIRST_USER_HINT
@@ -201,6 +201,7 @@ async def _hint_first_user(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
+    malloc.tune()  # large buffers freed go back to the kernel (kit/malloc.py)
     install_jobs()  # job kinds and hooks: this process's in-process worker and rounds use them
     app = FastAPI(
         title="flplatform",
