@@ -42,6 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("FLP_ARGON2_TIME_COST", "1")
 os.environ.setdefault("FLP_ARGON2_MEMORY_COST_KIB", "64")
@@ -55,7 +56,10 @@ import torch  # noqa: E402
 from update_path_bench import multipart, start_server, stop_server  # noqa: E402
 
 from flplatform import aggregation  # noqa: E402
+from flplatform.aggregation import codec  # noqa: E402
 from flplatform.migrate import upgrade  # noqa: E402
+from flplatform.models.files import TensorSpec  # noqa: E402
+from flplatform.models.update_header import canonical_header  # noqa: E402
 from tests.conftest import start_postgres  # noqa: E402
 from tests.scale.harness import (  # noqa: E402
     admin_headers,
@@ -164,20 +168,28 @@ class RssSampler:
         self.pid, self.interval = pid, interval
         self.phase = "idle"
         self.peaks: dict[str, int] = {}
+        # (RssAnon, RssFile) at each phase's peak: heap copies vs mapped files' pages
+        self.split: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        path = Path(f"/proc/{self.pid}/statm")
+        path = Path(f"/proc/{self.pid}/status")
         while not self._stop.wait(self.interval):
             try:
-                rss = int(path.read_text().split()[1]) * self._page
+                fields = {
+                    k: int(v.split()[0]) * 1024
+                    for k, _, v in (line.partition(":") for line in path.read_text().splitlines())
+                    if k in ("RssAnon", "RssFile", "RssShmem")
+                }
             except (OSError, ValueError, IndexError):
                 return
+            rss = sum(fields.values())
             phase = self.phase
             if rss > self.peaks.get(phase, 0):
                 self.peaks[phase] = rss
+                self.split[phase] = (fields.get("RssAnon", 0), fields.get("RssFile", 0))
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -198,6 +210,69 @@ def kernel_seconds(updates: list[bytes], repeats: int = 3) -> float:
     return best
 
 
+# --------------------------------------------------------------------------- models of several GB
+
+#: From this size on (``--mb``) the bench keeps every model on disk and streams the bodies.
+LARGE_MB = 1000.0
+PIECE = 64 << 20
+
+
+def write_update_file(path: Path, state: dict[str, torch.Tensor], delta: float) -> int:
+    """``state`` + ``delta`` as a canonical safetensors file (what the server publishes as received),
+    written tensor by tensor in pieces: never a second copy of the model in memory."""
+    spec = {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
+    with open(path, "wb") as out:
+        out.write(canonical_header(spec))
+        for name in codec.safetensors_order(state):
+            flat = state[name].detach().contiguous().reshape(-1)
+            step = max(1, PIECE // flat.element_size())
+            for start in range(0, flat.numel(), step):
+                out.write((flat[start : start + step] + delta).numpy().tobytes())
+    return path.stat().st_size
+
+
+def file_form(fields: dict[str, str], name: str, filename: str, path: Path) -> tuple[Any, dict[str, str]]:
+    """A ``multipart/form-data`` body streamed from ``path`` (an async generator) and its headers."""
+    boundary = os.urandom(16).hex()
+    head = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in fields.items()
+        )
+        + (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+    )
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    size = len(head) + path.stat().st_size + len(tail)
+
+    async def body() -> Any:
+        yield head
+        with open(path, "rb") as file:
+            while chunk := await asyncio.to_thread(file.read, 4 << 20):
+                yield chunk
+        yield tail
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(size)}
+    return body(), headers
+
+
+def large_settings(model_bytes: int) -> dict[str, str]:
+    """The server's limits raised for a model of ``model_bytes`` (each default is sized for models
+    up to ~2 GB; docs/performance.md says why each is needed)."""
+    body = int(model_bytes * 1.1) + (64 << 20)
+    return {
+        "FLP_MAX_UPLOAD_BYTES": str(body),  # 413 past it (default 2 GiB)
+        "FLP_MAX_ARCHIVE_UNCOMPRESSED_BYTES": str(body),  # the TorchScript global model's zip (2 GiB)
+        # The sandbox worker holds the received archive and the loaded module: 2× the model + torch.
+        "FLP_SANDBOX_MEMORY_BYTES": str(max(8 << 30, 3 * model_bytes + (3 << 30))),
+        "FLP_SANDBOX_MAX_MESSAGE_BYTES": str(max(4 << 30, body)),  # one frame carries the archive
+        "FLP_SANDBOX_CHECK_TIMEOUT_SECONDS": "1800",  # loading, checking and hashing 3 GB (20 s)
+        "FLP_SANDBOX_CALL_TIMEOUT_SECONDS": "1800",
+    }
+
+
 # --------------------------------------------------------------------------- one database
 
 
@@ -211,6 +286,7 @@ class Result:
     rss_setup: int = 0
     hwm_reset: bool = False
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    phase_split: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) -> list[bytes]:
@@ -222,15 +298,21 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
             await create_account(http, url, admin, f"client-{i:03d}", client=True)
             for i in range(args.clients)
         ]
-        torch.manual_seed(0)
-        net = BenchNet(width_for(args.mb))
-        model_id = await upload_model(http, url, actor.headers, scripted(net))
-        state = {k: v.detach() for k, v in net.state_dict().items()}
-        updates = [
-            as_safetensors({k: v + 0.001 * (i + 1) for k, v in state.items()}) for i in range(args.clients)
-        ]
-        del net, state
-        result.update_bytes = len(updates[0])
+        if args.large:
+            model_id = await upload_large_model(http, url, actor.headers, args.files)
+            updates: list[bytes] = []
+            result.update_bytes = args.files.updates[0].stat().st_size
+        else:
+            torch.manual_seed(0)
+            net = BenchNet(width_for(args.mb))
+            model_id = await upload_model(http, url, actor.headers, scripted(net))
+            state = {k: v.detach() for k, v in net.state_dict().items()}
+            updates = [
+                as_safetensors({k: v + 0.001 * (i + 1) for k, v in state.items()})
+                for i in range(args.clients)
+            ]
+            del net, state
+            result.update_bytes = len(updates[0])
         body = {
             "model_id": model_id,
             "target_num_updates": args.rounds,
@@ -262,17 +344,24 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
             for round_ in range(args.rounds):
                 bodies = [multipart(u, round_, 10 + i) for i, u in enumerate(updates)]
 
-                async def post(index: int, form: tuple[bytes, str]) -> None:
+                async def post(index: int, round_: int, bodies: list[tuple[bytes, str]]) -> None:
+                    if args.large:
+                        fields = {"round": str(round_), "sample_size": str(10 + index)}
+                        content, headers = file_form(
+                            fields, "model_file", "u.safetensors", args.files.updates[index]
+                        )
+                    else:
+                        content, headers = bodies[index][0], {"Content-Type": bodies[index][1]}
                     r = await http.post(
                         f"{url}/api/models/{model_id}/",
-                        headers={**accounts[index].headers, "Content-Type": form[1]},
-                        content=form[0],
+                        headers={**accounts[index].headers, **headers},
+                        content=content,
                     )
                     assert r.status_code == 201, r.text
 
                 sampler.phase = "uploads"
                 started = time.perf_counter()
-                await asyncio.gather(*(post(i, b) for i, b in enumerate(bodies)))
+                await asyncio.gather(*(post(i, round_, bodies) for i in range(args.clients)))
                 answered = time.perf_counter()
                 sampler.phase = "close"
                 del bodies
@@ -284,10 +373,39 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
         with RssSampler(pid) as sampler:
             await rounds(sampler)
         result.phase_peaks = dict(sampler.peaks)
+        result.phase_split = dict(sampler.split)
         result.rss_rounds = vm_hwm(pid)
         final = await training_state(http, url, actor.headers, training_id)
         assert final["state"] == "C" and final["round"] == args.rounds, final
         return updates
+
+
+@dataclass
+class Files:
+    """A large run's models on disk: the TorchScript global model and each client's update."""
+
+    model: Path
+    updates: list[Path]
+
+
+def make_files(args: argparse.Namespace, workdir: Path) -> Files:
+    torch.manual_seed(0)
+    net = BenchNet(width_for(args.mb))
+    files = Files(workdir / "global.pt", [workdir / f"update-{i}.safetensors" for i in range(args.clients)])
+    torch.jit.save(torch.jit.script(net), str(files.model))
+    state = {k: v.detach() for k, v in net.state_dict().items()}
+    for i, path in enumerate(files.updates):
+        write_update_file(path, state, 0.001 * (i + 1))
+    del net, state
+    return files
+
+
+async def upload_large_model(http: httpx.AsyncClient, url: str, headers: dict[str, str], files: Files) -> str:
+    fields = {"name": "large", "description": "round bench net", "type": "GLOBAL"}
+    content, form_headers = file_form(fields, "model_file", "m.pt", files.model)
+    r = await http.post(f"{url}/api/models/", headers={**headers, **form_headers}, content=content)
+    assert r.status_code == 201, r.text
+    return str(r.json()["model_id"])
 
 
 def run_database(
@@ -298,6 +416,8 @@ def run_database(
     blobs = workdir / f"blobs-{kind}"
     os.environ["FLP_BLOB_DIR"] = str(blobs)
     os.environ["FLP_MAX_UPLOAD_BYTES"] = str(int(args.mb * MB * 1.2) + (64 << 20))
+    if args.large:
+        os.environ.update(large_settings(int(args.mb * MB)))
     # Folding on arrival is off by default (bitwise reproducibility); the bench measures it on.
     os.environ["FLP_FOLD_MAX_OPEN_ROUNDS"] = "0" if args.no_fold else "4"
     proc, url = start_server(db_url, workdir / f"server-{kind}.log")
@@ -319,9 +439,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--database", default="sqlite,postgresql", help="sqlite, postgresql or both")
     parser.add_argument("--no-fold", action="store_true", help="FLP_FOLD_MAX_OPEN_ROUNDS=0 (fold at close)")
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help=f"models on disk, bodies streamed from files, limits raised (automatic from {LARGE_MB:.0f} MB)",
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="where the run's files go (default: a temporary directory)"
+    )
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="flp-round-bench-"))
+    args.large = args.large or args.mb >= LARGE_MB
+    base = Path(tempfile.mkdtemp(prefix="flp-round-bench-", dir=args.workdir))
     base.chmod(0o755)
+    if args.large:
+        args.files = make_files(args, base)
     load_before = os.getloadavg()
     loopback = loopback_bandwidth()
     fsync = fdatasync_bandwidth(base, max(256 << 20, int(args.mb * MB)))
@@ -339,7 +470,7 @@ def main() -> None:
                 db_url = cluster.create_database("flp_round_bench")
             result, updates = run_database(kind, db_url, args, base)
             results.append(result)
-            if math.isnan(kernel):
+            if math.isnan(kernel) and updates:  # not for --large (the updates are on disk)
                 kernel = kernel_seconds(updates)
             del updates
             print(f"  {kind} done", file=sys.stderr, flush=True)
@@ -374,6 +505,16 @@ def main() -> None:
         print(
             f"| {r.database} | {statistics.median(mbps):.0f} / {max(mbps):.0f} "
             f"| {statistics.median(r.latencies):.2f} / {each} | {rounds_rss} | {phases} | {r.rss_setup / MB:.0f} |"
+        )
+    print("\nAt each phase's sampled peak, anonymous (heap) + file-backed (mapped blobs) MB:")
+    for r in results:
+        print(
+            f"  {r.database}: "
+            + ", ".join(
+                f"{p} {r.phase_split[p][0] / MB:.0f} + {r.phase_split[p][1] / MB:.0f}"
+                for p in ("uploads", "close", "idle")
+                if p in r.phase_split
+            )
         )
     print(
         f"\nTargets (issue 21): upload ≥ 300 MB/s or ≥ {0.5 * fsync / MB:.0f} MB/s (50 % of fdatasync); "
