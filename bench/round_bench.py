@@ -265,8 +265,9 @@ def large_settings(model_bytes: int) -> dict[str, str]:
     return {
         "FLP_MAX_UPLOAD_BYTES": str(body),  # 413 past it (default 2 GiB)
         "FLP_MAX_ARCHIVE_UNCOMPRESSED_BYTES": str(body),  # the TorchScript global model's zip (2 GiB)
-        # The sandbox worker holds the received archive and the loaded module: 2× the model + torch.
-        "FLP_SANDBOX_MEMORY_BYTES": str(max(8 << 30, 3 * model_bytes + (3 << 30))),
+        # RLIMIT_AS of a sandbox worker (8 GiB): while it loads the archive it holds it twice (as
+        # bytes and as torch's own string) plus the module's tensors, and address space beyond that.
+        "FLP_SANDBOX_MEMORY_BYTES": str(max(8 << 30, 4 * model_bytes + (3 << 30))),
         "FLP_SANDBOX_MAX_MESSAGE_BYTES": str(max(4 << 30, body)),  # one frame carries the archive
         "FLP_SANDBOX_CHECK_TIMEOUT_SECONDS": "1800",  # loading, checking and hashing 3 GB (20 s)
         "FLP_SANDBOX_CALL_TIMEOUT_SECONDS": "1800",
