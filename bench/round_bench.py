@@ -24,6 +24,13 @@ Run from the repository root, un-niced: ``.venv/bin/python bench/round_bench.py 
 (``--database sqlite`` or ``postgresql`` for one; ``--no-fold`` folds every round only at its close,
 ``FLP_FOLD_MAX_OPEN_ROUNDS=0``). Prints a table; asserts nothing about time. Needs
 ``initdb``/``pg_ctl`` on PATH for PostgreSQL.
+
+Models of several GB (``--large``, automatic from 1000 MB): the global model and the updates are
+written to files in the run's directory (``--workdir``; ≈ (clients + 1) × the model, plus the
+server's blobs: ≈ 2 × (clients + 2) × the model of free disk) and every body is streamed from its
+file, so the bench process never holds a model; no in-memory kernel figure; the limits sized for
+models up to ~2 GB are raised (:func:`large_settings`, docs/performance.md says why). The issue's
+case, one database at a time: ``--mb 3000 --clients 2 --rounds 1 --database sqlite``.
 """
 
 from __future__ import annotations
