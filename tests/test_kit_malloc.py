@@ -1,5 +1,5 @@
 """The server's glibc malloc tuning (flplatform.kit.malloc): applied once per process, glibc's own
-environment variables win. Run in subprocesses (a fresh allocator each)."""
+environment variables win; off unless FLP_MALLOC_TUNE=1. Run in subprocesses (a fresh allocator each)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def test_tune_caps_arenas_and_fixes_the_mmap_threshold_once() -> None:
 
     if malloc._libc() is None:
         pytest.skip("not glibc")
-    first, second = _tune()
+    assert _tune() == [{}, {}]  # opt-in
+    first, second = _tune(FLP_MALLOC_TUNE="1")
     assert first == {"arena_max": malloc.ARENA_MAX, "mmap_threshold": malloc.MMAP_THRESHOLD}
     assert second == {}
 
@@ -38,9 +39,9 @@ def test_glibc_environment_variables_win() -> None:
 
     if malloc._libc() is None:
         pytest.skip("not glibc")
-    first, _ = _tune(MALLOC_ARENA_MAX="4")
+    first, _ = _tune(FLP_MALLOC_TUNE="1", MALLOC_ARENA_MAX="4")
     assert first == {"mmap_threshold": malloc.MMAP_THRESHOLD}
-    first, _ = _tune(MALLOC_MMAP_THRESHOLD_="131072")
+    first, _ = _tune(FLP_MALLOC_TUNE="1", MALLOC_MMAP_THRESHOLD_="131072")
     assert first == {"arena_max": malloc.ARENA_MAX}
     assert _tune(FLP_MALLOC_TUNE="0") == [{}, {}]
     assert malloc.trim() in (True, False)

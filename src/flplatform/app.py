@@ -201,7 +201,7 @@ async def _hint_first_user(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
-    malloc.tune()  # large buffers freed go back to the kernel (kit/malloc.py)
+    malloc.tune()  # FLP_MALLOC_TUNE=1: large buffers freed go back to the kernel (kit/malloc.py)
     install_jobs()  # job kinds and hooks: this process's in-process worker and rounds use them
     app = FastAPI(
         title="flplatform",
