@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flplatform import aggregation
-from flplatform.aggregation import decode_safetensors, encode_safetensors
+from flplatform.aggregation import accumulator, decode_safetensors, encode_safetensors
 
 PARAMS = 5_000_000
 N = 20
@@ -92,7 +92,7 @@ RSS_PROBE = r"""
 import json, sys
 import torch
 from flplatform import aggregation
-from flplatform.aggregation import decode_safetensors, encode_safetensors
+from flplatform.aggregation import accumulator, decode_safetensors, encode_safetensors
 
 def rss():
     with open("/proc/self/statm") as handle:
@@ -234,6 +234,8 @@ def test_views_of_bytes_released_while_waiting_are_folded_at_the_next_add(monkey
 
 
 def test_a_caller_replacing_a_decoded_tensor_is_not_mistaken_for_views(monkeypatch):
+    # a model this small would fold update by update (inline); the judgement matters for larger ones
+    monkeypatch.setattr(accumulator, "INLINE_FOLD_BYTES", 0)
     passes = _count_folds(monkeypatch)
     uploads = [encode_safetensors(small_update(i)) for i in range(4)]
     agg = aggregation.get("fedavg")

@@ -8,14 +8,17 @@ factor, and the wire bytes it views, if any).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+import operator
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 
 from .codec import FlatLayout, WireState
-from .kernels import accumulator_dtype, fold_chunk, fold_flat, fold_segments
+from .kernels import accumulator_dtype, fold_chunk, fold_flat, fold_inline, fold_segments
 
 Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
 
@@ -24,6 +27,54 @@ Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
 #: are kept 1-D (cut into chunks by :func:`fold_segments`). At most the smallest fold chunk (float64
 #: accumulator without inline kernels: 16384), so a tensor folded in its own shape is always whole.
 SMALL_TENSOR = 1 << 14
+#: A dtype group whose tensors are all small (≤ :data:`SMALL_TENSOR` elements) and whose accumulator
+#: is at most this many bytes folds state dicts update by update in the caller's thread
+#: (:func:`~flplatform.aggregation.kernels.fold_inline`): the accumulator stays in cache between
+#: updates anyway, so passes of several updates save no memory traffic, only cost Python and thread
+#: hand-offs. A plain ``add_`` loop over such a model is what it competes with.
+INLINE_FOLD_BYTES = 8 << 20
+
+
+class GatherPlan:
+    """What :func:`gather_tensors` checks an update's tensors against, made once per layout.
+
+    The checks run as C-level ``map`` loops over the update's tensors (≈ 0.2 µs per tensor instead of
+    ≈ 0.5 µs for a Python loop that reads ``dtype`` and ``shape`` one at a time): what remains per
+    update is one attribute read per tensor and property, which no cache can spare, since any tensor
+    of a new state dict may differ from the model.
+    """
+
+    def __init__(self, layout: FlatLayout):
+        slots = [slot for group in layout.groups.values() for slot in group]
+        names = [slot.name for slot in slots]
+        self.name_set = layout.name_set
+        self.count = len(names)
+        getter = operator.itemgetter(*names)
+        # itemgetter of one key returns the value itself, of several a tuple
+        self.get: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, ...]] = (
+            getter if len(names) > 1 else lambda state: (getter(state),)
+        )
+        self.dtypes = [slot.dtype for slot in slots]
+        self.shapes = [torch.Size(slot.shape) for slot in slots]
+        self.groups: list[tuple[torch.dtype, int, int, list[int]]] = []  # dtype, first, stop, large ones
+        start = 0
+        for dtype, group in layout.groups.items():
+            stop = start + len(group)
+            large = [i for i, slot in enumerate(group) if slot.numel > SMALL_TENSOR]
+            self.groups.append((dtype, start, stop, large))
+            start = stop
+
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_PLANS: weakref.WeakKeyDictionary[FlatLayout, GatherPlan] = weakref.WeakKeyDictionary()
+
+
+def gather_plan(layout: FlatLayout) -> GatherPlan:
+    plan = _PLANS.get(layout)
+    if plan is None:
+        plan = _PLANS[layout] = GatherPlan(layout)
+    return plan
 
 
 def gather_tensors(
@@ -32,17 +83,22 @@ def gather_tensors(
     """The update's tensors per dtype group in layout order, checked in the same pass (names, dtypes,
     shapes); None when they do not match (:meth:`FlatLayout.check` then says how). Tensors above
     :data:`SMALL_TENSOR` elements are flattened, smaller ones kept in their shape."""
-    if not isinstance(state, Mapping) or len(state) != len(layout.names) or state.keys() != layout.name_set:
+    plan = gather_plan(layout)
+    if not isinstance(state, Mapping) or len(state) != plan.count or state.keys() != plan.name_set:
+        return None
+    tensors = plan.get(state)
+    if (
+        not all(map(isinstance, tensors, itertools.repeat(torch.Tensor)))
+        or list(map(_DTYPE, tensors)) != plan.dtypes
+        or list(map(_SHAPE, tensors)) != plan.shapes
+    ):
         return None
     out: dict[torch.dtype, list[torch.Tensor]] = {}
-    for dtype, slots in layout.groups.items():
-        tensors: list[torch.Tensor] = []
-        for slot in slots:
-            tensor = state[slot.name]
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.shape != slot.shape:
-                return None
-            tensors.append(tensor if slot.numel <= SMALL_TENSOR else tensor.reshape(-1))
-        out[dtype] = tensors
+    for dtype, start, stop, large in plan.groups:
+        group = list(tensors[start:stop])
+        for index in large:
+            group[index] = group[index].reshape(-1)
+        out[dtype] = group
     return out
 
 
@@ -89,6 +145,17 @@ class WeightedSum:
         self.means: set[torch.dtype] = set()  # groups already divided by the total weight (see fold)
         self._acc_views: dict[torch.dtype, list[torch.Tensor]] = {}
         self._acc_chunks: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+        #: groups that fold separate tensors inline (see INLINE_FOLD_BYTES)
+        self.inline: frozenset[torch.dtype] = frozenset(
+            d
+            for d, acc in self.acc.items()
+            if acc.numel() * acc.element_size() <= INLINE_FOLD_BYTES
+            and all(slot.numel <= SMALL_TENSOR for slot in layout.groups[d])
+        )
+
+    def folds_inline(self, sources: Sources) -> bool:
+        """Whether an update of these sources folds inline in every group (separate small tensors)."""
+        return all(dtype in self.inline and isinstance(sources[dtype], list) for dtype in self.acc)
 
     @property
     def nbytes(self) -> int:
@@ -134,7 +201,8 @@ class WeightedSum:
                     fold_views(self.layout, source, dtype) if isinstance(source, torch.Tensor) else source
                     for source in sources
                 ]
-                fold_segments(targets, per_slot, [coef for _, coef in active], init=fresh, divisor=divisor)
+                fold = fold_inline if dtype in self.inline else fold_segments
+                fold(targets, per_slot, [coef for _, coef in active], init=fresh, divisor=divisor)
             self.fresh.discard(dtype)
             if divisor is not None:
                 self.means.add(dtype)

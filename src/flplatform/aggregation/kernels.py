@@ -5,7 +5,8 @@ each chunk of coordinates every source is added while that slice of the accumula
 a pool of fold threads whose ATen kernels run inline (their OpenMP team size is set to 1 through the
 OpenMP runtime itself, via ctypes, so torch's thread count elsewhere stays as it is);
 :func:`fold_segments` does the same over many separate tensors (state dicts of a caller's tensors),
-and the finiteness check sums in the same threads. The rest are
+:func:`fold_inline` folds small ones update by update in the caller's thread, and the finiteness
+check sums in the fold threads. The rest are
 the chunked helpers every stage uses: the accumulator dtype of a group, turning a sum into a mean in
 the accumulator's own memory, and a finiteness check without a model-sized temporary.
 """
@@ -323,6 +324,33 @@ def fold_segments(
             piece += 1
     bounds.append(len(units))
     _run_pieces(run, bounds, workers)
+
+
+def fold_inline(
+    targets: list[torch.Tensor],
+    sources: list[list[torch.Tensor]],
+    coefs: list[float],
+    init: bool = False,
+    divisor: float | None = None,
+) -> None:
+    """:func:`fold_segments` for small targets, in the calling thread: one ``torch._foreach_add_`` per
+    source over every target (one C++ call per update instead of one kernel call per tensor from
+    Python), no thread hand-off. The same kernels in the same order per element as
+    :func:`fold_segments`, so the same values. Only for targets below ATen's grain size (32768
+    elements: no OpenMP team starts in the caller's thread) whose accumulator stays in cache from one
+    update to the next (see ``accumulator.INLINE_FOLD_BYTES``).
+    """
+    if not sources or not targets:
+        return
+    rest, rest_coefs = sources, coefs
+    if init:
+        for target, tensor in zip(targets, sources[0], strict=True):
+            torch.mul(tensor, coefs[0], out=target)
+        rest, rest_coefs = sources[1:], coefs[1:]
+    for update, coef in zip(rest, rest_coefs, strict=True):
+        torch._foreach_add_(targets, update, alpha=coef)
+    if divisor is not None:
+        torch._foreach_div_(targets, divisor)
 
 
 def _run_pieces(run: Callable[[int, int], None], bounds: list[int], workers: int) -> None:

@@ -1,0 +1,161 @@
+"""Small models of separate tensors fold update by update in the caller's thread (``fold_inline``),
+checked by a per-layout plan (``GatherPlan``): the same values as the multi-threaded pass over the
+same updates, the same errors for updates that do not match, and nothing folded from a rejected one."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from flplatform import aggregation
+from flplatform.aggregation import UpdateValidationError, accumulator, fedavg
+from flplatform.aggregation.accumulator import WeightedSum
+from flplatform.aggregation.kernels import fold_inline
+
+
+def small_model(generator: torch.Generator, shift: float) -> dict[str, torch.Tensor]:
+    """Separately allocated small tensors of every dtype group (all ≤ SMALL_TENSOR elements)."""
+    return {
+        "a.weight": torch.randn(100, 100, generator=generator) + shift,
+        "a.bias": torch.randn(100, generator=generator) + shift,
+        "b.weight": (torch.randn(30, 20, generator=generator) + shift).t(),  # non-contiguous
+        "c.scale": torch.tensor(1.0 + shift),  # 0-dim
+        "d.half": torch.randn(7, 3, generator=generator).half(),
+        "e.double": torch.randn(4, 4, generator=generator, dtype=torch.float64),
+        "f.steps": torch.tensor([int(shift * 10), 3], dtype=torch.int64),
+        "g.mask": torch.rand(6, generator=generator) > 0.5,
+    }
+
+
+def pairs_of(n: int, seed: int = 0) -> list[tuple[dict[str, torch.Tensor], float]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(small_model(generator, i / 7), float(1 + (i * 37) % 11)) for i in range(n)]
+
+
+def test_a_small_model_of_separate_tensors_folds_inline():
+    generator = torch.Generator().manual_seed(0)
+    agg = aggregation.get("fedavg")
+    agg.begin(None)
+    agg.add(small_model(generator, 0.0), 1.0)
+    weighted_sum = agg._weighted_sum
+    assert weighted_sum.inline == frozenset(weighted_sum.acc)
+    # a tensor above SMALL_TENSOR elements, or an accumulator above INLINE_FOLD_BYTES: passes instead
+    large = aggregation.get("fedavg")
+    large.begin(None)
+    large.add({"w": torch.zeros(accumulator.SMALL_TENSOR + 1), "b": torch.zeros(3)}, 1.0)
+    assert large._weighted_sum.inline == frozenset()
+
+
+@pytest.mark.parametrize("accumulate", ["float32", "float64"])
+@pytest.mark.parametrize("feed", ["list", "generator", "add"])
+@pytest.mark.parametrize("n", [1, 2, 33, 40])
+def test_inline_fold_gives_the_values_of_the_threaded_pass(monkeypatch, accumulate, feed, n):
+    pairs = pairs_of(n)
+
+    def run() -> dict[str, torch.Tensor]:
+        if feed == "list":
+            return fedavg(pairs, accumulate_dtype=accumulate)
+        if feed == "generator":
+            return fedavg(iter(pairs), accumulate_dtype=accumulate)
+        agg = aggregation.get("fedavg", accumulate_dtype=accumulate)
+        agg.begin(None)
+        for state, weight in pairs:
+            agg.add(state, weight)
+        return agg.finish()[0]
+
+    inline = run()
+    monkeypatch.setattr(accumulator, "INLINE_FOLD_BYTES", 0)  # every fold a multi-threaded pass
+    passes = run()
+    for name, tensor in inline.items():
+        assert tensor.dtype == pairs[0][0][name].dtype, name
+        assert torch.equal(tensor, passes[name]), name  # bit for bit
+
+
+@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("divisor", [None, 3.0])
+def test_fold_inline_matches_a_plain_loop(init, divisor):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1000,), (7, 3), (), (2500,), (0,)]
+    targets = [torch.randn(s, generator=generator) for s in shapes]
+    expected = [t.clone() for t in targets]
+    if init:
+        for t in targets:
+            t.fill_(float("nan"))  # init: whatever the buffer holds is overwritten
+    sources = [[torch.randn(s, generator=generator) for s in shapes] for _ in range(5)]
+    coefs = [0.5, 2.0, 1.0, 3.0, 0.25]
+    for index, target in enumerate(expected):
+        if init:
+            target.zero_()
+        for update, coef in zip(sources, coefs, strict=True):
+            target.add_(update[index], alpha=coef)
+        if divisor is not None:
+            target.div_(divisor)
+    fold_inline(targets, sources, coefs, init=init, divisor=divisor)
+    for got, want in zip(targets, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def _bad_updates(good: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, object], str]]:
+    def changed(name: str, value: object) -> dict[str, object]:
+        return {**good, name: value}
+
+    missing = dict(good)
+    del missing["a.bias"]
+    return [
+        ("dtype", changed("a.weight", good["a.weight"].double()), "dtype"),
+        ("shape", changed("a.bias", torch.zeros(101)), "shape"),
+        # broadcastable into the model's tensor: an add_ loop would take it silently
+        ("broadcastable shape", changed("a.weight", torch.zeros(1, 100)), "shape"),
+        ("same numel, other shape", changed("a.weight", torch.zeros(10_000)), "shape"),
+        ("not a tensor", changed("a.bias", [0.0] * 100), "not a tensor"),
+        ("numpy array", changed("a.bias", good["a.bias"].numpy()), "not a tensor"),
+        ("missing", missing, "missing"),
+        ("extra", changed("z.extra", torch.zeros(1)), "unexpected"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_a_mismatching_update_is_rejected_and_nothing_of_it_is_folded(case):
+    pairs = pairs_of(4, seed=1)
+    label, bad, message = _bad_updates(pairs[0][0])[case]
+    agg = aggregation.get("fedavg")
+    agg.begin(None)
+    for state, weight in pairs[:2]:
+        agg.add(state, weight)
+    with pytest.raises(UpdateValidationError, match=message):
+        agg.add(bad, 5.0)  # type: ignore[arg-type]
+    for state, weight in pairs[2:]:
+        agg.add(state, weight)
+    result, _ = agg.finish()
+    expected = fedavg(pairs)
+    assert agg.n_updates == 4, label
+    for name, tensor in result.items():
+        assert torch.equal(tensor, expected[name]), (label, name)
+
+
+def test_a_generator_of_small_state_dicts_keeps_at_most_one_update(monkeypatch):
+    passes: list[int] = []
+    original = WeightedSum.fold
+
+    def fold(self, items, **options):
+        passes.append(len(items))
+        return original(self, items, **options)
+
+    monkeypatch.setattr(WeightedSum, "fold", fold)
+    alive: list[weakref.ref] = []
+    in_flight: list[int] = []
+
+    def updates():
+        generator = torch.Generator().manual_seed(2)
+        for i in range(10):
+            state = small_model(generator, i / 7)  # made as it is drawn, like a loaded upload
+            alive.append(weakref.ref(state["a.weight"]))
+            in_flight.append(sum(ref() is not None for ref in alive))
+            yield state, float(i + 1)
+            del state
+
+    fedavg(updates())
+    assert max(in_flight) <= 2  # the update just drawn and the one waiting for the next add
+    assert passes == [1] * 10  # one update per fold, the last one (in finish) turning sums into means
