@@ -126,7 +126,10 @@ bytes nobody else holds counts against the budget from the next ``add`` on. The 
 weight right after adding to it (in cache: no separate pass). State dicts of separate tensors (a
 caller's own) fold the same way, tensor by tensor inside the pass (several updates per pass, one
 thread hand-off per pass, small tensors in their own shape); a list of them folds up to ``max_fold``
-per pass (the caller holds them anyway), a generator of them 2 per pass (the 2-model bound).
+per pass (the caller holds them anyway), a generator of them 2 per pass (the 2-model bound). A small
+model of separate tensors (every tensor ≤ 16384 elements, accumulator ≤ 8 MiB: it stays in cache
+between updates, so passes save nothing) folds update by update instead, in the caller's thread, right
+after the update is checked (one ``torch._foreach_add_`` per update; the same values).
 
 Codec (:mod:`flplatform.aggregation.codec`)
 -------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
@@ -67,23 +66,15 @@ class GatherPlan:
 
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
-_PLANS: weakref.WeakKeyDictionary[FlatLayout, GatherPlan] = weakref.WeakKeyDictionary()
-
-
-def gather_plan(layout: FlatLayout) -> GatherPlan:
-    plan = _PLANS.get(layout)
-    if plan is None:
-        plan = _PLANS[layout] = GatherPlan(layout)
-    return plan
 
 
 def gather_tensors(
-    layout: FlatLayout, state: Mapping[str, torch.Tensor]
+    plan: GatherPlan, state: Mapping[str, torch.Tensor]
 ) -> dict[torch.dtype, list[torch.Tensor]] | None:
     """The update's tensors per dtype group in layout order, checked in the same pass (names, dtypes,
-    shapes); None when they do not match (:meth:`FlatLayout.check` then says how). Tensors above
-    :data:`SMALL_TENSOR` elements are flattened, smaller ones kept in their shape."""
-    plan = gather_plan(layout)
+    shapes) against ``plan`` (made once per round from the layout); None when they do not match
+    (:meth:`FlatLayout.check` then says how). Tensors above :data:`SMALL_TENSOR` elements are
+    flattened, smaller ones kept in their shape."""
     if not isinstance(state, Mapping) or len(state) != plan.count or state.keys() != plan.name_set:
         return None
     tensors = plan.get(state)
@@ -129,7 +120,8 @@ class WeightedSum:
     ``fold`` adds several updates per pass over the accumulator (see :func:`fold_flat`): memory
     traffic per update falls from 3 passes (read update, read + write accumulator) towards 1.
     Updates whose group is not one contiguous range (separate tensors) are folded the same way, slot
-    by slot (:func:`fold_segments`), several updates per pass too.
+    by slot (:func:`fold_segments`), several updates per pass too; in a small group (``inline``, see
+    :data:`INLINE_FOLD_BYTES`) in the caller's thread (:func:`fold_inline`).
     Buffers start uninitialised (``fresh``): the first fold writes them instead of adding to zeros.
     """
 

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import dp
-from .accumulator import Sources, Update, WeightedSum, gather_tensors, wire_of
+from .accumulator import GatherPlan, Sources, Update, WeightedSum, gather_tensors, wire_of
 from .codec import FlatLayout, StateDict, decode_safetensors, held_elsewhere, wire_bytes_of
 from .errors import (
     AggregatorOptionsError,
@@ -141,6 +141,7 @@ class Aggregator:
 
     def _setup(self, layout: FlatLayout) -> None:
         self._layout = layout
+        self._gather = GatherPlan(layout)
         sum_dtypes = (
             list(layout.groups)
             if not self.collects
@@ -240,7 +241,7 @@ class Aggregator:
         if self._layout is None:
             self._setup(FlatLayout(state_dict))
         layout = self.layout
-        gathered = gather_tensors(layout, state_dict)
+        gathered = gather_tensors(self._gather, state_dict)
         if gathered is None:
             layout.check(state_dict)  # raises, saying what differs
             raise UpdateValidationError("the update does not match the model")
