@@ -159,3 +159,17 @@ def test_a_generator_of_small_state_dicts_keeps_at_most_one_update(monkeypatch):
     fedavg(updates())
     assert max(in_flight) <= 2  # the update just drawn and the one waiting for the next add
     assert passes == [1] * 10  # one update per fold, the last one (in finish) turning sums into means
+
+
+@pytest.mark.parametrize("numel", [1, 16_384, 100_000, (1 << 21) + 1])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_the_finiteness_check_of_small_and_large_buffers(numel, bad):
+    from flplatform.aggregation.kernels import DEFAULT_CHUNK, all_finite
+
+    flat = torch.ones(numel)
+    if bad is not None:
+        flat[numel // 2] = bad
+    assert all_finite(flat, DEFAULT_CHUNK) is (bad is None)
+    # finite values whose sum overflows are still finite
+    flat = torch.full((numel,), 3e38)
+    assert all_finite(flat, DEFAULT_CHUNK)
