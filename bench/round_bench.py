@@ -149,6 +149,24 @@ def fdatasync_bandwidth(directory: Path, total: int, chunk: int = 8 << 20) -> fl
     return max(1, total // chunk) * chunk / seconds
 
 
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of ``pid``'s main thread (the event loop) and of all its other
+    live threads (the worker threads: hashing, spool writes, fsync, the SQLite driver)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = rest = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        if task.name == str(pid):
+            main += cpu
+        else:
+            rest += cpu
+    return main, rest
+
+
 def vm_hwm(pid: int) -> int:
     """Peak resident set of ``pid`` in bytes (``VmHWM``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -295,6 +313,8 @@ class Result:
     hwm_reset: bool = False
     phase_peaks: dict[str, int] = field(default_factory=dict)
     phase_split: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Server CPU seconds per burst: (event loop thread, other threads)
+    burst_cpu: list[tuple[float, float]] = field(default_factory=list)
 
 
 async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) -> list[bytes]:
@@ -368,9 +388,12 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
                     assert r.status_code == 201, r.text
 
                 sampler.phase = "uploads"
+                cpu_before = thread_cpu(pid)
                 started = time.perf_counter()
                 await asyncio.gather(*(post(i, round_, bodies) for i in range(args.clients)))
                 answered = time.perf_counter()
+                cpu_after = thread_cpu(pid)
+                result.burst_cpu.append((cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]))
                 sampler.phase = "close"
                 del bodies
                 await wait_round(round_ + 1)
@@ -500,9 +523,10 @@ def main() -> None:
     )
     print(
         "| database | upload burst MB/s (median / best) | last upload → next round s (median / each) "
-        "| server peak RSS MB, rounds (× model) | sampled peak MB: uploads / close / idle | set-up MB |"
+        "| server peak RSS MB, rounds (× model) | sampled peak MB: uploads / close / idle | set-up MB "
+        "| server CPU s per burst: event loop + threads |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         mbps = [args.clients * r.update_bytes / s / MB for s in r.bursts]
         each = " ".join(f"{s:.2f}" for s in r.latencies)
@@ -510,9 +534,11 @@ def main() -> None:
             f"{r.rss_rounds / MB:.0f} ({r.rss_rounds / r.update_bytes:.1f}×)" if r.hwm_reset else "n/a"
         )
         phases = " / ".join(f"{r.phase_peaks.get(p, 0) / MB:.0f}" for p in ("uploads", "close", "idle"))
+        cpu = " · ".join(f"{m:.2f} + {t:.2f}" for m, t in r.burst_cpu)
         print(
             f"| {r.database} | {statistics.median(mbps):.0f} / {max(mbps):.0f} "
-            f"| {statistics.median(r.latencies):.2f} / {each} | {rounds_rss} | {phases} | {r.rss_setup / MB:.0f} |"
+            f"| {statistics.median(r.latencies):.2f} / {each} | {rounds_rss} | {phases} | {r.rss_setup / MB:.0f} "
+            f"| {cpu} |"
         )
     print("\nAt each phase's sampled peak, anonymous (heap) + file-backed (mapped blobs) MB:")
     for r in results:

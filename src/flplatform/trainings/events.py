@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import delete, event, insert, select, text
+from sqlalchemy import delete, event, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -104,12 +104,12 @@ async def record(
     Subscribers see it once (and only if) the transaction commits."""
     seq = await _next_seq(session, training_id)
     payload = json.loads(json.dumps(dict(data or {}), default=str))  # UUIDs, datetimes → strings
-    await session.execute(
-        insert(TrainingEvent).values(training_id=training_id, seq=seq, kind=kind, data=payload)
-    )
+    stmt = insert(TrainingEvent).values(training_id=training_id, seq=seq, kind=kind, data=payload)
     if session.get_bind().dialect.name == "postgresql":
+        # The NOTIFY rides on the insert (one statement, one round trip less per event).
         note = json.dumps({"o": ORIGIN, "t": str(training_id)}, separators=(",", ":"))
-        await session.execute(text("SELECT pg_notify(:channel, :note)"), {"channel": CHANNEL, "note": note})
+        stmt = stmt.returning(func.pg_notify(CHANNEL, note))
+    await session.execute(stmt)
     session.info.setdefault(_PENDING, set()).add(training_id)
     return seq
 
