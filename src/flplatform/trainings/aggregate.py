@@ -56,16 +56,23 @@ async def global_weights(session: AsyncSession, model_id: uuid.UUID) -> bytes:
 
 
 async def global_spec(
-    session: AsyncSession, model_id: uuid.UUID, round_: int, *, persist: bool = True
+    session: AsyncSession,
+    model_id: uuid.UUID,
+    round_: int,
+    *,
+    persist: bool = True,
+    digest: str | None = None,
 ) -> dict[str, TensorSpec]:
     """The tensor layout of the global model's current weights, what an update is checked against:
     the stored layout of its weights blob (:mod:`flplatform.models.layouts`, never the weights
     themselves), computed from the weights once for a blob that has none. ``round_`` is kept for
-    the callers; the layout is keyed by the blob's digest."""
+    the callers; the layout is keyed by the blob's digest. ``digest``: the weights digest of the
+    model row the caller read in this transaction under the training's lock (one SELECT less)."""
     del round_
-    digest = (
-        await session.execute(select(Model.weights_digest).where(Model.id == model_id))
-    ).scalar_one_or_none()
+    if digest is None:
+        digest = (
+            await session.execute(select(Model.weights_digest).where(Model.id == model_id))
+        ).scalar_one_or_none()
     if digest is None:
         raise ModelFileError("The global model has no stored bytes.")
 

@@ -94,7 +94,10 @@ async def update_layout(session: AsyncSession, user: User, model: Model) -> dict
             f"Round {glob.round} of training {training.id} is being aggregated.", code="round_locked"
         )
     # Not persisted here: on SQLite a row written now would hold the write lock for the whole body.
-    return await aggregate.global_spec(session, glob.id, glob.round, persist=False)
+    # glob was read after the training's FOR SHARE: its digest is the current one.
+    return await aggregate.global_spec(
+        session, glob.id, glob.round, persist=False, digest=glob.weights_digest
+    )
 
 
 async def add_update(
@@ -129,7 +132,7 @@ async def add_update(
             f"Round {glob.round} of training {training.id} is being aggregated.", code="round_locked"
         )
     metrics = _parse_metrics(metric_names, metric_values, required=False)
-    spec = await aggregate.global_spec(session, glob.id, glob.round)
+    spec = await aggregate.global_spec(session, glob.id, glob.round, digest=glob.weights_digest)
     if inspector.spec is not None and spec != inspector.spec:
         raise Conflict(
             f"The global model of training {training.id} changed while the update was uploaded.",
