@@ -17,6 +17,9 @@ built beforehand: the bench measures the server, not httpx). Reported per databa
   TorchScript global model); the model sandbox's processes are apart and not counted; and the
   resident set sampled every 5 ms, its peak per phase (the uploads, the close: last response →
   next round, idle), which says which copies are alive at the peak;
+* **server CPU per burst**: CPU seconds of the server's event loop (its main thread) and of its other
+  threads (hashing and spool writes, the values check, the fold on arrival, the SQLite driver)
+  from ``/proc`` over each round's uploads;
 * the machine's own **loopback** TCP bandwidth and **fdatasync** write bandwidth (the blob store's
   filesystem), measured in the same run, and the load average (the machine may be shared).
 
