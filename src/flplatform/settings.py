@@ -165,11 +165,11 @@ class Settings(BaseSettings):
         "whose condition is met but that nothing advanced (a process killed between an upload and its aggregation)",
     )
     fold_max_open_rounds: int = Field(
-        default=0,
+        default=4,
         ge=0,
         description="Rounds per server process whose updates are folded as they arrive (one float64 "
-        "accumulator, 2x the model, each); 0 (the default) folds every round when it closes, in the "
-        "participants' fixed order, so a seeded run gives the same model bit for bit",
+        "accumulator, 2x the model, each; further rounds fold when they close); 0 folds every round "
+        "when it closes. Either way the result is bitwise the same whatever the arrival order",
     )
     aggregation_lease_seconds: int = Field(
         default=900,

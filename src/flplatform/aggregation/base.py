@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import dp
+from . import dp, ordering
 from .accumulator import GatherPlan, Sources, Update, WeightedSum, gather_tensors, wire_of
 from .codec import FlatLayout, StateDict, decode_safetensors, held_elsewhere, wire_bytes_of
 from .errors import (
@@ -75,6 +75,13 @@ class Aggregator:
         self.max_fold = DEFAULT_MAX_FOLD
         self._validate_options()
         self._phase = "idle"
+        #: Make the result of a streamed float64 mean independent of the order of ``add`` calls (see
+        #: :mod:`.ordering`): raw weights (no scaling by the first), the total summed exactly, and a
+        #: bound kept so that :meth:`settle` can list the coordinates to recompute with :meth:`redo`.
+        #: Set before :meth:`begin`; only for :attr:`streams` aggregators accumulating in float64.
+        self.track_order = False
+        self._order: ordering.OrderBound | None = None
+        self._settled: tuple[dict[torch.dtype, torch.Tensor], ordering.Redo] | None = None
         self._unbounded = False
         self._layout: FlatLayout | None = None
         self._sum: WeightedSum | None = None
@@ -125,6 +132,9 @@ class Aggregator:
         # tiny or huge raw weights (1e-50, 1e40) would otherwise under/overflow float32 coefficients.
         self._weight_scale = 0.0  # 0.0 until the round's first positive weight
         self._scaled_total = 0.0
+        self._scaled_weights: list[float] = []
+        self._order = None
+        self._settled = None
         self._pending: list[Update] = []
         self._collected: list[Update] = []
         self._sum = None
@@ -148,6 +158,8 @@ class Aggregator:
             else [d for d in layout.groups if not d.is_floating_point]
         )
         self._sum = WeightedSum(layout, sum_dtypes, self.accumulate, self.chunk)
+        if self._tracks_order:
+            self._order = ordering.OrderBound(layout, sum_dtypes, self.chunk)
         # Pending updates are held only while the accumulator plus them stay within 2 models.
         self._pending_budget = max(0, 2 * layout.nbytes - self._sum.nbytes)
 
@@ -196,7 +208,8 @@ class Aggregator:
             else 1.0
         )
         if weight > 0 and self._weight_scale == 0.0:
-            self._weight_scale = float(weight)
+            # order-tracked rounds keep raw weights (an order-independent scale; see track_order)
+            self._weight_scale = 1.0 if self._tracks_order else float(weight)
         elif weight > 0 and weight / self._weight_scale > 2.0**64:
             self._rescale(float(weight))
         scaled = float(weight) / self._weight_scale if weight > 0 else 0.0
@@ -204,6 +217,10 @@ class Aggregator:
         self.n_updates += 1
         self.total_weight += float(weight)
         self._scaled_total += scaled
+        if scaled > 0:
+            self._scaled_weights.append(scaled)
+            if self._order is not None:
+                self._order.add(sources, scaled)
         if self.collects:
             self._collected.append(update)
             weighted_sum = self._weighted_sum
@@ -279,6 +296,9 @@ class Aggregator:
             update.weight *= factor
         self._global_coef *= factor
         self._scaled_total *= factor
+        self._scaled_weights = [w * factor for w in self._scaled_weights]
+        if self._order is not None:
+            self._order.scale(factor)
         self._weight_scale = scale
 
     def add_many(
@@ -312,6 +332,51 @@ class Aggregator:
             and self.clip_norm is None
             and self.noise_multiplier == 0
         )
+
+    @property
+    def _tracks_order(self) -> bool:
+        return self.track_order and self.streams and self.accumulate == torch.float64
+
+    def settle(self) -> int:
+        """With :attr:`track_order`: fold what is pending, form the mean, and return how many
+        coordinates another order of the ``add`` calls could round differently; the caller then
+        passes every update again, in its fixed order, to :meth:`redo` before :meth:`finish` (0:
+        nothing to redo). Without it (or with no positive weight), 0 and nothing done."""
+        if self._phase != "open":
+            raise AggregatorStateError("settle() needs begin() first (and not after finish())")
+        if self._order is None or self._settled is not None or not self._scaled_weights:
+            return 0
+        self._scaled_total = math.fsum(self._scaled_weights)
+        self._flush(last=True)
+        weighted_sum = self._weighted_sum
+        means = set(weighted_sum.means)
+        acc = weighted_sum.take()
+        redo = ordering.Redo(self.layout)
+        flats: dict[torch.dtype, torch.Tensor] = {}
+        for dtype, buffer in acc.items():
+            if dtype in means or buffer.dtype == dtype:  # no finer rounding hides the order: redo it all
+                flats[dtype] = finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
+                redo.want(dtype, None, buffer.dtype)
+                continue
+            index = ordering.ambiguous(
+                buffer, self._scaled_total, dtype, self._order.bound[dtype], self._order.terms, self.chunk
+            )
+            flats[dtype] = finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
+            redo.want(dtype, index, buffer.dtype)
+        self._settled = (flats, redo)
+        self._order = None
+        return redo.count
+
+    def redo(
+        self, state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview, weight: float
+    ) -> None:
+        """After :meth:`settle`: one update again, with the weight it was added with (call for every
+        update, in the fixed order; updates of weight 0 may be passed or not)."""
+        if self._phase != "open" or self._settled is None:
+            raise AggregatorStateError("redo() needs settle() first (and not after finish())")
+        if weight > 0:
+            sources, _ = self._sources(state_dict)
+            self._settled[1].add(sources, float(weight) / self._weight_scale)
 
     def fold_pending(self) -> None:
         """Fold the updates still pending into the running sum now, so that nothing added so far is
@@ -360,6 +425,8 @@ class Aggregator:
         self._phase = "finished"
         if self.n_updates == 0:
             raise ZeroTotalWeightError("no update was added")
+        if self._order is not None:
+            self.settle()  # (a caller that does not redo keeps the arrival order's rounding)
         self._flush(last=True)
         flats = self._combine()
         if self.noise_multiplier > 0 and self.clip_norm is not None:  # noise needs clipping (options)
@@ -397,6 +464,11 @@ class Aggregator:
             raise ZeroTotalWeightError(
                 f"the weights of the {self.n_updates} update(s) sum to zero; nothing to average"
             )
+        if self._settled is not None:
+            flats, redo = self._settled
+            redo.apply(flats, self._scaled_total)
+            self._settled = None
+            return flats
         weighted_sum = self._weighted_sum
         means = weighted_sum.means
         acc = weighted_sum.take()

@@ -44,9 +44,20 @@ def accumulator_dtype(model_dtype: torch.dtype, requested: torch.dtype) -> torch
     return torch.float64
 
 
-def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A view of ``tensor``'s storage (from its first byte) reinterpreted as ``dtype``, same length."""
     return torch.empty(0, dtype=dtype).set_(tensor.untyped_storage(), 0, (tensor.numel(),), (1,))
+
+
+def scaled_into(target: torch.Tensor, source: torch.Tensor, coef: float) -> None:
+    """``target = coef · source`` with the product formed in ``target``'s dtype (as ``addcmul_`` forms
+    the later terms): ``torch.mul(float32, coef, out=float64)`` would round it to float32 first, so
+    the first term of a sum would be rounded unlike the others (and the sum depend on which comes
+    first)."""
+    if source.dtype == target.dtype:
+        torch.mul(source, coef, out=target)
+    else:
+        target.copy_(source).mul_(coef)
 
 
 def finalize_inplace(acc: torch.Tensor, divisor: float, out_dtype: torch.dtype, chunk: int) -> torch.Tensor:
@@ -58,7 +69,7 @@ def finalize_inplace(acc: torch.Tensor, divisor: float, out_dtype: torch.dtype, 
     """
     if out_dtype == acc.dtype:
         return acc.div_(divisor)
-    out = _as_dtype(acc, out_dtype)
+    out = as_dtype(acc, out_dtype)
     for start, stop in chunk_ranges(acc.numel(), chunk):
         part = acc[start:stop] / divisor
         if out_dtype == torch.bool:
@@ -232,7 +243,7 @@ def fold_flat(
             for index in range(hi - lo):
                 target = acc_chunks[lo + index]
                 if init:
-                    torch.mul(source_chunks[0][index], coefs[0], out=target)
+                    scaled_into(target, source_chunks[0][index], coefs[0])
                 if rest:
                     torch._foreach_addcmul_([target] * len(rest), [c[index] for c in rest], ones, rest_coefs)
                 if divisor is not None:
@@ -310,7 +321,7 @@ def fold_segments(
                 target = target[start:stop]
             if init:
                 source = first[index]
-                torch.mul(source if whole else source[start:stop], coefs[0], out=target)
+                scaled_into(target, source if whole else source[start:stop], coefs[0])
             batch.append((target, index, start, stop, whole))
             batched += stop - start
             if batched >= chunk:
@@ -355,12 +366,26 @@ def fold_inline(
     rest, rest_coefs = sources, coefs
     if init:
         for target, tensor in zip(targets, sources[0], strict=True):
-            torch.mul(tensor, coefs[0], out=target)
+            scaled_into(target, tensor, coefs[0])
         rest, rest_coefs = sources[1:], coefs[1:]
     for update, coef in zip(rest, rest_coefs, strict=True):
         torch._foreach_add_(targets, update, alpha=coef)
     if divisor is not None:
         torch._foreach_div_(targets, divisor)
+
+
+def run_pieces(
+    run: Callable[[int, int], None], items: list, pieces_per_worker: int = PIECES_PER_WORKER
+) -> None:
+    """``run(lo, hi)`` over ``range(len(items))`` cut into pieces taken in turn by the fold threads
+    (kernels inline); in the caller's thread when there is one piece or one worker."""
+    count = len(items)
+    workers = min(_fold_workers(), count)
+    if workers <= 1:
+        run(0, count)
+        return
+    pieces = min(count, workers * pieces_per_worker)
+    _run_pieces(run, [count * i // pieces for i in range(pieces + 1)], workers)
 
 
 def _run_pieces(run: Callable[[int, int], None], bounds: list[int], workers: int) -> None:

@@ -27,14 +27,16 @@ method keeps the close-time path) folds everything from the store: correct, just
 connection. SQLite has one writing process.
 
 **Order independence.** A seeded run must give the same model bit for bit (issue 20), but arrival
-order is not reproducible. Streamed methods therefore accumulate in float64 unless the training set
-``accumulate_dtype`` itself (then it folds only at close, in the participants' fixed order): sums
-of float32 updates in float64 agree to ~1e-16 relative whatever the order, so their float32 mean is
-the same except for a value that falls within that distance of a float32 rounding boundary. That
-is not never: weights are scaled by the first update's, and the demo's seeded run differed in the
-7th digit of its loss after three rounds. Hence folding on arrival is off unless
-``FLP_FOLD_MAX_OPEN_ROUNDS`` > 0 (an operator's choice of latency over bitwise reproducibility).
-The accumulator is 2 models; plus one mapped update at a time.
+order is not reproducible. Streamed methods therefore accumulate raw sample-size-weighted products
+in float64 (unless the training set ``accumulate_dtype`` itself: then it folds only at close, in the
+participants' fixed order) and the aggregator tracks the order (:attr:`Aggregator.track_order`):
+at the close (:func:`finish`) it lists the few coordinates whose rounding to the model's dtype
+another summation order could change (:mod:`flplatform.aggregation.ordering`: a per-block bound of
+``Σ|n_i x_i|``, a monotonic-rounding test), and those alone are recomputed from the memory-mapped
+updates in the participants' fixed order. The result is bitwise the fixed order's whatever the
+arrival order, folded on arrival or at the close (``tests/aggregation/test_ordering.py``), so
+folding on arrival is on by default (``FLP_FOLD_MAX_OPEN_ROUNDS``, 4 open rounds per process).
+The accumulator is 2 models, plus one mapped update at a time and 1/64 of a float64 model of bound.
 
 Methods that need every update at once (median, trimmed mean, (Multi-)Krum, DP, FedDC) keep the
 close-time path, reading their updates from memory maps too.
@@ -90,6 +92,33 @@ def method_options(options: Mapping[str, Any]) -> tuple[str, dict[str, Any], boo
         and not buffer.is_async(options)  # FedBuff folds its buffer against each update's base version
     )
     return name, kwargs, foldable
+
+
+def new_aggregator(name: str, kwargs: Mapping[str, Any]) -> Aggregator:
+    """The round's aggregator; a streamed float64 mean tracks what its result's independence of
+    the arrival order needs (:attr:`Aggregator.track_order`, settled by :func:`finish`)."""
+    agg = aggregation.get(name, **kwargs)
+    agg.track_order = True  # only takes effect for streamed float64 means
+    return agg
+
+
+async def finish(
+    agg: Aggregator, store: BlobStore, rows: Rows, order: Sequence[uuid.UUID]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``agg.finish()``, after recomputing in ``order`` (the participants' fixed order) the few
+    coordinates whose rounding the arrival order could have changed: whatever order the updates
+    were folded in, the result is bitwise the fixed order's (see :mod:`flplatform.aggregation.ordering`)."""
+    redo = await asyncio.to_thread(agg.settle)
+    if redo:
+        for local in order:
+            digest, size = rows[local]
+            try:
+                async with mapped(store, digest) as view:
+                    await asyncio.to_thread(agg.redo, view, float(size))
+            except BlobNotFound:
+                raise ModelFileError(f"Local model {local}: its bytes are missing from the blob store.") from None
+        log.info("%d coordinate(s) recomputed in the participants' order", redo)
+    return await asyncio.to_thread(agg.finish)
 
 
 async def _begin_args(
@@ -164,7 +193,7 @@ class RoundFolder:
     waiter: Any = None  # follow()'s subscription to the training's wake-ups
 
     def reset(self) -> Aggregator:
-        agg = aggregation.get(self.name, **self.kwargs)
+        agg = new_aggregator(self.name, self.kwargs)
         agg.begin(*self.begin_args)
         self.agg, self.folded = agg, {}
         return agg
@@ -334,7 +363,7 @@ async def _open(
         if not got:
             return None  # another process folds this round
         try:
-            agg = aggregation.get(name, **kwargs)
+            agg = new_aggregator(name, kwargs)
             begin_args = await _begin_args(sessionmaker, model_id, agg, previous_state)
         except BaseException:
             if guard is not None:
@@ -429,7 +458,7 @@ async def aggregate_round(
         finally:
             await folder.close()
     else:
-        agg = aggregation.get(name, **kwargs)
+        agg = new_aggregator(name, kwargs)
         global_state, prior = (
             await _begin_args(sessionmaker, model_id, agg, previous_state)
             if agg.streams
@@ -440,7 +469,7 @@ async def aggregate_round(
         for local in ids:
             digest, size = rows[local]
             await fold_blob(agg, store, digest, float(size), f"Local model {local}")
-    new_global, new_state = await asyncio.to_thread(agg.finish)
+    new_global, new_state = await finish(agg, store, rows, ids)
     del agg
 
     async with sessionmaker() as session:

@@ -1,0 +1,146 @@
+"""A streamed mean with ``track_order`` gives bitwise the fixed order's result whatever the order
+the updates were added in (settle, then redo in the fixed order): the server folds on arrival by
+default on that guarantee (flplatform.aggregation.ordering)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from flplatform import aggregation
+from flplatform.aggregation import encode_safetensors
+
+FAMILIES = [
+    ("fedavg", {}),
+    ("fedprox", {"proximal_mu": 0.1}),
+    ("fedavgm", {"server_lr": 0.7}),
+    ("fedadam", {}),
+    ("fedyogi", {}),
+    ("fedadagrad", {}),
+]
+
+
+def _run(
+    name: str,
+    options: dict,
+    updates: list,
+    weights: list[float],
+    order: list[int],
+    *,
+    redo: bool = True,
+    global_state: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    agg = aggregation.get(name, accumulate_dtype="float64", **options)
+    agg.track_order = True
+    agg.begin(global_state if agg.needs_global else None)
+    for index in order:
+        agg.add(updates[index], weights[index])
+        agg.fold_pending()  # one at a time, as the server folds on arrival
+    if agg.settle() and redo:
+        for update, weight in zip(updates, weights, strict=True):
+            agg.redo(update, weight)
+    result, _ = agg.finish()
+    return {k: v.clone() for k, v in result.items()}
+
+
+def _adversarial(k: int, n: int, seed: int) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """Updates whose float64 sums differ by order and land near float32 rounding midpoints: a big
+    value, half a float32 ulp of it (the mean sits on a midpoint), and tiny terms of both signs below
+    the float64 ulp of the big one (kept or lost depending on when they are added); plus mixed
+    exponents, cancellation (x, -x) and exact zeros; integer and boolean buffers."""
+    g = torch.Generator().manual_seed(seed)
+    weights = [1.0] * k  # a power-of-two total: the division is exact, the midpoints survive it
+    big = (1 + torch.rand(n, generator=g)).float() * 8 * k
+    half_ulp = (torch.nextafter(big, torch.full_like(big, float("inf"))) - big) / 2
+    rows = [big, half_ulp]
+    for _ in range(k - 2):
+        tiny = torch.ldexp(torch.rand(n, generator=g) + 0.5, torch.randint(-58, -48, (n,), generator=g))
+        rows.append((tiny * torch.sign(torch.randn(n, generator=g))).float())
+    mixed = [
+        torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 40, (n,), generator=g).float())
+        for _ in range(k)
+    ]
+    mixed[1] = -mixed[0]  # cancellation
+    updates = []
+    for i in range(k):
+        updates.append(
+            {
+                "a.mid": rows[i],
+                "b.mixed": mixed[i],
+                "c.zero": torch.zeros(33),
+                "d.count": torch.randint(0, 7, (5,), generator=g),
+                "e.mask": torch.rand(9, generator=g) > 0.5,
+                "f.half": torch.randn(40, generator=g).half(),
+            }
+        )
+    return updates, weights
+
+
+@pytest.mark.parametrize(("name", "options"), FAMILIES)
+def test_any_arrival_order_gives_the_fixed_orders_bits(name, options):
+    k, n = 8, 4099  # not a multiple of the bound's block
+    updates, weights = _adversarial(k, n, seed=3)
+    wire = [encode_safetensors(u) for u in updates]
+    global_state = {
+        key: torch.zeros_like(v) if v.is_floating_point() else v.clone() for key, v in updates[0].items()
+    }
+    fixed = _run(name, options, wire, weights, list(range(k)), global_state=global_state)
+    rng = random.Random(7)
+    differs_without_redo = 0
+    for _ in range(12):
+        order = list(range(k))
+        rng.shuffle(order)
+        got = _run(name, options, wire, weights, order, global_state=global_state)
+        for key in fixed:
+            assert torch.equal(got[key], fixed[key]), (name, order, key)
+        plain = _run(name, options, wire, weights, order, redo=False, global_state=global_state)
+        differs_without_redo += sum(int((plain[key] != fixed[key]).sum()) for key in fixed)
+    # the data is adversarial enough: without the recomputation some orders do differ
+    assert differs_without_redo > 0
+
+
+def test_integer_sample_sizes_and_state_dicts():
+    """Uneven integer weights, updates given as state dicts of separate tensors (the coarser bound)."""
+    rng = random.Random(11)
+    k, n = 6, 3000
+    updates, _ = _adversarial(k, n, seed=5)
+    weights = [float(rng.randint(1, 100_000)) for _ in range(k)]
+    fixed = _run("fedavg", {}, updates, weights, list(range(k)))
+    for _ in range(8):
+        order = list(range(k))
+        rng.shuffle(order)
+        got = _run("fedavg", {}, updates, weights, order)
+        assert all(torch.equal(got[key], fixed[key]) for key in fixed)
+
+
+def test_bits_near_midpoints_are_listed_and_ordinary_ones_are_not():
+    """A realistic model lists few coordinates (mostly exact ties: with integer weights the exact
+    mean sits on a float32 midpoint about once in ``total`` coordinates, and the bound does not know
+    that the float64 sums are exact); exact zeros of all-zero blocks are not listed."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(100_000, generator=g) * 0.05
+    updates = [
+        encode_safetensors({"w": base + torch.randn(100_000, generator=g) * 1e-3, "z": torch.zeros(128)})
+    ]
+    updates += [
+        encode_safetensors({"w": base + torch.randn(100_000, generator=g) * 1e-3, "z": torch.zeros(128)})
+        for _ in range(7)
+    ]
+    agg = aggregation.get("fedavg", accumulate_dtype="float64")
+    agg.track_order = True
+    agg.begin(None)
+    for i, update in enumerate(updates):
+        agg.add(update, float(100 + i))
+    listed = agg.settle()
+    assert listed < 300  # of 100 128 coordinates (113 + 32 zeros sharing a block with w, measured)
+
+
+def test_without_track_order_nothing_changes():
+    agg = aggregation.get("fedavg", accumulate_dtype="float64")
+    agg.begin(None)
+    agg.add({"w": torch.ones(3)}, 2.0)
+    assert agg.settle() == 0
+    result, _ = agg.finish()
+    assert torch.equal(result["w"], torch.ones(3))
