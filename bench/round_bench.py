@@ -8,8 +8,13 @@ built beforehand: the bench measures the server, not httpx). Reported per databa
 
 * **upload burst**: the round's update bytes ÷ (first upload sent → last response), median of the
   rounds (and the best);
-* **last upload → next round**: last response → the training in the next round's update phase,
-  unlocked (polled every 5 ms): the aggregation, the new global model, the commit;
+* **last upload → next round**: last response → the next round's ``round_started`` event received
+  on the training's event stream (``GET /api/trainings/{id}/events/``, the way a client learns
+  it; recorded in the transaction that starts the round, so the training is then in its update
+  phase, unlocked): the aggregation, the new global model, the commits, the event's delivery.
+  ``--poll-ms N`` polls the training row every N ms instead (runs before 2026-12-04 22:55 UTC
+  polled every 5 ms: ~200 requests a second that compete with the close for the server's CPU,
+  more so on PostgreSQL, where each is also a query in another process);
 * **kernel**: ``flplatform.aggregation.fedavg`` over the same N updates as bytes in this process
   (what the aggregation would cost with everything already in memory);
 * **server peak RSS**: ``VmHWM`` of the server process from ``/proc`` — over the rounds (the peak
@@ -40,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import math
 import os
 import platform
@@ -355,15 +362,42 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
         assert r.status_code == 201, r.text
         training_id = r.json()["training_id"]
 
+        started_rounds: set[int] = set()
+        tick = asyncio.Event()
+
+        async def watch() -> None:
+            """The training's event stream: each round_started, and a tick on every event."""
+            async with http.stream(
+                "GET", f"{url}/api/trainings/{training_id}/events/", headers=actor.headers, timeout=None
+            ) as response:
+                kind = ""
+                async for line in response.aiter_lines():
+                    if line.startswith("event:"):
+                        kind = line[6:].strip()
+                    elif line.startswith("data:"):
+                        if kind == "round_started":
+                            started_rounds.add(int(json.loads(line[5:])["data"]["round"]))
+                        tick.set()
+
         async def wait_round(round_: int) -> None:
+            while not args.poll_ms:
+                if round_ in started_rounds:
+                    return
+                tick.clear()
+                s = await training_state(http, url, actor.headers, training_id)
+                if s["state"] in ("C", "E") or round_ in started_rounds:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(tick.wait(), timeout=1.0)
             while True:
                 s = await training_state(http, url, actor.headers, training_id)
                 if s["state"] == "E":
                     raise RuntimeError(f"training failed: {s['error_reason']}")
                 if s["state"] == "C" or (s["round"] == round_ and s["phase"] == "update" and not s["locked"]):
                     return
-                await asyncio.sleep(0.005)
+                await asyncio.sleep((args.poll_ms or 5) / 1000)
 
+        watcher = asyncio.get_running_loop().create_task(watch())
         r = await http.post(f"{url}/api/trainings/{training_id}/start/", headers=actor.headers)
         assert r.status_code == 202, r.text
         await wait_round(0)
@@ -406,6 +440,8 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
 
         with RssSampler(pid) as sampler:
             await rounds(sampler)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         result.phase_peaks = dict(sampler.peaks)
         result.phase_split = dict(sampler.split)
         result.rss_rounds = vm_hwm(pid)
@@ -452,7 +488,7 @@ def run_database(
     os.environ["FLP_MAX_UPLOAD_BYTES"] = str(int(args.mb * MB * 1.2) + (64 << 20))
     if args.large:
         os.environ.update(large_settings(int(args.mb * MB)))
-    # Folding on arrival is off by default (bitwise reproducibility); the bench measures it on.
+    # Folding on arrival: on by default (4); --no-fold measures the close-time fold.
     os.environ["FLP_FOLD_MAX_OPEN_ROUNDS"] = "0" if args.no_fold else "4"
     proc, url = start_server(db_url, workdir / f"server-{kind}.log")
     result = Result(kind, 0)
@@ -462,7 +498,10 @@ def run_database(
         stop_server(proc)
         shutil.rmtree(blobs, ignore_errors=True)
         if os.environ.get("ROUND_BENCH_LOG"):
-            print((workdir / f"server-{kind}.log").read_text()[-6000:], file=sys.stderr)
+            print(
+                (workdir / f"server-{kind}.log").read_text()[-int(os.environ["ROUND_BENCH_LOG"]) :],
+                file=sys.stderr,
+            )
     return result, updates
 
 
@@ -480,6 +519,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--workdir", default=None, help="where the run's files go (default: a temporary directory)"
+    )
+    parser.add_argument(
+        "--poll-ms", type=float, default=0, help="poll the training every N ms instead of its event stream"
     )
     args = parser.parse_args()
     args.large = args.large or args.mb >= LARGE_MB

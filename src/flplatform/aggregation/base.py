@@ -358,10 +358,9 @@ class Aggregator:
                 flats[dtype] = finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
                 redo.want(dtype, None, buffer.dtype)
                 continue
-            index = ordering.ambiguous(
+            flats[dtype], index = ordering.finalize_checked(
                 buffer, self._scaled_total, dtype, self._order.bound[dtype], self._order.terms, self.chunk
             )
-            flats[dtype] = finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
             redo.want(dtype, index, buffer.dtype)
         self._settled = (flats, redo)
         self._order = None

@@ -374,18 +374,28 @@ def fold_inline(
         torch._foreach_div_(targets, divisor)
 
 
-def run_pieces(
-    run: Callable[[int, int], None], items: list, pieces_per_worker: int = PIECES_PER_WORKER
-) -> None:
+def piece_bounds(count: int, pieces_per_worker: int = PIECES_PER_WORKER) -> list[int]:
+    """Bounds cutting ``range(count)`` into a few pieces per fold worker."""
+    pieces = max(1, min(count, _fold_workers() * pieces_per_worker))
+    return [count * i // pieces for i in range(pieces + 1)]
+
+
+def run_pieces(run: Callable[[int, int], None], items: list) -> None:
     """``run(lo, hi)`` over ``range(len(items))`` cut into pieces taken in turn by the fold threads
-    (kernels inline); in the caller's thread when there is one piece or one worker."""
+    (kernels inline); in the caller's thread when there is one worker or one item."""
     count = len(items)
     workers = min(_fold_workers(), count)
     if workers <= 1:
         run(0, count)
         return
-    pieces = min(count, workers * pieces_per_worker)
-    _run_pieces(run, [count * i // pieces for i in range(pieces + 1)], workers)
+    _run_pieces(run, piece_bounds(count), workers)
+
+
+def run_in_order(run: Callable[[int, int], None], pieces: int) -> None:
+    """``run(i, i + 1)`` for ``i`` in ``range(pieces)``, taken in increasing order by the fold
+    threads (a piece may wait for lower ones), even with one worker (then in order, in one thread)."""
+    workers = max(1, min(_fold_workers(), pieces))
+    _run_pieces(run, list(range(pieces + 1)), workers)
 
 
 def _run_pieces(run: Callable[[int, int], None], bounds: list[int], workers: int) -> None:

@@ -27,10 +27,12 @@ the order in: it is recomputed whole.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .codec import FlatLayout, chunk_ranges
-from .kernels import run_pieces
+from .kernels import as_dtype, piece_bounds, run_in_order, run_pieces
 
 #: Coordinates per bound block (a multiple divides every fold chunk).
 BLOCK = 64
@@ -106,29 +108,40 @@ def _convert(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return part
 
 
-def ambiguous(
+def finalize_checked(
     acc: torch.Tensor,
     divisor: float,
     out_dtype: torch.dtype,
     bound: torch.Tensor,
     terms: int,
     chunk: int,
-) -> torch.Tensor:
-    """Indices of the coordinates of ``acc / divisor`` whose value in ``out_dtype`` another order of
-    the sum could change (to recompute with :class:`Redo`); ``acc`` is only read.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``acc / divisor`` in ``out_dtype``, written into the accumulator's own memory as
+    :func:`~.kernels.finalize_inplace` does, and the indices of the coordinates whose value another
+    order of the sum could change (to recompute with :class:`Redo`), in one pass in the fold threads.
 
     Per block, the quotients of any two orders lie within ``(2(K+1) + 3)·u·A/divisor`` of each other
     (``A`` the block's bound of ``Σ|w_i x_i|``, which also bounds ``|acc|``; the ``3u`` covers the
     divisions). Rounding to the model's dtype is monotonic, so a coordinate is safe when both ends of
     that interval round to the same value. The ends are computed as ``acc · (1/divisor) ± Δ`` in one
     fused kernel each, converted on the store; ``Δ`` carries ``7u·A/divisor`` more to cover that
-    product's and sum's own roundings. Two kernels and a compare per coordinate, in the fold threads."""
+    product's and sum's own roundings.
+
+    The result overwrites the accumulator's bytes (``out[i]`` lies over ``acc[i·o/a]``, o and a the
+    item sizes), so pieces run in parallel as follows: a piece converts its coordinates into a
+    temporary, says it has read them, then waits until every piece whose coordinates its output
+    covers has read them (lower pieces only: taken earlier, and their reads never wait) and copies."""
     unit = _unit(acc.dtype)
     scale = SLACK * (2 * (terms + 1) + 3 + 7) * unit / divisor
     deltas = (bound * scale).to(acc.dtype)
     inverse = torch.tensor(1.0 / divisor, dtype=acc.dtype)
+    out = acc if out_dtype == acc.dtype else as_dtype(acc, out_dtype)
+    ratio = acc.element_size() // out.element_size()
     step = max(BLOCK, chunk - chunk % BLOCK)
     ranges = list(chunk_ranges(acc.numel(), step))
+    pieces = piece_bounds(len(ranges))
+    starts = [ranges[b][0] if b < len(ranges) else acc.numel() for b in pieces]
+    read = [threading.Event() for _ in range(len(pieces) - 1)]
     found: list[torch.Tensor] = []
     direct = out_dtype.is_floating_point
 
@@ -143,8 +156,22 @@ def ambiguous(
         mean = part * inverse
         return _convert(mean + delta, out_dtype), _convert(mean - delta, out_dtype)
 
-    def run(lo_index: int, hi_index: int) -> None:
-        for start, stop in ranges[lo_index:hi_index]:
+    def piece(index: int) -> None:
+        lo, hi = starts[index], starts[index + 1]
+        converted = torch.empty(hi - lo, dtype=out_dtype) if out is not acc else None
+        try:
+            read_piece(index, lo, converted)
+        finally:
+            read[index].set()  # also on an error: no piece waits forever
+        if converted is not None:
+            covered = -(-hi // ratio)  # acc coordinates under out[lo:hi] end before this
+            for other in range(index):
+                if starts[other] < covered:
+                    read[other].wait()
+            out[lo:hi].copy_(converted)
+
+    def read_piece(index: int, lo: int, converted: torch.Tensor | None) -> None:
+        for start, stop in ranges[pieces[index] : pieces[index + 1]]:
             part = acc[start:stop]
             blocks = deltas[start // BLOCK : -(-stop // BLOCK)]
             if (stop - start) % BLOCK == 0:
@@ -153,9 +180,16 @@ def ambiguous(
                 high, low = ends(part, blocks.repeat_interleave(BLOCK)[: stop - start])
             if not torch.equal(high, low):
                 found.append(torch.ne(high, low).view(-1).nonzero().view(-1).add_(start))  # atomic append
+            mean = _convert(part / divisor, out_dtype)
+            (out[start:stop] if converted is None else converted[start - lo : stop - lo]).copy_(mean)
 
-    run_pieces(run, ranges)
-    return torch.sort(torch.cat(found)).values if found else torch.empty(0, dtype=torch.int64)
+    def run(lo_index: int, hi_index: int) -> None:
+        for index in range(lo_index, hi_index):
+            piece(index)
+
+    run_in_order(run, len(pieces) - 1)
+    index = torch.sort(torch.cat(found)).values if found else torch.empty(0, dtype=torch.int64)
+    return out, index
 
 
 class Redo:

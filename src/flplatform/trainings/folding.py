@@ -69,10 +69,9 @@ from flplatform.settings import Settings
 from flplatform.trainings import archive_plans, buffer, events
 from flplatform.trainings.aggregate import aggregator_options, global_weights, stored_bytes
 from flplatform.trainings.rounds import PHASE_UPDATE
+from flplatform.trainings.settling import Rows, finish, new_aggregator
 
 log = logging.getLogger(__name__)
-
-Rows = dict[uuid.UUID, tuple[str, int]]  # local model id -> (digest, sample size)
 
 
 def method_options(options: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool]:
@@ -92,33 +91,6 @@ def method_options(options: Mapping[str, Any]) -> tuple[str, dict[str, Any], boo
         and not buffer.is_async(options)  # FedBuff folds its buffer against each update's base version
     )
     return name, kwargs, foldable
-
-
-def new_aggregator(name: str, kwargs: Mapping[str, Any]) -> Aggregator:
-    """The round's aggregator; a streamed float64 mean tracks what its result's independence of
-    the arrival order needs (:attr:`Aggregator.track_order`, settled by :func:`finish`)."""
-    agg = aggregation.get(name, **kwargs)
-    agg.track_order = True  # only takes effect for streamed float64 means
-    return agg
-
-
-async def finish(
-    agg: Aggregator, store: BlobStore, rows: Rows, order: Sequence[uuid.UUID]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``agg.finish()``, after recomputing in ``order`` (the participants' fixed order) the few
-    coordinates whose rounding the arrival order could have changed: whatever order the updates
-    were folded in, the result is bitwise the fixed order's (see :mod:`flplatform.aggregation.ordering`)."""
-    redo = await asyncio.to_thread(agg.settle)
-    if redo:
-        for local in order:
-            digest, size = rows[local]
-            try:
-                async with mapped(store, digest) as view:
-                    await asyncio.to_thread(agg.redo, view, float(size))
-            except BlobNotFound:
-                raise ModelFileError(f"Local model {local}: its bytes are missing from the blob store.") from None
-        log.info("%d coordinate(s) recomputed in the participants' order", redo)
-    return await asyncio.to_thread(agg.finish)
 
 
 async def _begin_args(

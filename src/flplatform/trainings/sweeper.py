@@ -223,13 +223,17 @@ def advance_after_commit(app: FastAPI, session: AsyncSession, training_id: uuid.
 def advance_after_update(app: FastAPI, session: AsyncSession, training_id: uuid.UUID) -> None:
     """:func:`advance_after_commit` for a client's update: the round is re-checked under the
     row lock only when a cheap read says it may be complete (``TrainingRuntime.advance_if_due``),
-    after the update was folded into its round's running aggregate (:mod:`~flplatform.trainings.folding`)."""
+    alongside the fold of the update into its round's running aggregate (:mod:`~flplatform.trainings.folding`)."""
     runtime = runtime_of(app)
 
     async def folded_then_advanced() -> None:
-        # Folded first: when this update completes the round, the aggregation job finds it folded.
-        await folding.on_update(runtime.sessionmaker, runtime.settings, training_id)
-        await runtime.advance_if_due(training_id)
+        # Side by side: when this update completes the round, the claim's queries and the job's
+        # start overlap its fold; the job takes the round's folder and waits for that fold under
+        # the folder's lock (a fold that starts after the claim finds no folder and does nothing).
+        await asyncio.gather(
+            folding.on_update(runtime.sessionmaker, runtime.settings, training_id),
+            runtime.advance_if_due(training_id),
+        )
 
     after_commit(session, folded_then_advanced)
 
