@@ -48,7 +48,7 @@ def server_env(db_url: str, **overrides: str) -> dict[str, str]:
         FLP_TRAINING_SWEEP_INTERVAL_SECONDS="0.2",
         FLP_DB_POOL_SIZE="5",
         FLP_DB_MAX_OVERFLOW="10",
-        FLP_FOLD_MAX_OPEN_ROUNDS="4",  # fold on arrival (off by default): the multi-worker hand-offs
+        FLP_FOLD_MAX_OPEN_ROUNDS="4",  # fold on arrival (the default, explicit): the multi-worker hand-offs
     )
     env.update(overrides)
     return env

@@ -32,7 +32,7 @@ from tests.training.test_lifecycle_api import wait_training
 
 @pytest.fixture
 def settings(db_url: str) -> Settings:
-    """The training tests' settings with folding on arrival turned on (off by default)."""
+    """The training tests' settings with folding on arrival on (the default, explicit here)."""
     return Settings(
         database_url=db_url,
         notification_backoff_seconds=0.01,
