@@ -144,3 +144,13 @@ def test_without_track_order_nothing_changes():
     assert agg.settle() == 0
     result, _ = agg.finish()
     assert torch.equal(result["w"], torch.ones(3))
+
+
+def test_zero_total_weight_still_says_so():
+    agg = aggregation.get("fedavg", accumulate_dtype="float64")
+    agg.track_order = True
+    agg.begin(None)
+    agg.add({"w": torch.ones(3)}, 0.0)
+    assert agg.settle() == 0
+    with pytest.raises(aggregation.ZeroTotalWeightError):
+        agg.finish()

@@ -421,11 +421,11 @@ class Aggregator:
         """The new global model (state dict in the global model's key order) and the new state."""
         if self._phase != "open":
             raise AggregatorStateError("finish() needs begin() first and may be called once per round")
+        if self._order is not None:
+            self.settle()  # (a caller that does not redo keeps the arrival order's rounding)
         self._phase = "finished"
         if self.n_updates == 0:
             raise ZeroTotalWeightError("no update was added")
-        if self._order is not None:
-            self.settle()  # (a caller that does not redo keeps the arrival order's rounding)
         self._flush(last=True)
         flats = self._combine()
         if self.noise_multiplier > 0 and self.clip_norm is not None:  # noise needs clipping (options)

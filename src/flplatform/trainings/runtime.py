@@ -312,22 +312,33 @@ class TrainingRuntime:
         items = [chosen[k] for k in sorted(chosen, key=participant_order(training))]
         return AggregationJob(kind=kind, model_id=model.id, round=model.round, items=items, token=token)
 
-    async def _still_claimed(self, training_id: uuid.UUID, job: AggregationJob) -> bool:
+    async def _still_claimed(
+        self, training_id: uuid.UUID, job: AggregationJob
+    ) -> tuple[dict[str, Any], str | None] | None:
+        """The training's options and aggregator state digest while the claim is still ours, in
+        one statement (the round's close waits for it), else None."""
         async with self.sessionmaker() as session:
             row = (
                 await session.execute(
-                    select(Training.locked, Training.locked_until, Training.state).where(
-                        Training.id == training_id
-                    )
+                    select(
+                        Training.locked,
+                        Training.locked_until,
+                        Training.state,
+                        Training.options,
+                        Training.aggregator_state_digest,
+                    ).where(Training.id == training_id)
                 )
             ).one_or_none()
         if row is None:
             raise NotFound(f"Training {training_id} not found.")
-        locked, locked_until, state = row
-        return bool(locked) and locked_until == job.token and state in ACTIVE_STATES
+        locked, locked_until, state, options, previous = row
+        if not (bool(locked) and locked_until == job.token and state in ACTIVE_STATES):
+            return None
+        return dict(options or {}), previous
 
     async def _run(self, training_id: uuid.UUID, job: AggregationJob) -> bool:
-        if not await self._still_claimed(training_id, job):
+        claimed = await self._still_claimed(training_id, job)
+        if claimed is None:
             # A re-run of a job whose round was already committed (its worker died before
             # recording the outcome), or a claim that was superseded: nothing to do.
             log.info(
@@ -335,14 +346,7 @@ class TrainingRuntime:
             )
             return False
         started = time.monotonic()
-        async with self.sessionmaker() as session:
-            training = await get_training(session, training_id)
-            options = dict(training.options or {})
-            previous = (
-                await session.execute(
-                    select(Training.aggregator_state_digest).where(Training.id == training_id)
-                )
-            ).scalar_one_or_none()
+        options, previous = claimed
         if job.kind in ("update", asynchronous.KIND):
             method, elapsed = _method(job.kind, options), metrics.stopwatch()
             encoded: bytes | memoryview | BlobInfo
