@@ -155,3 +155,49 @@ def test_streamed_methods_accumulate_in_float64_unless_the_training_chose():
     assert folding.method_options({"aggregator": "median"})[2] is False
     assert folding.method_options({"dp": {"clip_norm": 1.0, "noise_multiplier": 0.5}})[2] is False
     assert folding.method_options({"daisy_chain_period": 1})[2] is False
+
+
+async def test_folded_on_arrival_in_any_order_the_model_is_bitwise_the_close_time_ones(
+    client, alice, make_user, monkeypatch: pytest.MonkeyPatch
+):
+    """The same updates: arrived in one order and folded at the close (no folder), arrived in
+    another and folded on arrival: the same bits (flplatform.aggregation.ordering)."""
+    g = torch.Generator().manual_seed(5)
+
+    async def run(prefix: str, arrival: list[int], updates: list[dict[str, torch.Tensor]] | None) -> Any:
+        clients, model_id, training_id, state = await _start(client, alice, make_user, prefix)
+        if updates is None:  # mixed exponents and cancellation: float64 sums that depend on the order
+            updates = [
+                {
+                    k: (
+                        torch.randn(v.shape, generator=g)
+                        * torch.exp2(torch.randint(-30, 30, v.shape, generator=g))
+                    )
+                    if v.is_floating_point()
+                    else v
+                    for k, v in state.items()
+                }
+                for _ in range(3)
+            ]
+            updates[1] = {k: -v if v.is_floating_point() else v for k, v in updates[0].items()}
+        for i in arrival:
+            r = await post_update(
+                client, clients[i].headers, model_id, as_safetensors(updates[i]), 0, sample_size=10 * (i + 1)
+            )
+            assert r.status_code == 201, r.text
+        body = await wait_training(client, alice.headers, training_id, lambda b: b["state"] in ("C", "E"))
+        assert body["state"] == "C", body
+        return updates, state_of(
+            (await client.get(f"/api/models/{model_id}/", headers=alice.headers)).content
+        )
+
+    async def nothing(*_args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(folding, "on_update", nothing)
+    updates, at_close = await run("bitc", [1, 2, 0], None)
+    monkeypatch.undo()
+    _, on_arrival = await run("bita", [2, 0, 1], updates)
+    assert at_close.keys() == on_arrival.keys()
+    for key in at_close:
+        assert torch.equal(at_close[key], on_arrival[key]), key
