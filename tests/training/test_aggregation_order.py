@@ -9,23 +9,22 @@ import uuid
 
 import torch
 
-from flplatform.orm import Training, User
-from flplatform.trainings.phases import participant_order
+from flplatform.orm import User
+from flplatform.trainings.phases import name_order
 
 
-def _training(users: list[tuple[int, str]]) -> Training:
-    training = Training()
-    training.participants = [User(id=uuid.UUID(int=i), username=name) for i, name in users]
-    return training
+def _users(users: list[tuple[int, str]]) -> list[User]:
+    return [User(id=uuid.UUID(int=i), username=name) for i, name in users]
 
 
 def test_participants_are_ordered_by_username_whatever_their_ids():
-    first_run = _training([(3, "client-1"), (1, "client-2"), (2, "client-3")])
-    second_run = _training([(2, "client-1"), (3, "client-2"), (1, "client-3")])
-    for training in (first_run, second_run):
-        names = {u.id: u.username for u in training.participants}
-        arrived = [u.id for u in reversed(training.participants)]  # any arrival order
-        ordered = sorted(arrived, key=participant_order(training))
+    """``phases.participant_order`` reads the senders' usernames and sorts with ``name_order``."""
+    first_run = _users([(3, "client-1"), (1, "client-2"), (2, "client-3")])
+    second_run = _users([(2, "client-1"), (3, "client-2"), (1, "client-3")])
+    for users in (first_run, second_run):
+        names = {u.id: u.username for u in users}
+        arrived = [u.id for u in reversed(users)]  # any arrival order
+        ordered = sorted(arrived, key=name_order(names))
         assert [names[i] for i in ordered] == ["client-1", "client-2", "client-3"]
 
 

@@ -25,13 +25,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform import billing
 from flplatform.billing.monthly import previous_period, queue_monthly_bills
 from flplatform.orm import LocalModel, RoundSelection, Training, TrainingState
 from flplatform.orm.billing import Hold, HoldStatus
+from flplatform.orm.training import training_participants
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +74,21 @@ async def _settle_earlier_rounds(session: AsyncSession, training: Any, before: i
 
 
 async def _asked_this_round(session: AsyncSession, training: Training, round_number: int) -> list[Any]:
-    """The participants a round waits for: those drawn for it when the training samples clients
-    (``options.clients_per_round``, recorded in ``training_round_selections``), else everyone —
-    funds are held for the updates that can arrive, not for clients who were not asked."""
-    participants = list(training.participants)
+    """The ids of the participants a round waits for: those drawn for it when the training
+    samples clients (``options.clients_per_round``, recorded in ``training_round_selections``),
+    else everyone — funds are held for the updates that can arrive, not for clients who were not
+    asked. One column query (no participant objects)."""
+    tp = training_participants.c
     if training.selection_round != round_number:
-        return participants
-    selected = set(
-        (
-            await session.execute(
-                select(RoundSelection.user_id).where(
-                    RoundSelection.training_id == training.id,
-                    RoundSelection.round == round_number,
-                    RoundSelection.dropped_at.is_(None),
-                )
-            )
-        ).scalars()
-    )
-    return [p for p in participants if p.id in selected]
+        stmt = select(tp.user_id).where(tp.training_id == training.id)
+    else:
+        stmt = select(RoundSelection.user_id).where(
+            RoundSelection.training_id == training.id,
+            RoundSelection.round == round_number,
+            RoundSelection.dropped_at.is_(None),
+            exists().where(tp.training_id == training.id, tp.user_id == RoundSelection.user_id),
+        )
+    return list((await session.execute(stmt)).scalars())
 
 
 async def round_started(session: AsyncSession, training: Training, round_number: int) -> None:

@@ -116,19 +116,27 @@ def global_model_id(model: Model) -> uuid.UUID:
 
 
 class TrainingRules(Policy):
-    """See the module docstring. ``obj.participants`` must be loaded for ``can_read``
-    (``trainings.service.get_training`` loads it)."""
+    """See the module docstring. ``can_read`` asks the participation table whether the requester
+    takes part (one indexed EXISTS), never the training's loaded participant list."""
 
     model = Training
 
     async def can_read(self, requester: Requester, obj: Training) -> bool:
         if not in_tenant(requester, obj.organization_id):
             return False
-        return (
-            obj.actor_id == requester.id
-            or oversees(requester)
-            or any(u.id == requester.id for u in obj.participants)
+        if obj.actor_id == requester.id or oversees(requester):
+            return True
+        if requester.id is None:
+            return False
+        found = await requester.session.execute(
+            select(
+                exists().where(
+                    training_participants.c.training_id == obj.id,
+                    training_participants.c.user_id == requester.id,
+                )
+            )
         )
+        return bool(found.scalar())
 
     def readable(self, requester: Requester) -> Clause:
         if requester.is_anonymous:

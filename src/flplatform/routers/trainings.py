@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from flplatform.auth.dependencies import AuthenticatedRequester, CurrentUser
 from flplatform.db import SessionDep
 from flplatform.errors import responses
-from flplatform.kit.schemas import MAX_LIMIT, Detail, Limit, Offset
+from flplatform.kit.schemas import MAX_LIMIT, MAX_OFFSET, Detail, Limit, Offset
 from flplatform.models.schemas import ModelRead
 from flplatform.trainings import event_stream
 from flplatform.trainings import notifications as notify
@@ -27,6 +27,7 @@ from flplatform.trainings.schemas import (
     ClientList,
     MetricPoint,
     NotificationKey,
+    ParticipantStatus,
     StopRequest,
     TrainingCreate,
     TrainingCreated,
@@ -92,11 +93,47 @@ async def create_training(requester: AuthenticatedRequester, data: TrainingCreat
     summary="Get a training",
     description="Actor, participants, organisation admins and organisation coaches. `local_models_arrived` counts distinct participants that uploaded "
     "for the CURRENT round (the reference counted all rounds); `round`/`phase` let polling clients follow; "
-    "`mu` (FedProx) is included.",
-    responses=responses(401, 403, 404),
+    "`mu` (FedProx) is included. `participant_status` lists every participant (username order) unless "
+    "`participants_limit` (and `participants_offset`) ask for one page of it: for fleets of thousands of "
+    "clients, or use `GET /api/trainings/{training_id}/participants/`.",
+    responses=responses(401, 403, 404, 422),
 )
-async def get_training(session: SessionDep, training: ReadableTraining) -> TrainingDetail:
-    return await training_service.describe(session, training)
+async def get_training(
+    session: SessionDep,
+    training: ReadableTraining,
+    participants_limit: Annotated[
+        int | None,
+        Query(ge=1, le=MAX_LIMIT, description="Page size of `participant_status` (all when absent)."),
+    ] = None,
+    participants_offset: Annotated[
+        int, Query(ge=0, le=MAX_OFFSET, description="Participants to skip in `participant_status`.")
+    ] = 0,
+) -> TrainingDetail:
+    page = None
+    if participants_limit is not None or participants_offset:
+        page = (MAX_LIMIT if participants_limit is None else participants_limit, participants_offset)
+    return await training_service.describe(session, training, status_page=page)
+
+
+@router.get(
+    "/{training_id}/participants/",
+    response_model=list[ParticipantStatus],
+    summary="A training's participants, paged",
+    description="The participants' liveness and selection for the current round (the detail's "
+    "`participant_status`), in username order, one page at a time. Same readers as the training. "
+    + _PAGED.replace("Oldest first", "Username order"),
+    responses=responses(401, 403, 404, 422),
+)
+async def training_participants(
+    session: SessionDep,
+    response: Response,
+    training: ReadableTraining,
+    limit: Limit = MAX_LIMIT,
+    offset: Offset = 0,
+) -> list[ParticipantStatus]:
+    rows, total = await training_service.participants_page(session, training, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return rows
 
 
 @router.delete(

@@ -36,9 +36,9 @@ from flplatform.orm import (
 )
 from flplatform.orm.base import utcnow
 from flplatform.orm.training import training_participants
-from flplatform.trainings import aggregate, buffer, events
+from flplatform.trainings import aggregate, buffer, events, participants
 from flplatform.trainings.repository import global_model, training_for_model
-from flplatform.trainings.rounds import PHASE_TEST, PHASE_UPDATE, participant_ids
+from flplatform.trainings.rounds import PHASE_TEST, PHASE_UPDATE
 from flplatform.trainings.service import is_actor
 
 MAX_METRIC_KEY = 128
@@ -254,7 +254,9 @@ async def add_metrics(
     metrics = _parse_metrics(names, values, required=True)
     training = await training_for_model(session, global_id_of(model))
     if training is not None:
-        if user.id not in participant_ids(training) and not is_actor(training, user):
+        if not is_actor(training, user) and not await participants.is_participant(
+            session, training.id, user.id
+        ):
             raise Forbidden(f"You are not a participant of training {training.id}!")
     elif model.owner_id != user.id and not user.is_superuser:
         raise Forbidden("Only the model's owner may report metrics on it.")

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from flplatform.errors import BadRequest, NotFound
 from flplatform.orm import Collection, CollectionKind, Membership, Training, TrainingCollection, User
 from flplatform.permissions import ANY_ROLE, Requester, can_read, users_without_role
+from flplatform.trainings import participants
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ async def resolve(session: AsyncSession, training: Training) -> list[User]:
     collections = (await collections_of(session, [training.id]))[training.id]
     if not collections:
         return []
-    present = {u.id for u in training.participants}
+    present = await participants.ids(session, training.id)
     new_ids = await member_ids(session, collections) - present
     if not new_ids:
         return []
@@ -112,5 +113,5 @@ async def resolve(session: AsyncSession, training: Training) -> list[User]:
             sorted(map(str, refused)),
         )
     added = sorted((u for u in users if u.id not in refused), key=lambda u: (u.username, u.id))
-    training.participants.extend(added)
+    await participants.add(session, training.id, [u.id for u in added])
     return added

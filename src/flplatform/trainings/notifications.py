@@ -35,15 +35,15 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
-from sqlalchemy import delete, exists, or_, select, update
+from sqlalchemy import delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from flplatform.auth.credentials import sign
-from flplatform.orm import Notification, NotificationStatus, User
+from flplatform.orm import Notification, NotificationStatus
 from flplatform.orm.base import utcnow
 from flplatform.orm.training import training_participants
 from flplatform.settings import Settings
@@ -100,33 +100,60 @@ def client_removed_body(model_id: uuid.UUID, round_: int, reason: str) -> dict[s
     return {**details, "notification_type": CLIENT_REMOVED, "data": details}
 
 
-def enqueue(
+NO_ENDPOINT = "recipient has no message_endpoint"
+
+
+class Recipient(Protocol):
+    """What the outbox reads of a recipient: a ``User`` or a participant column tuple."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def message_endpoint(self) -> str | None: ...
+
+
+async def enqueue(
     session: AsyncSession,
     training_id: uuid.UUID,
-    recipients: Iterable[User],
+    recipients: Iterable[Recipient],
     notification_type: str,
-    body: dict[str, Any] | Callable[[User], dict[str, Any]],
+    body: dict[str, Any] | Callable[[Any], dict[str, Any]],
 ) -> int:
-    """Write notifications into the outbox (same transaction as the caller's state change)."""
-    count = 0
+    """Write notifications into the outbox (same transaction as the caller's state change), all
+    of them in one multi-row INSERT: notifying 5,000 participants is one statement, not 5,000
+    ORM objects flushed one by one. A shared ``body`` is serialised once.
+
+    A recipient without a ``message_endpoint`` cannot be reached: its row is written already
+    final (``dropped``, "recipient has no message_endpoint"), which is what the dispatcher would
+    make of it after claiming it, two transactions per row later (issue 18: 6.6–15 ms each, a
+    minute for a fleet of 5,000 such clients). Returns how many rows wait for delivery."""
+    now, critical = utcnow(), notification_type in CRITICAL_TYPES
+    shared = None if callable(body) else payload(notification_type, training_id, body)
+    rows = []
     for user in recipients:
-        data = body(user) if callable(body) else body
-        session.add(
-            Notification(
-                training_id=training_id,
-                recipient_id=user.id,
-                endpoint=user.message_endpoint,
-                notification_type=notification_type,
-                payload=payload(notification_type, training_id, data),
-                critical=notification_type in CRITICAL_TYPES,
-                status=NotificationStatus.PENDING,
-                attempts=0,
-                next_attempt_at=utcnow(),
-            )
+        reachable = bool(user.message_endpoint)
+        rows.append(
+            {
+                "training_id": training_id,
+                "recipient_id": user.id,
+                "endpoint": user.message_endpoint,
+                "notification_type": notification_type,
+                "payload": shared
+                if shared is not None
+                else payload(notification_type, training_id, body(user)),  # type: ignore[operator]
+                "critical": critical,
+                "status": NotificationStatus.PENDING if reachable else NotificationStatus.DROPPED,
+                "last_error": None if reachable else NO_ENDPOINT,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
         )
-        count += 1
-    session.info["notifications_enqueued"] = session.info.get("notifications_enqueued", 0) + count
-    return count
+    if rows:
+        await session.execute(insert(Notification), rows)
+    pending = sum(1 for r in rows if r["status"] == NotificationStatus.PENDING)
+    session.info["notifications_enqueued"] = session.info.get("notifications_enqueued", 0) + pending
+    return pending
 
 
 # Called by the dispatcher when a critical notification is rejected or undeliverable:
@@ -301,7 +328,7 @@ class Dispatcher:
     async def _deliver(self, row: Notification) -> bool:
         """True when the row reached a final state (sent/rejected/failed/dropped)."""
         if not row.endpoint or row.recipient_id is None:
-            await self._finish(row.id, NotificationStatus.DROPPED, error="recipient has no message_endpoint")
+            await self._finish(row.id, NotificationStatus.DROPPED, error=NO_ENDPOINT)
             return True
         body = row.payload.encode()
         timestamp = str(int(time.time()))

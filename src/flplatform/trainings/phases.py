@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.orm import GlobalModel, Training, TrainingState, UncertaintyMethod, User
 from flplatform.orm.base import utcnow
-from flplatform.trainings import events, hooks, membership, selection
+from flplatform.trainings import events, hooks, membership, participants, selection
 from flplatform.trainings import notifications as notify
+from flplatform.trainings.participants import Candidate
 from flplatform.trainings.repository import global_model
 from flplatform.trainings.rounds import (
     ACTIVE_STATES,
@@ -24,7 +25,6 @@ from flplatform.trainings.rounds import (
     PHASE_SWAG,
     PHASE_TEST,
     PHASE_UPDATE,
-    participant_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -94,16 +94,20 @@ async def begin_update_round(
     session: AsyncSession,
     training: Training,
     model: GlobalModel,
-    recipients: Sequence[User],
+    recipients: Sequence[Candidate] | None = None,
     downloads: dict[uuid.UUID, uuid.UUID] | None = None,
 ) -> None:
     """Enter the update phase of ``model.round`` (the round-started hooks may refuse it): the
-    round's clients are drawn from ``recipients`` and recorded (:mod:`.selection`); a daisy-chain
-    round (``downloads``) keeps ``recipients``, the clients of the chain."""
+    round's clients are drawn from every participant (read as column tuples, not users) and
+    recorded (:mod:`.selection`); a daisy-chain round (``downloads``) keeps ``recipients``, the
+    clients of the chain."""
     _enter_phase(training, PHASE_UPDATE)
-    if downloads is None:
-        recipients = await selection.select_round(session, training, model.round, recipients)
+    if downloads is None or recipients is None:
+        everyone = await participants.candidates(session, training.id)
+        registered = len(everyone)
+        recipients = await selection.select_round(session, training, model.round, everyone)
     else:
+        registered = await participants.count(session, training.id)
         await selection.record(session, training, model.round, recipients)
     await hooks.ROUND_STARTED(session, training, model.round)
     await events.record(
@@ -113,12 +117,12 @@ async def begin_update_round(
         {
             "round": model.round,
             "participants": len(recipients),
-            "registered": len(training.participants),
+            "registered": registered,
             "daisy_chained": bool(downloads),
         },
     )
     if downloads:
-        notify.enqueue(
+        await notify.enqueue(
             session,
             training.id,
             recipients,
@@ -126,7 +130,7 @@ async def begin_update_round(
             lambda u: _round_body(training, model, downloads.get(u.id)),
         )
     else:
-        notify.enqueue(
+        await notify.enqueue(
             session, training.id, recipients, notify.UPDATE_ROUND_START, _round_body(training, model)
         )
 
@@ -138,7 +142,7 @@ async def after_aggregation(session: AsyncSession, training: Training, model: Gl
         training.state = TrainingState.SWAG_ROUND
         _enter_phase(training, PHASE_SWAG)
         await state_changed(session, training, previous, round=model.round)
-        notify.enqueue(
+        await notify.enqueue(
             session,
             training.id,
             await selection.members(session, training),
@@ -159,7 +163,7 @@ async def test_or_next(session: AsyncSession, training: Training, model: GlobalM
     _enter_phase(training, PHASE_TEST)
     await state_changed(session, training, previous, round=model.round)
     await events.record(session, training.id, events.TEST_ROUND_STARTED, {"round": model.round})
-    notify.enqueue(
+    await notify.enqueue(
         session,
         training.id,
         await selection.members(session, training),
@@ -175,16 +179,16 @@ async def next_or_finish(session: AsyncSession, training: Training, model: Globa
         _enter_phase(training, PHASE_DONE)
         await state_changed(session, training, previous, round=model.round)
         actor = await session.get(User, training.actor_id)
-        recipients = list(training.participants)
-        if actor is not None and actor.id not in participant_ids(training):
+        recipients: list[Any] = await participants.candidates(session, training.id)
+        if actor is not None and actor.id not in {r.id for r in recipients}:
             recipients.append(actor)
-        notify.enqueue(
+        await notify.enqueue(
             session, training.id, recipients, notify.TRAINING_FINISHED, {"global_model_uuid": str(model.id)}
         )
         return
     if (training.options or {}).get("collections_each_round"):
         await membership.resolve(session, training)
-    await begin_update_round(session, training, model, training.participants)
+    await begin_update_round(session, training, model)
 
 
 async def fail(
@@ -202,10 +206,10 @@ async def fail(
     await state_changed(session, training, previous, error_reason=training.error_reason)
     await notify.drop_pending_for(session, training.id)
     if notify_clients:
-        notify.enqueue(
+        await notify.enqueue(
             session,
             training.id,
-            training.participants,
+            await participants.candidates(session, training.id),
             notify.TRAINING_FINISHED,
             {
                 "global_model_uuid": str(training.model_id),
@@ -215,10 +219,11 @@ async def fail(
         )
 
 
-async def remove_users(session: AsyncSession, training: Training, users: Sequence[User], reason: str) -> None:
-    """Drop participants (by the actor, or as stragglers/rejecters); those who opted in are told."""
+async def remove_users(session: AsyncSession, training: Training, users: Sequence[Any], reason: str) -> None:
+    """Drop participants (by the actor, or as stragglers/rejecters: users or participant column
+    tuples) with one DELETE on the association table; those who opted in are told."""
     ids = [u.id for u in users]
-    training.participants = [u for u in training.participants if u.id not in ids]
+    await participants.remove(session, training.id, ids)
     for user in users:
         await events.record(
             session,
@@ -230,7 +235,7 @@ async def remove_users(session: AsyncSession, training: Training, users: Sequenc
         await notify.drop_pending_for(session, training.id, user_id)
     if training.state in ACTIVE_STATES:
         model = await global_model(session, training.model_id)
-        notify.enqueue(
+        await notify.enqueue(
             session,
             training.id,
             [u for u in users if u.notify_client_removed],
@@ -264,9 +269,17 @@ def derangement(items: Sequence[uuid.UUID], rng: random.Random) -> list[uuid.UUI
             return perm
 
 
-def participant_order(training: Training) -> Callable[[uuid.UUID], tuple[str, uuid.UUID]]:
-    """Sort key of participant ids that is the same in every run (ids are random, names are chosen)."""
-    names = {user.id: user.username for user in training.participants}
+async def participant_order(
+    session: AsyncSession, training: Training, owners: Iterable[uuid.UUID]
+) -> Callable[[uuid.UUID], tuple[str, uuid.UUID]]:
+    """Sort key of ``owners`` (participant ids) that is the same in every run (ids are random,
+    names are chosen); reads the names of ``owners`` only. (Names of users no longer
+    participating sort as "", as before.)"""
+    return name_order(await participants.usernames_in(session, training.id, owners))
+
+
+def name_order(names: Mapping[uuid.UUID, str]) -> Callable[[uuid.UUID], tuple[str, uuid.UUID]]:
+    """Sort key of user ids by (username, id); ids missing from ``names`` sort first."""
     return lambda owner: (names.get(owner, ""), owner)
 
 
@@ -279,7 +292,7 @@ async def daisy_chain_step(
     """FedDC round without aggregation: every d rounds the local models move to other clients
     (derangement), otherwise each client continues from its own local model."""
     done = model.round + 1 - training.start_round
-    owners = sorted(chosen, key=participant_order(training))
+    owners = sorted(chosen, key=await participant_order(session, training, chosen))
     locals_ = [chosen[o][0] for o in owners]
     if done % daisy_chain_period(training) == 0 and len(owners) >= 2:
         seed = (training.options or {}).get("seed")

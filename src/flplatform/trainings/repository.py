@@ -7,21 +7,22 @@ import uuid
 
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload
 
 from flplatform.errors import NotFound
 from flplatform.orm import GlobalModel, Model, Training
 
 
 def _training_query(training_id: uuid.UUID) -> Select[Training]:
-    return select(Training).options(selectinload(Training.participants)).where(Training.id == training_id)
+    return select(Training).where(Training.id == training_id)
 
 
 async def get_training(
     session: AsyncSession, training_id: uuid.UUID, *, lock: bool = False, share: bool = False
 ) -> Training:
-    """The training with its participants, fresh from the database (``lock``: ``FOR UPDATE``;
-    ``share``: ``FOR SHARE``); 404 when it does not exist."""
+    """The training, fresh from the database (``lock``: ``FOR UPDATE``; ``share``: ``FOR SHARE``);
+    404 when it does not exist. Its participants are not loaded (``Training.participants`` raises):
+    read them by query with :mod:`flplatform.trainings.participants`, whose cost does not grow
+    with the fleet where a step needs only a few of them."""
     stmt = _training_query(training_id).execution_options(populate_existing=True)
     if lock:
         stmt = stmt.with_for_update(of=Training)

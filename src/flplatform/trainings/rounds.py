@@ -26,7 +26,7 @@ from flplatform.orm import (
     TrainingState,
 )
 from flplatform.orm.training import ACTIVE_STATES, training_participants
-from flplatform.trainings import buffer
+from flplatform.trainings import buffer, participants
 
 PHASE_UPDATE = "update"
 PHASE_TEST = "test"
@@ -34,25 +34,28 @@ PHASE_SWAG = "swag"
 PHASE_DONE = "done"
 
 
-def participant_ids(training: Training) -> set[uuid.UUID]:
-    return {u.id for u in training.participants}
+async def participant_ids(session: AsyncSession, training: Training) -> set[uuid.UUID]:
+    """Every participant's id (one column query; see :mod:`.participants`)."""
+    return await participants.ids(session, training.id)
 
 
 async def member_ids(session: AsyncSession, training: Training) -> set[uuid.UUID]:
     """Who the current phase waits for: the participants selected for ``selection_round`` and not
     dropped from it (:mod:`flplatform.trainings.selection`); every participant for trainings
-    without a recorded selection."""
-    everyone = participant_ids(training)
+    without a recorded selection. One query over the round's selection (indexed), not over the
+    registered participants."""
     if training.selection_round is None:
-        return everyone
+        return await participant_ids(session, training)
+    tp = training_participants.c
     rows = await session.execute(
         select(RoundSelection.user_id).where(
             RoundSelection.training_id == training.id,
             RoundSelection.round == training.selection_round,
             RoundSelection.dropped_at.is_(None),
+            exists().where(tp.training_id == training.id, tp.user_id == RoundSelection.user_id),
         )
     )
-    return everyone & set(rows.scalars())
+    return set(rows.scalars())
 
 
 async def arrivals(
@@ -143,7 +146,7 @@ async def round_condition(
             expired,
             # any participant's update: one asked for an older version may answer after a newer
             # draw (with clients_per_round) and is still folded, staleness-weighted
-            arrived=await buffer.pending(session, model.id, participant_ids(training)),
+            arrived=await buffer.pending(session, model.id, await participant_ids(session, training)),
             buffer_size=buffer.fedbuff_options(training.options)["buffer_size"],
         )
     if training.phase == PHASE_UPDATE:

@@ -44,7 +44,7 @@ from flplatform.models import layouts
 from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, Training
 from flplatform.orm.base import utcnow
 from flplatform.settings import Settings
-from flplatform.trainings import aggregate, asynchronous, events, folding, hooks
+from flplatform.trainings import aggregate, asynchronous, events, folding, hooks, participants
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import (
     after_aggregation,
@@ -195,13 +195,13 @@ class TrainingRuntime:
                 if chosen is None:
                     await session.commit()
                     return False
-                job = self._claim(training, "swag", model, chosen, now)
+                job = await self._claim(session, training, "swag", model, chosen, now)
             elif condition.kind == "buffer":  # asynchronous: the first K updates that arrived
                 chosen = await asynchronous.take_buffer(session, training, condition)
                 if chosen is None:
                     await session.commit()
                     return False
-                job = self._claim(training, asynchronous.KIND, model, chosen, now)
+                job = await self._claim(session, training, asynchronous.KIND, model, chosen, now)
             elif condition.kind == "update":
                 chosen = await self._complete_or_deadline(
                     session, training, members, condition.arrived, expired, "updates"
@@ -213,7 +213,7 @@ class TrainingRuntime:
                     await daisy_chain_step(session, training, model, chosen)
                     await session.commit()
                     return True
-                job = self._claim(training, "update", model, chosen, now)
+                job = await self._claim(session, training, "update", model, chosen, now)
             else:  # test round done (or its deadline passed, or tests are skipped)
                 await next_or_finish(session, training, model)
                 await session.commit()
@@ -285,7 +285,7 @@ class TrainingRuntime:
                 what,
             )
             if opts.get("straggler_policy") == "remove" and stragglers:
-                users = [u for u in training.participants if u.id in stragglers]
+                users = await participants.some(session, training.id, stragglers)
                 await remove_users(session, training, users, "Removed after missing the round deadline.")
             return arrived
         await fail(
@@ -295,21 +295,23 @@ class TrainingRuntime:
         )
         return None
 
-    def _claim(
+    async def _claim(
         self,
+        session: AsyncSession,
         training: Training,
         kind: str,
         model: GlobalModel,
         chosen: dict[uuid.UUID, tuple[uuid.UUID, int]],
         now: dt.datetime,
     ) -> AggregationJob:
+        order = await participant_order(session, training, chosen)
         token = now + dt.timedelta(seconds=self.settings.aggregation_lease_seconds)
         training.locked = True
         training.locked_until = token
         # Folded in the order of the senders' usernames: float sums depend on the order, and this one
         # neither depends on arrival times nor on the (random) user ids, so the same updates give the
         # same global model bit for bit (a seeded `flplatform demo` is reproducible).
-        items = [chosen[k] for k in sorted(chosen, key=participant_order(training))]
+        items = [chosen[k] for k in sorted(chosen, key=order)]
         return AggregationJob(kind=kind, model_id=model.id, round=model.round, items=items, token=token)
 
     async def _still_claimed(
@@ -510,7 +512,7 @@ class TrainingRuntime:
             return
         if training.state not in ACTIVE_STATES:
             return
-        user = next((u for u in training.participants if u.id == user_id), None)
+        user = next(iter(await participants.users(session, training_id, [user_id])), None)
         if user is not None:
             log.warning("training %s: removing client %s (%s)", training_id, user_id, reason)
             await remove_users(session, training, [user], "Removed after rejecting a round notification.")

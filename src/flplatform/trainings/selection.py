@@ -28,9 +28,10 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.kit.pagination import paginate
-from flplatform.orm import LocalModel, RoundSelection, Training, User
+from flplatform.orm import LocalModel, RoundSelection, Training
 from flplatform.orm.base import utcnow
-from flplatform.trainings import liveness
+from flplatform.trainings import liveness, participants
+from flplatform.trainings.participants import Candidate
 from flplatform.trainings.rounds import member_ids
 
 
@@ -49,7 +50,7 @@ def sample_size(options: dict[str, Any] | None, available: int) -> int:
     return min(wanted, available)
 
 
-def _order(users: Iterable[User]) -> list[User]:
+def _order(users: Iterable[Candidate]) -> list[Candidate]:
     return sorted(users, key=lambda u: (u.username, u.id))
 
 
@@ -57,11 +58,13 @@ async def draw(
     session: AsyncSession,
     training: Training,
     round_: int,
-    candidates: Sequence[User],
+    candidates: Sequence[Candidate],
     wanted: int | None = None,
-) -> list[User]:
+) -> list[Candidate]:
     """The participants ``round_`` asks (seeded; see the module's docstring); ``wanted``: how
-    many (default: the sample size for the candidates)."""
+    many (default: the sample size for the candidates). The candidates are users or the column
+    tuples of :func:`flplatform.trainings.participants.candidates` (id and username are all the
+    draw reads)."""
     opts = training.options or {}
     ordered = _order(candidates)
     wanted = sample_size(opts, len(ordered)) if wanted is None else min(wanted, len(ordered))
@@ -73,10 +76,10 @@ async def draw(
         return _order(rng.sample(ordered, wanted))
     now, offline_after = utcnow(), liveness.settings_of(session).client_offline_after_seconds
     seen = await liveness.last_seen(session, [u.id for u in ordered])
-    tiers: dict[str, list[User]] = {liveness.ONLINE: [], liveness.UNKNOWN: [], liveness.OFFLINE: []}
+    tiers: dict[str, list[Candidate]] = {liveness.ONLINE: [], liveness.UNKNOWN: [], liveness.OFFLINE: []}
     for user in ordered:
         tiers[liveness.status(seen.get(user.id), now, offline_after)].append(user)
-    chosen: list[User] = []
+    chosen: list[Candidate] = []
     for tier in (liveness.ONLINE, liveness.UNKNOWN, liveness.OFFLINE):
         need = wanted - len(chosen)
         group = tiers[tier]
@@ -84,7 +87,7 @@ async def draw(
     return _order(chosen)
 
 
-async def record(session: AsyncSession, training: Training, round_: int, users: Sequence[User]) -> None:
+async def record(session: AsyncSession, training: Training, round_: int, users: Sequence[Candidate]) -> None:
     """Record ``users`` as the selection of ``round_`` and make it the current one."""
     await session.execute(
         delete(RoundSelection).where(
@@ -104,15 +107,16 @@ async def record(session: AsyncSession, training: Training, round_: int, users: 
 
 
 async def select_round(
-    session: AsyncSession, training: Training, round_: int, candidates: Sequence[User]
-) -> list[User]:
-    """Draw and record the selection of a new round; returns the selected users."""
+    session: AsyncSession, training: Training, round_: int, candidates: Sequence[Candidate]
+) -> list[Candidate]:
+    """Draw and record the selection of a new round among ``candidates`` (every participant:
+    :func:`flplatform.trainings.participants.candidates`); returns the selected ones."""
     chosen = await draw(session, training, round_, candidates)
     await record(session, training, round_, chosen)
     return chosen
 
 
-async def ask_more(session: AsyncSession, training: Training, round_: int) -> list[User]:
+async def ask_more(session: AsyncSession, training: Training, round_: int) -> list[Candidate]:
     """With sampling, when every client a round asked was dropped: draw the round's sample size
     again among the participants it has not asked yet, add them to its selection and return
     them (the caller notifies them). Without sampling everyone was asked already: nothing."""
@@ -127,8 +131,9 @@ async def ask_more(session: AsyncSession, training: Training, round_: int) -> li
             )
         ).scalars()
     )
-    fresh = [u for u in training.participants if u.id not in asked]
-    wanted = sample_size(training.options, len(training.participants))
+    everyone = await participants.candidates(session, training.id)
+    fresh = [u for u in everyone if u.id not in asked]
+    wanted = sample_size(training.options, len(everyone))
     chosen = await draw(session, training, round_, fresh, wanted) if fresh else []
     if chosen:
         await session.execute(
@@ -138,13 +143,13 @@ async def ask_more(session: AsyncSession, training: Training, round_: int) -> li
     return chosen
 
 
-async def members(session: AsyncSession, training: Training) -> list[User]:
-    """The participants the current phase waits for (selected, not dropped)."""
-    ids = await member_ids(session, training)
-    return [u for u in training.participants if u.id in ids]
+async def members(session: AsyncSession, training: Training) -> list[Candidate]:
+    """The participants the current phase waits for (selected, not dropped), as column tuples in
+    (username, id) order: the round's few, not the registered many."""
+    return await participants.some(session, training.id, await member_ids(session, training))
 
 
-async def join_current(session: AsyncSession, training: Training, users: Sequence[User]) -> bool:
+async def join_current(session: AsyncSession, training: Training, users: Sequence[Candidate]) -> bool:
     """Participants added during a round: without sampling they join it (True), with sampling
     they wait for the next draw (False)."""
     if sampling(training.options):

@@ -27,7 +27,6 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload
 
 from flplatform.errors import BadRequest, Conflict, Forbidden, Unprocessable
 from flplatform.kit.pagination import paginate
@@ -47,7 +46,7 @@ from flplatform.orm.base import utcnow
 from flplatform.permissions import Requester, can_create, ensure_visible, readable, users_without_role
 from flplatform.permissions.requester import ANY_ROLE
 from flplatform.permissions.resources import oversees, oversees_clause, participations
-from flplatform.trainings import aggregate, liveness, membership, selection
+from flplatform.trainings import aggregate, liveness, membership, participants, selection
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import (
     begin_update_round,
@@ -58,15 +57,10 @@ from flplatform.trainings.phases import (
     state_changed,
 )
 from flplatform.trainings.repository import global_model, training_for_model
-from flplatform.trainings.rounds import (
-    ACTIVE_STATES,
-    PHASE_UPDATE,
-    arrivals,
-    member_ids,
-    participant_ids,
-    phase_deadline,
-)
+from flplatform.trainings.rounds import ACTIVE_STATES, PHASE_UPDATE, arrivals, member_ids, phase_deadline
 from flplatform.trainings.schemas import ParticipantStatus, TrainingCreate, TrainingDetail, TrainingRead
+
+_COLUMNS = Training.__mapper__.column_attrs
 
 
 def is_actor(training: Training, user: User) -> bool:
@@ -89,10 +83,13 @@ async def describe_many(session: AsyncSession, trainings: Sequence[Training]) ->
         else {}
     )
     collections = await membership.collections_of(session, [t.id for t in trainings])
+    registered = await participants.ids_of(session, [t.id for t in trainings])
     out = []
     for training in trainings:
-        item = TrainingRead.model_validate(training, from_attributes=True)
-        item.participants = sorted(participant_ids(training), key=str)
+        columns = {a.key: getattr(training, a.key) for a in _COLUMNS}  # not the participant objects
+        item = TrainingRead.model_validate(
+            {**columns, "participants": sorted(registered[training.id], key=str)}
+        )
         item.round = rounds.get(training.model_id)
         item.mu = (training.options or {}).get("mu")
         item.collections = collections.get(training.id, [])
@@ -100,26 +97,34 @@ async def describe_many(session: AsyncSession, trainings: Sequence[Training]) ->
     return out
 
 
-async def describe(session: AsyncSession, training: Training) -> TrainingDetail:
+async def describe(
+    session: AsyncSession, training: Training, *, status_page: tuple[int, int] | None = None
+) -> TrainingDetail:
     """One training with the progress of its current round (arrived and expected updates) and
-    every participant's liveness and selection."""
+    every participant's liveness and selection (``status_page`` = (limit, offset): only that page
+    of ``participant_status``, in the same (username, id) order)."""
     base = (await describe_many(session, [training]))[0]
     members = await member_ids(session, training)
     arrived = await arrivals(session, training.model_id, base.round or 0, members)
+    if status_page is None:
+        shown = await participants.candidates(session, training.id)
+    else:
+        shown, _ = await participants.page(session, training.id, limit=status_page[0], offset=status_page[1])
     return TrainingDetail(
         **base.model_dump(),
         local_models_arrived=len(arrived),
         local_models_expected=len(members),
         phase_deadline=phase_deadline(training),
-        participant_status=await participant_status(session, training, members),
+        participant_status=await participant_status(session, training, members, shown),
     )
 
 
 async def participant_status(
-    session: AsyncSession, training: Training, members: set[uuid.UUID]
+    session: AsyncSession, training: Training, members: set[uuid.UUID], shown: Sequence[Any]
 ) -> list[ParticipantStatus]:
+    """The liveness and selection of the participants ``shown`` (column tuples), in their order."""
     now, offline_after = utcnow(), liveness.settings_of(session).client_offline_after_seconds
-    seen = await liveness.last_seen(session, [u.id for u in training.participants])
+    seen = await liveness.last_seen(session, [u.id for u in shown])
     return [
         ParticipantStatus(
             id=u.id,
@@ -128,8 +133,16 @@ async def participant_status(
             last_seen=seen.get(u.id),
             selected=training.state in ACTIVE_STATES and u.id in members,
         )
-        for u in sorted(training.participants, key=lambda u: (u.username, u.id))
+        for u in shown
     ]
+
+
+async def participants_page(
+    session: AsyncSession, training: Training, *, limit: int, offset: int
+) -> tuple[list[ParticipantStatus], int]:
+    """One page of the participants' status (username order) and their total."""
+    shown, total = await participants.page(session, training.id, limit=limit, offset=offset)
+    return await participant_status(session, training, await member_ids(session, training), shown), total
 
 
 async def _list(
@@ -137,9 +150,7 @@ async def _list(
 ) -> tuple[list[Training], int]:
     return await paginate(
         requester.session,
-        select(Training)
-        .options(selectinload(Training.participants))
-        .where(readable(requester, Training), condition),
+        select(Training).where(readable(requester, Training), condition),
         order_by=(Training.created_at, Training.id),
         limit=limit,
         offset=offset,
@@ -238,19 +249,19 @@ async def add_participants(requester: Requester, training: Training, ids: Sequen
     session = requester.session
     await _check_participants(requester, training.organization_id, ids)
     users = await _users(session, ids)
-    present = participant_ids(training)
-    new = [u for u in users if u.id not in present]
+    present = await participants.present(session, training.id, [u.id for u in users])
+    new = sorted((u for u in users if u.id not in present), key=lambda u: (u.username, u.id))
     if not new:
         return []
-    training.participants.extend(new)
+    await participants.add(session, training.id, [u.id for u in new])
     training.last_update = utcnow()
     if training.state in ACTIVE_STATES:
         model = await global_model(session, training.model_id)
-        notify.enqueue(session, training.id, new, notify.TRAINING_START, start_body(training, model))
+        await notify.enqueue(session, training.id, new, notify.TRAINING_START, start_body(training, model))
         kind, body = phase_notification(training, model)
         # With sampling, late joiners wait for the next round's draw.
         if kind is not None and await selection.join_current(session, training, new):
-            notify.enqueue(session, training.id, new, kind, body)
+            await notify.enqueue(session, training.id, new, kind, body)
     await session.flush()
     return new
 
@@ -259,7 +270,7 @@ async def remove_participants(
     session: AsyncSession, training: Training, ids: Sequence[uuid.UUID]
 ) -> list[User]:
     users = await _users(session, ids)
-    present = participant_ids(training)
+    present = await participants.present(session, training.id, [u.id for u in users])
     gone = [u for u in users if u.id in present]
     if not gone:
         return []
@@ -333,16 +344,15 @@ async def start_training(session: AsyncSession, training: Training) -> None:
     if training.state != TrainingState.INITIAL:
         raise BadRequest(f"Training {training.id} is not in state INITIAL!", code="wrong_state")
     await membership.resolve(session, training)
-    if not training.participants:
+    everyone = await participants.candidates(session, training.id)
+    if not everyone:
         raise BadRequest("At least one participant must be registered!", code="no_participants")
     model = await global_model(session, training.model_id)
     training.state = TrainingState.ONGOING
     training.start_round = model.round
     await state_changed(session, training, TrainingState.INITIAL, round=model.round)
-    notify.enqueue(
-        session, training.id, training.participants, notify.TRAINING_START, start_body(training, model)
-    )
-    await begin_update_round(session, training, model, training.participants)
+    await notify.enqueue(session, training.id, everyone, notify.TRAINING_START, start_body(training, model))
+    await begin_update_round(session, training, model)
     await session.flush()
 
 

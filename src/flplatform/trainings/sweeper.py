@@ -19,7 +19,7 @@ from flplatform.db import after_commit
 from flplatform.errors import NotFound
 from flplatform.orm import BrokerTopic, ClientHeartbeat, RoundSelection, Training
 from flplatform.orm.base import utcnow
-from flplatform.trainings import events, folding, liveness, selection
+from flplatform.trainings import events, folding, liveness, participants, selection
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import phase_notification
 from flplatform.trainings.repository import get_training, global_model
@@ -119,7 +119,7 @@ async def drop_offline(runtime: TrainingRuntime) -> dict[uuid.UUID, set[uuid.UUI
             out = (users & condition.members) - answered
             if out:
                 await selection.drop(session, training, out, reason)
-                for user in (u for u in training.participants if u.id in out):
+                for user in await participants.some(session, training.id, out):
                     await events.record(
                         session,
                         training.id,
@@ -138,7 +138,7 @@ async def drop_offline(runtime: TrainingRuntime) -> dict[uuid.UUID, set[uuid.UUI
                     asked = await selection.ask_more(session, training, model.round)
                     kind, body = phase_notification(training, model)
                     if asked and kind is not None:
-                        notify.enqueue(session, training.id, asked, kind, body)
+                        await notify.enqueue(session, training.id, asked, kind, body)
             await session.commit()
     for training_id in dropped:
         log.info(
