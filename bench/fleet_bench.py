@@ -10,14 +10,15 @@ update_path_bench.py's ``start_server``): each round the bench reads the round's
 (``GET /api/trainings/{id}/rounds/?limit=1``, once per round) and the selected clients upload a
 small safetensors update at the same moment; the next round's selection is waited for in the
 database (every ``--poll`` seconds, 0.05: polling a training route instead would load the server
-with the polls, each of them loads the participant list). Reported per N:
+with the polls). Reported per N:
 
 * **round s**: from one ``round_started`` event to the next (server timestamps, ``training_events``),
   median over the rounds after the first (a warm-up);
 * **last upload → next round s**: the last upload's response → the next round's selection seen
   (the aggregation of the 20 updates, the draw among N, the notifications, the commit), median;
 * **detail ms**: ``GET /api/trainings/{id}/`` as the actor (median of ``--gets``), and its size
-  (it lists ``participant_status`` for every participant);
+  (it lists ``participant_status`` for every participant); **paged detail ms**: the same with
+  ``?participants_limit=20`` (one page of ``participant_status``);
 * **rounds ms**: ``GET /api/trainings/{id}/rounds/?limit=1`` likewise;
 * **start notifications drained s**: the start → no TRAINING_START notification pending (one per
   participant; the rounds are measured after it);
@@ -218,6 +219,7 @@ class Result:
     bursts: list[float] = field(default_factory=list)
     detail: list[float] = field(default_factory=list)
     detail_bytes: int = 0
+    detail_paged: list[float] = field(default_factory=list)
     rounds_get: list[float] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)
     cpu_per_round: float = 0.0
@@ -260,8 +262,8 @@ async def drive(
 
         async def selection(round_: int) -> list[str]:
             # Wait for the round's recorded selection straight in the database (cheap, outside the
-            # server: every training route loads the participant list, O(N), and polling one of
-            # them would load the server with the polls), then read it through the API, once.
+            # server: polling a training route would load the server with the polls), then read
+            # it through the API, once.
             while await asyncio.to_thread(newest_selection, db_url, training_id) < round_:
                 await asyncio.sleep(args.poll)
             _, r = await timed_get(http, rounds_url, actor.headers)
@@ -273,9 +275,9 @@ async def drive(
         assert r.status_code == 202, r.text
         started = time.perf_counter()
         chosen = await selection(0)
-        # TRAINING_START goes to every participant: N notifications the dispatcher works through
-        # (these users have no message endpoint, so each is claimed and finished without a
-        # request). Measured apart, and waited for, so the rounds measured do not overlap it.
+        # TRAINING_START goes to every participant: N notifications (these users have no message
+        # endpoint: their rows are written already dropped; before, the dispatcher claimed and
+        # finished each). Measured apart, and waited for, so the rounds measured do not overlap it.
         while await asyncio.to_thread(pending_notifications, db_url):
             await asyncio.sleep(0.5)
         result.start_drain = time.perf_counter() - started
@@ -308,6 +310,8 @@ async def drive(
             result.detail_bytes = len(r.content)
             seconds, _ = await timed_get(http, rounds_url, actor.headers)
             result.rounds_get.append(seconds)
+            seconds, _ = await timed_get(http, f"{detail_url}?participants_limit=20", actor.headers)
+            result.detail_paged.append(seconds)
         return training_id
 
 
@@ -376,15 +380,17 @@ def main() -> None:
     )
     print(
         "| registered | selected | round s (median / each) | upload burst s | last upload → next round s "
-        "| detail GET ms (KB) | rounds GET ms | server CPU s / round | start notifications drained s | set-up s |"
+        "| detail GET ms (KB) | paged detail GET ms | rounds GET ms | server CPU s / round "
+        "| start notifications drained s | set-up s |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         each = " ".join(f"{s:.2f}" for s in r.round_seconds)
         print(
             f"| {r.clients:,} | {r.selected} | {statistics.median(r.round_seconds):.2f} / {each} "
             f"| {statistics.median(r.bursts):.2f} | {statistics.median(r.after_last_upload):.2f} "
             f"| {1000 * statistics.median(r.detail):.0f} ({r.detail_bytes / 1000:.0f}) "
+            f"| {1000 * statistics.median(r.detail_paged):.0f} "
             f"| {1000 * statistics.median(r.rounds_get):.0f} | {r.cpu_per_round:.2f} | {r.start_drain:.1f} | {r.setup_seconds:.0f} |"
         )
 
