@@ -11,8 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import case, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from flplatform.orm import (
@@ -182,34 +183,41 @@ async def update_round_open(
     glob = Model.__table__.alias("glob")
     local, local_row = Model.__table__.alias("local"), LocalModel.__table__
     tp, sel = training_participants.c, RoundSelection.__table__.c
-    selected = or_(
-        trainings.c.selection_round.is_(None),
-        exists().where(
-            sel.training_id == tp.training_id,
-            sel.round == trainings.c.selection_round,
-            sel.user_id == tp.user_id,
-            sel.dropped_at.is_(None),
-        ),
+    # The members, read from the round's selection (a few rows; the participation table is probed
+    # per selected client), or, for trainings without a recorded selection, every participant.
+    # Two branches rather than one set filtered per participant: that scanned every registered
+    # participant on every upload (issue 18).
+    selected_where = (
+        sel.training_id == trainings.c.id,
+        sel.round == trainings.c.selection_round,
+        sel.dropped_at.is_(None),
+        exists().where(tp.training_id == sel.training_id, tp.user_id == sel.user_id),
     )
-    members = select(tp.user_id).where(tp.training_id == trainings.c.id, selected).correlate(trainings)
-    member_count = (
-        select(func.count())
-        .select_from(training_participants)
-        .where(tp.training_id == trainings.c.id, selected)
-        .correlate(trainings)
-        .scalar_subquery()
-    )
-    arrived_count = (
-        select(func.count(func.distinct(local.c.owner_id)))
-        .select_from(local_row.join(local, local_row.c.id == local.c.id))
-        .where(
-            local_row.c.base_model_id == trainings.c.model_id,
-            local.c.round == glob.c.round,
-            local.c.owner_id.in_(members),
+    selected = select(sel.user_id).where(*selected_where).correlate(trainings)
+    everyone = select(tp.user_id).where(tp.training_id == trainings.c.id).correlate(trainings)
+    unselected = trainings.c.selection_round.is_(None)
+
+    def counted(where: Any, table: Any) -> Any:
+        return select(func.count()).select_from(table).where(*where).correlate(trainings).scalar_subquery()
+
+    def arrived_among(members: Any) -> Any:
+        return (
+            select(func.count(func.distinct(local.c.owner_id)))
+            .select_from(local_row.join(local, local_row.c.id == local.c.id))
+            .where(
+                local_row.c.base_model_id == trainings.c.model_id,
+                local.c.round == glob.c.round,
+                local.c.owner_id.in_(members),
+            )
+            .correlate(trainings, glob)
+            .scalar_subquery()
         )
-        .correlate(trainings, glob)
-        .scalar_subquery()
+
+    member_count = case(
+        (unselected, counted((tp.training_id == trainings.c.id,), training_participants)),
+        else_=counted(selected_where, RoundSelection.__table__),
     )
+    arrived_count = case((unselected, arrived_among(everyone)), else_=arrived_among(selected))
     row = (
         await session.execute(
             select(
