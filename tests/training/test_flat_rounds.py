@@ -19,6 +19,7 @@ from sqlalchemy import event, func, select
 from flplatform.orm import Notification, RoundSelection, User
 from flplatform.orm.base import utcnow
 from flplatform.trainings import notifications as notify
+from flplatform.trainings import participants, selection
 from flplatform.trainings.phases import next_or_finish
 from flplatform.trainings.repository import get_training, global_model
 from flplatform.trainings.rounds import round_condition
@@ -183,3 +184,27 @@ async def test_start_notifies_everyone_in_one_insert(app, client, alice):
             )
         ).scalars()
         assert set(rows) == {u.id for u in users}
+
+
+async def test_draw_by_position_is_the_documented_draw(app, client, alice):
+    """Sampling reads only the drawn participants (positions of the (username, id) order picked
+    by the seeded sample over the count); the selection is the one the documented draw over all
+    participants makes, also with usernames whose order differs between collations."""
+    names = ["Zed", "alpha", "Émile", "émile", "_x", "b-1", "B-2", "zz", "Ωmega", "a b", "A", "0"]
+    async with app.state.sessionmaker() as session:
+        users = [User(username=f"{name}{i}", client=True) for i in range(3) for name in names]
+        session.add_all(users)
+        await session.commit()
+    model_id = await upload_global(client, alice.headers)
+    for options in ({"clients_per_round": 5, "seed": 3}, {"clients_per_round": 0.25}):
+        training_id = await create_training(
+            client, alice.headers, model_id, [str(u.id) for u in users], options=options
+        )
+        async with app.state.sessionmaker() as session:
+            training = await get_training(session, uuid.UUID(training_id))
+            everyone = await participants.candidates(session, training.id)
+            for round_ in range(6):
+                by_position = await selection.draw_participants(session, training, round_)
+                documented = await selection.draw(session, training, round_, everyone)
+                assert [r.id for r in by_position] == [r.id for r in documented]
+                assert len(by_position) == selection.sample_size(options, len(users))

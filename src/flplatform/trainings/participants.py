@@ -171,15 +171,39 @@ async def remove(session: AsyncSession, training_id: uuid.UUID, user_ids: Sequen
         )
 
 
+def _name_order(session: AsyncSession) -> Any:
+    """``username`` in Python's string order: code points, which is SQLite's BINARY collation and
+    PostgreSQL's ``C`` (byte order of UTF-8); usernames are unique, ``id`` never decides."""
+    name: Any = User.username
+    if session.get_bind().dialect.name == "postgresql":
+        name = name.collate("C")
+    return (name, User.id)
+
+
+async def at_positions(session: AsyncSession, training_id: uuid.UUID, positions: Sequence[int]) -> list[Any]:
+    """The participants at ``positions`` (0-based) of the (username, id) order, as column tuples:
+    the seeded draw picks positions from the count, and only the drawn rows are read (the
+    database orders the participation rows; no per-participant Python objects)."""
+    if not positions:
+        return []
+    numbered = (
+        select(*_COLUMNS, func.row_number().over(order_by=_name_order(session)).label("position"))
+        .join(training_participants, TP.user_id == User.id)
+        .where(TP.training_id == training_id)
+        .subquery()
+    )
+    stmt = select(
+        numbered.c.id, numbered.c.username, numbered.c.message_endpoint, numbered.c.notify_client_removed
+    ).where(numbered.c.position.in_([p + 1 for p in positions]))
+    return list((await session.execute(stmt)).all())
+
+
 async def page(
     session: AsyncSession, training_id: uuid.UUID, *, limit: int, offset: int
 ) -> tuple[list[Any], int]:
     """One page of the participants in (username, id) order and their total. (The order is the
     database's: byte order on SQLite; PostgreSQL compares usernames under ``C`` collation so the
     pages follow the same order.)"""
-    name: Any = User.username
-    if session.get_bind().dialect.name == "postgresql":
-        name = name.collate("C")
-    stmt = _of(training_id).order_by(name, User.id).limit(limit).offset(offset)
+    stmt = _of(training_id).order_by(*_name_order(session)).limit(limit).offset(offset)
     rows = list((await session.execute(stmt)).all())
     return rows, await count(session, training_id)

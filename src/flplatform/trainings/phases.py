@@ -98,14 +98,13 @@ async def begin_update_round(
     downloads: dict[uuid.UUID, uuid.UUID] | None = None,
 ) -> None:
     """Enter the update phase of ``model.round`` (the round-started hooks may refuse it): the
-    round's clients are drawn from every participant (read as column tuples, not users) and
-    recorded (:mod:`.selection`); a daisy-chain round (``downloads``) keeps ``recipients``, the
+    round's clients are drawn from every participant (only the drawn rows are read when sampling)
+    and recorded (:mod:`.selection`); a daisy-chain round (``downloads``) keeps ``recipients``, the
     clients of the chain."""
     _enter_phase(training, PHASE_UPDATE)
     if downloads is None or recipients is None:
-        everyone = await participants.candidates(session, training.id)
-        registered = len(everyone)
-        recipients = await selection.select_round(session, training, model.round, everyone)
+        registered = await participants.count(session, training.id)
+        recipients = await selection.select_round(session, training, model.round, registered=registered)
     else:
         registered = await participants.count(session, training.id)
         await selection.record(session, training, model.round, recipients)

@@ -54,6 +54,11 @@ def _order(users: Iterable[Candidate]) -> list[Candidate]:
     return sorted(users, key=lambda u: (u.username, u.id))
 
 
+def _rng(training: Training, round_: int) -> random.Random:
+    seed = (training.options or {}).get("seed")
+    return random.Random(f"{training.id if seed is None else seed}:clients:{round_}")
+
+
 async def draw(
     session: AsyncSession,
     training: Training,
@@ -70,8 +75,7 @@ async def draw(
     wanted = sample_size(opts, len(ordered)) if wanted is None else min(wanted, len(ordered))
     if wanted >= len(ordered):
         return ordered
-    seed = opts.get("seed")
-    rng = random.Random(f"{training.id if seed is None else seed}:clients:{round_}")
+    rng = _rng(training, round_)
     if not opts.get("prefer_online_clients"):
         return _order(rng.sample(ordered, wanted))
     now, offline_after = utcnow(), liveness.settings_of(session).client_offline_after_seconds
@@ -107,13 +111,39 @@ async def record(session: AsyncSession, training: Training, round_: int, users: 
 
 
 async def select_round(
-    session: AsyncSession, training: Training, round_: int, candidates: Sequence[Candidate]
+    session: AsyncSession,
+    training: Training,
+    round_: int,
+    candidates: Sequence[Candidate] | None = None,
+    *,
+    registered: int | None = None,
 ) -> list[Candidate]:
-    """Draw and record the selection of a new round among ``candidates`` (every participant:
-    :func:`flplatform.trainings.participants.candidates`); returns the selected ones."""
-    chosen = await draw(session, training, round_, candidates)
+    """Draw and record the selection of a new round among ``candidates`` (default: every
+    participant, ``registered`` of them); returns the selected ones."""
+    if candidates is None:
+        chosen = await draw_participants(session, training, round_, registered)
+    else:
+        chosen = await draw(session, training, round_, candidates)
     await record(session, training, round_, chosen)
     return chosen
+
+
+async def draw_participants(
+    session: AsyncSession, training: Training, round_: int, registered: int | None = None
+) -> list[Candidate]:
+    """:func:`draw` among every participant, reading only the drawn ones when sampling: the
+    seeded ``rng.sample`` over the ``registered`` positions of the (username, id) order picks the
+    same positions as over the ordered participants themselves (it only draws indices), so the
+    selection is the one :func:`draw` makes, for the cost of the sample, not of the fleet.
+    Everyone selected, or ``prefer_online_clients`` (which reads every participant's liveness):
+    :func:`draw` over all of them."""
+    opts = training.options or {}
+    n = await participants.count(session, training.id) if registered is None else registered
+    wanted = sample_size(opts, n)
+    if wanted >= n or opts.get("prefer_online_clients"):
+        return await draw(session, training, round_, await participants.candidates(session, training.id))
+    positions = _rng(training, round_).sample(range(n), wanted)
+    return _order(await participants.at_positions(session, training.id, positions))
 
 
 async def ask_more(session: AsyncSession, training: Training, round_: int) -> list[Candidate]:
