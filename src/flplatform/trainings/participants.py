@@ -138,14 +138,6 @@ async def count(session: AsyncSession, training_id: uuid.UUID) -> int:
     )
 
 
-async def usernames(session: AsyncSession, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, str]:
-    wanted = list(dict.fromkeys(user_ids))
-    if not wanted:
-        return {}
-    rows = await session.execute(select(User.id, User.username).where(User.id.in_(wanted)))
-    return {user_id: name for user_id, name in rows}
-
-
 async def usernames_in(
     session: AsyncSession, training_id: uuid.UUID, user_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, str]:
