@@ -17,7 +17,7 @@ from typing import cast
 import torch
 
 from .codec import FlatLayout, WireState
-from .kernels import accumulator_dtype, fold_chunk, fold_flat, fold_inline, fold_segments
+from .kernels import Release, accumulator_dtype, fold_chunk, fold_flat, fold_inline, fold_segments
 
 Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
 
@@ -112,6 +112,7 @@ class Update:
     clip: float  # DP clipping factor applied to floating groups (1.0 without DP)
     nbytes: int
     wire: bytes | None = None  # the immutable bytes every source views (decoded zero-copy), else None
+    release: Release | None = None  # called on the flat sources' bytes as they are folded
 
 
 class WeightedSum:
@@ -182,6 +183,7 @@ class WeightedSum:
                     acc_chunks=chunks,
                     init=fresh,
                     divisor=divisor,
+                    releases=[update.release for update, coefs in items if coefs[dtype] != 0.0],
                 )
             else:
                 # Separate tensors (a caller's state dicts), possibly next to flat updates: every

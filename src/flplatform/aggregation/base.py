@@ -37,7 +37,7 @@ from .errors import (
     UpdateValidationError,
     ZeroTotalWeightError,
 )
-from .kernels import DEFAULT_CHUNK, all_finite, finalize_inplace
+from .kernels import DEFAULT_CHUNK, Release, all_finite, finalize_inplace
 from .options import COMMON_OPTIONS, OptionSpec
 
 #: Updates folded per pass over the accumulator when they are all at hand (a list, or views of bytes
@@ -180,12 +180,18 @@ class Aggregator:
         return {"round": torch.tensor(self._round + 1, dtype=torch.int64)}
 
     def add(
-        self, state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview, weight: float
+        self,
+        state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview,
+        weight: float,
+        release: Release | None = None,
     ) -> None:
         """Fold (or, for robust aggregators, keep) one update with its weight (e.g. sample count).
 
         The update is a state dict, or safetensors bytes: those are viewed zero-copy one flat range
-        per dtype (no tensor per entry; the header is checked once per round).
+        per dtype (no tensor per entry; the header is checked once per round). ``release`` (optional,
+        see :data:`~.kernels.Release`) is called on the update's bytes as the order bound and the fold
+        finish reading them (flat groups; e.g. to drop a memory map's pages behind the fold): only
+        for bytes that read back the same afterwards.
         """
         if self._phase != "open":
             raise AggregatorStateError("add() needs begin() first (and not after finish())")
@@ -213,14 +219,14 @@ class Aggregator:
         elif weight > 0 and weight / self._weight_scale > 2.0**64:
             self._rescale(float(weight))
         scaled = float(weight) / self._weight_scale if weight > 0 else 0.0
-        update = Update(sources, scaled, clip, nbytes, wire)
+        update = Update(sources, scaled, clip, nbytes, wire, release)
         self.n_updates += 1
         self.total_weight += float(weight)
         self._scaled_total += scaled
         if scaled > 0:
             self._scaled_weights.append(scaled)
             if self._order is not None:
-                self._order.add(sources, scaled)
+                self._order.add(sources, scaled, release)
         if self.collects:
             self._collected.append(update)
             weighted_sum = self._weighted_sum

@@ -136,6 +136,30 @@ GRAIN_CHUNK_BYTES = 128 << 10
 FOLD_CHUNK = FOLD_CHUNK_BYTES // 4
 #: Pieces of coordinates per fold worker, taken dynamically (see :func:`fold_flat`).
 PIECES_PER_WORKER = 4
+#: Bytes of a source read between two calls of its release hook (see :data:`Release`).
+RELEASE_BYTES = 4 << 20
+
+#: A hook called with ``(address, nbytes)`` of a source's memory that the fold has finished reading
+#: (e.g. to drop a memory-mapped update's pages behind it: ``blobs.mapped.PageReleaser``). A plain
+#: callable, so that this package knows nothing of where the bytes come from.
+Release = Callable[[int, int], None]
+
+
+#: The page cache maps large folios (up to 2 MiB) at once: a read just past a released range maps
+#: its last folio again, so each release also covers this much before its range.
+FOLIO_BYTES = 2 << 20
+
+
+def release_range(
+    release: Release | None, source: torch.Tensor, start: int, stop: int, first: int = 0
+) -> None:
+    """Call ``release`` (if any) on elements ``[start, stop)`` of a contiguous 1-D ``source``, and on
+    :data:`FOLIO_BYTES` before them (not before element ``first``)."""
+    if release is not None and stop > start:
+        itemsize = source.element_size()
+        start = max(first, start - FOLIO_BYTES // itemsize)
+        release(source.data_ptr() + start * itemsize, (stop - start) * itemsize)
+
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -204,6 +228,7 @@ def fold_flat(
     acc_chunks: tuple[torch.Tensor, ...] | None = None,
     init: bool = False,
     divisor: float | None = None,
+    releases: list[Release | None] | None = None,
 ) -> None:
     """``acc += Σ coefs[k] · sources[k]`` (1-D, same length), cache-blocked and multi-threaded.
 
@@ -221,6 +246,8 @@ def fold_flat(
     Any source dtype works (promoted chunk by chunk, never a model-sized temporary). ``chunk``
     defaults to :func:`fold_chunk` of the accumulator's dtype; ``acc_chunks`` may pass
     ``acc.split(chunk)`` made once per round (hundreds of views per call).
+    ``releases[k]`` (optional) is called on each :data:`RELEASE_BYTES` or so of ``sources[k]`` once it
+    is folded (the same kernels on the same chunks in the same order: the same values).
     """
     if not sources:
         return
@@ -231,8 +258,20 @@ def fold_flat(
         acc_chunks = acc.split(chunk)
     one = torch.ones(1, dtype=acc.dtype)
     per_chunk = len(sources)
+    hooks = [(s, r) for s, r in zip(sources, releases or [], strict=False) if r is not None]
+    step = max(1, RELEASE_BYTES // (chunk * max(s.element_size() for s in sources)))
 
     def run(lo: int, hi: int) -> None:
+        if not hooks:
+            fold(lo, hi)
+            return
+        for start in range(lo, hi, step):  # a few chunks at a time, each source's pages released behind
+            stop = min(hi, start + step)
+            fold(start, stop)
+            for source, release in hooks:
+                release_range(release, source, start * chunk, min(n, stop * chunk), lo * chunk)
+
+    def fold(lo: int, hi: int) -> None:
         # The sources' chunk views are made here, per piece, not all up front: making views holds the
         # GIL (~1 ms per 100 MB source), and here it overlaps the other workers' kernels, which don't.
         source_chunks = [source[lo * chunk : hi * chunk].split(chunk) for source in sources]
@@ -260,9 +299,13 @@ def fold_flat(
     workers = min(_fold_workers(), count, max(1, n * per_chunk // (4 * chunk)))
     if workers <= 1:
         run(0, count)
-        return
-    pieces = min(count, workers * PIECES_PER_WORKER)
-    _run_pieces(run, [count * i // pieces for i in range(pieces + 1)], workers)
+    else:
+        pieces = min(count, workers * PIECES_PER_WORKER)
+        _run_pieces(run, [count * i // pieces for i in range(pieces + 1)], workers)
+    for source, release in hooks:
+        # once more over the whole source: a piece's first read may have mapped again the last
+        # folio of the piece before it
+        release_range(release, source, 0, n)
 
 
 def fold_segments(

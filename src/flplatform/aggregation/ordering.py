@@ -32,7 +32,7 @@ import threading
 import torch
 
 from .codec import FlatLayout, chunk_ranges
-from .kernels import as_dtype, piece_bounds, run_in_order, run_pieces
+from .kernels import Release, as_dtype, piece_bounds, release_range, run_in_order, run_pieces
 
 #: Coordinates per bound block (a multiple divides every fold chunk).
 BLOCK = 64
@@ -44,9 +44,10 @@ def _unit(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2
 
 
-def _block_max(flat: torch.Tensor, out: torch.Tensor, chunk: int) -> None:
+def _block_max(flat: torch.Tensor, out: torch.Tensor, chunk: int, release: Release | None = None) -> None:
     """``out[b] = max |flat[b·BLOCK : (b+1)·BLOCK]|`` (float64), chunk by chunk in the fold threads
-    (an OpenMP team in the caller's thread stalls on a busy machine; see :mod:`.kernels`)."""
+    (an OpenMP team in the caller's thread stalls on a busy machine; see :mod:`.kernels`); ``release``
+    is called on each chunk of ``flat`` once it is read."""
     n = flat.numel()
     full = n - n % BLOCK
     step = max(BLOCK, chunk - chunk % BLOCK)
@@ -58,10 +59,12 @@ def _block_max(flat: torch.Tensor, out: torch.Tensor, chunk: int) -> None:
             if not part.is_floating_point():
                 part = part.to(torch.float64)
             out[start // BLOCK : stop // BLOCK].copy_(part.view(-1, BLOCK).abs().amax(1))
+            release_range(release, flat, start, stop, ranges[lo][0])
 
     run_pieces(run, ranges)
     if full < n:
         out[-1] = float(flat[full:].to(torch.float64).abs().max())
+    release_range(release, flat, 0, n)  # once more, whole (see kernels.fold_flat)
 
 
 class OrderBound:
@@ -74,7 +77,12 @@ class OrderBound:
         self.terms = 0
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
 
-    def add(self, sources: dict[torch.dtype, torch.Tensor | list[torch.Tensor]], weight: float) -> None:
+    def add(
+        self,
+        sources: dict[torch.dtype, torch.Tensor | list[torch.Tensor]],
+        weight: float,
+        release: Release | None = None,
+    ) -> None:
         self.terms += 1
         for dtype, bound in self.bound.items():
             source = sources[dtype]
@@ -82,7 +90,7 @@ class OrderBound:
             if scratch is None:
                 scratch = self._scratch[dtype] = torch.empty_like(bound)
             if isinstance(source, torch.Tensor):
-                _block_max(source.reshape(-1), scratch, self.chunk)
+                _block_max(source.reshape(-1), scratch, self.chunk, release)
             else:  # separate tensors: each tensor's max over the blocks it touches (coarser, still a bound)
                 scratch.zero_()
                 for slot, tensor in zip(self.layout.groups[dtype], source, strict=True):
