@@ -5,7 +5,8 @@ cache from the upload: nothing is read or copied). Backends without a local file
 blob into a temporary file in the store's spool directory first, which is unlinked at once (the
 mapping keeps it alive until it is unmapped). Either way the bytes never become a Python ``bytes``
 object, and the mapped pages are file-backed: the kernel can drop them under memory pressure,
-unlike anonymous memory.
+unlike anonymous memory. While a fold reads an update it drops the pages behind it
+(:class:`PageReleaser`), so a mapped update costs a few chunks of resident memory, not its size.
 """
 
 from __future__ import annotations
@@ -15,10 +16,53 @@ import contextlib
 import mmap
 import os
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import torch
+
 from flplatform.blobs.base import BlobStore
+
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+
+class PageReleaser:
+    """``release(address, nbytes)`` for a mapped view: drops the mapping's whole pages inside that
+    byte range (``madvise(MADV_DONTNEED)``), so that they stop counting in the process's resident
+    memory. The mapping is read-only and file-backed: a page touched again is simply mapped again
+    from the page cache (or re-read from the file), with the same bytes. Ranges outside the view,
+    and platforms without ``MADV_DONTNEED``, are ignored. The aggregation's release hook
+    (:data:`flplatform.aggregation.kernels.Release`)."""
+
+    def __init__(self, view: memoryview):
+        self.mapping = view.obj if isinstance(view.obj, mmap.mmap) else None
+        self.size = view.nbytes
+        self.base = 0
+        if self.mapping is not None and self.size:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: only its address is read
+                self.base = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
+
+    def pages(self, address: int, nbytes: int) -> tuple[int, int] | None:
+        """The page-aligned interior of the range as (offset, length) in the mapping (the mapping's
+        last, partial page counts when the range reaches the end), or None when there is none."""
+        offset = address - self.base
+        end = offset + nbytes
+        if offset < 0 or nbytes <= 0 or end > self.size:
+            return None
+        page = mmap.PAGESIZE
+        start = -(-offset // page) * page
+        stop = self.size if end == self.size else end // page * page
+        return (start, stop - start) if stop > start else None
+
+    def __call__(self, address: int, nbytes: int) -> None:
+        if self.mapping is None or _DONTNEED is None:
+            return
+        pages = self.pages(address, nbytes)
+        if pages is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.mapping.madvise(_DONTNEED, *pages)
 
 
 def _map(path: Path) -> tuple[mmap.mmap | None, memoryview]:

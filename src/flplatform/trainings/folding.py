@@ -36,7 +36,8 @@ another summation order could change (:mod:`flplatform.aggregation.ordering`: a 
 updates in the participants' fixed order. The result is bitwise the fixed order's whatever the
 arrival order, folded on arrival or at the close (``tests/aggregation/test_ordering.py``), so
 folding on arrival is on by default (``FLP_FOLD_MAX_OPEN_ROUNDS``, 4 open rounds per process).
-The accumulator is 2 models, plus one mapped update at a time and 1/64 of a float64 model of bound.
+The accumulator is 2 models, plus one mapped update at a time (its pages dropped behind the fold:
+a few MiB resident) and 1/64 of a float64 model of bound.
 
 Methods that need every update at once (median, trimmed mean, (Multi-)Krum, DP, FedDC) keep the
 close-time path, reading their updates from memory maps too.
@@ -60,7 +61,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from flplatform import aggregation
 from flplatform.aggregation import Aggregator
 from flplatform.blobs import BlobInfo, BlobNotFound, BlobStore, store_for
-from flplatform.blobs.mapped import mapped
+from flplatform.blobs.mapped import PageReleaser, mapped
 from flplatform.kit.tasks import spawn
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError
@@ -114,7 +115,8 @@ async def _begin_args(
 
 async def fold_blob(agg: Aggregator, store: BlobStore, digest: str, weight: float, what: str) -> None:
     """Add one stored update to ``agg`` as a zero-copy view of its memory-mapped blob; folded at once
-    unless the aggregator keeps every update (then the mapping stays while it does)."""
+    unless the aggregator keeps every update (then the mapping stays while it does). A folded
+    update's pages are dropped behind the fold as it reads them (:class:`PageReleaser`)."""
     try:
         async with mapped(store, digest) as view:
             await asyncio.to_thread(_add, agg, view, weight)
@@ -123,7 +125,7 @@ async def fold_blob(agg: Aggregator, store: BlobStore, digest: str, weight: floa
 
 
 def _add(agg: Aggregator, view: memoryview, weight: float) -> None:
-    agg.add(view, weight)
+    agg.add(view, weight, release=None if agg.collects else PageReleaser(view))
     if not agg.collects:
         agg.fold_pending()
 
