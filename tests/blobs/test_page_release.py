@@ -6,13 +6,14 @@ from __future__ import annotations
 import mmap
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from flplatform import aggregation
-from flplatform.aggregation import encode_safetensors, kernels
+from flplatform.aggregation import encode_safetensors, kernels, ordering
 from flplatform.blobs.mapped import PageReleaser
 
 pytestmark = pytest.mark.skipif(
@@ -133,7 +134,7 @@ def test_released_pages_read_back_the_same_result(tmp_path: Path, monkeypatch: p
             agg.fold_pending()
         if agg.settle():
             for (_, view), weight in zip(maps, weights, strict=True):  # the fixed order
-                agg.redo(view, weight)
+                agg.redo(view, weight, release=PageReleaser(view) if release else None)
         result, _ = agg.finish()
         return {k: v.clone() for k, v in result.items()}
 
@@ -141,3 +142,42 @@ def test_released_pages_read_back_the_same_result(tmp_path: Path, monkeypatch: p
     assert released.keys() == plain.keys()
     for key in plain:
         assert torch.equal(released[key], plain[key]), key
+
+
+def test_redo_reads_the_listed_coordinates_a_window_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close's recompute reads coordinates listed all over an update: with the release hook at
+    most a few windows of the mapping are resident at once, and the sums are those read whole."""
+    monkeypatch.setattr(ordering, "RELEASE_BYTES", MIB)
+    path = tmp_path / "update.f32"
+    values = torch.randn(16 * MIB, generator=torch.Generator().manual_seed(7))  # 64 MiB
+    path.write_bytes(values.numpy().tobytes())
+    size = path.stat().st_size
+    index = torch.arange(3, values.numel(), 997)  # sorted, on every page
+
+    def redo(release: bool) -> tuple[torch.Tensor, int]:
+        mapping, view = map_file(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only buffer, only read
+            flat = torch.frombuffer(view, dtype=torch.float32)
+        releaser, peak = PageReleaser(view), [0]
+
+        def sampled(address: int, nbytes: int) -> None:
+            peak[0] = max(peak[0], rss(path))
+            releaser(address, nbytes)
+
+        redo = ordering.Redo(layout=None)  # type: ignore[arg-type]  # the layout is read only for whole groups
+        redo.want(torch.float32, index, torch.float64)
+        redo.add({torch.float32: flat}, 2.0, release=sampled if release else None)
+        peak[0] = max(peak[0], rss(path))
+        sums = redo.sums[torch.float32].clone()
+        del flat, view, mapping
+        return sums, peak[0]
+
+    released, peak = redo(release=True)
+    plain, kept = redo(release=False)
+    assert torch.equal(released, plain)
+    assert torch.equal(plain, values.index_select(0, index).to(torch.float64).mul_(2.0))
+    assert 0 < peak < size // 4  # a window and a folio or two at a time
+    assert kept > size * 3 // 4  # the control: read whole, the update stays resident

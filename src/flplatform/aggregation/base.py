@@ -373,15 +373,19 @@ class Aggregator:
         return redo.count
 
     def redo(
-        self, state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview, weight: float
+        self,
+        state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview,
+        weight: float,
+        release: Release | None = None,
     ) -> None:
         """After :meth:`settle`: one update again, with the weight it was added with (call for every
-        update, in the fixed order; updates of weight 0 may be passed or not)."""
+        update, in the fixed order; updates of weight 0 may be passed or not). ``release`` as for
+        :meth:`add`."""
         if self._phase != "open" or self._settled is None:
             raise AggregatorStateError("redo() needs settle() first (and not after finish())")
         if weight > 0:
             sources, _ = self._sources(state_dict)
-            self._settled[1].add(sources, float(weight) / self._weight_scale)
+            self._settled[1].add(sources, float(weight) / self._weight_scale, release)
 
     def fold_pending(self) -> None:
         """Fold the updates still pending into the running sum now, so that nothing added so far is

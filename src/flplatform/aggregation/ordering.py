@@ -32,7 +32,7 @@ import threading
 import torch
 
 from .codec import FlatLayout, chunk_ranges
-from .kernels import Release, as_dtype, piece_bounds, release_range, run_in_order, run_pieces
+from .kernels import RELEASE_BYTES, Release, as_dtype, piece_bounds, release_range, run_in_order, run_pieces
 
 #: Coordinates per bound block (a multiple divides every fold chunk).
 BLOCK = 64
@@ -220,7 +220,15 @@ class Redo:
     def count(self) -> int:
         return sum(s.numel() for s in self.sums.values())
 
-    def add(self, sources: dict[torch.dtype, torch.Tensor | list[torch.Tensor]], weight: float) -> None:
+    def add(
+        self,
+        sources: dict[torch.dtype, torch.Tensor | list[torch.Tensor]],
+        weight: float,
+        release: Release | None = None,
+    ) -> None:
+        """``release`` (optional) is called on each :data:`~.kernels.RELEASE_BYTES` of a flat source
+        once its listed coordinates are read: the listed coordinates lie all over an update, so
+        without it a mapped update's pages would all be resident at once."""
         self.added += 1
         for dtype, sums in self.sums.items():
             source = sources[dtype]
@@ -230,8 +238,24 @@ class Redo:
                 else torch.cat([t.reshape(-1) for t in source])
             )
             index = self.index[dtype]
-            values = flat if index is None else flat.index_select(0, index)
-            sums.add_(values.to(sums.dtype).mul_(weight))
+            if index is None:
+                sums.add_(flat.to(sums.dtype).mul_(weight))
+                release_range(release, flat, 0, flat.numel())
+                continue
+            if release is None or not isinstance(source, torch.Tensor):
+                sums.add_(flat.index_select(0, index).to(sums.dtype).mul_(weight))
+                continue
+            # The listed coordinates are sorted: read them a window of the source at a time, and drop
+            # each window's pages once read (the values and their order of addition are unchanged).
+            step = max(1, RELEASE_BYTES // flat.element_size())
+            edges = torch.arange(0, flat.numel() + step, step, dtype=index.dtype).clamp_(max=flat.numel())
+            cuts = torch.searchsorted(index, edges).tolist()
+            for window, (lo, hi) in enumerate(zip(cuts, cuts[1:], strict=False)):
+                if hi > lo:
+                    part = flat.index_select(0, index[lo:hi]).to(sums.dtype).mul_(weight)
+                    sums[lo:hi].add_(part)
+                release_range(release, flat, int(edges[window]), int(edges[window + 1]))
+            release_range(release, flat, 0, flat.numel())
 
     def apply(self, flats: dict[torch.dtype, torch.Tensor], divisor: float) -> None:
         """Write the recomputed means into the finalized groups (if any update was redone: else the

@@ -18,7 +18,7 @@ import torch
 from flplatform import aggregation
 from flplatform.aggregation import Aggregator
 from flplatform.blobs import BlobNotFound, BlobStore
-from flplatform.blobs.mapped import mapped
+from flplatform.blobs.mapped import PageReleaser, mapped
 from flplatform.models.files import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ async def finish(
             digest, size = rows[local]
             try:
                 async with mapped(store, digest) as view:
-                    await asyncio.to_thread(agg.redo, view, float(size))
+                    await asyncio.to_thread(agg.redo, view, float(size), PageReleaser(view))
             except BlobNotFound:
                 raise ModelFileError(
                     f"Local model {local}: its bytes are missing from the blob store."
