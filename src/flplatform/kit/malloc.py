@@ -10,7 +10,7 @@ of the server's resident set at idle and during the uploads (docs/performance.md
 :data:`ARENA_MAX` and fixes the ``mmap`` threshold at :data:`MMAP_THRESHOLD`, so a large block goes
 back to the kernel when it is freed. glibc's own variables win: when ``MALLOC_ARENA_MAX`` or
 ``MALLOC_MMAP_THRESHOLD_`` is set in the environment, that setting is left as glibc read it.
-Opt-in, ``FLP_MALLOC_TUNE=1``: in every interleaved pair measured so far (a loaded 2-core machine)
+:func:`trim` runs after every round's close (``trainings.jobs``) whatever the setting. Opt-in, ``FLP_MALLOC_TUNE=1``: in every interleaved pair measured so far (a loaded 2-core machine)
 the tuned server uploaded and closed rounds more slowly than with glibc's defaults, so the saving is
 not taken by default until a quiet machine settles it. Elsewhere than glibc (musl, macOS) nothing
 is done.
