@@ -171,6 +171,14 @@ class Settings(BaseSettings):
         "accumulator, 2x the model, each; further rounds fold when they close); 0 folds every round "
         "when it closes. Either way the result is bitwise the same whatever the arrival order",
     )
+    fold_on_arrival_min_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=0,
+        description="Updates smaller than this (bytes stored) are not folded as they arrive but when their "
+        "round closes, unless the round's folder is open already: for small models the fold's fixed "
+        "cost per update (a few ms of server CPU) outweighs its arithmetic, which is cheap at the close. "
+        "0 folds every update on arrival (within FLP_FOLD_MAX_OPEN_ROUNDS); the result is bitwise the same",
+    )
     aggregation_lease_seconds: int = Field(
         default=900,
         ge=1,

@@ -49,6 +49,7 @@ def server_env(db_url: str, **overrides: str) -> dict[str, str]:
         FLP_DB_POOL_SIZE="5",
         FLP_DB_MAX_OVERFLOW="10",
         FLP_FOLD_MAX_OPEN_ROUNDS="4",  # fold on arrival (the default, explicit): the multi-worker hand-offs
+        FLP_FOLD_ON_ARRIVAL_MIN_BYTES="0",  # ... of these small models too (by default they fold at the close)
         PYTHONFAULTHANDLER="1",  # a worker that dies of a signal leaves its threads' tracebacks in its log
     )
     env.update(overrides)

@@ -32,7 +32,8 @@ from tests.training.test_lifecycle_api import wait_training
 
 @pytest.fixture
 def settings(db_url: str) -> Settings:
-    """The training tests' settings with folding on arrival on (the default, explicit here)."""
+    """The training tests' settings with folding on arrival on (the default, explicit here), for
+    these tiny updates too (by default updates under 4 MiB are folded at the close)."""
     return Settings(
         database_url=db_url,
         notification_backoff_seconds=0.01,
@@ -40,6 +41,7 @@ def settings(db_url: str) -> Settings:
         notification_timeout_seconds=2.0,
         training_sweep_interval_seconds=0.05,
         fold_max_open_rounds=4,
+        fold_on_arrival_min_bytes=0,
     )
 
 
@@ -201,3 +203,62 @@ async def test_folded_on_arrival_in_any_order_the_model_is_bitwise_the_close_tim
     assert at_close.keys() == on_arrival.keys()
     for key in at_close:
         assert torch.equal(at_close[key], on_arrival[key]), key
+
+
+async def test_small_updates_fold_at_the_close_and_mixed_rounds_give_the_same_bits(
+    client, alice, make_user, settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    """Updates under FLP_FOLD_ON_ARRIVAL_MIN_BYTES open no folder (the close folds them); a round
+    where some updates were folded on arrival and the others at the close gives the bits of one
+    folded on arrival throughout, whatever the arrival order."""
+    g = torch.Generator().manual_seed(7)
+    huge = 1 << 40
+
+    async def run(prefix: str, arrival: list[int], thresholds: list[int], updates: Any) -> Any:
+        clients, model_id, training_id, state = await _start(client, alice, make_user, prefix)
+        if updates is None:  # mixed exponents and cancellation, as in the test above
+            updates = [
+                {
+                    k: (
+                        torch.randn(v.shape, generator=g)
+                        * torch.exp2(torch.randint(-30, 30, v.shape, generator=g))
+                    )
+                    if v.is_floating_point()
+                    else v
+                    for k, v in state.items()
+                }
+                for _ in range(3)
+            ]
+            updates[2] = {k: -v if v.is_floating_point() else v for k, v in updates[0].items()}
+        folders: list[folding.RoundFolder | None] = []
+        for i, threshold in zip(arrival, thresholds, strict=True):
+            settings.fold_on_arrival_min_bytes = threshold
+            r = await post_update(
+                client, clients[i].headers, model_id, as_safetensors(updates[i]), 0, sample_size=7 * (i + 1)
+            )
+            assert r.status_code == 201, r.text
+            if threshold == 0 and len(folders) == 0:  # the first update on arrival: folded before the next
+                folders.append(await _until(lambda: (f := _folder(model_id)) is not None and f.folded and f))
+            elif not folders:
+                assert _folder(model_id) is None  # a small update opens no folder
+        body = await wait_training(client, alice.headers, training_id, lambda b: b["state"] in ("C", "E"))
+        assert body["state"] == "C", body
+        got = state_of((await client.get(f"/api/models/{model_id}/", headers=alice.headers)).content)
+        return updates, got, folders[0] if folders else None
+
+    updates, at_close, none = await run("smc", [1, 2, 0], [huge, huge, huge], None)
+    assert none is None
+    _close(at_close, fedavg(updates, [7, 14, 21]))
+    _, on_arrival, folder = await run("sma", [2, 0, 1], [0, 0, 0], updates)
+    assert folder is not None and folder.on_arrival >= 2
+
+    async def not_following(self: folding.RoundFolder) -> None:  # as if the later updates reached another process
+        return None
+
+    monkeypatch.setattr(folding.RoundFolder, "follow", not_following)
+    _, mixed, folder = await run("smm", [0, 1, 2], [0, huge, huge], updates)
+    assert folder is not None and folder.on_arrival == 1  # the other two were folded at the close
+    for got in (on_arrival, mixed):
+        assert got.keys() == at_close.keys()
+        for key in at_close:
+            assert torch.equal(at_close[key], got[key]), key

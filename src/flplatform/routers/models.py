@@ -278,7 +278,8 @@ async def upload_update(
             metric_names=fields.metric_names,
             metric_values=fields.metric_values,
         )
-    advance_after_update(request.app, session, training.id)
+        size = part.size
+    advance_after_update(request.app, session, training.id, size)
     return UpdateAccepted(model_id=local.id, round=local.round)
 
 

@@ -220,10 +220,11 @@ def advance_after_commit(app: FastAPI, session: AsyncSession, training_id: uuid.
     after_commit(session, lambda: runtime.advance(training_id))
 
 
-def advance_after_update(app: FastAPI, session: AsyncSession, training_id: uuid.UUID) -> None:
+def advance_after_update(app: FastAPI, session: AsyncSession, training_id: uuid.UUID, size: int) -> None:
     """:func:`advance_after_commit` for a client's update: the round is re-checked under the
     row lock only when a cheap read says it may be complete (``TrainingRuntime.advance_if_due``),
-    alongside the fold of the update into its round's running aggregate (:mod:`~flplatform.trainings.folding`)."""
+    alongside the fold of the update (``size`` bytes) into its round's running aggregate
+    (:mod:`~flplatform.trainings.folding`)."""
     runtime = runtime_of(app)
 
     async def folded_then_advanced() -> None:
@@ -231,7 +232,7 @@ def advance_after_update(app: FastAPI, session: AsyncSession, training_id: uuid.
         # start overlap its fold; the job takes the round's folder and waits for that fold under
         # the folder's lock (a fold that starts after the claim finds no folder and does nothing).
         await asyncio.gather(
-            folding.on_update(runtime.sessionmaker, runtime.settings, training_id),
+            folding.on_update(runtime.sessionmaker, runtime.settings, training_id, size),
             runtime.advance_if_due(training_id),
         )
 
