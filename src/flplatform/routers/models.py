@@ -267,7 +267,7 @@ async def upload_update(
         fields = form_fields(form, UpdateFields, ("model_file",), lists=("metric_names", "metric_values"))
         part = form.file("model_file")
         assert part is not None and isinstance(part.inspector, GuardedInspector)
-        local, training = await contributions.add_update(
+        local, training, still_open = await contributions.add_update(
             session,
             user,
             model,
@@ -279,7 +279,7 @@ async def upload_update(
             metric_values=fields.metric_values,
         )
         size = part.size
-    advance_after_update(request.app, session, training.id, size)
+    advance_after_update(request.app, session, training.id, size, still_open)
     return UpdateAccepted(model_id=local.id, round=local.round)
 
 

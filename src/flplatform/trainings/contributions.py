@@ -38,7 +38,7 @@ from flplatform.orm.base import utcnow
 from flplatform.orm.training import training_participants
 from flplatform.trainings import aggregate, buffer, events, participants
 from flplatform.trainings.repository import global_model, training_for_model
-from flplatform.trainings.rounds import PHASE_TEST, PHASE_UPDATE
+from flplatform.trainings.rounds import PHASE_TEST, PHASE_UPDATE, update_round_open
 from flplatform.trainings.service import is_actor
 
 MAX_METRIC_KEY = 128
@@ -111,11 +111,22 @@ async def add_update(
     sample_size: int,
     metric_names: list[str],
     metric_values: list[str],
-) -> tuple[LocalModel, Training]:
+) -> tuple[LocalModel, Training, bool]:
     """Store one client's update for the current round (a re-upload replaces the earlier one);
-    returns it with the training to re-check. ``upload`` is the streamed body's file part, whose
-    first bytes ``inspector`` has seen (:mod:`flplatform.models.update_header`); it is published
-    as a blob only once every check passed."""
+    returns it with the training to re-check and whether the round certainly still waits for
+    other updates once this transaction commits (then the upload need not re-check it under the
+    row lock). ``upload`` is the streamed body's file part, whose first bytes ``inspector`` has
+    seen (:mod:`flplatform.models.update_header`); it is published as a blob only once every
+    check passed.
+
+    The "still waiting?" read (:func:`~flplatform.trainings.rounds.update_round_open`) is made in
+    this transaction after the update's event was recorded: recording it bumps the training's
+    event counter row, which stays locked until the commit, so of two uploads of a training the
+    second reads only after the first committed (PostgreSQL's read committed takes a new
+    snapshot per statement; SQLite has one writer, and this transaction writes already). The
+    upload that commits last therefore sees every other one: the round's last update is never
+    missed. (It was read after the commit, on a connection of its own: a checkout, and on
+    SQLite the autocommit switch and reset, per upload.)"""
     elapsed = stopwatch()
     training, glob = await _participating_training(session, user, model)
     _check_accepting_updates(training)
@@ -198,8 +209,9 @@ async def add_update(
             **(events.metrics_payload(metrics) if metrics else {}),
         },
     )
+    still_open = not asynchronous and await update_round_open(session, training.id, utcnow())
     observe_upload("update", upload.size, elapsed())
-    return local, training
+    return local, training, still_open
 
 
 def _parse_metrics(

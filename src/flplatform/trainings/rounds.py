@@ -9,11 +9,12 @@ was met just before the process died is finished by whichever process looks next
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, exists, func, select
+from sqlalchemy import bindparam, case, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from flplatform.orm import (
@@ -165,20 +166,10 @@ async def round_condition(
     return RoundCondition(None, members, expired)
 
 
-async def update_round_open(
-    session: AsyncSession | AsyncConnection, training_id: uuid.UUID, now: dt.datetime
-) -> bool:
-    """True only when the training is certainly still waiting for updates: ongoing, in its update
-    phase, not claimed, its deadline (if any) not passed, and some current participant has not
-    uploaded for the global model's round (participants: those selected for the round and not
-    dropped, see :func:`member_ids`). One read, no row lock, no ORM objects.
-
-    The upload path asks this after its commit before taking the training's row lock
-    (``TrainingRuntime.advance_if_due``): an upload that cannot complete the round does not need
-    the lock. It is sound because every upload asks after its own commit: of concurrent uploads,
-    the one that commits last sees all the others' rows, so the round's last update is never
-    missed. Anything else (another phase or state, a claim, an expired deadline, the round
-    complete) answers False, and the caller takes the full path under the lock."""
+@functools.cache
+def _round_open_statement() -> Any:
+    """:func:`update_round_open`'s statement, built once per process (its construction cost more
+    CPU than its execution), the training's id a bound parameter."""
     trainings = Training.__table__
     glob = Model.__table__.alias("glob")
     local, local_row = Model.__table__.alias("local"), LocalModel.__table__
@@ -218,20 +209,39 @@ async def update_round_open(
         else_=counted(selected_where, RoundSelection.__table__),
     )
     arrived_count = case((unselected, arrived_among(everyone)), else_=arrived_among(selected))
-    row = (
-        await session.execute(
-            select(
-                trainings.c.state,
-                trainings.c.phase,
-                trainings.c.locked,
-                trainings.c.options,
-                trainings.c.phase_started_at,
-                member_count,
-                arrived_count,
-            )
-            .select_from(trainings.join(glob, glob.c.id == trainings.c.model_id))
-            .where(trainings.c.id == training_id)
+    return (
+        select(
+            trainings.c.state,
+            trainings.c.phase,
+            trainings.c.locked,
+            trainings.c.options,
+            trainings.c.phase_started_at,
+            member_count,
+            arrived_count,
         )
+        .select_from(trainings.join(glob, glob.c.id == trainings.c.model_id))
+        .where(trainings.c.id == bindparam("training_id"))
+    )
+
+
+async def update_round_open(
+    session: AsyncSession | AsyncConnection, training_id: uuid.UUID, now: dt.datetime
+) -> bool:
+    """True only when the training is certainly still waiting for updates: ongoing, in its update
+    phase, not claimed, its deadline (if any) not passed, and some current participant has not
+    uploaded for the global model's round (participants: those selected for the round and not
+    dropped, see :func:`member_ids`). One read, no row lock, no ORM objects.
+
+    The upload path asks this in its own transaction, after recording the update's event, and
+    takes the training's row lock after its commit only when this answers False
+    (:func:`~flplatform.trainings.contributions.add_update`, ``TrainingRuntime.advance_if_due``):
+    an upload that cannot complete the round does not need the lock. It is sound because the
+    event's counter row serializes the uploads of a training (see ``add_update``): of concurrent
+    uploads, the one that commits last sees all the others' rows, so the round's last update is
+    never missed. Anything else (another phase or state, a claim, an expired deadline, the round
+    complete) answers False, and the caller takes the full path under the lock."""
+    row = (
+        await session.execute(_round_open_statement(), {"training_id": training_id})
     ).one_or_none()
     if row is None:
         return False

@@ -139,11 +139,17 @@ class TrainingRuntime:
             finally:
                 self.kick()
 
-    async def advance_if_due(self, training_id: uuid.UUID) -> None:
+    async def advance_if_due(self, training_id: uuid.UUID, still_open: bool | None = None) -> None:
         """:meth:`advance` after an update upload, skipped when one lock-free read shows the round
         still waits for other participants (:func:`~flplatform.trainings.rounds.update_round_open`):
         most uploads of a round then cost no row lock, no participant list and no dispatcher
-        wake-up (such an upload writes no notification)."""
+        wake-up (such an upload writes no notification). ``still_open``: that read's answer where
+        the upload made it in its own transaction (:func:`~flplatform.trainings.contributions.add_update`);
+        None reads it now, after the commit."""
+        if still_open is not None:
+            if not still_open:
+                await self.advance(training_id)
+            return
         # One statement, read in autocommit: no ORM session, no BEGIN/ROLLBACK round trips.
         engine = self.sessionmaker.kw["bind"]
         async with engine.connect() as connection:

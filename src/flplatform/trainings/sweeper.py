@@ -220,9 +220,12 @@ def advance_after_commit(app: FastAPI, session: AsyncSession, training_id: uuid.
     after_commit(session, lambda: runtime.advance(training_id))
 
 
-def advance_after_update(app: FastAPI, session: AsyncSession, training_id: uuid.UUID, size: int) -> None:
+def advance_after_update(
+    app: FastAPI, session: AsyncSession, training_id: uuid.UUID, size: int, still_open: bool | None = None
+) -> None:
     """:func:`advance_after_commit` for a client's update: the round is re-checked under the
-    row lock only when a cheap read says it may be complete (``TrainingRuntime.advance_if_due``),
+    row lock only when a cheap read says it may be complete (``TrainingRuntime.advance_if_due``;
+    ``still_open``: that read's answer, made in the upload's transaction),
     alongside the fold of the update (``size`` bytes) into its round's running aggregate
     (:mod:`~flplatform.trainings.folding`)."""
     runtime = runtime_of(app)
@@ -233,7 +236,7 @@ def advance_after_update(app: FastAPI, session: AsyncSession, training_id: uuid.
         # the folder's lock (a fold that starts after the claim finds no folder and does nothing).
         await asyncio.gather(
             folding.on_update(runtime.sessionmaker, runtime.settings, training_id, size),
-            runtime.advance_if_due(training_id),
+            runtime.advance_if_due(training_id, still_open),
         )
 
     after_commit(session, folded_then_advanced)
