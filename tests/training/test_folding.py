@@ -252,8 +252,8 @@ async def test_small_updates_fold_at_the_close_and_mixed_rounds_give_the_same_bi
     _, on_arrival, folder = await run("sma", [2, 0, 1], [0, 0, 0], updates)
     assert folder is not None and folder.on_arrival >= 2
 
-    async def not_following(self: folding.RoundFolder) -> None:  # as if the later updates reached another process
-        return None
+    async def not_following(self: folding.RoundFolder) -> None:
+        return None  # as if the later updates reached another process
 
     monkeypatch.setattr(folding.RoundFolder, "follow", not_following)
     _, mixed, folder = await run("smm", [0, 1, 2], [0, huge, huge], updates)

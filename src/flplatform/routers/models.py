@@ -267,7 +267,7 @@ async def upload_update(
         fields = form_fields(form, UpdateFields, ("model_file",), lists=("metric_names", "metric_values"))
         part = form.file("model_file")
         assert part is not None and isinstance(part.inspector, GuardedInspector)
-        local, training, still_open = await contributions.add_update(
+        local_id, training, still_open = await contributions.add_update(
             session,
             user,
             model,
@@ -280,7 +280,7 @@ async def upload_update(
         )
         size = part.size
     advance_after_update(request.app, session, training.id, size, still_open)
-    return UpdateAccepted(model_id=local.id, round=local.round)
+    return UpdateAccepted(model_id=local_id, round=fields.round)
 
 
 @router.delete(

@@ -79,12 +79,13 @@ async def check_base(session: AsyncSession, training: Training, glob: GlobalMode
         )
 
 
-def check_replace(existing: LocalModel, training: Training) -> None:
-    """A re-upload from the same version replaces the waiting update, unless it was folded
-    already or the buffer is being folded right now (it may be in it)."""
-    if existing.folded_into is not None:
+def check_replace(folded_into: int | None, base_round: int, training: Training) -> None:
+    """A re-upload from the same version (``base_round``) replaces the waiting update (folded into
+    the version ``folded_into``, if it was), unless it was folded already or the buffer is being
+    folded right now (it may be in it)."""
+    if folded_into is not None:
         raise Conflict(
-            f"Your update from version {existing.round} was folded into version {existing.folded_into}; "
+            f"Your update from version {base_round} was folded into version {folded_into}; "
             "train on the newest version.",
             code="already_folded",
         )

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+from typing import cast
 
 import torch
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import Table, delete, exists, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.blobs import store_for
@@ -29,6 +30,7 @@ from flplatform.orm import (
     LocalModel,
     Metric,
     Model,
+    ModelKind,
     SwagStatistic,
     Training,
     TrainingState,
@@ -111,9 +113,9 @@ async def add_update(
     sample_size: int,
     metric_names: list[str],
     metric_values: list[str],
-) -> tuple[LocalModel, Training, bool]:
+) -> tuple[uuid.UUID, Training, bool]:
     """Store one client's update for the current round (a re-upload replaces the earlier one);
-    returns it with the training to re-check and whether the round certainly still waits for
+    returns its local model's id with the training to re-check and whether the round certainly still waits for
     other updates once this transaction commits (then the upload need not re-check it under the
     row lock). ``upload`` is the streamed body's file part, whose first bytes ``inspector`` has
     seen (:mod:`flplatform.models.update_header`); it is published as a blob only once every
@@ -153,48 +155,59 @@ async def add_update(
         stored = await uploads.store_update(store_for(session), upload, inspector, spec)
     except ModelFileError as exc:
         raise file_error(exc) from None
+    # Core statements, no ORM objects: the upload needs the row's id, not the row.
+    models, locals_ = cast(Table, Model.__table__), cast(Table, LocalModel.__table__)
     existing = (
         await session.execute(
-            select(LocalModel).where(
-                LocalModel.base_model_id == glob.id,
-                LocalModel.round == round_,
-                LocalModel.owner_id == user.id,
+            select(locals_.c.id, locals_.c.folded_into)
+            .select_from(locals_.join(models, models.c.id == locals_.c.id))
+            .where(
+                locals_.c.base_model_id == glob.id,
+                models.c.round == round_,
+                models.c.owner_id == user.id,
             )
         )
-    ).scalar_one_or_none()
-    if existing is not None and asynchronous:
-        buffer.check_replace(existing, training)
+    ).one_or_none()
+    now = utcnow()
     if existing is not None:
+        local_id = existing.id
+        if asynchronous:
+            buffer.check_replace(existing.folded_into, round_, training)
         await session.execute(
-            update(Model)
-            .where(Model.id == existing.id)
+            update(models)
+            .where(models.c.id == local_id)
             .values(
                 weights_digest=stored.digest,
                 weights_size=stored.size,
                 weights_format="safetensors",
-                updated_at=utcnow(),
+                updated_at=now,
             )
         )
-        existing.sample_size = sample_size
-        await session.execute(
-            delete(Metric).where(Metric.model_id == existing.id).execution_options(synchronize_session=False)
-        )
-        local = existing
+        await session.execute(update(locals_).where(locals_.c.id == local_id).values(sample_size=sample_size))
+        metrics_table = cast(Table, Metric.__table__)
+        await session.execute(delete(metrics_table).where(metrics_table.c.model_id == local_id))
     else:
-        local = LocalModel(
-            owner_id=user.id,
-            round=round_,
-            base_model_id=glob.id,
-            organization_id=glob.organization_id,  # the tenant rule's answer, without its look-up
-            sample_size=sample_size,
-            weights_digest=stored.digest,
-            weights_format="safetensors",
-            weights_size=stored.size,
+        local_id = uuid.uuid4()
+        await session.execute(
+            insert(models).values(
+                id=local_id,
+                kind=ModelKind.LOCAL.value,
+                owner_id=user.id,
+                organization_id=glob.organization_id,  # the tenant rule's answer, without its look-up
+                round=round_,
+                weights_digest=stored.digest,
+                weights_format="safetensors",
+                weights_size=stored.size,
+                created_at=now,
+                updated_at=now,
+            )
         )
-        session.add(local)
-    await session.flush()
-    _add_metrics(session, local.id, user.id, round_, metrics)
-    await session.flush()
+        await session.execute(
+            insert(locals_).values(id=local_id, base_model_id=glob.id, sample_size=sample_size)
+        )
+    if metrics:
+        _add_metrics(session, local_id, user.id, round_, metrics)
+        await session.flush()
     await events.record(
         session,
         training.id,
@@ -211,7 +224,7 @@ async def add_update(
     )
     still_open = not asynchronous and await update_round_open(session, training.id, utcnow())
     observe_upload("update", upload.size, elapsed())
-    return local, training, still_open
+    return local_id, training, still_open
 
 
 def _parse_metrics(

@@ -240,9 +240,7 @@ async def update_round_open(
     uploads, the one that commits last sees all the others' rows, so the round's last update is
     never missed. Anything else (another phase or state, a claim, an expired deadline, the round
     complete) answers False, and the caller takes the full path under the lock."""
-    row = (
-        await session.execute(_round_open_statement(), {"training_id": training_id})
-    ).one_or_none()
+    row = (await session.execute(_round_open_statement(), {"training_id": training_id})).one_or_none()
     if row is None:
         return False
     state, phase, locked, options, started, members_n, arrived_n = row
