@@ -36,12 +36,13 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import delete, event, func, insert, select
+from sqlalchemy import delete, event, func, insert, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from flplatform.orm import TrainingEvent, TrainingEventHead
+from flplatform.orm.base import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,9 @@ MAX_METRICS = 100  # metrics carried by one event (the rest: GET /api/models/{id
 _PENDING = "flp_training_events_pending"
 
 
-async def _next_seq(session: AsyncSession, training_id: uuid.UUID) -> int:
-    """The training's next event number; the counter row stays locked until the commit."""
-    dialect = session.get_bind().dialect.name
-    upsert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = (
+def _upsert_head(upsert: Any, training_id: uuid.UUID) -> Any:
+    """The counter row's bump (an insert of 1, or + 1), returning the new number."""
+    return (
         upsert(TrainingEventHead)
         .values(training_id=training_id, last_seq=1)
         .on_conflict_do_update(
@@ -94,7 +93,13 @@ async def _next_seq(session: AsyncSession, training_id: uuid.UUID) -> int:
         )
         .returning(TrainingEventHead.last_seq)
     )
-    return int((await session.execute(stmt)).scalar_one())
+
+
+async def _next_seq(session: AsyncSession, training_id: uuid.UUID) -> int:
+    """The training's next event number; the counter row stays locked until the commit."""
+    dialect = session.get_bind().dialect.name
+    upsert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return int((await session.execute(_upsert_head(upsert, training_id))).scalar_one())
 
 
 async def record(
@@ -102,14 +107,32 @@ async def record(
 ) -> int:
     """Record an event of the training in the session's transaction; returns its number.
     Subscribers see it once (and only if) the transaction commits."""
-    seq = await _next_seq(session, training_id)
     payload = json.loads(json.dumps(dict(data or {}), default=str))  # UUIDs, datetimes → strings
-    stmt = insert(TrainingEvent).values(training_id=training_id, seq=seq, kind=kind, data=payload)
     if session.get_bind().dialect.name == "postgresql":
-        # The NOTIFY rides on the insert (one statement, one round trip less per event).
+        # One statement: the counter's upsert (a data-modifying CTE: its row lock is taken as
+        # before), the insert numbered by it, and the NOTIFY riding on the insert.
+        head = _upsert_head(postgresql.insert, training_id).cte("head")
         note = json.dumps({"o": ORIGIN, "t": str(training_id)}, separators=(",", ":"))
-        stmt = stmt.returning(func.pg_notify(CHANNEL, note))
-    await session.execute(stmt)
+        stmt = (
+            insert(TrainingEvent)
+            .from_select(
+                ["training_id", "seq", "kind", "data", "created_at"],
+                select(
+                    literal(training_id, TrainingEvent.training_id.type),
+                    head.c.last_seq,
+                    literal(kind, TrainingEvent.kind.type),
+                    literal(payload, TrainingEvent.data.type),
+                    literal(utcnow(), TrainingEvent.created_at.type),
+                ),
+            )
+            .returning(TrainingEvent.seq, func.pg_notify(CHANNEL, note))
+        )
+        seq = int((await session.execute(stmt)).one()[0])
+    else:
+        seq = await _next_seq(session, training_id)
+        await session.execute(
+            insert(TrainingEvent).values(training_id=training_id, seq=seq, kind=kind, data=payload)
+        )
     session.info.setdefault(_PENDING, set()).add(training_id)
     return seq
 
