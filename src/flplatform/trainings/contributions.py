@@ -13,7 +13,7 @@ import uuid
 from typing import cast
 
 import torch
-from sqlalchemy import Table, delete, exists, insert, select, update
+from sqlalchemy import Table, delete, exists, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.blobs import store_for
@@ -188,23 +188,35 @@ async def add_update(
         await session.execute(delete(metrics_table).where(metrics_table.c.model_id == local_id))
     else:
         local_id = uuid.uuid4()
-        await session.execute(
-            insert(models).values(
-                id=local_id,
-                kind=ModelKind.LOCAL.value,
-                owner_id=user.id,
-                organization_id=glob.organization_id,  # the tenant rule's answer, without its look-up
-                round=round_,
-                weights_digest=stored.digest,
-                weights_format="safetensors",
-                weights_size=stored.size,
-                created_at=now,
-                updated_at=now,
+        model_row = insert(models).values(
+            id=local_id,
+            kind=ModelKind.LOCAL.value,
+            owner_id=user.id,
+            organization_id=glob.organization_id,  # the tenant rule's answer, without its look-up
+            round=round_,
+            weights_digest=stored.digest,
+            weights_format="safetensors",
+            weights_size=stored.size,
+            created_at=now,
+            updated_at=now,
+        )
+        if session.get_bind().dialect.name == "postgresql":  # both rows in one statement
+            parent = model_row.returning(models.c.id).cte("parent")
+            await session.execute(
+                insert(locals_).from_select(
+                    ["id", "base_model_id", "sample_size"],
+                    select(
+                        parent.c.id,
+                        literal(glob.id, locals_.c.base_model_id.type),
+                        literal(sample_size, locals_.c.sample_size.type),
+                    ),
+                )
             )
-        )
-        await session.execute(
-            insert(locals_).values(id=local_id, base_model_id=glob.id, sample_size=sample_size)
-        )
+        else:
+            await session.execute(model_row)
+            await session.execute(
+                insert(locals_).values(id=local_id, base_model_id=glob.id, sample_size=sample_size)
+            )
     if metrics:
         _add_metrics(session, local_id, user.id, round_, metrics)
         await session.flush()
