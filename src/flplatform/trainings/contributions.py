@@ -8,12 +8,14 @@ the round is complete. Metrics on a model that backs no training are its owner's
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import uuid
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
-from sqlalchemy import Table, delete, exists, insert, literal, select, update
+from sqlalchemy import Table, bindparam, delete, exists, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.blobs import store_for
@@ -156,16 +158,10 @@ async def add_update(
     except ModelFileError as exc:
         raise file_error(exc) from None
     # Core statements, no ORM objects: the upload needs the row's id, not the row.
-    models, locals_ = cast(Table, Model.__table__), cast(Table, LocalModel.__table__)
+    statements = _row_statements(session.get_bind().dialect.name)
     existing = (
         await session.execute(
-            select(locals_.c.id, locals_.c.folded_into)
-            .select_from(locals_.join(models, models.c.id == locals_.c.id))
-            .where(
-                locals_.c.base_model_id == glob.id,
-                models.c.round == round_,
-                models.c.owner_id == user.id,
-            )
+            statements.existing, {"base_model_id": glob.id, "round": round_, "owner_id": user.id}
         )
     ).one_or_none()
     now = utcnow()
@@ -173,6 +169,7 @@ async def add_update(
         local_id = existing.id
         if asynchronous:
             buffer.check_replace(existing.folded_into, round_, training)
+        models, locals_, metrics_table = _tables()
         await session.execute(
             update(models)
             .where(models.c.id == local_id)
@@ -184,39 +181,22 @@ async def add_update(
             )
         )
         await session.execute(update(locals_).where(locals_.c.id == local_id).values(sample_size=sample_size))
-        metrics_table = cast(Table, Metric.__table__)
         await session.execute(delete(metrics_table).where(metrics_table.c.model_id == local_id))
     else:
         local_id = uuid.uuid4()
-        model_row = insert(models).values(
-            id=local_id,
-            kind=ModelKind.LOCAL.value,
-            owner_id=user.id,
-            organization_id=glob.organization_id,  # the tenant rule's answer, without its look-up
-            round=round_,
-            weights_digest=stored.digest,
-            weights_format="safetensors",
-            weights_size=stored.size,
-            created_at=now,
-            updated_at=now,
-        )
-        if session.get_bind().dialect.name == "postgresql":  # both rows in one statement
-            parent = model_row.returning(models.c.id).cte("parent")
-            await session.execute(
-                insert(locals_).from_select(
-                    ["id", "base_model_id", "sample_size"],
-                    select(
-                        parent.c.id,
-                        literal(glob.id, locals_.c.base_model_id.type),
-                        literal(sample_size, locals_.c.sample_size.type),
-                    ),
-                )
-            )
-        else:
-            await session.execute(model_row)
-            await session.execute(
-                insert(locals_).values(id=local_id, base_model_id=glob.id, sample_size=sample_size)
-            )
+        row = {
+            "id": local_id,
+            "owner_id": user.id,
+            "organization_id": glob.organization_id,  # the tenant rule's answer, without its look-up
+            "round": round_,
+            "weights_digest": stored.digest,
+            "weights_size": stored.size,
+            "now": now,
+            "base_model_id": glob.id,
+            "sample_size": sample_size,
+        }
+        for statement in statements.insert:
+            await session.execute(statement, row)
     if metrics:
         _add_metrics(session, local_id, user.id, round_, metrics)
         await session.flush()
@@ -237,6 +217,57 @@ async def add_update(
     still_open = not asynchronous and await update_round_open(session, training.id, utcnow())
     observe_upload("update", upload.size, elapsed())
     return local_id, training, still_open
+
+
+def _tables() -> tuple[Table, Table, Table]:
+    return cast(Table, Model.__table__), cast(Table, LocalModel.__table__), cast(Table, Metric.__table__)
+
+
+@dataclass(frozen=True)
+class _RowStatements:
+    existing: Any  # the caller's update of the round, if any: (id, folded_into)
+    insert: tuple[Any, ...]  # a new update's rows
+
+
+@functools.cache
+def _row_statements(dialect: str) -> _RowStatements:
+    """The upload's row statements for ``dialect``, built once per process (building them cost more
+    CPU than running them), their values bound parameters. On PostgreSQL a new update's two rows
+    are one statement (the parent row's insert a data-modifying CTE)."""
+    models, locals_, _ = _tables()
+    existing = (
+        select(locals_.c.id, locals_.c.folded_into)
+        .select_from(locals_.join(models, models.c.id == locals_.c.id))
+        .where(
+            locals_.c.base_model_id == bindparam("base_model_id", type_=locals_.c.base_model_id.type),
+            models.c.round == bindparam("round", type_=models.c.round.type),
+            models.c.owner_id == bindparam("owner_id", type_=models.c.owner_id.type),
+        )
+    )
+    now = bindparam("now", type_=models.c.created_at.type)
+    local_id = bindparam("id", type_=models.c.id.type)
+    parent = insert(models).values(
+        id=local_id,
+        kind=ModelKind.LOCAL.value,
+        owner_id=bindparam("owner_id", type_=models.c.owner_id.type),
+        organization_id=bindparam("organization_id", type_=models.c.organization_id.type),
+        round=bindparam("round", type_=models.c.round.type),
+        weights_digest=bindparam("weights_digest", type_=models.c.weights_digest.type),
+        weights_format="safetensors",
+        weights_size=bindparam("weights_size", type_=models.c.weights_size.type),
+        created_at=now,
+        updated_at=now,
+    )
+    base_model_id = bindparam("base_model_id", type_=locals_.c.base_model_id.type)
+    sample_size = bindparam("sample_size", type_=locals_.c.sample_size.type)
+    if dialect != "postgresql":
+        child = insert(locals_).values(id=local_id, base_model_id=base_model_id, sample_size=sample_size)
+        return _RowStatements(existing, (parent, child))
+    inserted = parent.returning(models.c.id).cte("parent")
+    both = insert(locals_).from_select(
+        ["id", "base_model_id", "sample_size"], select(inserted.c.id, base_model_id, sample_size)
+    )
+    return _RowStatements(existing, (both,))
 
 
 def _parse_metrics(

@@ -29,14 +29,15 @@ training stays where it was: the model history, metrics and the audit log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, event, func, insert, literal, select
+from sqlalchemy import String, Table, bindparam, delete, event, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -82,24 +83,54 @@ MAX_METRICS = 100  # metrics carried by one event (the rest: GET /api/models/{id
 _PENDING = "flp_training_events_pending"
 
 
-def _upsert_head(upsert: Any, training_id: uuid.UUID) -> Any:
-    """The counter row's bump (an insert of 1, or + 1), returning the new number."""
-    return (
-        upsert(TrainingEventHead)
+@functools.cache
+def _statements(dialect: str) -> tuple[Any, Any]:
+    """(the counter row's bump, the event's insert) for ``dialect``, built once per process (building
+    them cost more CPU than running them); the values are bound parameters. On PostgreSQL the insert
+    holds the bump (a data-modifying CTE: its row lock is taken as before) and the NOTIFY rides on
+    it: one statement, one round trip per event."""
+    # Tables, not the mapped classes: with parameters, an ORM insert would be an ORM bulk insert.
+    heads, events = cast(Table, TrainingEventHead.__table__), cast(Table, TrainingEvent.__table__)
+    training_id = bindparam("training_id", type_=heads.c.training_id.type)
+    upsert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    bump = (
+        upsert(heads)
         .values(training_id=training_id, last_seq=1)
         .on_conflict_do_update(
-            index_elements=[TrainingEventHead.training_id],
-            set_={"last_seq": TrainingEventHead.last_seq + 1},
+            index_elements=[heads.c.training_id],
+            set_={"last_seq": heads.c.last_seq + 1},
         )
-        .returning(TrainingEventHead.last_seq)
+        .returning(heads.c.last_seq)
     )
+    kind = bindparam("kind", type_=events.c.kind.type)
+    data = bindparam("data", type_=events.c.data.type)
+    created_at = bindparam("created_at", type_=events.c.created_at.type)
+    if dialect != "postgresql":
+        seq = bindparam("seq", type_=events.c.seq.type)
+        values = {
+            "training_id": training_id,
+            "seq": seq,
+            "kind": kind,
+            "data": data,
+            "created_at": created_at,
+        }
+        return bump, insert(events).values(values)
+    head = bump.cte("head")
+    numbered = (
+        insert(events)
+        .from_select(
+            ["training_id", "seq", "kind", "data", "created_at"],
+            select(training_id, head.c.last_seq, kind, data, created_at),
+        )
+        .returning(events.c.seq, func.pg_notify(CHANNEL, bindparam("note", type_=String)))
+    )
+    return bump, numbered
 
 
 async def _next_seq(session: AsyncSession, training_id: uuid.UUID) -> int:
     """The training's next event number; the counter row stays locked until the commit."""
-    dialect = session.get_bind().dialect.name
-    upsert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return int((await session.execute(_upsert_head(upsert, training_id))).scalar_one())
+    bump, _ = _statements(session.get_bind().dialect.name)
+    return int((await session.execute(bump, {"training_id": training_id})).scalar_one())
 
 
 async def record(
@@ -108,31 +139,20 @@ async def record(
     """Record an event of the training in the session's transaction; returns its number.
     Subscribers see it once (and only if) the transaction commits."""
     payload = json.loads(json.dumps(dict(data or {}), default=str))  # UUIDs, datetimes → strings
-    if session.get_bind().dialect.name == "postgresql":
-        # One statement: the counter's upsert (a data-modifying CTE: its row lock is taken as
-        # before), the insert numbered by it, and the NOTIFY riding on the insert.
-        head = _upsert_head(postgresql.insert, training_id).cte("head")
-        note = json.dumps({"o": ORIGIN, "t": str(training_id)}, separators=(",", ":"))
-        stmt = (
-            insert(TrainingEvent)
-            .from_select(
-                ["training_id", "seq", "kind", "data", "created_at"],
-                select(
-                    literal(training_id, TrainingEvent.training_id.type),
-                    head.c.last_seq,
-                    literal(kind, TrainingEvent.kind.type),
-                    literal(payload, TrainingEvent.data.type),
-                    literal(utcnow(), TrainingEvent.created_at.type),
-                ),
-            )
-            .returning(TrainingEvent.seq, func.pg_notify(CHANNEL, note))
-        )
-        seq = int((await session.execute(stmt)).one()[0])
+    params: dict[str, Any] = {
+        "training_id": training_id,
+        "kind": kind,
+        "data": payload,
+        "created_at": utcnow(),
+    }
+    dialect = session.get_bind().dialect.name
+    _, numbered = _statements(dialect)
+    if dialect == "postgresql":
+        params["note"] = json.dumps({"o": ORIGIN, "t": str(training_id)}, separators=(",", ":"))
+        seq = int((await session.execute(numbered, params)).one()[0])
     else:
-        seq = await _next_seq(session, training_id)
-        await session.execute(
-            insert(TrainingEvent).values(training_id=training_id, seq=seq, kind=kind, data=payload)
-        )
+        seq = params["seq"] = await _next_seq(session, training_id)
+        await session.execute(numbered, params)
     session.info.setdefault(_PENDING, set()).add(training_id)
     return seq
 
