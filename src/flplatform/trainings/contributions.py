@@ -54,27 +54,37 @@ async def _participating_training(
     """The training the model's global model backs, under ``FOR SHARE`` (as before an upload), if
     ``user`` takes part in it; one query for the training and the caller's participation (the
     participant list itself is not loaded: an upload needs only its own row), one for the
-    global model's current round."""
+    global model's current round.
+
+    On SQLite both are one statement: a statement reads one consistent snapshot, and there is no
+    row lock to wait for. Not on PostgreSQL: after waiting for the training's lock, read committed
+    re-checks only the locked row, so a model row read in the same statement could be the one from
+    before a round advance; the global model is read by the next statement, after the lock."""
     global_id = global_id_of(model)
     takes_part = (
         exists()
         .where(training_participants.c.training_id == Training.id, training_participants.c.user_id == user.id)
         .correlate(Training)
     )
+    together = session.get_bind().dialect.name == "sqlite"
+    stmt = (
+        select(Training, takes_part, GlobalModel).join(GlobalModel, GlobalModel.id == Training.model_id)
+        if together
+        else select(Training, takes_part)
+    )
     row = (
         await session.execute(
-            select(Training, takes_part)
-            .where(Training.model_id == global_id)
+            stmt.where(Training.model_id == global_id)
             .with_for_update(read=True, of=Training)
             .execution_options(populate_existing=True)
         )
     ).one_or_none()
     if row is None:
         raise NotFound(f"Model with ID {global_id} does not have a training process running.")
-    training, participant = row
+    training, participant = row[0], row[1]
     if not participant:
         raise Forbidden(f"You are not a participant of training {training.id}!")
-    return training, await global_model(session, global_id)
+    return training, row[2] if together else await global_model(session, global_id)
 
 
 def _check_accepting_updates(training: Training) -> None:
