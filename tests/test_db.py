@@ -1,12 +1,15 @@
-"""Database plumbing that is not the ORM: the aiosqlite shutdown guard."""
+"""Database plumbing that is not the ORM: the aiosqlite shutdown guard and one-call cursors."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from sqlalchemy import exc, text
 
 from flplatform import db
 
@@ -31,3 +34,50 @@ async def test_a_stuck_graceful_aiosqlite_close_gives_up(monkeypatch: pytest.Mon
             SimpleNamespace(_connection=NeverCloses())
         )
     assert time.monotonic() - started < 2
+
+
+async def test_sqlite_statements_take_one_call_and_keep_cursor_semantics(tmp_path: Path) -> None:
+    # Each statement is one call on aiosqlite's thread; rows, rowcount, lastrowid, RETURNING,
+    # executemany, errors and rollback must read exactly as through SQLAlchemy's own cursor.
+    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'one.db'}")
+    calls = 0
+    try:
+        async with engine.connect() as connection:
+            raw = (await connection.get_raw_connection()).driver_connection
+            assert raw is not None
+            queue_call = raw._execute
+
+            async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                return await queue_call(fn, *args, **kwargs)
+
+            raw._execute = counted
+            await connection.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"))
+            inserted = await connection.execute(text("INSERT INTO t (v) VALUES ('a')"))
+            assert inserted.lastrowid == 1 and inserted.rowcount == 1
+            many = await connection.execute(
+                text("INSERT INTO t (v) VALUES (:v)"), [{"v": "b"}, {"v": "c"}, {"v": "d"}]
+            )
+            assert many.rowcount == 3
+            returned = await connection.execute(text("INSERT INTO t (v) VALUES ('e') RETURNING id, v"))
+            assert returned.all() == [(5, "e")]
+            before = calls
+            rows = await connection.execute(text("SELECT id, v FROM t ORDER BY id"))
+            assert calls == before + 1
+            assert list(rows.keys()) == ["id", "v"]
+            assert rows.fetchone() == (1, "a")
+            assert rows.fetchmany(2) == [(2, "b"), (3, "c")]
+            assert rows.fetchall() == [(4, "d"), (5, "e")]
+            updated = await connection.execute(text("UPDATE t SET v = v || '!' WHERE id > 3"))
+            assert updated.rowcount == 2
+            with pytest.raises(exc.IntegrityError):
+                await connection.execute(text("INSERT INTO t (v) VALUES ('a')"))
+            await connection.commit()
+            async with connection.begin():
+                await connection.execute(text("DELETE FROM t"))
+                await connection.rollback()
+            count = await connection.execute(text("SELECT count(*) FROM t"))
+            assert count.scalar_one() == 5
+    finally:
+        await engine.dispose()
