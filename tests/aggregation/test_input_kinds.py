@@ -153,7 +153,40 @@ def test_fold_segments_matches_a_plain_loop(init, divisor):
     # a chunk of 256 cuts the large targets into many units, spread over several pieces and threads
     fold_segments(targets, sources, coefs, chunk=256, init=init, divisor=divisor)
     for got, want in zip(targets, expected, strict=True):
-        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.equal(got, want)  # the plain loop's values, bit for bit
+
+
+@pytest.mark.parametrize("chunk", [None, 256, 1000, 4096])
+def test_fold_segments_with_other_source_dtypes_matches_a_plain_loop(chunk):
+    # float16 and float32 updates into float32 and float64 accumulators, as scaled_into then add_
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(5000,), (40, 25), (), (3000,)]
+    for acc_dtype, src_dtype in [(torch.float32, torch.float16), (torch.float64, torch.float32)]:
+        sources = [[torch.randn(s, generator=generator).to(src_dtype) for s in shapes] for _ in range(4)]
+        coefs = [1.0, 1.0714285714285714, 0.3, 7.0]
+        targets = [torch.full(s, float("nan"), dtype=acc_dtype) for s in shapes]
+        fold_segments(targets, sources, coefs, chunk=chunk, init=True, divisor=3.7)
+        for index, got in enumerate(targets):
+            want = sources[0][index].to(acc_dtype).mul_(coefs[0])
+            for update, coef in zip(sources[1:], coefs[1:], strict=True):
+                want.add_(update[index], alpha=coef)
+            assert torch.equal(got, want.div_(3.7)), (acc_dtype, index)
+
+
+@pytest.mark.parametrize("accumulate", ["float32", "float64"])
+@pytest.mark.parametrize("n", [1, 2, 33, 40])
+def test_every_feed_of_state_dicts_gives_the_same_bits(n, accumulate):
+    # lists fold up to 32 per pass in the fold threads, generators and add() 2 per pass (small groups
+    # update by update): the same operations per element in the same order, so the same bits
+    generator = torch.Generator().manual_seed(n)
+    pairs = [(separate_model(generator, i / 7), float(1 + (i * 37) % 11)) for i in range(n)]
+    results = {
+        feed: run_feed(feed, pairs, accumulate) for feed in FEEDS[:2] + ["add() one by one, state dicts"]
+    }
+    reference = results.pop("list of state dicts")
+    for feed, result in results.items():
+        for name, tensor in result.items():
+            assert torch.equal(tensor, reference[name]), (feed, name)
 
 
 def test_median_and_dp_take_state_dicts_of_small_shaped_tensors():

@@ -16,6 +16,7 @@ from typing import cast
 
 import torch
 
+from .buffers import new_buffer
 from .codec import FlatLayout, WireState
 from .kernels import Release, accumulator_dtype, fold_chunk, fold_flat, fold_inline, fold_segments
 
@@ -132,7 +133,7 @@ class WeightedSum:
         self.layout = layout
         self.chunk = chunk
         self.acc: dict[torch.dtype, torch.Tensor] = {
-            d: torch.empty(layout.numel[d], dtype=accumulator_dtype(d, accumulate)) for d in dtypes
+            d: new_buffer(layout.numel[d], accumulator_dtype(d, accumulate)) for d in dtypes
         }
         self.fresh: set[torch.dtype] = set(self.acc)
         self.means: set[torch.dtype] = set()  # groups already divided by the total weight (see fold)
@@ -195,7 +196,7 @@ class WeightedSum:
                     fold_views(self.layout, source, dtype) if isinstance(source, torch.Tensor) else source
                     for source in sources
                 ]
-                fold = fold_inline if dtype in self.inline else fold_segments
+                fold = fold_inline if dtype in self.inline and len(sources) == 1 else fold_segments
                 fold(targets, per_slot, [coef for _, coef in active], init=fresh, divisor=divisor)
             self.fresh.discard(dtype)
             if divisor is not None:
