@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-#: Buffers from this many bytes up ask for huge pages (smaller ones would round memory up to 2 MiB).
-HUGE_PAGE_MIN_BYTES = 4 << 20
+#: Buffers from this many bytes up ask for huge pages (one huge page: smaller ones cannot use any).
+HUGE_PAGE_MIN_BYTES = 2 << 20
 #: Set to False to allocate plain ``torch.empty`` buffers (e.g. to compare).
 USE_HUGE_PAGES = True
 _MADV_HUGEPAGE = 14  # linux/mman.h
@@ -45,9 +45,9 @@ def new_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     nbytes = numel * buffer.element_size()
     madvise = _madvise() if USE_HUGE_PAGES and nbytes >= HUGE_PAGE_MIN_BYTES else None
     if madvise is not None:
+        # the pages the buffer touches: a hint changes no byte, so a neighbour sharing a page is safe
         page = mmap.PAGESIZE
-        start = -(-buffer.data_ptr() // page) * page
-        stop = (buffer.data_ptr() + nbytes) // page * page
-        if stop > start:
-            madvise(start, stop - start, _MADV_HUGEPAGE)
+        start = buffer.data_ptr() // page * page
+        stop = -(-(buffer.data_ptr() + nbytes) // page) * page
+        madvise(start, stop - start, _MADV_HUGEPAGE)
     return buffer
