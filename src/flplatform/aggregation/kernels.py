@@ -361,8 +361,12 @@ def fold_segments(
 
     def run(lo: int, hi: int) -> None:
         for batch_targets, units, _ in batches[lo:hi]:
-            if init:
-                # as scaled_into: the product formed in the target's dtype (a copy is exact)
+            if init and len(units) <= 2:  # slices of large targets: one kernel, no second pass
+                for target, part in zip(batch_targets, parts_of(first, units), strict=True):
+                    scaled_into(target, part, coefs[0])
+            elif init:
+                # as scaled_into: the product formed in the target's dtype (a copy is exact), for many
+                # small targets in two C++ calls instead of one Python call each
                 torch._foreach_copy_(batch_targets, parts_of(first, units))
                 torch._foreach_mul_(batch_targets, coefs[0])
             for source, coef in zip(rest, rest_coefs, strict=True):
