@@ -173,3 +173,58 @@ def test_the_finiteness_check_of_small_and_large_buffers(numel, bad):
     # finite values whose sum overflows are still finite
     flat = torch.full((numel,), 3e38)
     assert all_finite(flat, DEFAULT_CHUNK)
+
+
+def test_a_list_of_small_state_dicts_folds_max_fold_per_pass(monkeypatch):
+    # all at hand: passes of up to max_fold (32) updates in the fold threads, not one by one
+    passes: list[int] = []
+    original = WeightedSum.fold
+
+    def fold(self, items, **options):
+        passes.append(len(items))
+        return original(self, items, **options)
+
+    monkeypatch.setattr(WeightedSum, "fold", fold)
+    pairs = pairs_of(70)
+    fedavg(pairs)
+    assert passes == [32, 32, 6]
+    passes.clear()
+    fedavg(iter(pairs))
+    assert passes == [1] * 70
+
+
+@pytest.mark.parametrize("feed", ["list", "generator"])
+def test_small_and_large_models_of_every_dtype_match_a_plain_loop(feed):
+    # bfloat16 sums in float32, int32/uint8 in float (rounded back), bool by majority, float64 in
+    # float64: the plain loop's operations in the accumulator's dtype, bit for bit (every floating
+    # group has separate tensors: a group of one tensor is a flat range, folded as bytes are)
+    generator = torch.Generator().manual_seed(11)
+    pairs = []
+    for i in range(5):
+        state = {
+            "bf16": torch.randn(40, 30, generator=generator).bfloat16(),
+            "bf16_large": torch.randn(20_000, generator=generator).bfloat16(),
+            "f64": torch.randn(50, generator=generator, dtype=torch.float64),
+            "f64_2": torch.randn(5, 5, generator=generator, dtype=torch.float64),
+            "i32": torch.randint(-1000, 1000, (7,), generator=generator, dtype=torch.int32),
+            "u8": torch.randint(0, 255, (9,), generator=generator, dtype=torch.uint8),
+            "mask": torch.rand(6, generator=generator) > 0.5,
+        }
+        pairs.append((state, float(2 + 3 * i)))
+    result = fedavg(pairs if feed == "list" else iter(pairs))
+    first = pairs[0][1]
+    total = sum(w / first for _, w in pairs)
+    for name, tensor in pairs[0][0].items():
+        acc_dtype = torch.float64 if tensor.dtype in (torch.float64, torch.int32) else torch.float32
+        want = tensor.to(acc_dtype) * (pairs[0][1] / first)
+        for state, weight in pairs[1:]:
+            want.add_(state[name], alpha=weight / first)
+        want.div_(total)
+        got = result[name]
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        if tensor.dtype == torch.bool:
+            assert torch.equal(got, want >= 0.5), name
+        elif not tensor.is_floating_point():
+            assert torch.equal(got, want.round().to(tensor.dtype)), name
+        else:
+            assert torch.equal(got, want.to(tensor.dtype)), name

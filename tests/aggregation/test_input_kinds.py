@@ -205,3 +205,25 @@ def test_median_and_dp_take_state_dicts_of_small_shaped_tensors():
     )[0]
     for name, tensor in clipped.items():
         assert torch.allclose(tensor, clipped_bytes[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("huge", [True, False])
+def test_accumulators_on_huge_pages_hold_the_same_values(monkeypatch, huge):
+    from flplatform.aggregation import buffers
+
+    monkeypatch.setattr(buffers, "USE_HUGE_PAGES", huge)
+    for numel, dtype in [(0, torch.float32), (10, torch.float64), ((3 << 20) + 7, torch.float32)]:
+        buffer = buffers.new_buffer(numel, dtype)
+        assert buffer.shape == (numel,) and buffer.dtype == dtype and buffer.is_contiguous()
+        buffer.fill_(1.5)
+        assert bool((buffer == 1.5).all())
+    generator = torch.Generator().manual_seed(4)
+    pairs = [
+        ({"w": torch.randn(700_000, generator=generator), "b": torch.randn(9)}, float(i + 1))
+        for i in range(3)
+    ]
+    monkeypatch.setattr(buffers, "USE_HUGE_PAGES", not huge)
+    other = fedavg(pairs)
+    monkeypatch.setattr(buffers, "USE_HUGE_PAGES", huge)
+    result = fedavg(pairs)
+    assert all(torch.equal(result[name], other[name]) for name in result)

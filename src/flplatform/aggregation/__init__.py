@@ -124,12 +124,22 @@ views costs no memory, so up to ``max_fold`` = 32 arriving updates fold in one p
 bytes nobody else holds counts against the budget from the next ``add`` on. The first pass writes the
 (uninitialised) accumulator instead of adding to zeros; the last divides each slice by the total
 weight right after adding to it (in cache: no separate pass). State dicts of separate tensors (a
-caller's own) fold the same way, tensor by tensor inside the pass (several updates per pass, one
-thread hand-off per pass, small tensors in their own shape); a list of them folds up to ``max_fold``
-per pass (the caller holds them anyway), a generator of them 2 per pass (the 2-model bound). A small
-model of separate tensors (every tensor ≤ 16384 elements, accumulator ≤ 8 MiB: it stays in cache
-between updates, so passes save nothing) folds update by update instead, in the caller's thread, right
-after the update is checked (one ``torch._foreach_add_`` per update; the same values).
+caller's own) fold the same way, in batches of ≈ 2 MiB of accumulator (slices of large tensors, several
+small tensors whole) with one ``torch._foreach_add_`` per update and batch (several updates per pass,
+one thread hand-off per pass, small tensors in their own shape); a list of them folds up to
+``max_fold`` per pass (the caller holds them anyway), a generator of them 2 per pass (the 2-model
+bound). A small model of separate tensors (every tensor ≤ 16384 elements, accumulator ≤ 8 MiB: it
+stays in cache between updates, so passes save nothing) arriving one at a time (a generator, ``add``)
+folds update by update instead, in the caller's thread, right after the update is checked (one
+``torch._foreach_add_`` per update). Per element every state-dict feed computes what a plain loop
+does (``acc = w₀·x₀``, then ``acc.add_(x, alpha=w)`` per update in order, then ``div_``, with the
+weights divided by the first positive one), so lists, generators and ``add`` give the same bits.
+Safetensors bytes, and dtype groups whose tensors lie back to back in one buffer (a group of one
+tensor, decoded safetensors, the aggregators' own results), fold as flat ranges with ``addcmul`` (the
+product rounded before the add): their floating results may differ from separate tensors' in the
+last bit. Accumulators of 2 MiB and more ask Linux for transparent
+huge pages (``madvise``; :mod:`.buffers`): a fresh buffer's first write then costs one page fault per
+2 MiB instead of one per 4 KiB (≈ 13 ms less for a 40 MB accumulator on the reference machine).
 
 Codec (:mod:`flplatform.aggregation.codec`)
 -------------------------------------------
@@ -142,7 +152,8 @@ Errors (:mod:`flplatform.aggregation.errors`): every one is an :class:`Aggregati
 
 Modules (the names above are the API; the modules are internal)
 ---------------------------------------------------------------
-``registry`` (names → classes, ``get``, ``describe_aggregators``) · ``fedbuff`` (FedBuff's buffered
+``registry`` (names → classes, ``get``, ``describe_aggregators``) · ``buffers`` (fresh accumulators
+on huge pages) · ``fedbuff`` (FedBuff's buffered
 asynchronous fold with staleness weights: ``FedBuff``, ``StalenessRule``; not a round aggregator) · ``base`` (``Aggregator``: the round's
 life cycle, memory budget, DP hooks) · strategies ``fedavg`` (FedAvg, FedProx), ``robust`` (median,
 trimmed mean, (Multi-)Krum), ``fedopt`` (FedAvgM, FedAdam, FedYogi, FedAdagrad) · ``dp`` (clipping
