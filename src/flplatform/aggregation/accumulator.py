@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import cast
 
@@ -19,15 +18,7 @@ import torch
 
 from .buffers import new_buffer
 from .codec import FlatLayout, WireState
-from .kernels import (
-    Release,
-    accumulator_dtype,
-    background_pool,
-    fold_chunk,
-    fold_flat,
-    fold_inline,
-    fold_segments,
-)
+from .kernels import Release, accumulator_dtype, fold_chunk, fold_flat, fold_inline, fold_segments
 
 Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
 
@@ -148,7 +139,6 @@ class WeightedSum:
         self.means: set[torch.dtype] = set()  # groups already divided by the total weight (see fold)
         self._acc_views: dict[torch.dtype, list[torch.Tensor]] = {}
         self._acc_chunks: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
-        self._inflight: Future[None] | None = None  # the background fold (see fold)
         #: groups that fold separate tensors inline (see INLINE_FOLD_BYTES)
         self.inline: frozenset[torch.dtype] = frozenset(
             d
@@ -165,44 +155,14 @@ class WeightedSum:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.acc.values())
 
-    def fold(
-        self,
-        items: list[tuple[Update, dict[torch.dtype, float]]],
-        total: float | None = None,
-        background: bool = False,
-    ) -> None:
+    def fold(self, items: list[tuple[Update, dict[torch.dtype, float]]], total: float | None = None) -> None:
         """Add ``Σ coefs[dtype] · update.sources[dtype]`` for every group.
 
         ``total`` (the total weight) marks the round's last fold: floating groups summed in their own
         dtype become the mean in the same pass (listed in ``means``): each slice of the accumulator is
         divided by ``total`` right after its sources are added, while in cache (the very values of
         dividing afterwards, without another pass).
-
-        ``background=True`` returns at once: the fold runs from the background thread (see
-        :func:`~.kernels.background_pool`; its kernels still in the fold threads) while the caller
-        checks its next updates. Every other use of the sum (the next fold, :meth:`wait`,
-        :meth:`scale`, :meth:`take`) waits for it first; until then it holds the updates, so only for
-        updates the caller keeps alive anyway (a list).
         """
-        self.wait()
-        if not background:
-            self._fold(items, total)
-            return
-        holder = {"items": items}
-        del items
-
-        def run() -> None:
-            self._fold(holder.pop("items"), total)
-
-        self._inflight = background_pool().submit(run)
-
-    def wait(self) -> None:
-        """Wait for the background fold, if any (its error, if it failed, is raised here)."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight.result()
-
-    def _fold(self, items: list[tuple[Update, dict[torch.dtype, float]]], total: float | None) -> None:
         for dtype, acc in self.acc.items():
             # The total to divide by, when this group becomes the mean in this fold (else None).
             divisor = total if dtype.is_floating_point and acc.dtype == dtype else None
@@ -243,14 +203,12 @@ class WeightedSum:
                 self.means.add(dtype)
 
     def scale(self, factor: float) -> None:
-        self.wait()
         for dtype, buffer in self.acc.items():
             if dtype not in self.fresh:
                 buffer.mul_(factor)
 
     def take(self) -> dict[torch.dtype, torch.Tensor]:
         """The sums (zeros for a group nothing was folded into); the object is empty afterwards."""
-        self.wait()
         for dtype in self.fresh:
             self.acc[dtype].zero_()
         acc, self.acc, self._acc_views, self._acc_chunks, self.fresh, self.means = (

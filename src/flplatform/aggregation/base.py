@@ -246,8 +246,7 @@ class Aggregator:
         if len(self._pending) >= self.max_fold or (
             not self._unbounded and self._owned_pending_bytes() > self._pending_budget
         ):
-            # updates of add_many (all held by the caller) fold while the next ones are checked
-            self._flush(background=self._unbounded)
+            self._flush()
 
     def _sources(
         self, state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview
@@ -327,7 +326,6 @@ class Aggregator:
             self._unbounded = False
         if self._phase == "open" and flush:
             self._flush()
-            self._weighted_sum.wait()
 
     @property
     def streams(self) -> bool:
@@ -396,7 +394,6 @@ class Aggregator:
         if self._phase != "open":
             raise AggregatorStateError("fold_pending() needs begin() first (and not after finish())")
         self._flush()
-        self._weighted_sum.wait()
 
     def held_bytes(self) -> int:
         """Bytes of tensors the aggregator itself holds now (accumulators, pending updates, copies)."""
@@ -413,7 +410,7 @@ class Aggregator:
     def _coefs(self, update: Update) -> dict[torch.dtype, float]:
         return {d: update.weight * (update.clip if d.is_floating_point else 1.0) for d in self.layout.groups}
 
-    def _flush(self, last: bool = False, background: bool = False) -> None:
+    def _flush(self, last: bool = False) -> None:
         if not self._pending:
             return
         items = [(u, self._coefs(u)) for u in self._pending]
@@ -427,7 +424,7 @@ class Aggregator:
             and self.clip_norm is None
             and self._scaled_total > 0
         )
-        self._weighted_sum.fold(items, total=self._scaled_total if fuse else None, background=background)
+        self._weighted_sum.fold(items, total=self._scaled_total if fuse else None)
         self._pending.clear()
 
     def finish(self) -> tuple[StateDict, StateDict]:

@@ -234,21 +234,6 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-_BACKGROUND: ThreadPoolExecutor | None = None
-
-
-def background_pool() -> ThreadPoolExecutor:
-    """One thread that runs a fold of a list's updates (its kernels in the fold threads) while the
-    caller checks the list's next updates (:meth:`~.accumulator.WeightedSum.fold`)."""
-    global _BACKGROUND
-    with _POOL_LOCK:
-        if _BACKGROUND is None:
-            _BACKGROUND = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="flp-fold-bg", initializer=_inline_kernels
-            )
-        return _BACKGROUND
-
-
 def fold_flat(
     acc: torch.Tensor,
     sources: list[torch.Tensor],
