@@ -175,8 +175,8 @@ def test_the_finiteness_check_of_small_and_large_buffers(numel, bad):
     assert all_finite(flat, DEFAULT_CHUNK)
 
 
-def test_a_list_of_small_state_dicts_folds_max_fold_per_pass(monkeypatch):
-    # all at hand: passes of up to max_fold (32) updates in the fold threads, not one by one
+def test_lists_and_generators_of_small_state_dicts_fold_one_by_one(monkeypatch):
+    # the accumulator stays in cache between updates: inline folds, one update each
     passes: list[int] = []
     original = WeightedSum.fold
 
@@ -185,9 +185,14 @@ def test_a_list_of_small_state_dicts_folds_max_fold_per_pass(monkeypatch):
         return original(self, items, **options)
 
     monkeypatch.setattr(WeightedSum, "fold", fold)
-    pairs = pairs_of(70)
+    # every group of separate tensors (a group of one tensor is one flat range, folded in passes)
+    generator = torch.Generator().manual_seed(3)
+    pairs = [
+        ({"w": torch.randn(50, 40, generator=generator), "b": torch.randn(40, generator=generator)}, 1.0 + i)
+        for i in range(70)
+    ]
     fedavg(pairs)
-    assert passes == [32, 32, 6]
+    assert passes == [1] * 70
     passes.clear()
     fedavg(iter(pairs))
     assert passes == [1] * 70

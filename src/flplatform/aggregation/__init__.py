@@ -129,9 +129,10 @@ small tensors whole) with one ``torch._foreach_add_`` per update and batch (seve
 one thread hand-off per pass, small tensors in their own shape); a list of them folds up to
 ``max_fold`` per pass (the caller holds them anyway), a generator of them 2 per pass (the 2-model
 bound). A small model of separate tensors (every tensor ≤ 16384 elements, accumulator ≤ 8 MiB: it
-stays in cache between updates, so passes save nothing) arriving one at a time (a generator, ``add``)
-folds update by update instead, in the caller's thread, right after the update is checked (one
-``torch._foreach_add_`` per update). Per element every state-dict feed computes what a plain loop
+stays in cache between updates, so passes save nothing) folds update by update instead, in the
+caller's thread, right after the update is checked (one ``torch._foreach_add_`` per update; on a busy
+machine the fold threads' passes measured slower for such models: waking them costs more than
+they save). Per element every state-dict feed computes what a plain loop
 does (``acc = w₀·x₀``, then ``acc.add_(x, alpha=w)`` per update in order, then ``div_``, with the
 weights divided by the first positive one), so lists, generators and ``add`` give the same bits.
 Safetensors bytes, and dtype groups whose tensors lie back to back in one buffer (a group of one

@@ -235,7 +235,7 @@ class Aggregator:
             return
         if weight == 0:
             return
-        if not self._unbounded and self._weighted_sum.folds_inline(sources):
+        if self._weighted_sum.folds_inline(sources):
             # A small model of separate tensors: the previous update folds now, in this thread (the
             # accumulator is in cache; see accumulator.INLINE_FOLD_BYTES). The newest waits, so that
             # the round's last fold also turns the sum into the mean (finish, or the next add).

@@ -349,7 +349,13 @@ def fold_segments(
     if not sources or not targets:
         return
     if chunk is None:
-        chunk = segment_chunk(targets[0].dtype)
+        # at most SEGMENT_BATCH_BYTES, and small enough for PIECES_PER_WORKER pieces per fold worker
+        # (taken dynamically: a worker the OS deschedules leaves its share to the others)
+        total = sum(target.numel() for target in targets)
+        pieces = _fold_workers() * PIECES_PER_WORKER
+        chunk = max(
+            fold_chunk(targets[0].dtype) // 4, min(segment_chunk(targets[0].dtype), -(-total // pieces))
+        )
     batches = _segment_batches(targets, chunk)
     if not batches:
         return
