@@ -442,8 +442,9 @@ def fold_inline(
         return
     rest, rest_coefs = sources, coefs
     if init:
-        for target, tensor in zip(targets, sources[0], strict=True):
-            scaled_into(target, tensor, coefs[0])
+        # as scaled_into (the product formed in the target's dtype; a copy is exact), in two C++ calls
+        torch._foreach_copy_(targets, sources[0])
+        torch._foreach_mul_(targets, coefs[0])
         rest, rest_coefs = sources[1:], coefs[1:]
     for update, coef in zip(rest, rest_coefs, strict=True):
         torch._foreach_add_(targets, update, alpha=coef)
