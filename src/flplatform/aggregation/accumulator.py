@@ -202,6 +202,20 @@ class WeightedSum:
             if divisor is not None:
                 self.means.add(dtype)
 
+    def divide_inline(self, total: float) -> None:
+        """Make the inline groups summed in their own floating dtype the mean (listed in ``means``):
+        the division :meth:`fold` fuses into a round's last fold, for a round whose updates were each
+        folded as it was added (see ``Aggregator.add``). The same kernel, so the same values."""
+        for dtype, acc in self.acc.items():
+            if dtype in self.inline and dtype.is_floating_point and acc.dtype == dtype:
+                if dtype in self.fresh or dtype in self.means:
+                    continue
+                targets = self._acc_views.get(dtype)
+                if targets is None:
+                    targets = self._acc_views[dtype] = fold_views(self.layout, acc, dtype)
+                torch._foreach_div_(targets, total)  # as fold_inline's divisor
+                self.means.add(dtype)
+
     def scale(self, factor: float) -> None:
         for dtype, buffer in self.acc.items():
             if dtype not in self.fresh:

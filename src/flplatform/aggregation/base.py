@@ -236,11 +236,12 @@ class Aggregator:
         if weight == 0:
             return
         if self._weighted_sum.folds_inline(sources):
-            # A small model of separate tensors: the previous update folds now, in this thread (the
-            # accumulator is in cache; see accumulator.INLINE_FOLD_BYTES). The newest waits, so that
-            # the round's last fold also turns the sum into the mean (finish, or the next add).
+            # A small model of separate tensors: folded now, in this thread, while its tensors'
+            # metadata is still in cache from the checks (the accumulator stays in cache too; see
+            # accumulator.INLINE_FOLD_BYTES); finish divides (WeightedSum.divide_inline).
             self._flush()
-            self._pending.append(update)
+            self._global_coef += update.weight * (1.0 - update.clip)
+            self._weighted_sum.fold([(update, self._coefs(update))])
             return
         self._pending.append(update)
         if len(self._pending) >= self.max_fold or (
@@ -411,11 +412,6 @@ class Aggregator:
         return {d: update.weight * (update.clip if d.is_floating_point else 1.0) for d in self.layout.groups}
 
     def _flush(self, last: bool = False) -> None:
-        if not self._pending:
-            return
-        items = [(u, self._coefs(u)) for u in self._pending]
-        for update in self._pending:
-            self._global_coef += update.weight * (1.0 - update.clip)
         # The round's last fold of a plain weighted mean also divides by the total weight (one pass
         # over the accumulator less); DP clipping still adds its share of the global model first.
         fuse = (
@@ -424,6 +420,13 @@ class Aggregator:
             and self.clip_norm is None
             and self._scaled_total > 0
         )
+        if not self._pending:
+            if fuse:  # small groups folded update by update: divided here, in cache
+                self._weighted_sum.divide_inline(self._scaled_total)
+            return
+        items = [(u, self._coefs(u)) for u in self._pending]
+        for update in self._pending:
+            self._global_coef += update.weight * (1.0 - update.clip)
         self._weighted_sum.fold(items, total=self._scaled_total if fuse else None)
         self._pending.clear()
 
