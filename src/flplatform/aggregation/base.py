@@ -236,9 +236,8 @@ class Aggregator:
         if weight == 0:
             return
         if self._weighted_sum.folds_inline(sources):
-            # A small model of separate tensors: folded now, in this thread, while its tensors'
-            # metadata is still in cache from the checks (the accumulator stays in cache too; see
-            # accumulator.INLINE_FOLD_BYTES); finish divides (WeightedSum.divide_inline).
+            # A small model of separate tensors: folded now, in this thread, with its metadata still in
+            # cache from the checks (see accumulator.INLINE_FOLD_BYTES); finish divides (divide_inline).
             self._flush()
             self._global_coef += update.weight * (1.0 - update.clip)
             self._weighted_sum.fold([(update, self._coefs(update))])
