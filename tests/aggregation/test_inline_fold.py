@@ -157,7 +157,7 @@ def test_a_generator_of_small_state_dicts_keeps_at_most_one_update(monkeypatch):
             del state
 
     fedavg(updates())
-    assert max(in_flight) <= 2  # the update just drawn and the one waiting for the next add
+    assert max(in_flight) == 1  # each update is folded in its add(): only the one just drawn is alive
     assert passes == [1] * 10  # one update per fold, the last one (in finish) turning sums into means
 
 
