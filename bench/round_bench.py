@@ -205,12 +205,15 @@ class RssSampler:
         self.peaks: dict[str, int] = {}
         # (RssAnon, RssFile) at each phase's peak: heap copies vs mapped files' pages
         self.split: dict[str, tuple[int, int]] = {}
+        # every sample (seconds since start, phase, RssAnon, RssFile) when ``timeline`` is set
+        self.timeline: list[tuple[float, str, int, int]] | None = None
         self._stop = threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         path = Path(f"/proc/{self.pid}/status")
+        started = time.perf_counter()
         while not self._stop.wait(self.interval):
             try:
                 fields = {
@@ -222,6 +225,10 @@ class RssSampler:
                 return
             rss = sum(fields.values())
             phase = self.phase
+            if self.timeline is not None:
+                self.timeline.append(
+                    (time.perf_counter() - started, phase, fields.get("RssAnon", 0), fields.get("RssFile", 0))
+                )
             if rss > self.peaks.get(phase, 0):
                 self.peaks[phase] = rss
                 self.split[phase] = (fields.get("RssAnon", 0), fields.get("RssFile", 0))
@@ -439,7 +446,13 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
                 result.latencies.append(time.perf_counter() - answered)
 
         with RssSampler(pid) as sampler:
+            if args.timeline:
+                sampler.timeline = []
             await rounds(sampler)
+        if sampler.timeline is not None:
+            lines = [f"{t:.4f},{phase},{anon / MB:.1f},{file / MB:.1f}" for t, phase, anon, file in sampler.timeline]
+            out = Path(args.timeline) / f"timeline-{result.database}.csv"
+            out.write_text("seconds,phase,anon_mb,file_mb\n" + "\n".join(lines) + "\n")
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         result.phase_peaks = dict(sampler.peaks)
@@ -522,6 +535,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--poll-ms", type=float, default=0, help="poll the training every N ms instead of its event stream"
+    )
+    parser.add_argument(
+        "--timeline",
+        default=None,
+        help="write every RSS sample (every 5 ms: seconds, phase, anonymous MB, file-backed MB) to "
+        "DIR/timeline-<database>.csv",
     )
     args = parser.parse_args()
     args.large = args.large or args.mb >= LARGE_MB
