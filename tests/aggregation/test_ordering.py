@@ -154,3 +154,33 @@ def test_zero_total_weight_still_says_so():
     assert agg.settle() == 0
     with pytest.raises(aggregation.ZeroTotalWeightError):
         agg.finish()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.bool])
+def test_finalize_checked_is_chunking_independent(threads: int, out_dtype: torch.dtype) -> None:
+    """The fused pass writes the mean over the accumulator's own bytes, chunk by chunk in the fold
+    threads (a chunk waits for the chunks whose bytes it overwrites): whatever the chunk size and the
+    number of threads, the values are finalize_inplace's and the listed coordinates the same."""
+    from flplatform.aggregation import kernels, ordering
+
+    g = torch.Generator().manual_seed(7)
+    n = 64 * 1000 + 37  # a partial last block
+    base = torch.randn(n, generator=g, dtype=torch.float64) * 37.3
+    if out_dtype == torch.bool:
+        base = torch.rand(n, generator=g, dtype=torch.float64) * 8
+    # bounds from 1e6 to 1e13 (a quotient's interval reaches from ~1e-9 to ~1e-2): some listed in every dtype
+    bound = torch.pow(10.0, 6 + 7 * torch.rand(-(-n // ordering.BLOCK), generator=g, dtype=torch.float64))
+    expected = kernels.finalize_inplace(base.clone(), 7.0, out_dtype, n)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        listed = []
+        for chunk in (64, 64 * 7, 1 << 18):
+            out, index = ordering.finalize_checked(base.clone(), 7.0, out_dtype, bound, 8, chunk)
+            assert torch.equal(out[:n], expected[:n])
+            listed.append(index)
+    finally:
+        torch.set_num_threads(previous)
+    assert listed[0].numel() > 0
+    assert all(torch.equal(index, listed[0]) for index in listed)
