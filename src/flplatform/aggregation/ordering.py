@@ -158,24 +158,23 @@ def finalize_checked(
     scratch = threading.local()  # per fold thread: the chunk-sized buffers it reuses
 
     def buffers(count: int) -> list[torch.Tensor]:
-        """This thread's chunk buffers, ``count`` elements long: ``high`` and ``low`` in the
-        accumulator's dtype and in out_dtype, ``mean`` (the accumulator's dtype), ``differ`` (bool).
-        Reused from chunk to chunk: a fresh temporary per chunk (also the one a kernel makes when
-        it casts to its ``out=`` dtype), freed and then cut into by the small index tensors of
-        ``found``, left the fold threads' arenas of glibc fragmented: ≈ 100 MB kept after the pass
-        for a 68 MB model (measured), until the next trim."""
+        """This thread's chunk buffers, ``count`` elements long: ``wide`` (the accumulator's dtype:
+        each end of the interval, then the mean), ``high`` and ``low`` (out_dtype), ``differ``
+        (bool). Reused from chunk to chunk: a fresh temporary per chunk (also the one a kernel
+        makes when it casts to its ``out=`` dtype), freed and then cut into by the small index
+        tensors of ``found``, left the fold threads' arenas of glibc fragmented: ≈ 100 MB kept after
+        the pass for a 68 MB model (measured), until the next trim."""
         held: list[torch.Tensor] | None = getattr(scratch, "held", None)
         if held is None or held[0].numel() < count:
-            wide, narrow = acc.dtype, out_dtype
-            dtypes = (wide, wide, narrow, narrow, wide, torch.bool)
+            dtypes = (acc.dtype, out_dtype, out_dtype, torch.bool)
             held = scratch.held = [torch.empty(count, dtype=dtype) for dtype in dtypes]
         return [buffer[:count] for buffer in held]
 
     def ends(part: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if direct:  # the sum's rounding to out_dtype happens on the store
-            wide_high, wide_low, high, low = (b.view(part.shape) for b in buffers(part.numel())[:4])
-            high.copy_(torch.addcmul(delta, part, inverse, out=wide_high))
-            low.copy_(torch.addcmul(delta, part, inverse, value=-1.0, out=wide_low))
+            wide, high, low = (b.view(part.shape) for b in buffers(part.numel())[:3])
+            high.copy_(torch.addcmul(delta, part, inverse, out=wide))
+            low.copy_(torch.addcmul(delta, part, inverse, value=-1.0, out=wide))
             low.neg_()  # -(Δ - acc/d) = acc/d - Δ, rounded as it (negation is exact)
             return high, low
         mean = part * inverse
@@ -207,13 +206,13 @@ def finalize_checked(
             high, low = ends(part, blocks.repeat_interleave(BLOCK)[: stop - start])
         if not torch.equal(high, low):
             if direct:
-                differ = buffers(stop - start)[5].view(high.shape)
+                differ = buffers(stop - start)[3].view(high.shape)
                 torch.ne(high, low, out=differ)
             else:
                 differ = torch.ne(high, low)
             found.append(differ.view(-1).nonzero().view(-1).add_(start))  # atomic append
         if direct:
-            return torch.div(part, divisor, out=buffers(stop - start)[4])  # converted on the store
+            return torch.div(part, divisor, out=buffers(stop - start)[0])  # converted on the store
         return _convert(part / divisor, out_dtype)
 
     def run(lo_index: int, hi_index: int) -> None:
