@@ -450,7 +450,10 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
                 sampler.timeline = []
             await rounds(sampler)
         if sampler.timeline is not None:
-            lines = [f"{t:.4f},{phase},{anon / MB:.1f},{file / MB:.1f}" for t, phase, anon, file in sampler.timeline]
+            lines = [
+                f"{t:.4f},{phase},{anon / MB:.1f},{file / MB:.1f}"
+                for t, phase, anon, file in sampler.timeline
+            ]
             out = Path(args.timeline) / f"timeline-{result.database}.csv"
             out.write_text("seconds,phase,anon_mb,file_mb\n" + "\n".join(lines) + "\n")
         watcher.cancel()
