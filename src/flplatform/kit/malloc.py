@@ -10,10 +10,12 @@ of the server's resident set at idle and during the uploads (docs/performance.md
 :data:`ARENA_MAX` and fixes the ``mmap`` threshold at :data:`MMAP_THRESHOLD`, so a large block goes
 back to the kernel when it is freed. glibc's own variables win: when ``MALLOC_ARENA_MAX`` or
 ``MALLOC_MMAP_THRESHOLD_`` is set in the environment, that setting is left as glibc read it.
-:func:`trim` runs after every round's close (``trainings.jobs``) whatever the setting. Opt-in, ``FLP_MALLOC_TUNE=1``: in every interleaved pair measured so far (a loaded 2-core machine)
-the tuned server uploaded and closed rounds more slowly than with glibc's defaults, so the saving is
-not taken by default until a quiet machine settles it. Elsewhere than glibc (musl, macOS) nothing
-is done.
+:func:`trim` runs after every round's close (``trainings.jobs``) whatever the setting. Opt-in, ``FLP_MALLOC_TUNE=1``: in every interleaved pair measured so far the tuned
+server uploaded and closed rounds more slowly than with glibc's defaults (a fresh ``mmap``, page
+faults and zeroing, per buffer ≥ 256 KiB), and since the close's order check stopped fragmenting the
+fold threads' arenas it saves at most ≈ 25 MB of the rounds' peak (as do a fixed 4–8 MiB threshold
+or two arenas: docs/performance.md, "Peak RSS"), so it stays off by default. Elsewhere than glibc
+(musl, macOS) nothing is done.
 """
 
 from __future__ import annotations
