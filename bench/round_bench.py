@@ -21,7 +21,8 @@ built beforehand: the bench measures the server, not httpx). Reported per databa
   is reset with ``clear_refs`` after the set-up) and over the whole run (the set-up uploads the
   TorchScript global model); the model sandbox's processes are apart and not counted; and the
   resident set sampled every 5 ms, its peak per phase (the uploads, the close: last response →
-  next round, idle), which says which copies are alive at the peak;
+  next round, idle), which says which copies are alive at the peak (``--timeline DIR``: every
+  sample, anonymous and file-backed, to ``DIR/timeline-<database>.csv``);
 * **server CPU per burst**: CPU seconds of the server's event loop (its main thread) and of its other
   threads (hashing and spool writes, the values check, the fold on arrival, the SQLite driver)
   from ``/proc`` over each round's uploads;
