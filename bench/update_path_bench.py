@@ -177,7 +177,7 @@ def start_server(db_url: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     from flplatform.serving import uvicorn_ws_cli_args
 
     port = free_port()
-    env = {**os.environ, "FLP_DATABASE_URL": db_url, "FLP_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "FLP_DATABASE_URL": db_url, "FLP_LOG_LEVEL": "WARNING", "PYTHONFAULTHANDLER": "1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [
@@ -214,6 +214,11 @@ def start_server(db_url: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        # A server gone before its bench ended: its exit status tells a crash (faulthandler's
+        # traceback is in its log) from a signal sent from outside (negative: the signal number).
+        print(f"  server {proc.pid} had already exited with status {proc.returncode}", file=sys.stderr)
+        return
     proc.terminate()
     try:
         proc.wait(timeout=20)
