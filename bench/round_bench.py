@@ -317,6 +317,68 @@ def large_settings(model_bytes: int) -> dict[str, str]:
     }
 
 
+# --------------------------------------------------------------------------- the close's phases
+
+#: --phases: the server logs at WARNING as usual, plus the close timelines (flplatform.kit.timeline)
+PHASES_LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(name)s %(levelname)s %(message)s"}},
+    "handlers": {
+        "out": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}
+    },
+    "root": {"level": "WARNING", "handlers": ["out"]},
+    "loggers": {"flplatform.timeline": {"level": "DEBUG"}},
+}
+
+
+def read_timelines(log: Path) -> dict[int, list[tuple[str, float]]]:
+    """Round -> its close's marks (name, epoch seconds), from the server's ``timeline close`` lines."""
+    found: dict[int, list[tuple[str, float]]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        head, sep, marks = line.partition(" kind=update ")
+        if "timeline close " not in head or not sep:
+            continue
+        round_ = int(head.rsplit("round=", 1)[1])
+        found[round_] = [(str(n), float(t)) for n, t in json.loads(marks)]
+    return found
+
+
+def phase_steps(r: Result, round_: int) -> list[tuple[str, float]]:
+    """A round's close as (step name, ms since the step before): from the last upload's response
+    (the bench's clock) through the server's marks to the next round's start received."""
+    marks = sorted(
+        [*r.timelines.get(round_, []), ("bench_round_started_seen", r.next_at[round_])], key=lambda m: m[1]
+    )
+    steps: list[tuple[str, float]] = []
+    seen: dict[str, int] = {}
+    previous = r.answered_at[round_]
+    for name, at in marks:
+        seen[name] = seen.get(name, 0) + 1
+        label = name if seen[name] == 1 else f"{name}#{seen[name]}"
+        steps.append((label, 1000 * (at - previous)))
+        previous = at
+    return steps
+
+
+def print_phases(results: list[Result]) -> None:
+    print("\nThe close, step by step (ms since the step before; the first since the last upload's response):")
+    for r in results:
+        if not r.timelines:
+            print(f"  {r.database}: no timelines in the server log")
+            continue
+        rounds = [n for n in range(len(r.answered_at)) if n in r.timelines and n < len(r.next_at)]
+        per_round = {n: dict(phase_steps(r, n)) for n in rounds}
+        order = [name for name, _ in phase_steps(r, rounds[-1])]
+        print(f"\n| {r.database} step | median ms | " + " | ".join(f"round {n}" for n in rounds) + " |")
+        print("| --- | ---: |" + " ---: |" * len(rounds))
+        for name in order:
+            values = [per_round[n].get(name) for n in rounds]
+            known = [v for v in values if v is not None]
+            cells = " | ".join("" if v is None else f"{v:.0f}" for v in values)
+            print(f"| {name} | {statistics.median(known):.0f} | {cells} |")
+
+
 # --------------------------------------------------------------------------- one database
 
 
@@ -333,6 +395,11 @@ class Result:
     phase_split: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Server CPU seconds per burst: (event loop thread, other threads)
     burst_cpu: list[tuple[float, float]] = field(default_factory=list)
+    # --phases: wall-clock times of each round's last response and of its next round's start seen
+    answered_at: list[float] = field(default_factory=list)
+    next_at: list[float] = field(default_factory=list)
+    # --phases: each round's close timeline from the server's log (flplatform.kit.timeline)
+    timelines: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
 
 
 async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) -> list[bytes]:
@@ -371,6 +438,7 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
         training_id = r.json()["training_id"]
 
         started_rounds: set[int] = set()
+        started_wall: dict[int, float] = {}
         tick = asyncio.Event()
 
         async def watch() -> None:
@@ -384,7 +452,9 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
                         kind = line[6:].strip()
                     elif line.startswith("data:"):
                         if kind == "round_started":
-                            started_rounds.add(int(json.loads(line[5:])["data"]["round"]))
+                            number = int(json.loads(line[5:])["data"]["round"])
+                            started_wall.setdefault(number, time.time())
+                            started_rounds.add(number)
                         tick.set()
 
         async def wait_round(round_: int) -> None:
@@ -437,11 +507,13 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
                 started = time.perf_counter()
                 await asyncio.gather(*(post(i, round_, bodies) for i in range(args.clients)))
                 answered = time.perf_counter()
+                result.answered_at.append(time.time())
                 cpu_after = thread_cpu(pid)
                 result.burst_cpu.append((cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]))
                 sampler.phase = "close"
                 del bodies
                 await wait_round(round_ + 1)
+                result.next_at.append(started_wall.get(round_ + 1, time.time()))
                 sampler.phase = "idle"
                 result.bursts.append(answered - started)
                 result.latencies.append(time.perf_counter() - answered)
@@ -507,12 +579,19 @@ def run_database(
         os.environ.update(large_settings(int(args.mb * MB)))
     # Folding on arrival: on by default (4); --no-fold measures the close-time fold.
     os.environ["FLP_FOLD_MAX_OPEN_ROUNDS"] = "0" if args.no_fold else "4"
-    proc, url = start_server(db_url, workdir / f"server-{kind}.log")
+    extra: tuple[str, ...] = ()
+    if args.phases:
+        config = workdir / "log-config.json"
+        config.write_text(json.dumps(PHASES_LOG_CONFIG))
+        extra = ("--log-config", str(config))
+    proc, url = start_server(db_url, workdir / f"server-{kind}.log", extra)
     result = Result(kind, 0)
     try:
         updates = asyncio.run(drive(url, args, proc.pid, result))
     finally:
         stop_server(proc)
+        if args.phases:
+            result.timelines = read_timelines(workdir / f"server-{kind}.log")
         shutil.rmtree(blobs, ignore_errors=True)
         if os.environ.get("ROUND_BENCH_LOG"):
             print(
@@ -545,6 +624,11 @@ def main() -> None:
         default=None,
         help="write every RSS sample (every 5 ms: seconds, phase, anonymous MB, file-backed MB) to "
         "DIR/timeline-<database>.csv",
+    )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="log the close's timeline in the server (flplatform.kit.timeline) and print it step by step",
     )
     args = parser.parse_args()
     args.large = args.large or args.mb >= LARGE_MB
@@ -618,6 +702,8 @@ def main() -> None:
                 if p in r.phase_split
             )
         )
+    if args.phases:
+        print_phases(results)
     print(
         f"\nTargets (issue 21): upload ≥ 300 MB/s or ≥ {0.5 * fsync / MB:.0f} MB/s (50 % of fdatasync); "
         f"last upload → next round ≤ 0.5 s; peak RSS ≤ {(3 * size + 400 * MB) / MB:.0f} MB (3× model + 400 MB)"

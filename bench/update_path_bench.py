@@ -173,7 +173,9 @@ async def post(
 # --------------------------------------------------------------------------- server process
 
 
-def start_server(db_url: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    db_url: str, log: Path, extra_args: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
     from flplatform.serving import uvicorn_ws_cli_args
 
     port = free_port()
@@ -194,6 +196,7 @@ def start_server(db_url: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
                 "warning",
                 "--no-access-log",
                 *uvicorn_ws_cli_args(),
+                *extra_args,
             ],
             env=env,
             stdout=out,

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from flplatform.kit import timeline
+
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 # Chunks smaller than this are gathered before a worker thread writes and hashes them (one thread
 # hop per MiB, not per network read).
@@ -182,6 +184,7 @@ class BlobWriter:
         try:
             info = BlobInfo(self._hash.hexdigest(), self._size)
             await self._finish(self._path, info)
+            timeline.mark("blob_published")
         except BaseException:
             await self.abort()
             raise
@@ -202,6 +205,7 @@ class BlobWriter:
             with os.fdopen(fd, "w+b") as file:
                 build(file)
                 file.flush()
+                timeline.mark("blob_built")
                 size = os.fstat(fd).st_size
                 if self._max_bytes is not None and size > self._max_bytes:
                     raise BlobTooLarge(self._max_bytes)
@@ -210,7 +214,9 @@ class BlobWriter:
                 view = memoryview(chunk)
                 while read := file.readinto(chunk):
                     self._hash.update(view[:read])
+                timeline.mark("blob_hashed")
                 os.fsync(fd)
+                timeline.mark("blob_fsynced")
             self._size = size
 
         try:

@@ -65,6 +65,7 @@ from flplatform import aggregation
 from flplatform.aggregation import Aggregator
 from flplatform.blobs import BlobInfo, BlobNotFound, BlobStore, store_for
 from flplatform.blobs.mapped import PageReleaser, mapped
+from flplatform.kit import timeline
 from flplatform.kit.tasks import spawn
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError
@@ -423,10 +424,12 @@ async def aggregate_round(
         if digest is None:
             raise ValueError(f"local model {local} disappeared during aggregation")
         rows[local] = (digest, size)
+    timeline.mark("rows_read")
     folder = await _take(model_id, round_)
     if folder is not None:
         try:
             async with folder.lock:
+                timeline.mark("folder_lock_taken")
                 await folder.fold(rows, ids)
                 agg = folder.agg
                 assert agg is not None
@@ -453,16 +456,20 @@ async def aggregate_round(
         for local in ids:
             digest, size = rows[local]
             await fold_blob(agg, store, digest, float(size), f"Local model {local}")
+    timeline.mark("rest_folded")
     new_global, new_state = await finish(agg, store, rows, ids)
     del agg
 
     async with sessionmaker() as session:
         template = await _template(session, store, model_id)
+    timeline.mark("template_found")
     encoded = await archive_plans.rebuild(model_id, template, new_global, store=store)
     del new_global, template
+    timeline.mark("archive_stored")
     new_state_bytes = await asyncio.to_thread(
         aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
     )
+    timeline.mark("state_encoded")
     return encoded, new_state_bytes
 
 

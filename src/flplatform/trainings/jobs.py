@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 from flplatform import workqueue
-from flplatform.kit import malloc
+from flplatform.kit import malloc, timeline
 from flplatform.orm.workqueue import WorkKind
 from flplatform.trainings.runtime import AGGREGATE_JOB, AggregationJob, TrainingRuntime
 
@@ -27,12 +27,15 @@ async def run_aggregation_job(ctx: workqueue.JobContext, payload: dict[str, Any]
                 sessionmaker=ctx.sessionmaker, settings=ctx.settings
             )
     training_id, job = AggregationJob.from_payload(payload)
-    committed = await runtime.aggregate(training_id, job)
-    # A round's close frees model-sized buffers (the uploads' and its own) that glibc keeps cached in
-    # its arenas: hand them back to the kernel before the next round's uploads (a few ms, in a
-    # thread; the next round has already started). Trimming before the close as well measured no
-    # lower peak (docs/performance.md, quiet-machine runs).
-    await asyncio.to_thread(malloc.trim)
+    with timeline.opened(training_id, f"close training={training_id} round={job.round} kind={job.kind}"):
+        timeline.mark("job_started")
+        committed = await runtime.aggregate(training_id, job)
+        # A round's close frees model-sized buffers (the uploads' and its own) that glibc keeps cached
+        # in its arenas: hand them back to the kernel before the next round's uploads (a few ms, in a
+        # thread; the next round has already started). Trimming before the close as well measured no
+        # lower peak (docs/performance.md, quiet-machine runs).
+        await asyncio.to_thread(malloc.trim)
+        timeline.mark("trimmed")
     return {"training_id": str(training_id), "round": job.round, "kind": job.kind, "committed": committed}
 
 

@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from flplatform import workqueue
 from flplatform.blobs import BlobInfo, store_for
 from flplatform.errors import NotFound
-from flplatform.kit import metrics
+from flplatform.kit import metrics, timeline
 from flplatform.kit.tasks import spawn
 from flplatform.models import layouts
 from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, Training
@@ -246,6 +246,7 @@ class TrainingRuntime:
                 max_attempts=self.settings.work_max_attempts,
             )
             await session.commit()
+        timeline.note(training_id, "claim_committed")
         return False  # the aggregation job advances the training further when it has finished
 
     async def aggregate(self, training_id: uuid.UUID, job: AggregationJob) -> bool:
@@ -264,6 +265,7 @@ class TrainingRuntime:
             raise
         if committed:
             await self.advance(training_id)  # e.g. skip_model_tests: the next round starts now
+            timeline.mark("advanced")
         return committed
 
     async def _complete_or_deadline(
@@ -353,6 +355,7 @@ class TrainingRuntime:
                 "training %s: aggregation claim of round %s no longer held; skipping", training_id, job.round
             )
             return False
+        timeline.mark("claim_checked")
         started = time.monotonic()
         options, previous = claimed
         if job.kind in ("update", asynchronous.KIND):
@@ -421,9 +424,11 @@ class TrainingRuntime:
             stored = encoded if isinstance(encoded, BlobInfo) else await store.put(encoded)
             stored_state = await store.put(state)
             del encoded, state
+            timeline.mark("state_stored")
             owned = await self._owned(session, training_id, job)
             if owned is None:
                 return False
+            timeline.mark("claim_locked")
             training, model = owned
             new_round = job.round + 1
             # Aggregation keeps names, dtypes and shapes: the new blob has the old one's layout.
@@ -469,7 +474,9 @@ class TrainingRuntime:
                 await asynchronous.after_fold(session, training, model, [row for row, _ in job.items])
             else:
                 await after_aggregation(session, training, model)
+            timeline.mark("next_round_prepared")
             await session.commit()
+            timeline.mark("committed")
         aggregate.forget_cached(job.model_id)
         self.kick()
         return True

@@ -19,6 +19,7 @@ from flplatform import aggregation
 from flplatform.aggregation import Aggregator
 from flplatform.blobs import BlobNotFound, BlobStore
 from flplatform.blobs.mapped import PageReleaser, mapped
+from flplatform.kit import timeline
 from flplatform.models.files import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ async def finish(
     coordinates whose rounding the arrival order could have changed: whatever order the updates
     were folded in, the result is bitwise the fixed order's (see :mod:`flplatform.aggregation.ordering`)."""
     redo = await asyncio.to_thread(agg.settle)
+    timeline.mark("settled")
     if redo:
         for local in order:
             digest, size = rows[local]
@@ -52,4 +54,7 @@ async def finish(
                     f"Local model {local}: its bytes are missing from the blob store."
                 ) from None
         log.info("%d coordinate(s) recomputed in the participants' order", redo)
-    return await asyncio.to_thread(agg.finish)
+        timeline.mark("recomputed")
+    result = await asyncio.to_thread(agg.finish)
+    timeline.mark("finished")
+    return result
