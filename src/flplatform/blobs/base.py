@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, cast
 
+from flplatform.blobs.writeback import WritebackFile, hash_while_syncing
 from flplatform.kit import timeline
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -93,6 +94,7 @@ class BlobWriter:
         self._finish = finish
         self._max_bytes = max_bytes
         self._hash = hashlib.sha256()
+        self._built_digest: str | None = None  # commit_built hashes the finished file itself
         self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
         self._size = 0
@@ -175,14 +177,17 @@ class BlobWriter:
         """Digest and size of a sealed writer's bytes (before it is committed)."""
         if not self._sealed:
             raise BlobError("the writer is not sealed")
-        return BlobInfo(self._hash.hexdigest(), self._size)
+        return BlobInfo(self._digest(), self._size)
+
+    def _digest(self) -> str:
+        return self._built_digest if self._built_digest is not None else self._hash.hexdigest()
 
     async def commit(self) -> BlobInfo:
         if self._done:
             raise BlobError("the writer is closed")
         await self.seal()
         try:
-            info = BlobInfo(self._hash.hexdigest(), self._size)
+            info = BlobInfo(self._digest(), self._size)
             await self._finish(self._path, info)
             timeline.mark("blob_published")
         except BaseException:
@@ -194,8 +199,10 @@ class BlobWriter:
     async def commit_built(self, build: Callable[[IO[bytes]], None]) -> BlobInfo:
         """Publish what ``build(file)`` writes (in a worker thread) into the writer's temporary file
         itself: a seekable file, for formats whose writer patches headers after the data (zip).
-        Nothing is held in memory; the file is hashed once built (from the page cache), fsynced and
-        published as :meth:`commit` does. Only on a fresh writer (nothing written yet)."""
+        Nothing is held in memory; the file's writeback starts while it is built
+        (:class:`~flplatform.blobs.writeback.WritebackFile`), it is hashed once built (from the page
+        cache) while another thread fsyncs it, and published as :meth:`commit` does. Only on a fresh
+        writer (nothing written yet)."""
         if self._done or self._sealed or self._size or self._file is not None:
             raise BlobError("commit_built needs a fresh writer")
 
@@ -203,21 +210,18 @@ class BlobWriter:
             self._spool_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w+b") as file:
-                build(file)
-                file.flush()
+                sink = WritebackFile(file)  # its pages start going to disk as they are written
+                build(cast(IO[bytes], sink))
+                sink.start()  # the rest
                 timeline.mark("blob_built")
                 size = os.fstat(fd).st_size
                 if self._max_bytes is not None and size > self._max_bytes:
                     raise BlobTooLarge(self._max_bytes)
-                file.seek(0)
-                chunk = bytearray(READ_CHUNK)
-                view = memoryview(chunk)
-                while read := file.readinto(chunk):
-                    self._hash.update(view[:read])
-                timeline.mark("blob_hashed")
-                os.fsync(fd)
-                timeline.mark("blob_fsynced")
-            self._size = size
+                # Read back and hashed while another thread fsyncs: the fsync waits less, the hash
+                # no longer waits for it.
+                digest = hash_while_syncing(fd, chunk=READ_CHUNK)
+                timeline.mark("blob_hashed_and_fsynced")
+            self._size, self._built_digest = size, digest
 
         try:
             await asyncio.to_thread(_build)
