@@ -1,6 +1,7 @@
 """Two worker processes on one PostgreSQL: updates uploaded through either are folded as they
 arrive by exactly one process (it holds the round's advisory lock; the other only commits its rows
-and wakes it through the training events), the lock goes with the round, and the round's model is
+and wakes it through the training events), that process also closes the round (even when the last
+update arrives through the other one), the lock goes with the round, and the round's model is
 the FedAvg of exactly its updates."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sqlalchemy import text
 
 from flplatform.db import create_engine
 from flplatform.trainings.folding import lock_key
+from flplatform.trainings.runtime import AGGREGATE_JOB
 from tests.scale.harness import (
     Fleet,
     SmallNet,
@@ -49,6 +51,23 @@ async def _lock_holders(db_url: str, key: int) -> list[int]:
                 {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF},
             )
             return [pid for (pid,) in rows]
+    finally:
+        await engine.dispose()
+
+
+async def _close_reports(db_url: str, training_id: str) -> list[dict[str, object]]:
+    """The results of the training's finished aggregation jobs."""
+    engine = create_engine(db_url)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(
+                text(
+                    "SELECT q.result FROM queued_works q JOIN works w ON w.id = q.id "
+                    "WHERE q.handler = :kind AND w.status = 'finished'"
+                ),
+                {"kind": AGGREGATE_JOB},
+            )
+            return [r for (r,) in rows if r and r.get("training_id") == training_id]
     finally:
         await engine.dispose()
 
@@ -122,3 +141,8 @@ async def _round(db_url: str, urls: list[str]) -> None:
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
         assert await _until_holders(db_url, key, 0) == []  # released with the round
+        # The round was closed by the folding process (url 0's, which took the first upload), not by the
+        # one that took the last upload: its folder was used, nothing was folded again from the store.
+        reports = await _close_reports(db_url, training_id)
+        assert len(reports) == 1 and reports[0]["committed"] is True, reports
+        assert reports[0]["folded_on_arrival"] is not None and reports[0]["folded_on_arrival"] >= 2, reports

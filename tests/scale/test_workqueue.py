@@ -174,6 +174,53 @@ async def test_running_job_keeps_its_lease(db_url: str, maker: async_sessionmake
     assert job.status == WorkStatus.FINISHED and job.attempts == 1
 
 
+async def test_a_job_preferring_its_process_waits_for_that_worker_first(
+    maker: async_sessionmaker[AsyncSession], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``enqueue(prefer_local=True)`` reserves the job for this process's worker (a round's close
+    where its updates were folded) for a head start; then any worker takes it as usual."""
+    from flplatform.workqueue import queue
+
+    async with maker() as session:
+        here, there = Server(name="here"), Server(name="there")
+        session.add_all([here, there])
+        await session.commit()
+        here_id, there_id = here.id, there.id
+
+    class LocalWorker:
+        server_id, kinds = here_id, None
+
+        def kick(self) -> None:
+            pass
+
+    local = LocalWorker()
+    monkeypatch.setattr(queue, "LOCAL_WORKERS", {local})
+    reserved = await _enqueue(maker, "test.echo", {"n": 1}, prefer_local=True)
+    assert (await _job(maker, reserved)).server_id == here_id
+    assert await workqueue.claim(maker, lease_seconds=30, server_id=there_id) is None
+    assert await workqueue.claim(maker, lease_seconds=30) is None  # a worker without a server row too
+    claimed = await workqueue.claim(maker, lease_seconds=30, server_id=here_id)
+    assert claimed is not None and claimed.id == reserved
+
+    monkeypatch.setattr(queue, "LOCAL_HEAD_START_SECONDS", 0.2)
+    later = await _enqueue(maker, "test.echo", {"n": 2}, prefer_local=True)
+    assert await workqueue.claim(maker, lease_seconds=30, server_id=there_id) is None
+    await asyncio.sleep(0.3)  # the head start is over: anyone
+    taken = await workqueue.claim(maker, lease_seconds=30, server_id=there_id)
+    assert taken is not None and taken.id == later
+
+    LocalWorker.kinds = ["test.other"]  # this process's worker does not take the kind: no reservation
+    free = await _enqueue(maker, "test.echo", {"n": 3}, prefer_local=True)
+    assert (await _job(maker, free)).server_id is None
+    monkeypatch.setattr(queue, "LOCAL_WORKERS", set())
+    free2 = await _enqueue(maker, "test.echo", {"n": 4}, prefer_local=True)
+    got = {
+        (await workqueue.claim(maker, lease_seconds=30, server_id=there_id)).id,  # type: ignore[union-attr]
+        (await workqueue.claim(maker, lease_seconds=30, server_id=there_id)).id,  # type: ignore[union-attr]
+    }
+    assert got == {free, free2}
+
+
 async def test_job_lost_too_often_becomes_an_error(maker: async_sessionmaker[AsyncSession]) -> None:
     job_id = await _enqueue(maker, "test.echo", max_attempts=2)
     for _ in range(2):

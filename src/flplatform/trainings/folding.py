@@ -26,6 +26,15 @@ method keeps the close-time path) folds everything from the store: correct, just
 (it only commits rows, whose events wake the folding process). A dead process's lock goes with its
 connection. SQLite has one writing process.
 
+**The folding process closes the round.** A round claimed by another process would be folded there
+from the store, every update again (a model-sized pass per update, on the close's critical path).
+So an upload whose round another process folds does not claim the round itself: the folding
+process, woken by the upload's event, folds it and checks whether the round is complete
+(:attr:`RoundFolder.advance`, side by side as for its own uploads), claims it and gets the job
+first (``workqueue.enqueue(prefer_local=True)``). The uploading process re-checks the round after
+:data:`CLAIM_BACKSTOP_SECONDS` in case the folding process could not (it died: its lock is gone,
+and the round is claimed here and folded from the store, as before).
+
 **Order independence.** A seeded run must give the same model bit for bit (issue 20), but arrival
 order is not reproducible. Streamed methods therefore accumulate raw sample-size-weighted products
 in float64 (unless the training set ``accumulate_dtype`` itself: then it folds only at close, in the
@@ -44,6 +53,9 @@ a few MiB resident) and 1/64 of a float64 model of bound.
 
 Methods that need every update at once (median, trimmed mean, (Multi-)Krum, DP, FedDC) keep the
 close-time path, reading their updates from memory maps too.
+
+Size: the folders, their cross-process lock, the hand-off of the claim to the folding process and
+the close's take-over of a folder share this module's state (``_FOLDERS``) and read best together.
 """
 
 from __future__ import annotations
@@ -53,7 +65,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +89,13 @@ from flplatform.trainings.rounds import PHASE_UPDATE
 from flplatform.trainings.settling import Rows, finish, new_aggregator
 
 log = logging.getLogger(__name__)
+
+#: An upload whose round another process folds re-checks the round after this long, in case the
+#: folding process did not claim it (see the module docstring).
+CLAIM_BACKSTOP_SECONDS = 2.0
+
+# Re-checks a training's round (the runtime's advance_if_due: training id, the upload's still_open)
+Advance = Callable[[uuid.UUID, bool | None], Coroutine[Any, Any, None]]
 
 
 def method_options(options: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool]:
@@ -169,6 +188,9 @@ class RoundFolder:
     refolds: int = 0
     on_arrival: int = 0  # updates folded before the round closed
     waiter: Any = None  # follow()'s subscription to the training's wake-ups
+    # Re-checks the round when an update committed by another process is seen (that process leaves
+    # the claim to this one: see the module docstring)
+    advance: Advance | None = None
 
     def reset(self) -> Aggregator:
         agg = new_aggregator(self.name, self.kwargs)
@@ -197,8 +219,9 @@ class RoundFolder:
             await fold_blob(agg, self.store, digest, float(size), f"Local model {local}")
             self.folded[local] = (digest, size)
 
-    async def sync(self) -> None:
-        """Fold what was committed for the round since the last look (arrival path)."""
+    async def sync(self, *, woken: bool = False) -> None:
+        """Fold what was committed for the round since the last look (arrival path). ``woken``: by
+        the training's events (maybe another process's upload): new rows also re-check the round."""
         async with self.lock:
             if self.closed:
                 return
@@ -215,6 +238,10 @@ class RoundFolder:
             if not current:  # the round was closed (maybe by another process), the training ended or is gone
                 await _discard(self)
                 return
+            if woken and self.advance is not None and any(local not in self.folded for local in rows):
+                # Claimed side by side with the fold, as an upload to this process is
+                # (sweeper.advance_after_update); the job waits for the fold under the lock.
+                spawn(self.advance(self.training_id, None), name=f"advance-{self.training_id}")
             before = len(self.folded)
             await self.fold(rows, list(rows))
             self.on_arrival += max(0, len(self.folded) - before)
@@ -228,7 +255,7 @@ class RoundFolder:
                 await waiter.event.wait()
                 waiter.event.clear()
                 try:
-                    await self.sync()
+                    await self.sync(woken=True)
                 except Exception:
                     log.exception(
                         "training %s: folding round %s on arrival failed", self.training_id, self.round
@@ -296,8 +323,13 @@ async def _guard(
 
 
 async def _open(
-    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, training_id: uuid.UUID
-) -> RoundFolder | None:
+    sessionmaker: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    training_id: uuid.UUID,
+    advance: Advance | None = None,
+) -> tuple[RoundFolder | None, bool]:
+    """The round's folder in this process (opened if this process may fold the round), and whether
+    another process folds it (it holds the round's advisory lock)."""
     async with sessionmaker() as session:
         row = (
             await session.execute(
@@ -316,30 +348,30 @@ async def _open(
         ).one_or_none()
         store = store_for(session)
     if row is None:
-        return None
+        return None, False
     state, phase, locked, options, model_id, previous_state, round_ = row
     existing = _FOLDERS.get(model_id)
     if existing is not None:
         if existing.round == round_ and not existing.closed:
-            return existing
+            return existing, False
         if existing.round > round_:
-            return None  # what we read is older than the folder: a later round is open already
+            return None, False  # what we read is older than the folder: a later round is open already
         await _discard(existing)
     if state != TrainingState.ONGOING or phase != PHASE_UPDATE or locked:
-        return None
+        return None, False
     name, kwargs, foldable = method_options(options or {})
     while model_id in _OPENING:  # another upload of the round is opening it: fold into that one
         await asyncio.sleep(0.01)
     existing = _FOLDERS.get(model_id)
     if existing is not None and existing.round == round_ and not existing.closed:
-        return existing
+        return existing, False
     if not foldable or len(_FOLDERS) >= settings.fold_max_open_rounds:
-        return None
+        return None, False
     _OPENING.add(model_id)
     try:
         got, guard = await _guard(sessionmaker, lock_key(model_id, round_))
         if not got:
-            return None  # another process folds this round
+            return None, True  # another process folds this round
         try:
             agg = new_aggregator(name, kwargs)
             begin_args = await _begin_args(sessionmaker, model_id, agg, previous_state)
@@ -350,13 +382,14 @@ async def _open(
         folder = RoundFolder(
             training_id, model_id, round_, sessionmaker, store, name, kwargs, begin_args, guard=guard
         )
+        folder.advance = advance
         _FOLDERS[model_id] = folder
     finally:
         _OPENING.discard(model_id)
     spawn(folder.follow(), name=f"fold-{training_id}-{round_}")
     if not archive_plans.known(model_id):
         spawn(archive_plans.learn(sessionmaker, model_id), name=f"storage-plan-{model_id}")
-    return folder
+    return folder, False
 
 
 async def on_update(
@@ -364,24 +397,48 @@ async def on_update(
     settings: Settings,
     training_id: uuid.UUID,
     size: int | None = None,
+    advance: Advance | None = None,
+    still_open: bool | None = None,
 ) -> None:
     """After an update's commit: fold it (and whatever else arrived) into the round's folder,
-    opening one if this process may fold the round. An update of ``size`` bytes under
+    opening one if this process may fold the round, and side by side re-check the round with
+    ``advance`` (the runtime's ``advance_if_due``, given ``still_open``: the upload's own read of
+    whether the round still waits for others) — unless another process folds the round: that one
+    claims it (module docstring), and ``advance`` runs here only after
+    :data:`CLAIM_BACKSTOP_SECONDS`. An update of ``size`` bytes under
     ``FLP_FOLD_ON_ARRIVAL_MIN_BYTES`` opens nothing (its round's folder, if one is open already,
     still folds it when the commit's event wakes it: :meth:`RoundFolder.follow`); the close folds
-    it. Never raises: the close-time path folds whatever this could not."""
-    if settings.fold_max_open_rounds <= 0:
+    it. Folding never raises: the close-time path folds whatever this could not."""
+    folder: RoundFolder | None = None
+    elsewhere = False
+    if settings.fold_max_open_rounds > 0 and (size is None or size >= settings.fold_on_arrival_min_bytes):
+        try:
+            folder, elsewhere = await _open(sessionmaker, settings, training_id, advance)
+        except Exception:
+            await _failed(training_id)
+    if elsewhere:
+        if advance is not None and still_open is not True:  # this upload may have completed the round
+            await asyncio.sleep(CLAIM_BACKSTOP_SECONDS)
+            await advance(training_id, None)
         return
-    if size is not None and size < settings.fold_on_arrival_min_bytes:
-        return
-    try:
-        folder = await _open(sessionmaker, settings, training_id)
-        if folder is not None:
+
+    async def fold(folder: RoundFolder) -> None:
+        try:
             await folder.sync()
-    except Exception:
-        log.exception("training %s: folding an update on arrival failed", training_id)
-        for folder in [f for f in _FOLDERS.values() if f.training_id == training_id]:
-            await _discard(folder)
+        except Exception:
+            await _failed(training_id)
+        timeline.note(training_id, "arrival_fold_done")
+
+    await asyncio.gather(
+        *([fold(folder)] if folder is not None else []),
+        *([advance(training_id, still_open)] if advance is not None else []),
+    )
+
+
+async def _failed(training_id: uuid.UUID) -> None:
+    log.exception("training %s: folding an update on arrival failed", training_id)
+    for folder in [f for f in _FOLDERS.values() if f.training_id == training_id]:
+        await _discard(folder)
 
 
 async def _take(model_id: uuid.UUID, round_: int) -> RoundFolder | None:
@@ -401,12 +458,14 @@ async def aggregate_round(
     items: Sequence[tuple[uuid.UUID, int]],
     options: dict[str, Any],
     previous_state: str | None,
+    report: dict[str, Any] | None = None,
 ) -> tuple[bytes | memoryview | BlobInfo, bytes]:
     """New global model (TorchScript archive; as a blob already in the store where the archive was
     rebuilt in the server) and the aggregator's state (safetensors) of a claimed
     round: from this process's folder where it has one (only the rest is folded now), else every
     update from the blob store, as memory maps (``previous_state``: the digest of the aggregator's
-    state after the last round)."""
+    state after the last round). ``report`` gets ``folded_on_arrival``: how many updates this
+    process's folder had folded before the close (None: no folder here, all folded now)."""
     name, kwargs, _ = method_options(options)
     async with sessionmaker() as session:
         store = store_for(session)
@@ -442,9 +501,13 @@ async def aggregate_round(
                 len(items),
                 folder.refolds,
             )
+            if report is not None:
+                report["folded_on_arrival"] = folder.on_arrival
         finally:
             await folder.close()
     else:
+        if report is not None:
+            report["folded_on_arrival"] = None
         agg = new_aggregator(name, kwargs)
         global_state, prior = (
             await _begin_args(sessionmaker, model_id, agg, previous_state)

@@ -29,14 +29,22 @@ async def run_aggregation_job(ctx: workqueue.JobContext, payload: dict[str, Any]
     training_id, job = AggregationJob.from_payload(payload)
     with timeline.opened(training_id, f"close training={training_id} round={job.round} kind={job.kind}"):
         timeline.mark("job_started")
-        committed = await runtime.aggregate(training_id, job)
+        report: dict[str, Any] = {}
+        committed = await runtime.aggregate(training_id, job, report)
         # A round's close frees model-sized buffers (the uploads' and its own) that glibc keeps cached
         # in its arenas: hand them back to the kernel before the next round's uploads (a few ms, in a
         # thread; the next round has already started). Trimming before the close as well measured no
         # lower peak (docs/performance.md, quiet-machine runs).
         await asyncio.to_thread(malloc.trim)
         timeline.mark("trimmed")
-    return {"training_id": str(training_id), "round": job.round, "kind": job.kind, "committed": committed}
+    # report: how many updates were folded on arrival in this process (None: none, all at the close)
+    return {
+        "training_id": str(training_id),
+        "round": job.round,
+        "kind": job.kind,
+        "committed": committed,
+        **report,
+    }
 
 
 def register() -> None:

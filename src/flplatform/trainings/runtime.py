@@ -236,7 +236,9 @@ class TrainingRuntime:
                 },
             )
             # The job becomes visible with the claim (same transaction): there is never a claim
-            # without its job, nor a job without its claim.
+            # without its job, nor a job without its claim. It is reserved for a moment for this
+            # process's worker: the round's updates were folded here as they arrived (on PostgreSQL
+            # with several processes the folding one claims the round: folding.on_update).
             await workqueue.enqueue(
                 session,
                 AGGREGATE_JOB,
@@ -244,18 +246,22 @@ class TrainingRuntime:
                 dedupe_key=job.dedupe_key(training_id),
                 model_id=job.model_id,
                 max_attempts=self.settings.work_max_attempts,
+                prefer_local=True,
             )
             await session.commit()
         timeline.note(training_id, "claim_committed")
         return False  # the aggregation job advances the training further when it has finished
 
-    async def aggregate(self, training_id: uuid.UUID, job: AggregationJob) -> bool:
+    async def aggregate(
+        self, training_id: uuid.UUID, job: AggregationJob, report: dict[str, Any] | None = None
+    ) -> bool:
         """Run a claimed aggregation (the work-queue handler calls this) and, when it committed
         the round, advance the training further. False when the claim was no longer ours (the
         round was finished by an earlier run of the same job, re-claimed, or the training ended).
-        An aggregation error ends the training in Error and is re-raised (the job records it)."""
+        An aggregation error ends the training in Error and is re-raised (the job records it).
+        ``report``: facts about the run for the job's result (``folding.aggregate_round``)."""
         try:
-            committed = await self._run(training_id, job)
+            committed = await self._run(training_id, job, report)
         except NotFound:
             return False  # the training was deleted meanwhile
         except Exception as exc:  # aggregation failure: Error with the reason, never a silent stall
@@ -346,7 +352,9 @@ class TrainingRuntime:
             return None
         return dict(options or {}), previous
 
-    async def _run(self, training_id: uuid.UUID, job: AggregationJob) -> bool:
+    async def _run(
+        self, training_id: uuid.UUID, job: AggregationJob, report: dict[str, Any] | None = None
+    ) -> bool:
         claimed = await self._still_claimed(training_id, job)
         if claimed is None:
             # A re-run of a job whose round was already committed (its worker died before
@@ -367,7 +375,7 @@ class TrainingRuntime:
                 )
             else:
                 encoded, state = await folding.aggregate_round(
-                    self.sessionmaker, job.model_id, job.round, job.items, options, previous
+                    self.sessionmaker, job.model_id, job.round, job.items, options, previous, report
                 )
             metrics.observe_aggregation(method, elapsed())
             committed = await self._finish_update(training_id, job, encoded, state, started)

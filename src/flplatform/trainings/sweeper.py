@@ -231,16 +231,15 @@ def advance_after_update(
     (:mod:`~flplatform.trainings.folding`)."""
     runtime = runtime_of(app)
 
-    async def folded() -> None:
-        await folding.on_update(runtime.sessionmaker, runtime.settings, training_id, size)
-        timeline.note(training_id, "arrival_fold_done")
-
     async def folded_then_advanced() -> None:
         timeline.note(training_id, "upload_committed")
         # Side by side: when this update completes the round, the claim's queries and the job's
         # start overlap its fold; the job takes the round's folder and waits for that fold under
         # the folder's lock (a fold that starts after the claim finds no folder and does nothing).
-        await asyncio.gather(folded(), runtime.advance_if_due(training_id, still_open))
+        # Where another process folds the round, that one claims it (folding.on_update).
+        await folding.on_update(
+            runtime.sessionmaker, runtime.settings, training_id, size, runtime.advance_if_due, still_open
+        )
 
     after_commit(session, folded_then_advanced)
 

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "flp_work"
 MAX_ERROR_CHARS = 4000
+#: A job enqueued with ``prefer_local`` waits this long for the enqueuing process's own worker
+#: before any other worker may claim it (see :func:`enqueue`).
+LOCAL_HEAD_START_SECONDS = 1.0
 
 LOCAL_WORKERS: weakref.WeakSet[Any] = weakref.WeakSet()  # this process's workers (they have kick())
 
@@ -81,12 +84,17 @@ async def enqueue(
     estimate_seconds: float | None = None,
     max_attempts: int = 5,
     submitter_id: uuid.UUID | None = None,
+    prefer_local: bool = False,
 ) -> QueuedWork:
     """Add a job in the caller's transaction (it becomes visible when the caller commits).
 
     With ``dedupe_key`` an existing job with that key is returned instead of a new one, whatever
     its status: enqueueing is idempotent, so retried requests and racing workers are harmless.
     ``submitter_id``: the user the job belongs to (who may poll it), for jobs users submit.
+    ``prefer_local``: the job is reserved for this process's own worker (its ``server_id`` is set
+    while it waits) for :data:`LOCAL_HEAD_START_SECONDS`, then any worker claims it as usual —
+    for jobs that run faster where they were enqueued (a round's close in the process that folded
+    its updates). Without a worker in this process nothing is reserved.
     """
     category: WorkKind = category_of(kind)  # raises for an unregistered kind
     if dedupe_key is not None:
@@ -104,6 +112,7 @@ async def enqueue(
         attempts=0,
         max_attempts=max_attempts,
         submitter_id=submitter_id,
+        server_id=_local_server(kind) if prefer_local else None,
     )
     if dedupe_key is not None and _is_postgres(session):
         # Two transactions enqueueing the same key: the second INSERT waits for the first to
@@ -129,6 +138,15 @@ async def enqueue(
     return job
 
 
+def _local_server(kind: str) -> uuid.UUID | None:
+    """The server id of a running (registered) worker of this process that takes ``kind``, if any."""
+    for worker in list(LOCAL_WORKERS):
+        kinds = getattr(worker, "kinds", None)
+        if getattr(worker, "server_id", None) is not None and (kinds is None or kind in kinds):
+            return worker.server_id
+    return None
+
+
 async def _by_key(session: AsyncSession, dedupe_key: str) -> QueuedWork | None:
     stmt = (
         select(QueuedWork)
@@ -150,12 +168,18 @@ async def claim(
     server_id: uuid.UUID | None = None,
     kinds: list[str] | None = None,
 ) -> ClaimedJob | None:
-    """Take the oldest waiting job, or a processing one whose lease expired; commit the claim."""
+    """Take the oldest waiting job, or a processing one whose lease expired; commit the claim.
+    A waiting job reserved for another server (``enqueue(prefer_local=True)``) is left to it for
+    :data:`LOCAL_HEAD_START_SECONDS` after it was enqueued."""
     for _ in range(5):  # on SQLite a lost compare-and-set just means: look again
         async with sessionmaker() as session:
             now = utcnow()
+            head_start = now - dt.timedelta(seconds=LOCAL_HEAD_START_SECONDS)
+            free = or_(Work.server_id.is_(None), Work.created_at <= head_start)
+            if server_id is not None:
+                free = or_(free, Work.server_id == server_id)
             due = or_(
-                Work.status == WorkStatus.WAITING,
+                (Work.status == WorkStatus.WAITING) & free,
                 (Work.status == WorkStatus.PROCESSING) & (QueuedWork.lease_until < now),
             )
             stmt = select(QueuedWork).where(due).order_by(Work.created_at).limit(1)
