@@ -361,6 +361,31 @@ def phase_steps(r: Result, round_: int) -> list[tuple[str, float]]:
     return steps
 
 
+#: --phases summary: (phase, the mark it ends at); each phase runs from the previous one's end
+PHASES = (
+    ("last fold + claim", "folder_lock_taken"),
+    ("settle", "settled"),
+    ("recompute + finish", "finished"),
+    ("archive", "archive_stored"),
+    ("state + DB + commit", "committed"),
+    ("commit → event seen", "bench_round_started_seen"),
+)
+
+
+def phase_summary(r: Result, round_: int) -> list[float] | None:
+    """A round's close in the phases of :data:`PHASES` (ms), from the last upload's response."""
+    marks: dict[str, float] = {}
+    for name, at in [*r.timelines.get(round_, []), ("bench_round_started_seen", r.next_at[round_])]:
+        marks.setdefault(name, at)
+    if any(end not in marks for _, end in PHASES):
+        return None
+    previous, out = r.answered_at[round_], []
+    for _, end in PHASES:
+        out.append(1000 * (marks[end] - previous))
+        previous = marks[end]
+    return out
+
+
 def print_phases(results: list[Result]) -> None:
     print("\nThe close, step by step (ms since the step before; the first since the last upload's response):")
     for r in results:
@@ -368,6 +393,19 @@ def print_phases(results: list[Result]) -> None:
             print(f"  {r.database}: no timelines in the server log")
             continue
         rounds = [n for n in range(len(r.answered_at)) if n in r.timelines and n < len(r.next_at)]
+        summaries = [v for n in rounds if (v := phase_summary(r, n)) is not None]
+        if summaries:
+            print(
+                f"\n{r.database}, by phase (median ms over {len(summaries)} rounds; each round in brackets):"
+            )
+            for index, (phase, _) in enumerate(PHASES):
+                values = [v[index] for v in summaries]
+                each = " ".join(f"{v:.0f}" for v in values)
+                print(f"  {phase:22s} {statistics.median(values):5.0f}  [{each}]")
+            totals = [sum(v) for v in summaries]
+            print(
+                f"  {'total':22s} {statistics.median(totals):5.0f}  [{' '.join(f'{v:.0f}' for v in totals)}]"
+            )
         per_round = {n: dict(phase_steps(r, n)) for n in rounds}
         order = [name for name, _ in phase_steps(r, rounds[-1])]
         print(f"\n| {r.database} step | median ms | " + " | ".join(f"round {n}" for n in rounds) + " |")

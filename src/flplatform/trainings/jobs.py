@@ -9,7 +9,6 @@ from typing import Any
 
 from flplatform import workqueue
 from flplatform.kit import malloc, timeline
-from flplatform.kit.tasks import spawn
 from flplatform.orm.workqueue import WorkKind
 from flplatform.trainings.runtime import AGGREGATE_JOB, AggregationJob, TrainingRuntime
 
@@ -32,13 +31,12 @@ async def run_aggregation_job(ctx: workqueue.JobContext, payload: dict[str, Any]
         timeline.mark("job_started")
         report: dict[str, Any] = {}
         committed = await runtime.aggregate(training_id, job, report)
-    # A round's close frees model-sized buffers (the uploads' and its own) that glibc keeps cached in
-    # its arenas: hand them back to the kernel before the next round's uploads (a few ms, in a
-    # thread). Trimming before the close as well measured no lower peak (docs/performance.md,
-    # quiet-machine runs). A moment later, not at once: malloc_trim holds glibc's arena locks while
-    # it walks the freed memory, and every thread that allocates meanwhile waits (the event loop
-    # sending the next round's start among them).
-    spawn(_trim_later(), name="malloc-trim")
+        # A round's close frees model-sized buffers (the uploads' and its own) that glibc keeps cached
+        # in its arenas: hand them back to the kernel before the next round's uploads (a few ms, in a
+        # thread; the next round has already started). Trimming before the close as well measured no
+        # lower peak (docs/performance.md, quiet-machine runs).
+        await asyncio.to_thread(malloc.trim)
+        timeline.mark("trimmed")
     # report: how many updates were folded on arrival in this process (None: none, all at the close)
     return {
         "training_id": str(training_id),
@@ -47,15 +45,6 @@ async def run_aggregation_job(ctx: workqueue.JobContext, payload: dict[str, Any]
         "committed": committed,
         **report,
     }
-
-
-#: Seconds between a round's close and the trim of the freed memory (see run_aggregation_job).
-TRIM_DELAY_SECONDS = 0.2
-
-
-async def _trim_later() -> None:
-    await asyncio.sleep(TRIM_DELAY_SECONDS)
-    await asyncio.to_thread(malloc.trim)
 
 
 def register() -> None:
