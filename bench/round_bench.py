@@ -28,6 +28,10 @@ built beforehand: the bench measures the server, not httpx). Reported per databa
   from ``/proc`` over each round's uploads;
 * the machine's own **loopback** TCP bandwidth and **fdatasync** write bandwidth (the blob store's
   filesystem), measured in the same run, and the load average (the machine may be shared).
+* ``--phases``: the close step by step, from the server's own marks (the ``flplatform.timeline``
+  logger at DEBUG through a ``--log-config``; :mod:`flplatform.kit.timeline`) lined up with this
+  process's clock: ms per step and per phase (the last fold and the claim, settle, recompute, the
+  archive, the database and commit, the event's delivery), per round and median.
 
 Run from the repository root, un-niced: ``.venv/bin/python bench/round_bench.py --clients 8 --mb 68``
 (``--database sqlite`` or ``postgresql`` for one; ``--no-fold`` folds every round only at its close,
