@@ -262,3 +262,29 @@ async def test_small_updates_fold_at_the_close_and_mixed_rounds_give_the_same_bi
         assert got.keys() == at_close.keys()
         for key in at_close:
             assert torch.equal(at_close[key], got[key]), key
+
+
+async def test_an_upload_whose_round_another_process_folds_leaves_the_claim_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``on_update`` where another process holds the round's fold lock: no claim at once (the folding
+    process claims, woken by the upload's event), only the backstop re-check after a delay."""
+
+    async def elsewhere(*_args: object, **_kwargs: object) -> tuple[None, bool]:
+        return None, True
+
+    monkeypatch.setattr(folding, "_open", elsewhere)
+    monkeypatch.setattr(folding, "CLAIM_BACKSTOP_SECONDS", 0.3)
+    calls: list[float] = []
+
+    async def advance(_training_id: uuid.UUID, still_open: bool | None) -> None:
+        assert still_open is None  # read afresh: the upload's own answer is stale by then
+        calls.append(asyncio.get_running_loop().time())
+
+    settings = Settings(database_url="sqlite+aiosqlite://", fold_max_open_rounds=4)
+    started = asyncio.get_running_loop().time()
+    task = asyncio.create_task(folding.on_update(None, settings, uuid.uuid4(), None, advance, False))  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)
+    assert calls == []  # not at once
+    await task
+    assert len(calls) == 1 and calls[0] - started >= 0.3
