@@ -223,3 +223,36 @@ def test_writeback_file_passes_large_writes_on_in_pieces(tmp_path: Path) -> None
         sink.start()
         assert sink.tell() == len(data)  # everything else is the file's
         assert hash_while_syncing(file.fileno(), chunk=65536) == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_built_blob_leaves_a_spare_file_that_the_next_build_overwrites(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a built blob is published, a spare file of its size waits in the spool (blocks
+    allocated, pages read into the page cache); the next build writes into it, shorter than it here,
+    and publishes exactly what it wrote."""
+    from flplatform.blobs import writeback as wb
+
+    monkeypatch.setattr(wb, "SPARE_MIN_BYTES", 64 * 1024)
+    spare = store.spool / f"spare-{os.getpid()}.part"
+
+    async def spare_of_size(size: int) -> None:
+        for _ in range(500):
+            if spare.exists() and spare.stat().st_size == size:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no spare of {size} bytes: {_spooled(store)}")
+
+    first, second = os.urandom(300_000), os.urandom(200_001)
+    info = await store.writer().commit_built(lambda sink: sink.write(first))
+    await spare_of_size(len(first))
+    inode = spare.stat().st_ino
+    again = await store.writer().commit_built(lambda sink: sink.write(second))
+    if isinstance(store, FileBlobStore):  # the spare itself became the blob
+        assert store.path(again.digest).stat().st_ino == inode
+    data = await store.read(again.digest)
+    assert data == second and again.size == len(second)
+    assert again.digest == hashlib.sha256(second).hexdigest()
+    assert await store.read(info.digest) == first
+    await spare_of_size(len(second))  # the spare was used, and a new one prepared
+    assert _spooled(store) == [spare.name]

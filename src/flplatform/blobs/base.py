@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import os
 import re
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, cast
 
-from flplatform.blobs.writeback import WritebackFile, hash_while_syncing
+from flplatform.blobs.writeback import WritebackFile, hash_while_syncing, take_spare, warm_spare
 from flplatform.kit import timeline
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -208,10 +209,14 @@ class BlobWriter:
 
         def _build() -> None:
             self._spool_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = take_spare(self._spool_dir, self._path)  # pages already in the page cache
+            if fd is None:
+                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w+b") as file:
                 sink = WritebackFile(file)  # its pages start going to disk as they are written
                 build(cast(IO[bytes], sink))
+                file.flush()
+                os.ftruncate(fd, sink.end)  # a spare may be longer than what was built
                 sink.start()  # the rest
                 timeline.mark("blob_built")
                 size = os.fstat(fd).st_size
@@ -229,7 +234,13 @@ class BlobWriter:
             await self.abort()
             raise
         self._sealed = True
-        return await self.commit()
+        info = await self.commit()
+        # the next build (the next round's global, about as large) gets pages touched beforehand
+        spare = threading.Thread(
+            target=warm_spare, args=(self._spool_dir, info.size), name="blob-spare", daemon=True
+        )
+        spare.start()
+        return info
 
     async def abort(self) -> None:
         """Drop everything written so far (idempotent)."""

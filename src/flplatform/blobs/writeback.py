@@ -10,6 +10,14 @@ SYNC_FILE_RANGE_WRITE)``: asynchronous, it does not wait for the disk, and it ch
 durability: the fsync that follows still waits for every byte), and :func:`hash_while_syncing`
 runs the fsync in a second thread while this one reads the file back (from the page cache) and
 hashes it. Where ``sync_file_range`` does not exist (not Linux) only the overlap remains.
+
+A new file also needs fresh page-cache pages, and on a VM whose balloon device reports free pages
+to the host (Firecracker, QEMU with ``free-page-reporting``) the first touch of memory the guest
+freed a while ago faults into the host: writing a 68 MB archive took 31-47 ms in some rounds and
+124-177 ms in others (docs/performance.md). So after a built blob is published, :func:`warm_spare`
+prepares the next one's file off the critical path (disk blocks allocated, pages read into the page
+cache, no data written), and :func:`take_spare` hands it to the next build, which overwrites those
+pages in place.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import hashlib
 import os
 import sys
 import threading
+import uuid
+from pathlib import Path
 from typing import IO, Any
 
 #: Writeback is started for every this many bytes written (and for the rest at the end).
@@ -63,6 +73,7 @@ class WritebackFile:
         self._fd = file.fileno()
         self._every = every or WRITEBACK_BYTES
         self._pending = 0  # bytes written since writeback was last started
+        self.end = 0  # the furthest byte written (the file's length, also over a longer spare)
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -75,6 +86,7 @@ class WritebackFile:
             self._pending += written if written is not None else len(piece)
             if self._pending >= self._every:
                 self.start()
+        self.end = max(self.end, self._file.tell())
         return total
 
     def start(self) -> None:
@@ -112,3 +124,53 @@ def hash_while_syncing(fd: int, *, chunk: int = 1024**2) -> str:
     if failure:
         raise failure[0]
     return hasher.hexdigest()
+
+
+#: Built blobs from this size on leave a spare file for the next build (:func:`warm_spare`).
+SPARE_MIN_BYTES = 8 * 1024**2
+_SPARE_PREFIX = "spare-"
+
+
+def _spare_path(spool_dir: Path) -> Path:
+    # one per process: the workers of a server share the spool directory
+    return spool_dir / f"{_SPARE_PREFIX}{os.getpid()}.part"
+
+
+def take_spare(spool_dir: Path, path: Path) -> int | None:
+    """This process's spare file moved to ``path`` and opened for reading and writing (its pages
+    are in the page cache; the caller writes from offset 0 and truncates to what it wrote), or None
+    when there is none."""
+    try:
+        os.rename(_spare_path(spool_dir), path)
+    except OSError:
+        return None
+    try:
+        return os.open(path, os.O_RDWR)
+    except OSError:
+        path.unlink(missing_ok=True)
+        return None
+
+
+def warm_spare(spool_dir: Path, size: int) -> None:
+    """Prepare this process's spare file of ``size`` bytes (blocking: run it in a thread): disk
+    blocks allocated without writing them (``posix_fallocate``) and read once, which puts zero pages
+    of the file in the page cache at no disk cost. Replaces an older spare; any failure (no space,
+    no ``posix_fallocate``) leaves no spare and the next build starts a fresh file as before."""
+    if size < SPARE_MIN_BYTES or not hasattr(os, "posix_fallocate"):
+        return
+    temp = spool_dir / f"{uuid.uuid4().hex}.part"
+    try:
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+        buffer = bytearray(1024**2)
+        offset = 0
+        while read := os.preadv(fd, [buffer], offset):
+            offset += read
+        os.replace(temp, _spare_path(spool_dir))
+    except OSError:
+        temp.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
