@@ -256,3 +256,25 @@ async def test_a_built_blob_leaves_a_spare_file_that_the_next_build_overwrites(
     assert await store.read(info.digest) == first
     await spare_of_size(len(second))  # the spare was used, and a new one prepared
     assert _spooled(store) == [spare.name]
+
+
+async def test_prepare_spare_makes_one_unless_present(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round's first close gets a spare too: prepared ahead (sized like the current global)
+    when this process has none, left alone when it has one."""
+    from flplatform.blobs import writeback as wb
+
+    monkeypatch.setattr(wb, "SPARE_MIN_BYTES", 64 * 1024)
+    spare = store.spool / f"spare-{os.getpid()}.part"
+    store.spool.mkdir(parents=True, exist_ok=True)
+    store.prepare_spare(1000)  # under the minimum: nothing
+    store.prepare_spare(100_000)
+    for _ in range(500):
+        if spare.exists() and spare.stat().st_size == 100_000:
+            break
+        await asyncio.sleep(0.01)
+    inode = spare.stat().st_ino
+    store.prepare_spare(200_000)  # one is present: kept
+    await asyncio.sleep(0.2)
+    assert spare.stat().st_ino == inode and spare.stat().st_size == 100_000

@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import os
 import re
-import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, cast
 
-from flplatform.blobs.writeback import WritebackFile, hash_while_syncing, take_spare, warm_spare
+from flplatform.blobs.writeback import WritebackFile, hash_while_syncing, start_spare, take_spare
 from flplatform.kit import timeline
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -236,10 +235,7 @@ class BlobWriter:
         self._sealed = True
         info = await self.commit()
         # the next build (the next round's global, about as large) gets pages touched beforehand
-        spare = threading.Thread(
-            target=warm_spare, args=(self._spool_dir, info.size), name="blob-spare", daemon=True
-        )
-        spare.start()
+        start_spare(self._spool_dir, info.size)
         return info
 
     async def abort(self) -> None:
@@ -340,6 +336,14 @@ class BlobStore(ABC):
     @abstractmethod
     def list(self) -> AsyncIterator[StoredBlob]:
         """Every blob in the store (for the sweep)."""
+
+    def prepare_spare(self, size: int) -> None:
+        """Have a spare file ready in the background for a blob of about ``size`` bytes that will be
+        built in place soon (a round's new global: :meth:`BlobWriter.commit_built`), unless this
+        process has one; each build leaves one for the next (see :mod:`.writeback`)."""
+        spool = getattr(self, "spool", None)
+        if isinstance(spool, Path):
+            start_spare(spool, size, unless_present=True)
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources."""

@@ -151,6 +151,14 @@ def take_spare(spool_dir: Path, path: Path) -> int | None:
         return None
 
 
+def start_spare(spool_dir: Path, size: int, *, unless_present: bool = False) -> None:
+    """:func:`warm_spare` in a background thread (``unless_present``: only when this process has
+    no spare yet)."""
+    if size < SPARE_MIN_BYTES or (unless_present and _spare_path(spool_dir).exists()):
+        return
+    threading.Thread(target=warm_spare, args=(spool_dir, size), name="blob-spare", daemon=True).start()
+
+
 def warm_spare(spool_dir: Path, size: int) -> None:
     """Prepare this process's spare file of ``size`` bytes (blocking: run it in a thread): disk
     blocks allocated without writing them (``posix_fallocate``) and read once, which puts zero pages

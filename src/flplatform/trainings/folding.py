@@ -341,6 +341,7 @@ async def _open(
                     Training.model_id,
                     Training.aggregator_state_digest,
                     Model.round,
+                    Model.weights_digest,
                 )
                 .join(Model, Model.id == Training.model_id)
                 .where(Training.id == training_id)
@@ -349,7 +350,7 @@ async def _open(
         store = store_for(session)
     if row is None:
         return None, False
-    state, phase, locked, options, model_id, previous_state, round_ = row
+    state, phase, locked, options, model_id, previous_state, round_, weights_digest = row
     existing = _FOLDERS.get(model_id)
     if existing is not None:
         if existing.round == round_ and not existing.closed:
@@ -387,9 +388,18 @@ async def _open(
     finally:
         _OPENING.discard(model_id)
     spawn(folder.follow(), name=f"fold-{training_id}-{round_}")
+    if weights_digest is not None:
+        spawn(_prepare_spare(store, weights_digest), name=f"spare-{training_id}-{round_}")
     if not archive_plans.known(model_id):
         spawn(archive_plans.learn(sessionmaker, model_id), name=f"storage-plan-{model_id}")
     return folder, False
+
+
+async def _prepare_spare(store: BlobStore, global_digest: str) -> None:
+    """The round's new global is built in place at its close, about as large as the current one:
+    a spare file for it (:meth:`BlobStore.prepare_spare`) also for a process's first close."""
+    with contextlib.suppress(BlobNotFound):
+        store.prepare_spare(await store.size(global_digest))
 
 
 async def on_update(
