@@ -70,3 +70,46 @@ async def test_an_update_that_leaves_the_round_open_costs_a_fixed_few_statements
 
 def _listing(statements: list[Any]) -> str:
     return "\n".join(str(s).split("\n")[0][:120] for s in statements)
+
+
+async def test_the_still_open_read_probes_membership_per_update(app, client, alice, make_user):
+    """The "still open?" read runs on every upload: it must find each arrived update's owner among
+    the round's members by a key lookup. As ``owner IN (members)``, SQLite re-ran the correlated
+    member list for every update row, and an upload cost O(arrived × participants) (15 ms of
+    server CPU per upload at 320 of 321 arrived). On SQLite the plan must hold no correlated list
+    subquery and no table scan; on either database the read answers "open" while one of the
+    three participants is missing and "not open" once all three have uploaded."""
+    import uuid
+
+    from flplatform.orm.base import utcnow
+    from flplatform.trainings.rounds import _round_open_statement, update_round_open
+
+    clients = [await make_user(f"probe{i}", client=True) for i in range(3)]
+    initial = scripted_bytes(tiny_net())
+    model_id = await upload_global(client, alice.headers, initial)
+    training_id = await create_training(
+        client, alice.headers, model_id, [c.id for c in clients], options={"skip_model_tests": True}
+    )
+    r = await client.post(f"/api/trainings/{training_id}/start/", headers=alice.headers)
+    assert r.status_code == 202, r.text
+    await wait_training(
+        client, alice.headers, training_id, lambda b: b["state"] == "O" and b["phase"] == "update"
+    )
+    state = state_of(initial)
+    for i, c in enumerate(clients[:2]):
+        r = await post_update(client, c.headers, model_id, as_safetensors(shifted(state, float(i))), 0)
+        assert r.status_code == 201, r.text
+    engine = app.state.sessionmaker.kw["bind"]
+    async with app.state.sessionmaker() as session:
+        assert await update_round_open(session, uuid.UUID(training_id), utcnow())
+        if engine.dialect.name == "sqlite":
+            compiled = _round_open_statement().compile(dialect=engine.dialect)
+            connection = await session.connection()
+            explain = "EXPLAIN QUERY PLAN " + str(compiled)
+            plan = (await connection.exec_driver_sql(explain, (uuid.UUID(training_id).hex,))).all()
+            details = [row[-1] for row in plan]
+            assert not any("LIST SUBQUERY" in d or d.startswith("SCAN ") for d in details), details
+    r = await post_update(client, clients[2].headers, model_id, as_safetensors(shifted(state, 2.0)), 0)
+    assert r.status_code == 201, r.text
+    async with app.state.sessionmaker() as session:
+        assert not await update_round_open(session, uuid.UUID(training_id), utcnow())
