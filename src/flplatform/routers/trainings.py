@@ -35,7 +35,7 @@ from flplatform.trainings.schemas import (
     TrainingEventRead,
     TrainingRead,
 )
-from flplatform.trainings.sweeper import advance_after_commit, kick_after_commit
+from flplatform.trainings.sweeper import advance_after_commit, kick_after_commit, prepare_round_after_commit
 
 router = APIRouter(prefix="/api/trainings", tags=["trainings"])
 # GET /api/users/trainings/ (included before the users router so /api/users/{id}/ does not swallow it).
@@ -195,6 +195,7 @@ async def remove_clients(
 async def start_training(session: SessionDep, request: Request, training: ManagedTraining) -> Detail:
     await training_service.start_training(session, training)
     kick_after_commit(request.app, session)
+    prepare_round_after_commit(request.app, session, training.id)
     return Detail(detail="Training started!")
 
 

@@ -389,13 +389,13 @@ async def _open(
         _OPENING.discard(model_id)
     spawn(folder.follow(), name=f"fold-{training_id}-{round_}")
     if weights_digest is not None:
-        spawn(_prepare_spare(store, weights_digest), name=f"spare-{training_id}-{round_}")
+        spawn(prepare_spare(store, weights_digest), name=f"spare-{training_id}-{round_}")
     if not archive_plans.known(model_id):
         spawn(archive_plans.learn(sessionmaker, model_id), name=f"storage-plan-{model_id}")
     return folder, False
 
 
-async def _prepare_spare(store: BlobStore, global_digest: str) -> None:
+async def prepare_spare(store: BlobStore, global_digest: str) -> None:
     """The round's new global is built in place at its close, about as large as the current one:
     a spare file for it (:meth:`BlobStore.prepare_spare`) also for a process's first close."""
     with contextlib.suppress(BlobNotFound):

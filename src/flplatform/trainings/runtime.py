@@ -44,7 +44,7 @@ from flplatform.models import layouts
 from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, Training
 from flplatform.orm.base import utcnow
 from flplatform.settings import Settings
-from flplatform.trainings import aggregate, asynchronous, events, folding, hooks, participants
+from flplatform.trainings import aggregate, asynchronous, events, fold_ahead, folding, hooks, participants
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import (
     after_aggregation,
@@ -487,6 +487,10 @@ class TrainingRuntime:
             timeline.mark("committed")
         aggregate.forget_cached(job.model_id)
         self.kick()
+        spawn(
+            fold_ahead.prepare_round(self.sessionmaker, self.settings, training_id),
+            name=f"ahead-{training_id}",
+        )
         return True
 
     async def _finish_swag(

@@ -20,7 +20,7 @@ from flplatform.errors import NotFound
 from flplatform.kit import timeline
 from flplatform.orm import BrokerTopic, ClientHeartbeat, RoundSelection, Training
 from flplatform.orm.base import utcnow
-from flplatform.trainings import events, folding, liveness, participants, selection
+from flplatform.trainings import events, fold_ahead, folding, liveness, participants, selection
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import phase_notification
 from flplatform.trainings.repository import get_training, global_model
@@ -242,6 +242,15 @@ def advance_after_update(
         )
 
     after_commit(session, folded_then_advanced)
+
+
+def prepare_round_after_commit(app: FastAPI, session: AsyncSession, training_id: uuid.UUID) -> None:
+    """Once the request's transaction commits (a training started), prepare this process to fold
+    the round's updates as they arrive (:func:`~flplatform.trainings.fold_ahead.prepare_round`)."""
+    runtime = runtime_of(app)
+    after_commit(
+        session, lambda: fold_ahead.prepare_round(runtime.sessionmaker, runtime.settings, training_id)
+    )
 
 
 def kick_after_commit(app: FastAPI, session: AsyncSession) -> None:
