@@ -12,7 +12,7 @@ import torch
 from flplatform import aggregation
 from flplatform.aggregation import UpdateValidationError, accumulator, fedavg
 from flplatform.aggregation.accumulator import WeightedSum
-from flplatform.aggregation.kernels import fold_inline
+from flplatform.aggregation.segments import fold_inline
 
 
 def small_model(generator: torch.Generator, shift: float) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ from .errors import (
     UpdateValidationError,
     ZeroTotalWeightError,
 )
-from .kernels import DEFAULT_CHUNK, Release, all_finite, finalize_inplace
+from .kernels import DEFAULT_CHUNK, Release, all_finite, divide_checked, finalize_inplace
 from .options import COMMON_OPTIONS, OptionSpec
 
 #: Updates folded per pass over the accumulator when they are all at hand (a list, or views of bytes
@@ -439,13 +439,17 @@ class Aggregator:
         if self.n_updates == 0:
             raise ZeroTotalWeightError("no update was added")
         self._flush(last=True)
+        self._proven_finite: set[torch.dtype] = set()  # means found finite as they were divided
         flats = self._combine()
-        if self.noise_multiplier > 0 and self.clip_norm is not None:  # noise needs clipping (options)
+        noised = self.noise_multiplier > 0 and self.clip_norm is not None  # noise needs clipping
+        if self.noise_multiplier > 0 and self.clip_norm is not None:
             std = self.noise_multiplier * self.clip_norm / self.n_updates
             dp.add_gaussian_noise(flats, self.layout.floating_dtypes, std, self.seed, self._round, self.chunk)
+        stepped = type(self)._server_step is not Aggregator._server_step
         flats = self._server_step(flats)
+        proven = set() if noised or stepped else self._proven_finite  # noise, a step: values changed
         for dtype, flat in flats.items():
-            if dtype.is_floating_point and not all_finite(flat, self.chunk):
+            if dtype.is_floating_point and dtype not in proven and not all_finite(flat, self.chunk):
                 raise UpdateValidationError(
                     "the aggregate contains NaN or infinite values (an update or the state is not finite)"
                 )
@@ -482,6 +486,7 @@ class Aggregator:
             return flats
         weighted_sum = self._weighted_sum
         means = weighted_sum.means
+        self._proven_finite = set(weighted_sum.finite)
         acc = weighted_sum.take()
         out: dict[torch.dtype, torch.Tensor] = {}
         for dtype, buffer in acc.items():
@@ -490,6 +495,11 @@ class Aggregator:
                 continue
             if dtype.is_floating_point and self._global_coef > 0:
                 buffer.add_(self._global_flat(dtype), alpha=self._global_coef)
+            if dtype.is_floating_point and buffer.dtype == dtype:  # divided and checked in one read
+                if divide_checked(buffer, self._scaled_total, self.chunk):
+                    self._proven_finite.add(dtype)
+                out[dtype] = buffer
+                continue
             out[dtype] = finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
         return out
 
