@@ -235,9 +235,9 @@ class Aggregator:
             return
         if weight == 0:
             return
-        if self._weighted_sum.folds_inline(sources):
-            # A small model of separate tensors: folded now, in this thread, with its metadata still in
-            # cache from the checks (see accumulator.INLINE_FOLD_BYTES); finish divides (divide_inline).
+        if not self._unbounded and self._weighted_sum.folds_inline(sources):
+            # A small model of separate tensors, one by one: folded now, in this thread (see
+            # accumulator.INLINE_FOLD_BYTES); finish divides (divide_inline). A list: passes.
             self._flush()
             self._global_coef += update.weight * (1.0 - update.clip)
             self._weighted_sum.fold([(update, self._coefs(update))])
