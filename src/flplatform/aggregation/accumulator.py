@@ -19,8 +19,8 @@ import torch
 
 from .buffers import new_buffer
 from .codec import FlatLayout, WireState
-from .kernels import Release, accumulator_dtype, fold_chunk, fold_flat
-from .segments import fold_inline, fold_segments, small_sum
+from .kernels import Release, accumulator_dtype, divide_checked, fold_chunk, fold_flat
+from .segments import fold_inline, fold_segments
 
 Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
 
@@ -211,20 +211,16 @@ class WeightedSum:
                 if checked is not None and math.isfinite(checked):
                     self.finite.add(dtype)
 
-    def divide_inline(self, total: float) -> None:
-        """Make the inline groups summed in their own floating dtype the mean (listed in ``means``):
-        the division :meth:`fold` fuses into a round's last fold, for a round whose updates were each
-        folded as it was added (see ``Aggregator.add``). The same kernel, so the same values."""
+    def divide(self, total: float, chunk: int) -> None:
+        """Make every group summed in its own floating dtype that no fold divided yet the mean (listed
+        in ``means``), summed in the same read (``finite`` when the sum is): the division :meth:`fold`
+        fuses into a round's last fold, for groups that fold did not reach (a small model folded update
+        by update as added, or a stream's last pass taken with its last update). Division is correctly
+        rounded: the very values of dividing in the fold."""
         for dtype, acc in self.acc.items():
-            if dtype in self.inline and dtype.is_floating_point and acc.dtype == dtype:
-                if dtype in self.fresh or dtype in self.means:
-                    continue
-                targets = self._acc_views.get(dtype)
-                if targets is None:
-                    targets = self._acc_views[dtype] = fold_views(self.layout, acc, dtype)
-                torch._foreach_div_(targets, total)  # as fold_inline's divisor
+            if dtype.is_floating_point and acc.dtype == dtype and dtype not in self.fresh | self.means:
                 self.means.add(dtype)
-                if math.isfinite(small_sum(acc)):
+                if divide_checked(acc, total, chunk):
                     self.finite.add(dtype)
 
     def scale(self, factor: float) -> None:

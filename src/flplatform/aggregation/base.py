@@ -37,7 +37,7 @@ from .errors import (
     UpdateValidationError,
     ZeroTotalWeightError,
 )
-from .kernels import DEFAULT_CHUNK, Release, all_finite, divide_checked, finalize_inplace
+from .kernels import DEFAULT_CHUNK, Release, all_finite, finalize_inplace
 from .options import COMMON_OPTIONS, OptionSpec
 
 #: Updates folded per pass over the accumulator when they are all at hand (a list, or views of bytes
@@ -236,8 +236,7 @@ class Aggregator:
         if weight == 0:
             return
         if not self._unbounded and self._weighted_sum.folds_inline(sources):
-            # A small model of separate tensors, one by one: folded now, in this thread (see
-            # accumulator.INLINE_FOLD_BYTES); finish divides (divide_inline). A list: passes.
+            # a small model's update, one by one: folded now (see accumulator.INLINE_FOLD_BYTES)
             self._flush()
             self._global_coef += update.weight * (1.0 - update.clip)
             self._weighted_sum.fold([(update, self._coefs(update))])
@@ -361,7 +360,7 @@ class Aggregator:
         flats: dict[torch.dtype, torch.Tensor] = {}
         for dtype, buffer in acc.items():
             if dtype in means or buffer.dtype == dtype:  # no finer rounding hides the order: redo it all
-                flats[dtype] = finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
+                flats[dtype] = buffer  # the mean: the last flush divided it (dividing again was a bug)
                 redo.want(dtype, None, buffer.dtype)
                 continue
             flats[dtype], index = ordering.finalize_checked(
@@ -419,15 +418,14 @@ class Aggregator:
             and self.clip_norm is None
             and self._scaled_total > 0
         )
-        if not self._pending:
-            if fuse:  # small groups folded update by update: divided here, in cache
-                self._weighted_sum.divide_inline(self._scaled_total)
-            return
-        items = [(u, self._coefs(u)) for u in self._pending]
-        for update in self._pending:
-            self._global_coef += update.weight * (1.0 - update.clip)
-        self._weighted_sum.fold(items, total=self._scaled_total if fuse else None)
-        self._pending.clear()
+        if self._pending:
+            items = [(u, self._coefs(u)) for u in self._pending]
+            for update in self._pending:
+                self._global_coef += update.weight * (1.0 - update.clip)
+            self._weighted_sum.fold(items, total=self._scaled_total if fuse else None)
+            self._pending.clear()
+        if fuse:  # groups this fold did not reach (all folded before): divided and checked in one read
+            self._weighted_sum.divide(self._scaled_total, self.chunk)
 
     def finish(self) -> tuple[StateDict, StateDict]:
         """The new global model (state dict in the global model's key order) and the new state."""
@@ -439,15 +437,13 @@ class Aggregator:
         if self.n_updates == 0:
             raise ZeroTotalWeightError("no update was added")
         self._flush(last=True)
-        self._proven_finite: set[torch.dtype] = set()  # means found finite as they were divided
+        finite = self._sum.finite if self._sum is not None and self.streams else set()  # (see divide)
         flats = self._combine()
-        noised = self.noise_multiplier > 0 and self.clip_norm is not None  # noise needs clipping
-        if self.noise_multiplier > 0 and self.clip_norm is not None:
+        if self.noise_multiplier > 0 and self.clip_norm is not None:  # noise needs clipping (options)
             std = self.noise_multiplier * self.clip_norm / self.n_updates
             dp.add_gaussian_noise(flats, self.layout.floating_dtypes, std, self.seed, self._round, self.chunk)
-        stepped = type(self)._server_step is not Aggregator._server_step
         flats = self._server_step(flats)
-        proven = set() if noised or stepped else self._proven_finite  # noise, a step: values changed
+        proven = finite if type(self)._server_step is Aggregator._server_step else set()  # else changed
         for dtype, flat in flats.items():
             if dtype.is_floating_point and dtype not in proven and not all_finite(flat, self.chunk):
                 raise UpdateValidationError(
@@ -486,7 +482,6 @@ class Aggregator:
             return flats
         weighted_sum = self._weighted_sum
         means = weighted_sum.means
-        self._proven_finite = set(weighted_sum.finite)
         acc = weighted_sum.take()
         out: dict[torch.dtype, torch.Tensor] = {}
         for dtype, buffer in acc.items():
@@ -495,11 +490,6 @@ class Aggregator:
                 continue
             if dtype.is_floating_point and self._global_coef > 0:
                 buffer.add_(self._global_flat(dtype), alpha=self._global_coef)
-            if dtype.is_floating_point and buffer.dtype == dtype:  # divided and checked in one read
-                if divide_checked(buffer, self._scaled_total, self.chunk):
-                    self._proven_finite.add(dtype)
-                out[dtype] = buffer
-                continue
             out[dtype] = finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
         return out
 

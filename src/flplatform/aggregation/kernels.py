@@ -102,9 +102,10 @@ def divide_checked(acc: torch.Tensor, divisor: float, chunk: int) -> bool:
     (see :func:`all_finite`), instead of another read of the model afterwards. Only a non-finite sum
     takes the exact check. Division is correctly rounded, so the values are those of one ``div_``."""
     n = acc.numel()
-    if n <= INLINE_SUM_MAX:
-        acc.div_(divisor)
-        total = math.fsum(float(piece.sum()) for piece in acc.split(INLINE_SUM_PIECE))
+    if n <= INLINE_SUM_MAX:  # small: in this thread, in pieces below ATen's grain size (no OpenMP team)
+        pieces = acc.split(INLINE_SUM_PIECE)
+        torch._foreach_div_(list(pieces), divisor)
+        total = math.fsum(float(piece.sum()) for piece in pieces)
     else:
         count = -(-n // chunk)
         workers = min(_fold_workers(), count)
