@@ -12,7 +12,7 @@ import torch
 from flplatform import aggregation
 from flplatform.aggregation import UpdateValidationError, accumulator, fedavg
 from flplatform.aggregation.accumulator import WeightedSum
-from flplatform.aggregation.kernels import fold_inline
+from flplatform.aggregation.segments import fold_inline
 
 
 def small_model(generator: torch.Generator, shift: float) -> dict[str, torch.Tensor]:
@@ -175,8 +175,9 @@ def test_the_finiteness_check_of_small_and_large_buffers(numel, bad):
     assert all_finite(flat, DEFAULT_CHUNK)
 
 
-def test_lists_and_generators_of_small_state_dicts_fold_one_by_one(monkeypatch):
-    # the accumulator stays in cache between updates: inline folds, one update each
+def test_generators_of_small_state_dicts_fold_one_by_one_and_lists_in_passes(monkeypatch):
+    # a stream: inline folds, one update each (the accumulator stays in cache between updates); a
+    # list (all at hand): max_fold per pass, the batches stay in cache across the pass
     passes: list[int] = []
     original = WeightedSum.fold
 
@@ -192,7 +193,7 @@ def test_lists_and_generators_of_small_state_dicts_fold_one_by_one(monkeypatch):
         for i in range(70)
     ]
     fedavg(pairs)
-    assert passes == [1] * 70
+    assert passes == [32, 32, 6]
     passes.clear()
     fedavg(iter(pairs))
     assert passes == [1] * 70

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from flplatform import aggregation
 from flplatform.aggregation import encode_safetensors, fedavg
-from flplatform.aggregation.kernels import fold_segments
+from flplatform.aggregation.segments import fold_segments
 
 
 def separate_model(generator: torch.Generator, shift: float) -> dict[str, torch.Tensor]:

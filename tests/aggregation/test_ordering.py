@@ -184,3 +184,19 @@ def test_finalize_checked_is_chunking_independent(threads: int, out_dtype: torch
         torch.set_num_threads(previous)
     assert listed[0].numel() > 0
     assert all(torch.equal(index, listed[0]) for index in listed)
+
+
+@pytest.mark.parametrize("explicit_settle", [True, False])
+def test_an_order_tracked_float64_group_is_divided_once_without_a_redo(explicit_settle):
+    # a float64 group summed in float64 becomes the mean in the last fold; settle() used to divide
+    # it again, so a caller that did not redo (or finish() settling by itself) got mean / total
+    agg = aggregation.get("fedavg", accumulate_dtype="float64")
+    agg.track_order = True
+    agg.begin(None)
+    for weight in (1.0, 2.0, 5.0):
+        agg.add({"w": torch.full((5,), 2.0, dtype=torch.float64), "v": torch.full((4,), 3.0)}, weight)
+    if explicit_settle:
+        assert agg.settle() == 5  # the float64 group is recomputed whole by a redo
+    result = agg.finish()[0]
+    assert torch.equal(result["w"], torch.full((5,), 2.0, dtype=torch.float64))
+    assert torch.equal(result["v"], torch.full((4,), 3.0))

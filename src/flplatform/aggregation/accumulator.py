@@ -9,6 +9,7 @@ factor, and the wire bytes it views, if any).
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import torch
 
 from .buffers import new_buffer
 from .codec import FlatLayout, WireState
-from .kernels import Release, accumulator_dtype, fold_chunk, fold_flat, fold_inline, fold_segments
+from .kernels import Release, accumulator_dtype, divide_checked, fold_chunk, fold_flat
+from .segments import fold_inline, fold_segments
 
 Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
 
@@ -137,6 +139,9 @@ class WeightedSum:
         }
         self.fresh: set[torch.dtype] = set(self.acc)
         self.means: set[torch.dtype] = set()  # groups already divided by the total weight (see fold)
+        #: groups of ``means`` whose values were proven finite as they were divided (their sum, read
+        #: in cache right after the division, is finite): ``finish`` skips its finiteness pass on them
+        self.finite: set[torch.dtype] = set()
         self._acc_views: dict[torch.dtype, list[torch.Tensor]] = {}
         self._acc_chunks: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
         #: groups that fold separate tensors inline (see INLINE_FOLD_BYTES)
@@ -161,7 +166,8 @@ class WeightedSum:
         ``total`` (the total weight) marks the round's last fold: floating groups summed in their own
         dtype become the mean in the same pass (listed in ``means``): each slice of the accumulator is
         divided by ``total`` right after its sources are added, while in cache (the very values of
-        dividing afterwards, without another pass).
+        dividing afterwards, without another pass), and summed there too: a finite sum lists the
+        group in ``finite``.
         """
         for dtype, acc in self.acc.items():
             # The total to divide by, when this group becomes the mean in this fold (else None).
@@ -176,7 +182,7 @@ class WeightedSum:
                 chunks = self._acc_chunks.get(dtype)
                 if chunks is None:
                     chunks = self._acc_chunks[dtype] = acc.split(chunk)
-                fold_flat(
+                checked = fold_flat(
                     acc,
                     cast(list[torch.Tensor], sources),
                     [coef for _, coef in active],
@@ -197,24 +203,25 @@ class WeightedSum:
                     for source in sources
                 ]
                 fold = fold_inline if dtype in self.inline and len(sources) == 1 else fold_segments
-                fold(targets, per_slot, [coef for _, coef in active], init=fresh, divisor=divisor)
+                coefs = [coef for _, coef in active]
+                checked = fold(targets, per_slot, coefs, init=fresh, divisor=divisor, flat=acc)
             self.fresh.discard(dtype)
             if divisor is not None:
                 self.means.add(dtype)
+                if checked is not None and math.isfinite(checked):
+                    self.finite.add(dtype)
 
-    def divide_inline(self, total: float) -> None:
-        """Make the inline groups summed in their own floating dtype the mean (listed in ``means``):
-        the division :meth:`fold` fuses into a round's last fold, for a round whose updates were each
-        folded as it was added (see ``Aggregator.add``). The same kernel, so the same values."""
+    def divide(self, total: float, chunk: int) -> None:
+        """Make every group summed in its own floating dtype that no fold divided yet the mean (listed
+        in ``means``), summed in the same read (``finite`` when the sum is): the division :meth:`fold`
+        fuses into a round's last fold, for groups that fold did not reach (a small model folded update
+        by update as added, or a stream's last pass taken with its last update). Division is correctly
+        rounded: the very values of dividing in the fold."""
         for dtype, acc in self.acc.items():
-            if dtype in self.inline and dtype.is_floating_point and acc.dtype == dtype:
-                if dtype in self.fresh or dtype in self.means:
-                    continue
-                targets = self._acc_views.get(dtype)
-                if targets is None:
-                    targets = self._acc_views[dtype] = fold_views(self.layout, acc, dtype)
-                torch._foreach_div_(targets, total)  # as fold_inline's divisor
+            if dtype.is_floating_point and acc.dtype == dtype and dtype not in self.fresh | self.means:
                 self.means.add(dtype)
+                if divide_checked(acc, total, chunk):
+                    self.finite.add(dtype)
 
     def scale(self, factor: float) -> None:
         for dtype, buffer in self.acc.items():
@@ -225,11 +232,12 @@ class WeightedSum:
         """The sums (zeros for a group nothing was folded into); the object is empty afterwards."""
         for dtype in self.fresh:
             self.acc[dtype].zero_()
-        acc, self.acc, self._acc_views, self._acc_chunks, self.fresh, self.means = (
+        acc, self.acc, self._acc_views, self._acc_chunks, self.fresh, self.means, self.finite = (
             self.acc,
             {},
             {},
             {},
+            set(),
             set(),
             set(),
         )

@@ -235,9 +235,8 @@ class Aggregator:
             return
         if weight == 0:
             return
-        if self._weighted_sum.folds_inline(sources):
-            # A small model of separate tensors: folded now, in this thread, with its metadata still in
-            # cache from the checks (see accumulator.INLINE_FOLD_BYTES); finish divides (divide_inline).
+        if not self._unbounded and self._weighted_sum.folds_inline(sources):
+            # a small model's update, one by one: folded now (see accumulator.INLINE_FOLD_BYTES)
             self._flush()
             self._global_coef += update.weight * (1.0 - update.clip)
             self._weighted_sum.fold([(update, self._coefs(update))])
@@ -361,7 +360,7 @@ class Aggregator:
         flats: dict[torch.dtype, torch.Tensor] = {}
         for dtype, buffer in acc.items():
             if dtype in means or buffer.dtype == dtype:  # no finer rounding hides the order: redo it all
-                flats[dtype] = finalize_inplace(buffer, self._scaled_total, dtype, self.chunk)
+                flats[dtype] = buffer  # the mean: the last flush divided it (dividing again was a bug)
                 redo.want(dtype, None, buffer.dtype)
                 continue
             flats[dtype], index = ordering.finalize_checked(
@@ -419,15 +418,14 @@ class Aggregator:
             and self.clip_norm is None
             and self._scaled_total > 0
         )
-        if not self._pending:
-            if fuse:  # small groups folded update by update: divided here, in cache
-                self._weighted_sum.divide_inline(self._scaled_total)
-            return
-        items = [(u, self._coefs(u)) for u in self._pending]
-        for update in self._pending:
-            self._global_coef += update.weight * (1.0 - update.clip)
-        self._weighted_sum.fold(items, total=self._scaled_total if fuse else None)
-        self._pending.clear()
+        if self._pending:
+            items = [(u, self._coefs(u)) for u in self._pending]
+            for update in self._pending:
+                self._global_coef += update.weight * (1.0 - update.clip)
+            self._weighted_sum.fold(items, total=self._scaled_total if fuse else None)
+            self._pending.clear()
+        if fuse:  # groups this fold did not reach (all folded before): divided and checked in one read
+            self._weighted_sum.divide(self._scaled_total, self.chunk)
 
     def finish(self) -> tuple[StateDict, StateDict]:
         """The new global model (state dict in the global model's key order) and the new state."""
@@ -439,13 +437,15 @@ class Aggregator:
         if self.n_updates == 0:
             raise ZeroTotalWeightError("no update was added")
         self._flush(last=True)
+        finite = self._sum.finite if self._sum is not None and self.streams else set()  # (see divide)
         flats = self._combine()
         if self.noise_multiplier > 0 and self.clip_norm is not None:  # noise needs clipping (options)
             std = self.noise_multiplier * self.clip_norm / self.n_updates
             dp.add_gaussian_noise(flats, self.layout.floating_dtypes, std, self.seed, self._round, self.chunk)
         flats = self._server_step(flats)
+        proven = finite if type(self)._server_step is Aggregator._server_step else set()  # else changed
         for dtype, flat in flats.items():
-            if dtype.is_floating_point and not all_finite(flat, self.chunk):
+            if dtype.is_floating_point and dtype not in proven and not all_finite(flat, self.chunk):
                 raise UpdateValidationError(
                     "the aggregate contains NaN or infinite values (an update or the state is not finite)"
                 )

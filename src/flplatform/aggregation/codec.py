@@ -400,6 +400,8 @@ class FlatLayout:
         self.name_set = frozenset(self.names)
         # header entries (the decoder's cached tuple) -> byte range per dtype group, or None
         self._wire_plans: dict[int, tuple[tuple[_Entry, ...], dict[torch.dtype, tuple[int, int]] | None]] = {}
+        # per group, its non-empty slots (empty tensors live anywhere): flat_view runs once per update
+        self._placed = {d: [slot for slot in group if slot.numel] for d, group in self.groups.items()}
 
     @property
     def nbytes(self) -> int:
@@ -440,7 +442,7 @@ class FlatLayout:
         safetensors library or :func:`encode_safetensors`, and for results of the aggregators. Returns
         None otherwise (callers then work tensor by tensor).
         """
-        slots = [slot for slot in self.groups[dtype] if slot.numel]  # empty tensors live anywhere
+        slots = self._placed[dtype]
         if not slots:
             return torch.empty(0, dtype=dtype)
         first = state[slots[0].name]

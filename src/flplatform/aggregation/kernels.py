@@ -4,8 +4,7 @@
 each chunk of coordinates every source is added while that slice of the accumulator is in cache, in
 a pool of fold threads whose ATen kernels run inline (their OpenMP team size is set to 1 through the
 OpenMP runtime itself, via ctypes, so torch's thread count elsewhere stays as it is);
-:func:`fold_segments` does the same over many separate tensors (state dicts of a caller's tensors),
-:func:`fold_inline` folds small ones update by update in the caller's thread, and the finiteness
+the folds of separate tensors (a caller's state dicts) are in :mod:`.segments`, and the finiteness
 check sums in the fold threads. The rest are
 the chunked helpers every stage uses: the accumulator dtype of a group, turning a sum into a mean in
 the accumulator's own memory, and a finiteness check without a model-sized temporary.
@@ -97,6 +96,34 @@ def all_finite(flat: torch.Tensor, chunk: int) -> bool:
     )
 
 
+def divide_checked(acc: torch.Tensor, divisor: float, chunk: int) -> bool:
+    """``acc.div_(divisor)`` (a floating accumulator that is already in the model's dtype), and whether
+    every value of the result is finite: each chunk is summed right after its division, while in cache
+    (see :func:`all_finite`), instead of another read of the model afterwards. Only a non-finite sum
+    takes the exact check. Division is correctly rounded, so the values are those of one ``div_``."""
+    n = acc.numel()
+    if n <= INLINE_SUM_MAX:  # small: in this thread, in pieces below ATen's grain size (no OpenMP team)
+        pieces = acc.split(INLINE_SUM_PIECE)
+        torch._foreach_div_(list(pieces), divisor)
+        total = math.fsum(float(piece.sum()) for piece in pieces)
+    else:
+        count = -(-n // chunk)
+        workers = min(_fold_workers(), count)
+        partial = [0.0] * count
+
+        def run(lo: int, hi: int) -> None:
+            for index in range(lo, hi):
+                part = acc[index * chunk : (index + 1) * chunk]
+                partial[index] = float(part.div_(divisor).sum())
+
+        if workers <= 1:
+            run(0, count)
+        else:
+            _run_pieces(run, list(range(count + 1)), workers)
+        total = math.fsum(partial)
+    return math.isfinite(total) or all_finite(acc, chunk)
+
+
 #: Up to this many elements (8 MiB of float32) the finiteness sum runs in the caller's thread.
 INLINE_SUM_MAX = 1 << 21
 #: Elements per sum in the caller's thread: below ATen's grain size (32768), so never an OpenMP team.
@@ -134,12 +161,6 @@ FOLD_CHUNK_BYTES = 512 << 10
 GRAIN_CHUNK_BYTES = 128 << 10
 #: Coordinates per fold kernel call for a float32 accumulator (float64: half as many).
 FOLD_CHUNK = FOLD_CHUNK_BYTES // 4
-#: Bytes of accumulator per batch of :func:`fold_segments` (state dicts of separate tensors): every
-#: update is added to a batch with one ``torch._foreach_add_`` call, whose cost (Python, the GIL taken
-#: back, one ATen call per tensor) is paid per batch and update. 2 MiB batches fold 20 × 10 × 1M
-#: float32 ≈ 15 % faster than 512 KiB ones (measured interleaved): past a core's L2 the batch stays
-#: in the shared L3, which adds little to reading the updates from memory.
-SEGMENT_BATCH_BYTES = 2 << 20
 #: Pieces of coordinates per fold worker, taken dynamically (see :func:`fold_flat`).
 PIECES_PER_WORKER = 4
 #: Bytes of a source read between two calls of its release hook (see :data:`Release`).
@@ -212,14 +233,6 @@ def fold_chunk(dtype: torch.dtype) -> int:
     return budget // torch.empty((), dtype=dtype).element_size()
 
 
-def segment_chunk(dtype: torch.dtype) -> int:
-    """Coordinates of accumulator per batch of :func:`fold_segments` for an accumulator of ``dtype``:
-    :data:`SEGMENT_BATCH_BYTES` with fold threads that run kernels inline, else :func:`fold_chunk`."""
-    if _openmp_runtime() is None:
-        return fold_chunk(dtype)
-    return SEGMENT_BATCH_BYTES // torch.empty((), dtype=dtype).element_size()
-
-
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
@@ -243,7 +256,7 @@ def fold_flat(
     init: bool = False,
     divisor: float | None = None,
     releases: list[Release | None] | None = None,
-) -> None:
+) -> float | None:
     """``acc += Σ coefs[k] · sources[k]`` (1-D, same length), cache-blocked and multi-threaded.
 
     With ``init=True`` it is ``acc = Σ coefs[k] · sources[k]`` instead: ``acc`` may hold anything
@@ -262,9 +275,12 @@ def fold_flat(
     ``acc.split(chunk)`` made once per round (hundreds of views per call).
     ``releases[k]`` (optional) is called on each :data:`RELEASE_BYTES` or so of ``sources[k]`` once it
     is folded (the same kernels on the same chunks in the same order: the same values).
+    With ``divisor``, returns the sum of ``acc``'s new values, each chunk summed right after its
+    division while in cache (a finite sum proves every value finite, see :func:`all_finite`: the
+    round's finiteness check without another read of the model); else None.
     """
     if not sources:
-        return
+        return None
     n = acc.numel()
     if chunk is None:
         chunk = fold_chunk(acc.dtype)
@@ -274,6 +290,7 @@ def fold_flat(
     per_chunk = len(sources)
     hooks = [(s, r) for s, r in zip(sources, releases or [], strict=False) if r is not None]
     step = max(1, RELEASE_BYTES // (chunk * max(s.element_size() for s in sources)))
+    sums = [0.0] * len(acc_chunks) if divisor is not None else []
 
     def run(lo: int, hi: int) -> None:
         if not hooks:
@@ -301,6 +318,7 @@ def fold_flat(
                     torch._foreach_addcmul_([target] * len(rest), [c[index] for c in rest], ones, rest_coefs)
                 if divisor is not None:
                     target.div_(divisor)
+                    sums[lo + index] = float(target.sum())
             return
         targets: list[torch.Tensor] = []
         tensors: list[torch.Tensor] = []
@@ -320,136 +338,7 @@ def fold_flat(
         # once more over the whole source: a piece's first read may have mapped again the last
         # folio of the piece before it
         release_range(release, source, 0, n)
-
-
-def fold_segments(
-    targets: list[torch.Tensor],
-    sources: list[list[torch.Tensor]],
-    coefs: list[float],
-    chunk: int | None = None,
-    init: bool = False,
-    divisor: float | None = None,
-) -> None:
-    """:func:`fold_flat` over many targets at once: ``targets[i] += Σ coefs[k] · sources[k][i]``.
-
-    For updates whose tensors lie apart in memory (a caller's state dicts): ``targets`` are the
-    accumulator's slot views, ``sources[k]`` update k's tensors in the same order and shapes. The
-    targets are cut into batches of ≈ ``chunk`` coordinates (large targets into ``chunk``-sized
-    slices, small ones whole, several per batch); for each batch every update of the call is added
-    while the batch is in cache, one ``torch._foreach_add_`` per update over the whole batch (the
-    update's weight as ``alpha``), so the accumulator is read and written once per call instead of
-    once per update, with one thread hand-off per call. Per element the values are those of a plain
-    loop: ``target = coefs[0] · sources[0]`` (with ``init``, as :func:`scaled_into`), then
-    ``target.add_(sources[k], alpha=coefs[k])`` in the order of ``sources``, then ``div_(divisor)``.
-    ``init`` as in :func:`fold_flat`; ``divisor`` divides each target by it after the sources are
-    added, while its batch is still in cache (a round's last fold turning the sum into the mean).
-    ``chunk`` defaults to :func:`segment_chunk`. Targets above ``chunk`` elements must be 1-D (as
-    must their sources), smaller ones any shape.
-    """
-    if not sources or not targets:
-        return
-    if chunk is None:
-        # at most SEGMENT_BATCH_BYTES, and small enough for PIECES_PER_WORKER pieces per fold worker
-        # (taken dynamically: a worker the OS deschedules leaves its share to the others)
-        total = sum(target.numel() for target in targets)
-        pieces = _fold_workers() * PIECES_PER_WORKER
-        chunk = max(
-            fold_chunk(targets[0].dtype) // 4, min(segment_chunk(targets[0].dtype), -(-total // pieces))
-        )
-    batches = _segment_batches(targets, chunk)
-    if not batches:
-        return
-    rest, rest_coefs = (sources[1:], coefs[1:]) if init else (sources, coefs)
-    first = sources[0]
-
-    def parts_of(source: list[torch.Tensor], units: list[tuple[int, int, int, bool]]) -> list[torch.Tensor]:
-        return [source[i] if whole else source[i][start:stop] for i, start, stop, whole in units]
-
-    def run(lo: int, hi: int) -> None:
-        for batch_targets, units, _ in batches[lo:hi]:
-            if init and len(units) <= 2:  # slices of large targets: one kernel, no second pass
-                for target, part in zip(batch_targets, parts_of(first, units), strict=True):
-                    scaled_into(target, part, coefs[0])
-            elif init:
-                # as scaled_into: the product formed in the target's dtype (a copy is exact), for many
-                # small targets in two C++ calls instead of one Python call each
-                torch._foreach_copy_(batch_targets, parts_of(first, units))
-                torch._foreach_mul_(batch_targets, coefs[0])
-            for source, coef in zip(rest, rest_coefs, strict=True):
-                torch._foreach_add_(batch_targets, parts_of(source, units), alpha=coef)
-            if divisor is not None:
-                torch._foreach_div_(batch_targets, divisor)
-
-    total = batches[-1][2]
-    workers = min(
-        _fold_workers(), len(batches), max(1, total * len(sources) // (4 * fold_chunk(targets[0].dtype)))
-    )
-    if workers <= 1:
-        run(0, len(batches))
-        return
-    # pieces of about equal numbers of coordinates (batches range from a few to ``chunk`` coordinates)
-    pieces = min(len(batches), workers * PIECES_PER_WORKER)
-    bounds, piece = [0], 1
-    for position, (_, _, done) in enumerate(batches[:-1], start=1):
-        if done * pieces >= total * piece:
-            bounds.append(position)
-            piece += 1
-    bounds.append(len(batches))
-    _run_pieces(run, bounds, workers)
-
-
-def _segment_batches(
-    targets: list[torch.Tensor], chunk: int
-) -> list[tuple[list[torch.Tensor], list[tuple[int, int, int, bool]], int]]:
-    """``targets`` cut into batches of ≈ ``chunk`` coordinates: (target views, their units as
-    (target index, start, stop, whole), coordinates up to the batch's end)."""
-    batches: list[tuple[list[torch.Tensor], list[tuple[int, int, int, bool]], int]] = []
-    views: list[torch.Tensor] = []
-    units: list[tuple[int, int, int, bool]] = []
-    batched = done = 0
-    for index, target in enumerate(targets):
-        n = target.numel()
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            whole = start == 0 and stop == n
-            views.append(target if whole else target[start:stop])
-            units.append((index, start, stop, whole))
-            batched += stop - start
-            done += stop - start
-            if batched >= chunk:
-                batches.append((views, units, done))
-                views, units, batched = [], [], 0
-    if units:
-        batches.append((views, units, done))
-    return batches
-
-
-def fold_inline(
-    targets: list[torch.Tensor],
-    sources: list[list[torch.Tensor]],
-    coefs: list[float],
-    init: bool = False,
-    divisor: float | None = None,
-) -> None:
-    """:func:`fold_segments` for small targets, in the calling thread: one ``torch._foreach_add_`` per
-    source over every target (one C++ call per update instead of one kernel call per tensor from
-    Python), no thread hand-off. The same kernels in the same order per element as
-    :func:`fold_segments`, so the same values. Only for targets below ATen's grain size (32768
-    elements: no OpenMP team starts in the caller's thread) whose accumulator stays in cache from one
-    update to the next (see ``accumulator.INLINE_FOLD_BYTES``).
-    """
-    if not sources or not targets:
-        return
-    rest, rest_coefs = sources, coefs
-    if init:
-        # as scaled_into (the product formed in the target's dtype; a copy is exact), in two C++ calls
-        torch._foreach_copy_(targets, sources[0])
-        torch._foreach_mul_(targets, coefs[0])
-        rest, rest_coefs = sources[1:], coefs[1:]
-    for update, coef in zip(rest, rest_coefs, strict=True):
-        torch._foreach_add_(targets, update, alpha=coef)
-    if divisor is not None:
-        torch._foreach_div_(targets, divisor)
+    return math.fsum(sums) if divisor is not None else None
 
 
 def piece_bounds(count: int, pieces_per_worker: int = PIECES_PER_WORKER) -> list[int]:
