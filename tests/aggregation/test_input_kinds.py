@@ -227,3 +227,28 @@ def test_accumulators_on_huge_pages_hold_the_same_values(monkeypatch, huge):
     monkeypatch.setattr(buffers, "USE_HUGE_PAGES", huge)
     result = fedavg(pairs)
     assert all(torch.equal(result[name], other[name]) for name in result)
+
+
+@pytest.mark.parametrize("width", [1000, 40])  # folded through the fold threads / inline
+@pytest.mark.parametrize("kind", ["state dicts", "bytearray"])
+def test_a_generator_that_refills_one_model_in_place_gives_the_mean(width, kind):
+    """What a simulation loop does: one model, trained in place for each client, its state dict (or
+    one reused buffer) yielded each time. A plain loop folds each before drawing the next; so must
+    fedavg: an update left pending for a pass of two would be read after its tensors changed."""
+    model = torch.nn.Linear(width, width)
+    buffer = bytearray()
+
+    def updates():
+        for value in (0.0, 1.0, 2.0):
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.fill_(value)
+            if kind == "state dicts":
+                yield model.state_dict(), 1.0
+            else:
+                buffer[:] = encode_safetensors(model.state_dict())
+                yield memoryview(buffer), 1.0
+
+    result = fedavg(updates())
+    for name, tensor in result.items():
+        assert torch.equal(tensor, torch.ones_like(tensor)), name

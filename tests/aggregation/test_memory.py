@@ -217,7 +217,7 @@ def test_views_whose_bytes_are_let_go_keep_the_two_model_bound(monkeypatch):
 
 @pytest.mark.parametrize("make_buffer", [bytearray, lambda blob: memoryview(bytearray(blob))])
 def test_views_of_mutable_buffers_never_wait(monkeypatch, make_buffer):
-    # the owner of a bytearray may reuse it for the next upload: such views are folded within the budget
+    # the owner of a bytearray may refill it for the next update: such views are folded before add returns
     passes = _count_folds(monkeypatch)
     buffers = [make_buffer(encode_safetensors(small_update(i))) for i in range(6)]
     agg = aggregation.get("fedavg")
@@ -225,7 +225,7 @@ def test_views_of_mutable_buffers_never_wait(monkeypatch, make_buffer):
     for buffer in buffers:
         agg.add(decode_safetensors(buffer), 1.0)
     agg.finish()
-    assert passes == [2, 2, 2]
+    assert passes == [1] * 6
 
 
 def test_views_of_bytes_released_while_waiting_are_folded_at_the_next_add(monkeypatch):
@@ -256,4 +256,4 @@ def test_a_caller_replacing_a_decoded_tensor_is_not_mistaken_for_views(monkeypat
         agg.add(state, 1.0)
         del state
     agg.finish()
-    assert passes == [2, 2]
+    assert passes == [1] * 4  # the caller's tensor may change: folded before add returns

@@ -242,8 +242,12 @@ class Aggregator:
             self._weighted_sum.fold([(update, self._coefs(update))])
             return
         self._pending.append(update)
+        # One at a time, only immutable bytes wait for the next add: a caller may refill its tensors
+        # or buffer in place for the next update (yield model.state_dict() after training the same
+        # model). A list's updates (add_many) are all there already: they fold max_fold per pass.
         if len(self._pending) >= self.max_fold or (
-            not self._unbounded and self._owned_pending_bytes() > self._pending_budget
+            not self._unbounded
+            and (update.wire is None or self._owned_pending_bytes() > self._pending_budget)
         ):
             self._flush()
 
