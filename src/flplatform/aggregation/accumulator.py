@@ -20,7 +20,7 @@ import torch
 from .buffers import new_buffer
 from .codec import FlatLayout, WireState
 from .kernels import Release, accumulator_dtype, divide_checked, fold_chunk, fold_flat
-from .segments import fold_inline, fold_segments
+from .segments import fold_inline, fold_segments, fold_whole
 
 Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
 
@@ -142,6 +142,8 @@ class WeightedSum:
         #: groups of ``means`` whose values were proven finite as they were divided (their sum, read
         #: in cache right after the division, is finite): ``finish`` skips its finiteness pass on them
         self.finite: set[torch.dtype] = set()
+        #: groups whose last fold ran whole-tensor kernels (torch's threads): divided by those too
+        self.whole: set[torch.dtype] = set()
         self._acc_views: dict[torch.dtype, list[torch.Tensor]] = {}
         self._acc_chunks: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
         #: groups that fold separate tensors inline (see INLINE_FOLD_BYTES)
@@ -192,6 +194,7 @@ class WeightedSum:
                     divisor=divisor,
                     releases=[update.release for update, coefs in items if coefs[dtype] != 0.0],
                 )
+                self.whole.discard(dtype)
             else:
                 # Separate tensors (a caller's state dicts), possibly next to flat updates: every
                 # update of the fold is added per slot while the slot's slice is in cache.
@@ -202,9 +205,17 @@ class WeightedSum:
                     fold_views(self.layout, source, dtype) if isinstance(source, torch.Tensor) else source
                     for source in sources
                 ]
-                fold = fold_inline if dtype in self.inline and len(sources) == 1 else fold_segments
                 coefs = [coef for _, coef in active]
-                checked = fold(targets, per_slot, coefs, init=fresh, divisor=divisor, flat=acc)
+                if len(sources) == 1 and dtype not in self.inline and divisor is None:
+                    # One update per pass (a stream of a caller's state dicts): whole-tensor kernels
+                    # in the caller's thread, what a plain loop runs (torch's threads split each).
+                    fold_whole(targets, per_slot[0], coefs[0], init=fresh)
+                    checked = None
+                    self.whole.add(dtype)
+                else:
+                    fold = fold_inline if dtype in self.inline and len(sources) == 1 else fold_segments
+                    checked = fold(targets, per_slot, coefs, init=fresh, divisor=divisor, flat=acc)
+                    self.whole.discard(dtype)
             self.fresh.discard(dtype)
             if divisor is not None:
                 self.means.add(dtype)
@@ -220,7 +231,7 @@ class WeightedSum:
         for dtype, acc in self.acc.items():
             if dtype.is_floating_point and acc.dtype == dtype and dtype not in self.fresh | self.means:
                 self.means.add(dtype)
-                if divide_checked(acc, total, chunk):
+                if divide_checked(acc, total, chunk, threads=dtype not in self.whole):
                     self.finite.add(dtype)
 
     def scale(self, factor: float) -> None:
@@ -241,6 +252,7 @@ class WeightedSum:
             set(),
             set(),
         )
+        self.whole = set()
         return acc
 
 

@@ -150,6 +150,19 @@ def _segment_batches(
     return batches
 
 
+def fold_whole(
+    targets: list[torch.Tensor], source: list[torch.Tensor], coef: float, init: bool = False
+) -> None:
+    """``targets[i] (+)= coef · source[i]`` for one update, tensor by tensor in the calling thread:
+    the kernels a plain loop runs (``torch.mul``/``add_`` over whole tensors, each split by torch's
+    own threads), the same values as :func:`fold_segments` per element."""
+    for target, tensor in zip(targets, source, strict=True):
+        if init:
+            scaled_into(target, tensor, coef)
+        else:
+            target.add_(tensor, alpha=coef)
+
+
 def fold_inline(
     targets: list[torch.Tensor],
     sources: list[list[torch.Tensor]],
