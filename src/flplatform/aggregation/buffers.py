@@ -1,12 +1,14 @@
-"""Fresh accumulator buffers backed by transparent huge pages where Linux offers them.
+"""Fresh accumulator buffers, and one reserved ahead of need per process.
 
 A fresh accumulator is written once before anything reads it, and every 4 KiB page of it costs a page
-fault on that first write: for a 40 MB accumulator ≈ 10,000 faults, ≈ 13 ms of kernel time on the
-reference machine against ≈ 6.5 ms for the writes themselves (measured: 10M float32 written by
-``torch.mul`` into a fresh buffer, 19.3 ms with 4 KiB pages, 6.5 ms with huge pages). Asking for
-transparent huge pages (``madvise(MADV_HUGEPAGE)``, honoured when
-``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise``) makes that one fault
-per 2 MiB. Only the allocation changes: the values computed in the buffer are the same.
+fault on that first write. Transparent huge pages (``madvise(MADV_HUGEPAGE)``, :data:`USE_HUGE_PAGES`)
+make that one fault per 2 MiB, and once measured faster (10M float32 written by ``torch.mul`` into a
+fresh buffer: 19.3 ms with 4 KiB pages, 6.5 ms with huge pages, 2026-12-05), but on another VM of the
+same kind a day later far slower (67 ms with huge pages against 11 ms with 4 KiB pages, where a plain
+torch loop's own fresh tensors took 10.6 ms: the first fold of ``fedavg`` cost 6× the loop's). Huge
+pages are therefore off by default: buffers are allocated as plain torch tensors are, so a fold is
+never slower than the loop it replaces for want of them. Only the allocation changes: the values
+computed in the buffer are the same either way.
 
 A process may also :func:`reserve` a buffer ahead of need (faulted in at once, in a worker thread):
 the next :func:`new_buffer` it fits takes it instead of fresh memory. On a VM whose balloon takes
@@ -27,8 +29,8 @@ import torch
 
 #: Buffers from this many bytes up ask for huge pages (one huge page: smaller ones cannot use any).
 HUGE_PAGE_MIN_BYTES = 2 << 20
-#: Set to False to allocate plain ``torch.empty`` buffers (e.g. to compare).
-USE_HUGE_PAGES = True
+#: Ask for transparent huge pages (see the module docstring: off, as plain torch tensors are).
+USE_HUGE_PAGES = False
 _MADV_HUGEPAGE = 14  # linux/mman.h
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14+: fault pages in writable without writing them
 
