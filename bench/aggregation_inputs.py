@@ -13,9 +13,9 @@ each round compares them under the same load):
 * ``fedavg(list of bytes)``: ``fedavg([(blob, w), ...])``.
 * ``fedavg(generator of bytes)``: ``fedavg((blob, w) for ...)``; the blobs stay in a list, so (as for
   the server's resident uploads) their views may wait to fold many per pass.
-* ``fedavg(generator of state dicts)``: for reference (not an issue target): each pair counts as owned
-  by the aggregator, so it keeps the 2-model bound and folds 2 per pass (a model of small tensors,
-  like 100 × 10k: update by update in the caller's thread, as the list does).
+* ``fedavg(generator of state dicts)``: each pair is folded before the next is drawn (the generator
+  may refill its tensors in place), with whole-tensor kernels in the caller's thread as the plain
+  loop does (a model of small tensors, like 100 × 10k: one ``torch._foreach_add_`` per update).
 
 "wins" counts the rounds in which the row was faster than the plain loop over the same input (state
 dicts for the state-dict rows, bytes views for the bytes rows).

@@ -22,8 +22,9 @@ Public API
 ``fedavg(updates, *, accumulate_dtype="float32") -> dict[str, Tensor]``
     Weighted mean of an iterable of ``(state_dict, weight)`` pairs (weights: sample counts or any
     non-negative numbers). A list/tuple is folded in batches (all at hand); any other iterable
-    (generator) is consumed one pair at a time and the pair is released before the next is drawn,
-    so peak extra memory stays ≤ 2 × model. Raises :class:`ZeroTotalWeightError` for no update or
+    (generator) is consumed one pair at a time and the pair is folded and released before the next
+    is drawn (a generator may refill one model's tensors in place), so peak extra memory stays
+    ≤ 2 × model. Raises :class:`ZeroTotalWeightError` for no update or
     weights summing to 0, :class:`UpdateValidationError` for mismatching names/shapes/dtypes.
 
 ``aggregate(name, global_state, updates, state=None, **options) -> (new_global, new_state)``
@@ -130,8 +131,11 @@ whose last pass came with its last update) is divided and summed in one read. St
 separate tensors (a caller's own) fold the same way, in batches of ≈ 2 MiB of accumulator (slices of large tensors, several
 small tensors whole) with one ``torch._foreach_add_`` per update and batch (several updates per pass,
 one thread hand-off per pass, small tensors in their own shape); a list of them folds up to
-``max_fold`` per pass (the caller holds them anyway), a generator of them 2 per pass (the 2-model
-bound). A small model of separate tensors (every tensor ≤ 16384 elements, accumulator ≤ 8 MiB: it
+``max_fold`` per pass (the caller holds them anyway); one arriving at a time (a generator, ``add``)
+is folded before ``add`` returns, with whole-tensor kernels in the caller's thread as a plain loop
+does: the caller may refill the same tensors for the next update (``yield model.state_dict()`` of
+one model trained in place), so nothing of theirs may wait (only immutable ``bytes`` may wait for
+the next update, to fold two per pass). A small model of separate tensors (every tensor ≤ 16384 elements, accumulator ≤ 8 MiB: it
 stays in cache between updates) arriving one at a time (a generator, ``add``) folds update by update
 instead, in the caller's thread, right after the update is checked (one ``torch._foreach_add_`` per update; on a busy
 machine the fold threads' passes measured slower for such models: waking them costs more than
@@ -142,9 +146,8 @@ weights divided by the first positive one), so lists, generators and ``add`` giv
 Safetensors bytes, and dtype groups whose tensors lie back to back in one buffer (a group of one
 tensor, decoded safetensors, the aggregators' own results), fold as flat ranges with ``addcmul`` (the
 product rounded before the add): their floating results may differ from separate tensors' in the
-last bit. Accumulators of 2 MiB and more ask Linux for transparent
-huge pages (``madvise``; :mod:`.buffers`): a fresh buffer's first write then costs one page fault per
-2 MiB instead of one per 4 KiB (≈ 13 ms less for a 40 MB accumulator on the reference machine).
+last bit. Accumulators are plain 4 KiB-page memory, as torch's own tensors (:mod:`.buffers`: transparent
+huge pages were faster on one VM and 6× slower on another).
 
 Codec (:mod:`flplatform.aggregation.codec`)
 -------------------------------------------
@@ -157,8 +160,8 @@ Errors (:mod:`flplatform.aggregation.errors`): every one is an :class:`Aggregati
 
 Modules (the names above are the API; the modules are internal)
 ---------------------------------------------------------------
-``registry`` (names → classes, ``get``, ``describe_aggregators``) · ``buffers`` (fresh accumulators
-on huge pages) · ``fedbuff`` (FedBuff's buffered
+``registry`` (names → classes, ``get``, ``describe_aggregators``) · ``buffers`` (fresh accumulators,
+one reserved ahead of need) · ``fedbuff`` (FedBuff's buffered
 asynchronous fold with staleness weights: ``FedBuff``, ``StalenessRule``; not a round aggregator) · ``base`` (``Aggregator``: the round's
 life cycle, memory budget, DP hooks) · strategies ``fedavg`` (FedAvg, FedProx), ``robust`` (median,
 trimmed mean, (Multi-)Krum), ``fedopt`` (FedAvgM, FedAdam, FedYogi, FedAdagrad) · ``dp`` (clipping
