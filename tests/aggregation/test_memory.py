@@ -228,6 +228,23 @@ def test_views_of_mutable_buffers_never_wait(monkeypatch, make_buffer):
     assert passes == [1] * 6
 
 
+def test_stable_views_wait_for_fold_pending_and_fold_in_one_pass(monkeypatch):
+    # what the server passes: views of memory-mapped immutable blobs, kept mapped until the pass
+    passes = _count_folds(monkeypatch)
+    buffers = [bytearray(encode_safetensors(small_update(i))) for i in range(5)]
+    agg = aggregation.get("fedavg", accumulate_dtype="float64")
+    agg.begin(None)
+    for buffer in buffers[:3]:
+        agg.add(memoryview(buffer), 1.0, stable=True)
+    assert passes == [] and agg.held_bytes() == agg._weighted_sum.nbytes  # waiting, not owned
+    agg.fold_pending()
+    agg.add(memoryview(buffers[3]), 1.0, stable=True)
+    agg.add(memoryview(buffers[4]), 1.0)  # not stable: folded with the one waiting before add returns
+    assert passes == [3, 2]
+    result, _ = agg.finish()
+    assert torch.allclose(result["w"], torch.full((1000,), 2.0))
+
+
 def test_views_of_bytes_released_while_waiting_are_folded_at_the_next_add(monkeypatch):
     passes = _count_folds(monkeypatch)
     uploads = [encode_safetensors(small_update(i)) for i in range(5)]

@@ -116,6 +116,7 @@ class Update:
     nbytes: int
     wire: bytes | None = None  # the immutable bytes every source views (decoded zero-copy), else None
     release: Release | None = None  # called on the flat sources' bytes as they are folded
+    stable: bool = False  # the caller keeps the bytes unchanged and alive until they are folded
 
 
 class WeightedSum:

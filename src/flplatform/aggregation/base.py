@@ -184,6 +184,8 @@ class Aggregator:
         state_dict: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview,
         weight: float,
         release: Release | None = None,
+        *,
+        stable: bool = False,
     ) -> None:
         """Fold (or, for robust aggregators, keep) one update with its weight (e.g. sample count).
 
@@ -191,7 +193,9 @@ class Aggregator:
         per dtype (no tensor per entry; the header is checked once per round). ``release`` (optional,
         see :data:`~.kernels.Release`) is called on the update's bytes as the order bound and the fold
         finish reading them (flat groups; e.g. to drop a memory map's pages behind the fold): only
-        for bytes that read back the same afterwards.
+        for bytes that read back the same afterwards. ``stable``: the caller keeps the update's memory
+        unchanged and alive until :meth:`fold_pending` (e.g. a memory-mapped immutable file), so it may
+        wait to fold with the next ones in one pass over the accumulator, outside the memory budget.
         """
         if self._phase != "open":
             raise AggregatorStateError("add() needs begin() first (and not after finish())")
@@ -219,7 +223,7 @@ class Aggregator:
         elif weight > 0 and weight / self._weight_scale > 2.0**64:
             self._rescale(float(weight))
         scaled = float(weight) / self._weight_scale if weight > 0 else 0.0
-        update = Update(sources, scaled, clip, nbytes, wire, release)
+        update = Update(sources, scaled, clip, nbytes, wire, release, stable)
         self.n_updates += 1
         self.total_weight += float(weight)
         self._scaled_total += scaled
@@ -247,6 +251,7 @@ class Aggregator:
         # model). A list's updates (add_many) are all there already: they fold max_fold per pass.
         if len(self._pending) >= self.max_fold or (
             not self._unbounded
+            and not stable
             and (update.wire is None or self._owned_pending_bytes() > self._pending_budget)
         ):
             self._flush()
@@ -293,7 +298,8 @@ class Aggregator:
         return sum(
             u.nbytes
             for u in self._pending
-            if u is newest or u.wire is None or not held_elsewhere(u.wire, holders[id(u.wire)])
+            if not u.stable
+            and (u is newest or u.wire is None or not held_elsewhere(u.wire, holders[id(u.wire)]))
         )
 
     def _rescale(self, scale: float) -> None:

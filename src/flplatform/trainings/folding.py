@@ -76,15 +76,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from flplatform import aggregation
 from flplatform.aggregation import Aggregator
 from flplatform.blobs import BlobInfo, BlobNotFound, BlobStore, store_for
-from flplatform.blobs.mapped import PageReleaser, mapped
 from flplatform.kit import timeline
 from flplatform.kit.tasks import spawn
 from flplatform.models import files as model_files
-from flplatform.models.files import ModelFileError
 from flplatform.orm import LocalModel, Model, Training, TrainingState
 from flplatform.settings import Settings
 from flplatform.trainings import archive_plans, buffer, events
 from flplatform.trainings.aggregate import aggregator_options, global_weights, stored_bytes
+from flplatform.trainings.fold_blobs import FOLD_PASS_UPDATES, fold_blobs
 from flplatform.trainings.rounds import PHASE_UPDATE
 from flplatform.trainings.settling import Rows, finish, new_aggregator
 
@@ -134,23 +133,6 @@ async def _begin_args(
     del template
     prior = aggregation.decode_safetensors(state_bytes, copy=True) if state_bytes else None
     return global_state, prior
-
-
-async def fold_blob(agg: Aggregator, store: BlobStore, digest: str, weight: float, what: str) -> None:
-    """Add one stored update to ``agg`` as a zero-copy view of its memory-mapped blob; folded at once
-    unless the aggregator keeps every update (then the mapping stays while it does). A folded
-    update's pages are dropped behind the fold as it reads them (:class:`PageReleaser`)."""
-    try:
-        async with mapped(store, digest) as view:
-            await asyncio.to_thread(_add, agg, view, weight)
-    except BlobNotFound:
-        raise ModelFileError(f"{what}: its bytes are missing from the blob store.") from None
-
-
-def _add(agg: Aggregator, view: memoryview, weight: float) -> None:
-    agg.add(view, weight, release=None if agg.collects else PageReleaser(view))
-    if not agg.collects:
-        agg.fold_pending()
 
 
 async def _rows(session: AsyncSession, model_id: uuid.UUID, round_: int) -> Rows:
@@ -212,12 +194,13 @@ class RoundFolder:
                     self.round,
                 )
             agg = await asyncio.to_thread(self.reset)
-        for local in order:
-            if local in self.folded:
-                continue
-            digest, size = rows[local]
-            await fold_blob(agg, self.store, digest, float(size), f"Local model {local}")
-            self.folded[local] = (digest, size)
+        waiting = [local for local in order if local not in self.folded]
+        for start in range(0, len(waiting), FOLD_PASS_UPDATES):
+            batch = waiting[start : start + FOLD_PASS_UPDATES]
+            items = [(rows[local][0], float(rows[local][1]), f"Local model {local}") for local in batch]
+            await fold_blobs(agg, self.store, items)
+            for local in batch:
+                self.folded[local] = rows[local]
 
     async def sync(self, *, woken: bool = False) -> None:
         """Fold what was committed for the round since the last look (arrival path). ``woken``: by
@@ -526,9 +509,13 @@ async def aggregate_round(
         )
         await asyncio.to_thread(agg.begin, global_state, prior)
         del global_state, prior
-        for local in ids:
-            digest, size = rows[local]
-            await fold_blob(agg, store, digest, float(size), f"Local model {local}")
+        for start in range(0, len(ids), FOLD_PASS_UPDATES):
+            batch = ids[start : start + FOLD_PASS_UPDATES]
+            await fold_blobs(
+                agg,
+                store,
+                [(rows[local][0], float(rows[local][1]), f"Local model {local}") for local in batch],
+            )
     timeline.mark("rest_folded")
     new_global, new_state = await finish(agg, store, rows, ids)
     del agg
