@@ -31,12 +31,7 @@ import torch
 from . import dp, ordering
 from .accumulator import GatherPlan, Sources, Update, WeightedSum, gather_tensors, wire_of
 from .codec import FlatLayout, StateDict, decode_safetensors, held_elsewhere, wire_bytes_of
-from .errors import (
-    AggregatorOptionsError,
-    AggregatorStateError,
-    UpdateValidationError,
-    ZeroTotalWeightError,
-)
+from .errors import AggregatorOptionsError, AggregatorStateError, UpdateValidationError, ZeroTotalWeightError
 from .kernels import DEFAULT_CHUNK, Release, all_finite, finalize_inplace
 from .options import COMMON_OPTIONS, OptionSpec
 
@@ -75,10 +70,9 @@ class Aggregator:
         self.max_fold = DEFAULT_MAX_FOLD
         self._validate_options()
         self._phase = "idle"
-        #: Make the result of a streamed float64 mean independent of the order of ``add`` calls (see
-        #: :mod:`.ordering`): raw weights (no scaling by the first), the total summed exactly, and a
-        #: bound kept so that :meth:`settle` can list the coordinates to recompute with :meth:`redo`.
-        #: Set before :meth:`begin`; only for :attr:`streams` aggregators accumulating in float64.
+        #: Make a streamed float64 mean independent of the order of ``add`` calls (:mod:`.ordering`):
+        #: raw weights, the total summed exactly, a bound for :meth:`settle` to list the coordinates to
+        #: recompute with :meth:`redo`. Set before :meth:`begin` (streamed float64 means only).
         self.track_order = False
         self._order: ordering.OrderBound | None = None
         self._settled: tuple[dict[torch.dtype, torch.Tensor], ordering.Redo] | None = None
@@ -193,9 +187,8 @@ class Aggregator:
         per dtype (no tensor per entry; the header is checked once per round). ``release`` (optional,
         see :data:`~.kernels.Release`) is called on the update's bytes as the order bound and the fold
         finish reading them (flat groups; e.g. to drop a memory map's pages behind the fold): only
-        for bytes that read back the same afterwards. ``stable``: the caller keeps the update's memory
-        unchanged and alive until :meth:`fold_pending` (e.g. a memory-mapped immutable file), so it may
-        wait to fold with the next ones in one pass over the accumulator, outside the memory budget.
+        for bytes that read back the same afterwards. ``stable``: the caller keeps the update unchanged
+        until :meth:`fold_pending` (a mapped immutable file): it may wait for the next ones' pass.
         """
         if self._phase != "open":
             raise AggregatorStateError("add() needs begin() first (and not after finish())")
@@ -246,13 +239,11 @@ class Aggregator:
             self._weighted_sum.fold([(update, self._coefs(update))])
             return
         self._pending.append(update)
-        # One at a time, only immutable bytes wait for the next add: a caller may refill its tensors
-        # or buffer in place for the next update (yield model.state_dict() after training the same
-        # model). A list's updates (add_many) are all there already: they fold max_fold per pass.
+        # One at a time, only immutable bytes wait: a caller may refill its tensors in place for the
+        # next update (yield model.state_dict() of one model). A list's (add_many) are all at hand.
+        bounded = not (self._unbounded or stable)
         if len(self._pending) >= self.max_fold or (
-            not self._unbounded
-            and not stable
-            and (update.wire is None or self._owned_pending_bytes() > self._pending_budget)
+            bounded and (update.wire is None or self._owned_pending_bytes() > self._pending_budget)
         ):
             self._flush()
 
@@ -420,8 +411,7 @@ class Aggregator:
         return {d: update.weight * (update.clip if d.is_floating_point else 1.0) for d in self.layout.groups}
 
     def _flush(self, last: bool = False) -> None:
-        # The round's last fold of a plain weighted mean also divides by the total weight (one pass
-        # over the accumulator less); DP clipping still adds its share of the global model first.
+        # A plain mean's last fold also divides by the total weight (DP clipping adds first).
         fuse = (
             last
             and type(self)._combine is Aggregator._combine
