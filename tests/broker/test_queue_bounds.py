@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+from urllib.parse import urlsplit
 
 import pytest
 import websockets
@@ -64,9 +66,17 @@ async def test_budget_counts_a_message_shared_by_many_queues_once():
 
 
 def _idle_consumer(live, path: str):
-    """A consumer that never reads: the client stops reading its socket after one frame."""
+    """A consumer that never reads: the client stops reading its socket after one frame. Its socket's
+    receive buffer is fixed small before it connects: left to TCP autotuning (up to
+    ``net.ipv4.tcp_rmem``'s maximum, 32 MiB on some machines) the kernel could go on taking a stalled
+    consumer's backlog off the server's queue at any moment, and which consumer holds the largest
+    backlog, the one the process bound disconnects, would depend on the kernel's timing."""
+    url = urlsplit(live.ws_url)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KIB)
+    sock.connect((url.hostname, url.port))
     return websockets.connect(
-        f"{live.ws_url}/{path}", compression=None, max_size=None, max_queue=1, open_timeout=30
+        f"{live.ws_url}/{path}", sock=sock, compression=None, max_size=None, max_queue=1, open_timeout=30
     )
 
 
