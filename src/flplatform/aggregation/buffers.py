@@ -10,11 +10,22 @@ pages are therefore off by default: buffers are allocated as plain torch tensors
 never slower than the loop it replaces for want of them. Only the allocation changes: the values
 computed in the buffer are the same either way.
 
-A process may also :func:`reserve` a buffer ahead of need (faulted in at once, in a worker thread):
-the next :func:`new_buffer` it fits takes it instead of fresh memory. On a VM whose balloon takes
-freed memory back (virtio free page reporting), a fresh buffer's first touch faults every page in
-from the host: ≈ 100–200 ms for a 136 MB float64 sum, which a server's first round otherwise pays
-in its first fold, during the upload burst (docs/performance.md, "Real-size rounds").
+Buffers of :data:`HUGE_PAGE_MIN_BYTES` and more are anonymous memory maps lent out as tensors, and a
+process keeps one of them faulted in for the next buffer that fits (:func:`new_buffer` takes it when
+it needs between half of it and all of it):
+
+* a buffer given back: when the last tensor viewing a lent buffer is freed (a round's result written
+  and dropped, a ``fedavg`` caller's previous mean let go), its memory becomes the kept one, if it
+  is larger than the one kept. Only the faults are saved, never a value: a buffer starts with
+  whatever it holds, as ``torch.empty``, and is written before anything reads it. A fresh
+  accumulator's first write costs a page fault per 4 KiB: 40 MB took 10–12 ms in fresh memory and
+  4 ms in a kept buffer on this VM (2026-12-06), where a plain loop's own fresh tensors pay it too.
+* a buffer :func:`reserve`-d ahead of need (faulted in at once, in a worker thread). On a VM whose
+  balloon takes freed memory back (virtio free page reporting), a fresh buffer's first touch faults
+  every page in from the host: ≈ 100–200 ms for a 136 MB float64 sum, which a server's first round
+  otherwise pays in its first fold, during the upload burst (docs/performance.md, "Real-size rounds").
+
+:func:`release_reserved` gives the kept buffer back to the system.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import functools
 import mmap
 import sys
 import threading
+import weakref
 
 import torch
 
@@ -34,8 +46,9 @@ USE_HUGE_PAGES = False
 _MADV_HUGEPAGE = 14  # linux/mman.h
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14+: fault pages in writable without writing them
 
-_reserve_lock = threading.Lock()
-_reserved: torch.Tensor | None = None  # uint8, faulted in; see reserve()
+# re-entrant: a lent buffer comes back from a finalizer, which may run in any code that frees memory
+_reserve_lock = threading.RLock()
+_reserved: mmap.mmap | None = None  # faulted in; see reserve() and the module docstring
 
 
 @functools.cache
@@ -51,58 +64,79 @@ def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return function
 
 
-def _advise(buffer: torch.Tensor, advice: int) -> bool:
+def _advise_range(address: int, nbytes: int, advice: int) -> bool:
     madvise = _madvise()
     if madvise is None:
         return False
-    # the pages the buffer touches: a hint changes no byte, so a neighbour sharing a page is safe
+    # whole pages (a memory map starts on one): a hint changes no byte
     page = mmap.PAGESIZE
-    start = buffer.data_ptr() // page * page
-    stop = -(-(buffer.data_ptr() + buffer.numel() * buffer.element_size()) // page) * page
+    start = address // page * page
+    stop = -(-(address + nbytes) // page) * page
     return madvise(start, stop - start, advice) == 0
 
 
 def new_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(numel, dtype=dtype)``, its whole pages marked for transparent huge pages when it
-    is at least :data:`HUGE_PAGE_MIN_BYTES` (a refusal is ignored: the buffer is then plain); the
-    :func:`reserve`-d buffer instead when this one needs between half of it and all of it."""
+    """``torch.empty(numel, dtype=dtype)``; from :data:`HUGE_PAGE_MIN_BYTES` a lent memory map (the
+    kept one when this buffer needs between half of it and all of it), given back when freed."""
     nbytes = numel * dtype.itemsize
-    if nbytes >= HUGE_PAGE_MIN_BYTES:
-        spare = _take_reserved(nbytes)
-        if spare is not None:
-            return spare[:nbytes].view(dtype)
-    buffer = torch.empty(numel, dtype=dtype)
-    if USE_HUGE_PAGES and nbytes >= HUGE_PAGE_MIN_BYTES:
-        _advise(buffer, _MADV_HUGEPAGE)
-    return buffer
+    if nbytes < HUGE_PAGE_MIN_BYTES:
+        return torch.empty(numel, dtype=dtype)
+    memory = _take_reserved(nbytes)
+    if memory is None:
+        memory = _new_map(nbytes)
+    return _lend(memory, numel, dtype)
 
 
 def reserve(nbytes: int) -> None:
     """Fault in a buffer of ``nbytes`` now (blocking: call from a worker thread, ahead of need) for
-    the next :func:`new_buffer` it fits. One per process: a smaller reservation is replaced, a
-    larger one kept. :func:`release_reserved` gives it back."""
-    global _reserved
+    the next :func:`new_buffer` it fits. One per process: a smaller one kept is replaced, a larger
+    one kept as it is. :func:`release_reserved` gives it back."""
     if nbytes < HUGE_PAGE_MIN_BYTES:
         return
     with _reserve_lock:
-        if _reserved is not None and _reserved.numel() >= nbytes:
+        if _reserved is not None and len(_reserved) >= nbytes:
             return
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    memory = _new_map(nbytes)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    if not _advise_range(address, nbytes, _MADV_POPULATE_WRITE):  # an older kernel: touch every page
+        ctypes.memset(address, 0, nbytes)
+    _keep(memory)
+
+
+def _new_map(nbytes: int) -> mmap.mmap:
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if USE_HUGE_PAGES:
-        _advise(buffer, _MADV_HUGEPAGE)
-    if not _advise(buffer, _MADV_POPULATE_WRITE):  # an older kernel: touch every page instead
-        buffer.zero_()
+        _advise_range(ctypes.addressof(ctypes.c_char.from_buffer(memory)), nbytes, _MADV_HUGEPAGE)
+    return memory
+
+
+@functools.lru_cache(maxsize=64)
+def _lease_type(nbytes: int) -> type[ctypes.Array[ctypes.c_char]]:
+    # a subclass: instances of a ctypes array type itself take no weak references
+    return type("_Lease", (ctypes.c_char * nbytes,), {})
+
+
+def _lend(memory: mmap.mmap, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over ``memory``; the memory comes back (:func:`_keep`) when the last view is freed."""
+    lease = _lease_type(len(memory)).from_buffer(memory)
+    weakref.finalize(lease, _keep, memory)  # the tensor's storage holds the lease, nothing else does
+    return torch.frombuffer(lease, dtype=dtype, count=numel)
+
+
+def _keep(memory: mmap.mmap) -> None:
+    """Keep ``memory`` (faulted in) for the next buffer, unless a larger one is kept already."""
+    global _reserved
     with _reserve_lock:
-        if _reserved is None or _reserved.numel() < nbytes:
-            _reserved = buffer
+        if _reserved is None or len(_reserved) < len(memory):
+            _reserved = memory
 
 
-def _take_reserved(nbytes: int) -> torch.Tensor | None:
+def _take_reserved(nbytes: int) -> mmap.mmap | None:
     global _reserved
     with _reserve_lock:
         spare = _reserved
-        if spare is None or not nbytes <= spare.numel() <= 2 * nbytes:
-            return None  # (a buffer far smaller than the reservation would pin it for little)
+        if spare is None or not nbytes <= len(spare) <= 2 * nbytes:
+            return None  # (a buffer far smaller than the one kept would pin it for little)
         _reserved = None
         return spare
 
@@ -112,9 +146,9 @@ def release_reserved() -> int:
     global _reserved
     with _reserve_lock:
         spare, _reserved = _reserved, None
-    return 0 if spare is None else spare.numel()
+    return 0 if spare is None else len(spare)
 
 
 def reserved_bytes() -> int:
     with _reserve_lock:
-        return 0 if _reserved is None else _reserved.numel()
+        return 0 if _reserved is None else len(_reserved)
