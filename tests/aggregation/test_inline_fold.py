@@ -4,13 +4,15 @@ same updates, the same errors for updates that do not match, and nothing folded 
 
 from __future__ import annotations
 
+import threading
+import time
 import weakref
 
 import pytest
 import torch
 
 from flplatform import aggregation
-from flplatform.aggregation import UpdateValidationError, accumulator, fedavg
+from flplatform.aggregation import UpdateValidationError, accumulator, fedavg, kernels, segments
 from flplatform.aggregation.accumulator import WeightedSum
 from flplatform.aggregation.segments import fold_inline
 
@@ -73,11 +75,16 @@ def test_inline_fold_gives_the_values_of_the_threaded_pass(monkeypatch, accumula
         assert torch.equal(tensor, passes[name]), name  # bit for bit
 
 
+SHARED_SHAPES = [(100, 100)] * 30 + [(7, 3), (), (0,), (16384,)]  # 1.3 MB: shared with a fold thread
+
+
 @pytest.mark.parametrize("init", [False, True])
 @pytest.mark.parametrize("divisor", [None, 3.0])
-def test_fold_inline_matches_a_plain_loop(init, divisor):
+@pytest.mark.parametrize(
+    "shapes", [[(1000,), (7, 3), (), (2500,), (0,)], SHARED_SHAPES], ids=["one", "shared"]
+)
+def test_fold_inline_matches_a_plain_loop(init, divisor, shapes):
     generator = torch.Generator().manual_seed(0)
-    shapes = [(1000,), (7, 3), (), (2500,), (0,)]
     targets = [torch.randn(s, generator=generator) for s in shapes]
     expected = [t.clone() for t in targets]
     if init:
@@ -92,9 +99,47 @@ def test_fold_inline_matches_a_plain_loop(init, divisor):
             target.add_(update[index], alpha=coef)
         if divisor is not None:
             target.div_(divisor)
-    fold_inline(targets, sources, coefs, init=init, divisor=divisor)
+    total = fold_inline(targets, sources, coefs, init=init, divisor=divisor)
     for got, want in zip(targets, expected, strict=True):
         assert torch.equal(got, want)  # the plain loop's values, bit for bit
+    if divisor is not None:
+        assert total == pytest.approx(sum(float(t.double().sum()) for t in expected), rel=1e-4)
+
+
+def test_a_shared_inline_fold_cuts_pieces_by_bytes_and_runs_in_two_threads(monkeypatch):
+    targets = [torch.zeros(s) for s in SHARED_SHAPES]
+    bounds = segments.inline_pieces(targets)
+    assert bounds[0] == 0 and bounds[-1] == len(targets) and bounds == sorted(set(bounds))
+    assert len(bounds) - 1 == -(-sum(t.numel() * 4 for t in targets) // segments.INLINE_PIECE_BYTES)
+    assert segments.inline_pieces(targets[:2]) == [0, 2]  # under INLINE_SHARED_MIN_BYTES: one piece
+    threads: set[str] = set()
+    original = segments.run_beside
+
+    def run_beside(run, pieces):
+        def traced(lo, hi):
+            threads.add(threading.current_thread().name)
+            time.sleep(0.01)  # long enough for the fold thread to wake and take its share
+            run(lo, hi)
+
+        original(traced, pieces)
+
+    monkeypatch.setattr(segments, "run_beside", run_beside)
+    sources = [[torch.ones(s) for s in SHARED_SHAPES]]
+    fold_inline(targets, sources, [2.0])
+    assert len(threads) == 2 and all(torch.equal(t, torch.full_like(t, 2.0)) for t in targets)
+
+
+def test_run_beside_runs_every_piece_once_even_with_its_fold_thread_busy():
+    release = threading.Event()
+    busy = [kernels._pool().submit(release.wait) for _ in range(kernels._pool()._max_workers)]
+    done: list[int] = []
+    try:
+        kernels.run_beside(lambda lo, hi: done.extend(range(lo, hi)), [0, 3, 5, 9])
+    finally:
+        release.set()
+        for future in busy:
+            future.result()
+    assert sorted(done) == list(range(9))  # the caller did every piece (its fold thread was busy)
 
 
 def _bad_updates(good: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, object], str]]:
@@ -234,3 +279,25 @@ def test_small_and_large_models_of_every_dtype_match_a_plain_loop(feed):
             assert torch.equal(got, want.round().to(tensor.dtype)), name
         else:
             assert torch.equal(got, want.to(tensor.dtype)), name
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_a_shared_last_fold_sums_its_pieces_past_empty_tensors(bad):
+    # a list of 33 updates folds as 32 + 1: the last one alone, shared, divided and summed per piece;
+    # empty tensors sit where pieces begin and end (an empty view's data_ptr() is 0)
+    generator = torch.Generator().manual_seed(5)
+    shapes = {f"t{i:02d}": (0,) if i % 7 == 0 else (9000,) for i in range(60)}
+    pairs = [
+        ({name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}, 1.0 + i)
+        for i in range(33)
+    ]
+    if bad:
+        pairs[-1][0]["t59"][-1] = float("inf")
+        with pytest.raises(UpdateValidationError, match="not finite"):
+            fedavg(pairs)
+        return
+    mean = fedavg(pairs)
+    total = sum(w for _, w in pairs)
+    for name in shapes:
+        expected = sum(state[name].double() * w for state, w in pairs) / total
+        assert torch.allclose(mean[name].double(), expected, atol=1e-5)

@@ -20,7 +20,7 @@ import torch
 from .buffers import new_buffer
 from .codec import FlatLayout, WireState
 from .kernels import Release, accumulator_dtype, divide_checked, fold_chunk, fold_flat
-from .segments import fold_inline, fold_segments, fold_whole
+from .segments import fold_inline, fold_segments, fold_whole, inline_pieces
 
 Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
 
@@ -146,6 +146,8 @@ class WeightedSum:
         #: groups whose last fold ran whole-tensor kernels (torch's threads): divided by those too
         self.whole: set[torch.dtype] = set()
         self._acc_views: dict[torch.dtype, list[torch.Tensor]] = {}
+        self.shaped: dict[torch.dtype, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # see take()
+        self._inline_bounds: dict[torch.dtype, list[int]] = {}  # fold_inline's pieces of _acc_views
         self._acc_chunks: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
         #: groups that fold separate tensors inline (see INLINE_FOLD_BYTES)
         self.inline: frozenset[torch.dtype] = frozenset(
@@ -214,8 +216,17 @@ class WeightedSum:
                     checked = None
                     self.whole.add(dtype)
                 else:
-                    fold = fold_inline if dtype in self.inline and len(sources) == 1 else fold_segments
-                    checked = fold(targets, per_slot, coefs, init=fresh, divisor=divisor, flat=acc)
+                    if dtype in self.inline and len(sources) == 1:
+                        bounds = self._inline_bounds.get(dtype)
+                        if bounds is None:
+                            bounds = self._inline_bounds[dtype] = inline_pieces(targets)
+                        checked = fold_inline(
+                            targets, per_slot, coefs, init=fresh, divisor=divisor, flat=acc, bounds=bounds
+                        )
+                    else:
+                        checked = fold_segments(
+                            targets, per_slot, coefs, init=fresh, divisor=divisor, flat=acc
+                        )
                     self.whole.discard(dtype)
             self.fresh.discard(dtype)
             if divisor is not None:
@@ -241,9 +252,12 @@ class WeightedSum:
                 buffer.mul_(factor)
 
     def take(self) -> dict[torch.dtype, torch.Tensor]:
-        """The sums (zeros for a group nothing was folded into); the object is empty afterwards."""
+        """The sums (zeros for a group nothing was folded into); the object is empty afterwards, but
+        for ``shaped``: per inline group, its buffer and the views of it shaped as the model's tensors
+        (made for the folds; a result in that buffer reuses them instead of making its own)."""
         for dtype in self.fresh:
             self.acc[dtype].zero_()
+        self.shaped = {d: (self.acc[d], views) for d, views in self._acc_views.items() if d in self.inline}
         acc, self.acc, self._acc_views, self._acc_chunks, self.fresh, self.means, self.finite = (
             self.acc,
             {},
@@ -253,7 +267,7 @@ class WeightedSum:
             set(),
             set(),
         )
-        self.whole = set()
+        self.whole, self._inline_bounds = set(), {}
         return acc
 
 

@@ -6,17 +6,16 @@ Every aggregator has the same life cycle (see the package docstring for the cont
     agg.add(update_state_dict, weight)       # once per update, as it arrives
     new_global, new_state = agg.finish()
 
-Internally a round is three stages: *combine* the updates into one model (weighted mean, median,
-trimmed mean, (Multi-)Krum), optionally add the *DP noise*, then apply the *server step* (identity, or
-a FedOpt optimizer that treats ``combined - global`` as a pseudo-gradient). All tensor work is on one
-flat buffer per dtype group (:class:`~flplatform.aggregation.codec.FlatLayout`), in cache-sized
-coordinate chunks, so models made of hundreds of small tensors cost what one big tensor costs and
-memory stays bounded.
+Internally a round is three stages: *combine* the updates into one model (weighted mean, median, trimmed
+mean, (Multi-)Krum), optionally add the *DP noise*, then apply the *server step* (identity, or a FedOpt
+optimizer that treats ``combined - global`` as a pseudo-gradient). All tensor work is on one flat buffer
+per dtype group (:class:`~flplatform.aggregation.codec.FlatLayout`), in cache-sized coordinate chunks, so
+models made of hundreds of small tensors cost what one big tensor costs and memory stays bounded.
 
-:class:`Aggregator` parses the options, validates and weighs updates, holds pending ones within the
-memory budget, folds them into the running sum (:mod:`.accumulator`), applies central DP (:mod:`.dp`)
-and finishes the round; the strategies (:mod:`.fedavg`, :mod:`.robust`, :mod:`.fedopt`) override the
-*combine* and *server step* stages and their state. The registry of names is :mod:`.registry`.
+:class:`Aggregator` parses the options, validates and weighs updates, holds pending ones within the memory
+budget, folds them into the running sum (:mod:`.accumulator`), applies central DP (:mod:`.dp`) and
+finishes the round; strategies (:mod:`.fedavg`, :mod:`.robust`, :mod:`.fedopt`) override *combine* and
+*server step*; names: :mod:`.registry`.
 """
 
 from __future__ import annotations
@@ -88,9 +87,7 @@ class Aggregator:
     def layout(self) -> FlatLayout:
         """The model's flat layout: from ``begin``'s global model, else from the round's first update."""
         if self._layout is None:
-            raise AggregatorStateError(
-                "no model layout yet: begin() with a global model or add() an update first"
-            )
+            raise AggregatorStateError("no model layout yet: begin() with a global model or add() an update")
         return self._layout
 
     @property
@@ -132,6 +129,7 @@ class Aggregator:
         self._pending: list[Update] = []
         self._collected: list[Update] = []
         self._sum = None
+        self._shaped: dict[torch.dtype, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # (see take)
         self._global_coef = 0.0  # Σ w_i (1 - clip_i): the share of the global model in the DP mean
         self._round = self._read_round(state)
         self._phase = "open"
@@ -449,9 +447,9 @@ class Aggregator:
                 raise UpdateValidationError(
                     "the aggregate contains NaN or infinite values (an update or the state is not finite)"
                 )
-        result = self.layout.views(flats)
+        result = self.layout.views(flats, {d: v for d, (b, v) in self._shaped.items() if flats.get(d) is b})
         state = self._export_state()
-        self._pending, self._collected, self._sum = [], [], None
+        self._pending, self._collected, self._sum, self._shaped = [], [], None, {}
         return result, state
 
     # -- stages ----------------------------------------------------------------------------------
@@ -483,6 +481,7 @@ class Aggregator:
         weighted_sum = self._weighted_sum
         means = weighted_sum.means
         acc = weighted_sum.take()
+        self._shaped = weighted_sum.shaped
         out: dict[torch.dtype, torch.Tensor] = {}
         for dtype, buffer in acc.items():
             if dtype in means:

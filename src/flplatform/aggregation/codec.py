@@ -522,12 +522,25 @@ class FlatLayout:
         """The group's tensors of ``state`` flattened to 1-D, in layout order."""
         return [state[slot.name].reshape(-1) for slot in self.groups[dtype]]
 
-    def views(self, flat: Mapping[torch.dtype, torch.Tensor]) -> StateDict:
-        """A state dict (in the reference's key order) of views into one flat buffer per group."""
+    def views(
+        self,
+        flat: Mapping[torch.dtype, torch.Tensor],
+        ready: Mapping[torch.dtype, list[torch.Tensor]] | None = None,
+    ) -> StateDict:
+        """A state dict (in the reference's key order) of views into one flat buffer per group;
+        ``ready``: groups whose views, shaped and in layout order, exist already."""
+        made = {
+            slot.name: view
+            for dtype, views in (ready or {}).items()
+            for slot, view in zip(self.groups[dtype], views, strict=True)
+        }
         out: StateDict = {}
         for name in self.names:
-            slot = self.slots[name]
-            out[name] = flat[slot.dtype][slot.offset : slot.offset + slot.numel].view(slot.shape)
+            view = made.get(name)
+            if view is None:
+                slot = self.slots[name]
+                view = flat[slot.dtype][slot.offset : slot.offset + slot.numel].view(slot.shape)
+            out[name] = view
         return out
 
     def slot_views(self, flat: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
