@@ -232,6 +232,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.metrics_enabled:  # outermost: counts every answer by route template (kit/prometheus.py)
         app.add_middleware(HTTPMetrics)
         app.include_router(metrics_router.router)
+    # The participants' hot paths first: FastAPI tries the routes of every router included before
+    # the matching one, one regular expression each (≈ 0.5 ms of CPU per update with these last).
+    app.include_router(inference_router.router)  # before models: /api/models/{id}/metadata/
+    app.include_router(models_router.router)
+    app.include_router(trainings_router.router)
+    app.include_router(training_rounds_router.router)
     app.include_router(health_router.router)
     app.include_router(billing_router.router)
     app.include_router(billing_ledger_router.router)
@@ -246,8 +252,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(users_router.router)
     for router in organizations_router.ALL_ROUTERS:
         app.include_router(router)
-    app.include_router(inference_router.router)  # before models: /api/models/{id}/metadata/
-    app.include_router(models_router.router)
-    app.include_router(trainings_router.router)
-    app.include_router(training_rounds_router.router)
     return app

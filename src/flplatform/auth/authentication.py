@@ -15,7 +15,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
@@ -42,12 +42,15 @@ class Identified:
     method: str  # PASSWORD, PRIMARY_TOKEN or TOKEN
 
 
+# Built once: every authenticated request runs it (building and hashing a statement per request cost
+# ≈ 0.1 ms of the event loop's time per client update).
+_TOKEN_BY_DIGEST = (
+    select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.digest == bindparam("digest"))
+)
+
+
 async def _token_row(session: AsyncSession, token: str) -> ApiToken | None:
-    row = (
-        await session.execute(
-            select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.digest == token_digest(token))
-        )
-    ).scalar_one_or_none()
+    row = (await session.execute(_TOKEN_BY_DIGEST, {"digest": token_digest(token)})).scalar_one_or_none()
     now = utcnow()
     if row is None or not row.is_usable(now):
         return None

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
@@ -50,8 +50,12 @@ def file_error(exc: Exception) -> BadRequest:
     return BadRequest(str(exc), code="invalid_model_file")
 
 
+# Built once: every request naming a model (each client update among them) reads it by id.
+_MODEL_BY_ID = select(Model).where(Model.id == bindparam("model_id"))
+
+
 async def get_model(session: AsyncSession, model_id: uuid.UUID) -> Model:
-    model = (await session.execute(select(Model).where(Model.id == model_id))).scalar_one_or_none()
+    model = (await session.execute(_MODEL_BY_ID, {"model_id": model_id})).scalar_one_or_none()
     if model is None:
         raise NotFound(f"Model {model_id} not found.")
     return model
@@ -76,7 +80,7 @@ NOT_YOURS = "You are neither the owner of the model nor a member of its training
 
 async def readable_model(requester: Requester, model_id: uuid.UUID) -> Model:
     """The model if the caller may read it; 404 otherwise (403 inside the DLR space)."""
-    model = (await requester.session.execute(select(Model).where(Model.id == model_id))).scalar_one_or_none()
+    model = (await requester.session.execute(_MODEL_BY_ID, {"model_id": model_id})).scalar_one_or_none()
     await ensure_visible(requester, model, f"Model {model_id}", NOT_YOURS)
     assert model is not None
     return model

@@ -28,7 +28,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, exists, false, or_, select
+from sqlalchemy import and_, bindparam, exists, false, or_, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from flplatform.errors import Forbidden, NotFound
@@ -90,20 +90,22 @@ def my_training_models(requester: Requester) -> Any:
     )
 
 
+# Built once: a participant's every request on its training's models (each update) asks it.
+_TAKES_PART = select(
+    Training.actor_id == bindparam("user_id"),
+    exists(
+        select(training_participants.c.user_id).where(
+            training_participants.c.training_id == Training.id,
+            training_participants.c.user_id == bindparam("user_id"),
+        )
+    ),
+).where(Training.model_id == bindparam("model_id"))
+
+
 async def _takes_part(requester: Requester, global_model_id: uuid.UUID) -> tuple[bool, bool]:
     """(acts, participates) in the training backed by ``global_model_id`` — one indexed query."""
     row = (
-        await requester.session.execute(
-            select(
-                Training.actor_id == requester.id,
-                exists(
-                    select(training_participants.c.user_id).where(
-                        training_participants.c.training_id == Training.id,
-                        training_participants.c.user_id == requester.id,
-                    )
-                ),
-            ).where(Training.model_id == global_model_id)
-        )
+        await requester.session.execute(_TAKES_PART, {"user_id": requester.id, "model_id": global_model_id})
     ).first()
     return (bool(row[0]), bool(row[1])) if row is not None else (False, False)
 

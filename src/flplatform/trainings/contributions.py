@@ -48,6 +48,34 @@ from flplatform.trainings.service import is_actor
 MAX_METRIC_KEY = 128
 
 
+def _participation_reads() -> tuple[Any, Any]:
+    """The training under FOR SHARE with whether the caller takes part: with its global model
+    (SQLite, one statement), and alone (PostgreSQL; see :func:`_participating_training`). Built once:
+    every client update runs one."""
+    takes_part = (
+        exists()
+        .where(
+            training_participants.c.training_id == Training.id,
+            training_participants.c.user_id == bindparam("user_id"),
+        )
+        .correlate(Training)
+    )
+    reads = (
+        select(Training, takes_part, GlobalModel).join(GlobalModel, GlobalModel.id == Training.model_id),
+        select(Training, takes_part),
+    )
+    together, alone = (
+        stmt.where(Training.model_id == bindparam("model_id"))
+        .with_for_update(read=True, of=Training)
+        .execution_options(populate_existing=True)
+        for stmt in reads
+    )
+    return together, alone
+
+
+_TRAINING_WITH_GLOBAL, _TRAINING_ALONE = _participation_reads()
+
+
 async def _participating_training(
     session: AsyncSession, user: User, model: Model
 ) -> tuple[Training, GlobalModel]:
@@ -61,24 +89,9 @@ async def _participating_training(
     re-checks only the locked row, so a model row read in the same statement could be the one from
     before a round advance; the global model is read by the next statement, after the lock."""
     global_id = global_id_of(model)
-    takes_part = (
-        exists()
-        .where(training_participants.c.training_id == Training.id, training_participants.c.user_id == user.id)
-        .correlate(Training)
-    )
     together = session.get_bind().dialect.name == "sqlite"
-    stmt = (
-        select(Training, takes_part, GlobalModel).join(GlobalModel, GlobalModel.id == Training.model_id)
-        if together
-        else select(Training, takes_part)
-    )
-    row = (
-        await session.execute(
-            stmt.where(Training.model_id == global_id)
-            .with_for_update(read=True, of=Training)
-            .execution_options(populate_existing=True)
-        )
-    ).one_or_none()
+    stmt = _TRAINING_WITH_GLOBAL if together else _TRAINING_ALONE
+    row = (await session.execute(stmt, {"model_id": global_id, "user_id": user.id})).one_or_none()
     if row is None:
         raise NotFound(f"Model with ID {global_id} does not have a training process running.")
     training, participant = row[0], row[1]
