@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from flplatform import audit
 from flplatform.auth.dependencies import SuperUser
 from flplatform.billing.schemas import AuditRead
 from flplatform.db import SessionDep
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import Limit, Offset, SafeDateTime
 from flplatform.orm.audit import AuditLevel
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
 from flplatform.auth.authentication import PASSWORD, client_address, login_with_password
@@ -10,6 +10,7 @@ from flplatform.auth.login_guard import guard_of
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, responses
 from flplatform.kit.input_guard import require_text
+from flplatform.kit.routing import APIRouter
 from flplatform.onboarding import FIRST_USER_HINT, has_users
 from flplatform.users import service as user_service
 from flplatform.users.schemas import AccessToken

@@ -12,7 +12,7 @@ import hmac
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -50,6 +50,7 @@ from flplatform.billing.schemas import (
 )
 from flplatform.db import SessionDep
 from flplatform.errors import Unauthorized, Unprocessable, responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import PERIOD_PATTERN, Limit, Offset, SafeDateTime
 from flplatform.organizations.service import get_collection
 from flplatform.orm.organizations import CollectionKind

@@ -7,7 +7,7 @@ import datetime as dt
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response, status
+from fastapi import Path, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from flplatform import billing
@@ -27,6 +27,7 @@ from flplatform.billing.schemas import (
 )
 from flplatform.db import SessionDep
 from flplatform.errors import Unprocessable, responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import PERIOD_PATTERN, Limit, Offset
 from flplatform.organizations.service import get_collection
 from flplatform.orm.base import utcnow

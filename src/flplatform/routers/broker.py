@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, WebSocket, status
+from fastapi import Query, Request, Response, WebSocket, status
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -48,6 +48,7 @@ from flplatform.broker.schemas import (
 )
 from flplatform.db import SessionDep
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import Detail, Limit, Offset
 
 

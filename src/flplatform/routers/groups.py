@@ -7,10 +7,11 @@ project or group is checked by the service, which knows the new object's place.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import Response, status
 
 from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import MAX_LIMIT, Limit, Offset
 from flplatform.organizations import memberships, service
 from flplatform.organizations.dependencies import (

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from flplatform.kit.health import database_unreachable
+from flplatform.kit.routing import APIRouter
 
 router = APIRouter(tags=["health"])
 

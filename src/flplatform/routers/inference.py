@@ -13,7 +13,7 @@ import json
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -40,6 +40,7 @@ from flplatform.inference.schemas import (
     ModelMetadata,
     ReturnFormat,
 )
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.orm.base import utcnow
 from flplatform.orm.workqueue import WorkKind

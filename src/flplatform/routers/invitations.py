@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Response, status
+from fastapi import Response, status
 
 from flplatform.auth.dependencies import AuthenticatedRequester, RequesterDep
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.organizations import invitations
 from flplatform.organizations.dependencies import InvitingOrganization, ManagedInvitation

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from flplatform.auth.dependencies import CurrentUser
@@ -16,6 +16,7 @@ from flplatform.billing.money import to_minor
 from flplatform.billing.schemas import OperationRead, PriceIn
 from flplatform.db import SessionDep
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.market import copies, service
 from flplatform.market.schemas import MarketModelRead, ModelCopyCreate, ModelCopyRead, ModelPull

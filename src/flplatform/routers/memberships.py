@@ -6,10 +6,11 @@ member or granting a role is checked by ``organizations.memberships``, which kno
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import Response, status
 
 from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.organizations import memberships
 from flplatform.organizations.dependencies import ReadableCollection, RemovableMembership, RevocableRole

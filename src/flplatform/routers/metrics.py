@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Depends, Request, Response
 
 from flplatform.db import SessionDep
 from flplatform.kit.metrics import workqueue_depth
 from flplatform.kit.prometheus import metrics_access, render
+from flplatform.kit.routing import APIRouter
 from flplatform.workqueue.queue import depth
 
 router = APIRouter(include_in_schema=False)

@@ -12,7 +12,7 @@ import json
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request, status
+from fastapi import Form, Query, Request, status
 from fastapi.responses import Response
 from pydantic import ValidationError
 
@@ -22,6 +22,7 @@ from flplatform.blobs.http import blob_download
 from flplatform.blobs.multipart import StreamedForm, stream_form
 from flplatform.db import SessionDep
 from flplatform.errors import BadRequest, Unprocessable, UnsupportedMediaType, responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import MAX_LIMIT, Detail, Limit, Offset, SafeStr
 from flplatform.models import service as model_service
 from flplatform.models.dependencies import DeletableModel, ReadableModel, VisibleModel

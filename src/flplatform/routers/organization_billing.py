@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi import Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from flplatform import audit, billing
@@ -35,6 +35,7 @@ from flplatform.billing.schemas import (
 )
 from flplatform.db import SessionDep
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import PERIOD_PATTERN, Limit, Offset, SafeDateTime
 from flplatform.orm.billing import BillStatus
 

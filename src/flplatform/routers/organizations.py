@@ -9,10 +9,11 @@ caller may not change are 403. Projects and groups are in ``routers.groups``, me
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import Response, status
 
 from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.organizations import service
 from flplatform.organizations.dependencies import (

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from flplatform.auth.dependencies import AuthenticatedRequester
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import Limit, Offset
 from flplatform.trainings import liveness, selection
 from flplatform.trainings.dependencies import ReadableTraining

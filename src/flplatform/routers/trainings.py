@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi import Body, Header, Query, Request, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from flplatform.auth.dependencies import AuthenticatedRequester, CurrentUser
 from flplatform.db import SessionDep
 from flplatform.errors import responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import MAX_LIMIT, MAX_OFFSET, Detail, Limit, Offset
 from flplatform.models.schemas import ModelRead
 from flplatform.trainings import event_stream

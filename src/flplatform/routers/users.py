@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import Request, Response, status
 
 from flplatform.auth.dependencies import (
     AuthenticatedRequester,
@@ -19,6 +19,7 @@ from flplatform.auth.dependencies import (
 )
 from flplatform.db import SessionDep
 from flplatform.errors import Forbidden, responses
+from flplatform.kit.routing import APIRouter
 from flplatform.kit.schemas import Detail, Limit, Offset
 from flplatform.orm import User
 from flplatform.permissions import Requester
