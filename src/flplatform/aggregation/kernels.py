@@ -106,24 +106,10 @@ def divide_checked(acc: torch.Tensor, divisor: float, chunk: int, *, threads: bo
         # right after whole-tensor folds (torch's own threads, as a plain loop): its OpenMP team is
         # still spinning on both cores, so the fold threads would wait for it (3.5 ms more here)
         return math.isfinite(float(acc.div_(divisor).sum())) or all_finite(acc, chunk)
-    if n <= INLINE_SUM_MAX:
-        # small: pieces below ATen's grain size (no OpenMP team), in this thread, shared with one fold
-        # thread from INLINE_SHARED_SUM elements (0.45 ms instead of 0.8 for 1M float32)
+    if n <= INLINE_SUM_MAX:  # small: in this thread, in pieces below ATen's grain size (no OpenMP team)
         pieces = acc.split(INLINE_SUM_PIECE)
-        parts = 2 * PIECES_PER_WORKER if n >= INLINE_SHARED_SUM and _fold_workers() > 1 else 1
-        bounds = [len(pieces) * i // parts for i in range(parts + 1)]
-        partial = [0.0] * parts
-
-        def divide(lo: int, hi: int) -> None:
-            mine = list(pieces[bounds[lo] : bounds[hi]])
-            torch._foreach_div_(mine, divisor)
-            partial[lo] = math.fsum(float(piece.sum()) for piece in mine)
-
-        if parts > 1:
-            run_beside(divide, list(range(parts + 1)))
-        else:
-            divide(0, 1)
-        total = math.fsum(partial)
+        torch._foreach_div_(list(pieces), divisor)
+        total = math.fsum(float(piece.sum()) for piece in pieces)
     else:
         # pieces of at least 1 MiB of float32: two kernels and a Python round trip per piece cost
         # more than the piece in cache saves below that (10M float32: 2.2 ms in 512 KiB pieces, 1.65
@@ -152,8 +138,6 @@ DIVIDE_MIN_PIECE = 1 << 18
 INLINE_SUM_MAX = 1 << 21
 #: Elements per sum in the caller's thread: below ATen's grain size (32768), so never an OpenMP team.
 INLINE_SUM_PIECE = 1 << 14
-#: From this many elements the inline division and sum are shared with a fold thread (run_beside).
-INLINE_SHARED_SUM = 1 << 18
 
 
 def _parallel_sum(flat: torch.Tensor, chunk: int) -> float:
