@@ -81,3 +81,38 @@ async def test_sqlite_statements_take_one_call_and_keep_cursor_semantics(tmp_pat
             assert count.scalar_one() == 5
     finally:
         await engine.dispose()
+
+
+@pytest.mark.postgres_only
+async def test_a_pooled_postgresql_connection_is_pinged_only_after_sitting_idle(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = db.create_engine(db_url)
+    pings = 0
+    ping = engine.sync_engine.dialect.do_ping
+
+    def counted(dbapi_connection: Any) -> bool:
+        nonlocal pings
+        pings += 1
+        return ping(dbapi_connection)
+
+    monkeypatch.setattr(engine.sync_engine.dialect, "do_ping", counted)
+    try:
+        async with engine.connect() as connection:
+            first = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar()
+        async with engine.connect() as connection:  # used moments ago: no round trip first
+            assert (await connection.execute(text("SELECT pg_backend_pid()"))).scalar() == first
+        assert pings == 0
+        # The server drops the pooled connection while it sits idle (a restart, an idle timeout).
+        other = db.create_engine(db_url)  # a connection of its own, not the pooled one
+        try:
+            async with other.connect() as connection:
+                await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+        finally:
+            await other.dispose()
+        monkeypatch.setattr(db, "POOL_PING_AFTER_IDLE_SECONDS", 0.0)  # everything counts as idle
+        async with engine.connect() as connection:  # pinged, found dead, replaced: no error
+            assert (await connection.execute(text("SELECT pg_backend_pid()"))).scalar() != first
+        assert pings >= 1
+    finally:
+        await engine.dispose()
