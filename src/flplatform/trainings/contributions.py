@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from sqlalchemy import Table, bindparam, delete, exists, insert, select, update
+from sqlalchemy import Table, and_, bindparam, delete, exists, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flplatform.blobs import store_for
@@ -41,17 +41,18 @@ from flplatform.orm import (
 from flplatform.orm.base import utcnow
 from flplatform.orm.training import training_participants
 from flplatform.trainings import aggregate, buffer, events, participants
-from flplatform.trainings.repository import global_model, training_for_model
+from flplatform.trainings.repository import training_for_model
 from flplatform.trainings.rounds import PHASE_TEST, PHASE_UPDATE, update_round_open
 from flplatform.trainings.service import is_actor
 
 MAX_METRIC_KEY = 128
 
 
-def _participation_reads() -> tuple[Any, Any]:
-    """The training under FOR SHARE with whether the caller takes part: with its global model
-    (SQLite, one statement), and alone (PostgreSQL; see :func:`_participating_training`). Built once:
-    every client update runs one."""
+def _participation_reads() -> tuple[Any, Any, Any]:
+    """The statements of :func:`_participating_training`, built once (every client update runs
+    them). SQLite: the training under FOR SHARE, whether the caller takes part, the global model
+    and the caller's update of the round, if any, in one statement. PostgreSQL: the training and
+    whether the caller takes part; then, after the lock, the global model with that update."""
     takes_part = (
         exists()
         .where(
@@ -60,44 +61,76 @@ def _participation_reads() -> tuple[Any, Any]:
         )
         .correlate(Training)
     )
-    reads = (
-        select(Training, takes_part, GlobalModel).join(GlobalModel, GlobalModel.id == Training.model_id),
-        select(Training, takes_part),
+    models, locals_ = cast(Table, Model.__table__), cast(Table, LocalModel.__table__)
+    mine_models, mine = models.alias("mine_models"), locals_.alias("mine")
+    existing = mine.join(mine_models, mine_models.c.id == mine.c.id)
+    existing_on = and_(
+        mine.c.base_model_id == GlobalModel.id,
+        mine_models.c.round == bindparam("round", type_=mine_models.c.round.type),
+        mine_models.c.owner_id == bindparam("user_id"),
+    )
+    training_of = Training.model_id == bindparam("model_id")
+    together = (
+        select(Training, takes_part, GlobalModel, mine.c.id, mine.c.folded_into)
+        .join(GlobalModel, GlobalModel.id == Training.model_id)
+        .outerjoin(existing, existing_on)
+        .where(training_of)
+    )
+    alone = select(Training, takes_part).where(training_of)
+    global_with_mine = (
+        select(GlobalModel, mine.c.id, mine.c.folded_into)
+        .outerjoin(existing, existing_on)
+        .where(GlobalModel.id == bindparam("model_id"))
+        .execution_options(populate_existing=True)
     )
     together, alone = (
-        stmt.where(Training.model_id == bindparam("model_id"))
-        .with_for_update(read=True, of=Training)
-        .execution_options(populate_existing=True)
-        for stmt in reads
+        stmt.with_for_update(read=True, of=Training).execution_options(populate_existing=True)
+        for stmt in (together, alone)
     )
-    return together, alone
+    return together, alone, global_with_mine
 
 
-_TRAINING_WITH_GLOBAL, _TRAINING_ALONE = _participation_reads()
+_TRAINING_WITH_GLOBAL, _TRAINING_ALONE, _GLOBAL_WITH_MINE = _participation_reads()
+
+
+@dataclass(frozen=True)
+class _Existing:
+    """The caller's update of the round already stored (a re-upload replaces it)."""
+
+    id: uuid.UUID
+    folded_into: int | None
 
 
 async def _participating_training(
-    session: AsyncSession, user: User, model: Model
-) -> tuple[Training, GlobalModel]:
+    session: AsyncSession, user: User, model: Model, round_: int | None = None
+) -> tuple[Training, GlobalModel, _Existing | None]:
     """The training the model's global model backs, under ``FOR SHARE`` (as before an upload), if
-    ``user`` takes part in it; one query for the training and the caller's participation (the
-    participant list itself is not loaded: an upload needs only its own row), one for the
-    global model's current round.
+    ``user`` takes part in it, with the global model and the caller's update of ``round_`` (None
+    without one). The participant list itself is not loaded: an upload needs only its own row.
 
-    On SQLite both are one statement: a statement reads one consistent snapshot, and there is no
-    row lock to wait for. Not on PostgreSQL: after waiting for the training's lock, read committed
+    On SQLite it is one statement: a statement reads one consistent snapshot, and there is no row
+    lock to wait for. On PostgreSQL two: after waiting for the training's lock, read committed
     re-checks only the locked row, so a model row read in the same statement could be the one from
-    before a round advance; the global model is read by the next statement, after the lock."""
+    before a round advance; the global model (and the caller's update) is read by the next
+    statement, after the lock."""
     global_id = global_id_of(model)
     together = session.get_bind().dialect.name == "sqlite"
-    stmt = _TRAINING_WITH_GLOBAL if together else _TRAINING_ALONE
-    row = (await session.execute(stmt, {"model_id": global_id, "user_id": user.id})).one_or_none()
+    params = {"model_id": global_id, "user_id": user.id, "round": round_}
+    row = (
+        await session.execute(_TRAINING_WITH_GLOBAL if together else _TRAINING_ALONE, params)
+    ).one_or_none()
     if row is None:
         raise NotFound(f"Model with ID {global_id} does not have a training process running.")
     training, participant = row[0], row[1]
     if not participant:
         raise Forbidden(f"You are not a participant of training {training.id}!")
-    return training, row[2] if together else await global_model(session, global_id)
+    rest: Any = row[2:]  # (global model, the caller's update's id and folded_into)
+    if not together:
+        rest = (await session.execute(_GLOBAL_WITH_MINE, params)).one_or_none()
+        if rest is None:
+            raise NotFound(f"Global model {global_id} not found.")
+    glob, mine_id, mine_folded = rest
+    return training, glob, _Existing(mine_id, mine_folded) if mine_id is not None else None
 
 
 def _check_accepting_updates(training: Training) -> None:
@@ -114,7 +147,7 @@ async def update_layout(session: AsyncSession, user: User, model: Model) -> dict
     accepts updates now; returns the layout the update must have (what the streamed body is
     checked against from its first bytes). :func:`add_update` checks everything again under the
     training's row lock once the body has arrived."""
-    training, glob = await _participating_training(session, user, model)
+    training, glob, _ = await _participating_training(session, user, model)
     _check_accepting_updates(training)
     if training.locked and not buffer.is_async(training.options):
         raise Conflict(
@@ -155,7 +188,7 @@ async def add_update(
     missed. (It was read after the commit, on a connection of its own: a checkout, and on
     SQLite the autocommit switch and reset, per upload.)"""
     elapsed = stopwatch()
-    training, glob = await _participating_training(session, user, model)
+    training, glob, existing = await _participating_training(session, user, model, round_)
     _check_accepting_updates(training)
     asynchronous = buffer.is_async(training.options)
     if asynchronous:  # `round` names the version it was trained from; the buffer takes uploads while folding
@@ -182,11 +215,6 @@ async def add_update(
         raise file_error(exc) from None
     # Core statements, no ORM objects: the upload needs the row's id, not the row.
     statements = _row_statements(session.get_bind().dialect.name)
-    existing = (
-        await session.execute(
-            statements.existing, {"base_model_id": glob.id, "round": round_, "owner_id": user.id}
-        )
-    ).one_or_none()
     now = utcnow()
     if existing is not None:
         local_id = existing.id
@@ -248,7 +276,6 @@ def _tables() -> tuple[Table, Table, Table]:
 
 @dataclass(frozen=True)
 class _RowStatements:
-    existing: Any  # the caller's update of the round, if any: (id, folded_into)
     insert: tuple[Any, ...]  # a new update's rows
 
 
@@ -258,15 +285,6 @@ def _row_statements(dialect: str) -> _RowStatements:
     CPU than running them), their values bound parameters. On PostgreSQL a new update's two rows
     are one statement (the parent row's insert a data-modifying CTE)."""
     models, locals_, _ = _tables()
-    existing = (
-        select(locals_.c.id, locals_.c.folded_into)
-        .select_from(locals_.join(models, models.c.id == locals_.c.id))
-        .where(
-            locals_.c.base_model_id == bindparam("base_model_id", type_=locals_.c.base_model_id.type),
-            models.c.round == bindparam("round", type_=models.c.round.type),
-            models.c.owner_id == bindparam("owner_id", type_=models.c.owner_id.type),
-        )
-    )
     now = bindparam("now", type_=models.c.created_at.type)
     local_id = bindparam("id", type_=models.c.id.type)
     parent = insert(models).values(
@@ -285,12 +303,12 @@ def _row_statements(dialect: str) -> _RowStatements:
     sample_size = bindparam("sample_size", type_=locals_.c.sample_size.type)
     if dialect != "postgresql":
         child = insert(locals_).values(id=local_id, base_model_id=base_model_id, sample_size=sample_size)
-        return _RowStatements(existing, (parent, child))
+        return _RowStatements((parent, child))
     inserted = parent.returning(models.c.id).cte("parent")
     both = insert(locals_).from_select(
         ["id", "base_model_id", "sample_size"], select(inserted.c.id, base_model_id, sample_size)
     )
-    return _RowStatements(existing, (both,))
+    return _RowStatements((both,))
 
 
 def _parse_metrics(
@@ -382,7 +400,7 @@ async def add_swag_statistics(
     first: bytes,
     second: bytes,
 ) -> Training:
-    training, glob = await _participating_training(session, user, model)
+    training, glob, _ = await _participating_training(session, user, model)
     if training.state != TrainingState.SWAG_ROUND:
         raise BadRequest(
             f"Training {training.id} is in state {training.state.value}, not in a SWAG round (S).",
