@@ -201,7 +201,10 @@ def create_engine(settings: Settings | str) -> AsyncEngine:
     if url.startswith("postgresql"):
         pool_size = 10 if isinstance(settings, str) else settings.db_pool_size
         overflow = 20 if isinstance(settings, str) else settings.db_max_overflow
-        kwargs.update(pool_size=pool_size, max_overflow=overflow)
+        # LIFO: the connection returned last is handed out next, so sequential requests keep to
+        # a few hot connections (each prepares a statement once: asyncpg's per-connection cache)
+        # and the rest sit idle, pinged before their next use (_ping_idle_connections)
+        kwargs.update(pool_size=pool_size, max_overflow=overflow, pool_use_lifo=True)
     engine = create_async_engine(url, **kwargs)
     if url.startswith("postgresql"):
         _ping_idle_connections(engine)
