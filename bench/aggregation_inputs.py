@@ -18,13 +18,17 @@ each round compares them under the same load):
   loop does (a model of small tensors, like 100 × 10k: one ``torch._foreach_add_`` per update).
 
 "wins" counts the rounds in which the row was faster than the plain loop over the same input (state
-dicts for the state-dict rows, bytes views for the bytes rows).
+dicts for the state-dict rows, bytes views for the bytes rows). Each round runs the contenders in a
+fresh (seeded) random order: whoever runs right after a contender over the same tensors finds some
+of them in cache. ``FLP_BENCH_EVICT=1`` writes :data:`EVICT_BYTES` before every contender instead, so
+each starts with cold caches.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import random
 import statistics
 import time
 from typing import Any
@@ -37,6 +41,8 @@ QUICK_INPUT_CASES: dict[str, dict[str, int]] = {
     "10x1M": {"n": 4, "tensors": 10, "numel": 100_000},
     "100x10k": {"n": 5, "tensors": 100, "numel": 1_000},
 }
+#: Bytes written between contenders with FLP_BENCH_EVICT=1: more than this VM's L3 (480 MiB).
+EVICT_BYTES = 768 << 20
 LABELS = {
     "plain_sd": "plain add_ (state dicts)",
     "plain_bytes": "plain add_ (bytes views)",
@@ -104,13 +110,18 @@ def inputs_worker(case: str, quick: bool, rounds: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {name: [] for name in runs}
     loads = [os.getloadavg()[0]]
     names = list(runs)
-    for index in range(rounds):
-        # The order turns by one each round: each contender follows each other one as often. In a
-        # fixed order the plain loop always ran right after ``fedavg`` over the same state dicts,
-        # which left much of their 400 MB in this VM's large L3 (measured: plain 68.6 ms per call
-        # where it took 71-72 ms behind the bytes contenders).
-        for name in names[index % len(names) :] + names[: index % len(names)]:
+    order = random.Random(len(names) * rounds)
+    evict = torch.empty(EVICT_BYTES // 4) if os.environ.get("FLP_BENCH_EVICT") else None
+    for _ in range(rounds):
+        # A fresh random order each round (seeded: the same every run). In a fixed order (or one
+        # turned by a step, which keeps who follows whom) the plain loop always ran right after
+        # ``fedavg`` over the same state dicts, which left much of their 400 MB in this VM's large
+        # L3 (measured: plain 68.6 ms per call there, 71-72 ms behind the bytes contenders).
+        order.shuffle(names)
+        for name in names:
             run = runs[name]
+            if evict is not None:
+                evict.fill_(1.0)  # every contender starts with cold caches (FLP_BENCH_EVICT=1)
             gc.collect()
             start = time.perf_counter()
             result = run()
