@@ -103,13 +103,8 @@ async def describe_many(session: AsyncSession, models: Sequence[Model]) -> list[
     trainings: dict[uuid.UUID, uuid.UUID] = {}
     rounds: dict[uuid.UUID, list[int]] = {}
     if global_ids:
-        trainings = dict(
-            (
-                await session.execute(
-                    select(Training.model_id, Training.id).where(Training.model_id.in_(global_ids))
-                )
-            ).all()
-        )
+        of_models = select(Training.model_id, Training.id).where(Training.model_id.in_(global_ids))
+        trainings = dict((await session.execute(of_models)).all())
         for model_id, round_ in await session.execute(
             select(GlobalModelRound.model_id, GlobalModelRound.round)
             .where(GlobalModelRound.model_id.in_(global_ids))
