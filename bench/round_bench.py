@@ -58,6 +58,7 @@ import platform
 import shutil
 import socket
 import statistics
+import struct
 import sys
 import tempfile
 import threading
@@ -262,6 +263,14 @@ def kernel_seconds(updates: list[bytes], repeats: int = 3) -> float:
 #: From this size on (``--mb``) the bench keeps every model on disk and streams the bodies.
 LARGE_MB = 1000.0
 PIECE = 64 << 20
+
+
+def of_round(update: bytes, round_: int) -> bytes:
+    """``update`` (safetensors bytes, float32 data last) with its last value made round-specific."""
+    if round_ == 0:
+        return update
+    last = struct.unpack_from("<f", update, len(update) - 4)[0]
+    return update[:-4] + struct.pack("<f", last + 1e-3 * round_)
 
 
 def write_update_file(path: Path, state: dict[str, torch.Tensor], delta: float) -> int:
@@ -527,7 +536,10 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
 
         async def rounds(sampler: RssSampler) -> None:
             for round_ in range(args.rounds):
-                bodies = [multipart(u, round_, 10 + i) for i, u in enumerate(updates)]
+                # Each round's updates differ (their last value), as clients' new weights do: bytes
+                # uploaded again would be stored as duplicates (their spool files deleted, 15-20 ms
+                # of unlink per 68 MB file, during the round's close).
+                bodies = [multipart(of_round(u, round_), round_, 10 + i) for i, u in enumerate(updates)]
 
                 async def post(index: int, round_: int, bodies: list[tuple[bytes, str]]) -> None:
                     if args.large:
