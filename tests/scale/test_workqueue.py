@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.util import await_only
 
 from flplatform import workqueue
 from flplatform.app import create_app
@@ -297,6 +298,48 @@ async def test_concurrent_enqueues_with_one_key_make_one_job(db_url: str) -> Non
 
     ids = await asyncio.gather(*(enqueue_once() for _ in range(6)))
     assert len(set(ids)) == 1
+
+
+@pytest.mark.postgres_only
+async def test_a_claim_that_read_a_stale_attempt_count_takes_nothing(db_url: str) -> None:
+    """PostgreSQL re-checks a row it locks after a concurrent commit against that row's new
+    version, but reads the joined queue row as of its snapshot. So a claimer can lock a job that
+    another claimer has just taken over and still see the old, expired lease and attempt count.
+    That claim must take nothing: before the fix both claimers ran the job with one recorded attempt."""
+    engine = create_engine(db_url)
+    maker = create_sessionmaker(engine)
+    rival = create_engine(db_url)
+    try:
+        job_id = await _enqueue(maker, "test.echo", {"stale": True})
+        assert await workqueue.claim(maker, lease_seconds=0.01) is not None
+        await asyncio.sleep(0.05)  # the first claim's lease has run out
+
+        async def take_over() -> None:
+            # Another worker's committed takeover, landing after our claimer read the queue row.
+            async with rival.begin() as conn:
+                await conn.execute(
+                    text(
+                        "UPDATE queued_works SET attempts = attempts + 1, "
+                        "lease_until = now() + interval '1 hour' WHERE id = :id"
+                    ),
+                    {"id": job_id},
+                )
+
+        raced = False
+
+        def before_claim_update(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            nonlocal raced
+            if not raced and statement.lstrip().upper().startswith("UPDATE WORKS"):
+                raced = True
+                await_only(take_over())
+
+        event.listen(engine.sync_engine, "before_cursor_execute", before_claim_update)
+        assert await workqueue.claim(maker, lease_seconds=30) is None
+        assert raced
+        assert (await _job(maker, job_id)).attempts == 2  # the rival's claim, and only it
+    finally:
+        await rival.dispose()
+        await engine.dispose()
 
 
 @pytest.mark.postgres_only

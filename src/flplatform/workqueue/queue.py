@@ -223,11 +223,18 @@ async def claim(
             if moved.first() is None:
                 await session.rollback()
                 continue
-            await session.execute(
+            # The attempt count is the claim's fence. PostgreSQL re-checks a locked row against
+            # its newest version but keeps the queue row of its snapshot: a rival's takeover can
+            # have moved the count since we read it. Then the job is the rival's; look again.
+            counted = await session.execute(
                 update(QUEUED_WORK)
                 .where(QUEUED_WORK.c.id == job.id, QUEUED_WORK.c.attempts == seen_attempts)
                 .values(attempts=seen_attempts + 1, lease_until=lease_until)
+                .returning(QUEUED_WORK.c.id)
             )
+            if counted.first() is None:
+                await session.rollback()
+                continue
             if seen_status == WorkStatus.WAITING:  # first claim: how long it waited in the queue
                 metrics.observe_job_wait(job.handler, (now - job.created_at).total_seconds())
             claimed = ClaimedJob(
