@@ -116,9 +116,10 @@ def test_integer_sample_sizes_and_state_dicts():
 
 
 def test_bits_near_midpoints_are_listed_and_ordinary_ones_are_not():
-    """A realistic model lists few coordinates (mostly exact ties: with integer weights the exact
-    mean sits on a float32 midpoint about once in ``total`` coordinates, and the bound does not know
-    that the float64 sums are exact); exact zeros of all-zero blocks are not listed."""
+    """A realistic model lists few coordinates: with integer weights its float64 sums are exact (so
+    are the ties on float32 midpoints, about one in ``total`` coordinates, that the bound alone
+    would list); exact zeros of all-zero blocks are not listed, those sharing a block with values
+    are."""
     g = torch.Generator().manual_seed(1)
     base = torch.randn(100_000, generator=g) * 0.05
     updates = [
@@ -134,7 +135,65 @@ def test_bits_near_midpoints_are_listed_and_ordinary_ones_are_not():
     for i, update in enumerate(updates):
         agg.add(update, float(100 + i))
     listed = agg.settle()
-    assert listed < 300  # of 100 128 coordinates (113 + 32 zeros sharing a block with w, measured)
+    assert listed < 100  # of 100 128 coordinates (32 zeros sharing a block with w + a few, measured)
+
+
+def _close_updates(k: int, n: int, seed: int) -> list[bytes]:
+    """One round's updates: a model plus small per-client changes (their float64 sums are exact)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.rand(n, generator=g) * 2 - 1) * 0.0156
+    return [encode_safetensors({"w": base + 0.001 * (i + 1)}) for i in range(k)]
+
+
+def _listed(updates: list, weights: list[float]) -> int:
+    agg = aggregation.get("fedavg", accumulate_dtype="float64")
+    agg.track_order = True
+    agg.begin(None)
+    for update, weight in zip(updates, weights, strict=True):
+        agg.add(update, weight)
+        agg.fold_pending()
+    return agg.settle()
+
+
+def test_exact_sums_are_not_listed_unless_a_weight_or_a_clip_makes_them_inexact(monkeypatch):
+    """Close updates with equal integer sample sizes: their sums in float64 are exact, the same in
+    every order, and next to none is listed where the bound alone lists ~20 % (their means land on
+    float32 midpoints: the total weight is a power of two). A fractional weight makes the products
+    round: then the bound decides alone, as with the exactness test off (so does a clipped update)."""
+    from flplatform.aggregation import ordering
+
+    k, n = 8, 64 * 1000
+    updates = _close_updates(k, n, seed=2)
+    cases = {
+        "integer weights": [16.0] * k,
+        "fractional weights": [16.5] * k,
+    }
+    listed = {case: _listed(updates, weights) for case, weights in cases.items()}
+    monkeypatch.setattr(ordering, "EXACT_RATIO", 0.0)  # no block is ever known exact
+    bound_only = {case: _listed(updates, weights) for case, weights in cases.items()}
+    assert listed["integer weights"] < n // 1000 < n // 10 < bound_only["integer weights"]
+    assert listed["fractional weights"] == bound_only["fractional weights"] > 0
+
+
+@pytest.mark.parametrize("ratio", [2.0**28, 2.0**80])
+def test_blocks_of_inexact_sums_are_still_listed(monkeypatch, ratio):
+    """The exactness test must not vouch for blocks whose sums round: with it made lax (2**80) the
+    adversarial data differs between orders after the redo; with the real one it never does."""
+    from flplatform.aggregation import ordering
+
+    monkeypatch.setattr(ordering, "EXACT_RATIO", ratio)
+    k, n = 8, 4099
+    updates, weights = _adversarial(k, n, seed=3)
+    wire = [encode_safetensors(u) for u in updates]
+    fixed = _run("fedavg", {}, wire, weights, list(range(k)))
+    rng = random.Random(5)
+    differ = 0
+    for _ in range(12):
+        order = list(range(k))
+        rng.shuffle(order)
+        got = _run("fedavg", {}, wire, weights, order)
+        differ += sum(int((got[key] != fixed[key]).sum()) for key in fixed)
+    assert (differ == 0) == (ratio == 2.0**28)
 
 
 def test_without_track_order_nothing_changes():

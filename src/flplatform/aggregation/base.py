@@ -221,7 +221,7 @@ class Aggregator:
         if scaled > 0:
             self._scaled_weights.append(scaled)
             if self._order is not None:
-                self._order.add(sources, scaled, release)
+                self._order.add(sources, scaled, release, unclipped=clip == 1.0)
         if self.collects:
             self._collected.append(update)
             weighted_sum = self._weighted_sum
@@ -362,9 +362,7 @@ class Aggregator:
                 flats[dtype] = buffer  # the mean: the last flush divided it (dividing again was a bug)
                 redo.want(dtype, None, buffer.dtype)
                 continue
-            flats[dtype], index = ordering.finalize_checked(
-                buffer, self._scaled_total, dtype, self._order.bound[dtype], self._order.terms, self.chunk
-            )
+            flats[dtype], index = self._order.finalize(buffer, self._scaled_total, dtype)
             redo.want(dtype, index, buffer.dtype)
         self._settled = (flats, redo)
         self._order = None
