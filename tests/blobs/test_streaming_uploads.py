@@ -25,6 +25,7 @@ import torch
 from sqlalchemy import func, select
 
 from flplatform.aggregation import codec
+from flplatform.models import uploads
 from flplatform.models.files import spec_of
 from flplatform.models.update_header import canonical_header
 from flplatform.orm import LocalModel
@@ -288,6 +289,33 @@ async def test_canonical_updates_are_stored_as_received_others_canonicalised(
     )
     assert status == 400 and answer is not None and "NaN" in answer["detail"], answer
     assert _blob_files(blob_dir) == before
+
+
+async def test_values_checked_while_streaming_need_no_second_read(
+    app, client, session, alice, make_user, blob_dir, monkeypatch
+):
+    """A chunked body (its layout known before it): its values are checked as they pass into the
+    blob writer (models/stream_values.py), and the spooled file is not read again for them."""
+    participant, model_id, initial = await _started(client, alice, make_user)
+
+    def no_second_read(*args: object) -> None:
+        raise AssertionError("the spooled file was read again for its values")
+
+    monkeypatch.setattr(uploads, "check_finite", no_second_read)
+    update = shifted(state_of(initial), 0.5)
+    fields = {"round": "0", "sample_size": "5"}
+    bad = codec.encode_safetensors({**update, "fc2.weight": update["fc2.weight"].clone().fill_(float("inf"))})
+    before = _blob_files(blob_dir)
+    status, answer, _, _ = await _drive(
+        app, f"/api/models/{model_id}/", participant.token, _multipart(fields, _pieces(bad, 1001))
+    )
+    assert status == 400 and answer is not None and "'fc2.weight' contains NaN" in answer["detail"], answer
+    assert _blob_files(blob_dir) == before
+    good = codec.encode_safetensors(update)
+    status, answer, _, _ = await _drive(
+        app, f"/api/models/{model_id}/", participant.token, _multipart(fields, _pieces(good, 1001))
+    )
+    assert status == 201, answer
 
 
 class _Wide(torch.nn.Module):

@@ -98,6 +98,8 @@ class BlobWriter:
         self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
         self._size = 0
+        self._observer: Callable[[int, memoryview], None] | None = None
+        self._observed = 0  # bytes passed to the observer so far
         self._file: IO[bytes] | None = None
         self._path = spool_dir / f"{uuid.uuid4().hex}.part"
         self._done = False
@@ -106,6 +108,12 @@ class BlobWriter:
     @property
     def size(self) -> int:
         return self._size
+
+    def observe(self, observer: Callable[[int, memoryview], None]) -> None:
+        """Show every byte to ``observer(offset, chunk)`` as it is written: in the writer's worker
+        thread, in order, while the chunk is hashed (in cache). It must not raise (it records what it
+        finds for its owner to read after :meth:`seal`)."""
+        self._observer = observer
 
     async def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._done or self._sealed:
@@ -144,6 +152,9 @@ class BlobWriter:
         for chunk in chunks:
             self._hash.update(chunk)
             view = memoryview(chunk)
+            if self._observer is not None:
+                self._observer(self._observed, view)
+                self._observed += len(view)
             while view:
                 written = self._file.write(view)
                 view = view[written or 0 :]

@@ -39,11 +39,14 @@ MAX_FILES = 8
 
 
 class PartInspector(Protocol):
-    """Looks at a file part's bytes as they arrive; raises an ``AppError`` to refuse the upload."""
+    """Looks at a file part's bytes as they arrive; raises an ``AppError`` to refuse the upload.
+    ``observe`` sees them again in the blob writer's thread (:meth:`BlobWriter.observe`)."""
 
     async def feed(self, chunk: memoryview) -> None: ...
 
     async def end(self) -> None: ...
+
+    def observe(self, offset: int, chunk: memoryview) -> None: ...
 
 
 InspectorFactory = Callable[[], PartInspector]
@@ -256,6 +259,8 @@ async def stream_form(
                     current = FilePart(
                         name, filename, part_type, store.writer(), factory() if factory else None
                     )
+                    if current.inspector is not None:
+                        current.writer.observe(current.inspector.observe)
                     form.files.setdefault(name, []).append(current)
                 elif kind == "data":
                     assert current is not None

@@ -22,6 +22,7 @@ import torch
 from flplatform.aggregation import codec
 from flplatform.errors import BadRequest
 from flplatform.models.files import ACCEPTED_UPDATE_FORMATS, SAFETENSORS, ModelFileError, TensorSpec
+from flplatform.models.stream_values import ValuesWatch
 
 #: Bodies declared (Content-Length) at most this large are checked once they have arrived; larger
 #: ones, and chunked ones, against the layout read before the body (refused from the first bytes).
@@ -70,6 +71,8 @@ class UpdateInspector:
         self.checked = False  # ... and has been checked against the layout
         self.ended = False
         self.error: ModelFileError | None = None
+        # the float values, checked in the blob writer's thread as they pass (stream_values)
+        self.values = ValuesWatch()
 
     async def feed(self, chunk: memoryview) -> None:
         self.size += len(chunk)
@@ -112,6 +115,14 @@ class UpdateInspector:
                     await asyncio.to_thread(self._check_header)
                 else:
                     self._check_header()
+                # before this chunk (holding the header's end) goes to the writer
+                self.values.set(
+                    self.data_start, self.ranges, {n: item.dtype for n, item in self.spec.items()}
+                )
+
+    def observe(self, offset: int, chunk: memoryview) -> None:
+        """The blob writer's observer (:meth:`flplatform.blobs.BlobWriter.observe`)."""
+        self.values(offset, chunk)
 
     def _end(self) -> None:
         if self.format is None:
@@ -266,3 +277,6 @@ class GuardedInspector:
             await self.inner.end()
         except ModelFileError as exc:
             raise BadRequest(str(exc), code="invalid_model_file") from None
+
+    def observe(self, offset: int, chunk: memoryview) -> None:
+        self.inner.observe(offset, chunk)

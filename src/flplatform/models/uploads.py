@@ -3,8 +3,9 @@
 * :class:`~flplatform.models.update_header.UpdateInspector` has seen a client update's first
   bytes while the rest was still on the wire (its safetensors header against the global model).
 * :func:`store_update` then finishes on the spooled file: values of a safetensors update are
-  checked through a memory map in a worker thread (finite floats, one window at a time, pages
-  dropped after each window), and an update already in the canonical layout (what
+  checked as they streamed (:mod:`flplatform.models.stream_values`), or else through a memory map
+  in a worker thread (finite floats, one window at a time, pages dropped after each window), and
+  an update already in the canonical layout (what
   :func:`flplatform.aggregation.codec.encode_safetensors` writes) is published as received;
   any other accepted update is re-encoded into that layout straight from the map (or from the
   tensors the sandbox / ``torch.load(mmap=True, weights_only=True)`` returned) into a new writer.
@@ -291,7 +292,12 @@ async def store_update(
     try:
         inspector.bind(spec)
         if inspector.format == SAFETENSORS:
-            await asyncio.to_thread(check_finite, path, inspector)
+            if inspector.values.nonfinite is not None:
+                raise ModelFileError(
+                    f"Tensor {inspector.values.nonfinite!r} contains NaN or infinite values."
+                )
+            if not inspector.values.complete:  # not watched while it streamed (small bodies)
+                await asyncio.to_thread(check_finite, path, inspector)
             if inspector.canonical:
                 return await part.commit()
             with mapped(path) as mm:
