@@ -4,6 +4,7 @@ the new weights and keeps every other entry byte for byte."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 import zlib
@@ -107,11 +108,23 @@ async def test_the_model_sandbox_reads_the_rebuilt_archive():
     assert all(torch.equal(extracted[k], new[k]) for k in new)
 
 
-async def test_the_rebuilt_archive_streams_from_a_file_into_a_blob_byte_for_byte(tmp_path):
+async def test_the_rebuilt_archive_streams_from_a_file_into_a_blob_byte_for_byte(tmp_path, monkeypatch):
     """The round's close: the template read piecewise from its blob's file, the new archive written
-    entry by entry into the store (no buffer), the same bytes as in memory."""
-    from flplatform.blobs import FileBlobStore
+    entry by entry into the store (no buffer), the same bytes as in memory; hashed as it was
+    written (its zip headers final from the start), not read back."""
+    from flplatform.blobs import FileBlobStore, hashed_writes
     from flplatform.models.archive_weights import write_replaced
+
+    as_written: list[str | None] = []
+    finish = hashed_writes.HashedWrites.finish
+
+    def recorded(self: hashed_writes.HashedWrites, length: int) -> str | None:
+        digest = finish(self, length)
+        if length:
+            as_written.append(digest)
+        return digest
+
+    monkeypatch.setattr(hashed_writes.HashedWrites, "finish", recorded)
 
     torch.manual_seed(1)
     net = torch.jit.script(Net())
@@ -129,4 +142,5 @@ async def test_the_rebuilt_archive_streams_from_a_file_into_a_blob_byte_for_byte
     info = await store.writer().commit_built(lambda sink: write_replaced(str(template), plan, new, sink))
     assert info.size == len(in_memory)
     assert await store.read(info.digest) == in_memory
+    assert as_written == [info.digest] and info.digest == hashlib.sha256(in_memory).hexdigest()
     assert not list(store.spool.glob("*.part"))  # the temporary file became the blob

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, cast
 
+from flplatform.blobs.hashed_writes import HashedWrites
 from flplatform.blobs.writeback import WritebackFile, hash_while_syncing, start_spare, take_spare
 from flplatform.kit import timeline
 
@@ -211,9 +212,10 @@ class BlobWriter:
         """Publish what ``build(file)`` writes (in a worker thread) into the writer's temporary file
         itself: a seekable file, for formats whose writer patches headers after the data (zip).
         Nothing is held in memory; the file's writeback starts while it is built
-        (:class:`~flplatform.blobs.writeback.WritebackFile`), it is hashed once built (from the page
-        cache) while another thread fsyncs it, and published as :meth:`commit` does. Only on a fresh
-        writer (nothing written yet)."""
+        (:class:`~flplatform.blobs.writeback.WritebackFile`), it is hashed in another thread as it is
+        written (:class:`~flplatform.blobs.hashed_writes.HashedWrites`: patches must rewrite the same
+        bytes, else it is read back from the page cache and hashed once built), fsynced meanwhile,
+        and published as :meth:`commit` does. Only on a fresh writer (nothing written yet)."""
         if self._done or self._sealed or self._size or self._file is not None:
             raise BlobError("commit_built needs a fresh writer")
 
@@ -224,17 +226,20 @@ class BlobWriter:
                 fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w+b") as file:
                 sink = WritebackFile(file)  # its pages start going to disk as they are written
-                build(cast(IO[bytes], sink))
-                file.flush()
-                os.ftruncate(fd, sink.end)  # a spare may be longer than what was built
-                sink.start()  # the rest
-                timeline.mark("blob_built")
-                size = os.fstat(fd).st_size
-                if self._max_bytes is not None and size > self._max_bytes:
-                    raise BlobTooLarge(self._max_bytes)
-                # Read back and hashed while another thread fsyncs: the fsync waits less, the hash
-                # no longer waits for it.
-                digest = hash_while_syncing(fd, chunk=READ_CHUNK)
+                hashed = HashedWrites(cast(IO[bytes], sink))  # ... and are hashed in a thread meanwhile
+                try:
+                    build(cast(IO[bytes], hashed))
+                    file.flush()
+                    os.ftruncate(fd, sink.end)  # a spare may be longer than what was built
+                    sink.start()  # the rest
+                    timeline.mark("blob_built")
+                    size = os.fstat(fd).st_size
+                    if self._max_bytes is not None and size > self._max_bytes:
+                        raise BlobTooLarge(self._max_bytes)
+                    # Hashed as written (else read back) while another thread fsyncs.
+                    digest = hash_while_syncing(fd, chunk=READ_CHUNK, hashed=lambda: hashed.finish(size))
+                finally:
+                    hashed.finish(0)  # ends its thread (a no-op once finished)
                 timeline.mark("blob_hashed_and_fsynced")
             self._size, self._built_digest = size, digest
 

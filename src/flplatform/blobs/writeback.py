@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,9 +101,13 @@ class WritebackFile:
         return getattr(self._file, name)
 
 
-def hash_while_syncing(fd: int, *, chunk: int = 1024**2) -> str:
+def hash_while_syncing(
+    fd: int, *, chunk: int = 1024**2, hashed: Callable[[], str | None] | None = None
+) -> str:
     """SHA-256 of the whole file ``fd`` (read with ``pread`` from the page cache) while a second
-    thread ``fsync``\\ s it; returns the hex digest once both are done (an fsync error is raised)."""
+    thread ``fsync``\\ s it; returns the hex digest once both are done (an fsync error is raised).
+    ``hashed`` (optional) gives the digest if the file was hashed as it was written
+    (:class:`~flplatform.blobs.hashed_writes.HashedWrites`), or None to read it back."""
     failure: list[BaseException] = []
 
     def sync() -> None:
@@ -116,14 +121,15 @@ def hash_while_syncing(fd: int, *, chunk: int = 1024**2) -> str:
     hasher = hashlib.sha256()
     offset = 0
     try:
-        while data := os.pread(fd, chunk, offset):
+        digest = hashed() if hashed is not None else None
+        while digest is None and (data := os.pread(fd, chunk, offset)):
             hasher.update(data)
             offset += len(data)
     finally:
         syncer.join()
     if failure:
         raise failure[0]
-    return hasher.hexdigest()
+    return digest if digest is not None else hasher.hexdigest()
 
 
 #: Built blobs from this size on leave a spare file for the next build (:func:`warm_spare`).

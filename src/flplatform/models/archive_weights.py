@@ -5,7 +5,8 @@ A round's new global model is the template archive with other weights. Loading a
 model sandbox costs seconds for a large model (two model-sized transfers, ``torch.jit.load`` and
 ``save``), most of a round's close. A *storage plan* says which ``data/`` entry holds which state-dict
 tensor, one to one and whole; with it the archive is rebuilt here: every entry copied as it is
-(code, pickles, constants) except the planned storages, written from the new tensors. Nothing is
+(code, pickles, constants; stored uncompressed, with headers final from the start, so that the
+blob is hashed as it is written) except the planned storages, written from the new tensors. Nothing is
 unpickled or executed (the same code entries as the template, byte for byte), so the archive is as
 safe as the template was.
 
@@ -114,10 +115,27 @@ def fits(archive: Archive, plan: Plan, state: Mapping[str, torch.Tensor]) -> boo
 
 class _Utf8Name(zipfile.ZipInfo):
     """An entry whose name is flagged UTF-8 as torch flags its own (``zipfile`` flags only non-ASCII
-    names; a reader then decodes the rest as cp437, a codec the model sandbox cannot import)."""
+    names; a reader then decodes the rest as cp437, a codec the model sandbox cannot import).
+
+    With ``known`` (CRC, stored size) its local header is final from the start: ``zipfile`` writes
+    it with a zero CRC before the data and patches it after, and a blob hashed as it is written
+    (:class:`flplatform.blobs.hashed_writes.HashedWrites`) stays valid only if the patch rewrites
+    the same bytes."""
+
+    known: tuple[int, int] | None = None
 
     def _encodeFilenameFlags(self) -> tuple[bytes, int]:  # noqa: N802 - zipfile's own name
         return self.filename.encode("utf-8"), self.flag_bits | 0x800
+
+    def FileHeader(self, zip64: bool | None = None) -> bytes:  # noqa: N802 - zipfile's own name
+        if self.known is None:
+            return super().FileHeader(zip64)
+        seen = self.CRC, self.compress_size
+        self.CRC, self.compress_size = self.known
+        try:
+            return super().FileHeader(zip64)
+        finally:
+            self.CRC, self.compress_size = seen
 
 
 def write_replaced(archive: Archive, plan: Plan, state: Mapping[str, torch.Tensor], sink: IO[bytes]) -> None:
@@ -132,14 +150,18 @@ def write_replaced(archive: Archive, plan: Plan, state: Mapping[str, torch.Tenso
             entry.external_attr = info.external_attr
             name = by_entry.get(info.filename)
             if name is None:
-                entry.compress_type = info.compress_type
+                # Stored (torch deflates its code entries, a few kB): a compressed size is known only
+                # after compressing, and the header is final from the start (same bytes, same CRC).
+                entry.compress_type = zipfile.ZIP_STORED
                 entry.file_size = info.file_size
+                entry.known = (info.CRC, info.file_size)
                 with source.open(info) as data, target.open(entry, "w") as out:
                     shutil.copyfileobj(data, out, _COPY_CHUNK)
                 continue
             tensor = _tensor_bytes(state[name])
             entry.compress_type = zipfile.ZIP_STORED
             entry.file_size = len(tensor)  # decides zip64 up front (models over 2 GiB)
+            entry.known = (isal_zlib.crc32(tensor), len(tensor))
             with target.open(entry, "w") as out:
                 out.write(tensor)
 
