@@ -87,8 +87,8 @@ def _block_max(
     release: Release | None = None,
     low: torch.Tensor | None = None,
 ) -> None:
-    """``out[b] = max |flat[b·BLOCK : (b+1)·BLOCK]|`` (float64), and with ``low`` the block's
-    ``min |x|`` as well, chunk by chunk in the fold threads (an OpenMP team in the caller's thread
+    """``out[b] = max |flat[b·BLOCK : (b+1)·BLOCK]|`` (float64), and with ``low`` (a running minimum)
+    ``low[b] = min(low[b], min |x| over the block)`` as well, chunk by chunk in the fold threads (an OpenMP team in the caller's thread
     stalls on a busy machine; see :mod:`.kernels`); ``release`` is called on each chunk of ``flat``
     once it is read."""
     n = flat.numel()
@@ -104,7 +104,8 @@ def _block_max(
             magnitude = torch.abs(part.to(wide), out=buffer).view(-1, BLOCK)
             out[start // BLOCK : stop // BLOCK].copy_(magnitude.amax(1))
             if low is not None:
-                low[start // BLOCK : stop // BLOCK].copy_(magnitude.amin(1))
+                floor = low[start // BLOCK : stop // BLOCK]
+                torch.minimum(floor, magnitude.amin(1), out=floor)
             release_range(release, flat, start, stop, ranges[lo][0])
 
     run_pieces(run, ranges)
@@ -112,7 +113,7 @@ def _block_max(
         tail = flat[full:].to(torch.float64).abs()
         out[-1] = float(tail.max())
         if low is not None:
-            low[-1] = float(tail.min())
+            low[-1] = min(float(low[-1]), float(tail.min()))
     release_range(release, flat, 0, n)  # once more, whole (see kernels.fold_flat)
 
 
@@ -128,7 +129,6 @@ class OrderBound:
         self.terms = 0
         self.exact_terms = True  # every weight an integer in [1, 2**29), no update clipped
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
-        self._scratch_low: dict[torch.dtype, torch.Tensor] = {}
 
     def add(
         self,
@@ -149,14 +149,7 @@ class OrderBound:
                 scratch = self._scratch[dtype] = torch.empty_like(bound)
             floor = self.floor.get(dtype) if self.exact_terms else None
             if isinstance(source, torch.Tensor):
-                low = None
-                if floor is not None:
-                    low = self._scratch_low.get(dtype)
-                    if low is None:
-                        low = self._scratch_low[dtype] = torch.empty_like(bound)
-                _block_max(source.reshape(-1), scratch, self.chunk, release, low)
-                if floor is not None and low is not None:
-                    torch.minimum(floor, low, out=floor)
+                _block_max(source.reshape(-1), scratch, self.chunk, release, floor)  # floor: in place
             else:  # separate tensors: each tensor's max over the blocks it touches (coarser, still a bound)
                 scratch.zero_()
                 for slot, tensor in zip(self.layout.groups[dtype], source, strict=True):
@@ -215,7 +208,7 @@ def finalize_checked(
     that interval round to the same value. The ends are computed as ``acc · (1/divisor) ± Δ`` in one
     fused kernel each, converted on the store; ``Δ`` carries ``7u·A/divisor`` more to cover that
     product's and sum's own roundings. With ``floor`` (:meth:`OrderBound.exact_floor`), ``Δ`` is 0
-    in the blocks whose sums are exact.
+    in the blocks whose sums are exact (``floor`` is overwritten).
 
     The result overwrites the accumulator's bytes (``out[i]`` lies over ``acc[i·o/a]``, o and a the
     item sizes), so the chunks are taken in increasing order by the fold threads, and a chunk writes
@@ -230,7 +223,7 @@ def finalize_checked(
     deltas = (bound * scale).to(acc.dtype)
     exact = None
     if floor is not None:  # blocks whose sums are exact: the same in every order, none listed
-        exact = bound < floor * EXACT_RATIO
+        exact = bound < floor.mul_(EXACT_RATIO)  # (the floor is spent: no temporary of its size)
         deltas.masked_fill_(exact, 0.0)
         if int(exact.sum()) * 4 < exact.numel() * 3:
             exact = None  # most blocks need the test: the whole-chunk kernels are then faster
