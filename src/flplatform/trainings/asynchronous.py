@@ -90,7 +90,7 @@ async def fold_buffer(
     ``version``) from the claimed updates, each against the version it was trained from (read
     from the model history; at most one decoded copy per distinct base version). An update whose
     base version is no longer kept is left out (logged). The signature of
-    :func:`~flplatform.trainings.folding.aggregate_round` less the round (FedBuff keeps no state between
+    :func:`~flplatform.trainings.closing.aggregate_round` less the round (FedBuff keeps no state between
     versions); the current version cannot change while the buffer is claimed."""
     fedbuff = FedBuff.from_options(buffer.fedbuff_options(options))
     async with sessionmaker() as session:

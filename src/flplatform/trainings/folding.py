@@ -7,7 +7,7 @@ committed update is folded at once (:func:`on_update`, called after the upload's
 zero-copy view of the memory-mapped blob (:func:`flplatform.blobs.mapped.mapped`; from S3 a streamed
 temporary file). Updates committed by other processes reach it through the training events bus (the
 folder follows its training's wake-ups and re-reads the round's rows). When the round closes, the
-aggregation job (:func:`aggregate_round`) takes the folder, folds only what is not folded yet, and
+aggregation job (:func:`flplatform.trainings.closing.aggregate_round`) takes the folder, folds only what is not folded yet, and
 finishes: little is left to do after the last upload.
 
 **Exactly once, and re-uploads.** The folder records which row it folded with which digest and
@@ -54,8 +54,8 @@ a few MiB resident) and 1/64 of a float64 model of bound.
 Methods that need every update at once (median, trimmed mean, (Multi-)Krum, DP, FedDC) keep the
 close-time path, reading their updates from memory maps too.
 
-Size: the folders, their cross-process lock, the hand-off of the claim to the folding process and
-the close's take-over of a folder share this module's state (``_FOLDERS``) and read best together.
+The close itself (a folder taken over, or every update folded from the store) is
+:mod:`flplatform.trainings.closing`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 
 from flplatform import aggregation
 from flplatform.aggregation import Aggregator
-from flplatform.blobs import BlobInfo, BlobNotFound, BlobStore, store_for
+from flplatform.blobs import BlobNotFound, BlobStore, store_for
 from flplatform.kit import timeline
 from flplatform.kit.tasks import spawn
 from flplatform.models import files as model_files
@@ -85,7 +85,7 @@ from flplatform.trainings import archive_plans, buffer, events
 from flplatform.trainings.aggregate import aggregator_options, global_weights, stored_bytes
 from flplatform.trainings.fold_blobs import FOLD_PASS_UPDATES, fold_blobs
 from flplatform.trainings.rounds import PHASE_UPDATE
-from flplatform.trainings.settling import Rows, finish, new_aggregator
+from flplatform.trainings.settling import Rows, new_aggregator
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def method_options(options: Mapping[str, Any]) -> tuple[str, dict[str, Any], boo
     return name, kwargs, foldable
 
 
-async def _begin_args(
+async def round_begin_args(
     sessionmaker: async_sessionmaker[AsyncSession],
     model_id: uuid.UUID,
     agg: Aggregator,
@@ -358,7 +358,7 @@ async def _open(
             return None, True  # another process folds this round
         try:
             agg = new_aggregator(name, kwargs)
-            begin_args = await _begin_args(sessionmaker, model_id, agg, previous_state)
+            begin_args = await round_begin_args(sessionmaker, model_id, agg, previous_state)
         except BaseException:
             if guard is not None:
                 await guard.close()
@@ -434,7 +434,7 @@ async def _failed(training_id: uuid.UUID) -> None:
         await _discard(folder)
 
 
-async def _take(model_id: uuid.UUID, round_: int) -> RoundFolder | None:
+async def take(model_id: uuid.UUID, round_: int) -> RoundFolder | None:
     folder = _FOLDERS.pop(model_id, None)
     if folder is None:
         return None
@@ -442,120 +442,3 @@ async def _take(model_id: uuid.UUID, round_: int) -> RoundFolder | None:
         await folder.close()
         return None
     return folder
-
-
-async def aggregate_round(
-    sessionmaker: async_sessionmaker[AsyncSession],
-    model_id: uuid.UUID,
-    round_: int,
-    items: Sequence[tuple[uuid.UUID, int]],
-    options: dict[str, Any],
-    previous_state: str | None,
-    report: dict[str, Any] | None = None,
-) -> tuple[bytes | memoryview | BlobInfo, bytes]:
-    """New global model (TorchScript archive; as a blob already in the store where the archive was
-    rebuilt in the server) and the aggregator's state (safetensors) of a claimed
-    round: from this process's folder where it has one (only the rest is folded now), else every
-    update from the blob store, as memory maps (``previous_state``: the digest of the aggregator's
-    state after the last round). ``report`` gets ``folded_on_arrival``: how many updates this
-    process's folder had folded before the close (None: no folder here, all folded now)."""
-    name, kwargs, _ = method_options(options)
-    async with sessionmaker() as session:
-        store = store_for(session)
-        ids = [local for local, _ in items]
-        digests = dict(
-            (
-                await session.execute(
-                    select(LocalModel.id, LocalModel.weights_digest).where(LocalModel.id.in_(ids))
-                )
-            ).all()
-        )
-    rows: Rows = {}
-    for local, size in items:
-        digest = digests.get(local)
-        if digest is None:
-            raise ValueError(f"local model {local} disappeared during aggregation")
-        rows[local] = (digest, size)
-    timeline.mark("rows_read")
-    folder = await _take(model_id, round_)
-    if folder is not None:
-        try:
-            async with folder.lock:
-                timeline.mark("folder_lock_taken")
-                await folder.fold(rows, ids)
-                agg = folder.agg
-                assert agg is not None
-                folder.agg, folder.closed = None, True  # a sync waiting for the lock finds it closed
-            log.info(
-                "round %s of model %s: %d of %d updates folded on arrival, %d refold(s)",
-                round_,
-                model_id,
-                folder.on_arrival,
-                len(items),
-                folder.refolds,
-            )
-            if report is not None:
-                report["folded_on_arrival"] = folder.on_arrival
-        finally:
-            await folder.close()
-    else:
-        if report is not None:
-            report["folded_on_arrival"] = None
-        agg = new_aggregator(name, kwargs)
-        global_state, prior = (
-            await _begin_args(sessionmaker, model_id, agg, previous_state)
-            if agg.streams
-            else await _full_begin_args(sessionmaker, model_id, previous_state)
-        )
-        await asyncio.to_thread(agg.begin, global_state, prior)
-        del global_state, prior
-        for start in range(0, len(ids), FOLD_PASS_UPDATES):
-            batch = ids[start : start + FOLD_PASS_UPDATES]
-            await fold_blobs(
-                agg,
-                store,
-                [(rows[local][0], float(rows[local][1]), f"Local model {local}") for local in batch],
-            )
-    timeline.mark("rest_folded")
-    new_global, new_state = await finish(agg, store, rows, ids)
-    del agg
-
-    async with sessionmaker() as session:
-        template = await _template(session, store, model_id)
-    timeline.mark("template_found")
-    encoded = await archive_plans.rebuild(model_id, template, new_global, store=store)
-    del new_global, template
-    timeline.mark("archive_stored")
-    new_state_bytes = await asyncio.to_thread(
-        aggregation.encode_safetensors, {k: v.contiguous() for k, v in new_state.items()}
-    )
-    timeline.mark("state_encoded")
-    return encoded, new_state_bytes
-
-
-async def _template(session: AsyncSession, store: BlobStore, model_id: uuid.UUID) -> str | bytes:
-    """The global model's archive: its blob's local file where the store keeps one (read piecewise
-    by the rebuild, never whole), else its bytes."""
-    digest = (
-        await session.execute(select(Model.weights_digest).where(Model.id == model_id))
-    ).scalar_one_or_none()
-    if digest is not None:
-        with contextlib.suppress(BlobNotFound):
-            path = await store.local_path(digest)
-            if path is not None:
-                return str(path)
-    return await global_weights(session, model_id)
-
-
-async def _full_begin_args(
-    sessionmaker: async_sessionmaker[AsyncSession], model_id: uuid.UUID, previous_state: str | None
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """``begin``'s arguments for the close-time methods: the global model always (as before)."""
-    async with sessionmaker() as session:
-        template = await global_weights(session, model_id)
-        state_bytes = (
-            await stored_bytes(session, previous_state, "The aggregator state") if previous_state else None
-        )
-    global_state, _ = await model_files.decode_state_dict_async(template)
-    prior = aggregation.decode_safetensors(state_bytes, copy=True) if state_bytes else None
-    return global_state, prior

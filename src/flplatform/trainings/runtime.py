@@ -44,7 +44,7 @@ from flplatform.models import layouts
 from flplatform.orm import GlobalModel, GlobalModelRound, Model, SWAGModel, Training
 from flplatform.orm.base import utcnow
 from flplatform.settings import Settings
-from flplatform.trainings import aggregate, asynchronous, events, fold_ahead, folding, hooks, participants
+from flplatform.trainings import aggregate, asynchronous, closing, events, fold_ahead, hooks, participants
 from flplatform.trainings import notifications as notify
 from flplatform.trainings.phases import (
     after_aggregation,
@@ -259,7 +259,7 @@ class TrainingRuntime:
         the round, advance the training further. False when the claim was no longer ours (the
         round was finished by an earlier run of the same job, re-claimed, or the training ended).
         An aggregation error ends the training in Error and is re-raised (the job records it).
-        ``report``: facts about the run for the job's result (``folding.aggregate_round``)."""
+        ``report``: facts about the run for the job's result (``closing.aggregate_round``)."""
         try:
             committed = await self._run(training_id, job, report)
         except NotFound:
@@ -374,7 +374,7 @@ class TrainingRuntime:
                     self.sessionmaker, job.model_id, job.items, options, previous
                 )
             else:
-                encoded, state = await folding.aggregate_round(
+                encoded, state = await closing.aggregate_round(
                     self.sessionmaker, job.model_id, job.round, job.items, options, previous, report
                 )
             metrics.observe_aggregation(method, elapsed())
