@@ -115,13 +115,13 @@ def test_a_shared_inline_fold_cuts_pieces_by_bytes_and_runs_in_two_threads(monke
     threads: set[str] = set()
     original = segments.run_beside
 
-    def run_beside(run, pieces):
+    def run_beside(run, pieces, check=None):
         def traced(lo, hi):
             threads.add(threading.current_thread().name)
             time.sleep(0.01)  # long enough for the fold thread to wake and take its share
             run(lo, hi)
 
-        original(traced, pieces)
+        original(traced, pieces, check)
 
     monkeypatch.setattr(segments, "run_beside", run_beside)
     sources = [[torch.ones(s) for s in SHARED_SHAPES]]

@@ -47,7 +47,10 @@ Public API
       accumulator + pending ≤ 2 × model (two per pass); zero-copy views of ``bytes`` that someone else
       keeps in memory anyway (the server's upload buffers) cost nothing and wait for up to
       ``max_fold`` (32) to fold in one pass. Robust aggregators keep a reference (zero-copy views cost
-      nothing beyond the bytes).
+      nothing beyond the bytes). A rejected update leaves the round as it was, unless the call
+      passed ``discard_on_error=True`` (what ``fedavg`` and ``aggregate`` do with a generator: they
+      drop the aggregator when ``add`` raises): a small model's update may then be folded while the
+      fold thread checks it, and a rejected one leaves the round unusable (:class:`AggregatorStateError`).
     * ``agg.add_many(pairs)``: the same for updates already all in memory (batch folding).
     * ``new_global, new_state = agg.finish()``: the new global model as a state dict in the global
       model's key order (views into one flat buffer per dtype; treat as read-only or clone) and the
@@ -137,9 +140,13 @@ does: the caller may refill the same tensors for the next update (``yield model.
 one model trained in place), so nothing of theirs may wait (only immutable ``bytes`` may wait for
 the next update, to fold two per pass). A small model of separate tensors (every tensor ≤ 16384 elements, accumulator ≤ 8 MiB: it
 stays in cache between updates) arriving one at a time (a generator, ``add``) folds update by update
-instead, in the caller's thread, right after the update is checked (one ``torch._foreach_add_`` per update; on a busy
-machine the fold threads' passes measured slower for such models: waking them costs more than
-they save); a list of them folds in passes like any list (the batches stay in L2 across the pass:
+instead, in the caller's thread and, from 1 MiB of accumulator, one fold thread, right after the
+update is checked (one ``torch._foreach_add_`` per update and piece; on a busy machine the fold
+threads' passes measured slower for such models: waking them costs more than they save). Through
+``fedavg``/``aggregate`` (which drop the aggregator on an error) the check runs in that fold thread
+while the caller's thread already folds the update: the check (≈ 1 µs per tensor, reading metadata
+that is not in cache) no longer comes before the fold, whose reading of the update from memory takes
+the time; a list of them folds in passes like any list (the batches stay in L2 across the pass:
 measured faster than update by update). Per element every state-dict feed computes what a plain loop
 does (``acc = w₀·x₀``, then ``acc.add_(x, alpha=w)`` per update in order, then ``div_``, with the
 weights divided by the first positive one), so lists, generators and ``add`` give the same bits.
@@ -210,7 +217,7 @@ def _feed(agg: Aggregator, updates: Iterable[tuple[Mapping[str, torch.Tensor], f
             return
         state_dict, weight = pair
         del pair  # drop our references before drawing the next pair: ≤ 2 models in flight
-        agg.add(state_dict, weight)
+        agg.add(state_dict, weight, discard_on_error=True)  # (an error ends the call: agg is ours)
         del state_dict
 
 

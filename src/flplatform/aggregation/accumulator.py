@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
@@ -18,7 +19,8 @@ from typing import cast
 import torch
 
 from .buffers import new_buffer
-from .codec import FlatLayout, WireState
+from .codec import FlatLayout, WireState, held_elsewhere
+from .errors import UpdateValidationError
 from .kernels import Release, accumulator_dtype, divide_checked, fold_chunk, fold_flat
 from .segments import fold_inline, fold_segments, fold_whole, inline_pieces
 
@@ -65,10 +67,62 @@ class GatherPlan:
             large = [i for i, slot in enumerate(group) if slot.numel > SMALL_TENSOR]
             self.groups.append((dtype, start, stop, large))
             start = stop
+        #: per group of two or more tensors with elements: the first two's names and their distance in
+        #: bytes when the group lies back to back (see :meth:`apart`); the other groups are one flat
+        #: range whenever their tensor is contiguous (:meth:`FlatLayout.flat_view`)
+        self.pairs: dict[torch.dtype, tuple[str, str, int]] = {}
+        for dtype, group in layout.groups.items():
+            placed = [slot for slot in group if slot.numel]
+            if len(placed) >= 2:
+                step = (placed[1].offset - placed[0].offset) * dtype.itemsize
+                self.pairs[dtype] = (placed[0].name, placed[1].name, step)
+
+    def apart(self, state: Mapping[str, torch.Tensor]) -> bool:
+        """Whether in every group of several tensors the first two (of ``state``, not yet checked) lie
+        apart in memory, so that :meth:`FlatLayout.flat_view` finds none of them one flat range: a
+        cheap early answer for a caller's separate tensors."""
+        for first_name, second_name, step in self.pairs.values():
+            first, second = state[first_name], state[second_name]
+            if not isinstance(first, torch.Tensor) or not isinstance(second, torch.Tensor):
+                return False
+            if second.data_ptr() == first.data_ptr() + step:
+                return False
+        return True
 
 
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
+
+
+def _taken(plan: GatherPlan, state: object) -> tuple[torch.Tensor, ...] | None:
+    """The update's values in layout order, unchecked; None unless its names are the model's."""
+    if not isinstance(state, Mapping) or len(state) != plan.count or state.keys() != plan.name_set:
+        return None
+    return plan.get(state)
+
+
+def _matches(
+    plan: GatherPlan, tensors: tuple[torch.Tensor, ...], start: int = 0, stop: int | None = None
+) -> bool:
+    """Whether every value (of ``tensors``, or of its slots ``start:stop``) is a tensor of the model's
+    dtype and shape (C-level loops, see :class:`GatherPlan`)."""
+    if start or stop is not None:
+        tensors = tensors[start:stop]
+    return (
+        all(map(isinstance, tensors, itertools.repeat(torch.Tensor)))
+        and list(map(_DTYPE, tensors)) == plan.dtypes[start:stop]
+        and list(map(_SHAPE, tensors)) == plan.shapes[start:stop]
+    )
+
+
+def _grouped(plan: GatherPlan, tensors: tuple[torch.Tensor, ...]) -> dict[torch.dtype, list[torch.Tensor]]:
+    out: dict[torch.dtype, list[torch.Tensor]] = {}
+    for dtype, start, stop, large in plan.groups:
+        group = list(tensors[start:stop])
+        for index in large:
+            group[index] = group[index].reshape(-1)
+        out[dtype] = group
+    return out
 
 
 def gather_tensors(
@@ -78,22 +132,44 @@ def gather_tensors(
     shapes) against ``plan`` (made once per round from the layout); None when they do not match
     (:meth:`FlatLayout.check` then says how). Tensors above :data:`SMALL_TENSOR` elements are
     flattened, smaller ones kept in their shape."""
-    if not isinstance(state, Mapping) or len(state) != plan.count or state.keys() != plan.name_set:
+    tensors = _taken(plan, state)
+    if tensors is None or not _matches(plan, tensors):
         return None
-    tensors = plan.get(state)
-    if (
-        not all(map(isinstance, tensors, itertools.repeat(torch.Tensor)))
-        or list(map(_DTYPE, tensors)) != plan.dtypes
-        or list(map(_SHAPE, tensors)) != plan.shapes
-    ):
+    return _grouped(plan, tensors)
+
+
+def unchecked_inline_sources(
+    plan: GatherPlan, weighted_sum: WeightedSum, state: object
+) -> tuple[Sources, Callable[[], None]] | None:
+    """For a caller that discards the round if the update turns out bad (see ``Aggregator.add``): the
+    sources of a small model's update that folds inline, *before* its dtypes and shapes are checked,
+    and that check (raises :class:`UpdateValidationError`), to run beside the fold
+    (:func:`~.segments.fold_inline`). None where the update would not fold inline (names not the
+    model's, a group that may be one flat range, a group too large): the caller then checks first."""
+    if not isinstance(state, Mapping) or not plan.pairs or not weighted_sum.inline.issuperset(plan.pairs):
         return None
-    out: dict[torch.dtype, list[torch.Tensor]] = {}
-    for dtype, start, stop, large in plan.groups:
-        group = list(tensors[start:stop])
-        for index in large:
-            group[index] = group[index].reshape(-1)
-        out[dtype] = group
-    return out
+    layout = weighted_sum.layout
+    tensors = _taken(plan, state)
+    if tensors is None or not plan.apart(state):
+        return None  # (a group perhaps one flat range folds as a flat view: other kernels, other bits)
+    sources: Sources = {}
+    for dtype, start, stop, _ in plan.groups:
+        if dtype in plan.pairs:
+            sources[dtype] = list(tensors[start:stop])  # all small (inline): none to flatten
+            continue
+        # A group of one tensor (or none with elements) is a flat view, as gather_tensors' caller
+        # makes it: checked now (one tensor), the fold then gives the bits of the checked path.
+        view = layout.flat_view(state, dtype) if _matches(plan, tensors, start, stop) else None
+        if view is None:
+            return None
+        sources[dtype] = view
+
+    def check() -> None:
+        if not _matches(plan, tensors):
+            layout.check(state)  # raises, saying what differs
+            raise UpdateValidationError("the update does not match the model")
+
+    return sources, check
 
 
 def fold_views(layout: FlatLayout, flat: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -117,6 +193,26 @@ class Update:
     wire: bytes | None = None  # the immutable bytes every source views (decoded zero-copy), else None
     release: Release | None = None  # called on the flat sources' bytes as they are folded
     stable: bool = False  # the caller keeps the bytes unchanged and alive until they are folded
+
+
+def owned_pending_bytes(pending: list[Update]) -> int:
+    """Bytes of pending updates that only the aggregator keeps alive.
+
+    A pending update decoded zero-copy from ``bytes`` that someone else keeps in memory anyway (the
+    server's upload buffers, a list of blobs) costs nothing to hold, so such updates wait until
+    ``max_fold`` of them fold in one pass over the accumulator. The newest update always counts (its
+    caller still holds it during ``add``), and one whose bytes the caller has let go counts from
+    the next ``add`` on: a stream of freshly received or loaded updates keeps the 2-model bound.
+    """
+    if not pending:
+        return 0
+    holders = Counter(id(u.wire) for u in pending if u.wire is not None)
+    newest = pending[-1]
+    return sum(
+        u.nbytes
+        for u in pending
+        if not u.stable and (u is newest or u.wire is None or not held_elsewhere(u.wire, holders[id(u.wire)]))
+    )
 
 
 class WeightedSum:
@@ -165,16 +261,25 @@ class WeightedSum:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.acc.values())
 
-    def fold(self, items: list[tuple[Update, dict[torch.dtype, float]]], total: float | None = None) -> None:
+    def fold(
+        self,
+        items: list[tuple[Update, dict[torch.dtype, float]]],
+        total: float | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
         """Add ``Σ coefs[dtype] · update.sources[dtype]`` for every group.
 
         ``total`` (the total weight) marks the round's last fold: floating groups summed in their own
         dtype become the mean in the same pass (listed in ``means``): each slice of the accumulator is
         divided by ``total`` right after its sources are added, while in cache (the very values of
         dividing afterwards, without another pass), and summed there too: a finite sum lists the
-        group in ``finite``.
+        group in ``finite``. ``check``: the check of an update folded inline before it was checked
+        (:func:`unchecked_inline_sources`), run beside the fold of its largest group, which goes first.
         """
-        for dtype, acc in self.acc.items():
+        groups = list(self.acc.items())
+        if check is not None:
+            groups.sort(key=lambda group: -group[1].numel() * group[1].element_size())
+        for dtype, acc in groups:
             # The total to divide by, when this group becomes the mean in this fold (else None).
             divisor = total if dtype.is_floating_point and acc.dtype == dtype else None
             active = [(update.sources[dtype], coefs[dtype]) for update, coefs in items if coefs[dtype] != 0.0]
@@ -221,8 +326,9 @@ class WeightedSum:
                         if bounds is None:
                             bounds = self._inline_bounds[dtype] = inline_pieces(targets)
                         checked = fold_inline(
-                            targets, per_slot, coefs, init=fresh, divisor=divisor, flat=acc, bounds=bounds
+                            targets, per_slot, coefs, fresh, divisor, flat=acc, bounds=bounds, check=check
                         )
+                        check = None
                     else:
                         checked = fold_segments(
                             targets, per_slot, coefs, init=fresh, divisor=divisor, flat=acc
@@ -233,6 +339,8 @@ class WeightedSum:
                 self.means.add(dtype)
                 if checked is not None and math.isfinite(checked):
                     self.finite.add(dtype)
+        if check is not None:
+            check()  # (no group folded inline: unreachable for unchecked_inline_sources' updates)
 
     def divide(self, total: float, chunk: int) -> None:
         """Make every group summed in its own floating dtype that no fold divided yet the mean (listed

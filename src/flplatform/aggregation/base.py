@@ -21,15 +21,23 @@ finishes the round; strategies (:mod:`.fedavg`, :mod:`.robust`, :mod:`.fedopt`) 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from . import dp, ordering
-from .accumulator import GatherPlan, Sources, Update, WeightedSum, gather_tensors, wire_of
-from .codec import FlatLayout, StateDict, decode_safetensors, held_elsewhere, wire_bytes_of
+from .accumulator import (
+    GatherPlan,
+    Sources,
+    Update,
+    WeightedSum,
+    gather_tensors,
+    owned_pending_bytes,
+    unchecked_inline_sources,
+    wire_of,
+)
+from .codec import FlatLayout, StateDict, decode_safetensors, wire_bytes_of
 from .errors import AggregatorOptionsError, AggregatorStateError, UpdateValidationError, ZeroTotalWeightError
 from .kernels import DEFAULT_CHUNK, Release, all_finite, finalize_inplace
 from .options import COMMON_OPTIONS, OptionSpec
@@ -178,6 +186,7 @@ class Aggregator:
         release: Release | None = None,
         *,
         stable: bool = False,
+        discard_on_error: bool = False,
     ) -> None:
         """Fold (or, for robust aggregators, keep) one update with its weight (e.g. sample count).
 
@@ -187,6 +196,9 @@ class Aggregator:
         finish reading them (flat groups; e.g. to drop a memory map's pages behind the fold): only
         for bytes that read back the same afterwards. ``stable``: the caller keeps the update unchanged
         until :meth:`fold_pending` (a mapped immutable file): it may wait for the next ones' pass.
+        ``discard_on_error``: the caller drops the round if this call raises (``fedavg``,
+        ``aggregate``): a small model's update (folded inline) is then checked beside its fold, and
+        a rejected one leaves the round unusable (else it leaves the round as it was).
         """
         if self._phase != "open":
             raise AggregatorStateError("add() needs begin() first (and not after finish())")
@@ -197,12 +209,15 @@ class Aggregator:
             or weight < 0
         ):
             raise UpdateValidationError(f"the weight must be a finite number >= 0, got {weight!r}")
-        sources, wire = self._sources(state_dict)
-        layout = self.layout
-        nbytes = sum(
-            layout.numel[d] * (s.element_size() if isinstance(s, torch.Tensor) else s[0].element_size())
-            for d, s in sources.items()
+        quick = discard_on_error and weight > 0 and self._layout is not None and self.streams
+        unchecked = (
+            unchecked_inline_sources(self._gather, self._weighted_sum, state_dict)
+            if quick and not self._unbounded and self._order is None
+            else None
         )
+        sources, wire = (unchecked[0], None) if unchecked is not None else self._sources(state_dict)
+        layout = self.layout
+        nbytes = sum(layout.numel[d] * d.itemsize for d in sources)
         clip = (
             dp.clip_factor(layout, sources, self._global_flat, self.clip_norm, self.chunk)
             if self.clip_norm is not None
@@ -230,18 +245,23 @@ class Aggregator:
             return
         if weight == 0:
             return
-        if not self._unbounded and self._weighted_sum.folds_inline(sources):
+        if unchecked or (not self._unbounded and self._weighted_sum.folds_inline(sources)):
             # a small model's update, one by one: folded now (see accumulator.INLINE_FOLD_BYTES)
             self._flush()
             self._global_coef += update.weight * (1.0 - update.clip)
-            self._weighted_sum.fold([(update, self._coefs(update))])
+            try:
+                self._weighted_sum.fold([(update, self._coefs(update))], check=unchecked and unchecked[1])
+            except BaseException:
+                if unchecked is not None:
+                    self._phase = "failed"  # the sum may hold part of the rejected update
+                raise
             return
         self._pending.append(update)
         # One at a time, only immutable bytes wait: a caller may refill its tensors in place for the
         # next update (yield model.state_dict() of one model). A list's (add_many) are all at hand.
         bounded = not (self._unbounded or stable)
         if len(self._pending) >= self.max_fold or (
-            bounded and (update.wire is None or self._owned_pending_bytes() > self._pending_budget)
+            bounded and (update.wire is None or owned_pending_bytes(self._pending) > self._pending_budget)
         ):
             self._flush()
 
@@ -270,26 +290,6 @@ class Aggregator:
             view = layout.flat_view(state_dict, dtype)
             sources[dtype] = view if view is not None else tensors
         return sources, wire_of(state_dict, sources)
-
-    def _owned_pending_bytes(self) -> int:
-        """Bytes of pending updates that only the aggregator keeps alive.
-
-        A pending update decoded zero-copy from ``bytes`` that someone else keeps in memory anyway (the
-        server's upload buffers, a list of blobs) costs nothing to hold, so such updates wait until
-        ``max_fold`` of them fold in one pass over the accumulator. The newest update always counts (its
-        caller still holds it during ``add``), and one whose bytes the caller has let go counts from
-        the next ``add`` on: a stream of freshly received or loaded updates keeps the 2-model bound.
-        """
-        if not self._pending:
-            return 0
-        holders = Counter(id(u.wire) for u in self._pending if u.wire is not None)
-        newest = self._pending[-1]
-        return sum(
-            u.nbytes
-            for u in self._pending
-            if not u.stable
-            and (u is newest or u.wire is None or not held_elsewhere(u.wire, holders[id(u.wire)]))
-        )
 
     def _rescale(self, scale: float) -> None:
         """Express everything relative to a new (much larger) weight scale."""
@@ -393,7 +393,7 @@ class Aggregator:
 
     def held_bytes(self) -> int:
         """Bytes of tensors the aggregator itself holds now (accumulators, pending updates, copies)."""
-        total = self._owned_pending_bytes() + self._global_copied_bytes
+        total = owned_pending_bytes(self._pending) + self._global_copied_bytes
         if self._sum is not None:
             total += self._sum.nbytes
         if self.collects:

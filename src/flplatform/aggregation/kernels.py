@@ -399,24 +399,52 @@ def _run_pieces(run: Callable[[int, int], None], bounds: list[int], workers: int
         holder.clear()
 
 
-def run_beside(run: Callable[[int, int], None], bounds: list[int]) -> None:
+def run_beside(
+    run: Callable[[int, int], None], bounds: list[int], check: Callable[[], None] | None = None
+) -> None:
     """``run(bounds[i], bounds[i + 1])`` for every piece, taken in turn by the caller's thread and one
     fold thread, for work whose kernels run inline in any thread (tensors below ATen's grain size):
     the caller works instead of waiting, so a fold thread that is slow to wake (a busy machine) only
-    leaves it more pieces, never a wait for its start."""
+    leaves it more pieces, never a wait for its start.
+
+    ``check`` (optional; for a caller that discards the work if it raises) runs in the fold thread
+    before it takes pieces, while the caller's thread already runs them: the check's Python holds
+    the GIL while the caller's kernels do not need it. The caller's thread runs it after its pieces
+    if the fold thread has not begun it. Its exception is raised in preference to any the pieces
+    raised (an unchecked input's kernels may fail on what the check explains)."""
     pieces = len(bounds) - 1
     taken = itertools.count()
+    claims = itertools.count()  # who takes 0 runs the check
+    stop: list[bool] = []  # set when either side failed: no more pieces
     holder = {"run": run}  # cleared after the join, as in _run_pieces
 
     def drain() -> None:
         work = holder.get("run")
-        while work is not None and (piece := next(taken)) < pieces:
+        while work is not None and not stop and (piece := next(taken)) < pieces:
             work(bounds[piece], bounds[piece + 1])
 
-    future = _pool().submit(drain)
+    def helper() -> None:
+        if check is not None and next(claims) == 0:
+            try:
+                check()
+            except BaseException:
+                stop.append(True)
+                raise
+        drain()
+
+    future = _pool().submit(helper)
+    failure: BaseException | None = None
     try:
         drain()
-    finally:
+    except BaseException as error:
+        stop.append(True)
+        failure = error
+    try:
         if not future.cancel():
             future.result()
+        if check is not None and next(claims) == 0:
+            check()
+    finally:
         holder.clear()
+    if failure is not None:
+        raise failure

@@ -11,6 +11,7 @@ the sum of the mean's values, read while they are in cache: a finite sum proves 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -188,6 +189,7 @@ def fold_inline(
     divisor: float | None = None,
     flat: torch.Tensor | None = None,
     bounds: list[int] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> float | None:
     """:func:`fold_segments` for small targets, without the batches: one ``torch._foreach_add_`` per
     source over every target (one C++ call per update instead of one kernel call per tensor from
@@ -198,11 +200,19 @@ def fold_inline(
     update to the next (see ``accumulator.INLINE_FOLD_BYTES``). Returns the sum of the new values
     with ``divisor`` (``flat``: the buffer the targets view, in order, summed in pieces), else None.
     ``bounds``: :func:`inline_pieces` of the targets, if the caller keeps them from fold to fold.
+    ``check``: the sources' check, for a caller that discards the accumulator if it raises: run beside
+    the fold where the fold is shared (:func:`~.kernels.run_beside`; the caller's thread then takes
+    a first piece twice the size, to fold while the check runs), else before it.
     """
-    if not sources or not targets:
-        return 0.0 if divisor is not None else None
     if bounds is None:
         bounds = inline_pieces(targets)
+    if check is not None and len(bounds) <= 2:
+        check()
+        check = None
+    if not sources or not targets:
+        return 0.0 if divisor is not None else None
+    if check is not None and len(bounds) > 3:
+        bounds = [bounds[0], *bounds[2:]]
     sums = [0.0] * (len(bounds) - 1)
 
     def run(lo: int, hi: int) -> None:
@@ -226,7 +236,7 @@ def fold_inline(
                 sums[lo] = small_sum(flat[start:stop])
 
     if len(bounds) > 2:
-        run_beside(run, list(range(len(bounds))))
+        run_beside(run, list(range(len(bounds))), check)
     else:
         run(0, 1)
     return math.fsum(sums) if divisor is not None else None
