@@ -376,7 +376,12 @@ def run_in_order(run: Callable[[int, int], None], pieces: int) -> None:
 
 
 def _run_pieces(run: Callable[[int, int], None], bounds: list[int], workers: int) -> None:
-    """``run(bounds[i], bounds[i + 1])`` for every piece, taken in turn by ``workers`` fold threads."""
+    """``run(bounds[i], bounds[i + 1])`` for every piece, taken in turn by the caller's thread (its
+    kernels inline for the time, see :func:`_inline_kernels`) and ``workers - 1`` fold threads.
+
+    The caller works rather than waits: its core is awake, where a fold thread's may not be (on a VM
+    a halted virtual CPU took 2-5 ms to run a woken fold thread: a fold of 10 ms then took 16), and a
+    fold thread slow to start only leaves the others more pieces."""
     pieces = len(bounds) - 1
     taken = itertools.count()  # next() on it is atomic under the GIL
     # The pool reaches the sources only through this holder, cleared after the join: a pool thread
@@ -389,14 +394,23 @@ def _run_pieces(run: Callable[[int, int], None], bounds: list[int], workers: int
         while work is not None and (piece := next(taken)) < pieces:
             work(bounds[piece], bounds[piece + 1])
 
-    # Every piece runs in the fold threads (kernels inline, no OpenMP team); the caller's own thread would
-    # start an OpenMP team per kernel call of this size.
-    futures = [_pool().submit(drain) for _ in range(workers)]
+    runtime = _openmp_runtime()
+    futures = [_pool().submit(drain) for _ in range(workers - 1 if runtime is not None else workers)]
     try:
-        for future in futures:
-            future.result()
+        if runtime is not None:
+            team = torch.get_num_threads()
+            runtime.omp_set_num_threads(1)  # this thread's kernels inline, as the fold threads'
+            try:
+                drain()
+            finally:
+                runtime.omp_set_num_threads(team)
     finally:
-        holder.clear()
+        try:
+            for future in futures:
+                if not future.cancel():
+                    future.result()
+        finally:
+            holder.clear()
 
 
 def run_beside(

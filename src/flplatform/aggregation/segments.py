@@ -144,8 +144,11 @@ def _segment_batches(
     batched = done = 0
     for index, target in enumerate(targets):
         n = target.numel()
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
+        # equal slices of at most ``chunk`` (1M by 512k: 2 × 500k, not 512k and a 488k remainder
+        # that shares a batch with the next tensor's first slice: batches of twice the size)
+        step = -(-n // -(-n // chunk)) if n > chunk else chunk
+        for start in range(0, n, step):
+            stop = min(n, start + step)
             whole = start == 0 and stop == n
             views.append(target if whole else target[start:stop])
             units.append((index, start, stop, whole))
