@@ -6,6 +6,7 @@ and every bad update still rejected with the error that says why."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -146,3 +147,38 @@ def test_run_beside_runs_the_check_itself_when_its_fold_thread_is_busy():
             future.result()
     assert checks == [threading.current_thread().name, "ok"]  # the caller checked, after its pieces
     assert sorted(done) == sorted(list(range(6)) * 2)
+
+
+def test_run_pieces_lets_the_caller_take_pieces_with_its_kernels_inline_then_restores_its_team():
+    threads: dict[str, int] = {}
+    team = torch.get_num_threads()
+
+    def run(lo: int, hi: int) -> None:
+        # every piece runs with kernels inline: in the fold threads, and in the caller's thread too
+        threads[threading.current_thread().name] = torch.get_num_threads()
+        time.sleep(0.01)  # long enough for a fold thread to wake and take its share
+
+    kernels._run_pieces(run, _pieces(12), 2)
+    assert set(threads.values()) == {1} or kernels._openmp_runtime() is None
+    if kernels._openmp_runtime() is not None:
+        assert threading.current_thread().name in threads  # the caller worked instead of waiting
+        assert len(threads) == 2  # with one fold thread (workers - 1)
+    assert torch.get_num_threads() == team  # the caller's own team is back
+
+
+def test_run_pieces_raises_a_piece_error_after_every_thread_stopped():
+    done: list[int] = []
+
+    def run(lo: int, hi: int) -> None:
+        if lo == 3:
+            raise RuntimeError("piece 3 failed")
+        time.sleep(0.002)
+        done.append(lo)
+
+    team = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="piece 3"):
+        kernels._run_pieces(run, _pieces(8), 2)
+    settled = list(done)
+    time.sleep(0.05)
+    assert done == settled  # nothing ran after the call returned
+    assert torch.get_num_threads() == team
