@@ -181,4 +181,5 @@ def test_run_pieces_raises_a_piece_error_after_every_thread_stopped():
     settled = list(done)
     time.sleep(0.05)
     assert done == settled  # nothing ran after the call returned
+    assert len(done) < 7  # and the others stopped taking pieces once one failed
     assert torch.get_num_threads() == team

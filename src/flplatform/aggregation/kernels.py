@@ -388,11 +388,16 @@ def _run_pieces(run: Callable[[int, int], None], bounds: list[int], workers: int
     # keeps its finished work item a moment after the result is set, and a cancelled work item
     # waits in the queue, so a closure over ``run`` would keep the updates alive past the call.
     holder = {"run": run}
+    stop: list[bool] = []  # a piece failed: the call raises, the others take no more
 
     def drain() -> None:
         work = holder.get("run")
-        while work is not None and (piece := next(taken)) < pieces:
-            work(bounds[piece], bounds[piece + 1])
+        try:
+            while work is not None and not stop and (piece := next(taken)) < pieces:
+                work(bounds[piece], bounds[piece + 1])
+        except BaseException:
+            stop.append(True)
+            raise
 
     runtime = _openmp_runtime()
     futures = [_pool().submit(drain) for _ in range(workers - 1 if runtime is not None else workers)]
