@@ -25,7 +25,8 @@ built beforehand: the bench measures the server, not httpx). Reported per databa
   sample, anonymous and file-backed, to ``DIR/timeline-<database>.csv``);
 * **server CPU per burst**: CPU seconds of the server's event loop (its main thread) and of its other
   threads (hashing and spool writes, the values check, the fold on arrival, the SQLite driver)
-  from ``/proc`` over each round's uploads;
+  from ``/proc`` over each round's uploads, and the kernel (system) part of it; with the machine's
+  ``/proc/vmstat`` memory counters over each burst (direct reclaim, compaction, kswapd);
 * the machine's own **loopback** TCP bandwidth and **fdatasync** write bandwidth (the blob store's
   filesystem), measured in the same run, and the load average (the machine may be shared).
 * ``--phases``: the close step by step, from the server's own marks (the ``flplatform.timeline``
@@ -165,22 +166,50 @@ def fdatasync_bandwidth(directory: Path, total: int, chunk: int = 8 << 20) -> fl
     return max(1, total // chunk) * chunk / seconds
 
 
-def thread_cpu(pid: int) -> tuple[float, float]:
+def thread_cpu(pid: int) -> tuple[float, float, float]:
     """CPU seconds (user + system) of ``pid``'s main thread (the event loop) and of all its other
-    live threads (the worker threads: hashing, spool writes, fsync, the SQLite driver)."""
+    live threads (the worker threads: hashing, spool writes, fsync, the SQLite driver), and the
+    system (kernel) part of both together."""
     tick = os.sysconf("SC_CLK_TCK")
-    main = rest = 0.0
+    main = rest = kernel = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         cpu = (int(fields[11]) + int(fields[12])) / tick
+        kernel += int(fields[12]) / tick
         if task.name == str(pid):
             main += cpu
         else:
             rest += cpu
-    return main, rest
+    return main, rest, kernel
+
+
+#: /proc/vmstat counters that show the kernel working for memory during a burst: direct reclaim
+#: (allocation stalls, pages scanned by the allocating thread), direct compaction, and kswapd.
+VMSTAT_KEYS = {
+    "allocstall": "direct-reclaim stalls",
+    "pgscan_direct": "pages scanned in direct reclaim",
+    "compact_stall": "direct-compaction stalls",
+    "pgscan_kswapd": "pages scanned by kswapd",
+}
+
+
+def vmstat() -> dict[str, int]:
+    """The :data:`VMSTAT_KEYS` counters now (``allocstall`` summed over its zones); empty where
+    ``/proc/vmstat`` is missing."""
+    counts = dict.fromkeys(VMSTAT_KEYS, 0)
+    try:
+        lines = Path("/proc/vmstat").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        name, _, value = line.partition(" ")
+        key = "allocstall" if name.startswith("allocstall_") else name
+        if key in counts:
+            counts[key] += int(value)
+    return counts
 
 
 def vm_hwm(pid: int) -> int:
@@ -444,8 +473,10 @@ class Result:
     hwm_reset: bool = False
     phase_peaks: dict[str, int] = field(default_factory=dict)
     phase_split: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # Server CPU seconds per burst: (event loop thread, other threads)
-    burst_cpu: list[tuple[float, float]] = field(default_factory=list)
+    # Server CPU seconds per burst: (event loop thread, other threads, kernel part of both)
+    burst_cpu: list[tuple[float, float, float]] = field(default_factory=list)
+    # The machine's /proc/vmstat memory counters (VMSTAT_KEYS) over each burst
+    burst_vmstat: list[dict[str, int]] = field(default_factory=list)
     # --phases: wall-clock times of each round's last response and of its next round's start seen
     answered_at: list[float] = field(default_factory=list)
     next_at: list[float] = field(default_factory=list)
@@ -557,13 +588,16 @@ async def drive(url: str, args: argparse.Namespace, pid: int, result: Result) ->
                     assert r.status_code == 201, r.text
 
                 sampler.phase = "uploads"
-                cpu_before = thread_cpu(pid)
+                cpu_before, vm_before = thread_cpu(pid), vmstat()
                 started = time.perf_counter()
                 await asyncio.gather(*(post(i, round_, bodies) for i in range(args.clients)))
                 answered = time.perf_counter()
                 result.answered_at.append(time.time())
-                cpu_after = thread_cpu(pid)
-                result.burst_cpu.append((cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]))
+                cpu_after, vm_after = thread_cpu(pid), vmstat()
+                result.burst_cpu.append(
+                    (cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1], cpu_after[2] - cpu_before[2])
+                )
+                result.burst_vmstat.append({k: vm_after[k] - vm_before[k] for k in vm_after})
                 sampler.phase = "close"
                 del bodies
                 await wait_round(round_ + 1)
@@ -730,7 +764,7 @@ def main() -> None:
     print(
         "| database | upload burst MB/s (median / best) | last upload → next round s (median / each) "
         "| server peak RSS MB, rounds (× model) | sampled peak MB: uploads / close / idle | set-up MB "
-        "| server CPU s per burst: event loop + threads |"
+        "| server CPU s per burst: event loop + threads (kernel) |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
@@ -740,7 +774,7 @@ def main() -> None:
             f"{r.rss_rounds / MB:.0f} ({r.rss_rounds / r.update_bytes:.1f}×)" if r.hwm_reset else "n/a"
         )
         phases = " / ".join(f"{r.phase_peaks.get(p, 0) / MB:.0f}" for p in ("uploads", "close", "idle"))
-        cpu = " · ".join(f"{m:.2f} + {t:.2f}" for m, t in r.burst_cpu)
+        cpu = " · ".join(f"{m:.2f} + {t:.2f} ({k:.2f})" for m, t, k in r.burst_cpu)
         print(
             f"| {r.database} | {statistics.median(mbps):.0f} / {max(mbps):.0f} "
             f"| {statistics.median(r.latencies):.2f} / {each} | {rounds_rss} | {phases} | {r.rss_setup / MB:.0f} "
@@ -756,6 +790,11 @@ def main() -> None:
                 if p in r.phase_split
             )
         )
+    print("\nThe machine's memory work per burst (/proc/vmstat; kernel time above with none of it points")
+    print("at page-cache page faults, e.g. a balloon's reported pages, rather than reclaim):")
+    for r in results:
+        for key, label in VMSTAT_KEYS.items():
+            print(f"  {r.database}: {label}: " + " · ".join(str(v.get(key, 0)) for v in r.burst_vmstat))
     if args.phases:
         print_phases(results)
     print(

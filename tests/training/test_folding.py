@@ -13,9 +13,13 @@ from typing import Any
 
 import pytest
 import torch
+from sqlalchemy import select
 
+from flplatform.blobs import FileBlobStore, store_for
+from flplatform.orm import LocalModel
 from flplatform.settings import Settings
 from flplatform.trainings import folding
+from tests.page_cache import page_cache_can_be_dropped, resident_pages
 from tests.training.conftest import (
     as_safetensors,
     create_training,
@@ -133,6 +137,34 @@ async def test_a_round_closed_without_a_folder_folds_everything_from_the_store(
     assert _folder(model_id) is None
     got = state_of((await client.get(f"/api/models/{model_id}/", headers=alice.headers)).content)
     _close(got, fedavg(updates, [10, 20, 30]))
+
+
+async def test_a_closed_rounds_updates_leave_the_page_cache(app, client, alice, make_user):
+    """Once a round is closed its updates are not read again: their pages go back to the kernel
+    (for the next round's uploads to reuse), their bytes stay stored."""
+    clients, model_id, training_id, state = await _start(client, alice, make_user, "cache")
+    for i, c in enumerate(clients):
+        update = as_safetensors(shifted(state, 0.1 * (i + 1)))
+        r = await post_update(client, c.headers, model_id, update, 0, sample_size=10 + i)
+        assert r.status_code == 201, r.text
+    body = await wait_training(client, alice.headers, training_id, lambda b: b["state"] in ("C", "E"))
+    assert body["state"] == "C", body
+    async with app.state.sessionmaker() as session:
+        store = store_for(session)
+        digests = set(
+            (
+                await session.execute(
+                    select(LocalModel.weights_digest).where(LocalModel.base_model_id == uuid.UUID(model_id))
+                )
+            ).scalars()
+        )
+    assert len(digests) == 3
+    if not isinstance(store, FileBlobStore) or not page_cache_can_be_dropped(store.spool):
+        pytest.skip("needs the filesystem store on a filesystem whose page cache can be dropped")
+    paths = [store.path(d) for d in digests if d is not None]
+    await _until(lambda: all(resident_pages(p) == 0 for p in paths))
+    for digest in digests:
+        assert digest is not None and await store.read(digest)  # still stored
 
 
 async def test_methods_that_need_every_update_keep_the_close_time_path(client, alice, make_user):

@@ -16,7 +16,7 @@ import os
 import re
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -360,6 +360,11 @@ class BlobStore(ABC):
         spool = getattr(self, "spool", None)
         if isinstance(spool, Path):
             start_spare(spool, size, unless_present=True)
+
+    def forget_cached(self, digests: Iterable[str]) -> None:  # noqa: B027 - optional hook
+        """Drop these blobs' pages from this machine's page cache (blocking: run it in a thread);
+        for blobs that will not be read again soon, such as a closed round's updates. Their bytes
+        stay stored; a later read comes from disk. Backends without local files do nothing."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from flplatform.blobs.base import (
@@ -136,6 +136,22 @@ class FileBlobStore(BlobStore):
 
         for blob in await asyncio.to_thread(_scan):
             yield blob
+
+    def forget_cached(self, digests: Iterable[str]) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for digest in digests:
+            try:
+                fd = os.open(self.path(digest), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                # clean pages not mapped anywhere are freed at once; mapped ones are left alone
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     async def remove_stale_spool(self, older_than: float = STALE_SPOOL_SECONDS) -> int:
         """Delete temporary files of writers that died (older than ``older_than`` seconds)."""

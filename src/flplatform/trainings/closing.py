@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from flplatform import aggregation
 from flplatform.blobs import BlobInfo, BlobNotFound, BlobStore, store_for
 from flplatform.kit import timeline
+from flplatform.kit.tasks import spawn
 from flplatform.models import files as model_files
 from flplatform.orm import LocalModel, Model
 from flplatform.trainings import archive_plans, folding
@@ -106,6 +107,10 @@ async def aggregate_round(
     timeline.mark("rest_folded")
     new_global, new_state = await finish(agg, store, rows, ids)
     del agg
+    # The updates are folded and will not be read again: their page-cache pages (the round's model
+    # size × clients) go back to the kernel now, so the next round's uploads reuse them instead of
+    # pages the kernel must find anew (docs/performance.md: "Recycled page-cache pages").
+    spawn(asyncio.to_thread(store.forget_cached, {d for d, _ in rows.values()}), name=f"forget-{model_id}")
 
     async with sessionmaker() as session:
         template = await _template(session, store, model_id)
