@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from flplatform.blobs import (
     open_store,
 )
 from flplatform.settings import Settings
+from tests.page_cache import resident_pages
 
 
 def _spooled(store: BlobStore) -> list[str]:
@@ -247,6 +249,8 @@ async def test_a_built_blob_leaves_a_spare_file_that_the_next_build_overwrites(
     info = await store.writer().commit_built(lambda sink: sink.write(first))
     await spare_of_size(len(first))
     inode = spare.stat().st_ino
+    if sys.platform.startswith("linux"):  # its pages were read into the page cache
+        assert resident_pages(spare) == -(-len(first) // mmap.PAGESIZE)
     again = await store.writer().commit_built(lambda sink: sink.write(second))
     if isinstance(store, FileBlobStore):  # the spare itself became the blob
         assert store.path(again.digest).stat().st_ino == inode
