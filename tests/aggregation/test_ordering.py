@@ -259,3 +259,75 @@ def test_an_order_tracked_float64_group_is_divided_once_without_a_redo(explicit_
     result = agg.finish()[0]
     assert torch.equal(result["w"], torch.full((5,), 2.0, dtype=torch.float64))
     assert torch.equal(result["v"], torch.full((4,), 3.0))
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_the_bound_the_fold_takes_is_the_bound_taken_before_it(monkeypatch, passes):
+    """A flat update's share of the order bound is taken by the fold itself, range by range while
+    the range is in cache (``ordering.DeferredBound``): the same bounds and floors, the same listed
+    coordinates and the same bits as a pass of its own before the fold. Several-update passes,
+    a partial last block, two float dtypes and a state dict among flat updates (a pass the fold
+    does not report: the flat updates' shares are then taken whole at the end) included."""
+    from flplatform.aggregation import kernels, ordering
+
+    monkeypatch.setattr(kernels, "RELEASE_BYTES", 64 * 1024)  # many windows, several pieces
+    g = torch.Generator().manual_seed(11)
+    n = 64 * 5000 + 37
+    base = {
+        "w": torch.randn(n, generator=g),
+        "v": torch.randn(999, generator=g),
+        "h": torch.randn(3000, generator=g).half(),
+    }
+    updates = [
+        {k: v + (0.01 * (i + 1) * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+        for i in range(7)
+    ]
+    sources = [encode_safetensors(u) if i != 4 else u for i, u in enumerate(updates)]
+    weights = [float(10 + i) for i in range(7)]
+
+    def run(defer: bool) -> tuple[dict, dict, int, dict, int]:
+        taken_whole = 0
+        add, block_max = ordering.OrderBound.add, ordering._block_max
+
+        def counted(*args, **kwargs):
+            nonlocal taken_whole
+            taken_whole += 1
+            return block_max(*args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ordering, "_block_max", counted)
+            if not defer:
+                patch.setattr(
+                    ordering.OrderBound, "add", lambda self, *a, defer=False, **k: add(self, *a, **k)
+                )
+            agg = aggregation.get("fedavg", accumulate_dtype="float64")
+            agg.track_order = True
+            agg.begin(None)
+            for start in range(0, len(sources), passes):
+                for index in range(start, min(start + passes, len(sources))):
+                    agg.add(sources[index], weights[index], stable=True)
+                agg.fold_pending()
+            agg._flush(last=True)
+            order = agg._order
+            bounds = {d: b.clone() for d, b in order.bound.items()}
+            floors = {d: f.clone() for d, f in order.floor.items()}
+            listed = agg.settle()
+            for source, weight in zip(sources, weights, strict=True):
+                agg.redo(source, weight)
+            result, _ = agg.finish()
+        return bounds, floors, listed, result, taken_whole
+
+    deferred, before = run(True), run(False)
+    for got, expected in zip(deferred[:2], before[:2], strict=True):
+        assert got.keys() == expected.keys()
+        for dtype in got:
+            assert torch.equal(got[dtype], expected[dtype]), dtype
+    assert deferred[2] == before[2]
+    for key in base:
+        assert torch.equal(deferred[3][key], before[3][key]), key
+    # Passes of its own: before, one per flat group of every update (the state dict's float32 pair
+    # is bounded per tensor); deferred, only the state dict's own float16 one, and with passes of 3
+    # the two flat float32 groups of the state dict's pass (separate tensors: folded per slot, not
+    # reported), taken whole at the end.
+    assert before[4] == 2 * 6 + 1
+    assert deferred[4] == (1 if passes == 1 else 3)

@@ -14,7 +14,7 @@ import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -23,6 +23,9 @@ from .codec import FlatLayout, WireState, held_elsewhere
 from .errors import UpdateValidationError
 from .kernels import Release, accumulator_dtype, divide_checked, fold_chunk, fold_flat
 from .segments import fold_inline, fold_segments, fold_whole, inline_pieces
+
+if TYPE_CHECKING:
+    from .ordering import DeferredBound
 
 Sources = dict[torch.dtype, "torch.Tensor | list[torch.Tensor]"]
 
@@ -193,6 +196,7 @@ class Update:
     wire: bytes | None = None  # the immutable bytes every source views (decoded zero-copy), else None
     release: Release | None = None  # called on the flat sources' bytes as they are folded
     stable: bool = False  # the caller keeps the bytes unchanged and alive until they are folded
+    bound: DeferredBound | None = None  # its share of the order bound, taken as it is folded
 
 
 def owned_pending_bytes(pending: list[Update]) -> int:
@@ -301,6 +305,11 @@ class WeightedSum:
                     init=fresh,
                     divisor=divisor,
                     releases=[update.release for update, coefs in items if coefs[dtype] != 0.0],
+                    observers=[
+                        update.bound.observer(dtype) if update.bound is not None else None
+                        for update, coefs in items
+                        if coefs[dtype] != 0.0
+                    ],
                 )
                 self.whole.discard(dtype)
             else:
@@ -341,6 +350,9 @@ class WeightedSum:
                     self.finite.add(dtype)
         if check is not None:
             check()  # (no group folded inline: unreachable for unchecked_inline_sources' updates)
+        for update, _ in items:
+            if update.bound is not None:  # its order-bound share, taken as it was folded
+                update.bound.complete()
 
     def divide(self, total: float, chunk: int) -> None:
         """Make every group summed in its own floating dtype that no fold divided yet the mean (listed

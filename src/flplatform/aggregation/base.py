@@ -235,8 +235,9 @@ class Aggregator:
         self._scaled_total += scaled
         if scaled > 0:
             self._scaled_weights.append(scaled)
-            if self._order is not None:
-                self._order.add(sources, scaled, release, unclipped=clip == 1.0)
+            if self._order is not None:  # a flat update that waits for its fold: bounded as it is folded
+                defer = not self.collects and all(isinstance(s, torch.Tensor) for s in sources.values())
+                update.bound = self._order.add(sources, scaled, release, unclipped=clip == 1.0, defer=defer)
         if self.collects:
             self._collected.append(update)
             weighted_sum = self._weighted_sum

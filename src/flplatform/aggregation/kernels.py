@@ -266,6 +266,7 @@ def fold_flat(
     init: bool = False,
     divisor: float | None = None,
     releases: list[Release | None] | None = None,
+    observers: list[Callable[[int, int], None] | None] | None = None,
 ) -> float | None:
     """``acc += Σ coefs[k] · sources[k]`` (1-D, same length), cache-blocked and multi-threaded.
 
@@ -284,7 +285,9 @@ def fold_flat(
     defaults to :func:`fold_chunk` of the accumulator's dtype; ``acc_chunks`` may pass
     ``acc.split(chunk)`` made once per round (hundreds of views per call).
     ``releases[k]`` (optional) is called on each :data:`RELEASE_BYTES` or so of ``sources[k]`` once it
-    is folded (the same kernels on the same chunks in the same order: the same values).
+    is folded (the same kernels on the same chunks in the same order: the same values);
+    ``observers[k]`` (optional) is called with each range ``[start, stop)`` of coordinates of
+    ``sources[k]`` right after it is folded, while in cache (the order bound's block maxima).
     With ``divisor``, returns the sum of ``acc``'s new values, each chunk summed right after its
     division while in cache (a finite sum proves every value finite, see :func:`all_finite`: the
     round's finiteness check without another read of the model); else None.
@@ -299,16 +302,21 @@ def fold_flat(
     one = torch.ones(1, dtype=acc.dtype)
     per_chunk = len(sources)
     hooks = [(s, r) for s, r in zip(sources, releases or [], strict=False) if r is not None]
+    watchers = [o for o in observers or [] if o is not None]
+    # (observed per RELEASE_BYTES too: a smaller window, though more often in L2, costs more in
+    # kernel calls and GIL hand-offs between the fold threads than it saves)
     step = max(1, RELEASE_BYTES // (chunk * max(s.element_size() for s in sources)))
     sums = [0.0] * len(acc_chunks) if divisor is not None else []
 
     def run(lo: int, hi: int) -> None:
-        if not hooks:
+        if not hooks and not watchers:
             fold(lo, hi)
             return
         for start in range(lo, hi, step):  # a few chunks at a time, each source's pages released behind
             stop = min(hi, start + step)
             fold(start, stop)
+            for observe in watchers:
+                observe(start * chunk, min(n, stop * chunk))
             for source, release in hooks:
                 release_range(release, source, start * chunk, min(n, stop * chunk), lo * chunk)
 

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -80,6 +82,27 @@ def _magnitude_buffer(dtype: torch.dtype, count: int) -> torch.Tensor:
     return buffer[:count]
 
 
+def _block_range(
+    flat: torch.Tensor, out: torch.Tensor, start: int, stop: int, low: torch.Tensor | None = None
+) -> None:
+    """:func:`_block_max` of ``flat[start:stop]`` alone (``start`` a multiple of :data:`BLOCK`,
+    ``stop`` one too or the end of ``flat``), in the calling thread."""
+    full = stop - (stop - start) % BLOCK
+    if full > start:
+        part = flat[start:full]
+        wide = torch.float64 if not flat.is_floating_point() else flat.dtype
+        magnitude = torch.abs(part.to(wide), out=_magnitude_buffer(wide, part.numel())).view(-1, BLOCK)
+        out[start // BLOCK : full // BLOCK].copy_(magnitude.amax(1))
+        if low is not None:
+            floor = low[start // BLOCK : full // BLOCK]
+            torch.minimum(floor, magnitude.amin(1), out=floor)
+    if full < stop:  # the last, partial block
+        tail = flat[full:stop].to(torch.float64).abs()
+        out[full // BLOCK] = float(tail.max())
+        if low is not None:
+            low[full // BLOCK] = min(float(low[full // BLOCK]), float(tail.min()))
+
+
 def _block_max(
     flat: torch.Tensor,
     out: torch.Tensor,
@@ -95,26 +118,51 @@ def _block_max(
     full = n - n % BLOCK
     step = max(BLOCK, chunk - chunk % BLOCK)
     ranges = list(chunk_ranges(full, step))
-    wide = torch.float64 if not flat.is_floating_point() else flat.dtype
 
     def run(lo: int, hi: int) -> None:
         for start, stop in ranges[lo:hi]:
-            part = flat[start:stop]
-            buffer = _magnitude_buffer(wide, part.numel())
-            magnitude = torch.abs(part.to(wide), out=buffer).view(-1, BLOCK)
-            out[start // BLOCK : stop // BLOCK].copy_(magnitude.amax(1))
-            if low is not None:
-                floor = low[start // BLOCK : stop // BLOCK]
-                torch.minimum(floor, magnitude.amin(1), out=floor)
+            _block_range(flat, out, start, stop, low)
             release_range(release, flat, start, stop, ranges[lo][0])
 
     run_pieces(run, ranges)
     if full < n:
-        tail = flat[full:].to(torch.float64).abs()
-        out[-1] = float(tail.max())
-        if low is not None:
-            low[-1] = min(float(low[-1]), float(tail.min()))
+        _block_range(flat, out, full, n, low)
     release_range(release, flat, 0, n)  # once more, whole (see kernels.fold_flat)
+
+
+class DeferredBound:
+    """One update's share of an :class:`OrderBound`, taken by the fold itself: the fold reports
+    each range of the update's flat sources right after adding it (:meth:`observer`), while it is
+    in cache, instead of a pass of its own over the update before the fold; :meth:`complete` adds
+    it to the bound once the fold is done (reading whatever the fold did not report)."""
+
+    def __init__(self, order: OrderBound, sources: dict[torch.dtype, torch.Tensor], weight: float):
+        self.order, self.weight = order, weight
+        self.sources = {d: sources[d].reshape(-1) for d in order.bound}
+        self.scratch = {d: torch.empty_like(b) for d, b in order.bound.items()}
+        self.seen: dict[torch.dtype, list[int]] = {d: [] for d in order.bound}
+
+    def observer(self, dtype: torch.dtype) -> Callable[[int, int], None] | None:
+        if dtype not in self.scratch:
+            return None
+        source, out, seen = self.sources[dtype], self.scratch[dtype], self.seen[dtype]
+        low, step = self.order.exact_floor(dtype), max(BLOCK, self.order.chunk - self.order.chunk % BLOCK)
+
+        def observe(start: int, stop: int) -> None:
+            if start % BLOCK == 0 and (stop % BLOCK == 0 or stop == source.numel()):
+                for lo in range(start, stop, step):  # (bounded magnitude buffers: see _block_max)
+                    _block_range(source, out, lo, min(stop, lo + step), low)
+                seen.append(stop - start)  # (list.append: safe from several fold threads)
+
+        return observe
+
+    def complete(self) -> None:
+        for dtype, bound in self.order.bound.items():
+            source, scratch = self.sources[dtype], self.scratch[dtype]
+            if sum(self.seen[dtype]) != source.numel():  # not folded through fold_flat (or not whole)
+                _block_max(source, scratch, self.order.chunk, None, self.order.exact_floor(dtype))
+            bound.add_(scratch, alpha=self.weight)
+        self.scratch.clear()  # (the update may wait a little longer to be dropped)
 
 
 class OrderBound:
@@ -137,11 +185,16 @@ class OrderBound:
         release: Release | None = None,
         *,
         unclipped: bool = True,
-    ) -> None:
+        defer: bool = False,
+    ) -> DeferredBound | None:
+        """Add one update's terms now, or with ``defer`` (flat sources only) return the
+        :class:`DeferredBound` its fold takes them with."""
         self.terms += 1
         self.exact_terms = (
             self.exact_terms and unclipped and weight.is_integer() and 1 <= weight < EXACT_WEIGHT_LIMIT
         )
+        if defer:
+            return DeferredBound(self, cast(dict[torch.dtype, torch.Tensor], sources), weight)
         for dtype, bound in self.bound.items():
             source = sources[dtype]
             scratch = self._scratch.get(dtype)
@@ -161,6 +214,7 @@ class OrderBound:
                 if floor is not None:
                     floor.zero_()  # no per-block minimum taken: no block is known exact
             bound.add_(scratch, alpha=weight)
+        return None
 
     def exact_floor(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The smallest ``|x|`` per block over every term, where the exactness test applies."""
