@@ -110,3 +110,34 @@ def test_refusals():
     with pytest.raises(AggregatorOptionsError):
         parse_fedbuff_options({"weight_by_samples": 1})
     assert parse_fedbuff_options(None)["buffer_size"] == 2
+
+
+def test_pieces_and_zero_copy_inputs_give_the_whole_tensor_rule_bitwise(monkeypatch):
+    """FedBuff's float64 arithmetic runs in pieces (bounded temporaries) and reads updates as
+    zero-copy views of their bytes (a memory-mapped blob): the very bits of ``x + η Σ α n (u - b)
+    / Σ n`` computed on whole tensors, for state dicts, bytes and memoryviews alike."""
+    from flplatform.aggregation import fedbuff
+
+    monkeypatch.setattr(fedbuff, "PIECE", 7)  # pieces cut inside every tensor
+    current, base = _model(0), _model(9)
+    updates = [(_model(i), 10 + i, i % 3) for i in range(1, 5)]
+    rule = StalenessRule()
+    acc = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in current.items()}
+    for state, n, staleness in updates:
+        against = current if staleness == 0 else base
+        for key in acc:
+            delta = state[key].to(torch.float64) - against[key].to(torch.float64)
+            acc[key].add_(delta, alpha=rule(staleness) * n)
+    total = sum(n for _, n, _ in updates)
+    want = {}
+    for key, ref in current.items():
+        value = ref.to(torch.float64) + acc[key] * (0.5 / total)
+        want[key] = value.to(ref.dtype) if ref.is_floating_point() else torch.round(value).to(ref.dtype)
+    for kind in (dict, encode_safetensors, lambda s: memoryview(encode_safetensors(s))):
+        fold = FedBuff(server_lr=0.5)
+        fold.begin(current)
+        for state, n, staleness in updates:
+            fold.add(kind(state), current if staleness == 0 else base, staleness=staleness, sample_size=n)
+        got = fold.finish()
+        for key in want:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (kind, key)

@@ -17,11 +17,13 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from flplatform.blobs import FileBlobStore, store_for
 from flplatform.client import FLPlatformAPI, Participant
 from flplatform.db import create_engine, create_sessionmaker
 from flplatform.orm import GlobalModelRound, LocalModel, TrainingEvent
 from flplatform.orm.workqueue import QueuedWork
 from flplatform.trainings.runtime import AGGREGATE_JOB, AggregationJob, TrainingRuntime
+from tests.page_cache import page_cache_can_be_dropped, resident_pages
 from tests.training.conftest import (
     as_safetensors,
     create_training,
@@ -130,6 +132,20 @@ async def test_first_k_updates_make_a_version_staleness_weighted(client, alice, 
     ]
     received = [data for kind, data in events if kind == "update_received"]
     assert [(d["round"], d["staleness"]) for d in received] == [(0, 0), (0, 0), (0, 1), (1, 0)]
+    # folded updates are read no more: their pages leave the page cache, their bytes stay stored
+    store = store_for(session)
+    digests = (
+        await session.execute(
+            select(LocalModel.weights_digest).where(LocalModel.base_model_id == uuid.UUID(model_id))
+        )
+    ).scalars()
+    paths = [store.path(d) for d in digests if d is not None] if isinstance(store, FileBlobStore) else []
+    if paths and page_cache_can_be_dropped(store.spool):
+        for _ in range(200):
+            if all(resident_pages(path) == 0 for path in paths):
+                break
+            await asyncio.sleep(0.05)
+        assert [resident_pages(path) for path in paths] == [0] * 4
 
 
 def scripted_with(initial: bytes, state: dict[str, torch.Tensor]) -> bytes:

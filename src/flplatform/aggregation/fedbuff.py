@@ -182,7 +182,7 @@ class FedBuff:
 
     def add(
         self,
-        update: Mapping[str, torch.Tensor] | bytes,
+        update: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview,
         base: Mapping[str, torch.Tensor],
         *,
         staleness: int,
@@ -192,7 +192,7 @@ class FedBuff:
         if self._current is None:
             raise AggregatorStateError("add() needs begin() first")
         if isinstance(update, (bytes, bytearray, memoryview)):
-            update = decode_safetensors(bytes(update))
+            update = decode_safetensors(update)  # zero-copy views (of a memory-mapped blob, say)
         if isinstance(sample_size, bool) or not math.isfinite(sample_size) or sample_size < 0:
             raise UpdateValidationError(f"the sample size must be a finite number >= 0, got {sample_size!r}")
         self._check(update, "the update")
@@ -200,8 +200,8 @@ class FedBuff:
         alpha = self.staleness(staleness)
         n = float(sample_size) if self.weight_by_samples else 1.0
         for key, acc in self._acc.items():
-            delta = update[key].to(torch.float64) - base[key].to(torch.float64)
-            acc.add_(delta, alpha=alpha * n)
+            for ours, theirs, mine in _pieces(acc, update[key], base[key]):
+                ours.add_(theirs.to(torch.float64) - mine.to(torch.float64), alpha=alpha * n)
         self.total_weight += n
         self.n_updates += 1
         self.weights.append((staleness, alpha))
@@ -216,10 +216,24 @@ class FedBuff:
                 f"the weights of the {self.n_updates} buffered update(s) sum to zero; nothing to fold"
             )
         out: StateDict = {}
+        scale = self.server_lr / self.total_weight
         for key, ref in self._current.items():
-            value = ref.to(torch.float64) + self._acc[key] * (self.server_lr / self.total_weight)
-            if not bool(torch.isfinite(value).all()):
-                raise UpdateValidationError(f"the new global {key!r} is not finite")
-            out[key] = value.to(ref.dtype) if ref.is_floating_point() else torch.round(value).to(ref.dtype)
+            result = out[key] = torch.empty(ref.shape, dtype=ref.dtype)
+            for target, acc, current in _pieces(result, self._acc[key], ref):
+                value = current.to(torch.float64) + acc * scale
+                if not bool(torch.isfinite(value).all()):
+                    raise UpdateValidationError(f"the new global {key!r} is not finite")
+                target.copy_(value if ref.is_floating_point() else torch.round(value))
         self._current, self._acc = None, {}
         return out
+
+
+#: Coordinates per piece of FedBuff's float64 arithmetic: its temporaries stay this size (8 MiB
+#: each), never a model-sized tensor (the same values as whole-tensor arithmetic: it is elementwise).
+PIECE = 1 << 20
+
+
+def _pieces(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Matching 1-D pieces of same-shaped tensors (the first is written into: a contiguous view)."""
+    flat = [t.reshape(-1) for t in tensors]
+    return [tuple(t[start : start + PIECE] for t in flat) for start in range(0, flat[0].numel(), PIECE)]

@@ -29,6 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flplatform.aggregation import FedBuff, encode_safetensors
 from flplatform.blobs import BlobNotFound, store_for
+from flplatform.blobs.mapped import mapped
+from flplatform.kit.tasks import spawn
 from flplatform.models import files as model_files
 from flplatform.models.files import ModelFileError, StateDict
 from flplatform.orm import GlobalModel, GlobalModelRound, LocalModel, Model, Training
@@ -98,7 +100,9 @@ async def fold_buffer(
             await session.execute(select(Model.weights_digest, Model.round).where(Model.id == model_id))
         ).one()
         template = await _read(session, digest, "The global model")
+        store = store_for(session)
     current, _ = await model_files.decode_state_dict_async(template)
+    folded: set[str] = set()
     bases: dict[int, StateDict] = {version: current}
     await asyncio.to_thread(fedbuff.begin, current)
     for local_id, sample_size in items:
@@ -126,20 +130,30 @@ async def fold_buffer(
                         local_id,
                     )
                     continue
-            data = await _read(session, local_digest, f"Local model {local_id}")
             base_bytes = await _read(session, base_digest, f"Version {base_round}") if base_digest else None
         if base_bytes is not None:
             bases[base_round] = (await model_files.decode_state_dict_async(base_bytes))[0]
             del base_bytes
-        await asyncio.to_thread(
-            fedbuff.add,
-            data,
-            bases[base_round],
-            staleness=version - base_round,
-            sample_size=float(sample_size),
-        )
-        del data
+        if local_digest is None:
+            raise ModelFileError(f"Local model {local_id} has no stored bytes.")
+        try:
+            async with mapped(store, local_digest) as view:  # zero-copy views of the stored update
+                await asyncio.to_thread(
+                    fedbuff.add,
+                    view,
+                    bases[base_round],
+                    staleness=version - base_round,
+                    sample_size=float(sample_size),
+                )
+                del view  # unmapped with its last reference, before its pages are forgotten below
+        except BlobNotFound:
+            raise ModelFileError(
+                f"Local model {local_id}: its bytes are missing from the blob store."
+            ) from None
+        folded.add(local_digest)
     new_global = await asyncio.to_thread(fedbuff.finish)
+    # read no more (see trainings.closing): their page-cache pages go back to the kernel
+    spawn(asyncio.to_thread(store.forget_cached, folded), name=f"forget-buffer-{model_id}")
     encoded = await model_files.rebuild_torchscript(template, new_global)
     state = await asyncio.to_thread(
         encode_safetensors, {"version": torch.tensor(version + 1, dtype=torch.int64)}
